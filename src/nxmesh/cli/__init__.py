@@ -1,0 +1,83 @@
+"""The ``nxmesh`` command. Plugins add subcommands through ``nxmesh_cli_commands``."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+import click
+
+from nxmesh import __version__
+from nxmesh.cli.context import CliContext
+from nxmesh.cli.plugins_cmd import plugins_command
+from nxmesh.cli.settings_cmd import config_group
+from nxmesh.cli.validate_cmd import validate_command
+from nxmesh.core.errors import NxMeshError
+from nxmesh.core.pluginmanager import get_plugin_manager
+
+__all__ = ["build_cli", "main"]
+
+
+def _config_path(argv: list[str]) -> Path | None:
+    """The ``--config`` value, found before click parses (plugins must load first)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return Path(argv[i + 1])
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1])
+    env = os.environ.get("NXMESH_CONFIG")
+    if env:
+        return Path(env)
+    default = Path("nxmesh.toml")
+    return default if default.is_file() else None
+
+
+def _disabled_plugins(path: Path | None) -> list[str]:
+    """``disable_plugins`` from the config file: needed before settings can be fully read,
+    because blocked plugins must not declare settings sections."""
+    if path is None or not path.is_file():
+        return []
+    try:
+        with path.open("rb") as f:
+            value = tomllib.load(f).get("disable_plugins", [])
+    except (OSError, tomllib.TOMLDecodeError):
+        return []  # load_settings reports the problem properly later
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
+def build_cli(argv: list[str] | None = None) -> click.Group:
+    """The root group with built-in commands plus every plugin's commands."""
+    argv = sys.argv[1:] if argv is None else argv
+    config = _config_path(argv)
+    pm = get_plugin_manager(disabled=_disabled_plugins(config))
+
+    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.version_option(__version__, prog_name="nxmesh")
+    @click.option(
+        "--config",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=config,
+        help="Settings file (TOML). Default: $NXMESH_CONFIG or ./nxmesh.toml.",
+    )
+    @click.pass_context
+    def cli(ctx: click.Context, config: Path | None) -> None:
+        """NxMesh: run a fleet of nginx servers from one control plane."""
+        ctx.obj = CliContext(pm=pm, config_path=config)
+
+    cli.add_command(plugins_command)
+    cli.add_command(validate_command)
+    cli.add_command(config_group)
+    pm.hook.nxmesh_cli_commands(cli=cli)
+    return cli
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point."""
+    try:
+        cli = build_cli(argv)
+    except NxMeshError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    cli.main(args=argv, prog_name="nxmesh")

@@ -1,0 +1,136 @@
+"""Provider registries: the classes plugins register, keyed by name, duplicates rejected."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+import pluggy
+
+from nxmesh.core.errors import DuplicateProviderError, NxMeshError, ProviderNotFoundError
+
+__all__ = ["PROVIDER_HOOKS", "ProviderRegistries", "ProviderRegistry", "RegisteredProvider"]
+
+T = TypeVar("T")
+
+PROVIDER_HOOKS: dict[str, str] = {
+    "storage": "nxmesh_register_storage_backends",
+    "transport": "nxmesh_register_transports",
+    "authenticator": "nxmesh_register_authenticators",
+    "renderer": "nxmesh_register_renderers",
+    "deployment_mode": "nxmesh_register_deployment_modes",
+    "nginx_driver": "nxmesh_register_nginx_drivers",
+    "health_check": "nxmesh_register_health_checks",
+    "event_bus": "nxmesh_register_event_buses",
+}
+"""Provider kind → the hook that registers it."""
+
+
+@attrs.frozen
+class RegisteredProvider:
+    """One provider class and the plugin that registered it."""
+
+    kind: str
+    name: str
+    cls: type[Any]
+    plugin: str
+
+
+@attrs.define
+class ProviderRegistry(Generic[T]):
+    """The providers of one kind, by name."""
+
+    kind: str
+    _entries: dict[str, RegisteredProvider] = attrs.field(factory=dict)
+
+    def add(self, cls: type[T], plugin: str) -> None:
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise NxMeshError(
+                f"{self.kind} provider {cls.__qualname__} from plugin {plugin!r} "
+                "has no 'name' class attribute"
+            )
+        if name in self._entries:
+            raise DuplicateProviderError(self.kind, name, self._entries[name].plugin, plugin)
+        self._entries[name] = RegisteredProvider(self.kind, name, cls, plugin)
+
+    def get(self, name: str) -> type[T]:
+        try:
+            cls: type[T] = self._entries[name].cls
+        except KeyError:
+            raise ProviderNotFoundError(self._unknown(name)) from None
+        return cls
+
+    def by_scheme(self, url: str) -> type[T]:
+        """The provider whose ``schemes`` contain the scheme of `url`."""
+        scheme = urlsplit(url).scheme.split("+", 1)[0]
+        for entry in self._entries.values():
+            if scheme in getattr(entry.cls, "schemes", ()):
+                found: type[T] = entry.cls
+                return found
+        known = sorted({s for e in self._entries.values() for s in getattr(e.cls, "schemes", ())})
+        raise ProviderNotFoundError(
+            f"no {self.kind} provider handles URL scheme {scheme!r} (from {_redact(url)!r}); "
+            f"known schemes: {', '.join(known) or 'none'}"
+        )
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[RegisteredProvider]:
+        return [self._entries[n] for n in self.names()]
+
+    def classes(self) -> list[type[T]]:
+        return [e.cls for e in self.entries()]
+
+    def __iter__(self) -> Iterator[RegisteredProvider]:
+        return iter(self.entries())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _unknown(self, name: str) -> str:
+        hint = difflib.get_close_matches(name, self._entries, n=1)
+        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        return (
+            f"no {self.kind} provider named {name!r}{did_you_mean} "
+            f"(known: {', '.join(self.names()) or 'none'})"
+        )
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+@attrs.define
+class ProviderRegistries:
+    """All provider registries, built once from a plugin manager."""
+
+    by_kind: dict[str, ProviderRegistry[Any]]
+
+    @classmethod
+    def collect(cls, pm: pluggy.PluginManager) -> ProviderRegistries:
+        """Call every ``nxmesh_register_*`` hook, remembering which plugin gave what."""
+        by_kind: dict[str, ProviderRegistry[Any]] = {}
+        for kind, hook_name in PROVIDER_HOOKS.items():
+            registry: ProviderRegistry[Any] = ProviderRegistry(kind)
+            caller = getattr(pm.hook, hook_name)
+            # One call per implementation so each class is attributed to its plugin;
+            # register hooks take no arguments, so no wrapper semantics are lost.
+            for impl in reversed(caller.get_hookimpls()):
+                for provider in impl.function() or ():
+                    registry.add(provider, impl.plugin_name)
+            by_kind[kind] = registry
+        return cls(by_kind)
+
+    def __getitem__(self, kind: str) -> ProviderRegistry[Any]:
+        return self.by_kind[kind]
+
+    def of_plugin(self, plugin: str) -> list[RegisteredProvider]:
+        return [e for reg in self.by_kind.values() for e in reg if e.plugin == plugin]

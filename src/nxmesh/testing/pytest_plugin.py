@@ -1,0 +1,52 @@
+"""The ``nxmesh`` pytest plugin (entry point ``pytest11``)."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from nxmesh.core.pluginmanager import NxMeshPluginManager, get_plugin_manager
+from nxmesh.testing.hooks import PluginRegistrar
+
+_BACKENDS = ["asyncio"] + (["trio"] if importlib.util.find_spec("trio") else [])
+
+
+@pytest.fixture(params=_BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Run every ``@pytest.mark.anyio`` test on asyncio and, when installed, trio."""
+    backend: str = request.param
+    return backend
+
+
+@pytest.fixture
+def make_plugin_manager() -> Callable[..., NxMeshPluginManager]:
+    """Build an isolated plugin manager; keyword arguments go to `get_plugin_manager`.
+
+    Third-party autoload is off unless asked for, so a test sees only the built-ins and
+    the plugins it passes; the process environment is not read unless ``environ`` is given.
+    """
+
+    def factory(*plugins: object, **kwargs: Any) -> NxMeshPluginManager:
+        kwargs.setdefault("autoload", False)
+        kwargs.setdefault("environ", {})
+        named = [(f"test-plugin-{i}", p) for i, p in enumerate(plugins)]
+        return get_plugin_manager(plugins=named, **kwargs)
+
+    return factory
+
+
+@pytest.fixture
+def plugin_manager(make_plugin_manager: Callable[..., NxMeshPluginManager]) -> NxMeshPluginManager:
+    """A plugin manager with the built-in plugins only."""
+    return make_plugin_manager()
+
+
+@pytest.fixture
+def register_plugin(plugin_manager: NxMeshPluginManager) -> Iterator[PluginRegistrar]:
+    """``register_plugin(obj)`` registers `obj` on `plugin_manager` for this test only."""
+    registrar = PluginRegistrar(plugin_manager)
+    yield registrar
+    registrar.undo()
