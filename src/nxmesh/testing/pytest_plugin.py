@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from nxmesh.core.pluginmanager import NxMeshPluginManager, get_plugin_manager
 from nxmesh.testing.hooks import PluginRegistrar
+from nxmesh.testing.nginx import NginxInstance
+from nxmesh.testing.services import require_binary
 
 _BACKENDS = ["asyncio"] + (["trio"] if importlib.util.find_spec("trio") else [])
 
@@ -50,3 +53,22 @@ def register_plugin(plugin_manager: NxMeshPluginManager) -> Iterator[PluginRegis
     registrar = PluginRegistrar(plugin_manager)
     yield registrar
     registrar.undo()
+
+
+@pytest.fixture
+def nginx_binary() -> str:
+    """Path of the real nginx binary (skipped locally, a failure in CI, when missing)."""
+    return require_binary("nginx")
+
+
+@pytest.fixture
+def running_nginx(nginx_binary: str, tmp_path: Path) -> Iterator[NginxInstance]:
+    """A real nginx serving 127.0.0.1:<free port> from its own prefix; stopped afterwards."""
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    instance = NginxInstance(binary=nginx_binary, prefix=prefix)
+    instance.start()
+    try:
+        yield instance
+    finally:
+        instance.stop()

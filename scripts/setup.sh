@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for NxMesh: system packages (when root), the venv, every
+# distribution in this repository. Idempotent: re-running only fills what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+APT_PACKAGES=(nginx-light pebble wrk)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
+        echo "setup: installing ${missing[*]} with apt-get"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        echo "setup: warning: missing system packages ${missing[*]} (install them as root)" >&2
+    fi
+fi
+# Debian starts the packaged nginx on install where it can; NxMesh runs its own.
+if [[ -x /usr/sbin/nginx && -f /run/nginx.pid ]]; then
+    /usr/sbin/nginx -s quit 2>/dev/null || true
+fi
+
+if [[ ! -x $VENV/bin/python ]]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# Core (editable, with dev tools) plus every plugin distribution and example plugin.
+args=(-e ".[dev]")
+for dist in plugins/*/ examples/*/; do
+    [[ -f $dist/pyproject.toml ]] && args+=(-e "$dist")
+done
+"$VENV/bin/python" -m pip install -q "${args[@]}"
+echo "setup: ready ($VENV)"

@@ -1,0 +1,96 @@
+"""A real nginx on loopback, in its own prefix, for tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import attrs
+
+MINIMAL_CONF = """\
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log notice;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {prefix}/tmp/body;
+    proxy_temp_path {prefix}/tmp/proxy;
+    fastcgi_temp_path {prefix}/tmp/fastcgi;
+    uwsgi_temp_path {prefix}/tmp/uwsgi;
+    scgi_temp_path {prefix}/tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 "nxmesh-test\\n"; }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@attrs.define
+class NginxInstance:
+    """An nginx master process running from `prefix`, listening on 127.0.0.1:`port`."""
+
+    binary: str
+    prefix: Path
+    port: int = attrs.field(factory=free_port)
+
+    @property
+    def conf(self) -> Path:
+        return self.prefix / "nginx.conf"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.prefix / "nginx.pid"
+
+    def write_minimal_conf(self) -> None:
+        (self.prefix / "tmp").mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(MINIMAL_CONF.format(prefix=self.prefix, port=self.port))
+
+    def start(self) -> None:
+        if not self.conf.exists():
+            self.write_minimal_conf()
+        subprocess.run(
+            [self.binary, "-p", str(self.prefix), "-c", str(self.conf)],
+            check=True, capture_output=True, timeout=30,
+        )
+        self._wait(lambda: self.pid() is not None, "nginx did not write its pid file")
+
+    def pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def stop(self) -> None:
+        pid = self.pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGQUIT)
+        self._wait(lambda: self.pid() is None, "nginx did not stop", fatal=False)
+        if self.pid() is not None:
+            os.kill(pid, signal.SIGKILL)
+
+    @staticmethod
+    def _wait(cond: object, message: str, *, timeout: float = 10.0, fatal: bool = True) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if callable(cond) and cond():
+                return
+            time.sleep(0.02)
+        if fatal:
+            raise TimeoutError(message)
