@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import sys
-import tomllib
 from pathlib import Path
 
 import click
@@ -14,44 +12,31 @@ from nxmesh.cli.context import CliContext
 from nxmesh.cli.plugins_cmd import plugins_command
 from nxmesh.cli.settings_cmd import config_group
 from nxmesh.cli.validate_cmd import validate_command
+from nxmesh.cli.versions_cmd import versions_group
 from nxmesh.core.errors import NxMeshError
 from nxmesh.core.pluginmanager import get_plugin_manager
+from nxmesh.core.settings import plugin_manager_options
 
 __all__ = ["build_cli", "main"]
 
 
-def _config_path(argv: list[str]) -> Path | None:
-    """The ``--config`` value, found before click parses (plugins must load first)."""
+def _config_option(argv: list[str]) -> Path | None:
+    """The ``--config`` value, found before click parses: plugins must load first."""
     for i, arg in enumerate(argv):
         if arg == "--config" and i + 1 < len(argv):
             return Path(argv[i + 1])
         if arg.startswith("--config="):
             return Path(arg.split("=", 1)[1])
-    env = os.environ.get("NXMESH_CONFIG")
-    if env:
-        return Path(env)
-    default = Path("nxmesh.toml")
-    return default if default.is_file() else None
-
-
-def _disabled_plugins(path: Path | None) -> list[str]:
-    """``disable_plugins`` from the config file: needed before settings can be fully read,
-    because blocked plugins must not declare settings sections."""
-    if path is None or not path.is_file():
-        return []
-    try:
-        with path.open("rb") as f:
-            value = tomllib.load(f).get("disable_plugins", [])
-    except (OSError, tomllib.TOMLDecodeError):
-        return []  # load_settings reports the problem properly later
-    return [str(v) for v in value] if isinstance(value, list) else []
+    return None
 
 
 def build_cli(argv: list[str] | None = None) -> click.Group:
     """The root group with built-in commands plus every plugin's commands."""
     argv = sys.argv[1:] if argv is None else argv
-    config = _config_path(argv)
-    pm = get_plugin_manager(disabled=_disabled_plugins(config))
+    config = _config_option(argv)
+    # Blocked plugins must not even declare settings sections, so the plugin-related
+    # settings are read from the file before the manager (and then the settings) exist.
+    pm = get_plugin_manager(**plugin_manager_options(path=config))
 
     @click.group(context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(__version__, prog_name="nxmesh")
@@ -59,7 +44,7 @@ def build_cli(argv: list[str] | None = None) -> click.Group:
         "--config",
         type=click.Path(dir_okay=False, path_type=Path),
         default=config,
-        help="Settings file (TOML). Default: $NXMESH_CONFIG or ./nxmesh.toml.",
+        help="Settings file (TOML). Default: $NXMESH_CONFIG, else ./nxmesh.toml if present.",
     )
     @click.pass_context
     def cli(ctx: click.Context, config: Path | None) -> None:
@@ -69,6 +54,7 @@ def build_cli(argv: list[str] | None = None) -> click.Group:
     cli.add_command(plugins_command)
     cli.add_command(validate_command)
     cli.add_command(config_group)
+    cli.add_command(versions_group)
     pm.hook.nxmesh_cli_commands(cli=cli)
     return cli
 

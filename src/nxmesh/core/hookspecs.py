@@ -263,9 +263,13 @@ def nxmesh_lifespan(runtime: Runtime) -> AbstractAsyncContextManager[None] | Non
         services (``await runtime.task_group.start(service)``), ``runtime.settings`` and
         ``runtime.registry`` give settings and providers.
 
-    Collected from every plugin; contexts are entered in registration order and exited in
-    reverse on shutdown (SIGINT/SIGTERM or an error), inside a shielded cancel scope so
-    cleanup always runs. Return None to take no part.
+    Collected from every plugin; contexts are entered in registration order (built-ins
+    first, so third-party lifespans can rely on them; ``tryfirst=True`` enters *last*). On
+    shutdown (SIGINT/SIGTERM, ``runtime.shutdown()`` or an error) the services in
+    ``runtime.task_group`` are cancelled and awaited first, then the contexts exit in
+    reverse order, each shielded from cancellation and bounded by the shutdown timeout,
+    so cleanup always runs and never races a service still using the resource. Return
+    None to take no part.
 
     .. versionadded:: 0.1
     """
