@@ -16,8 +16,9 @@ from nxmesh.core.model import HealthResult
 def _nginx_masters() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["name", "cmdline"]):
-        cmdline = proc.info.get("cmdline") or []
-        if proc.info.get("name") == "nginx" and cmdline and "master process" in cmdline[0]:
+        # nginx rewrites its argv to "nginx: master process ..."; psutil may split it.
+        title = " ".join(proc.info.get("cmdline") or [])
+        if proc.info.get("name") == "nginx" and title.startswith("nginx: master process"):
             found.append(proc)
     return found
 
