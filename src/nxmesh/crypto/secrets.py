@@ -1,0 +1,427 @@
+"""Secrets at rest: AES-256-GCM under the master key, and where that key comes from.
+
+A *token* is what gets stored (a database column, a file)::
+
+    version (1 byte, 0x01) | key id (8 bytes) | nonce (12 bytes) | ciphertext + GCM tag
+
+The key id is the first 8 bytes of ``sha256(key)``: it tells which key of a
+`MasterKeyring` opens a token without trying them all, and it says nothing useful about
+the key. The version byte and key id are authenticated too (they are part of the GCM
+associated data), so neither can be altered without `decrypt` failing. Callers pass their
+own `aad` (a table and row id, a file purpose) to bind a token to where it belongs: a
+token copied into another row then fails to decrypt instead of leaking there.
+
+Key material never appears in ``repr``, ``str``, exceptions or logs; only key ids do.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Final, NoReturn
+
+import structlog
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from nxmesh.core.errors import NxMeshError
+
+__all__ = [
+    "KEY_SIZE",
+    "MASTER_KEY_ENV",
+    "MASTER_KEY_FILE",
+    "TOKEN_VERSION",
+    "MasterKeyring",
+    "SecretBox",
+    "SecretError",
+    "decode_key",
+    "encode_key",
+    "generate_key",
+    "load_master_key",
+    "read_private_file",
+    "token_key_id",
+    "write_private_file",
+]
+
+KEY_SIZE: Final = 32
+"""Bytes in a master key (AES-256)."""
+
+TOKEN_VERSION: Final = 1
+"""The format version byte written at the start of every token."""
+
+MASTER_KEY_ENV: Final = "NXMESH_MASTER_KEY"
+"""Environment variable holding a base64url master key."""
+
+MASTER_KEY_FILE: Final = "master.key"
+"""Name of the master key file inside the state directory."""
+
+_KEY_ID_SIZE: Final = 8
+_NONCE_SIZE: Final = 12
+_TAG_SIZE: Final = 16
+_HEADER_SIZE: Final = 1 + _KEY_ID_SIZE + _NONCE_SIZE
+
+_log = structlog.get_logger("nxmesh.crypto")
+
+
+class SecretError(NxMeshError):
+    """A secret could not be encrypted, decrypted or loaded (wrong key, tampering, bad file)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Keys
+# ---------------------------------------------------------------------------------------
+
+
+def generate_key() -> bytes:
+    """A new random 32-byte master key from the operating system's CSPRNG."""
+    return os.urandom(KEY_SIZE)
+
+
+def encode_key(key: bytes) -> str:
+    """The base64url text form of a key, as accepted by ``master_key`` and the environment."""
+    _check_key(key)
+    return base64.urlsafe_b64encode(key).decode("ascii")
+
+
+def decode_key(text: str, *, source: str) -> bytes:
+    """Parse a base64url (padding optional) 32-byte key; `source` names where it came from.
+
+    The error never repeats the value: a mistyped key is still mostly a key.
+    """
+    cleaned = text.strip()
+    try:
+        key = base64.urlsafe_b64decode(cleaned + "=" * (-len(cleaned) % 4))
+    except (binascii.Error, ValueError):
+        raise SecretError(
+            f"{source} is not valid base64url text of {KEY_SIZE} bytes; make one with: "
+            "python3 -c 'import base64, os; "
+            "print(base64.urlsafe_b64encode(os.urandom(32)).decode())'"
+        ) from None
+    if len(key) != KEY_SIZE:
+        raise SecretError(f"{source} must decode to {KEY_SIZE} bytes, got {len(key)}")
+    return key
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes | bytearray) or len(key) != KEY_SIZE:
+        size = len(key) if isinstance(key, bytes | bytearray) else type(key).__name__
+        raise SecretError(f"a master key must be {KEY_SIZE} bytes, got {size}")
+
+
+def _key_id_bytes(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()[:_KEY_ID_SIZE]
+
+
+def _split(token: bytes) -> tuple[bytes, bytes, bytes, bytes]:
+    """(header, key id, nonce, ciphertext) of a well-formed token, else `SecretError`."""
+    if not isinstance(token, bytes | bytearray | memoryview):
+        raise SecretError(f"a token must be bytes, got {type(token).__name__}")
+    token = bytes(token)
+    if len(token) < _HEADER_SIZE + _TAG_SIZE:
+        raise SecretError(f"token is too short ({len(token)} bytes) to be an encrypted secret")
+    if token[0] != TOKEN_VERSION:
+        raise SecretError(
+            f"token has format version {token[0]}, this NxMesh reads version {TOKEN_VERSION}"
+        )
+    header = token[:_HEADER_SIZE]
+    return (
+        header,
+        token[1 : 1 + _KEY_ID_SIZE],
+        token[1 + _KEY_ID_SIZE : _HEADER_SIZE],
+        token[_HEADER_SIZE:],
+    )
+
+
+def token_key_id(token: bytes) -> str:
+    """The hex id of the key that encrypted `token` (no key needed to read it)."""
+    return _split(token)[1].hex()
+
+
+# ---------------------------------------------------------------------------------------
+# SecretBox: one key
+# ---------------------------------------------------------------------------------------
+
+
+class SecretBox:
+    """Encrypts and decrypts tokens with one 32-byte key (AES-256-GCM, random nonces).
+
+    Random 96-bit nonces are safe for far more secrets than a master will ever store
+    (the bound is about 2**32 encryptions per key).
+    """
+
+    __slots__ = ("_aead", "_key_id")
+
+    def __init__(self, key: bytes) -> None:
+        _check_key(key)
+        # Only the cipher object keeps the key; nothing on self can print it.
+        self._aead = AESGCM(bytes(key))
+        self._key_id = _key_id_bytes(bytes(key))
+
+    @property
+    def key_id(self) -> str:
+        """Hex of the first 8 bytes of sha256(key): names the key, reveals nothing of it."""
+        return self._key_id.hex()
+
+    def __repr__(self) -> str:
+        return f"SecretBox(key_id={self.key_id!r})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> NoReturn:
+        # Pickling would write the key somewhere nobody meant to; refuse loudly.
+        raise TypeError("SecretBox holds key material and cannot be pickled")
+
+    def encrypt(self, plaintext: bytes, *, aad: bytes = b"") -> bytes:
+        """Encrypt `plaintext`; the same `aad` must be given to `decrypt`."""
+        nonce = os.urandom(_NONCE_SIZE)
+        header = bytes([TOKEN_VERSION]) + self._key_id + nonce
+        return header + self._aead.encrypt(nonce, bytes(plaintext), header + bytes(aad))
+
+    def decrypt(self, token: bytes, *, aad: bytes = b"") -> bytes:
+        """Decrypt a token made by `encrypt`; raise `SecretError` on a wrong key or tampering."""
+        header, key_id, nonce, ciphertext = _split(token)
+        if not hmac.compare_digest(key_id, self._key_id):
+            raise SecretError(
+                f"token was encrypted with key {key_id.hex()}, but the master key in use is "
+                f"{self.key_id}: wrong master key, or the old key is missing from "
+                "the keyring after a rotation"
+            )
+        try:
+            return self._aead.decrypt(nonce, ciphertext, header + bytes(aad))
+        except InvalidTag:
+            raise SecretError(
+                f"token failed authentication under key {self.key_id}: it was altered, "
+                "or it belongs to another record (associated data differs)"
+            ) from None
+
+
+# ---------------------------------------------------------------------------------------
+# MasterKeyring: rotation
+# ---------------------------------------------------------------------------------------
+
+
+class MasterKeyring:
+    """The primary master key plus previous ones, so rotation never strands a secret.
+
+    New tokens are always encrypted with `primary`; a token is decrypted with whichever
+    key its key id names. After a rotation, `rewrap` every stored token for which
+    `needs_rewrap` is true; once none remain, the previous keys can be dropped.
+    """
+
+    __slots__ = ("_boxes", "_primary")
+
+    def __init__(self, primary: bytes, previous: Sequence[bytes] = ()) -> None:
+        self._primary = SecretBox(primary)
+        self._boxes: dict[str, SecretBox] = {self._primary.key_id: self._primary}
+        for key in previous:
+            box = SecretBox(key)
+            self._boxes.setdefault(box.key_id, box)
+
+    @property
+    def key_id(self) -> str:
+        """The id of the primary key, the one new tokens are encrypted with."""
+        return self._primary.key_id
+
+    @property
+    def key_ids(self) -> tuple[str, ...]:
+        """Ids of every key in the ring, primary first."""
+        return tuple(self._boxes)
+
+    @property
+    def primary(self) -> SecretBox:
+        """The box of the primary key."""
+        return self._primary
+
+    def __repr__(self) -> str:
+        return f"MasterKeyring(primary={self.key_id!r}, previous={list(self.key_ids[1:])!r})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("MasterKeyring holds key material and cannot be pickled")
+
+    def encrypt(self, plaintext: bytes, *, aad: bytes = b"") -> bytes:
+        """Encrypt with the primary key."""
+        return self._primary.encrypt(plaintext, aad=aad)
+
+    def decrypt(self, token: bytes, *, aad: bytes = b"") -> bytes:
+        """Decrypt with the key the token names; `SecretError` when that key is not here."""
+        key_id = token_key_id(token)
+        box = self._boxes.get(key_id)
+        if box is None:
+            known = ", ".join(self.key_ids)
+            raise SecretError(
+                f"token was encrypted with key {key_id}, which is not in the keyring "
+                f"(keys: {known}); add that key as a previous master key to read it"
+            )
+        return box.decrypt(token, aad=aad)
+
+    def needs_rewrap(self, token: bytes) -> bool:
+        """True when `token` was not encrypted with the primary key."""
+        return not hmac.compare_digest(token_key_id(token), self.key_id)
+
+    def rewrap(self, token: bytes, *, aad: bytes = b"") -> bytes:
+        """The same secret encrypted under the primary key (unchanged tokens are kept as is)."""
+        if not self.needs_rewrap(token):
+            # Still authenticate it: a rewrap pass doubles as an integrity check.
+            self._primary.decrypt(token, aad=aad)
+            return bytes(token)
+        return self._primary.encrypt(self.decrypt(token, aad=aad), aad=aad)
+
+
+# ---------------------------------------------------------------------------------------
+# Private files and the master key's sources
+# ---------------------------------------------------------------------------------------
+
+
+def read_private_file(path: Path, *, what: str) -> bytes:
+    """Read a file that must be readable by its owner only; refuse it otherwise.
+
+    The mode is checked on the open descriptor, so the file cannot be swapped between
+    the check and the read.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise SecretError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        _check_private(os.fstat(fd), path, what)
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _check_private(info: os.stat_result, path: Path, what: str) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise SecretError(f"{what} {path} is not a regular file")
+    if info.st_mode & 0o077:
+        raise SecretError(
+            f"{what} {path} is accessible by other users (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}); refusing to use it. "
+            f"Fix with: chmod 600 {path}"
+        )
+
+
+def write_private_file(path: Path, data: bytes, *, replace: bool = False) -> bool:
+    """Create `path` with mode 0600 holding `data`; missing parent directories get 0700.
+
+    The content is written to a temporary file first and moved into place, so a reader
+    never sees a half-written file. Without `replace` the move is a hard link, which
+    fails when `path` exists: two processes starting at once cannot overwrite each
+    other's key, and False tells the caller to read the existing file instead. With
+    `replace` an existing file is atomically replaced (re-encryption after a rotation).
+    """
+    parent = path.parent
+    _make_private_dirs(parent)
+    tmp = parent / f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)  # the umask could only narrow it; be explicit
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        _fsync_dir(parent)
+        return True
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _make_private_dirs(directory: Path) -> None:
+    missing: list[Path] = []
+    current = directory
+    while not current.exists():
+        missing.append(current)
+        current = current.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir(mode=0o700)
+            d.chmod(0o700)  # mkdir's mode is filtered by the umask
+    if not missing:
+        mode = stat.S_IMODE(directory.stat().st_mode)
+        if mode & 0o077:
+            # Not changed behind the operator's back: it may be a shared directory.
+            _log.warning(
+                "private file directory is accessible by other users",
+                directory=str(directory),
+                mode=f"{mode:04o}",
+                fix=f"chmod 700 {directory}",
+            )
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be fsynced
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def load_master_key(
+    *, setting: str = "", env: Mapping[str, str] | None = None, key_file: Path
+) -> bytes:
+    """The master key, from the first source that has one.
+
+    1. `setting`: the ``master_key`` setting value (base64url of 32 bytes);
+    2. ``NXMESH_MASTER_KEY`` in `env` (default `os.environ`), also base64url;
+    3. `key_file`: 32 raw bytes (base64url text is accepted too). Created on first start
+       with a fresh random key, mode 0600, missing parent directories 0700. An existing
+       file that its group or other users can read is refused.
+
+    :raises SecretError: a malformed value, or an unsafe or unreadable key file; the
+        message names the source and never contains the value.
+    """
+    if setting:
+        key = decode_key(setting, source="the master_key setting")
+        _log.debug("master key loaded", source="setting", key_id=SecretBox(key).key_id)
+        return key
+    environ = os.environ if env is None else env
+    if environ.get(MASTER_KEY_ENV):
+        key = decode_key(environ[MASTER_KEY_ENV], source=MASTER_KEY_ENV)
+        _log.debug("master key loaded", source="environment", key_id=SecretBox(key).key_id)
+        return key
+    if not key_file.exists():
+        key = generate_key()
+        if write_private_file(key_file, key):
+            _log.info(
+                "master key created",
+                key_file=str(key_file),
+                key_id=SecretBox(key).key_id,
+                hint="back this file up: secrets encrypted with it are lost without it",
+            )
+            return key
+        # Another process created it first: fall through and use theirs.
+    data = read_private_file(key_file, what="master key file")
+    if len(data) == KEY_SIZE:
+        key = data
+    else:
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise SecretError(
+                f"master key file {key_file} holds {len(data)} bytes; expected {KEY_SIZE} raw "
+                "bytes or their base64url text"
+            ) from None
+        key = decode_key(text, source=f"master key file {key_file}")
+    _log.debug(
+        "master key loaded", source="file", key_file=str(key_file), key_id=SecretBox(key).key_id
+    )
+    return key
