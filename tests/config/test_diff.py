@@ -123,6 +123,12 @@ class TestDiffStates:
         assert not diff.is_empty
         assert "changed: workspace" in diff.summary()
 
+    def test_between_is_diff_states(self) -> None:
+        """`StateDiff.between` is the same comparison as `diff_states`."""
+        old, new = make_state(1), make_state(2)
+        assert StateDiff.between(old, new) == diff_states(old, new)
+        assert StateDiff.between(old, new).sites.added == ("site1",)
+
     def test_no_old_state_means_everything_is_added(self) -> None:
         """Diffing against nothing (the first version) adds every object."""
         diff = diff_states(None, make_state(2))

@@ -57,6 +57,11 @@ class StateDiff:
     other: tuple[str, ...] = ()
     """Changed top-level fields outside the three collections (``workspace``)."""
 
+    @classmethod
+    def between(cls, old: DesiredState | None, new: DesiredState) -> StateDiff:
+        """Same as `diff_states`."""
+        return diff_states(old, new)
+
     @property
     def is_empty(self) -> bool:
         """True when both states are equal."""
