@@ -1,0 +1,619 @@
+"""The domain model: frozen attrs classes for desired state, agents, versions and reports.
+
+Every field that can reach nginx syntax is checked by an anchored allow-list from
+`nxmesh.core.validation`; rules that span fields of one object (a location has exactly
+one action) run in ``__attrs_post_init__``, so an invalid object cannot exist. Rules that
+span objects (a location names an upstream that must exist) live in `check_state`,
+because states are assembled piecewise (several files, API patches) before they are
+complete.
+
+Sequences are tuples and mappings are `FrozenMap`, so every object is immutable and
+hashable. The YAML/JSON field names are the attribute names, except ``Location.return_``
+which is spelled ``return`` (see the ``key`` metadata, honoured by the converter).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Literal, TypeVar
+
+import attrs
+
+from nxmesh.core import validation as v
+from nxmesh.core.errors import Problem
+
+__all__ = [
+    "Agent",
+    "ApplyReport",
+    "CertificateRef",
+    "ConfigVersion",
+    "DesiredState",
+    "FrozenMap",
+    "Header",
+    "HealthReport",
+    "HealthResult",
+    "LabelSelector",
+    "Listener",
+    "Location",
+    "PendingApply",
+    "Redirect",
+    "Return",
+    "Site",
+    "TLSConfig",
+    "Upstream",
+    "UpstreamServer",
+    "check_state",
+]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class FrozenMap(Mapping[K, V]):
+    """An immutable, hashable mapping; equal to any mapping with the same items."""
+
+    __slots__ = ("_data",)
+
+    def __init__(self, data: Mapping[K, V] | Iterable[tuple[K, V]] = ()) -> None:
+        self._data: dict[K, V] = dict(data)
+
+    def __getitem__(self, key: K) -> V:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._data.items()))
+
+    def __repr__(self) -> str:
+        return f"FrozenMap({self._data!r})"
+
+
+def _freeze_str(data: Mapping[str, str]) -> FrozenMap[str, str]:
+    # Idempotent, so the converter may apply it before attrs does. One converter per
+    # value type: mypy's attrs plugin cannot infer a generic converter's parameters.
+    return data if isinstance(data, FrozenMap) else FrozenMap(data)
+
+
+def _freeze_float(data: Mapping[str, float]) -> FrozenMap[str, float]:
+    return data if isinstance(data, FrozenMap) else FrozenMap(data)
+
+
+def _lower_hostnames(names: Iterable[str]) -> tuple[str, ...]:
+    # Only ASCII is folded: str.lower() maps e.g. the Kelvin sign to 'k', which would let a
+    # non-ASCII name slip past the allow-list as a different, valid-looking name.
+    return tuple(n.lower() if isinstance(n, str) and n.isascii() else n for n in names)
+
+
+# ---------------------------------------------------------------------------------------
+# Selectors
+# ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class LabelSelector:
+    """Selects agents whose labels contain every ``match_labels`` pair (empty: all)."""
+
+    match_labels: Mapping[str, str] = attrs.field(
+        factory=FrozenMap, converter=_freeze_str, validator=v.labels()
+    )
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(k) == val for k, val in self.match_labels.items())
+
+
+# ---------------------------------------------------------------------------------------
+# Sites
+# ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Listener:
+    """One ``listen`` socket of a site."""
+
+    port: int = attrs.field(default=80, validator=v.int_range(1, 65535))
+    tls: bool = attrs.field(default=False, validator=v.choice(True, False))
+    http2: bool = attrs.field(default=False, validator=v.choice(True, False))
+    address: str | None = attrs.field(
+        default=None, validator=v.text(v.LISTEN_ADDRESS, optional=True)
+    )
+    default_server: bool = attrs.field(default=False, validator=v.choice(True, False))
+
+    @property
+    def bind(self) -> tuple[str, int]:
+        """``(address, port)`` with the wildcard spelled ``*``: what nginx binds to."""
+        return (self.address or "*", self.port)
+
+
+@attrs.frozen(kw_only=True)
+class TLSConfig:
+    """TLS for a site: a named uploaded certificate, or ACME for its server names.
+
+    In YAML ``tls: acme`` is shorthand for ``tls: {acme: true}``.
+    """
+
+    certificate: str | None = attrs.field(default=None, validator=v.text(v.NAME, optional=True))
+    acme: bool = attrs.field(default=False, validator=v.choice(True, False))
+    redirect_http: bool = attrs.field(default=True, validator=v.choice(True, False))
+    hsts: bool = attrs.field(default=False, validator=v.choice(True, False))
+    protocols: tuple[str, ...] = attrs.field(
+        default=("TLSv1.2", "TLSv1.3"),
+        validator=v.each(v.TLS_PROTOCOL, lo=1, hi=2, noun="protocol"),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        found: list[tuple[str, str]] = []
+        if (self.certificate is None) == (not self.acme):
+            found.append(("", "needs exactly one of 'certificate' (a name) or 'acme: true'"))
+        if len(set(self.protocols)) != len(self.protocols):
+            found.append(("protocols", "lists a protocol twice"))
+        v.raise_problems(found)
+
+
+@attrs.frozen
+class Header:
+    """A response (``add_header``) or upstream request (``proxy_set_header``) header."""
+
+    name: str = attrs.field(validator=v.text(v.HEADER_NAME))
+    value: str = attrs.field(validator=v.text(v.HEADER_VALUE))
+    always: bool = attrs.field(default=False, validator=v.choice(True, False))
+
+
+@attrs.frozen
+class Redirect:
+    """Answer with a redirect to `url`."""
+
+    code: int = attrs.field(validator=v.choice(301, 302, 303, 307, 308))
+    url: str = attrs.field(validator=v.text(v.REDIRECT_URL))
+
+
+def _return_code(value: object) -> list[tuple[str, str]]:
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if is_int and (200 <= value <= 299 or 400 <= value <= 599):  # type: ignore[operator]
+        return []
+    reason = "must be a 2xx, 4xx or 5xx status code (use redirect for 3xx)"
+    return [("", f"{reason}, got {v.describe(value)}")]
+
+
+@attrs.frozen
+class Return:
+    """Answer directly with a status code and a short text body (use Redirect for 3xx)."""
+
+    code: int = attrs.field(validator=v.FieldCheck(_return_code))
+    body: str = attrs.field(default="", validator=v.text(v.RETURN_BODY))
+
+
+def _path_bound(value: object) -> list[tuple[str, str]]:
+    if not isinstance(value, str):
+        return [("", f"must be a string, got {v.describe(value)}")]
+    if not value:
+        return [("", "must not be empty")]
+    if len(value) > v.LOCATION_PATH.max_len:
+        limit = v.LOCATION_PATH.max_len
+        return [("", f"is {len(value)} characters long; at most {limit} are allowed")]
+    return []
+
+
+MatchKind = Literal["prefix", "exact", "regex", "regex_ci"]
+_ACTIONS = ("upstream", "root", "redirect", "return")
+
+
+@attrs.frozen(kw_only=True)
+class Location:
+    """A ``location`` block: which requests (`path` + `match`) and exactly one action.
+
+    Actions: proxy to `upstream`, serve files from `root`, `redirect`, or `return_`
+    (spelled ``return`` in YAML).
+    """
+
+    # Checked by the match-specific rule in __attrs_post_init__; only bounded here.
+    path: str = attrs.field(validator=v.FieldCheck(_path_bound))
+    match: MatchKind = attrs.field(
+        default="prefix", validator=v.choice("prefix", "exact", "regex", "regex_ci")
+    )
+    upstream: str | None = attrs.field(default=None, validator=v.text(v.NAME, optional=True))
+    root: str | None = attrs.field(default=None, validator=v.text(v.ROOT_PATH, optional=True))
+    index: tuple[str, ...] = attrs.field(
+        default=(), validator=v.each(v.FILE_NAME, hi=16, noun="index file")
+    )
+    redirect: Redirect | None = attrs.field(
+        default=None, validator=v.instance(Redirect, optional=True)
+    )
+    return_: Return | None = attrs.field(
+        default=None, validator=v.instance(Return, optional=True), metadata={"key": "return"}
+    )
+    headers: tuple[Header, ...] = attrs.field(
+        default=(), validator=v.count(Header, hi=64, noun="header")
+    )
+    proxy_headers: tuple[Header, ...] = attrs.field(
+        default=(), validator=v.count(Header, hi=64, noun="header")
+    )
+    websocket: bool = attrs.field(default=False, validator=v.choice(True, False))
+    proxy_read_timeout: int | None = attrs.field(
+        default=None, validator=v.int_range(1, 86400, optional=True)
+    )
+    client_max_body_size: str | None = attrs.field(
+        default=None, validator=v.text(v.SIZE, optional=True)
+    )
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        """The action names set on this location (valid locations have exactly one)."""
+        values = (self.upstream, self.root, self.redirect, self.return_)
+        return tuple(name for name, val in zip(_ACTIONS, values, strict=True) if val is not None)
+
+    def __attrs_post_init__(self) -> None:
+        found: list[tuple[str, str]] = []
+        rule = v.LOCATION_PATH if self.match in ("prefix", "exact") else v.REGEX_PATH
+        if (reason := rule.reason(self.path)) is not None:
+            found.append(("path", reason))
+        actions = self.actions
+        if len(actions) != 1:
+            got = " and ".join(actions) if actions else "none"
+            found.append(
+                ("", f"needs exactly one of upstream, root, redirect or return; got {got}")
+            )
+        if self.upstream is None:
+            for name in ("websocket", "proxy_headers", "proxy_read_timeout"):
+                if getattr(self, name) not in (None, False, ()):
+                    found.append((name, "only applies when the location proxies to an upstream"))
+        if self.index and self.root is None:
+            found.append(("index", "only applies when the location serves files from a root"))
+        v.raise_problems(found)
+
+
+@attrs.frozen(kw_only=True)
+class Site:
+    """A virtual server: names, listeners, locations and optional TLS."""
+
+    name: str = attrs.field(validator=v.text(v.NAME))
+    server_names: tuple[str, ...] = attrs.field(
+        converter=_lower_hostnames,
+        validator=v.each(v.SERVER_NAME, lo=1, hi=64, noun="server name"),
+    )
+    listeners: tuple[Listener, ...] = attrs.field(
+        default=(Listener(),), validator=v.count(Listener, lo=1, hi=16, noun="listener")
+    )
+    locations: tuple[Location, ...] = attrs.field(
+        validator=v.count(Location, lo=1, hi=200, noun="location")
+    )
+    tls: TLSConfig | None = attrs.field(
+        default=None, validator=v.instance(TLSConfig, optional=True)
+    )
+    headers: tuple[Header, ...] = attrs.field(
+        default=(), validator=v.count(Header, hi=64, noun="header")
+    )
+    access_log: bool = attrs.field(default=True, validator=v.choice(True, False))
+    client_max_body_size: str = attrs.field(default="1m", validator=v.text(v.SIZE))
+
+    def __attrs_post_init__(self) -> None:
+        found: list[tuple[str, str]] = []
+        tls_listeners = [i for i, lst in enumerate(self.listeners) if lst.tls]
+        if tls_listeners and self.tls is None:
+            found.append(
+                ("tls", f"is required because listeners[{tls_listeners[0]}] has tls: true")
+            )
+        if self.tls is not None and not tls_listeners:
+            found.append(("tls", "is set but no listener has tls: true (add one, e.g. port 443)"))
+        seen: dict[tuple[str, int], int] = {}
+        for i, lst in enumerate(self.listeners):
+            if lst.bind in seen:
+                again = f"repeats listeners[{seen[lst.bind]}] (same address and port)"
+                found.append((f"listeners[{i}].port", again))
+            seen.setdefault(lst.bind, i)
+        v.raise_problems(found)
+
+
+# ---------------------------------------------------------------------------------------
+# Upstreams and certificates
+# ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class UpstreamServer:
+    """One backend of an upstream: ``host:port``, ``[v6]:port`` or ``unix:/path``."""
+
+    address: str = attrs.field(validator=v.text(v.UPSTREAM_ADDRESS))
+    weight: int = attrs.field(default=1, validator=v.int_range(1, 1000))
+    max_fails: int = attrs.field(default=1, validator=v.int_range(0, 1000))
+    fail_timeout: int = attrs.field(default=10, validator=v.int_range(0, 86400))
+    backup: bool = attrs.field(default=False, validator=v.choice(True, False))
+
+
+LbMethod = Literal["round_robin", "least_conn", "ip_hash", "random"]
+
+
+@attrs.frozen
+class Upstream:
+    """A named group of backends that locations proxy to."""
+
+    name: str = attrs.field(validator=v.text(v.NAME))
+    servers: tuple[UpstreamServer, ...] = attrs.field(
+        validator=v.count(UpstreamServer, lo=1, hi=1024, noun="server")
+    )
+    lb_method: LbMethod = attrs.field(
+        default="round_robin",
+        validator=v.choice("round_robin", "least_conn", "ip_hash", "random"),
+    )
+    keepalive: int = attrs.field(default=32, validator=v.int_range(0, 10000))
+
+    def __attrs_post_init__(self) -> None:
+        found: list[tuple[str, str]] = []
+        backups = [i for i, s in enumerate(self.servers) if s.backup]
+        if self.lb_method in ("ip_hash", "random"):
+            # nginx refuses to start: "balancing method does not support parameter backup".
+            reason = f"backup servers cannot be used with lb_method {self.lb_method}"
+            found.extend((f"servers[{i}].backup", reason) for i in backups)
+        elif backups and len(backups) == len(self.servers):
+            found.append(("servers", "needs at least one server that is not a backup"))
+        v.raise_problems(found)
+
+
+@attrs.frozen
+class CertificateRef:
+    """A certificate the master holds (uploaded or obtained by ACME), by name."""
+
+    name: str = attrs.field(validator=v.text(v.NAME))
+    domains: tuple[str, ...] = attrs.field(
+        converter=_lower_hostnames, validator=v.each(v.CERT_DOMAIN, lo=1, hi=100, noun="domain")
+    )
+    source: Literal["upload", "acme"] = attrs.field(
+        default="upload", validator=v.choice("upload", "acme")
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Desired state
+# ---------------------------------------------------------------------------------------
+
+MAX_SITES = 10_000
+
+
+@attrs.frozen(kw_only=True)
+class DesiredState:
+    """Everything one workspace should serve. Cross-references are checked by `check_state`."""
+
+    sites: tuple[Site, ...] = attrs.field(
+        default=(), validator=v.count(Site, hi=MAX_SITES, noun="site")
+    )
+    upstreams: tuple[Upstream, ...] = attrs.field(
+        default=(), validator=v.count(Upstream, hi=MAX_SITES, noun="upstream")
+    )
+    certificates: tuple[CertificateRef, ...] = attrs.field(
+        default=(), validator=v.count(CertificateRef, hi=MAX_SITES, noun="certificate")
+    )
+    workspace: str = attrs.field(default="default", validator=v.text(v.NAME))
+
+
+def _unknown(kind: str, name: str, known: Iterable[str]) -> str:
+    known = list(known)
+    if not known:
+        return f"refers to {kind} {name!r}, but no {kind}s are defined"
+    close = difflib.get_close_matches(name, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"refers to unknown {kind} {name!r}{hint}"
+
+
+def _first_seen(
+    found: list[Problem], kind: str, names: Iterable[str], prefix: str
+) -> dict[str, int]:
+    """Map each name to its first index, reporting later duplicates at ``prefix[i].name``."""
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if name in first:
+            found.append(
+                Problem(
+                    f"{prefix}[{i}].name",
+                    f"{kind} name {name!r} is already used by {prefix}[{first[name]}]",
+                )
+            )
+        else:
+            first[name] = i
+    return first
+
+
+def check_state(state: DesiredState) -> list[Problem]:
+    """Every cross-object problem of `state`: duplicates, dangling references, conflicts.
+
+    Paths index into the state (``sites[0].locations[1].upstream``); a problem about a
+    duplicate points at the later occurrence and names the earlier one in its message.
+    """
+    found: list[Problem] = []
+    _first_seen(found, "site", (s.name for s in state.sites), "sites")
+    upstreams = _first_seen(found, "upstream", (u.name for u in state.upstreams), "upstreams")
+    certs = _first_seen(found, "certificate", (c.name for c in state.certificates), "certificates")
+
+    served: dict[tuple[str, int, str], int] = {}
+    defaults: dict[tuple[str, int], int] = {}
+    for i, site in enumerate(state.sites):
+        here = f"sites[{i}]"
+        cert = site.tls.certificate if site.tls is not None else None
+        if cert is not None and cert not in certs:
+            found.append(Problem(f"{here}.tls.certificate", _unknown("certificate", cert, certs)))
+        binds = {lst.bind for lst in site.listeners}
+        for n, server_name in enumerate(site.server_names):
+            for addr, port in sorted(binds):
+                other = served.setdefault((addr, port, server_name), i)
+                if other != i:
+                    found.append(
+                        Problem(
+                            f"{here}.server_names[{n}]",
+                            f"server name {server_name!r} on port {port} is already served by "
+                            f"sites[{other}]",
+                        )
+                    )
+                    break
+        for n, lst in enumerate(site.listeners):
+            if lst.default_server:
+                other = defaults.setdefault(lst.bind, i)
+                if other != i:
+                    found.append(
+                        Problem(
+                            f"{here}.listeners[{n}].default_server",
+                            f"sites[{other}] is already the default server for port {lst.port}",
+                        )
+                    )
+        paths: dict[tuple[str, str], int] = {}
+        for n, loc in enumerate(site.locations):
+            other = paths.setdefault((loc.match, loc.path), n)
+            if other != n:
+                found.append(
+                    Problem(
+                        f"{here}.locations[{n}].path",
+                        f"{loc.match} location {loc.path!r} repeats locations[{other}]",
+                    )
+                )
+            if loc.upstream is not None and loc.upstream not in upstreams:
+                found.append(
+                    Problem(
+                        f"{here}.locations[{n}].upstream",
+                        _unknown("upstream", loc.upstream, upstreams),
+                    )
+                )
+    return found
+
+
+# ---------------------------------------------------------------------------------------
+# Fleet: agents, versions, reports
+# ---------------------------------------------------------------------------------------
+
+
+def _clip(limit: int) -> v.FieldCheck:
+    return v.FieldCheck(
+        lambda value: (
+            []
+            if isinstance(value, str) and len(value) <= limit
+            else [("", f"must be a string of at most {limit} characters")]
+        )
+    )
+
+
+_TRUNCATED = "\n...[truncated]"
+
+
+def _truncate(value: str, limit: int) -> str:
+    # Agents report whatever nginx printed; cut it rather than lose the whole report.
+    if isinstance(value, str) and len(value) > limit:
+        return value[: limit - len(_TRUNCATED)] + _TRUNCATED
+    return value
+
+
+def _truncate_message(value: str) -> str:
+    return _truncate(value, 4096)
+
+
+def _truncate_output(value: str) -> str:
+    return _truncate(value, 65536)
+
+
+@attrs.frozen(kw_only=True)
+class Agent:
+    """An enrolled agent as the master sees it."""
+
+    id: str = attrs.field(validator=v.text(v.TOKEN))
+    name: str = attrs.field(validator=v.text(v.TOKEN))
+    labels: Mapping[str, str] = attrs.field(
+        factory=FrozenMap, converter=_freeze_str, validator=v.labels()
+    )
+    workspace: str = attrs.field(default="default", validator=v.text(v.NAME))
+    status: Literal["online", "offline", "revoked", "pending"] = attrs.field(
+        default="pending", validator=v.choice("online", "offline", "revoked", "pending")
+    )
+    nginx_version: str | None = attrs.field(default=None, validator=v.text(v.TOKEN, optional=True))
+    deployment_mode: str | None = attrs.field(
+        default=None, validator=v.text(v.TOKEN, optional=True)
+    )
+    running_version: int | None = attrs.field(
+        default=None, validator=v.int_range(0, 2**63 - 1, optional=True)
+    )
+    running_digest: str | None = attrs.field(
+        default=None, validator=v.text(v.DIGEST, optional=True)
+    )
+    last_seen: float | None = attrs.field(default=None, validator=v.finite(optional=True))
+
+
+@attrs.frozen(kw_only=True)
+class ConfigVersion:
+    """An immutable, content-addressed, signed desired state of one workspace."""
+
+    workspace: str = attrs.field(validator=v.text(v.NAME))
+    number: int = attrs.field(validator=v.int_range(1, 2**63 - 1))
+    digest: str = attrs.field(validator=v.text(v.DIGEST))
+    parent_digest: str | None = attrs.field(validator=v.text(v.DIGEST, optional=True))
+    author: str = attrs.field(validator=v.text(v.LOG_TEXT))
+    message: str = attrs.field(validator=v.text(v.LOG_TEXT))
+    created_at: float = attrs.field(validator=v.finite())
+    state: DesiredState = attrs.field(validator=v.instance(DesiredState))
+    signature: str = attrs.field(default="", validator=v.text(v.SIGNATURE))
+    key_id: str = attrs.field(default="", validator=v.text(v.KEY_ID))
+
+
+@attrs.frozen(kw_only=True)
+class PendingApply:
+    """What the agent receives: a version to render and apply."""
+
+    version: int = attrs.field(validator=v.int_range(1, 2**63 - 1))
+    digest: str = attrs.field(validator=v.text(v.DIGEST))
+    state: DesiredState = attrs.field(validator=v.instance(DesiredState))
+    signature: str = attrs.field(default="", validator=v.text(v.SIGNATURE))
+    key_id: str = attrs.field(default="", validator=v.text(v.KEY_ID))
+
+
+@attrs.frozen(kw_only=True)
+class ApplyReport:
+    """The outcome of one apply on one agent."""
+
+    agent_id: str = attrs.field(validator=v.text(v.TOKEN))
+    version: int = attrs.field(validator=v.int_range(0, 2**63 - 1))
+    digest: str = attrs.field(validator=v.text(v.DIGEST))
+    outcome: Literal["applied", "failed", "rolled_back", "noop", "vetoed"] = attrs.field(
+        validator=v.choice("applied", "failed", "rolled_back", "noop", "vetoed")
+    )
+    message: str = attrs.field(default="", converter=_truncate_message, validator=_clip(4096))
+    nginx_output: str = attrs.field(default="", converter=_truncate_output, validator=_clip(65536))
+    durations: Mapping[str, float] = attrs.field(
+        factory=FrozenMap, converter=_freeze_float, validator=v.metrics(hi=64)
+    )
+    started_at: float = attrs.field(default=0.0, validator=v.finite())
+    finished_at: float = attrs.field(default=0.0, validator=v.finite())
+
+
+HealthStatus = Literal["ok", "warn", "fail"]
+_SEVERITY: dict[str, int] = {"ok": 0, "warn": 1, "fail": 2}
+
+
+@attrs.frozen
+class HealthResult:
+    """One health check's verdict."""
+
+    check: str = attrs.field(validator=v.text(v.CHECK_NAME))
+    status: HealthStatus = attrs.field(validator=v.choice("ok", "warn", "fail"))
+    message: str = attrs.field(default="", converter=_truncate_message, validator=_clip(4096))
+    metrics: Mapping[str, float] = attrs.field(
+        factory=FrozenMap, converter=_freeze_float, validator=v.metrics()
+    )
+
+
+@attrs.frozen
+class HealthReport:
+    """All health results of one agent at one moment."""
+
+    agent_id: str = attrs.field(validator=v.text(v.TOKEN))
+    ts: float = attrs.field(validator=v.finite())
+    results: tuple[HealthResult, ...] = attrs.field(
+        validator=v.count(HealthResult, hi=256, noun="result")
+    )
+
+    @property
+    def status(self) -> HealthStatus:
+        """The worst status among the results; ``ok`` when there are none."""
+        worst: HealthStatus = "ok"
+        for result in self.results:
+            if _SEVERITY[result.status] > _SEVERITY[worst]:
+                worst = result.status
+        return worst

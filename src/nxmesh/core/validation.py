@@ -1,0 +1,752 @@
+"""Anchored allow-lists for every user value that can reach nginx syntax: the injection defence.
+
+The renderer quotes what it writes, but quoting is the second wall, not the first: every
+string in the model is matched in full (``re.fullmatch``; ``$`` would also match before a
+trailing newline) against an allow-list and a length bound *before* it exists as a model
+object. Nothing here escapes or repairs input; anything outside the allow-list is
+rejected with a reason a user can act on.
+
+A `TextRule` describes one kind of string; `text`, `each`, `count`, `labels`,
+`int_range`... turn rules into attrs validators (`FieldCheck`). The one cattrs converter
+(`nxmesh.core.serialization`) runs the same checks field by field while structuring, so
+every problem of an input is reported at once with its exact path.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import re
+import unicodedata
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+__all__ = [
+    "CERT_DOMAIN",
+    "CHECK_NAME",
+    "DIGEST",
+    "FILE_NAME",
+    "HEADER_NAME",
+    "HEADER_VALUE",
+    "KEY_ID",
+    "LABEL_KEY",
+    "LABEL_VALUE",
+    "LISTEN_ADDRESS",
+    "LOCATION_PATH",
+    "LOG_TEXT",
+    "NAME",
+    "REDIRECT_URL",
+    "REGEX_PATH",
+    "RETURN_BODY",
+    "ROOT_PATH",
+    "SERVER_NAME",
+    "SIGNATURE",
+    "SIZE",
+    "TLS_PROTOCOL",
+    "TOKEN",
+    "UPSTREAM_ADDRESS",
+    "FieldCheck",
+    "Invalid",
+    "TextRule",
+    "choice",
+    "count",
+    "describe",
+    "each",
+    "explain",
+    "finite",
+    "instance",
+    "int_range",
+    "join_path",
+    "labels",
+    "metrics",
+    "raise_problems",
+    "text",
+]
+
+# ---------------------------------------------------------------------------------------
+# Problems
+# ---------------------------------------------------------------------------------------
+
+
+class Invalid(ValueError):
+    """A model rule was broken; carries ``(relative path, reason)`` pairs, all of them.
+
+    Paths are relative to the object (or field) that raised, in the user-facing
+    ``locations[0].path`` style; ``""`` means "this very value".
+    """
+
+    def __init__(self, problems: Iterable[tuple[str, str]]) -> None:
+        self.problems: tuple[tuple[str, str], ...] = tuple(problems)
+        super().__init__("; ".join(f"{p}: {r}" if p else r for p, r in self.problems))
+
+
+def join_path(base: str, rel: str) -> str:
+    """Append a relative path: ``join_path("sites[0]", "name") == "sites[0].name"``."""
+    if not base:
+        return rel
+    if not rel:
+        return base
+    return base + rel if rel.startswith("[") else f"{base}.{rel}"
+
+
+def raise_problems(problems: Sequence[tuple[str, str]]) -> None:
+    """Raise `Invalid` when there is anything to report (used by ``__attrs_post_init__``)."""
+    if problems:
+        raise Invalid(problems)
+
+
+def describe(value: object) -> str:
+    """Name a value's type the way a YAML author thinks of it, with a short preview."""
+    names = {
+        type(None): "null",
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        tuple: "a list",
+        dict: "a mapping",
+    }
+    name = names.get(type(value), type(value).__name__)
+    if isinstance(value, str):
+        return f"{name} {_short(value)}"
+    if isinstance(value, int | float):
+        return f"{name} ({value!r})"
+    return name
+
+
+def _short(value: str, limit: int = 40) -> str:
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+# ---------------------------------------------------------------------------------------
+# Explaining a rejected string
+# ---------------------------------------------------------------------------------------
+
+# Why each dangerous character is refused, in the words an operator understands.
+_DANGER = {
+    ";": "contains ';' which would end an nginx directive",
+    "{": "contains '{' which would open an nginx block",
+    "}": "contains '}' which would close an nginx block",
+    '"': "contains a double quote which could break out of nginx quoting",
+    "'": "contains a single quote which could break out of nginx quoting",
+    "`": "contains a backtick",
+    "\\": "contains a backslash which could escape nginx quoting",
+    "#": "contains '#' which would start an nginx comment and hide the rest of the line",
+    "$": "contains '$' which nginx would expand as a variable",
+}
+
+
+def _explain_char(ch: str) -> str | None:
+    if ch in "\n\r":
+        return "contains a line break, which would start a new nginx directive"
+    if ch == "\0":
+        return "contains a NUL byte"
+    if ch in "\u2028\u2029\u0085":
+        return f"contains the Unicode line separator U+{ord(ch):04X}"
+    if ch in _DANGER:
+        return _DANGER[ch]
+    if ch.isspace():
+        return "contains whitespace, which would split the nginx directive"
+    if unicodedata.category(ch).startswith("C"):
+        return f"contains the control character U+{ord(ch):04X}"
+    if not ch.isascii():
+        return f"contains the non-ASCII character {ch!r} (U+{ord(ch):04X})"
+    return None
+
+
+def explain(value: str, allowed: str = "") -> str | None:
+    """The reason for the first character of `value` that is dangerous in nginx syntax.
+
+    Characters in `allowed` are legitimate for the rule at hand and skipped; line breaks
+    and control characters are always explained first because they are the worst.
+    """
+    for ch in value:
+        if ch not in allowed and (ch in "\n\r\0\u2028\u2029\u0085" or not ch.isprintable()):
+            return _explain_char(ch)
+    for ch in value:
+        if ch not in allowed and (reason := _explain_char(ch)) is not None:
+            return reason
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Rules for strings
+# ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class TextRule:
+    """One kind of string: an anchored allow-list, a length bound and an optional refining check.
+
+    `what` completes "must be ..." in error messages. `allowed` lists the special
+    characters the pattern itself allows (so they are not blamed). `refine` runs after the
+    pattern matched and returns a reason or None.
+    """
+
+    what: str
+    pattern: re.Pattern[str]
+    max_len: int
+    min_len: int = 1
+    allowed: str = ""
+    refine: Callable[[str], str | None] | None = None
+
+    def reason(self, value: object) -> str | None:
+        """Why `value` is not acceptable, or None when it is."""
+        if not isinstance(value, str):
+            return f"must be a string, got {describe(value)}"
+        if len(value) < self.min_len:
+            return (
+                "must not be empty"
+                if self.min_len == 1
+                else (f"must be at least {self.min_len} characters long")
+            )
+        if len(value) > self.max_len:
+            return f"is {len(value)} characters long; at most {self.max_len} are allowed"
+        if self.pattern.fullmatch(value) is None:
+            danger = explain(value, self.allowed)
+            return f"{danger}; must be {self.what}" if danger else f"must be {self.what}"
+        return self.refine(value) if self.refine is not None else None
+
+
+def _rx(pattern: str) -> re.Pattern[str]:
+    # ASCII: \w and friends never widen to Unicode; fullmatch anchors both ends.
+    return re.compile(pattern, re.ASCII)
+
+
+_DNS_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME = rf"{_DNS_LABEL}(?:\.{_DNS_LABEL})*"
+# Upstream hosts are resolved, never matched: allow uppercase and '_' (docker service names).
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST = rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*"
+
+
+def _hostname_refine(value: str) -> str | None:
+    if value.startswith("*.") and "." not in value[2:]:
+        return "a wildcard must cover a subdomain of a real domain, like *.example.com"
+    return None
+
+
+NAME = TextRule(
+    "a lowercase name like 'web-1': a letter, then letters, digits, '_' or '-' (max 63)",
+    _rx(r"[a-z][a-z0-9_-]{0,62}"),
+    max_len=63,
+)
+SERVER_NAME = TextRule(
+    "a hostname like example.com or *.example.com (or '_' for any name); "
+    "use punycode (xn--) for international names",
+    _rx(rf"(?:\*\.)?{_HOSTNAME}|_"),
+    max_len=253,
+    refine=_hostname_refine,
+)
+CERT_DOMAIN = TextRule(
+    "a domain like example.com or *.example.com",
+    _rx(rf"(?:\*\.)?{_HOSTNAME}"),
+    max_len=253,
+    refine=_hostname_refine,
+)
+
+# Header values end up inside a quoted nginx string: printable ASCII minus " # $ ; \ { }.
+_SAFE_TEXT = r"[ !%-:<-\[\]-z|~]"
+HEADER_NAME = TextRule(
+    "an HTTP header name like X-Frame-Options (letters, digits and '-')",
+    _rx(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}"),
+    max_len=64,
+)
+HEADER_VALUE = TextRule(
+    'printable ASCII text without " # $ ; \\ { }',
+    _rx(rf"{_SAFE_TEXT}*"),
+    max_len=1024,
+    allowed=" '",
+)
+RETURN_BODY = TextRule(
+    'short printable ASCII text without " # $ ; \\ { }',
+    _rx(rf"{_SAFE_TEXT}*"),
+    max_len=1024,
+    min_len=0,
+    allowed=" '",
+)
+
+_URI_CHARS = r"(?:[A-Za-z0-9._~!*()@:+,=/&-]|%[0-9A-Fa-f]{2})"
+LOCATION_PATH = TextRule(
+    "a URI path starting with '/' (letters, digits and ._~!*()@:+,=/- or %XX escapes)",
+    _rx(rf"/{_URI_CHARS}*"),
+    max_len=512,
+    allowed="%",
+)
+
+
+def _redirect_refine(value: str) -> str | None:
+    if value.startswith("//"):
+        return "a protocol-relative URL is ambiguous; write https://host/... instead"
+    m = re.match(r"https?://(\[([^\]]*)\]|[^/?:$]*)(?::([0-9]+))?", value)
+    if m is not None:
+        if m.group(2) is not None and (reason := _ip_reason(m.group(2), version=6)):
+            return reason
+        if m.group(3) is not None:
+            return _port_reason(m.group(3))
+    return None
+
+
+REDIRECT_URL = TextRule(
+    "an http(s):// URL or an absolute path like /new, optionally ending in $request_uri "
+    "(the only variable allowed)",
+    _rx(
+        rf"(?:https?://(?:{_HOST}|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?(?:/{_URI_CHARS}*)?"
+        rf"|/{_URI_CHARS}*)"
+        rf"(?:\?(?:{_URI_CHARS}|\?)*)?"
+        r"(?:\$request_uri)?"
+    ),
+    max_len=2048,
+    allowed="%?",
+    refine=_redirect_refine,
+)
+
+# Directories nginx must never serve: the whole filesystem, secrets and our own state.
+_FORBIDDEN_ROOTS = ("/etc", "/proc", "/sys", "/dev", "/root", "/boot", "/var/lib/nxmesh")
+
+
+def _root_refine(value: str) -> str | None:
+    segments = [s for s in value.split("/") if s]
+    if not segments:
+        return "root '/' would expose system files; point it at a content directory"
+    if any(s in (".", "..") for s in segments):
+        return "must not contain '.' or '..' segments"
+    normal = "/" + "/".join(segments)
+    for forbidden in _FORBIDDEN_ROOTS:
+        if normal == forbidden or normal.startswith(forbidden + "/"):
+            return f"root under {forbidden} would expose system files"
+    return None
+
+
+ROOT_PATH = TextRule(
+    "an absolute directory path like /srv/www (letters, digits and ._-)",
+    _rx(r"/(?:[A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*/?)?"),
+    max_len=512,
+    refine=_root_refine,
+)
+FILE_NAME = TextRule(
+    "a file name like index.html (letters, digits and ._-)",
+    _rx(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}"),
+    max_len=128,
+)
+SIZE = TextRule(
+    "a size like 10m: digits with an optional k, m or g suffix",
+    _rx(r"[0-9]{1,9}[kKmMgG]?"),
+    max_len=10,
+)
+TLS_PROTOCOL = TextRule(
+    "TLSv1.2 or TLSv1.3",
+    _rx(r"TLSv1\.[23]"),
+    max_len=7,
+)
+
+# Kubernetes label syntax: optional DNS-subdomain prefix and '/', then a 63-char name.
+_LABEL_NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = TextRule(
+    "a label key like 'env' or 'example.com/tier' (letters, digits and ._-, max 63, "
+    "optional DNS prefix and '/')",
+    _rx(rf"(?:{_HOSTNAME}/)?{_LABEL_NAME}"),
+    max_len=253 + 1 + 63,
+    refine=lambda v: (
+        "the prefix before '/' must be at most 253 characters"
+        if "/" in v and len(v.split("/", 1)[0]) > 253
+        else None
+    ),
+)
+LABEL_VALUE = TextRule(
+    "a label value (letters, digits and ._-, starting and ending alphanumeric, max 63)",
+    _rx(rf"(?:{_LABEL_NAME})?"),
+    max_len=63,
+    min_len=0,
+)
+TOKEN = TextRule(
+    "an identifier (letters, digits and ._:+/-)",
+    _rx(r"[A-Za-z0-9][A-Za-z0-9._:+/-]{0,127}"),
+    max_len=128,
+)
+KEY_ID = TextRule(
+    "a key id (letters, digits and ._:+-) or empty",
+    _rx(r"[A-Za-z0-9._:+-]*"),
+    max_len=128,
+    min_len=0,
+)
+CHECK_NAME = TextRule(
+    "a check or metric name (letters, digits and ._:-)",
+    _rx(r"[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}"),
+    max_len=128,
+)
+DIGEST = TextRule(
+    "a digest (letters, digits and :._-)",
+    _rx(r"[A-Za-z0-9:._-]{1,128}"),
+    max_len=128,
+)
+SIGNATURE = TextRule(
+    "base64 text",
+    _rx(r"[A-Za-z0-9+/=_-]*"),
+    max_len=4096,
+    min_len=0,
+)
+# Free text that never reaches nginx (commit messages, authors): bounded, no control chars
+# other than newline and tab, so it cannot forge log lines or terminal escapes.
+LOG_TEXT = TextRule(
+    "text without control characters",
+    _rx(r"[^\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]*"),
+    max_len=4096,
+    min_len=0,
+    allowed="\n\t",
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Structured strings: addresses and regular expressions
+# ---------------------------------------------------------------------------------------
+
+
+def _port_reason(port: str) -> str | None:
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        return f"port {port!r} must be a number from 1 to 65535"
+    return None
+
+
+def _ip_reason(host: str, *, version: int) -> str | None:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return f"{host!r} is not a valid IPv{version} address"
+    return None if ip.version == version else f"{host!r} is not a valid IPv{version} address"
+
+
+_ADDRESS_FORMS = "host:port, IPv4:port, [IPv6]:port or unix:/path/to.sock"
+
+
+def _upstream_address_refine(value: str) -> str | None:
+    if value.startswith("unix:"):
+        path = value[5:]
+        if re.fullmatch(r"/[A-Za-z0-9._/-]{1,200}", path, re.ASCII) is None:
+            return "a unix socket must be an absolute path like unix:/run/app.sock"
+        if any(s in (".", "..") for s in path.split("/")):
+            return "a unix socket path must not contain '.' or '..' segments"
+        return None
+    if value.startswith("["):
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)", value)
+        if m is None:
+            return f"must be {_ADDRESS_FORMS}; an IPv6 address needs a port, like [::1]:8080"
+        return _ip_reason(m.group(1), version=6) or _port_reason(m.group(2))
+    host, sep, port = value.rpartition(":")
+    if not sep or not port:
+        return f"needs a port, like {value or 'backend'}:8080 (or unix:/path.sock)"
+    if ":" in host:
+        return "an IPv6 address must be written in brackets, like [::1]:8080"
+    if re.fullmatch(r"[0-9.]+", host):
+        return _ip_reason(host, version=4) or _port_reason(port)
+    if re.fullmatch(_HOST, host, re.ASCII) is None or len(host) > 253:
+        return f"{host!r} is not a valid hostname; must be {_ADDRESS_FORMS}"
+    return _port_reason(port)
+
+
+UPSTREAM_ADDRESS = TextRule(
+    _ADDRESS_FORMS,
+    _rx(r"[A-Za-z0-9._:/\[\]-]+"),
+    max_len=260,
+    allowed=":/[]",
+    refine=_upstream_address_refine,
+)
+
+
+def _listen_refine(value: str) -> str | None:
+    if value == "*":
+        return None
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return f"{value!r} is not a valid IPv4 or IPv6 address (or '*')"
+    return None
+
+
+LISTEN_ADDRESS = TextRule(
+    "an IPv4 or IPv6 address, or '*'",
+    _rx(r"\*|[0-9A-Fa-f:.]{2,45}"),
+    max_len=45,
+    refine=_listen_refine,
+)
+
+# Escapes a location regex may use. No digits or \k / \g (backreferences), no \\ (which
+# could neutralise the renderer's quoting), no \Q..\E, \x or \u.
+_REGEX_ESCAPES = frozenset(".-/()[]+*?|^dDwWsSbB")
+_REGEX_CHARS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~!*()@:+,=/%^|?[]-\\"
+)
+
+
+def _regex_refine(value: str) -> str | None:
+    body = value[:-1] if value.endswith("$") and not value.endswith("\\$") else value
+    if not body:
+        return "must match something besides the '$' anchor"
+    for ch in body:
+        if ch == "$":
+            return (
+                "contains '$' which nginx would expand as a variable "
+                "(only a trailing '$' anchor is allowed)"
+            )
+        if ch not in _REGEX_CHARS:
+            return explain(ch) or f"contains {ch!r}, which is not allowed in a location regex"
+    i = 0
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\":
+            nxt = body[i + 1] if i + 1 < len(body) else ""
+            if nxt.isdigit() or nxt in ("k", "g"):
+                return "backreferences are not allowed in a location regex"
+            if nxt not in _REGEX_ESCAPES:
+                return f"the escape '\\{nxt}' is not allowed in a location regex"
+            i += 2
+            continue
+        if body.startswith("(?", i) and not body.startswith(("(?:", "(?=", "(?!"), i):
+            return "only the (?: (?= and (?! group forms are allowed in a location regex"
+        i += 1
+    try:
+        re.compile(value)
+    except re.error as exc:
+        return f"is not a valid regular expression: {exc}"
+    if _has_nested_quantifier(body):
+        return (
+            "has a repeated group that itself repeats, like (a+)+, which can take "
+            "exponential time to match (catastrophic backtracking)"
+        )
+    return None
+
+
+def _has_nested_quantifier(regex: str) -> bool:
+    """True when a group containing ``+`` or ``*`` is itself followed by ``+`` or ``*``.
+
+    A cheap approximation of PCRE's catastrophic cases; braces are already banned, so
+    ``+`` and ``*`` are the only unbounded quantifiers.
+    """
+    stack: list[bool] = [False]
+    i = 0
+    in_class = False
+    while i < len(regex):
+        ch = regex[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+            # A leading ']' (or '^]') is a literal inside the class.
+            if regex.startswith("]", i + 1):
+                i += 1
+            elif regex.startswith("^]", i + 1):
+                i += 2
+        elif ch == "(":
+            stack.append(False)
+        elif ch == ")" and len(stack) > 1:
+            inner = stack.pop()
+            repeated = regex.startswith(("+", "*"), i + 1)
+            if inner and repeated:
+                return True
+            stack[-1] = stack[-1] or inner or repeated
+        elif ch in "+*":
+            stack[-1] = True
+        i += 1
+    return False
+
+
+REGEX_PATH = TextRule(
+    "a regular expression of letters, digits, ._~!*()@:+,=/%^|?[]- and safe \\ escapes, "
+    "optionally ending in a '$' anchor",
+    _rx(r"[A-Za-z0-9._~!*()@:+,=/%^|?\[\]\\$-]+"),
+    max_len=256,
+    allowed="\\$%",
+    refine=_regex_refine,
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Field checks: attrs validators the converter can also run field by field
+# ---------------------------------------------------------------------------------------
+
+Problems = list[tuple[str, str]]
+
+
+@attrs.frozen
+class FieldCheck:
+    """An attrs validator that reports every problem of one field value.
+
+    `problems` returns ``(path relative to the field, reason)`` pairs. As a validator it
+    raises `Invalid` with paths prefixed by the attribute name; the converter calls
+    `problems` directly so cattrs can attach the field name itself.
+    """
+
+    check: Callable[[Any], Problems]
+
+    def problems(self, value: object) -> Problems:
+        return self.check(value)
+
+    def __call__(self, inst: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        found = self.check(value)
+        if found:
+            raise Invalid((join_path(attribute.name, rel), reason) for rel, reason in found)
+
+
+def _single(reason: str | None) -> Problems:
+    return [] if reason is None else [("", reason)]
+
+
+def text(rule: TextRule, *, optional: bool = False) -> FieldCheck:
+    """Validate a string field against `rule` (None allowed when `optional`)."""
+
+    def check(value: object) -> Problems:
+        if value is None and optional:
+            return []
+        return _single(rule.reason(value))
+
+    return FieldCheck(check)
+
+
+def _length(value: object, lo: int, hi: int, noun: str) -> str | None:
+    if isinstance(value, list):
+        # Only reachable from Python: the converter turns YAML lists into tuples.
+        return "must be a tuple (model objects are immutable), got a Python list"
+    if not isinstance(value, tuple):
+        return f"must be a list, got {describe(value)}"
+    if len(value) < lo:
+        return f"needs at least {lo} {noun}" if lo > 1 else f"needs at least one {noun}"
+    if len(value) > hi:
+        return f"has {len(value)} {noun}s; at most {hi} are allowed"
+    return None
+
+
+def each(rule: TextRule, *, lo: int = 0, hi: int, noun: str) -> FieldCheck:
+    """Validate a tuple of strings: its length, then every item against `rule`."""
+
+    def check(value: object) -> Problems:
+        if (reason := _length(value, lo, hi, noun)) is not None:
+            return [("", reason)]
+        assert isinstance(value, tuple)
+        return [
+            (f"[{i}]", reason)
+            for i, item in enumerate(value)
+            if (reason := rule.reason(item)) is not None
+        ]
+
+    return FieldCheck(check)
+
+
+def _type_reason(value: object, cls: type[Any]) -> str | None:
+    if isinstance(value, cls):
+        return None
+    return f"must be a {cls.__name__}, got {describe(value)}"
+
+
+def count(of: type[Any], *, lo: int = 0, hi: int, noun: str) -> FieldCheck:
+    """Bound a tuple of `of` objects; the objects' own validators checked their fields."""
+
+    def check(value: object) -> Problems:
+        if (reason := _length(value, lo, hi, noun)) is not None:
+            return [("", reason)]
+        assert isinstance(value, tuple)
+        return [
+            (f"[{i}]", reason)
+            for i, item in enumerate(value)
+            if (reason := _type_reason(item, of)) is not None
+        ]
+
+    return FieldCheck(check)
+
+
+def instance(cls: type[Any], *, optional: bool = False) -> FieldCheck:
+    """Validate that a field holds a `cls` (for Python callers; YAML is typed by the converter)."""
+
+    def check(value: object) -> Problems:
+        if value is None and optional:
+            return []
+        return _single(_type_reason(value, cls))
+
+    return FieldCheck(check)
+
+
+def int_range(lo: int, hi: int, *, optional: bool = False) -> FieldCheck:
+    """Validate an integer in ``lo..hi`` (booleans are not integers here)."""
+
+    def check(value: object) -> Problems:
+        if value is None and optional:
+            return []
+        if not isinstance(value, int) or isinstance(value, bool):
+            return [("", f"must be an integer, got {describe(value)}")]
+        if not lo <= value <= hi:
+            return [("", f"must be from {lo} to {hi}, got {value}")]
+        return []
+
+    return FieldCheck(check)
+
+
+def choice(*values: object) -> FieldCheck:
+    """Validate membership in a fixed set (mirrors a ``Literal`` type for direct use)."""
+    shown = ", ".join(repr(v) for v in values)
+
+    def check(value: object) -> Problems:
+        if any(type(value) is type(v) and value == v for v in values):
+            return []
+        return [("", f"must be one of {shown}, got {describe(value)}")]
+
+    return FieldCheck(check)
+
+
+def finite(*, optional: bool = False, minimum: float | None = None) -> FieldCheck:
+    """Validate a finite number (NaN and infinities cannot be hashed canonically)."""
+
+    def check(value: object) -> Problems:
+        if value is None and optional:
+            return []
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return [("", f"must be a number, got {describe(value)}")]
+        if not math.isfinite(value):
+            return [("", "must be a finite number")]
+        if minimum is not None and value < minimum:
+            return [("", f"must be at least {minimum}")]
+        return []
+
+    return FieldCheck(check)
+
+
+def _mapping_problems(
+    value: object,
+    hi: int,
+    key_reason: Callable[[object], str | None],
+    value_reason: Callable[[object], str | None],
+) -> Problems:
+    if not isinstance(value, Mapping):
+        return [("", f"must be a mapping, got {describe(value)}")]
+    if len(value) > hi:
+        return [("", f"has {len(value)} entries; at most {hi} are allowed")]
+    found: Problems = []
+    for key, item in value.items():
+        where = f"[{key!r}]"
+        if (reason := key_reason(key)) is not None:
+            found.append((where, f"key {reason}"))
+        if (reason := value_reason(item)) is not None:
+            found.append((where, reason))
+    return found
+
+
+def labels(*, hi: int = 64) -> FieldCheck:
+    """Validate a label mapping: Kubernetes-style keys and values, at most `hi` entries."""
+    return FieldCheck(
+        lambda value: _mapping_problems(value, hi, LABEL_KEY.reason, LABEL_VALUE.reason)
+    )
+
+
+def metrics(*, hi: int = 256) -> FieldCheck:
+    """Validate a name → finite number mapping (durations, health metrics)."""
+    number = finite()
+
+    def value_reason(item: object) -> str | None:
+        found = number.problems(item)
+        return found[0][1] if found else None
+
+    return FieldCheck(lambda value: _mapping_problems(value, hi, CHECK_NAME.reason, value_reason))

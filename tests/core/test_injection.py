@@ -1,0 +1,447 @@
+"""The injection corpus: values modelled on ingress-nginx CVEs must never become a model.
+
+CVE-2021-25742 (snippet annotations), CVE-2023-5043/5044 (annotation and
+permanent-redirect injection) and the CVE-2025-1974 "IngressNightmare" family
+(auth-url, auth-tls-match-cn, mirror-target, ``ssl_engine`` via the admission webhook) all
+smuggled nginx syntax through a field that was meant to hold a plain value. Every case
+below puts such a value into one field of an otherwise valid state and asserts that the
+state is rejected with exactly one problem, at exactly that field.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from nxmesh.core.errors import ValidationError
+from nxmesh.core.model import Agent, LabelSelector
+from nxmesh.core.serialization import structure, structure_state, unstructure
+
+
+def base_doc() -> dict[str, Any]:
+    """A realistic state touching every string field that reaches nginx."""
+    return {
+        "workspace": "prod",
+        "upstreams": [
+            {"name": "app", "servers": [{"address": "app.internal:8080"}], "keepalive": 16}
+        ],
+        "certificates": [{"name": "main", "domains": ["example.com", "*.example.com"]}],
+        "sites": [
+            {
+                "name": "web",
+                "server_names": ["example.com", "www.example.com"],
+                "listeners": [
+                    {"port": 443, "tls": True, "http2": True, "address": "10.0.0.1"},
+                    {"port": 80},
+                ],
+                "tls": {"certificate": "main", "protocols": ["TLSv1.2", "TLSv1.3"]},
+                "client_max_body_size": "10m",
+                "headers": [{"name": "X-Frame-Options", "value": "DENY"}],
+                "locations": [
+                    {
+                        "path": "/",
+                        "upstream": "app",
+                        "proxy_headers": [{"name": "X-Forwarded-Proto", "value": "https"}],
+                        "client_max_body_size": "1m",
+                        "websocket": True,
+                    },
+                    {"path": "/healthz", "match": "exact", "return": {"code": 200, "body": "ok"}},
+                    {
+                        "path": "^/static/",
+                        "match": "regex",
+                        "root": "/srv/www",
+                        "index": ["index.html"],
+                        "headers": [{"name": "Cache-Control", "value": "max-age=3600"}],
+                    },
+                    {
+                        "path": "^/old/",
+                        "match": "regex_ci",
+                        "redirect": {"code": 301, "url": "https://example.com/new"},
+                    },
+                ],
+            }
+        ],
+    }
+
+
+def _tokens(path: str) -> list[str | int]:
+    return [int(t) if t.isdigit() else t for t in re.findall(r"[^.\[\]]+", path)]
+
+
+def get_at(doc: Any, path: str) -> Any:
+    for token in _tokens(path):
+        doc = doc[token]
+    return doc
+
+
+def set_at(doc: dict[str, Any], path: str, value: object) -> dict[str, Any]:
+    doc = copy.deepcopy(doc)
+    *parents, last = _tokens(path)
+    target: Any = doc
+    for token in parents:
+        target = target[token]
+    target[last] = value
+    return doc
+
+
+def rejected_paths(doc: object) -> list[str]:
+    with pytest.raises(ValidationError) as info:
+        structure_state(doc)
+    assert all(p.message for p in info.value.problems)
+    return [p.path for p in info.value.problems]
+
+
+# Every string field that reaches nginx, by its path in base_doc().
+FIELDS = [
+    "workspace",
+    "sites[0].name",
+    "sites[0].server_names[0]",
+    "sites[0].listeners[0].address",
+    "sites[0].client_max_body_size",
+    "sites[0].headers[0].name",
+    "sites[0].headers[0].value",
+    "sites[0].tls.certificate",
+    "sites[0].tls.protocols[0]",
+    "sites[0].locations[0].path",  # prefix
+    "sites[0].locations[1].path",  # exact
+    "sites[0].locations[2].path",  # regex
+    "sites[0].locations[3].path",  # regex_ci
+    "sites[0].locations[0].upstream",
+    "sites[0].locations[0].proxy_headers[0].name",
+    "sites[0].locations[0].proxy_headers[0].value",
+    "sites[0].locations[0].client_max_body_size",
+    "sites[0].locations[1].return.body",
+    "sites[0].locations[2].root",
+    "sites[0].locations[2].index[0]",
+    "sites[0].locations[2].headers[0].name",
+    "sites[0].locations[2].headers[0].value",
+    "sites[0].locations[3].redirect.url",
+    "upstreams[0].name",
+    "upstreams[0].servers[0].address",
+    "certificates[0].name",
+    "certificates[0].domains[0]",
+]
+
+REGEX_FIELDS = {"sites[0].locations[2].path", "sites[0].locations[3].path"}
+
+# Appended to a field's valid value: each ends a directive, a block, a quoted string or a
+# line, hides text in a comment, or expands a variable.
+SUFFIXES = {
+    "semicolon": ";",
+    "directive": "; load_module /tmp/evil.so;",
+    "close-block": "}",
+    "open-block": "{",
+    "new-server": "; } server { listen 80; root /; } #",
+    "double-quote": '"',
+    "quote-escape": '" ; add_header X-Pwned "1',
+    "single-quote": "'; alias /etc/; '",
+    "backslash": "\\",
+    "backslash-quote": '\\"',
+    "newline": "\n",
+    "newline-directive": "\nload_module /tmp/evil.so;",
+    "crlf-ssl-engine": "\r\nssl_engine ../../../proc/self/fd/13;",
+    "carriage-return": "\r",
+    "nul": "\0",
+    "line-separator": "\u2028",
+    "paragraph-separator": "\u2029",
+    "next-line": "\x85",
+    "vertical-tab": "\x0b",
+    "escape-sequence": "\x1b[2J",
+    "tab": "\t",
+    "comment": "#",
+    "comment-hiding": " # } ;",
+    "lua": ";}content_by_lua_block{os.execute('id')}",
+    "alias": "; alias /etc/;",
+    "variable": "$http_x_evil",
+    "braced-variable": "${host}",
+    "capture-variable": "$1",
+    "oversized": "a" * 10_000,
+}
+
+# Whole values lifted from published exploit write-ups.
+CVE_VALUES = {
+    # CVE-2021-25742: configuration-snippet reading the service account token.
+    "cve-2021-25742": "x;\n}\nlocation /leak { alias /var/run/secrets/kubernetes.io/; }\n#",
+    # CVE-2023-5044: permanent-redirect annotation closing the location.
+    "cve-2023-5044": "https://example.com;\n}\nlocation ~* ^/pwn {\n  content_by_lua_block {\n"
+    "    ngx.say(io.popen('id'):read('*a'))\n  }\n}\nlocation /x {\n  return 301 https://x",
+    # CVE-2023-5043: annotation injection into a directive argument.
+    "cve-2023-5043": "on;\n  ssl_engine /tmp/evil.so;\n  #",
+    # CVE-2025-24514: auth-url, '#' hiding the rest after the injection.
+    "cve-2025-24514": "http://example.com/#;\nload_module /tmp/evil.so;\n",
+    # CVE-2025-1097: auth-tls-match-cn.
+    "cve-2025-1097": "CN=abc#(\n){}\n }}\nssl_engine ../../../../../../proc/self/fd/13;\n#",
+    # CVE-2025-1098: mirror-target / mirror-uri.
+    "cve-2025-1098": "/x;}\nlocation /y {\nload_module /tmp/evil.so;\n#",
+    # CVE-2025-1974: admission webhook loading a shared object from /proc.
+    "cve-2025-1974": "x; ssl_engine /proc/1/fd/7; #",
+}
+
+
+class TestFieldInjection:
+    @pytest.mark.parametrize("field", FIELDS)
+    def test_base_document_is_valid(self, field: str) -> None:
+        """The corpus base state is accepted with the value each case tampers with."""
+        doc = base_doc()
+        state = structure_state(doc)
+        assert get_at(unstructure(state), field) == get_at(doc, field)
+
+    @pytest.mark.parametrize("suffix", SUFFIXES.values(), ids=SUFFIXES.keys())
+    @pytest.mark.parametrize("field", FIELDS)
+    def test_suffix_is_rejected_at_the_field(self, field: str, suffix: str) -> None:
+        """A valid value followed by nginx syntax is rejected with one problem at the field."""
+        doc = base_doc()
+        doc = set_at(doc, field, get_at(doc, field) + suffix)
+        assert rejected_paths(doc) == [field]
+
+    @pytest.mark.parametrize("value", CVE_VALUES.values(), ids=CVE_VALUES.keys())
+    @pytest.mark.parametrize("field", FIELDS)
+    def test_cve_value_is_rejected_at_the_field(self, field: str, value: str) -> None:
+        """Published exploit values are rejected in every field, each at its exact path."""
+        assert rejected_paths(set_at(base_doc(), field, value)) == [field]
+
+    @given(
+        field=st.sampled_from(FIELDS),
+        char=st.sampled_from(list(';{}"\\#$\n\r\0\u2028\u2029\x85\x1b')),
+        position=st.floats(min_value=0, max_value=1),
+    )
+    def test_any_dangerous_character_anywhere_is_rejected(
+        self, field: str, char: str, position: float
+    ) -> None:
+        """A dangerous character inserted at any position of any field is rejected."""
+        doc = base_doc()
+        value = get_at(doc, field)
+        at = round(position * len(value))
+        if field in REGEX_FIELDS:
+            # Regex locations legitimately use escapes like \s and a trailing '$' anchor.
+            assume(char != "\\")
+            assume(not (char == "$" and at == len(value)))
+        assert rejected_paths(set_at(doc, field, value[:at] + char + value[at:])) == [field]
+
+
+class TestSpecificFields:
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "~^(?<user>.+)\\.example\\.com$",  # nginx regex server_name
+            "*.com",
+            "www.*",
+            "exam ple.com",
+            "example.com.",
+            "-example.com",
+            "a" * 64 + ".example.com",
+            "xn--bcher-kva.example;",
+            "ex\u212aample.com",  # KELVIN SIGN lowercases to an ASCII 'k'
+            "例え.jp",
+        ],
+    )
+    def test_bad_server_name(self, value: str) -> None:
+        """Server names must be plain (wildcard) hostnames; regex and odd forms are rejected."""
+        doc = set_at(base_doc(), "sites[0].server_names[1]", value)
+        assert rejected_paths(doc) == ["sites[0].server_names[1]"]
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "/",
+            "/etc",
+            "/etc/",
+            "/etc/nginx",
+            "/proc/self/environ",
+            "/sys/kernel",
+            "/dev/shm",
+            "/root/.ssh",
+            "/var/lib/nxmesh",
+            "/var/lib/nxmesh/keys",
+            "/srv/../etc",
+            "/srv/www/../../etc",
+            "/srv/./www",
+            "//etc",
+            "srv/www",
+            "/srv/www;",
+            "/srv/www alias",
+        ],
+    )
+    def test_root_cannot_expose_system_files(self, value: str) -> None:
+        """A static root cannot be '/', a system directory, or escape with '..'."""
+        doc = set_at(base_doc(), "sites[0].locations[2].root", value)
+        assert rejected_paths(doc) == ["sites[0].locations[2].root"]
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "(a+)+$",
+            "^/(a*)*",
+            "^/(.*a)+",
+            "^/((ab)+)*",
+            "^/(a)\\1",
+            "^/(?P<x>a)(?P=x)",
+            "^/(?i)admin",
+            "^/(?<name>x)",
+            "^/a{1,100}",
+            "^/[unclosed",
+            "^/a\\Qb\\E",
+            "^/a\\x41",
+            "^/a\\\\",
+            "$",
+            "^/a$b",
+            "^/a\\$",
+        ],
+    )
+    @pytest.mark.parametrize("index", [2, 3])
+    def test_bad_regex_location(self, index: int, value: str) -> None:
+        """Regex locations refuse backreferences, inline flags, braces and nested quantifiers."""
+        field = f"sites[0].locations[{index}].path"
+        assert rejected_paths(set_at(base_doc(), field, value)) == [field]
+
+    @pytest.mark.parametrize("value", ["^/a/(b|c)/d$", "\\.php$", "^/[a-z0-9_-]+\\.(css|js)$"])
+    def test_good_regex_location(self, value: str) -> None:
+        """Ordinary location regexes, with a trailing '$' anchor, are accepted."""
+        state = structure_state(set_at(base_doc(), "sites[0].locations[2].path", value))
+        assert state.sites[0].locations[2].path == value
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "app",
+            "10.0.0.1",
+            "[::1]",
+            "::1:8080",
+            "app:0",
+            "app:99999",
+            "999.0.0.1:80",
+            "[fe80::zz]:80",
+            "unix:relative.sock",
+            "unix:/run/../etc/passwd",
+            "http://app:80",
+            "app:80 backup",
+            "app:80;server evil:80",
+        ],
+    )
+    def test_bad_upstream_address(self, value: str) -> None:
+        """Upstream addresses are host:port, [v6]:port or unix:/path, nothing else."""
+        field = "upstreams[0].servers[0].address"
+        assert rejected_paths(set_at(base_doc(), field, value)) == [field]
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "javascript:alert(1)",
+            "//evil.example",
+            "ftp://example.com/",
+            "https://example.com/$uri",
+            "https://example.com/${request_uri}",
+            "https://example.com/$request_uri/x",
+            "https://example.com:99999/",
+            "https://exa mple.com/",
+            "new-page",
+        ],
+    )
+    def test_bad_redirect_url(self, value: str) -> None:
+        """Redirect URLs allow only http(s) or absolute paths and only a final $request_uri."""
+        field = "sites[0].locations[3].redirect.url"
+        assert rejected_paths(set_at(base_doc(), field, value)) == [field]
+
+    @pytest.mark.parametrize(
+        "value", ["https://example.com$request_uri", "/new?from=old&x=%2F", "https://[::1]:8443/"]
+    )
+    def test_good_redirect_url(self, value: str) -> None:
+        """Absolute URLs, paths with queries and the $request_uri suffix are accepted."""
+        doc = set_at(base_doc(), "sites[0].locations[3].redirect.url", value)
+        assert structure_state(doc).sites[0].locations[3].redirect is not None
+
+    @pytest.mark.parametrize("value", ["X Frame", "X-Frame:", "X_Frame", "-X", "X" * 65, ""])
+    def test_bad_header_name(self, value: str) -> None:
+        """Header names are HTTP tokens of letters, digits and '-' only."""
+        field = "sites[0].headers[0].name"
+        assert rejected_paths(set_at(base_doc(), field, value)) == [field]
+
+    def test_oversized_return_body(self) -> None:
+        """A return body longer than 1024 characters is rejected."""
+        field = "sites[0].locations[1].return.body"
+        assert rejected_paths(set_at(base_doc(), field, "x" * 1025)) == [field]
+
+    def test_too_many_locations(self) -> None:
+        """A site with more than 200 locations is rejected at its locations field."""
+        doc = base_doc()
+        doc["sites"][0]["locations"] = [
+            {"path": f"/p{i}", "return": {"code": 204}} for i in range(201)
+        ]
+        assert rejected_paths(doc) == ["sites[0].locations"]
+
+
+DIRECTIVE_KEYS = [
+    "snippet",
+    "server_snippet",
+    "configuration_snippet",
+    "extra_directives",
+    "load_module",
+    "ssl_engine",
+    "alias",
+    "content_by_lua_block",
+    "include",
+]
+
+OBJECTS = [
+    "",
+    "sites[0]",
+    "sites[0].tls",
+    "sites[0].listeners[0]",
+    "sites[0].headers[0]",
+    "sites[0].locations[0]",
+    "sites[0].locations[3].redirect",
+    "upstreams[0]",
+    "upstreams[0].servers[0]",
+]
+
+
+class TestNoFreeFormDirectives:
+    @pytest.mark.parametrize("key", DIRECTIVE_KEYS)
+    @pytest.mark.parametrize("where", OBJECTS)
+    def test_directive_key_is_unknown(self, where: str, key: str) -> None:
+        """Snippet and directive keys are unknown fields wherever they appear, named by path."""
+        doc = base_doc()
+        target = get_at(doc, where) if where else doc
+        target[key] = "load_module /tmp/evil.so"
+        with pytest.raises(ValidationError) as info:
+            structure_state(doc)
+        [problem] = info.value.problems
+        assert problem.path == (f"{where}.{key}" if where else key)
+        assert repr(key) in problem.message
+
+
+class TestLabels:
+    @pytest.mark.parametrize(
+        "key", ["env;", "env\n", "env}", "$env", "#env", "-env", "a/b/c", "e" * 64, ""]
+    )
+    def test_bad_label_key(self, key: str) -> None:
+        """Agent label keys follow the Kubernetes syntax; the problem names the key."""
+        with pytest.raises(ValidationError) as info:
+            structure({"id": "a1", "name": "edge-1", "labels": {key: "x"}}, Agent)
+        assert [p.path for p in info.value.problems] == [f"labels[{key!r}]"]
+
+    @pytest.mark.parametrize("value", ["prod;", "prod\n", "{prod}", "${x}", "p" * 64, "-prod"])
+    def test_bad_label_value(self, value: str) -> None:
+        """Agent label values follow the Kubernetes syntax; the problem names the key."""
+        with pytest.raises(ValidationError) as info:
+            structure({"id": "a1", "name": "edge-1", "labels": {"env": value}}, Agent)
+        assert [p.path for p in info.value.problems] == ["labels['env']"]
+
+    def test_bad_selector_label(self) -> None:
+        """Selector labels are checked like agent labels."""
+        with pytest.raises(ValidationError) as info:
+            structure({"match_labels": {"env": "a b"}}, LabelSelector)
+        assert [p.path for p in info.value.problems] == ["match_labels['env']"]
+
+    def test_good_labels(self) -> None:
+        """Prefixed keys and empty values are valid label syntax."""
+        agent = structure(
+            {"id": "a1", "name": "edge-1", "labels": {"app.kubernetes.io/name": "", "env": "p"}},
+            Agent,
+        )
+        assert dict(agent.labels) == {"app.kubernetes.io/name": "", "env": "p"}

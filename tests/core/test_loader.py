@@ -1,0 +1,262 @@
+"""Loading desired state files: YAML and JSON, strict parsing, merging several files."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nxmesh.core import loader
+from nxmesh.core.errors import ValidationError
+from nxmesh.core.loader import load_state_file, load_state_files
+from nxmesh.core.model import Return, TLSConfig
+
+SITE_YAML = """\
+workspace: prod
+upstreams:
+  - name: app
+    servers:
+      - address: 10.0.0.5:8080
+      - address: app-2.internal:8080
+        backup: true
+sites:
+  - name: web
+    server_names: [Example.com, www.example.com]
+    listeners:
+      - {port: 443, tls: true, http2: true}
+      - {port: 80}
+    tls: acme
+    headers:
+      - {name: Strict-Transport-Security, value: max-age=31536000, always: true}
+    locations:
+      - path: /
+        upstream: app
+        websocket: true
+      - path: /healthz
+        match: exact
+        return: {code: 200, body: ok}
+"""
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+def load_problems(*paths: Path) -> tuple[str | None, dict[str, str]]:
+    with pytest.raises(ValidationError) as info:
+        load_state_files(paths)
+    return info.value.source, {p.path: p.message for p in info.value.problems}
+
+
+class TestLoadOneFile:
+    def test_realistic_yaml(self, tmp_path: Path) -> None:
+        """A realistic YAML file loads into the expected state."""
+        state = load_state_file(write(tmp_path, "site.yaml", SITE_YAML))
+        assert state.workspace == "prod"
+        site = state.sites[0]
+        assert site.server_names == ("example.com", "www.example.com")
+        assert site.tls == TLSConfig(acme=True)
+        assert site.locations[1].return_ == Return(200, "ok")
+        assert state.upstreams[0].servers[1].backup
+
+    def test_json_file(self, tmp_path: Path) -> None:
+        """A .json file is read as JSON and gives the same state as its YAML twin."""
+        data = yaml.safe_load(SITE_YAML)
+        path = write(tmp_path, "site.json", json.dumps(data))
+        assert load_state_file(path) == load_state_file(write(tmp_path, "s.yaml", SITE_YAML))
+
+    def test_empty_file_is_empty_state(self, tmp_path: Path) -> None:
+        """An empty file is an empty state in the default workspace."""
+        state = load_state_file(write(tmp_path, "empty.yaml", ""))
+        assert (state.sites, state.workspace) == ((), "default")
+
+    def test_source_is_the_file(self, tmp_path: Path) -> None:
+        """Problems carry the file path as source and the field as path."""
+        path = write(tmp_path, "bad.yaml", "sites: [{name: web, server_names: [a.com]}]\n")
+        source, problems = load_problems(path)
+        assert source == str(path)
+        assert problems == {"sites[0].locations": "is required"}
+
+    def test_unknown_key_did_you_mean(self, tmp_path: Path) -> None:
+        """A misspelt key is reported with a suggestion."""
+        path = write(tmp_path, "s.yaml", "upstream:\n  - name: app\n")
+        _, problems = load_problems(path)
+        assert problems == {"upstream": "unknown field 'upstream'; did you mean 'upstreams'?"}
+
+    def test_all_problems_at_once(self, tmp_path: Path) -> None:
+        """Several bad fields are reported together."""
+        text = SITE_YAML.replace("Example.com", "exa;mple.com").replace("port: 80}", "port: 0}")
+        _, problems = load_problems(write(tmp_path, "s.yaml", text))
+        assert set(problems) == {"sites[0].server_names[0]", "sites[0].listeners[1].port"}
+
+    def test_missing_file_is_os_error(self, tmp_path: Path) -> None:
+        """A file that does not exist raises the OSError, not a validation error."""
+        with pytest.raises(FileNotFoundError):
+            load_state_file(tmp_path / "nope.yaml")
+
+
+class TestYamlStrictness:
+    def test_duplicate_key(self, tmp_path: Path) -> None:
+        """A repeated mapping key is an error naming the field and both lines."""
+        text = """\
+        sites:
+          - name: web
+            server_names: [a.com]
+            name: other
+        """
+        _, problems = load_problems(write(tmp_path, "s.yaml", text))
+        assert problems == {
+            "sites[0].name": "duplicate key 'name' at line 4, column 5 (first at line 2, column 5)"
+        }
+
+    def test_merge_key_override_is_not_a_duplicate(self, tmp_path: Path) -> None:
+        """A '<<' merge followed by an override is allowed."""
+        text = """\
+        sites:
+          - name: web
+            server_names: [a.com]
+            listeners:
+              - &plain {port: 8080}
+              - {<<: *plain, port: 8081}
+            locations: [{path: /, return: {code: 204}}]
+        """
+        state = load_state_file(write(tmp_path, "s.yaml", text))
+        assert [lst.port for lst in state.sites[0].listeners] == [8080, 8081]
+
+    def test_syntax_error_has_line_and_column(self, tmp_path: Path) -> None:
+        """A YAML syntax error reports its line and column."""
+        path = write(tmp_path, "s.yaml", "sites:\n  - name: web\n   bad: [\n")
+        _, problems = load_problems(path)
+        [(where, message)] = problems.items()
+        assert where == ""
+        assert message.startswith("YAML syntax error at line ")
+        assert "column" in message
+
+    def test_python_tags_are_refused(self, tmp_path: Path) -> None:
+        """Python object tags are not constructed (safe loading)."""
+        path = write(tmp_path, "s.yaml", 'workspace: !!python/object/apply:os.system ["id"]\n')
+        _, problems = load_problems(path)
+        assert "python/object/apply" in problems[""]
+
+    def test_alias_bomb_is_refused(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Aliases that expand beyond the node budget are refused before construction."""
+        monkeypatch.setattr(loader, "MAX_YAML_NODES", 10_000)
+        lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+        lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)]
+        _, problems = load_problems(write(tmp_path, "bomb.yaml", "\n".join(lines) + "\n"))
+        assert "expands to more than 10000 nodes" in problems[""]
+
+    def test_deep_nesting_is_refused(self, tmp_path: Path) -> None:
+        """Absurdly deep nesting is a problem, not a crash."""
+        path = write(tmp_path, "deep.yaml", "sites: " + "[" * 5000 + "]" * 5000 + "\n")
+        _, problems = load_problems(path)
+        assert problems
+
+    def test_not_utf8(self, tmp_path: Path) -> None:
+        """A file that is not UTF-8 is reported as such."""
+        path = tmp_path / "s.yaml"
+        path.write_bytes(b"workspace: \xff\xfe\n")
+        _, problems = load_problems(path)
+        assert "not UTF-8" in problems[""]
+
+    def test_file_size_is_capped(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Files beyond the size cap are refused without parsing."""
+        monkeypatch.setattr(loader, "MAX_FILE_BYTES", 100)
+        _, problems = load_problems(write(tmp_path, "s.yaml", SITE_YAML))
+        assert "larger than 100 bytes" in problems[""]
+
+    def test_yaml_booleans_are_not_strings(self, tmp_path: Path) -> None:
+        """YAML 1.1 'on' becomes a boolean, which is reported where a string belongs."""
+        path = write(tmp_path, "s.yaml", "workspace: on\n")
+        _, problems = load_problems(path)
+        assert problems == {"workspace": "must be a string, got a boolean (True)"}
+
+
+class TestJsonStrictness:
+    def test_duplicate_key(self, tmp_path: Path) -> None:
+        """A repeated JSON object key is an error at its path."""
+        path = write(tmp_path, "s.json", '{"sites": [{"name": "a", "name": "b"}]}')
+        _, problems = load_problems(path)
+        assert problems == {"sites[0].name": "duplicate key 'name'"}
+
+    def test_syntax_error(self, tmp_path: Path) -> None:
+        """A JSON syntax error reports line and column."""
+        path = write(tmp_path, "s.json", '{\n  "sites": [,]\n}')
+        _, problems = load_problems(path)
+        assert problems[""].startswith("JSON syntax error at line 2, column 13")
+
+
+UPSTREAMS = """\
+upstreams:
+  - name: app
+    servers: [{address: "app:80"}]
+"""
+
+SITES = """\
+sites:
+  - name: web
+    server_names: [example.com]
+    locations: [{path: /, upstream: app}]
+"""
+
+
+class TestMerge:
+    def test_cross_file_references(self, tmp_path: Path) -> None:
+        """A site may use an upstream defined in another file."""
+        state = load_state_files(
+            [write(tmp_path, "up.yaml", UPSTREAMS), write(tmp_path, "sites.yaml", SITES)]
+        )
+        assert [s.name for s in state.sites] == ["web"]
+        assert [u.name for u in state.upstreams] == ["app"]
+
+    def test_dangling_reference_points_at_its_file(self, tmp_path: Path) -> None:
+        """Without the upstream file the reference is reported in the sites file."""
+        up = write(tmp_path, "up.yaml", UPSTREAMS.replace("name: app", "name: other"))
+        sites = write(tmp_path, "sites.yaml", SITES)
+        source, problems = load_problems(up, sites)
+        assert source == str(sites)
+        assert set(problems) == {"sites[0].locations[0].upstream"}
+
+    def test_duplicate_across_files(self, tmp_path: Path) -> None:
+        """A name defined in two files is reported in the later file, naming the first."""
+        first = write(tmp_path, "a.yaml", UPSTREAMS)
+        second = write(
+            tmp_path, "b.yaml", "upstreams:\n  - {name: x, servers: [{address: 'x:1'}]}\n"
+        )
+        third = write(tmp_path, "c.yaml", UPSTREAMS)
+        source, problems = load_problems(first, second, third)
+        assert source == str(third)
+        assert problems == {
+            "upstreams[0].name": f"upstream name 'app' is already used by upstreams[0] in {first}"
+        }
+
+    def test_workspace_conflict(self, tmp_path: Path) -> None:
+        """Files naming different workspaces cannot be merged."""
+        a = write(tmp_path, "a.yaml", "workspace: prod\n")
+        b = write(tmp_path, "b.yaml", "workspace: dev\n")
+        source, problems = load_problems(a, b)
+        assert source == str(b)
+        assert problems == {"workspace": f"is 'dev' but {a} says 'prod'"}
+
+    def test_workspace_from_any_file(self, tmp_path: Path) -> None:
+        """A workspace named by one file applies to the merged state."""
+        a = write(tmp_path, "a.yaml", UPSTREAMS)
+        b = write(tmp_path, "b.yaml", "workspace: prod\n")
+        assert load_state_files([a, b]).workspace == "prod"
+
+    def test_problems_in_several_files(self, tmp_path: Path) -> None:
+        """Problems in several files are all reported, each path prefixed with its file."""
+        a = write(tmp_path, "a.yaml", "workspace: 1\n")
+        b = write(tmp_path, "b.yaml", "sites: 2\n")
+        source, problems = load_problems(a, b)
+        assert source is None
+        assert set(problems) == {f"{a}: workspace", f"{b}: sites"}
+
+    def test_no_files_is_empty_state(self) -> None:
+        """Merging nothing gives the empty state."""
+        assert load_state_files([]).sites == ()

@@ -1,0 +1,412 @@
+"""The domain model: immutability, per-object rules, cross-object checks and helpers."""
+
+from __future__ import annotations
+
+import attrs
+import pytest
+
+from nxmesh.core.model import (
+    Agent,
+    ApplyReport,
+    CertificateRef,
+    ConfigVersion,
+    DesiredState,
+    FrozenMap,
+    Header,
+    HealthReport,
+    HealthResult,
+    LabelSelector,
+    Listener,
+    Location,
+    Redirect,
+    Return,
+    Site,
+    TLSConfig,
+    Upstream,
+    UpstreamServer,
+    check_state,
+)
+from nxmesh.core.validation import Invalid
+
+
+def loc(path: str = "/", **fields: object) -> Location:
+    if not {"upstream", "root", "redirect", "return_"} & set(fields):
+        fields["return_"] = Return(204)
+    return Location(path=path, **fields)  # type: ignore[arg-type]
+
+
+def make_site(name: str = "web", **fields: object) -> Site:
+    fields.setdefault("server_names", ("example.com",))
+    fields.setdefault("locations", (loc(),))
+    return Site(name=name, **fields)  # type: ignore[arg-type]
+
+
+def paths_of(exc: pytest.ExceptionInfo[Invalid]) -> list[str]:
+    return [path for path, _ in exc.value.problems]
+
+
+class TestFrozenMap:
+    def test_equal_to_dict_and_hashable(self) -> None:
+        """A FrozenMap equals the dict it was built from and can be hashed."""
+        m = FrozenMap({"a": "1"})
+        assert m == {"a": "1"}
+        assert hash(m) == hash(FrozenMap({"a": "1"}))
+
+    def test_immutable(self) -> None:
+        """A FrozenMap offers no way to change it."""
+        m = FrozenMap({"a": "1"})
+        with pytest.raises(TypeError):
+            m["b"] = "2"  # type: ignore[index]
+
+    def test_model_mapping_is_frozen_copy(self) -> None:
+        """A model keeps its own frozen copy, unaffected by later changes to the input."""
+        labels = {"env": "prod"}
+        agent = Agent(id="a1", name="n", labels=labels)
+        labels["env"] = "dev"
+        assert agent.labels == {"env": "prod"}
+
+
+class TestImmutability:
+    def test_objects_are_frozen(self) -> None:
+        """Model objects cannot be changed after creation."""
+        site = make_site()
+        with pytest.raises(attrs.exceptions.FrozenInstanceError):
+            site.name = "other"  # type: ignore[misc]
+
+    def test_states_are_hashable(self) -> None:
+        """Equal states hash equally, so they can key caches."""
+        assert hash(DesiredState(sites=(make_site(),))) == hash(DesiredState(sites=(make_site(),)))
+
+
+class TestLabelSelector:
+    def test_matches_subset(self) -> None:
+        """A selector matches labels containing all its pairs."""
+        sel = LabelSelector({"env": "prod"})
+        assert sel.matches({"env": "prod", "zone": "a"})
+        assert not sel.matches({"env": "dev"})
+        assert not sel.matches({})
+
+    def test_empty_matches_everything(self) -> None:
+        """An empty selector matches every agent."""
+        assert LabelSelector().matches({"any": "thing"})
+
+
+class TestListener:
+    @pytest.mark.parametrize("port", [0, 65536, -1])
+    def test_port_range(self, port: int) -> None:
+        """Ports must be within 1..65535."""
+        with pytest.raises(Invalid) as exc:
+            Listener(port)
+        assert paths_of(exc) == ["port"]
+
+    @pytest.mark.parametrize("address", ["*", "0.0.0.0", "::", "2001:db8::1"])
+    def test_addresses(self, address: str) -> None:
+        """IPv4, IPv6 and '*' are valid listen addresses."""
+        assert Listener(443, address=address).bind == (address, 443)
+
+    def test_default_bind_is_wildcard(self) -> None:
+        """A listener without address binds every address."""
+        assert Listener().bind == ("*", 80)
+
+
+class TestTLSConfig:
+    def test_needs_exactly_one_source(self) -> None:
+        """Neither or both of certificate and acme is an error."""
+        with pytest.raises(Invalid, match="exactly one"):
+            TLSConfig()
+        with pytest.raises(Invalid, match="exactly one"):
+            TLSConfig(certificate="main", acme=True)
+
+    def test_protocols_are_modern_and_unique(self) -> None:
+        """Only TLSv1.2 and TLSv1.3, each at most once."""
+        with pytest.raises(Invalid) as exc:
+            TLSConfig(acme=True, protocols=("TLSv1",))
+        assert paths_of(exc) == ["protocols[0]"]
+        with pytest.raises(Invalid, match="twice"):
+            TLSConfig(acme=True, protocols=("TLSv1.3", "TLSv1.3"))
+
+
+class TestHeaderRedirectReturn:
+    def test_header_value_may_contain_spaces_and_single_quotes(self) -> None:
+        """CSP-style values with spaces and single quotes are fine."""
+        assert Header("Content-Security-Policy", "default-src 'self'").value
+
+    @pytest.mark.parametrize("code", [200, 204, 404, 444, 503])
+    def test_return_codes(self, code: int) -> None:
+        """2xx, 4xx and 5xx codes are valid for return."""
+        assert Return(code).code == code
+
+    @pytest.mark.parametrize("code", [100, 301, 302, 600, True])
+    def test_bad_return_codes(self, code: int) -> None:
+        """1xx, 3xx, out-of-range and boolean codes are rejected for return."""
+        with pytest.raises(Invalid):
+            Return(code)
+
+    @pytest.mark.parametrize("code", [200, 304, 399])
+    def test_bad_redirect_codes(self, code: int) -> None:
+        """Redirects only use 301, 302, 303, 307 or 308."""
+        with pytest.raises(Invalid):
+            Redirect(code, "/x")
+
+
+class TestLocation:
+    def test_needs_an_action(self) -> None:
+        """A location without an action is rejected at the location."""
+        with pytest.raises(Invalid, match="got none") as exc:
+            Location(path="/")
+        assert paths_of(exc) == [""]
+
+    def test_one_action_only(self) -> None:
+        """Two actions are rejected naming both."""
+        with pytest.raises(Invalid, match="got upstream and root"):
+            Location(path="/", upstream="app", root="/srv")
+
+    def test_actions_property(self) -> None:
+        """actions names the one action set."""
+        assert loc(redirect=Redirect(301, "/x")).actions == ("redirect",)
+
+    def test_path_rule_follows_match(self) -> None:
+        """A regex is fine for regex locations but not for prefix ones."""
+        assert loc("^/a/.*$", match="regex").path == "^/a/.*$"
+        with pytest.raises(Invalid) as exc:
+            loc("^/a/.*$")
+        assert paths_of(exc) == ["path"]
+
+    def test_proxy_options_need_upstream(self) -> None:
+        """websocket, proxy_headers and proxy_read_timeout only apply to proxied locations."""
+        with pytest.raises(Invalid) as exc:
+            loc(
+                root="/srv",
+                websocket=True,
+                proxy_headers=(Header("X-A", "1"),),
+                proxy_read_timeout=5,
+            )
+        assert paths_of(exc) == ["websocket", "proxy_headers", "proxy_read_timeout"]
+
+    def test_index_needs_root(self) -> None:
+        """index only applies to static locations."""
+        with pytest.raises(Invalid) as exc:
+            loc(upstream="app", index=("index.html",))
+        assert paths_of(exc) == ["index"]
+
+    def test_all_field_problems_of_a_field_are_reported(self) -> None:
+        """Every bad item of a list field is reported, not only the first."""
+        with pytest.raises(Invalid) as exc:
+            loc(root="/srv", index=("ok.html", "../x", "a b"))
+        assert paths_of(exc) == ["index[1]", "index[2]"]
+
+
+class TestSite:
+    def test_server_names_are_lowercased(self) -> None:
+        """ASCII server names are normalised to lowercase."""
+        assert make_site(server_names=("WWW.Example.COM",)).server_names == ("www.example.com",)
+
+    def test_tls_listener_needs_tls_config(self) -> None:
+        """A TLS listener without tls settings is rejected at 'tls'."""
+        with pytest.raises(Invalid, match="listeners\\[0\\] has tls") as exc:
+            make_site(listeners=(Listener(443, tls=True),))
+        assert paths_of(exc) == ["tls"]
+
+    def test_tls_config_needs_tls_listener(self) -> None:
+        """tls settings without a TLS listener are rejected at 'tls'."""
+        with pytest.raises(Invalid, match="no listener") as exc:
+            make_site(tls=TLSConfig(acme=True))
+        assert paths_of(exc) == ["tls"]
+
+    def test_duplicate_listener(self) -> None:
+        """Two listeners on the same address and port are rejected."""
+        with pytest.raises(Invalid) as exc:
+            make_site(listeners=(Listener(80), Listener(80, http2=True)))
+        assert paths_of(exc) == ["listeners[1].port"]
+
+    def test_same_port_different_address_is_fine(self) -> None:
+        """Listeners on one port but different addresses are distinct."""
+        site = make_site(listeners=(Listener(80, address="10.0.0.1"), Listener(80, address="::1")))
+        assert len(site.listeners) == 2
+
+    def test_python_lists_and_wrong_types_are_rejected(self) -> None:
+        """Python callers get a clear error for a list or a wrong element type."""
+        with pytest.raises(Invalid, match="must be a tuple") as exc:
+            make_site(locations=[loc()])
+        assert paths_of(exc) == ["locations"]
+        with pytest.raises(Invalid, match="must be a Location") as exc:
+            make_site(locations=(loc(), {"path": "/x"}))
+        assert paths_of(exc) == ["locations[1]"]
+        with pytest.raises(Invalid, match="must be a TLSConfig") as exc:
+            make_site(listeners=(Listener(443, tls=True),), tls="acme")
+        assert paths_of(exc) == ["tls"]
+
+    @pytest.mark.parametrize("field", ["server_names", "locations", "listeners"])
+    def test_lists_must_not_be_empty(self, field: str) -> None:
+        """A site needs at least one server name, location and listener."""
+        with pytest.raises(Invalid) as exc:
+            make_site(**{field: ()})  # type: ignore[arg-type]
+        assert paths_of(exc) == [field]
+
+
+class TestUpstream:
+    def test_needs_a_server(self) -> None:
+        """An upstream without servers is rejected."""
+        with pytest.raises(Invalid) as exc:
+            Upstream("app", ())
+        assert paths_of(exc) == ["servers"]
+
+    @pytest.mark.parametrize("method", ["ip_hash", "random"])
+    def test_backup_conflicts_with_method(self, method: str) -> None:
+        """backup servers are refused with ip_hash and random, as nginx does."""
+        servers = (UpstreamServer("a:80"), UpstreamServer("b:80", backup=True))
+        with pytest.raises(Invalid) as exc:
+            Upstream("app", servers, method)  # type: ignore[arg-type]
+        assert paths_of(exc) == ["servers[1].backup"]
+
+    def test_backup_only_is_rejected(self) -> None:
+        """An upstream whose every server is a backup has nothing to serve from."""
+        with pytest.raises(Invalid, match="not a backup"):
+            Upstream("app", (UpstreamServer("a:80", backup=True),))
+
+    @pytest.mark.parametrize(
+        "address", ["app:80", "10.0.0.1:8080", "[2001:db8::1]:443", "unix:/run/app.sock", "A_B:1"]
+    )
+    def test_server_addresses(self, address: str) -> None:
+        """Hostnames, IPv4, bracketed IPv6 and unix sockets are accepted."""
+        assert UpstreamServer(address).address == address
+
+    @pytest.mark.parametrize("field", ["weight", "max_fails", "fail_timeout"])
+    def test_server_numbers_are_bounded(self, field: str) -> None:
+        """Server parameters are bounded integers."""
+        with pytest.raises(Invalid) as exc:
+            UpstreamServer("a:80", **{field: 10**9})  # type: ignore[arg-type]
+        assert paths_of(exc) == [field]
+
+
+class TestFleetObjects:
+    def test_health_status_is_worst(self) -> None:
+        """A report's status is its worst result; empty reports are ok."""
+        results = (HealthResult("a", "ok"), HealthResult("b", "fail"), HealthResult("c", "warn"))
+        assert HealthReport("agent", 0.0, results).status == "fail"
+        assert HealthReport("agent", 0.0, results[::2]).status == "warn"
+        assert HealthReport("agent", 0.0, ()).status == "ok"
+
+    def test_long_nginx_output_is_truncated(self) -> None:
+        """Huge nginx output is cut with a marker instead of failing the report."""
+        report = ApplyReport(
+            agent_id="a1", version=1, digest="d", outcome="failed", nginx_output="x" * 100_000
+        )
+        assert len(report.nginx_output) == 65536
+        assert report.nginx_output.endswith("[truncated]")
+
+    def test_agent_status_is_checked(self) -> None:
+        """An unknown agent status is rejected."""
+        with pytest.raises(Invalid) as exc:
+            Agent(id="a1", name="n", status="lost")  # type: ignore[arg-type]
+        assert paths_of(exc) == ["status"]
+
+    def test_log_text_rejects_control_characters(self) -> None:
+        """A version message keeps newlines but refuses terminal escape sequences."""
+        fields = {
+            "workspace": "default",
+            "number": 1,
+            "digest": "d",
+            "parent_digest": None,
+            "author": "alice",
+            "created_at": 0.0,
+            "state": DesiredState(),
+        }
+        assert ConfigVersion(message="fix\n\nbody", **fields).message == "fix\n\nbody"  # type: ignore[arg-type]
+        with pytest.raises(Invalid) as exc:
+            ConfigVersion(message="\x1b[2Jall good", **fields)  # type: ignore[arg-type]
+        assert paths_of(exc) == ["message"]
+
+
+def state(
+    *sites: Site, upstreams: tuple[Upstream, ...] = (), certs: tuple[CertificateRef, ...] = ()
+) -> DesiredState:
+    return DesiredState(sites=sites, upstreams=upstreams, certificates=certs)
+
+
+APP = Upstream("app", (UpstreamServer("app:80"),))
+
+
+class TestCheckState:
+    def test_valid_state_has_no_problems(self) -> None:
+        """A consistent state produces no problems."""
+        s = state(
+            make_site(locations=(loc(upstream="app"),)),
+            make_site(
+                "api",
+                server_names=("api.example.com",),
+                listeners=(Listener(443, tls=True),),
+                tls=TLSConfig(certificate="main"),
+            ),
+            upstreams=(APP,),
+            certs=(CertificateRef("main", ("api.example.com",)),),
+        )
+        assert check_state(s) == []
+
+    def test_duplicate_names(self) -> None:
+        """Duplicate site, upstream and certificate names point at the later one."""
+        cert = CertificateRef("main", ("example.com",))
+        s = state(
+            make_site(),
+            make_site(server_names=("other.example.com",)),
+            upstreams=(APP, APP),
+            certs=(cert, cert),
+        )
+        assert {p.path: p.message for p in check_state(s)} == {
+            "sites[1].name": "site name 'web' is already used by sites[0]",
+            "upstreams[1].name": "upstream name 'app' is already used by upstreams[0]",
+            "certificates[1].name": "certificate name 'main' is already used by certificates[0]",
+        }
+
+    def test_unknown_upstream_suggests(self) -> None:
+        """A location naming a missing upstream gets a did-you-mean hint."""
+        s = state(make_site(locations=(loc(), loc("/api", upstream="apps"))), upstreams=(APP,))
+        [problem] = check_state(s)
+        assert problem.path == "sites[0].locations[1].upstream"
+        assert problem.message == "refers to unknown upstream 'apps' (did you mean 'app'?)"
+
+    def test_unknown_certificate(self) -> None:
+        """tls.certificate must name a defined certificate."""
+        s = state(make_site(listeners=(Listener(443, tls=True),), tls=TLSConfig(certificate="x")))
+        assert [p.path for p in check_state(s)] == ["sites[0].tls.certificate"]
+
+    def test_server_name_conflict_across_sites(self) -> None:
+        """The same server name on the same port in two sites is a conflict."""
+        s = state(make_site(), make_site("other", server_names=("a.example.com", "example.com")))
+        [problem] = check_state(s)
+        assert problem.path == "sites[1].server_names[1]"
+        assert "already served by sites[0]" in problem.message
+
+    def test_same_server_name_on_other_port_is_fine(self) -> None:
+        """One name may be served by different sites on different ports."""
+        s = state(make_site(), make_site("alt", listeners=(Listener(8080),)))
+        assert check_state(s) == []
+
+    def test_duplicate_location(self) -> None:
+        """Two locations with the same path and match in one site conflict."""
+        s = state(make_site(locations=(loc("/a"), loc("/a", match="exact"), loc("/a"))))
+        assert [p.path for p in check_state(s)] == ["sites[0].locations[2].path"]
+
+    def test_two_default_servers(self) -> None:
+        """Only one site can be the default server of an address and port."""
+        s = state(
+            make_site(listeners=(Listener(80, default_server=True),)),
+            make_site(
+                "b", server_names=("b.example.com",), listeners=(Listener(80, default_server=True),)
+            ),
+        )
+        assert [p.path for p in check_state(s)] == ["sites[1].listeners[0].default_server"]
+
+    def test_all_problems_reported(self) -> None:
+        """check_state collects every problem rather than stopping at the first."""
+        s = state(
+            make_site(locations=(loc(upstream="a"), loc("/b", upstream="b"))),
+            make_site(),
+        )
+        assert len(check_state(s)) == 4  # two references, a duplicate name, a name conflict
+
+    def test_site_limit(self) -> None:
+        """More than 10,000 sites are rejected by the model itself."""
+        site = make_site()
+        with pytest.raises(Invalid, match="at most 10000"):
+            DesiredState(sites=(site,) * 10_001)
