@@ -158,7 +158,8 @@ class TestCliHook:
             "nxmesh-greeter",
             {"greeter": "nxmesh_greeter_mod"},
             {"nxmesh_greeter_mod": """
-                                from nxmesh import hookimpl
+                import click
+                from nxmesh import hookimpl
 
                 @click.command("greet")
                 def greet():

@@ -78,10 +78,15 @@ def test_hook_docs_are_up_to_date() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+# Alembic's env.py and revision files are scripts Alembic executes, not importable modules.
+NOT_MODULES = (".migrations",)
+
+
 def _all_modules() -> list[str]:
     names = []
     for module in pkgutil.walk_packages(nxmesh.__path__, "nxmesh."):
-        names.append(module.name)
+        if not any(part in module.name for part in NOT_MODULES):
+            names.append(module.name)
     return sorted(names)
 
 
