@@ -30,6 +30,15 @@ if TYPE_CHECKING:
         HealthResult,
         PendingApply,
     )
+    from nxmesh.core.records import (
+        AgentKey,
+        AgentStatus,
+        Assignment,
+        AuditEntry,
+        BootstrapToken,
+        StoredCertificate,
+        User,
+    )
 
 __all__ = [
     "Authenticator",
@@ -57,8 +66,15 @@ __all__ = [
 class StorageBackend(Protocol):
     """Durable state of the master: versions, agents and everything the API manages.
 
-    Constructed as ``cls(url)``; `open` connects and migrates, `aclose` releases.
-    Writes are atomic: a crash between two statements of one write leaves nothing torn.
+    Constructed as ``cls(url, *, keyring=None)`` with a `nxmesh.crypto.MasterKeyring`;
+    `open` connects and migrates, `aclose` releases. Every write is atomic: a crash
+    between two statements of one write leaves nothing torn. Secrets (agent session
+    keys, certificate private keys) are stored encrypted with the keyring, bound to
+    their record; without a keyring, storing or reading one raises
+    `nxmesh.crypto.SecretError` — never plaintext. Errors on purpose derive from
+    `nxmesh.core.records.StorageError`. The records are in `nxmesh.core.records`.
+    A class may also offer ``from_settings(settings, *, keyring=None)`` (to read its
+    plugin's settings section); applications prefer it when present.
     """
 
     name: ClassVar[str]
@@ -67,19 +83,128 @@ class StorageBackend(Protocol):
     async def open(self) -> None: ...
     async def aclose(self) -> None: ...
 
+    # -- versions: immutable, numbered 1, 2, 3... per workspace without gaps
+
     async def add_version(self, version: ConfigVersion) -> None:
-        """Store a new version; its number must be the next one of its workspace."""
+        """Store a new version; its number must be the next one of its workspace.
+
+        Of concurrent writers of the same number exactly one succeeds.
+
+        :raises VersionConflictError: the number is taken or would leave a gap.
+        """
         ...
 
     async def get_version(self, workspace: str, number: int) -> ConfigVersion | None: ...
     async def latest_version(self, workspace: str) -> ConfigVersion | None: ...
     async def list_versions(
         self, workspace: str, *, limit: int = 100, before: int | None = None
-    ) -> Sequence[ConfigVersion]: ...
+    ) -> Sequence[ConfigVersion]:
+        """Newest first; `before` pages backwards (numbers strictly below it)."""
+        ...
+
+    # -- agents
 
     async def upsert_agent(self, agent: Agent) -> None: ...
     async def get_agent(self, agent_id: str) -> Agent | None: ...
-    async def list_agents(self) -> Sequence[Agent]: ...
+    async def list_agents(self, workspace: str | None = None) -> Sequence[Agent]:
+        """All agents (of one workspace if given), by id."""
+        ...
+
+    async def delete_agent(self, agent_id: str) -> bool:
+        """Forget an agent with its keys and statuses; False when it did not exist."""
+        ...
+
+    # -- bootstrap tokens (enrollment)
+
+    async def add_token(self, token: BootstrapToken) -> None:
+        """Store a new token; raises `ConflictError` when its id exists."""
+        ...
+
+    async def consume_token(
+        self, token_id: str, *, secret_hash: str, now: float | None = None
+    ) -> BootstrapToken | None:
+        """Atomically mark a token used and return it (``used_at`` set).
+
+        None when it does not exist, `secret_hash` differs (the token stays usable),
+        it is revoked, already used, or expired at `now` (default: the clock). Of
+        concurrent callers at most one gets the token.
+        """
+        ...
+
+    async def revoke_token(self, token_id: str) -> bool: ...
+    async def list_tokens(self, workspace: str | None = None) -> Sequence[BootstrapToken]: ...
+
+    # -- agent session keys (secret stored encrypted)
+
+    async def add_agent_key(self, key: AgentKey) -> None:
+        """Store a key; a primary key makes the agent's other keys secondary.
+
+        :raises NotFoundError: no such agent. :raises ConflictError: the key id exists.
+        """
+        ...
+
+    async def get_agent_key(self, agent_id: str, key_id: str) -> AgentKey | None: ...
+    async def list_agent_keys(self, agent_id: str) -> Sequence[AgentKey]:
+        """The agent's keys, primary first, then newest first."""
+        ...
+
+    async def revoke_agent_keys(self, agent_id: str) -> int:
+        """Delete every key of the agent; returns how many."""
+        ...
+
+    # -- assignments: label selector -> version
+
+    async def set_assignment(self, assignment: Assignment) -> None:
+        """Create or replace ``(workspace, name)``; `NotFoundError` for an unknown version."""
+        ...
+
+    async def list_assignments(self, workspace: str) -> Sequence[Assignment]: ...
+    async def delete_assignment(self, workspace: str, name: str) -> bool: ...
+
+    # -- certificates (private key stored encrypted)
+
+    async def put_certificate(self, cert: StoredCertificate) -> None:
+        """Create or replace ``(workspace, name)``."""
+        ...
+
+    async def get_certificate(self, workspace: str, name: str) -> StoredCertificate | None: ...
+    async def list_certificates(self, workspace: str) -> Sequence[StoredCertificate]: ...
+    async def delete_certificate(self, workspace: str, name: str) -> bool: ...
+
+    # -- audit log (append-only)
+
+    async def append_audit(self, entry: AuditEntry) -> None: ...
+    async def list_audit(
+        self, *, limit: int = 100, since: float | None = None
+    ) -> Sequence[AuditEntry]:
+        """Newest first (append order), at most `limit`, only ``ts >= since`` if given."""
+        ...
+
+    # -- users
+
+    async def put_user(self, user: User) -> None: ...
+    async def get_user(self, username: str) -> User | None: ...
+    async def list_users(self) -> Sequence[User]: ...
+    async def delete_user(self, username: str) -> bool: ...
+
+    # -- per-agent rollout status
+
+    async def set_agent_status(self, status: AgentStatus) -> None:
+        """Create or replace the status of ``(agent_id, version)``; `NotFoundError` for an
+        unknown agent."""
+        ...
+
+    async def list_agent_statuses(
+        self, workspace: str, *, version: int | None = None
+    ) -> Sequence[AgentStatus]:
+        """Statuses of the workspace's agents, optionally for one version."""
+        ...
+
+    # -- master key rotation
+
+    async def rewrap_secrets(self) -> int:
+        """Re-encrypt every secret not under the keyring's primary key; returns how many."""
+        ...
 
 
 # ---------------------------------------------------------------------------------------

@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from nxmesh import hookimpl
+from nxmesh_storage_postgres.backend import SECTION, PostgresStorage
+from nxmesh_storage_postgres.eventbus import PostgresEventBus
 from nxmesh_storage_postgres.settings import PostgresSettings
 
 if TYPE_CHECKING:
+    from nxmesh.core.interfaces import EventBus, StorageBackend
     from nxmesh.core.settings import SettingsRegistry
-
-SECTION = "storage_postgres"
 
 
 @hookimpl
 def nxmesh_add_settings(registry: SettingsRegistry) -> None:
     registry.add_section(SECTION, PostgresSettings)
+
+
+@hookimpl
+def nxmesh_register_storage_backends() -> Sequence[type[StorageBackend]]:
+    return [PostgresStorage]
+
+
+@hookimpl
+def nxmesh_register_event_buses() -> Sequence[type[EventBus]]:
+    return [PostgresEventBus]

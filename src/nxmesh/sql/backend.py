@@ -1,0 +1,795 @@
+"""`SqlStorage`: the `StorageBackend` both SQL backends share, on SQLAlchemy 2 Core.
+
+The engine is synchronous and every operation runs in a worker thread through
+``anyio.to_thread.run_sync``, so the backend works on asyncio and trio alike. Each
+operation is one transaction: a write either lands completely or not at all, even when
+the process dies between two of its statements (`_checkpoint` marks those points for
+fault-injection tests).
+
+Subclasses only build the engine (`_create_engine`); dialect differences in SQL are
+limited to ``INSERT ... ON CONFLICT``, which SQLite and PostgreSQL spell the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
+
+import anyio
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Row,
+    Table,
+    and_,
+    delete,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+
+from nxmesh.core.model import Agent, ConfigVersion, LabelSelector
+from nxmesh.core.records import (
+    AgentKey,
+    AgentStatus,
+    Assignment,
+    AuditEntry,
+    BootstrapToken,
+    ConflictError,
+    NotFoundError,
+    StorageError,
+    StoredCertificate,
+    User,
+    VersionConflictError,
+)
+from nxmesh.core.serialization import canonical_json, structure, unstructure
+from nxmesh.crypto.secrets import SecretError
+from nxmesh.sql import tables as t
+from nxmesh.sql.migrations import upgrade_to_head
+
+if TYPE_CHECKING:
+    from nxmesh.core.settings import Settings
+    from nxmesh.crypto.secrets import MasterKeyring
+
+__all__ = ["SqlStorage"]
+
+T = TypeVar("T")
+
+_WRITE = {"nxmesh_write": True}
+"""Execution option marking a write transaction (SQLite takes its write lock at BEGIN)."""
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+class SqlStorage:
+    """Storage on a SQL database through SQLAlchemy Core; subclasses create the engine.
+
+    Constructed as ``cls(url, keyring=...)``. Secret columns (agent session keys,
+    certificate private keys) are AES-GCM tokens under `keyring`, bound to their row;
+    without a keyring, storing or reading a secret raises `SecretError` — a secret is
+    never written in plaintext.
+    """
+
+    name: ClassVar[str]
+    schemes: ClassVar[tuple[str, ...]]
+
+    def __init__(self, url: str, *, keyring: MasterKeyring | None = None) -> None:
+        self.url = url
+        self.keyring = keyring
+        self._engine: Engine | None = None
+        # Set by backends whose connections cannot run in parallel (in-memory SQLite).
+        self._serial: threading.Lock | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, keyring: MasterKeyring | None = None) -> Self:
+        """The backend for the ``storage_url`` of `settings` (SQLite in ``state_dir`` when
+        unset); subclasses also read their plugin's settings section."""
+        return cls(settings.effective_storage_url(), keyring=keyring)
+
+    def __repr__(self) -> str:
+        shown = make_url(self.url).render_as_string(hide_password=True)
+        return f"{type(self).__name__}({shown!r})"
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def _create_engine(self) -> Engine:
+        """Build the engine (blocking; runs in a worker thread)."""
+        raise NotImplementedError
+
+    def _migrate(self, engine: Engine) -> bool:
+        """Bring the schema to head (blocking); True if a migration ran."""
+        return upgrade_to_head(engine)
+
+    @property
+    def engine(self) -> Engine:
+        """The open engine; raises `StorageError` before `open` or after `aclose`."""
+        if self._engine is None:
+            raise StorageError(f"{self!r} is not open")
+        return self._engine
+
+    async def open(self) -> None:
+        """Connect and migrate the schema to head."""
+        if self._engine is not None:
+            return
+        engine = await anyio.to_thread.run_sync(self._create_engine)
+        try:
+            await anyio.to_thread.run_sync(self._migrate, engine)
+        except BaseException:
+            engine.dispose()
+            raise
+        self._engine = engine
+
+    async def aclose(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await anyio.to_thread.run_sync(engine.dispose)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
+        """Run `fn` in one transaction in a worker thread; commit unless it raises."""
+        engine = self.engine
+
+        def work() -> T:
+            with engine.connect() as conn:
+                if write:
+                    conn = conn.execution_options(**_WRITE)
+                with conn.begin():
+                    return fn(conn)
+
+        if self._serial is None:
+            return await anyio.to_thread.run_sync(work)
+        lock = self._serial
+
+        def serialised() -> T:
+            with lock:
+                return work()
+
+        return await anyio.to_thread.run_sync(serialised)
+
+    def _checkpoint(self, operation: str) -> None:
+        """Called between the statements of a multi-statement write. A no-op; tests patch
+        it to fail or to pause (and get killed) right there."""
+
+    @staticmethod
+    def _upsert(
+        conn: Connection, table: Table, values: Mapping[str, Any], keys: Sequence[str]
+    ) -> None:
+        insert_ = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        stmt = insert_(table).values(dict(values))
+        changes = {c: stmt.excluded[c] for c in values if c not in keys}
+        conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=changes))
+
+    @staticmethod
+    def _insert_missing(conn: Connection, table: Table, values: Mapping[str, Any]) -> None:
+        insert_ = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+        conn.execute(insert_(table).values(dict(values)).on_conflict_do_nothing())
+
+    # -- secrets -------------------------------------------------------------------------
+
+    def _require_keyring(self, what: str) -> MasterKeyring:
+        if self.keyring is None:
+            raise SecretError(
+                f"{what}: no master keyring configured; {type(self).__name__} never stores "
+                "secrets in plaintext (set master_key or let the master create its key file)"
+            )
+        return self.keyring
+
+    def _seal(self, plaintext: bytes, aad: bytes, what: str) -> bytes:
+        return self._require_keyring(f"cannot store {what}").encrypt(plaintext, aad=aad)
+
+    def _open_secret(self, token: bytes, aad: bytes, what: str) -> bytes:
+        keyring = self._require_keyring(f"cannot read {what}")
+        try:
+            return keyring.decrypt(bytes(token), aad=aad)
+        except SecretError as exc:
+            raise SecretError(f"cannot decrypt {what}: {exc}") from None
+
+    @staticmethod
+    def _key_aad(agent_id: str, key_id: str) -> bytes:
+        # Binding the token to its row: a token copied into another row fails to decrypt.
+        return f"nxmesh:agent_keys:{agent_id}:{key_id}".encode()
+
+    @staticmethod
+    def _cert_aad(workspace: str, name: str) -> bytes:
+        return f"nxmesh:certificates:{workspace}:{name}".encode()
+
+    async def rewrap_secrets(self) -> int:
+        """Re-encrypt every secret not under the keyring's primary key; returns how many.
+
+        Run after a master key rotation (old key as a previous key of the ring); once it
+        returns, the previous keys can be dropped. One transaction: all or nothing.
+        """
+        keyring = self._require_keyring("cannot rewrap secrets")
+
+        def op(conn: Connection) -> int:
+            count = 0
+            for row in conn.execute(select(t.agent_keys)).all():
+                if keyring.needs_rewrap(row.secret):
+                    aad = self._key_aad(row.agent_id, row.key_id)
+                    conn.execute(
+                        update(t.agent_keys)
+                        .where(t.agent_keys.c.agent_id == row.agent_id)
+                        .where(t.agent_keys.c.key_id == row.key_id)
+                        .values(secret=self._rewrap(keyring, row.secret, aad, "agent key"))
+                    )
+                    count += 1
+            for row in conn.execute(select(t.certificates)).all():
+                if keyring.needs_rewrap(row.key_pem):
+                    aad = self._cert_aad(row.workspace, row.name)
+                    conn.execute(
+                        update(t.certificates)
+                        .where(t.certificates.c.workspace == row.workspace)
+                        .where(t.certificates.c.name == row.name)
+                        .values(key_pem=self._rewrap(keyring, row.key_pem, aad, "private key"))
+                    )
+                    count += 1
+            return count
+
+        return await self._run(op, write=True)
+
+    @staticmethod
+    def _rewrap(keyring: MasterKeyring, token: bytes, aad: bytes, what: str) -> bytes:
+        try:
+            return keyring.rewrap(bytes(token), aad=aad)
+        except SecretError as exc:
+            raise SecretError(f"cannot rewrap {what}: {exc}") from None
+
+    async def dump_raw(self) -> bytes:
+        """Every stored value exactly as the database holds it, one row per line.
+
+        For tests and audits: proves what is (not) at rest in plaintext.
+        """
+
+        def op(conn: Connection) -> bytes:
+            lines: list[bytes] = []
+            for table in t.metadata.sorted_tables:
+                for row in conn.execute(select(table)):
+                    cells = [
+                        bytes(v) if isinstance(v, bytes | memoryview) else repr(v).encode()
+                        for v in row
+                    ]
+                    lines.append(table.name.encode() + b"|" + b"|".join(cells))
+            return b"\n".join(lines)
+
+        return await self._run(op)
+
+    # -- versions ------------------------------------------------------------------------
+
+    async def add_version(self, version: ConfigVersion) -> None:
+        """Store `version` if its number is the next one of its workspace.
+
+        :raises VersionConflictError: the number is taken or would leave a gap.
+        """
+        body = canonical_json(version.state).decode("utf-8")
+        sha = hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+        def op(conn: Connection) -> None:
+            latest = conn.execute(
+                select(func.max(t.config_versions.c.number)).where(
+                    t.config_versions.c.workspace == version.workspace
+                )
+            ).scalar_one_or_none()
+            if version.number != (latest or 0) + 1:
+                raise VersionConflictError(version.workspace, version.number, latest or 0)
+            self._insert_missing(conn, t.config_states, {"sha256": sha, "body": body})
+            self._checkpoint("add_version")
+            try:
+                conn.execute(
+                    insert(t.config_versions).values(
+                        workspace=version.workspace,
+                        number=version.number,
+                        digest=version.digest,
+                        parent_digest=version.parent_digest,
+                        author=version.author,
+                        message=version.message,
+                        created_at=version.created_at,
+                        state_sha256=sha,
+                        signature=version.signature,
+                        key_id=version.key_id,
+                    )
+                )
+            except IntegrityError:
+                # A concurrent writer committed this number after we read the maximum.
+                raise VersionConflictError(version.workspace, version.number, None) from None
+
+        await self._run(op, write=True)
+
+    def _versions_query(self) -> Any:
+        v, s = t.config_versions, t.config_states
+        return select(v, s.c.body).join(s, v.c.state_sha256 == s.c.sha256)
+
+    @staticmethod
+    def _version(row: Row[Any]) -> ConfigVersion:
+        data = {
+            "workspace": row.workspace,
+            "number": row.number,
+            "digest": row.digest,
+            "parent_digest": row.parent_digest,
+            "author": row.author,
+            "message": row.message,
+            "created_at": row.created_at,
+            "state": json.loads(row.body),
+            "signature": row.signature,
+            "key_id": row.key_id,
+        }
+        # Through the validating converter: a row edited by hand into something the model
+        # refuses raises ValidationError naming the version, not a bare TypeError.
+        return structure(data, ConfigVersion, source=f"stored version {row.workspace}/{row.number}")
+
+    async def get_version(self, workspace: str, number: int) -> ConfigVersion | None:
+        v = t.config_versions
+        query = self._versions_query().where(v.c.workspace == workspace, v.c.number == number)
+        row = await self._run(lambda conn: conn.execute(query).first())
+        return None if row is None else self._version(row)
+
+    async def latest_version(self, workspace: str) -> ConfigVersion | None:
+        v = t.config_versions
+        query = (
+            self._versions_query()
+            .where(v.c.workspace == workspace)
+            .order_by(v.c.number.desc())
+            .limit(1)
+        )
+        row = await self._run(lambda conn: conn.execute(query).first())
+        return None if row is None else self._version(row)
+
+    async def list_versions(
+        self, workspace: str, *, limit: int = 100, before: int | None = None
+    ) -> Sequence[ConfigVersion]:
+        v = t.config_versions
+        query = self._versions_query().where(v.c.workspace == workspace)
+        if before is not None:
+            query = query.where(v.c.number < before)
+        query = query.order_by(v.c.number.desc()).limit(limit)
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [self._version(r) for r in rows]
+
+    # -- agents --------------------------------------------------------------------------
+
+    async def upsert_agent(self, agent: Agent) -> None:
+        values = {
+            "id": agent.id,
+            "name": agent.name,
+            "labels": _json(dict(agent.labels)),
+            "workspace": agent.workspace,
+            "status": agent.status,
+            "nginx_version": agent.nginx_version,
+            "deployment_mode": agent.deployment_mode,
+            "running_version": agent.running_version,
+            "running_digest": agent.running_digest,
+            "last_seen": agent.last_seen,
+        }
+        await self._run(lambda conn: self._upsert(conn, t.agents, values, ["id"]), write=True)
+
+    @staticmethod
+    def _agent(row: Row[Any]) -> Agent:
+        data = dict(row._mapping)
+        data["labels"] = json.loads(row.labels)
+        return structure(data, Agent, source=f"stored agent {row.id}")
+
+    async def get_agent(self, agent_id: str) -> Agent | None:
+        query = select(t.agents).where(t.agents.c.id == agent_id)
+        row = await self._run(lambda conn: conn.execute(query).first())
+        return None if row is None else self._agent(row)
+
+    async def list_agents(self, workspace: str | None = None) -> Sequence[Agent]:
+        query = select(t.agents).order_by(t.agents.c.id)
+        if workspace is not None:
+            query = query.where(t.agents.c.workspace == workspace)
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [self._agent(r) for r in rows]
+
+    async def delete_agent(self, agent_id: str) -> bool:
+        """Forget an agent with its session keys and rollout statuses (cascade)."""
+        stmt = delete(t.agents).where(t.agents.c.id == agent_id)
+        result = await self._run(lambda conn: conn.execute(stmt), write=True)
+        return bool(result.rowcount)
+
+    # -- bootstrap tokens ----------------------------------------------------------------
+
+    async def add_token(self, token: BootstrapToken) -> None:
+        values = {
+            "id": token.id,
+            "secret_hash": token.secret_hash,
+            "workspace": token.workspace,
+            "labels": _json(dict(token.labels)),
+            "created_at": token.created_at,
+            "expires_at": token.expires_at,
+            "used_at": token.used_at,
+            "revoked": token.revoked,
+        }
+
+        def op(conn: Connection) -> None:
+            try:
+                conn.execute(insert(t.bootstrap_tokens).values(values))
+            except IntegrityError:
+                raise ConflictError(f"a bootstrap token with id {token.id!r} exists") from None
+
+        await self._run(op, write=True)
+
+    @staticmethod
+    def _token(row: Row[Any]) -> BootstrapToken:
+        return BootstrapToken(
+            id=row.id,
+            secret_hash=row.secret_hash,
+            workspace=row.workspace,
+            labels=json.loads(row.labels),
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            used_at=row.used_at,
+            revoked=bool(row.revoked),
+        )
+
+    async def consume_token(
+        self, token_id: str, *, secret_hash: str, now: float | None = None
+    ) -> BootstrapToken | None:
+        """Mark a token used if it is usable and `secret_hash` matches; else None.
+
+        One conditional UPDATE decides, so of many concurrent callers exactly one wins.
+        A wrong secret does not use the token up.
+        """
+        at = time.time() if now is None else now
+        tok = t.bootstrap_tokens
+
+        def op(conn: Connection) -> BootstrapToken | None:
+            row = conn.execute(select(tok.c.secret_hash).where(tok.c.id == token_id)).first()
+            # Compared here in constant time rather than in the WHERE clause.
+            if row is None or not hmac.compare_digest(
+                row.secret_hash.encode(), secret_hash.encode()
+            ):
+                return None
+            claimed = conn.execute(
+                update(tok)
+                .where(
+                    tok.c.id == token_id,
+                    tok.c.used_at.is_(None),
+                    tok.c.revoked.is_(False),
+                    tok.c.expires_at > at,
+                )
+                .values(used_at=at)
+            )
+            if claimed.rowcount != 1:
+                return None
+            return self._token(conn.execute(select(tok).where(tok.c.id == token_id)).one())
+
+        return await self._run(op, write=True)
+
+    async def revoke_token(self, token_id: str) -> bool:
+        stmt = update(t.bootstrap_tokens).where(t.bootstrap_tokens.c.id == token_id)
+        result = await self._run(lambda conn: conn.execute(stmt.values(revoked=True)), write=True)
+        return bool(result.rowcount)
+
+    async def list_tokens(self, workspace: str | None = None) -> Sequence[BootstrapToken]:
+        tok = t.bootstrap_tokens
+        query = select(tok).order_by(tok.c.created_at, tok.c.id)
+        if workspace is not None:
+            query = query.where(tok.c.workspace == workspace)
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [self._token(r) for r in rows]
+
+    # -- agent keys ----------------------------------------------------------------------
+
+    async def add_agent_key(self, key: AgentKey) -> None:
+        """Store a session key (encrypted); a primary key demotes the agent's others."""
+        token = self._seal(key.secret, self._key_aad(key.agent_id, key.key_id), "an agent key")
+        keys = t.agent_keys
+
+        def op(conn: Connection) -> None:
+            # Checked first: after a failed statement PostgreSQL refuses any further query
+            # in the transaction, so the error could not be told apart afterwards.
+            if (
+                conn.execute(select(t.agents.c.id).where(t.agents.c.id == key.agent_id)).first()
+                is None
+            ):
+                raise NotFoundError(f"no agent {key.agent_id!r} to add a key to")
+            if key.primary:
+                conn.execute(
+                    update(keys).where(keys.c.agent_id == key.agent_id).values(is_primary=False)
+                )
+                self._checkpoint("add_agent_key")
+            try:
+                conn.execute(
+                    insert(keys).values(
+                        agent_id=key.agent_id,
+                        key_id=key.key_id,
+                        secret=token,
+                        created_at=key.created_at,
+                        expires_at=key.expires_at,
+                        is_primary=key.primary,
+                    )
+                )
+            except IntegrityError:
+                raise ConflictError(
+                    f"agent {key.agent_id!r} already has a key {key.key_id!r}"
+                ) from None
+
+        await self._run(op, write=True)
+
+    def _agent_key(self, row: Row[Any]) -> AgentKey:
+        secret = self._open_secret(
+            row.secret,
+            self._key_aad(row.agent_id, row.key_id),
+            f"key {row.key_id!r} of agent {row.agent_id!r}",
+        )
+        return AgentKey(
+            agent_id=row.agent_id,
+            key_id=row.key_id,
+            secret=secret,
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            primary=bool(row.is_primary),
+        )
+
+    async def get_agent_key(self, agent_id: str, key_id: str) -> AgentKey | None:
+        keys = t.agent_keys
+        query = select(keys).where(keys.c.agent_id == agent_id, keys.c.key_id == key_id)
+        row = await self._run(lambda conn: conn.execute(query).first())
+        return None if row is None else self._agent_key(row)
+
+    async def list_agent_keys(self, agent_id: str) -> Sequence[AgentKey]:
+        """The agent's keys, the primary first, then newest first."""
+        keys = t.agent_keys
+        query = (
+            select(keys)
+            .where(keys.c.agent_id == agent_id)
+            .order_by(keys.c.is_primary.desc(), keys.c.created_at.desc(), keys.c.key_id)
+        )
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [self._agent_key(r) for r in rows]
+
+    async def revoke_agent_keys(self, agent_id: str) -> int:
+        """Delete every session key of the agent; returns how many there were."""
+        stmt = delete(t.agent_keys).where(t.agent_keys.c.agent_id == agent_id)
+        result = await self._run(lambda conn: conn.execute(stmt), write=True)
+        return int(result.rowcount)
+
+    # -- assignments ---------------------------------------------------------------------
+
+    async def set_assignment(self, assignment: Assignment) -> None:
+        """Create or replace the assignment named ``(workspace, name)``.
+
+        :raises NotFoundError: the version does not exist in the workspace.
+        """
+        values = {
+            "workspace": assignment.workspace,
+            "name": assignment.name,
+            "selector": _json(unstructure(assignment.selector)),
+            "version": assignment.version,
+            "created_at": assignment.created_at,
+        }
+
+        def op(conn: Connection) -> None:
+            try:
+                self._upsert(conn, t.assignments, values, ["workspace", "name"])
+            except IntegrityError:
+                raise NotFoundError(
+                    f"workspace {assignment.workspace!r} has no version {assignment.version} "
+                    f"to assign as {assignment.name!r}"
+                ) from None
+
+        await self._run(op, write=True)
+
+    async def list_assignments(self, workspace: str) -> Sequence[Assignment]:
+        a = t.assignments
+        query = select(a).where(a.c.workspace == workspace).order_by(a.c.name)
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [
+            Assignment(
+                workspace=r.workspace,
+                name=r.name,
+                selector=structure(json.loads(r.selector), LabelSelector),
+                version=r.version,
+                created_at=r.created_at,
+            )
+            for r in rows
+        ]
+
+    async def delete_assignment(self, workspace: str, name: str) -> bool:
+        a = t.assignments
+        stmt = delete(a).where(a.c.workspace == workspace, a.c.name == name)
+        result = await self._run(lambda conn: conn.execute(stmt), write=True)
+        return bool(result.rowcount)
+
+    # -- certificates --------------------------------------------------------------------
+
+    async def put_certificate(self, cert: StoredCertificate) -> None:
+        """Create or replace a certificate; its private key is stored encrypted."""
+        token = self._seal(
+            cert.key_pem.encode("utf-8"), self._cert_aad(cert.workspace, cert.name), "a private key"
+        )
+        values = {
+            "workspace": cert.workspace,
+            "name": cert.name,
+            "cert_pem": cert.cert_pem,
+            "chain_pem": cert.chain_pem,
+            "key_pem": token,
+            "not_after": cert.not_after,
+            "domains": _json(list(cert.domains)),
+            "source": cert.source,
+        }
+        await self._run(
+            lambda conn: self._upsert(conn, t.certificates, values, ["workspace", "name"]),
+            write=True,
+        )
+
+    def _certificate(self, row: Row[Any]) -> StoredCertificate:
+        key = self._open_secret(
+            row.key_pem,
+            self._cert_aad(row.workspace, row.name),
+            f"the private key of certificate {row.name!r} in workspace {row.workspace!r}",
+        )
+        return StoredCertificate(
+            workspace=row.workspace,
+            name=row.name,
+            cert_pem=row.cert_pem,
+            chain_pem=row.chain_pem,
+            key_pem=key.decode("utf-8"),
+            not_after=row.not_after,
+            domains=tuple(json.loads(row.domains)),
+            source=row.source,
+        )
+
+    async def get_certificate(self, workspace: str, name: str) -> StoredCertificate | None:
+        c = t.certificates
+        query = select(c).where(c.c.workspace == workspace, c.c.name == name)
+        row = await self._run(lambda conn: conn.execute(query).first())
+        return None if row is None else self._certificate(row)
+
+    async def list_certificates(self, workspace: str) -> Sequence[StoredCertificate]:
+        c = t.certificates
+        query = select(c).where(c.c.workspace == workspace).order_by(c.c.name)
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [self._certificate(r) for r in rows]
+
+    async def delete_certificate(self, workspace: str, name: str) -> bool:
+        c = t.certificates
+        stmt = delete(c).where(c.c.workspace == workspace, c.c.name == name)
+        result = await self._run(lambda conn: conn.execute(stmt), write=True)
+        return bool(result.rowcount)
+
+    # -- audit log -----------------------------------------------------------------------
+
+    async def append_audit(self, entry: AuditEntry) -> None:
+        values = {
+            "id": entry.id,
+            "ts": entry.ts,
+            "actor": entry.actor,
+            "action": entry.action,
+            "resource": entry.resource,
+            "remote_addr": entry.remote_addr,
+            "details": _json(_plain(entry.details)),
+        }
+
+        def op(conn: Connection) -> None:
+            try:
+                conn.execute(insert(t.audit_log).values(values))
+            except IntegrityError:
+                raise ConflictError(f"audit entry {entry.id!r} exists") from None
+
+        await self._run(op, write=True)
+
+    async def list_audit(
+        self, *, limit: int = 100, since: float | None = None
+    ) -> Sequence[AuditEntry]:
+        """Entries newest first (in append order), at most `limit`, with ``ts >= since``."""
+        log = t.audit_log
+        query = select(log).order_by(log.c.seq.desc()).limit(limit)
+        if since is not None:
+            query = query.where(log.c.ts >= since)
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [
+            AuditEntry(
+                id=r.id,
+                ts=r.ts,
+                actor=r.actor,
+                action=r.action,
+                resource=r.resource,
+                remote_addr=r.remote_addr,
+                details=json.loads(r.details),
+            )
+            for r in rows
+        ]
+
+    # -- users ---------------------------------------------------------------------------
+
+    async def put_user(self, user: User) -> None:
+        values = {
+            "username": user.username,
+            "password_hash": user.password_hash,
+            "roles": _json(list(user.roles)),
+            "disabled": user.disabled,
+        }
+        await self._run(lambda conn: self._upsert(conn, t.users, values, ["username"]), write=True)
+
+    @staticmethod
+    def _user(row: Row[Any]) -> User:
+        return User(
+            username=row.username,
+            password_hash=row.password_hash,
+            roles=tuple(json.loads(row.roles)),
+            disabled=bool(row.disabled),
+        )
+
+    async def get_user(self, username: str) -> User | None:
+        query = select(t.users).where(t.users.c.username == username)
+        row = await self._run(lambda conn: conn.execute(query).first())
+        return None if row is None else self._user(row)
+
+    async def list_users(self) -> Sequence[User]:
+        query = select(t.users).order_by(t.users.c.username)
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [self._user(r) for r in rows]
+
+    async def delete_user(self, username: str) -> bool:
+        stmt = delete(t.users).where(t.users.c.username == username)
+        result = await self._run(lambda conn: conn.execute(stmt), write=True)
+        return bool(result.rowcount)
+
+    # -- rollout status ------------------------------------------------------------------
+
+    async def set_agent_status(self, status: AgentStatus) -> None:
+        """Record (or replace) how the agent's rollout of one version went."""
+        values = {
+            "agent_id": status.agent_id,
+            "version": status.version,
+            "digest": status.digest,
+            "phase": status.phase,
+            "message": status.message,
+            "ts": status.ts,
+        }
+
+        def op(conn: Connection) -> None:
+            try:
+                self._upsert(conn, t.agent_status, values, ["agent_id", "version"])
+            except IntegrityError:
+                raise NotFoundError(
+                    f"no agent {status.agent_id!r} to record a status for"
+                ) from None
+
+        await self._run(op, write=True)
+
+    async def list_agent_statuses(
+        self, workspace: str, *, version: int | None = None
+    ) -> Sequence[AgentStatus]:
+        """Statuses of the workspace's agents (optionally for one version), by agent."""
+        s, a = t.agent_status, t.agents
+        query = (
+            select(s)
+            .join(a, and_(a.c.id == s.c.agent_id, a.c.workspace == workspace))
+            .order_by(s.c.agent_id, s.c.version)
+        )
+        if version is not None:
+            query = query.where(s.c.version == version)
+        rows = await self._run(lambda conn: conn.execute(query).all())
+        return [
+            AgentStatus(
+                agent_id=r.agent_id,
+                version=r.version,
+                digest=r.digest,
+                phase=r.phase,
+                message=r.message,
+                ts=r.ts,
+            )
+            for r in rows
+        ]
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy of audit details (FrozenMaps and tuples become dicts and lists)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
