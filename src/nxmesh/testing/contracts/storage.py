@@ -206,6 +206,13 @@ class StorageContract:
         cls = type(backend)
         return [sys.executable, "-c", _KILLED_WRITER, cls.__module__, cls.__qualname__, url]
 
+    def test_has_the_whole_protocol(self, storage_factory: StorageFactory) -> None:
+        """A backend class carries a name and URL schemes and every protocol method."""
+        backend = storage_factory()
+        assert isinstance(backend, StorageBackend)
+        assert backend.name
+        assert backend.schemes
+
     # -- versions ------------------------------------------------------------------------
 
     async def test_version_round_trips(self, storage: StorageBackend) -> None:
