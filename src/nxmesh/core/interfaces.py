@@ -54,6 +54,7 @@ __all__ = [
     "StorageBackend",
     "TransportClient",
     "TransportServer",
+    "UnaryHandler",
 ]
 
 
@@ -212,10 +213,30 @@ class StorageBackend(Protocol):
 # ---------------------------------------------------------------------------------------
 
 
-class Channel(Protocol):
-    """One bidirectional master↔agent stream carrying encoded protocol envelopes."""
+# A transport only carries frames: opaque ``bytes``, each one NxMesh protocol envelope
+# (`nxmesh.core.envelope`). Signing, sequencing, replay protection and the messages live
+# in the core (`nxmesh.core.protocol`), so every transport gets them for free and one
+# contract suite (`nxmesh.testing.contracts.TransportContract`) tests them all.
+#
+# One class implements both sides of a transport and is registered once, under the name
+# the ``[master]``/``[agent]`` ``transports`` settings use (``grpc``, ``websocket``):
+# the master constructs it with its listen URL and a server `ssl.SSLContext` and calls
+# `TransportServer.serve`; the agent constructs it with a client context pinning the
+# master's CA and calls `TransportClient.connect`. Constructor: ``cls(url=..., *,
+# ssl_context=..., **transport_options)``.
 
-    async def send(self, frame: bytes) -> None: ...
+
+class Channel(Protocol):
+    """One bidirectional master↔agent stream carrying encoded protocol frames.
+
+    `send` and `receive` may run concurrently in two tasks (one sender, one receiver);
+    frames arrive whole and in order.
+    """
+
+    async def send(self, frame: bytes) -> None:
+        """Send one frame; raises ``anyio.BrokenResourceError`` (or `OSError`) once broken."""
+        ...
+
     async def receive(self) -> bytes:
         """Next frame; raises ``anyio.EndOfStream`` when the peer closed."""
         ...
@@ -224,9 +245,21 @@ class Channel(Protocol):
 
 
 class SessionHandler(Protocol):
-    """What the master runs for each accepted agent stream."""
+    """What the master runs for each accepted agent stream (returning ends the stream).
+
+    `peer` is the remote address as ``host:port``. A handler may also implement
+    `UnaryHandler`; transports with a side channel for reports (gRPC ``ReportHealth``)
+    then route those frames to it.
+    """
 
     async def __call__(self, channel: Channel, peer: str) -> None: ...
+
+
+@runtime_checkable
+class UnaryHandler(Protocol):
+    """Optional: answers one report frame sent outside the stream with one frame."""
+
+    async def handle_unary(self, frame: bytes, peer: str) -> bytes: ...
 
 
 @runtime_checkable
@@ -235,12 +268,13 @@ class TransportServer(Protocol):
 
     name: ClassVar[str]
     schemes: ClassVar[tuple[str, ...]]
-    role: ClassVar[str]  # "server"
 
-    async def serve(
-        self, handler: SessionHandler, *, task_status: TaskStatus[str]
-    ) -> None:
-        """Accept streams until cancelled; report the bound address via `task_status`."""
+    async def serve(self, handler: SessionHandler, *, task_status: TaskStatus[str]) -> None:
+        """Accept streams until cancelled; report the bound ``host:port`` via `task_status`.
+
+        Each stream runs `handler` in its own task; one failing session never stops the
+        server. On cancellation the listener closes and running sessions are cancelled.
+        """
         ...
 
 
@@ -250,10 +284,14 @@ class TransportClient(Protocol):
 
     name: ClassVar[str]
     schemes: ClassVar[tuple[str, ...]]
-    role: ClassVar[str]  # "client"
 
     def connect(self, url: str) -> AbstractAsyncContextManager[Channel]:
-        """Open a stream to the master at `url`; raises ``OSError`` when unreachable."""
+        """Open a stream to the master at `url`.
+
+        Every failure to establish it — refused, unreachable, TLS verification (a master
+        whose certificate the pinned CA did not sign), timeout — raises `OSError`, so the
+        agent can fall back to its next transport.
+        """
         ...
 
 

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import attrs
 
 
 @attrs.frozen
 class GrpcSettings:
-    """Stream tuning shared by the gRPC server (master) and client (agent)."""
+    """Stream tuning shared by the gRPC server (master) and client (agent).
+
+    Keepalive: the client pings every `keepalive_time` seconds *while a stream is open*
+    and never more than twice without data in between; a ping unanswered for
+    `keepalive_timeout` seconds drops the connection. gRPC-core servers (``grpcio``,
+    grpc-go) close clients that ping more often than every 5 min *without data*
+    (``too_many_pings``); the session's heartbeat sends data every `heartbeat_interval`
+    seconds, so our pings always follow data and are never counted against that limit.
+    The server pings an idle client every `server_keepalive_time` seconds.
+    """
 
     heartbeat_interval: float = attrs.field(default=30.0, validator=attrs.validators.gt(0))
     max_message_bytes: int = attrs.field(
@@ -16,3 +27,13 @@ class GrpcSettings:
     reconnect_min: float = attrs.field(default=1.0, validator=attrs.validators.gt(0))
     reconnect_max: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
     tls: bool = True
+    keepalive_time: float = attrs.field(default=60.0, validator=attrs.validators.ge(10))
+    keepalive_timeout: float = attrs.field(default=20.0, validator=attrs.validators.gt(0))
+    server_keepalive_time: float = attrs.field(default=300.0, validator=attrs.validators.ge(10))
+    connect_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    # TLS material. Master: certificate + key to serve (default: created under the state
+    # directory, signed by a CA the master creates on first start). Agent: the CA to pin.
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    hostnames: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")

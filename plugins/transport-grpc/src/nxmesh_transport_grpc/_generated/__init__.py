@@ -1,0 +1,1 @@
+"""Code generated from ``proto/agent.proto`` by ``scripts/regen.sh``; do not edit."""

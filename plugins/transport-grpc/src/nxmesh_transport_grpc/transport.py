@@ -1,0 +1,387 @@
+"""The gRPC transport: grpclib server (master) and client (agent) for ``AgentService``.
+
+grpclib runs on asyncio only, so this transport does too; everything above it (the
+session hub, the agent link) is anyio code and runs unchanged on it.
+
+- ``Stream`` carries the session: one NxMesh frame per ``Frame`` message, both ways.
+- ``ReportHealth`` / ``ReportMetrics`` carry health and metrics frames beside the stream
+  (their own HTTP/2 streams and flow-control windows), so a big report never delays a
+  config push. The client routes those frames there by their (signed) header type; the
+  server hands them to the session handler's `UnaryHandler.handle_unary`.
+- TLS is on by default (``grpcs://``): the master serves a certificate from its own CA
+  (`server_context`), agents pin that CA (`client_context`). ALPN ``h2`` is set on the
+  contexts given.
+- Messages above `GrpcSettings.max_message_bytes` are refused (``RESOURCE_EXHAUSTED``)
+  before they are parsed or sent. grpclib has no limit of its own and reads a message
+  whole before its codec sees it, so the peer's bytes are buffered once, then dropped.
+- Keepalive follows `GrpcSettings` (see its docstring for why the values are safe with
+  gRPC-core peers). Heartbeats are the session's: a ``Heartbeat`` frame every 30 s.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, ClassVar, Final
+from urllib.parse import urlsplit
+
+import anyio
+import h2.exceptions
+import structlog
+from anyio.abc import TaskStatus
+from grpclib.client import Channel as GrpcChannel
+from grpclib.config import Configuration
+from grpclib.const import Status
+from grpclib.encoding.proto import ProtoCodec
+from grpclib.exceptions import GRPCError, StreamTerminatedError
+from grpclib.exceptions import ProtocolError as GrpclibProtocolError
+from grpclib.server import Server
+from grpclib.server import Stream as ServerStream
+
+from nxmesh.core.envelope import MessageType, peek_type
+from nxmesh.core.interfaces import Channel, SessionHandler, UnaryHandler
+from nxmesh.tls import client_ssl_context, ensure_tls_material, server_ssl_context
+from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceBase, AgentServiceStub
+from nxmesh_transport_grpc._generated.agent_pb2 import Frame
+from nxmesh_transport_grpc.settings import GrpcSettings
+
+__all__ = ["GrpcTransport", "client_context", "server_context"]
+
+log = structlog.get_logger("nxmesh.transport.grpc")
+
+_ALPN: Final = ["h2"]
+_STREAM_ERRORS = (
+    GRPCError,
+    StreamTerminatedError,
+    GrpclibProtocolError,
+    h2.exceptions.ProtocolError,
+    ConnectionError,
+)
+
+
+def server_context(settings: GrpcSettings, state_dir: Path) -> ssl.SSLContext | None:
+    """The master's TLS context: the configured files, or a CA + certificate it creates.
+
+    None when TLS is off (``tls = false``: only for tests and trusted networks).
+    """
+    if not settings.tls:
+        return None
+    if settings.cert_file is not None and settings.key_file is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(settings.cert_file, settings.key_file)
+    else:
+        files = ensure_tls_material(state_dir / "tls", hostnames=settings.hostnames)
+        ctx = server_ssl_context(files)
+    ctx.set_alpn_protocols(_ALPN)
+    return ctx
+
+
+def client_context(settings: GrpcSettings) -> ssl.SSLContext | None:
+    """The agent's TLS context pinning ``ca_file``; None when TLS is off."""
+    if not settings.tls:
+        return None
+    if settings.ca_file is None:
+        raise ValueError(
+            "[plugins.transport_grpc] ca_file is required with tls: the agent pins the "
+            "master's CA (its state directory's tls/ca.pem)"
+        )
+    return client_ssl_context(settings.ca_file, alpn=_ALPN)
+
+
+class _BoundedCodec(ProtoCodec):
+    """Protobuf codec refusing messages above the configured size, in both directions."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        data: bytes = super().encode(message, message_type)
+        if len(data) > self.limit:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"message of {len(data)} bytes exceeds the {self.limit} byte limit",
+            )
+        return data
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        if len(data) > self.limit:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"message of {len(data)} bytes exceeds the {self.limit} byte limit",
+            )
+        return super().decode(data, message_type)
+
+
+def _format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _peer_of(stream: ServerStream[Any, Any]) -> str:
+    addr = stream.peer.addr()
+    if addr is None:
+        return "unknown"
+    return _format_address(str(addr[0]), int(addr[1]))
+
+
+# ---------------------------------------------------------------------------------------
+# Master side
+# ---------------------------------------------------------------------------------------
+
+
+class _ServerChannel:
+    """A `Channel` over the server side of one ``Stream`` call."""
+
+    def __init__(self, stream: ServerStream[Frame, Frame]) -> None:
+        self._stream = stream
+
+    async def send(self, frame: bytes) -> None:
+        try:
+            await self._stream.send_message(Frame(data=frame))
+        except _STREAM_ERRORS as exc:
+            raise anyio.BrokenResourceError(str(exc)) from exc
+
+    async def receive(self) -> bytes:
+        try:
+            message = await self._stream.recv_message()
+        except _STREAM_ERRORS as exc:
+            raise anyio.BrokenResourceError(str(exc)) from exc
+        if message is None:
+            raise anyio.EndOfStream
+        data: bytes = message.data
+        return data
+
+    async def aclose(self) -> None:
+        return None  # the call ends when the handler returns
+
+
+class _AgentService(AgentServiceBase):
+    def __init__(self, handler: SessionHandler) -> None:
+        self._handler = handler
+
+    async def Stream(self, stream: ServerStream[Frame, Frame]) -> None:
+        peer = _peer_of(stream)
+        try:
+            await self._handler(_ServerChannel(stream), peer)
+        except (*_STREAM_ERRORS, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+            log.debug("grpc stream ended", peer=peer, error=repr(exc))
+        except anyio.get_cancelled_exc_class():
+            # Shutting down: end the call with UNAVAILABLE so the agent reconnects now
+            # (grpclib would leave the stream open and the agent would wait for silence).
+            with anyio.move_on_after(1.0, shield=True):
+                try:
+                    await stream.send_trailing_metadata(
+                        status=Status.UNAVAILABLE, status_message="master shutting down"
+                    )
+                except (*_STREAM_ERRORS, anyio.BrokenResourceError):
+                    pass
+            raise
+        except Exception:
+            # One agent's failure must not take the others down; grpclib answers INTERNAL.
+            log.exception("grpc session failed", peer=peer)
+            raise
+
+    async def _unary(self, stream: ServerStream[Frame, Frame], kind: MessageType) -> None:
+        if not isinstance(self._handler, UnaryHandler):
+            raise GRPCError(Status.UNIMPLEMENTED, "this master takes reports on the stream")
+        request = await stream.recv_message()
+        if request is None:
+            raise GRPCError(Status.INVALID_ARGUMENT, "no frame")
+        if peek_type(request.data) is not kind:
+            raise GRPCError(Status.INVALID_ARGUMENT, f"expected a {kind.name} frame")
+        reply = await self._handler.handle_unary(request.data, _peer_of(stream))
+        await stream.send_message(Frame(data=reply))
+
+    async def ReportHealth(self, stream: ServerStream[Frame, Frame]) -> None:
+        await self._unary(stream, MessageType.HEALTH_REPORT)
+
+    async def ReportMetrics(self, stream: ServerStream[Frame, Frame]) -> None:
+        await self._unary(stream, MessageType.METRICS_BATCH)
+
+
+# ---------------------------------------------------------------------------------------
+# Agent side
+# ---------------------------------------------------------------------------------------
+
+
+class _ClientChannel:
+    """A `Channel` over the client side of one ``Stream`` call, plus the unary reports."""
+
+    def __init__(self, stream: Any, stub: AgentServiceStub, unary_timeout: float) -> None:
+        self._stream = stream
+        self._stub = stub
+        self._unary_timeout = unary_timeout
+
+    async def send(self, frame: bytes) -> None:
+        kind = peek_type(frame)
+        try:
+            if kind is MessageType.HEALTH_REPORT:
+                await self._stub.ReportHealth(Frame(data=frame), timeout=self._unary_timeout)
+            elif kind is MessageType.METRICS_BATCH:
+                await self._stub.ReportMetrics(Frame(data=frame), timeout=self._unary_timeout)
+            else:
+                await self._stream.send_message(Frame(data=frame))
+        except _STREAM_ERRORS as exc:
+            raise anyio.BrokenResourceError(str(exc)) from exc
+
+    async def receive(self) -> bytes:
+        try:
+            message = await self._stream.recv_message()
+        except _STREAM_ERRORS as exc:
+            raise anyio.BrokenResourceError(str(exc)) from exc
+        if message is None:
+            raise anyio.EndOfStream
+        data: bytes = message.data
+        return data
+
+    async def aclose(self) -> None:
+        return None  # `GrpcTransport.connect` ends the call and closes the connection
+
+
+# ---------------------------------------------------------------------------------------
+# The transport
+# ---------------------------------------------------------------------------------------
+
+
+class GrpcTransport:
+    """gRPC transport (``grpc://``, ``grpcs://``); one instance serves or connects.
+
+    Serving: ``GrpcTransport("grpcs://0.0.0.0:8471", ssl_context=server_context(...))``;
+    port 0 binds a free port and `serve` reports ``host:port``.
+    Connecting: ``GrpcTransport(ssl_context=client_context(...)).connect(url)``.
+    """
+
+    name: ClassVar[str] = "grpc"
+    schemes: ClassVar[tuple[str, ...]] = ("grpc", "grpcs")
+
+    def __init__(
+        self,
+        url: str = "grpcs://127.0.0.1:0",
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        settings: GrpcSettings | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in self.schemes:
+            raise ValueError(f"not a gRPC URL: {url!r}")
+        self.url = url
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 0
+        self.tls = parts.scheme == "grpcs"
+        self.settings = settings or GrpcSettings()
+        self.ssl_context = ssl_context
+        if ssl_context is not None:
+            ssl_context.set_alpn_protocols(_ALPN)
+        self.shutdown_timeout = shutdown_timeout
+
+    def _server_config(self) -> Configuration:
+        return Configuration(
+            _keepalive_time=self.settings.server_keepalive_time,
+            _keepalive_timeout=self.settings.keepalive_timeout,
+            _keepalive_permit_without_calls=False,
+        )
+
+    def _client_config(self) -> Configuration:
+        return Configuration(
+            _keepalive_time=self.settings.keepalive_time,
+            _keepalive_timeout=self.settings.keepalive_timeout,
+            _keepalive_permit_without_calls=False,
+            _http2_max_pings_without_data=2,
+            _http2_min_sent_ping_interval_without_data=300.0,
+        )
+
+    # -- master side ---------------------------------------------------------------------
+
+    async def serve(
+        self,
+        handler: SessionHandler,
+        *,
+        task_status: TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve ``AgentService`` until cancelled; then stop accepting, cancel the running
+        sessions and wait (at most `shutdown_timeout` s) for them to finish."""
+        if self.tls and self.ssl_context is None:
+            raise ValueError("a grpcs:// listener needs an ssl_context (see server_context)")
+        if not self.tls and self.ssl_context is not None:
+            raise ValueError("use a grpcs:// URL with an ssl_context")
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        address = _format_address(self.host, sock.getsockname()[1])
+        server = Server(
+            [_AgentService(handler)],
+            codec=_BoundedCodec(self.settings.max_message_bytes),
+            config=self._server_config(),
+        )
+        try:
+            await server.start(sock=sock, ssl=self.ssl_context, backlog=1024)
+        except BaseException:
+            sock.close()
+            raise
+        log.info("grpc transport listening", address=address, tls=self.tls)
+        try:
+            task_status.started(address)
+            await anyio.sleep_forever()
+        finally:
+            with anyio.move_on_after(self.shutdown_timeout, shield=True):
+                server.close()
+                await server.wait_closed()
+            log.info("grpc transport stopped", address=address)
+
+    # -- agent side ----------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def connect(self, url: str) -> AsyncIterator[Channel]:
+        """Open the ``Stream`` call; every failure to do so is an `OSError`."""
+        parts = urlsplit(url)
+        if parts.scheme not in self.schemes or not parts.hostname:
+            raise ValueError(f"not a gRPC URL: {url!r}")
+        tls = parts.scheme == "grpcs"
+        if tls and self.ssl_context is None:
+            raise ValueError("a grpcs:// URL needs an ssl_context pinning the master's CA")
+        channel = GrpcChannel(
+            parts.hostname,
+            parts.port or 443,
+            ssl=self.ssl_context if tls else None,
+            config=self._client_config(),
+            codec=_BoundedCodec(self.settings.max_message_bytes),
+        )
+        try:
+            try:
+                with anyio.fail_after(self.settings.connect_timeout):
+                    await channel.__connect__()
+            except (ssl.SSLError, OSError):
+                raise
+            except _STREAM_ERRORS as exc:  # pragma: no cover - h2 refused the preface
+                raise ConnectionResetError(str(exc)) from exc
+            stub = AgentServiceStub(channel)
+            stream = stub.Stream.open()
+            await stream.__aenter__()
+            try:
+                await stream.send_request()
+            except _STREAM_ERRORS as exc:
+                raise ConnectionResetError(str(exc)) from exc
+            try:
+                yield _ClientChannel(stream, stub, self.settings.connect_timeout)
+            finally:
+                # Half-close so the master's session ends cleanly, then hang up.
+                with anyio.move_on_after(1.0, shield=True):
+                    try:
+                        await stream.end()
+                        while await stream.recv_message() is not None:
+                            pass
+                    except (*_STREAM_ERRORS, anyio.BrokenResourceError):
+                        pass
+        finally:
+            channel.close()

@@ -1,0 +1,138 @@
+"""The gRPC transport passes the transport contract (asyncio only: grpclib is asyncio-only)."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import anyio
+import pytest
+
+from nxmesh.core.envelope import MessageType, seal, unseal
+from nxmesh.core.interfaces import Channel
+from nxmesh.core.model import HealthReport, HealthResult
+from nxmesh.core.pluginmanager import get_plugin_manager
+from nxmesh.core.protocol import Ack, MetricsBatch, decode_body, encode_body
+from nxmesh.core.registry import ProviderRegistries
+from nxmesh.testing.contracts import TransportContract
+from nxmesh.testing.contracts.transport import Mesh, TransportKit
+from nxmesh_transport_grpc import GrpcSettings, GrpcTransport, client_context, server_context
+
+
+def _kit(settings: GrpcSettings | None = None) -> TransportKit:
+    return TransportKit(
+        server=lambda url, ctx: GrpcTransport(url, ssl_context=ctx, settings=settings),
+        client=lambda ctx: GrpcTransport(ssl_context=ctx, settings=settings),
+        listen_url="grpcs://127.0.0.1:0",
+        url_for=lambda address: f"grpcs://{address}",
+    )
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    """grpclib runs on asyncio only."""
+    return "asyncio"
+
+
+class TestGrpcTransport(TransportContract):
+    """The contract, over ``grpcs://``."""
+
+    @pytest.fixture
+    def transport_kit(self) -> TransportKit:
+        return _kit()
+
+
+class TestGrpcSpecifics:
+    """What only the gRPC transport does."""
+
+    pytestmark = pytest.mark.anyio
+
+    def test_is_registered_as_grpc(self) -> None:
+        """The plugin registers one class, picked by name or grpc/grpcs scheme."""
+        registry = ProviderRegistries.collect(get_plugin_manager(environ={}))["transport"]
+        assert registry.get("grpc") is GrpcTransport
+        assert registry.by_scheme("grpcs://master:8471") is GrpcTransport
+
+    async def test_reports_travel_beside_the_stream(self, tmp_path: Path) -> None:
+        """Health and metrics frames go through the unary calls and reach the hub verified."""
+        async with Mesh(_kit(), tmp_path) as mesh:
+            agent = await mesh.start_agent()
+            assert agent.agent_id is not None
+            agent.send_health(
+                HealthReport(agent_id=agent.agent_id, ts=1.0e9, results=(HealthResult("x", "ok"),))
+            )
+            agent.send_metrics(MetricsBatch(ts=1.0e9, samples={"nginx.requests": 3.0}))
+            with anyio.fail_after(10):
+                await mesh.wait_messages(2)
+            kinds = {type(m).__name__ for _, m in mesh.messages}
+            assert kinds == {"HealthReport", "MetricsBatch"}
+            assert mesh.hub.counters.rejected == 0
+
+    async def test_unary_report_without_a_session_is_refused(self, tmp_path: Path) -> None:
+        """A report from an agent without an open stream gets an error Ack and is counted."""
+        async with Mesh(_kit(), tmp_path) as mesh:
+            creds = await mesh.enrolled_credentials()
+            frame = seal(
+                encode_body(MetricsBatch(ts=1.0, samples={})),
+                agent_id=creds.agent_id, key_id=creds.key_id, key=creds.key, seq=1, ts_ms=1,
+            )
+            reply = await mesh.hub.handle_unary(frame, "test")
+            env = unseal(reply)
+            assert env.type is MessageType.ACK
+            ack = decode_body(env)
+            assert isinstance(ack, Ack)
+            assert not ack.ok
+            assert "no open session" in ack.error
+            assert mesh.hub.counters.malformed == 1
+
+    async def test_oversized_message_is_refused(self, tmp_path: Path) -> None:
+        """Messages above max_message_bytes are refused and end the stream."""
+        settings = GrpcSettings(max_message_bytes=64 * 1024)
+        kit = _kit(settings)
+        got: list[bytes] = []
+
+        async def collect(channel: Channel, peer: str) -> None:
+            try:
+                while True:
+                    got.append(await channel.receive())
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
+
+        server_ctx = server_context(settings, tmp_path)
+        client_ctx = client_context(GrpcSettings(ca_file=tmp_path / "tls" / "ca.pem"))
+        assert server_ctx is not None
+        assert client_ctx is not None
+        server, client = kit.server("grpcs://127.0.0.1:0", server_ctx), kit.client(client_ctx)
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(server.serve, collect)
+            async with client.connect(f"grpcs://{address}") as channel:
+                await channel.send(b"small")
+                with pytest.raises(anyio.BrokenResourceError, match="exceeds"):
+                    await channel.send(b"x" * 100_000)
+            tg.cancel_scope.cancel()
+        assert got == [b"small"]
+
+    def test_server_context_creates_a_ca_once(self, tmp_path: Path) -> None:
+        """With TLS on and no files, the master creates its CA on first start and reuses it."""
+        first = server_context(GrpcSettings(), tmp_path)
+        ca = (tmp_path / "tls" / "ca.pem").read_bytes()
+        second = server_context(GrpcSettings(), tmp_path)
+        assert isinstance(first, ssl.SSLContext)
+        assert isinstance(second, ssl.SSLContext)
+        assert (tmp_path / "tls" / "ca.pem").read_bytes() == ca
+        assert oct((tmp_path / "tls" / "server.key").stat().st_mode & 0o777) == "0o600"
+
+    def test_agent_needs_a_ca_to_pin(self) -> None:
+        """An agent with TLS on but no ca_file is a configuration error naming the setting."""
+        with pytest.raises(ValueError, match="ca_file"):
+            client_context(GrpcSettings())
+        assert client_context(GrpcSettings(tls=False)) is None
+
+    def test_keepalive_respects_grpc_core_ping_policy(self) -> None:
+        """Client pings: at most 2 without data, 5 min apart without data, timeout 20 s."""
+        config = GrpcTransport()._client_config()
+        assert config._http2_max_pings_without_data == 2
+        assert config._http2_min_sent_ping_interval_without_data >= 300
+        assert config._keepalive_permit_without_calls is False
+        assert config._keepalive_time is not None
+        assert config._keepalive_time >= 2 * GrpcSettings().heartbeat_interval

@@ -1,0 +1,688 @@
+"""The agent's link to its master, over any transport: `AgentLink`.
+
+`AgentLink` implements the agent app's `nxmesh.agent.link.MasterLink`:
+
+- **Endpoints in order.** Each connection tries the configured endpoints (a transport
+  + URL, e.g. gRPC first, WebSocket second) in order and uses the first that connects;
+  one that cannot connect (`OSError`: refused, TLS failure, timeout) is skipped, and when
+  none connects `run` raises `NoEndpointError` (an `OSError`) before signalling started.
+- **Register and resync.** Every connection starts with `Register`: a bootstrap token
+  the first time (the credentials received are saved through a `CredentialStore`
+  *before* they are used), the agent id and session key afterwards. It carries the
+  running version + digest, so the master resends the desired version only when they
+  differ. Heartbeats (the master's interval, 30 s by default) carry them too.
+- **One session per `run`.** `run` returns control (raising `ConnectionError`) when the
+  session breaks, so the agent app knows it is in island mode and calls `run` again with
+  its backoff. `run_forever` does the reconnecting itself — exponential backoff from 1 s
+  doubling to 60 s, each delay drawn from [d/2, d], reset after a registration — for
+  users without the agent app (simulations, tests, embedding).
+- **Updates** are acknowledged at once with a ``received`` `ConfigStatus` and handed to
+  the agent (`AgentSession.submit`) — or, without a session, put on `updates`.
+  Outcomes go up with `report_apply` (or `send_status`).
+- **Key rotation** is handled here: the new key is saved, then used; frames signed with
+  the previous key keep verifying while the master switches.
+- A rejection the master marks final (token used/expired/revoked, agent revoked,
+  incompatible protocol) raises that `RejectedError` (not an `OSError`: retrying cannot
+  help); other rejections (clock skew...) raise a `ConnectionError` carrying it, and
+  `last_error` says precisely what is wrong (how far the clocks are apart).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Final, Generic, Protocol, TypeVar
+
+import anyio
+import attrs
+import structlog
+from anyio.abc import TaskStatus
+
+from nxmesh._concurrency import unwrap_group
+from nxmesh.core.envelope import (
+    MAX_SKEW,
+    ClockSkewError,
+    Envelope,
+    MalformedFrameError,
+    MessageType,
+    ProtocolCounters,
+    ProtocolError,
+    ReplayGuard,
+    SequenceSource,
+    seal,
+    unseal,
+)
+from nxmesh.core.errors import ConfigurationError
+from nxmesh.core.events import Event
+from nxmesh.core.interfaces import Channel, TransportClient
+from nxmesh.core.model import ApplyReport, FrozenMap, HealthReport
+from nxmesh.core.protocol import (
+    PROTOCOL_MAX,
+    PROTOCOL_MIN,
+    Ack,
+    Command,
+    ConfigStatus,
+    ConfigUpdate,
+    Heartbeat,
+    IncompatibleProtocolError,
+    LogBatch,
+    LogEntry,
+    Message,
+    MetricsBatch,
+    Register,
+    RegisterResponse,
+    RejectedError,
+    SessionCrypto,
+    bootstrap_mac_key,
+    decode_body,
+    encode_body,
+    open_key,
+)
+from nxmesh.crypto.secrets import write_private_file
+from nxmesh.enrollment import parse_token
+
+if TYPE_CHECKING:
+    from nxmesh.agent.link import AgentSession
+
+__all__ = [
+    "AgentCredentials",
+    "AgentLink",
+    "Backoff",
+    "CredentialStore",
+    "Endpoint",
+    "FileCredentialStore",
+    "Mailbox",
+    "MemoryCredentialStore",
+    "NoEndpointError",
+    "SessionEnded",
+    "status_from_report",
+]
+
+log = structlog.get_logger("nxmesh.agent.link")
+
+T = TypeVar("T")
+
+_OUTBOX: Final = 256
+_TEXT_LIMIT: Final = 4000
+_CONTROL = dict.fromkeys([*range(9), *range(11, 32), 127, *range(128, 160), 0x2028, 0x2029])
+
+
+def _text(value: str) -> str:
+    """Fit free text into a protocol text field: no control characters, bounded."""
+    value = value.translate(_CONTROL)
+    return value if len(value) <= _TEXT_LIMIT else value[: _TEXT_LIMIT - 15] + "\n...[truncated]"
+
+
+def status_from_report(report: ApplyReport) -> ConfigStatus:
+    """The `ConfigStatus` telling the master how an apply went."""
+    return ConfigStatus(
+        version=report.version,
+        digest=report.digest,
+        phase=report.outcome,
+        error=_text(report.message),
+        nginx_output=_text(report.nginx_output),
+        durations=report.durations,
+    )
+
+
+class NoEndpointError(ConnectionError):
+    """No configured endpoint could be connected; `errors` holds each one's failure."""
+
+    def __init__(self, errors: Sequence[tuple[str, BaseException]]) -> None:
+        self.errors = list(errors)
+        detail = "; ".join(f"{url}: {exc!r}" for url, exc in errors) or "none configured"
+        super().__init__(f"cannot reach the master through any endpoint ({detail})")
+
+
+@attrs.frozen
+class Endpoint:
+    """One way to reach the master: a transport client and the URL it connects to."""
+
+    client: TransportClient
+    url: str
+
+
+@attrs.frozen
+class AgentCredentials:
+    """What enrollment gave the agent. `previous` is the key before the last rotation."""
+
+    agent_id: str
+    key_id: str
+    key: bytes = attrs.field(repr=False)
+    expires_at: float = 0.0
+    previous: tuple[str, bytes] | None = attrs.field(default=None, repr=False)
+
+    def keys(self) -> dict[str, bytes]:
+        keys = {self.key_id: self.key}
+        if self.previous is not None:
+            keys.setdefault(*self.previous)
+        return keys
+
+
+class CredentialStore(Protocol):
+    """Where the agent keeps its credentials between runs (the agent app encrypts them)."""
+
+    async def load(self) -> AgentCredentials | None: ...
+    async def save(self, credentials: AgentCredentials) -> None: ...
+
+
+class MemoryCredentialStore:
+    """Credentials in memory only: tests and simulations."""
+
+    def __init__(self, credentials: AgentCredentials | None = None) -> None:
+        self.credentials = credentials
+
+    async def load(self) -> AgentCredentials | None:
+        return self.credentials
+
+    async def save(self, credentials: AgentCredentials) -> None:
+        self.credentials = credentials
+
+
+class FileCredentialStore:
+    """Credentials in a JSON file created 0600 and replaced atomically."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    async def load(self) -> AgentCredentials | None:
+        try:
+            data = json.loads(await anyio.Path(self.path).read_bytes())
+        except FileNotFoundError:
+            return None
+        prev = data.get("previous")
+        return AgentCredentials(
+            agent_id=data["agent_id"],
+            key_id=data["key_id"],
+            key=base64.b64decode(data["key"]),
+            expires_at=data.get("expires_at", 0.0),
+            previous=(prev[0], base64.b64decode(prev[1])) if prev else None,
+        )
+
+    async def save(self, credentials: AgentCredentials) -> None:
+        data: dict[str, object] = {
+            "agent_id": credentials.agent_id,
+            "key_id": credentials.key_id,
+            "key": base64.b64encode(credentials.key).decode(),
+            "expires_at": credentials.expires_at,
+            "previous": None,
+        }
+        if credentials.previous is not None:
+            data["previous"] = [
+                credentials.previous[0],
+                base64.b64encode(credentials.previous[1]).decode(),
+            ]
+        raw = json.dumps(data).encode()
+
+        def write() -> None:
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
+            tmp.unlink(missing_ok=True)
+            write_private_file(tmp, raw)
+            os.replace(tmp, self.path)
+
+        await anyio.to_thread.run_sync(write)
+
+
+@attrs.define
+class Backoff:
+    """Exponential backoff with jitter: ``minimum`` doubling up to ``maximum``."""
+
+    minimum: float = 1.0
+    maximum: float = 60.0
+    factor: float = 2.0
+    rng: random.Random = attrs.field(factory=random.Random)
+    attempt: int = 0
+
+    def next(self) -> float:
+        ceiling = min(self.maximum, self.minimum * self.factor**self.attempt)
+        self.attempt += 1
+        return self.rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+class Mailbox(Generic[T]):
+    """A bounded queue for one reader; when full, the oldest item makes room (and is logged).
+
+    Used for updates and commands: a newer version supersedes an unread older one, and the
+    link never blocks on a slow reader.
+    """
+
+    def __init__(self, size: int, what: str) -> None:
+        self._items: deque[T] = deque()
+        self._size = size
+        self._what = what
+        self._ready = anyio.Event()
+
+    def put(self, item: T) -> None:
+        if len(self._items) >= self._size:
+            self._items.popleft()
+            log.warning("mailbox full, oldest item dropped", mailbox=self._what)
+        self._items.append(item)
+        self._ready.set()
+
+    async def receive(self) -> T:
+        while not self._items:
+            self._ready = anyio.Event()
+            await self._ready.wait()
+        return self._items.popleft()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class SessionEnded(ConnectionError):
+    """The session with the master ended: the stream closed, or the master asked to drain."""
+
+
+class AgentLink:
+    """Connects the agent to its master; implements `nxmesh.agent.link.MasterLink`."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        credentials: CredentialStore,
+        *,
+        bootstrap_token: str | None = None,
+        name: str = "agent",
+        labels: Mapping[str, str] | None = None,
+        nginx_version: str | None = None,
+        deployment_mode: str | None = None,
+        capabilities: Sequence[str] = (),
+        agent_version: str = "",
+        heartbeat_interval: float | None = None,
+        register_timeout: float = 15.0,
+        idle_intervals: float = 3.0,
+        backoff: Backoff | None = None,
+        max_skew: float = MAX_SKEW,
+        max_body: int = 16 * 1024 * 1024,
+        counters: ProtocolCounters | None = None,
+        clock: Callable[[], float] = time.time,
+        protocol_range: tuple[int, int] = (PROTOCOL_MIN, PROTOCOL_MAX),
+        update_buffer: int = 16,
+    ) -> None:
+        if not endpoints:
+            raise ConfigurationError("the agent needs at least one master endpoint")
+        self.endpoints = list(endpoints)
+        self.credentials = credentials
+        self.bootstrap_token = bootstrap_token
+        self.name = name
+        self.labels = FrozenMap(labels or {})
+        self.nginx_version = nginx_version
+        self.deployment_mode = deployment_mode
+        self.capabilities = tuple(capabilities)
+        self.agent_version = agent_version
+        self.heartbeat_interval = heartbeat_interval
+        self.register_timeout = register_timeout
+        self.idle_intervals = idle_intervals
+        self.backoff = backoff or Backoff()
+        self.max_body = max_body
+        self.counters = counters if counters is not None else ProtocolCounters()
+        self.clock = clock
+        self.protocol_range = protocol_range
+        self.running_version: int | None = None
+        self.running_digest: str | None = None
+        self.last_error: BaseException | None = None
+        self.endpoint: Endpoint | None = None
+        self.agent_id: str | None = None
+        self.protocol_version: int | None = None
+        self.registrations = 0
+        self._session: AgentSession | None = None
+        self._seq = SequenceSource(clock)
+        self._guard = ReplayGuard(max_skew=max_skew, clock=clock)
+        self._outbox: deque[Message] = deque(maxlen=_OUTBOX)
+        self._wake = anyio.Event()
+        self._registered = anyio.Event()
+        self._registration = anyio.Event()
+        self._crypto: SessionCrypto | None = None
+        self.updates: Mailbox[ConfigUpdate] = Mailbox(update_buffer, "updates")
+        """Updates, when `run` was not given an `AgentSession` to submit them to."""
+        self.commands: Mailbox[Command] = Mailbox(update_buffer, "commands")
+        """``reload`` commands (rotation, resync and drain are handled here)."""
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._crypto is not None
+
+    async def wait_registered(self, count: int | None = None) -> None:
+        """Return once a session is registered (immediately if one is), or — given `count`
+        — once `registrations` reached it."""
+        if count is None:
+            await self._registered.wait()
+            return
+        while self.registrations < count:
+            self._registration = anyio.Event()
+            await self._registration.wait()
+
+    def set_running(self, version: int | None, digest: str | None) -> None:
+        """What nginx runs now (without an `AgentSession`, which knows it itself)."""
+        self.running_version, self.running_digest = version, digest
+
+    def _running(self) -> tuple[int | None, str | None]:
+        if self._session is not None:
+            hello = self._session.hello()
+            return hello.running_version, hello.running_digest
+        return self.running_version, self.running_digest
+
+    # -- outputs (MasterLink) ------------------------------------------------------------
+
+    def send_status(self, status: ConfigStatus) -> None:
+        """Queue a status for the master (kept while offline, sent after reconnecting)."""
+        if status.phase in ("applied", "noop"):
+            self.set_running(status.version, status.digest)
+        self._queue(status)
+
+    def send_health(self, report: HealthReport) -> None:
+        self._queue(report)
+
+    def send_metrics(self, batch: MetricsBatch) -> None:
+        self._queue(batch)
+
+    def send_logs(self, batch: LogBatch) -> None:
+        self._queue(batch)
+
+    async def report_apply(self, report: ApplyReport) -> None:
+        self.send_status(status_from_report(report))
+
+    async def report_health(self, report: HealthReport) -> None:
+        if self.agent_id is not None and report.agent_id != self.agent_id:
+            # The app names itself; the master knows the agent by its enrolled id.
+            report = attrs.evolve(report, agent_id=self.agent_id)
+        self.send_health(report)
+
+    async def report_event(self, event: Event) -> None:
+        payload = json.dumps(dict(event.payload), sort_keys=True, default=str)
+        entry = LogEntry(ts=event.ts, level="info", message=_text(f"{event.kind} {payload}"),
+                         source="agent.events")
+        self.send_logs(LogBatch(entries=(entry,)))
+
+    def _queue(self, message: Message) -> None:
+        self._outbox.append(message)
+        self._wake.set()
+
+    # -- running -------------------------------------------------------------------------
+
+    async def run(
+        self,
+        session: AgentSession | None = None,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """One session: connect, register, signal started, serve until it ends.
+
+        Raises `NoEndpointError` (an `OSError`) before started when no endpoint connects,
+        `SessionEnded` or another `OSError` when an established session breaks, and
+        `RejectedError` when the master refuses this agent for good.
+        """
+        self._session = session
+        try:
+            await self._connect_once(task_status)
+        except RejectedError as exc:
+            self.last_error = exc
+            if exc.final:
+                log.critical("master rejected this agent", code=exc.code, error=str(exc))
+                raise
+            log.warning("master rejected the session", code=exc.code, error=str(exc))
+            raise ConnectionError(str(exc)) from exc
+        except (ProtocolError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError,
+                anyio.ClosedResourceError) as exc:
+            self.last_error = exc
+            raise ConnectionError(str(exc) or repr(exc)) from exc
+        except OSError as exc:
+            self.last_error = exc
+            raise
+
+    async def run_forever(
+        self,
+        session: AgentSession | None = None,
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Stay connected until cancelled, reconnecting with `backoff`.
+
+        Signals started at once (an agent serves from its cache while the master is
+        away); raises only a final `RejectedError`.
+        """
+        task_status.started()
+        while True:
+            try:
+                await self.run(session)
+            except OSError as exc:
+                log.warning("master link down", error=str(exc) or repr(exc))
+            delay = self.backoff.next()
+            log.info("reconnecting", in_seconds=round(delay, 2))
+            await anyio.sleep(delay)
+
+    async def _connect_once(self, task_status: TaskStatus[None]) -> None:
+        errors: list[tuple[str, BaseException]] = []
+        async with AsyncExitStack() as stack:
+            for endpoint in self.endpoints:
+                try:
+                    channel = await stack.enter_async_context(endpoint.client.connect(endpoint.url))
+                except OSError as exc:
+                    log.info("endpoint unreachable, trying the next", url=endpoint.url,
+                             error=str(exc) or repr(exc))
+                    errors.append((endpoint.url, exc))
+                    continue
+                self.endpoint = endpoint
+                await self._serve(channel, task_status)
+                return
+        raise NoEndpointError(errors)
+
+    async def _serve(self, channel: Channel, task_status: TaskStatus[None]) -> None:
+        creds = await self.credentials.load()
+        crypto, response = await self._register(channel, creds)
+        self._crypto = crypto
+        self.agent_id = crypto.agent_id
+        self.protocol_version = response.protocol_version
+        self.registrations += 1
+        self.backoff.reset()
+        self.last_error = None
+        self._registered.set()
+        self._registration.set()
+        interval = self.heartbeat_interval or response.heartbeat_interval
+        log.info("registered with the master", agent_id=crypto.agent_id,
+                 url=self.endpoint.url if self.endpoint else None,
+                 protocol=response.protocol_version)
+        task_status.started()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._sender, channel, crypto)
+                tg.start_soon(self._heartbeats, interval)
+                await self._receiver(channel, crypto, interval * self.idle_intervals)
+        except BaseExceptionGroup as group:
+            raise unwrap_group(group) from None
+        finally:
+            self._crypto = None
+            self._registered = anyio.Event()
+
+    async def _register(
+        self, channel: Channel, creds: AgentCredentials | None
+    ) -> tuple[SessionCrypto, RegisterResponse]:
+        secret: str | None = None
+        if creds is not None:
+            register = self._register_message(agent_id=creds.agent_id)
+            agent_id, key_id, key = creds.agent_id, creds.key_id, creds.key
+        elif self.bootstrap_token is not None:
+            token_id, secret = parse_token(self.bootstrap_token)
+            register = self._register_message(bootstrap_token=self.bootstrap_token)
+            agent_id, key_id, key = "", token_id, bootstrap_mac_key(secret)
+        else:
+            raise ConfigurationError(
+                "this agent is not enrolled and has no bootstrap token; create one on the "
+                "master and pass it to the agent"
+            )
+        await channel.send(
+            seal(encode_body(register), agent_id=agent_id, key_id=key_id, key=key,
+                 seq=self._seq.next(), ts_ms=int(self.clock() * 1000))
+        )
+        with anyio.fail_after(self.register_timeout):
+            frame = await channel.receive()
+        try:
+            env = unseal(frame, max_body=self.max_body)
+            if env.type is not MessageType.REGISTER_RESPONSE:
+                raise MalformedFrameError(f"expected REGISTER_RESPONSE, got {env.type.name}")
+            response = decode_body(env)
+            assert isinstance(response, RegisterResponse)
+            if not response.accepted:
+                raise self._rejection(env, response, key)
+            if secret is not None:  # enrollment: the key arrives sealed
+                session_key = open_key(
+                    secret.encode("utf-8"), response.sealed_key,
+                    aad=f"{env.agent_id}|{env.key_id}".encode(),
+                )
+                env.verify(session_key)
+                creds = AgentCredentials(
+                    agent_id=env.agent_id, key_id=env.key_id, key=session_key,
+                    expires_at=response.key_expires_at,
+                )
+                await self.credentials.save(creds)
+                log.info("enrolled", agent_id=creds.agent_id, labels=dict(response.labels))
+            assert creds is not None
+            crypto = SessionCrypto(
+                agent_id=creds.agent_id,
+                key_id=creds.key_id,
+                keys=creds.keys(),
+                receives_from_agent=False,
+                counters=self.counters,
+                seq=self._seq,
+                guard=self._guard,
+                clock=self.clock,
+                max_body=self.max_body,
+            )
+            crypto.check(env)
+            low, high = self.protocol_range
+            if not low <= response.protocol_version <= high:
+                raise IncompatibleProtocolError(
+                    f"the master chose protocol {response.protocol_version}, "
+                    f"this agent speaks {low}..{high}"
+                )
+        except RejectedError:
+            raise
+        except ProtocolError as exc:
+            self.counters.count(exc)
+            raise
+        self.counters.accepted += 1
+        return crypto, response
+
+    def _register_message(
+        self, *, agent_id: str | None = None, bootstrap_token: str | None = None
+    ) -> Register:
+        name, labels, mode = self.name, self.labels, self.deployment_mode
+        if self._session is not None:
+            hello = self._session.hello()
+            name, labels, mode = hello.agent_id, FrozenMap(hello.labels), hello.deployment_mode
+        version, digest = self._running()
+        return Register(
+            protocol_min=self.protocol_range[0],
+            protocol_max=self.protocol_range[1],
+            agent_id=agent_id,
+            bootstrap_token=bootstrap_token,
+            name=name,
+            labels=labels,
+            nginx_version=self.nginx_version,
+            deployment_mode=mode,
+            capabilities=self.capabilities,
+            agent_version=self.agent_version,
+            running_version=version,
+            running_digest=digest,
+        )
+
+    def _rejection(self, env: Envelope, response: RegisterResponse, key: bytes) -> RejectedError:
+        signed = True
+        try:
+            env.verify(key)
+        except ProtocolError:
+            signed = False  # the master could not sign it (it does not know our key)
+        message = response.error
+        if response.code == "clock_skew":
+            skew = self.clock() - response.server_time
+            message = str(ClockSkewError(skew, MAX_SKEW, who="this agent")) + f" ({message})"
+        elif response.code == "protocol_incompatible":
+            message = (
+                f"{message}; this agent speaks {self.protocol_range[0]}..{self.protocol_range[1]}"
+            )
+        if not signed:
+            message += " [unsigned answer]"
+        self.counters.rejected_enrollment += 1
+        return RejectedError(response.code or "internal", message)
+
+    async def _sender(self, channel: Channel, crypto: SessionCrypto) -> None:
+        while True:
+            while self._outbox:
+                message = self._outbox[0]
+                await channel.send(crypto.seal(message))
+                self._outbox.popleft()
+            await self._wake.wait()
+            self._wake = anyio.Event()
+
+    async def _heartbeats(self, interval: float) -> None:
+        while True:
+            await anyio.sleep(interval)
+            version, digest = self._running()
+            self._queue(Heartbeat(running_version=version, running_digest=digest))
+
+    async def _receiver(self, channel: Channel, crypto: SessionCrypto, idle: float) -> None:
+        while True:
+            with anyio.move_on_after(idle) as scope:
+                try:
+                    frame = await channel.receive()
+                except anyio.EndOfStream:
+                    raise SessionEnded("the master closed the stream") from None
+            if scope.cancelled_caught:
+                raise TimeoutError(f"nothing from the master for {idle:.0f} s")
+            try:
+                env, message = crypto.open(frame)
+            except (MalformedFrameError, ClockSkewError) as exc:
+                log.warning("frame from the master rejected", error=str(exc))
+                continue
+            await self._dispatch(crypto, env, message)
+
+    async def _dispatch(self, crypto: SessionCrypto, env: Envelope, message: Message) -> None:
+        if isinstance(message, ConfigUpdate):
+            self._queue(ConfigStatus(version=message.version, digest=message.digest,
+                                     phase="received"))
+            if self._session is not None:
+                self._session.submit(message.to_pending())
+            else:
+                self.updates.put(message)
+        elif isinstance(message, Command):
+            await self._command(crypto, message)
+        elif isinstance(message, Ack):
+            if not message.ok:
+                log.warning("master refused a frame", seq=message.seq, error=message.error)
+        else:
+            log.warning("unexpected message from the master", type=env.type.name)
+
+    async def _command(self, crypto: SessionCrypto, command: Command) -> None:
+        if command.kind == "rotate_key":
+            current = crypto.keys[crypto.key_id]
+            new_key = open_key(
+                current, command.sealed_key,
+                aad=f"{crypto.agent_id}|{command.new_key_id}".encode(),
+            )
+            creds = AgentCredentials(
+                agent_id=crypto.agent_id, key_id=command.new_key_id, key=new_key,
+                expires_at=command.key_expires_at, previous=(crypto.key_id, current),
+            )
+            await self.credentials.save(creds)  # saved before use: a crash loses nothing
+            crypto.keys = creds.keys()
+            crypto.key_id = creds.key_id
+            log.info("session key rotated", key_id=creds.key_id)
+        elif command.kind == "resync":
+            version, digest = self._running()
+            self._queue(Heartbeat(running_version=version, running_digest=digest))
+        elif command.kind == "drain":
+            raise SessionEnded(command.reason or "the master asked to reconnect")
+        else:
+            self.commands.put(command)

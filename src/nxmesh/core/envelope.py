@@ -1,0 +1,381 @@
+"""The signed envelope every master↔agent message travels in: frame layout, HMAC, replay rules.
+
+Frame layout (all integers big-endian; one frame is one transport message)::
+
+    offset size  field
+    0      3     magic  b"NXM"
+    3      1     format (1)
+    4      1     message type (`MessageType`)
+    5      1     len(agent_id)   (0..128, UTF-8 bytes)
+    6      1     len(key_id)     (0..128, UTF-8 bytes)
+    7      8     seq             (u64)
+    15     8     ts              (u64, milliseconds since the Unix epoch)
+    23     4     len(body)       (u32)
+    27     a     agent_id
+    27+a   k     key_id
+    27+a+k 32    sig             HMAC-SHA256
+    59+a+k n     body            canonical JSON of the message
+
+``sig = HMAC-SHA256(session_key, header || sha256(body))`` where *header* is every byte of
+the frame before ``sig`` (so type, agent id, key id, seq, ts and the body length are all
+covered). MACing the body's digest instead of the body itself is what lets the master
+fan a version out cheaply: a version's `EncodedBody` (canonical JSON + sha256) is built
+once, and each agent only costs one HMAC over ~100 bytes plus a copy into its frame.
+
+The layout is fixed, so the encoding is deterministic: the same fields always give the
+same bytes, and a verifier never has to re-serialise anything to check a signature.
+
+Replay rules (`ReplayGuard`): ``seq`` must be strictly greater than the last accepted
+``seq`` from the same peer in the same direction, and ``ts`` must lie within ±300 s of
+the receiver's clock. Both failures raise a specific error (`ReplayError`,
+`ClockSkewError`) and are counted in `ProtocolCounters` — never dropped silently.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+import time
+from collections.abc import Callable
+from typing import Final
+
+import attrs
+
+from nxmesh.core.errors import NxMeshError
+
+__all__ = [
+    "FRAME_FORMAT",
+    "MAX_SKEW",
+    "BadSignatureError",
+    "ClockSkewError",
+    "EncodedBody",
+    "Envelope",
+    "MalformedFrameError",
+    "MessageType",
+    "ProtocolCounters",
+    "ProtocolError",
+    "ReplayError",
+    "ReplayGuard",
+    "SequenceSource",
+    "peek_type",
+    "seal",
+    "unseal",
+]
+
+FRAME_MAGIC: Final = b"NXM"
+FRAME_FORMAT: Final = 1
+"""Version of the frame layout above (not of the message schemas: see `protocol`)."""
+
+MAX_SKEW: Final = 300.0
+"""Seconds a message timestamp may differ from the receiver's clock."""
+
+SIG_SIZE: Final = 32
+MAX_ID_BYTES: Final = 128
+
+_HEADER = struct.Struct(">3sBBBBQQI")
+_HEADER_SIZE: Final = _HEADER.size  # 27
+_U64_MAX: Final = 2**64 - 1
+
+
+class MessageType(enum.IntEnum):
+    """The message a frame carries; part of the signed header, so it cannot be swapped.
+
+    Agent→master types are below 16, master→agent types 16 and above: a receiver rejects
+    a type meant for the other direction, so a frame cannot be reflected back at its sender
+    even though both directions share the session key.
+    """
+
+    REGISTER = 1
+    CONFIG_STATUS = 2
+    HEALTH_REPORT = 3
+    METRICS_BATCH = 4
+    LOG_BATCH = 5
+    HEARTBEAT = 6
+    REGISTER_RESPONSE = 16
+    CONFIG_UPDATE = 17
+    COMMAND = 18
+    ACK = 19
+
+    @property
+    def from_agent(self) -> bool:
+        """True for the messages an agent sends to its master."""
+        return self < 16
+
+
+# ---------------------------------------------------------------------------------------
+# Errors and counters
+# ---------------------------------------------------------------------------------------
+
+
+class ProtocolError(NxMeshError):
+    """A frame or message broke the protocol; `counter` names the `ProtocolCounters` field."""
+
+    counter: str = "malformed"
+
+
+class MalformedFrameError(ProtocolError):
+    """A frame could not be parsed, or its body is not a valid message of its type."""
+
+    counter = "malformed"
+
+
+class BadSignatureError(ProtocolError):
+    """The HMAC does not match: wrong key, or the frame was altered in transit."""
+
+    counter = "bad_signature"
+
+
+class ReplayError(ProtocolError):
+    """``seq`` did not increase: the frame is a replay (or a reordering) and is rejected."""
+
+    counter = "replayed"
+
+
+class ClockSkewError(ReplayError):
+    """The timestamp is outside the allowed window: a replay, or clocks that disagree.
+
+    `skew` is the sender's clock minus the receiver's, in seconds (positive: sender ahead).
+    """
+
+    counter = "clock_skew"
+
+    def __init__(self, skew: float, max_skew: float, *, who: str = "peer") -> None:
+        self.skew = skew
+        self.max_skew = max_skew
+        direction = "ahead of" if skew > 0 else "behind"
+        super().__init__(
+            f"message timestamp from {who} is {abs(skew):.0f} s {direction} this clock; "
+            f"at most ±{max_skew:.0f} s is accepted — synchronise the clocks (NTP) of the "
+            "master and the agent"
+        )
+
+
+@attrs.define
+class ProtocolCounters:
+    """How many frames were accepted and why the others were rejected.
+
+    One object per master (or agent) process; the app exports it as metrics.
+    """
+
+    accepted: int = 0
+    malformed: int = 0
+    bad_signature: int = 0
+    replayed: int = 0
+    clock_skew: int = 0
+    unknown_key: int = 0
+    incompatible: int = 0
+    rejected_enrollment: int = 0
+
+    def count(self, error: ProtocolError) -> None:
+        """Add one to the counter `error` belongs to."""
+        setattr(self, error.counter, getattr(self, error.counter) + 1)
+
+    def as_dict(self) -> dict[str, int]:
+        return attrs.asdict(self)
+
+    @property
+    def rejected(self) -> int:
+        """Every frame that was not accepted."""
+        return sum(v for k, v in self.as_dict().items() if k != "accepted")
+
+
+# ---------------------------------------------------------------------------------------
+# Frames
+# ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class EncodedBody:
+    """A message body encoded once: its canonical JSON and that JSON's sha256.
+
+    Build one per ConfigUpdate *version* and seal it for every agent: sealing never
+    re-encodes or re-hashes the body.
+    """
+
+    type: MessageType
+    data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
+    digest: bytes = attrs.field(repr=False)
+
+    @classmethod
+    def of(cls, type: MessageType, data: bytes) -> EncodedBody:
+        return cls(type, data, hashlib.sha256(data).digest())
+
+
+@attrs.frozen(slots=True)
+class Envelope:
+    """A parsed frame. `body` is still encoded; `protocol.decode_body` turns it into a message."""
+
+    type: MessageType
+    agent_id: str
+    key_id: str
+    seq: int
+    ts_ms: int
+    body: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
+    sig: bytes = attrs.field(repr=False)
+    header: bytes = attrs.field(repr=False)
+
+    @property
+    def ts(self) -> float:
+        return self.ts_ms / 1000.0
+
+    def verify(self, key: bytes) -> None:
+        """Raise `BadSignatureError` unless `sig` is the HMAC of this frame under `key`."""
+        expected = hmac.digest(key, self.header + hashlib.sha256(self.body).digest(), "sha256")
+        if not hmac.compare_digest(expected, self.sig):
+            raise BadSignatureError(
+                f"bad signature on {self.type.name} frame from agent "
+                f"{self.agent_id or '<enrolling>'} (key {self.key_id or '<none>'})"
+            )
+
+
+def _encode_id(value: str, what: str) -> bytes:
+    raw = value.encode("utf-8")
+    if len(raw) > MAX_ID_BYTES:
+        raise ValueError(f"{what} is longer than {MAX_ID_BYTES} bytes")
+    return raw
+
+
+def seal(
+    body: EncodedBody,
+    *,
+    agent_id: str,
+    key_id: str,
+    key: bytes | None,
+    seq: int,
+    ts_ms: int,
+) -> bytes:
+    """Build a signed frame carrying `body`.
+
+    `key` None writes an all-zero signature: only for rejections the master cannot sign
+    (it does not know the key the peer claimed); receivers treat those as unauthenticated.
+    """
+    if not 0 <= seq <= _U64_MAX or not 0 <= ts_ms <= _U64_MAX:
+        raise ValueError("seq and ts must fit in 64 unsigned bits")
+    aid = _encode_id(agent_id, "agent_id")
+    kid = _encode_id(key_id, "key_id")
+    header = (
+        _HEADER.pack(
+            FRAME_MAGIC, FRAME_FORMAT, body.type, len(aid), len(kid), seq, ts_ms, len(body.data)
+        )
+        + aid
+        + kid
+    )
+    sig = hmac.digest(key, header + body.digest, "sha256") if key else bytes(SIG_SIZE)
+    return b"".join((header, sig, body.data))
+
+
+def peek_type(frame: bytes) -> MessageType | None:
+    """The message type of `frame` without parsing the rest; None when it is not a frame.
+
+    Transports use it to route (gRPC sends health and metrics over unary calls).
+    """
+    if len(frame) < _HEADER_SIZE or frame[:3] != FRAME_MAGIC or frame[3] != FRAME_FORMAT:
+        return None
+    try:
+        return MessageType(frame[4])
+    except ValueError:
+        return None
+
+
+def unseal(frame: bytes, *, max_body: int | None = None) -> Envelope:
+    """Parse `frame` (no signature check yet: the key depends on its agent and key id)."""
+    if len(frame) < _HEADER_SIZE:
+        raise MalformedFrameError(f"frame of {len(frame)} bytes is shorter than a header")
+    magic, fmt, mtype, alen, klen, seq, ts_ms, blen = _HEADER.unpack_from(frame)
+    if magic != FRAME_MAGIC:
+        raise MalformedFrameError("not an NxMesh frame (bad magic)")
+    if fmt != FRAME_FORMAT:
+        raise MalformedFrameError(
+            f"frame format {fmt} is not supported (this side speaks format {FRAME_FORMAT}); "
+            "upgrade the older of master and agent"
+        )
+    try:
+        kind = MessageType(mtype)
+    except ValueError:
+        raise MalformedFrameError(f"unknown message type {mtype}") from None
+    ids_end = _HEADER_SIZE + alen + klen
+    if len(frame) != ids_end + SIG_SIZE + blen:
+        raise MalformedFrameError(
+            f"frame length {len(frame)} does not match its header "
+            f"(expected {ids_end + SIG_SIZE + blen})"
+        )
+    if max_body is not None and blen > max_body:
+        raise MalformedFrameError(f"body of {blen} bytes exceeds the {max_body} byte limit")
+    try:
+        agent_id = frame[_HEADER_SIZE : _HEADER_SIZE + alen].decode("utf-8")
+        key_id = frame[_HEADER_SIZE + alen : ids_end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedFrameError("agent or key id is not UTF-8") from None
+    return Envelope(
+        type=kind,
+        agent_id=agent_id,
+        key_id=key_id,
+        seq=seq,
+        ts_ms=ts_ms,
+        body=frame[ids_end + SIG_SIZE :],
+        sig=frame[ids_end : ids_end + SIG_SIZE],
+        header=frame[:ids_end],
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Sequencing and replay
+# ---------------------------------------------------------------------------------------
+
+
+class SequenceSource:
+    """Sequence numbers for one sender: strictly increasing, also across reconnects.
+
+    Seeded from the wall clock in microseconds, so a restarted process continues above
+    every number it sent before (unless it sent more than a million frames a second).
+    """
+
+    __slots__ = ("_last",)
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._last = int(clock() * 1_000_000)
+
+    def next(self) -> int:
+        self._last += 1
+        return self._last
+
+    def reseed(self, clock: Callable[[], float] = time.time) -> None:
+        """Jump forward to the clock if it is ahead (never backwards)."""
+        self._last = max(self._last, int(clock() * 1_000_000))
+
+
+class ReplayGuard:
+    """Accepts a frame only if its seq increases and its timestamp is within the window.
+
+    Keep one guard per peer and direction for as long as the process lives (not per
+    connection): a frame captured on an earlier connection is then still a replay.
+    """
+
+    __slots__ = ("_clock", "last_seq", "max_skew")
+
+    def __init__(
+        self, *, max_skew: float = MAX_SKEW, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.last_seq = 0
+        self.max_skew = max_skew
+        self._clock = clock
+
+    def check(self, env: Envelope, *, who: str = "peer") -> None:
+        """Raise `ClockSkewError` or `ReplayError`; on success remember ``env.seq``.
+
+        Call it only after the signature verified, so forged frames cannot advance it.
+        """
+        self.check_time(env, who=who)
+        if env.seq <= self.last_seq:
+            raise ReplayError(
+                f"{env.type.name} frame from {who} has seq {env.seq}, not above the last "
+                f"accepted {self.last_seq}: replayed or reordered, rejected"
+            )
+        self.last_seq = env.seq
+
+    def check_time(self, env: Envelope, *, who: str = "peer") -> None:
+        skew = env.ts - self._clock()
+        if abs(skew) > self.max_skew:
+            raise ClockSkewError(skew, self.max_skew, who=who)

@@ -1,0 +1,542 @@
+"""Transport-agnostic master↔agent messages, their encoding, signing and negotiation.
+
+Transports carry opaque frames (`nxmesh.core.interfaces.Channel`); everything that makes
+a frame trustworthy lives here and in `nxmesh.core.envelope`, so every transport gets
+signing, sequencing and replay protection for free and one contract suite tests them all.
+
+Messages (attrs, frozen):
+
+==================  =========  =============================================================
+message             direction  purpose
+==================  =========  =============================================================
+`Register`          agent→     first frame of a stream: enrol with a bootstrap token, or
+                               resume as an enrolled agent; running version + digest
+`ConfigStatus`      agent→     progress of one version: received, applied, failed...
+`HealthReport`      agent→     the model's `nxmesh.core.model.HealthReport`
+`MetricsBatch`      agent→     numeric samples
+`LogBatch`          agent→     log lines worth shipping to the master
+`Heartbeat`         agent→     liveness every ``heartbeat_interval`` (default 30 s)
+`RegisterResponse`  →agent     accepted (negotiated protocol, credentials) or rejected
+`ConfigUpdate`      →agent     a version to apply: number, digest, Ed25519 signature, state
+`Command`           →agent     resync, reload, rotate_key (carries the new key), drain
+`Ack`               →agent     receipt of one agent frame (by seq), ok or an error
+==================  =========  =============================================================
+
+Bodies are canonical JSON (`nxmesh.core.serialization.canonical_json`): sorted keys, no
+whitespace, UTF-8, so they are deterministic and the state inside a ConfigUpdate hashes
+to the version digest. See ``docs/protocol.md`` for the whole protocol.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, Final, Literal, TypeAlias
+
+import attrs
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from nxmesh.core import validation as v
+from nxmesh.core.envelope import (
+    MAX_SKEW,
+    BadSignatureError,
+    EncodedBody,
+    Envelope,
+    MalformedFrameError,
+    MessageType,
+    ProtocolCounters,
+    ProtocolError,
+    ReplayGuard,
+    SequenceSource,
+    seal,
+    unseal,
+)
+from nxmesh.core.errors import ValidationError
+from nxmesh.core.model import ConfigVersion, DesiredState, FrozenMap, HealthReport, PendingApply
+from nxmesh.core.serialization import canonical_json, structure
+
+__all__ = [
+    "MAX_SKEW",
+    "PROTOCOL_MAX",
+    "PROTOCOL_MIN",
+    "Ack",
+    "Command",
+    "CommandKind",
+    "ConfigPhase",
+    "ConfigStatus",
+    "ConfigUpdate",
+    "EnrollmentError",
+    "Heartbeat",
+    "IncompatibleProtocolError",
+    "LogBatch",
+    "LogEntry",
+    "Message",
+    "MetricsBatch",
+    "Register",
+    "RegisterResponse",
+    "RejectedError",
+    "SessionCrypto",
+    "UnknownKeyError",
+    "bootstrap_mac_key",
+    "decode_body",
+    "encode_body",
+    "message_type",
+    "negotiate",
+    "open_key",
+    "seal_key",
+]
+
+PROTOCOL_MIN: Final = 1
+"""Oldest message-schema version this code speaks."""
+PROTOCOL_MAX: Final = 1
+"""Newest message-schema version this code speaks."""
+
+_U63: Final = 2**63 - 1
+
+
+# ---------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------
+
+
+class IncompatibleProtocolError(ProtocolError):
+    """Master and agent share no protocol version; the message says which side to upgrade."""
+
+    counter = "incompatible"
+
+
+class UnknownKeyError(ProtocolError):
+    """A frame names an agent or key id the receiver does not hold (or holds revoked)."""
+
+    counter = "unknown_key"
+
+
+class RejectedError(ProtocolError):
+    """The master refused a Register; `code` is machine-readable, `final` means: stop retrying.
+
+    Codes: ``token_invalid``, ``token_used``, ``token_expired``, ``token_revoked``,
+    ``labels_conflict``, ``agent_revoked``, ``unknown_key``, ``protocol_incompatible``,
+    ``clock_skew``, ``bad_signature``, ``malformed``, ``internal``.
+    """
+
+    counter = "rejected_enrollment"
+    FINAL_CODES: Final = frozenset(
+        {
+            "token_invalid",
+            "token_used",
+            "token_expired",
+            "token_revoked",
+            "labels_conflict",
+            "agent_revoked",
+            "protocol_incompatible",
+        }
+    )
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
+
+    @property
+    def final(self) -> bool:
+        return self.code in self.FINAL_CODES
+
+
+class EnrollmentError(RejectedError):
+    """A bootstrap token was refused: unknown, wrong secret, used, expired or revoked."""
+
+
+# ---------------------------------------------------------------------------------------
+# Messages
+# ---------------------------------------------------------------------------------------
+
+
+def _freeze(data: Mapping[str, Any]) -> FrozenMap[str, Any]:
+    return data if isinstance(data, FrozenMap) else FrozenMap(data)
+
+
+def _opt_text(rule: v.TextRule) -> Any:
+    return v.text(rule, optional=True)
+
+
+@attrs.frozen(kw_only=True)
+class Register:
+    """First frame of every stream, from the agent.
+
+    Exactly one of `bootstrap_token` (``id.secret``, first contact) and `agent_id`
+    (an enrolled agent resuming) is set. `running_version`/`running_digest` are what the
+    agent's nginx runs now: the master resends its desired version only when they differ.
+    """
+
+    protocol_min: int = attrs.field(default=PROTOCOL_MIN, validator=v.int_range(1, 65535))
+    protocol_max: int = attrs.field(default=PROTOCOL_MAX, validator=v.int_range(1, 65535))
+    bootstrap_token: str | None = attrs.field(
+        default=None, repr=False, validator=_opt_text(v.TOKEN)
+    )
+    agent_id: str | None = attrs.field(default=None, validator=_opt_text(v.TOKEN))
+    name: str = attrs.field(default="agent", validator=v.text(v.TOKEN))
+    labels: Mapping[str, str] = attrs.field(
+        factory=FrozenMap, converter=_freeze, validator=v.labels()
+    )
+    nginx_version: str | None = attrs.field(default=None, validator=_opt_text(v.TOKEN))
+    deployment_mode: str | None = attrs.field(default=None, validator=_opt_text(v.TOKEN))
+    capabilities: tuple[str, ...] = attrs.field(
+        default=(), validator=v.each(v.TOKEN, hi=64, noun="capability")
+    )
+    agent_version: str = attrs.field(default="", validator=v.text(v.KEY_ID))
+    running_version: int | None = attrs.field(
+        default=None, validator=v.int_range(0, _U63, optional=True)
+    )
+    running_digest: str | None = attrs.field(default=None, validator=_opt_text(v.DIGEST))
+
+    def __attrs_post_init__(self) -> None:
+        if (self.bootstrap_token is None) == (self.agent_id is None):
+            raise ValueError("Register carries exactly one of bootstrap_token and agent_id")
+
+
+@attrs.frozen(kw_only=True)
+class RegisterResponse:
+    """The master's answer to `Register`.
+
+    Accepted: the negotiated `protocol_version`, the agent's id and key id, and — on
+    enrollment only — `sealed_key`: the new session key, AES-GCM-sealed under a key derived
+    from the bootstrap secret (`seal_key`), so it is protected even without TLS.
+    Rejected: `code` and `error`, plus the master's supported range and clock so the agent
+    can say precisely what is wrong.
+    """
+
+    accepted: bool
+    protocol_version: int = attrs.field(default=0, validator=v.int_range(0, 65535))
+    agent_id: str = attrs.field(default="", validator=v.text(v.KEY_ID))
+    key_id: str = attrs.field(default="", validator=v.text(v.KEY_ID))
+    sealed_key: str = attrs.field(default="", repr=False, validator=v.text(v.SIGNATURE))
+    key_expires_at: float = attrs.field(default=0.0, validator=v.finite())
+    labels: Mapping[str, str] = attrs.field(
+        factory=FrozenMap, converter=_freeze, validator=v.labels()
+    )
+    heartbeat_interval: float = attrs.field(default=30.0, validator=v.finite(minimum=0.01))
+    server_time: float = attrs.field(default=0.0, validator=v.finite())
+    protocol_min: int = attrs.field(default=PROTOCOL_MIN, validator=v.int_range(1, 65535))
+    protocol_max: int = attrs.field(default=PROTOCOL_MAX, validator=v.int_range(1, 65535))
+    code: str = attrs.field(default="", validator=v.text(v.KEY_ID))
+    error: str = attrs.field(default="", validator=v.text(v.LOG_TEXT))
+
+
+@attrs.frozen(kw_only=True)
+class ConfigUpdate:
+    """A config version for the agent: verify `signature` and `digest`, then apply `state`.
+
+    `trace` carries W3C trace context (``traceparent``, ``tracestate``) so the agent's
+    apply spans join the master's rollout trace.
+    """
+
+    version: int = attrs.field(validator=v.int_range(1, _U63))
+    digest: str = attrs.field(validator=v.text(v.DIGEST))
+    signature: str = attrs.field(default="", validator=v.text(v.SIGNATURE))
+    signing_key_id: str = attrs.field(default="", validator=v.text(v.KEY_ID))
+    workspace: str = attrs.field(default="default", validator=v.text(v.NAME))
+    state: DesiredState
+    trace: Mapping[str, str] = attrs.field(factory=FrozenMap, converter=_freeze)
+
+    @classmethod
+    def of(cls, version: ConfigVersion, *, trace: Mapping[str, str] = FrozenMap()) -> ConfigUpdate:
+        return cls(
+            version=version.number,
+            digest=version.digest,
+            signature=version.signature,
+            signing_key_id=version.key_id,
+            workspace=version.workspace,
+            state=version.state,
+            trace=trace,
+        )
+
+    def to_pending(self) -> PendingApply:
+        """What the agent's apply pipeline takes."""
+        return PendingApply(
+            version=self.version,
+            digest=self.digest,
+            state=self.state,
+            signature=self.signature,
+            key_id=self.signing_key_id,
+        )
+
+
+ConfigPhase: TypeAlias = Literal[
+    "received", "applying", "applied", "failed", "rolled_back", "noop", "vetoed"
+]
+_PHASES: Final = ("received", "applying", "applied", "failed", "rolled_back", "noop", "vetoed")
+
+
+@attrs.frozen(kw_only=True)
+class ConfigStatus:
+    """Where one version stands on the agent; ``received`` is the push acknowledgement."""
+
+    version: int = attrs.field(validator=v.int_range(0, _U63))
+    digest: str = attrs.field(validator=v.text(v.DIGEST))
+    phase: ConfigPhase = attrs.field(validator=v.choice(*_PHASES))
+    error: str = attrs.field(default="", validator=v.text(v.LOG_TEXT))
+    nginx_output: str = attrs.field(default="", validator=v.text(v.LOG_TEXT))
+    durations: Mapping[str, float] = attrs.field(
+        factory=FrozenMap, converter=_freeze, validator=v.metrics(hi=64)
+    )
+
+    @property
+    def final(self) -> bool:
+        """True once the agent is done with this version (any outcome)."""
+        return self.phase not in ("received", "applying")
+
+
+@attrs.frozen(kw_only=True)
+class MetricsBatch:
+    """Numeric samples taken at `ts` (names like ``nginx.requests``)."""
+
+    ts: float = attrs.field(validator=v.finite())
+    samples: Mapping[str, float] = attrs.field(
+        factory=FrozenMap, converter=_freeze, validator=v.metrics(hi=4096)
+    )
+
+
+@attrs.frozen(kw_only=True)
+class LogEntry:
+    ts: float = attrs.field(validator=v.finite())
+    level: Literal["debug", "info", "warning", "error", "critical"] = attrs.field(
+        validator=v.choice("debug", "info", "warning", "error", "critical")
+    )
+    message: str = attrs.field(validator=v.text(v.LOG_TEXT))
+    source: str = attrs.field(default="agent", validator=v.text(v.CHECK_NAME))
+
+
+@attrs.frozen(kw_only=True)
+class LogBatch:
+    entries: tuple[LogEntry, ...] = attrs.field(
+        validator=v.count(LogEntry, hi=1024, noun="entry")
+    )
+
+
+@attrs.frozen(kw_only=True)
+class Heartbeat:
+    """Liveness from the agent; the master answers with an `Ack`."""
+
+    running_version: int | None = attrs.field(
+        default=None, validator=v.int_range(0, _U63, optional=True)
+    )
+    running_digest: str | None = attrs.field(default=None, validator=_opt_text(v.DIGEST))
+
+
+CommandKind: TypeAlias = Literal["resync", "reload", "rotate_key", "drain"]
+
+
+@attrs.frozen(kw_only=True)
+class Command:
+    """An instruction to the agent.
+
+    ``resync``: send your running version again (the master then resends on mismatch);
+    ``reload``: reload nginx; ``drain``: close the stream and reconnect later (the master
+    is shutting down or rebalancing); ``rotate_key``: switch to `new_key_id`, whose key is
+    in `sealed_key` (sealed under the *current* session key).
+    """
+
+    kind: CommandKind = attrs.field(validator=v.choice("resync", "reload", "rotate_key", "drain"))
+    reason: str = attrs.field(default="", validator=v.text(v.LOG_TEXT))
+    new_key_id: str = attrs.field(default="", validator=v.text(v.KEY_ID))
+    sealed_key: str = attrs.field(default="", repr=False, validator=v.text(v.SIGNATURE))
+    key_expires_at: float = attrs.field(default=0.0, validator=v.finite())
+
+
+@attrs.frozen(kw_only=True)
+class Ack:
+    """Receipt of the agent frame with sequence number `seq`."""
+
+    seq: int = attrs.field(validator=v.int_range(0, 2**64 - 1))
+    ok: bool = True
+    error: str = attrs.field(default="", validator=v.text(v.LOG_TEXT))
+
+
+Message: TypeAlias = (
+    Register
+    | ConfigStatus
+    | HealthReport
+    | MetricsBatch
+    | LogBatch
+    | Heartbeat
+    | RegisterResponse
+    | ConfigUpdate
+    | Command
+    | Ack
+)
+
+_CLASSES: Final[dict[MessageType, type[Any]]] = {
+    MessageType.REGISTER: Register,
+    MessageType.CONFIG_STATUS: ConfigStatus,
+    MessageType.HEALTH_REPORT: HealthReport,
+    MessageType.METRICS_BATCH: MetricsBatch,
+    MessageType.LOG_BATCH: LogBatch,
+    MessageType.HEARTBEAT: Heartbeat,
+    MessageType.REGISTER_RESPONSE: RegisterResponse,
+    MessageType.CONFIG_UPDATE: ConfigUpdate,
+    MessageType.COMMAND: Command,
+    MessageType.ACK: Ack,
+}
+_TYPES: Final[dict[type[Any], MessageType]] = {cls: t for t, cls in _CLASSES.items()}
+
+
+def message_type(message: Message) -> MessageType:
+    return _TYPES[type(message)]
+
+
+def encode_body(message: Message) -> EncodedBody:
+    """Canonical JSON of `message`, with its type and digest, ready to `seal` (many times)."""
+    return EncodedBody.of(_TYPES[type(message)], canonical_json(message))
+
+
+def decode_body(env: Envelope) -> Message:
+    """The message inside `env`; `MalformedFrameError` naming every problem otherwise.
+
+    `Register` is the one message sent before versions are negotiated, so unknown keys in
+    it are ignored (a newer agent may send more); every other message is strict.
+    """
+    try:
+        data = json.loads(env.body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedFrameError(f"{env.type.name} body is not JSON: {exc}") from None
+    cls = _CLASSES[env.type]
+    if cls is Register and isinstance(data, dict):
+        known = {a.name for a in attrs.fields(Register)}
+        data = {k: val for k, val in data.items() if k in known}
+    try:
+        message: Message = structure(data, cls)
+    except ValidationError as exc:
+        raise MalformedFrameError(f"invalid {env.type.name}: {exc}") from None
+    except ValueError as exc:  # __attrs_post_init__ rules
+        raise MalformedFrameError(f"invalid {env.type.name}: {exc}") from None
+    return message
+
+
+# ---------------------------------------------------------------------------------------
+# Negotiation
+# ---------------------------------------------------------------------------------------
+
+
+def negotiate(
+    peer_min: int, peer_max: int, *, ours: tuple[int, int] = (PROTOCOL_MIN, PROTOCOL_MAX)
+) -> int:
+    """The newest protocol version both sides speak, or `IncompatibleProtocolError`."""
+    low, high = max(peer_min, ours[0]), min(peer_max, ours[1])
+    if low > high:
+        older = "agent" if peer_max < ours[0] else "master"
+        raise IncompatibleProtocolError(
+            f"no common protocol version: the agent speaks {peer_min}..{peer_max}, "
+            f"the master speaks {ours[0]}..{ours[1]}; upgrade the {older}"
+        )
+    return high
+
+
+# ---------------------------------------------------------------------------------------
+# Key derivation and sealing
+# ---------------------------------------------------------------------------------------
+
+
+def _hkdf(secret: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def bootstrap_mac_key(secret: str) -> bytes:
+    """The HMAC key that signs frames before enrollment: derived from the token secret."""
+    return _hkdf(secret.encode("utf-8"), b"nxmesh/bootstrap-mac/v1")
+
+
+def seal_key(wrapping_secret: bytes, key: bytes, *, aad: bytes) -> str:
+    """Encrypt session `key` for transport under a key derived from `wrapping_secret`."""
+    nonce = os.urandom(12)
+    box = AESGCM(_hkdf(wrapping_secret, b"nxmesh/key-wrap/v1"))
+    return base64.b64encode(nonce + box.encrypt(nonce, key, aad)).decode("ascii")
+
+
+def open_key(wrapping_secret: bytes, sealed: str, *, aad: bytes) -> bytes:
+    """Inverse of `seal_key`; `BadSignatureError` when it was altered or sealed for others."""
+    try:
+        raw = base64.b64decode(sealed, validate=True)
+        box = AESGCM(_hkdf(wrapping_secret, b"nxmesh/key-wrap/v1"))
+        return box.decrypt(raw[:12], raw[12:], aad)
+    except (binascii.Error, ValueError, InvalidTag):
+        raise BadSignatureError("sealed session key does not open: altered or not ours") from None
+
+
+# ---------------------------------------------------------------------------------------
+# One side of a session
+# ---------------------------------------------------------------------------------------
+
+
+@attrs.define
+class SessionCrypto:
+    """Signs outgoing and verifies incoming frames for one agent session (either side).
+
+    `keys` maps key id → session key: the master holds every unexpired key of the agent,
+    the agent its primary and — during a rotation — its previous one, so frames signed
+    with either verify and nothing is lost while both sides switch. Outgoing frames are
+    signed with `key_id`. The `guard` outlives connections (see `ReplayGuard`).
+    """
+
+    agent_id: str
+    key_id: str
+    keys: dict[str, bytes] = attrs.field(repr=False)
+    receives_from_agent: bool
+    counters: ProtocolCounters
+    seq: SequenceSource = attrs.field(factory=SequenceSource)
+    guard: ReplayGuard = attrs.field(factory=ReplayGuard)
+    clock: Callable[[], float] = time.time
+    max_body: int | None = None
+
+    def seal(self, body: EncodedBody | Message) -> bytes:
+        if not isinstance(body, EncodedBody):
+            body = encode_body(body)
+        return seal(
+            body,
+            agent_id=self.agent_id,
+            key_id=self.key_id,
+            key=self.keys[self.key_id],
+            seq=self.seq.next(),
+            ts_ms=int(self.clock() * 1000),
+        )
+
+    def open(self, frame: bytes, *, guard: ReplayGuard | None = None) -> tuple[Envelope, Message]:
+        """Verify and decode `frame`; every rejection is counted and raised.
+
+        `guard` replaces the session's replay guard for frames of another lane (unary
+        reports, which may overtake stream frames).
+        """
+        try:
+            env = unseal(frame, max_body=self.max_body)
+            self.check(env, guard=guard)
+            message = decode_body(env)
+        except ProtocolError as exc:
+            self.counters.count(exc)
+            raise
+        self.counters.accepted += 1
+        return env, message
+
+    def check(self, env: Envelope, *, guard: ReplayGuard | None = None) -> None:
+        """Direction, agent id, key, signature, then seq and timestamp (not counted here)."""
+        who = "agent " + self.agent_id if self.receives_from_agent else "the master"
+        if env.type.from_agent != self.receives_from_agent:
+            raise MalformedFrameError(
+                f"{env.type.name} is not a message {who} sends; rejected (reflected frame?)"
+            )
+        if env.agent_id != self.agent_id:
+            raise UnknownKeyError(
+                f"frame for agent {env.agent_id!r} arrived on the session of {self.agent_id!r}"
+            )
+        key = self.keys.get(env.key_id)
+        if key is None:
+            raise UnknownKeyError(
+                f"frame from {who} is signed with key {env.key_id!r}, which is unknown, "
+                "expired or revoked"
+            )
+        env.verify(key)
+        (guard or self.guard).check(env, who=who)
