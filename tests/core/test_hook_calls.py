@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -51,7 +51,9 @@ class TestProviderHooks:
             "nxmesh_register_event_buses",
         }
 
-    def test_template_paths_are_collected(self, make_plugin_manager: Factory, tmp_path: Path) -> None:
+    def test_template_paths_are_collected(
+        self, make_plugin_manager: Factory, tmp_path: Path
+    ) -> None:
         """nxmesh_template_paths results from every plugin are gathered."""
 
         class Plug:
@@ -157,7 +159,8 @@ class TestCliHook:
         install_fake_distribution(
             "nxmesh-greeter",
             {"greeter": "nxmesh_greeter_mod"},
-            {"nxmesh_greeter_mod": """
+            {
+                "nxmesh_greeter_mod": """
                 import click
                 from nxmesh import hookimpl
 
@@ -168,7 +171,8 @@ class TestCliHook:
                 @hookimpl
                 def nxmesh_cli_commands(cli):
                     cli.add_command(greet)
-            """},
+            """
+            },
         )
         result = CliRunner().invoke(build_cli([]), ["greet"])
         assert result.exit_code == 0, result.output

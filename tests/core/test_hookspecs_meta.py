@@ -24,17 +24,37 @@ HOOKS = sorted(
 
 
 def _test_sources() -> str:
-    files = [*ROOT.glob("tests/**/*.py"), *ROOT.glob("plugins/*/tests/**/*.py"), *ROOT.glob("examples/*/tests/**/*.py")]
+    files = [
+        *ROOT.glob("tests/**/*.py"),
+        *ROOT.glob("plugins/*/tests/**/*.py"),
+        *ROOT.glob("examples/*/tests/**/*.py"),
+    ]
     return "\n".join(p.read_text() for p in files if p.name != Path(__file__).name)
 
 
 def test_there_are_hooks_for_every_family() -> None:
     """Every family of the architecture table has at least one hook."""
-    for family in ("addhooks", "add_settings", "configure", "storage", "transports",
-                   "authenticators", "renderers", "template_paths", "deployment_modes",
-                   "nginx_drivers", "health_checks", "event_buses", "validate_state",
-                   "lifespan", "before_apply", "after_apply", "on_event", "api_routes",
-                   "cli_commands"):
+    for family in (
+        "addhooks",
+        "add_settings",
+        "configure",
+        "storage",
+        "transports",
+        "authenticators",
+        "renderers",
+        "template_paths",
+        "deployment_modes",
+        "nginx_drivers",
+        "health_checks",
+        "event_buses",
+        "validate_state",
+        "lifespan",
+        "before_apply",
+        "after_apply",
+        "on_event",
+        "api_routes",
+        "cli_commands",
+    ):
         assert any(family in hook for hook in HOOKS), family
 
 
@@ -73,7 +93,9 @@ def test_hook_docs_are_up_to_date() -> None:
     """docs/hooks.md is exactly what docs/gen_hooks.py generates from the specs."""
     result = subprocess.run(
         [sys.executable, str(ROOT / "docs" / "gen_hooks.py"), "--check"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -92,8 +114,13 @@ def _all_modules() -> list[str]:
 
 def test_every_module_imports_with_warnings_as_errors() -> None:
     """Importing each module of nxmesh and of the plugin distributions raises no warning."""
-    plugin_pkgs = ["nxmesh_storage_postgres", "nxmesh_transport_grpc", "nxmesh_deploy_k8s",
-                   "nxmesh_auth_oauth2", "nxmesh_hello"]
+    plugin_pkgs = [
+        "nxmesh_storage_postgres",
+        "nxmesh_transport_grpc",
+        "nxmesh_deploy_k8s",
+        "nxmesh_auth_oauth2",
+        "nxmesh_hello",
+    ]
     code = (
         "import importlib, pkgutil, sys\n"
         f"names = {_all_modules()!r}\n"

@@ -39,7 +39,7 @@ class TestProviderRegistry:
     def test_provider_without_name_is_rejected(self) -> None:
         """A class lacking a name attribute is an error naming the class and plugin."""
         registry: ProviderRegistry[object] = ProviderRegistry("storage")
-        with pytest.raises(NxMeshError, match="Nameless.*'p'"):
+        with pytest.raises(NxMeshError, match=r"Nameless.*'p'"):
             registry.add(Nameless, "p")
 
     def test_lookup_by_scheme_ignores_driver_suffix(self) -> None:

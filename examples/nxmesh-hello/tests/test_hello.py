@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from nxmesh_hello.plugin import TEMPLATES, HelloCheck
 
 from nxmesh.core.pluginmanager import get_plugin_manager
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.settings import load_settings
 from nxmesh.testing.contracts import HealthCheckContract
-from nxmesh_hello.plugin import TEMPLATES, HelloCheck
 
 
 class TestDiscovery:

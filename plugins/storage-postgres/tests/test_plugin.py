@@ -17,7 +17,9 @@ class TestDiscovery:
     def test_settings_section_reads_environment(self) -> None:
         """[plugins.storage_postgres] values come from NXMESH_PLUGINS__STORAGE_POSTGRES__*."""
         pm = get_plugin_manager(environ={})
-        settings = load_settings(pm, environ={"NXMESH_PLUGINS__STORAGE_POSTGRES__POOL_MAX_SIZE": "25"})
+        settings = load_settings(
+            pm, environ={"NXMESH_PLUGINS__STORAGE_POSTGRES__POOL_MAX_SIZE": "25"}
+        )
         section = settings.plugin("storage_postgres")
         assert isinstance(section, PostgresSettings)
         assert section.pool_max_size == 25

@@ -17,7 +17,7 @@ from nxmesh.core.registry import ProviderRegistries
 
 def describe_plugins(pm: NxMeshPluginManager) -> dict[str, Any]:
     """Every registered plugin with its origin, hooks and providers, plus load errors."""
-    errors = [
+    errors: list[dict[str, str | None]] = [
         {"entry_point": e.entry_point, "distribution": e.distribution, "error": e.reason}
         for e in pm.load_errors
     ]

@@ -62,9 +62,12 @@ class NginxInstance:
     def start(self) -> None:
         if not self.conf.exists():
             self.write_minimal_conf()
-        subprocess.run(
+        # The binary comes from require_binary/the fixture, never from user input.
+        subprocess.run(  # noqa: S603
             [self.binary, "-p", str(self.prefix), "-c", str(self.conf)],
-            check=True, capture_output=True, timeout=30,
+            check=True,
+            capture_output=True,
+            timeout=30,
         )
         self._wait(lambda: self.pid() is not None, "nginx did not write its pid file")
 

@@ -32,7 +32,9 @@ class NginxDriverContract:
 
         state = make_state(2)
         bundle = bundle_for(state)
-        report = await driver.apply(PendingApply(version=1, digest=bundle.digest, state=state), bundle)
+        report = await driver.apply(
+            PendingApply(version=1, digest=bundle.digest, state=state), bundle
+        )
         assert report.outcome == "applied", report.message
         assert await driver.live_digest() == bundle.digest
 
