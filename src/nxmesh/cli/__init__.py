@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from nxmesh import __version__
+from nxmesh.cli.agent_cmd import agent_command
 from nxmesh.cli.context import CliContext
 from nxmesh.cli.plugins_cmd import plugins_command
 from nxmesh.cli.settings_cmd import config_group
@@ -55,6 +56,7 @@ def build_cli(argv: list[str] | None = None) -> click.Group:
     cli.add_command(validate_command)
     cli.add_command(config_group)
     cli.add_command(versions_group)
+    cli.add_command(agent_command)
     pm.hook.nxmesh_cli_commands(cli=cli)
     return cli
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import attrs
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         StoredCertificate,
         User,
     )
+    from nxmesh.core.settings import Settings
 
 __all__ = [
     "Authenticator",
@@ -357,7 +358,12 @@ class Renderer(Protocol):
 
 @runtime_checkable
 class DeploymentMode(Protocol):
-    """How the agent finds, starts and signals nginx (standalone, sidecar...)."""
+    """How the agent finds, starts and signals nginx (standalone, sidecar...).
+
+    The agent builds a mode with ``cls.from_settings(settings)`` when the class has that
+    classmethod, else ``cls()``. A mode holding resources (a supervised child process)
+    may define ``async def aclose()``; the agent calls it on shutdown.
+    """
 
     name: ClassVar[str]
     priority: ClassVar[int]
@@ -367,8 +373,14 @@ class DeploymentMode(Protocol):
         """True when the agent appears to run in this mode (cheap, no side effects)."""
         ...
 
-    async def nginx_pid(self) -> int | None: ...
-    async def start_nginx(self) -> None: ...
+    async def nginx_pid(self) -> int | None:
+        """The nginx master's pid, or None when no nginx runs (never raises for that)."""
+        ...
+
+    async def start_nginx(self) -> None:
+        """Start nginx on the live tree (a no-op when it runs); `NxMeshError` if it cannot."""
+        ...
+
     async def signal_nginx(self, signal: str) -> None:
         """Send ``reload``, ``reopen``, ``quit`` or ``stop`` to the master process."""
         ...
@@ -376,19 +388,51 @@ class DeploymentMode(Protocol):
 
 @runtime_checkable
 class NginxDriver(Protocol):
-    """The apply pipeline: stage, ``nginx -t``, atomic swap, reload, verify, roll back."""
+    """The apply pipeline: stage, ``nginx -t``, atomic swap, reload, verify, roll back.
+
+    The agent builds the driver with ``cls.from_settings(settings, mode=..., agent_id=...,
+    events=...)`` (`events`: the agent's ``nxmesh.agent.EventRecorder``, or None).
+    Applies are serialised by the caller (the agent's applier).
+    """
 
     name: ClassVar[str]
 
-    async def apply(self, update: PendingApply, bundle: Bundle) -> ApplyReport: ...
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, mode: DeploymentMode, agent_id: str, events: Any
+    ) -> NginxDriver: ...
+
+    async def apply(
+        self, update: PendingApply, bundle: Bundle, *, force: bool = False
+    ) -> ApplyReport:
+        """Make `bundle` the configuration nginx serves, or leave the old one serving.
+
+        Reports ``noop`` when `bundle` is already live and intact (unless `force`: drift
+        revert rewrites and reloads it), ``failed`` when nothing was changed,
+        ``rolled_back`` when the new tree went live and was taken back.
+        """
+        ...
+
     async def live_digest(self) -> str | None:
         """Digest of the tree nginx currently runs, None when nothing was applied."""
+        ...
+
+    async def live_files(self) -> Mapping[str, bytes] | None:
+        """The live tree's files as they are on disk now (drift detection), or None."""
+        ...
+
+    async def recover(self) -> str | None:
+        """Undo an apply a crash interrupted; called once at agent start. Says what it did."""
         ...
 
 
 @runtime_checkable
 class HealthCheck(Protocol):
-    """One health probe; its results go into the agent's HealthReport."""
+    """One health probe; its results go into the agent's HealthReport.
+
+    The agent builds each check with ``cls.from_settings(settings)`` when the class has
+    it, else ``cls()``. Result names start with the check's name (``http_probe.0``).
+    """
 
     name: ClassVar[str]
 

@@ -1,0 +1,484 @@
+"""The reference agent app: plugins composed into a running agent.
+
+`AgentApp.build` picks the providers the settings name — deployment mode (or the first
+whose ``detect()`` answers, by priority), nginx driver, renderer, health checks — and
+wires them to the agent's own parts: cache, applier, coalescer, watchdog, health
+monitor, metrics. `AgentApp.run` runs them in one task group:
+
+1. **recover** — the driver undoes a swap a crash interrupted;
+2. **boot** — the cache's last-known-good entry, if it verifies, is applied (a no-op
+   when it is already live; a *cold start* that launches nginx when nginx is down).
+   This is island mode: the agent serves its last good configuration whether or not a
+   master is reachable, and never boots from an entry that fails verification;
+3. **serve** — metrics endpoint, coalescer, watchdog, health monitor, and the source
+   of updates: the state file (masterless) or the `MasterLink` (retried with backoff
+   while the master is unreachable). Without either, the agent keeps what it runs.
+
+`run_agent` runs an `AgentApp` inside the core runtime (`nxmesh.core.runtime.run`):
+plugin lifespans, signals and shutdown come from there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import random
+import re
+import socket
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+import pluggy
+import structlog
+
+from nxmesh.agent.applier import Applier
+from nxmesh.agent.cache import AgentCache
+from nxmesh.agent.coalescer import Coalescer
+from nxmesh.agent.events import EventRecorder
+from nxmesh.agent.health import HealthMonitor
+from nxmesh.agent.layout import render_settings_of
+from nxmesh.agent.link import AgentSession, MasterLink
+from nxmesh.agent.masterless import StateFileSource, load_update
+from nxmesh.agent.metrics import AgentMetrics, serve_metrics
+from nxmesh.agent.watchdog import BackoffPolicy, Watchdog
+from nxmesh.core.errors import ConfigurationError, NxMeshError
+from nxmesh.core.events import Event
+from nxmesh.core.interfaces import DeploymentMode, HealthCheck, NginxDriver
+from nxmesh.core.model import ApplyReport, PendingApply
+from nxmesh.core.registry import ProviderRegistries
+from nxmesh.core.runtime import Runtime, StashKey, run
+from nxmesh.core.settings import Settings
+from nxmesh.plugins.nginx_driver import DriverSettings
+from nxmesh.plugins.render_nginx import RenderSettings, renderer_for
+
+__all__ = ["AGENT", "AgentApp", "AgentTuning", "choose_mode", "default_agent_id", "run_agent"]
+
+log = structlog.get_logger("nxmesh.agent")
+
+AGENT: StashKey[AgentApp] = StashKey("agent")
+"""Where `run_agent` puts the running `AgentApp` in ``runtime.stash``."""
+
+
+@attrs.frozen
+class AgentTuning:
+    """Intervals the settings do not expose; tests shorten them."""
+
+    nginx_check_interval: float = 1.0
+    state_poll_interval: float = 1.0
+    health_change_interval: float | None = None
+    link_backoff_max: float = 60.0
+    backoff: BackoffPolicy = attrs.field(factory=BackoffPolicy)
+
+
+def default_agent_id() -> str:
+    """This host's name, reduced to the characters an agent id may hold."""
+    name = re.sub(r"[^A-Za-z0-9._:+/-]", "-", socket.gethostname()) or "agent"
+    return name if name[0].isalnum() else f"agent-{name}"[:128]
+
+
+def _construct(cls: type[Any], settings: Settings) -> Any:
+    """Providers are built with ``from_settings(settings)`` when they have one, else ``cls()``."""
+    factory = getattr(cls, "from_settings", None)
+    return factory(settings) if callable(factory) else cls()
+
+
+def choose_mode(registry: ProviderRegistries, settings: Settings) -> DeploymentMode:
+    """The deployment mode the settings name, or with ``auto`` the first that detects."""
+    modes = registry["deployment_mode"]
+    wanted = settings.agent.deployment_mode
+    if wanted != "auto":
+        cls = modes.get(wanted)
+    else:
+        ranked = sorted(modes.classes(), key=lambda c: getattr(c, "priority", 0), reverse=True)
+        found = [c for c in ranked if c.detect()]
+        if not found:
+            raise ConfigurationError(
+                "agent.deployment_mode is 'auto' but no mode detects this host "
+                f"(known: {', '.join(modes.names()) or 'none'}); set one explicitly"
+            )
+        cls = found[0]
+    mode: DeploymentMode = _construct(cls, settings)
+    return mode
+
+
+def _lock_conf_dir(conf_dir: Path) -> int:
+    """Hold an exclusive lock on the config root for the agent's lifetime.
+
+    Two agents driving one tree would undo each other's applies (each one's recovery
+    takes the other's in-flight swap for a crashed one). The lock dies with the
+    process, so a ``kill -9`` never leaves it stale.
+    """
+    conf_dir.mkdir(parents=True, exist_ok=True)
+    path = conf_dir / "agent.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise NxMeshError(
+            f"another agent (pid {holder}) already drives {conf_dir}; stop it first"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+class _Started:
+    """A TaskStatus that remembers whether ``started`` was called."""
+
+    def __init__(self, inner: anyio.abc.TaskStatus[None]) -> None:
+        self.inner = inner
+        self.called = False
+
+    def started(self, value: None = None) -> None:
+        self.called = True
+        self.inner.started(value)
+
+
+@attrs.define(eq=False)
+class AgentApp:
+    """Every part of a running agent (see the module docstring for the lifecycle)."""
+
+    pm: pluggy.PluginManager
+    settings: Settings
+    agent_id: str
+    mode: DeploymentMode
+    driver: NginxDriver
+    cache: AgentCache
+    events: EventRecorder
+    metrics: AgentMetrics
+    applier: Applier
+    coalescer: Coalescer
+    watchdog: Watchdog
+    health: HealthMonitor
+    tuning: AgentTuning
+    state_file: Path | None = None
+    link: MasterLink | None = None
+    metrics_port: int | None = None
+    island: bool = True
+    """True while no master is connected (always, without a link)."""
+    state_source: StateFileSource | None = None
+    boot_report: ApplyReport | None = None
+
+    @classmethod
+    def build(
+        cls,
+        pm: pluggy.PluginManager,
+        settings: Settings,
+        registry: ProviderRegistries | None = None,
+        *,
+        state_file: Path | None = None,
+        link: MasterLink | None = None,
+        agent_id: str | None = None,
+        mode: DeploymentMode | None = None,
+        tuning: AgentTuning | None = None,
+        render_settings: RenderSettings | None = None,
+    ) -> AgentApp:
+        """Assemble an agent from settings; nothing runs until `run`.
+
+        `render_settings` overrides the renderer's host knobs (status port, workers),
+        which otherwise come from a ``[plugins.render_nginx]`` section when one is
+        declared, else the renderer's defaults.
+        """
+        registry = registry or ProviderRegistries.collect(pm)
+        agent_id = agent_id or default_agent_id()
+        tuning = tuning or AgentTuning()
+        events = EventRecorder(workspace=settings.workspace)
+        mode = mode or choose_mode(registry, settings)
+        driver_cls = registry["nginx_driver"].get(settings.agent.nginx_driver)
+        driver: NginxDriver = driver_cls.from_settings(
+            settings, mode=mode, agent_id=agent_id, events=events
+        )
+        renderer = renderer_for(
+            pm, settings, render_settings=render_settings or render_settings_of(settings)
+        )
+        cache = AgentCache(settings.state_dir / "agent")
+        metrics = AgentMetrics()
+        events.subscribe(metrics.on_event)
+        applier = Applier(
+            pm,
+            driver,
+            renderer,
+            cache=cache,
+            agent_id=agent_id,
+            events=events,
+            verify_key=cache.verify_key,
+            require_signature=cache.verify_key is not None,
+        )
+        applier.subscribe(metrics.on_report)
+        knobs = settings.plugins.get("nginx_driver")
+        knobs = knobs if isinstance(knobs, DriverSettings) else DriverSettings()
+        coalescer = Coalescer(
+            applier.apply, debounce=knobs.debounce, min_interval=knobs.min_reload_interval
+        )
+        watchdog = Watchdog(
+            applier,
+            driver,
+            mode,
+            events=events,
+            drift_interval=settings.agent.drift_interval,
+            drift_policy=settings.agent.drift_policy,
+            check_interval=tuning.nginx_check_interval,
+            backoff=tuning.backoff,
+        )
+        checks: list[HealthCheck] = []
+        for check_cls in registry["health_check"].classes():
+            try:
+                checks.append(_construct(check_cls, settings))
+            except (TypeError, NxMeshError) as exc:
+                log.warning("health check not usable", check=check_cls.name, error=str(exc))
+        health = HealthMonitor(
+            checks,
+            agent_id=agent_id,
+            interval=settings.agent.health_interval,
+            change_interval=tuning.health_change_interval,
+        )
+        health.subscribe(metrics.on_health)
+        applier.subscribe(lambda _report: health.poke())
+        return cls(
+            pm=pm,
+            settings=settings,
+            agent_id=agent_id,
+            mode=mode,
+            driver=driver,
+            cache=cache,
+            events=events,
+            metrics=metrics,
+            applier=applier,
+            coalescer=coalescer,
+            watchdog=watchdog,
+            health=health,
+            tuning=tuning,
+            state_file=state_file,
+            link=link,
+        )
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def running(self) -> tuple[int | None, str | None]:
+        """Version and digest of the update serving now (None before the first apply)."""
+        entry = self.applier.current
+        return (entry.update.version, entry.update.digest) if entry else (None, None)
+
+    def submit(self, update: PendingApply) -> None:
+        """Queue an update (master or file) for the coalescer."""
+        self.coalescer.submit(update)
+
+    async def boot(self) -> ApplyReport | None:
+        """Recover an interrupted apply, then apply the verified last-known-good entry."""
+        recover = getattr(self.driver, "recover", None)
+        if recover is not None:
+            done = await recover()
+            if done:
+                log.info("recovered", what=done)
+        entry = self.cache.load_verified("last_good")
+        if entry is None:
+            if self.cache.last_error and self.cache.path("last_good").exists():
+                self.events.record("cache.refused", reason=self.cache.last_error)
+            return None
+        report = await self.applier.apply_entry(entry)
+        self.boot_report = report
+        self.events.record(
+            "agent.booted",
+            version=entry.update.version,
+            outcome=report.outcome,
+            source=entry.source,
+        )
+        return report
+
+    async def run_once(self) -> ApplyReport | None:
+        """Boot, apply the state file once (when there is one) and return its report."""
+        try:
+            report = await self.boot()
+            if self.state_file is not None:
+                version, _digest = self.running()
+                update = await anyio.to_thread.run_sync(
+                    load_update, self.pm, self.state_file, (version or 0) + 1
+                )
+                report = await self.applier.apply(update, source="file")
+            return report
+        finally:
+            await self.aclose()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[AgentApp] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Boot, start every service, report ready with ``task_status``, run until cancelled."""
+        lock = _lock_conf_dir(self.settings.agent.conf_dir)
+        try:
+            async with anyio.create_task_group() as tg:
+                await self.boot()
+                agent = self.settings.agent
+                self.metrics_port = await tg.start(
+                    serve_metrics, self.metrics, agent.metrics_host, agent.metrics_port
+                )
+                await tg.start(self.coalescer.run)
+                await tg.start(self.watchdog.run)
+                await tg.start(self.health.run)
+                if self.state_file is not None:
+                    entry = self.applier.current
+                    last = (
+                        (entry.update.version, entry.update.digest)
+                        if entry is not None and entry.source == "file"
+                        else None
+                    )
+                    self.state_source = StateFileSource(
+                        self.pm,
+                        self.state_file,
+                        self.submit,
+                        interval=self.tuning.state_poll_interval,
+                        last=last,
+                        events=self.events,
+                    )
+                    await tg.start(self.state_source.run)
+                if self.link is not None:
+                    tg.start_soon(self._link_loop, self.link)
+                log.info(
+                    "agent running",
+                    agent_id=self.agent_id,
+                    mode=self.mode.name,
+                    masterless=self.state_file is not None,
+                    metrics_port=self.metrics_port,
+                )
+                task_status.started(self)
+        finally:
+            try:
+                await self.aclose()
+            finally:
+                os.close(lock)
+
+    async def aclose(self) -> None:
+        """Release the deployment mode (a supervised nginx is stopped if so configured)."""
+        closer = getattr(self.mode, "aclose", None)
+        if closer is not None:
+            with anyio.move_on_after(15, shield=True):
+                await closer()
+
+    # -- the master link ----------------------------------------------------------------
+
+    def session(self) -> AgentSession:
+        return AgentSession(
+            agent_id=self.agent_id,
+            labels=dict(self.settings.agent.labels),
+            deployment_mode=self.mode.name,
+            submit=self.submit,
+            running=self.running,
+        )
+
+    async def _link_loop(self, link: MasterLink) -> None:
+        """Keep the master link up; while it is down the agent is in island mode."""
+        send, receive = anyio.create_memory_object_stream[Event](256)
+
+        def forward(event: Event) -> None:
+            # Offline for long, or shutting down: drop; the recorder keeps the history.
+            with contextlib.suppress(anyio.WouldBlock, anyio.ClosedResourceError):
+                send.send_nowait(event)
+
+        self.events.subscribe(forward)
+        self.applier.subscribe(link.report_apply)
+        self.health.subscribe(link.report_health)
+        delay = min(1.0, self.tuning.link_backoff_max)
+        with send:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._forward_events, link, receive)
+                while True:
+                    try:
+                        async with anyio.create_task_group() as session_tg:
+                            await session_tg.start(self._link_session, link)
+                            self.island = False
+                            delay = min(1.0, self.tuning.link_backoff_max)
+                            self.events.record("master.connected")
+                    except* OSError as group:
+                        reason = "; ".join(str(e) for e in group.exceptions)
+                        self.events.record("master.unreachable", reason=reason, retry_in=delay)
+                    self.island = True
+                    await anyio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
+                    delay = min(delay * 2, self.tuning.link_backoff_max)
+
+    async def _link_session(
+        self, link: MasterLink, *, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        status = _Started(task_status)
+        try:
+            await link.run(self.session(), task_status=status)
+        except OSError as exc:
+            if not status.called:
+                raise
+            self.events.record("master.disconnected", reason=str(exc))
+
+    async def _forward_events(
+        self, link: MasterLink, receive: anyio.abc.ObjectReceiveStream[Event]
+    ) -> None:
+        async with receive:
+            async for event in receive:
+                if self.island:
+                    continue
+                try:
+                    await link.report_event(event)
+                except OSError:
+                    continue
+
+
+async def run_agent(
+    pm: pluggy.PluginManager,
+    settings: Settings,
+    *,
+    state_file: Path | None = None,
+    once: bool = False,
+    link: MasterLink | None = None,
+    tuning: AgentTuning | None = None,
+    render_settings: RenderSettings | None = None,
+    handle_signals: bool = True,
+) -> ApplyReport | None:
+    """Run the agent inside the core runtime until a signal (or, with `once`, one apply).
+
+    :param state_file: masterless mode: keep this desired-state file applied.
+    :param once: apply once (boot from the cache, then the state file) and return the
+        report; nginx keeps running after the agent exits.
+    :param link: the connection to a master (from a transport plugin).
+    :param render_settings: the renderer's host knobs (status port...), when not from
+        settings.
+    :returns: with `once`, the last apply's report (None when nothing was applied).
+    """
+    result: dict[str, ApplyReport | None] = {}
+
+    async def main(runtime: Runtime) -> None:
+        mode = choose_mode(runtime.registry, settings)
+        if once:
+            mode = _detached(mode)
+        app = AgentApp.build(
+            pm,
+            settings,
+            runtime.registry,
+            state_file=state_file,
+            link=link,
+            mode=mode,
+            tuning=tuning,
+            render_settings=render_settings,
+        )
+        runtime.stash[AGENT] = app
+        if once:
+            result["report"] = await app.run_once()
+            return
+        await app.run()
+
+    await run(pm, settings, main, handle_signals=handle_signals)
+    return result.get("report")
+
+
+def _detached(mode: DeploymentMode) -> DeploymentMode:
+    """For ``--once``: a supervised nginx must outlive the agent, so start it daemonized."""
+    from nxmesh.plugins.deploy_standalone import StandaloneMode
+
+    if isinstance(mode, StandaloneMode) and mode.settings.supervise:
+        return StandaloneMode(
+            mode.layout,
+            nginx_binary=mode.nginx_binary,
+            settings=attrs.evolve(mode.settings, supervise=False),
+        )
+    return mode

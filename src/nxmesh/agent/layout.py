@@ -1,0 +1,92 @@
+"""Where the agent's nginx keeps everything: one prefix, one place to look.
+
+The agent runs nginx as ``nginx -p <conf_dir> -c <conf_dir>/current/nginx.conf``. The
+rendered ``nginx.conf`` names its runtime files relative to that prefix (``logs/``,
+``tmp/``) unless the renderer's ``prefix`` pins them elsewhere, so the deployment modes,
+the driver and the health checks all derive the same paths from the same settings here
+instead of each guessing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import attrs
+
+from nxmesh.core.settings import Settings
+from nxmesh.plugins.render_nginx import RenderSettings
+
+__all__ = ["RENDER_SECTION", "NginxLayout", "render_settings_of"]
+
+RENDER_SECTION = "render_nginx"
+"""Settings section the renderer's host knobs are read from, when a plugin declares it."""
+
+
+def render_settings_of(settings: Settings) -> RenderSettings:
+    """The renderer's host knobs as the agent uses them.
+
+    A ``[plugins.render_nginx]`` section wins when a plugin declares one; otherwise the
+    renderer's defaults, with the status server where the driver's settings put it
+    (``[plugins.nginx_driver] status_address/status_port``): the driver confirms every
+    reload through that server, so it owns its address.
+    """
+    section = settings.plugins.get(RENDER_SECTION)
+    if isinstance(section, RenderSettings):
+        return section
+    driver = settings.plugins.get("nginx_driver")
+    port = getattr(driver, "status_port", None)
+    address = getattr(driver, "status_address", None)
+    defaults = RenderSettings()
+    return attrs.evolve(
+        defaults,
+        status_port=port if isinstance(port, int) else defaults.status_port,
+        status_address=address if isinstance(address, str) else defaults.status_address,
+    )
+
+
+@attrs.frozen
+class NginxLayout:
+    """The paths of one nginx instance run by the agent."""
+
+    conf_dir: Path
+    """Root of the live configuration: ``current``, ``releases/``, the apply journal."""
+    prefix: Path
+    """nginx's ``-p``: relative paths in nginx.conf resolve against it."""
+    pid_file: Path
+    error_log: Path
+
+    @property
+    def conf_file(self) -> Path:
+        """What nginx is started with (``-c``): always read through the ``current`` link."""
+        return self.conf_dir / "current" / "nginx.conf"
+
+    def runtime_dirs(self) -> list[Path]:
+        """Directories nginx expects to exist before it starts (logs, temp files)."""
+        return sorted({self.pid_file.parent, self.error_log.parent, self.prefix / "tmp"})
+
+    def ensure_runtime_dirs(self) -> None:
+        for directory in self.runtime_dirs():
+            directory.mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def for_prefix(
+        cls, conf_dir: Path, render: RenderSettings | None = None, *, prefix: Path | None = None
+    ) -> NginxLayout:
+        """The layout for a config root; `prefix` defaults to `conf_dir`."""
+        base = prefix or conf_dir
+        paths = (render or RenderSettings()).runtime_paths()
+
+        def resolve(value: str) -> Path:
+            path = Path(value)
+            return path if path.is_absolute() else base / path
+
+        return cls(
+            conf_dir=conf_dir,
+            prefix=base,
+            pid_file=resolve(paths["pid"]),
+            error_log=resolve(paths["error_log"]),
+        )
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> NginxLayout:
+        return cls.for_prefix(settings.agent.conf_dir, render_settings_of(settings))

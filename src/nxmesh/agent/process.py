@@ -1,0 +1,115 @@
+"""Finding and signalling an nginx master process: shared by every deployment mode.
+
+nginx is controlled by signals to its master process (what ``nginx -s`` does after
+reading the pid file): ``reload`` → SIGHUP (new config, new worker generation, old
+workers finish their requests), ``reopen`` → SIGUSR1 (log files), ``quit`` → SIGQUIT
+(graceful stop), ``stop`` → SIGTERM (fast stop).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import anyio
+import psutil
+
+from nxmesh.core.errors import NxMeshError
+
+__all__ = [
+    "SIGNALS",
+    "WorkerSet",
+    "pid_alive",
+    "process_clock",
+    "read_pid_file",
+    "signal_number",
+    "worker_pids",
+    "worker_started",
+]
+
+SIGNALS: Mapping[str, signal.Signals] = {
+    "reload": signal.SIGHUP,
+    "reopen": signal.SIGUSR1,
+    "quit": signal.SIGQUIT,
+    "stop": signal.SIGTERM,
+}
+
+
+def signal_number(name: str) -> signal.Signals:
+    """The signal for an nginx signal name; `NxMeshError` naming it when unknown."""
+    try:
+        return SIGNALS[name]
+    except KeyError:
+        raise NxMeshError(
+            f"unknown nginx signal {name!r}; use one of {', '.join(SIGNALS)}"
+        ) from None
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process `pid` exists and is not a zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by another user
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+async def read_pid_file(path: Path) -> int | None:
+    """The live pid in nginx's pid file, or None (missing, garbage, stale)."""
+    try:
+        text = await anyio.Path(path).read_text()
+        pid = int(text.strip())
+    except (OSError, ValueError):
+        return None
+    return pid if pid > 0 and pid_alive(pid) else None
+
+
+WorkerSet = frozenset[int]
+
+
+def process_clock() -> float:
+    """Now, on the clock of `worker_started` (psutil's: boot time + time since boot).
+
+    ``time.time()`` would be off by up to a second: the kernel's boot time is whole
+    seconds, and process start times are counted from it.
+    """
+    since_boot = time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+    return psutil.boot_time() + since_boot
+
+
+def worker_started(pid: int) -> float:
+    """When process `pid` started, on `process_clock` (10 ms resolution); 0 when unknown."""
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return 0.0
+
+
+def worker_pids(master_pid: int) -> dict[int, bool]:
+    """Worker pid → True when it is still *current* (not "is shutting down").
+
+    Old workers linger after a reload until their connections finish
+    (``worker_shutdown_timeout`` bounds it); nginx renames their title, which is how a
+    new generation is told apart from the old one.
+    """
+    try:
+        children = psutil.Process(master_pid).children()
+    except psutil.Error:
+        return {}
+    found: dict[int, bool] = {}
+    for child in children:
+        try:
+            cmdline = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if "worker process" in cmdline:
+            found[child.pid] = "shutting down" not in cmdline
+    return found

@@ -1,0 +1,77 @@
+"""``nxmesh agent [--state FILE] [--once]``: run the agent beside an nginx.
+
+Without ``--state`` the agent serves its verified cache (island mode) and takes updates
+from its master when a transport connects it. With ``--state FILE`` it is masterless:
+the file is the desired state, re-applied whenever its content changes. ``--once``
+applies once and exits (status 0 when nginx serves the configuration, 1 otherwise);
+nginx keeps running.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anyio
+import click
+
+from nxmesh.agent.app import run_agent
+from nxmesh.cli.context import CliContext, pass_cli
+from nxmesh.core.errors import NxMeshError, ValidationError
+from nxmesh.core.logging import configure_logging
+from nxmesh.core.settings import load_settings
+
+__all__ = ["agent_command"]
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+@click.command("agent")
+@click.option(
+    "--state",
+    "state_file",
+    type=click.Path(dir_okay=False, path_type=Path, exists=True),
+    help="Masterless: keep this desired-state file (YAML/JSON) applied.",
+)
+@click.option("--once", is_flag=True, help="Apply once and exit (nginx keeps running).")
+@click.option("--json", "as_json", is_flag=True, help="With --once: print the report as JSON.")
+@pass_cli
+def agent_command(ctx: CliContext, state_file: Path | None, once: bool, as_json: bool) -> None:
+    """Run the NxMesh agent: apply configurations to the nginx beside it."""
+    try:
+        settings = load_settings(ctx.pm, path=ctx.config_path)
+    except NxMeshError as exc:
+        raise click.ClickException(str(exc)) from None
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        report = anyio.run(lambda: run_agent(ctx.pm, settings, state_file=state_file, once=once))
+    except ValidationError as exc:
+        click.echo(f"invalid state: {exc}", err=True)
+        raise SystemExit(EXIT_FAILED) from None
+    except NxMeshError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_USAGE) from None
+    if not once:
+        return
+    if report is None:
+        click.echo("nothing to apply: no state file and no verified cache entry", err=True)
+        raise SystemExit(EXIT_FAILED)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "version": report.version,
+                    "digest": report.digest,
+                    "outcome": report.outcome,
+                    "message": report.message,
+                    "durations": dict(report.durations),
+                }
+            )
+        )
+    else:
+        click.echo(f"{report.outcome}: version {report.version} — {report.message}")
+    if report.outcome not in ("applied", "noop"):
+        if report.nginx_output and not as_json:
+            click.echo(report.nginx_output, err=True)
+        raise SystemExit(EXIT_FAILED)

@@ -1,0 +1,618 @@
+"""`ReloadDriver`: apply a bundle to a running nginx without ever breaking it.
+
+One apply, in order (each stage timed into the report's ``durations``):
+
+1. **verify**   the bundle's files hash to its digest; the digest already live (and its
+   tree intact, nginx running) makes the apply a ``noop``.
+2. **stage**    write the tree under ``releases/.staging-*``, make it durable, read it
+   back and compare digests.
+3. **test**     ``nginx -t`` against the staging tree in a scratch prefix, with a
+   timeout; its output is kept for the report. Failing here changes nothing: ``failed``.
+4. **swap**     journal the swap, then flip ``current`` with one ``rename(2)``.
+5. **reload**   ``signal_nginx("reload")`` through the deployment mode (or start nginx
+   when it is not running).
+6. **confirm**  poll the status server until ``/nxmesh/version`` answers the new config
+   digest *and* a worker pid that did not exist before the reload is current; an
+   ``[emerg]`` in the error log (a reload nginx refused) ends this early.
+7. **watch**    keep reading the error log for a short window for emerg/alert/crit.
+
+Any failure from stage 4 on flips ``current`` back, reloads when nginx had loaded the
+new tree, confirms the old generation serves again and reports ``rolled_back`` with
+nginx's own message. A crash (``kill -9``) at any instant leaves ``current`` on the old
+or the new tree; `recover` (run at the next start) undoes a swap that was never
+confirmed, so nginx and ``current`` agree again.
+
+Tests pause the pipeline between stages with ``NXMESH_TEST_PAUSE_AT=<stage>`` (the
+driver touches ``NXMESH_TEST_PAUSE_FILE`` and waits forever, ready to be killed).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import ClassVar, Literal
+
+import anyio
+import anyio.to_thread
+import attrs
+import structlog
+
+from nxmesh.agent.events import EventRecorder
+from nxmesh.agent.http import http_get
+from nxmesh.agent.layout import NginxLayout
+from nxmesh.agent.process import process_clock, worker_pids, worker_started
+from nxmesh.core.bundle import Bundle, bundle_digest
+from nxmesh.core.errors import NxMeshError
+from nxmesh.core.interfaces import DeploymentMode
+from nxmesh.core.model import ApplyReport, PendingApply
+from nxmesh.core.settings import Settings
+from nxmesh.nginx_check import NginxNotFoundError, find_nginx, prepare_prefix
+from nxmesh.plugins.nginx_driver.inspect import StatusEndpoint, error_logs, status_endpoint
+from nxmesh.plugins.nginx_driver.releases import ReleaseStore, sync_filesystem
+
+__all__ = [
+    "ENV_PAUSE_AT",
+    "ENV_PAUSE_FILE",
+    "STAGES",
+    "DriverSettings",
+    "ReloadDriver",
+]
+
+log = structlog.get_logger("nxmesh.agent.driver")
+
+ENV_PAUSE_AT = "NXMESH_TEST_PAUSE_AT"
+ENV_PAUSE_FILE = "NXMESH_TEST_PAUSE_FILE"
+STAGES = ("staged", "tested", "swap-prepared", "swapped", "reloaded", "confirmed", "rolled-back")
+"""Checkpoints between pipeline stages, in order (``rolled-back``: after the flip back)."""
+
+_TICK = 0.02  # process start times have 10 ms resolution; allow one tick either way
+_BAD_LEVELS = re.compile(rb"\[(emerg|alert|crit)\]")
+_EMERG = re.compile(r"\[(emerg|alert|crit)\][^\n]*")
+Outcome = Literal["applied", "failed", "rolled_back", "noop"]
+
+
+def _positive(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{attribute.name} must be greater than 0, got {value}")
+
+
+@attrs.frozen
+class DriverSettings:
+    """``[plugins.nginx_driver]``: timeouts and housekeeping of the reload driver.
+
+    `debounce` and `min_reload_interval` shape the agent's reload coalescing: updates
+    arriving within `debounce` seconds of each other (or during an apply) collapse into
+    one apply of the newest, and two reloads are at least `min_reload_interval` apart.
+    `status_address`/`status_port` place the rendered status server the driver confirms
+    each new worker generation through.
+    """
+
+    test_timeout: float = attrs.field(default=30.0, validator=_positive)
+    confirm_timeout: float = attrs.field(default=15.0, validator=_positive)
+    error_log_window: float = attrs.field(default=0.3, validator=_positive)
+    poll_interval: float = attrs.field(default=0.01, validator=_positive)
+    keep_releases: int = attrs.field(default=5, validator=attrs.validators.ge(2))
+    durable: bool = True
+    """fsync (one ``syncfs``) the staged tree before the flip: survives power loss too."""
+    debounce: float = attrs.field(default=0.05, validator=attrs.validators.ge(0))
+    min_reload_interval: float = attrs.field(default=0.5, validator=attrs.validators.ge(0))
+    status_address: str = "127.0.0.1"
+    """Where the rendered status server listens (loopback: it is for the agent only)."""
+    status_port: int = attrs.field(
+        default=9480, validator=[attrs.validators.ge(1), attrs.validators.le(65535)]
+    )
+
+
+class _ApplyFailed(Exception):
+    """Internal: a stage failed; carries what the report says."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.output = output
+
+
+@attrs.define
+class _Clock:
+    started: float = attrs.field(factory=time.monotonic)
+    durations: dict[str, float] = attrs.field(factory=dict)
+    _mark: float = attrs.field(factory=time.monotonic)
+
+    def lap(self, stage: str) -> None:
+        now = time.monotonic()
+        self.durations[stage] = round(now - self._mark, 6)
+        self._mark = now
+
+    def total(self) -> dict[str, float]:
+        return {**self.durations, "total": round(time.monotonic() - self.started, 6)}
+
+
+async def _checkpoint(stage: str) -> None:
+    """Tests only: stop here (forever) when ``NXMESH_TEST_PAUSE_AT`` names this stage."""
+    if os.environ.get(ENV_PAUSE_AT) != stage:
+        return
+    marker = os.environ.get(ENV_PAUSE_FILE)
+    if marker:
+        await anyio.Path(marker).write_text(stage)
+    await anyio.sleep_forever()
+
+
+class _LogTail:
+    """New lines of nginx's error logs since the tail was opened."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self.offsets: dict[Path, int] = {}
+        for path in dict.fromkeys(paths):
+            try:
+                self.offsets[path] = path.stat().st_size
+            except OSError:
+                self.offsets[path] = 0
+        self.lines: list[str] = []
+
+    def read(self) -> list[str]:
+        """Lines added since the last read (also appended to `lines`)."""
+        new: list[str] = []
+        for path, offset in self.offsets.items():
+            try:
+                with path.open("rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    if size < offset:  # rotated or truncated: start over
+                        offset = 0
+                    f.seek(offset)
+                    data = f.read()
+            except OSError:
+                continue
+            end = data.rfind(b"\n") + 1  # only whole lines; the rest next time
+            self.offsets[path] = offset + end
+            new += data[:end].decode("utf-8", "replace").splitlines()
+        self.lines += new
+        return new
+
+    def bad(self) -> list[str]:
+        """Lines at emerg/alert/crit level read so far."""
+        return [line for line in self.lines if _BAD_LEVELS.search(line.encode())]
+
+
+def _retrying_bind(lines: list[str]) -> bool:
+    """True while nginx is in its bind() retry loop (it gives up with "still could not")."""
+    failed = any("bind() to" in line and "[emerg]" in line for line in lines)
+    return failed and not any("still could not bind()" in line for line in lines)
+
+
+def _nginx_message(output: str) -> str:
+    """The line of nginx's output worth a headline: its first emerg/alert/crit."""
+    match = _EMERG.search(output)
+    if match:
+        return match.group(0)
+    lines = [line for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+class ReloadDriver:
+    """The built-in nginx driver: stage, ``nginx -t``, atomic swap, reload, confirm, roll back.
+
+    :param mode: how nginx is found, signalled and started.
+    :param layout: the config root (``current``, ``releases/``) and nginx's prefix.
+    :param nginx_binary: the nginx executable used for ``nginx -t``.
+    :param agent_id: written into every report.
+    :param settings: timeouts and housekeeping.
+    :param events: where applies and rollbacks are recorded.
+    """
+
+    name: ClassVar[str] = "reload"
+
+    def __init__(
+        self,
+        mode: DeploymentMode,
+        layout: NginxLayout,
+        *,
+        nginx_binary: str = "nginx",
+        agent_id: str = "local",
+        settings: DriverSettings | None = None,
+        events: EventRecorder | None = None,
+        extra_logs: tuple[Path, ...] = (),
+    ) -> None:
+        self.mode = mode
+        self.layout = layout
+        self.nginx_binary = nginx_binary
+        self.agent_id = agent_id
+        self.settings = settings or DriverSettings()
+        self.events = events or EventRecorder()
+        self.store = ReleaseStore(layout.conf_dir)
+        self.extra_logs = extra_logs
+        self._lock = anyio.Lock()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        mode: DeploymentMode,
+        agent_id: str = "local",
+        events: EventRecorder | None = None,
+    ) -> ReloadDriver:
+        """The driver the agent builds: `settings` give the layout, binary and knobs."""
+        section = settings.plugins.get("nginx_driver")
+        stderr_log = getattr(mode, "stderr_log", None)
+        return cls(
+            mode,
+            NginxLayout.from_settings(settings),
+            nginx_binary=settings.agent.nginx_binary,
+            agent_id=agent_id,
+            settings=section if isinstance(section, DriverSettings) else None,
+            events=events,
+            extra_logs=(stderr_log,) if isinstance(stderr_log, Path) else (),
+        )
+
+    # -- the protocol -------------------------------------------------------------------
+
+    @property
+    def applying(self) -> bool:
+        """True while an apply (or a recovery) holds the driver."""
+        return self._lock.locked()
+
+    async def live_digest(self) -> str | None:
+        name = self.store.current_name()
+        return None if name is None else self.store.digest_of(name)
+
+    async def live_files(self) -> Mapping[str, bytes] | None:
+        name = self.store.current_name()
+        if name is None:
+            return None
+        return await anyio.to_thread.run_sync(self.store.files_of, name)
+
+    async def apply(
+        self, update: PendingApply, bundle: Bundle, *, force: bool = False
+    ) -> ApplyReport:
+        """Run the pipeline for `bundle`; `force` rewrites and reloads even when it is live."""
+        async with self._lock:
+            started_at = time.time()
+            clock = _Clock()
+            outcome, message, output = await self._apply(update, bundle, clock, force=force)
+            report = ApplyReport(
+                agent_id=self.agent_id,
+                version=update.version,
+                digest=update.digest,
+                outcome=outcome,
+                message=message,
+                nginx_output=output,
+                durations=clock.total(),
+                started_at=started_at,
+                finished_at=time.time(),
+            )
+        if outcome != "noop":
+            self.events.record(
+                f"apply.{outcome}",
+                version=update.version,
+                digest=update.digest,
+                bundle=bundle.digest,
+                message=message,
+                seconds=report.durations.get("total", 0.0),
+            )
+        return report
+
+    async def recover(self) -> str | None:
+        """Undo a swap a crash interrupted; clean staging leftovers. Run once at start.
+
+        Returns what was done, or None when there was nothing to recover.
+        """
+        async with self._lock:
+            removed = await anyio.to_thread.run_sync(self.store.cleanup_stale)
+            journal = await anyio.to_thread.run_sync(self.store.read_journal)
+            if journal is None:
+                return f"removed {len(removed)} leftover(s)" if removed else None
+            previous = journal.get("previous")
+            current = self.store.current_name()
+            if isinstance(previous, str) and not self.store.path_of(previous).is_dir():
+                previous = None
+            if current != previous:
+                await anyio.to_thread.run_sync(self.store.point_to, previous)
+            pid = await self.mode.nginx_pid()
+            if pid is not None and previous is not None:
+                # nginx may have loaded (or be loading) the unconfirmed tree: load the
+                # old one again and wait until it serves, so nginx and ``current`` agree.
+                try:
+                    await self._reload_and_confirm(previous, pid)
+                except _ApplyFailed as exc:
+                    log.warning("recovery reload not confirmed", reason=exc.message)
+            await anyio.to_thread.run_sync(self.store.clear_journal)
+            what = f"interrupted apply of {str(journal.get('next'))[:12]} undone; " + (
+                f"current is {previous[:12]} again" if previous else "no tree is live"
+            )
+            self.events.record("apply.recovered", previous=previous, next=journal.get("next"))
+            return what
+
+    # -- the pipeline -------------------------------------------------------------------
+
+    async def _apply(
+        self, update: PendingApply, bundle: Bundle, clock: _Clock, *, force: bool
+    ) -> tuple[Outcome, str, str]:
+        if bundle_digest(bundle.files) != bundle.digest:
+            return "failed", "bundle files do not match the bundle digest", ""
+        previous = self.store.current_name()
+        pid = await self.mode.nginx_pid()
+        if not force and previous is not None and self.store.digest_of(previous) == bundle.digest:
+            intact = await anyio.to_thread.run_sync(self.store.intact, previous)
+            if intact and pid is not None:
+                clock.lap("verify")
+                return "noop", "this configuration is already live", ""
+        clock.lap("verify")
+
+        # Stage and test: nothing live changes, a failure only cleans up.
+        try:
+            name, staging = await anyio.to_thread.run_sync(
+                functools.partial(self.store.write, bundle, durable=False)
+            )
+        except OSError as exc:
+            return "failed", f"cannot write the staging tree: {exc}", ""
+        try:
+            clock.lap("stage")
+            await _checkpoint("staged")
+            ok, output = await self._test_and_sync(staging)
+            output = output.replace(f"{staging}/", "")  # name files as the bundle does
+            clock.lap("test")
+            if not ok:
+                return "failed", f"nginx -t failed: {_nginx_message(output)}", output
+            await _checkpoint("tested")
+            await anyio.to_thread.run_sync(self.store.commit, staging, name)
+        finally:
+            if staging.exists():
+                await anyio.to_thread.run_sync(_rmtree, staging)
+
+        release = self.store.path_of(name)
+        endpoint = await anyio.to_thread.run_sync(status_endpoint, release, bundle.files)
+        logs = await anyio.to_thread.run_sync(self._log_paths, release, previous)
+        tail = _LogTail(logs)
+        before = worker_pids(pid) if pid is not None else {}
+
+        # Swap: from here on every failure must restore `previous`.
+        await anyio.to_thread.run_sync(
+            self.store.write_journal, {"previous": previous, "next": name, "ts": time.time()}
+        )
+        prepared = await anyio.to_thread.run_sync(self.store.prepare_link, name)
+        await _checkpoint("swap-prepared")
+        await anyio.to_thread.run_sync(self.store.flip, prepared)
+        os.utime(release)  # "newest" for pruning is "most recently made live"
+        clock.lap("swap")
+        await _checkpoint("swapped")
+
+        started = confirmed = False
+        reload_started = time.monotonic()
+        since = process_clock()
+        try:
+            if pid is None:
+                started = True
+                await self._start_nginx()
+            else:
+                await self.mode.signal_nginx("reload")
+            clock.lap("reload")
+            await _checkpoint("reloaded")
+            await self._confirm(endpoint, before, tail, since)
+            confirmed = True
+            self._reloaded("ok", time.monotonic() - reload_started)
+            clock.lap("confirm")
+            await self._watch(tail)
+            clock.lap("watch")
+            await _checkpoint("confirmed")
+        except (_ApplyFailed, NxMeshError) as exc:
+            # NxMeshError: the mode could not signal or start nginx.
+            failure = exc if isinstance(exc, _ApplyFailed) else _ApplyFailed(str(exc))
+            if not confirmed:
+                self._reloaded("failed", time.monotonic() - reload_started)
+            return await self._rollback(previous, before, tail, failure, started=started)
+        except anyio.get_cancelled_exc_class():
+            # Shutting down mid-apply: put the confirmed tree back before leaving, so
+            # the next start finds nginx and ``current`` in agreement.
+            with anyio.move_on_after(self.settings.confirm_timeout, shield=True):
+                await self._rollback(
+                    previous, before, tail, _ApplyFailed("cancelled"), started=started
+                )
+            raise
+
+        await anyio.to_thread.run_sync(self.store.clear_journal)
+        protect = {name} | ({previous} if previous else set())
+        await anyio.to_thread.run_sync(self.store.prune, self.settings.keep_releases, protect)
+        return "applied", f"serving {bundle.digest[:12]}", "\n".join(tail.lines)
+
+    async def _test_and_sync(self, staging: Path) -> tuple[bool, str]:
+        """``nginx -t`` on the staging tree, while its files are made durable alongside."""
+        result: dict[str, tuple[bool, str]] = {}
+
+        async def test() -> None:
+            result["test"] = await self._nginx_test(staging / "nginx.conf")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(test)
+            if self.settings.durable:
+                # Overlapping the fsync with nginx -t hides most of its cost.
+                files = [staging / rel for rel in _relative_files(staging)]
+                await anyio.to_thread.run_sync(sync_filesystem, staging, files)
+        return result["test"]
+
+    async def _nginx_test(self, conf: Path) -> tuple[bool, str]:
+        """``nginx -t`` on `conf` in place, with a throwaway ``-p`` prefix.
+
+        The scratch prefix is prepared as `nxmesh.nginx_check` prepares its own (the
+        runtime dirs the rendered relative paths need); unlike `check_bundle` the tree
+        is tested where it is staged, so the bytes tested are the bytes that go live.
+        """
+        try:
+            binary = await anyio.to_thread.run_sync(find_nginx, self.nginx_binary)
+        except NginxNotFoundError as exc:
+            return False, f"[emerg] {exc}"
+        with tempfile.TemporaryDirectory(prefix="nxmesh-nginx-t-") as scratch:
+            await anyio.to_thread.run_sync(prepare_prefix, Path(scratch))
+            command = [binary, "-t", "-p", f"{scratch}/", "-c", str(conf), "-e", "stderr"]
+            with anyio.move_on_after(self.settings.test_timeout) as scope:
+                proc = await anyio.run_process(
+                    command, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT, check=False
+                )
+            if scope.cancelled_caught:
+                return False, f"[emerg] nginx -t did not finish in {self.settings.test_timeout}s"
+        return proc.returncode == 0, proc.stdout.decode("utf-8", "replace").strip()
+
+    def _log_paths(self, release: Path, previous: str | None) -> list[Path]:
+        paths = [self.layout.error_log, *self.extra_logs]
+        paths += error_logs(release, self.layout.prefix)
+        if previous is not None:
+            paths += error_logs(self.store.path_of(previous), self.layout.prefix)
+        return list(dict.fromkeys(paths))
+
+    async def _start_nginx(self) -> None:
+        await anyio.to_thread.run_sync(self.layout.ensure_runtime_dirs)
+        await self.mode.start_nginx()
+
+    async def _confirm(
+        self,
+        endpoint: StatusEndpoint | None,
+        before: Mapping[int, bool],
+        tail: _LogTail,
+        since: float,
+    ) -> None:
+        """Wait until a new worker generation serves `endpoint.expected`; raise otherwise.
+
+        `before` are the workers seen before the reload signal, sent at `since`.
+        """
+        deadline = time.monotonic() + self.settings.confirm_timeout
+        last = ""
+        while True:
+            tail.read()
+            pid = await self.mode.nginx_pid()
+            if pid is None:
+                raise _ApplyFailed("nginx exited during the reload", "\n".join(tail.lines))
+            workers = worker_pids(pid)
+            # A worker of the new generation: not there before the signal, and started
+            # after it (a generation from an earlier, interrupted reload is not ours).
+            fresh = [
+                p
+                for p, current in workers.items()
+                if current and p not in before and worker_started(p) >= since - _TICK
+            ]
+            bad = tail.bad()
+            # nginx retries a failed bind() for ~2.5 s before giving up on a reload; until
+            # it has given up (or succeeded), rolling back would race its late success.
+            if bad and not (
+                _retrying_bind(tail.lines) and not fresh and time.monotonic() < deadline
+            ):
+                raise _ApplyFailed(
+                    f"nginx refused the new configuration: {bad[0]}", "\n".join(tail.lines)
+                )
+            # Old workers stop accepting when they turn "shutting down"; until then a
+            # request may still land on the previous generation.
+            lingering = [p for p, current in workers.items() if current and p not in fresh]
+            if not fresh:
+                last = "no new worker process yet"
+            elif lingering:
+                last = f"{len(lingering)} old worker(s) still accepting"
+            elif endpoint is None or not endpoint.expected:
+                return
+            else:
+                try:
+                    response = await http_get(
+                        endpoint.host, endpoint.port, endpoint.version_path, timeout=1.0
+                    )
+                except (OSError, TimeoutError) as exc:
+                    last = f"status server {endpoint.host}:{endpoint.port} unreachable: {exc}"
+                else:
+                    answer = response.text.strip()
+                    if response.status == 200 and answer == endpoint.expected:
+                        return
+                    last = (
+                        f"status server answers {answer[:16]!r}, "
+                        f"waiting for {endpoint.expected[:16]!r}"
+                    )
+            if time.monotonic() > deadline:
+                raise _ApplyFailed(
+                    f"the new worker generation was not confirmed within "
+                    f"{self.settings.confirm_timeout}s ({last})",
+                    "\n".join(tail.lines),
+                )
+            await anyio.sleep(self.settings.poll_interval)
+
+    async def _watch(self, tail: _LogTail) -> None:
+        """Read the error log for `error_log_window` seconds; emerg/alert/crit fails."""
+        deadline = time.monotonic() + self.settings.error_log_window
+        while True:
+            tail.read()
+            bad = tail.bad()
+            if bad:
+                raise _ApplyFailed(
+                    f"nginx logged an error after the reload: {bad[0]}", "\n".join(tail.lines)
+                )
+            if time.monotonic() >= deadline:
+                return
+            await anyio.sleep(min(0.05, self.settings.error_log_window))
+
+    async def _rollback(
+        self,
+        previous: str | None,
+        before: Mapping[int, bool],
+        tail: _LogTail,
+        failure: _ApplyFailed,
+        *,
+        started: bool,
+    ) -> tuple[Outcome, str, str]:
+        """Restore `previous` as the live tree and the generation nginx serves."""
+        output = failure.output or "\n".join(tail.lines)
+        # Shielded: a cancellation mid-rollback must not leave the new tree half-live.
+        with anyio.CancelScope(shield=True):
+            try:
+                await anyio.to_thread.run_sync(self.store.point_to, previous)
+                await _checkpoint("rolled-back")
+                await self._restore_generation(previous, before, started=started)
+                await anyio.to_thread.run_sync(self.store.clear_journal)
+            except (_ApplyFailed, NxMeshError, OSError) as exc:
+                log.exception("rollback failed")
+                return "failed", f"{failure.message}; rolling back failed too: {exc}", output
+        what = previous[:12] if previous else "no configuration"
+        return "rolled_back", f"{failure.message}; rolled back to {what}", output
+
+    async def _restore_generation(
+        self, previous: str | None, before: Mapping[int, bool], *, started: bool
+    ) -> None:
+        """Make nginx serve `previous` again, reloading only when it loaded the new tree."""
+        pid = await self.mode.nginx_pid()
+        if pid is None:
+            if previous is not None and not started:
+                await self._start_nginx()  # it died during the apply: bring the old one back
+            return
+        if previous is None:
+            if started:  # we started it on the failed tree and there is nothing older
+                await self.mode.signal_nginx("quit")
+            return
+        workers = worker_pids(pid)
+        if not started and not any(cur and p not in before for p, cur in workers.items()):
+            return  # nginx refused the reload: it still runs the old generation
+        await self._reload_and_confirm(previous, pid)
+
+    async def _reload_and_confirm(self, name: str, pid: int) -> None:
+        """Reload nginx (master `pid`) and wait until release `name` serves."""
+        files = await anyio.to_thread.run_sync(self.store.files_of, name)
+        endpoint = await anyio.to_thread.run_sync(status_endpoint, self.store.path_of(name), files)
+        before = worker_pids(pid)
+        since = process_clock()
+        await self.mode.signal_nginx("reload")
+        await self._confirm(endpoint, before, _LogTail([]), since)
+
+    def _reloaded(self, result: str, seconds: float) -> None:
+        # Metrics and history listen to these: one per reload nginx was asked for.
+        self.events.record(f"reload.{result}", seconds=round(seconds, 6))
+
+
+def _relative_files(root: Path) -> list[str]:
+    return [
+        str(Path(dirpath, name).relative_to(root))
+        for dirpath, _dirs, names in os.walk(root)
+        for name in names
+    ]
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

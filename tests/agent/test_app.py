@@ -1,0 +1,298 @@
+"""The agent app end to end: island boot from the cache, masterless files, a master link."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+import pytest
+
+from nxmesh.agent.app import AgentApp, choose_mode, run_agent
+from nxmesh.agent.link import AgentHello, AgentSession, MasterLink
+from nxmesh.core.events import Event
+from nxmesh.core.model import ApplyReport, HealthReport, PendingApply
+from nxmesh.core.registry import ProviderRegistries
+from nxmesh.plugins.deploy_standalone import StandaloneMode
+
+if TYPE_CHECKING:
+    from tests.agent.conftest import AgentEnv
+
+pytestmark = [pytest.mark.anyio, pytest.mark.nginx]
+
+
+async def _serve_state_file_once(env: AgentEnv, body: str) -> None:
+    """Run a masterless agent until it serves `body`, then stop it (nginx stops too)."""
+    env.write_state(body)
+    async with anyio.create_task_group() as tg:
+        app: AgentApp = await tg.start(env.build(state_file=env.state_file).run)
+        await env.wait_body(body)
+        await app.coalescer.wait_idle()  # stopping mid-apply would roll it back
+        tg.cancel_scope.cancel()
+
+
+class TestIslandMode:
+    async def test_cold_start_from_the_cache_launches_nginx(self, agent_env: AgentEnv) -> None:
+        """With nginx down and no master, the verified cache brings the site back."""
+        await _serve_state_file_once(agent_env, "cached")
+        assert await agent_env.nginx_pid() is None
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build().run)
+            assert app.island
+            assert app.boot_report is not None
+            assert app.boot_report.outcome == "applied"
+            assert await agent_env.nginx_pid() is not None
+            assert await agent_env.body() == "cached"
+            assert "agent.booted" in app.events.kinds()
+            tg.cancel_scope.cancel()
+
+    async def test_restart_beside_a_running_nginx_is_a_noop(self, agent_env: AgentEnv) -> None:
+        """An agent restarted while nginx serves its cache (attach mode) changes nothing."""
+        agent_env.overrides["plugins.deploy_standalone.supervise"] = False
+        await _serve_state_file_once(agent_env, "steady")
+        pid = await agent_env.nginx_pid()
+        assert pid is not None  # a daemonized nginx outlives the agent
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build().run)
+            assert app.boot_report is not None
+            assert app.boot_report.outcome == "noop"
+            assert await agent_env.nginx_pid() == pid
+            tg.cancel_scope.cancel()
+
+    async def test_a_second_agent_on_the_same_tree_is_refused(self, agent_env: AgentEnv) -> None:
+        """Two agents must never drive one config root: the second fails to start."""
+        from nxmesh.core.errors import NxMeshError
+
+        agent_env.write_state("first")
+        async with anyio.create_task_group() as tg:
+            await tg.start(agent_env.build(state_file=agent_env.state_file).run)
+            with pytest.raises(NxMeshError, match="another agent"):
+                await agent_env.build().run()
+            tg.cancel_scope.cancel()
+
+    async def test_tampered_cache_is_never_booted(self, agent_env: AgentEnv) -> None:
+        """An edited cache entry is refused: nginx is not started from it."""
+        await _serve_state_file_once(agent_env, "genuine")
+        entry = agent_env.state_dir / "agent" / "last_good.json"
+        document = json.loads(entry.read_text())
+        site = document["entry"]["state"]["sites"][0]
+        site["locations"][0]["return"]["body"] = "forged"
+        entry.write_text(json.dumps(document))
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build().run)
+            assert app.boot_report is None
+            assert await agent_env.nginx_pid() is None
+            [refused] = app.events.events("cache.refused")
+            assert "bad seal" in refused.payload["reason"]
+            tg.cancel_scope.cancel()
+
+    async def test_unreachable_master_leaves_the_agent_serving(self, agent_env: AgentEnv) -> None:
+        """A link that cannot connect is retried with backoff; the cache keeps serving."""
+        await _serve_state_file_once(agent_env, "offline")
+        link = _Link(fail=True)
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build(link=link).run)
+            with anyio.fail_after(5):
+                while len(app.events.events("master.unreachable")) < 2:
+                    await anyio.sleep(0.02)
+            assert app.island
+            assert await agent_env.body() == "offline"
+            tg.cancel_scope.cancel()
+
+
+class _Link:
+    """A stand-in transport: pushes the given updates once connected, records reports."""
+
+    def __init__(self, updates: list[PendingApply] | None = None, *, fail: bool = False) -> None:
+        self.updates = updates or []
+        self.fail = fail
+        self.hellos: list[AgentHello] = []
+        self.reports: list[ApplyReport] = []
+        self.health: list[HealthReport] = []
+        self.events: list[Event] = []
+
+    async def run(self, session: AgentSession, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        if self.fail:
+            raise ConnectionRefusedError("master is down")
+        self.hellos.append(session.hello())
+        task_status.started()
+        for update in self.updates:
+            session.submit(update)
+        await anyio.sleep_forever()
+
+    async def report_apply(self, report: ApplyReport) -> None:
+        self.reports.append(report)
+
+    async def report_health(self, report: HealthReport) -> None:
+        self.health.append(report)
+
+    async def report_event(self, event: Event) -> None:
+        self.events.append(event)
+
+
+class TestMasterLink:
+    def test_stand_in_matches_the_protocol(self) -> None:
+        """The test's link has the shape a transport must provide."""
+        assert isinstance(_Link(), MasterLink)
+
+    async def test_updates_from_the_master_are_applied_and_reported(
+        self, agent_env: AgentEnv
+    ) -> None:
+        """A pushed update goes through the same pipeline and its report goes back up."""
+        from nxmesh.config.versions import state_digest
+
+        state = agent_env.state("from-master")
+        update = PendingApply(version=7, digest=state_digest(state), state=state)
+        link = _Link([update])
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build(link=link).run)
+            await agent_env.wait_body("from-master")
+            with anyio.fail_after(5):
+                while not link.reports:
+                    await anyio.sleep(0.02)
+            assert not app.island
+            assert link.hellos[0].running_version is None
+            assert (link.reports[0].version, link.reports[0].outcome) == (7, "applied")
+            assert app.running() == (7, update.digest)
+            assert "master.connected" in app.events.kinds()
+            tg.cancel_scope.cancel()
+
+    async def test_update_with_a_wrong_digest_is_refused(self, agent_env: AgentEnv) -> None:
+        """The agent re-hashes the state: a mismatching digest is reported, not applied."""
+        state = agent_env.state("forged")
+        update = PendingApply(version=3, digest="0" * 64, state=state)
+        link = _Link([update])
+        async with anyio.create_task_group() as tg:
+            await tg.start(agent_env.build(link=link).run)
+            with anyio.fail_after(5):
+                while not link.reports:
+                    await anyio.sleep(0.02)
+            assert link.reports[0].outcome == "failed"
+            assert "digest mismatch" in link.reports[0].message
+            assert await agent_env.nginx_pid() is None
+            tg.cancel_scope.cancel()
+
+
+class TestMasterless:
+    async def test_file_changes_are_reapplied(self, agent_env: AgentEnv) -> None:
+        """Editing the state file changes what nginx serves; each content is a new version."""
+        agent_env.write_state("v1")
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build(state_file=agent_env.state_file).run)
+            await agent_env.wait_body("v1")
+            agent_env.write_state("v2")
+            await agent_env.wait_body("v2")
+            with anyio.fail_after(5):
+                while app.running()[0] != 2:
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+
+    async def test_unchanged_content_is_not_reapplied(self, agent_env: AgentEnv) -> None:
+        """Rewriting the file with the same content triggers no apply."""
+        agent_env.write_state("same")
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build(state_file=agent_env.state_file).run)
+            await agent_env.wait_body("same")
+            await app.coalescer.wait_idle()
+            applies = app.coalescer.applied
+            agent_env.write_state("same")
+            await anyio.sleep(0.3)
+            assert app.coalescer.applied == applies
+            assert app.running()[0] == 1
+            tg.cancel_scope.cancel()
+
+    async def test_an_invalid_file_keeps_the_last_good_serving(self, agent_env: AgentEnv) -> None:
+        """A file that stops validating is reported; the applied config stays."""
+        agent_env.write_state("good")
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build(state_file=agent_env.state_file).run)
+            await agent_env.wait_body("good")
+            agent_env.state_file.write_text("sites:\n  - name: 'bad;name'\n")
+            with anyio.fail_after(5):
+                while not app.events.events("state_file.invalid"):
+                    await anyio.sleep(0.02)
+            assert "sites[0].name" in app.events.events("state_file.invalid")[0].payload["message"]
+            assert await agent_env.body() == "good"
+            tg.cancel_scope.cancel()
+
+    async def test_restart_keeps_the_version_of_an_unchanged_file(
+        self, agent_env: AgentEnv
+    ) -> None:
+        """Version numbers survive a restart through the cache."""
+        await _serve_state_file_once(agent_env, "kept")
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build(state_file=agent_env.state_file).run)
+            await agent_env.wait_body("kept")
+            assert app.running()[0] == 1
+            tg.cancel_scope.cancel()
+
+
+class TestRunAgent:
+    async def test_once_applies_and_leaves_nginx_running(self, agent_env: AgentEnv) -> None:
+        """run_agent(once=True) returns the report; the (daemonized) nginx keeps serving."""
+        agent_env.write_state("once")
+        report = await run_agent(
+            agent_env.pm,
+            agent_env.settings(),
+            state_file=agent_env.state_file,
+            once=True,
+            handle_signals=False,
+            render_settings=agent_env.render_settings,
+        )
+        assert report is not None
+        assert report.outcome == "applied", report.message
+        assert await agent_env.body() == "once"
+
+    def test_auto_mode_prefers_a_detected_sidecar(self, agent_env: AgentEnv) -> None:
+        """With 'auto' the highest-priority mode whose detect() is true is chosen."""
+        settings = agent_env.settings(**{"agent.deployment_mode": "auto"})
+        registry = ProviderRegistries.collect(agent_env.pm)
+        mode = choose_mode(registry, settings)
+        expected = max(
+            (c for c in registry["deployment_mode"].classes() if c.detect()),
+            key=lambda c: c.priority,
+        )
+        assert type(mode) is expected
+        named = choose_mode(registry, agent_env.settings())
+        assert isinstance(named, StandaloneMode)
+
+
+class TestCli:
+    @pytest.fixture
+    def anyio_backend(self) -> str:
+        return "asyncio"  # the CLI runs in its own process; one backend is enough
+
+    async def test_nxmesh_agent_state_once(self, agent_env: AgentEnv) -> None:
+        """``nxmesh agent --state FILE --once`` applies the file and exits 0."""
+        agent_env.write_state("cli")
+        env: dict[str, Any] = {
+            **os.environ,
+            "NXMESH_STATE_DIR": str(agent_env.state_dir),
+            "NXMESH_AGENT__CONF_DIR": str(agent_env.conf_dir),
+            "NXMESH_AGENT__NGINX_BINARY": agent_env.nginx_binary,
+            "NXMESH_AGENT__DEPLOYMENT_MODE": "standalone",
+            "NXMESH_PLUGINS__NGINX_DRIVER__ERROR_LOG_WINDOW": "0.05",
+            "NXMESH_PLUGINS__NGINX_DRIVER__STATUS_PORT": str(agent_env.status_port),
+            "NXMESH_LOG_LEVEL": "warning",
+        }
+        result = await anyio.run_process(
+            [
+                sys.executable,
+                "-c",
+                "from nxmesh.cli import main; main()",
+                "agent",
+                "--state",
+                str(agent_env.state_file),
+                "--once",
+                "--json",
+            ],
+            env=env,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()
+        report = json.loads(result.stdout.decode().strip().splitlines()[-1])
+        assert report["outcome"] == "applied"
+        assert await agent_env.body() == "cli"

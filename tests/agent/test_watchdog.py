@@ -1,0 +1,210 @@
+"""The watchdog against a real nginx: drift revert/report, restarts with backoff, breaker."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from nxmesh.agent.applier import Applier
+from nxmesh.agent.harness import NginxStack
+from nxmesh.agent.process import pid_alive
+from nxmesh.agent.watchdog import BackoffPolicy, Watchdog, file_diff
+from nxmesh.core.pluginmanager import NxMeshPluginManager
+
+pytestmark = pytest.mark.anyio
+
+FAST = BackoffPolicy(backoff_initial=0.3, backoff_max=2.0, reset_after=30.0, breaker_threshold=3)
+
+
+@pytest.fixture
+async def applier(stack: NginxStack, plugin_manager: NxMeshPluginManager) -> Applier:
+    """An applier on the real stack, with "original" applied."""
+    applier = Applier(plugin_manager, stack.driver, stack.renderer, events=stack.events)
+    report = await applier.apply(stack.update(stack.state("original")))
+    assert report.outcome == "applied", report.message
+    return applier
+
+
+def _live_site(stack: NginxStack) -> Path:
+    return stack.layout.conf_dir / "current" / "conf.d" / "site-site0.conf"
+
+
+async def _kill_nginx(pid: int) -> None:
+    """Kill master and workers at once, as the OOM killer or a crash would."""
+    os.killpg(os.getpgid(pid), signal.SIGKILL)
+    with anyio.fail_after(5):
+        while pid_alive(pid):
+            await anyio.sleep(0.005)
+
+
+class TestFileDiff:
+    def test_reports_changed_added_and_removed_files(self) -> None:
+        """The diff names each differing file with unified hunks, private keys hidden."""
+        expected = {
+            "a.conf": b"x 1;\n",
+            "gone.conf": b"y;\n",
+            "k.key": b"-----BEGIN PRIVATE KEY-----\n",
+        }
+        live = {
+            "a.conf": b"x 2;\n",
+            "new.conf": b"z;\n",
+            "k.key": b"-----BEGIN PRIVATE KEY-----\nX\n",
+        }
+        diff = file_diff(expected, live)
+        assert "--- expected/a.conf\n+++ live/a.conf\n" in diff
+        assert "-x 1;\n+x 2;\n" in diff
+        assert "+++ live/new.conf" in diff
+        assert "--- expected/gone.conf" in diff
+        assert "Private key file k.key differs (not shown)" in diff
+        assert "BEGIN PRIVATE KEY" not in diff
+
+
+@pytest.mark.nginx
+class TestDrift:
+    async def test_drift_is_reverted_with_a_file_diff(
+        self, stack: NginxStack, applier: Applier
+    ) -> None:
+        """An edited live file is detected, diffed, and the good tree restored and reloaded."""
+        site = _live_site(stack)
+        site.write_text(site.read_text().replace("original", "hacked"))
+        await stack.mode.signal_nginx("reload")  # someone even reloaded nginx by hand
+        watchdog = Watchdog(applier, stack.driver, stack.mode, drift_policy="revert")
+        drift = await watchdog.check_drift()
+        assert drift is not None
+        assert drift.changed == ("conf.d/site-site0.conf",)
+        assert "-        return 200 original;" in drift.diff
+        assert "+        return 200 hacked;" in drift.diff
+        assert stack.events.kinds()[-1] == "drift.reverted"
+        assert await stack.body() == "original"
+        assert await watchdog.check_drift() is None
+
+    async def test_report_policy_leaves_the_files_alone(
+        self, stack: NginxStack, applier: Applier
+    ) -> None:
+        """With policy report the drift is recorded (with its diff) and nothing is changed."""
+        extra = stack.layout.conf_dir / "current" / "conf.d" / "zz-extra.conf"
+        extra.write_text("# added by hand\n")
+        watchdog = Watchdog(applier, stack.driver, stack.mode, drift_policy="report")
+        drift = await watchdog.check_drift()
+        assert drift is not None
+        assert drift.added == ("conf.d/zz-extra.conf",)
+        [event] = stack.events.events("drift")
+        assert event.kind == "drift.detected"
+        assert "+# added by hand" in event.payload["diff"]
+        assert extra.exists()
+
+    async def test_drift_check_waits_while_an_apply_runs(
+        self, stack: NginxStack, applier: Applier
+    ) -> None:
+        """The check holds off while the apply lock is taken: an apply's writes are not drift."""
+        _live_site(stack).write_text("# mid-apply\n")
+        watchdog = Watchdog(applier, stack.driver, stack.mode, drift_policy="report")
+        release = anyio.Event()
+        holding = anyio.Event()
+
+        async def apply_in_progress() -> None:
+            async with applier.lock:
+                holding.set()
+                await release.wait()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(apply_in_progress)
+            await holding.wait()
+            with anyio.move_on_after(0.2) as scope:
+                await watchdog.check_drift()
+            assert scope.cancelled_caught
+            assert not stack.events.events("drift")
+            release.set()
+        assert await watchdog.check_drift() is not None  # and it resumes afterwards
+
+    async def test_the_drift_loop_runs_on_its_interval(
+        self, stack: NginxStack, applier: Applier
+    ) -> None:
+        """Running, the watchdog finds and reverts drift on its own."""
+        _live_site(stack).unlink()
+        watchdog = Watchdog(
+            applier, stack.driver, stack.mode, drift_interval=0.05, check_interval=0.05
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(watchdog.run)
+            with anyio.fail_after(10):
+                while not stack.events.events("drift.reverted"):
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+        assert _live_site(stack).exists()
+        assert await stack.body() == "original"
+
+
+@pytest.mark.nginx
+class TestNginxDeath:
+    async def test_dead_nginx_is_restarted_with_growing_backoff(
+        self, stack: NginxStack, applier: Applier
+    ) -> None:
+        """Each restart in a row waits twice as long as the previous one."""
+        watchdog = Watchdog(applier, stack.driver, stack.mode, backoff=FAST)
+        for attempt in (1, 2):
+            pid = await stack.master_pid()
+            assert pid is not None
+            await _kill_nginx(pid)
+            with anyio.fail_after(10):
+                while await watchdog.check_nginx() is not True:
+                    await anyio.sleep(0.02)
+            assert await stack.body() == "original"
+            restarted = stack.events.events("nginx.restarted")[-1]
+            assert restarted.payload["attempt"] == attempt
+        delays = [e.payload["next_delay"] for e in stack.events.events("nginx.restarted")]
+        assert delays == [0.3, 0.6]
+        # The second restart waited out the first one's delay.
+        died = [e.ts for e in stack.events.events("nginx.died")]
+        restarted_at = [e.ts for e in stack.events.events("nginx.restarted")]
+        assert restarted_at[1] - restarted_at[0] >= 0.3 - 0.01
+        assert len(died) == 2
+
+    async def test_breaker_opens_after_repeated_restarts(
+        self, stack: NginxStack, applier: Applier
+    ) -> None:
+        """After breaker_threshold restarts in the window no further restart is tried."""
+        policy = BackoffPolicy(
+            backoff_initial=0.01, backoff_max=0.01, breaker_threshold=2, breaker_cooldown=60
+        )
+        watchdog = Watchdog(applier, stack.driver, stack.mode, backoff=policy)
+        for _ in range(2):
+            pid = await stack.master_pid()
+            assert pid is not None
+            await _kill_nginx(pid)
+            with anyio.fail_after(10):
+                while await watchdog.check_nginx() is not True:
+                    await anyio.sleep(0.02)
+        pid = await stack.master_pid()
+        assert pid is not None
+        await _kill_nginx(pid)
+        await anyio.sleep(0.05)
+        for _ in range(5):
+            assert await watchdog.check_nginx() is False
+            await anyio.sleep(0.02)
+        assert watchdog.breaker_open
+        assert stack.events.kinds().count("breaker.open") == 1
+        assert await stack.master_pid() is None
+
+    async def test_the_liveness_loop_restarts_nginx_by_itself(
+        self, stack: NginxStack, applier: Applier
+    ) -> None:
+        """Running, the watchdog notices a death and brings nginx back serving."""
+        watchdog = Watchdog(applier, stack.driver, stack.mode, check_interval=0.05, backoff=FAST)
+        async with anyio.create_task_group() as tg:
+            await tg.start(watchdog.run)
+            pid = await stack.master_pid()
+            assert pid is not None
+            await _kill_nginx(pid)
+            with anyio.fail_after(10):
+                while not stack.events.events("nginx.restarted"):
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+        assert await stack.body() == "original"
+        assert stack.events.kinds().index("nginx.died") < stack.events.kinds().index(
+            "nginx.restarted"
+        )

@@ -1,0 +1,198 @@
+"""The standalone and docker-sidecar deployment modes, against a real nginx."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from nxmesh import NxMeshError
+from nxmesh.agent.harness import NginxStack
+from nxmesh.agent.layout import NginxLayout
+from nxmesh.agent.process import pid_alive, worker_pids
+from nxmesh.core.pluginmanager import NxMeshPluginManager
+from nxmesh.core.registry import ProviderRegistries
+from nxmesh.plugins.deploy_docker import DockerSettings, DockerSidecarMode, in_container
+from nxmesh.plugins.deploy_standalone import StandaloneMode, StandaloneSettings
+from nxmesh.testing.contracts import DeploymentModeContract
+
+
+class TestStandaloneSupervisedContract(DeploymentModeContract):
+    @pytest.fixture
+    def mode(self, tmp_path: Path) -> StandaloneMode:
+        return StandaloneMode(NginxLayout.for_prefix(tmp_path))
+
+
+class TestStandaloneAttachedContract(DeploymentModeContract):
+    @pytest.fixture
+    def mode(self, tmp_path: Path) -> StandaloneMode:
+        return StandaloneMode(
+            NginxLayout.for_prefix(tmp_path), settings=StandaloneSettings(supervise=False)
+        )
+
+
+class TestDockerSidecarContract(DeploymentModeContract):
+    @pytest.fixture
+    def mode(self, tmp_path: Path) -> DockerSidecarMode:
+        return DockerSidecarMode(NginxLayout.for_prefix(tmp_path))
+
+
+class TestRegistration:
+    def test_both_modes_are_registered(self, plugin_manager: NxMeshPluginManager) -> None:
+        """standalone and docker-sidecar are deployment modes of the built-in plugins."""
+        modes = ProviderRegistries.collect(plugin_manager)["deployment_mode"]
+        assert modes.get("standalone") is StandaloneMode
+        assert modes.get("docker-sidecar") is DockerSidecarMode
+
+    def test_sidecars_outrank_standalone(self) -> None:
+        """With auto-detection a detected sidecar mode wins over standalone."""
+        assert DockerSidecarMode.priority > StandaloneMode.priority
+
+
+class TestDetect:
+    def test_dockerenv_file_means_container(self, tmp_path: Path) -> None:
+        """/.dockerenv marks a docker container."""
+        (tmp_path / ".dockerenv").touch()
+        none = tmp_path / "missing"
+        assert in_container(tmp_path / ".dockerenv", none, none) is True
+
+    def test_container_cgroup_means_container(self, tmp_path: Path) -> None:
+        """A docker cgroup path marks a container even without /.dockerenv."""
+        cgroup = tmp_path / "cgroup"
+        cgroup.write_text("0::/docker/3f2a9c\n")
+        none = tmp_path / "missing"
+        assert in_container(none, cgroup, none) is True
+
+    def test_plain_host_is_not_a_container(self, tmp_path: Path) -> None:
+        """No marker file and a root cgroup: not a container."""
+        cgroup = tmp_path / "cgroup"
+        cgroup.write_text("0::/\n")
+        mountinfo = tmp_path / "mountinfo"
+        mountinfo.write_text("22 1 8:1 / / rw,relatime - ext4 /dev/sda1 rw\n")
+        assert in_container(tmp_path / "missing", cgroup, mountinfo) is False
+
+    def test_standalone_detects_an_installed_nginx(self, nginx_binary: str) -> None:
+        """Standalone claims a host that has an nginx binary."""
+        assert StandaloneMode.detect() is True
+
+
+@pytest.fixture
+async def applied(
+    nginx_binary: str, tmp_path: Path, anyio_backend: str
+) -> AsyncIterator[NginxStack]:
+    """A supervised nginx serving "one" from a stack rooted in `tmp_path`."""
+    async with NginxStack(root=tmp_path, nginx_binary=nginx_binary) as stack:
+        state = stack.state("one")
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        yield stack
+
+
+@pytest.mark.anyio
+@pytest.mark.nginx
+class TestStandaloneSupervised:
+    async def test_nginx_runs_as_a_child_in_the_foreground(self, applied: NginxStack) -> None:
+        """The supervised nginx master is this process's child and wrote its pid file."""
+        pid = await applied.mode.nginx_pid()
+        assert pid is not None
+        assert applied.mode.supervising
+        assert int(applied.layout.pid_file.read_text()) == pid
+        import psutil
+
+        assert psutil.Process(pid).ppid() == os.getpid()
+
+    async def test_reload_signal_starts_a_new_generation(self, applied: NginxStack) -> None:
+        """signal_nginx('reload') makes the master replace its workers."""
+        import anyio
+
+        pid = await applied.mode.nginx_pid()
+        assert pid is not None
+        before = set(worker_pids(pid))
+        await applied.mode.signal_nginx("reload")
+        with anyio.fail_after(10):
+            while not (set(worker_pids(pid)) - before):
+                await anyio.sleep(0.02)
+
+    async def test_aclose_stops_the_child(self, applied: NginxStack) -> None:
+        """Closing the mode stops a supervised nginx (stop_on_exit)."""
+        pid = await applied.mode.nginx_pid()
+        assert pid is not None
+        await applied.mode.aclose()
+        assert not pid_alive(pid)
+        assert await applied.mode.nginx_pid() is None
+
+    async def test_a_new_agent_adopts_the_running_nginx(self, applied: NginxStack) -> None:
+        """start_nginx with nginx already running (pid file) adopts it: no second master."""
+        pid = await applied.mode.nginx_pid()
+        other = StandaloneMode(applied.layout, nginx_binary=applied.nginx_binary)
+        await other.start_nginx()
+        assert await other.nginx_pid() == pid
+        assert not other.supervising
+
+    async def test_start_failure_carries_nginx_output(
+        self, nginx_binary: str, tmp_path: Path
+    ) -> None:
+        """A tree nginx cannot start from is an error quoting nginx's complaint."""
+        layout = NginxLayout.for_prefix(tmp_path)
+        release = tmp_path / "releases" / ("0" * 64)
+        release.mkdir(parents=True)
+        (release / "nginx.conf").write_text("events {}\nhttp { bogus on; }\n")
+        (tmp_path / "current").symlink_to(Path("releases") / ("0" * 64))
+        mode = StandaloneMode(layout, nginx_binary=nginx_binary)
+        with pytest.raises(NxMeshError, match='unknown directive "bogus"'):
+            await mode.start_nginx()
+        assert await mode.nginx_pid() is None
+
+    async def test_starting_without_a_tree_is_refused(self, tmp_path: Path) -> None:
+        """No applied configuration yet: start_nginx explains instead of failing obscurely."""
+        mode = StandaloneMode(NginxLayout.for_prefix(tmp_path))
+        with pytest.raises(NxMeshError, match="nothing applied yet"):
+            await mode.start_nginx()
+
+
+@pytest.mark.anyio
+@pytest.mark.nginx
+class TestStandaloneAttached:
+    async def test_attached_nginx_is_daemonized_and_left_running(
+        self, nginx_binary: str, tmp_path: Path
+    ) -> None:
+        """supervise=false starts nginx as a daemon that outlives the mode."""
+        async with NginxStack(tmp_path, nginx_binary, supervise=False) as stack:
+            state = stack.state("daemon")
+            await stack.driver.apply(stack.update(state), stack.render(state))
+            pid = await stack.mode.nginx_pid()
+            assert pid is not None
+            import psutil
+
+            assert psutil.Process(pid).ppid() != os.getpid()
+            await stack.mode.aclose()
+            assert pid_alive(pid)
+            assert await stack.body() == "daemon"
+
+
+@pytest.mark.anyio
+@pytest.mark.nginx
+class TestDockerSidecar:
+    async def test_signals_nginx_found_through_the_shared_pid_file(
+        self, applied: NginxStack
+    ) -> None:
+        """The sidecar finds nginx by the pid file on the shared volume and reloads it."""
+        import anyio
+
+        mode = DockerSidecarMode(applied.layout)
+        pid = await mode.nginx_pid()
+        assert pid == await applied.mode.nginx_pid()
+        assert pid is not None
+        before = set(worker_pids(pid))
+        await mode.signal_nginx("reload")
+        with anyio.fail_after(10):
+            while not (set(worker_pids(pid)) - before):
+                await anyio.sleep(0.02)
+
+    async def test_start_is_left_to_the_nginx_container(self, tmp_path: Path) -> None:
+        """The sidecar never starts nginx; the error says where it should come from."""
+        mode = DockerSidecarMode(NginxLayout.for_prefix(tmp_path), settings=DockerSettings())
+        with pytest.raises(NxMeshError, match="--pid=container"):
+            await mode.start_nginx()

@@ -1,0 +1,193 @@
+"""The reload driver against a real nginx on loopback: apply, reject, roll back, prune."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import attrs
+import pytest
+
+from nxmesh.agent.fsutil import read_tree
+from nxmesh.agent.harness import NginxStack
+from nxmesh.core.bundle import Bundle, bundle_digest
+from nxmesh.core.model import DesiredState, Listener, Site, Upstream, UpstreamServer
+from nxmesh.core.pluginmanager import NxMeshPluginManager
+from nxmesh.core.registry import ProviderRegistries
+from nxmesh.plugins.nginx_driver import DriverSettings, ReloadDriver
+from nxmesh.testing.contracts import NginxDriverContract
+
+pytestmark = [pytest.mark.anyio, pytest.mark.nginx]
+
+
+@pytest.fixture
+async def stack(nginx_binary: str, tmp_path: Path, anyio_backend: str) -> AsyncIterator[NginxStack]:
+    async with NginxStack(root=tmp_path / "nginx", nginx_binary=nginx_binary) as stack:
+        yield stack
+
+
+def _on_port(state: DesiredState, port: int) -> DesiredState:
+    """`state` with every site listening on 127.0.0.1:`port` (tests must not bind :80)."""
+    sites = tuple(
+        attrs.evolve(site, listeners=(Listener(port=port, address="127.0.0.1"),))
+        for site in state.sites
+    )
+    return attrs.evolve(state, sites=sites)
+
+
+class TestReloadDriverContract(NginxDriverContract):
+    @pytest.fixture
+    def driver(self, stack: NginxStack) -> ReloadDriver:
+        return stack.driver
+
+    @pytest.fixture
+    def bundle_for(self, stack: NginxStack) -> Callable[[DesiredState], Bundle]:
+        return lambda state: stack.render(_on_port(state, stack.web_port))
+
+
+class TestRegistration:
+    def test_registered_as_reload(self, plugin_manager: NxMeshPluginManager) -> None:
+        """The plugin registers the driver under the name the settings default to."""
+        registries = ProviderRegistries.collect(plugin_manager)
+        assert registries["nginx_driver"].get("reload") is ReloadDriver
+
+
+class TestApply:
+    async def test_served_content_follows_each_apply(self, stack: NginxStack) -> None:
+        """Each applied version is what nginx serves right after the report."""
+        for body in ("first", "second", "third"):
+            state = stack.state(body)
+            report = await stack.driver.apply(stack.update(state), stack.render(state))
+            assert report.outcome == "applied", report.message
+            assert await stack.body() == body
+        assert report.durations["total"] >= report.durations["confirm"] > 0
+
+    async def test_a_new_worker_generation_serves_after_apply(self, stack: NginxStack) -> None:
+        """A reload leaves the master in place and replaces every current worker."""
+        from nxmesh.agent.process import worker_pids
+
+        first = stack.state("a")
+        await stack.driver.apply(stack.update(first), stack.render(first))
+        master = await stack.master_pid()
+        assert master is not None
+        before = {p for p, current in worker_pids(master).items() if current}
+        second = stack.state("b")
+        await stack.driver.apply(stack.update(second), stack.render(second))
+        after = {p for p, current in worker_pids(master).items() if current}
+        assert await stack.master_pid() == master
+        assert after
+        assert not (after & before)
+
+    async def test_live_tree_is_a_symlink_to_a_whole_release(self, stack: NginxStack) -> None:
+        """``current`` points at ``releases/<digest>`` holding exactly the bundle."""
+        state = stack.state("tree")
+        bundle = stack.render(state)
+        await stack.driver.apply(stack.update(state), bundle)
+        link = stack.layout.conf_dir / "current"
+        assert os.readlink(link) == f"releases/{bundle.digest}"
+        assert read_tree(link) == dict(bundle.files)
+        assert not (stack.layout.conf_dir / "apply.journal").exists()
+
+    async def test_invalid_config_is_rejected_and_old_keeps_serving(
+        self, stack: NginxStack
+    ) -> None:
+        """nginx -t failing reports nginx's own message and changes nothing live."""
+        good = stack.state("good")
+        await stack.driver.apply(stack.update(good), stack.render(good))
+        live = await stack.driver.live_digest()
+        bad = attrs.evolve(
+            stack.state("bad"),
+            upstreams=(
+                Upstream(name="app", servers=(UpstreamServer(address="no-such-host.invalid:80"),)),
+            ),
+        )
+        report = await stack.driver.apply(stack.update(bad), stack.render(bad))
+        assert report.outcome == "failed"
+        assert "nginx -t failed" in report.message
+        assert "host not found" in report.nginx_output
+        assert await stack.driver.live_digest() == live
+        assert await stack.body() == "good"
+
+    async def test_hand_broken_bundle_names_the_file_and_line(self, stack: NginxStack) -> None:
+        """A bundle nginx cannot parse is refused with the bundle-relative location."""
+        state = stack.state("x")
+        files = dict(stack.render(state).files)
+        files["conf.d/zz-broken.conf"] = b"server {\n    listen 127.0.0.1:1;\n    bogus on;\n}\n"
+        report = await stack.driver.apply(stack.update(state), Bundle(files))
+        assert report.outcome == "failed"
+        assert 'unknown directive "bogus" in conf.d/zz-broken.conf:3' in report.message
+        assert await stack.driver.live_digest() is None
+
+    async def test_reload_refused_after_the_swap_rolls_back(self, stack: NginxStack) -> None:
+        """A config that passes -t but cannot bind is rolled back; old content serves."""
+        good = stack.state("before")
+        await stack.driver.apply(stack.update(good), stack.render(good))
+        live = await stack.driver.live_digest()
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            extra = Site(
+                name="clash",
+                server_names=("clash.test",),
+                listeners=(Listener(port=port, address="127.0.0.1"),),
+                locations=stack.state("x").sites[0].locations,
+            )
+            state = attrs.evolve(stack.state("after"), sites=(*stack.state("after").sites, extra))
+            report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "rolled_back", report.message
+        assert "Address already in use" in report.message
+        assert "bind()" in report.nginx_output
+        assert await stack.driver.live_digest() == live
+        assert await stack.body() == "before"
+        assert stack.events.kinds()[-2:] == ["reload.failed", "apply.rolled_back"]
+        # Once the port is free again the same driver applies normally.
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        assert await stack.body() == "after"
+
+    async def test_cold_start_launches_nginx(self, stack: NginxStack) -> None:
+        """Applying with no nginx running starts it on the new tree."""
+        assert await stack.master_pid() is None
+        state = stack.state("cold")
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        assert await stack.master_pid() is not None
+        assert await stack.body() == "cold"
+
+    async def test_forced_apply_replaces_a_tampered_live_tree(self, stack: NginxStack) -> None:
+        """force re-stages a fresh release when the live one was edited in place."""
+        state = stack.state("pristine")
+        bundle = stack.render(state)
+        await stack.driver.apply(stack.update(state), bundle)
+        site = stack.layout.conf_dir / "current" / "conf.d" / "site-site0.conf"
+        site.write_text(site.read_text().replace("pristine", "tampered"))
+        report = await stack.driver.apply(stack.update(state), bundle, force=True)
+        assert report.outcome == "applied", report.message
+        assert os.readlink(stack.layout.conf_dir / "current") == f"releases/{bundle.digest}.1"
+        assert bundle_digest(dict(await stack.driver.live_files() or {})) == bundle.digest
+        assert await stack.driver.live_digest() == bundle.digest
+
+    async def test_unforced_apply_of_tampered_live_digest_is_not_a_noop(
+        self, stack: NginxStack
+    ) -> None:
+        """The no-op shortcut checks the tree's content, not only its name."""
+        state = stack.state("same")
+        bundle = stack.render(state)
+        await stack.driver.apply(stack.update(state), bundle)
+        (stack.layout.conf_dir / "current" / "conf.d" / "extra.conf").write_text("# drift\n")
+        report = await stack.driver.apply(stack.update(state), bundle)
+        assert report.outcome == "applied"
+
+    async def test_old_releases_are_pruned(self, nginx_binary: str, tmp_path: Path) -> None:
+        """At most keep_releases trees stay on disk, the live one always among them."""
+        settings = DriverSettings(error_log_window=0.01, keep_releases=2)
+        async with NginxStack(tmp_path, nginx_binary, driver_settings=settings) as stack:
+            for i in range(5):
+                state = stack.state(f"v{i}")
+                await stack.driver.apply(stack.update(state), stack.render(state))
+            releases = [p.name for p in (tmp_path / "releases").iterdir()]
+            assert len(releases) == 2
+            assert await stack.driver.live_digest() in releases
