@@ -11,6 +11,7 @@ from nxmesh import __version__
 from nxmesh.cli.agent_cmd import agent_command
 from nxmesh.cli.context import CliContext
 from nxmesh.cli.plugins_cmd import plugins_command
+from nxmesh.cli.render_cmd import render_command
 from nxmesh.cli.settings_cmd import config_group
 from nxmesh.cli.validate_cmd import validate_command
 from nxmesh.cli.versions_cmd import versions_group
@@ -54,6 +55,7 @@ def build_cli(argv: list[str] | None = None) -> click.Group:
 
     cli.add_command(plugins_command)
     cli.add_command(validate_command)
+    cli.add_command(render_command)
     cli.add_command(config_group)
     cli.add_command(versions_group)
     cli.add_command(agent_command)

@@ -1,0 +1,531 @@
+"""Properties of the renderer: no value the model accepts can change the config's structure.
+
+Strategies draw states from the model's own allow-lists (`nxmesh.core.validation`), so they
+include the nasty-but-valid characters each field admits: parentheses and ``%XX`` in
+paths, quotes, ``<>``, ``|`` and spaces in header values, backslash escapes and the ``$``
+anchor in regexes, ``$request_uri`` in redirects, IPv6 listeners... Each rendered bundle is
+parsed with crossplane and compared with the structure the state implies: exactly these
+blocks, these directives in this order, these argument values. A value that added a
+directive, a block or an argument, or lost a character, fails the comparison.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import unicodedata
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import crossplane
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from nxmesh.core import validation as v
+from nxmesh.core.model import (
+    DesiredState,
+    Header,
+    Listener,
+    Location,
+    Redirect,
+    Return,
+    Site,
+    TLSConfig,
+    Upstream,
+    UpstreamServer,
+)
+from nxmesh.nginx_check import write_bundle
+from nxmesh.plugins.render_nginx import NginxRenderer, RenderSettings, site_view
+from nxmesh.plugins.render_nginx.quoting import DOLLAR_VARIABLE, Token, UnsafeValueError, quote
+
+Directive = dict[str, Any]
+
+PROPERTY_SETTINGS = settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+# Every directive a rendered bundle may contain. A value that smuggled in any other
+# directive name would fail the allow-set check even before the exact comparison.
+ALLOWED_DIRECTIVES = frozenset(
+    {
+        "user",
+        "worker_processes",
+        "worker_shutdown_timeout",
+        "pid",
+        "error_log",
+        "events",
+        "worker_connections",
+        "http",
+        "include",
+        "default_type",
+        "server_tokens",
+        "sendfile",
+        "tcp_nopush",
+        "tcp_nodelay",
+        "keepalive_timeout",
+        "types_hash_max_size",
+        "log_format",
+        "access_log",
+        "client_body_temp_path",
+        "proxy_temp_path",
+        "fastcgi_temp_path",
+        "uwsgi_temp_path",
+        "scgi_temp_path",
+        "proxy_http_version",
+        "proxy_connect_timeout",
+        "proxy_send_timeout",
+        "proxy_read_timeout",
+        "ssl_protocols",
+        "ssl_ciphers",
+        "ssl_prefer_server_ciphers",
+        "ssl_session_cache",
+        "ssl_session_timeout",
+        "ssl_session_tickets",
+        "map",
+        "geo",
+        "types",
+        "upstream",
+        "server",
+        "least_conn",
+        "ip_hash",
+        "random",
+        "keepalive",
+        "listen",
+        "server_name",
+        "ssl_certificate",
+        "ssl_certificate_key",
+        "client_max_body_size",
+        "add_header",
+        "location",
+        "return",
+        "proxy_pass",
+        "proxy_set_header",
+        "root",
+        "index",
+        "try_files",
+        "stub_status",
+    }
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Strategies from the model's allow-lists
+# ---------------------------------------------------------------------------------------
+
+
+def matching(rule: v.TextRule) -> st.SearchStrategy[str]:
+    """Strings of the rule's pattern that the whole rule (length, extra checks) accepts."""
+    return st.from_regex(rule.pattern, fullmatch=True).filter(lambda s: rule.reason(s) is None)
+
+
+def text_of(rule: v.TextRule, max_size: int = 40) -> st.SearchStrategy[str]:
+    """Free text over every printable ASCII character a ``[...]*`` rule allows: drawn
+    directly rather than filtered, so it stays fast and reaches every character."""
+    alphabet = [c for c in map(chr, range(32, 127)) if rule.pattern.fullmatch(c)]
+    return st.text(alphabet, min_size=rule.min_len, max_size=max_size).filter(
+        lambda s: rule.reason(s) is None
+    )
+
+
+names = st.from_regex(r"[a-z][a-z0-9_-]{0,12}", fullmatch=True)
+ports = st.integers(1, 65535)
+header = st.builds(
+    Header, name=matching(v.HEADER_NAME), value=text_of(v.HEADER_VALUE), always=st.booleans()
+)
+headers = st.lists(header, max_size=3).map(tuple)
+
+_REGEX_ATOMS = st.sampled_from(
+    [
+        "a",
+        "Z",
+        "9",
+        "/",
+        "-",
+        "_",
+        ".",
+        "~",
+        "!",
+        "@",
+        ":",
+        ",",
+        "=",
+        "%",
+        r"\.",
+        r"\d",
+        r"\w",
+        r"\s",
+        r"\/",
+        "[a-z]",
+        "[0-9]+",
+        "(?:png|jpe?g)",
+        "(x|y)",
+        ".*",
+        "+",
+        "?",
+        "|",
+    ]
+)
+regexes = st.builds(
+    lambda head, atoms, tail: head + "".join(atoms) + tail,
+    st.sampled_from(["", "^", "^/"]),
+    st.lists(_REGEX_ATOMS, min_size=1, max_size=6),
+    st.sampled_from(["", "$"]),
+).filter(lambda s: v.REGEX_PATH.reason(s) is None)
+
+upstream_addresses = st.one_of(
+    st.builds(lambda ip, port: f"{ip}:{port}", st.ip_addresses(v=4), ports),
+    st.builds(lambda ip, port: f"[{ip}]:{port}", st.ip_addresses(v=6), ports),
+    st.builds(
+        lambda labels, port: f"{'.'.join(labels)}:{port}",
+        st.lists(
+            # A leading letter: an all-digit host would read as a (broken) IPv4 address.
+            st.from_regex(r"[A-Za-z_](?:[A-Za-z0-9_-]{0,8}[A-Za-z0-9_])?", fullmatch=True),
+            min_size=1,
+            max_size=3,
+        ),
+        ports,
+    ),
+    st.from_regex(r"unix:/[A-Za-z0-9._-]{1,20}(/[A-Za-z0-9._-]{1,10})?", fullmatch=True),
+).filter(lambda s: v.UPSTREAM_ADDRESS.reason(s) is None)
+
+# Segments never start with '.', so '.' and '..' (refused by the model) are not drawn.
+roots = st.builds(
+    lambda segments, slash: "/" + "/".join(segments) + slash,
+    st.lists(
+        st.from_regex(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,10}", fullmatch=True), min_size=1, max_size=4
+    ),
+    st.sampled_from(["", "/"]),
+).filter(lambda s: v.ROOT_PATH.reason(s) is None)
+
+tls_protocols = st.sampled_from(
+    [("TLSv1.2",), ("TLSv1.3",), ("TLSv1.2", "TLSv1.3"), ("TLSv1.3", "TLSv1.2")]
+)
+
+listen_addresses = st.one_of(
+    st.none(),
+    st.just("*"),
+    st.ip_addresses().map(str),
+).filter(lambda s: s is None or v.LISTEN_ADDRESS.reason(s) is None)
+
+
+@st.composite
+def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
+    match = draw(st.sampled_from(["prefix", "exact", "regex", "regex_ci"]))
+    path = draw(matching(v.LOCATION_PATH) if match in ("prefix", "exact") else regexes)
+    common: dict[str, Any] = {
+        "path": path,
+        "match": match,
+        "headers": draw(headers),
+        "client_max_body_size": draw(st.none() | matching(v.SIZE)),
+    }
+    action = draw(st.sampled_from(["upstream", "root", "redirect", "return"]))
+    if action == "upstream":
+        return Location(
+            upstream=draw(st.sampled_from(upstream_names)),
+            websocket=draw(st.booleans()),
+            proxy_headers=draw(headers),
+            proxy_read_timeout=draw(st.none() | st.integers(1, 86400)),
+            **common,
+        )
+    if action == "root":
+        return Location(
+            root=draw(roots),
+            index=tuple(draw(st.lists(matching(v.FILE_NAME), max_size=3))),
+            **common,
+        )
+    if action == "redirect":
+        code = draw(st.sampled_from([301, 302, 303, 307, 308]))
+        return Location(redirect=Redirect(code=code, url=draw(matching(v.REDIRECT_URL))), **common)
+    code = draw(st.sampled_from([200, 204, 403, 404, 410, 503]))
+    return Location(return_=Return(code=code, body=draw(text_of(v.RETURN_BODY))), **common)
+
+
+@st.composite
+def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
+    listeners = draw(
+        st.lists(
+            st.builds(
+                Listener,
+                port=ports,
+                tls=st.booleans(),
+                http2=st.booleans(),
+                address=listen_addresses,
+                default_server=st.booleans(),
+            ),
+            min_size=1,
+            max_size=3,
+            unique_by=lambda lst: lst.bind,
+        )
+    )
+    tls = None
+    if any(lst.tls for lst in listeners):
+        acme = draw(st.booleans())
+        tls = TLSConfig(
+            certificate=None if acme else draw(names),
+            acme=acme,
+            redirect_http=draw(st.booleans()),
+            hsts=draw(st.booleans()),
+            protocols=draw(tls_protocols),
+        )
+    return Site(
+        name=name,
+        server_names=tuple(draw(st.lists(matching(v.SERVER_NAME), min_size=1, max_size=3))),
+        listeners=tuple(listeners),
+        tls=tls,
+        locations=tuple(
+            draw(
+                st.lists(
+                    locations(upstream_names),
+                    min_size=1,
+                    max_size=5,
+                    unique_by=lambda loc: (loc.match, loc.path),
+                )
+            )
+        ),
+        headers=draw(headers),
+        access_log=draw(st.booleans()),
+        client_max_body_size=draw(matching(v.SIZE)),
+    )
+
+
+@st.composite
+def upstreams(draw: st.DrawFn, name: str) -> Upstream:
+    lb: Any = draw(st.sampled_from(["round_robin", "least_conn", "ip_hash", "random"]))
+    backups = lb in ("round_robin", "least_conn")
+    servers = [
+        UpstreamServer(
+            address=draw(upstream_addresses),
+            weight=draw(st.integers(1, 1000)),
+            max_fails=draw(st.integers(0, 1000)),
+            fail_timeout=draw(st.integers(0, 86400)),
+            # The first server is never a backup: one must take traffic.
+            backup=i > 0 and backups and draw(st.booleans()),
+        )
+        for i in range(draw(st.integers(1, 3)))
+    ]
+    return Upstream(
+        name=name, servers=tuple(servers), lb_method=lb, keepalive=draw(st.integers(0, 10000))
+    )
+
+
+@st.composite
+def states(draw: st.DrawFn) -> DesiredState:
+    upstream_names = draw(st.lists(names, min_size=1, max_size=3, unique=True))
+    site_names = draw(st.lists(names, min_size=1, max_size=3, unique=True))
+    return DesiredState(
+        upstreams=tuple(draw(upstreams(n)) for n in upstream_names),
+        sites=tuple(draw(sites(n, upstream_names)) for n in site_names),
+        workspace=draw(names),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# What the structure must be
+# ---------------------------------------------------------------------------------------
+
+
+def nginx_value(arg: str) -> str:
+    """What nginx makes of a parsed argument: crossplane already turned ``\\"`` into ``"``
+    but leaves ``\\\\``; nginx also unescapes that, and the dollar variable expands to '$'."""
+    return arg.replace("\\\\", "\\").replace("${" + DOLLAR_VARIABLE + "}", "$")
+
+
+def parsed_bundle(state: DesiredState) -> dict[str, list[Directive]]:
+    bundle = NginxRenderer(settings=RenderSettings(status_port=None)).render(state)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_bundle(bundle, root)
+        result = crossplane.parse(str(root / "nginx.conf"), comments=False)
+        assert result["status"] == "ok", result["errors"]
+        return {str(Path(c["file"]).relative_to(root)): c["parsed"] for c in result["config"]}
+
+
+# Blocks whose entries are data (map/geo values, MIME types), not directives.
+_DATA_BLOCKS = frozenset({"map", "geo", "types"})
+
+
+def walk(block: list[Directive]) -> list[Directive]:
+    """Every directive in `block` and its sub-blocks, except the entries of data blocks."""
+    found = []
+    for d in block:
+        found.append(d)
+        if d["directive"] not in _DATA_BLOCKS:
+            found.extend(walk(d.get("block", [])))
+    return found
+
+
+def values(directive: Directive) -> list[str]:
+    return [nginx_value(a) for a in directive["args"]]
+
+
+def parsed_value(value: str) -> str:
+    """A value as crossplane returns it: renderer tokens like ``""`` lose their quotes."""
+    if isinstance(value, Token) and value.startswith('"'):
+        return value[1:-1]
+    return value
+
+
+def header_args(h: Any) -> list[str]:
+    return [h.name, parsed_value(h.value), *(["always"] if h.always else [])]
+
+
+def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list[list[str]]]:
+    """(location args, directive names in order, argument lists in order) of one block."""
+    loc = view.location
+    modifier = {"prefix": [], "exact": ["="], "regex": ["~"], "regex_ci": ["~*"]}[loc.match]
+    lines: list[tuple[str, list[str]]] = []
+    if loc.client_max_body_size is not None:
+        lines.append(("client_max_body_size", [loc.client_max_body_size]))
+    lines += [("add_header", header_args(h)) for h in view.headers]
+    if loc.upstream is not None:
+        lines.append(("proxy_pass", [f"http://{loc.upstream}"]))
+        lines += [("proxy_set_header", [h.name, parsed_value(h.value)]) for h in view.proxy_headers]
+        if view.read_timeout is not None:
+            lines.append(("proxy_read_timeout", [f"{view.read_timeout}s"]))
+    elif loc.root is not None:
+        lines.append(("root", [loc.root]))
+        if loc.index:
+            lines.append(("index", list(loc.index)))
+        lines.append(("try_files", ["$uri", "$uri/", "=404"]))
+    elif loc.redirect is not None:
+        lines.append(("return", [str(loc.redirect.code), loc.redirect.url]))
+    else:
+        assert loc.return_ is not None
+        body = [loc.return_.body] if loc.return_.body else []
+        lines.append(("return", [str(loc.return_.code), *body]))
+    return [*modifier, loc.path], [n for n, _ in lines], [a for _, a in lines]
+
+
+def check_site(site: Site, parsed: list[Directive]) -> None:
+    view = site_view(site)
+    assert [d["directive"] for d in parsed] == ["server"] * (2 if view.redirect_listens else 1)
+    if view.redirect_listens:
+        redirect = parsed[0]["block"]
+        names = [d["directive"] for d in redirect]
+        assert Counter(names) == Counter(
+            ["listen"] * len(view.redirect_listens)
+            + ["server_name", "location"]
+            + ([] if site.access_log else ["access_log"])
+        )
+        (location,) = [d for d in redirect if d["directive"] == "location"]
+        assert location["args"] == ["/"]
+        assert [values(d) for d in location["block"]] == [["301", str(view.https_redirect)]]
+    main = parsed[-1]["block"]
+    names = [d["directive"] for d in main]
+    tls = ["ssl_certificate", "ssl_certificate_key", "ssl_protocols"] if site.tls else []
+    assert names == (
+        ["listen"] * len(view.main_listens)
+        + ["server_name"]
+        + tls
+        + ["client_max_body_size"]
+        + ([] if site.access_log else ["access_log"])
+        + ["add_header"] * len(view.headers)
+        + ["location"] * len(site.locations)
+    )
+    by_name = {n: [values(d) for d in main if d["directive"] == n] for n in set(names)}
+    assert by_name["listen"] == [a.split(" ") for a in view.main_listens]
+    assert by_name["server_name"] == [list(site.server_names)]
+    assert by_name["client_max_body_size"] == [[site.client_max_body_size]]
+    if site.tls:
+        assert by_name["ssl_protocols"] == [list(site.tls.protocols)]
+    assert by_name.get("add_header", []) == [header_args(h) for h in view.headers]
+    blocks = [d for d in main if d["directive"] == "location"]
+    for block, location_view in zip(blocks, view.locations, strict=True):
+        loc_args, loc_names, loc_values = expected_location(site, location_view)
+        assert values(block) == loc_args
+        assert [d["directive"] for d in block["block"]] == loc_names
+        assert [values(d) for d in block["block"]] == loc_values
+
+
+def check_upstreams(state: DesiredState, parsed: list[Directive]) -> None:
+    ordered = sorted(state.upstreams, key=lambda u: u.name)
+    assert [(d["directive"], d["args"]) for d in parsed] == [
+        ("upstream", [u.name]) for u in ordered
+    ]
+    for block, upstream in zip(parsed, ordered, strict=True):
+        expected: list[tuple[str, list[str]]] = []
+        if upstream.lb_method != "round_robin":
+            expected.append((upstream.lb_method, []))
+        expected += [
+            (
+                "server",
+                [
+                    s.address,
+                    f"weight={s.weight}",
+                    f"max_fails={s.max_fails}",
+                    f"fail_timeout={s.fail_timeout}s",
+                    *(["backup"] if s.backup else []),
+                ],
+            )
+            for s in upstream.servers
+        ]
+        if upstream.keepalive:
+            expected.append(("keepalive", [str(upstream.keepalive)]))
+        assert [(d["directive"], values(d)) for d in block["block"]] == expected
+
+
+def shape(block: list[Directive]) -> list[Any]:
+    return [(d["directive"], d["args"], shape(d.get("block", []))) for d in block]
+
+
+class TestStructure:
+    """For any state the model accepts, the bundle has exactly the implied structure."""
+
+    @PROPERTY_SETTINGS
+    @given(state=states())
+    def test_bundle_structure_is_exactly_what_the_state_implies(self, state: DesiredState) -> None:
+        """Sites, locations, headers and upstreams map one to one onto blocks, directives and
+        arguments; every value arrives whole; nothing else appears."""
+        parsed = parsed_bundle(state)
+        assert set(parsed) == {
+            "nginx.conf",
+            "mime.types",
+            "conf.d/upstreams.conf",
+            *(f"conf.d/site-{s.name}.conf" for s in state.sites),
+        }
+        everything = [d for block in parsed.values() for d in walk(block)]
+        assert {d["directive"] for d in everything} <= ALLOWED_DIRECTIVES
+        for site in state.sites:
+            check_site(site, parsed[f"conf.d/site-{site.name}.conf"])
+        check_upstreams(state, parsed["conf.d/upstreams.conf"])
+
+    @settings(PROPERTY_SETTINGS, max_examples=25)
+    @given(first=states(), second=states())
+    def test_main_file_shape_does_not_depend_on_the_state(
+        self, first: DesiredState, second: DesiredState
+    ) -> None:
+        """nginx.conf has the same directives and arguments whatever the state holds."""
+        assert shape(parsed_bundle(first)["nginx.conf"]) == shape(
+            parsed_bundle(second)["nginx.conf"]
+        )
+
+
+def _unsafe(text: str) -> bool:
+    return any(ch in "\u2028\u2029" or unicodedata.category(ch).startswith("C") for ch in text)
+
+
+class TestQuotingProperty:
+    """The quoting filter on arbitrary text: one exact token, or a refusal."""
+
+    @settings(max_examples=300, deadline=None)
+    @given(text=st.text(max_size=40))
+    def test_any_text_is_one_token_or_refused(self, text: str) -> None:
+        """Text without control characters becomes exactly one argument that nginx reads back
+        as the same text; text with them is refused."""
+        if _unsafe(text):
+            try:
+                quote(text)
+            except UnsafeValueError:
+                return
+            raise AssertionError(f"{text!r} was not refused")
+        with tempfile.TemporaryDirectory() as tmp:
+            conf = Path(tmp) / "t.conf"
+            conf.write_text(f"add_header X {quote(text)};\nserver_tokens off;\n")
+            result = crossplane.parse(
+                str(conf), single=True, check_ctx=False, check_args=False, comments=False
+            )
+        parsed = result["config"][0]["parsed"]
+        assert [d["directive"] for d in parsed] == ["add_header", "server_tokens"]
+        assert [nginx_value(a) for a in parsed[0]["args"]] == ["X", text]
