@@ -410,3 +410,35 @@ class TestCheckState:
         site = make_site()
         with pytest.raises(Invalid, match="at most 10000"):
             DesiredState(sites=(site,) * 10_001)
+
+
+class TestPortTlsConsistency:
+    def test_tls_and_plain_sites_cannot_share_a_port(self) -> None:
+        """A plain site on a port another site serves with TLS is refused, naming both."""
+        from nxmesh.core.errors import ValidationError
+        from nxmesh.core.serialization import structure_state
+
+        data = {
+            "upstreams": [{"name": "app", "servers": [{"address": "127.0.0.1:8080"}]}],
+            "certificates": [{"name": "c", "domains": ["a.example.com"]}],
+            "sites": [
+                {
+                    "name": "secure",
+                    "server_names": ["a.example.com"],
+                    "listeners": [{"port": 8443, "tls": True}],
+                    "tls": {"certificate": "c"},
+                    "locations": [{"path": "/", "upstream": "app"}],
+                },
+                {
+                    "name": "plain",
+                    "server_names": ["b.example.com"],
+                    "listeners": [{"port": 8443}],
+                    "locations": [{"path": "/", "upstream": "app"}],
+                },
+            ],
+        }
+        with pytest.raises(ValidationError) as info:
+            structure_state(data)
+        [problem] = info.value.problems
+        assert problem.path == "sites[1].listeners[0].tls"
+        assert "sites[0]" in problem.message

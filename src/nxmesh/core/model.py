@@ -430,6 +430,9 @@ def check_state(state: DesiredState) -> list[Problem]:
 
     served: dict[tuple[str, int, str], int] = {}
     defaults: dict[tuple[str, int], int] = {}
+    # nginx decides TLS per listening socket, not per server: a plain site sharing a port
+    # with a TLS site would get TLS handshakes it has no certificate for.
+    tls_on_bind: dict[tuple[str, int], tuple[bool, int]] = {}
     for i, site in enumerate(state.sites):
         here = f"sites[{i}]"
         cert = site.tls.certificate if site.tls is not None else None
@@ -449,6 +452,15 @@ def check_state(state: DesiredState) -> list[Problem]:
                     )
                     break
         for n, lst in enumerate(site.listeners):
+            tls, owner = tls_on_bind.setdefault(lst.bind, (lst.tls, i))
+            if tls != lst.tls:
+                found.append(
+                    Problem(
+                        f"{here}.listeners[{n}].tls",
+                        f"port {lst.port} is {'TLS' if tls else 'plain HTTP'} in "
+                        f"sites[{owner}]; one port cannot mix TLS and plain HTTP",
+                    )
+                )
             if lst.default_server:
                 other = defaults.setdefault(lst.bind, i)
                 if other != i:
