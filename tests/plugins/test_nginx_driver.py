@@ -191,3 +191,12 @@ class TestApply:
             releases = [p.name for p in (tmp_path / "releases").iterdir()]
             assert len(releases) == 2
             assert await stack.driver.live_digest() in releases
+
+    async def test_a_large_bundle_is_written_whole(self, stack: NginxStack) -> None:
+        """A bundle big enough to be written by several threads goes live byte for byte."""
+        state = stack.state("many", sites=300)
+        bundle = stack.render(state)
+        report = await stack.driver.apply(stack.update(state), bundle)
+        assert report.outcome == "applied", report.message
+        assert read_tree(stack.layout.conf_dir / "current") == dict(bundle.files)
+        assert (await stack.fetch(host="site299.test")).text.strip() == "many 299"

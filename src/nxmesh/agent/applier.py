@@ -6,7 +6,7 @@ bundle), in this order:
 
 1. ``nxmesh_before_apply`` — any plugin may veto (``vetoed``; nothing is touched);
 2. verify the digest (and the master's signature when the agent knows its key);
-3. record the update as *desired* in the cache, so a crash mid-apply retries it;
+3. record the update as *desired* in the cache (alongside the next step);
 4. render through the renderer plugin (in a worker thread: it is CPU-bound);
 5. ``driver.apply`` — stage, test, swap, reload, confirm (see the driver);
 6. ``nxmesh_after_apply`` with the report, then the report listeners (master link);
@@ -140,11 +140,20 @@ class Applier:
             except NxMeshError as exc:
                 report = self._report(update, "failed", f"render failed: {exc}", started)
                 return await self._finish(report, update, None, source)
-        if self.cache is not None:
-            entry = CacheEntry(update=update, bundle=bundle, source=source)
+        result: list[ApplyReport] = []
+        async with anyio.create_task_group() as tg:
+            if self.cache is not None:
+                # Off the critical path: recording what was asked for need not delay it.
+                tg.start_soon(self._save_desired, CacheEntry(update, bundle, source))
+            result.append(await self.driver.apply(update, bundle, force=force))
+        return await self._finish(result[0], update, bundle, source)
+
+    async def _save_desired(self, entry: CacheEntry) -> None:
+        assert self.cache is not None
+        try:
             await anyio.to_thread.run_sync(self.cache.save_desired, entry)
-        report = await self.driver.apply(update, bundle, force=force)
-        return await self._finish(report, update, bundle, source)
+        except (OSError, NxMeshError):
+            log.exception("cannot record the desired update in the cache")
 
     def _render(self, update: PendingApply) -> Bundle:
         extra = self.extra_files(update) if self.extra_files is not None else {}

@@ -36,11 +36,14 @@ def make_private_dir(directory: Path) -> None:
         directory.chmod(0o700)
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool = True) -> None:
+def atomic_write(
+    path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool = True, sync: bool = True
+) -> None:
     """Replace `path` with `data`: temp file in the same directory, fsync, rename.
 
     `sync_dir` False leaves the directory fsync to the caller, which writes many files
-    and syncs their directories once.
+    and syncs their directories once; `sync` False skips both fsyncs (the rename is
+    still atomic against a process crash; durability is left to a later fsync).
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, mode)
@@ -49,13 +52,14 @@ def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, sync_dir: bool =
             os.fchmod(f.fileno(), mode)  # the umask may only have narrowed it
             f.write(data)
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    if sync_dir:
+    if sync and sync_dir:
         fsync_dir(path.parent)
 
 

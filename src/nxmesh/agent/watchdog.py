@@ -206,7 +206,7 @@ class Watchdog:
         pid = await self.mode.nginx_pid()
         now = time.monotonic()
         if pid is not None:
-            if self.nginx_up is False:
+            if self.nginx_up is not True:  # first sight, or back after a death
                 self.events.record("nginx.up", pid=pid)
             self.nginx_up = True
             self._down_since = None

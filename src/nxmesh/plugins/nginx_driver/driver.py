@@ -308,8 +308,10 @@ class ReloadDriver:
             journal = await anyio.to_thread.run_sync(self.store.read_journal)
             if journal is None:
                 return f"removed {len(removed)} leftover(s)" if removed else None
-            previous = journal.get("previous")
             current = self.store.current_name()
+            # A torn journal says a swap was in flight but not from where: keep the live
+            # tree (it is whole either way) and only make nginx agree with it.
+            previous = journal.get("previous") if "previous" in journal else current
             if isinstance(previous, str) and not self.store.path_of(previous).is_dir():
                 previous = None
             if current != previous:
@@ -355,11 +357,14 @@ class ReloadDriver:
         try:
             clock.lap("stage")
             await _checkpoint("staged")
-            ok, output = await self._test_and_sync(staging)
+            ok, output, inspected = await self._test_and_inspect(staging, bundle, previous)
             output = output.replace(f"{staging}/", "")  # name files as the bundle does
             clock.lap("test")
             if not ok:
                 return "failed", f"nginx -t failed: {_nginx_message(output)}", output
+            if isinstance(inspected, OSError):
+                return "failed", f"the staged tree is not what was written: {inspected}", ""
+            endpoint, logs = inspected
             await _checkpoint("tested")
             await anyio.to_thread.run_sync(self.store.commit, staging, name)
         finally:
@@ -367,8 +372,6 @@ class ReloadDriver:
                 await anyio.to_thread.run_sync(_rmtree, staging)
 
         release = self.store.path_of(name)
-        endpoint = await anyio.to_thread.run_sync(status_endpoint, release, bundle.files)
-        logs = await anyio.to_thread.run_sync(self._log_paths, release, previous)
         tail = _LogTail(logs)
         before = worker_pids(pid) if pid is not None else {}
 
@@ -406,7 +409,9 @@ class ReloadDriver:
             failure = exc if isinstance(exc, _ApplyFailed) else _ApplyFailed(str(exc))
             if not confirmed:
                 self._reloaded("failed", time.monotonic() - reload_started)
-            return await self._rollback(previous, before, tail, failure, started=started)
+            return await self._rollback(
+                previous, before, tail, failure, started=started, failed=name
+            )
         except anyio.get_cancelled_exc_class():
             # Shutting down mid-apply: put the confirmed tree back before leaving, so
             # the next start finds nginx and ``current`` in agreement.
@@ -421,20 +426,35 @@ class ReloadDriver:
         await anyio.to_thread.run_sync(self.store.prune, self.settings.keep_releases, protect)
         return "applied", f"serving {bundle.digest[:12]}", "\n".join(tail.lines)
 
-    async def _test_and_sync(self, staging: Path) -> tuple[bool, str]:
-        """``nginx -t`` on the staging tree, while its files are made durable alongside."""
+    async def _test_and_inspect(
+        self, staging: Path, bundle: Bundle, previous: str | None
+    ) -> tuple[bool, str, tuple[StatusEndpoint | None, list[Path]] | OSError]:
+        """``nginx -t`` on the staging tree and, alongside it (hiding their cost): make
+        the files durable, read them back against the digest, find the status endpoint
+        and the error logs to watch."""
         result: dict[str, tuple[bool, str]] = {}
+        found: list[tuple[StatusEndpoint | None, list[Path]] | OSError] = []
 
         async def test() -> None:
             result["test"] = await self._nginx_test(staging / "nginx.conf")
 
+        def check() -> None:
+            if self.settings.durable:
+                files = [staging / rel for rel in bundle.files]
+                sync_filesystem(staging, files)
+            try:
+                self.store.check_tree(staging, bundle.digest)
+            except OSError as exc:
+                found.append(exc)
+                return
+            found.append(
+                (status_endpoint(staging, bundle.files), self._log_paths(staging, previous))
+            )
+
         async with anyio.create_task_group() as tg:
             tg.start_soon(test)
-            if self.settings.durable:
-                # Overlapping the fsync with nginx -t hides most of its cost.
-                files = [staging / rel for rel in _relative_files(staging)]
-                await anyio.to_thread.run_sync(sync_filesystem, staging, files)
-        return result["test"]
+            await anyio.to_thread.run_sync(check)
+        return (*result["test"], found[0])
 
     async def _nginx_test(self, conf: Path) -> tuple[bool, str]:
         """``nginx -t`` on `conf` in place, with a throwaway ``-p`` prefix.
@@ -558,8 +578,10 @@ class ReloadDriver:
         failure: _ApplyFailed,
         *,
         started: bool,
+        failed: str | None = None,
     ) -> tuple[Outcome, str, str]:
-        """Restore `previous` as the live tree and the generation nginx serves."""
+        """Restore `previous` as the live tree and the generation nginx serves; then
+        delete the `failed` release."""
         output = failure.output or "\n".join(tail.lines)
         # Shielded: a cancellation mid-rollback must not leave the new tree half-live.
         with anyio.CancelScope(shield=True):
@@ -571,6 +593,8 @@ class ReloadDriver:
             except (_ApplyFailed, NxMeshError, OSError) as exc:
                 log.exception("rollback failed")
                 return "failed", f"{failure.message}; rolling back failed too: {exc}", output
+        if failed is not None and failed != previous:  # a refused tree is never reused
+            await anyio.to_thread.run_sync(_rmtree, self.store.path_of(failed))
         what = previous[:12] if previous else "no configuration"
         return "rolled_back", f"{failure.message}; rolled back to {what}", output
 
@@ -604,14 +628,6 @@ class ReloadDriver:
     def _reloaded(self, result: str, seconds: float) -> None:
         # Metrics and history listen to these: one per reload nginx was asked for.
         self.events.record(f"reload.{result}", seconds=round(seconds, 6))
-
-
-def _relative_files(root: Path) -> list[str]:
-    return [
-        str(Path(dirpath, name).relative_to(root))
-        for dirpath, _dirs, names in os.walk(root)
-        for name in names
-    ]
 
 
 def _rmtree(path: Path) -> None:

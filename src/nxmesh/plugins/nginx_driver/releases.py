@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ from nxmesh.core.bundle import Bundle, bundle_digest
 __all__ = ["JOURNAL", "ReleaseStore", "sync_filesystem"]
 
 JOURNAL = "apply.journal"
+_WRITERS = 2
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _RELEASE = re.compile(r"^[0-9a-f]{16,128}(\.[0-9]+)?$")
 
 
@@ -119,41 +122,43 @@ class ReleaseStore:
     # -- writing ------------------------------------------------------------------------
 
     def write(self, bundle: Bundle, *, durable: bool = True) -> tuple[str, Path]:
-        """Write `bundle` into a staging directory; return ``(release name, staging path)``.
+        """Write `bundle` into a new staging directory; return ``(release name, path)``.
 
         The name is ``<digest>``, or ``<digest>.<n>`` when a release of that digest
-        exists but no longer matches it (tampered); call `commit` after testing.
+        exists but no longer matches it (tampered); `check_tree` it, test it, then
+        `commit` it. Files are written by a few threads: creating a file is mostly
+        kernel time, and two writers halve it for a 1,000-site bundle. (Rewriting an
+        older tree in place would be slower still on ext4: a truncate-and-rewrite
+        triggers writeback on close.)
         """
         self.releases.mkdir(parents=True, exist_ok=True)
         staging = self.releases / f".staging-{os.urandom(6).hex()}"
         staging.mkdir(mode=0o755)
-        written: list[Path] = []
-        dirs = {staging}
-        for rel, data in bundle.files.items():
-            target = staging / rel
-            if target.parent not in dirs:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                dirs.add(target.parent)
-            # Bundles may carry private keys: the tree is readable by nginx's user only
-            # through the master process, which runs as root.
-            mode = 0o600 if b"PRIVATE KEY-----" in data else 0o644
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            written.append(target)
+        dirs = {staging} | {(staging / rel).parent for rel in bundle.files}
+        for directory in sorted(dirs):
+            directory.mkdir(parents=True, exist_ok=True)
+        items = list(bundle.files.items())
+        workers = min(_WRITERS, max(1, len(items) // 64))
+        if workers == 1:
+            _write_files(staging, items)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="nxmesh-stage") as pool:
+                list(pool.map(_write_files, [staging] * workers, _chunks(items, workers)))
         if durable:
-            sync_filesystem(self.releases, written)
+            sync_filesystem(self.releases, [staging / rel for rel in bundle.files])
             for directory in dirs:
                 fsync_dir(directory)
-        # Read back what is on disk: a full disk or a concurrent writer shows up here,
-        # not after nginx has loaded it.
-        on_disk = bundle_digest(read_tree(staging))
-        if on_disk != bundle.digest:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise OSError(
-                f"the staged tree reads back as {on_disk[:12]}..., not {bundle.digest[:12]}..."
-            )
         return self._free_name(bundle.digest), staging
+
+    @staticmethod
+    def check_tree(path: Path, digest: str) -> None:
+        """Read a written tree back and compare it with `digest`; `OSError` when it differs.
+
+        A full disk or a concurrent writer shows up here, not after nginx loaded it.
+        """
+        on_disk = bundle_digest(read_tree(path))
+        if on_disk != digest:
+            raise OSError(f"the staged tree reads back as {on_disk[:12]}..., not {digest[:12]}...")
 
     def _free_name(self, digest: str) -> str:
         if not self.path_of(digest).exists():
@@ -203,7 +208,9 @@ class ReleaseStore:
     # -- the journal of an in-flight swap -------------------------------------------------
 
     def write_journal(self, data: Mapping[str, Any]) -> None:
-        atomic_write(self.journal, json.dumps(dict(data)).encode(), mode=0o600)
+        """Record the swap about to happen. Not fsynced on its own: the flip's directory
+        fsync, right after, makes both the journal and the new link durable at once."""
+        atomic_write(self.journal, json.dumps(dict(data)).encode(), mode=0o600, sync=False)
 
     def read_journal(self) -> dict[str, Any] | None:
         try:
@@ -248,3 +255,20 @@ class ReleaseStore:
             shutil.rmtree(self.path_of(name), ignore_errors=True)
             removed.append(name)
         return removed
+
+
+def _chunks(items: list[tuple[str, bytes]], n: int) -> list[list[tuple[str, bytes]]]:
+    return [items[i::n] for i in range(n)]
+
+
+def _write_files(root: Path, items: list[tuple[str, bytes]]) -> None:
+    for rel, data in items:
+        # Private keys are for nginx's master (root) only.
+        mode = 0o600 if b"PRIVATE KEY-----" in data else 0o644
+        fd = os.open(root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, mode)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
