@@ -1,0 +1,307 @@
+"""Agent reliability under load, and what an idle agent costs.
+
+**Traffic during applies** — `wrk` hammers the live nginx while 30 applies run:
+
+``agent/close``     agent applies, ``Connection: close``: the goal is **0 errors**;
+``agent/keepalive`` agent applies, keep-alive connections;
+``raw/keepalive``   the baseline in the same run: overwrite files + ``nginx -t`` +
+                    ``kill -HUP``, keep-alive. The agent's read errors should not exceed
+                    these (a graceful reload closes idle keep-alive connections either way);
+``restart/close``   the control: *restart* nginx instead of reloading it, ``Connection:
+                    close``. It must show errors, proving the harness can see loss.
+
+**Idle agent** — a real ``nxmesh agent --state FILE`` process serving one site is left
+alone; its PSS (proportional set size: shared libraries counted by share) and CPU time
+are sampled over the window, once with every installed plugin loaded and once with the
+master-side plugins disabled (``disable_plugins``), as on an agent-only host. The goal is
+at most 40 MB PSS.
+
+Usage::
+
+    .venv/bin/python bench/agent_reliability.py            # → bench/results/agent_reliability.json
+    .venv/bin/python bench/agent_reliability.py --quick --out /tmp/r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+
+from nxmesh.agent.applier import Applier
+from nxmesh.agent.harness import NginxStack, multi_site_state
+from nxmesh.agent.http import http_get
+from nxmesh.agent.process import read_pid_file
+from nxmesh.core.pluginmanager import get_plugin_manager
+from nxmesh.core.serialization import unstructure
+from nxmesh.nginx_check import find_nginx, prepare_prefix
+from nxmesh.testing.nginx import free_port
+
+RESULTS = Path(__file__).parent / "results" / "agent_reliability.json"
+PSS_GOAL_MB = 40.0
+_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
+_REQUESTS = re.compile(r"(\d+) requests in")
+
+
+def parse_wrk(output: str) -> dict[str, int]:
+    """wrk's summary → requests and error counts (all zero when wrk printed none)."""
+    errors = _ERRORS.search(output)
+    connect, read, write, timeout = (int(x) for x in errors.groups()) if errors else (0,) * 4
+    non_2xx = _NON_2XX.search(output)
+    requests = _REQUESTS.search(output)
+    counts = {
+        "requests": int(requests.group(1)) if requests else 0,
+        "connect": connect,
+        "read": read,
+        "write": write,
+        "timeout": timeout,
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+    }
+    counts["errors"] = connect + read + write + timeout + counts["non_2xx"]
+    return counts
+
+
+async def under_wrk(
+    wrk: str, port: int, keepalive: bool, work: Callable[[], Awaitable[None]]
+) -> dict[str, int]:
+    """Run `work` while wrk loads 127.0.0.1:`port`; stop wrk (SIGINT) when it is done."""
+    command = [wrk, "-t2", "-c16", "-d300s", "--latency", f"http://127.0.0.1:{port}/"]
+    if not keepalive:
+        command[1:1] = ["-H", "Connection: close"]
+    async with await anyio.open_process(command) as proc:
+        await anyio.sleep(0.5)  # wrk connected and running before the first apply
+        try:
+            await work()
+            await anyio.sleep(0.5)
+        finally:
+            proc.send_signal(signal.SIGINT)  # wrk prints its summary on SIGINT
+            with anyio.fail_after(30):
+                await proc.wait()
+        assert proc.stdout is not None
+        output = b""
+        async for chunk in proc.stdout:
+            output += chunk
+    return parse_wrk(output.decode(errors="replace"))
+
+
+async def traffic(binary: str, wrk: str, applies: int, workdir: Path) -> dict[str, Any]:
+    pm = get_plugin_manager(autoload=False, environ={})
+    results: dict[str, Any] = {"applies": applies}
+    async with NginxStack(workdir / "agent", binary) as stack:
+        applier = Applier(pm, stack.driver, stack.renderer, events=stack.events)
+        warm = await applier.apply(stack.update(stack.state("warm", sites=10)))
+        assert warm.outcome == "applied", warm.message
+
+        async def agent_applies() -> None:
+            for i in range(applies):
+                report = await applier.apply(stack.update(stack.state(f"a{i}", sites=10)))
+                assert report.outcome == "applied", report.message
+
+        results["agent/close"] = await under_wrk(wrk, stack.web_port, False, agent_applies)
+        results["agent/keepalive"] = await under_wrk(wrk, stack.web_port, True, agent_applies)
+
+        async def restarts() -> None:
+            for _ in range(max(3, applies // 10)):
+                pid = await stack.mode.nginx_pid()
+                assert pid is not None
+                await stack.mode.signal_nginx("quit")
+                while await stack.mode.nginx_pid() is not None:  # noqa: ASYNC110 - a process
+                    await anyio.sleep(0.01)
+                await stack.mode.start_nginx()
+                await anyio.sleep(0.1)
+
+        results["restart/close"] = await under_wrk(wrk, stack.web_port, False, restarts)
+
+    raw_root = workdir / "raw"
+    prepare_prefix(raw_root)
+    port = free_port()
+    renderer = NginxStack(raw_root, binary, status_port=free_port()).renderer
+    command = [binary, "-p", f"{raw_root}/", "-c", str(raw_root / "nginx.conf")]
+
+    def write(body: str) -> None:
+        for rel, data in renderer.render(multi_site_state(port, body, sites=10)).files.items():
+            (raw_root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (raw_root / rel).write_bytes(data)
+
+    write("warm")
+    await anyio.run_process(command)
+
+    async def raw_applies() -> None:
+        for i in range(applies):
+            write(f"r{i}")
+            await anyio.run_process([*command, "-t", "-q"])
+            pid = await read_pid_file(raw_root / "logs" / "nginx.pid")
+            assert pid is not None
+            os.kill(pid, signal.SIGHUP)
+            while True:  # the same "new config serves" wait as the agent's
+                try:
+                    response = await http_get("127.0.0.1", port, "/", host_header="localhost")
+                    if response.text.strip() == f"r{i}":
+                        break
+                except OSError:
+                    pass
+                await anyio.sleep(0.005)
+
+    try:
+        results["raw/keepalive"] = await under_wrk(wrk, port, True, raw_applies)
+    finally:
+        pid = await read_pid_file(raw_root / "logs" / "nginx.pid")
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+    reloads = {"agent/keepalive": applies, "raw/keepalive": applies}
+    # wrk holds 16 keep-alive connections; a graceful reload closes the idle ones, so each
+    # reload costs up to 16 read errors whoever sends the HUP.
+    results["keepalive_read_errors_per_reload"] = {
+        name: round(results[name]["read"] / count, 2) for name, count in reloads.items()
+    }
+    results["goals"] = {
+        "zero_errors_with_connection_close": results["agent/close"]["errors"] == 0,
+        "keepalive_read_errors_at_most_raw": (
+            results["agent/keepalive"]["read"] <= results["raw/keepalive"]["read"]
+        ),
+        "control_detects_loss": results["restart/close"]["errors"] > 0,
+    }
+    return results
+
+
+MASTER_SIDE_PLUGINS = (
+    "master",
+    "storage_sqlite",
+    "storage_postgres",
+    "auth_password",
+    "auth_oauth2",
+)
+"""Plugins an agent-only host does not need; disabling them is one setting."""
+
+
+def idle(
+    binary: str, seconds: float, workdir: Path, *, disable: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Start a masterless agent, wait until it serves, sample PSS and CPU for `seconds`.
+
+    `disable`: plugins blocked through ``NXMESH_DISABLE_PLUGINS`` (never imported).
+    """
+    workdir = workdir / f"idle-{len(disable)}"
+    workdir.mkdir()
+    state_file = workdir / "idle.json"
+    web, status = free_port(), free_port()
+    state_file.write_text(json.dumps(unstructure(multi_site_state(web, "idle"))))
+    env = {
+        **os.environ,
+        "NXMESH_STATE_DIR": str(workdir / "idle-state"),
+        "NXMESH_AGENT__CONF_DIR": str(workdir / "idle-nginx"),
+        "NXMESH_AGENT__NGINX_BINARY": binary,
+        "NXMESH_AGENT__DEPLOYMENT_MODE": "standalone",
+        "NXMESH_AGENT__METRICS_PORT": "0",
+        "NXMESH_PLUGINS__NGINX_DRIVER__STATUS_PORT": str(status),
+        "NXMESH_LOG_LEVEL": "warning",
+        "NXMESH_DISABLE_PLUGINS": ",".join(disable),
+    }
+    code = "from nxmesh.cli import main; main()"
+    agent = subprocess.Popen(  # noqa: S603 - our own interpreter and CLI
+        [sys.executable, "-c", code, "agent", "--state", str(state_file)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if anyio.run(_body, web) == "idle":
+                    break
+            except OSError:
+                pass
+            if agent.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the agent did not start serving")
+            time.sleep(0.05)
+        time.sleep(min(2.0, seconds))  # let start-up work (first health checks) settle
+        proc = psutil.Process(agent.pid)
+        cpu_before = proc.cpu_times()
+        started = time.monotonic()
+        pss: list[float] = []
+        while time.monotonic() - started < seconds:
+            pss.append(proc.memory_full_info().pss / 2**20)
+            time.sleep(min(1.0, seconds / 10))
+        cpu_after = proc.cpu_times()
+        wall = time.monotonic() - started
+        cpu = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+        rss = proc.memory_info().rss / 2**20
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+    return {
+        "disabled_plugins": list(disable),
+        "seconds": round(wall, 1),
+        "pss_mb_max": round(max(pss), 2),
+        "pss_mb_last": round(pss[-1], 2),
+        "rss_mb": round(rss, 2),
+        "cpu_seconds": round(cpu, 3),
+        "cpu_percent": round(100 * cpu / wall, 3),
+        "goal": f"PSS <= {PSS_GOAL_MB:.0f} MB",
+        "goal_met": max(pss) <= PSS_GOAL_MB,
+    }
+
+
+async def _body(port: int) -> str:
+    return (await http_get("127.0.0.1", port, "/", host_header="localhost")).text.strip()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="few applies, short idle window")
+    parser.add_argument("--applies", type=int, default=None)
+    parser.add_argument("--idle-seconds", type=float, default=None)
+    parser.add_argument("--nginx", default="nginx")
+    parser.add_argument("--wrk", default="wrk")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    applies = args.applies or (3 if args.quick else 30)
+    seconds = args.idle_seconds or (2.0 if args.quick else 60.0)
+    out = args.out or (RESULTS if not args.quick else Path(tempfile.gettempdir()) / "rel.json")
+    binary = find_nginx(args.nginx)
+    wrk = shutil.which(args.wrk) or args.wrk
+    workdir = Path(tempfile.mkdtemp(prefix="nxmesh-reliability-"))
+    try:
+        results = {
+            "benchmark": "wrk during applies; idle agent PSS and CPU",
+            "quick": args.quick,
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "traffic": anyio.run(traffic, binary, wrk, applies, workdir),
+            "idle": idle(binary, seconds, workdir),
+            "idle_agent_only": idle(binary, seconds, workdir, disable=MASTER_SIDE_PLUGINS),
+        }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    for name in ("agent/close", "agent/keepalive", "raw/keepalive", "restart/close"):
+        counts = results["traffic"][name]
+        print(f"{name:16} {counts['requests']:>8} requests, {counts['errors']} errors {counts}")
+    print("goals:", results["traffic"]["goals"])
+    print("idle, every plugin:", results["idle"])
+    print("idle, master-side plugins disabled:", results["idle_agent_only"])
+    print(f"results written to {out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
