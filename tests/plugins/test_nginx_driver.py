@@ -200,3 +200,29 @@ class TestApply:
         assert report.outcome == "applied", report.message
         assert read_tree(stack.layout.conf_dir / "current") == dict(bundle.files)
         assert (await stack.fetch(host="site299.test")).text.strip() == "many 299"
+
+    async def test_going_back_to_an_older_version_reuses_its_release(
+        self, stack: NginxStack
+    ) -> None:
+        """Re-applying an earlier bundle flips back to its intact release, no rewrite."""
+        first, second = stack.state("one"), stack.state("two")
+        first_bundle = stack.render(first)
+        await stack.driver.apply(stack.update(first), first_bundle)
+        await stack.driver.apply(stack.update(second), stack.render(second))
+        report = await stack.driver.apply(stack.update(first), first_bundle)
+        assert report.outcome == "applied", report.message
+        assert "stage" not in report.durations
+        assert os.readlink(stack.layout.conf_dir / "current") == f"releases/{first_bundle.digest}"
+        assert await stack.body() == "one"
+
+    async def test_restarting_a_stopped_nginx_on_the_live_tree(self, stack: NginxStack) -> None:
+        """With nginx down, applying the live bundle starts nginx on the same release."""
+        state = stack.state("again")
+        bundle = stack.render(state)
+        await stack.driver.apply(stack.update(state), bundle)
+        await stack.mode.aclose()
+        assert await stack.master_pid() is None
+        report = await stack.driver.apply(stack.update(state), bundle)
+        assert report.outcome == "applied", report.message
+        assert os.readlink(stack.layout.conf_dir / "current") == f"releases/{bundle.digest}"
+        assert await stack.body() == "again"

@@ -324,6 +324,10 @@ class ReloadDriver:
                     await self._reload_and_confirm(previous, pid)
                 except _ApplyFailed as exc:
                     log.warning("recovery reload not confirmed", reason=exc.message)
+            elif pid is not None:
+                # A cold start was interrupted: nginx runs a tree that was never confirmed
+                # and there is none older to go back to.
+                await self.mode.signal_nginx("quit")
             await anyio.to_thread.run_sync(self.store.clear_journal)
             what = f"interrupted apply of {str(journal.get('next'))[:12]} undone; " + (
                 f"current is {previous[:12]} again" if previous else "no tree is live"
@@ -347,41 +351,58 @@ class ReloadDriver:
                 return "noop", "this configuration is already live", ""
         clock.lap("verify")
 
-        # Stage and test: nothing live changes, a failure only cleans up.
-        try:
-            name, staging = await anyio.to_thread.run_sync(
-                functools.partial(self.store.write, bundle, durable=False)
+        # Stage and test: nothing live changes, a failure only cleans up. An intact
+        # release of this digest (an older version again, a cold start) is reused.
+        reuse = (
+            None if force else await anyio.to_thread.run_sync(self.store.find_intact, bundle.digest)
+        )
+        if reuse is not None:
+            name = reuse
+            ok, output, inspected = await self._test_and_inspect(
+                self.store.path_of(name), bundle, previous, fresh=False
             )
-        except OSError as exc:
-            return "failed", f"cannot write the staging tree: {exc}", ""
-        try:
-            clock.lap("stage")
-            await _checkpoint("staged")
-            ok, output, inspected = await self._test_and_inspect(staging, bundle, previous)
-            output = output.replace(f"{staging}/", "")  # name files as the bundle does
+            output = output.replace(f"{self.store.path_of(name)}/", "")
             clock.lap("test")
             if not ok:
                 return "failed", f"nginx -t failed: {_nginx_message(output)}", output
-            if isinstance(inspected, OSError):
-                return "failed", f"the staged tree is not what was written: {inspected}", ""
+            assert not isinstance(inspected, OSError)
             endpoint, logs = inspected
-            await _checkpoint("tested")
-            await anyio.to_thread.run_sync(self.store.commit, staging, name)
-        finally:
-            if staging.exists():
-                await anyio.to_thread.run_sync(_rmtree, staging)
+        else:
+            try:
+                name, staging = await anyio.to_thread.run_sync(
+                    functools.partial(self.store.write, bundle, durable=False)
+                )
+            except OSError as exc:
+                return "failed", f"cannot write the staging tree: {exc}", ""
+            try:
+                clock.lap("stage")
+                await _checkpoint("staged")
+                ok, output, inspected = await self._test_and_inspect(staging, bundle, previous)
+                output = output.replace(f"{staging}/", "")  # name files as the bundle does
+                clock.lap("test")
+                if not ok:
+                    return "failed", f"nginx -t failed: {_nginx_message(output)}", output
+                if isinstance(inspected, OSError):
+                    return "failed", f"the staged tree is not what was written: {inspected}", ""
+                endpoint, logs = inspected
+                await _checkpoint("tested")
+                await anyio.to_thread.run_sync(self.store.commit, staging, name)
+            finally:
+                if staging.exists():
+                    await anyio.to_thread.run_sync(_rmtree, staging)
 
         release = self.store.path_of(name)
         tail = _LogTail(logs)
         before = worker_pids(pid) if pid is not None else {}
 
         # Swap: from here on every failure must restore `previous`.
-        await anyio.to_thread.run_sync(
-            self.store.write_journal, {"previous": previous, "next": name, "ts": time.time()}
-        )
-        prepared = await anyio.to_thread.run_sync(self.store.prepare_link, name)
-        await _checkpoint("swap-prepared")
-        await anyio.to_thread.run_sync(self.store.flip, prepared)
+        if name != previous:
+            await anyio.to_thread.run_sync(
+                self.store.write_journal, {"previous": previous, "next": name, "ts": time.time()}
+            )
+            prepared = await anyio.to_thread.run_sync(self.store.prepare_link, name)
+            await _checkpoint("swap-prepared")
+            await anyio.to_thread.run_sync(self.store.flip, prepared)
         os.utime(release)  # "newest" for pruning is "most recently made live"
         clock.lap("swap")
         await _checkpoint("swapped")
@@ -409,6 +430,8 @@ class ReloadDriver:
             failure = exc if isinstance(exc, _ApplyFailed) else _ApplyFailed(str(exc))
             if not confirmed:
                 self._reloaded("failed", time.monotonic() - reload_started)
+            if name == previous:  # nothing was swapped: nginx cannot run the live tree
+                return "failed", f"{failure.message}", failure.output or "\n".join(tail.lines)
             return await self._rollback(
                 previous, before, tail, failure, started=started, failed=name
             )
@@ -427,11 +450,11 @@ class ReloadDriver:
         return "applied", f"serving {bundle.digest[:12]}", "\n".join(tail.lines)
 
     async def _test_and_inspect(
-        self, staging: Path, bundle: Bundle, previous: str | None
+        self, staging: Path, bundle: Bundle, previous: str | None, *, fresh: bool = True
     ) -> tuple[bool, str, tuple[StatusEndpoint | None, list[Path]] | OSError]:
         """``nginx -t`` on the staging tree and, alongside it (hiding their cost): make
-        the files durable, read them back against the digest, find the status endpoint
-        and the error logs to watch."""
+        the files durable, read them back against the digest (a `fresh` tree only), find
+        the status endpoint and the error logs to watch."""
         result: dict[str, tuple[bool, str]] = {}
         found: list[tuple[StatusEndpoint | None, list[Path]] | OSError] = []
 
@@ -439,11 +462,12 @@ class ReloadDriver:
             result["test"] = await self._nginx_test(staging / "nginx.conf")
 
         def check() -> None:
-            if self.settings.durable:
+            if fresh and self.settings.durable:
                 files = [staging / rel for rel in bundle.files]
                 sync_filesystem(staging, files)
             try:
-                self.store.check_tree(staging, bundle.digest)
+                if fresh:
+                    self.store.check_tree(staging, bundle.digest)
             except OSError as exc:
                 found.append(exc)
                 return
