@@ -296,3 +296,33 @@ class TestCli:
         report = json.loads(result.stdout.decode().strip().splitlines()[-1])
         assert report["outcome"] == "applied"
         assert await agent_env.body() == "cli"
+
+
+class _Rejected(Exception):
+    """What a transport raises when the master refuses this agent for good."""
+
+    final = True
+
+
+class TestLinkFailures:
+    async def test_final_rejection_stops_retrying_but_keeps_serving(
+        self, agent_env: AgentEnv
+    ) -> None:
+        """A revoked agent keeps its cached site up and stops knocking on the master."""
+        await _serve_state_file_once(agent_env, "revoked")
+
+        class Revoked(_Link):
+            async def run(
+                self, session: AgentSession, *, task_status: anyio.abc.TaskStatus[None]
+            ) -> None:
+                raise _Rejected("agent revoked")
+
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build(link=Revoked()).run)
+            with anyio.fail_after(5):
+                while not app.events.events("master.rejected"):
+                    await anyio.sleep(0.02)
+            await anyio.sleep(0.5)  # longer than the retry backoff in these tests
+            assert len(app.events.events("master.rejected")) == 1
+            assert await agent_env.body() == "revoked"
+            tg.cancel_scope.cancel()

@@ -387,6 +387,7 @@ class AgentApp:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._forward_events, link, receive)
                 while True:
+                    rejected = False
                     try:
                         async with anyio.create_task_group() as session_tg:
                             await session_tg.start(self._link_session, link)
@@ -396,7 +397,19 @@ class AgentApp:
                     except* OSError as group:
                         reason = "; ".join(str(e) for e in group.exceptions)
                         self.events.record("master.unreachable", reason=reason, retry_in=delay)
+                    except* Exception as group:
+                        reason = "; ".join(str(e) for e in group.exceptions)
+                        rejected = any(getattr(e, "final", False) for e in group.exceptions)
+                        if rejected:
+                            self.events.record("master.rejected", reason=reason)
+                        else:
+                            log.exception("master link failed", reason=reason)
+                            self.events.record("master.error", reason=reason, retry_in=delay)
                     self.island = True
+                    if rejected:
+                        # Refused for good (revoked, token used up): keep serving the
+                        # cache, stop asking.
+                        return
                     await anyio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
                     delay = min(delay * 2, self.tuning.link_backoff_max)
 
