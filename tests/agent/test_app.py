@@ -326,3 +326,46 @@ class TestLinkFailures:
             assert len(app.events.events("master.rejected")) == 1
             assert await agent_env.body() == "revoked"
             tg.cancel_scope.cancel()
+
+
+class TestSignatures:
+    def _trust(self, env: AgentEnv) -> Any:
+        from nxmesh.crypto.signing import SigningKey
+
+        key = SigningKey.generate()
+        directory = env.state_dir / "agent"
+        directory.mkdir(parents=True, mode=0o700)
+        (directory / "master.pub").write_text(key.public_key_pem())
+        return key
+
+    async def test_known_master_key_requires_signed_updates(self, agent_env: AgentEnv) -> None:
+        """With master.pub in the cache dir unsigned pushes are refused, signed ones apply."""
+        from nxmesh.agent.verify import sign_update
+        from nxmesh.config.versions import state_digest
+
+        key = self._trust(agent_env)
+        forged_state, real_state = agent_env.state("unsigned"), agent_env.state("signed")
+        unsigned = PendingApply(version=1, digest=state_digest(forged_state), state=forged_state)
+        signed = sign_update(
+            PendingApply(version=2, digest=state_digest(real_state), state=real_state), key
+        )
+        link = _Link([unsigned])
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build(link=link).run)
+            with anyio.fail_after(5):
+                while not link.reports:
+                    await anyio.sleep(0.02)
+            assert link.reports[0].outcome == "failed"
+            assert "not signed" in link.reports[0].message
+            app.submit(signed)
+            await agent_env.wait_body("signed")
+            tg.cancel_scope.cancel()
+
+    async def test_state_files_need_no_master_signature(self, agent_env: AgentEnv) -> None:
+        """The operator's own state file applies even when the master's key is known."""
+        self._trust(agent_env)
+        agent_env.write_state("local")
+        async with anyio.create_task_group() as tg:
+            await tg.start(agent_env.build(state_file=agent_env.state_file).run)
+            await agent_env.wait_body("local")
+            tg.cancel_scope.cancel()

@@ -36,7 +36,7 @@ import pluggy
 import structlog
 
 from nxmesh.agent.applier import Applier
-from nxmesh.agent.cache import AgentCache
+from nxmesh.agent.cache import AgentCache, Source
 from nxmesh.agent.coalescer import Coalescer
 from nxmesh.agent.events import EventRecorder
 from nxmesh.agent.health import HealthMonitor
@@ -128,6 +128,14 @@ def _lock_conf_dir(conf_dir: Path) -> int:
     return fd
 
 
+@attrs.frozen
+class _Submitted:
+    """An update waiting in the coalescer, with where it came from."""
+
+    update: PendingApply
+    source: Source
+
+
 class _Started:
     """A TaskStatus that remembers whether ``started`` was called."""
 
@@ -153,7 +161,7 @@ class AgentApp:
     events: EventRecorder
     metrics: AgentMetrics
     applier: Applier
-    coalescer: Coalescer
+    coalescer: Coalescer[_Submitted]
     watchdog: Watchdog
     health: HealthMonitor
     tuning: AgentTuning
@@ -213,8 +221,10 @@ class AgentApp:
         applier.subscribe(metrics.on_report)
         knobs = settings.plugins.get("nginx_driver")
         knobs = knobs if isinstance(knobs, DriverSettings) else DriverSettings()
-        coalescer = Coalescer(
-            applier.apply, debounce=knobs.debounce, min_interval=knobs.min_reload_interval
+        coalescer: Coalescer[_Submitted] = Coalescer(
+            lambda item: applier.apply(item.update, source=item.source),
+            debounce=knobs.debounce,
+            min_interval=knobs.min_reload_interval,
         )
         watchdog = Watchdog(
             applier,
@@ -265,9 +275,13 @@ class AgentApp:
         entry = self.applier.current
         return (entry.update.version, entry.update.digest) if entry else (None, None)
 
-    def submit(self, update: PendingApply) -> None:
-        """Queue an update (master or file) for the coalescer."""
-        self.coalescer.submit(update)
+    def submit(self, update: PendingApply, source: Source = "master") -> None:
+        """Queue an update for the coalescer; `source` says who sent it (``file``: the
+        operator's own state file, which needs no master signature)."""
+        self.coalescer.submit(_Submitted(update, source))
+
+    def submit_file(self, update: PendingApply) -> None:
+        self.submit(update, "file")
 
     async def boot(self) -> ApplyReport | None:
         """Recover an interrupted apply, then apply the verified last-known-good entry."""
@@ -330,7 +344,7 @@ class AgentApp:
                     self.state_source = StateFileSource(
                         self.pm,
                         self.state_file,
-                        self.submit,
+                        self.submit_file,
                         interval=self.tuning.state_poll_interval,
                         last=last,
                         events=self.events,

@@ -16,24 +16,28 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
 
 import anyio
 import anyio.abc
 import structlog
 
-from nxmesh.core.model import ApplyReport, PendingApply
+from nxmesh.core.model import ApplyReport
 
 __all__ = ["Coalescer"]
 
 log = structlog.get_logger("nxmesh.agent.coalescer")
 
-ApplyFn = Callable[[PendingApply], Awaitable[ApplyReport]]
+T = TypeVar("T")
 
 
-class Coalescer:
+class Coalescer(Generic[T]):
     """Collapse submitted updates into applies of the newest one.
 
-    :param apply: runs one apply (the applier, with its source bound).
+    Items are usually `PendingApply` objects; the agent app submits (update, source)
+    pairs so a state-file update is applied as one.
+
+    :param apply: runs one apply.
     :param debounce: quiet time after the last submission before applying.
     :param min_interval: minimum seconds between the starts of two applies.
     :param max_delay: a steady stream of updates is applied at least this often.
@@ -41,7 +45,7 @@ class Coalescer:
 
     def __init__(
         self,
-        apply: ApplyFn,
+        apply: Callable[[T], Awaitable[ApplyReport]],
         *,
         debounce: float = 0.05,
         min_interval: float = 0.5,
@@ -51,7 +55,7 @@ class Coalescer:
         self.debounce = debounce
         self.min_interval = min_interval
         self.max_delay = max_delay if max_delay is not None else max(1.0, 20 * debounce)
-        self._pending: PendingApply | None = None
+        self._pending: T | None = None
         self._seq = 0
         self._wake = anyio.Event()
         self._idle = anyio.Event()
@@ -62,7 +66,7 @@ class Coalescer:
         self.applied = 0
         self.last_report: ApplyReport | None = None
 
-    def submit(self, update: PendingApply) -> None:
+    def submit(self, update: T) -> None:
         """Queue `update`; a queued older one is dropped (it would be replaced anyway)."""
         if self._pending is not None:
             self.superseded += 1
@@ -73,7 +77,7 @@ class Coalescer:
         self._wake.set()
 
     @property
-    def pending(self) -> PendingApply | None:
+    def pending(self) -> T | None:
         return self._pending
 
     async def wait_idle(self) -> None:
@@ -97,7 +101,7 @@ class Coalescer:
                 self.last_report = await self._apply(update)
                 self.applied += 1
             except Exception:  # one broken update must not stop every later one
-                log.exception("apply crashed", version=update.version)
+                log.exception("apply crashed", update=repr(update)[:200])
             if self._pending is None:
                 self._idle.set()
             else:
