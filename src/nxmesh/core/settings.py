@@ -48,6 +48,7 @@ __all__ = [
     "NON_SETTINGS_ENV_PREFIXES",
     "SECRET_METADATA",
     "AgentSettings",
+    "AuthSettings",
     "MasterSettings",
     "RendererSettings",
     "Settings",
@@ -191,6 +192,36 @@ class RendererSettings:
     template_dir: Path | None = None
 
 
+def _freeze_roles(value: Mapping[str, Sequence[str]]) -> Mapping[str, tuple[str, ...]]:
+    return types.MappingProxyType({name: tuple(perms) for name, perms in value.items()})
+
+
+@attrs.frozen
+class AuthSettings:
+    """``[auth]``: how the master API authenticates callers and what custom roles grant.
+
+    `roles` maps a custom role name to its permissions (``resource:action`` patterns,
+    optionally ``@workspace``); see ``docs/api.md``. Argon2id costs default to RFC 9106's
+    low-memory profile; lower them only where hashing time matters more (tests).
+    """
+
+    chain: tuple[str, ...] = attrs.field(default=("jwt", "api_token", "password"), validator=_names)
+    issuer: str = "nxmesh"
+    audience: str = "nxmesh-api"
+    access_token_ttl: float = attrs.field(default=900.0, validator=_positive)
+    refresh_token_ttl: float = attrs.field(default=14 * 86400.0, validator=_positive)
+    lockout_threshold: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    lockout_base_delay: float = attrs.field(default=1.0, validator=_positive)
+    lockout_max_delay: float = attrs.field(default=900.0, validator=_positive)
+    argon2_time_cost: int = attrs.field(default=3, validator=attrs.validators.ge(1))
+    argon2_memory_kib: int = attrs.field(default=65536, validator=attrs.validators.ge(8))
+    argon2_parallelism: int = attrs.field(default=4, validator=attrs.validators.ge(1))
+    public_metrics: bool = False
+    roles: Mapping[str, tuple[str, ...]] = attrs.field(
+        factory=dict, converter=_freeze_roles, hash=False
+    )
+
+
 @attrs.frozen
 class Settings:
     """Everything an NxMesh application is configured with; immutable once loaded."""
@@ -212,6 +243,7 @@ class Settings:
     master: MasterSettings = attrs.field(factory=MasterSettings)
     agent: AgentSettings = attrs.field(factory=AgentSettings)
     renderer: RendererSettings = attrs.field(factory=RendererSettings)
+    auth: AuthSettings = attrs.field(factory=AuthSettings)
     plugins: Mapping[str, object] = attrs.field(
         factory=dict, converter=_freeze_sections, hash=False
     )
@@ -248,6 +280,7 @@ _CORE_SECTIONS: dict[str, type[Any]] = {
     "master": MasterSettings,
     "agent": AgentSettings,
     "renderer": RendererSettings,
+    "auth": AuthSettings,
 }
 
 

@@ -1,0 +1,1 @@
+"""The reference master app: REST API, auth and RBAC, composed from plugins."""

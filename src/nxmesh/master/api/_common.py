@@ -1,0 +1,84 @@
+"""Shared pieces of the API controllers: typed path/query parameters and small helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated, Any, Final
+
+from litestar.openapi.spec import SecurityRequirement
+from litestar.params import Parameter
+
+from nxmesh.core import validation as v
+from nxmesh.core.errors import Problem, ValidationError
+from nxmesh.master.api.schemas import ChangeResult, FieldProblem, VersionSummary
+from nxmesh.master.changes import CommitResult
+
+__all__ = [
+    "BEARER",
+    "MAX_NUMBER",
+    "AgentId",
+    "CommitMessage",
+    "ExpectedVersion",
+    "Name",
+    "VersionNumber",
+    "Workspace",
+    "change_result",
+    "commit_message",
+    "perm",
+]
+
+MAX_NUMBER: Final = 2**63 - 1
+BEARER: Final[Sequence[SecurityRequirement]] = ({"bearer": []},)
+"""OpenAPI security requirement of every route that needs a token (public ones have none)."""
+WORKSPACE_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,62}$"
+NAME_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,62}$"
+
+Workspace = Annotated[
+    str, Parameter(pattern=WORKSPACE_PATTERN, max_length=63, description="Workspace name.")
+]
+Name = Annotated[str, Parameter(pattern=NAME_PATTERN, max_length=63, description="Object name.")]
+AgentId = Annotated[
+    str,
+    Parameter(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$", max_length=128, description="Agent id."
+    ),
+]
+VersionNumber = Annotated[int, Parameter(ge=1, le=MAX_NUMBER, description="Version number.")]
+CommitMessage = Annotated[
+    str | None,
+    Parameter(max_length=1024, description="Message recorded with the new version."),
+]
+ExpectedVersion = Annotated[
+    int | None,
+    Parameter(
+        ge=0,
+        le=MAX_NUMBER,
+        description="Fail with 409 unless the latest version is this one (0: none yet).",
+    ),
+]
+
+
+def perm(permission: str, **extra: Any) -> dict[str, Any]:
+    """Route ``opt`` declaring the permission the guard checks."""
+    return {"permission": permission, **extra}
+
+
+def commit_message(message: str | None, default: str) -> str:
+    """The version message: `message` when given (checked like the model), else `default`."""
+    if message is None:
+        return default
+    reason = v.LOG_TEXT.reason(message)
+    if reason is not None:
+        raise ValidationError([Problem("query.message", reason)])
+    return message
+
+
+def change_result(result: CommitResult) -> ChangeResult:
+    return ChangeResult(
+        version=VersionSummary.of(result.version),
+        created=result.created,
+        warnings=tuple(
+            FieldProblem(path=p.path, message=p.message, severity=p.severity)
+            for p in result.warnings
+        ),
+    )

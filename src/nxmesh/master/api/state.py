@@ -1,0 +1,339 @@
+"""Desired state per workspace, and sites and upstreams as views onto it.
+
+Every write builds the complete new state and goes through `ConfigChanges.commit`, so a
+change to one site is validated against everything else and stored as a new signed
+version — or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, TypeVar
+
+import attrs
+from litestar import Controller, delete, get, post, put
+from litestar.params import JSONBody, Parameter
+
+from nxmesh.core.errors import Problem, ValidationError
+from nxmesh.core.model import DesiredState, Site, Upstream
+from nxmesh.master.api._common import (
+    BEARER,
+    CommitMessage,
+    ExpectedVersion,
+    Name,
+    Workspace,
+    change_result,
+    commit_message,
+    perm,
+)
+from nxmesh.master.api.context import CallerDep
+from nxmesh.master.api.schemas import ChangeResult, DryRunResult, FieldProblem
+from nxmesh.master.problems import Conflict, NotFound
+
+__all__ = ["SiteController", "StateController", "UpstreamController"]
+
+T = TypeVar("T", Site, Upstream)
+
+DryRun = Annotated[
+    bool, Parameter(description="Validate and diff only: return what would change, store nothing.")
+]
+
+
+async def _current(caller: CallerDep, workspace: str) -> DesiredState:
+    latest = await caller.services.storage.latest_version(workspace)
+    return latest.state if latest is not None else DesiredState(workspace=workspace)
+
+
+async def _commit(
+    caller: CallerDep,
+    workspace: str,
+    edit: Callable[[DesiredState], DesiredState],
+    *,
+    action: str,
+    resource: str,
+    message: str,
+    expected_version: int | None,
+) -> ChangeResult:
+    result = await caller.services.changes.commit(
+        workspace,
+        edit,
+        author=caller.subject,
+        message=message,
+        expected_version=expected_version,
+    )
+    if result.created:
+        await caller.audit(
+            action,
+            resource,
+            workspace=workspace,
+            version=result.version.number,
+            digest=result.version.digest,
+        )
+    return change_result(result)
+
+
+class StateController(Controller):
+    """The complete desired state of a workspace."""
+
+    path = "/workspaces/{workspace:str}/state"
+    tags = ("state",)
+    security = BEARER
+
+    @get("/", opt=perm("config:read"))
+    async def get_state(self, workspace: Workspace, caller: CallerDep) -> DesiredState:
+        """The workspace's desired state as of its latest version (empty before the first)."""
+        return await _current(caller, workspace)
+
+    @put("/", opt=perm("config:write"))
+    async def put_state(
+        self,
+        workspace: Workspace,
+        data: JSONBody[DesiredState],
+        caller: CallerDep,
+        dry_run: DryRun = False,
+        message: CommitMessage = None,
+        expected_version: ExpectedVersion = None,
+    ) -> ChangeResult | DryRunResult:
+        """Replace the desired state: validated as a whole, stored as a new signed version.
+
+        With ``dry_run=true`` nothing is stored: the answer is the model diff and the
+        unified diff of the rendered nginx files against the latest version.
+        """
+        state = attrs.evolve(data, workspace=workspace)
+        if dry_run:
+            preview = await caller.services.changes.preview(workspace, state)
+            return DryRunResult(
+                workspace=workspace,
+                base_version=preview.base.number if preview.base else None,
+                would_change=preview.changed,
+                changes=preview.diff,
+                summary=preview.diff.summary(),
+                bundle_diff=preview.bundle_diff,
+                warnings=tuple(
+                    FieldProblem(path=p.path, message=p.message, severity=p.severity)
+                    for p in preview.warnings
+                ),
+            )
+        return await _commit(
+            caller,
+            workspace,
+            lambda _old: state,
+            action="state.replace",
+            resource=f"workspaces/{workspace}/state",
+            message=commit_message(message, "replace desired state"),
+            expected_version=expected_version,
+        )
+
+
+def _items(state: DesiredState, kind: str) -> tuple[Any, ...]:
+    items: tuple[Any, ...] = getattr(state, kind)
+    return items
+
+
+def _with(state: DesiredState, kind: str, items: Sequence[Any]) -> DesiredState:
+    changes: dict[str, Any] = {kind: tuple(items)}
+    return attrs.evolve(state, **changes)
+
+
+def _create(kind: str, noun: str, item: Any) -> Callable[[DesiredState], DesiredState]:
+    def edit(state: DesiredState) -> DesiredState:
+        if any(x.name == item.name for x in _items(state, kind)):
+            raise Conflict(f"{noun} {item.name!r} exists; use PUT to replace it")
+        return _with(state, kind, [*_items(state, kind), item])
+
+    return edit
+
+
+def _replace(kind: str, item: Any) -> Callable[[DesiredState], DesiredState]:
+    def edit(state: DesiredState) -> DesiredState:
+        items = list(_items(state, kind))
+        for i, x in enumerate(items):
+            if x.name == item.name:
+                items[i] = item
+                break
+        else:
+            items.append(item)
+        return _with(state, kind, items)
+
+    return edit
+
+
+def _remove(kind: str, noun: str, name: str) -> Callable[[DesiredState], DesiredState]:
+    def edit(state: DesiredState) -> DesiredState:
+        items = [x for x in _items(state, kind) if x.name != name]
+        if len(items) == len(_items(state, kind)):
+            raise NotFound(f"no {noun} named {name!r} in workspace {state.workspace!r}")
+        return _with(state, kind, items)
+
+    return edit
+
+
+def _same_name(name: str, item: Any) -> None:
+    if item.name != name:
+        raise ValidationError(
+            [Problem("name", f"is {item.name!r} but the URL names {name!r}; make them equal")]
+        )
+
+
+class SiteController(Controller):
+    """Sites of a workspace; each write creates a new version of the whole state."""
+
+    path = "/workspaces/{workspace:str}/sites"
+    tags = ("sites",)
+    security = BEARER
+
+    @get("/", opt=perm("config:read"))
+    async def list_sites(self, workspace: Workspace, caller: CallerDep) -> list[Site]:
+        """Every site of the latest version."""
+        return list((await _current(caller, workspace)).sites)
+
+    @get("/{name:str}", opt=perm("config:read"))
+    async def get_site(self, workspace: Workspace, name: Name, caller: CallerDep) -> Site:
+        for site in (await _current(caller, workspace)).sites:
+            if site.name == name:
+                return site
+        raise NotFound(f"no site named {name!r} in workspace {workspace!r}")
+
+    @post("/", opt=perm("config:write"))
+    async def create_site(
+        self,
+        workspace: Workspace,
+        data: JSONBody[Site],
+        caller: CallerDep,
+        message: CommitMessage = None,
+        expected_version: ExpectedVersion = None,
+    ) -> ChangeResult:
+        """Add a site (409 when one of that name exists)."""
+        return await _commit(
+            caller,
+            workspace,
+            _create("sites", "site", data),
+            action="site.create",
+            resource=f"workspaces/{workspace}/sites/{data.name}",
+            message=commit_message(message, f"create site {data.name}"),
+            expected_version=expected_version,
+        )
+
+    @put("/{name:str}", opt=perm("config:write"))
+    async def put_site(
+        self,
+        workspace: Workspace,
+        name: Name,
+        data: JSONBody[Site],
+        caller: CallerDep,
+        message: CommitMessage = None,
+        expected_version: ExpectedVersion = None,
+    ) -> ChangeResult:
+        """Create or replace the site `name`."""
+        _same_name(name, data)
+        return await _commit(
+            caller,
+            workspace,
+            _replace("sites", data),
+            action="site.update",
+            resource=f"workspaces/{workspace}/sites/{name}",
+            message=commit_message(message, f"update site {name}"),
+            expected_version=expected_version,
+        )
+
+    @delete("/{name:str}", opt=perm("config:write"), status_code=200)
+    async def delete_site(
+        self,
+        workspace: Workspace,
+        name: Name,
+        caller: CallerDep,
+        message: CommitMessage = None,
+        expected_version: ExpectedVersion = None,
+    ) -> ChangeResult:
+        """Remove the site `name`."""
+        return await _commit(
+            caller,
+            workspace,
+            _remove("sites", "site", name),
+            action="site.delete",
+            resource=f"workspaces/{workspace}/sites/{name}",
+            message=commit_message(message, f"delete site {name}"),
+            expected_version=expected_version,
+        )
+
+
+class UpstreamController(Controller):
+    """Upstreams of a workspace; each write creates a new version of the whole state."""
+
+    path = "/workspaces/{workspace:str}/upstreams"
+    tags = ("upstreams",)
+    security = BEARER
+
+    @get("/", opt=perm("config:read"))
+    async def list_upstreams(self, workspace: Workspace, caller: CallerDep) -> list[Upstream]:
+        """Every upstream of the latest version."""
+        return list((await _current(caller, workspace)).upstreams)
+
+    @get("/{name:str}", opt=perm("config:read"))
+    async def get_upstream(self, workspace: Workspace, name: Name, caller: CallerDep) -> Upstream:
+        for upstream in (await _current(caller, workspace)).upstreams:
+            if upstream.name == name:
+                return upstream
+        raise NotFound(f"no upstream named {name!r} in workspace {workspace!r}")
+
+    @post("/", opt=perm("config:write"))
+    async def create_upstream(
+        self,
+        workspace: Workspace,
+        data: JSONBody[Upstream],
+        caller: CallerDep,
+        message: CommitMessage = None,
+        expected_version: ExpectedVersion = None,
+    ) -> ChangeResult:
+        """Add an upstream (409 when one of that name exists)."""
+        return await _commit(
+            caller,
+            workspace,
+            _create("upstreams", "upstream", data),
+            action="upstream.create",
+            resource=f"workspaces/{workspace}/upstreams/{data.name}",
+            message=commit_message(message, f"create upstream {data.name}"),
+            expected_version=expected_version,
+        )
+
+    @put("/{name:str}", opt=perm("config:write"))
+    async def put_upstream(
+        self,
+        workspace: Workspace,
+        name: Name,
+        data: JSONBody[Upstream],
+        caller: CallerDep,
+        message: CommitMessage = None,
+        expected_version: ExpectedVersion = None,
+    ) -> ChangeResult:
+        """Create or replace the upstream `name`."""
+        _same_name(name, data)
+        return await _commit(
+            caller,
+            workspace,
+            _replace("upstreams", data),
+            action="upstream.update",
+            resource=f"workspaces/{workspace}/upstreams/{name}",
+            message=commit_message(message, f"update upstream {name}"),
+            expected_version=expected_version,
+        )
+
+    @delete("/{name:str}", opt=perm("config:write"), status_code=200)
+    async def delete_upstream(
+        self,
+        workspace: Workspace,
+        name: Name,
+        caller: CallerDep,
+        message: CommitMessage = None,
+        expected_version: ExpectedVersion = None,
+    ) -> ChangeResult:
+        """Remove the upstream `name` (422 while a site still proxies to it)."""
+        return await _commit(
+            caller,
+            workspace,
+            _remove("upstreams", "upstream", name),
+            action="upstream.delete",
+            resource=f"workspaces/{workspace}/upstreams/{name}",
+            message=commit_message(message, f"delete upstream {name}"),
+            expected_version=expected_version,
+        )

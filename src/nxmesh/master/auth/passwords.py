@@ -1,0 +1,81 @@
+"""Password hashing with argon2id (``argon2-cffi``), and the initial admin password.
+
+Costs come from the ``[auth]`` settings (RFC 9106's low-memory profile by default). A
+hash made with older costs still verifies; `Passwords.needs_rehash` tells the login path
+to upgrade it. `Passwords.dummy_verify` burns the same time as a real check, so a login
+for a user that does not exist cannot be told apart by its timing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+
+import argon2
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+
+from nxmesh.core.errors import Problem, ValidationError
+from nxmesh.core.settings import AuthSettings
+
+__all__ = ["MIN_PASSWORD_LENGTH", "Passwords", "check_password_policy", "generate_password"]
+
+MIN_PASSWORD_LENGTH = 12
+MAX_PASSWORD_LENGTH = 1024
+"""Longer inputs are refused before hashing: argon2 over megabytes is a cheap DoS."""
+
+
+def generate_password() -> str:
+    """A random password of 32 URL-safe characters (192 bits)."""
+    return secrets.token_urlsafe(24)
+
+
+def check_password_policy(password: str, *, path: str = "password") -> None:
+    """Raise `ValidationError` naming `path` when `password` is too short or too long."""
+    if len(password) < MIN_PASSWORD_LENGTH:
+        message = f"must be at least {MIN_PASSWORD_LENGTH} characters long"
+        raise ValidationError([Problem(path, message)])
+    if len(password) > MAX_PASSWORD_LENGTH:
+        message = f"must be at most {MAX_PASSWORD_LENGTH} characters long"
+        raise ValidationError([Problem(path, message)])
+
+
+class Passwords:
+    """argon2id hashing and verification with the configured costs (thread-safe, blocking)."""
+
+    def __init__(self, settings: AuthSettings | None = None) -> None:
+        cfg = settings or AuthSettings()
+        self._hasher = argon2.PasswordHasher(
+            time_cost=cfg.argon2_time_cost,
+            memory_cost=cfg.argon2_memory_kib,
+            parallelism=cfg.argon2_parallelism,
+            type=argon2.Type.ID,
+        )
+        self._dummy: str | None = None
+
+    def hash(self, password: str) -> str:
+        """The argon2id PHC string of `password` (random salt)."""
+        return self._hasher.hash(password)
+
+    def verify(self, password_hash: str, password: str) -> bool:
+        """True when `password` matches; False for a mismatch or a malformed hash."""
+        if len(password) > MAX_PASSWORD_LENGTH:
+            self.dummy_verify()
+            return False
+        try:
+            return self._hasher.verify(password_hash, password)
+        except (VerifyMismatchError, VerificationError, InvalidHashError):
+            return False
+
+    def dummy_verify(self) -> None:
+        """Spend the time of one verification against a hash nobody knows the password of."""
+        if self._dummy is None:
+            self._dummy = self._hasher.hash(secrets.token_hex(16))
+        with contextlib.suppress(VerificationError):
+            self._hasher.verify(self._dummy, "x" * 16)
+
+    def needs_rehash(self, password_hash: str) -> bool:
+        """True when `password_hash` was made with other costs than the configured ones."""
+        try:
+            return self._hasher.check_needs_rehash(password_hash)
+        except InvalidHashError:
+            return True

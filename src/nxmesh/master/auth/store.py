@@ -1,0 +1,421 @@
+"""Where the master keeps refresh tokens and API tokens (hashed, never in plaintext).
+
+`AuthStore` is what `Sessions` needs. `SqlAuthStore` keeps both in two tables of the
+master's own SQL database (SQLite or PostgreSQL), created on first start, so refresh
+rotation is one transaction and several masters share one view; `MemoryAuthStore` is
+the fallback for storage backends that are not SQL (tokens then die with the process).
+
+Only ``sha256(secret)`` is stored: the secrets carry 256 (refresh) and 192 (API token)
+random bits, so a fast hash is enough and comparison is constant-time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol, TypeVar
+
+import anyio
+import attrs
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Connection,
+    Engine,
+    Float,
+    MetaData,
+    Row,
+    Table,
+    Text,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import DatabaseError
+
+__all__ = [
+    "ApiTokenRecord",
+    "AuthStore",
+    "MemoryAuthStore",
+    "NewRefresh",
+    "RefreshRecord",
+    "Rotation",
+    "SqlAuthStore",
+]
+
+T = TypeVar("T")
+
+
+@attrs.frozen(kw_only=True)
+class RefreshRecord:
+    """One refresh token of a login session (`family`); single use.
+
+    `roles` are those the authenticator granted at login; local users' roles are
+    re-read from storage on every refresh instead, so a demotion applies at once.
+    """
+
+    id: str
+    family: str
+    subject: str
+    authenticator: str
+    roles: tuple[str, ...] = ()
+    secret_hash: str = attrs.field(repr=False)
+    created_at: float
+    expires_at: float
+    used_at: float | None = None
+    revoked: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class ApiTokenRecord:
+    """A long-lived token for automation; `scopes` are the permissions it may use."""
+
+    id: str
+    owner: str
+    name: str
+    scopes: tuple[str, ...]
+    secret_hash: str = attrs.field(repr=False)
+    created_at: float
+    expires_at: float | None = None
+    last_used_at: float | None = None
+    revoked: bool = False
+
+
+@attrs.frozen
+class Rotation:
+    """The outcome of presenting a refresh token.
+
+    ``rotated``: `record` was the valid token, now spent; `replacement` was stored.
+    ``reused``: a spent token was presented again — its whole family is now revoked.
+    ``invalid`` / ``expired`` / ``revoked``: refused, nothing changed.
+    """
+
+    outcome: Literal["rotated", "reused", "invalid", "expired", "revoked"]
+    record: RefreshRecord | None = None
+    replacement: RefreshRecord | None = None
+
+
+@attrs.frozen
+class NewRefresh:
+    """The identity of the token that replaces a spent one (the rest is inherited)."""
+
+    id: str
+    secret_hash: str = attrs.field(repr=False)
+    created_at: float
+    expires_at: float
+
+    def replacing(self, old: RefreshRecord) -> RefreshRecord:
+        return attrs.evolve(
+            old,
+            id=self.id,
+            secret_hash=self.secret_hash,
+            created_at=self.created_at,
+            expires_at=self.expires_at,
+            used_at=None,
+            revoked=False,
+        )
+
+
+class AuthStore(Protocol):
+    """Persistence of refresh tokens and API tokens."""
+
+    async def open(self) -> None: ...
+    async def aclose(self) -> None: ...
+    async def add_refresh(self, record: RefreshRecord) -> None: ...
+    async def rotate_refresh(self, token_id: str, secret_hash: str, new: NewRefresh) -> Rotation:
+        """Spend the token and store its replacement (same session) atomically."""
+        ...
+
+    async def find_refresh(self, token_id: str, secret_hash: str) -> RefreshRecord | None: ...
+    async def revoke_family(self, family: str) -> int: ...
+    async def revoke_subject(self, subject: str) -> int: ...
+    async def add_api_token(self, record: ApiTokenRecord) -> None: ...
+    async def get_api_token(self, token_id: str) -> ApiTokenRecord | None: ...
+    async def list_api_tokens(self, owner: str | None = None) -> Sequence[ApiTokenRecord]: ...
+    async def revoke_api_token(self, token_id: str) -> bool: ...
+    async def touch_api_token(self, token_id: str, now: float) -> None: ...
+
+
+def _decide(
+    row: RefreshRecord | None, secret_hash: str, now: float
+) -> Literal["ok", "reused", "invalid", "expired", "revoked"]:
+    # Without the right secret the presenter proves nothing: never revoke on its word.
+    if row is None or not hmac.compare_digest(row.secret_hash, secret_hash):
+        return "invalid"
+    if row.revoked:
+        return "revoked"
+    if row.used_at is not None:
+        return "reused"
+    if row.expires_at <= now:
+        return "expired"
+    return "ok"
+
+
+# ---------------------------------------------------------------------------------------
+# In memory
+# ---------------------------------------------------------------------------------------
+
+
+class MemoryAuthStore:
+    """Process-local store: for storage backends without SQL, and for tests."""
+
+    def __init__(self) -> None:
+        self._refresh: dict[str, RefreshRecord] = {}
+        self._api: dict[str, ApiTokenRecord] = {}
+
+    async def open(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def add_refresh(self, record: RefreshRecord) -> None:
+        self._refresh[record.id] = record
+
+    async def rotate_refresh(self, token_id: str, secret_hash: str, new: NewRefresh) -> Rotation:
+        # No await between reading and writing: atomic within one event loop.
+        row = self._refresh.get(token_id)
+        verdict = _decide(row, secret_hash, new.created_at)
+        if row is None or verdict == "invalid":
+            return Rotation("invalid", row)
+        if verdict == "reused":
+            self._revoke_family(row.family)
+            return Rotation("reused", row)
+        if verdict != "ok":
+            return Rotation(verdict, row)
+        replacement = new.replacing(row)
+        self._refresh[token_id] = attrs.evolve(row, used_at=new.created_at)
+        self._refresh[replacement.id] = replacement
+        return Rotation("rotated", row, replacement)
+
+    async def find_refresh(self, token_id: str, secret_hash: str) -> RefreshRecord | None:
+        row = self._refresh.get(token_id)
+        if row is None or not hmac.compare_digest(row.secret_hash, secret_hash):
+            return None
+        return row
+
+    def _revoke_family(self, family: str) -> int:
+        hits = [r for r in self._refresh.values() if r.family == family and not r.revoked]
+        for r in hits:
+            self._refresh[r.id] = attrs.evolve(r, revoked=True)
+        return len(hits)
+
+    async def revoke_family(self, family: str) -> int:
+        return self._revoke_family(family)
+
+    async def revoke_subject(self, subject: str) -> int:
+        families = {r.family for r in self._refresh.values() if r.subject == subject}
+        return sum(self._revoke_family(f) for f in families)
+
+    async def add_api_token(self, record: ApiTokenRecord) -> None:
+        self._api[record.id] = record
+
+    async def get_api_token(self, token_id: str) -> ApiTokenRecord | None:
+        return self._api.get(token_id)
+
+    async def list_api_tokens(self, owner: str | None = None) -> Sequence[ApiTokenRecord]:
+        rows = [r for r in self._api.values() if owner is None or r.owner == owner]
+        return sorted(rows, key=lambda r: (r.created_at, r.id))
+
+    async def revoke_api_token(self, token_id: str) -> bool:
+        row = self._api.get(token_id)
+        if row is None or row.revoked:
+            return False
+        self._api[token_id] = attrs.evolve(row, revoked=True)
+        return True
+
+    async def touch_api_token(self, token_id: str, now: float) -> None:
+        row = self._api.get(token_id)
+        if row is not None:
+            self._api[token_id] = attrs.evolve(row, last_used_at=now)
+
+
+# ---------------------------------------------------------------------------------------
+# SQL
+# ---------------------------------------------------------------------------------------
+
+metadata = MetaData()
+
+refresh_tokens = Table(
+    "auth_refresh_tokens",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("family", Text, nullable=False, index=True),
+    Column("subject", Text, nullable=False, index=True),
+    Column("authenticator", Text, nullable=False),
+    Column("roles", Text, nullable=False),
+    Column("secret_hash", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("used_at", Float),
+    Column("revoked", Boolean, nullable=False),
+)
+
+api_tokens = Table(
+    "auth_api_tokens",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("owner", Text, nullable=False, index=True),
+    Column("name", Text, nullable=False),
+    Column("scopes", Text, nullable=False),
+    Column("secret_hash", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float),
+    Column("last_used_at", Float),
+    Column("revoked", Boolean, nullable=False),
+)
+
+_WRITE = {"nxmesh_write": True}  # SQLite: take the write lock at BEGIN (see storage_sqlite)
+
+
+def _refresh(row: Row[tuple[object, ...]]) -> RefreshRecord:
+    m = row._mapping
+    return RefreshRecord(
+        id=m["id"],
+        family=m["family"],
+        subject=m["subject"],
+        authenticator=m["authenticator"],
+        roles=tuple(json.loads(m["roles"])),
+        secret_hash=m["secret_hash"],
+        created_at=m["created_at"],
+        expires_at=m["expires_at"],
+        used_at=m["used_at"],
+        revoked=bool(m["revoked"]),
+    )
+
+
+def _refresh_values(record: RefreshRecord) -> dict[str, object]:
+    values = attrs.asdict(record)
+    values["roles"] = json.dumps(list(record.roles))
+    return values
+
+
+def _api(row: Row[tuple[object, ...]]) -> ApiTokenRecord:
+    m = row._mapping
+    return ApiTokenRecord(
+        id=m["id"],
+        owner=m["owner"],
+        name=m["name"],
+        scopes=tuple(json.loads(m["scopes"])),
+        secret_hash=m["secret_hash"],
+        created_at=m["created_at"],
+        expires_at=m["expires_at"],
+        last_used_at=m["last_used_at"],
+        revoked=bool(m["revoked"]),
+    )
+
+
+class SqlAuthStore:
+    """Both token kinds in the master's SQL database, one transaction per operation.
+
+    The tables are not part of the storage backend's schema (they belong to the master
+    app, not to the storage contract); they are created when missing at `open`.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._create_lock = threading.Lock()
+
+    async def open(self) -> None:
+        await anyio.to_thread.run_sync(self._create_tables)
+
+    def _create_tables(self) -> None:
+        with self._create_lock:
+            try:
+                metadata.create_all(self._engine, checkfirst=True)
+            except DatabaseError:
+                # Another master created them between our check and our CREATE.
+                metadata.create_all(self._engine, checkfirst=True)
+
+    async def aclose(self) -> None:
+        return None  # the engine belongs to the storage backend
+
+    async def _run(self, fn: Callable[[Connection], T], *, write: bool = False) -> T:
+        def work() -> T:
+            with self._engine.connect() as conn:
+                if write:
+                    conn = conn.execution_options(**_WRITE)
+                with conn.begin():
+                    return fn(conn)
+
+        return await anyio.to_thread.run_sync(work)
+
+    async def add_refresh(self, record: RefreshRecord) -> None:
+        values = _refresh_values(record)
+        await self._run(lambda c: c.execute(insert(refresh_tokens).values(values)), write=True)
+
+    async def rotate_refresh(self, token_id: str, secret_hash: str, new: NewRefresh) -> Rotation:
+        t = refresh_tokens
+        now = new.created_at
+
+        def op(conn: Connection) -> Rotation:
+            found = conn.execute(select(t).where(t.c.id == token_id)).first()
+            row = None if found is None else _refresh(found)
+            verdict = _decide(row, secret_hash, now)
+            if row is None or verdict == "invalid":
+                return Rotation("invalid", row)
+            if verdict in ("expired", "revoked"):
+                return Rotation(verdict, row)
+            spent = conn.execute(
+                update(t).where(t.c.id == token_id, t.c.used_at.is_(None)).values(used_at=now)
+            )
+            if verdict == "reused" or spent.rowcount != 1:
+                # A second use (or a concurrent first one that lost): the token leaked.
+                conn.execute(update(t).where(t.c.family == row.family).values(revoked=True))
+                return Rotation("reused", row)
+            replacement = new.replacing(row)
+            conn.execute(insert(t).values(_refresh_values(replacement)))
+            return Rotation("rotated", row, replacement)
+
+        return await self._run(op, write=True)
+
+    async def find_refresh(self, token_id: str, secret_hash: str) -> RefreshRecord | None:
+        t = refresh_tokens
+        found = await self._run(lambda c: c.execute(select(t).where(t.c.id == token_id)).first())
+        if found is None:
+            return None
+        row = _refresh(found)
+        return row if hmac.compare_digest(row.secret_hash, secret_hash) else None
+
+    async def revoke_family(self, family: str) -> int:
+        t = refresh_tokens
+        stmt = update(t).where(t.c.family == family, t.c.revoked.is_(False)).values(revoked=True)
+        result = await self._run(lambda c: c.execute(stmt), write=True)
+        return int(result.rowcount)
+
+    async def revoke_subject(self, subject: str) -> int:
+        t = refresh_tokens
+        stmt = update(t).where(t.c.subject == subject, t.c.revoked.is_(False)).values(revoked=True)
+        result = await self._run(lambda c: c.execute(stmt), write=True)
+        return int(result.rowcount)
+
+    async def add_api_token(self, record: ApiTokenRecord) -> None:
+        values = attrs.asdict(record)
+        values["scopes"] = json.dumps(list(record.scopes))
+        await self._run(lambda c: c.execute(insert(api_tokens).values(values)), write=True)
+
+    async def get_api_token(self, token_id: str) -> ApiTokenRecord | None:
+        t = api_tokens
+        found = await self._run(lambda c: c.execute(select(t).where(t.c.id == token_id)).first())
+        return None if found is None else _api(found)
+
+    async def list_api_tokens(self, owner: str | None = None) -> Sequence[ApiTokenRecord]:
+        t = api_tokens
+        query = select(t).order_by(t.c.created_at, t.c.id)
+        if owner is not None:
+            query = query.where(t.c.owner == owner)
+        rows = await self._run(lambda c: c.execute(query).all())
+        return [_api(r) for r in rows]
+
+    async def revoke_api_token(self, token_id: str) -> bool:
+        t = api_tokens
+        stmt = update(t).where(t.c.id == token_id, t.c.revoked.is_(False)).values(revoked=True)
+        result = await self._run(lambda c: c.execute(stmt), write=True)
+        return bool(result.rowcount)
+
+    async def touch_api_token(self, token_id: str, now: float) -> None:
+        t = api_tokens
+        stmt = update(t).where(t.c.id == token_id).values(last_used_at=now)
+        await self._run(lambda c: c.execute(stmt), write=True)

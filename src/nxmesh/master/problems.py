@@ -1,0 +1,239 @@
+"""RFC 9457 problem details: every error the API returns is ``application/problem+json``.
+
+A problem has ``type`` (a URN naming the kind of problem), ``title``, ``status``,
+``detail`` and ``instance`` (the request path), plus two extension members:
+``request_id`` (also in the ``X-Request-ID`` header and every log line of the request)
+and, for input that failed validation (HTTP 422), ``errors``: one ``{path, message}``
+per problem, where ``path`` names the field (``sites[0].server_names[1]``, ``query.limit``).
+
+Unexpected exceptions become a 500 whose detail says nothing about the internals; the
+traceback goes to the log under the same request id.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import attrs
+import structlog
+from litestar import Request, Response
+from litestar.exceptions import HTTPException, ValidationException
+from litestar.types import ExceptionHandlersMap
+
+from nxmesh.config.versions import VersionError
+from nxmesh.core.errors import NxMeshError, ValidationError
+from nxmesh.core.records import ConflictError, NotFoundError, StorageError
+from nxmesh.master.auth.errors import AuthenticationError, LockedOutError, PermissionDeniedError
+
+__all__ = [
+    "PROBLEM_MEDIA_TYPE",
+    "ApiProblem",
+    "Conflict",
+    "FieldError",
+    "NotFound",
+    "ProblemDocument",
+    "exception_handlers",
+    "problem_response",
+]
+
+PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
+_URN: Final = "urn:nxmesh:problem:"
+
+log = structlog.get_logger("nxmesh.master.api")
+
+
+@attrs.frozen
+class FieldError:
+    """One invalid input field: where (a path in the request) and why."""
+
+    path: str
+    message: str
+
+
+@attrs.frozen(kw_only=True)
+class ProblemDocument:
+    """The body of every error response (RFC 9457 plus ``request_id`` and ``errors``)."""
+
+    type: str
+    title: str
+    status: int
+    detail: str = ""
+    instance: str | None = None
+    request_id: str | None = None
+    errors: tuple[FieldError, ...] = ()
+
+
+class ApiProblem(NxMeshError):
+    """An error a handler raises on purpose, rendered as a problem of its status."""
+
+    status: int = 400
+    slug: str = "bad-request"
+    title: str = "Bad request"
+
+    def __init__(self, detail: str, *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+class NotFound(ApiProblem):
+    status, slug, title = 404, "not-found", "Not found"
+
+
+class Conflict(ApiProblem):
+    status, slug, title = 409, "conflict", "Conflict"
+
+
+class BadRequest(ApiProblem):
+    status, slug, title = 400, "bad-request", "Bad request"
+
+
+def problem_response(
+    request: Request[Any, Any, Any],
+    status: int,
+    slug: str,
+    title: str,
+    detail: str = "",
+    *,
+    errors: Sequence[FieldError] = (),
+    headers: Mapping[str, str] | None = None,
+) -> Response[Any]:
+    """A problem+json response for `request`."""
+    body: dict[str, Any] = {
+        "type": f"{_URN}{slug}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": request.url.path,
+    }
+    request_id = request.scope.get("state", {}).get("request_id")
+    if request_id:
+        body["request_id"] = request_id
+    if errors:
+        body["errors"] = [{"path": e.path, "message": e.message} for e in errors]
+    return Response(
+        content=json.dumps(body).encode("utf-8"),
+        status_code=status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=dict(headers or {}),
+    )
+
+
+def _validation(request: Request[Any, Any, Any], exc: ValidationError) -> Response[Any]:
+    errors = [FieldError(p.path or "<root>", p.message) for p in exc.problems]
+    noun = "field is" if len(errors) == 1 else "fields are"
+    return problem_response(
+        request, 422, "validation", "Validation failed", f"{len(errors)} {noun} invalid",
+        errors=errors,
+    )  # fmt: skip
+
+
+def _litestar_validation(
+    request: Request[Any, Any, Any], exc: ValidationException
+) -> Response[Any]:
+    # Path, query and header parameters Litestar itself parsed.
+    errors: list[FieldError] = []
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    for item in extra:
+        if isinstance(item, Mapping):
+            source, key = item.get("source"), item.get("key")
+            path = ".".join(str(p) for p in (source, key) if p) or "<root>"
+            errors.append(FieldError(path, str(item.get("message", "is invalid"))))
+    if not errors:
+        return problem_response(request, 400, "bad-request", "Bad request", str(exc.detail))
+    noun = "field is" if len(errors) == 1 else "fields are"
+    return problem_response(
+        request, 422, "validation", "Validation failed", f"{len(errors)} {noun} invalid",
+        errors=errors,
+    )  # fmt: skip
+
+
+def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
+    slugs = {
+        400: "bad-request",
+        401: "unauthenticated",
+        403: "forbidden",
+        404: "not-found",
+        405: "method-not-allowed",
+        409: "conflict",
+        413: "too-large",
+        415: "unsupported-media-type",
+        429: "too-many-requests",
+    }
+    status = exc.status_code
+    if status >= 500:
+        return _internal(request, exc)
+    title = _title(status)
+    detail = exc.detail if exc.detail and exc.detail != title else ""
+    headers = dict(exc.headers or {})
+    return problem_response(
+        request, status, slugs.get(status, "error"), title, detail, headers=headers
+    )
+
+
+def _title(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _problem(request: Request[Any, Any, Any], exc: ApiProblem) -> Response[Any]:
+    return problem_response(
+        request, exc.status, exc.slug, exc.title, exc.detail, headers=exc.headers
+    )
+
+
+def _unauthenticated(request: Request[Any, Any, Any], exc: AuthenticationError) -> Response[Any]:
+    if isinstance(exc, LockedOutError):
+        return problem_response(
+            request, 429, "locked-out", "Too many failed logins", str(exc),
+            headers={"Retry-After": str(exc.retry_after)},
+        )  # fmt: skip
+    return problem_response(
+        request, 401, "unauthenticated", "Authentication required", str(exc),
+        headers={"WWW-Authenticate": 'Bearer realm="nxmesh", error="invalid_token"'},
+    )  # fmt: skip
+
+
+def _forbidden(request: Request[Any, Any, Any], exc: PermissionDeniedError) -> Response[Any]:
+    return problem_response(request, 403, "forbidden", "Forbidden", str(exc))
+
+
+def _not_found(request: Request[Any, Any, Any], exc: NotFoundError) -> Response[Any]:
+    return problem_response(request, 404, "not-found", "Not found", str(exc))
+
+
+def _conflict(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    return problem_response(request, 409, "conflict", "Conflict", str(exc))
+
+
+def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    request_id = request.scope.get("state", {}).get("request_id", "-")
+    if isinstance(exc, StorageError):
+        log.error("storage error", error_type=type(exc).__name__, error=str(exc))
+        detail = f"the storage backend failed; see the master log (request id {request_id})"
+        return problem_response(request, 503, "storage-unavailable", "Service unavailable", detail)
+    log.error("unhandled error", exc_info=exc)
+    detail = f"internal error; see the master log (request id {request_id})"
+    return problem_response(request, 500, "internal", "Internal server error", detail)
+
+
+def exception_handlers() -> ExceptionHandlersMap:
+    """The handlers that turn every exception into a problem response."""
+    return {
+        ValidationError: _validation,
+        ValidationException: _litestar_validation,
+        HTTPException: _http,
+        ApiProblem: _problem,
+        AuthenticationError: _unauthenticated,
+        PermissionDeniedError: _forbidden,
+        NotFoundError: _not_found,
+        ConflictError: _conflict,
+        VersionError: _conflict,
+        Exception: _internal,
+    }

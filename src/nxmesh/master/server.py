@@ -1,0 +1,178 @@
+"""Serve the master with hypercorn, on asyncio or trio (whichever runs the caller).
+
+`serve_api` binds the listening socket itself — so the bound address (port 0 picks a
+free one) is known before it reports ready through ``task_status.started`` — and runs
+hypercorn's worker for the current event loop on it. Cancellation triggers hypercorn's
+graceful shutdown: the listener closes, requests in flight get `graceful_timeout`
+seconds, then the app's lifespan ends.
+
+`run_master` is ``nxmesh master``: it opens the services, starts the event dispatcher
+and the API inside the core runtime's task group, and runs until SIGINT/SIGTERM.
+Components added later (agent transports, the orchestrator) start in the same place:
+pass them as `components` (``main`` passes `DEFAULT_COMPONENTS`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+import anyio.abc
+import pluggy
+import sniffio
+import structlog
+from hypercorn.config import Config
+
+from nxmesh.core.runtime import Runtime, StashKey, run
+from nxmesh.core.settings import Settings, load_settings
+from nxmesh.master.app import MasterServices, build_app, open_services
+
+__all__ = [
+    "API_ADDRESS",
+    "DEFAULT_COMPONENTS",
+    "MASTER_SERVICES",
+    "MasterComponent",
+    "main",
+    "run_master",
+    "serve_api",
+]
+
+MASTER_SERVICES: Final = StashKey[MasterServices]("nxmesh.master.services")
+"""Where `run_master` puts the services in ``runtime.stash`` for plugins' lifespans."""
+
+API_ADDRESS: Final = StashKey[str]("nxmesh.master.api_address")
+"""``host:port`` the API listens on, in ``services.stash`` once it serves."""
+
+MasterComponent = Callable[..., Coroutine[Any, Any, None]]
+"""``async def component(services, *, task_status)``: a long-running part of the master
+(an agent transport, the orchestrator) started with ``task_group.start``."""
+
+DEFAULT_COMPONENTS: tuple[MasterComponent, ...] = ()
+"""What ``nxmesh master`` starts after the API, in order (the agent transports go here)."""
+
+GRACEFUL_TIMEOUT: Final = 10.0
+
+log = structlog.get_logger("nxmesh.master")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve_api(
+    app: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    graceful_timeout: float = GRACEFUL_TIMEOUT,
+    task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the ASGI `app` on ``host:port`` until cancelled; report ``host:port`` when ready.
+
+    Runs on asyncio and trio (hypercorn's matching worker). Readiness means the socket is
+    listening: connections made from then on are accepted once hypercorn started.
+    """
+    sock = _listen(host, port)
+    address = _address(sock)
+    config = Config()
+    # hypercorn adopts the descriptor (and closes it); the Python object lets go of it.
+    config.bind = [f"fd://{sock.detach()}"]
+    config.graceful_timeout = graceful_timeout
+    config.accesslog = None  # the request_context middleware logs requests (structlog)
+    config.errorlog = None
+    stop = anyio.Event()
+    finished = anyio.Event()
+    # Shielded: cancellation must become a graceful shutdown (`stop`), not an abort.
+    shield = anyio.CancelScope(shield=True)
+
+    async def hypercorn_worker() -> None:
+        try:
+            with shield:
+                if sniffio.current_async_library() == "trio":
+                    from hypercorn.trio import serve as trio_serve
+
+                    await trio_serve(app, config, shutdown_trigger=stop.wait)
+                else:
+                    from hypercorn.asyncio import serve as asyncio_serve
+
+                    await asyncio_serve(app, config, shutdown_trigger=stop.wait)
+        finally:
+            finished.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hypercorn_worker)
+        log.info("API listening", address=f"http://{address}")
+        task_status.started(address)
+        try:
+            await finished.wait()  # hypercorn only returns by itself when it failed
+        finally:
+            stop.set()
+            with anyio.move_on_after(graceful_timeout + 5.0, shield=True):
+                await finished.wait()
+            if not finished.is_set():
+                shield.cancel()  # it ignored the graceful shutdown: abort
+
+
+async def run_master(
+    runtime: Runtime, components: Sequence[MasterComponent] = DEFAULT_COMPONENTS
+) -> None:
+    """The master's main: services, event dispatch, API and `components`, until shutdown.
+
+    Each component is started with ``await task_group.start(component, services)`` once
+    the API serves, so it may rely on everything in `MasterServices`.
+    """
+    settings = runtime.settings
+    async with open_services(runtime.pm, settings) as services:
+        runtime.stash[MASTER_SERVICES] = services
+        tg = runtime.task_group
+        await tg.start(services.run_event_dispatch)
+        app = build_app(services)
+        address = await tg.start(
+            _serve_named, app, settings.master.api_host, settings.master.api_port
+        )
+        services.stash[API_ADDRESS] = address
+        for component in components:
+            await tg.start(component, services)
+        log.info("master running", api=f"http://{address}", docs=f"http://{address}/docs")
+        await anyio.sleep_forever()
+
+
+async def _serve_named(
+    app: Any, host: str, port: int, *, task_status: anyio.abc.TaskStatus[str]
+) -> None:
+    await serve_api(app, host=host, port=port, task_status=task_status)
+
+
+def main(
+    pm: pluggy.PluginManager,
+    *,
+    config_path: Path | None = None,
+    overrides: Mapping[str, object] | None = None,
+    backend: str = "asyncio",
+) -> None:
+    """Load settings, configure logging and run the master until a signal stops it."""
+    from nxmesh.core.logging import configure_logging
+
+    settings: Settings = load_settings(pm, path=config_path, overrides=overrides)
+    configure_logging(settings.log_level, settings.log_format)
+    with contextlib.suppress(KeyboardInterrupt):
+        anyio.run(run, pm, settings, run_master, backend=backend)

@@ -1,0 +1,154 @@
+"""Built-in password authenticator for the master API (``auth.chain`` name ``password``).
+
+Recognises ``password`` credentials (``username`` + ``password``, sent to
+``POST /api/v1/auth/login``) and checks them against the argon2id hashes of the users in
+the master's storage.
+
+* **Lockout with backoff** per user *and* client address: after ``auth.lockout_threshold``
+  failures in a row every attempt is refused for a delay that doubles with each further
+  failure (``lockout_base_delay`` … ``lockout_max_delay``). Attempts count as failures
+  from the moment they start, so a burst of parallel guesses cannot slip past the limit.
+  A success resets the counter. The state lives in the master process.
+* **Constant-time for unknown users**: a username that does not exist (or is disabled)
+  still costs one full argon2 verification, against a dummy hash, and gets the same answer
+  as a wrong password — timing and wording never reveal which usernames exist.
+* A hash made with older argon2 costs is upgraded on the next successful login.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import anyio
+import attrs
+import structlog
+
+from nxmesh import hookimpl
+from nxmesh.core.interfaces import Authenticator, Credentials, Principal
+from nxmesh.core.settings import AuthSettings
+from nxmesh.master.auth import AuthenticationError, LockedOutError, Passwords
+
+if TYPE_CHECKING:
+    from nxmesh.core.interfaces import StorageBackend
+    from nxmesh.master.app import MasterServices
+
+__all__ = ["Lockout", "PasswordAuthenticator"]
+
+log = structlog.get_logger("nxmesh.auth.password")
+
+
+@attrs.define
+class _Attempts:
+    failures: int = 0
+    locked_until: float = 0.0
+    last: float = 0.0
+
+
+class Lockout:
+    """Failure counters per key (user, address) with exponential backoff once locked."""
+
+    def __init__(
+        self,
+        *,
+        threshold: int,
+        base_delay: float,
+        max_delay: float,
+        clock: Callable[[], float] = time.monotonic,
+        max_entries: int = 10_000,
+    ) -> None:
+        self.threshold = threshold
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.clock = clock
+        self.max_entries = max_entries
+        self._state: OrderedDict[tuple[str, str], _Attempts] = OrderedDict()
+
+    def begin(self, key: tuple[str, str]) -> None:
+        """Count an attempt as failed until `succeeded` says otherwise.
+
+        :raises LockedOutError: the key is locked; nothing is counted.
+        """
+        now = self.clock()
+        entry = self._state.get(key)
+        if entry is not None and now - entry.last > 2 * self.max_delay:
+            entry = None  # long quiet: forget old failures
+        if entry is None:
+            entry = _Attempts()
+        if entry.locked_until > now:
+            raise LockedOutError(entry.locked_until - now)
+        entry.failures += 1
+        entry.last = now
+        if entry.failures >= self.threshold:
+            exponent = min(entry.failures - self.threshold, 32)
+            entry.locked_until = now + min(self.max_delay, self.base_delay * 2**exponent)
+        self._state[key] = entry
+        self._state.move_to_end(key)
+        while len(self._state) > self.max_entries:  # bounded memory under a spray attack
+            self._state.popitem(last=False)
+
+    def succeeded(self, key: tuple[str, str]) -> None:
+        """Forget the key's failures after a successful login."""
+        self._state.pop(key, None)
+
+    def failures(self, key: tuple[str, str]) -> int:
+        entry = self._state.get(key)
+        return 0 if entry is None else entry.failures
+
+
+class PasswordAuthenticator:
+    """Username + password against the users in storage (argon2id)."""
+
+    name: ClassVar[str] = "password"
+
+    def __init__(
+        self,
+        storage: StorageBackend,
+        passwords: Passwords,
+        settings: AuthSettings | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        cfg = settings or AuthSettings()
+        self.storage = storage
+        self.passwords = passwords
+        self.lockout = Lockout(
+            threshold=cfg.lockout_threshold,
+            base_delay=cfg.lockout_base_delay,
+            max_delay=cfg.lockout_max_delay,
+            clock=clock,
+        )
+
+    @classmethod
+    def from_services(cls, services: MasterServices) -> PasswordAuthenticator:
+        return cls(services.storage, services.auth.passwords, services.settings.auth)
+
+    async def authenticate(self, credentials: Credentials) -> Principal | None:
+        if credentials.scheme != "password":
+            return None
+        username = credentials.values.get("username", "")
+        password = credentials.values.get("password", "")
+        key = (username, credentials.remote_addr or "")
+        self.lockout.begin(key)
+        user = await self.storage.get_user(username) if username else None
+        if user is None:
+            await anyio.to_thread.run_sync(self.passwords.dummy_verify)
+            ok = False
+        else:
+            ok = await anyio.to_thread.run_sync(self.passwords.verify, user.password_hash, password)
+            ok = ok and not user.disabled
+        if not ok or user is None:
+            log.info("login failed", username=username, remote_addr=credentials.remote_addr)
+            raise AuthenticationError("invalid username or password", reason="bad_password")
+        self.lockout.succeeded(key)
+        if self.passwords.needs_rehash(user.password_hash):
+            new_hash = await anyio.to_thread.run_sync(self.passwords.hash, password)
+            await self.storage.put_user(attrs.evolve(user, password_hash=new_hash))
+        return Principal(subject=user.username, roles=tuple(user.roles), authenticator=self.name)
+
+
+@hookimpl
+def nxmesh_register_authenticators() -> Sequence[type[Authenticator]]:
+    return [PasswordAuthenticator]

@@ -1,0 +1,523 @@
+"""Authentication: access tokens (alg pinning, expiry, forgery), refresh rotation and reuse
+detection, API token scopes, password lockout, and the authenticator contract."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
+from litestar.testing import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from nxmesh.core.interfaces import Authenticator, Credentials
+from nxmesh.core.pluginmanager import get_plugin_manager
+from nxmesh.core.records import User
+from nxmesh.master.app import build_app
+from nxmesh.master.auth import (
+    ApiTokenAuthenticator,
+    AuthenticationError,
+    JwtAuthenticator,
+    LockedOutError,
+    Passwords,
+)
+from nxmesh.master.auth.tokens import JWT_KEY_FILE, AccessTokens
+from nxmesh.plugins.auth_password import Lockout, PasswordAuthenticator
+from nxmesh.testing.contracts.auth import AuthenticatorContract
+
+from .conftest import FAST_HASHING, Master, make_settings
+
+STATE = "/api/v1/workspaces/default/state"
+ME = "/api/v1/auth/me"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def unsigned(header: dict[str, Any], claims: dict[str, Any]) -> str:
+    return f"{b64(json.dumps(header).encode())}.{b64(json.dumps(claims).encode())}"
+
+
+def claims_for(master: Master, **changes: Any) -> dict[str, Any]:
+    now = int(time.time())
+    tokens = master.services.auth.tokens
+    base = {
+        "iss": tokens.issuer,
+        "aud": tokens.audience,
+        "sub": "mallory",
+        "iat": now,
+        "nbf": now,
+        "exp": now + 600,
+        "jti": "x1",
+        "roles": ["admin"],
+    }
+    base.update(changes)
+    return base
+
+
+def same_key_tokens(master: Master, **kwargs: Any) -> AccessTokens:
+    """Another AccessTokens instance holding the master's own signing key."""
+    services = master.services
+    defaults: dict[str, Any] = {
+        "issuer": services.auth.tokens.issuer,
+        "audience": services.auth.tokens.audience,
+        "ttl": 600.0,
+    }
+    return AccessTokens.load_or_create(
+        services.state_dir / JWT_KEY_FILE, services.keyring, **{**defaults, **kwargs}
+    )
+
+
+def failures(master: Master) -> dict[str, float]:
+    text = master.client.get("/metrics", headers=master.headers("admin")).text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "nxmesh_master_auth_failures":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    out[sample.labels["reason"]] = sample.value
+    return out
+
+
+def status(master: Master, token: str) -> int:
+    header = f"Bearer {token}".encode()  # bytes: junk tokens may not be ASCII
+    return master.client.get(ME, headers={"Authorization": header}).status_code
+
+
+class TestAccessTokens:
+    """Access tokens are RS256 only, from this issuer, for this audience, and unexpired."""
+
+    def test_a_valid_token_authenticates(self, master: Master) -> None:
+        """The control case: a token the master issued is accepted."""
+        assert status(master, master.token("viewer")) == 200
+
+    def test_expired_token_is_rejected(self, master: Master) -> None:
+        """A token past its exp (beyond the small leeway) is a 401."""
+        old = same_key_tokens(master, clock=lambda: time.time() - 3600).issue(
+            "admin", ["admin"], authenticator="password"
+        )
+        assert status(master, old.token) == 401
+        assert failures(master).get("expired") == 1
+
+    def test_forged_signature_is_rejected(self, master: Master) -> None:
+        """A token signed by another RSA key, even with the right kid, is a 401."""
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        kid = master.services.auth.tokens.key_id
+        forged = jwt.encode(claims_for(master), other, algorithm="RS256", headers={"kid": kid})
+        assert status(master, forged) == 401
+        assert failures(master).get("bad_signature") == 1
+
+    def test_tampered_claims_are_rejected(self, master: Master) -> None:
+        """Swapping a viewer token's payload for an admin one breaks the signature."""
+        header, _, signature = master.token("viewer").split(".")
+        payload = b64(json.dumps(claims_for(master, sub="tester")).encode())
+        assert status(master, f"{header}.{payload}.{signature}") == 401
+
+    def test_alg_none_is_rejected(self, master: Master) -> None:
+        """An unsigned token (``alg: none``) is refused before any verification."""
+        kid = master.services.auth.tokens.key_id
+        token = unsigned({"alg": "none", "typ": "JWT", "kid": kid}, claims_for(master)) + "."
+        assert status(master, token) == 401
+        assert failures(master).get("bad_algorithm") == 1
+
+    def test_hs256_signed_with_the_public_key_is_rejected(self, master: Master) -> None:
+        """The RS256→HS256 confusion attack (public key as HMAC secret) fails."""
+        tokens = master.services.auth.tokens
+        head = unsigned({"alg": "HS256", "typ": "JWT", "kid": tokens.key_id}, claims_for(master))
+        secret = tokens.public_key_pem().encode()
+        signature = b64(hmac.new(secret, head.encode(), hashlib.sha256).digest())
+        assert status(master, f"{head}.{signature}") == 401
+        assert failures(master).get("bad_algorithm") == 1
+        with pytest.raises(AuthenticationError) as caught:
+            tokens.verify(f"{head}.{signature}")
+        assert caught.value.reason == "bad_algorithm"
+
+    def test_wrong_audience_is_rejected(self, master: Master) -> None:
+        """Our key and issuer but another audience: the token was meant for someone else."""
+        token = same_key_tokens(master, audience="another-api").issue(
+            "admin", ["admin"], authenticator="password"
+        )
+        assert status(master, token.token) == 401
+        assert failures(master).get("wrong_audience") == 1
+
+    def test_wrong_issuer_is_rejected(self, master: Master) -> None:
+        """A token from another issuer is not ours: no link accepts it."""
+        token = same_key_tokens(master, issuer="someone-else").issue(
+            "admin", ["admin"], authenticator="password"
+        )
+        assert status(master, token.token) == 401
+        assert failures(master).get("unrecognised") == 1
+
+    def test_missing_claims_and_garbage_are_rejected(self, master: Master) -> None:
+        """Tokens without exp, or not JWTs at all, are 401s rather than errors."""
+        tokens = master.services.auth.tokens
+        no_exp = claims_for(master)
+        del no_exp["exp"]
+        signed = jwt.encode(
+            no_exp, same_key_tokens(master)._key, algorithm="RS256", headers={"kid": tokens.key_id}
+        )
+        assert status(master, signed) == 401
+        for junk in ("a.b.c", "nxm_zz_zz", "x" * 5000, "Ünïcode"):
+            assert status(master, junk) == 401
+
+    def test_only_bearer_credentials_in_the_header_count(self, master: Master) -> None:
+        """Basic auth, an empty header and a token in the query string are not accepted."""
+        c = master.client
+        assert c.get(ME, headers={"Authorization": "Basic YWRtaW46YWRtaW4="}).status_code == 401
+        assert c.get(ME, headers={"Authorization": "Bearer "}).status_code == 401
+        response = c.get(ME, params={"access_token": master.token("admin")})
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+class TestLoginAndRefresh:
+    """Password login, refresh rotation, reuse detection and logout."""
+
+    def _login(self, master: Master, username: str, password: str) -> dict[str, Any]:
+        response = master.client.post(
+            "/api/v1/auth/login", json={"username": username, "password": password}
+        )
+        assert response.status_code == 200, response.text
+        result: dict[str, Any] = response.json()
+        return result
+
+    def _refresh(self, master: Master, token: str) -> Any:
+        return master.client.post("/api/v1/auth/refresh", json={"refresh_token": token})
+
+    def test_initial_admin_can_log_in(self, master: Master) -> None:
+        """The generated admin password from the state directory works, with a 15 min token."""
+        body = self._login(master, "admin", master.admin_password())
+        assert body["token_type"] == "Bearer"
+        assert 890 <= body["expires_in"] <= 900
+        assert body["roles"] == ["admin"]
+        assert body["refresh_token"].startswith("nxr_")
+        assert status(master, body["access_token"]) == 200
+
+    def test_refresh_rotates_and_reuse_revokes_the_session(self, master: Master) -> None:
+        """Each refresh token works once; replaying a spent one kills the whole session."""
+        master.add_user("ann", "correct horse battery", "viewer")
+        first = self._login(master, "ann", "correct horse battery")
+        second = self._refresh(master, first["refresh_token"])
+        assert second.status_code == 200
+        rotated = second.json()
+        assert rotated["refresh_token"] != first["refresh_token"]
+        assert status(master, rotated["access_token"]) == 200
+
+        replay = self._refresh(master, first["refresh_token"])
+        assert replay.status_code == 401
+        assert "already used" in replay.json()["detail"]
+        # The legitimate holder's newer token died with the session.
+        assert self._refresh(master, rotated["refresh_token"]).status_code == 401
+        assert failures(master).get("refresh_reused") == 1
+
+    def test_refresh_reads_current_roles_and_refuses_disabled_users(self, master: Master) -> None:
+        """A demotion applies at the next refresh; a disabled user cannot refresh at all."""
+        master.add_user("bob", "correct horse battery", "operator")
+        tokens = self._login(master, "bob", "correct horse battery")
+        master.add_user("bob", "correct horse battery", "viewer")
+        renewed = self._refresh(master, tokens["refresh_token"]).json()
+        assert renewed["roles"] == ["viewer"]
+        master.add_user("bob", "correct horse battery", "viewer", disabled=True)
+        assert self._refresh(master, renewed["refresh_token"]).status_code == 401
+
+    def test_logout_revokes_the_refresh_token(self, master: Master) -> None:
+        """After logout the session's refresh token no longer works."""
+        tokens = self._login(master, "admin", master.admin_password())
+        response = master.client.post(
+            "/api/v1/auth/logout", json={"refresh_token": tokens["refresh_token"]}
+        )
+        assert response.status_code == 204
+        assert self._refresh(master, tokens["refresh_token"]).status_code == 401
+
+    def test_expired_and_malformed_refresh_tokens_fail(self, master: Master) -> None:
+        """A refresh token past its lifetime, or not one at all, is a 401."""
+        tokens = self._login(master, "admin", master.admin_password())
+        auth = master.services.auth
+        auth.clock = lambda: time.time() + auth.settings.refresh_token_ttl + 1
+        assert self._refresh(master, tokens["refresh_token"]).status_code == 401
+        auth.clock = time.time
+        for junk in ("nxr_", "nxr_abc_def", "nxm_" + "0" * 16 + "_" + "0" * 48, "x"):
+            assert self._refresh(master, junk).status_code == 401
+
+    def test_refresh_secrets_are_stored_hashed(self, master: Master) -> None:
+        """The database holds no refresh secret, only its hash."""
+        tokens = self._login(master, "admin", master.admin_password())
+        secret = tokens["refresh_token"].rsplit("_", 1)[1]
+        raw = (master.services.state_dir / "master.db").read_bytes()
+        wal = master.services.state_dir / "master.db-wal"
+        raw += wal.read_bytes() if wal.exists() else b""
+        assert secret.encode() not in raw
+        assert hashlib.sha256(secret.encode()).hexdigest().encode() in raw
+
+    def test_wrong_password_and_unknown_user_look_the_same(self, master: Master) -> None:
+        """Both are 401 with the same detail: usernames cannot be probed."""
+        c = master.client
+        wrong = c.post("/api/v1/auth/login", json={"username": "admin", "password": "nope-nope"})
+        ghost = c.post("/api/v1/auth/login", json={"username": "ghost", "password": "nope-nope"})
+        assert wrong.status_code == ghost.status_code == 401
+        assert wrong.json()["detail"] == ghost.json()["detail"]
+
+    def test_repeated_failures_lock_the_login_out(self, master: Master) -> None:
+        """After the threshold even the right password gets 429 with Retry-After."""
+        c = master.client
+        for _ in range(master.services.settings.auth.lockout_threshold):
+            r = c.post("/api/v1/auth/login", json={"username": "admin", "password": "bad-guess"})
+            assert r.status_code == 401
+        r = c.post(
+            "/api/v1/auth/login", json={"username": "admin", "password": master.admin_password()}
+        )
+        assert r.status_code == 429
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["type"] == "urn:nxmesh:problem:locked-out"
+
+
+class TestApiTokens:
+    """``nxm_`` API tokens carry scopes no wider than their owner's roles."""
+
+    def _create(self, master: Master, headers: dict[str, str], **body: Any) -> Any:
+        return master.client.post("/api/v1/auth/tokens", json=body, headers=headers)
+
+    def test_scopes_narrow_what_the_token_may_do(self, master: Master) -> None:
+        """An admin's read-only token can read state but not write it."""
+        admin = master.headers("admin", subject="admin")
+        created = self._create(master, admin, name="ci", scopes=["config:read"])
+        assert created.status_code == 201, created.text
+        token = created.json()["token"]
+        assert token.startswith("nxm_")
+        bearer = {"Authorization": f"Bearer {token}"}
+        assert master.client.get(STATE, headers=bearer).status_code == 200
+        assert master.client.put(STATE, json={}, headers=bearer).status_code == 403
+        assert master.client.get("/api/v1/users", headers=bearer).status_code == 403
+
+    def test_workspace_scoped_token(self, master: Master) -> None:
+        """``config:read@staging`` reads staging and nothing else."""
+        admin = master.headers("admin", subject="admin")
+        token = self._create(master, admin, name="stg", scopes=["config:read@staging"]).json()
+        bearer = {"Authorization": f"Bearer {token['token']}"}
+        c = master.client
+        assert c.get("/api/v1/workspaces/staging/state", headers=bearer).status_code == 200
+        assert c.get(STATE, headers=bearer).status_code == 403
+
+    def test_scopes_cannot_exceed_the_owners_roles(self, master: Master) -> None:
+        """A viewer asking for config:write (or *) gets 422 naming the scope."""
+        master.add_user("vera", "correct horse battery", "viewer")
+        viewer = master.headers("viewer", subject="vera")
+        response = self._create(
+            master, viewer, name="x", scopes=["config:read", "config:write", "*"]
+        )
+        assert response.status_code == 422
+        paths = [e["path"] for e in response.json()["errors"]]
+        assert paths == ["scopes[1]", "scopes[2]"]
+        bad = self._create(master, viewer, name="x", scopes=["not a permission"])
+        assert bad.json()["errors"][0]["path"] == "scopes[0]"
+
+    def test_revoked_expired_and_orphaned_tokens_stop_working(self, master: Master) -> None:
+        """Revocation, expiry and a disabled owner each turn the token into a 401."""
+        master.add_user("opal", "correct horse battery", "operator")
+        operator = master.headers("operator", subject="opal")
+        c = master.client
+
+        def bearer(body: dict[str, Any]) -> dict[str, str]:
+            return {"Authorization": f"Bearer {body['token']}"}
+
+        revoked = self._create(master, operator, name="a", scopes=["config:read"]).json()
+        assert c.get(STATE, headers=bearer(revoked)).status_code == 200
+        token_id = revoked["api_token"]["id"]
+        assert c.delete(f"/api/v1/auth/tokens/{token_id}", headers=operator).status_code == 204
+        assert c.get(STATE, headers=bearer(revoked)).status_code == 401
+
+        expiring = self._create(
+            master, operator, name="b", scopes=["config:read"], expires_in=60
+        ).json()
+        auth = master.services.auth
+        auth.clock = lambda: time.time() + 120
+        assert c.get(STATE, headers=bearer(expiring)).status_code == 401
+        auth.clock = time.time
+
+        live = self._create(master, operator, name="c", scopes=["config:read"]).json()
+        master.add_user("opal", "correct horse battery", "operator", disabled=True)
+        assert c.get(STATE, headers=bearer(live)).status_code == 401
+
+    def test_listing_never_shows_secrets(self, master: Master) -> None:
+        """The list has ids, names and scopes; no token and no hash."""
+        admin = master.headers("admin", subject="admin")
+        created = self._create(master, admin, name="ci", scopes=["config:read"]).json()
+        listed = master.client.get("/api/v1/auth/tokens", headers=admin).json()
+        assert [t["name"] for t in listed] == ["ci"]
+        text = json.dumps(listed)
+        assert created["token"] not in text
+        assert "secret" not in text
+
+    def test_others_tokens_cannot_be_revoked_without_user_write(self, master: Master) -> None:
+        """An operator cannot revoke the admin's token; the admin can revoke anyone's."""
+        admin = master.headers("admin", subject="admin")
+        token_id = self._create(master, admin, name="ci", scopes=["config:read"]).json()[
+            "api_token"
+        ]["id"]
+        operator = master.headers("operator", subject="opal")
+        assert (
+            master.client.delete(f"/api/v1/auth/tokens/{token_id}", headers=operator).status_code
+            == 403
+        )
+
+
+@pytest.fixture(scope="module")
+def shared_master(
+    template_state: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Master]:
+    """One master for the contract tests, which only construct links from it."""
+    pm = get_plugin_manager(autoload=False, environ={})
+    state = tmp_path_factory.mktemp("contract") / "state"
+    shutil.copytree(template_state, state)
+    with TestClient(build_app(pm=pm, settings=make_settings(pm, state))) as client:
+        yield Master(client)
+
+
+class _Users:
+    """The slice of StorageBackend the password authenticator uses."""
+
+    def __init__(self, *users: User) -> None:
+        self.users = {u.username: u for u in users}
+
+    async def get_user(self, username: str) -> User | None:
+        return self.users.get(username)
+
+    async def put_user(self, user: User) -> None:
+        self.users[user.username] = user
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def passwords() -> Passwords:
+    from nxmesh.core.settings import AuthSettings
+
+    return Passwords(
+        AuthSettings(
+            argon2_time_cost=FAST_HASHING["auth.argon2_time_cost"],
+            argon2_memory_kib=FAST_HASHING["auth.argon2_memory_kib"],
+            argon2_parallelism=FAST_HASHING["auth.argon2_parallelism"],
+        )
+    )
+
+
+def password(username: str, secret: str, addr: str = "192.0.2.1") -> Credentials:
+    return Credentials("password", {"username": username, "password": secret}, remote_addr=addr)
+
+
+class TestPasswordAuthenticator:
+    """argon2id verification with lockout and backoff per user and address."""
+
+    pytestmark = pytest.mark.anyio
+
+    def _auth(self, passwords: Passwords, clock: Callable[[], float]) -> PasswordAuthenticator:
+        users = _Users(
+            User(username="ann", password_hash=passwords.hash("s3cret-pass"), roles=("viewer",))
+        )
+        return PasswordAuthenticator(users, passwords, clock=clock)  # type: ignore[arg-type]
+
+    async def test_right_password_gives_the_users_roles(self, passwords: Passwords) -> None:
+        """A correct password yields a principal with the stored roles."""
+        principal = await self._auth(passwords, _Clock()).authenticate(
+            password("ann", "s3cret-pass")
+        )
+        assert principal is not None
+        assert (principal.subject, principal.roles) == ("ann", ("viewer",))
+
+    async def test_unknown_user_costs_a_dummy_verification(
+        self, passwords: Passwords, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A missing user runs argon2 against a dummy hash and fails like a wrong password."""
+        calls: list[int] = []
+        original = passwords.dummy_verify
+        monkeypatch.setattr(passwords, "dummy_verify", lambda: (calls.append(1), original())[1])
+        auth = self._auth(passwords, _Clock())
+        with pytest.raises(AuthenticationError) as ghost:
+            await auth.authenticate(password("ghost", "whatever"))
+        with pytest.raises(AuthenticationError) as wrong:
+            await auth.authenticate(password("ann", "whatever"))
+        assert calls == [1]
+        assert str(ghost.value) == str(wrong.value)
+
+    async def test_lockout_backs_off_exponentially_per_user_and_address(
+        self, passwords: Passwords
+    ) -> None:
+        """Failures lock one (user, address) pair with doubling delays; others are unaffected."""
+        clock = _Clock()
+        auth = self._auth(passwords, clock)
+        for _ in range(5):
+            with pytest.raises(AuthenticationError):
+                await auth.authenticate(password("ann", "wrong"))
+        with pytest.raises(LockedOutError) as locked:
+            await auth.authenticate(password("ann", "s3cret-pass"))
+        assert locked.value.retry_after == 1
+        assert await auth.authenticate(password("ann", "s3cret-pass", addr="198.51.100.7"))
+        clock.now += 1.5
+        with pytest.raises(AuthenticationError):
+            await auth.authenticate(password("ann", "wrong"))
+        with pytest.raises(LockedOutError) as longer:
+            await auth.authenticate(password("ann", "s3cret-pass"))
+        assert longer.value.retry_after == 2
+        clock.now += 2.5
+        assert await auth.authenticate(password("ann", "s3cret-pass"))
+        assert auth.lockout.failures(("ann", "192.0.2.1")) == 0
+
+    async def test_old_hashes_are_upgraded_on_login(self, passwords: Passwords) -> None:
+        """A hash made with other argon2 costs is replaced after a successful login."""
+        from nxmesh.core.settings import AuthSettings
+
+        old = Passwords(
+            AuthSettings(argon2_time_cost=2, argon2_memory_kib=16, argon2_parallelism=1)
+        )
+        users = _Users(User(username="ann", password_hash=old.hash("s3cret-pass")))
+        auth = PasswordAuthenticator(users, passwords)  # type: ignore[arg-type]
+        assert await auth.authenticate(password("ann", "s3cret-pass"))
+        assert not passwords.needs_rehash(users.users["ann"].password_hash)
+        assert users.users["ann"].password_hash != old.hash("s3cret-pass")
+
+    def test_lockout_memory_is_bounded(self) -> None:
+        """A spray of distinct usernames cannot grow the lockout table without bound."""
+        lockout = Lockout(threshold=3, base_delay=1, max_delay=10, max_entries=100)
+        for i in range(1000):
+            lockout.begin((f"user{i}", "192.0.2.1"))
+        assert len(lockout._state) == 100
+
+
+class TestPasswordAuthenticatorContract(AuthenticatorContract):
+    """The built-in password authenticator honours the authenticator contract."""
+
+    @pytest.fixture
+    def authenticator(self, passwords: Passwords) -> Authenticator:
+        return PasswordAuthenticator(_Users(), passwords)  # type: ignore[arg-type]
+
+
+class TestJwtAuthenticatorContract(AuthenticatorContract):
+    """The access-token link honours the authenticator contract."""
+
+    @pytest.fixture
+    def authenticator(self, shared_master: Master) -> Authenticator:
+        return JwtAuthenticator(shared_master.services.auth)
+
+
+class TestApiTokenAuthenticatorContract(AuthenticatorContract):
+    """The API-token link honours the authenticator contract."""
+
+    @pytest.fixture
+    def authenticator(self, shared_master: Master) -> Authenticator:
+        return ApiTokenAuthenticator(shared_master.services.auth)

@@ -1,0 +1,146 @@
+"""The master over a real socket: hypercorn on asyncio and on trio, the full composition
+through the core runtime, the events WebSocket on the wire, and a clean shutdown."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import httpx
+import pytest
+import wsproto
+import wsproto.events as ws_events
+
+from nxmesh.core.pluginmanager import NxMeshPluginManager
+from nxmesh.core.runtime import Runtime, run
+from nxmesh.core.serialization import unstructure
+from nxmesh.master.app import build_app
+from nxmesh.master.server import API_ADDRESS, MASTER_SERVICES, run_master, serve_api
+from nxmesh.testing import make_state
+
+from .conftest import make_settings
+
+pytestmark = pytest.mark.anyio
+
+
+async def login(client: httpx.AsyncClient, state_dir: Path) -> dict[str, str]:
+    password = (state_dir / "initial-admin-password").read_text().strip()
+    response = await client.post(
+        "/api/v1/auth/login", json={"username": "admin", "password": password}
+    )
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+class WebSocketClient:
+    """Just enough of a WebSocket client (wsproto over an anyio TCP stream) for one test."""
+
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
+        self.stream = stream
+        self.ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
+        self.pending: list[Any] = []
+
+    @classmethod
+    async def connect(cls, address: str, path: str, headers: dict[str, str]) -> WebSocketClient:
+        host, port = address.rsplit(":", 1)
+        client = cls(await anyio.connect_tcp(host, int(port)))
+        extra = [(k.encode(), v.encode()) for k, v in headers.items()]
+        await client._send(ws_events.Request(host=address, target=path, extra_headers=extra))
+        event = await client._next()
+        assert isinstance(event, ws_events.AcceptConnection), event
+        return client
+
+    async def _send(self, event: Any) -> None:
+        await self.stream.send(self.ws.send(event))
+
+    async def _next(self) -> Any:
+        while not self.pending:
+            self.ws.receive_data(await self.stream.receive())
+            self.pending.extend(self.ws.events())
+        return self.pending.pop(0)
+
+    async def receive_json(self) -> Any:
+        text = ""
+        while True:
+            event = await self._next()
+            if isinstance(event, ws_events.CloseConnection):
+                return {"closed": event.code}
+            if isinstance(event, ws_events.TextMessage):
+                text += event.data
+                if event.message_finished:
+                    return json.loads(text)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class TestHypercorn:
+    """`serve_api` on whichever event loop runs it."""
+
+    async def test_serves_http_and_websocket_then_shuts_down(
+        self, anyio_backend: str, plugin_manager: NxMeshPluginManager, tmp_path: Path
+    ) -> None:
+        """Login, a version, its event on the WebSocket — then cancellation closes the port."""
+        settings = make_settings(plugin_manager, tmp_path / "state")
+        app = build_app(pm=plugin_manager, settings=settings)
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(serve_api, app)
+            async with httpx.AsyncClient(base_url=f"http://{address}", timeout=10) as client:
+                assert (await client.get("/healthz")).json() == {"status": "ok", "detail": ""}
+                headers = await login(client, settings.state_dir)
+                ws = await WebSocketClient.connect(address, "/api/v1/events", headers)
+                try:
+                    assert (await ws.receive_json())["type"] == "ready"
+                    response = await client.put(
+                        "/api/v1/workspaces/default/state",
+                        json=unstructure(make_state()),
+                        headers=headers,
+                    )
+                    assert response.status_code == 200, response.text
+                    with anyio.fail_after(10):
+                        while (event := await ws.receive_json())["kind"] != "version.created":
+                            pass
+                    assert event["payload"]["number"] == 1
+                finally:
+                    await ws.aclose()
+            tg.cancel_scope.cancel()
+        host, port = address.rsplit(":", 1)
+        with pytest.raises(OSError):
+            await anyio.connect_tcp(host, int(port))
+
+
+class TestRunMaster:
+    """``nxmesh master``'s main inside the core runtime."""
+
+    async def test_runtime_composition(
+        self, anyio_backend: str, plugin_manager: NxMeshPluginManager, tmp_path: Path
+    ) -> None:
+        """Services, event dispatch and the API start in the runtime and stop with it."""
+        settings = make_settings(plugin_manager, tmp_path / "state", **{"master.api_port": 0})
+        seen: dict[str, Any] = {}
+
+        async def api_address(runtime: Runtime) -> str:
+            while True:
+                services = runtime.stash.get(MASTER_SERVICES, None)
+                if services is not None and API_ADDRESS in services.stash:
+                    return services.stash[API_ADDRESS]
+                await anyio.sleep(0.02)
+
+        async def component(services: Any, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+            seen["component"] = API_ADDRESS in services.stash
+            task_status.started()
+
+        async def main(runtime: Runtime) -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_master, runtime, [component])
+                with anyio.fail_after(10):
+                    address = await api_address(runtime)
+                async with httpx.AsyncClient(base_url=f"http://{address}") as client:
+                    seen["ready"] = (await client.get("/readyz")).status_code
+                tg.cancel_scope.cancel()
+
+        await run(plugin_manager, settings, main, handle_signals=False)
+        assert seen == {"ready": 200, "component": True}

@@ -1,0 +1,286 @@
+"""Desired state, sites, upstreams, versions, diffs and rollback through the REST API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nxmesh.config.versions import verify_chain
+from nxmesh.core.serialization import unstructure
+from nxmesh.testing import make_state
+
+from .conftest import Master
+
+WS = "/api/v1/workspaces/default"
+
+
+def site(name: str, upstream: str, host: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "server_names": [host],
+        "locations": [{"path": "/", "upstream": upstream}],
+    }
+
+
+def upstream(name: str, port: int) -> dict[str, Any]:
+    return {"name": name, "servers": [{"address": f"127.0.0.1:{port}"}]}
+
+
+def versions(master: Master, admin: dict[str, str]) -> list[dict[str, Any]]:
+    response = master.client.get(f"{WS}/versions", headers=admin)
+    assert response.status_code == 200
+    result: list[dict[str, Any]] = response.json()
+    return result
+
+
+class TestDesiredState:
+    """PUT/GET of a workspace's whole desired state."""
+
+    def test_put_creates_a_signed_version_and_get_returns_it(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """A valid state becomes version 1, signed by the master's key, and reads back equal."""
+        state = unstructure(make_state(2))
+        response = master.client.put(f"{WS}/state", json=state, headers=admin)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["created"] is True
+        assert body["version"]["number"] == 1
+        assert body["version"]["author"] == "admin"
+        got = master.client.get(f"{WS}/state", headers=admin).json()
+        assert got == state
+        stored = master.call(master.services.storage.list_versions, "default")
+        assert verify_chain(stored, master.services.signer.verify_key) == []
+
+    def test_putting_the_same_state_again_creates_no_version(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """An unchanged state answers with the current version and created=false."""
+        state = unstructure(make_state())
+        master.client.put(f"{WS}/state", json=state, headers=admin)
+        again = master.client.put(f"{WS}/state", json=state, headers=admin).json()
+        assert again["created"] is False
+        assert again["version"]["number"] == 1
+        assert len(versions(master, admin)) == 1
+
+    def test_invalid_state_is_problem_json_naming_every_field(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """Model errors come back as RFC 9457 422s with one {path, message} per field."""
+        state = unstructure(make_state())
+        state["sites"][0]["server_names"] = ["evil.example;"]
+        state["sites"][0]["listeners"] = [{"port": "80"}]
+        state["sites"][0]["snippet"] = "return 200;"
+        response = master.client.put(f"{WS}/state", json=state, headers=admin)
+        assert response.status_code == 422
+        assert response.headers["content-type"].startswith("application/problem+json")
+        problem = response.json()
+        assert problem["type"] == "urn:nxmesh:problem:validation"
+        assert problem["status"] == 422
+        assert problem["request_id"] == response.headers["x-request-id"]
+        paths = {e["path"] for e in problem["errors"]}
+        assert paths == {
+            "sites[0].server_names[0]",
+            "sites[0].listeners[0].port",
+            "sites[0].snippet",
+        }
+        assert versions(master, admin) == []
+
+    def test_cross_object_errors_name_the_field(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """A location proxying to an undefined upstream is reported at its path."""
+        state = {"sites": [site("web", "missing", "web.example.test")]}
+        response = master.client.put(f"{WS}/state", json=state, headers=admin)
+        assert response.status_code == 422
+        [error] = response.json()["errors"]
+        assert error["path"] == "sites[0].locations[0].upstream"
+        assert "missing" in error["message"]
+
+    def test_malformed_json_is_a_400_problem(self, master: Master, admin: dict[str, str]) -> None:
+        """A body that is not JSON is refused before anything else looks at it."""
+        response = master.client.put(
+            f"{WS}/state",
+            content=b"{not json",
+            headers={**admin, "content-type": "application/json"},
+        )
+        assert response.status_code == 400
+        assert response.json()["type"] == "urn:nxmesh:problem:bad-request"
+
+    def test_body_workspace_must_match_the_url(self, master: Master, admin: dict[str, str]) -> None:
+        """A state naming another workspace than the URL is refused at field ``workspace``."""
+        state = unstructure(make_state(workspace="other"))
+        response = master.client.put(f"{WS}/state", json=state, headers=admin)
+        assert response.status_code == 422
+        assert [e["path"] for e in response.json()["errors"]] == ["workspace"]
+
+    def test_dry_run_shows_model_and_rendered_diff_without_storing(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """``dry_run=true`` returns both diffs and leaves the version history untouched."""
+        master.client.put(f"{WS}/state", json=unstructure(make_state(1)), headers=admin)
+        response = master.client.put(
+            f"{WS}/state",
+            params={"dry_run": "true"},
+            json=unstructure(make_state(2)),
+            headers=admin,
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["base_version"] == 1
+        assert body["would_change"] is True
+        assert body["changes"]["sites"]["added"] == ["site1"]
+        assert body["changes"]["upstreams"]["added"] == ["app1"]
+        assert "+++ b/conf.d/site-site1.conf" in body["bundle_diff"]
+        assert "+    server_name site1.example.test;" in body["bundle_diff"]
+        assert len(versions(master, admin)) == 1
+
+    def test_expected_version_detects_a_lost_update(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """A write based on an outdated version gets 409 instead of overwriting."""
+        master.client.put(f"{WS}/state", json=unstructure(make_state(1)), headers=admin)
+        response = master.client.put(
+            f"{WS}/state",
+            params={"expected_version": 0},
+            json=unstructure(make_state(2)),
+            headers=admin,
+        )
+        assert response.status_code == 409
+        assert "version 1" in response.json()["detail"]
+
+
+class TestSitesAndUpstreams:
+    """CRUD on sites and upstreams: each change validates the whole state and versions it."""
+
+    def test_create_read_update_delete(self, master: Master, admin: dict[str, str]) -> None:
+        """Each successful write is one new version; reads see the latest state."""
+        c = master.client
+        assert (
+            c.post(f"{WS}/upstreams", json=upstream("app", 9001), headers=admin).status_code == 201
+        )
+        created = c.post(f"{WS}/sites", json=site("web", "app", "web.test"), headers=admin)
+        assert created.status_code == 201, created.text
+        assert created.json()["version"]["number"] == 2
+        assert c.get(f"{WS}/sites/web", headers=admin).json()["server_names"] == ["web.test"]
+
+        changed = c.put(f"{WS}/sites/web", json=site("web", "app", "www.test"), headers=admin)
+        assert changed.status_code == 200
+        assert changed.json()["version"]["number"] == 3
+        assert [s["server_names"] for s in c.get(f"{WS}/sites", headers=admin).json()] == [
+            ["www.test"]
+        ]
+        assert c.delete(f"{WS}/sites/web", headers=admin).json()["version"]["number"] == 4
+        assert c.get(f"{WS}/sites/web", headers=admin).status_code == 404
+        assert c.get(f"{WS}/sites", headers=admin).json() == []
+        assert [v["number"] for v in versions(master, admin)] == [4, 3, 2, 1]
+
+    def test_duplicate_site_is_409(self, master: Master, admin: dict[str, str]) -> None:
+        """POSTing a site whose name exists is a conflict; nothing is stored."""
+        c = master.client
+        c.post(f"{WS}/upstreams", json=upstream("app", 9001), headers=admin)
+        c.post(f"{WS}/sites", json=site("web", "app", "a.test"), headers=admin)
+        again = c.post(f"{WS}/sites", json=site("web", "app", "b.test"), headers=admin)
+        assert again.status_code == 409
+        assert again.json()["type"] == "urn:nxmesh:problem:conflict"
+        assert len(versions(master, admin)) == 2
+
+    def test_change_breaking_another_object_is_refused_whole(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """Deleting an upstream a site still uses fails validation and changes nothing."""
+        c = master.client
+        c.post(f"{WS}/upstreams", json=upstream("app", 9001), headers=admin)
+        c.post(f"{WS}/sites", json=site("web", "app", "a.test"), headers=admin)
+        response = c.delete(f"{WS}/upstreams/app", headers=admin)
+        assert response.status_code == 422
+        assert response.json()["errors"][0]["path"] == "sites[0].locations[0].upstream"
+        assert c.get(f"{WS}/upstreams/app", headers=admin).status_code == 200
+        assert len(versions(master, admin)) == 2
+
+    def test_put_name_must_match_url(self, master: Master, admin: dict[str, str]) -> None:
+        """PUT /sites/a with a body named b is a 422 at ``name``."""
+        response = master.client.put(
+            f"{WS}/upstreams/one", json=upstream("two", 9001), headers=admin
+        )
+        assert response.status_code == 422
+        assert response.json()["errors"][0]["path"] == "name"
+
+    def test_unknown_site_is_404(self, master: Master, admin: dict[str, str]) -> None:
+        """Deleting or reading a site that does not exist says so."""
+        assert master.client.delete(f"{WS}/sites/nope", headers=admin).status_code == 404
+        assert master.client.get(f"{WS}/sites/nope", headers=admin).status_code == 404
+
+
+class TestVersions:
+    """Listing, showing, diffing and rolling back versions."""
+
+    def _three_versions(self, master: Master, admin: dict[str, str]) -> None:
+        for n in (1, 2, 3):
+            state = unstructure(make_state(n))
+            assert master.client.put(f"{WS}/state", json=state, headers=admin).status_code == 200
+
+    def test_list_pages_newest_first(self, master: Master, admin: dict[str, str]) -> None:
+        """``before`` and ``limit`` page backwards through history."""
+        self._three_versions(master, admin)
+        c = master.client
+        assert [v["number"] for v in versions(master, admin)] == [3, 2, 1]
+        page = c.get(f"{WS}/versions", params={"before": 3, "limit": 1}, headers=admin).json()
+        assert [v["number"] for v in page] == [2]
+        assert "state" not in page[0]
+
+    def test_show_includes_state_and_signature(self, master: Master, admin: dict[str, str]) -> None:
+        """A single version carries its full state and Ed25519 signature."""
+        self._three_versions(master, admin)
+        body = master.client.get(f"{WS}/versions/2", headers=admin).json()
+        assert body["number"] == 2
+        assert len(body["state"]["sites"]) == 2
+        assert body["signature"]
+        assert body["key_id"] == master.services.signer.key_id
+        assert master.client.get(f"{WS}/versions/99", headers=admin).status_code == 404
+
+    def test_diff_between_two_versions(self, master: Master, admin: dict[str, str]) -> None:
+        """The diff names added objects and shows the rendered nginx changes."""
+        self._three_versions(master, admin)
+        body = master.client.get(
+            f"{WS}/versions/3/diff", params={"against": 1}, headers=admin
+        ).json()
+        assert (body["from_version"], body["to_version"]) == (1, 3)
+        assert body["changes"]["sites"]["added"] == ["site1", "site2"]
+        assert "+++ b/conf.d/site-site2.conf" in body["bundle_diff"]
+        first = master.client.get(f"{WS}/versions/1/diff", headers=admin).json()
+        assert first["from_version"] is None
+        assert first["changes"]["sites"]["added"] == ["site0"]
+
+    def test_rollback_appends_a_version_with_the_old_state(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """Rolling back to 1 creates version 4 with version 1's digest; history stays intact."""
+        self._three_versions(master, admin)
+        c = master.client
+        response = c.post(f"{WS}/versions/1/rollback", headers=admin)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["created"] is True
+        assert body["version"]["number"] == 4
+        v1 = c.get(f"{WS}/versions/1", headers=admin).json()
+        assert body["version"]["digest"] == v1["digest"]
+        assert body["version"]["message"] == "rollback to version 1"
+        assert c.get(f"{WS}/state", headers=admin).json() == v1["state"]
+        stored = master.call(master.services.storage.list_versions, "default")
+        assert verify_chain(stored, master.services.signer.verify_key) == []
+        again = c.post(f"{WS}/versions/1/rollback", headers=admin).json()
+        assert again["created"] is False
+
+    def test_rollback_to_unknown_version_is_404(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """There is nothing to roll back to."""
+        assert master.client.post(f"{WS}/versions/7/rollback", headers=admin).status_code == 404
+
+    def test_out_of_range_numbers_are_422_not_500(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """A version number beyond 64 bits is refused as input, naming the parameter."""
+        response = master.client.get(f"{WS}/versions/{2**70}", headers=admin)
+        assert response.status_code in (404, 422)
+        assert response.status_code != 500
