@@ -260,6 +260,20 @@ class TestRunAgent:
         assert isinstance(named, StandaloneMode)
 
 
+def _cli_env(agent_env: AgentEnv) -> dict[str, Any]:
+    return {
+        **os.environ,
+        "NXMESH_STATE_DIR": str(agent_env.state_dir),
+        "NXMESH_AGENT__CONF_DIR": str(agent_env.conf_dir),
+        "NXMESH_AGENT__NGINX_BINARY": agent_env.nginx_binary,
+        "NXMESH_AGENT__DEPLOYMENT_MODE": "standalone",
+        "NXMESH_PLUGINS__NGINX_DRIVER__ERROR_LOG_WINDOW": "0.05",
+        "NXMESH_PLUGINS__NGINX_DRIVER__STATUS_PORT": str(agent_env.status_port),
+        "NXMESH_LOG_LEVEL": "warning",
+        "NXMESH_AGENT__METRICS_PORT": "0",
+    }
+
+
 class TestCli:
     @pytest.fixture
     def anyio_backend(self) -> str:
@@ -268,16 +282,7 @@ class TestCli:
     async def test_nxmesh_agent_state_once(self, agent_env: AgentEnv) -> None:
         """``nxmesh agent --state FILE --once`` applies the file and exits 0."""
         agent_env.write_state("cli")
-        env: dict[str, Any] = {
-            **os.environ,
-            "NXMESH_STATE_DIR": str(agent_env.state_dir),
-            "NXMESH_AGENT__CONF_DIR": str(agent_env.conf_dir),
-            "NXMESH_AGENT__NGINX_BINARY": agent_env.nginx_binary,
-            "NXMESH_AGENT__DEPLOYMENT_MODE": "standalone",
-            "NXMESH_PLUGINS__NGINX_DRIVER__ERROR_LOG_WINDOW": "0.05",
-            "NXMESH_PLUGINS__NGINX_DRIVER__STATUS_PORT": str(agent_env.status_port),
-            "NXMESH_LOG_LEVEL": "warning",
-        }
+        env = _cli_env(agent_env)
         result = await anyio.run_process(
             [
                 sys.executable,
@@ -296,6 +301,30 @@ class TestCli:
         report = json.loads(result.stdout.decode().strip().splitlines()[-1])
         assert report["outcome"] == "applied"
         assert await agent_env.body() == "cli"
+
+    async def test_running_agent_stops_cleanly_on_sigterm(self, agent_env: AgentEnv) -> None:
+        """``nxmesh agent --state FILE`` serves until SIGTERM, then exits 0 and stops nginx."""
+        import signal
+
+        agent_env.write_state("daemon")
+        async with await anyio.open_process(
+            [
+                sys.executable,
+                "-c",
+                "from nxmesh.cli import main; main()",
+                "agent",
+                "--state",
+                str(agent_env.state_file),
+            ],
+            env=_cli_env(agent_env),
+        ) as agent:
+            await agent_env.wait_body("daemon", within=30)
+            nginx = await agent_env.nginx_pid()
+            assert nginx is not None
+            agent.send_signal(signal.SIGTERM)
+            with anyio.fail_after(20):
+                assert await agent.wait() == 0
+        assert await agent_env.nginx_pid() is None
 
 
 class _Rejected(Exception):
