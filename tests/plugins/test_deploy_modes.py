@@ -196,3 +196,16 @@ class TestDockerSidecar:
         mode = DockerSidecarMode(NginxLayout.for_prefix(tmp_path), settings=DockerSettings())
         with pytest.raises(NxMeshError, match="--pid=container"):
             await mode.start_nginx()
+
+
+@pytest.mark.anyio
+class TestPidFiles:
+    async def test_a_stale_pid_naming_another_process_is_ignored(self, tmp_path: Path) -> None:
+        """After a reboot the pid may belong to something else: never treat it as nginx."""
+        layout = NginxLayout.for_prefix(tmp_path)
+        layout.pid_file.parent.mkdir(parents=True)
+        layout.pid_file.write_text(f"{os.getpid()}\n")  # alive, but this is python
+        mode = StandaloneMode(layout, settings=StandaloneSettings(supervise=False))
+        assert await mode.nginx_pid() is None
+        with pytest.raises(NxMeshError, match="no running nginx"):
+            await mode.signal_nginx("reload")

@@ -22,6 +22,7 @@ from nxmesh.core.errors import NxMeshError
 __all__ = [
     "SIGNALS",
     "WorkerSet",
+    "is_nginx",
     "pid_alive",
     "process_clock",
     "read_pid_file",
@@ -63,13 +64,28 @@ def pid_alive(pid: int) -> bool:
 
 
 async def read_pid_file(path: Path) -> int | None:
-    """The live pid in nginx's pid file, or None (missing, garbage, stale)."""
+    """The live nginx pid in nginx's pid file, or None (missing, garbage, stale).
+
+    A pid file that outlived a reboot may name an unrelated process by now: a pid whose
+    process is not nginx counts as stale, so it is never signalled.
+    """
     try:
         text = await anyio.Path(path).read_text()
         pid = int(text.strip())
     except (OSError, ValueError):
         return None
-    return pid if pid > 0 and pid_alive(pid) else None
+    return pid if pid > 0 and pid_alive(pid) and is_nginx(pid) else None
+
+
+def is_nginx(pid: int) -> bool:
+    """True when process `pid` is an nginx (or cannot be inspected: another user's)."""
+    try:
+        proc = psutil.Process(pid)
+        return "nginx" in proc.name() or "nginx" in " ".join(proc.cmdline()[:1])
+    except psutil.AccessDenied:
+        return True
+    except psutil.Error:
+        return False
 
 
 WorkerSet = frozenset[int]
