@@ -342,6 +342,7 @@ class AgentLink:
         self._wake = anyio.Event()
         self._registered = anyio.Event()
         self._registration = anyio.Event()
+        self._last_received = 0.0
         self._crypto: SessionCrypto | None = None
         self.updates: Mailbox[ConfigUpdate] = Mailbox(update_buffer, "updates")
         """Updates, when `run` was not given an `AgentSession` to submit them to."""
@@ -483,6 +484,7 @@ class AgentLink:
         creds = await self.credentials.load()
         crypto, response = await self._register(channel, creds)
         self._crypto = crypto
+        self._last_received = self.clock()
         self.agent_id = crypto.agent_id
         self.protocol_version = response.protocol_version
         self.registrations += 1
@@ -498,8 +500,8 @@ class AgentLink:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._sender, channel, crypto)
-                tg.start_soon(self._heartbeats, interval)
-                await self._receiver(channel, crypto, interval * self.idle_intervals)
+                tg.start_soon(self._heartbeats, interval, interval * self.idle_intervals)
+                await self._receiver(channel, crypto)
         except BaseExceptionGroup as group:
             raise unwrap_group(group) from None
         finally:
@@ -626,21 +628,26 @@ class AgentLink:
             await self._wake.wait()
             self._wake = anyio.Event()
 
-    async def _heartbeats(self, interval: float) -> None:
+    async def _heartbeats(self, interval: float, idle: float) -> None:
+        """Send a heartbeat every `interval`; give up on a master silent for `idle`.
+
+        Every heartbeat is acked, so a live master is never silent that long.
+        """
         while True:
             await anyio.sleep(interval)
+            silent = self.clock() - self._last_received
+            if silent >= idle:
+                raise TimeoutError(f"nothing from the master for {silent:.0f} s")
             version, digest = self._running()
             self._queue(Heartbeat(running_version=version, running_digest=digest))
 
-    async def _receiver(self, channel: Channel, crypto: SessionCrypto, idle: float) -> None:
+    async def _receiver(self, channel: Channel, crypto: SessionCrypto) -> None:
         while True:
-            with anyio.move_on_after(idle) as scope:
-                try:
-                    frame = await channel.receive()
-                except anyio.EndOfStream:
-                    raise SessionEnded("the master closed the stream") from None
-            if scope.cancelled_caught:
-                raise TimeoutError(f"nothing from the master for {idle:.0f} s")
+            try:
+                frame = await channel.receive()
+            except anyio.EndOfStream:
+                raise SessionEnded("the master closed the stream") from None
+            self._last_received = self.clock()
             try:
                 env, message = crypto.open(frame)
             except (MalformedFrameError, ClockSkewError) as exc:

@@ -31,6 +31,12 @@ class GrpcSettings:
     keepalive_timeout: float = attrs.field(default=20.0, validator=attrs.validators.gt(0))
     server_keepalive_time: float = attrs.field(default=300.0, validator=attrs.validators.ge(10))
     connect_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    # asyncio reserves a 256 KiB read buffer per TLS connection (SSLProtocol.max_size):
+    # 1.25 GB at 5,000 agents. The master lowers it, process-wide, when it starts serving
+    # TLS; 0 keeps asyncio's default. See `limit_tls_read_buffer`.
+    tls_read_buffer_bytes: int = attrs.field(
+        default=32 * 1024, validator=attrs.validators.ge(0)
+    )
     # TLS material. Master: certificate + key to serve (default: created under the state
     # directory, signed by a CA the master creates on first start). Agent: the CA to pin.
     ca_file: Path | None = None

@@ -16,6 +16,9 @@ session hub, the agent link) is anyio code and runs unchanged on it.
   whole before its codec sees it, so the peer's bytes are buffered once, then dropped.
 - Keepalive follows `GrpcSettings` (see its docstring for why the values are safe with
   gRPC-core peers). Heartbeats are the session's: a ``Heartbeat`` frame every 30 s.
+- Memory: asyncio keeps a 256 KiB TLS read buffer per connection; serving TLS lowers it
+  to `GrpcSettings.tls_read_buffer_bytes` (32 KiB) for the process
+  (`limit_tls_read_buffer`), which divides the master's memory per agent by about five.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceBase, AgentS
 from nxmesh_transport_grpc._generated.agent_pb2 import Frame
 from nxmesh_transport_grpc.settings import GrpcSettings
 
-__all__ = ["GrpcTransport", "client_context", "server_context"]
+__all__ = ["GrpcTransport", "client_context", "limit_tls_read_buffer", "server_context"]
 
 log = structlog.get_logger("nxmesh.transport.grpc")
 
@@ -90,6 +93,25 @@ def client_context(settings: GrpcSettings) -> ssl.SSLContext | None:
             "master's CA (its state directory's tls/ca.pem)"
         )
     return client_ssl_context(settings.ca_file, alpn=_ALPN)
+
+
+def limit_tls_read_buffer(size: int) -> int:
+    """Cap asyncio's per-connection TLS read buffer at `size` bytes, process-wide.
+
+    asyncio's `SSLProtocol` allocates ``max_size`` (256 KiB) per TLS connection up front;
+    a master holding thousands of agent connections spends most of its memory there.
+    TLS records are at most 16 KiB, so 32 KiB reads cost nothing measurable. Only ever
+    lowers the limit; returns the one in effect.
+    """
+    import asyncio.sslproto
+
+    proto = asyncio.sslproto.SSLProtocol
+    current = int(getattr(proto, "max_size", 0))
+    if current and 0 < size < current:
+        proto.max_size = size
+        log.info("asyncio TLS read buffer lowered", bytes=size, was=current)
+        return size
+    return current
 
 
 class _BoundedCodec(ProtoCodec):
@@ -319,6 +341,8 @@ class GrpcTransport:
             sock.close()
             raise
         address = _format_address(self.host, sock.getsockname()[1])
+        if self.ssl_context is not None and self.settings.tls_read_buffer_bytes:
+            limit_tls_read_buffer(self.settings.tls_read_buffer_bytes)
         server = Server(
             [_AgentService(handler)],
             codec=_BoundedCodec(self.settings.max_message_bytes),

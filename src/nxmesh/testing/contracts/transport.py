@@ -637,11 +637,13 @@ class TransportContract:
             for _ in range(count):
                 creds = await mesh.provision()
                 mesh.run_agent(mesh.link(credentials=MemoryCredentialStore(creds), update_buffer=4))
-            with anyio.fail_after(60):
+            # Generous bounds: this checks that it works at scale, not how fast (the
+            # benchmark measures that), and CI machines are often busy.
+            with anyio.fail_after(180):
                 await mesh.hub.wait_connected(count)
             targets = mesh.hub.push(signed_version(1, sites=5))
             assert len(targets) == count
-            with anyio.fail_after(30):
+            with anyio.fail_after(60):
                 acks = await mesh.hub.wait_for_status(1, targets)
             assert len(acks) == count
             assert mesh.hub.counters.rejected == 0
