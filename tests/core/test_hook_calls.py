@@ -49,6 +49,7 @@ class TestProviderHooks:
             "nxmesh_register_nginx_drivers",
             "nxmesh_register_health_checks",
             "nxmesh_register_event_buses",
+            "nxmesh_register_dns_providers",
         }
 
     def test_template_paths_are_collected(

@@ -103,6 +103,8 @@ ALLOWED_DIRECTIVES = frozenset(
         "proxy_pass",
         "proxy_set_header",
         "root",
+        "alias",
+        "autoindex",
         "index",
         "try_files",
         "stub_status",
@@ -398,8 +400,19 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
     return [*modifier, loc.path], [n for n, _ in lines], [a for _, a in lines]
 
 
+ACME_LOCATION = ["^~", "/.well-known/acme-challenge/"]
+
+
+def check_acme_location(block: Directive) -> None:
+    """The HTTP-01 location of an ACME site: token files only, never redirected."""
+    assert values(block) == ACME_LOCATION
+    names = [d["directive"] for d in block["block"]]
+    assert names == ["default_type", "alias", "autoindex", "access_log"]
+
+
 def check_site(site: Site, parsed: list[Directive]) -> None:
     view = site_view(site)
+    acme = site.tls is not None and site.tls.acme
     assert [d["directive"] for d in parsed] == ["server"] * (2 if view.redirect_listens else 1)
     if view.redirect_listens:
         redirect = parsed[0]["block"]
@@ -408,8 +421,12 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
             ["listen"] * len(view.redirect_listens)
             + ["server_name", "location"]
             + ([] if site.access_log else ["access_log"])
+            + (["location"] if acme else [])
         )
-        (location,) = [d for d in redirect if d["directive"] == "location"]
+        redirect_locations = [d for d in redirect if d["directive"] == "location"]
+        if acme:
+            check_acme_location(redirect_locations.pop(0))
+        (location,) = redirect_locations
         assert location["args"] == ["/"]
         assert [values(d) for d in location["block"]] == [["301", str(view.https_redirect)]]
     main = parsed[-1]["block"]
@@ -422,6 +439,7 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
         + ["client_max_body_size"]
         + ([] if site.access_log else ["access_log"])
         + ["add_header"] * len(view.headers)
+        + (["location"] if acme and not view.redirect_listens else [])
         + ["location"] * len(site.locations)
     )
     by_name = {n: [values(d) for d in main if d["directive"] == n] for n in set(names)}
@@ -432,6 +450,8 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
         assert by_name["ssl_protocols"] == [list(site.tls.protocols)]
     assert by_name.get("add_header", []) == [header_args(h) for h in view.headers]
     blocks = [d for d in main if d["directive"] == "location"]
+    if acme and not view.redirect_listens:
+        check_acme_location(blocks.pop(0))
     for block, location_view in zip(blocks, view.locations, strict=True):
         loc_args, loc_names, loc_values = expected_location(site, location_view)
         assert values(block) == loc_args

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from nxmesh.core.interfaces import (
         Authenticator,
         DeploymentMode,
+        DnsProvider,
         EventBus,
         HealthCheck,
         NginxDriver,
@@ -223,6 +224,27 @@ def nxmesh_register_event_buses() -> Sequence[type[EventBus]]:
     ``event_bus_url`` (``memory://`` by default).
 
     Collected from every plugin; called once when the provider registry is built.
+
+    .. versionadded:: 0.1
+    """
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------
+# Certificates: DNS-01 challenge providers for ACME
+# ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def nxmesh_register_dns_providers() -> Sequence[type[DnsProvider]]:
+    """Return DNS provider classes that publish ACME DNS-01 challenge TXT records.
+
+    Each class carries ``name``; the master's certificate manager uses the provider named
+    by the ``[plugins.certs] dns_provider`` setting (built-in: ``command``, which runs a
+    configured program such as an nsupdate script) when ``challenge = "dns-01"``.
+
+    Collected from every plugin; called once when the provider registry is built.
+    Two providers claiming the same name are an error naming both plugins.
 
     .. versionadded:: 0.1
     """

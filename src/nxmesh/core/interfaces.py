@@ -46,6 +46,7 @@ __all__ = [
     "Channel",
     "Credentials",
     "DeploymentMode",
+    "DnsProvider",
     "EventBus",
     "HealthCheck",
     "NginxDriver",
@@ -459,3 +460,31 @@ class EventBus(Protocol):
     async def aclose(self) -> None: ...
     async def publish(self, event: Event) -> None: ...
     def subscribe(self) -> AbstractAsyncContextManager[AsyncIterator[Event]]: ...
+
+
+# ---------------------------------------------------------------------------------------
+# Certificates: DNS-01 providers
+# ---------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class DnsProvider(Protocol):
+    """Publishes and removes the TXT records of ACME DNS-01 challenges.
+
+    The master builds the provider named by the ``[plugins.certs] dns_provider`` setting
+    with ``cls.from_settings(settings)`` when the class has that classmethod, else
+    ``cls()``. `record_name` is fully qualified with a trailing dot
+    (``_acme-challenge.example.com.``); one name may carry several values at once (a
+    certificate for ``example.com`` and ``*.example.com``), so `remove_txt` removes only
+    the given value. Failures raise `nxmesh.core.errors.NxMeshError` subclasses.
+    """
+
+    name: ClassVar[str]
+
+    async def add_txt(self, record_name: str, value: str) -> None:
+        """Publish the TXT record; return once the provider's DNS server answers with it."""
+        ...
+
+    async def remove_txt(self, record_name: str, value: str) -> None:
+        """Remove that one TXT value (a missing record is not an error)."""
+        ...

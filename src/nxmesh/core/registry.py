@@ -25,6 +25,7 @@ PROVIDER_HOOKS: dict[str, str] = {
     "nginx_driver": "nxmesh_register_nginx_drivers",
     "health_check": "nxmesh_register_health_checks",
     "event_bus": "nxmesh_register_event_buses",
+    "dns_provider": "nxmesh_register_dns_providers",
 }
 """Provider kind → the hook that registers it."""
 

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from nxmesh.core.settings import RendererSettings, Settings
 
 __all__ = [
+    "ACME_CHALLENGE_DIR",
     "BUILTIN_TEMPLATES",
     "CERTS_DIR",
     "DEFAULT_STATUS_PORT",
@@ -96,7 +97,15 @@ STATUS_FILE = "conf.d/status.conf"
 """The bundle file holding the status server; left out of the config digest."""
 
 CERTS_DIR = "certs"
-"""Bundle directory for certificate files; the only place `extra_files` may write."""
+"""Bundle directory for certificate files; `extra_files` may write here."""
+
+ACME_CHALLENGE_DIR = "acme-challenge"
+"""Bundle directory for pending ACME HTTP-01 tokens, the other place `extra_files` may write.
+
+Kept apart from ``certs/`` so the challenge location can never serve a key file."""
+
+EXTRA_FILE_DIRS = (CERTS_DIR, ACME_CHALLENGE_DIR)
+_ENCRYPTED_KEY = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
 
 DEFAULT_STATUS_PORT = 9480
 HSTS_VALUE = "max-age=63072000"
@@ -197,6 +206,9 @@ class RenderSettings:
     default) writes them as paths relative to nginx's ``-p`` prefix — ``logs/``,
     ``tmp/`` — so one bundle runs unchanged under any prefix; an absolute path pins them.
     `status_port`: port of the agent's local status server (``None``: no status server).
+    `ssl_password_file`: absolute path of the file with the passphrase of encrypted
+    private keys (the agent's, outside the bundle); written as ``ssl_password_file`` for
+    every site whose key file in the bundle is encrypted PKCS#8.
     """
 
     prefix: str | None = attrs.field(default=None, converter=_optional_str, validator=_prefix)
@@ -211,6 +223,9 @@ class RenderSettings:
     )
     error_log_level: str = attrs.field(default="warn", validator=attrs.validators.in_(_LOG_LEVELS))
     user: str | None = attrs.field(default=None, validator=_user)
+    ssl_password_file: str | None = attrs.field(
+        default=None, converter=_optional_str, validator=_prefix
+    )
 
     def runtime_paths(self) -> dict[str, str]:
         """Runtime file paths as written into nginx.conf (relative to ``-p`` or absolute)."""
@@ -564,6 +579,7 @@ def _environment(template_dir: Path | None, template_paths: Sequence[Path]) -> S
         certificate_paths=certificate_paths,
         site_view=site_view,
         websocket_read_timeout=WEBSOCKET_READ_TIMEOUT,
+        acme_challenge_dir=ACME_CHALLENGE_DIR,
     )
     return env
 
@@ -579,6 +595,7 @@ class NginxRenderer:
         conf.d/site-<name>.conf  one per site
         conf.d/status.conf       the agent's status server (unless status_port is None)
         certs/...                certificate files passed as ``extra_files``
+        acme-challenge/<token>   pending ACME HTTP-01 tokens passed as ``extra_files``
 
     :param template_paths: plugin template directories; a later one overrides an earlier.
     :param template_dir: the user's template directory; overrides everything.
@@ -644,16 +661,42 @@ class NginxRenderer:
                 ) from exc
             raise  # pragma: no cover - handle_exception always raises
 
+    def _encrypted_keys(self, extra_files: Mapping[str, bytes]) -> frozenset[str]:
+        """Bundle paths of the encrypted private keys among `extra_files`."""
+        encrypted = frozenset(
+            path
+            for path, data in extra_files.items()
+            if path.endswith(".key") and bytes(data[:64]).lstrip().startswith(_ENCRYPTED_KEY)
+        )
+        if encrypted and self.settings.ssl_password_file is None:
+            raise RenderError(
+                f"private key {sorted(encrypted)[0]} is encrypted but no ssl_password_file is "
+                "configured for the renderer; nginx could not load it"
+            )
+        return encrypted
+
     def render(
         self, state: DesiredState, *, extra_files: Mapping[str, bytes] = _NO_FILES
     ) -> Bundle:
-        """Render `state`; `extra_files` (certificates) are added under ``certs/``.
+        """Render `state`; `extra_files` (certificates under ``certs/``, HTTP-01 tokens
+        under ``acme-challenge/``) are added as given.
 
         :raises TemplateRenderError: a template failed; names its file and line.
-        :raises RenderError: duplicate site names, or an extra file outside ``certs/`` or
-            clashing with a rendered file.
+        :raises RenderError: duplicate site names, an extra file outside ``certs/`` and
+            ``acme-challenge/`` or clashing with a rendered file, or an encrypted key
+            without ``ssl_password_file``.
         """
-        base: dict[str, Any] = {"state": state, "settings": self.settings, "paths": self._paths}
+        base: dict[str, Any] = {
+            "state": state,
+            "settings": self.settings,
+            "paths": self._paths,
+            # Sites whose key is encrypted get ssl_password_file; ACME-sourced certificates
+            # get the HTTP-01 challenge location like `tls: acme` sites.
+            "encrypted_keys": self._encrypted_keys(extra_files),
+            "acme_certificates": frozenset(
+                c.name for c in state.certificates if c.source == "acme"
+            ),
+        }
         files: dict[str, bytes] = {
             "nginx.conf": self._render("nginx.conf.j2", base),
             "mime.types": self._mime_types,
@@ -687,10 +730,15 @@ class NginxRenderer:
 
 def _check_extra(path: str) -> None:
     pure = PurePosixPath(path)
-    if pure.is_absolute() or ".." in pure.parts or not pure.parts or pure.parts[0] != CERTS_DIR:
+    if (
+        pure.is_absolute()
+        or ".." in pure.parts
+        or len(pure.parts) < 2
+        or pure.parts[0] not in EXTRA_FILE_DIRS
+    ):
         raise RenderError(
             f"extra file {path!r} must be a relative path under {CERTS_DIR}/ "
-            "(certificates and keys)"
+            f"(certificates and keys) or {ACME_CHALLENGE_DIR}/ (ACME HTTP-01 tokens)"
         )
 
 
