@@ -26,6 +26,7 @@ EXPECTED_ACTIONS = {
     ("POST", "/api/v1/auth/login"): "auth.login",
     ("POST", "/api/v1/auth/refresh"): "auth.refresh",
     ("POST", "/api/v1/auth/logout"): "auth.logout",
+    ("POST", "/api/v1/auth/password"): "auth.password_change",
     ("POST", "/api/v1/auth/tokens"): "api_token.create",
     ("DELETE", "/api/v1/auth/tokens/{token_id:str}"): "api_token.revoke",
     ("PUT", f"{W}/state"): "state.replace",
@@ -127,6 +128,11 @@ class _Scenario:
             "PATCH", "/api/v1/users/eve", {"password": new_password + "!", "roles": ["operator"]}
         )
         self.call("DELETE", "/api/v1/users/eve")
+        self.call(
+            "POST",
+            "/api/v1/auth/password",
+            {"current_password": password, "new_password": new_password + "?"},
+        )
 
 
 class TestAudit:

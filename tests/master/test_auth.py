@@ -267,6 +267,36 @@ class TestLoginAndRefresh:
         assert wrong.status_code == ghost.status_code == 401
         assert wrong.json()["detail"] == ghost.json()["detail"]
 
+    def test_changing_ones_password_ends_every_session(self, master: Master) -> None:
+        """The current password is required; afterwards old refresh tokens are dead."""
+        master.add_user("ann", "correct horse battery", "viewer")
+        tokens = self._login(master, "ann", "correct horse battery")
+        headers = {"Authorization": f"Bearer {tokens['access_token']}"}
+        url = "/api/v1/auth/password"
+        c = master.client
+        wrong = c.post(
+            url, json={"current_password": "nope", "new_password": "x" * 20}, headers=headers
+        )
+        assert wrong.status_code == 401
+        short = c.post(
+            url,
+            json={"current_password": "correct horse battery", "new_password": "short"},
+            headers=headers,
+        )
+        assert short.status_code == 422
+        assert short.json()["errors"][0]["path"] == "new_password"
+        ok = c.post(
+            url,
+            json={
+                "current_password": "correct horse battery",
+                "new_password": "a new long passphrase",
+            },
+            headers=headers,
+        )
+        assert ok.status_code == 204, ok.text
+        assert self._refresh(master, tokens["refresh_token"]).status_code == 401
+        assert self._login(master, "ann", "a new long passphrase")["subject"] == "ann"
+
     def test_repeated_failures_lock_the_login_out(self, master: Master) -> None:
         """After the threshold even the right password gets 429 with Retry-After."""
         c = master.client

@@ -38,6 +38,7 @@ MATRIX: dict[tuple[str, str], frozenset[str]] = {
     ("POST", "/api/v1/auth/refresh"): ALL,
     ("POST", "/api/v1/auth/logout"): ALL,
     ("GET", "/api/v1/auth/me"): AUTHENTICATED,
+    ("POST", "/api/v1/auth/password"): AUTHENTICATED,
     ("GET", "/api/v1/auth/tokens"): frozenset({A, OP, V}),
     ("POST", "/api/v1/auth/tokens"): frozenset({A, OP, V}),
     ("DELETE", "/api/v1/auth/tokens/{token_id:str}"): frozenset({A, OP, V}),

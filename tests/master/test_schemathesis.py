@@ -18,7 +18,7 @@ from nxmesh.master.app import MasterServices, build_app
 
 from .conftest import make_settings
 
-EXAMPLES = {GenerationMode.POSITIVE: 6, GenerationMode.NEGATIVE: 2}
+EXAMPLES = {GenerationMode.POSITIVE: 5, GenerationMode.NEGATIVE: 2}
 """Examples per operation and mode: bounded so the whole run stays within seconds."""
 
 

@@ -13,16 +13,18 @@ from typing import TYPE_CHECKING
 import click
 
 from nxmesh import hookimpl
-from nxmesh.cli.context import CliContext, pass_cli
 from nxmesh.core.errors import NxMeshError
-from nxmesh.master.auth.links import ApiTokenAuthenticator, JwtAuthenticator
 
 if TYPE_CHECKING:
+    from nxmesh.cli.context import CliContext
     from nxmesh.core.interfaces import Authenticator
 
 
 @hookimpl
 def nxmesh_register_authenticators() -> Sequence[type[Authenticator]]:
+    # Imported here: building the plugin manager (every CLI start) stays cheap.
+    from nxmesh.master.auth.links import ApiTokenAuthenticator, JwtAuthenticator
+
     return [JwtAuthenticator, ApiTokenAuthenticator]
 
 
@@ -42,7 +44,7 @@ def nxmesh_register_authenticators() -> Sequence[type[Authenticator]]:
     show_default=True,
     help="Event loop to run on.",
 )
-@pass_cli
+@click.pass_obj
 def master_command(
     ctx: CliContext, host: str | None, port: int | None, state_dir: Path | None, backend: str
 ) -> None:

@@ -29,11 +29,12 @@ import structlog
 from nxmesh import hookimpl
 from nxmesh.core.interfaces import Authenticator, Credentials, Principal
 from nxmesh.core.settings import AuthSettings
-from nxmesh.master.auth import AuthenticationError, LockedOutError, Passwords
+from nxmesh.master.auth.errors import AuthenticationError, LockedOutError
 
 if TYPE_CHECKING:
     from nxmesh.core.interfaces import StorageBackend
     from nxmesh.master.app import MasterServices
+    from nxmesh.master.auth.passwords import Passwords
 
 __all__ = ["Lockout", "PasswordAuthenticator"]
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from http import HTTPStatus
 from typing import Annotated, Any, Final
 
+from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import SecurityRequirement
 from litestar.params import Parameter
 
@@ -12,10 +14,14 @@ from nxmesh.core import validation as v
 from nxmesh.core.errors import Problem, ValidationError
 from nxmesh.master.api.schemas import ChangeResult, FieldProblem, VersionSummary
 from nxmesh.master.changes import CommitResult
+from nxmesh.master.problems import PROBLEM_MEDIA_TYPE, ProblemDocument
 
 __all__ = [
     "BEARER",
+    "ERRORS",
+    "LOGIN_ERRORS",
     "MAX_NUMBER",
+    "PUBLIC_ERRORS",
     "AgentId",
     "CommitMessage",
     "ExpectedVersion",
@@ -30,6 +36,24 @@ __all__ = [
 MAX_NUMBER: Final = 2**63 - 1
 BEARER: Final[Sequence[SecurityRequirement]] = ({"bearer": []},)
 """OpenAPI security requirement of every route that needs a token (public ones have none)."""
+
+
+def _problems(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI responses documenting problem+json errors (generated from `ProblemDocument`)."""
+    return {
+        code: ResponseSpec(
+            data_container=ProblemDocument,
+            description=f"{HTTPStatus(code).phrase} (RFC 9457 problem details)",
+            media_type=PROBLEM_MEDIA_TYPE,
+            generate_examples=False,
+        )
+        for code in codes
+    }
+
+
+ERRORS: Final = _problems(400, 401, 403, 404, 409, 422)
+PUBLIC_ERRORS: Final = _problems(400, 422)
+LOGIN_ERRORS: Final = _problems(400, 401, 422, 429)
 WORKSPACE_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,62}$"
 NAME_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,62}$"
 

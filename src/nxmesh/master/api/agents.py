@@ -17,7 +17,7 @@ from litestar.params import JSONBody, Parameter
 
 from nxmesh.core.model import Agent, ConfigVersion, HealthReport
 from nxmesh.core.records import AgentStatus, Assignment
-from nxmesh.master.api._common import BEARER, MAX_NUMBER, WORKSPACE_PATTERN, AgentId, perm
+from nxmesh.master.api._common import BEARER, ERRORS, MAX_NUMBER, WORKSPACE_PATTERN, AgentId, perm
 from nxmesh.master.api.context import CallerDep
 from nxmesh.master.api.schemas import AgentWhy, LabelsUpdate
 from nxmesh.master.problems import NotFound
@@ -121,7 +121,7 @@ class AgentController(Controller):
     tags = ("agents",)
     security = BEARER
 
-    @get("/", opt=perm("agent:read", scope="anywhere"))
+    @get("/", opt=perm("agent:read", scope="anywhere"), responses=ERRORS)
     async def list_agents(
         self, caller: CallerDep, workspace: WorkspaceFilter = None
     ) -> list[Agent]:
@@ -129,18 +129,18 @@ class AgentController(Controller):
         agents = await caller.services.storage.list_agents(workspace)
         return [a for a in agents if caller.can("agent:read", a.workspace)]
 
-    @get("/{agent_id:str}", opt=perm("agent:read", scope="anywhere"))
+    @get("/{agent_id:str}", opt=perm("agent:read", scope="anywhere"), responses=ERRORS)
     async def get_agent(self, agent_id: AgentId, caller: CallerDep) -> Agent:
         return await _agent(caller, agent_id)
 
-    @get("/{agent_id:str}/status", opt=perm("agent:read", scope="anywhere"))
+    @get("/{agent_id:str}/status", opt=perm("agent:read", scope="anywhere"), responses=ERRORS)
     async def agent_status(self, agent_id: AgentId, caller: CallerDep) -> list[AgentStatus]:
         """The agent's rollout status per version (sent, applying, applied, failed...)."""
         agent = await _agent(caller, agent_id)
         statuses = await caller.services.storage.list_agent_statuses(agent.workspace)
         return [s for s in statuses if s.agent_id == agent.id]
 
-    @get("/{agent_id:str}/health", opt=perm("agent:read", scope="anywhere"))
+    @get("/{agent_id:str}/health", opt=perm("agent:read", scope="anywhere"), responses=ERRORS)
     async def agent_health(self, agent_id: AgentId, caller: CallerDep) -> HealthReport:
         """The latest health report this master received from the agent."""
         agent = await _agent(caller, agent_id)
@@ -149,7 +149,7 @@ class AgentController(Controller):
             raise NotFound(f"agent {agent_id!r} has not reported its health to this master")
         return report
 
-    @get("/{agent_id:str}/why", opt=perm("agent:read", scope="anywhere"))
+    @get("/{agent_id:str}/why", opt=perm("agent:read", scope="anywhere"), responses=ERRORS)
     async def why(self, agent_id: AgentId, version: WhyVersion, caller: CallerDep) -> AgentWhy:
         """Why the agent is (not) running ``version``: not selected, offline, failed (with
         nginx's message), in progress, pending — or it is."""
@@ -169,7 +169,7 @@ class AgentController(Controller):
             status=status,
         )
 
-    @put("/{agent_id:str}/labels", opt=perm("agent:write", scope="anywhere"))
+    @put("/{agent_id:str}/labels", opt=perm("agent:write", scope="anywhere"), responses=ERRORS)
     async def put_labels(
         self, agent_id: AgentId, data: JSONBody[LabelsUpdate], caller: CallerDep
     ) -> Agent:
@@ -191,7 +191,12 @@ class AgentController(Controller):
         await s.orchestrator.agent_changed(updated)
         return updated
 
-    @post("/{agent_id:str}/revoke", opt=perm("agent:revoke", scope="anywhere"), status_code=200)
+    @post(
+        "/{agent_id:str}/revoke",
+        opt=perm("agent:revoke", scope="anywhere"),
+        status_code=200,
+        responses=ERRORS,
+    )
     async def revoke(self, agent_id: AgentId, caller: CallerDep) -> Agent:
         """Delete the agent's session keys and mark it revoked; its stream closes at once."""
         agent = await _agent(caller, agent_id, "agent:revoke")

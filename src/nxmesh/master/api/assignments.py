@@ -7,7 +7,7 @@ from litestar.params import JSONBody
 
 from nxmesh.core.errors import Problem, ValidationError
 from nxmesh.core.records import Assignment
-from nxmesh.master.api._common import BEARER, Name, Workspace, perm
+from nxmesh.master.api._common import BEARER, ERRORS, Name, Workspace, perm
 from nxmesh.master.api.context import CallerDep
 from nxmesh.master.api.schemas import AssignmentSpec
 from nxmesh.master.problems import NotFound
@@ -23,11 +23,11 @@ class AssignmentController(Controller):
     tags = ("assignments",)
     security = BEARER
 
-    @get("/", opt=perm("assignment:read"))
+    @get("/", opt=perm("assignment:read"), responses=ERRORS)
     async def list_assignments(self, workspace: Workspace, caller: CallerDep) -> list[Assignment]:
         return list(await caller.services.storage.list_assignments(workspace))
 
-    @get("/{name:str}", opt=perm("assignment:read"))
+    @get("/{name:str}", opt=perm("assignment:read"), responses=ERRORS)
     async def get_assignment(
         self, workspace: Workspace, name: Name, caller: CallerDep
     ) -> Assignment:
@@ -36,7 +36,7 @@ class AssignmentController(Controller):
                 return assignment
         raise NotFound(f"no assignment named {name!r} in workspace {workspace!r}")
 
-    @put("/{name:str}", opt=perm("assignment:write"))
+    @put("/{name:str}", opt=perm("assignment:write"), responses=ERRORS)
     async def put_assignment(
         self, workspace: Workspace, name: Name, data: JSONBody[AssignmentSpec], caller: CallerDep
     ) -> Assignment:
@@ -65,7 +65,7 @@ class AssignmentController(Controller):
         await s.orchestrator.assignments_changed(workspace)
         return assignment
 
-    @delete("/{name:str}", opt=perm("assignment:write"))
+    @delete("/{name:str}", opt=perm("assignment:write"), responses=ERRORS)
     async def delete_assignment(self, workspace: Workspace, name: Name, caller: CallerDep) -> None:
         s = caller.services
         if not await s.storage.delete_assignment(workspace, name):

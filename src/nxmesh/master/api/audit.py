@@ -7,7 +7,7 @@ from typing import Annotated
 from litestar import get
 from litestar.params import Parameter
 
-from nxmesh.master.api._common import BEARER, perm
+from nxmesh.master.api._common import BEARER, ERRORS, perm
 from nxmesh.master.api.context import CallerDep
 from nxmesh.master.api.schemas import AuditView
 
@@ -19,7 +19,7 @@ Since = Annotated[
 ]
 
 
-@get("/audit", opt=perm("audit:read"), tags=["audit"], security=BEARER)
+@get("/audit", opt=perm("audit:read"), tags=["audit"], security=BEARER, responses=ERRORS)
 async def list_audit(caller: CallerDep, limit: Limit = 100, since: Since = None) -> list[AuditView]:
     """Who did what to which resource, when and from where."""
     entries = await caller.services.storage.list_audit(limit=limit, since=since)

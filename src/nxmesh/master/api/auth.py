@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import anyio
+import attrs
 from litestar import Controller, Request, delete, get, post
 from litestar.params import JSONBody, Parameter
 
 from nxmesh.core.interfaces import Credentials
-from nxmesh.master.api._common import BEARER, perm
+from nxmesh.master.api._common import BEARER, ERRORS, LOGIN_ERRORS, PUBLIC_ERRORS, perm
 from nxmesh.master.api.context import CallerDep, ServicesDep, remote_addr
 from nxmesh.master.api.schemas import (
     ApiTokenCreate,
@@ -16,10 +18,12 @@ from nxmesh.master.api.schemas import (
     ApiTokenView,
     LoginRequest,
     Me,
+    PasswordChange,
     RefreshRequest,
     TokenResponse,
 )
 from nxmesh.master.auth.errors import AuthenticationError
+from nxmesh.master.auth.passwords import check_password_policy
 from nxmesh.master.auth.service import TokenPair
 from nxmesh.master.auth.store import ApiTokenRecord
 from nxmesh.master.problems import NotFound
@@ -61,7 +65,7 @@ class SessionController(Controller):
     path = "/auth"
     tags = ("auth",)
 
-    @post("/login", opt={"public": True}, status_code=200)
+    @post("/login", opt={"public": True}, status_code=200, responses=LOGIN_ERRORS)
     async def login(
         self, data: JSONBody[LoginRequest], request: Request[Any, Any, Any], services: ServicesDep
     ) -> TokenResponse:
@@ -90,7 +94,7 @@ class SessionController(Controller):
         )
         return _tokens(pair, services.auth.clock())
 
-    @post("/refresh", opt={"public": True}, status_code=200)
+    @post("/refresh", opt={"public": True}, status_code=200, responses=PUBLIC_ERRORS)
     async def refresh(
         self,
         data: JSONBody[RefreshRequest],
@@ -110,7 +114,7 @@ class SessionController(Controller):
         )
         return _tokens(pair, services.auth.clock())
 
-    @post("/logout", opt={"public": True}, status_code=204)
+    @post("/logout", opt={"public": True}, status_code=204, responses=PUBLIC_ERRORS)
     async def logout(
         self,
         data: JSONBody[RefreshRequest],
@@ -135,7 +139,7 @@ class AuthController(Controller):
     tags = ("auth",)
     security = BEARER
 
-    @get("/me", opt={"authenticated": True})
+    @get("/me", opt={"authenticated": True}, responses=ERRORS)
     async def me(self, caller: CallerDep) -> Me:
         """The authenticated caller, its roles and the grants they give."""
         p = caller.principal
@@ -148,13 +152,38 @@ class AuthController(Controller):
             grants=grants,
         )
 
-    @get("/tokens", opt=perm("api_token:read", scope="anywhere"))
+    @post("/password", opt={"authenticated": True}, status_code=204, responses=LOGIN_ERRORS)
+    async def change_password(
+        self, data: JSONBody[PasswordChange], request: Request[Any, Any, Any], caller: CallerDep
+    ) -> None:
+        """Change the caller's own password; every session of the caller ends.
+
+        The current password is checked like a login (lockout included), so a stolen
+        access token alone cannot take the account over.
+        """
+        services = caller.services
+        check_password_policy(data.new_password, path="new_password")
+        credentials = Credentials(
+            "password",
+            {"username": caller.subject, "password": data.current_password},
+            remote_addr=remote_addr(request),
+        )
+        verified = await services.auth.authenticate(credentials)
+        user = await services.storage.get_user(verified.subject)
+        if user is None or verified.subject != caller.subject:
+            raise AuthenticationError("invalid username or password", reason="bad_password")
+        new_hash = await anyio.to_thread.run_sync(services.auth.passwords.hash, data.new_password)
+        await services.storage.put_user(attrs.evolve(user, password_hash=new_hash))
+        await services.auth.end_sessions(user.username)
+        await caller.audit("auth.password_change", f"users/{user.username}")
+
+    @get("/tokens", opt=perm("api_token:read", scope="anywhere"), responses=ERRORS)
     async def list_tokens(self, caller: CallerDep) -> list[ApiTokenView]:
         """The caller's own API tokens (never their secrets)."""
         records = await caller.services.auth.store.list_api_tokens(caller.subject)
         return [_view(r) for r in records]
 
-    @post("/tokens", opt=perm("api_token:write", scope="anywhere"))
+    @post("/tokens", opt=perm("api_token:write", scope="anywhere"), responses=ERRORS)
     async def create_token(
         self, data: JSONBody[ApiTokenCreate], caller: CallerDep
     ) -> ApiTokenCreated:
@@ -170,7 +199,9 @@ class AuthController(Controller):
         )
         return ApiTokenCreated(token=issued.token, api_token=_view(issued.record))
 
-    @delete("/tokens/{token_id:str}", opt=perm("api_token:write", scope="anywhere"))
+    @delete(
+        "/tokens/{token_id:str}", opt=perm("api_token:write", scope="anywhere"), responses=ERRORS
+    )
     async def revoke_token(self, token_id: TokenId, caller: CallerDep) -> None:
         """Revoke one of the caller's API tokens (any token with ``user:write``)."""
         record = await caller.services.auth.revoke_api_token(caller.principal, token_id)

@@ -21,7 +21,7 @@ from litestar.params import JSONBody
 from nxmesh.core import validation as v
 from nxmesh.core.errors import Problem, ValidationError
 from nxmesh.core.records import StoredCertificate
-from nxmesh.master.api._common import BEARER, Name, Workspace, perm
+from nxmesh.master.api._common import BEARER, ERRORS, Name, Workspace, perm
 from nxmesh.master.api.context import Caller, CallerDep
 from nxmesh.master.api.schemas import CertificateUpload, CertificateView
 from nxmesh.master.problems import Conflict, NotFound
@@ -155,13 +155,13 @@ class CertificateController(Controller):
     tags = ("certificates",)
     security = BEARER
 
-    @get("/", opt=perm("certificate:read"))
+    @get("/", opt=perm("certificate:read"), responses=ERRORS)
     async def list_certificates(
         self, workspace: Workspace, caller: CallerDep
     ) -> list[CertificateView]:
         return [_view(c) for c in await caller.services.storage.list_certificates(workspace)]
 
-    @get("/{name:str}", opt=perm("certificate:read"))
+    @get("/{name:str}", opt=perm("certificate:read"), responses=ERRORS)
     async def get_certificate(
         self, workspace: Workspace, name: Name, caller: CallerDep
     ) -> CertificateView:
@@ -170,7 +170,7 @@ class CertificateController(Controller):
             raise NotFound(f"no certificate named {name!r} in workspace {workspace!r}")
         return _view(stored)
 
-    @post("/", opt=perm("certificate:write"))
+    @post("/", opt=perm("certificate:write"), responses=ERRORS)
     async def upload(
         self, workspace: Workspace, data: JSONBody[CertificateUpload], caller: CallerDep
     ) -> CertificateView:
@@ -180,7 +180,7 @@ class CertificateController(Controller):
             raise Conflict(f"certificate {data.name!r} exists; use PUT to replace it")
         return await self._store(caller, workspace, data, "certificate.upload")
 
-    @put("/{name:str}", opt=perm("certificate:write"))
+    @put("/{name:str}", opt=perm("certificate:write"), responses=ERRORS)
     async def replace(
         self, workspace: Workspace, name: Name, data: JSONBody[CertificateUpload], caller: CallerDep
     ) -> CertificateView:
@@ -209,7 +209,7 @@ class CertificateController(Controller):
         )
         return _view(stored)
 
-    @delete("/{name:str}", opt=perm("certificate:write"))
+    @delete("/{name:str}", opt=perm("certificate:write"), responses=ERRORS)
     async def delete_certificate(self, workspace: Workspace, name: Name, caller: CallerDep) -> None:
         """Delete a certificate the latest desired state does not refer to (409 otherwise)."""
         s = caller.services

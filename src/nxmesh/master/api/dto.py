@@ -70,6 +70,9 @@ class ConverterDTO(AbstractDTO[Any]):
     def create_openapi_schema(
         cls, field_definition: FieldDefinition, handler_id: str, schema_creator: Any
     ) -> Reference | Schema:
+        if field_definition.is_subclass_of(Response) and field_definition.inner_types:
+            # A handler returning Response[X] to pick its status code: document X.
+            field_definition = field_definition.inner_types[0]
         result: Reference | Schema = schema_creator.for_field_definition(field_definition)
         return result
 

@@ -7,8 +7,9 @@ from typing import Final
 import anyio
 import structlog
 from litestar import Response, get
+from litestar.openapi import ResponseSpec
 
-from nxmesh.master.api._common import BEARER
+from nxmesh.master.api._common import BEARER, PUBLIC_ERRORS
 from nxmesh.master.api.context import ServicesDep
 from nxmesh.master.api.schemas import Health
 from nxmesh.master.metrics import CONTENT_TYPE
@@ -20,7 +21,13 @@ _READY_TIMEOUT: Final = 5.0
 log = structlog.get_logger("nxmesh.master.api")
 
 
-@get("/healthz", opt={"public": True}, tags=["health"], summary="Liveness: the process serves")
+@get(
+    "/healthz",
+    opt={"public": True},
+    tags=["health"],
+    summary="Liveness: the process serves",
+    responses=PUBLIC_ERRORS,
+)
 async def healthz() -> Health:
     return Health(status="ok")
 
@@ -30,7 +37,8 @@ async def healthz() -> Health:
     opt={"public": True},
     tags=["health"],
     summary="Readiness: storage is reachable",
-    responses={},
+    media_type="application/json",
+    responses={503: ResponseSpec(Health, description="Storage does not answer")},
 )
 async def readyz(services: ServicesDep) -> Response[Health]:
     detail = ""

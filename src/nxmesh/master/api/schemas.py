@@ -37,6 +37,7 @@ __all__ = [
     "LabelsUpdate",
     "LoginRequest",
     "Me",
+    "PasswordChange",
     "RefreshRequest",
     "RoleView",
     "TokenResponse",
@@ -90,6 +91,14 @@ class LoginRequest:
 
     username: str = attrs.field(validator=v.text(v.TOKEN))
     password: str = attrs.field(repr=False, validator=_secret(1024))
+
+
+@attrs.frozen(kw_only=True)
+class PasswordChange:
+    """The caller's current password and the new one."""
+
+    current_password: str = attrs.field(repr=False, validator=_secret(1024))
+    new_password: str = attrs.field(repr=False, validator=_secret(1024))
 
 
 @attrs.frozen(kw_only=True)

@@ -18,6 +18,7 @@ from nxmesh.core.errors import Problem, ValidationError
 from nxmesh.core.model import DesiredState, Site, Upstream
 from nxmesh.master.api._common import (
     BEARER,
+    ERRORS,
     CommitMessage,
     ExpectedVersion,
     Name,
@@ -79,12 +80,12 @@ class StateController(Controller):
     tags = ("state",)
     security = BEARER
 
-    @get("/", opt=perm("config:read"))
+    @get("/", opt=perm("config:read"), responses=ERRORS)
     async def get_state(self, workspace: Workspace, caller: CallerDep) -> DesiredState:
         """The workspace's desired state as of its latest version (empty before the first)."""
         return await _current(caller, workspace)
 
-    @put("/", opt=perm("config:write"))
+    @put("/", opt=perm("config:write"), responses=ERRORS)
     async def put_state(
         self,
         workspace: Workspace,
@@ -182,19 +183,19 @@ class SiteController(Controller):
     tags = ("sites",)
     security = BEARER
 
-    @get("/", opt=perm("config:read"))
+    @get("/", opt=perm("config:read"), responses=ERRORS)
     async def list_sites(self, workspace: Workspace, caller: CallerDep) -> list[Site]:
         """Every site of the latest version."""
         return list((await _current(caller, workspace)).sites)
 
-    @get("/{name:str}", opt=perm("config:read"))
+    @get("/{name:str}", opt=perm("config:read"), responses=ERRORS)
     async def get_site(self, workspace: Workspace, name: Name, caller: CallerDep) -> Site:
         for site in (await _current(caller, workspace)).sites:
             if site.name == name:
                 return site
         raise NotFound(f"no site named {name!r} in workspace {workspace!r}")
 
-    @post("/", opt=perm("config:write"))
+    @post("/", opt=perm("config:write"), responses=ERRORS)
     async def create_site(
         self,
         workspace: Workspace,
@@ -214,7 +215,7 @@ class SiteController(Controller):
             expected_version=expected_version,
         )
 
-    @put("/{name:str}", opt=perm("config:write"))
+    @put("/{name:str}", opt=perm("config:write"), responses=ERRORS)
     async def put_site(
         self,
         workspace: Workspace,
@@ -236,7 +237,7 @@ class SiteController(Controller):
             expected_version=expected_version,
         )
 
-    @delete("/{name:str}", opt=perm("config:write"), status_code=200)
+    @delete("/{name:str}", opt=perm("config:write"), status_code=200, responses=ERRORS)
     async def delete_site(
         self,
         workspace: Workspace,
@@ -264,19 +265,19 @@ class UpstreamController(Controller):
     tags = ("upstreams",)
     security = BEARER
 
-    @get("/", opt=perm("config:read"))
+    @get("/", opt=perm("config:read"), responses=ERRORS)
     async def list_upstreams(self, workspace: Workspace, caller: CallerDep) -> list[Upstream]:
         """Every upstream of the latest version."""
         return list((await _current(caller, workspace)).upstreams)
 
-    @get("/{name:str}", opt=perm("config:read"))
+    @get("/{name:str}", opt=perm("config:read"), responses=ERRORS)
     async def get_upstream(self, workspace: Workspace, name: Name, caller: CallerDep) -> Upstream:
         for upstream in (await _current(caller, workspace)).upstreams:
             if upstream.name == name:
                 return upstream
         raise NotFound(f"no upstream named {name!r} in workspace {workspace!r}")
 
-    @post("/", opt=perm("config:write"))
+    @post("/", opt=perm("config:write"), responses=ERRORS)
     async def create_upstream(
         self,
         workspace: Workspace,
@@ -296,7 +297,7 @@ class UpstreamController(Controller):
             expected_version=expected_version,
         )
 
-    @put("/{name:str}", opt=perm("config:write"))
+    @put("/{name:str}", opt=perm("config:write"), responses=ERRORS)
     async def put_upstream(
         self,
         workspace: Workspace,
@@ -318,7 +319,7 @@ class UpstreamController(Controller):
             expected_version=expected_version,
         )
 
-    @delete("/{name:str}", opt=perm("config:write"), status_code=200)
+    @delete("/{name:str}", opt=perm("config:write"), status_code=200, responses=ERRORS)
     async def delete_upstream(
         self,
         workspace: Workspace,

@@ -8,7 +8,7 @@ from litestar import Controller, delete, get, post
 from litestar.params import JSONBody, Parameter
 
 from nxmesh.core.records import BootstrapToken
-from nxmesh.master.api._common import BEARER, Workspace, perm
+from nxmesh.master.api._common import BEARER, ERRORS, Workspace, perm
 from nxmesh.master.api.context import CallerDep
 from nxmesh.master.api.schemas import (
     BootstrapTokenCreate,
@@ -42,7 +42,7 @@ class BootstrapTokenController(Controller):
     tags = ("enrollment",)
     security = BEARER
 
-    @get("/", opt=perm("bootstrap_token:read"))
+    @get("/", opt=perm("bootstrap_token:read"), responses=ERRORS)
     async def list_tokens(
         self, workspace: Workspace, caller: CallerDep
     ) -> list[BootstrapTokenView]:
@@ -50,7 +50,7 @@ class BootstrapTokenController(Controller):
         tokens = await caller.services.storage.list_tokens(workspace)
         return [_view(t) for t in sorted(tokens, key=lambda t: -t.created_at)]
 
-    @post("/", opt=perm("bootstrap_token:write"))
+    @post("/", opt=perm("bootstrap_token:write"), responses=ERRORS)
     async def create_token(
         self, workspace: Workspace, data: JSONBody[BootstrapTokenCreate], caller: CallerDep
     ) -> BootstrapTokenCreated:
@@ -67,7 +67,7 @@ class BootstrapTokenController(Controller):
         )
         return BootstrapTokenCreated(token=issued.token, bootstrap_token=_view(issued.record))
 
-    @delete("/{token_id:str}", opt=perm("bootstrap_token:write"))
+    @delete("/{token_id:str}", opt=perm("bootstrap_token:write"), responses=ERRORS)
     async def revoke_token(
         self, workspace: Workspace, token_id: TokenId, caller: CallerDep
     ) -> None:

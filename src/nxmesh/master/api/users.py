@@ -9,7 +9,7 @@ from litestar.params import JSONBody
 
 from nxmesh.core.errors import Problem, ValidationError
 from nxmesh.core.records import User
-from nxmesh.master.api._common import BEARER, Name, perm
+from nxmesh.master.api._common import BEARER, ERRORS, Name, perm
 from nxmesh.master.api.context import CallerDep
 from nxmesh.master.api.schemas import RoleView, UserCreate, UserUpdate, UserView
 from nxmesh.master.auth.passwords import check_password_policy
@@ -58,18 +58,18 @@ class UserController(Controller):
     tags = ("users",)
     security = BEARER
 
-    @get("/", opt=perm("user:read"))
+    @get("/", opt=perm("user:read"), responses=ERRORS)
     async def list_users(self, caller: CallerDep) -> list[UserView]:
         return [_view(u) for u in await caller.services.storage.list_users()]
 
-    @get("/{username:str}", opt=perm("user:read"))
+    @get("/{username:str}", opt=perm("user:read"), responses=ERRORS)
     async def get_user(self, username: Name, caller: CallerDep) -> UserView:
         user = await caller.services.storage.get_user(username)
         if user is None:
             raise NotFound(f"no user {username!r}")
         return _view(user)
 
-    @post("/", opt=perm("user:write"))
+    @post("/", opt=perm("user:write"), responses=ERRORS)
     async def create_user(self, data: JSONBody[UserCreate], caller: CallerDep) -> UserView:
         """Create a user (409 when the name is taken)."""
         s = caller.services
@@ -83,7 +83,7 @@ class UserController(Controller):
         await caller.audit("user.create", f"users/{user.username}", roles=list(user.roles))
         return _view(user)
 
-    @patch("/{username:str}", opt=perm("user:write"))
+    @patch("/{username:str}", opt=perm("user:write"), responses=ERRORS)
     async def update_user(
         self, username: Name, data: JSONBody[UserUpdate], caller: CallerDep
     ) -> UserView:
@@ -115,7 +115,7 @@ class UserController(Controller):
         )
         return _view(updated)
 
-    @delete("/{username:str}", opt=perm("user:write"))
+    @delete("/{username:str}", opt=perm("user:write"), responses=ERRORS)
     async def delete_user(self, username: Name, caller: CallerDep) -> None:
         """Delete a user and end its sessions (its API tokens stop working too)."""
         s = caller.services
@@ -135,7 +135,7 @@ class RoleController(Controller):
     tags = ("users",)
     security = BEARER
 
-    @get("/", opt=perm("role:read"))
+    @get("/", opt=perm("role:read"), responses=ERRORS)
     async def list_roles(self, caller: CallerDep) -> list[RoleView]:
         rbac = caller.services.rbac
         return [

@@ -11,6 +11,7 @@ from nxmesh.config.diff import bundle_diff, diff_states
 from nxmesh.core.model import ConfigVersion
 from nxmesh.master.api._common import (
     BEARER,
+    ERRORS,
     MAX_NUMBER,
     CommitMessage,
     VersionNumber,
@@ -53,7 +54,7 @@ class VersionController(Controller):
     tags = ("versions",)
     security = BEARER
 
-    @get("/", opt=perm("config:read"))
+    @get("/", opt=perm("config:read"), responses=ERRORS)
     async def list_versions(
         self, workspace: Workspace, caller: CallerDep, limit: Limit = 100, before: Before = None
     ) -> list[VersionSummary]:
@@ -63,14 +64,14 @@ class VersionController(Controller):
         )
         return [VersionSummary.of(v) for v in versions]
 
-    @get("/{number:int}", opt=perm("config:read"))
+    @get("/{number:int}", opt=perm("config:read"), responses=ERRORS)
     async def get_version(
         self, workspace: Workspace, number: VersionNumber, caller: CallerDep
     ) -> ConfigVersion:
         """One version with its state and signature."""
         return await _version(caller, workspace, number)
 
-    @get("/{number:int}/diff", opt=perm("config:read"))
+    @get("/{number:int}/diff", opt=perm("config:read"), responses=ERRORS)
     async def diff_version(
         self,
         workspace: Workspace,
@@ -96,7 +97,7 @@ class VersionController(Controller):
             bundle_diff=bundle_diff(old_bundle, new_bundle),
         )
 
-    @post("/{number:int}/rollback", opt=perm("config:rollback"), status_code=200)
+    @post("/{number:int}/rollback", opt=perm("config:rollback"), status_code=200, responses=ERRORS)
     async def rollback(
         self,
         workspace: Workspace,
