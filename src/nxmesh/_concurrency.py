@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import anyio
+
 __all__ = ["unwrap_group"]
 
 
@@ -9,10 +11,13 @@ def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The exception to re-raise for a task group failure.
 
     anyio wraps even a single failure in an exception group; the session code reacts to
-    the failure itself (a broken stream, a rejection). Returns the first leaf when every
-    leaf is an ordinary `Exception`, else the group itself (cancellation, KeyboardInterrupt
-    and friends must propagate untouched).
+    the failure itself (a broken stream, a rejection). Returns the first ordinary
+    `Exception` leaf. Cancellation leaves beside it are dropped: cancellation is level-
+    triggered in anyio and trio, so the still-cancelled scope raises it again at the next
+    checkpoint — never later than the caller's next ``await``. Any other
+    ``BaseException`` (KeyboardInterrupt, SystemExit) returns the whole group untouched.
     """
+    cancelled = anyio.get_cancelled_exc_class()
     leaves: list[BaseException] = []
 
     def walk(exc: BaseException) -> None:
@@ -23,6 +28,9 @@ def unwrap_group(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(exc)
 
     walk(group)
-    if leaves and all(isinstance(leaf, Exception) for leaf in leaves):
+    others = [leaf for leaf in leaves if not isinstance(leaf, cancelled)]
+    if others and all(isinstance(leaf, Exception) for leaf in others):
+        return others[0]
+    if not others and leaves:
         return leaves[0]
     return group

@@ -83,8 +83,8 @@ class TransportKit:
 
 
 def signed_version(number: int, *, sites: int = 1, workspace: str = "default") -> ConfigVersion:
-    """A version whose digest is the real content address of its state."""
-    state = make_state(sites, workspace=workspace)
+    """A version whose digest is the real content address of its state (unique per number)."""
+    state = make_state(sites, workspace=workspace, port=10_000 + number)
     return attrs.evolve(
         make_version(number, workspace=workspace, state=state), digest=state_digest(state)
     )

@@ -1,0 +1,636 @@
+"""Benchmark: config fan-out from one master to many agents over real gRPC on loopback.
+
+    .venv/bin/python bench/fanout_bench.py                  # 1,000 and 5,000 agents
+    .venv/bin/python bench/fanout_bench.py --quick          # 50 agents, one round
+    .venv/bin/python bench/fanout_bench.py --agents 1000 --rounds 5 --plaintext
+
+Two implementations run in the same invocation, each in *fresh processes*:
+
+``nxmesh``  the real master: `MasterSessionHub` on `GrpcTransport` (grpclib), enrollment
+            and keys in SQLite (on /dev/shm when available), signed envelopes. Each push
+            is `hub.push(version)`; an agent's ack is its ``received`` `ConfigStatus`.
+``raw``     plain grpclib with the same service and TLS and no NxMesh logic: a handler
+            per stream that sends a pre-built frame of the same size and reads one reply.
+
+Per run, one process is the master, a *separate* process simulates all the agents (one
+gRPC connection each). Simulated NxMesh agents register with pre-provisioned keys, verify
+every frame's HMAC (which hashes the whole body) and answer with a signed status; they do
+not decode or apply the desired state (that is the agent's work, not the master's). Raw
+agents just answer.
+
+For 2 KB and 64 KB versions it reports the time until all agents acked (median over
+``--rounds`` pushes), the median and p99 per-agent ack latency, and master memory per
+agent: RSS and PSS (psutil) after all agents connected minus before, and after the pushes.
+Ratios nxmesh/raw are computed per agent count and size. JSON goes to
+``bench/results/fanout.json``. Goals (issue 5): at 5,000 agents, all acked within 1.3x of
+raw grpclib; at most 60 KB master memory per agent.
+
+Both processes share this machine's cores with each other; on a 2-core box the agent
+simulator competes with the master, so absolute times are pessimistic for both kinds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import gc
+import json
+import multiprocessing as mp
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+DEFAULT_OUTPUT = Path(__file__).parent / "results" / "fanout.json"
+SIZES = {"2KB": 2 * 1024, "64KB": 64 * 1024}
+GOAL_RATIO = 1.3
+GOAL_KB_PER_AGENT = 60.0
+GOAL_AGENTS = 5000
+
+
+# ---------------------------------------------------------------------------------------
+# Shared helpers (run in every process)
+# ---------------------------------------------------------------------------------------
+
+
+def _raise_fd_limit() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _memory() -> dict[str, float]:
+    import psutil
+
+    gc.collect()
+    info = psutil.Process().memory_full_info()
+    return {"rss": float(info.rss), "pss": float(getattr(info, "pss", info.rss))}
+
+
+def _versions(rounds: int) -> list[tuple[str, Any]]:
+    """Versions whose ConfigUpdate body is about each target size, numbered upwards."""
+    import attrs
+
+    from nxmesh.core.protocol import ConfigUpdate, encode_body
+    from nxmesh.core.serialization import state_digest
+    from nxmesh.testing.factories import make_state, make_version
+
+    out: list[tuple[str, Any]] = []
+    number = 0
+    for label, target in SIZES.items():
+        sites = 1
+        while len(encode_body(ConfigUpdate.of(make_version(1, state=make_state(sites)))).data) < (
+            target
+        ):
+            sites += 1
+        for _ in range(rounds):
+            number += 1
+            state = make_state(sites, port=8000 + number)
+            version = attrs.evolve(
+                make_version(number, state=state), digest=state_digest(state)
+            )
+            out.append((label, version))
+    return out
+
+
+def _frame_size(version: Any) -> int:
+    from nxmesh.core.envelope import seal
+    from nxmesh.core.protocol import ConfigUpdate, encode_body
+
+    body = encode_body(ConfigUpdate.of(version))
+    return len(seal(body, agent_id="a" * 32, key_id="k" * 20, key=b"k" * 32, seq=1, ts_ms=1))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# ---------------------------------------------------------------------------------------
+# Master processes
+# ---------------------------------------------------------------------------------------
+
+
+def master_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
+    _raise_fd_limit()
+    import anyio
+
+    runner = _nxmesh_master if kind == "nxmesh" else _raw_master
+    anyio.run(runner, conn, opts, backend="asyncio")
+
+
+async def _nxmesh_master(conn: Connection, opts: dict[str, Any]) -> None:
+    import anyio
+    import structlog
+
+    from nxmesh.core.model import Agent
+    from nxmesh.core.protocol import ConfigStatus
+    from nxmesh.crypto.secrets import MasterKeyring, generate_key
+    from nxmesh.enrollment import Enrollment
+    from nxmesh.plugins.storage_sqlite import SqliteStorage
+    from nxmesh.session_hub import MasterSessionHub
+    from nxmesh.tls import TLSFiles, server_ssl_context
+    from nxmesh_transport_grpc import GrpcSettings, GrpcTransport
+
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
+    agents: int = opts["agents"]
+    workdir = Path(opts["workdir"])
+    storage = SqliteStorage(
+        f"sqlite:///{workdir / 'master.db'}", keyring=MasterKeyring(generate_key())
+    )
+    await storage.open()
+    enrollment = Enrollment(storage)
+    creds = []
+    for i in range(agents):
+        agent = Agent(id=f"agent{i:05d}", name=f"sim{i}")
+        await storage.upsert_agent(agent)
+        key = await enrollment.new_key(agent.id)
+        creds.append([agent.id, key.key_id, base64.b64encode(key.secret).decode()])
+    (workdir / "creds.json").write_text(json.dumps(creds))
+
+    acked: dict[str, float] = {}
+
+    async def on_message(agent_id: str, message: Any) -> None:
+        if isinstance(message, ConfigStatus):
+            acked[agent_id] = time.perf_counter()
+
+    hub = MasterSessionHub(enrollment, heartbeat_interval=3600.0, on_message=on_message)
+    ctx = None
+    if opts["tls"]:
+        tls = TLSFiles(**{k: Path(v) for k, v in opts["tls"].items()})
+        ctx = server_ssl_context(tls)
+    scheme = "grpcs" if ctx else "grpc"
+    transport = GrpcTransport(
+        f"{scheme}://127.0.0.1:0", ssl_context=ctx, settings=GrpcSettings(tls=bool(ctx))
+    )
+    versions = _versions(opts["rounds"])
+    async with anyio.create_task_group() as tg:
+        address = await tg.start(transport.serve, hub)
+        before = _memory()
+        conn.send({"address": f"{scheme}://{address}"})
+        started = time.perf_counter()
+        await hub.wait_connected(agents)
+        connected = time.perf_counter() - started
+        after_connect = _memory()
+        pushes = []
+        profiler = _profiler(opts)
+        for label, version in versions:
+            acked.clear()
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            targets = hub.push(version)
+            await hub.wait_for_status(version.number, targets)
+            total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            latencies = [acked[a] - t0 for a in targets]
+            pushes.append(_push_result(label, _frame_size(version), total, cpu, latencies))
+            await anyio.sleep(0.2)
+        _dump_profile(profiler, opts, "nxmesh")
+        after_push = _memory()
+        conn.send(_run_result("nxmesh", agents, connected, before, after_connect, after_push,
+                              pushes, hub.counters.as_dict()))
+        tg.cancel_scope.cancel()
+    await storage.aclose()
+
+
+async def _raw_master(conn: Connection, opts: dict[str, Any]) -> None:
+    import asyncio
+
+    import anyio
+    from grpclib.server import Server
+
+    from nxmesh.tls import TLSFiles, server_ssl_context
+    from nxmesh_transport_grpc import GrpcSettings
+    from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceBase
+    from nxmesh_transport_grpc._generated.agent_pb2 import Frame
+    from nxmesh_transport_grpc.transport import limit_tls_read_buffer
+
+    agents: int = opts["agents"]
+    versions = _versions(opts["rounds"])
+
+    class Round:
+        def __init__(self, size: int) -> None:
+            self.frame = Frame(data=os.urandom(size))
+            self.go = asyncio.Event()
+            self.done = asyncio.Event()
+            self.acked: list[float] = []
+            self.t0 = 0.0
+
+    rounds = [Round(_frame_size(v)) for _, v in versions]
+    all_connected = asyncio.Event()
+    connected = 0
+
+    class Service(AgentServiceBase):
+        async def Stream(self, stream: Any) -> None:
+            nonlocal connected
+            if await stream.recv_message() is None:
+                return
+            connected += 1
+            if connected == agents:
+                all_connected.set()
+            for r in rounds:
+                await r.go.wait()
+                await stream.send_message(r.frame)
+                if await stream.recv_message() is None:
+                    return
+                r.acked.append(time.perf_counter())
+                if len(r.acked) == agents:
+                    r.done.set()
+            await asyncio.Event().wait()  # keep the stream open like a session
+
+        async def ReportHealth(self, stream: Any) -> None:
+            raise NotImplementedError
+
+        async def ReportMetrics(self, stream: Any) -> None:
+            raise NotImplementedError
+
+    ctx = None
+    if opts["tls"]:
+        ctx = server_ssl_context(TLSFiles(**{k: Path(v) for k, v in opts["tls"].items()}))
+        ctx.set_alpn_protocols(["h2"])
+        # The same asyncio TLS buffer the NxMesh master uses: a fair baseline.
+        limit_tls_read_buffer(GrpcSettings().tls_read_buffer_bytes)
+    server = Server([Service()])
+    await server.start("127.0.0.1", 0, ssl=ctx, backlog=1024)
+    assert server._server is not None
+    port = server._server.sockets[0].getsockname()[1]
+    scheme = "grpcs" if ctx else "grpc"
+    before = _memory()
+    conn.send({"address": f"{scheme}://127.0.0.1:{port}"})
+    started = time.perf_counter()
+    await all_connected.wait()
+    connected_s = time.perf_counter() - started
+    after_connect = _memory()
+    pushes = []
+    profiler = _profiler(opts)
+    for (label, _), r in zip(versions, rounds, strict=True):
+        cpu0, r.t0 = time.process_time(), time.perf_counter()
+        r.go.set()
+        await r.done.wait()
+        total, cpu = time.perf_counter() - r.t0, time.process_time() - cpu0
+        latencies = [t - r.t0 for t in r.acked]
+        pushes.append(_push_result(label, len(r.frame.data), total, cpu, latencies))
+        await anyio.sleep(0.2)
+    _dump_profile(profiler, opts, "raw")
+    after_push = _memory()
+    conn.send(_run_result("raw", agents, connected_s, before, after_connect, after_push, pushes,
+                          {}))
+    server.close()
+    with anyio.move_on_after(5):
+        await server.wait_closed()
+
+
+def _profiler(opts: dict[str, Any]) -> Any:
+    if not opts.get("profile"):
+        return None
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    return profiler
+
+
+def _dump_profile(profiler: Any, opts: dict[str, Any], kind: str) -> None:
+    if profiler is not None:
+        profiler.disable()
+        path = Path(opts["profile"]) / f"master-{kind}-{opts['agents']}.prof"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        profiler.dump_stats(path)
+
+
+def _push_result(
+    label: str, frame_bytes: int, total: float, cpu: float, latencies: list[float]
+) -> dict[str, Any]:
+    return {
+        "size": label,
+        "frame_bytes": frame_bytes,
+        "all_acked_s": total,
+        "master_cpu_s": cpu,
+        "p50_s": statistics.median(latencies),
+        "p99_s": _percentile(latencies, 0.99),
+    }
+
+
+def _run_result(
+    kind: str,
+    agents: int,
+    connect_s: float,
+    before: dict[str, float],
+    after_connect: dict[str, float],
+    after_push: dict[str, float],
+    pushes: list[dict[str, Any]],
+    counters: dict[str, int],
+) -> dict[str, Any]:
+    def per_agent(after: dict[str, float], key: str) -> float:
+        return (after[key] - before[key]) / agents / 1024
+
+    sizes: dict[str, Any] = {}
+    for label in SIZES:
+        mine = [p for p in pushes if p["size"] == label]
+        sizes[label] = {
+            "frame_bytes": mine[0]["frame_bytes"],
+            "all_acked_median_s": statistics.median(p["all_acked_s"] for p in mine),
+            "master_cpu_median_s": statistics.median(p["master_cpu_s"] for p in mine),
+            "p50_median_s": statistics.median(p["p50_s"] for p in mine),
+            "p99_median_s": statistics.median(p["p99_s"] for p in mine),
+            "rounds": mine,
+        }
+    return {
+        "kind": kind,
+        "agents": agents,
+        "connect_all_s": connect_s,
+        "memory": {
+            "rss_kb_per_agent_connected": per_agent(after_connect, "rss"),
+            "pss_kb_per_agent_connected": per_agent(after_connect, "pss"),
+            "rss_kb_per_agent_after_push": per_agent(after_push, "rss"),
+            "pss_kb_per_agent_after_push": per_agent(after_push, "pss"),
+            "rss_before_mb": before["rss"] / 2**20,
+        },
+        "sizes": sizes,
+        "counters": counters,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# The agent simulator process
+# ---------------------------------------------------------------------------------------
+
+
+def agents_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
+    _raise_fd_limit()
+    import anyio
+
+    anyio.run(_agents, kind, conn, opts, backend="asyncio")
+
+
+_DIGEST = re.compile(rb'^\{"digest":"([A-Za-z0-9:._-]+)"')
+_VERSION = re.compile(rb'"version":(\d+),"workspace":"[^"]*"\}$')
+
+
+async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
+    import anyio
+
+    from nxmesh.tls import client_ssl_context
+
+    address: str = opts["address"]
+    ctx = client_ssl_context(opts["ca"], alpn=["h2"]) if opts["ca"] else None
+    count: int = opts["agents"]
+    ready = anyio.Event()
+    registered = 0
+    gate = anyio.Semaphore(opts.get("connect_concurrency", 200))
+
+    def one_ready() -> None:
+        nonlocal registered
+        registered += 1
+        if registered == count:
+            ready.set()
+
+    async with anyio.create_task_group() as tg:
+        if kind == "nxmesh":
+            creds = json.loads((Path(opts["workdir"]) / "creds.json").read_text())
+            for agent_id, key_id, key in creds:
+                tg.start_soon(_nxmesh_agent, address, ctx, agent_id, key_id,
+                              base64.b64decode(key), gate, one_ready)
+        else:
+            for _ in range(count):
+                tg.start_soon(_raw_agent, address, ctx, gate, one_ready)
+        await ready.wait()
+        conn.send({"registered": registered})
+        await anyio.to_thread.run_sync(conn.recv)  # the parent says stop
+        tg.cancel_scope.cancel()
+
+
+async def _nxmesh_agent(
+    url: str, ctx: Any, agent_id: str, key_id: str, key: bytes, gate: Any, ready: Any
+) -> None:
+    from nxmesh.core.envelope import MessageType, ReplayGuard, SequenceSource, seal, unseal
+    from nxmesh.core.protocol import ConfigStatus, Register, encode_body
+    from nxmesh_transport_grpc import GrpcSettings, GrpcTransport
+
+    seq = SequenceSource()
+    guard = ReplayGuard()
+
+    def frame(message: Any) -> bytes:
+        return seal(encode_body(message), agent_id=agent_id, key_id=key_id, key=key,
+                    seq=seq.next(), ts_ms=int(time.time() * 1000))
+
+    transport = GrpcTransport(ssl_context=ctx, settings=GrpcSettings(tls=ctx is not None))
+    async with gate:
+        cm = transport.connect(url)
+        channel = await cm.__aenter__()
+    try:
+        await channel.send(frame(Register(agent_id=agent_id)))
+        env = unseal(await channel.receive())
+        env.verify(key)
+        guard.check(env)
+        ready()
+        while True:
+            env = unseal(await channel.receive())
+            env.verify(key)  # HMAC over header + sha256(body): the whole body is hashed
+            guard.check(env)
+            if env.type is MessageType.CONFIG_UPDATE:
+                digest = _DIGEST.match(env.body, 0, 200)
+                version = _VERSION.search(env.body, len(env.body) - 200)
+                assert digest is not None
+                assert version is not None
+                await channel.send(frame(ConfigStatus(
+                    version=int(version.group(1)), digest=digest.group(1).decode(),
+                    phase="received",
+                )))
+    finally:
+        await cm.__aexit__(None, None, None)
+
+
+async def _raw_agent(url: str, ctx: Any, gate: Any, ready: Any) -> None:
+    from urllib.parse import urlsplit
+
+    from grpclib.client import Channel
+
+    from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceStub
+    from nxmesh_transport_grpc._generated.agent_pb2 import Frame
+
+    parts = urlsplit(url)
+    reply = Frame(data=os.urandom(160))  # about the size of a signed ConfigStatus frame
+    async with gate:
+        channel = Channel(parts.hostname, parts.port, ssl=ctx)
+        await channel.__connect__()
+    try:
+        stub = AgentServiceStub(channel)
+        async with stub.Stream.open() as stream:
+            await stream.send_message(Frame(data=b"hello"))
+            ready()
+            while await stream.recv_message() is not None:
+                await stream.send_message(reply)
+    finally:
+        channel.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------
+
+
+def run_one(
+    kind: str, agents: int, rounds: int, tls: dict[str, str] | None, profile: Path | None = None
+) -> dict[str, Any]:
+    """One fresh master process and one fresh agent-simulator process."""
+    ctx = mp.get_context("spawn")
+    base = "/dev/shm" if Path("/dev/shm").is_dir() else None  # noqa: S108 - a RAM disk
+    workdir = Path(tempfile.mkdtemp(prefix="nxmesh-fanout-", dir=base))
+    procs: list[Any] = []
+    try:
+        master_end, master_child = ctx.Pipe()
+        opts = {"agents": agents, "rounds": rounds, "tls": tls, "workdir": str(workdir),
+                "profile": str(profile) if profile else None}
+        master = ctx.Process(target=master_main, args=(kind, master_child, opts), daemon=True)
+        master.start()
+        procs.append(master)
+        address = _recv(master_end, master, 600)["address"]
+        agents_end, agents_child = ctx.Pipe()
+        sim_opts = {"agents": agents, "address": address, "workdir": str(workdir),
+                    "ca": tls["ca_cert"] if tls else None}
+        sim = ctx.Process(target=agents_main, args=(kind, agents_child, sim_opts), daemon=True)
+        sim.start()
+        procs.append(sim)
+        _recv(agents_end, sim, 900)
+        result: dict[str, Any] = _recv(master_end, master, 1800)
+        agents_end.send("stop")
+        for proc in (sim, master):
+            proc.join(30)
+        return result
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _recv(end: Connection, proc: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while not end.poll(1.0):
+        if not proc.is_alive():
+            raise RuntimeError(f"benchmark process exited with code {proc.exitcode}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError("benchmark process did not answer in time")
+    return end.recv()
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    by = {(r["kind"], r["agents"]): r for r in runs}
+    ratios: dict[str, Any] = {}
+    for (kind, agents), run in by.items():
+        raw = by.get(("raw", agents))
+        if kind != "nxmesh" or raw is None:
+            continue
+        ratios[str(agents)] = {
+            label: {
+                "all_acked": run["sizes"][label]["all_acked_median_s"]
+                / raw["sizes"][label]["all_acked_median_s"],
+                "p99": run["sizes"][label]["p99_median_s"] / raw["sizes"][label]["p99_median_s"],
+                "master_cpu": run["sizes"][label]["master_cpu_median_s"]
+                / raw["sizes"][label]["master_cpu_median_s"],
+            }
+            for label in SIZES
+        }
+        ratios[str(agents)]["memory_connected_pss"] = (
+            run["memory"]["pss_kb_per_agent_connected"]
+            / max(raw["memory"]["pss_kb_per_agent_connected"], 1e-9)
+        )
+    goal_run = by.get(("nxmesh", GOAL_AGENTS))
+    goals: dict[str, Any] = {}
+    if goal_run is not None and str(GOAL_AGENTS) in ratios:
+        worst = max(ratios[str(GOAL_AGENTS)][label]["all_acked"] for label in SIZES)
+        goals["ratio_5000_all_acked_worst"] = worst
+        goals["ratio_goal_met"] = worst <= GOAL_RATIO
+    if goal_run is not None:
+        kb = max(goal_run["memory"]["pss_kb_per_agent_connected"],
+                 goal_run["memory"]["rss_kb_per_agent_connected"])
+        goals["kb_per_agent_5000"] = kb
+        goals["memory_goal_met"] = kb <= GOAL_KB_PER_AGENT
+    return {"ratios_nxmesh_over_raw": ratios, "goals": goals}
+
+
+def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    print(f"{'kind':7} {'agents':>6} {'size':>5} {'all acked':>10} {'p50':>8} {'p99':>8} "
+          f"{'master CPU':>10} {'KB/agent (PSS)':>15}")
+    for run in runs:
+        for label in SIZES:
+            s = run["sizes"][label]
+            print(f"{run['kind']:7} {run['agents']:>6} {label:>5} {s['all_acked_median_s']:>9.3f}s "
+                  f"{s['p50_median_s']:>7.3f}s {s['p99_median_s']:>7.3f}s "
+                  f"{s['master_cpu_median_s']:>9.3f}s "
+                  f"{run['memory']['pss_kb_per_agent_connected']:>15.1f}")
+    for agents, ratio in summary["ratios_nxmesh_over_raw"].items():
+        shown = ", ".join(
+            f"{label} {ratio[label]['all_acked']:.2f}x (CPU {ratio[label]['master_cpu']:.2f}x)"
+            for label in SIZES
+        )
+        print(f"nxmesh/raw at {agents} agents: all acked {shown}; "
+              f"memory {ratio['memory_connected_pss']:.2f}x")
+    if summary["goals"]:
+        print("goals:", json.dumps(summary["goals"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--agents", default="1000,5000",
+                        help="comma-separated agent counts (default: 1000,5000)")
+    parser.add_argument("--rounds", type=int, default=3, help="pushes per size (median)")
+    parser.add_argument("--kinds", default="nxmesh,raw")
+    parser.add_argument("--plaintext", action="store_true", help="no TLS (default: TLS)")
+    parser.add_argument("--quick", action="store_true", help="50 agents, one round")
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="write cProfile stats of each master's pushes into this directory")
+    args = parser.parse_args(argv)
+    counts = [50] if args.quick else [int(n) for n in args.agents.split(",")]
+    rounds = 1 if args.quick else args.rounds
+    kinds = args.kinds.split(",")
+
+    from nxmesh.tls import ensure_tls_material
+
+    tls_dir = Path(tempfile.mkdtemp(prefix="nxmesh-fanout-tls-"))
+    try:
+        tls = None
+        if not args.plaintext:
+            files = ensure_tls_material(tls_dir)
+            tls = {"ca_cert": str(files.ca_cert), "cert": str(files.cert), "key": str(files.key)}
+        runs = []
+        for agents in counts:
+            for kind in kinds:
+                print(f"running {kind} with {agents} agents...", file=sys.stderr, flush=True)
+                runs.append(run_one(kind, agents, rounds, tls, args.profile))
+    finally:
+        shutil.rmtree(tls_dir, ignore_errors=True)
+    summary = summarize(runs)
+    report = {
+        "benchmark": "fanout",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "config": {"tls": not args.plaintext, "rounds": rounds, "sizes": SIZES,
+                   "quick": args.quick},
+        "runs": runs,
+        **summary,
+        "goals_target": {"ratio_at_5000": GOAL_RATIO, "kb_per_agent": GOAL_KB_PER_AGENT},
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    print_table(runs, summary)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

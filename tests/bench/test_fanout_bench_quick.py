@@ -1,0 +1,64 @@
+"""The fan-out benchmark runs end to end in quick mode (50 agents), so it cannot rot.
+
+No timing is asserted: this machine's speed is not a test result. The figures come from
+running ``bench/fanout_bench.py`` itself (``bench/results/fanout.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "fanout_bench.py"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    output = tmp_path_factory.mktemp("fanout") / "fanout.json"
+    subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--output", str(output)],
+        check=True, capture_output=True, timeout=600,
+    )
+    data: dict[str, Any] = json.loads(output.read_text())
+    return data
+
+
+class TestFanoutBenchQuick:
+    """Both kinds run in separate processes and every simulated agent acknowledges."""
+
+    def test_both_kinds_ran_with_fifty_agents(self, report: dict[str, Any]) -> None:
+        """One nxmesh and one raw grpclib run, each over TLS with 50 agents."""
+        assert report["config"]["tls"] is True
+        assert sorted((r["kind"], r["agents"]) for r in report["runs"]) == [
+            ("nxmesh", 50), ("raw", 50)
+        ]
+
+    def test_every_size_was_pushed_and_timed(self, report: dict[str, Any]) -> None:
+        """2 KB and 64 KB versions were pushed; per-agent latencies are consistent."""
+        for run in report["runs"]:
+            assert set(run["sizes"]) == {"2KB", "64KB"}
+            for size in run["sizes"].values():
+                for push in size["rounds"]:
+                    assert 0 < push["p50_s"] <= push["p99_s"] <= push["all_acked_s"]
+            assert run["sizes"]["64KB"]["frame_bytes"] > 60 * 1024
+            assert 2 * 1024 < run["sizes"]["2KB"]["frame_bytes"] < 4 * 1024
+
+    def test_nxmesh_frames_were_all_accepted(self, report: dict[str, Any]) -> None:
+        """The simulated agents' signed acks were all verified by the master."""
+        nxmesh = next(r for r in report["runs"] if r["kind"] == "nxmesh")
+        counters = nxmesh["counters"]
+        assert counters["accepted"] >= 50 * 3  # registrations + one ack per size
+        assert sum(v for k, v in counters.items() if k != "accepted") == 0
+
+    def test_memory_and_ratios_are_reported(self, report: dict[str, Any]) -> None:
+        """Memory per agent and nxmesh/raw ratios are in the report."""
+        for run in report["runs"]:
+            assert run["memory"]["pss_kb_per_agent_connected"] != 0
+        ratios = report["ratios_nxmesh_over_raw"]["50"]
+        assert set(ratios) >= {"2KB", "64KB", "memory_connected_pss"}
+        assert ratios["2KB"]["all_acked"] > 0

@@ -1,0 +1,205 @@
+"""The agent's master link: the MasterLink seam, backoff, credentials, endpoint fallback."""
+
+from __future__ import annotations
+
+import random
+import stat
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from nxmesh.agent.link import AgentSession, MasterLink
+from nxmesh.agent_link import (
+    AgentCredentials,
+    AgentLink,
+    Backoff,
+    Endpoint,
+    FileCredentialStore,
+    MemoryCredentialStore,
+    NoEndpointError,
+    SessionEnded,
+)
+from nxmesh.core.events import Event
+from nxmesh.core.model import Agent, ApplyReport, PendingApply
+from nxmesh.core.protocol import ConfigStatus, LogBatch
+from nxmesh.crypto.secrets import MasterKeyring, generate_key
+from nxmesh.enrollment import Enrollment
+from nxmesh.plugins.storage_sqlite import SqliteStorage
+from nxmesh.session_hub import MasterSessionHub
+from nxmesh.testing.contracts.transport import signed_version
+from nxmesh.testing.memory_transport import MemoryTransport
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def storage() -> AsyncIterator[SqliteStorage]:
+    store = SqliteStorage("sqlite://", keyring=MasterKeyring(generate_key()))
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.aclose()
+
+
+async def provision(storage: SqliteStorage, enrollment: Enrollment) -> AgentCredentials:
+    agent = Agent(id="agent-1", name="a")
+    await storage.upsert_agent(agent)
+    key = await enrollment.new_key(agent.id)
+    return AgentCredentials(agent_id=agent.id, key_id=key.key_id, key=key.secret)
+
+
+class TestMasterLinkSeam:
+    async def test_is_a_master_link(self) -> None:
+        """AgentLink satisfies the agent app's MasterLink protocol."""
+        link = AgentLink([Endpoint(MemoryTransport(), "memory://")], MemoryCredentialStore())
+        assert isinstance(link, MasterLink)
+
+    async def test_run_registers_delivers_and_reports(self, storage: SqliteStorage) -> None:
+        """run() registers with the session's identity, submits updates and reports back."""
+        enrollment = Enrollment(storage)
+        received: list[tuple[str, object]] = []
+
+        async def record(agent_id: str, message: object) -> None:
+            received.append((agent_id, message))
+
+        hub = MasterSessionHub(enrollment, on_message=record)
+        creds = await provision(storage, enrollment)
+        transport = MemoryTransport()
+        submitted: list[PendingApply] = []
+        old = signed_version(1)
+        session = AgentSession(
+            agent_id="web-1",
+            labels={"env": "prod"},
+            deployment_mode="standalone",
+            submit=submitted.append,
+            running=lambda: (1, old.digest),
+        )
+        link = AgentLink([Endpoint(transport, "memory://")], MemoryCredentialStore(creds))
+        async with anyio.create_task_group() as tg:
+            await tg.start(transport.serve, hub)
+            await tg.start(link.run, session)
+            info = hub.session("agent-1")
+            assert info is not None
+            assert (info.running_version, info.running_digest) == (1, old.digest)
+            stored = await storage.get_agent("agent-1")
+            assert stored is not None
+            assert stored.deployment_mode == "standalone"
+
+            version = signed_version(2)
+            hub.push(version)
+            with anyio.fail_after(5):
+                await hub.wait_for_status(2, ["agent-1"])
+            assert [(p.version, p.digest) for p in submitted] == [(2, version.digest)]
+
+            await link.report_apply(ApplyReport(
+                agent_id="web-1", version=2, digest=version.digest, outcome="failed",
+                message="nginx -t failed", nginx_output="nginx: [emerg] \x1b[31mbad\x1b[0m",
+            ))
+            await link.report_event(Event(kind="apply.failed", payload={"version": 2}))
+            with anyio.fail_after(5):
+                final = await hub.wait_for_status(2, ["agent-1"], final=True)
+                while not any(isinstance(m, LogBatch) for _, m in received):
+                    await anyio.sleep(0.01)
+            status = final["agent-1"]
+            assert (status.phase, status.error) == ("failed", "nginx -t failed")
+            assert "\x1b" not in status.nginx_output
+            logs = [m for _, m in received if isinstance(m, LogBatch)]
+            assert "apply.failed" in logs[0].entries[0].message
+            tg.cancel_scope.cancel()
+
+    async def test_unreachable_master_raises_oserror_before_started(self) -> None:
+        """With no endpoint reachable, run() raises an OSError naming each endpoint."""
+        link = AgentLink(
+            [Endpoint(MemoryTransport(), "memory://a"), Endpoint(MemoryTransport(), "memory://b")],
+            MemoryCredentialStore(),
+        )
+        with pytest.raises(NoEndpointError, match=r"memory://a.*memory://b") as info:
+            await link.run()
+        assert isinstance(info.value, OSError)
+
+    async def test_a_broken_session_ends_run_with_an_oserror(
+        self, storage: SqliteStorage
+    ) -> None:
+        """After started, losing the master raises an OSError so the app goes island."""
+        enrollment = Enrollment(storage)
+        hub = MasterSessionHub(enrollment)
+        transport = MemoryTransport()
+        link = AgentLink(
+            [Endpoint(transport, "memory://")],
+            MemoryCredentialStore(await provision(storage, enrollment)),
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(transport.serve, hub)
+
+            async def run() -> None:
+                with pytest.raises(SessionEnded):
+                    await link.run()
+
+            tg.start_soon(run)
+            await link.wait_registered()
+            hub.disconnect("agent-1")
+            with anyio.fail_after(5):
+                while link.connected:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        assert isinstance(link.last_error, OSError)
+
+    async def test_statuses_wait_for_the_connection(self, storage: SqliteStorage) -> None:
+        """A status queued while offline is delivered once the link connects."""
+        enrollment = Enrollment(storage)
+        hub = MasterSessionHub(enrollment)
+        transport = MemoryTransport()
+        link = AgentLink(
+            [Endpoint(transport, "memory://")],
+            MemoryCredentialStore(await provision(storage, enrollment)),
+        )
+        link.send_status(ConfigStatus(version=7, digest="d7", phase="applied"))
+        async with anyio.create_task_group() as tg:
+            await tg.start(transport.serve, hub)
+            tg.start_soon(link.run_forever)
+            with anyio.fail_after(5):
+                result = await hub.wait_for_status(7, ["agent-1"], final=True)
+            assert result["agent-1"].digest == "d7"
+            tg.cancel_scope.cancel()
+
+
+class TestBackoff:
+    def test_doubles_from_one_second_to_sixty_with_jitter(self) -> None:
+        """Delays grow 1, 2, 4... capped at 60 s, each drawn from [d/2, d]."""
+        backoff = Backoff(rng=random.Random(7))
+        delays = [backoff.next() for _ in range(12)]
+        ceilings = [min(60.0, 2.0**i) for i in range(12)]
+        for delay, ceiling in zip(delays, ceilings, strict=True):
+            assert ceiling / 2 <= delay <= ceiling
+        assert max(delays) <= 60
+        assert len({round(d, 6) for d in delays[-4:]}) == 4  # jittered, not constant
+
+    def test_resets_after_success(self) -> None:
+        """After a reset the next delay is back to at most one second."""
+        backoff = Backoff()
+        for _ in range(10):
+            backoff.next()
+        backoff.reset()
+        assert backoff.next() <= 1.0
+
+
+class TestCredentialFile:
+    async def test_round_trip_is_private(self, tmp_path: Path) -> None:
+        """Credentials survive a restart in a file only the owner can read."""
+        path = tmp_path / "agent.json"
+        store = FileCredentialStore(path)
+        assert await store.load() is None
+        creds = AgentCredentials(agent_id="a", key_id="k2", key=b"\x00" * 32,
+                                 expires_at=time.time(), previous=("k1", b"\x01" * 32))
+        await store.save(creds)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert await FileCredentialStore(path).load() == creds
+        await store.save(AgentCredentials(agent_id="a", key_id="k3", key=b"\x02" * 32))
+        loaded = await store.load()
+        assert loaded is not None
+        assert loaded.key_id == "k3"
+        assert loaded.previous is None

@@ -1,0 +1,267 @@
+"""The master's session hub over an in-memory transport: fan-out, refusals, silence, drain."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import TaskGroup
+
+import nxmesh.session_hub as hub_module
+from nxmesh.agent_link import AgentCredentials, AgentLink, Backoff, Endpoint, MemoryCredentialStore
+from nxmesh.core.envelope import seal, unseal
+from nxmesh.core.model import Agent, LabelSelector
+from nxmesh.core.protocol import (
+    ConfigStatus,
+    EncodedBody,
+    Register,
+    RegisterResponse,
+    RejectedError,
+    decode_body,
+    encode_body,
+)
+from nxmesh.crypto.secrets import MasterKeyring, generate_key
+from nxmesh.enrollment import Enrollment
+from nxmesh.plugins.storage_sqlite import SqliteStorage
+from nxmesh.session_hub import MasterSessionHub
+from nxmesh.testing.contracts.transport import signed_version
+from nxmesh.testing.memory_transport import MemoryTransport
+
+pytestmark = pytest.mark.anyio
+
+
+class Master:
+    """A hub on in-memory SQLite, served over `MemoryTransport` inside a task group."""
+
+    def __init__(self, tg: TaskGroup, storage: SqliteStorage, **hub_options: Any) -> None:
+        self.tg = tg
+        self.storage = storage
+        self.enrollment = Enrollment(storage)
+        self.hub = MasterSessionHub(self.enrollment, **hub_options)
+        self.transport = MemoryTransport()
+
+    async def credentials(self, **labels: str) -> AgentCredentials:
+        agent = Agent(id=f"agent-{time.perf_counter_ns()}", name="a", labels=labels)
+        await self.storage.upsert_agent(agent)
+        key = await self.enrollment.new_key(agent.id)
+        return AgentCredentials(agent_id=agent.id, key_id=key.key_id, key=key.secret)
+
+    def link(self, creds: AgentCredentials | None = None, **options: Any) -> AgentLink:
+        return AgentLink(
+            [Endpoint(self.transport, "memory://")],
+            MemoryCredentialStore(creds),
+            backoff=Backoff(0.01, 0.05),
+            **options,
+        )
+
+    async def agent(self, **labels: str) -> AgentLink:
+        link = self.link(await self.credentials(**labels))
+        self.tg.start_soon(link.run_forever)
+        with anyio.fail_after(5):
+            await link.wait_registered()
+        return link
+
+
+@pytest.fixture
+async def master_factory() -> AsyncIterator[Callable[..., Any]]:
+    storage = SqliteStorage("sqlite://", keyring=MasterKeyring(generate_key()))
+    await storage.open()
+    async with anyio.create_task_group() as tg:
+
+        async def make(**hub_options: Any) -> Master:
+            master = Master(tg, storage, **hub_options)
+            await tg.start(master.transport.serve, master.hub)
+            return master
+
+        yield make
+        tg.cancel_scope.cancel()
+    await storage.aclose()
+
+
+class TestFanout:
+    async def test_a_version_is_encoded_once_for_all_agents(
+        self, master_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Pushing to 20 agents encodes the ConfigUpdate body once; all get identical bytes."""
+        master = await master_factory()
+        agents = [await master.agent() for _ in range(20)]
+        encoded: list[EncodedBody] = []
+
+        def counting(message: Any) -> EncodedBody:
+            body = encode_body(message)
+            encoded.append(body)
+            return body
+
+        monkeypatch.setattr(hub_module, "encode_body", counting)
+        version = signed_version(1, sites=20)
+        targets = master.hub.push(version)
+        with anyio.fail_after(5):
+            await master.hub.wait_for_status(1, targets)
+        updates = [await a.updates.receive() for a in agents]
+        assert len(encoded) == 1
+        assert len(targets) == 20
+        assert {u.digest for u in updates} == {version.digest}
+
+    async def test_agents_running_the_digest_are_skipped(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """An agent already running the version's digest is not sent it again (unless forced)."""
+        master = await master_factory()
+        version = signed_version(1)
+        current = master.link(await master.credentials())
+        current.set_running(1, version.digest)
+        master.tg.start_soon(current.run_forever)
+        await current.wait_registered()
+        other = await master.agent()
+        assert master.hub.push(version) == [other.agent_id]
+        assert sorted(master.hub.push(version, force=True)) == sorted(
+            [str(current.agent_id), str(other.agent_id)]
+        )
+
+    async def test_selector_and_workspace_pick_the_agents(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """Only agents of the version's workspace whose labels match are targeted."""
+        master = await master_factory()
+        prod = await master.agent(env="prod")
+        await master.agent(env="dev")
+        assert master.hub.push(signed_version(1), LabelSelector({"env": "prod"})) == [
+            prod.agent_id
+        ]
+        assert master.hub.push(signed_version(2, workspace="other")) == []
+
+    async def test_late_agents_get_the_version_their_labels_match(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """A version pushed before an agent connects is sent when it registers."""
+        master = await master_factory()
+        master.hub.push(signed_version(1), LabelSelector({"env": "prod"}))
+        master.hub.push(signed_version(2), LabelSelector({"env": "dev"}))
+        late = await master.agent(env="prod")
+        with anyio.fail_after(5):
+            assert (await late.updates.receive()).version == 1
+
+    async def test_statuses_that_arrived_first_still_count(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """wait_for_status sees acknowledgements that came before it was called."""
+        master = await master_factory()
+        agent = await master.agent()
+        targets = master.hub.push(signed_version(1))
+        await agent.updates.receive()
+        with anyio.fail_after(5):
+            while master.hub.session(str(agent.agent_id)) is None:
+                await anyio.sleep(0.01)
+            await master.hub.wait_for_status(1, targets)  # the ack
+        with anyio.fail_after(1):
+            result = await master.hub.wait_for_status(1, targets)
+        assert result[str(agent.agent_id)].phase == "received"
+
+
+class TestRefusals:
+    async def test_clock_skew_is_refused_with_the_offset(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """An agent 400 s behind is told so, counted, and keeps retrying (not final)."""
+        master = await master_factory(clock=lambda: time.time() + 400)
+        link = master.link(await master.credentials())
+        with pytest.raises(ConnectionError, match=r"400 s behind.*NTP"):
+            await link.run()
+        assert isinstance(link.last_error, RejectedError)
+        assert link.last_error.code == "clock_skew"
+        assert not link.last_error.final
+        assert master.hub.counters.clock_skew == 1
+
+    async def test_incompatible_agent_is_told_which_side_to_upgrade(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """No common protocol version is a final refusal naming the side to upgrade."""
+        master = await master_factory()
+        link = master.link(await master.credentials(), protocol_range=(2, 3))
+        with pytest.raises(RejectedError, match="upgrade the master") as info:
+            await link.run()
+        assert info.value.code == "protocol_incompatible"
+        assert info.value.final
+        assert master.hub.counters.incompatible == 1
+
+    async def test_first_frame_must_be_register(self, master_factory: Callable[..., Any]) -> None:
+        """A stream that does not start with Register is refused as malformed."""
+        master = await master_factory()
+        creds = await master.credentials()
+        async with master.transport.connect("memory://") as channel:
+            await channel.send(seal(
+                encode_body(ConfigStatus(version=1, digest="d", phase="applied")),
+                agent_id=creds.agent_id, key_id=creds.key_id, key=creds.key, seq=1,
+                ts_ms=int(time.time() * 1000),
+            ))
+            answer = decode_body(unseal(await channel.receive()))
+        assert isinstance(answer, RegisterResponse)
+        assert (answer.accepted, answer.code) == (False, "malformed")
+        assert "must be REGISTER" in answer.error
+        assert master.hub.counters.malformed == 1
+
+    async def test_unknown_agent_is_refused(self, master_factory: Callable[..., Any]) -> None:
+        """Credentials the master never issued are refused and counted."""
+        master = await master_factory()
+        link = master.link(AgentCredentials(agent_id="ghost", key_id="k1", key=b"k" * 32))
+        with pytest.raises(ConnectionError, match="unknown agent"):
+            await link.run()
+        assert master.hub.counters.unknown_key == 1
+
+
+class TestLifecycle:
+    async def test_a_silent_agent_is_disconnected(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """No frame for three heartbeat intervals closes the session."""
+        master = await master_factory(heartbeat_interval=0.1)
+        creds = await master.credentials()
+        async with master.transport.connect("memory://") as channel:
+            await channel.send(seal(
+                encode_body(Register(agent_id=creds.agent_id)),
+                agent_id=creds.agent_id, key_id=creds.key_id, key=creds.key, seq=1,
+                ts_ms=int(time.time() * 1000),
+            ))
+            assert decode_body(unseal(await channel.receive())).accepted  # type: ignore[union-attr]
+            assert master.hub.connected == [creds.agent_id]
+            with anyio.fail_after(3), pytest.raises(anyio.EndOfStream):
+                await channel.receive()
+        assert master.hub.connected == []
+
+    async def test_heartbeats_keep_a_session_alive(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """An agent sending heartbeats outlives several idle timeouts."""
+        master = await master_factory(heartbeat_interval=0.1)
+        agent = await master.agent()
+        await anyio.sleep(1.0)
+        assert master.hub.connected == [agent.agent_id]
+        assert agent.registrations == 1
+
+    async def test_drain_makes_agents_reconnect(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """Draining asks every agent to go; they come back on their own."""
+        master = await master_factory()
+        agent = await master.agent()
+        await master.hub.drain()
+        with anyio.fail_after(5):
+            await agent.wait_registered(2)
+
+    async def test_a_newer_stream_replaces_the_older(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """When an agent connects twice, the older stream is closed."""
+        master = await master_factory()
+        creds = await master.credentials()
+        first, second = master.link(creds), master.link(creds)
+        master.tg.start_soon(first.run_forever)
+        await first.wait_registered()
+        master.tg.start_soon(second.run_forever)
+        await second.wait_registered()
+        with anyio.fail_after(5):
+            await first.wait_registered(2)  # it was cut off and came back
+        assert master.hub.connected == [creds.agent_id]
