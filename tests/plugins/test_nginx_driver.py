@@ -226,3 +226,28 @@ class TestApply:
         assert report.outcome == "applied", report.message
         assert os.readlink(stack.layout.conf_dir / "current") == f"releases/{bundle.digest}"
         assert await stack.body() == "again"
+
+    async def test_workers_dying_after_a_passing_test_are_rolled_back(
+        self, stack: NginxStack
+    ) -> None:
+        """nginx -t accepts a working_directory that is missing; the new workers then die
+        at start. The driver notices, restores the old tree and generation: still serving."""
+        good = stack.state("steady")
+        await stack.driver.apply(stack.update(good), stack.render(good))
+        state = stack.state("doomed")
+        files = dict(stack.render(state).files)
+        files["nginx.conf"] = files["nginx.conf"].replace(
+            b"worker_processes", b"working_directory /nonexistent-nxmesh-dir;\nworker_processes", 1
+        )
+        report = await stack.driver.apply(stack.update(state), Bundle(files))
+        assert report.outcome == "rolled_back", report.message
+        assert "chdir" in report.message
+        import anyio
+
+        await anyio.sleep(0.3)  # past nginx's 100 ms hand-over to the (dead) new generation
+        assert await stack.body() == "steady"
+        master = await stack.master_pid()
+        assert master is not None
+        from nxmesh.agent.process import worker_pids
+
+        assert any(worker_pids(master).values())  # a current generation is serving

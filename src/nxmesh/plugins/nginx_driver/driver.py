@@ -16,11 +16,11 @@ One apply, in order (each stage timed into the report's ``durations``):
    ``[emerg]`` in the error log (a reload nginx refused) ends this early.
 7. **watch**    keep reading the error log for a short window for emerg/alert/crit.
 
-Any failure from stage 4 on flips ``current`` back, reloads when nginx had loaded the
-new tree, confirms the old generation serves again and reports ``rolled_back`` with
-nginx's own message. A crash (``kill -9``) at any instant leaves ``current`` on the old
-or the new tree; `recover` (run at the next start) undoes a swap that was never
-confirmed, so nginx and ``current`` agree again.
+Any failure from stage 4 on flips ``current`` back, reloads nginx, confirms the old
+configuration serves again and reports ``rolled_back`` with nginx's own message. A
+crash (``kill -9``) at any instant leaves ``current`` on the old or the new tree;
+`recover` (run at the next start) undoes a swap that was never confirmed, so nginx and
+``current`` agree again.
 
 Tests pause the pipeline between stages with ``NXMESH_TEST_PAUSE_AT=<stage>`` (the
 driver touches ``NXMESH_TEST_PAUSE_FILE`` and waits forever, ready to be killed).
@@ -432,16 +432,12 @@ class ReloadDriver:
                 self._reloaded("failed", time.monotonic() - reload_started)
             if name == previous:  # nothing was swapped: nginx cannot run the live tree
                 return "failed", f"{failure.message}", failure.output or "\n".join(tail.lines)
-            return await self._rollback(
-                previous, before, tail, failure, started=started, failed=name
-            )
+            return await self._rollback(previous, tail, failure, started=started, failed=name)
         except anyio.get_cancelled_exc_class():
             # Shutting down mid-apply: put the confirmed tree back before leaving, so
             # the next start finds nginx and ``current`` in agreement.
             with anyio.move_on_after(self.settings.confirm_timeout, shield=True):
-                await self._rollback(
-                    previous, before, tail, _ApplyFailed("cancelled"), started=started
-                )
+                await self._rollback(previous, tail, _ApplyFailed("cancelled"), started=started)
             raise
 
         await anyio.to_thread.run_sync(self.store.clear_journal)
@@ -546,7 +542,7 @@ class ReloadDriver:
                 _retrying_bind(tail.lines) and not fresh and time.monotonic() < deadline
             ):
                 raise _ApplyFailed(
-                    f"nginx refused the new configuration: {bad[0]}", "\n".join(tail.lines)
+                    f"nginx failed on the new configuration: {bad[0]}", "\n".join(tail.lines)
                 )
             # Old workers stop accepting when they turn "shutting down"; until then a
             # request may still land on the previous generation.
@@ -597,7 +593,6 @@ class ReloadDriver:
     async def _rollback(
         self,
         previous: str | None,
-        before: Mapping[int, bool],
         tail: _LogTail,
         failure: _ApplyFailed,
         *,
@@ -612,7 +607,7 @@ class ReloadDriver:
             try:
                 await anyio.to_thread.run_sync(self.store.point_to, previous)
                 await _checkpoint("rolled-back")
-                await self._restore_generation(previous, before, started=started)
+                await self._restore_generation(previous, started=started)
                 await anyio.to_thread.run_sync(self.store.clear_journal)
             except (_ApplyFailed, NxMeshError, OSError) as exc:
                 log.exception("rollback failed")
@@ -622,10 +617,8 @@ class ReloadDriver:
         what = previous[:12] if previous else "no configuration"
         return "rolled_back", f"{failure.message}; rolled back to {what}", output
 
-    async def _restore_generation(
-        self, previous: str | None, before: Mapping[int, bool], *, started: bool
-    ) -> None:
-        """Make nginx serve `previous` again, reloading only when it loaded the new tree."""
+    async def _restore_generation(self, previous: str | None, *, started: bool) -> None:
+        """Make nginx serve `previous` again (reload and confirm it)."""
         pid = await self.mode.nginx_pid()
         if pid is None:
             if previous is not None and not started:
@@ -635,9 +628,10 @@ class ReloadDriver:
             if started:  # we started it on the failed tree and there is nothing older
                 await self.mode.signal_nginx("quit")
             return
-        workers = worker_pids(pid)
-        if not started and not any(cur and p not in before for p, cur in workers.items()):
-            return  # nginx refused the reload: it still runs the old generation
+        # Once nginx got the reload signal, whether it kept the old generation cannot be
+        # told in time: a refused config keeps the old workers, but a new generation
+        # that dies at start (a failing chdir) still retires them 100 ms later. Loading
+        # the previous tree again and confirming it covers both.
         await self._reload_and_confirm(previous, pid)
 
     async def _reload_and_confirm(self, name: str, pid: int) -> None:
