@@ -60,9 +60,9 @@ class TestUpload:
         _, _, leaf = chain()
         other = issue("other", dns=("other.test",))
         body = {"name": "www", "certificate": leaf.cert_pem, "private_key": other.key_pem}
-        assert errors(upload(master, body)) == [
-            ("private_key", "does not belong to the (first) certificate")
-        ]
+        [(path, message)] = errors(upload(master, body))
+        assert path == "private_key"
+        assert message.startswith("does not belong to the certificate")
 
     def test_chain_order_is_checked(self, master: Master) -> None:
         """An intermediate first (or an unrelated certificate) is a chain error."""
@@ -72,8 +72,9 @@ class TestUpload:
             "certificate": leaf.cert_pem + root.cert_pem + intermediate.cert_pem,
             "private_key": leaf.key_pem,
         }
-        paths = [path for path, _ in errors(upload(master, body))]
-        assert paths == ["certificate.chain[1]", "certificate.chain[2]"]
+        found = errors(upload(master, body))
+        assert [path for path, _ in found] == ["certificate.chain[0]", "certificate.chain[1]"]
+        assert "wrong chain order" in found[0][1]
 
     def test_expired_and_not_yet_valid_certificates_are_refused(self, master: Master) -> None:
         """Expiry and notBefore are checked for every certificate."""
@@ -95,9 +96,9 @@ class TestUpload:
         """A certificate naming no DNS name cannot serve a site."""
         bare = issue("bare")
         body = {"name": "bare", "certificate": bare.cert_pem, "private_key": bare.key_pem}
-        assert errors(upload(master, body)) == [
-            ("certificate", "names no DNS name in its subjectAltName")
-        ]
+        [(path, message)] = errors(upload(master, body))
+        assert path == "certificate"
+        assert message.startswith("names no DNS name in its subjectAltName")
 
     def test_garbage_and_encrypted_keys_are_refused(self, master: Master) -> None:
         """Not-PEM input and passphrase-protected keys get clear messages."""
@@ -117,6 +118,16 @@ class TestUpload:
             "certificate",
             "contains a private key; send it in private_key only",
         )
+
+    def test_expiring_soon_is_a_warning(self, master: Master) -> None:
+        """A leaf with days left is stored, with a warning saying so."""
+        soon = issue("soon.test", dns=("soon.test",), not_after=NOW + dt.timedelta(days=5))
+        body = {"name": "soon", "certificate": soon.cert_pem, "private_key": soon.key_pem}
+        response = upload(master, body)
+        assert response.status_code == 201
+        [warning] = response.json()["warnings"]
+        assert (warning["path"], warning["severity"]) == ("certificate", "warning")
+        assert "renew it soon" in warning["message"]
 
 
 class TestLifecycle:
@@ -148,6 +159,34 @@ class TestLifecycle:
         master.client.put("/api/v1/workspaces/default/state", json={}, headers=admin)
         assert master.client.delete(f"{CERTS}/www", headers=admin).status_code == 204
         assert master.client.get(f"{CERTS}/www", headers=admin).status_code == 404
+
+    def test_renewal_must_cover_the_sites_using_it(self, master: Master) -> None:
+        """A replacement that drops a server name in use is refused; states are checked too."""
+        _, _, leaf = chain()
+        admin = master.headers("admin", subject="admin")
+        body = {"name": "www", "certificate": leaf.cert_pem, "private_key": leaf.key_pem}
+        assert upload(master, body).status_code == 201
+        state = {
+            "certificates": [{"name": "www", "domains": ["www.example.test"]}],
+            "sites": [
+                {
+                    "name": "www",
+                    "server_names": ["www.example.test"],
+                    "listeners": [{"port": 443, "tls": True}],
+                    "tls": {"certificate": "www"},
+                    "locations": [{"path": "/", "return": {"code": 200}}],
+                }
+            ],
+        }
+        master.client.put("/api/v1/workspaces/default/state", json=state, headers=admin)
+        other = issue("other.test", dns=("other.test",))
+        body = {"name": "www", "certificate": other.cert_pem, "private_key": other.key_pem}
+        [(path, message)] = errors(upload(master, body, method="PUT", name="www"))
+        assert path == "certificate"
+        assert "www.example.test" in message
+        state["sites"][0]["server_names"] = ["api.example.test"]  # type: ignore[index]
+        response = master.client.put("/api/v1/workspaces/default/state", json=state, headers=admin)
+        assert errors(response)[0][0] == "sites[0].server_names[0]"
 
     def test_state_naming_a_missing_certificate_is_refused(self, master: Master) -> None:
         """A certificate reference must name an uploaded certificate."""

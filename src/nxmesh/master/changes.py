@@ -21,6 +21,7 @@ import anyio
 import attrs
 import structlog
 
+from nxmesh.certs.validate import check_state_certificates
 from nxmesh.config.diff import StateDiff, bundle_diff, diff_states
 from nxmesh.config.versions import new_version, rollback_version, state_digest
 from nxmesh.core.bundle import Bundle
@@ -93,10 +94,21 @@ class ConfigChanges:
                         f"{state.workspace!r}; upload it first (POST .../certificates)",
                     )
                 )
+        problems += await self._certificate_problems(state)
         errors = [p for p in problems if p.severity == "error"]
         if errors:
             raise ValidationError(errors, source="api")
         return [p for p in problems if p.severity != "error"], await self.render(state)
+
+    async def _certificate_problems(self, state: DesiredState) -> list[Problem]:
+        """Sites against the stored certificates they name: names covered, not expired."""
+        names = {s.tls.certificate for s in state.sites if s.tls and s.tls.certificate}
+        stored = {}
+        for name in sorted(names):
+            cert = await self.services.storage.get_certificate(state.workspace, name)
+            if cert is not None:
+                stored[name] = cert
+        return check_state_certificates(state, stored) if stored else []
 
     async def render(self, state: DesiredState) -> Bundle:
         """The nginx bundle of `state` (rendering runs in a worker thread)."""

@@ -1,138 +1,46 @@
 """Certificates: upload (validated), list and show (never the private key), delete.
 
-An upload is checked before anything is stored: the PEM parses, the first certificate is
-the leaf and each next one issued the previous (chain order), none has expired or is not
-yet valid, the leaf names at least one DNS name in its subjectAltName, and the private
-key — unencrypted PEM, RSA or EC — belongs to the leaf. The key is stored encrypted with
-the master key (AES-GCM) by the storage backend.
+An upload is checked by `nxmesh.certs.validate_certificate` before anything is stored:
+the PEM parses, the private key (unencrypted RSA ≥ 2048 bits or EC) belongs to the leaf,
+the chain is in order (leaf first, then each issuer), nothing has expired or is not yet
+valid, the leaf has DNS names in its subjectAltName and — for a replacement — they still
+cover the server names of the sites using it. A leaf expiring within 30 days is accepted
+with a warning. The key is stored encrypted with the master key (AES-GCM).
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Sequence
 
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from litestar import Controller, delete, get, post, put
 from litestar.params import JSONBody
 
-from nxmesh.core import validation as v
+from nxmesh.certs.validate import fingerprint, load_pem_chain, validate_certificate
 from nxmesh.core.errors import Problem, ValidationError
 from nxmesh.core.records import StoredCertificate
 from nxmesh.master.api._common import BEARER, ERRORS, Name, Workspace, perm
 from nxmesh.master.api.context import Caller, CallerDep
-from nxmesh.master.api.schemas import CertificateUpload, CertificateView
+from nxmesh.master.api.schemas import CertificateUpload, CertificateView, FieldProblem
 from nxmesh.master.problems import Conflict, NotFound
 
-__all__ = ["CertificateController", "validate_upload"]
+__all__ = ["CertificateController"]
 
 
-def _pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+async def _server_names(caller: Caller, workspace: str, name: str) -> list[str]:
+    """Server names of the latest state's sites that use certificate `name`."""
+    latest = await caller.services.storage.latest_version(workspace)
+    if latest is None:
+        return []
+    return [
+        server_name
+        for site in latest.state.sites
+        if site.tls is not None and site.tls.certificate == name
+        for server_name in site.server_names
+    ]
 
 
-def _spki(key: rsa.RSAPublicKey | ec.EllipticCurvePublicKey | object) -> bytes:
-    public_bytes = getattr(key, "public_bytes", None)
-    if public_bytes is None:
-        return b""
-    data: bytes = public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return data
-
-
-def validate_upload(
-    workspace: str, upload: CertificateUpload, *, now: datetime | None = None
-) -> StoredCertificate:
-    """The record to store for `upload`, or `ValidationError` naming every problem."""
-    at = now or datetime.now(UTC)
-    problems: list[Problem] = []
-    if "PRIVATE KEY" in upload.certificate:
-        raise ValidationError(
-            [Problem("certificate", "contains a private key; send it in private_key only")]
-        )
-    try:
-        certs = x509.load_pem_x509_certificates(upload.certificate.encode("utf-8"))
-    except ValueError as exc:
-        raise ValidationError(
-            [Problem("certificate", f"is not PEM certificate data: {exc}")]
-        ) from None
-    try:
-        key = serialization.load_pem_private_key(upload.private_key.encode("utf-8"), password=None)
-    except TypeError:
-        problems.append(
-            Problem("private_key", "is encrypted; upload it without a passphrase (it is "
-                    "encrypted at rest with the master key)")
-        )  # fmt: skip
-        key = None
-    except (ValueError, UnsupportedAlgorithm):
-        problems.append(Problem("private_key", "is not a PEM private key"))
-        key = None
-    if key is not None and not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        problems.append(Problem("private_key", "must be an RSA or EC key (what nginx serves)"))
-        key = None
-
-    leaf = certs[0]
-    if key is not None and _spki(key.public_key()) != _spki(leaf.public_key()):
-        problems.append(Problem("private_key", "does not belong to the (first) certificate"))
-    for i, cert in enumerate(certs):
-        where = "certificate" if i == 0 else f"certificate.chain[{i}]"
-        if cert.not_valid_after_utc <= at:
-            problems.append(Problem(where, f"expired on {cert.not_valid_after_utc:%Y-%m-%d}"))
-        if cert.not_valid_before_utc > at:
-            problems.append(
-                Problem(where, f"is not valid before {cert.not_valid_before_utc:%Y-%m-%d}")
-            )
-        if i + 1 < len(certs):
-            issuer = certs[i + 1]
-            try:
-                cert.verify_directly_issued_by(issuer)
-            except (ValueError, TypeError, InvalidSignature):
-                problems.append(
-                    Problem(
-                        f"certificate.chain[{i + 1}]",
-                        f"did not issue the certificate before it ({cert.subject.rfc4514_string()})"
-                        "; order the chain leaf first, then each issuer",
-                    )
-                )
-    domains: list[str] = []
-    try:
-        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        names = san.value.get_values_for_type(x509.DNSName)
-    except x509.ExtensionNotFound:
-        names = []
-    for name in names:
-        lowered = name.lower()
-        if v.CERT_DOMAIN.reason(lowered) is None:
-            domains.append(lowered)
-        else:
-            problems.append(Problem("certificate", f"subjectAltName {name!r} is not a DNS name"))
-    if not names:
-        problems.append(Problem("certificate", "names no DNS name in its subjectAltName"))
-    if problems:
-        raise ValidationError(problems)
-    assert key is not None
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    ).decode("ascii")
-    return StoredCertificate(
-        workspace=workspace,
-        name=upload.name,
-        cert_pem=_pem(leaf),
-        chain_pem="".join(_pem(c) for c in certs[1:]),
-        key_pem=key_pem,
-        not_after=leaf.not_valid_after_utc.timestamp(),
-        domains=tuple(domains),
-        source="upload",
-    )
-
-
-def _view(stored: StoredCertificate) -> CertificateView:
-    leaf = x509.load_pem_x509_certificate(stored.cert_pem.encode("ascii"))
+def _view(stored: StoredCertificate, warnings: Sequence[Problem] = ()) -> CertificateView:
+    leaf = load_pem_chain(stored.cert_pem)[0]
     chain = stored.chain_pem.count("BEGIN CERTIFICATE")
     return CertificateView(
         workspace=stored.workspace,
@@ -143,8 +51,11 @@ def _view(stored: StoredCertificate) -> CertificateView:
         not_before=leaf.not_valid_before_utc.timestamp(),
         not_after=stored.not_after,
         chain_length=1 + chain,
-        fingerprint_sha256=leaf.fingerprint(hashes.SHA256()).hex(),
+        fingerprint_sha256=fingerprint(leaf),
         source=stored.source,
+        warnings=tuple(
+            FieldProblem(path=w.path, message=w.message, severity=w.severity) for w in warnings
+        ),
     )
 
 
@@ -192,7 +103,9 @@ class CertificateController(Controller):
     async def _store(
         self, caller: Caller, workspace: str, data: CertificateUpload, action: str
     ) -> CertificateView:
-        stored = validate_upload(workspace, data)
+        names = await _server_names(caller, workspace, data.name)
+        check = validate_certificate(data.certificate, data.private_key, server_names=names)
+        stored = check.stored(workspace, data.name)
         s = caller.services
         await s.storage.put_certificate(stored)
         await caller.audit(
@@ -207,7 +120,7 @@ class CertificateController(Controller):
             {"name": data.name, "domains": list(stored.domains), "not_after": stored.not_after},
             workspace=workspace,
         )
-        return _view(stored)
+        return _view(stored, check.warnings)
 
     @delete("/{name:str}", opt=perm("certificate:write"), responses=ERRORS)
     async def delete_certificate(self, workspace: Workspace, name: Name, caller: CallerDep) -> None:

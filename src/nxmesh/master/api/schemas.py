@@ -356,6 +356,7 @@ class CertificateView:
     chain_length: int
     fingerprint_sha256: str
     source: str
+    warnings: tuple[FieldProblem, ...] = ()
 
 
 # ---------------------------------------------------------------------------------------
