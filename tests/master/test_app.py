@@ -3,6 +3,7 @@ hooks, readiness, the generated OpenAPI document and OpenTelemetry tracing."""
 
 from __future__ import annotations
 
+import contextlib
 import stat
 import time
 from collections.abc import Iterator
@@ -267,6 +268,42 @@ class TestTracing:
         assert traceparent.split("-")[1] == format(request.context.trace_id, "032x")
 
 
-def test_anyio_is_importable_for_typing() -> None:
-    """Guard against this module silently losing its async tests' backend fixture."""
-    assert anyio.get_all_backends()
+class _FlakyBus:
+    """An event bus whose first subscription ends after one event (a slow subscriber)."""
+
+    def __init__(self) -> None:
+        self.subscriptions = 0
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> Any:
+        self.subscriptions += 1
+        number = self.subscriptions
+
+        async def events() -> Any:
+            yield Event("version.created", {"number": number})
+            if number > 1:
+                await anyio.sleep_forever()
+
+        yield events()
+
+
+class TestEventDispatch:
+    """The dispatcher feeding ``nxmesh_on_event`` survives a dropped subscription."""
+
+    pytestmark = pytest.mark.anyio
+
+    async def test_resubscribes(self, anyio_backend: str, make_plugin_manager: Any) -> None:
+        """Events after the bus dropped the first subscription still reach the hooks."""
+        from nxmesh.master.app import MasterServices
+
+        plugin = ExamplePlugin()
+        services = object.__new__(MasterServices)  # only pm and bus are used here
+        services.pm = make_plugin_manager(plugin)
+        services.bus = _FlakyBus()  # type: ignore[assignment]
+        async with anyio.create_task_group() as tg:
+            await tg.start(services.run_event_dispatch)
+            with anyio.fail_after(5):
+                while len(plugin.events) < 2:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        assert [e.payload["number"] for e in plugin.events] == [1, 2]

@@ -221,11 +221,21 @@ class MasterServices:
     async def run_event_dispatch(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Deliver every event on the bus to the ``nxmesh_on_event`` hooks, until cancelled."""
-        async with self.bus.subscribe() as events:
-            task_status.started()
-            async for event in events:
-                dispatch_event(self.pm, event)
+        """Deliver every event on the bus to the ``nxmesh_on_event`` hooks, until cancelled.
+
+        A bus may end a subscription that fell behind; the dispatcher then subscribes
+        again (events missed meanwhile are lost to the hooks, which the log says).
+        """
+        started = False
+        while True:
+            async with self.bus.subscribe() as events:
+                if not started:
+                    task_status.started()
+                    started = True
+                async for event in events:
+                    dispatch_event(self.pm, event)
+            log.warning("event subscription ended; subscribing again")
+            await anyio.sleep(0.1)  # never spin on a bus that refuses at once
 
 
 def build_chain(services: MasterServices) -> list[Authenticator]:
