@@ -9,6 +9,7 @@ import click
 
 from nxmesh import __version__
 from nxmesh.cli.agent_cmd import agent_command
+from nxmesh.cli.client_cmds import register_client_commands
 from nxmesh.cli.context import CliContext
 from nxmesh.cli.plugins_cmd import plugins_command
 from nxmesh.cli.render_cmd import render_command
@@ -59,6 +60,7 @@ def build_cli(argv: list[str] | None = None) -> click.Group:
     cli.add_command(config_group)
     cli.add_command(versions_group)
     cli.add_command(agent_command)
+    register_client_commands(cli)
     pm.hook.nxmesh_cli_commands(cli=cli)
     return cli
 
