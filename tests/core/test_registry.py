@@ -93,3 +93,46 @@ class TestCollect:
 
         with pytest.raises(DuplicateProviderError, match="eventbus_memory"):
             ProviderRegistries.collect(make_plugin_manager(Plug()))
+
+
+class TestLazyBuild:
+    def test_kinds_are_built_only_when_asked_for(self, make_plugin_manager) -> None:  # type: ignore[no-untyped-def]
+        """Indexing one kind calls only that kind's register hook."""
+        calls: list[str] = []
+
+        class Plug:
+            @hookimpl
+            def nxmesh_register_storage_backends(self) -> list[type]:
+                calls.append("storage")
+                return []
+
+            @hookimpl
+            def nxmesh_register_event_buses(self) -> list[type]:
+                calls.append("event_bus")
+                return [BusA]
+
+        registries = ProviderRegistries(make_plugin_manager(Plug()))
+        assert registries["event_bus"].get("alpha") is BusA
+        assert calls == ["event_bus"]
+        ProviderRegistries.collect(make_plugin_manager(Plug()))
+        assert sorted(calls) == ["event_bus", "event_bus", "storage"]
+
+
+class TestLazyPackages:
+    def test_loading_every_plugin_imports_no_heavy_library(self) -> None:
+        """Building the plugin manager imports neither SQLAlchemy, psycopg, grpclib nor acme."""
+        import subprocess
+        import sys
+
+        code = (
+            "import sys\n"
+            "from nxmesh.core.pluginmanager import get_plugin_manager\n"
+            "pm = get_plugin_manager()\n"
+            "assert not pm.load_errors, pm.load_errors\n"
+            "heavy = ['sqlalchemy', 'psycopg', 'grpclib', 'acme', 'litestar', 'alembic']\n"
+            "print([m for m in heavy if m in sys.modules])\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout
+        assert out.strip() == "[]"

@@ -111,27 +111,47 @@ def _redact(url: str) -> str:
 
 @attrs.define
 class ProviderRegistries:
-    """All provider registries, built once from a plugin manager."""
+    """All provider registries of a plugin manager, each built on first use.
 
-    by_kind: dict[str, ProviderRegistry[Any]]
+    Building a kind calls its ``nxmesh_register_*`` hook, which imports the provider
+    classes: an agent that never asks for storage never imports SQLAlchemy.
+    """
+
+    pm: pluggy.PluginManager
+    _built: dict[str, ProviderRegistry[Any]] = attrs.field(factory=dict, alias="_built")
 
     @classmethod
     def collect(cls, pm: pluggy.PluginManager) -> ProviderRegistries:
-        """Call every ``nxmesh_register_*`` hook, remembering which plugin gave what."""
-        by_kind: dict[str, ProviderRegistry[Any]] = {}
-        for kind, hook_name in PROVIDER_HOOKS.items():
-            registry: ProviderRegistry[Any] = ProviderRegistry(kind)
-            caller = getattr(pm.hook, hook_name)
-            # One call per implementation so each class is attributed to its plugin;
-            # register hooks take no arguments, so no wrapper semantics are lost.
-            for impl in reversed(caller.get_hookimpls()):
-                for provider in impl.function() or ():
-                    registry.add(provider, impl.plugin_name)
-            by_kind[kind] = registry
-        return cls(by_kind)
+        """Every kind built now, so a duplicate name anywhere fails here."""
+        registries = cls(pm)
+        for kind in registries.kinds():
+            registries[kind]
+        return registries
+
+    def kinds(self) -> list[str]:
+        """Every provider kind, including ones added to `PROVIDER_HOOKS` by plugins."""
+        return [kind for kind, hook in PROVIDER_HOOKS.items() if hasattr(self.pm.hook, hook)]
 
     def __getitem__(self, kind: str) -> ProviderRegistry[Any]:
-        return self.by_kind[kind]
+        registry = self._built.get(kind)
+        if registry is None:
+            registry = self._build(kind)
+            self._built[kind] = registry
+        return registry
+
+    def _build(self, kind: str) -> ProviderRegistry[Any]:
+        registry: ProviderRegistry[Any] = ProviderRegistry(kind)
+        caller = getattr(self.pm.hook, PROVIDER_HOOKS[kind])
+        # One call per implementation so each class is attributed to its plugin;
+        # register hooks take no arguments, so no wrapper semantics are lost.
+        for impl in reversed(caller.get_hookimpls()):
+            for provider in impl.function() or ():
+                registry.add(provider, impl.plugin_name)
+        return registry
+
+    @property
+    def by_kind(self) -> dict[str, ProviderRegistry[Any]]:
+        return {kind: self[kind] for kind in self.kinds()}
 
     def of_plugin(self, plugin: str) -> list[RegisteredProvider]:
         return [e for reg in self.by_kind.values() for e in reg if e.plugin == plugin]

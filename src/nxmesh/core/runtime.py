@@ -186,7 +186,7 @@ async def run(
     lifespan or a service propagates unchanged (a lone error is not wrapped in an
     exception group; several are). Cancellation from the caller propagates too.
     """
-    runtime = Runtime(pm=pm, settings=settings, registry=ProviderRegistries.collect(pm))
+    runtime = Runtime(pm=pm, settings=settings, registry=ProviderRegistries(pm))
     try:
         async with anyio.create_task_group() as root:
             runtime._root_scope = root.cancel_scope

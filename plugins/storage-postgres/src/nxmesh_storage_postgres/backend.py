@@ -19,7 +19,7 @@ from sqlalchemy.pool import QueuePool
 from nxmesh.core.records import StorageError
 from nxmesh.sql.backend import SqlStorage
 from nxmesh.sql.migrations import upgrade_to_head
-from nxmesh_storage_postgres.settings import PostgresSettings
+from nxmesh_storage_postgres.settings import SECTION, PostgresSettings
 
 if TYPE_CHECKING:
     from nxmesh.core.settings import Settings
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 __all__ = ["SECTION", "PostgresStorage", "create_pg_engine", "psycopg_url", "settings_section"]
 
 APPLICATION_NAME = "nxmesh-master"
-SECTION = "storage_postgres"
 """Name of the settings section (``[plugins.storage_postgres]``)."""
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import attrs
 
+SECTION = "storage_postgres"
+"""Name of the ``[plugins.storage_postgres]`` settings section."""
+
 
 @attrs.frozen
 class PostgresSettings:

@@ -1,4 +1,8 @@
-"""Entry point module of ``nxmesh-transport-grpc``."""
+"""Entry point module of ``nxmesh-transport-grpc``.
+
+Every NxMesh process imports this module at start-up; grpclib and protobuf are imported
+only when the transport is actually registered.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,10 @@ from typing import TYPE_CHECKING
 
 from nxmesh import hookimpl
 from nxmesh_transport_grpc.settings import GrpcSettings
-from nxmesh_transport_grpc.transport import GrpcTransport
 
 if TYPE_CHECKING:
     from nxmesh.core.settings import SettingsRegistry
+    from nxmesh_transport_grpc.transport import GrpcTransport
 
 SECTION = "transport_grpc"
 
@@ -22,4 +26,6 @@ def nxmesh_add_settings(registry: SettingsRegistry) -> None:
 
 @hookimpl
 def nxmesh_register_transports() -> Sequence[type[GrpcTransport]]:
+    from nxmesh_transport_grpc.transport import GrpcTransport
+
     return [GrpcTransport]

@@ -773,7 +773,7 @@ def renderer_for(
     section = getattr(settings, "renderer", settings)
     name = getattr(section, "name", "nginx")
     template_dir = getattr(section, "template_dir", None)
-    cls = ProviderRegistries.collect(pm)["renderer"].get(name)
+    cls = ProviderRegistries(pm)["renderer"].get(name)
     paths = plugin_template_paths(pm)
     if isinstance(cls, type) and issubclass(cls, NginxRenderer):
         return cls(paths, template_dir=template_dir, settings=render_settings)
