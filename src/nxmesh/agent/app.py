@@ -193,7 +193,7 @@ class AgentApp:
         which otherwise come from a ``[plugins.render_nginx]`` section when one is
         declared, else the renderer's defaults.
         """
-        registry = registry or ProviderRegistries.collect(pm)
+        registry = registry or ProviderRegistries(pm)
         agent_id = agent_id or default_agent_id()
         tuning = tuning or AgentTuning()
         events = EventRecorder(workspace=settings.workspace)
