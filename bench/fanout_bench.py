@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/fanout_bench.py                  # 1,000 and 5,000 agents
     .venv/bin/python bench/fanout_bench.py --quick          # 50 agents, one round
-    .venv/bin/python bench/fanout_bench.py --agents 1000 --rounds 5 --plaintext
+    .venv/bin/python bench/fanout_bench.py --agents 1000 --rounds 5 --repeat 3
 
 Two implementations run in the same invocation, each in *fresh processes*:
 
@@ -120,12 +120,20 @@ def _percentile(values: list[float], q: float) -> float:
 # ---------------------------------------------------------------------------------------
 
 
+def _pin(cpu: int) -> None:
+    """Master on one CPU, the agent simulator on another: less scheduler noise for both."""
+    count = os.cpu_count() or 1
+    if count >= 2 and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {cpu % count})
+
+
 def master_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
     _raise_fd_limit()
+    _pin(0)
     import anyio
 
-    runner = _nxmesh_master if kind == "nxmesh" else _raw_master
-    anyio.run(runner, conn, opts, backend="asyncio")
+    runners = {"nxmesh": _nxmesh_master, "raw": _raw_master, "transport": _transport_master}
+    anyio.run(runners[kind], conn, opts, backend="asyncio")
 
 
 async def _nxmesh_master(conn: Connection, opts: dict[str, Any]) -> None:
@@ -185,12 +193,14 @@ async def _nxmesh_master(conn: Connection, opts: dict[str, Any]) -> None:
         profiler = _profiler(opts)
         for label, version in versions:
             acked.clear()
+            gc0 = _gc_collections()
             cpu0, t0 = time.process_time(), time.perf_counter()
             targets = hub.push(version)
             await hub.wait_for_status(version.number, targets)
             total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
             latencies = [acked[a] - t0 for a in targets]
             pushes.append(_push_result(label, _frame_size(version), total, cpu, latencies))
+            pushes[-1]["gc_collections"] = _gc_collections(gc0)
             await anyio.sleep(0.2)
         _dump_profile(profiler, opts, "nxmesh")
         after_push = _memory()
@@ -271,12 +281,14 @@ async def _raw_master(conn: Connection, opts: dict[str, Any]) -> None:
     pushes = []
     profiler = _profiler(opts)
     for (label, _), r in zip(versions, rounds, strict=True):
+        gc0 = _gc_collections()
         cpu0, r.t0 = time.process_time(), time.perf_counter()
         r.go.set()
         await r.done.wait()
         total, cpu = time.perf_counter() - r.t0, time.process_time() - cpu0
         latencies = [t - r.t0 for t in r.acked]
         pushes.append(_push_result(label, len(r.frame.data), total, cpu, latencies))
+        pushes[-1]["gc_collections"] = _gc_collections(gc0)
         await anyio.sleep(0.2)
     _dump_profile(profiler, opts, "raw")
     after_push = _memory()
@@ -285,6 +297,11 @@ async def _raw_master(conn: Connection, opts: dict[str, Any]) -> None:
     server.close()
     with anyio.move_on_after(5):
         await server.wait_closed()
+
+
+def _gc_collections(since: list[int] | None = None) -> list[int]:
+    counts = [s["collections"] for s in gc.get_stats()]
+    return counts if since is None else [a - b for a, b in zip(counts, since, strict=True)]
 
 
 def _profiler(opts: dict[str, Any]) -> Any:
@@ -303,6 +320,72 @@ def _dump_profile(profiler: Any, opts: dict[str, Any], kind: str) -> None:
         path = Path(opts["profile"]) / f"master-{kind}-{opts['agents']}.prof"
         path.parent.mkdir(parents=True, exist_ok=True)
         profiler.dump_stats(path)
+
+
+async def _transport_master(conn: Connection, opts: dict[str, Any]) -> None:
+    """Diagnostic kind: the raw workload on NxMesh's GrpcTransport (anyio channels, no
+    protocol): how much of nxmesh/raw is the transport layer rather than the protocol."""
+    import anyio
+
+    from nxmesh.tls import TLSFiles, server_ssl_context
+    from nxmesh_transport_grpc import GrpcSettings, GrpcTransport
+
+    agents: int = opts["agents"]
+    versions = _versions(opts["rounds"])
+    frames = [os.urandom(_frame_size(v)) for _, v in versions]
+    go = [anyio.Event() for _ in frames]
+    done = [anyio.Event() for _ in frames]
+    acked: list[list[float]] = [[] for _ in frames]
+    all_connected = anyio.Event()
+    connected = 0
+
+    async def handler(channel: Any, peer: str) -> None:
+        nonlocal connected
+        await channel.receive()
+        connected += 1
+        if connected == agents:
+            all_connected.set()
+        for i, frame in enumerate(frames):
+            await go[i].wait()
+            await channel.send(frame)
+            await channel.receive()
+            acked[i].append(time.perf_counter())
+            if len(acked[i]) == agents:
+                done[i].set()
+        await anyio.sleep_forever()
+
+    ctx = None
+    if opts["tls"]:
+        ctx = server_ssl_context(TLSFiles(**{k: Path(v) for k, v in opts["tls"].items()}))
+    scheme = "grpcs" if ctx else "grpc"
+    transport = GrpcTransport(
+        f"{scheme}://127.0.0.1:0", ssl_context=ctx, settings=GrpcSettings(tls=bool(ctx))
+    )
+    async with anyio.create_task_group() as tg:
+        address = await tg.start(transport.serve, handler)
+        before = _memory()
+        conn.send({"address": f"{scheme}://{address}"})
+        started = time.perf_counter()
+        await all_connected.wait()
+        connected_s = time.perf_counter() - started
+        after_connect = _memory()
+        pushes = []
+        profiler = _profiler(opts)
+        for i, (label, _) in enumerate(versions):
+            gc0 = _gc_collections()
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            go[i].set()
+            await done[i].wait()
+            total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            pushes.append(_push_result(label, len(frames[i]), total, cpu,
+                                       [t - t0 for t in acked[i]]))
+            pushes[-1]["gc_collections"] = _gc_collections(gc0)
+            await anyio.sleep(0.2)
+        _dump_profile(profiler, opts, "transport")
+        after_push = _memory()
+        conn.send(_run_result("transport", agents, connected_s, before, after_connect,
+                              after_push, pushes, {}))
+        tg.cancel_scope.cancel()
 
 
 def _push_result(
@@ -365,6 +448,7 @@ def _run_result(
 
 def agents_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
     _raise_fd_limit()
+    _pin(1)
     import anyio
 
     anyio.run(_agents, kind, conn, opts, backend="asyncio")
@@ -485,6 +569,7 @@ def run_one(
     base = "/dev/shm" if Path("/dev/shm").is_dir() else None  # noqa: S108 - a RAM disk
     workdir = Path(tempfile.mkdtemp(prefix="nxmesh-fanout-", dir=base))
     procs: list[Any] = []
+    load_before = os.getloadavg()
     try:
         master_end, master_child = ctx.Pipe()
         opts = {"agents": agents, "rounds": rounds, "tls": tls, "workdir": str(workdir),
@@ -501,6 +586,8 @@ def run_one(
         procs.append(sim)
         _recv(agents_end, sim, 900)
         result: dict[str, Any] = _recv(master_end, master, 1800)
+        result["load_average_before"] = load_before
+        result["load_average_after"] = os.getloadavg()
         agents_end.send("stop")
         for proc in (sim, master):
             proc.join(30)
@@ -522,6 +609,33 @@ def _recv(end: Connection, proc: Any, timeout: float) -> Any:
             proc.kill()
             raise TimeoutError("benchmark process did not answer in time")
     return end.recv()
+
+
+def _pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run from several of the same kind: rounds pooled, memory and connect medians."""
+    if len(parts) == 1:
+        return parts[0]
+    run = dict(parts[0])
+    run["repeats"] = len(parts)
+    run["connect_all_s"] = statistics.median(p["connect_all_s"] for p in parts)
+    run["memory"] = {
+        key: statistics.median(p["memory"][key] for p in parts) for key in parts[0]["memory"]
+    }
+    run["load_average_before"] = [p["load_average_before"] for p in parts]
+    run["load_average_after"] = [p["load_average_after"] for p in parts]
+    sizes: dict[str, Any] = {}
+    for label in SIZES:
+        mine = [r for p in parts for r in p["sizes"][label]["rounds"]]
+        sizes[label] = {
+            "frame_bytes": mine[0]["frame_bytes"],
+            "all_acked_median_s": statistics.median(r["all_acked_s"] for r in mine),
+            "master_cpu_median_s": statistics.median(r["master_cpu_s"] for r in mine),
+            "p50_median_s": statistics.median(r["p50_s"] for r in mine),
+            "p99_median_s": statistics.median(r["p99_s"] for r in mine),
+            "rounds": mine,
+        }
+    run["sizes"] = sizes
+    return run
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -584,8 +698,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", default="1000,5000",
                         help="comma-separated agent counts (default: 1000,5000)")
-    parser.add_argument("--rounds", type=int, default=3, help="pushes per size (median)")
-    parser.add_argument("--kinds", default="nxmesh,raw")
+    parser.add_argument("--rounds", type=int, default=3, help="pushes per size and run")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="alternate nxmesh and raw runs this many times (fresh processes "
+                        "each) and pool their rounds: drift in machine load hits both kinds")
+    parser.add_argument("--kinds", default="nxmesh,raw",
+                        help="nxmesh, raw, and the diagnostic 'transport' (raw workload on "
+                        "NxMesh's GrpcTransport, no protocol)")
     parser.add_argument("--plaintext", action="store_true", help="no TLS (default: TLS)")
     parser.add_argument("--quick", action="store_true", help="50 agents, one round")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
@@ -606,9 +725,13 @@ def main(argv: list[str] | None = None) -> int:
             tls = {"ca_cert": str(files.ca_cert), "cert": str(files.cert), "key": str(files.key)}
         runs = []
         for agents in counts:
-            for kind in kinds:
-                print(f"running {kind} with {agents} agents...", file=sys.stderr, flush=True)
-                runs.append(run_one(kind, agents, rounds, tls, args.profile))
+            pooled: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
+            for attempt in range(1 if args.quick else args.repeat):
+                for kind in kinds:
+                    print(f"running {kind} with {agents} agents ({attempt + 1})...",
+                          file=sys.stderr, flush=True)
+                    pooled[kind].append(run_one(kind, agents, rounds, tls, args.profile))
+            runs.extend(_pool(parts) for parts in pooled.values())
     finally:
         shutil.rmtree(tls_dir, ignore_errors=True)
     summary = summarize(runs)

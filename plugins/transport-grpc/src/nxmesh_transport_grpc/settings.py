@@ -35,7 +35,7 @@ class GrpcSettings:
     # 1.25 GB at 5,000 agents. The master lowers it, process-wide, when it starts serving
     # TLS; 0 keeps asyncio's default. See `limit_tls_read_buffer`.
     tls_read_buffer_bytes: int = attrs.field(
-        default=32 * 1024, validator=attrs.validators.ge(0)
+        default=16 * 1024, validator=attrs.validators.ge(0)
     )
     # TLS material. Master: certificate + key to serve (default: created under the state
     # directory, signed by a CA the master creates on first start). Agent: the CA to pin.

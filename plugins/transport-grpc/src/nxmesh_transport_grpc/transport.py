@@ -17,7 +17,7 @@ session hub, the agent link) is anyio code and runs unchanged on it.
 - Keepalive follows `GrpcSettings` (see its docstring for why the values are safe with
   gRPC-core peers). Heartbeats are the session's: a ``Heartbeat`` frame every 30 s.
 - Memory: asyncio keeps a 256 KiB TLS read buffer per connection; serving TLS lowers it
-  to `GrpcSettings.tls_read_buffer_bytes` (32 KiB) for the process
+  to `GrpcSettings.tls_read_buffer_bytes` (16 KiB) for the process
   (`limit_tls_read_buffer`), which divides the master's memory per agent by about five.
 """
 
@@ -51,7 +51,13 @@ from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceBase, AgentS
 from nxmesh_transport_grpc._generated.agent_pb2 import Frame
 from nxmesh_transport_grpc.settings import GrpcSettings
 
-__all__ = ["GrpcTransport", "client_context", "limit_tls_read_buffer", "server_context"]
+__all__ = [
+    "GrpcTransport",
+    "client_context",
+    "limit_tls_read_buffer",
+    "server_context",
+    "wire_frame",
+]
 
 log = structlog.get_logger("nxmesh.transport.grpc")
 
@@ -100,8 +106,8 @@ def limit_tls_read_buffer(size: int) -> int:
 
     asyncio's `SSLProtocol` allocates ``max_size`` (256 KiB) per TLS connection up front;
     a master holding thousands of agent connections spends most of its memory there.
-    TLS records are at most 16 KiB, so 32 KiB reads cost nothing measurable. Only ever
-    lowers the limit; returns the one in effect.
+    A master mostly reads small frames (acks, heartbeats); a larger TLS record simply
+    takes more than one read. Only ever lowers the limit; returns the one in effect.
     """
     import asyncio.sslproto
 
@@ -114,27 +120,81 @@ def limit_tls_read_buffer(size: int) -> int:
     return current
 
 
-class _BoundedCodec(ProtoCodec):
-    """Protobuf codec refusing messages above the configured size, in both directions."""
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def wire_frame(frame: bytes) -> bytes:
+    """The protobuf encoding of ``Frame(data=frame)``, built with a single copy.
+
+    A fan-out sends a large frame to thousands of agents; going through a `Frame` object
+    would copy each one twice more (into the message, then out of it).
+    """
+    return b"\n" + _varint(len(frame)) + frame if frame else b""
+
+
+class _WireFrame:
+    """A received `Frame`, parsed without protobuf (it has one bytes field)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def _parse_frame(data: bytes) -> _WireFrame | None:
+    if not data:
+        return _WireFrame(b"")
+    if data[0] != 0x0A:
+        return None
+    length = shift = 0
+    pos = 1
+    while pos < len(data) and pos <= 10:
+        byte = data[pos]
+        length |= (byte & 0x7F) << shift
+        pos += 1
+        if not byte & 0x80:
+            return _WireFrame(data[pos:]) if pos + length == len(data) else None
+        shift += 7
+    return None
+
+
+class _FrameCodec(ProtoCodec):
+    """The protobuf codec with a size bound both ways and a copy-free path for `Frame`.
+
+    Sending: pre-encoded bytes (`wire_frame`) pass through as they are. Receiving: a
+    `Frame` is parsed by hand when it is the plain single-field encoding (anything else,
+    e.g. unknown fields from a newer peer, falls back to protobuf).
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
 
-    def encode(self, message: Any, message_type: Any) -> bytes:
-        data: bytes = super().encode(message, message_type)
-        if len(data) > self.limit:
+    def _check(self, size: int) -> None:
+        if size > self.limit:
             raise GRPCError(
                 Status.RESOURCE_EXHAUSTED,
-                f"message of {len(data)} bytes exceeds the {self.limit} byte limit",
+                f"message of {size} bytes exceeds the {self.limit} byte limit",
             )
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        data = message if isinstance(message, bytes) else super().encode(message, message_type)
+        self._check(len(data))
         return data
 
     def decode(self, data: bytes, message_type: Any) -> Any:
-        if len(data) > self.limit:
-            raise GRPCError(
-                Status.RESOURCE_EXHAUSTED,
-                f"message of {len(data)} bytes exceeds the {self.limit} byte limit",
-            )
+        self._check(len(data))
+        if message_type is Frame:
+            parsed = _parse_frame(data)
+            if parsed is not None:
+                return parsed
         return super().decode(data, message_type)
 
 
@@ -162,7 +222,7 @@ class _ServerChannel:
 
     async def send(self, frame: bytes) -> None:
         try:
-            await self._stream.send_message(Frame(data=frame))
+            await self._stream.send_message(wire_frame(frame))
         except _STREAM_ERRORS as exc:
             raise anyio.BrokenResourceError(str(exc)) from exc
 
@@ -215,7 +275,7 @@ class _AgentService(AgentServiceBase):
         if peek_type(request.data) is not kind:
             raise GRPCError(Status.INVALID_ARGUMENT, f"expected a {kind.name} frame")
         reply = await self._handler.handle_unary(request.data, _peer_of(stream))
-        await stream.send_message(Frame(data=reply))
+        await stream.send_message(wire_frame(reply))
 
     async def ReportHealth(self, stream: ServerStream[Frame, Frame]) -> None:
         await self._unary(stream, MessageType.HEALTH_REPORT)
@@ -241,11 +301,11 @@ class _ClientChannel:
         kind = peek_type(frame)
         try:
             if kind is MessageType.HEALTH_REPORT:
-                await self._stub.ReportHealth(Frame(data=frame), timeout=self._unary_timeout)
+                await self._stub.ReportHealth(wire_frame(frame), timeout=self._unary_timeout)
             elif kind is MessageType.METRICS_BATCH:
-                await self._stub.ReportMetrics(Frame(data=frame), timeout=self._unary_timeout)
+                await self._stub.ReportMetrics(wire_frame(frame), timeout=self._unary_timeout)
             else:
-                await self._stream.send_message(Frame(data=frame))
+                await self._stream.send_message(wire_frame(frame))
         except _STREAM_ERRORS as exc:
             raise anyio.BrokenResourceError(str(exc)) from exc
 
@@ -345,7 +405,7 @@ class GrpcTransport:
             limit_tls_read_buffer(self.settings.tls_read_buffer_bytes)
         server = Server(
             [_AgentService(handler)],
-            codec=_BoundedCodec(self.settings.max_message_bytes),
+            codec=_FrameCodec(self.settings.max_message_bytes),
             config=self._server_config(),
         )
         try:
@@ -379,7 +439,7 @@ class GrpcTransport:
             parts.port or 443,
             ssl=self.ssl_context if tls else None,
             config=self._client_config(),
-            codec=_BoundedCodec(self.settings.max_message_bytes),
+            codec=_FrameCodec(self.settings.max_message_bytes),
         )
         try:
             try:
