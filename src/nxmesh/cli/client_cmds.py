@@ -442,7 +442,8 @@ def _list_by_default(group: click.Group, list_command: click.Command) -> None:
 
 
 def register_client_commands(cli: click.Group) -> None:
-    """Add the API-client commands to the root group (and to ``versions``)."""
+    """Add the API-client commands and ``demo`` to the root group (and to ``versions``)."""
+    from nxmesh.cli.demo_cmd import demo_command
     from nxmesh.cli.fleet_cmds import agents_group, token_group, user_group
     from nxmesh.cli.rollout_cmd import rollout_group
 
@@ -457,6 +458,7 @@ def register_client_commands(cli: click.Group) -> None:
         agents_group,
         token_group,
         user_group,
+        demo_command,
     ):
         cli.add_command(command)
     versions = cli.commands.get("versions")
