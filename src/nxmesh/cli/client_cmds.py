@@ -426,7 +426,13 @@ def rollback_command(
 
 
 def _list_by_default(group: click.Group, list_command: click.Command) -> None:
-    """Make ``nxmesh <group>`` alone run ``nxmesh <group> list`` (default options)."""
+    """Make ``nxmesh <group>`` alone run ``nxmesh <group> list`` (default options).
+
+    Idempotent: the group is a module-level object and `build_cli` may run many times in
+    one process (tests), so it must not be wrapped twice (which would list twice).
+    """
+    if getattr(group.callback, "_lists_by_default", False):
+        return
     group.invoke_without_command = True
     group.no_args_is_help = False
     previous = group.callback
@@ -438,6 +444,7 @@ def _list_by_default(group: click.Group, list_command: click.Command) -> None:
             ctx.invoke(list_command)
         return result
 
+    callback._lists_by_default = True  # type: ignore[attr-defined]
     group.callback = callback
 
 
