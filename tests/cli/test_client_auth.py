@@ -3,10 +3,14 @@ refresh rotation, exit codes, and no secret in any output or log."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import socket
+import ssl
 import stat
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -14,6 +18,7 @@ import pytest
 
 from nxmesh.client import Client, CredentialStore, Profile
 from nxmesh.client.credentials import CredentialsError, config_dir
+from nxmesh.testing.pki import Pki
 
 from .conftest import Cli
 
@@ -247,3 +252,65 @@ class TestCredentialStore:
         assert "AAA" not in repr(profile)
         assert "RRR" not in repr(profile)
         assert "nxm_T" not in repr(profile)
+
+
+class TestTls:
+    """``--ca-file``: an https:// master is verified with the CA given at login."""
+
+    @pytest.fixture
+    def tls_server(self, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+        """An https server on localhost answering every login with 401; its root CA file."""
+        pki = Pki()
+        leaf = pki.leaf("localhost")
+        chain = tmp_path / "chain.pem"
+        chain.write_text(pki.chain(leaf))
+        key = tmp_path / "key.pem"
+        key.write_text(leaf.key_pem)
+        ca = tmp_path / "ca.pem"
+        ca.write_text(pki.root.pem)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = b'{"status": 401, "detail": "invalid username or password"}'
+                self.send_response(401)
+                self.send_header("Content-Type", "application/problem+json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(chain, key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"https://localhost:{server.server_address[1]}", ca
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join()
+
+    def test_ca_file_verifies_the_master(self, cli: Cli, tls_server: tuple[str, Path]) -> None:
+        """With the master's CA the TLS handshake succeeds (the login is then refused: 3);
+        without it the certificate is not trusted (5)."""
+        url, ca = tls_server
+        args = ["login", "--url", url, "-u", "admin", "--password-stdin"]
+        trusted = cli(*args, "--ca-file", str(ca), input="not-the-password\n")
+        assert trusted.exit_code == 3, trusted.output
+        assert "invalid username or password" in trusted.stderr
+        untrusted = cli(*args, input="not-the-password\n")
+        assert untrusted.exit_code == 5, untrusted.output
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+
+    def test_bad_ca_file_is_an_error(self, cli: Cli, tmp_path: Path) -> None:
+        """A CA file that is not PEM is refused naming the file (exit 1)."""
+        bad = tmp_path / "bad.pem"
+        bad.write_text("not a certificate")
+        result = cli("login", "--url", "https://localhost:1", "-u", "admin", "--password-stdin",
+                     "--ca-file", str(bad), input="x\n")  # fmt: skip
+        assert result.exit_code == 1
+        assert f"cannot use CA file {bad}" in result.stderr

@@ -75,7 +75,9 @@ def _read_secret(prompt: str, *, from_stdin: bool, confirm: bool = False) -> str
     help="Store an nxm_ API token read from stdin instead of logging in with a password.",
 )
 @click.option(
-    "--insecure", is_flag=True, hidden=True, help="Do not verify TLS certificates (testing)."
+    "--ca-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="CA certificate (PEM) to verify an https:// master with, instead of the system's.",
 )
 @profile_option
 @json_option
@@ -85,7 +87,7 @@ def login_command(
     username: str | None,
     password_stdin: bool,
     api_token_stdin: bool,
-    insecure: bool,
+    ca_file: Path | None,
     profile: str,
     as_json: bool,
 ) -> None:
@@ -102,19 +104,20 @@ def login_command(
     store = credential_store()
     previous = store.get(profile)
     base = normalize_url(url or (previous.url if previous else DEFAULT_URL))
+    ca = str(ca_file.resolve()) if ca_file else (previous.ca_file if previous else None)
     if api_token_stdin:
         token = _read_secret("API token", from_stdin=True)
         if not token.startswith("nxm_"):
             raise click.UsageError("an API token starts with nxm_")
-        with Client(Profile(url=base, api_token=token), verify=not insecure) as client:
+        with Client(Profile(url=base, api_token=token, ca_file=ca)) as client:
             me = client.me()
-            saved = Profile(url=base, username=me.subject, api_token=token)
+            saved = Profile(url=base, username=me.subject, api_token=token, ca_file=ca)
     else:
         if username is None:
             default = previous.username if previous and previous.username else "admin"
             username = click.prompt("Username", default=default, err=True)
         password = _read_secret("Password", from_stdin=password_stdin)
-        with Client(Profile(url=base), verify=not insecure) as client:
+        with Client(Profile(url=base, ca_file=ca)) as client:
             saved = client.login(username, password)
             me = client.me()
     store.put(profile, saved)

@@ -14,6 +14,7 @@ messages are built from the master's problem documents, which never echo them.
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Mapping
 from types import TracebackType
@@ -85,9 +86,10 @@ def _seg(value: str) -> str:
     return quote(value, safe="")
 
 
-def _profile_from_tokens(url: str, data: Mapping[str, Any]) -> Profile:
+def _profile_from_tokens(url: str, data: Mapping[str, Any], ca_file: str | None) -> Profile:
     return Profile(
         url=url,
+        ca_file=ca_file,
         username=str(data.get("subject") or "") or None,
         access_token=str(data["access_token"]),
         access_expires_at=float(data.get("expires_at") or time.time() + 60),
@@ -98,13 +100,25 @@ def _profile_from_tokens(url: str, data: Mapping[str, Any]) -> Profile:
     )
 
 
+def _tls_verify(ca_file: str | None) -> ssl.SSLContext | bool:
+    """System CAs, or only the CA in `ca_file` (a private master CA)."""
+    if not ca_file:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ClientError(f"cannot use CA file {ca_file}: {exc}") from None
+
+
 class Client:
     """A synchronous client of one master's ``/api/v1``.
 
     :param profile: URL and credentials; its ``url`` is used as the base URL.
     :param store: where rotated session tokens are saved (None: kept in memory only).
     :param profile_name: the name `profile` is stored under in `store`.
-    :param transport: an httpx transport (tests; ``verify`` and TLS settings).
+    :param verify: TLS verification: default the profile's ``ca_file``, else the system's
+        CAs (``False`` only for tests).
+    :param transport: an httpx transport (tests).
     """
 
     def __init__(
@@ -114,7 +128,7 @@ class Client:
         store: CredentialStore | None = None,
         profile_name: str = "default",
         timeout: float = DEFAULT_TIMEOUT,
-        verify: bool | str = True,
+        verify: ssl.SSLContext | bool | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.url = normalize_url(profile.url)
@@ -124,7 +138,7 @@ class Client:
         self._http = httpx.Client(
             base_url=self.url,
             timeout=timeout,
-            verify=verify,
+            verify=_tls_verify(profile.ca_file) if verify is None else verify,
             transport=transport,
             headers={"User-Agent": f"nxmesh-cli/{__version__}"},
             follow_redirects=False,
@@ -277,7 +291,9 @@ class Client:
         if response.status_code in (401, 422):
             raise NotLoggedInError("the login session expired or was revoked; run: nxmesh login")
         self._raise_for(response)
-        self.profile = _profile_from_tokens(self.profile.url, self._body(response))
+        self.profile = _profile_from_tokens(
+            self.profile.url, self._body(response), self.profile.ca_file
+        )
 
     # -- auth ---------------------------------------------------------------------------
 
@@ -289,7 +305,7 @@ class Client:
             json={"username": username, "password": password},
             auth=False,
         )
-        self.profile = _profile_from_tokens(self.url, data)
+        self.profile = _profile_from_tokens(self.url, data, self.profile.ca_file)
         return self.profile
 
     def logout(self) -> None:

@@ -85,6 +85,8 @@ class Profile:
     refresh_token: str | None = attrs.field(default=None, repr=False)
     refresh_expires_at: float | None = None
     api_token: str | None = attrs.field(default=None, repr=False)
+    ca_file: str | None = None
+    """PEM CA bundle an ``https://`` master's certificate is verified with (else the system's)."""
 
     @property
     def kind(self) -> Literal["session", "api_token", "none"]:
