@@ -21,6 +21,9 @@
   Outcomes go up with `report_apply` (or `send_status`).
 - **Key rotation** is handled here: the new key is saved, then used; frames signed with
   the previous key keep verifying while the master switches.
+- **The master's signing key** arrives in every accepted `RegisterResponse` (inside the
+  authenticated session): `on_master_key(key, enrolled)` is called with it, so the
+  agent app pins it at enrollment and notices a master that signs with another key.
 - A rejection the master marks final (token used/expired/revoked, agent revoked,
   incompatible protocol) raises that `RejectedError` (not an `OSError`: retrying cannot
   help); other rejections (clock skew...) raise a `ConnectionError` carrying it, and
@@ -62,7 +65,7 @@ from nxmesh.core.envelope import (
 from nxmesh.core.errors import ConfigurationError
 from nxmesh.core.events import Event
 from nxmesh.core.interfaces import Channel, TransportClient
-from nxmesh.core.model import ApplyReport, FrozenMap, HealthReport
+from nxmesh.core.model import ApplyReport, FrozenMap, HealthReport, PendingApply
 from nxmesh.core.protocol import (
     PROTOCOL_MAX,
     PROTOCOL_MIN,
@@ -86,6 +89,7 @@ from nxmesh.core.protocol import (
     open_key,
 )
 from nxmesh.crypto.secrets import write_private_file
+from nxmesh.crypto.signing import SigningError, VerifyKey
 from nxmesh.enrollment import parse_token
 
 if TYPE_CHECKING:
@@ -308,6 +312,7 @@ class AgentLink:
         clock: Callable[[], float] = time.time,
         protocol_range: tuple[int, int] = (PROTOCOL_MIN, PROTOCOL_MAX),
         update_buffer: int = 16,
+        on_master_key: Callable[[VerifyKey, bool], None] | None = None,
     ) -> None:
         if not endpoints:
             raise ConfigurationError("the agent needs at least one master endpoint")
@@ -335,6 +340,9 @@ class AgentLink:
         self.agent_id: str | None = None
         self.protocol_version: int | None = None
         self.registrations = 0
+        self.on_master_key = on_master_key
+        self.master_key: VerifyKey | None = None
+        """The master's version-signing key, as its last `RegisterResponse` gave it."""
         self._session: AgentSession | None = None
         self._seq = SequenceSource(clock)
         self._guard = ReplayGuard(max_skew=max_skew, clock=clock)
@@ -394,6 +402,10 @@ class AgentLink:
 
     async def report_apply(self, report: ApplyReport) -> None:
         self.send_status(status_from_report(report))
+
+    async def report_applying(self, update: PendingApply) -> None:
+        """An update from the master entered the apply pipeline."""
+        self._queue(ConfigStatus(version=update.version, digest=update.digest, phase="applying"))
 
     async def report_health(self, report: HealthReport) -> None:
         if self.agent_id is not None and report.agent_id != self.agent_id:
@@ -563,6 +575,7 @@ class AgentLink:
                 max_body=self.max_body,
             )
             crypto.check(env)
+            self._master_key(response, enrolled=secret is not None)
             low, high = self.protocol_range
             if not low <= response.protocol_version <= high:
                 raise IncompatibleProtocolError(
@@ -576,6 +589,18 @@ class AgentLink:
             raise
         self.counters.accepted += 1
         return crypto, response
+
+    def _master_key(self, response: RegisterResponse, *, enrolled: bool) -> None:
+        if not response.signing_key:
+            return
+        try:
+            key = VerifyKey.from_base64(response.signing_key)
+        except SigningError as exc:
+            log.error("the master sent an unusable signing key", error=str(exc))  # noqa: TRY400
+            return
+        self.master_key = key
+        if self.on_master_key is not None:
+            self.on_master_key(key, enrolled)
 
     def _register_message(
         self, *, agent_id: str | None = None, bootstrap_token: str | None = None

@@ -21,6 +21,11 @@ replaced by a newer one.
 
 Inbound messages go to `on_message(agent_id, message)`; the master app persists what it
 needs (statuses, health) there — the hub does not write to storage per message.
+`on_session(info, connected)` is told when a session opens and closes, and
+`on_sent(agent_id, version)` when a version went out on an agent's stream; `offer`
+queues one version for one agent (the master's orchestrator decides per agent).
+Accepted registrations carry the master's version-signing public key (`signing_key`),
+which the agent pins at enrollment.
 """
 
 from __future__ import annotations
@@ -77,9 +82,10 @@ from nxmesh.core.protocol import (
     seal_key,
 )
 from nxmesh.core.records import AgentKey
+from nxmesh.crypto.signing import VerifyKey
 from nxmesh.enrollment import Enrollment, parse_token
 
-__all__ = ["AssignmentSource", "MasterSessionHub", "SessionInfo"]
+__all__ = ["AssignmentSource", "MasterSessionHub", "SessionInfo", "TransportHandler"]
 
 log = structlog.get_logger("nxmesh.session")
 
@@ -88,6 +94,7 @@ _REPORT_TYPES: Final = frozenset(
 )
 _ACKED: Final = (Heartbeat, HealthReport, MetricsBatch, LogBatch)
 _MAX_BAD_FRAMES: Final = 16
+_BODY_CACHE: Final = 32
 
 
 class AssignmentSource(Protocol):
@@ -103,6 +110,8 @@ class SessionInfo:
     agent_id: str
     peer: str
     labels: Mapping[str, str]
+    workspace: str
+    transport: str
     protocol_version: int
     key_id: str
     running_version: int | None
@@ -149,6 +158,7 @@ class _Session:
     running_version: int | None
     running_digest: str | None
     last_seen: float
+    transport: str = ""
     scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
     wake: anyio.Event = attrs.field(factory=anyio.Event)
     control: deque[Message | EncodedBody] = attrs.field(factory=deque)
@@ -180,6 +190,9 @@ class MasterSessionHub:
         counters: ProtocolCounters | None = None,
         clock: Callable[[], float] = time.time,
         protocol_range: tuple[int, int] = (PROTOCOL_MIN, PROTOCOL_MAX),
+        signing_key: VerifyKey | None = None,
+        on_session: Callable[[SessionInfo, bool], None] | None = None,
+        on_sent: Callable[[str, ConfigVersion], None] | None = None,
     ) -> None:
         self.enrollment = enrollment
         self.store = enrollment.store
@@ -200,6 +213,10 @@ class MasterSessionHub:
         self._last_status: dict[str, ConfigStatus] = {}
         self._seq = SequenceSource(clock)
         self._changed = anyio.Event()
+        self.signing_key = signing_key
+        self.on_session = on_session
+        self.on_sent = on_sent
+        self._bodies: dict[tuple[str, int, str], EncodedBody] = {}
 
     # -- public API ----------------------------------------------------------------------
 
@@ -212,17 +229,50 @@ class MasterSessionHub:
         s = self._sessions.get(agent_id)
         if s is None:
             return None
-        return SessionInfo(
-            agent_id=s.agent.id,
-            peer=s.peer,
-            labels=s.agent.labels,
-            protocol_version=s.protocol_version,
-            key_id=s.crypto.key_id,
-            running_version=s.running_version,
-            running_digest=s.running_digest,
-            connected_at=s.connected_at,
-            last_seen=s.last_seen,
-        )
+        return _info(s)
+
+    def sessions(self, workspace: str | None = None) -> list[SessionInfo]:
+        """Snapshots of the open sessions (of one workspace), by agent id."""
+        return [
+            _info(s)
+            for _, s in sorted(self._sessions.items())
+            if workspace is None or s.agent.workspace == workspace
+        ]
+
+    def handler(self, transport: str) -> TransportHandler:
+        """The `SessionHandler` to give transport `transport` (sessions remember it)."""
+        return TransportHandler(self, transport)
+
+    def update_agent(self, agent: Agent) -> None:
+        """Use `agent`'s new labels for its open session (selectors match on them)."""
+        s = self._sessions.get(agent.id)
+        if s is not None:
+            s.agent = attrs.evolve(s.agent, labels=agent.labels)
+
+    def offer(
+        self, agent_id: str, version: ConfigVersion, *, trace: Mapping[str, str] | None = None
+    ) -> bool:
+        """Queue `version` for one connected agent (replacing an older unsent one).
+
+        The body is encoded once per version (cached), whatever the number of agents.
+        False when the agent is not connected here.
+        """
+        s = self._sessions.get(agent_id)
+        if s is None:
+            return False
+        s.offer_update(_PushedVersion(version, self._body(version, trace), LabelSelector()))
+        return True
+
+    def _body(self, version: ConfigVersion, trace: Mapping[str, str] | None = None) -> EncodedBody:
+        if trace:  # a traced push is one rollout's own: not shared
+            return encode_body(ConfigUpdate.of(version, trace=FrozenMap(trace)))
+        key = (version.workspace, version.number, version.digest)
+        body = self._bodies.get(key)
+        if body is None:
+            if len(self._bodies) >= _BODY_CACHE:
+                self._bodies.pop(next(iter(self._bodies)))
+            body = self._bodies[key] = encode_body(ConfigUpdate.of(version))
+        return body
 
     async def wait_connected(self, count: int) -> None:
         """Return once at least `count` agents are connected (tests, benchmarks)."""
@@ -299,7 +349,7 @@ class MasterSessionHub:
         s = self._sessions.pop(agent_id, None)
         if s is None:
             return False
-        s.scope.cancel()
+        s.scope.cancel()  # its task says goodbye (on_session) as it ends
         self._changed.set()
         return True
 
@@ -317,7 +367,7 @@ class MasterSessionHub:
 
     # -- session lifecycle ---------------------------------------------------------------
 
-    async def __call__(self, channel: Channel, peer: str) -> None:
+    async def __call__(self, channel: Channel, peer: str, *, transport: str = "") -> None:
         """Run one agent stream until it ends (`SessionHandler`)."""
         try:
             with anyio.fail_after(self.register_timeout):
@@ -328,11 +378,13 @@ class MasterSessionHub:
             return
         if session is None:
             return
+        session.transport = transport
         old = self._sessions.get(session.agent.id)
         if old is not None:
             old.scope.cancel()  # the newest stream of an agent wins
         self._sessions[session.agent.id] = session
         self._changed.set()
+        self._notify(session, connected=True)
         log.debug("agent connected", agent_id=session.agent.id, peer=peer,
                   protocol=session.protocol_version)
         try:
@@ -350,7 +402,16 @@ class MasterSessionHub:
             if self._sessions.get(session.agent.id) is session:
                 del self._sessions[session.agent.id]
                 self._changed.set()
+            self._notify(session, connected=False)
             log.debug("agent disconnected", agent_id=session.agent.id)
+
+    def _notify(self, session: _Session, *, connected: bool) -> None:
+        if self.on_session is None:
+            return
+        try:
+            self.on_session(_info(session), connected)
+        except Exception:  # an observer must not break a session
+            log.exception("on_session observer failed", agent_id=session.agent.id)
 
     def _state(self, agent_id: str) -> _AgentState:
         state = self._states.get(agent_id)
@@ -558,15 +619,25 @@ class MasterSessionHub:
             server_time=now,
             protocol_min=self.protocol_range[0],
             protocol_max=self.protocol_range[1],
+            signing_key=self.signing_key.to_base64() if self.signing_key else "",
+            signing_key_id=self.signing_key.key_id if self.signing_key else "",
         )
         await channel.send(crypto.seal(response))
         await self._resync(session)
         return session
 
     async def _resync(self, session: _Session) -> None:
-        """Send the agent its desired version when it runs something else."""
+        """Send the agent its desired version when it runs something else.
+
+        "Something else" is another digest, or the same content under another version
+        number (a rollback): the agent applies the latter as a no-op and reports the
+        version it now runs.
+        """
         desired = await self._desired_for(session.agent)
-        if desired is None or desired.version.digest == session.running_digest:
+        if desired is None or (
+            desired.version.digest == session.running_digest
+            and desired.version.number == session.running_version
+        ):
             return
         session.offer_update(desired)
 
@@ -578,7 +649,7 @@ class MasterSessionHub:
             for pushed in self._pushed.get(version.workspace, ()):
                 if pushed.version.digest == version.digest:
                     return pushed
-            return _PushedVersion(version, encode_body(ConfigUpdate.of(version)), LabelSelector())
+            return _PushedVersion(version, self._body(version), LabelSelector())
         best: _PushedVersion | None = None
         for pushed in self._pushed.get(agent.workspace, ()):
             if pushed.selector.matches(agent.labels) and (
@@ -606,6 +677,11 @@ class MasterSessionHub:
             if s.update is not None:
                 pushed, s.update = s.update, None
                 await s.channel.send(s.crypto.seal(pushed.body))
+                if self.on_sent is not None:
+                    try:
+                        self.on_sent(s.agent.id, pushed.version)
+                    except Exception:  # an observer must not break a session
+                        log.exception("on_sent observer failed", agent_id=s.agent.id)
 
     async def _rotate(self, s: _Session) -> None:
         key = await self.enrollment.new_key(s.agent.id)
@@ -744,6 +820,37 @@ class MasterSessionHub:
             seq=self._seq.next(),
             ts_ms=int(self.clock() * 1000),
         )
+
+
+class TransportHandler:
+    """The hub as one transport's `SessionHandler` (and `UnaryHandler`): sessions it runs
+    remember the transport's name (metrics, APIs)."""
+
+    def __init__(self, hub: MasterSessionHub, transport: str) -> None:
+        self.hub = hub
+        self.transport = transport
+
+    async def __call__(self, channel: Channel, peer: str) -> None:
+        await self.hub(channel, peer, transport=self.transport)
+
+    async def handle_unary(self, frame: bytes, peer: str) -> bytes:
+        return await self.hub.handle_unary(frame, peer)
+
+
+def _info(s: _Session) -> SessionInfo:
+    return SessionInfo(
+        agent_id=s.agent.id,
+        peer=s.peer,
+        labels=s.agent.labels,
+        workspace=s.agent.workspace,
+        transport=s.transport,
+        protocol_version=s.protocol_version,
+        key_id=s.crypto.key_id,
+        running_version=s.running_version,
+        running_digest=s.running_digest,
+        connected_at=s.connected_at,
+        last_seen=s.last_seen,
+    )
 
 
 def _seq_of(frame: bytes) -> int | None:

@@ -57,6 +57,7 @@ MATRIX: dict[tuple[str, str], frozenset[str]] = {
     ("GET", f"{W}/versions"): frozenset({A, OP, V, D}),
     ("GET", f"{W}/versions/{{number:int}}"): frozenset({A, OP, V, D}),
     ("GET", f"{W}/versions/{{number:int}}/diff"): frozenset({A, OP, V, D}),
+    ("GET", f"{W}/versions/{{number:int}}/rollout"): frozenset({A, OP, V, D}),
     ("POST", f"{W}/versions/{{number:int}}/rollback"): frozenset({A, OP}),
     ("GET", f"{W}/assignments"): frozenset({A, OP, V}),
     ("GET", f"{W}/assignments/{{name:str}}"): frozenset({A, OP, V}),

@@ -23,7 +23,12 @@ from nxmesh.agent.layout import NginxLayout
 from nxmesh.agent.link import AgentHello, AgentSession, MasterLink
 from nxmesh.agent.masterless import StateFileSource, load_update
 from nxmesh.agent.metrics import AgentMetrics, serve_metrics
-from nxmesh.agent.verify import sign_update, update_signing_payload, verify_update
+from nxmesh.agent.verify import (
+    pending_from_version,
+    sign_update,
+    update_signing_payload,
+    verify_update,
+)
 from nxmesh.agent.watchdog import BackoffPolicy, Drift, Watchdog
 
 __all__ = [
@@ -48,6 +53,7 @@ __all__ = [
     "Watchdog",
     "choose_mode",
     "load_update",
+    "pending_from_version",
     "run_agent",
     "serve_metrics",
     "sign_update",

@@ -36,7 +36,7 @@ import pluggy
 import structlog
 
 from nxmesh.agent.applier import Applier
-from nxmesh.agent.cache import AgentCache, Source
+from nxmesh.agent.cache import AgentCache, CacheError, Source
 from nxmesh.agent.coalescer import Coalescer
 from nxmesh.agent.events import EventRecorder
 from nxmesh.agent.health import HealthMonitor
@@ -45,6 +45,7 @@ from nxmesh.agent.link import AgentSession, MasterLink
 from nxmesh.agent.masterless import StateFileSource, load_update
 from nxmesh.agent.metrics import AgentMetrics, serve_metrics
 from nxmesh.agent.watchdog import BackoffPolicy, Watchdog
+from nxmesh.agent_link import AgentLink
 from nxmesh.core.errors import ConfigurationError, NxMeshError
 from nxmesh.core.events import Event
 from nxmesh.core.interfaces import DeploymentMode, HealthCheck, NginxDriver
@@ -52,6 +53,7 @@ from nxmesh.core.model import ApplyReport, PendingApply
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.runtime import Runtime, StashKey, run
 from nxmesh.core.settings import Settings
+from nxmesh.crypto.signing import VerifyKey
 from nxmesh.plugins.nginx_driver import DriverSettings
 from nxmesh.plugins.render_nginx import RenderSettings, renderer_for
 
@@ -396,6 +398,9 @@ class AgentApp:
         self.events.subscribe(forward)
         self.applier.subscribe(link.report_apply)
         self.health.subscribe(link.report_health)
+        if isinstance(link, AgentLink):
+            self.applier.on_start(link.report_applying)
+            link.on_master_key = self.pin_master_key
         delay = min(1.0, self.tuning.link_backoff_max)
         with send:
             async with anyio.create_task_group() as tg:
@@ -426,6 +431,32 @@ class AgentApp:
                         return
                     await anyio.sleep(delay * random.uniform(0.8, 1.2))  # noqa: S311 - jitter
                     delay = min(delay * 2, self.tuning.link_backoff_max)
+
+    def pin_master_key(self, key: VerifyKey, enrolled: bool) -> None:
+        """The master's version-signing key, from its answer to our registration.
+
+        At enrollment (or when no key is pinned yet) it is pinned in the cache directory
+        (``master.pub``) and every master update must be signed by it from then on. A
+        resumed session naming another key changes nothing: updates signed by it are
+        refused, and the log says why.
+        """
+        try:
+            pinned = self.cache.verify_key
+        except CacheError:
+            pinned = None
+        if pinned is None or enrolled:
+            if self.cache.pin_master_key(key):
+                log.info("master signing key pinned", key_id=key.key_id)
+                self.events.record("master.key_pinned", key_id=key.key_id)
+            self.applier.trust(key)
+        elif pinned != key:
+            log.error(
+                "the master signs with another key than the one pinned at enrollment; its "
+                "updates will be refused (enroll again with a new token to trust it)",
+                pinned=pinned.key_id,
+                offered=key.key_id,
+            )
+            self.events.record("master.key_mismatch", pinned=pinned.key_id, offered=key.key_id)
 
     async def _link_session(
         self, link: MasterLink, *, task_status: anyio.abc.TaskStatus[None]
@@ -482,6 +513,7 @@ async def run_agent(
             pm,
             settings,
             runtime.registry,
+            agent_id=settings.agent.name or None,
             state_file=state_file,
             link=link,
             mode=mode,

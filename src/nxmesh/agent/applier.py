@@ -29,6 +29,7 @@ import structlog
 
 from nxmesh.agent.cache import AgentCache, CacheEntry, Source
 from nxmesh.agent.events import EventRecorder
+from nxmesh.agent.tracing import apply_span
 from nxmesh.agent.verify import verify_update
 from nxmesh.core.errors import NxMeshError
 from nxmesh.core.model import ApplyReport, PendingApply
@@ -44,6 +45,7 @@ __all__ = ["Applier", "ReportListener"]
 log = structlog.get_logger("nxmesh.agent.applier")
 
 ReportListener = Callable[[ApplyReport], Awaitable[None] | None]
+StartListener = Callable[[PendingApply], Awaitable[None] | None]
 ExtraFiles = Callable[[PendingApply], Mapping[str, bytes]]
 
 
@@ -86,6 +88,7 @@ class Applier:
         self.current: CacheEntry | None = None
         """What runs now: the last update applied (or found live) and its bundle."""
         self.listeners: list[ReportListener] = []
+        self.start_listeners: list[StartListener] = []
 
     @property
     def applying(self) -> bool:
@@ -94,6 +97,16 @@ class Applier:
     def subscribe(self, listener: ReportListener) -> None:
         """Call `listener` with every report (after the ``nxmesh_after_apply`` hooks)."""
         self.listeners.append(listener)
+
+    def on_start(self, listener: StartListener) -> None:
+        """Call `listener` when an update from the master passed its checks and is about
+        to be rendered and applied (the master records ``applying``)."""
+        self.start_listeners.append(listener)
+
+    def trust(self, key: VerifyKey) -> None:
+        """Verify master updates with `key` from now on, and refuse unsigned ones."""
+        self.verify_key = key
+        self.require_signature = True
 
     # -- entry points -------------------------------------------------------------------
 
@@ -120,6 +133,17 @@ class Applier:
     async def _run(
         self, update: PendingApply, source: Source, force: bool, *, bundle: Bundle | None
     ) -> ApplyReport:
+        attributes = {
+            "nxmesh.version": update.version,
+            "nxmesh.digest": update.digest,
+            "nxmesh.source": source,
+        }
+        with apply_span("nxmesh.agent.apply", update.trace, attributes):
+            return await self._pipeline(update, source, force, bundle=bundle)
+
+    async def _pipeline(
+        self, update: PendingApply, source: Source, force: bool, *, bundle: Bundle | None
+    ) -> ApplyReport:
         started = time.time()
         veto = apply_veto(self.pm, update)
         if veto:
@@ -134,6 +158,8 @@ class Applier:
         if problem:
             report = self._report(update, "failed", f"refused: {problem}", started)
             return await self._finish(report, update, None, source)
+        if source == "master":
+            await self._notify_start(update)
         if bundle is None:
             try:
                 bundle = await anyio.to_thread.run_sync(self._render, update)
@@ -147,6 +173,15 @@ class Applier:
                 tg.start_soon(self._save_desired, CacheEntry(update, bundle, source))
             result.append(await self.driver.apply(update, bundle, force=force))
         return await self._finish(result[0], update, bundle, source)
+
+    async def _notify_start(self, update: PendingApply) -> None:
+        for listener in self.start_listeners:
+            try:
+                result = listener(update)
+                if result is not None:
+                    await result
+            except Exception:  # an observer must not fail an apply
+                log.exception("apply start listener failed")
 
     async def _save_desired(self, entry: CacheEntry) -> None:
         assert self.cache is not None

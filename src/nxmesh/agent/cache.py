@@ -8,10 +8,10 @@ Layout of the state directory (``<state_dir>/agent``, mode 0700, every file 0600
     master.pub         optional: the master's Ed25519 public key (PEM)
 
 An entry is one JSON document holding the update (version, digest, signature, key id,
-desired state), the rendered bundle (base64 per file) and its digest, sealed with an
-HMAC-SHA256 over its canonical JSON. One file per entry makes the write atomic with a
-plain temp file + fsync + rename: there is no moment where the state and the bundle
-of an entry disagree.
+the version's signed metadata, desired state), the rendered bundle (base64 per file)
+and its digest, sealed with an HMAC-SHA256 over its canonical JSON. One file per entry
+makes the write atomic with a plain temp file + fsync + rename: there is no moment where
+the state and the bundle of an entry disagree.
 
 `AgentCache.load_verified` refuses an entry that fails *any* check: the seal (someone
 edited the file), the state digest, the bundle digest, or the master's signature when
@@ -98,6 +98,26 @@ class AgentCache:
             except (OSError, SigningError) as exc:
                 raise CacheError(f"cannot load the master's key {path}: {exc}") from exc
         return self._verify_key
+
+    def pin_master_key(self, key: VerifyKey) -> bool:
+        """Trust `key` from now on: write ``master.pub`` and require signed master entries.
+
+        Called when the agent enrolls (the master hands its key over the authenticated
+        session). Returns True when the pinned key changed.
+        """
+        current = None
+        try:
+            current = self.verify_key
+        except CacheError:
+            current = None
+        changed = current != key
+        if changed:
+            make_private_dir(self.directory)
+            path = self.directory / self.MASTER_KEY_FILE
+            atomic_write(path, key.public_key_pem().encode("ascii"), mode=0o600)
+        self._verify_key = key
+        self.require_signature = True
+        return changed
 
     def _seal_key(self) -> bytes:
         if self._key is None:
@@ -188,6 +208,10 @@ def _body(entry: CacheEntry) -> dict[str, Any]:
         "digest": update.digest,
         "signature": update.signature,
         "key_id": update.key_id,
+        "parent_digest": update.parent_digest,
+        "author": update.author,
+        "message": update.message,
+        "created_at": update.created_at,
         "state": unstructure(update.state),
         "bundle_digest": entry.bundle.digest,
         "files": {p: base64.b64encode(d).decode("ascii") for p, d in entry.bundle.files.items()},
@@ -205,6 +229,11 @@ def _entry(raw: Any, path: Path) -> CacheEntry:
             state=structure_state(raw["state"], source=str(path)),
             signature=str(raw["signature"]),
             key_id=str(raw["key_id"]),
+            # The version's signed metadata (entries of older agents lack it: unsigned).
+            parent_digest=raw.get("parent_digest"),
+            author=str(raw.get("author", "")),
+            message=str(raw.get("message", "")),
+            created_at=float(raw.get("created_at", 0.0)),
         )
         saved_at = float(raw["saved_at"])
         recorded_digest = str(raw["bundle_digest"])

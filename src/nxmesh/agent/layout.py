@@ -28,11 +28,13 @@ def render_settings_of(settings: Settings) -> RenderSettings:
     A ``[plugins.render_nginx]`` section wins when a plugin declares one; otherwise the
     renderer's defaults, with the status server where the driver's settings put it
     (``[plugins.nginx_driver] status_address/status_port``): the driver confirms every
-    reload through that server, so it owns its address.
+    reload through that server, so it owns its address. ``agent.listen_address`` binds
+    the sites' address-less listeners.
     """
+    listen = settings.agent.listen_address or None
     section = settings.plugins.get(RENDER_SECTION)
     if isinstance(section, RenderSettings):
-        return section
+        return attrs.evolve(section, listen_address=listen) if listen else section
     driver = settings.plugins.get("nginx_driver")
     port = getattr(driver, "status_port", None)
     address = getattr(driver, "status_address", None)
@@ -41,6 +43,7 @@ def render_settings_of(settings: Settings) -> RenderSettings:
         defaults,
         status_port=port if isinstance(port, int) else defaults.status_port,
         status_address=address if isinstance(address, str) else defaults.status_address,
+        listen_address=listen,
     )
 
 

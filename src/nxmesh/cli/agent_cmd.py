@@ -1,16 +1,20 @@
-"""``nxmesh agent [--state FILE] [--once]``: run the agent beside an nginx.
+"""``nxmesh agent [--token T | --bootstrap-token-file F] [--state FILE] [--once]``.
 
-Without ``--state`` the agent serves its verified cache (island mode) and takes updates
-from its master when a transport connects it. With ``--state FILE`` it is masterless:
-the file is the desired state, re-applied whenever its content changes. ``--once``
-applies once and exits (status 0 when nginx serves the configuration, 1 otherwise);
-nginx keeps running.
+Without ``--state`` the agent serves its verified cache (island mode) and connects to its
+master (``agent.master_url``, ``agent.transports``; see ``docs/agent.md``): the first
+time with a bootstrap token (``--token``, ``--bootstrap-token-file``,
+``NXMESH_AGENT__BOOTSTRAP_TOKEN``), afterwards with the credentials that enrollment
+stored in its state directory. While the master is unreachable it keeps serving its
+cache and retries with backoff. With ``--state FILE`` it is masterless: the file is the
+desired state, re-applied whenever its content changes. ``--once`` applies once and
+exits (status 0 when nginx serves the configuration, 1 otherwise); nginx keeps running.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import click
@@ -19,9 +23,29 @@ from nxmesh.agent.app import run_agent
 from nxmesh.cli.context import CliContext, pass_cli
 from nxmesh.core.errors import NxMeshError, ValidationError
 from nxmesh.core.logging import configure_logging
-from nxmesh.core.settings import load_settings
+from nxmesh.core.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from nxmesh.agent_link import AgentLink
 
 __all__ = ["agent_command"]
+
+
+def _master_link(
+    ctx: CliContext, settings: Settings, token: str | None, token_file: Path | None
+) -> AgentLink | None:
+    from nxmesh.agent.app import default_agent_id
+    from nxmesh.agent.master_link import link_from_settings, read_bootstrap_token
+    from nxmesh.core.registry import ProviderRegistries
+
+    bootstrap = read_bootstrap_token(settings, token=token, token_file=token_file)
+    return link_from_settings(
+        ProviderRegistries.collect(ctx.pm),
+        settings,
+        token=bootstrap,
+        name=settings.agent.name or default_agent_id(),
+    )
+
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -36,16 +60,45 @@ EXIT_USAGE = 2
 )
 @click.option("--once", is_flag=True, help="Apply once and exit (nginx keeps running).")
 @click.option("--json", "as_json", is_flag=True, help="With --once: print the report as JSON.")
+@click.option(
+    "--token",
+    default=None,
+    help="Bootstrap token to enroll with (once; better: NXMESH_AGENT__BOOTSTRAP_TOKEN or "
+    "--bootstrap-token-file, which stay out of the process list).",
+)
+@click.option(
+    "--bootstrap-token-file",
+    "token_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File holding the bootstrap token (agent.bootstrap_token_file).",
+)
 @pass_cli
-def agent_command(ctx: CliContext, state_file: Path | None, once: bool, as_json: bool) -> None:
+def agent_command(
+    ctx: CliContext,
+    state_file: Path | None,
+    once: bool,
+    as_json: bool,
+    token: str | None,
+    token_file: Path | None,
+) -> None:
     """Run the NxMesh agent: apply configurations to the nginx beside it."""
     try:
         settings = load_settings(ctx.pm, path=ctx.config_path)
     except NxMeshError as exc:
         raise click.ClickException(str(exc)) from None
     configure_logging(settings.log_level, settings.log_format)
+    link = None
+    if state_file is None and not once:
+        try:
+            link = _master_link(ctx, settings, token, token_file)
+        except NxMeshError as exc:
+            click.echo(f"error: {exc}", err=True)
+            raise SystemExit(EXIT_USAGE) from None
     try:
-        report = anyio.run(lambda: run_agent(ctx.pm, settings, state_file=state_file, once=once))
+        report = anyio.run(
+            lambda: run_agent(ctx.pm, settings, state_file=state_file, once=once, link=link)
+        )
     except ValidationError as exc:
         click.echo(f"invalid state: {exc}", err=True)
         raise SystemExit(EXIT_FAILED) from None

@@ -567,13 +567,24 @@ class ConfigVersion:
 
 @attrs.frozen(kw_only=True)
 class PendingApply:
-    """What the agent receives: a version to render and apply."""
+    """What the agent receives: a version to render and apply.
+
+    From a master it carries the `ConfigVersion`'s metadata (`parent_digest`, `author`,
+    `message`, `created_at`) so the agent can rebuild the version's signing payload and
+    check the master's Ed25519 `signature` over it (``nxmesh.agent.verify``); `trace` is
+    the W3C trace context of the rollout (not part of equality).
+    """
 
     version: int = attrs.field(validator=v.int_range(1, 2**63 - 1))
     digest: str = attrs.field(validator=v.text(v.DIGEST))
     state: DesiredState = attrs.field(validator=v.instance(DesiredState))
     signature: str = attrs.field(default="", validator=v.text(v.SIGNATURE))
     key_id: str = attrs.field(default="", validator=v.text(v.KEY_ID))
+    parent_digest: str | None = attrs.field(default=None, validator=v.text(v.DIGEST, optional=True))
+    author: str = attrs.field(default="", validator=v.text(v.LOG_TEXT))
+    message: str = attrs.field(default="", validator=v.text(v.LOG_TEXT))
+    created_at: float = attrs.field(default=0.0, validator=v.finite())
+    trace: Mapping[str, str] = attrs.field(factory=FrozenMap, converter=_freeze_str, eq=False)
 
 
 @attrs.frozen(kw_only=True)

@@ -226,12 +226,21 @@ class RegisterResponse:
     protocol_max: int = attrs.field(default=PROTOCOL_MAX, validator=v.int_range(1, 65535))
     code: str = attrs.field(default="", validator=v.text(v.KEY_ID))
     error: str = attrs.field(default="", validator=v.text(v.LOG_TEXT))
+    signing_key: str = attrs.field(default="", validator=v.text(v.SIGNATURE))
+    """Accepted: the master's Ed25519 public key (base64 of the raw 32 bytes) that signs
+    every `ConfigUpdate`; the agent pins it at enrollment."""
+    signing_key_id: str = attrs.field(default="", validator=v.text(v.KEY_ID))
 
 
 @attrs.frozen(kw_only=True)
 class ConfigUpdate:
     """A config version for the agent: verify `signature` and `digest`, then apply `state`.
 
+    It carries the `ConfigVersion` whole — its metadata (`parent_digest`, `author`,
+    `message`, `created_at`) included — so the agent rebuilds
+    `nxmesh.config.versions.signing_payload` and checks the master's signature over it,
+    and checks `digest` over the received canonical `state`: one signature, made once
+    when the version is stored, verified on every agent (``nxmesh.agent.verify``).
     `trace` carries W3C trace context (``traceparent``, ``tracestate``) so the agent's
     apply spans join the master's rollout trace.
     """
@@ -241,6 +250,10 @@ class ConfigUpdate:
     signature: str = attrs.field(default="", validator=v.text(v.SIGNATURE))
     signing_key_id: str = attrs.field(default="", validator=v.text(v.KEY_ID))
     workspace: str = attrs.field(default="default", validator=v.text(v.NAME))
+    parent_digest: str | None = attrs.field(default=None, validator=_opt_text(v.DIGEST))
+    author: str = attrs.field(default="", validator=v.text(v.LOG_TEXT))
+    message: str = attrs.field(default="", validator=v.text(v.LOG_TEXT))
+    created_at: float = attrs.field(default=0.0, validator=v.finite())
     state: DesiredState
     trace: Mapping[str, str] = attrs.field(factory=FrozenMap, converter=_freeze)
 
@@ -252,6 +265,10 @@ class ConfigUpdate:
             signature=version.signature,
             signing_key_id=version.key_id,
             workspace=version.workspace,
+            parent_digest=version.parent_digest,
+            author=version.author,
+            message=version.message,
+            created_at=version.created_at,
             state=version.state,
             trace=trace,
         )
@@ -264,6 +281,11 @@ class ConfigUpdate:
             state=self.state,
             signature=self.signature,
             key_id=self.signing_key_id,
+            parent_digest=self.parent_digest,
+            author=self.author,
+            message=self.message,
+            created_at=self.created_at,
+            trace=self.trace,
         )
 
 

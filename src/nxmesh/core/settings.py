@@ -116,6 +116,19 @@ def _url(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
         raise ValueError(f"{attribute.name} must be a URL such as 'scheme://host', got {value!r}")
 
 
+def _urls(_inst: object, attribute: attrs.Attribute[tuple[str, ...]], value: Any) -> None:
+    for item in value:
+        if not isinstance(item, str) or "://" not in item:
+            raise ValueError(
+                f"{attribute.name} must hold URLs such as 'scheme://host', got {item!r}"
+            )
+
+
+def _path(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if not value.startswith("/") or any(c in value for c in " ?#"):
+        raise ValueError(f"{attribute.name} must be a URL path such as '/agent', got {value!r}")
+
+
 def _workspace(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not _WORKSPACE.match(value):
         raise ValueError(
@@ -152,20 +165,43 @@ def _url_repr(value: str) -> str:
 
 @attrs.frozen
 class MasterSettings:
-    """``[master]``: where the master listens and which transports it serves."""
+    """``[master]``: where the master listens and which transports it serves.
+
+    The WebSocket transport is mounted on the API's own listener at `websocket_path`
+    (same address, same TLS as the API); the gRPC transport listens on `grpc_port` (same
+    host as the API) with TLS from the master's own CA unless its plugin section says
+    ``tls = false``. `heartbeat_interval` is what agents are told to use.
+    """
 
     api_host: str = "127.0.0.1"
     api_port: int = attrs.field(default=8470, validator=_port)
     grpc_port: int = attrs.field(default=8471, validator=_port)
     transports: tuple[str, ...] = attrs.field(default=("grpc", "websocket"), validator=_names)
+    websocket_path: str = attrs.field(default="/agent", validator=_path)
+    heartbeat_interval: float = attrs.field(default=30.0, validator=_positive)
 
 
 @attrs.frozen
 class AgentSettings:
-    """``[agent]``: how the agent reaches its master and drives its nginx."""
+    """``[agent]``: how the agent reaches its master and drives its nginx.
+
+    `master_url` names the master; the agent tries one endpoint per transport in
+    `transports` order, derived from it (see ``docs/agent.md``), unless `endpoints`
+    lists the URLs explicitly. `ca_file` pins the master's CA for ``grpcs://`` and
+    ``wss://``. `bootstrap_token` (or the file `bootstrap_token_file`) enrolls the agent
+    once; the credentials it gets are kept in the state directory and reused.
+    `listen_address` binds the sites' listeners that name no address to this host's
+    address (several agents on one host, multi-homed hosts).
+    """
 
     master_url: str = attrs.field(default="wss://127.0.0.1:8470", validator=_url)
     transports: tuple[str, ...] = attrs.field(default=("grpc", "websocket"), validator=_names)
+    endpoints: tuple[str, ...] = attrs.field(default=(), validator=_urls)
+    ca_file: Path | None = None
+    bootstrap_token: str = attrs.field(default="", repr=False, metadata=SECRET_METADATA)
+    bootstrap_token_file: Path | None = None
+    name: str = ""
+    listen_address: str = ""
     deployment_mode: str = "auto"
     nginx_driver: str = "reload"
     nginx_binary: str = "nginx"

@@ -94,6 +94,19 @@ class VerifyKey:
             raise SigningError(f"expected an Ed25519 public key, got {type(key).__name__}")
         return cls(key)
 
+    @classmethod
+    def from_base64(cls, text: str) -> VerifyKey:
+        """Load the raw 32-byte key in base64 (as the master sends it at enrollment)."""
+        try:
+            raw = base64.b64decode(text, validate=True)
+            return cls(Ed25519PublicKey.from_public_bytes(raw))
+        except (binascii.Error, ValueError) as exc:
+            raise SigningError(f"not a base64 Ed25519 public key: {exc}") from None
+
+    def to_base64(self) -> str:
+        """The raw 32-byte key in base64: compact, no line breaks (protocol messages)."""
+        return base64.b64encode(self._raw()).decode("ascii")
+
     @property
     def key_id(self) -> str:
         """16 hex digits of sha256 of the raw public key."""

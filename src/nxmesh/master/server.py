@@ -7,9 +7,10 @@ graceful shutdown: the listener closes, requests in flight get `graceful_timeout
 seconds, then the app's lifespan ends.
 
 `run_master` is ``nxmesh master``: it opens the services, starts the event dispatcher
-and the API inside the core runtime's task group, and runs until SIGINT/SIGTERM.
-Components added later (agent transports, the orchestrator) start in the same place:
-pass them as `components` (``main`` passes `DEFAULT_COMPONENTS`).
+and the API inside the core runtime's task group, then the `components` (``main``
+passes `DEFAULT_COMPONENTS`: the agent plane — session hub, rollout orchestrator and the
+agent transports, `nxmesh.master.agent_plane`), and runs until SIGINT/SIGTERM. The API
+listener also carries the agents' WebSocket transport (``master.websocket_path``).
 """
 
 from __future__ import annotations
@@ -51,8 +52,16 @@ MasterComponent = Callable[..., Coroutine[Any, Any, None]]
 """``async def component(services, *, task_status)``: a long-running part of the master
 (an agent transport, the orchestrator) started with ``task_group.start``."""
 
-DEFAULT_COMPONENTS: tuple[MasterComponent, ...] = ()
-"""What ``nxmesh master`` starts after the API, in order (the agent transports go here)."""
+
+async def _agent_plane(services: MasterServices, *, task_status: anyio.abc.TaskStatus[Any]) -> None:
+    from nxmesh.master.agent_plane import run_agent_plane
+
+    await run_agent_plane(services, task_status=task_status)
+
+
+DEFAULT_COMPONENTS: tuple[MasterComponent, ...] = (_agent_plane,)
+"""What ``nxmesh master`` starts after the API, in order: the agent plane (session hub,
+rollout orchestrator, agent transports)."""
 
 GRACEFUL_TIMEOUT: Final = 10.0
 
@@ -145,7 +154,10 @@ async def run_master(
         runtime.stash[MASTER_SERVICES] = services
         tg = runtime.task_group
         await tg.start(services.run_event_dispatch)
-        app = build_app(services)
+        from nxmesh.master.agent_plane import AgentWebSocketMount
+
+        api: Any = build_app(services)
+        app = AgentWebSocketMount(api, services, path=settings.master.websocket_path)
         address = await tg.start(
             _serve_named, app, settings.master.api_host, settings.master.api_port
         )

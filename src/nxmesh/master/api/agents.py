@@ -109,7 +109,7 @@ def explain(
             "offline",
             f"the agent is {agent.status} ({seen}); it gets version {number} when it reconnects",
         )
-    if status is not None and status.phase in ("sent", "applying"):
+    if status is not None and status.phase in ("sent", "received", "applying"):
         return why("in_progress", f"version {number} was {status.phase} to the agent")
     return why("pending", f"version {number} is due; the agent has not reported it yet")
 

@@ -292,6 +292,25 @@ class AgentWhy:
     status: AgentStatus | None = None
 
 
+@attrs.frozen(kw_only=True)
+class RolloutView:
+    """Where one version's rollout stands on every agent it targets, in one answer.
+
+    `agents` holds one `AgentWhy` per targeted agent (not revoked, and this is the version
+    its assignment or the latest picks); `converged` is true when every one of them runs
+    the version's digest, `failed` as soon as one failed or rolled it back.
+    """
+
+    workspace: str
+    version: int
+    digest: str
+    created_at: float
+    converged: bool
+    failed: bool
+    agents: tuple[AgentWhy, ...]
+    untargeted: int
+
+
 # ---------------------------------------------------------------------------------------
 # Enrollment and certificates
 # ---------------------------------------------------------------------------------------

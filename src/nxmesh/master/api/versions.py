@@ -20,8 +20,9 @@ from nxmesh.master.api._common import (
     commit_message,
     perm,
 )
+from nxmesh.master.api.agents import explain
 from nxmesh.master.api.context import CallerDep
-from nxmesh.master.api.schemas import ChangeResult, VersionDiff, VersionSummary
+from nxmesh.master.api.schemas import ChangeResult, RolloutView, VersionDiff, VersionSummary
 from nxmesh.master.problems import NotFound
 
 __all__ = ["VersionController"]
@@ -95,6 +96,41 @@ class VersionController(Controller):
             changes=changes,
             summary=changes.summary(),
             bundle_diff=bundle_diff(old_bundle, new_bundle),
+        )
+
+    @get("/{number:int}/rollout", opt=perm("config:read"), responses=ERRORS)
+    async def rollout(
+        self, workspace: Workspace, number: VersionNumber, caller: CallerDep
+    ) -> RolloutView:
+        """Where version ``number`` stands on each agent it targets, in one request: the
+        recorded phase (sent, received, applying, applied, failed with nginx's message,
+        rolled back), whether the agent runs the version's digest, and why not."""
+        version = await _version(caller, workspace, number)
+        storage = caller.services.storage
+        latest = await storage.latest_version(workspace)
+        assignments = await storage.list_assignments(workspace)
+        statuses = {s.agent_id: s for s in await storage.list_agent_statuses(
+            workspace, version=number)}  # fmt: skip
+        whys = [
+            explain(
+                agent,
+                version,
+                assignments=assignments,
+                latest=latest.number if latest else None,
+                status=statuses.get(agent.id),
+            )
+            for agent in await storage.list_agents(workspace)
+        ]
+        targeted = tuple(w for w in whys if w.reason not in ("not_selected", "revoked"))
+        return RolloutView(
+            workspace=workspace,
+            version=number,
+            digest=version.digest,
+            created_at=version.created_at,
+            converged=all(w.on_version for w in targeted),
+            failed=any(w.reason in ("failed", "rolled_back") for w in targeted),
+            agents=targeted,
+            untargeted=len(whys) - len(targeted),
         )
 
     @post("/{number:int}/rollback", opt=perm("config:rollback"), status_code=200, responses=ERRORS)

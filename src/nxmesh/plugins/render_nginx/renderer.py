@@ -209,6 +209,8 @@ class RenderSettings:
     `ssl_password_file`: absolute path of the file with the passphrase of encrypted
     private keys (the agent's, outside the bundle); written as ``ssl_password_file`` for
     every site whose key file in the bundle is encrypted PKCS#8.
+    `listen_address`: the address listeners that name none bind to on this host (``None``:
+    every address); lets several agents share one host, or pins sites to one interface.
     """
 
     prefix: str | None = attrs.field(default=None, converter=_optional_str, validator=_prefix)
@@ -225,6 +227,9 @@ class RenderSettings:
     user: str | None = attrs.field(default=None, validator=_user)
     ssl_password_file: str | None = attrs.field(
         default=None, converter=_optional_str, validator=_prefix
+    )
+    listen_address: str | None = attrs.field(
+        default=None, converter=_optional_str, validator=attrs.validators.optional(_ip)
     )
 
     def runtime_paths(self) -> dict[str, str]:
@@ -686,6 +691,7 @@ class NginxRenderer:
             ``acme-challenge/`` or clashing with a rendered file, or an encrypted key
             without ``ssl_password_file``.
         """
+        state = self._bind_listeners(state)
         base: dict[str, Any] = {
             "state": state,
             "settings": self.settings,
@@ -726,6 +732,25 @@ class NginxRenderer:
                 {**base, "config_digest": config_digest(files), "status_listen": listen_args},
             )
         return Bundle(files)
+
+    def _bind_listeners(self, state: DesiredState) -> DesiredState:
+        """`state` with address-less listeners bound to `RenderSettings.listen_address`."""
+        address = self.settings.listen_address
+        if address is None or all(
+            lst.address is not None for site in state.sites for lst in site.listeners
+        ):
+            return state
+        sites = tuple(
+            attrs.evolve(
+                site,
+                listeners=tuple(
+                    lst if lst.address is not None else attrs.evolve(lst, address=address)
+                    for lst in site.listeners
+                ),
+            )
+            for site in state.sites
+        )
+        return attrs.evolve(state, sites=sites)
 
 
 def _check_extra(path: str) -> None:

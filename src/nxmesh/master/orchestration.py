@@ -1,0 +1,440 @@
+"""Rollout orchestration: which connected agent gets which version, and how it went.
+
+`RolloutOrchestrator` is the master's `nxmesh.master.app.Orchestrator`. Each master
+process runs one, beside its `nxmesh.session_hub.MasterSessionHub`:
+
+* **What to push.** Storing a version, changing an assignment or an agent's labels marks
+  the workspace *dirty* — directly from the API of this process (`version_created`...)
+  and through the event bus from every other master process (``version.created``,
+  ``assignment.*``, ``agent.updated``, ``agent.revoked``). A reconcile loop then goes
+  over the agents connected **to this process** in that workspace: the assignment whose
+  selector matches (most specific wins) names the version, unmatched agents follow the
+  latest (`nxmesh.master.selection`); an agent not already running that version and
+  digest, and not already sent it, gets it (`MasterSessionHub.offer`; the body is
+  encoded once per version).
+* **Reconnects.** The hub asks `desired_for` when an agent registers or its heartbeat
+  reports another running version; it resends only on mismatch (version or digest).
+* **Status.** Every step is persisted with ``set_agent_status`` — ``sent`` when the
+  version went out on the stream, then what the agent reports: ``received``,
+  ``applying``, ``applied`` / ``noop`` / ``failed`` (with nginx's message) /
+  ``rolled_back`` / ``vetoed`` — and announced as ``rollout.status`` events. An applied
+  version also updates the agent's ``running_version``/``running_digest``. Sessions
+  opening and closing set the agent ``online``/``offline``. Writes go through one
+  writer task in order, so the session loops never wait for storage.
+* **Done.** A rollout is complete when every targeted agent (not revoked, desired
+  version = this one, online or not) reports the version's digest: the orchestrator
+  then observes ``nxmesh_master_convergence_seconds`` (from the version's creation) and
+  publishes ``rollout.completed``.
+* **Restarts lose nothing**: versions, assignments and statuses are in storage; agents
+  reconnect with what they run and get what they miss.
+* **Tracing**: the trace context of the API call that stored a version (or of the
+  ``version.created`` event from another master) goes into the `ConfigUpdate`, so each
+  agent's apply joins that trace.
+
+Metrics: ``nxmesh_master_connected_agents{transport}``, ``nxmesh_master_pushes_total
+{outcome}`` (``sent`` and every final outcome), ``nxmesh_master_convergence_seconds``.
+Health reports go into ``services.health``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Final
+
+import anyio
+import anyio.abc
+import attrs
+import structlog
+
+from nxmesh.core.events import Event
+from nxmesh.core.model import Agent, ConfigVersion, HealthReport
+from nxmesh.core.protocol import ConfigStatus, Message
+from nxmesh.core.records import AgentStatus, NotFoundError
+from nxmesh.master.selection import desired_version
+from nxmesh.master.tracing import inject_context
+
+if TYPE_CHECKING:
+    from nxmesh.master.app import MasterServices
+    from nxmesh.session_hub import MasterSessionHub, SessionInfo
+
+__all__ = ["RolloutOrchestrator"]
+
+log = structlog.get_logger("nxmesh.master.rollout")
+
+_TRACES: Final = 256
+_CONVERGED: Final = 1024
+_FLUSH_TIMEOUT: Final = 5.0
+
+Write = Callable[[], Awaitable[None]]
+
+
+class RolloutOrchestrator:
+    """Pushes versions to this process's agents and records how each rollout goes."""
+
+    def __init__(self, services: MasterServices, *, clock: Callable[[], float] = time.time) -> None:
+        self.services = services
+        self.storage = services.storage
+        self.metrics = services.metrics
+        self.clock = clock
+        self.hub: MasterSessionHub | None = None
+        self._dirty: set[str] = set()
+        self._wake = anyio.Event()
+        self._writes: deque[Write] = deque()
+        self._write_wake = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._inflight: dict[str, tuple[int, str]] = {}
+        self._traces: OrderedDict[tuple[str, int], dict[str, str]] = OrderedDict()
+        self._converged: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+    def attach(self, hub: MasterSessionHub) -> None:
+        """Drive `hub`: become its assignment source and observer."""
+        self.hub = hub
+        hub.assignments = self
+        hub.on_message = self.on_message
+        hub.on_session = self.on_session
+        hub.on_sent = self.on_sent
+
+    # -- Orchestrator (called by this process's API) ---------------------------------------
+
+    async def version_created(self, version: ConfigVersion) -> None:
+        trace = inject_context()
+        if trace:
+            self._remember_trace(version.workspace, version.number, trace)
+        self.mark(version.workspace)
+
+    async def assignments_changed(self, workspace: str) -> None:
+        self.mark(workspace)
+
+    async def agent_changed(self, agent: Agent) -> None:
+        if self.hub is not None:
+            self.hub.update_agent(agent)
+        self.mark(agent.workspace)
+
+    async def agent_revoked(self, agent_id: str) -> None:
+        self._inflight.pop(agent_id, None)
+        if self.hub is not None and self.hub.disconnect(agent_id):
+            log.warning("revoked agent disconnected", agent_id=agent_id)
+
+    # -- AssignmentSource (the hub asks on register and on a changed running version) ------
+
+    async def desired_for(self, agent: Agent) -> ConfigVersion | None:
+        """The version `agent` should run; the hub sends it when the agent runs another."""
+        latest = await self.storage.latest_version(agent.workspace)
+        assignments = await self.storage.list_assignments(agent.workspace)
+        desired = desired_version(agent, assignments, latest.number if latest else None)
+        if desired.version is None:
+            return None
+        if latest is not None and desired.version == latest.number:
+            return latest
+        return await self.storage.get_version(agent.workspace, desired.version)
+
+    # -- reconciling -----------------------------------------------------------------------
+
+    def mark(self, workspace: str) -> None:
+        """Reconcile `workspace` soon (coalesced: a burst of changes costs one pass)."""
+        self._dirty.add(workspace)
+        self._wake.set()
+
+    async def reconcile(self, workspace: str) -> list[str]:
+        """Offer each connected agent of `workspace` its desired version when it runs
+        another and was not sent it yet; returns the agents offered one."""
+        hub = self.hub
+        if hub is None:
+            return []
+        sessions = hub.sessions(workspace)
+        if not sessions:
+            return []
+        latest = await self.storage.latest_version(workspace)
+        if latest is None:
+            return []
+        assignments = await self.storage.list_assignments(workspace)
+        versions: dict[int, ConfigVersion | None] = {latest.number: latest}
+        offered: list[str] = []
+        for info in sessions:
+            agent = _agent_of(info)
+            number = desired_version(agent, assignments, latest.number).version
+            if number is None:
+                continue
+            if number not in versions:
+                versions[number] = await self.storage.get_version(workspace, number)
+            version = versions[number]
+            if version is None:
+                continue
+            target = (version.number, version.digest)
+            if (info.running_version, info.running_digest) == target:
+                continue
+            if self._inflight.get(info.agent_id) == target:
+                continue
+            trace = self._traces.get((workspace, version.number))
+            if hub.offer(info.agent_id, version, trace=trace):
+                self._inflight[info.agent_id] = target
+                offered.append(info.agent_id)
+        if offered:
+            log.info("rollout", workspace=workspace, version=latest.number, agents=len(offered))
+        return offered
+
+    # -- hub observers ---------------------------------------------------------------------
+
+    def on_session(self, info: SessionInfo, connected: bool) -> None:
+        gauge = self.metrics.connected_agents.labels(transport=info.transport or "unknown")
+        if connected:
+            gauge.inc()
+            return
+        gauge.dec()
+        self._inflight.pop(info.agent_id, None)
+        self._write(lambda: self._set_offline(info))
+
+    def on_sent(self, agent_id: str, version: ConfigVersion) -> None:
+        self.metrics.pushes.labels(outcome="sent").inc()
+        self._inflight[agent_id] = (version.number, version.digest)
+        status = AgentStatus(
+            agent_id=agent_id,
+            version=version.number,
+            digest=version.digest,
+            phase="sent",
+            ts=self.clock(),
+        )
+        self._write(lambda: self._record(status, version.workspace))
+
+    async def on_message(self, agent_id: str, message: Message) -> None:
+        """What an agent sent (statuses, health): queued for the writer, never blocking."""
+        if isinstance(message, ConfigStatus):
+            self._on_status(agent_id, message)
+        elif isinstance(message, HealthReport):
+            report = message
+            if report.agent_id != agent_id:
+                report = attrs.evolve(report, agent_id=agent_id)
+            self.services.health.update(report)
+
+    def _on_status(self, agent_id: str, status: ConfigStatus) -> None:
+        if status.final:
+            if self._inflight.get(agent_id, (status.version, status.digest))[0] == status.version:
+                self._inflight.pop(agent_id, None)
+            self.metrics.pushes.labels(outcome=status.phase).inc()
+        message = status.error
+        if status.nginx_output and status.nginx_output not in message:
+            message = f"{message}\n{status.nginx_output}" if message else status.nginx_output
+        record = AgentStatus(
+            agent_id=agent_id,
+            version=status.version,
+            digest=status.digest,
+            phase=status.phase,
+            message=message[:4000],
+            ts=self.clock(),
+        )
+        workspace = self._workspace_of(agent_id)
+        self._write(lambda: self._record(record, workspace))
+        if status.phase in ("applied", "noop"):
+            self._write(lambda: self._set_running(agent_id, status))
+            if workspace is not None:
+                self._write(lambda: self._check_converged(workspace, status.version))
+        if status.phase in ("failed", "rolled_back", "vetoed"):
+            log.warning(
+                "rollout step failed on an agent",
+                agent_id=agent_id,
+                version=status.version,
+                phase=status.phase,
+                error=status.error,
+            )
+
+    def _workspace_of(self, agent_id: str) -> str | None:
+        info = self.hub.session(agent_id) if self.hub is not None else None
+        return info.workspace if info is not None else None
+
+    # -- storage writes (one writer, in order) ---------------------------------------------
+
+    def _write(self, op: Write) -> None:
+        self._writes.append(op)
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        self._write_wake.set()
+
+    async def wait_written(self) -> None:
+        """Return once every queued write is done (tests)."""
+        await self._idle.wait()
+
+    async def _record(self, status: AgentStatus, workspace: str | None) -> None:
+        try:
+            await self.storage.set_agent_status(status)
+        except NotFoundError:
+            return  # deleted meanwhile
+        if workspace is not None:
+            payload = {
+                "agent_id": status.agent_id,
+                "version": status.version,
+                "digest": status.digest,
+                "phase": status.phase,
+                "message": status.message,
+            }
+            await self.services.publish("rollout.status", payload, workspace=workspace)
+
+    async def _set_running(self, agent_id: str, status: ConfigStatus) -> None:
+        agent = await self.storage.get_agent(agent_id)
+        if agent is None:
+            return
+        await self.storage.upsert_agent(
+            attrs.evolve(
+                agent,
+                running_version=status.version,
+                running_digest=status.digest,
+                last_seen=self.clock(),
+            )
+        )
+
+    async def _set_offline(self, info: SessionInfo) -> None:
+        if self.hub is not None and self.hub.session(info.agent_id) is not None:
+            return  # it reconnected meanwhile
+        agent = await self.storage.get_agent(info.agent_id)
+        if agent is None or agent.status != "online":
+            return
+        if agent.last_seen is not None and agent.last_seen > info.last_seen + 1.0:
+            return  # another master process saw it since: it is connected there
+        await self.storage.upsert_agent(
+            attrs.evolve(
+                agent,
+                status="offline",
+                running_version=info.running_version,
+                running_digest=info.running_digest,
+                last_seen=info.last_seen,
+            )
+        )
+
+    async def _check_converged(self, workspace: str, number: int) -> None:
+        """Observe the convergence time once every targeted agent runs version `number`."""
+        key = (workspace, number)
+        if key in self._converged:
+            return
+        latest = await self.storage.latest_version(workspace)
+        if latest is None:
+            return
+        version = latest if latest.number == number else None
+        if version is None:
+            version = await self.storage.get_version(workspace, number)
+            if version is None:
+                return
+        assignments = await self.storage.list_assignments(workspace)
+        targeted = [
+            a
+            for a in await self.storage.list_agents(workspace)
+            if a.status != "revoked"
+            and desired_version(a, assignments, latest.number).version == number
+        ]
+        if not targeted or any(
+            (a.running_version, a.running_digest) != (number, version.digest) for a in targeted
+        ):
+            return
+        self._converged[key] = None
+        while len(self._converged) > _CONVERGED:
+            self._converged.popitem(last=False)
+        seconds = max(0.0, self.clock() - version.created_at)
+        self.metrics.convergence_seconds.observe(seconds)
+        log.info(
+            "rollout complete",
+            workspace=workspace,
+            version=number,
+            agents=len(targeted),
+            seconds=round(seconds, 3),
+        )
+        await self.services.publish(
+            "rollout.completed",
+            {
+                "version": number,
+                "digest": version.digest,
+                "agents": len(targeted),
+                "seconds": seconds,
+            },
+            workspace=workspace,
+        )
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Reconcile, write and follow the event bus until cancelled."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._writer)
+            await tg.start(self._follow_bus)
+            tg.start_soon(self._reconciler)
+            task_status.started()
+
+    async def _reconciler(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            while self._dirty:
+                workspace = self._dirty.pop()
+                try:
+                    await self.reconcile(workspace)
+                except Exception:  # storage hiccup: try again on the next change
+                    log.exception("reconcile failed", workspace=workspace)
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                await self._drain()
+                self._idle.set()
+                await self._write_wake.wait()
+                self._write_wake = anyio.Event()
+        finally:
+            # Shutting down: what the agents reported is still worth keeping (bounded).
+            with anyio.move_on_after(_FLUSH_TIMEOUT, shield=True):
+                await self._drain()
+
+    async def _drain(self) -> None:
+        while self._writes:
+            op = self._writes.popleft()
+            try:
+                await op()
+            except Exception:  # one failed write must not stop the others
+                log.exception("rollout bookkeeping failed")
+
+    async def _follow_bus(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Changes made through other master processes (and this one: harmless twice)."""
+        started = False
+        while True:
+            async with self.services.bus.subscribe() as events:
+                if not started:
+                    task_status.started()
+                    started = True
+                async for event in events:
+                    self._on_event(event)
+            log.warning("event subscription ended; subscribing again")
+            await anyio.sleep(0.1)
+
+    def _on_event(self, event: Event) -> None:
+        kind = event.kind
+        if kind == "version.created":
+            trace = event.payload.get("trace")
+            number = event.payload.get("number")
+            if isinstance(trace, Mapping) and isinstance(number, int) and trace:
+                self._remember_trace(
+                    event.workspace, number, {str(k): str(v) for k, v in trace.items()}
+                )
+            self.mark(event.workspace)
+        elif kind.startswith("assignment."):
+            self.mark(event.workspace)
+        elif kind == "agent.updated":
+            agent_id = event.payload.get("agent_id")
+            labels = event.payload.get("labels")
+            if self.hub is not None and isinstance(agent_id, str) and isinstance(labels, Mapping):
+                info = self.hub.session(agent_id)
+                if info is not None:
+                    self.hub.update_agent(attrs.evolve(_agent_of(info), labels=labels))
+            self.mark(event.workspace)
+        elif kind == "agent.revoked":
+            agent_id = event.payload.get("agent_id")
+            if self.hub is not None and isinstance(agent_id, str):
+                self._inflight.pop(agent_id, None)
+                self.hub.disconnect(agent_id)
+
+    def _remember_trace(self, workspace: str, number: int, trace: dict[str, str]) -> None:
+        self._traces.setdefault((workspace, number), trace)
+        while len(self._traces) > _TRACES:
+            self._traces.popitem(last=False)
+
+
+def _agent_of(info: SessionInfo) -> Agent:
+    return Agent(id=info.agent_id, name="agent", labels=info.labels, workspace=info.workspace)
