@@ -398,3 +398,27 @@ class TestSignatures:
             await tg.start(agent_env.build(state_file=agent_env.state_file).run)
             await agent_env.wait_body("local")
             tg.cancel_scope.cancel()
+
+
+class TestMasterKeyPinning:
+    def test_enrollment_pins_and_a_different_key_later_is_refused(
+        self, agent_env: AgentEnv
+    ) -> None:
+        """The key of the enrolling master is pinned (master.pub, signatures required); a
+        resumed session offering another key changes nothing."""
+        from nxmesh.crypto.signing import SigningKey
+
+        app = agent_env.build()
+        first, other = SigningKey.generate(), SigningKey.generate()
+        assert app.applier.verify_key is None
+        app.pin_master_key(first.verify_key, True)
+        pem = (agent_env.state_dir / "agent" / "master.pub").read_text()
+        assert pem == first.public_key_pem()
+        assert app.applier.verify_key == first.verify_key
+        assert app.applier.require_signature
+        app.pin_master_key(other.verify_key, False)
+        assert app.applier.verify_key == first.verify_key
+        assert (agent_env.state_dir / "agent" / "master.pub").read_text() == pem
+        assert "master.key_mismatch" in app.events.kinds()
+        app.pin_master_key(other.verify_key, True)  # enrolled again: the new master is trusted
+        assert app.applier.verify_key == other.verify_key

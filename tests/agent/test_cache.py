@@ -187,3 +187,26 @@ class TestVerifyUpdate:
         assert verify_update(update, key.verify_key) is None
         replayed = attrs.evolve(update, version=update.version + 1)
         assert "signature does not match" in (verify_update(replayed, key.verify_key) or "")
+
+    def test_the_masters_version_signature_verifies_end_to_end(self) -> None:
+        """One scheme: the ConfigVersion signed at creation verifies on the agent after
+        travelling as a ConfigUpdate; any signed metadata altered breaks it."""
+        from nxmesh.agent.verify import pending_from_version
+        from nxmesh.config.versions import new_version
+        from nxmesh.core.envelope import seal, unseal
+        from nxmesh.core.protocol import ConfigUpdate, decode_body, encode_body
+
+        key = SigningKey.generate()
+        state = _entry().update.state
+        version = new_version(state, previous=None, author="ann", message="m", signer=key)
+        assert verify_update(pending_from_version(version), key.verify_key) is None
+        frame = seal(encode_body(ConfigUpdate.of(version)), agent_id="a", key_id="k",
+                     key=b"k" * 32, seq=1, ts_ms=1)  # fmt: skip
+        received = decode_body(unseal(frame))
+        assert isinstance(received, ConfigUpdate)
+        pending = received.to_pending()
+        assert verify_update(pending, key.verify_key, require_signature=True) is None
+        for change in ({"author": "eve"}, {"message": "x"}, {"created_at": 1.0},
+                       {"parent_digest": "0" * 64}, {"version": 2}):  # fmt: skip
+            altered = attrs.evolve(pending, **change)  # type: ignore[arg-type]
+            assert "signature does not match" in (verify_update(altered, key.verify_key) or "")

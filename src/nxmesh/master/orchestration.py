@@ -10,8 +10,9 @@ process runs one, beside its `nxmesh.session_hub.MasterSessionHub`:
   over the agents connected **to this process** in that workspace: the assignment whose
   selector matches (most specific wins) names the version, unmatched agents follow the
   latest (`nxmesh.master.selection`); an agent not already running that version and
-  digest, and not already sent it, gets it (`MasterSessionHub.offer`; the body is
-  encoded once per version).
+  digest, and not already sent it (nor refused it: a failed version is not pushed again
+  until another one is due, or the agent reconnects), gets it
+  (`MasterSessionHub.offer`; the body is encoded once per version).
 * **Reconnects.** The hub asks `desired_for` when an agent registers or its heartbeat
   reports another running version; it resends only on mismatch (version or digest).
 * **Status.** Every step is persisted with ``set_agent_status`` — ``sent`` when the
@@ -86,6 +87,8 @@ class RolloutOrchestrator:
         self._idle = anyio.Event()
         self._idle.set()
         self._inflight: dict[str, tuple[int, str]] = {}
+        self._failed: dict[str, tuple[int, str]] = {}
+        """Per agent: the version it refused last (not pushed again until another one)."""
         self._traces: OrderedDict[tuple[str, int], dict[str, str]] = OrderedDict()
         self._converged: OrderedDict[tuple[str, int], None] = OrderedDict()
 
@@ -166,7 +169,7 @@ class RolloutOrchestrator:
             target = (version.number, version.digest)
             if (info.running_version, info.running_digest) == target:
                 continue
-            if self._inflight.get(info.agent_id) == target:
+            if target in (self._inflight.get(info.agent_id), self._failed.get(info.agent_id)):
                 continue
             trace = self._traces.get((workspace, version.number))
             if hub.offer(info.agent_id, version, trace=trace):
@@ -213,6 +216,10 @@ class RolloutOrchestrator:
         if status.final:
             if self._inflight.get(agent_id, (status.version, status.digest))[0] == status.version:
                 self._inflight.pop(agent_id, None)
+            if status.phase in ("applied", "noop"):
+                self._failed.pop(agent_id, None)
+            else:
+                self._failed[agent_id] = (status.version, status.digest)
             self.metrics.pushes.labels(outcome=status.phase).inc()
         message = status.error
         if status.nginx_output and status.nginx_output not in message:

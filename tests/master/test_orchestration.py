@@ -1,0 +1,296 @@
+"""Rollout orchestration in one process: real master services (SQLite), the session hub
+and the orchestrator over the in-memory transport, agents as `AgentLink`s answering by
+hand — plus the rollout API over the HTTP app."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import attrs
+import pytest
+from anyio.abc import TaskGroup
+
+from nxmesh.agent.verify import verify_update
+from nxmesh.agent_link import AgentLink, Backoff, Endpoint, MemoryCredentialStore
+from nxmesh.core.model import ConfigVersion, DesiredState, HealthReport, LabelSelector
+from nxmesh.core.pluginmanager import NxMeshPluginManager
+from nxmesh.core.protocol import ConfigStatus, ConfigUpdate
+from nxmesh.core.records import AgentStatus, Assignment
+from nxmesh.crypto.signing import VerifyKey
+from nxmesh.master.app import MasterServices, open_services
+from nxmesh.master.orchestration import RolloutOrchestrator
+from nxmesh.session_hub import MasterSessionHub
+from nxmesh.testing import make_state
+from nxmesh.testing.memory_transport import MemoryTransport
+
+from .conftest import Master, make_settings
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@attrs.define(eq=False)
+class Plane:
+    """Master services + hub + orchestrator, served over the memory transport."""
+
+    services: MasterServices
+    hub: MasterSessionHub
+    orchestrator: RolloutOrchestrator
+    transport: MemoryTransport
+    tg: TaskGroup
+    keys: dict[str, VerifyKey] = attrs.field(factory=dict)
+
+    async def agent(self, name: str, **labels: str) -> AgentLink:
+        issued = await self.services.enrollment.create_token(labels=labels)
+        link = AgentLink(
+            [Endpoint(self.transport, "memory://")],
+            MemoryCredentialStore(),
+            bootstrap_token=issued.token,
+            name=name,
+            labels=labels,
+            backoff=Backoff(0.01, 0.05),
+            on_master_key=lambda key, _enrolled: self.keys.__setitem__(name, key),
+        )
+        self.tg.start_soon(link.run_forever)
+        with anyio.fail_after(5):
+            await link.wait_registered()
+        return link
+
+    async def commit(self, body: str) -> ConfigVersion:
+        """Store a new version; `body` names it (and picks a distinct upstream port)."""
+        state = make_state(1, port=18000 + sum(map(ord, body)))
+        result = await self.services.changes.commit(
+            "default", lambda _old: state, author="tester", message=body
+        )
+        return result.version
+
+    async def settle(self) -> None:
+        """Let the reconcile loop and the writer catch up."""
+        for _ in range(5):
+            await anyio.sleep(0.02)
+            await self.orchestrator.wait_written()
+
+    async def statuses(self, agent_id: str) -> list[AgentStatus]:
+        found = await self.services.storage.list_agent_statuses("default")
+        return [s for s in found if s.agent_id == agent_id]
+
+
+async def next_update(link: AgentLink, within: float = 5.0) -> ConfigUpdate:
+    with anyio.fail_after(within):
+        return await link.updates.receive()
+
+
+def answer(link: AgentLink, update: ConfigUpdate, phase: str = "applied", **extra: str) -> None:
+    link.send_status(
+        ConfigStatus(version=update.version, digest=update.digest, phase=phase, **extra)  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+async def plane(
+    plugin_manager: NxMeshPluginManager, tmp_path: Path, template_state: Path
+) -> AsyncIterator[Plane]:
+    shutil.copytree(template_state, tmp_path / "state")
+    settings = make_settings(plugin_manager, tmp_path / "state")
+    async with open_services(plugin_manager, settings) as services:
+        hub = MasterSessionHub(
+            services.enrollment, signing_key=services.signer.verify_key, heartbeat_interval=5
+        )
+        orchestrator = RolloutOrchestrator(services)
+        orchestrator.attach(hub)
+        services.orchestrator = orchestrator
+        transport = MemoryTransport()
+        async with anyio.create_task_group() as tg:
+            await tg.start(orchestrator.run)
+            await tg.start(transport.serve, hub.handler("memory"))
+            yield Plane(services, hub, orchestrator, transport, tg)
+            tg.cancel_scope.cancel()
+
+
+class TestPushes:
+    async def test_version_reaches_agents_signed_and_statuses_are_recorded(
+        self, plane: Plane
+    ) -> None:
+        """A stored version goes to every connected agent, verifiable with the key pinned
+        at enrollment; sent/received/applied are persisted and the rollout completes."""
+        a, b = await plane.agent("a", env="prod"), await plane.agent("b", env="prod")
+        assert plane.keys["a"] == plane.services.signer.verify_key
+        version = await plane.commit("one")
+        for link in (a, b):
+            update = await next_update(link)
+            assert (update.version, update.digest) == (version.number, version.digest)
+            pending = update.to_pending()
+            assert verify_update(pending, plane.keys["a"], require_signature=True) is None
+            tampered = attrs.evolve(pending, author="mallory")
+            assert "signature does not match" in (verify_update(tampered, plane.keys["a"]) or "")
+            answer(link, update)
+        await plane.settle()
+        assert a.agent_id is not None
+        phases = [s.phase for s in await plane.statuses(a.agent_id)]
+        assert phases == ["applied"]  # one record per (agent, version): the latest phase
+        agent = await plane.services.storage.get_agent(a.agent_id)
+        assert agent is not None
+        assert (agent.running_version, agent.running_digest) == (version.number, version.digest)
+        metrics = plane.services.metrics
+        assert metrics.pushes.labels(outcome="sent")._value.get() == 2
+        assert metrics.pushes.labels(outcome="applied")._value.get() == 2
+        assert metrics.connected_agents.labels(transport="memory")._value.get() == 2
+        samples = metrics.convergence_seconds.collect()[0].samples
+        assert next(s for s in samples if s.name.endswith("_count")).value == 1
+
+    async def test_assignments_pin_agents_most_specific_wins(self, plane: Plane) -> None:
+        """An assignment pins staging to version 1; prod follows the latest."""
+        prod, staging = await plane.agent("p", env="prod"), await plane.agent("s", env="stage")
+        first = await plane.commit("one")
+        for link in (prod, staging):
+            answer(link, await next_update(link))
+        await plane.settle()
+        await plane.services.storage.set_assignment(
+            Assignment(
+                workspace="default",
+                name="hold-staging",
+                selector=LabelSelector(match_labels={"env": "stage"}),
+                version=first.number,
+            )
+        )
+        await plane.orchestrator.assignments_changed("default")
+        second = await plane.commit("two")
+        update = await next_update(prod)
+        assert update.version == second.number
+        await plane.settle()
+        assert len(staging.updates) == 0
+        # Retargeting the assignment moves staging at once.
+        await plane.services.storage.delete_assignment("default", "hold-staging")
+        await plane.orchestrator.assignments_changed("default")
+        assert (await next_update(staging)).version == second.number
+
+    async def test_reconnect_resends_only_on_mismatch(self, plane: Plane) -> None:
+        """An agent reconnecting on the desired version gets nothing; one behind gets it."""
+        link = await plane.agent("a")
+        version = await plane.commit("one")
+        update = await next_update(link)
+        answer(link, update)
+        await plane.settle()
+        assert link.agent_id is not None
+        plane.hub.disconnect(link.agent_id)
+        with anyio.fail_after(5):
+            await link.wait_registered(count=2)
+        await plane.settle()
+        assert len(link.updates) == 0
+        link.set_running(None, None)
+        plane.hub.disconnect(link.agent_id)
+        with anyio.fail_after(5):
+            await link.wait_registered(count=3)
+        assert (await next_update(link)).digest == version.digest
+
+    async def test_failure_keeps_nginx_message_and_is_not_resent(self, plane: Plane) -> None:
+        """failed + nginx's output are stored; the same version is not pushed again."""
+        link = await plane.agent("a")
+        await plane.commit("one")
+        update = await next_update(link)
+        answer(link, update, "failed", error="nginx -t failed",
+               nginx_output='host not found in upstream "x"')  # fmt: skip
+        await plane.settle()
+        assert link.agent_id is not None
+        [status] = await plane.statuses(link.agent_id)
+        assert status.phase == "failed"
+        assert "host not found" in status.message
+        await plane.orchestrator.assignments_changed("default")  # any later reconcile
+        await plane.settle()
+        assert len(link.updates) == 0
+
+    async def test_health_reports_reach_services_health(self, plane: Plane) -> None:
+        link = await plane.agent("a")
+        link.send_health(HealthReport(agent_id="whatever", ts=1.0, results=()))
+        assert link.agent_id is not None
+        with anyio.fail_after(5):
+            while plane.services.health.get(link.agent_id) is None:
+                await anyio.sleep(0.01)
+
+    async def test_revoked_agent_is_disconnected(self, plane: Plane) -> None:
+        link = await plane.agent("a")
+        assert link.agent_id is not None
+        await plane.services.enrollment.revoke_agent(link.agent_id)
+        await plane.orchestrator.agent_revoked(link.agent_id)
+        with anyio.fail_after(5):
+            while link.agent_id in plane.hub.connected:
+                await anyio.sleep(0.01)
+
+    async def test_trace_context_travels_with_the_update(self, plane: Plane, exporter: Any) -> None:
+        """The API call's trace context reaches the agent inside the ConfigUpdate."""
+        from opentelemetry import trace
+
+        link = await plane.agent("a")
+        with trace.get_tracer("test").start_as_current_span("api call") as span:
+            await plane.commit("traced")
+            trace_id = format(span.get_span_context().trace_id, "032x")
+        update = await next_update(link)
+        assert update.trace["traceparent"].split("-")[1] == trace_id
+        assert update.to_pending().trace == update.trace
+
+
+@pytest.fixture(scope="module")
+def exporter() -> Any:
+    """Spans recorded in memory (the global tracer provider can only be set once)."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+class TestRolloutApi:
+    def test_rollout_view_per_agent(self, master: Master, admin: dict[str, str]) -> None:
+        """GET .../versions/N/rollout: targeted agents, phase, nginx's message, converged."""
+        from nxmesh.core.model import Agent
+        from nxmesh.core.serialization import unstructure
+
+        state: DesiredState = make_state(1, port=18081)
+        response = master.client.put(
+            "/api/v1/workspaces/default/state", json=unstructure(state), headers=admin
+        )
+        assert response.status_code == 200, response.text
+        version = response.json()["version"]
+        storage = master.services.storage
+        done = Agent(
+            id="done1",
+            name="done1",
+            status="online",
+            running_version=version["number"],
+            running_digest=version["digest"],
+        )
+        broken = Agent(id="broken1", name="broken1", status="online")
+        for agent in (done, broken):
+            master.call(storage.upsert_agent, agent)
+        master.call(
+            storage.set_agent_status,
+            AgentStatus(agent_id="broken1", version=version["number"], digest=version["digest"],
+                        phase="failed", message="nginx -t failed: host not found"),
+        )  # fmt: skip
+        view = master.client.get(
+            f"/api/v1/workspaces/default/versions/{version['number']}/rollout", headers=admin
+        ).json()
+        assert view["converged"] is False
+        assert view["failed"] is True
+        reasons = {a["agent_id"]: a["reason"] for a in view["agents"]}
+        assert reasons == {"done1": "current", "broken1": "failed"}
+        [failed] = [a for a in view["agents"] if a["agent_id"] == "broken1"]
+        assert "host not found" in failed["status"]["message"]
+        missing = master.client.get("/api/v1/workspaces/default/versions/99/rollout",
+                                    headers=admin)  # fmt: skip
+        assert missing.status_code == 404
