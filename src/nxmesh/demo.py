@@ -362,6 +362,7 @@ class _Ports:
     backend: int
     status: int
     metrics: int
+    grpc: int
 
 
 @contextlib.contextmanager
@@ -394,6 +395,16 @@ def _demo_directory(directory: Path) -> Iterator[IO[str]]:
         lock.close()
 
 
+def _transports() -> tuple[str, ...]:
+    """gRPC (TLS, the master's CA pinned) when its plugin is installed, then WebSocket
+    (built in, mounted on the API's port): the agent tries them in this order."""
+    from nxmesh.core.pluginmanager import get_plugin_manager
+    from nxmesh.core.registry import ProviderRegistries
+
+    names = ProviderRegistries.collect(get_plugin_manager())["transport"].names()
+    return tuple(name for name in ("grpc", "websocket") if name in names)
+
+
 class _Demo:
     """One demo run: its children, the backend, and what it printed."""
 
@@ -405,6 +416,7 @@ class _Demo:
         self.backend: http.server.ThreadingHTTPServer | None = None
         self.client: Client | None = None
         self.stored_profile: CredentialStore | None = None
+        self.transports = _transports()
 
     # -- steps --------------------------------------------------------------------------
 
@@ -434,6 +446,7 @@ class _Demo:
             backend=claim_port(o.backend_port, "the backend app", "--backend-port"),
             status=_free_port(),
             metrics=_free_port(),
+            grpc=_free_port(),
         )
 
     def start_backend(self, port: int) -> None:
@@ -452,7 +465,12 @@ class _Demo:
             {
                 "state_dir": str(self.dir / "master"),
                 "log_format": "json",
-                "master": {"api_host": "127.0.0.1", "api_port": ports.api},
+                "master": {
+                    "api_host": "127.0.0.1",
+                    "api_port": ports.api,
+                    "grpc_port": ports.grpc,
+                    "transports": list(self.transports),
+                },
             },
         )
         master = Child.start(
@@ -486,7 +504,12 @@ class _Demo:
         self.client = client
         return client
 
-    def agent_config(self, ports: _Ports, nginx: str, master_url: str) -> Path:
+    def agent_config(self, ports: _Ports, nginx: str) -> Path:
+        """The agent's settings: every master endpoint in order, the master's CA pinned."""
+        endpoints = {
+            "grpc": f"grpcs://127.0.0.1:{ports.grpc}",
+            "websocket": f"ws://127.0.0.1:{ports.api}/agent",
+        }
         config = self.dir / "agent.toml"
         write_toml(
             config,
@@ -494,17 +517,35 @@ class _Demo:
                 "state_dir": str(self.dir / "agent"),
                 "log_format": "json",
                 "agent": {
+                    "name": "demo-agent",
+                    "endpoints": [endpoints[name] for name in self.transports],
+                    "ca_file": str(self.master_ca),
                     "deployment_mode": "standalone",
                     "conf_dir": str(self.dir / "nginx"),
                     "nginx_binary": nginx,
                     "metrics_port": ports.metrics,
-                    "master_url": master_url,
+                    "health_interval": 5.0,
                     "labels": {"demo": "true"},
                 },
                 "plugins.nginx_driver": {"status_port": ports.status},
             },
         )
         return config
+
+    @property
+    def master_ca(self) -> Path:
+        """The CA the master's gRPC certificate comes from (agents pin it)."""
+        return self.dir / "master" / "tls" / "ca.pem"
+
+    def wait_agent_plane(self) -> None:
+        """The agent transports start right after the API: wait for the master's CA."""
+        if "grpc" in self.transports:
+            _wait(
+                "the master's agent transports",
+                self.master_ca.exists,
+                timeout=self.options.timeout,
+                children=self.children,
+            )
 
     def start_agent(self, config: Path, args: list[str]) -> Child:
         agent = Child.start(
@@ -516,16 +557,15 @@ class _Demo:
         self.children.append(agent)
         return agent
 
-    def enroll_agent(self, client: Client, config: Path, option: str) -> Child:
-        """Start the agent with a fresh bootstrap token, through `option` of nxmesh agent."""
+    def enroll_agent(self, client: Client, config: Path) -> Child:
+        """Start the agent with a fresh single-use bootstrap token (in a 0600 file)."""
         token = client.create_bootstrap_token(WORKSPACE, labels={"demo": "true"}, ttl=600)
         token_file = self.dir / "bootstrap-token"
         fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(token.token + "\n")
-        # A token in argv would be visible to every user in `ps`: prefer the file form.
-        value = str(token_file) if option.endswith("file") else token.token
-        return self.start_agent(config, [option, value])
+        # A token in argv would be visible to every user in `ps`: pass the file instead.
+        return self.start_agent(config, ["--bootstrap-token-file", str(token_file)])
 
     def wait_enrolled(self, client: Client) -> str:
         def online() -> str | None:
@@ -615,41 +655,6 @@ class _Demo:
         self.say("")
         self.say(page["body"], "bold")
 
-    def publish_masterless(self, client: Client, version: int) -> str:
-        """Masterless fallback: hand version `version`'s state to the agent as its state
-        file (written atomically, as a git checkout would); its digest to wait for."""
-        import json
-
-        info = client.get_version(WORKSPACE, version)
-        path = self.dir / "live-state.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info.state))
-        tmp.replace(path)
-        return info.digest
-
-    def wait_masterless(self, version: int, digest: str) -> str:
-        """Masterless fallback: wait until the agent's last-known-good entry is `digest`."""
-        import json
-
-        cache = self.dir / "agent" / "agent" / "last_good.json"
-
-        def applied() -> bool:
-            try:
-                entry = json.loads(cache.read_text())["entry"]
-            except (OSError, ValueError, KeyError, TypeError):
-                return False
-            return bool(entry.get("digest") == digest)
-
-        self.say(f"waiting for the agent to apply version {version} ({digest[:12]})...")
-        _wait(
-            f"the agent to apply version {version}",
-            applied,
-            timeout=self.options.timeout,
-            children=self.children,
-        )
-        self.say(f"version {version}: the agent serves digest {digest[:12]}", "green")
-        return digest
-
     def keep_running(self) -> None:
         """Serve until Ctrl-C or SIGTERM, with the demo's login stored as profile ``demo``."""
         from nxmesh.client import CredentialStore
@@ -680,18 +685,6 @@ class _Demo:
         if self.backend is not None:
             self.backend.shutdown()
             self.backend.server_close()
-
-
-def enrollment_option() -> str | None:
-    """The ``nxmesh agent`` option that enrolls it with a bootstrap token, or None when
-    this installation's agent cannot connect to a master (no transport wiring)."""
-    from nxmesh.cli.agent_cmd import agent_command
-
-    for param in agent_command.params:
-        for opt in getattr(param, "opts", ()):
-            if opt.startswith("--") and "bootstrap" in opt:
-                return str(opt)
-    return None
 
 
 def _wait_for_signal(demo: _Demo) -> None:
@@ -768,27 +761,17 @@ def _run(demo: _Demo, directory: Path) -> DemoResult:
         "# examples/quickstart/site.yaml with the demo's ports (written by nxmesh demo)\n"
         + yaml.safe_dump(state, sort_keys=False)
     )
-    config = demo.agent_config(ports, nginx, api_url)
-    option = enrollment_option()
-    title = "applying examples/quickstart/site.yaml (ports adapted to the demo)"
-    if option is not None:
-        demo.step("enrolling an agent that supervises a real nginx")
-        demo.enroll_agent(client, config, option)
-        agent_id = demo.wait_enrolled(client)
-        demo.say(f"agent {agent_id} connected")
-        demo.step(title)
-        first = demo.apply(client, state, "demo: quickstart site")
-        demo.rollout(client, first)
-    else:
-        # No agent transport in this installation: the demo carries each version to a
-        # masterless agent as its state file.
-        agent_id = "masterless"
-        demo.step(title)
-        first = demo.apply(client, state, "demo: quickstart site")
-        digest = demo.publish_masterless(client, first)
-        demo.step("starting a masterless agent that supervises a real nginx")
-        demo.start_agent(config, ["--state", str(directory / "live-state.json")])
-        demo.wait_masterless(first, digest)
+    demo.step("enrolling an agent that supervises a real nginx")
+    demo.wait_agent_plane()
+    config = demo.agent_config(ports, nginx)
+    demo.enroll_agent(client, config)
+    agent_id = demo.wait_enrolled(client)
+    tried = ", then ".join(demo.transports)
+    demo.say(f"agent demo-agent enrolled as {agent_id} and connected ({tried} tried in order)")
+
+    demo.step("applying examples/quickstart/site.yaml (ports adapted to the demo)")
+    first = demo.apply(client, state, "demo: quickstart site")
+    demo.rollout(client, first)
 
     demo.step("fetching the page through nginx")
     before = demo.fetch(ports.web)
@@ -798,10 +781,7 @@ def _run(demo: _Demo, directory: Path) -> DemoResult:
 
     demo.step(f"applying a change: a {CHANGE_HEADER} header and a /hello location")
     second = demo.apply(client, changed_state(state), "demo: add a header and /hello")
-    if option is not None:
-        digest = demo.rollout(client, second)
-    else:
-        digest = demo.wait_masterless(second, demo.publish_masterless(client, second))
+    digest = demo.rollout(client, second)
 
     demo.step("fetching the page again: the change is live")
     after = demo.fetch(ports.web)

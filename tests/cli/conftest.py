@@ -99,6 +99,8 @@ def api_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiMaster]:
         {k: v for k, v in os.environ.items() if not k.startswith("NXMESH_")}
         | FAST_HASHING
         | {"NXMESH_LOG_FORMAT": "json", "NXMESH_DISABLE_PLUGIN_AUTOLOAD": "1"}
+        # Agents would use the WebSocket mounted on the API port; no gRPC port to collide.
+        | {"NXMESH_MASTER__TRANSPORTS": "websocket"}
     )
     with log.open("wb") as out:
         proc = subprocess.Popen(

@@ -17,7 +17,7 @@ import httpx
 import psutil
 import pytest
 
-from nxmesh.demo import CHANGE_HEADER, MARKER, enrollment_option
+from nxmesh.demo import CHANGE_HEADER, MARKER
 from nxmesh.testing.services import require_binary
 
 NXMESH = [sys.executable, "-c", "import sys; from nxmesh.cli import main; main(sys.argv[1:])"]
@@ -76,9 +76,11 @@ class TestDemoRun:
         narration = result.stderr
         assert "+        add_header X-NxMesh-Demo rolled-out-by-nxmesh always;" in narration
         assert "GET /hello → 200 hello from nginx, configured by NxMesh" in narration
-        if enrollment_option() is not None:  # agents connect to the master: the real path
-            assert doc["agent_id"] != "masterless"
-            assert "version 2: 1/1 agents applied" in narration
+        # Through the master: the agent enrolled with a bootstrap token, and the master's
+        # rollout view saw it report each version's digest.
+        assert "agent demo-agent enrolled as " + doc["agent_id"] in narration
+        assert "version 1: 1/1 agents applied" in narration
+        assert "version 2: 1/1 agents applied" in narration
         # Default: everything stopped and the directory removed.
         assert not (tmp_path / "demo").exists()
         assert _processes_under(tmp_path / "demo") == []

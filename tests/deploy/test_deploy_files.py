@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import click
 import pytest
@@ -248,6 +249,11 @@ class TestCompose:
         }
         settings = check_settings(env)
         assert settings.agent.deployment_mode == "docker-sidecar"
+        # The agent reaches the master by its service name, on a port the master serves.
+        master_url = urlsplit(settings.agent.master_url)
+        assert master_url.hostname == "master"
+        published = {p.rsplit(":", 1)[-1] for p in compose["services"]["master"]["ports"]}
+        assert str(master_url.port) in published
 
     def test_images_build_from_the_dockerfiles(self, compose: dict[str, Any]) -> None:
         """Each build names a Dockerfile in deploy/docker, relative to the repo root."""

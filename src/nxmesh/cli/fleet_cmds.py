@@ -3,7 +3,7 @@
 * ``agents [list|show ID|revoke ID]`` — enrolled agents, their rollout status per
   version, and revocation (keys deleted, stream closed at once).
 * ``token create|list|revoke`` — single-use bootstrap tokens an agent enrolls with
-  (``nxmesh agent --bootstrap-token``); ``token create-api`` mints an ``nxm_`` API token
+  (``nxmesh agent --bootstrap-token-file FILE``); ``token create-api`` mints an ``nxm_`` API token
   for automation. A new token's secret is printed once, alone on stdout, so
   ``TOKEN=$(nxmesh token create)`` works; the explanation goes to stderr.
 * ``user [list|add|passwd|delete]`` — local users. Passwords come from a hidden prompt
@@ -187,7 +187,11 @@ def token_create_command(
         f"{timestamp(info.get('expires_at'))}; labels: {labels_text(bound)}",
         err=True,
     )
-    click.echo("enroll an agent with: nxmesh agent --bootstrap-token <token>", err=True)
+    click.echo(
+        "enroll an agent with it: nxmesh agent --bootstrap-token-file FILE "
+        "(or NXMESH_AGENT__BOOTSTRAP_TOKEN)",
+        err=True,
+    )
 
 
 @token_group.command("list")

@@ -42,6 +42,7 @@ from nxmesh.client.models import (
     ChangeResult,
     DryRun,
     Me,
+    RolloutInfo,
     UserInfo,
     VersionDiff,
     VersionInfo,
@@ -404,6 +405,11 @@ class Client:
             params={"against": against},
         )
         return parse(VersionDiff, data)
+
+    def rollout(self, workspace: str, number: int) -> RolloutInfo:
+        """Where version `number` stands on every agent it targets (one request)."""
+        data = self.request("GET", f"/workspaces/{_seg(workspace)}/versions/{number}/rollout")
+        return parse(RolloutInfo, data)
 
     def rollback(self, workspace: str, number: int, *, message: str | None = None) -> ChangeResult:
         data = self.request(

@@ -23,6 +23,7 @@ __all__ = [
     "ChangeResult",
     "DryRun",
     "Me",
+    "RolloutInfo",
     "UserInfo",
     "VersionDiff",
     "VersionInfo",
@@ -178,6 +179,25 @@ class AgentRollout:
         """The rollout phase the master recorded (``sent``, ``applying``...), if any."""
         phase = (self.status or {}).get("phase")
         return phase if isinstance(phase, str) else None
+
+
+@attrs.frozen(kw_only=True)
+class RolloutInfo:
+    """``GET /versions/{n}/rollout``: the version on every agent it targets."""
+
+    workspace: str
+    version: int
+    digest: str
+    converged: bool
+    failed: bool
+    agents: list[dict[str, Any]] = attrs.field(factory=list)
+    """One ``AgentWhy`` document per targeted agent (parse with `AgentRollout`)."""
+    untargeted: int = 0
+    created_at: float = 0.0
+    raw: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
+
+    def agent_rollouts(self) -> list[AgentRollout]:
+        return parse_list(AgentRollout, self.agents)
 
 
 @attrs.frozen(kw_only=True)

@@ -1,12 +1,12 @@
 """Where a version's rollout stands, agent by agent, from the master's API.
 
 `rollout_snapshot` asks the master which agents of a workspace a version targets and
-how far each got — ``GET /agents`` then ``GET /agents/{id}/why?version=N``, which answers
-with the rollout phase the master recorded and whether the agent reports the version's
-digest — and folds the answers into a `RolloutSnapshot`. A rollout is *converged* when
-every targeted agent runs the version, *failed* as soon as one agent failed or rolled it
-back. Agents an assignment pins to another version, and revoked agents, are not
-targeted. One call costs one request per agent: fine for a terminal, not for 5,000.
+how far each got — ``GET /workspaces/{ws}/versions/{n}/rollout``, one request that
+answers, per targeted agent, with the rollout phase the master recorded, whether the
+agent reports the version's digest, and why not — and folds the answer into a
+`RolloutSnapshot`. A rollout is *converged* when every targeted agent runs the version,
+*failed* as soon as one agent failed or rolled it back. Agents an assignment pins to
+another version, and revoked agents, are not targeted.
 """
 
 from __future__ import annotations
@@ -111,27 +111,21 @@ def rollout_snapshot(
         latest = client.latest_version(workspace)
         if latest is None:
             return None
-        info = latest
-    else:
-        info = client.get_version(workspace, version)
-    agents: list[AgentProgress] = []
-    untargeted = 0
-    for agent in client.list_agents(workspace):
-        if agent.status == "revoked":
-            untargeted += 1
-            continue
-        why = client.agent_why(agent.id, info.number)
-        if why.reason in ("not_selected", "revoked"):
-            untargeted += 1
-            continue
-        progress = _progress(agent.id, why.reason, why.phase, why.detail)
-        agents.append(attrs.evolve(progress, running_version=why.running_version))
+        version = latest.number
+    view = client.rollout(workspace, version)
+    agents = [
+        attrs.evolve(
+            _progress(why.agent_id, why.reason, why.phase, why.detail),
+            running_version=why.running_version,
+        )
+        for why in view.agent_rollouts()
+    ]
     return RolloutSnapshot(
         workspace=workspace,
-        version=info.number,
-        digest=info.digest,
+        version=view.version,
+        digest=view.digest,
         agents=tuple(sorted(agents, key=lambda a: a.agent_id)),
-        untargeted=untargeted,
+        untargeted=view.untargeted,
     )
 
 
