@@ -174,5 +174,13 @@ class TestDemoFailures:
         assert "logs kept in" in result.stdout + result.stderr
         demo_dir = tmp_path / "demo"
         assert (demo_dir / MARKER).exists()
-        assert (demo_dir / "master.log").exists()
         assert _processes_under(demo_dir) == []
+        # The agent had enrolled: neither its token's secret nor the admin password is in
+        # any log the demo kept.
+        secret = (demo_dir / "bootstrap-token").read_text().strip().split(".", 1)[1]
+        password = (demo_dir / "master" / "initial-admin-password").read_text().strip()
+        logs = (demo_dir / "master.log").read_text() + (demo_dir / "agent.log").read_text()
+        assert "enroll" in logs
+        assert secret not in logs
+        assert password not in logs
+        assert secret not in result.stdout + result.stderr
