@@ -454,7 +454,9 @@ def agents_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
     anyio.run(_agents, kind, conn, opts, backend="asyncio")
 
 
-_DIGEST = re.compile(rb'^\{"digest":"([A-Za-z0-9:._-]+)"')
+# The body's keys are sorted: the digest follows the short metadata fields (author,
+# created_at), the version number and workspace close the document.
+_DIGEST = re.compile(rb'"digest":"([A-Za-z0-9:._-]+)"')
 _VERSION = re.compile(rb'"version":(\d+),"workspace":"[^"]*"\}$')
 
 
@@ -520,7 +522,7 @@ async def _nxmesh_agent(
             env.verify(key)  # HMAC over header + sha256(body): the whole body is hashed
             guard.check(env)
             if env.type is MessageType.CONFIG_UPDATE:
-                digest = _DIGEST.match(env.body, 0, 200)
+                digest = _DIGEST.search(env.body, 0, 1024)
                 version = _VERSION.search(env.body, len(env.body) - 200)
                 assert digest is not None
                 assert version is not None
@@ -585,7 +587,7 @@ def run_one(
         sim.start()
         procs.append(sim)
         _recv(agents_end, sim, 900)
-        result: dict[str, Any] = _recv(master_end, master, 1800)
+        result: dict[str, Any] = _recv(master_end, master, 1800, also=sim)
         result["load_average_before"] = load_before
         result["load_average_after"] = os.getloadavg()
         agents_end.send("stop")
@@ -600,11 +602,13 @@ def run_one(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _recv(end: Connection, proc: Any, timeout: float) -> Any:
+def _recv(end: Connection, proc: Any, timeout: float, also: Any = None) -> Any:
+    """The next message from `proc`; fails when it (or `also`, the other side) died."""
     deadline = time.monotonic() + timeout
     while not end.poll(1.0):
-        if not proc.is_alive():
-            raise RuntimeError(f"benchmark process exited with code {proc.exitcode}")
+        for p in (proc, also):
+            if p is not None and not p.is_alive():
+                raise RuntimeError(f"benchmark process exited with code {p.exitcode}")
         if time.monotonic() > deadline:
             proc.kill()
             raise TimeoutError("benchmark process did not answer in time")
