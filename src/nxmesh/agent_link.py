@@ -86,6 +86,7 @@ from nxmesh.core.protocol import (
     bootstrap_mac_key,
     decode_body,
     encode_body,
+    open_certificates,
     open_key,
 )
 from nxmesh.crypto.secrets import write_private_file
@@ -682,6 +683,17 @@ class AgentLink:
 
     async def _dispatch(self, crypto: SessionCrypto, env: Envelope, message: Message) -> None:
         if isinstance(message, ConfigUpdate):
+            if message.certificates:
+                try:
+                    opened = open_certificates(
+                        message.certificates, crypto.keys, agent_id=crypto.agent_id
+                    )
+                except ProtocolError as exc:
+                    log.error("certificate keys from the master do not open", error=str(exc))  # noqa: TRY400
+                    self._queue(ConfigStatus(version=message.version, digest=message.digest,
+                                             phase="failed", error=_text(str(exc))))
+                    return
+                message = attrs.evolve(message, certificates=opened)
             self._queue(ConfigStatus(version=message.version, digest=message.digest,
                                      phase="received"))
             if self._session is not None:

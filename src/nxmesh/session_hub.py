@@ -26,6 +26,11 @@ needs (statuses, health) there — the hub does not write to storage per message
 queues one version for one agent (the master's orchestrator decides per agent).
 Accepted registrations carry the master's version-signing public key (`signing_key`),
 which the agent pins at enrollment.
+
+Certificate material (`UpdateMaterial`: the certificates an agent's sites use and pending
+HTTP-01 tokens) travels inside the `ConfigUpdate`; each private key is sealed under the
+receiving agent's session key, so a version carrying certificates is encoded per agent.
+`material_for(version)` supplies it for versions the hub sends by itself (resyncs).
 """
 
 from __future__ import annotations
@@ -57,7 +62,14 @@ from nxmesh.core.envelope import (
     unseal,
 )
 from nxmesh.core.interfaces import Channel
-from nxmesh.core.model import Agent, ConfigVersion, FrozenMap, HealthReport, LabelSelector
+from nxmesh.core.model import (
+    Agent,
+    ConfigVersion,
+    FrozenMap,
+    HealthReport,
+    LabelSelector,
+    TlsCertificate,
+)
 from nxmesh.core.protocol import (
     PROTOCOL_MAX,
     PROTOCOL_MIN,
@@ -79,13 +91,20 @@ from nxmesh.core.protocol import (
     decode_body,
     encode_body,
     negotiate,
+    seal_certificates,
     seal_key,
 )
 from nxmesh.core.records import AgentKey
 from nxmesh.crypto.signing import VerifyKey
 from nxmesh.enrollment import Enrollment, parse_token
 
-__all__ = ["AssignmentSource", "MasterSessionHub", "SessionInfo", "TransportHandler"]
+__all__ = [
+    "AssignmentSource",
+    "MasterSessionHub",
+    "SessionInfo",
+    "TransportHandler",
+    "UpdateMaterial",
+]
 
 log = structlog.get_logger("nxmesh.session")
 
@@ -101,6 +120,17 @@ class AssignmentSource(Protocol):
     """Which version an agent should run (the master app backs it with storage)."""
 
     async def desired_for(self, agent: Agent) -> ConfigVersion | None: ...
+
+
+@attrs.frozen
+class UpdateMaterial:
+    """Certificate material sent with a version: plaintext keys here, sealed on the wire."""
+
+    certificates: tuple[TlsCertificate, ...] = ()
+    challenges: Mapping[str, str] = attrs.field(factory=FrozenMap)
+
+    def __bool__(self) -> bool:
+        return bool(self.certificates or self.challenges)
 
 
 @attrs.frozen
@@ -193,6 +223,7 @@ class MasterSessionHub:
         signing_key: VerifyKey | None = None,
         on_session: Callable[[SessionInfo, bool], None] | None = None,
         on_sent: Callable[[str, ConfigVersion], None] | None = None,
+        material_for: Callable[[ConfigVersion], Awaitable[UpdateMaterial | None]] | None = None,
     ) -> None:
         self.enrollment = enrollment
         self.store = enrollment.store
@@ -216,6 +247,7 @@ class MasterSessionHub:
         self.signing_key = signing_key
         self.on_session = on_session
         self.on_sent = on_sent
+        self.material_for = material_for
         self._bodies: dict[tuple[str, int, str], EncodedBody] = {}
 
     # -- public API ----------------------------------------------------------------------
@@ -250,18 +282,45 @@ class MasterSessionHub:
             s.agent = attrs.evolve(s.agent, labels=agent.labels)
 
     def offer(
-        self, agent_id: str, version: ConfigVersion, *, trace: Mapping[str, str] | None = None
+        self,
+        agent_id: str,
+        version: ConfigVersion,
+        *,
+        trace: Mapping[str, str] | None = None,
+        material: UpdateMaterial | None = None,
     ) -> bool:
         """Queue `version` for one connected agent (replacing an older unsent one).
 
-        The body is encoded once per version (cached), whatever the number of agents.
-        False when the agent is not connected here.
+        Without `material` the body is encoded once per version (cached), whatever the
+        number of agents; with it, once for this agent (its keys sealed for it). False
+        when the agent is not connected here.
         """
         s = self._sessions.get(agent_id)
         if s is None:
             return False
-        s.offer_update(_PushedVersion(version, self._body(version, trace), LabelSelector()))
+        body = (
+            self._agent_body(s, version, trace, material)
+            if material
+            else self._body(version, trace)
+        )
+        s.offer_update(_PushedVersion(version, body, LabelSelector()))
         return True
+
+    def _agent_body(
+        self,
+        s: _Session,
+        version: ConfigVersion,
+        trace: Mapping[str, str] | None,
+        material: UpdateMaterial,
+    ) -> EncodedBody:
+        key = s.crypto.keys[s.crypto.key_id]
+        update = ConfigUpdate.of(
+            version,
+            trace=FrozenMap(trace or {}),
+            certificates=seal_certificates(material.certificates, key, agent_id=s.agent.id),
+            challenges=FrozenMap(material.challenges),
+        )
+        return encode_body(update)
 
     def _body(self, version: ConfigVersion, trace: Mapping[str, str] | None = None) -> EncodedBody:
         if trace:  # a traced push is one rollout's own: not shared
@@ -639,6 +698,11 @@ class MasterSessionHub:
             and desired.version.number == session.running_version
         ):
             return
+        if self.material_for is not None:
+            material = await self.material_for(desired.version)
+            if material:
+                body = self._agent_body(session, desired.version, None, material)
+                desired = _PushedVersion(desired.version, body, desired.selector)
         session.offer_update(desired)
 
     async def _desired_for(self, agent: Agent) -> _PushedVersion | None:

@@ -422,3 +422,76 @@ class TestMasterKeyPinning:
         assert "master.key_mismatch" in app.events.kinds()
         app.pin_master_key(other.verify_key, True)  # enrolled again: the new master is trusted
         assert app.applier.verify_key == other.verify_key
+
+
+class TestCertificatesFromTheMaster:
+    async def test_pushed_certificate_is_served_with_an_encrypted_key(
+        self, agent_env: AgentEnv
+    ) -> None:
+        """A certificate pushed with an update: nginx serves it over TLS, while the key on
+        disk (release tree, cache) is only ever encrypted under the vault's passphrase."""
+        import ssl
+
+        import attrs
+        from tests.master.certs import issue
+
+        from nxmesh.config.versions import state_digest
+        from nxmesh.core.model import (
+            CertificateRef,
+            Listener,
+            Location,
+            Return,
+            Site,
+            TlsCertificate,
+            TLSConfig,
+        )
+
+        leaf = issue("localhost", dns=("localhost",))
+        state = attrs.evolve(
+            agent_env.state("plain"),
+            certificates=(CertificateRef(name="web", domains=("localhost",)),),
+            sites=(
+                Site(
+                    name="secure",
+                    server_names=("localhost",),
+                    listeners=(Listener(port=agent_env.web_port, address="127.0.0.1", tls=True),),
+                    tls=TLSConfig(certificate="web"),
+                    locations=(Location(path="/", return_=Return(code=200, body="over tls")),),
+                ),
+            ),
+        )
+        cert = TlsCertificate(name="web", stem="certs/web", fullchain_pem=leaf.cert_pem,
+                              key_pem=leaf.key_pem)  # fmt: skip
+        update = PendingApply(
+            version=1, digest=state_digest(state), state=state, certificates=(cert,)
+        )
+        link = _Link([update])
+        async with anyio.create_task_group() as tg:
+            await tg.start(agent_env.build(link=link).run)
+            with anyio.fail_after(10):
+                while not link.reports:
+                    await anyio.sleep(0.02)
+            assert link.reports[0].outcome == "applied", link.reports[0]
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            stream = await anyio.connect_tcp(
+                "127.0.0.1", agent_env.web_port, ssl_context=ctx, tls_standard_compatible=False
+            )
+            async with stream:
+                served = stream.extra(anyio.streams.tls.TLSAttribute.peer_certificate_binary)
+            from cryptography import x509
+            from cryptography.hazmat.primitives import serialization
+
+            assert served == leaf.cert.public_bytes(serialization.Encoding.DER)
+            assert x509.load_der_x509_certificate(served).subject == leaf.cert.subject
+            tg.cancel_scope.cancel()
+        plaintext = leaf.key_pem.split("\n")[1].encode()
+        for path in [*agent_env.conf_dir.rglob("*.key"), *agent_env.state_dir.rglob("*")]:
+            if path.is_file():
+                assert plaintext not in path.read_bytes(), path
+        keys = list(agent_env.conf_dir.rglob("web.key"))
+        assert keys
+        assert b"ENCRYPTED PRIVATE KEY" in keys[0].read_bytes()
+        password = agent_env.state_dir / "agent" / "vault" / "ssl_password"
+        assert password.stat().st_mode & 0o777 == 0o600

@@ -294,3 +294,65 @@ class TestRolloutApi:
         missing = master.client.get("/api/v1/workspaces/default/versions/99/rollout",
                                     headers=admin)  # fmt: skip
         assert missing.status_code == 404
+
+
+class TestCertificates:
+    async def test_material_travels_sealed_and_follows_a_replaced_certificate(
+        self, plane: Plane
+    ) -> None:
+        """A TLS site's certificate reaches the agent with the version, its key sealed for
+        that agent; replacing the certificate re-sends the same version with the new one."""
+        from nxmesh.certs.validate import validate_certificate
+        from nxmesh.core.events import Event
+        from nxmesh.core.model import CertificateRef, Listener, Location, Return, Site, TLSConfig
+
+        from .certs import issue
+
+        storage = plane.services.storage
+
+        async def upload() -> str:
+            leaf = issue("www.example.test", dns=("www.example.test",))
+            check = validate_certificate(leaf.cert_pem, leaf.key_pem)
+            await storage.put_certificate(check.stored("default", "web"))
+            return leaf.key_pem
+
+        first_key = await upload()
+        link = await plane.agent("a")
+        state = DesiredState(
+            certificates=(CertificateRef(name="web", domains=("www.example.test",)),),
+            sites=(
+                Site(
+                    name="web",
+                    server_names=("www.example.test",),
+                    listeners=(Listener(port=8443, tls=True),),
+                    tls=TLSConfig(certificate="web"),
+                    locations=(Location(path="/", return_=Return(code=200, body="tls")),),
+                ),
+            ),
+        )
+        await plane.services.changes.commit(
+            "default", lambda _old: state, author="t", message="tls"
+        )
+        update = await next_update(link)
+        [cert] = update.certificates
+        assert (cert.name, cert.stem, cert.key_pem) == ("web", "certs/web", first_key)
+        # On the wire the key was sealed: the hub's frame for this agent never holds it.
+        version = await storage.latest_version("default")
+        assert version is not None
+        material = await plane.orchestrator.material_for(version)
+        assert material is not None
+        assert link.agent_id is not None
+        # The encoded body is exactly what travels for this agent.
+        session = plane.hub._sessions[link.agent_id]
+        body = plane.hub._agent_body(session, version, None, material)
+        assert first_key.encode() not in body.data
+        assert b"BEGIN PRIVATE KEY" not in body.data
+        answer(link, update)
+        await plane.settle()
+        second_key = await upload()
+        await plane.services.bus.publish(
+            Event("certificate.updated", payload={"name": "web"}, workspace="default")
+        )
+        again = await next_update(link)
+        assert (again.version, again.digest) == (update.version, update.digest)
+        assert again.certificates[0].key_pem == second_key

@@ -57,7 +57,16 @@ from nxmesh.crypto.signing import VerifyKey
 from nxmesh.plugins.nginx_driver import DriverSettings
 from nxmesh.plugins.render_nginx import RenderSettings, renderer_for
 
-__all__ = ["AGENT", "AgentApp", "AgentTuning", "choose_mode", "default_agent_id", "run_agent"]
+__all__ = [
+    "AGENT",
+    "VAULT_DIR",
+    "AgentApp",
+    "AgentTuning",
+    "certificate_files",
+    "choose_mode",
+    "default_agent_id",
+    "run_agent",
+]
 
 log = structlog.get_logger("nxmesh.agent")
 
@@ -105,6 +114,36 @@ def choose_mode(registry: ProviderRegistries, settings: Settings) -> DeploymentM
         cls = found[0]
     mode: DeploymentMode = _construct(cls, settings)
     return mode
+
+
+VAULT_DIR = "vault"
+"""Directory (in ``<state_dir>/agent``) of the encrypted private keys and their passphrase."""
+
+
+def certificate_files(vault_dir: Path, update: PendingApply) -> dict[str, bytes]:
+    """The bundle files of the certificate material an update from the master carries:
+    chains, private keys encrypted under the vault's passphrase (``ssl_password_file``),
+    HTTP-01 tokens. Blocking (the applier renders in a worker thread)."""
+    if not update.certificates and not update.challenges:
+        return {}
+    from nxmesh.certs.distribution import AgentKeyVault, AgentMaterial, CertificateMaterial
+
+    material = AgentMaterial(
+        certificates=tuple(
+            CertificateMaterial(
+                name=c.name,
+                stem=c.stem,
+                fullchain_pem=c.fullchain_pem,
+                key_pem=c.key_pem,
+                not_after=c.not_after,
+                fingerprint=c.fingerprint,
+                placeholder=c.placeholder,
+            )
+            for c in update.certificates
+        ),
+        challenges=dict(update.challenges),
+    )
+    return AgentKeyVault(vault_dir).extra_files(material)
 
 
 def _lock_conf_dir(conf_dir: Path) -> int:
@@ -204,9 +243,14 @@ class AgentApp:
         driver: NginxDriver = driver_cls.from_settings(
             settings, mode=mode, agent_id=agent_id, events=events
         )
-        renderer = renderer_for(
-            pm, settings, render_settings=render_settings or render_settings_of(settings)
-        )
+        vault_dir = settings.state_dir / "agent" / VAULT_DIR
+        render = render_settings or render_settings_of(settings)
+        if render.ssl_password_file is None:
+            # Certificates from the master are written encrypted under this passphrase.
+            render = attrs.evolve(
+                render, ssl_password_file=str((vault_dir / "ssl_password").absolute())
+            )
+        renderer = renderer_for(pm, settings, render_settings=render)
         cache = AgentCache(settings.state_dir / "agent")
         metrics = AgentMetrics()
         events.subscribe(metrics.on_event)
@@ -219,6 +263,7 @@ class AgentApp:
             events=events,
             verify_key=cache.verify_key,
             require_signature=cache.verify_key is not None,
+            extra_files=lambda update: certificate_files(vault_dir, update),
         )
         applier.subscribe(metrics.on_report)
         knobs = settings.plugins.get("nginx_driver")

@@ -122,6 +122,11 @@ class Applier:
         async with self.lock:
             return await self._run(entry.update, entry.source, force, bundle=entry.bundle)
 
+    async def apply_entry_locked(self, entry: CacheEntry, *, force: bool = False) -> ApplyReport:
+        """`apply_entry` for a caller already holding `lock` (the watchdog's revert: the
+        last good bundle exactly, certificates included, without rendering again)."""
+        return await self._run(entry.update, entry.source, force, bundle=entry.bundle)
+
     async def apply_locked(
         self, update: PendingApply, *, source: Source = "master", force: bool = False
     ) -> ApplyReport:

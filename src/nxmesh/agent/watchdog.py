@@ -183,9 +183,7 @@ class Watchdog:
                 diff=drift.diff,
             )
             if self.drift_policy == "revert":
-                report = await self.applier.apply_locked(
-                    entry.update, source=entry.source, force=True
-                )
+                report = await self.applier.apply_entry_locked(entry, force=True)
                 kind = "drift.reverted" if report.outcome == "applied" else "drift.revert_failed"
                 self.events.record(kind, outcome=report.outcome, message=report.message)
             return drift

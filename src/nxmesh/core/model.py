@@ -15,6 +15,7 @@ which is spelled ``return`` (see the ``key`` metadata, honoured by the converter
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Literal, TypeVar
 
@@ -41,6 +42,7 @@ __all__ = [
     "Return",
     "Site",
     "TLSConfig",
+    "TlsCertificate",
     "Upstream",
     "UpstreamServer",
     "check_state",
@@ -565,6 +567,38 @@ class ConfigVersion:
     key_id: str = attrs.field(default="", validator=v.text(v.KEY_ID))
 
 
+_PEM_TEXT = v.TextRule(
+    "PEM or base64 text (printable ASCII and line breaks)",
+    re.compile(r"[\x20-\x7e\r\n]*", re.ASCII),
+    max_len=256 * 1024,
+    min_len=0,
+)
+_CERT_STEM = v.TextRule(
+    "a bundle path under certs/ without extension",
+    re.compile(r"certs/[A-Za-z0-9][A-Za-z0-9._-]*(?:/[A-Za-z0-9][A-Za-z0-9._-]*)*", re.ASCII),
+    max_len=256,
+)
+
+
+@attrs.frozen(kw_only=True)
+class TlsCertificate:
+    """One certificate an agent's sites use, as the master sends it with a version.
+
+    `stem` is the bundle path without extension (``certs/web`` → ``certs/web.crt`` and
+    ``certs/web.key``). `key_pem` is the private key: sealed under the agent's session key
+    on the wire (``nxmesh.core.protocol``), PEM inside the agent, which encrypts it before
+    it touches disk (``nxmesh.certs.AgentKeyVault``). Never cached, logged or repr'd.
+    """
+
+    name: str = attrs.field(validator=v.text(v.NAME))
+    stem: str = attrs.field(validator=v.text(_CERT_STEM))
+    fullchain_pem: str = attrs.field(validator=v.text(_PEM_TEXT), repr=False)
+    key_pem: str = attrs.field(validator=v.text(_PEM_TEXT), repr=False)
+    not_after: float = attrs.field(default=0.0, validator=v.finite())
+    fingerprint: str = attrs.field(default="", validator=v.text(v.KEY_ID))
+    placeholder: bool = attrs.field(default=False, validator=v.choice(True, False))
+
+
 @attrs.frozen(kw_only=True)
 class PendingApply:
     """What the agent receives: a version to render and apply.
@@ -572,7 +606,9 @@ class PendingApply:
     From a master it carries the `ConfigVersion`'s metadata (`parent_digest`, `author`,
     `message`, `created_at`) so the agent can rebuild the version's signing payload and
     check the master's Ed25519 `signature` over it (``nxmesh.agent.verify``); `trace` is
-    the W3C trace context of the rollout (not part of equality).
+    the W3C trace context of the rollout. `certificates` and `challenges` (HTTP-01 token →
+    key authorization) are the agent's certificate material for this state: rendered as
+    bundle files, never part of the signature, of equality, or of the agent's cache.
     """
 
     version: int = attrs.field(validator=v.int_range(1, 2**63 - 1))
@@ -585,6 +621,15 @@ class PendingApply:
     message: str = attrs.field(default="", validator=v.text(v.LOG_TEXT))
     created_at: float = attrs.field(default=0.0, validator=v.finite())
     trace: Mapping[str, str] = attrs.field(factory=FrozenMap, converter=_freeze_str, eq=False)
+    certificates: tuple[TlsCertificate, ...] = attrs.field(
+        default=(),
+        validator=v.count(TlsCertificate, hi=1024, noun="certificate"),
+        eq=False,
+        repr=False,
+    )
+    challenges: Mapping[str, str] = attrs.field(
+        factory=FrozenMap, converter=_freeze_str, eq=False, repr=False
+    )
 
 
 @attrs.frozen(kw_only=True)

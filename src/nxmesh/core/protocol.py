@@ -33,6 +33,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, TypeAlias
@@ -59,7 +60,14 @@ from nxmesh.core.envelope import (
     unseal,
 )
 from nxmesh.core.errors import ValidationError
-from nxmesh.core.model import ConfigVersion, DesiredState, FrozenMap, HealthReport, PendingApply
+from nxmesh.core.model import (
+    ConfigVersion,
+    DesiredState,
+    FrozenMap,
+    HealthReport,
+    PendingApply,
+    TlsCertificate,
+)
 from nxmesh.core.serialization import canonical_json, structure
 
 __all__ = [
@@ -89,7 +97,9 @@ __all__ = [
     "encode_body",
     "message_type",
     "negotiate",
+    "open_certificates",
     "open_key",
+    "seal_certificates",
     "seal_key",
 ]
 
@@ -163,6 +173,19 @@ def _freeze(data: Mapping[str, Any]) -> FrozenMap[str, Any]:
 
 def _opt_text(rule: v.TextRule) -> Any:
     return v.text(rule, optional=True)
+
+
+_ACME_TEXT: Final = re.compile(r"[A-Za-z0-9_.-]{1,512}", re.ASCII)
+
+
+def _challenges(_inst: object, _attribute: object, value: Mapping[str, str]) -> None:
+    """HTTP-01 token → key authorization: base64url text only (a token names a file)."""
+    if len(value) > 256:
+        raise ValueError(f"challenges: {len(value)} entries; at most 256 are allowed")
+    for token, auth in value.items():
+        for text in (token, auth):
+            if not isinstance(text, str) or _ACME_TEXT.fullmatch(text) is None:
+                raise ValueError("challenges must map base64url tokens to key authorizations")
 
 
 @attrs.frozen(kw_only=True)
@@ -242,7 +265,11 @@ class ConfigUpdate:
     and checks `digest` over the received canonical `state`: one signature, made once
     when the version is stored, verified on every agent (``nxmesh.agent.verify``).
     `trace` carries W3C trace context (``traceparent``, ``tracestate``) so the agent's
-    apply spans join the master's rollout trace.
+    apply spans join the master's rollout trace. `certificates` are the ones this agent's
+    sites use, each private key sealed under the agent's session key
+    (`seal_certificates`), and `challenges` the pending ACME HTTP-01 tokens of its domains;
+    both are per agent and outside the signature (they change without a new version when a
+    certificate is renewed).
     """
 
     version: int = attrs.field(validator=v.int_range(1, _U63))
@@ -256,9 +283,22 @@ class ConfigUpdate:
     created_at: float = attrs.field(default=0.0, validator=v.finite())
     state: DesiredState
     trace: Mapping[str, str] = attrs.field(factory=FrozenMap, converter=_freeze)
+    certificates: tuple[TlsCertificate, ...] = attrs.field(
+        default=(), validator=v.count(TlsCertificate, hi=1024, noun="certificate"), repr=False
+    )
+    challenges: Mapping[str, str] = attrs.field(
+        factory=FrozenMap, converter=_freeze, validator=_challenges, repr=False
+    )
 
     @classmethod
-    def of(cls, version: ConfigVersion, *, trace: Mapping[str, str] = FrozenMap()) -> ConfigUpdate:
+    def of(
+        cls,
+        version: ConfigVersion,
+        *,
+        trace: Mapping[str, str] = FrozenMap(),
+        certificates: tuple[TlsCertificate, ...] = (),
+        challenges: Mapping[str, str] = FrozenMap(),
+    ) -> ConfigUpdate:
         return cls(
             version=version.number,
             digest=version.digest,
@@ -271,6 +311,8 @@ class ConfigUpdate:
             created_at=version.created_at,
             state=version.state,
             trace=trace,
+            certificates=certificates,
+            challenges=challenges,
         )
 
     def to_pending(self) -> PendingApply:
@@ -286,6 +328,8 @@ class ConfigUpdate:
             message=self.message,
             created_at=self.created_at,
             trace=self.trace,
+            certificates=self.certificates,
+            challenges=self.challenges,
         )
 
 
@@ -537,6 +581,48 @@ def open_key(wrapping_secret: bytes, sealed: str, *, aad: bytes) -> bytes:
         return box.decrypt(raw[:12], raw[12:], aad)
     except (binascii.Error, ValueError, InvalidTag):
         raise BadSignatureError("sealed session key does not open: altered or not ours") from None
+
+
+def _cert_aad(agent_id: str, cert: TlsCertificate) -> bytes:
+    return f"nxmesh/cert-key/v1|{agent_id}|{cert.name}|{cert.stem}|{cert.fingerprint}".encode()
+
+
+def seal_certificates(
+    certificates: tuple[TlsCertificate, ...], session_key: bytes, *, agent_id: str
+) -> tuple[TlsCertificate, ...]:
+    """`certificates` with each private key AES-GCM-sealed under the agent's session key,
+    bound to the agent and the certificate: only that agent opens it, even without TLS."""
+    return tuple(
+        attrs.evolve(
+            cert,
+            key_pem=seal_key(
+                session_key, cert.key_pem.encode("ascii"), aad=_cert_aad(agent_id, cert)
+            ),
+        )
+        for cert in certificates
+    )
+
+
+def open_certificates(
+    certificates: tuple[TlsCertificate, ...], keys: Mapping[str, bytes], *, agent_id: str
+) -> tuple[TlsCertificate, ...]:
+    """Inverse of `seal_certificates`, trying each of the agent's session keys (a rotation
+    may happen between sealing and delivery); `BadSignatureError` when none opens one."""
+    opened: list[TlsCertificate] = []
+    for cert in certificates:
+        for key in keys.values():
+            try:
+                raw = open_key(key, cert.key_pem, aad=_cert_aad(agent_id, cert))
+            except BadSignatureError:
+                continue
+            opened.append(attrs.evolve(cert, key_pem=raw.decode("ascii")))
+            break
+        else:
+            raise BadSignatureError(
+                f"the private key of certificate {cert.name!r} does not open with this "
+                "agent's session keys"
+            )
+    return tuple(opened)
 
 
 # ---------------------------------------------------------------------------------------

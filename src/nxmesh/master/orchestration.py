@@ -31,6 +31,13 @@ process runs one, beside its `nxmesh.session_hub.MasterSessionHub`:
 * **Tracing**: the trace context of the API call that stored a version (or of the
   ``version.created`` event from another master) goes into the `ConfigUpdate`, so each
   agent's apply joins that trace.
+* **Certificates**: a version whose sites use TLS carries the agent's certificate
+  material (`nxmesh.certs.CertificateDistributor.material_for_state`: only the
+  certificates its sites use, a placeholder for an ACME certificate not issued yet, and
+  the pending HTTP-01 tokens of its domains), keys sealed per agent by the hub. When a
+  certificate changes (``cert.renewed`` from the renewal scheduler, ``certificate.updated``
+  from an upload) the agents whose sites use it get their version again with the new
+  material — no new version is needed.
 
 Metrics: ``nxmesh_master_connected_agents{transport}``, ``nxmesh_master_pushes_total
 {outcome}`` (``sent`` and every final outcome), ``nxmesh_master_convergence_seconds``.
@@ -50,13 +57,22 @@ import attrs
 import structlog
 
 from nxmesh.core.events import Event
-from nxmesh.core.model import Agent, ConfigVersion, HealthReport
+from nxmesh.core.model import (
+    Agent,
+    ConfigVersion,
+    DesiredState,
+    FrozenMap,
+    HealthReport,
+    TlsCertificate,
+)
 from nxmesh.core.protocol import ConfigStatus, Message
 from nxmesh.core.records import AgentStatus, NotFoundError
 from nxmesh.master.selection import desired_version
 from nxmesh.master.tracing import inject_context
+from nxmesh.session_hub import UpdateMaterial
 
 if TYPE_CHECKING:
+    from nxmesh.certs.distribution import CertificateDistributor
     from nxmesh.master.app import MasterServices
     from nxmesh.session_hub import MasterSessionHub, SessionInfo
 
@@ -66,6 +82,8 @@ log = structlog.get_logger("nxmesh.master.rollout")
 
 _TRACES: Final = 256
 _CONVERGED: Final = 1024
+_MATERIALS: Final = 64
+_CERT_EVENTS: Final = ("cert.renewed", "certificate.updated")
 _FLUSH_TIMEOUT: Final = 5.0
 
 Write = Callable[[], Awaitable[None]]
@@ -91,6 +109,9 @@ class RolloutOrchestrator:
         """Per agent: the version it refused last (not pushed again until another one)."""
         self._traces: OrderedDict[tuple[str, int], dict[str, str]] = OrderedDict()
         self._converged: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._materials: OrderedDict[tuple[str, int, str], UpdateMaterial | None] = OrderedDict()
+        self._cert_changes: dict[str, set[str]] = {}
+        self._distributor: CertificateDistributor | None = None
 
     def attach(self, hub: MasterSessionHub) -> None:
         """Drive `hub`: become its assignment source and observer."""
@@ -99,6 +120,7 @@ class RolloutOrchestrator:
         hub.on_message = self.on_message
         hub.on_session = self.on_session
         hub.on_sent = self.on_sent
+        hub.material_for = self.material_for
 
     # -- Orchestrator (called by this process's API) ---------------------------------------
 
@@ -134,6 +156,63 @@ class RolloutOrchestrator:
             return latest
         return await self.storage.get_version(agent.workspace, desired.version)
 
+    # -- certificate material --------------------------------------------------------------
+
+    @property
+    def distributor(self) -> CertificateDistributor:
+        if self._distributor is None:
+            from nxmesh.certs.distribution import CertificateDistributor
+
+            self._distributor = CertificateDistributor(self.storage)
+        return self._distributor
+
+    @distributor.setter
+    def distributor(self, value: CertificateDistributor) -> None:
+        self._distributor = value
+        self._materials.clear()
+
+    async def material_for(self, version: ConfigVersion) -> UpdateMaterial | None:
+        """The certificate material of `version`'s state (None when its sites use no TLS)."""
+        if not any(site.tls is not None for site in version.state.sites):
+            return None
+        key = (version.workspace, version.number, version.digest)
+        if key in self._materials:
+            return self._materials[key]
+        try:
+            material = await self.distributor.material_for_state(version.state)
+        except Exception:  # a missing upload, a name clash: the agent's nginx -t will say
+            log.exception("no certificate material", workspace=version.workspace,
+                          version=version.number)  # fmt: skip
+            return None
+        found = UpdateMaterial(
+            certificates=tuple(
+                TlsCertificate(
+                    name=c.name,
+                    stem=c.stem,
+                    fullchain_pem=c.fullchain_pem,
+                    key_pem=c.key_pem,
+                    not_after=c.not_after,
+                    fingerprint=c.fingerprint,
+                    placeholder=c.placeholder,
+                )
+                for c in material.certificates
+            ),
+            challenges=FrozenMap(material.challenges),
+        )
+        self._materials[key] = found
+        while len(self._materials) > _MATERIALS:
+            self._materials.popitem(last=False)
+        return found
+
+    def certificates_changed(self, workspace: str, names: set[str] | None = None) -> None:
+        """Certificates of `workspace` changed (all of them when `names` is None): the
+        agents whose sites use them get their version again with the new material."""
+        for key in [k for k in self._materials if k[0] == workspace]:
+            del self._materials[key]
+        pending = self._cert_changes.setdefault(workspace, set())
+        pending.update(names if names is not None else {"*"})
+        self.mark(workspace)
+
     # -- reconciling -----------------------------------------------------------------------
 
     def mark(self, workspace: str) -> None:
@@ -141,9 +220,10 @@ class RolloutOrchestrator:
         self._dirty.add(workspace)
         self._wake.set()
 
-    async def reconcile(self, workspace: str) -> list[str]:
+    async def reconcile(self, workspace: str, *, certificates: set[str] | None = None) -> list[str]:
         """Offer each connected agent of `workspace` its desired version when it runs
-        another and was not sent it yet; returns the agents offered one."""
+        another and was not sent it yet — or, when its sites use one of `certificates`
+        (``"*"``: any), again with the new material; returns the agents offered one."""
         hub = self.hub
         if hub is None:
             return []
@@ -155,6 +235,7 @@ class RolloutOrchestrator:
             return []
         assignments = await self.storage.list_assignments(workspace)
         versions: dict[int, ConfigVersion | None] = {latest.number: latest}
+        uses: dict[int, bool] = {}
         offered: list[str] = []
         for info in sessions:
             agent = _agent_of(info)
@@ -167,12 +248,19 @@ class RolloutOrchestrator:
             if version is None:
                 continue
             target = (version.number, version.digest)
-            if (info.running_version, info.running_digest) == target:
+            if certificates and version.number not in uses:
+                uses[version.number] = _uses_certificates(version.state, certificates)
+            recert = uses.get(version.number, False)
+            if (info.running_version, info.running_digest) == target and not recert:
                 continue
-            if target in (self._inflight.get(info.agent_id), self._failed.get(info.agent_id)):
+            if not recert and target in (
+                self._inflight.get(info.agent_id),
+                self._failed.get(info.agent_id),
+            ):
                 continue
             trace = self._traces.get((workspace, version.number))
-            if hub.offer(info.agent_id, version, trace=trace):
+            material = await self.material_for(version)
+            if hub.offer(info.agent_id, version, trace=trace, material=material):
                 self._inflight[info.agent_id] = target
                 offered.append(info.agent_id)
         if offered:
@@ -373,8 +461,9 @@ class RolloutOrchestrator:
             self._wake = anyio.Event()
             while self._dirty:
                 workspace = self._dirty.pop()
+                certificates = self._cert_changes.pop(workspace, None)
                 try:
-                    await self.reconcile(workspace)
+                    await self.reconcile(workspace, certificates=certificates)
                 except Exception:  # storage hiccup: try again on the next change
                     log.exception("reconcile failed", workspace=workspace)
 
@@ -431,6 +520,9 @@ class RolloutOrchestrator:
                 if info is not None:
                     self.hub.update_agent(attrs.evolve(_agent_of(info), labels=labels))
             self.mark(event.workspace)
+        elif kind in _CERT_EVENTS:
+            name = event.payload.get("name")
+            self.certificates_changed(event.workspace, {name} if isinstance(name, str) else None)
         elif kind == "agent.revoked":
             agent_id = event.payload.get("agent_id")
             if self.hub is not None and isinstance(agent_id, str):
@@ -441,6 +533,17 @@ class RolloutOrchestrator:
         self._traces.setdefault((workspace, number), trace)
         while len(self._traces) > _TRACES:
             self._traces.popitem(last=False)
+
+
+def _uses_certificates(state: DesiredState, names: set[str]) -> bool:
+    """Whether a site of `state` uses one of the certificates `names` (``"*"``: any)."""
+    if not any(site.tls is not None for site in state.sites):
+        return False
+    if "*" in names:
+        return True
+    from nxmesh.certs.distribution import certificate_needs
+
+    return any(need.name in names and need.sites for need in certificate_needs(state))
 
 
 def _agent_of(info: SessionInfo) -> Agent:
