@@ -11,6 +11,9 @@ Two implementations run in the same invocation, each in *fresh processes*:
             is `hub.push(version)`; an agent's ack is its ``received`` `ConfigStatus`.
 ``raw``     plain grpclib with the same service and TLS and no NxMesh logic: a handler
             per stream that sends a pre-built frame of the same size and reads one reply.
+``ws``      the real master as ``nxmesh``, on the WebSocket transport (``wss://``, the
+            agents' fallback) instead of gRPC; compared with the same raw grpclib
+            baseline (``--kinds nxmesh,ws,raw``).
 
 Per run, one process is the master, a *separate* process simulates all the agents (one
 gRPC connection each). Simulated NxMesh agents register with pre-provisioned keys, verify
@@ -132,11 +135,19 @@ def master_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
     _pin(0)
     import anyio
 
-    runners = {"nxmesh": _nxmesh_master, "raw": _raw_master, "transport": _transport_master}
+    runners = {"nxmesh": _nxmesh_master, "ws": _ws_master, "raw": _raw_master,
+               "transport": _transport_master}
     anyio.run(runners[kind], conn, opts, backend="asyncio")
 
 
-async def _nxmesh_master(conn: Connection, opts: dict[str, Any]) -> None:
+async def _ws_master(conn: Connection, opts: dict[str, Any]) -> None:
+    """The real master on the WebSocket transport."""
+    await _nxmesh_master(conn, opts, websocket=True)
+
+
+async def _nxmesh_master(
+    conn: Connection, opts: dict[str, Any], *, websocket: bool = False
+) -> None:
     import anyio
     import structlog
 
@@ -176,15 +187,23 @@ async def _nxmesh_master(conn: Connection, opts: dict[str, Any]) -> None:
     if opts["tls"]:
         tls = TLSFiles(**{k: Path(v) for k, v in opts["tls"].items()})
         ctx = server_ssl_context(tls)
-    scheme = "grpcs" if ctx else "grpc"
-    transport = GrpcTransport(
-        f"{scheme}://127.0.0.1:0", ssl_context=ctx, settings=GrpcSettings(tls=bool(ctx))
-    )
+    transport: Any
+    if websocket:
+        from nxmesh.plugins.transport_websocket import WebSocketTransport
+
+        scheme, path = ("wss" if ctx else "ws"), "/agent"
+        transport = WebSocketTransport(f"{scheme}://127.0.0.1:0{path}", ssl_context=ctx)
+    else:
+        scheme, path = ("grpcs" if ctx else "grpc"), ""
+        transport = GrpcTransport(
+            f"{scheme}://127.0.0.1:0", ssl_context=ctx, settings=GrpcSettings(tls=bool(ctx))
+        )
+    kind = "ws" if websocket else "nxmesh"
     versions = _versions(opts["rounds"])
     async with anyio.create_task_group() as tg:
         address = await tg.start(transport.serve, hub)
         before = _memory()
-        conn.send({"address": f"{scheme}://{address}"})
+        conn.send({"address": f"{scheme}://{address}{path}"})
         started = time.perf_counter()
         await hub.wait_connected(agents)
         connected = time.perf_counter() - started
@@ -202,9 +221,9 @@ async def _nxmesh_master(conn: Connection, opts: dict[str, Any]) -> None:
             pushes.append(_push_result(label, _frame_size(version), total, cpu, latencies))
             pushes[-1]["gc_collections"] = _gc_collections(gc0)
             await anyio.sleep(0.2)
-        _dump_profile(profiler, opts, "nxmesh")
+        _dump_profile(profiler, opts, kind)
         after_push = _memory()
-        conn.send(_run_result("nxmesh", agents, connected, before, after_connect, after_push,
+        conn.send(_run_result(kind, agents, connected, before, after_connect, after_push,
                               pushes, hub.counters.as_dict()))
         tg.cancel_scope.cancel()
     await storage.aclose()
@@ -435,6 +454,9 @@ def _run_result(
             "rss_kb_per_agent_after_push": per_agent(after_push, "rss"),
             "pss_kb_per_agent_after_push": per_agent(after_push, "pss"),
             "rss_before_mb": before["rss"] / 2**20,
+            "pss_before_mb": before["pss"] / 2**20,
+            "pss_connected_mb": after_connect["pss"] / 2**20,
+            "pss_after_push_mb": after_push["pss"] / 2**20,
         },
         "sizes": sizes,
         "counters": counters,
@@ -466,7 +488,8 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
     from nxmesh.tls import client_ssl_context
 
     address: str = opts["address"]
-    ctx = client_ssl_context(opts["ca"], alpn=["h2"]) if opts["ca"] else None
+    alpn = None if kind == "ws" else ["h2"]
+    ctx = client_ssl_context(opts["ca"], alpn=alpn) if opts["ca"] else None
     count: int = opts["agents"]
     ready = anyio.Event()
     registered = 0
@@ -479,11 +502,11 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
             ready.set()
 
     async with anyio.create_task_group() as tg:
-        if kind == "nxmesh":
+        if kind in ("nxmesh", "ws"):
             creds = json.loads((Path(opts["workdir"]) / "creds.json").read_text())
             for agent_id, key_id, key in creds:
                 tg.start_soon(_nxmesh_agent, address, ctx, agent_id, key_id,
-                              base64.b64decode(key), gate, one_ready)
+                              base64.b64decode(key), gate, one_ready, kind == "ws")
         else:
             for _ in range(count):
                 tg.start_soon(_raw_agent, address, ctx, gate, one_ready)
@@ -494,7 +517,8 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
 
 
 async def _nxmesh_agent(
-    url: str, ctx: Any, agent_id: str, key_id: str, key: bytes, gate: Any, ready: Any
+    url: str, ctx: Any, agent_id: str, key_id: str, key: bytes, gate: Any, ready: Any,
+    websocket: bool = False,
 ) -> None:
     from nxmesh.core.envelope import MessageType, ReplayGuard, SequenceSource, seal, unseal
     from nxmesh.core.protocol import ConfigStatus, Register, encode_body
@@ -507,7 +531,13 @@ async def _nxmesh_agent(
         return seal(encode_body(message), agent_id=agent_id, key_id=key_id, key=key,
                     seq=seq.next(), ts_ms=int(time.time() * 1000))
 
-    transport = GrpcTransport(ssl_context=ctx, settings=GrpcSettings(tls=ctx is not None))
+    transport: Any
+    if websocket:
+        from nxmesh.plugins.transport_websocket import WebSocketTransport
+
+        transport = WebSocketTransport(ssl_context=ctx)
+    else:
+        transport = GrpcTransport(ssl_context=ctx, settings=GrpcSettings(tls=ctx is not None))
     async with gate:
         cm = transport.connect(url)
         channel = await cm.__aenter__()
@@ -644,10 +674,20 @@ def _pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     by = {(r["kind"], r["agents"]): r for r in runs}
+    summary = _summarize_kind(by, "nxmesh")
+    if any(kind == "ws" for kind, _ in by):
+        ws = _summarize_kind(by, "ws")
+        summary["ratios_ws_over_raw"] = ws["ratios_nxmesh_over_raw"]
+        summary["goals_ws"] = ws["goals"]
+    return summary
+
+
+def _summarize_kind(by: dict[tuple[str, int], dict[str, Any]], which: str) -> dict[str, Any]:
+    """Ratios `which`/raw per agent count and size, and the goals at `GOAL_AGENTS`."""
     ratios: dict[str, Any] = {}
     for (kind, agents), run in by.items():
         raw = by.get(("raw", agents))
-        if kind != "nxmesh" or raw is None:
+        if kind != which or raw is None:
             continue
         ratios[str(agents)] = {
             label: {
@@ -663,7 +703,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
             run["memory"]["pss_kb_per_agent_connected"]
             / max(raw["memory"]["pss_kb_per_agent_connected"], 1e-9)
         )
-    goal_run = by.get(("nxmesh", GOAL_AGENTS))
+    goal_run = by.get((which, GOAL_AGENTS))
     goals: dict[str, Any] = {}
     if goal_run is not None and str(GOAL_AGENTS) in ratios:
         worst = max(ratios[str(GOAL_AGENTS)][label]["all_acked"] for label in SIZES)
@@ -687,13 +727,15 @@ def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
                   f"{s['p50_median_s']:>7.3f}s {s['p99_median_s']:>7.3f}s "
                   f"{s['master_cpu_median_s']:>9.3f}s "
                   f"{run['memory']['pss_kb_per_agent_connected']:>15.1f}")
-    for agents, ratio in summary["ratios_nxmesh_over_raw"].items():
-        shown = ", ".join(
-            f"{label} {ratio[label]['all_acked']:.2f}x (CPU {ratio[label]['master_cpu']:.2f}x)"
-            for label in SIZES
-        )
-        print(f"nxmesh/raw at {agents} agents: all acked {shown}; "
-              f"memory {ratio['memory_connected_pss']:.2f}x")
+    for kind in ("nxmesh", "ws"):
+        for agents, ratio in summary.get(f"ratios_{kind}_over_raw", {}).items():
+            shown = ", ".join(
+                f"{label} {ratio[label]['all_acked']:.2f}x "
+                f"(CPU {ratio[label]['master_cpu']:.2f}x)"
+                for label in SIZES
+            )
+            print(f"{kind}/raw at {agents} agents: all acked {shown}; "
+                  f"memory {ratio['memory_connected_pss']:.2f}x")
     if summary["goals"]:
         print("goals:", json.dumps(summary["goals"]))
 
@@ -707,8 +749,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="alternate nxmesh and raw runs this many times (fresh processes "
                         "each) and pool their rounds: drift in machine load hits both kinds")
     parser.add_argument("--kinds", default="nxmesh,raw",
-                        help="nxmesh, raw, and the diagnostic 'transport' (raw workload on "
-                        "NxMesh's GrpcTransport, no protocol)")
+                        help="nxmesh, raw, ws (the master on the WebSocket transport), and the "
+                        "diagnostic 'transport' (raw workload on NxMesh's GrpcTransport, no "
+                        "protocol)")
     parser.add_argument("--plaintext", action="store_true", help="no TLS (default: TLS)")
     parser.add_argument("--quick", action="store_true", help="50 agents, one round")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
