@@ -395,6 +395,26 @@ class MasterSessionHub:
             self._watches.remove(watch)
         return watch.results
 
+    def expect_status(
+        self, version: int, agent_ids: Iterable[str], *, final: bool = True
+    ) -> Callable[[], Awaitable[dict[str, ConfigStatus]]]:
+        """Start watching for *new* statuses of `version` now (answers given before do not
+        count: a version pushed again must be answered again); await the returned
+        function to wait for them (cancel with a timeout scope)."""
+        watch = _Watch(version, set(agent_ids), final)
+        if not watch.remaining:
+            watch.done.set()
+        self._watches.append(watch)
+
+        async def wait() -> dict[str, ConfigStatus]:
+            try:
+                await watch.done.wait()
+            finally:
+                self._watches.remove(watch)
+            return watch.results
+
+        return wait
+
     def send_command(self, agent_id: str, command: Command) -> bool:
         """Queue `command` for a connected agent; False when it is not connected."""
         s = self._sessions.get(agent_id)

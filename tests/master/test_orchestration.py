@@ -356,3 +356,49 @@ class TestCertificates:
         again = await next_update(link)
         assert (again.version, again.digest) == (update.version, update.digest)
         assert again.certificates[0].key_pem == second_key
+
+    async def test_http01_tokens_reach_the_agents_serving_the_domain(self, plane: Plane) -> None:
+        """The solver's publish callback re-sends the version with the tokens to the agents
+        serving the domain, and returns once they applied it."""
+        from nxmesh.certs.acme_client import PendingChallenge
+        from nxmesh.certs.distribution import CertificateDistributor
+        from nxmesh.certs.http01 import ChallengeBoard, Http01Solver
+        from nxmesh.core.model import Listener, Location, Return, Site
+
+        board = ChallengeBoard()
+        plane.orchestrator.distributor = CertificateDistributor(plane.services.storage, board=board)
+        web, other = await plane.agent("web"), await plane.agent("other")
+        state = DesiredState(
+            sites=(
+                Site(
+                    name="shop",
+                    server_names=("shop.example.test",),
+                    listeners=(Listener(port=8080),),
+                    locations=(Location(path="/", return_=Return(code=200, body="shop")),),
+                ),
+            )
+        )
+        await plane.services.changes.commit("default", lambda _o: state, author="t", message="x")
+        for link in (web, other):
+            answer(link, await next_update(link))
+        await plane.settle()
+        token, thumbprint = "A" * 43, "B" * 43
+        challenge = PendingChallenge(
+            domain="shop.example.test", type="http-01", token=token,
+            key_authorization=f"{token}.{thumbprint}",
+        )  # fmt: skip
+        solver = Http01Solver(board, plane.orchestrator.publish_challenges)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(solver.present, [challenge])
+            for link in (web, other):
+                update = await next_update(link)
+                assert dict(update.challenges) == {token: f"{token}.{thumbprint}"}
+                answer(link, update)
+        # present() returned: both agents confirmed the tokens. Cleanup withdraws them.
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(solver.cleanup, [challenge])
+                for link in (web, other):
+                    update = await next_update(link)
+                    assert dict(update.challenges) == {}
+                    answer(link, update)

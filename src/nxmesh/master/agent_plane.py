@@ -18,7 +18,10 @@ DEFAULT_COMPONENTS`) that, inside the core runtime's task group:
      (``<state_dir>/tls/ca.pem`` is what agents pin as ``agent.ca_file``). grpclib runs
      on asyncio only: on trio the gRPC transport is skipped with a warning;
    * any other installed transport listens on its section's ``port``
-     (``[plugins.transport_<name>] port``).
+     (``[plugins.transport_<name>] port``);
+4. with ``[plugins.certs] agree_tos = true``, the ACME client and the certificate
+   renewal scheduler (`nxmesh.master.acme`), HTTP-01 tokens rolled out through the
+   orchestrator.
 
 On shutdown the transports stop accepting, open agent sessions are closed (agents
 reconnect, with backoff, to this master once it is back or to another one), and the
@@ -210,6 +213,10 @@ async def run_agent_plane(
         async with anyio.create_task_group() as tg:
             await tg.start(orchestrator.run)
             services.orchestrator = orchestrator
+            from nxmesh.master.acme import acme_enabled, run_certificate_renewal
+
+            if acme_enabled(services):
+                await tg.start(run_certificate_renewal, services, orchestrator)
             for name in settings.master.transports:
                 if name == "websocket":
                     plane.websocket = hub.handler("websocket")

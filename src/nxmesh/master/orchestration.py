@@ -172,8 +172,10 @@ class RolloutOrchestrator:
         self._materials.clear()
 
     async def material_for(self, version: ConfigVersion) -> UpdateMaterial | None:
-        """The certificate material of `version`'s state (None when its sites use no TLS)."""
-        if not any(site.tls is not None for site in version.state.sites):
+        """The certificate material of `version`'s state (None when its sites use no TLS
+        and no HTTP-01 token is pending)."""
+        board = self._distributor.board if self._distributor is not None else None
+        if not board and not any(site.tls is not None for site in version.state.sites):
             return None
         key = (version.workspace, version.number, version.digest)
         if key in self._materials:
@@ -203,6 +205,38 @@ class RolloutOrchestrator:
         while len(self._materials) > _MATERIALS:
             self._materials.popitem(last=False)
         return found
+
+    async def publish_challenges(
+        self, domains: frozenset[str], *, confirm_within: float = 120.0
+    ) -> None:
+        """Send the connected agents serving one of `domains` their version again with the
+        challenge board's current HTTP-01 tokens; return once they applied it (or after
+        `confirm_within` seconds). The ``Http01Solver``'s publish callback."""
+        hub = self.hub
+        if hub is None or not domains:
+            return
+        self._materials.clear()
+        targets: list[tuple[str, ConfigVersion, UpdateMaterial | None]] = []
+        for info in hub.sessions():
+            version = await self.desired_for(_agent_of(info))
+            if version is None:
+                continue
+            served = {name for site in version.state.sites for name in site.server_names}
+            if served & domains:
+                targets.append((info.agent_id, version, await self.material_for(version)))
+        waits = []
+        for number in {version.number for _, version, _ in targets}:
+            ids = [agent_id for agent_id, version, _ in targets if version.number == number]
+            waits.append(hub.expect_status(number, ids))
+        for agent_id, version, material in targets:
+            hub.offer(agent_id, version, material=material)
+        log.info("http-01 tokens rolled out", domains=sorted(domains), agents=len(targets))
+        with anyio.move_on_after(confirm_within) as scope:
+            for wait in waits:
+                await wait()
+        if scope.cancelled_caught:
+            log.warning("agents did not confirm the http-01 tokens in time",
+                        domains=sorted(domains), seconds=confirm_within)  # fmt: skip
 
     def certificates_changed(self, workspace: str, names: set[str] | None = None) -> None:
         """Certificates of `workspace` changed (all of them when `names` is None): the
