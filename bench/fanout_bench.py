@@ -512,7 +512,9 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
                 tg.start_soon(_raw_agent, address, ctx, gate, one_ready)
         await ready.wait()
         conn.send({"registered": registered})
-        await anyio.to_thread.run_sync(conn.recv)  # the parent says stop
+        # The parent says stop. Abandoned on cancel: if a simulated agent fails, the task
+        # group's cancellation must end this process (the parent then fails the run).
+        await anyio.to_thread.run_sync(conn.recv, abandon_on_cancel=True)
         tg.cancel_scope.cancel()
 
 
