@@ -40,7 +40,9 @@ def _master_link(
 
     bootstrap = read_bootstrap_token(settings, token=token, token_file=token_file)
     return link_from_settings(
-        ProviderRegistries.collect(ctx.pm),
+        # Lazy: only the transport kind is built, so the agent never imports the
+        # master-side providers (storage, event buses, authenticators: ~35 MB PSS).
+        ProviderRegistries(ctx.pm),
         settings,
         token=bootstrap,
         name=settings.agent.name or default_agent_id(),
