@@ -17,6 +17,8 @@ from nxmesh.core.registry import ProviderRegistries
 from nxmesh.testing.contracts import TransportContract
 from nxmesh.testing.contracts.transport import Mesh, TransportKit
 from nxmesh_transport_grpc import GrpcSettings, GrpcTransport, client_context, server_context
+from nxmesh_transport_grpc._generated.agent_pb2 import Frame
+from nxmesh_transport_grpc.transport import _FrameCodec, wire_frame
 
 
 def _kit(settings: GrpcSettings | None = None) -> TransportKit:
@@ -111,6 +113,19 @@ class TestGrpcSpecifics:
                     await channel.send(b"x" * 100_000)
             tg.cancel_scope.cancel()
         assert got == [b"small"]
+
+    @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 70_000, 2**21 + 3])
+    def test_frames_are_encoded_exactly_like_protobuf(self, size: int) -> None:
+        """The copy-free wire encoding equals protobuf's, and decodes back to the frame."""
+        data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        encoded = wire_frame(data)
+        assert encoded == Frame(data=data).SerializeToString()
+        assert _FrameCodec(2**30).decode(encoded, Frame).data == data
+
+    def test_other_encodings_fall_back_to_protobuf(self) -> None:
+        """A Frame with extra (unknown) fields from a newer peer still decodes."""
+        encoded = Frame(data=b"abc").SerializeToString() + b"\x10\x01"  # field 2 = 1
+        assert _FrameCodec(1024).decode(encoded, Frame).data == b"abc"
 
     def test_server_context_creates_a_ca_once(self, tmp_path: Path) -> None:
         """With TLS on and no files, the master creates its CA on first start and reuses it."""

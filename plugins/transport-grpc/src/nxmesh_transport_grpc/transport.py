@@ -28,7 +28,7 @@ import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar, Final, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -140,6 +140,12 @@ def wire_frame(frame: bytes) -> bytes:
     return b"\n" + _varint(len(frame)) + frame if frame else b""
 
 
+def _pre_encoded(frame: bytes) -> Frame:
+    """`wire_frame` where grpclib's types expect a `Frame`: `_FrameCodec` sends bytes as
+    they are, so the message never exists as a protobuf object."""
+    return cast(Frame, wire_frame(frame))
+
+
 class _WireFrame:
     """A received `Frame`, parsed without protobuf (it has one bytes field)."""
 
@@ -222,7 +228,7 @@ class _ServerChannel:
 
     async def send(self, frame: bytes) -> None:
         try:
-            await self._stream.send_message(wire_frame(frame))
+            await self._stream.send_message(_pre_encoded(frame))
         except _STREAM_ERRORS as exc:
             raise anyio.BrokenResourceError(str(exc)) from exc
 
@@ -275,7 +281,7 @@ class _AgentService(AgentServiceBase):
         if peek_type(request.data) is not kind:
             raise GRPCError(Status.INVALID_ARGUMENT, f"expected a {kind.name} frame")
         reply = await self._handler.handle_unary(request.data, _peer_of(stream))
-        await stream.send_message(wire_frame(reply))
+        await stream.send_message(_pre_encoded(reply))
 
     async def ReportHealth(self, stream: ServerStream[Frame, Frame]) -> None:
         await self._unary(stream, MessageType.HEALTH_REPORT)
@@ -301,11 +307,11 @@ class _ClientChannel:
         kind = peek_type(frame)
         try:
             if kind is MessageType.HEALTH_REPORT:
-                await self._stub.ReportHealth(wire_frame(frame), timeout=self._unary_timeout)
+                await self._stub.ReportHealth(_pre_encoded(frame), timeout=self._unary_timeout)
             elif kind is MessageType.METRICS_BATCH:
-                await self._stub.ReportMetrics(wire_frame(frame), timeout=self._unary_timeout)
+                await self._stub.ReportMetrics(_pre_encoded(frame), timeout=self._unary_timeout)
             else:
-                await self._stream.send_message(wire_frame(frame))
+                await self._stream.send_message(_pre_encoded(frame))
         except _STREAM_ERRORS as exc:
             raise anyio.BrokenResourceError(str(exc)) from exc
 
