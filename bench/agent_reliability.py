@@ -27,20 +27,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
 import psutil
 
+if __package__ in (None, ""):  # run as a file: the repository root holds `bench`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import bare_python_pss, parse_wrk, stats, under_wrk, utc_now, write_json
 from nxmesh.agent.applier import Applier
 from nxmesh.agent.harness import NginxStack, multi_site_state
 from nxmesh.agent.http import http_get
@@ -52,50 +54,7 @@ from nxmesh.testing.nginx import free_port
 
 RESULTS = Path(__file__).parent / "results" / "agent_reliability.json"
 PSS_GOAL_MB = 40.0
-_ERRORS = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
-_NON_2XX = re.compile(r"Non-2xx or 3xx responses: (\d+)")
-_REQUESTS = re.compile(r"(\d+) requests in")
-
-
-def parse_wrk(output: str) -> dict[str, int]:
-    """wrk's summary → requests and error counts (all zero when wrk printed none)."""
-    errors = _ERRORS.search(output)
-    connect, read, write, timeout = (int(x) for x in errors.groups()) if errors else (0,) * 4
-    non_2xx = _NON_2XX.search(output)
-    requests = _REQUESTS.search(output)
-    counts = {
-        "requests": int(requests.group(1)) if requests else 0,
-        "connect": connect,
-        "read": read,
-        "write": write,
-        "timeout": timeout,
-        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
-    }
-    counts["errors"] = connect + read + write + timeout + counts["non_2xx"]
-    return counts
-
-
-async def under_wrk(
-    wrk: str, port: int, keepalive: bool, work: Callable[[], Awaitable[None]]
-) -> dict[str, int]:
-    """Run `work` while wrk loads 127.0.0.1:`port`; stop wrk (SIGINT) when it is done."""
-    command = [wrk, "-t2", "-c16", "-d300s", "--latency", f"http://127.0.0.1:{port}/"]
-    if not keepalive:
-        command[1:1] = ["-H", "Connection: close"]
-    async with await anyio.open_process(command) as proc:
-        await anyio.sleep(0.5)  # wrk connected and running before the first apply
-        try:
-            await work()
-            await anyio.sleep(0.5)
-        finally:
-            proc.send_signal(signal.SIGINT)  # wrk prints its summary on SIGINT
-            with anyio.fail_after(30):
-                await proc.wait()
-        assert proc.stdout is not None
-        output = b""
-        async for chunk in proc.stdout:
-            output += chunk
-    return parse_wrk(output.decode(errors="replace"))
+__all__ = ["idle", "main", "parse_wrk", "traffic", "under_wrk"]
 
 
 async def traffic(binary: str, wrk: str, applies: int, workdir: Path) -> dict[str, Any]:
@@ -251,6 +210,7 @@ def idle(
     return {
         "disabled_plugins": list(disable),
         "seconds": round(wall, 1),
+        "pss_mb": {k: round(v, 2) for k, v in stats(pss).items()},
         "pss_mb_max": round(max(pss), 2),
         "pss_mb_last": round(pss[-1], 2),
         "rss_mb": round(rss, 2),
@@ -273,6 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--nginx", default="nginx")
     parser.add_argument("--wrk", default="wrk")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--skip-traffic", action="store_true", help="only the idle agent")
+    parser.add_argument("--skip-idle", action="store_true", help="only the wrk scenarios")
     args = parser.parse_args(argv)
     applies = args.applies or (3 if args.quick else 30)
     seconds = args.idle_seconds or (2.0 if args.quick else 60.0)
@@ -281,24 +243,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wrk = shutil.which(args.wrk) or args.wrk
     workdir = Path(tempfile.mkdtemp(prefix="nxmesh-reliability-"))
     try:
-        results = {
+        results: dict[str, Any] = {
             "benchmark": "wrk during applies; idle agent PSS and CPU",
             "quick": args.quick,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "traffic": anyio.run(traffic, binary, wrk, applies, workdir),
-            "idle": idle(binary, seconds, workdir),
-            "idle_agent_only": idle(binary, seconds, workdir, disable=MASTER_SIDE_PLUGINS),
+            "started_at": utc_now(),
         }
+        if not args.skip_traffic:
+            results["traffic"] = anyio.run(traffic, binary, wrk, applies, workdir)
+        if not args.skip_idle:
+            results["idle"] = idle(binary, seconds, workdir)
+            results["idle_agent_only"] = idle(
+                binary, seconds, workdir, disable=MASTER_SIDE_PLUGINS
+            )
+            # The baseline: what any Python process costs before it does anything.
+            results["idle_baseline_python"] = bare_python_pss(min(seconds, 2.0))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    for name in ("agent/close", "agent/keepalive", "raw/keepalive", "restart/close"):
-        counts = results["traffic"][name]
-        print(f"{name:16} {counts['requests']:>8} requests, {counts['errors']} errors {counts}")
-    print("goals:", results["traffic"]["goals"])
-    print("idle, every plugin:", results["idle"])
-    print("idle, master-side plugins disabled:", results["idle_agent_only"])
+    write_json(out, results)
+    if "traffic" in results:
+        for name in ("agent/close", "agent/keepalive", "raw/keepalive", "restart/close"):
+            counts = results["traffic"][name]
+            print(f"{name:16} {counts['requests']:>8} requests, {counts['errors']} errors "
+                  f"{counts}")  # fmt: skip
+        print("goals:", results["traffic"]["goals"])
+    if "idle" in results:
+        print("idle, every plugin:", results["idle"])
+        print("idle, master-side plugins disabled:", results["idle_agent_only"])
+        print("bare Python interpreter:", results["idle_baseline_python"])
     print(f"results written to {out}")
     return results
 

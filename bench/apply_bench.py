@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -47,6 +45,10 @@ from typing import Any
 import anyio
 import pluggy
 
+if __package__ in (None, ""):  # run as a file: the repository root holds `bench`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine_info, stats_ms, utc_now, write_json
 from nxmesh.agent.applier import Applier
 from nxmesh.agent.harness import NginxStack, multi_site_state
 from nxmesh.agent.http import http_get
@@ -113,13 +115,7 @@ class RawNginx:
             os.kill(pid, signal.SIGTERM)
 
 
-def summary(samples: list[float]) -> dict[str, Any]:
-    return {
-        "median_ms": round(statistics.median(samples) * 1000, 2),
-        "min_ms": round(min(samples) * 1000, 2),
-        "max_ms": round(max(samples) * 1000, 2),
-        "samples_ms": [round(s * 1000, 2) for s in samples],
-    }
+summary = stats_ms
 
 
 async def bench_sites(
@@ -200,18 +196,11 @@ async def _timed_apply(
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     binary = find_nginx(args.nginx)
     pm = get_plugin_manager(autoload=False, environ={})
-    version = await anyio.run_process([binary, "-v"], check=False)
     results: dict[str, Any] = {
         "benchmark": "agent apply latency vs raw write + nginx -t + HUP + poll",
         "quick": args.quick,
-        "machine": {
-            "platform": platform.platform(),
-            "python": sys.version.split()[0],
-            "cpus": os.cpu_count(),
-            "nginx": version.stderr.decode().strip(),
-            "backend": args.backend,
-        },
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {**machine_info(binary), "backend": args.backend},
+        "started_at": utc_now(),
         "runs": [],
     }
     workdir = Path(tempfile.mkdtemp(prefix="nxmesh-apply-bench-"))
@@ -254,8 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     results = anyio.run(main_async, args, backend=args.backend)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(args.out, results)
     print(f"results written to {args.out}")
     return results
 

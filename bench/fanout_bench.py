@@ -112,6 +112,12 @@ def _frame_size(version: Any) -> int:
     return len(seal(body, agent_id="a" * 32, key_id="k" * 20, key=b"k" * 32, seq=1, ts_ms=1))
 
 
+def _tls_files(paths: dict[str, str]) -> Any:
+    from nxmesh.tls import TLSFiles
+
+    return TLSFiles(**{k: Path(v) for k, v in paths.items()})  # type: ignore[arg-type]
+
+
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
@@ -157,7 +163,7 @@ async def _nxmesh_master(
     from nxmesh.enrollment import Enrollment
     from nxmesh.plugins.storage_sqlite import SqliteStorage
     from nxmesh.session_hub import MasterSessionHub
-    from nxmesh.tls import TLSFiles, server_ssl_context
+    from nxmesh.tls import server_ssl_context
     from nxmesh_transport_grpc import GrpcSettings, GrpcTransport
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))
@@ -185,7 +191,7 @@ async def _nxmesh_master(
     hub = MasterSessionHub(enrollment, heartbeat_interval=3600.0, on_message=on_message)
     ctx = None
     if opts["tls"]:
-        tls = TLSFiles(**{k: Path(v) for k, v in opts["tls"].items()})
+        tls = _tls_files(opts["tls"])
         ctx = server_ssl_context(tls)
     transport: Any
     if websocket:
@@ -235,7 +241,7 @@ async def _raw_master(conn: Connection, opts: dict[str, Any]) -> None:
     import anyio
     from grpclib.server import Server
 
-    from nxmesh.tls import TLSFiles, server_ssl_context
+    from nxmesh.tls import server_ssl_context
     from nxmesh_transport_grpc import GrpcSettings
     from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceBase
     from nxmesh_transport_grpc._generated.agent_pb2 import Frame
@@ -282,14 +288,14 @@ async def _raw_master(conn: Connection, opts: dict[str, Any]) -> None:
 
     ctx = None
     if opts["tls"]:
-        ctx = server_ssl_context(TLSFiles(**{k: Path(v) for k, v in opts["tls"].items()}))
+        ctx = server_ssl_context(_tls_files(opts["tls"]))
         ctx.set_alpn_protocols(["h2"])
         # The same asyncio TLS buffer the NxMesh master uses: a fair baseline.
         limit_tls_read_buffer(GrpcSettings().tls_read_buffer_bytes)
     server = Server([Service()])
     await server.start("127.0.0.1", 0, ssl=ctx, backlog=1024)
     assert server._server is not None
-    port = server._server.sockets[0].getsockname()[1]
+    port = server._server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
     scheme = "grpcs" if ctx else "grpc"
     before = _memory()
     conn.send({"address": f"{scheme}://127.0.0.1:{port}"})
@@ -346,7 +352,7 @@ async def _transport_master(conn: Connection, opts: dict[str, Any]) -> None:
     protocol): how much of nxmesh/raw is the transport layer rather than the protocol."""
     import anyio
 
-    from nxmesh.tls import TLSFiles, server_ssl_context
+    from nxmesh.tls import server_ssl_context
     from nxmesh_transport_grpc import GrpcSettings, GrpcTransport
 
     agents: int = opts["agents"]
@@ -375,7 +381,7 @@ async def _transport_master(conn: Connection, opts: dict[str, Any]) -> None:
 
     ctx = None
     if opts["tls"]:
-        ctx = server_ssl_context(TLSFiles(**{k: Path(v) for k, v in opts["tls"].items()}))
+        ctx = server_ssl_context(_tls_files(opts["tls"]))
     scheme = "grpcs" if ctx else "grpc"
     transport = GrpcTransport(
         f"{scheme}://127.0.0.1:0", ssl_context=ctx, settings=GrpcSettings(tls=bool(ctx))
@@ -488,7 +494,7 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
     from nxmesh.tls import client_ssl_context
 
     address: str = opts["address"]
-    alpn = None if kind == "ws" else ["h2"]
+    alpn: list[str] = [] if kind == "ws" else ["h2"]
     ctx = client_ssl_context(opts["ca"], alpn=alpn) if opts["ca"] else None
     count: int = opts["agents"]
     ready = anyio.Event()
@@ -772,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.plaintext:
             files = ensure_tls_material(tls_dir)
             tls = {"ca_cert": str(files.ca_cert), "cert": str(files.cert), "key": str(files.key)}
-        runs = []
+        runs: list[dict[str, Any]] = []
         for agents in counts:
             pooled: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
             for attempt in range(1 if args.quick else args.repeat):

@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/render_bench.py                    # 10, 1,000, 10,000 sites
     .venv/bin/python bench/render_bench.py --sizes 10,100 --repeats 3 --no-nginx
+    .venv/bin/python bench/render_bench.py --quick --out /tmp/render.json
 
 For each size it builds a realistic state (every site: two server names, a proxied ``/``,
 a static ``/static/``, an exact ``/healthz``, a response header; every tenth site TLS
@@ -18,11 +19,7 @@ issue 3: 10,000 sites in at most 1 s.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +29,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):  # run as a file: the repository root holds `bench`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import machine_info, stats, utc_now, write_json
 from nxmesh.core.model import (
     CertificateRef,
     DesiredState,
@@ -48,6 +49,7 @@ from nxmesh.nginx_check import NginxNotFoundError, check_bundle, find_nginx
 from nxmesh.plugins.render_nginx import NginxRenderer
 
 DEFAULT_SIZES = (10, 1_000, 10_000)
+QUICK_SIZES = (10, 100)
 DEFAULT_OUTPUT = Path(__file__).parent / "results" / "render.json"
 GOAL_SITES = 10_000
 GOAL_SECONDS = 1.0
@@ -98,12 +100,9 @@ def build_state(sites: int) -> DesiredState:
 
 
 def summarize(samples: Sequence[float]) -> dict[str, Any]:
-    return {
-        "median": statistics.median(samples),
-        "min": min(samples),
-        "max": max(samples),
-        "repeats": len(samples),
-    }
+    summary = stats(samples)
+    summary["repeats"] = summary.pop("n")
+    return summary
 
 
 def timed(action: Callable[[], object], repeats: int) -> list[float]:
@@ -143,11 +142,6 @@ def time_nginx_t(bundle: Any, binary: str, repeats: int) -> tuple[list[float], b
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def nginx_version(binary: str) -> str:
-    out = subprocess.run([binary, "-v"], capture_output=True, text=True, check=False)  # noqa: S603
-    return (out.stderr or out.stdout).strip()
-
-
 def run(
     sizes: Sequence[int], repeats: int, nginx_repeats: int, binary: str | None
 ) -> dict[str, Any]:
@@ -177,14 +171,8 @@ def run(
     goal_row = next((r for r in rows if r["sites"] == GOAL_SITES), None)
     return {
         "benchmark": "render",
-        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "nginx": nginx_version(binary) if binary else None,
-        },
+        "generated_at": utc_now(),
+        "machine": machine_info(binary),
         "renderer_build_seconds": build_seconds,
         "results": rows,
         "goal": {
@@ -222,25 +210,34 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--sizes",
-        default=",".join(map(str, DEFAULT_SIZES)),
-        help="comma-separated site counts (default: %(default)s)",
+        default=None,
+        help=f"comma-separated site counts (default: {','.join(map(str, DEFAULT_SIZES))}; "
+        f"--quick: {','.join(map(str, QUICK_SIZES))})",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="render timings per size")
-    parser.add_argument("--nginx-repeats", type=int, default=3, help="nginx -t timings per size")
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="render timings per size")
+    parser.add_argument(
+        "--nginx-repeats", type=int, default=None, help="nginx -t timings per size"
+    )
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx -t comparison")
     parser.add_argument("--nginx", default="nginx", help="nginx binary (default: %(default)s)")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON report path")
+    parser.add_argument(
+        "--output", "--out", type=Path, default=DEFAULT_OUTPUT, help="JSON report path"
+    )
     args = parser.parse_args(argv)
-    sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    default_sizes = QUICK_SIZES if args.quick else DEFAULT_SIZES
+    sizes = [int(s) for s in args.sizes.split(",") if s.strip()] if args.sizes else default_sizes
+    repeats = args.repeats or (2 if args.quick else 5)
+    nginx_repeats = args.nginx_repeats or (1 if args.quick else 3)
     binary = None
     if not args.no_nginx:
         try:
             binary = find_nginx(args.nginx)
         except NginxNotFoundError as exc:
             print(f"note: {exc}; skipping the nginx -t comparison", file=sys.stderr)
-    report = run(sizes, args.repeats, args.nginx_repeats, binary)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    report = run(sizes, repeats, nginx_repeats, binary)
+    report["quick"] = args.quick
+    write_json(args.output, report)
     print(table(report))
     print(f"wrote {args.output}")
     return report

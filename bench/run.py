@@ -1,0 +1,176 @@
+"""Run every NxMesh benchmark, then write the summary and plots.
+
+    .venv/bin/python -m bench.run                     # everything (long: tens of minutes)
+    .venv/bin/python -m bench.run --quick             # every harness, tiny sizes (a minute)
+    .venv/bin/python -m bench.run --only apply,render # some of them
+    .venv/bin/python -m bench.run --summary-only      # re-read the JSON, redo SUMMARY.md
+
+Each benchmark runs in a fresh process (``python -m bench.<module>``) and writes
+``<out-dir>/<name>.json``; one failing does not stop the others (the command then exits
+1). Afterwards ``SUMMARY.md``, ``summary.json`` and PNG plots are written from *every*
+result file in the directory — so ``--only`` refreshes some figures and keeps the others
+— together with the chaos suite's verdicts when ``chaos/results/summary.json`` exists.
+
+Full runs write to ``bench/results`` (committed, so changes show in review); quick runs
+to a temporary directory unless ``--out-dir`` says otherwise. See ``docs/benchmarks.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the repository root holds `bench`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import REPO_ROOT, RESULTS_DIR, utc_now, write_json
+from bench.report import write_summary
+
+CHAOS_SUMMARY = REPO_ROOT / "chaos" / "results" / "summary.json"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark: its module, and its arguments for a full and a quick run."""
+
+    name: str
+    module: str
+    full: tuple[str, ...]
+    quick: tuple[str, ...]
+    timeout: float
+    about: str
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark(
+            "render", "bench.render_bench", (), ("--quick",), 1800,
+            "render + digest 10 / 1,000 / 10,000 sites vs nginx -t on the same bundle",
+        ),
+        Benchmark(
+            "apply", "bench.apply_bench", (), ("--quick",), 1800,
+            "agent apply latency, 10 / 1,000 sites, vs raw write + nginx -t + HUP + poll",
+        ),
+        Benchmark(
+            "fanout", "bench.fanout_bench",
+            ("--agents", "1000,5000,10000", "--kinds", "nxmesh,ws,raw", "--rounds", "3"),
+            ("--quick", "--kinds", "nxmesh,ws,raw"), 7200,
+            "1k / 5k / 10k simulated agents over gRPC and WebSocket vs raw grpclib",
+        ),
+        Benchmark(
+            "convergence", "bench.convergence_bench", (), ("--quick",), 3600,
+            "10 real nginx + agents + master after one change vs an Ansible playbook",
+        ),
+        Benchmark(
+            "idle", "bench.agent_reliability", ("--skip-traffic",),
+            ("--quick", "--skip-traffic", "--idle-seconds", "1"), 900,
+            "idle agent PSS and CPU vs a bare Python interpreter",
+        ),
+    )
+}  # fmt: skip
+"""In the order they run (cheap first)."""
+
+
+def run_benchmark(
+    bench: Benchmark, out_dir: Path, *, quick: bool, log_dir: Path, echo: bool = True
+) -> dict[str, object]:
+    """Run one benchmark in its own process (own session: a timeout kills all of it);
+    its output goes to a log and, with `echo`, to the console."""
+    out = out_dir / f"{bench.name}.json"
+    command = [sys.executable, "-m", bench.module, *(bench.quick if quick else bench.full),
+               "--out", str(out)]  # fmt: skip
+    log = log_dir / f"{bench.name}.log"
+    print(f"== {bench.name}: {bench.about}", flush=True)
+    print(f"   {' '.join(command[1:])}  (log: {log})", flush=True)
+    started = time.monotonic()
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and modules
+            command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                sink.write(line)
+                sink.flush()
+                if echo:
+                    sys.stdout.write("   " + line.decode(errors="replace"))
+                    sys.stdout.flush()
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=bench.timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            code = proc.wait()
+            print(f"   timed out after {bench.timeout:.0f} s", flush=True)
+        reader.join(10)
+    seconds = round(time.monotonic() - started, 1)
+    ok = code == 0 and out.exists()
+    print(f"   {'ok' if ok else f'FAILED (exit {code})'} in {seconds} s", flush=True)
+    return {"name": bench.name, "ok": ok, "exit": code, "seconds": seconds, "log": str(log)}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="every harness at tiny sizes (seconds each); not for figures")
+    parser.add_argument("--only", default=None,
+                        help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    parser.add_argument("--out-dir", type=Path, default=None,
+                        help="where results go (default: bench/results; --quick: a temp dir)")
+    parser.add_argument("--summary-only", action="store_true",
+                        help="run nothing: rewrite SUMMARY.md and plots from the JSON files")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--chaos-summary", type=Path, default=CHAOS_SUMMARY,
+                        help="the chaos suite's summary.json, for its goals")  # fmt: skip
+    args = parser.parse_args(argv)
+    names = list(BENCHMARKS) if args.only is None else [n.strip() for n in args.only.split(",")]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    args.names = names
+    if args.out_dir is None:
+        args.out_dir = (
+            Path(tempfile.mkdtemp(prefix="nxmesh-bench-quick-")) if args.quick else RESULTS_DIR
+        )
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    out_dir: Path = args.out_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, object]] = []
+    if not args.summary_only:
+        log_dir = Path(tempfile.mkdtemp(prefix="nxmesh-bench-logs-"))
+        for name in args.names:
+            runs.append(run_benchmark(BENCHMARKS[name], out_dir, quick=args.quick,
+                                      log_dir=log_dir))  # fmt: skip
+        write_json(out_dir / "runs.json", {"finished_at": utc_now(), "quick": args.quick,
+                                           "runs": runs})  # fmt: skip
+    summary = write_summary(out_dir, args.chaos_summary, plots=not args.no_plots)
+    print(f"summary: {summary}")
+    failed = [r["name"] for r in runs if not r["ok"]]
+    if failed:
+        print(f"FAILED: {', '.join(map(str, failed))} (see the logs above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
