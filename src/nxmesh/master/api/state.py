@@ -136,6 +136,30 @@ def _with(state: DesiredState, kind: str, items: Sequence[Any]) -> DesiredState:
     return attrs.evolve(state, **changes)
 
 
+async def _edit_item(
+    caller: CallerDep,
+    workspace: str,
+    kind: str,
+    verb: str,
+    name: str,
+    edit: Callable[[DesiredState], DesiredState],
+    message: str | None,
+    expected_version: int | None,
+) -> ChangeResult:
+    """`_commit` for one named site or upstream: audit action, resource and default message
+    all follow from ``kind`` (``sites``) and ``verb`` (``create``/``update``/``delete``)."""
+    noun = kind.removesuffix("s")
+    return await _commit(
+        caller,
+        workspace,
+        edit,
+        action=f"{noun}.{verb}",
+        resource=f"workspaces/{workspace}/{kind}/{name}",
+        message=commit_message(message, f"{verb} {noun} {name}"),
+        expected_version=expected_version,
+    )
+
+
 def _create(kind: str, noun: str, item: Any) -> Callable[[DesiredState], DesiredState]:
     def edit(state: DesiredState) -> DesiredState:
         if any(x.name == item.name for x in _items(state, kind)):
@@ -205,14 +229,15 @@ class SiteController(Controller):
         expected_version: ExpectedVersion = None,
     ) -> ChangeResult:
         """Add a site (409 when one of that name exists)."""
-        return await _commit(
+        return await _edit_item(
             caller,
             workspace,
+            "sites",
+            "create",
+            data.name,
             _create("sites", "site", data),
-            action="site.create",
-            resource=f"workspaces/{workspace}/sites/{data.name}",
-            message=commit_message(message, f"create site {data.name}"),
-            expected_version=expected_version,
+            message,
+            expected_version,
         )
 
     @put("/{name:str}", opt=perm("config:write"), responses=ERRORS)
@@ -227,14 +252,15 @@ class SiteController(Controller):
     ) -> ChangeResult:
         """Create or replace the site `name`."""
         _same_name(name, data)
-        return await _commit(
+        return await _edit_item(
             caller,
             workspace,
+            "sites",
+            "update",
+            name,
             _replace("sites", data),
-            action="site.update",
-            resource=f"workspaces/{workspace}/sites/{name}",
-            message=commit_message(message, f"update site {name}"),
-            expected_version=expected_version,
+            message,
+            expected_version,
         )
 
     @delete("/{name:str}", opt=perm("config:write"), status_code=200, responses=ERRORS)
@@ -247,14 +273,15 @@ class SiteController(Controller):
         expected_version: ExpectedVersion = None,
     ) -> ChangeResult:
         """Remove the site `name`."""
-        return await _commit(
+        return await _edit_item(
             caller,
             workspace,
+            "sites",
+            "delete",
+            name,
             _remove("sites", "site", name),
-            action="site.delete",
-            resource=f"workspaces/{workspace}/sites/{name}",
-            message=commit_message(message, f"delete site {name}"),
-            expected_version=expected_version,
+            message,
+            expected_version,
         )
 
 
@@ -287,14 +314,15 @@ class UpstreamController(Controller):
         expected_version: ExpectedVersion = None,
     ) -> ChangeResult:
         """Add an upstream (409 when one of that name exists)."""
-        return await _commit(
+        return await _edit_item(
             caller,
             workspace,
+            "upstreams",
+            "create",
+            data.name,
             _create("upstreams", "upstream", data),
-            action="upstream.create",
-            resource=f"workspaces/{workspace}/upstreams/{data.name}",
-            message=commit_message(message, f"create upstream {data.name}"),
-            expected_version=expected_version,
+            message,
+            expected_version,
         )
 
     @put("/{name:str}", opt=perm("config:write"), responses=ERRORS)
@@ -309,14 +337,15 @@ class UpstreamController(Controller):
     ) -> ChangeResult:
         """Create or replace the upstream `name`."""
         _same_name(name, data)
-        return await _commit(
+        return await _edit_item(
             caller,
             workspace,
+            "upstreams",
+            "update",
+            name,
             _replace("upstreams", data),
-            action="upstream.update",
-            resource=f"workspaces/{workspace}/upstreams/{name}",
-            message=commit_message(message, f"update upstream {name}"),
-            expected_version=expected_version,
+            message,
+            expected_version,
         )
 
     @delete("/{name:str}", opt=perm("config:write"), status_code=200, responses=ERRORS)
@@ -329,12 +358,13 @@ class UpstreamController(Controller):
         expected_version: ExpectedVersion = None,
     ) -> ChangeResult:
         """Remove the upstream `name` (422 while a site still proxies to it)."""
-        return await _commit(
+        return await _edit_item(
             caller,
             workspace,
+            "upstreams",
+            "delete",
+            name,
             _remove("upstreams", "upstream", name),
-            action="upstream.delete",
-            resource=f"workspaces/{workspace}/upstreams/{name}",
-            message=commit_message(message, f"delete upstream {name}"),
-            expected_version=expected_version,
+            message,
+            expected_version,
         )
