@@ -130,15 +130,8 @@ def certificate_files(vault_dir: Path, update: PendingApply) -> dict[str, bytes]
 
     material = AgentMaterial(
         certificates=tuple(
-            CertificateMaterial(
-                name=c.name,
-                stem=c.stem,
-                fullchain_pem=c.fullchain_pem,
-                key_pem=c.key_pem,
-                not_after=c.not_after,
-                fingerprint=c.fingerprint,
-                placeholder=c.placeholder,
-            )
+            # Same fields on both sides of the wire: copy them all, not one by one.
+            CertificateMaterial(**attrs.asdict(c, recurse=False))
             for c in update.certificates
         ),
         challenges=dict(update.challenges),

@@ -188,15 +188,8 @@ class RolloutOrchestrator:
             return None
         found = UpdateMaterial(
             certificates=tuple(
-                TlsCertificate(
-                    name=c.name,
-                    stem=c.stem,
-                    fullchain_pem=c.fullchain_pem,
-                    key_pem=c.key_pem,
-                    not_after=c.not_after,
-                    fingerprint=c.fingerprint,
-                    placeholder=c.placeholder,
-                )
+                # Same fields on both sides of the wire: copy them all, not one by one.
+                TlsCertificate(**attrs.asdict(c, recurse=False))
                 for c in material.certificates
             ),
             challenges=FrozenMap(material.challenges),
