@@ -348,8 +348,7 @@ class Renderer(Protocol):
 
     name: ClassVar[str]
 
-    def render(self, state: DesiredState, *, extra_files: Mapping[str, bytes] = ...) -> Bundle:
-        ...
+    def render(self, state: DesiredState, *, extra_files: Mapping[str, bytes] = ...) -> Bundle: ...
 
 
 # ---------------------------------------------------------------------------------------
