@@ -152,6 +152,25 @@ class TestSchedule:
         assert events[0].payload["sites"] == ["shop"]
         assert await scheduler.run_once() == []
         assert ca.issued == [("shop.example.test",)]
+
+    async def test_wake_runs_a_pass_before_the_next_due_time(
+        self, storage: SqliteStorage, ca: FakeCa, store_state: StoreState
+    ) -> None:
+        """A site added after a pass is ordered on `wake`, not an hour later."""
+        scheduler = RenewalScheduler(storage, ca, policy=RenewalPolicy(check_interval=3600))
+        async with anyio.create_task_group() as tg:
+            await tg.start(scheduler.run)
+            with anyio.fail_after(5):
+                while scheduler._last_pass is None:  # the first pass: nothing to do
+                    await anyio.sleep(0.01)
+            assert not ca.issued
+            await store_state(DesiredState(sites=(site("shop", "shop.example.test"),)))
+            scheduler.wake()
+            with anyio.fail_after(5):
+                while not ca.issued:
+                    await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        assert ca.issued == [("shop.example.test",)]
         assert counter(scheduler, "success") == 1
 
     async def test_placeholder_counts_as_missing(

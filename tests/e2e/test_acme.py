@@ -71,9 +71,8 @@ def fleet(tmp_path: Path, e2e_nginx: str, pebble_server: PebbleServer) -> Iterat
             "poll_interval": 0.2,
             "order_timeout": 30.0,
             "network_timeout": 10.0,
-            # A new `tls: acme` site is picked up by the next pass (at most
-            # check_interval after the state is stored); failures retry after 1 s.
-            "check_interval": 1.0,
+            # No short check_interval: the stored version wakes the scheduler.
+            # A failed order (agent still applying) is retried after 1 s.
             "retry_initial": 1.0,
             "retry_max": 2.0,
         },

@@ -278,26 +278,36 @@ class RenewalScheduler:
         self._due: dict[tuple[str, str], float] = {}
         self._certificates: dict[tuple[str, str], StoredCertificate] = {}
         self._last_pass: float | None = None
+        self._wakeup: anyio.Event | None = None
 
     # -- running ---------------------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Run the next pass now instead of at the next due time: a new version may have
+        added a ``tls: acme`` site. Backoff of failed certificates still holds."""
+        if self._wakeup is not None:
+            self._wakeup.set()
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run passes until cancelled; sleeps until the next certificate is due.
+        """Run passes until cancelled; sleeps until the next certificate is due or `wake`.
 
         A pass that fails unexpectedly (storage down) is logged and retried after
-        ``retry_initial``; cancellation always propagates.
+        ``retry_initial``; cancellation always propagates. A `wake` during a pass makes
+        the next one start right after it.
         """
         task_status.started()
         while True:
+            self._wakeup = wakeup = anyio.Event()
             try:
                 await self.run_once()
                 delay = self.next_due() - self.clock()
             except Exception as exc:  # a broken pass must not end renewals for good
                 log.exception("certificate renewal pass failed", error_type=type(exc).__name__)
                 delay = self.policy.retry_initial
-            await anyio.sleep(min(self.policy.check_interval, max(_MIN_SLEEP, delay)))
+            with anyio.move_on_after(min(self.policy.check_interval, max(_MIN_SLEEP, delay))):
+                await wakeup.wait()
 
     async def run_once(self) -> list[RenewalOutcome]:
         """One pass if this master is the leader; an empty list when another one is."""

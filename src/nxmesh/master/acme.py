@@ -14,7 +14,8 @@ beside the rollout orchestrator when ``[plugins.certs] agree_tos = true``:
   master's metrics registry; its events (``cert.renewed``...) go on the bus, where the
   orchestrator picks ``cert.renewed`` up and re-sends the version to the agents whose
   sites use the certificate. The scheduler is in ``services.stash[CERT_RENEWAL]`` (its
-  ``health()`` gives the ``certs.renewal`` result).
+  ``health()`` gives the ``certs.renewal`` result). ``version.created`` on the bus wakes
+  the scheduler, so a new ``tls: acme`` site is ordered at once, not at its next pass.
 
 Known limit: the challenge board lives in the leader's memory, so with several masters
 only the agents connected to the leader receive HTTP-01 tokens (use DNS-01 there).
@@ -107,7 +108,23 @@ async def run_certificate_renewal(
         services.stash[CERT_RENEWAL] = scheduler
         log.info("certificate renewal running", directory=certs.acme_directory,
                  challenge=certs.challenge)  # fmt: skip
-        await scheduler.run()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_wake_on_new_versions, services, scheduler)
+            await scheduler.run()
     finally:
         with anyio.CancelScope(shield=True):
             await client.aclose()
+
+
+async def _wake_on_new_versions(services: MasterServices, scheduler: RenewalScheduler) -> None:
+    """A new version (from any master) may add a ``tls: acme`` site: order it now rather
+    than at the scheduler's next due time (up to ``check_interval`` later)."""
+    while True:
+        try:
+            async with services.bus.subscribe() as events:
+                async for event in events:
+                    if event.kind == "version.created":
+                        scheduler.wake()
+        except Exception as exc:  # the bus is down: renewals go on on their own schedule
+            log.warning("certificate renewal: event subscription failed", error=str(exc))
+        await anyio.sleep(1.0)
