@@ -73,6 +73,10 @@ BENCHMARKS: dict[str, Benchmark] = {
             "10 real nginx + agents + master after one change vs an Ansible playbook",
         ),
         Benchmark(
+            "api", "bench.api_bench", (), ("--quick",), 3600,
+            "API req/s with 1k agents vs bare Litestar; apply → 100 sim + 1 real converged",
+        ),
+        Benchmark(
             "idle", "bench.agent_reliability", ("--skip-traffic",),
             ("--quick", "--skip-traffic", "--idle-seconds", "1"), 900,
             "idle agent PSS and CPU vs a bare Python interpreter",
