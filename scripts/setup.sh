@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-APT_PACKAGES=(nginx-light pebble wrk)
+# prometheus only for promtool, which checks the agent's metrics exposition in the tests.
+APT_PACKAGES=(nginx-light pebble wrk prometheus)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
