@@ -717,3 +717,30 @@ class TestVerifyOnSqlite:
         result = run("--public-key", str(public_key))
         assert result.exit_code == EXIT_BROKEN
         assert "version 4: version 3 is missing before it" in result.stderr
+
+
+class TestVerifyMissingDatabase:
+    def test_a_mistyped_sqlite_path_is_an_error_not_an_empty_chain(self, tmp_path: Path) -> None:
+        """verify refuses a database file that does not exist instead of creating it."""
+        from click.testing import CliRunner
+
+        from nxmesh.cli import build_cli
+        from nxmesh.crypto.signing import SigningKey
+
+        key_file = tmp_path / "signing.pub"
+        key_file.write_text(SigningKey.generate().public_key_pem())
+        missing = tmp_path / "typo.db"
+        result = CliRunner().invoke(
+            build_cli([]),
+            [
+                "versions",
+                "verify",
+                "--storage",
+                f"sqlite:///{missing}",
+                "--public-key",
+                str(key_file),
+            ],
+        )
+        assert result.exit_code == 2, result.output
+        assert "no database at" in result.output
+        assert not missing.exists()

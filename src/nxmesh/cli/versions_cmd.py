@@ -99,8 +99,14 @@ def verify_command(
         backend_cls = ProviderRegistries.collect(ctx.pm)["storage"].by_scheme(storage_url)
     except NxMeshError as exc:
         raise _CannotVerify(str(exc)) from None
+    backend = backend_cls(storage_url)
+    # Opening a file-backed store creates and migrates it: verifying a mistyped path
+    # would then report an empty, "intact" history instead of the mistake.
+    path = getattr(backend, "path", None)
+    if isinstance(path, Path) and not path.exists():
+        raise _CannotVerify(f"no database at {path}; check --storage")
     try:
-        versions = anyio.run(_fetch_all, backend_cls(storage_url), workspace)
+        versions = anyio.run(_fetch_all, backend, workspace)
     except ValidationError as exc:
         # A row the model refuses to load was edited by hand (or by an attacker).
         _report(
