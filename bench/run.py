@@ -114,15 +114,16 @@ def run_benchmark(
                     sys.stdout.flush()
 
         reader = threading.Thread(target=pump, daemon=True)
-        reader.start()
-        try:
-            code = proc.wait(timeout=bench.timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            code = proc.wait()
-            print(f"   timed out after {bench.timeout:.0f} s", flush=True)
-        reader.join(10)
+        with proc:  # closes the pipe at the end
+            reader.start()
+            try:
+                code = proc.wait(timeout=bench.timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                code = proc.wait()
+                print(f"   timed out after {bench.timeout:.0f} s", flush=True)
+            reader.join(10)
     seconds = round(time.monotonic() - started, 1)
     ok = code == 0 and out.exists()
     print(f"   {'ok' if ok else f'FAILED (exit {code})'} in {seconds} s", flush=True)

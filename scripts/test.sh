@@ -14,7 +14,7 @@ if command -v pg_isready >/dev/null && ! pg_isready -h 127.0.0.1 -p 5432 -q; the
 fi
 
 echo "== ruff"
-"$VENV/bin/ruff" check src plugins/*/src tests plugins/*/tests examples
+"$VENV/bin/ruff" check src plugins/*/src tests plugins/*/tests examples bench chaos
 echo "== mypy --strict"
 "$VENV/bin/mypy"
 echo "== docs"
