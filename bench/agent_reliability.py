@@ -42,7 +42,15 @@ import psutil
 if __package__ in (None, ""):  # run as a file: the repository root holds `bench`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import bare_python_pss, parse_wrk, stats, under_wrk, utc_now, write_json
+from bench.common import (
+    bare_python_pss,
+    machine_info,
+    parse_wrk,
+    stats,
+    under_wrk,
+    utc_now,
+    write_json,
+)
 from nxmesh.agent.applier import Applier
 from nxmesh.agent.harness import NginxStack, multi_site_state
 from nxmesh.agent.http import http_get
@@ -247,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "benchmark": "wrk during applies; idle agent PSS and CPU",
             "quick": args.quick,
             "started_at": utc_now(),
+            "machine": machine_info(binary),
         }
         if not args.skip_traffic:
             results["traffic"] = anyio.run(traffic, binary, wrk, applies, workdir)

@@ -766,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, default=None,
                         help="write cProfile stats of each master's pushes into this directory")
     args = parser.parse_args(argv)
+    started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     counts = [50] if args.quick else [int(n) for n in args.agents.split(",")]
     rounds = 1 if args.quick else args.rounds
     kinds = args.kinds.split(",")
@@ -792,10 +794,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = summarize(runs)
     report = {
         "benchmark": "fanout",
+        "started_at": started_at,
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "platform": platform.platform(),
+            "load_average": load_at_start,
         },
         "config": {"tls": not args.plaintext, "rounds": rounds, "sizes": SIZES,
                    "quick": args.quick},

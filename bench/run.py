@@ -64,7 +64,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         ),
         Benchmark(
             "fanout", "bench.fanout_bench",
-            ("--agents", "1000,5000,10000", "--kinds", "nxmesh,ws,raw", "--rounds", "3"),
+            ("--agents", "1000,5000,10000", "--kinds", "nxmesh,ws,raw", "--rounds", "3",
+             "--repeat", "2"),
             ("--quick", "--kinds", "nxmesh,ws,raw"), 7200,
             "1k / 5k / 10k simulated agents over gRPC and WebSocket vs raw grpclib",
         ),
