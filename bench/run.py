@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -128,7 +129,8 @@ def run_benchmark(
     seconds = round(time.monotonic() - started, 1)
     ok = code == 0 and out.exists()
     print(f"   {'ok' if ok else f'FAILED (exit {code})'} in {seconds} s", flush=True)
-    return {"name": bench.name, "ok": ok, "exit": code, "seconds": seconds, "log": str(log)}
+    return {"name": bench.name, "ok": ok, "exit": code, "seconds": seconds,
+            "finished_at": utc_now(), "args": command[2:-2], "log": str(log)}  # fmt: skip
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -167,8 +169,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in args.names:
             runs.append(run_benchmark(BENCHMARKS[name], out_dir, quick=args.quick,
                                       log_dir=log_dir))  # fmt: skip
-        write_json(out_dir / "runs.json", {"finished_at": utc_now(), "quick": args.quick,
-                                           "runs": runs})  # fmt: skip
+        # Each benchmark's last run (how long it took, where its log is), merged with
+        # the earlier runs of the others.
+        record = out_dir / "runs.json"
+        previous = json.loads(record.read_text()).get("runs", []) if record.exists() else []
+        merged = {r["name"]: r for r in previous}
+        merged.update({str(r["name"]): r for r in runs})
+        write_json(record, {"quick": args.quick, "runs": list(merged.values())})
     summary = write_summary(out_dir, args.chaos_summary, plots=not args.no_plots)
     print(f"summary: {summary}")
     failed = [r["name"] for r in runs if not r["ok"]]

@@ -95,6 +95,9 @@ def leftovers(workdir: Path) -> list[dict[str, Any]]:
         if str(workdir) in cmdline:
             found.append({"pid": proc.info["pid"], "cmdline": cmdline[:200]})
             with contextlib.suppress(psutil.Error):
+                # Children first: a SIGKILLed nginx master leaves its workers holding ports.
+                for child in proc.children(recursive=True):
+                    child.kill()
                 proc.kill()
     return found
 
