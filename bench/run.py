@@ -165,7 +165,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, object]] = []
     if not args.summary_only:
-        log_dir = Path(tempfile.mkdtemp(prefix="nxmesh-bench-logs-"))
+        # Quick runs keep their logs beside their (throwaway) results; full runs in a
+        # temporary directory, so bench/results holds only what is committed.
+        if args.quick:
+            log_dir = out_dir / "logs"
+            log_dir.mkdir(exist_ok=True)
+        else:
+            log_dir = Path(tempfile.mkdtemp(prefix="nxmesh-bench-logs-"))
         for name in args.names:
             runs.append(run_benchmark(BENCHMARKS[name], out_dir, quick=args.quick,
                                       log_dir=log_dir))  # fmt: skip
