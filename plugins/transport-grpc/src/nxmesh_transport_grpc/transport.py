@@ -146,6 +146,18 @@ def _pre_encoded(frame: bytes) -> Frame:
     return cast(Frame, wire_frame(frame))
 
 
+
+async def _receive(stream: Any) -> bytes:
+    """Next frame of a server or client stream (both channels read the same way)."""
+    try:
+        message = await stream.recv_message()
+    except _STREAM_ERRORS as exc:
+        raise anyio.BrokenResourceError(str(exc)) from exc
+    if message is None:
+        raise anyio.EndOfStream
+    data: bytes = message.data
+    return data
+
 class _WireFrame:
     """A received `Frame`, parsed without protobuf (it has one bytes field)."""
 
@@ -233,14 +245,7 @@ class _ServerChannel:
             raise anyio.BrokenResourceError(str(exc)) from exc
 
     async def receive(self) -> bytes:
-        try:
-            message = await self._stream.recv_message()
-        except _STREAM_ERRORS as exc:
-            raise anyio.BrokenResourceError(str(exc)) from exc
-        if message is None:
-            raise anyio.EndOfStream
-        data: bytes = message.data
-        return data
+        return await _receive(self._stream)
 
     async def aclose(self) -> None:
         return None  # the call ends when the handler returns
@@ -316,14 +321,7 @@ class _ClientChannel:
             raise anyio.BrokenResourceError(str(exc)) from exc
 
     async def receive(self) -> bytes:
-        try:
-            message = await self._stream.recv_message()
-        except _STREAM_ERRORS as exc:
-            raise anyio.BrokenResourceError(str(exc)) from exc
-        if message is None:
-            raise anyio.EndOfStream
-        data: bytes = message.data
-        return data
+        return await _receive(self._stream)
 
     async def aclose(self) -> None:
         return None  # `GrpcTransport.connect` ends the call and closes the connection
