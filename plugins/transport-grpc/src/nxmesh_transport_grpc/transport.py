@@ -146,7 +146,6 @@ def _pre_encoded(frame: bytes) -> Frame:
     return cast(Frame, wire_frame(frame))
 
 
-
 async def _receive(stream: Any) -> bytes:
     """Next frame of a server or client stream (both channels read the same way)."""
     try:
@@ -157,6 +156,7 @@ async def _receive(stream: Any) -> bytes:
         raise anyio.EndOfStream
     data: bytes = message.data
     return data
+
 
 class _WireFrame:
     """A received `Frame`, parsed without protobuf (it has one bytes field)."""
