@@ -3,6 +3,8 @@ TestClient, and helpers to act as users with given roles."""
 
 from __future__ import annotations
 
+import os
+import secrets
 import shutil
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -16,6 +18,7 @@ from nxmesh.core.pluginmanager import NxMeshPluginManager, get_plugin_manager
 from nxmesh.core.records import User
 from nxmesh.core.settings import Settings, load_settings
 from nxmesh.master.app import MasterServices, build_app
+from nxmesh.testing.services import missing_service
 
 T = TypeVar("T")
 
@@ -109,3 +112,48 @@ def master(plugin_manager: NxMeshPluginManager, master_settings: Settings) -> It
 def admin(master: Master) -> dict[str, str]:
     """Headers of an admin."""
     return master.headers("admin", subject="admin")
+
+
+# -- PostgreSQL ---------------------------------------------------------------------------
+
+PG_ADMIN_URL = os.environ.get(
+    "NXMESH_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> Iterator[Any]:
+    """An autocommit connection to the maintenance database (skip/fail without one)."""
+    import psycopg
+
+    try:
+        conn = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError:
+        missing_service("PostgreSQL on 127.0.0.1:5432")
+        raise AssertionError("unreachable") from None  # pragma: no cover
+    with conn:
+        yield conn
+
+
+@pytest.fixture
+def pg_database(pg_admin: Any) -> Iterator[str]:
+    """The URL of a new, empty PostgreSQL database for this test only."""
+    from psycopg import sql
+    from sqlalchemy.engine import make_url
+
+    name = f"nxmesh_master_{secrets.token_hex(6)}"
+    pg_admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        pg_admin.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+@pytest.fixture
+def pg_plugin_manager(make_plugin_manager: Callable[..., NxMeshPluginManager]) -> Any:
+    """Built-ins plus the PostgreSQL storage plugin."""
+    from nxmesh_storage_postgres import plugin
+
+    return make_plugin_manager(plugin)

@@ -7,12 +7,16 @@ and, for input that failed validation (HTTP 422), ``errors``: one ``{path, messa
 per problem, where ``path`` names the field (``sites[0].server_names[1]``, ``query.limit``).
 
 Unexpected exceptions become a 500 whose detail says nothing about the internals; the
-traceback goes to the log under the same request id.
+traceback goes to the log under the same request id. A storage failure — a `StorageError`
+or the database driver losing its connection (PostgreSQL down, restarting, failing over) —
+is a 503 ``storage-unavailable`` with ``Retry-After``. Every storage operation is one
+transaction, so the write that failed left nothing half-applied.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
@@ -40,6 +44,8 @@ __all__ = [
 
 PROBLEM_MEDIA_TYPE: Final = "application/problem+json"
 _URN: Final = "urn:nxmesh:problem:"
+STORAGE_RETRY_AFTER: Final = 5
+"""Seconds a client is asked to wait after a 503 ``storage-unavailable``."""
 
 log = structlog.get_logger("nxmesh.master.api")
 
@@ -212,12 +218,50 @@ def _conflict(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     return problem_response(request, 409, "conflict", "Conflict", str(exc))
 
 
+def _connection_lost(exc: BaseException) -> BaseException | None:
+    """The driver error in `exc`'s chain saying the database cannot be reached, if any.
+
+    SQLAlchemy is looked up in ``sys.modules`` rather than imported: when it was never
+    loaded, no exception can come from it (and importing it here would cost every
+    process that loads the master's error handling).
+    """
+    sa_exc = sys.modules.get("sqlalchemy.exc")
+    seen: set[int] = set()
+    pending: list[BaseException] = [exc]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        found: BaseException = current  # (isinstance against a module attribute narrows to Any)
+        if sa_exc is not None and (
+            isinstance(current, sa_exc.OperationalError | sa_exc.InterfaceError)
+            or (isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated)
+            # The pool gave up waiting for a connection (all of them stuck reconnecting).
+            or isinstance(current, sa_exc.TimeoutError)
+        ):
+            return found
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return None
+
+
 def _internal(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     request_id = request.scope.get("state", {}).get("request_id", "-")
-    if isinstance(exc, StorageError):
-        log.error("storage error", error_type=type(exc).__name__, error=str(exc))
-        detail = f"the storage backend failed; see the master log (request id {request_id})"
-        return problem_response(request, 503, "storage-unavailable", "Service unavailable", detail)
+    lost = _connection_lost(exc)
+    if isinstance(exc, StorageError) or lost is not None:
+        cause = lost if lost is not None else exc
+        # One line, no traceback: an outage fails every request and would flood the log.
+        log.error("storage unavailable", error_type=type(cause).__name__, error=str(cause))
+        detail = (
+            "storage unavailable: the master cannot reach its database; retry in a few "
+            f"seconds (request id {request_id})"
+        )
+        return problem_response(
+            request, 503, "storage-unavailable", "Service unavailable", detail,
+            headers={"Retry-After": str(STORAGE_RETRY_AFTER)},
+        )  # fmt: skip
     log.error("unhandled error", exc_info=exc)
     detail = f"internal error; see the master log (request id {request_id})"
     return problem_response(request, 500, "internal", "Internal server error", detail)
