@@ -260,3 +260,133 @@ class TestMerge:
     def test_no_files_is_empty_state(self) -> None:
         """Merging nothing gives the empty state."""
         assert load_state_files([]).sites == ()
+
+
+# Field problems (a bad header value, a bad port) and cross-object problems (an unknown
+# upstream, a duplicate site name, a TLS and a plain site on one port) in one file.
+MIXED = """\
+upstreams:
+  - name: app
+    servers: [{address: "app:80"}]
+certificates:
+  - {name: main, domains: [a.example.com]}
+sites:
+  - name: web
+    server_names: [a.example.com]
+    listeners: [{port: 443, tls: true}]
+    tls: {certificate: main}
+    locations:
+      - path: /
+        upstream: app
+        headers: [{name: X-A, value: "a;b"}]
+      - {path: /api, upstream: api}
+  - name: web
+    server_names: [b.example.com]
+    listeners: [{port: 443}, {port: 70000}]
+    locations: [{path: /, upstream: app}]
+"""
+
+
+class TestAllProblemsInOnePass:
+    def test_field_and_cross_object_problems_together(self, tmp_path: Path) -> None:
+        """One load reports the field problems and the cross-object ones, each at its path."""
+        path = write(tmp_path, "mixed.yaml", MIXED)
+        source, problems = load_problems(path)
+        assert source == str(path)
+        assert set(problems) == {
+            "sites[0].locations[0].headers[0].value",
+            "sites[1].listeners[1].port",
+            "sites[0].locations[1].upstream",
+            "sites[1].name",
+            "sites[1].listeners[0].tls",
+        }
+        assert problems["sites[0].locations[1].upstream"] == (
+            "refers to unknown upstream 'api' (did you mean 'app'?)"
+        )
+        assert problems["sites[1].name"] == "site name 'web' is already used by sites[0]"
+
+    def test_field_problems_come_first(self, tmp_path: Path) -> None:
+        """Field problems are listed before cross-object ones, each once."""
+        with pytest.raises(ValidationError) as info:
+            load_state_file(write(tmp_path, "mixed.yaml", MIXED))
+        paths = [p.path for p in info.value.problems]
+        assert len(paths) == len(set(paths)) == 5
+        assert paths[:2] == ["sites[0].locations[0].headers[0].value", "sites[1].listeners[1].port"]
+
+    def test_reference_to_an_invalid_upstream_is_not_unknown(self, tmp_path: Path) -> None:
+        """An upstream that failed its own checks still exists for the sites naming it."""
+        text = SITES + "upstreams:\n  - {name: app, servers: [{address: 'app'}]}\n"
+        _, problems = load_problems(write(tmp_path, "s.yaml", text))
+        assert set(problems) == {"upstreams[0].servers[0].address"}
+
+    def test_unreadable_upstream_name_silences_references(self, tmp_path: Path) -> None:
+        """When an upstream's name is broken, no reference is called unknown because of it."""
+        text = SITES + "upstreams:\n  - {name: App, servers: [{address: 'app:80'}]}\n"
+        _, problems = load_problems(write(tmp_path, "s.yaml", text))
+        assert set(problems) == {"upstreams[0].name"}
+
+    def test_invalid_objects_are_left_out(self, tmp_path: Path) -> None:
+        """A location that failed is not cross-checked; the site's other parts still are."""
+        text = """\
+        sites:
+          - name: a
+            server_names: [a.example.com]
+            locations:
+              - {path: /, upstream: nope, proxy_read_timeout: 0}
+              - {path: /x, root: /srv/x}
+              - {path: /x, root: /srv/y}
+        """
+        _, problems = load_problems(write(tmp_path, "s.yaml", text))
+        assert problems == {
+            "sites[0].locations[0].proxy_read_timeout": "must be from 1 to 86400, got 0",
+            "sites[0].locations[2].path": "prefix location '/x' repeats locations[1]",
+        }
+
+    def test_repeated_listener_is_reported_once(self, tmp_path: Path) -> None:
+        """A listener repeating another of its site is one problem, not also a TLS clash."""
+        text = """\
+        sites:
+          - name: a
+            server_names: [a.example.com]
+            listeners: [{port: 443, tls: true}, {port: 443}]
+            tls: acme
+            locations: [{path: /, root: /srv}]
+        """
+        _, problems = load_problems(write(tmp_path, "s.yaml", text))
+        assert set(problems) == {"sites[0].listeners[1].port"}
+
+    def test_indices_skip_invalid_items(self, tmp_path: Path) -> None:
+        """Cross-object problems keep the file's indices when earlier items were invalid."""
+        text = """\
+        upstreams:
+          - {name: bad, servers: []}
+          - {name: app, servers: [{address: 'a:1'}]}
+          - {name: app, servers: [{address: 'b:1'}]}
+        """
+        _, problems = load_problems(write(tmp_path, "s.yaml", text))
+        assert problems == {
+            "upstreams[0].servers": "needs at least one server",
+            "upstreams[2].name": "upstream name 'app' is already used by upstreams[1]",
+        }
+
+    def test_across_files(self, tmp_path: Path) -> None:
+        """Field problems in one file do not hide a duplicate with another file."""
+        first = write(tmp_path, "a.yaml", UPSTREAMS + "  - {name: x, servers: [{address: x}]}\n")
+        second = write(tmp_path, "b.yaml", SITES + UPSTREAMS)
+        source, problems = load_problems(first, second)
+        assert source is None
+        assert set(problems) == {
+            f"{first}: upstreams[1].servers[0].address",
+            f"{second}: upstreams[0].name",
+        }
+        assert problems[f"{second}: upstreams[0].name"] == (
+            f"upstream name 'app' is already used by upstreams[0] in {first}"
+        )
+
+    def test_unreadable_file_silences_references(self, tmp_path: Path) -> None:
+        """A file that does not parse may define anything: references are not judged."""
+        broken = write(tmp_path, "up.yaml", "upstreams: [\n")
+        sites = write(tmp_path, "sites.yaml", SITES)
+        source, problems = load_problems(broken, sites)
+        assert source == str(broken)
+        assert len(problems) == 1

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import partial
+from typing import ClassVar
+
 import attrs
 import pytest
 
@@ -21,9 +24,11 @@ from nxmesh.core.model import (
     Redirect,
     Return,
     Site,
+    StateParts,
     TLSConfig,
     Upstream,
     UpstreamServer,
+    check_parts,
     check_state,
 )
 from nxmesh.core.validation import Invalid
@@ -442,3 +447,41 @@ class TestPortTlsConsistency:
         [problem] = info.value.problems
         assert problem.path == "sites[1].listeners[0].tls"
         assert "sites[0]" in problem.message
+
+
+class TestStructureReportsEverything:
+    """`structure` of a whole state (the master's request bodies) reports all at once."""
+
+    DATA: ClassVar[dict[str, object]] = {
+        "upstreams": [{"name": "app", "servers": [{"address": "app"}]}],
+        "sites": [
+            {
+                "name": "a",
+                "server_names": ["a.example.com"],
+                "locations": [{"path": "/", "upstream": "app"}, {"path": "/x", "upstream": "x"}],
+            },
+            {"name": "a", "server_names": ["a.example.com", "b..c"], "locations": []},
+        ],
+    }
+
+    def test_field_and_cross_object_problems(self) -> None:
+        """Field problems, then the cross-object ones among the parts that passed."""
+        from nxmesh.core.errors import ValidationError
+        from nxmesh.core.serialization import structure, structure_state
+
+        for build in (partial(structure, cl=DesiredState), structure_state):
+            with pytest.raises(ValidationError) as info:
+                build(self.DATA)
+            assert [p.path for p in info.value.problems] == [
+                "sites[1].server_names[1]",
+                "sites[1].locations",
+                "upstreams[0].servers[0].address",
+                "sites[1].name",
+                "sites[0].locations[1].upstream",
+                "sites[1].server_names[0]",
+            ]
+
+    def test_check_parts_of_a_valid_state_is_check_state(self) -> None:
+        """For a valid state the parts are the whole state."""
+        s = state(make_site(locations=(loc(upstream="a"),)), make_site())
+        assert check_parts(StateParts.of(s)) == check_state(s)

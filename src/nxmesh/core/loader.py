@@ -22,11 +22,12 @@ from typing import Any
 
 import attrs
 import yaml
+from cattrs.errors import ClassValidationError, IterableValidationError
 
 from nxmesh.core.errors import Problem, ValidationError
-from nxmesh.core.model import DesiredState, check_state
-from nxmesh.core.serialization import structure
-from nxmesh.core.validation import Invalid, join_path
+from nxmesh.core.model import DesiredState, StateParts, check_parts
+from nxmesh.core.serialization import converter, problems_from_exception
+from nxmesh.core.validation import NAME, Invalid, join_path
 
 __all__ = ["MAX_FILE_BYTES", "MAX_YAML_NODES", "load_state_file", "load_state_files"]
 
@@ -241,57 +242,78 @@ def _raise(found: Sequence[tuple[str, Problem]]) -> None:
     )
 
 
+def _structure_file(
+    source: str, data: object, found: list[tuple[str, Problem]]
+) -> tuple[DesiredState | None, StateParts]:
+    """One file's state (None when invalid; its field problems go to `found`) and parts.
+
+    Not `structure`, which cross-checks an invalid state on its own: a file may be one
+    part of the state, so its cross-object checks wait for the merge.
+    """
+    try:
+        state = converter.structure(data, DesiredState)
+    except (ClassValidationError, IterableValidationError, TypeError, ValueError) as exc:
+        found += [(source, p) for p in problems_from_exception(exc)]
+        return None, StateParts.salvage(data, converter.structure)
+    return state, StateParts.of(state)
+
+
 def load_state_files(paths: Iterable[str | os.PathLike[str]]) -> DesiredState:
     """Load and merge several state files into one checked `DesiredState`.
 
     Sites, upstreams and certificates are concatenated in file order; the workspace is
     the one the files name (they must agree) or ``default``. Raises `ValidationError`
-    with every problem of every file; `OSError` when a file cannot be read.
+    with every problem of every file: field problems and, among the objects that passed
+    them, cross-object problems, in one pass. `OSError` when a file cannot be read.
     """
     found: list[tuple[str, Problem]] = []
-    parts: list[tuple[str, DesiredState]] = []
+    files: list[tuple[str, DesiredState | None, StateParts]] = []
     workspaces: dict[str, str] = {}
     for path in map(Path, paths):
         source = str(path)
         try:
             data = _read_data(path)
-            parts.append((source, structure(data, DesiredState, source=source)))
         except _FileProblems as exc:
             found += [(source, p) for p in exc.problems]
+            # What this file defines is unknown, so references are not judged.
+            files.append((source, None, StateParts(unnamed=frozenset(_KINDS))))
             continue
-        except ValidationError as exc:
-            found += [(source, p) for p in exc.problems]
-            continue
-        if isinstance(data, dict) and "workspace" in data:
-            workspaces.setdefault(data["workspace"], source)
+        files.append((source, *_structure_file(source, data, found)))
+        workspace = data.get("workspace") if isinstance(data, dict) else None
+        if isinstance(workspace, str) and NAME.reason(workspace) is None:
+            workspaces.setdefault(workspace, source)
     if len(workspaces) > 1:
         (first, first_file), *rest = workspaces.items()
         for name, file in rest:
             found.append(
                 (file, Problem("workspace", f"is {name!r} but {first_file} says {first!r}"))
             )
-    _raise(found)
+
+    default = files[0][0] if files else "<no files>"
+    states = [state for _, state, _ in files if state is not None]
+    state: DesiredState | None = None
+    if len(states) == len(files):
+        try:
+            state = DesiredState(
+                sites=tuple(site for part in states for site in part.sites),
+                upstreams=tuple(u for part in states for u in part.upstreams),
+                certificates=tuple(c for part in states for c in part.certificates),
+                workspace=next(iter(workspaces), "default"),
+            )
+        except Invalid as exc:
+            found += [
+                (default, Problem(p, f"{why} (all files together)")) for p, why in exc.problems
+            ]
 
     origins: dict[str, list[tuple[str, int]]] = {kind: [] for kind in _KINDS}
-    merged: dict[str, list[Any]] = {kind: [] for kind in _KINDS}
-    for source, part in parts:
+    for source, _, parts in files:
         for kind in _KINDS:
-            items = getattr(part, kind)
-            merged[kind] += items
-            origins[kind] += [(source, i) for i in range(len(items))]
-    default = parts[0][0] if parts else "<no files>"
-    try:
-        state = DesiredState(
-            sites=tuple(merged["sites"]),
-            upstreams=tuple(merged["upstreams"]),
-            certificates=tuple(merged["certificates"]),
-            workspace=next(iter(workspaces), "default"),
-        )
-    except Invalid as exc:
-        _raise([(default, Problem(p, f"{why} (all files together)")) for p, why in exc.problems])
-        raise  # unreachable: _raise raised
+            origins[kind] += [(source, i) for i in range(parts.counts.get(kind, 0))]
+    merged = StateParts.concat(parts for _, _, parts in files)
     origin = _Origin(origins)
-    _raise([origin.locate(p, default) for p in check_state(state) if p.severity == "error"])
+    found += [origin.locate(p, default) for p in check_parts(merged) if p.severity == "error"]
+    _raise(found)
+    assert state is not None  # every file structured and nothing was found
     return state
 
 

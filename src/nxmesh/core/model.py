@@ -5,7 +5,8 @@ Every field that can reach nginx syntax is checked by an anchored allow-list fro
 one action) run in ``__attrs_post_init__``, so an invalid object cannot exist. Rules that
 span objects (a location names an upstream that must exist) live in `check_state`,
 because states are assembled piecewise (several files, API patches) before they are
-complete.
+complete. `check_parts` runs the same rules over the parts of input that passed field
+validation, so one pass reports field and cross-object problems together.
 
 Sequences are tuples and mappings are `FrozenMap`, so every object is immutable and
 hashable. The YAML/JSON field names are the attribute names, except ``Location.return_``
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Literal, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, Literal, TypeVar
 
 import attrs
 
@@ -41,10 +42,13 @@ __all__ = [
     "Redirect",
     "Return",
     "Site",
+    "SiteParts",
+    "StateParts",
     "TLSConfig",
     "TlsCertificate",
     "Upstream",
     "UpstreamServer",
+    "check_parts",
     "check_state",
 ]
 
@@ -392,6 +396,160 @@ class DesiredState:
     workspace: str = attrs.field(default="default", validator=v.text(v.NAME))
 
 
+@attrs.frozen
+class SiteParts:
+    """What the cross-object checks read of one site, each part with its index in the input.
+
+    From a valid `Site` every part is present. From input that failed field validation
+    (`StateParts.salvage`) only the parts that pass on their own are: a location with a
+    bad header is left out, its neighbours are still checked.
+    """
+
+    name: str | None
+    server_names: tuple[tuple[int, str], ...]
+    listeners: tuple[tuple[int, Listener], ...]
+    locations: tuple[tuple[int, Location], ...]
+    tls: TLSConfig | None = None
+
+    @classmethod
+    def of(cls, site: Site) -> SiteParts:
+        return cls(
+            name=site.name,
+            server_names=tuple(enumerate(site.server_names)),
+            listeners=tuple(enumerate(site.listeners)),
+            locations=tuple(enumerate(site.locations)),
+            tls=site.tls,
+        )
+
+
+Build = Callable[[object, type[Any]], Any]
+# What `Build` raises for input that fails field validation (cattrs groups included).
+_BUILD_ERRORS = (TypeError, ValueError, KeyError, ExceptionGroup)
+_KINDS = ("sites", "upstreams", "certificates")
+
+
+@attrs.frozen
+class StateParts:
+    """The input of `check_parts`: sites, and upstream and certificate names, by index.
+
+    `counts` is how many items of each kind the input had (valid or not), so parts of
+    several files can be concatenated (`concat`) with the indices of the merged state.
+    `unnamed` lists the kinds (``upstreams``, ``certificates``) where some item's name
+    could not be read: references of that kind are then not judged, since they may mean
+    the item whose name is broken (no "unknown upstream" caused by a typo elsewhere).
+    """
+
+    sites: tuple[tuple[int, SiteParts], ...] = ()
+    upstreams: tuple[tuple[int, str], ...] = ()
+    certificates: tuple[tuple[int, str], ...] = ()
+    counts: Mapping[str, int] = attrs.field(factory=FrozenMap)
+    unnamed: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, state: DesiredState) -> StateParts:
+        return cls(
+            sites=tuple((i, SiteParts.of(s)) for i, s in enumerate(state.sites)),
+            upstreams=tuple(enumerate(u.name for u in state.upstreams)),
+            certificates=tuple(enumerate(c.name for c in state.certificates)),
+            counts=FrozenMap((kind, len(getattr(state, kind))) for kind in _KINDS),
+        )
+
+    @classmethod
+    def salvage(cls, data: object, build: Build) -> StateParts:
+        """The parts of raw state `data` that pass field validation on their own.
+
+        `build(value, cls)` structures one model object (the converter), raising for
+        invalid input. Used when `data` as a whole failed, so its cross-object problems
+        are reported in the same pass as its field problems.
+        """
+        items: dict[str, list[object]] = {}
+        unnamed: set[str] = set()
+        for kind in _KINDS:
+            raw = data.get(kind, ()) if isinstance(data, Mapping) else None
+            if isinstance(raw, list | tuple):
+                items[kind] = list(raw)
+            else:
+                items[kind] = []
+                unnamed.add(kind)
+        names: dict[str, list[tuple[int, str]]] = {}
+        for kind in ("upstreams", "certificates"):
+            names[kind] = [(i, n) for i, item in enumerate(items[kind]) if (n := _name(item))]
+            if len(names[kind]) != len(items[kind]):
+                unnamed.add(kind)
+        return cls(
+            sites=tuple(
+                (i, _salvage_site(item, build))
+                for i, item in enumerate(items["sites"])
+                if isinstance(item, Mapping)
+            ),
+            upstreams=tuple(names["upstreams"]),
+            certificates=tuple(names["certificates"]),
+            counts=FrozenMap((kind, len(items[kind])) for kind in _KINDS),
+            unnamed=frozenset(unnamed),
+        )
+
+    @classmethod
+    def concat(cls, parts: Iterable[StateParts]) -> StateParts:
+        """One `StateParts` for several inputs merged in order (indices shifted)."""
+        offset = dict.fromkeys(_KINDS, 0)
+        merged: dict[str, list[tuple[int, Any]]] = {kind: [] for kind in _KINDS}
+        unnamed: set[str] = set()
+        for part in parts:
+            for kind in _KINDS:
+                merged[kind] += [(offset[kind] + i, x) for i, x in getattr(part, kind)]
+                offset[kind] += part.counts.get(kind, 0)
+            unnamed |= part.unnamed
+        return cls(
+            sites=tuple(merged["sites"]),
+            upstreams=tuple(merged["upstreams"]),
+            certificates=tuple(merged["certificates"]),
+            counts=FrozenMap(offset),
+            unnamed=frozenset(unnamed),
+        )
+
+
+def _name(item: object) -> str | None:
+    """The name of a raw item when it is a valid name (invalid items may still have one)."""
+    name = item.get("name") if isinstance(item, Mapping) else None
+    return name if isinstance(name, str) and v.NAME.reason(name) is None else None
+
+
+def _salvage_site(raw: Mapping[Any, Any], build: Build) -> SiteParts:
+    def valid(value: object, cls: type[Any]) -> Any:
+        try:
+            return build(value, cls)
+        except _BUILD_ERRORS:  # reported by the field pass
+            return None
+
+    def each(key: str, cls: type[Any]) -> list[tuple[int, Any]]:
+        value = raw.get(key)
+        if not isinstance(value, list | tuple):
+            return []
+        built = ((i, valid(item, cls)) for i, item in enumerate(value))
+        return [(i, obj) for i, obj in built if obj is not None]
+
+    listeners: list[tuple[int, Listener]] = []
+    binds: set[tuple[str, int]] = set()
+    # Mirrors Site's default of one plain listener on port 80. A listener repeating an
+    # earlier one's bind already has its field problem; it would only add a TLS clash.
+    for i, lst in each("listeners", Listener) if "listeners" in raw else [(0, Listener())]:
+        if lst.bind not in binds:
+            binds.add(lst.bind)
+            listeners.append((i, lst))
+
+    names = raw.get("server_names")
+    lowered = _lower_hostnames(names) if isinstance(names, list | tuple) else ()
+    return SiteParts(
+        name=_name(raw),
+        server_names=tuple(
+            (i, n) for i, n in enumerate(lowered) if v.SERVER_NAME.reason(n) is None
+        ),
+        listeners=tuple(listeners),
+        locations=tuple(each("locations", Location)),
+        tls=valid(raw["tls"], TLSConfig) if raw.get("tls") is not None else None,
+    )
+
+
 def _unknown(kind: str, name: str, known: Iterable[str]) -> str:
     known = list(known)
     if not known:
@@ -402,11 +560,11 @@ def _unknown(kind: str, name: str, known: Iterable[str]) -> str:
 
 
 def _first_seen(
-    found: list[Problem], kind: str, names: Iterable[str], prefix: str
+    found: list[Problem], kind: str, names: Iterable[tuple[int, str]], prefix: str
 ) -> dict[str, int]:
     """Map each name to its first index, reporting later duplicates at ``prefix[i].name``."""
     first: dict[str, int] = {}
-    for i, name in enumerate(names):
+    for i, name in names:
         if name in first:
             found.append(
                 Problem(
@@ -425,23 +583,31 @@ def check_state(state: DesiredState) -> list[Problem]:
     Paths index into the state (``sites[0].locations[1].upstream``); a problem about a
     duplicate points at the later occurrence and names the earlier one in its message.
     """
+    return check_parts(StateParts.of(state))
+
+
+def check_parts(parts: StateParts) -> list[Problem]:
+    """`check_state` over the parts of a state, which may be missing some (see `StateParts`)."""
     found: list[Problem] = []
-    _first_seen(found, "site", (s.name for s in state.sites), "sites")
-    upstreams = _first_seen(found, "upstream", (u.name for u in state.upstreams), "upstreams")
-    certs = _first_seen(found, "certificate", (c.name for c in state.certificates), "certificates")
+    sites = [(i, site.name) for i, site in parts.sites if site.name is not None]
+    _first_seen(found, "site", sites, "sites")
+    upstreams = _first_seen(found, "upstream", parts.upstreams, "upstreams")
+    certs = _first_seen(found, "certificate", parts.certificates, "certificates")
+    check_upstreams = "upstreams" not in parts.unnamed
+    check_certs = "certificates" not in parts.unnamed
 
     served: dict[tuple[str, int, str], int] = {}
     defaults: dict[tuple[str, int], int] = {}
     # nginx decides TLS per listening socket, not per server: a plain site sharing a port
     # with a TLS site would get TLS handshakes it has no certificate for.
     tls_on_bind: dict[tuple[str, int], tuple[bool, int]] = {}
-    for i, site in enumerate(state.sites):
+    for i, site in parts.sites:
         here = f"sites[{i}]"
         cert = site.tls.certificate if site.tls is not None else None
-        if cert is not None and cert not in certs:
+        if check_certs and cert is not None and cert not in certs:
             found.append(Problem(f"{here}.tls.certificate", _unknown("certificate", cert, certs)))
-        binds = {lst.bind for lst in site.listeners}
-        for n, server_name in enumerate(site.server_names):
+        binds = {lst.bind for _, lst in site.listeners}
+        for n, server_name in site.server_names:
             for addr, port in sorted(binds):
                 other = served.setdefault((addr, port, server_name), i)
                 if other != i:
@@ -453,7 +619,7 @@ def check_state(state: DesiredState) -> list[Problem]:
                         )
                     )
                     break
-        for n, lst in enumerate(site.listeners):
+        for n, lst in site.listeners:
             tls, owner = tls_on_bind.setdefault(lst.bind, (lst.tls, i))
             if tls != lst.tls:
                 found.append(
@@ -473,7 +639,7 @@ def check_state(state: DesiredState) -> list[Problem]:
                         )
                     )
         paths: dict[tuple[str, str], int] = {}
-        for n, loc in enumerate(site.locations):
+        for n, loc in site.locations:
             other = paths.setdefault((loc.match, loc.path), n)
             if other != n:
                 found.append(
@@ -482,7 +648,7 @@ def check_state(state: DesiredState) -> list[Problem]:
                         f"{loc.match} location {loc.path!r} repeats locations[{other}]",
                     )
                 )
-            if loc.upstream is not None and loc.upstream not in upstreams:
+            if check_upstreams and loc.upstream is not None and loc.upstream not in upstreams:
                 found.append(
                     Problem(
                         f"{here}.locations[{n}].upstream",

@@ -31,7 +31,14 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from nxmesh.core.errors import Problem, ValidationError
-from nxmesh.core.model import DesiredState, FrozenMap, TLSConfig, check_state
+from nxmesh.core.model import (
+    DesiredState,
+    FrozenMap,
+    StateParts,
+    TLSConfig,
+    check_parts,
+    check_state,
+)
 from nxmesh.core.validation import FieldCheck, Invalid, describe, join_path
 
 __all__ = [
@@ -329,11 +336,15 @@ def structure(data: object, cl: type[T], *, source: str | None = None) -> T:
     """Build a `cl` from plain data, or raise `ValidationError` listing every problem.
 
     Only the objects' own rules are checked; use `structure_state` for a complete state.
+    A `DesiredState` that fails them is taken to be complete: its cross-object problems,
+    among the parts that passed, are reported with the field problems in one go.
     """
     try:
         return converter.structure(data, cl)
     except (ClassValidationError, IterableValidationError, TypeError, ValueError) as exc:
         problems = problems_from_exception(exc)
+    if cl is DesiredState:
+        problems += check_parts(StateParts.salvage(data, converter.structure))
     raise ValidationError(problems, source=source)
 
 
