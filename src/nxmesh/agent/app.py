@@ -27,7 +27,7 @@ import random
 import re
 import socket
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -45,7 +45,6 @@ from nxmesh.agent.link import AgentSession, MasterLink
 from nxmesh.agent.masterless import StateFileSource, load_update
 from nxmesh.agent.metrics import AgentMetrics, serve_metrics
 from nxmesh.agent.watchdog import BackoffPolicy, Watchdog
-from nxmesh.agent_link import AgentLink
 from nxmesh.core.errors import ConfigurationError, NxMeshError
 from nxmesh.core.events import Event
 from nxmesh.core.interfaces import DeploymentMode, HealthCheck, NginxDriver
@@ -53,9 +52,11 @@ from nxmesh.core.model import ApplyReport, PendingApply
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.runtime import Runtime, StashKey, run
 from nxmesh.core.settings import Settings
-from nxmesh.crypto.signing import VerifyKey
 from nxmesh.plugins.nginx_driver import DriverSettings
 from nxmesh.plugins.render_nginx import RenderSettings, renderer_for
+
+if TYPE_CHECKING:
+    from nxmesh.crypto.signing import VerifyKey
 
 __all__ = [
     "AGENT",
@@ -436,6 +437,9 @@ class AgentApp:
         self.events.subscribe(forward)
         self.applier.subscribe(link.report_apply)
         self.health.subscribe(link.report_health)
+        # Imported here: a masterless agent needs neither it nor the wire protocol's crypto.
+        from nxmesh.agent_link import AgentLink
+
         if isinstance(link, AgentLink):
             self.applier.on_start(link.report_applying)
             link.on_master_key = self.pin_master_key

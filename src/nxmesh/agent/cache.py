@@ -25,22 +25,22 @@ import binascii
 import hashlib
 import hmac
 import json
-import os
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import attrs
 import structlog
 
-from nxmesh.agent.fsutil import atomic_write, make_private_dir
+from nxmesh.agent.fsutil import atomic_write, make_private_dir, private_random_file
 from nxmesh.agent.verify import verify_update
 from nxmesh.core.bundle import Bundle
 from nxmesh.core.errors import NxMeshError, ValidationError
 from nxmesh.core.model import PendingApply
 from nxmesh.core.serialization import canonical_json, structure_state, unstructure
-from nxmesh.crypto.secrets import SecretError, read_private_file, write_private_file
-from nxmesh.crypto.signing import SigningError, VerifyKey
+
+if TYPE_CHECKING:
+    from nxmesh.crypto.signing import VerifyKey
 
 __all__ = ["CACHE_FORMAT", "AgentCache", "CacheEntry", "CacheError"]
 
@@ -92,10 +92,17 @@ class AgentCache:
         if self._verify_key is None:
             path = self.directory / self.MASTER_KEY_FILE
             try:
-                self._verify_key = VerifyKey.from_pem(path.read_bytes())
+                pem = path.read_bytes()
             except FileNotFoundError:
                 return None
-            except (OSError, SigningError) as exc:
+            except OSError as exc:
+                raise CacheError(f"cannot load the master's key {path}: {exc}") from exc
+            # Imported only with a pinned key: a masterless agent never loads cryptography.
+            from nxmesh.crypto.signing import SigningError, VerifyKey
+
+            try:
+                self._verify_key = VerifyKey.from_pem(pem)
+            except SigningError as exc:
                 raise CacheError(f"cannot load the master's key {path}: {exc}") from exc
         return self._verify_key
 
@@ -123,11 +130,10 @@ class AgentCache:
         if self._key is None:
             make_private_dir(self.directory)
             path = self.directory / self.KEY_FILE
-            write_private_file(path, os.urandom(32))  # no-op when it exists
             try:
-                key = read_private_file(path, what="agent cache key")
-            except SecretError as exc:
-                raise CacheError(str(exc)) from exc
+                key = private_random_file(path, 32)
+            except OSError as exc:
+                raise CacheError(f"cannot use the agent cache key: {exc}") from exc
             if len(key) != 32:
                 raise CacheError(f"agent cache key {path} is damaged (not 32 bytes)")
             self._key = key

@@ -14,7 +14,14 @@ from pathlib import Path
 
 from nxmesh.core.bundle import bundle_digest
 
-__all__ = ["atomic_write", "fsync_dir", "make_private_dir", "read_tree", "tree_digest"]
+__all__ = [
+    "atomic_write",
+    "fsync_dir",
+    "make_private_dir",
+    "private_random_file",
+    "read_tree",
+    "tree_digest",
+]
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
@@ -61,6 +68,43 @@ def atomic_write(
         raise
     if sync and sync_dir:
         fsync_dir(path.parent)
+
+
+def private_random_file(path: Path, size: int) -> bytes:
+    """The content of `path`, first created holding `size` random bytes (mode 0600).
+
+    Creation links a complete temp file into place, so a concurrent creator's key is
+    never replaced and no reader sees a partial one. The mode is checked on the open
+    descriptor: a file other users may read (or not a regular file) raises
+    `PermissionError`. Same rules as ``nxmesh.crypto.secrets.read_private_file`` /
+    ``write_private_file``, without importing ``cryptography`` (~3 MB in every agent).
+    """
+    if not path.exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o600)
+                f.write(os.urandom(size))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+                fsync_dir(path.parent)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise PermissionError(f"{path} is not a regular file")
+        if info.st_mode & 0o077:
+            raise PermissionError(
+                f"{path} is accessible by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
+                f"refusing to use it. Fix with: chmod 600 {path}"
+            )
+        return f.read()
 
 
 def read_tree(root: Path) -> dict[str, bytes]:

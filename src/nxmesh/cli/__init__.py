@@ -2,25 +2,64 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from pathlib import Path
 
 import click
 
 from nxmesh import __version__
-from nxmesh.cli.agent_cmd import agent_command
-from nxmesh.cli.client_cmds import register_client_commands
 from nxmesh.cli.context import CliContext
-from nxmesh.cli.plugins_cmd import plugins_command
-from nxmesh.cli.render_cmd import render_command
-from nxmesh.cli.settings_cmd import config_group
-from nxmesh.cli.validate_cmd import validate_command
-from nxmesh.cli.versions_cmd import versions_group
 from nxmesh.core.errors import NxMeshError
 from nxmesh.core.pluginmanager import get_plugin_manager
 from nxmesh.core.settings import plugin_manager_options
 
 __all__ = ["build_cli", "main"]
+
+# Built-in commands by name: "module:attribute". Each module is imported when its command
+# runs (or a help page lists it), so a long-running ``nxmesh agent`` never holds the
+# client commands' libraries (rich tables and progress, yaml...) in memory.
+_BUILTIN_COMMANDS = {
+    "plugins": "nxmesh.cli.plugins_cmd:plugins_command",
+    "validate": "nxmesh.cli.validate_cmd:validate_command",
+    "render": "nxmesh.cli.render_cmd:render_command",
+    "config": "nxmesh.cli.settings_cmd:config_group",
+    "versions": "nxmesh.cli.client_cmds:client_versions_group",
+    "agent": "nxmesh.cli.agent_cmd:agent_command",
+    "login": "nxmesh.cli.client_cmds:login_command",
+    "logout": "nxmesh.cli.client_cmds:logout_command",
+    "whoami": "nxmesh.cli.client_cmds:whoami_command",
+    "apply": "nxmesh.cli.client_cmds:apply_command",
+    "diff": "nxmesh.cli.client_cmds:diff_command",
+    "rollback": "nxmesh.cli.client_cmds:rollback_command",
+    "rollout": "nxmesh.cli.rollout_cmd:rollout_group",
+    "agents": "nxmesh.cli.fleet_cmds:agents_group",
+    "token": "nxmesh.cli.fleet_cmds:token_group",
+    "user": "nxmesh.cli.fleet_cmds:user_group",
+    "demo": "nxmesh.cli.demo_cmd:demo_command",
+}
+
+
+class _LazyGroup(click.Group):
+    """A group whose built-in commands are imported on first use.
+
+    Commands added with ``add_command`` (plugins) take precedence over a built-in of the
+    same name, as they did when the built-ins were added first and then replaced.
+    """
+
+    def __init__(self, *args: object, lazy: dict[str, str], **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.lazy = dict(lazy)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy:
+            module, _, attribute = self.lazy.pop(cmd_name).partition(":")
+            command = getattr(importlib.import_module(module), attribute)
+            self.add_command(command() if not isinstance(command, click.Command) else command)
+        return self.commands.get(cmd_name)
 
 
 def _config_option(argv: list[str]) -> Path | None:
@@ -41,7 +80,11 @@ def build_cli(argv: list[str] | None = None) -> click.Group:
     # settings are read from the file before the manager (and then the settings) exist.
     pm = get_plugin_manager(**plugin_manager_options(path=config))
 
-    @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.group(
+        cls=_LazyGroup,
+        lazy=_BUILTIN_COMMANDS,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
     @click.version_option(__version__, prog_name="nxmesh")
     @click.option(
         "--config",
@@ -54,13 +97,6 @@ def build_cli(argv: list[str] | None = None) -> click.Group:
         """NxMesh: run a fleet of nginx servers from one control plane."""
         ctx.obj = CliContext(pm=pm, config_path=config)
 
-    cli.add_command(plugins_command)
-    cli.add_command(validate_command)
-    cli.add_command(render_command)
-    cli.add_command(config_group)
-    cli.add_command(versions_group)
-    cli.add_command(agent_command)
-    register_client_commands(cli)
     pm.hook.nxmesh_cli_commands(cli=cli)
     return cli
 

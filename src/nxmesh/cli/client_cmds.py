@@ -7,8 +7,8 @@ version — based on the version the diff was computed against, so a change some
 meanwhile is a conflict (exit 4), not silently overwritten. ``nxmesh diff``, ``nxmesh
 versions list|show`` and ``nxmesh rollback`` read and rewind the history.
 
-`register_client_commands` adds these, ``rollout``, ``agents``, ``token`` and ``user``
-to the root group, and ``list``/``show`` to the existing ``versions`` group.
+The root group (`nxmesh.cli`) loads these, ``rollout``, ``agents``, ``token`` and ``user``
+by name when they run; `client_versions_group` adds ``list``/``show`` to ``versions``.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from nxmesh.cli.client_support import (
 
 __all__ = [
     "apply_command",
+    "client_versions_group",
     "diff_command",
     "login_command",
     "logout_command",
-    "register_client_commands",
     "rollback_command",
     "versions_list_command",
     "versions_show_command",
@@ -451,28 +451,11 @@ def _list_by_default(group: click.Group, list_command: click.Command) -> None:
     group.callback = callback
 
 
-def register_client_commands(cli: click.Group) -> None:
-    """Add the API-client commands and ``demo`` to the root group (and to ``versions``)."""
-    from nxmesh.cli.demo_cmd import demo_command
-    from nxmesh.cli.fleet_cmds import agents_group, token_group, user_group
-    from nxmesh.cli.rollout_cmd import rollout_group
+def client_versions_group() -> click.Group:
+    """The ``versions`` group with ``list`` and ``show`` added (``nxmesh versions`` lists)."""
+    from nxmesh.cli.versions_cmd import versions_group
 
-    for command in (
-        login_command,
-        logout_command,
-        whoami_command,
-        apply_command,
-        diff_command,
-        rollback_command,
-        rollout_group,
-        agents_group,
-        token_group,
-        user_group,
-        demo_command,
-    ):
-        cli.add_command(command)
-    versions = cli.commands.get("versions")
-    if isinstance(versions, click.Group):
-        versions.add_command(versions_list_command)
-        versions.add_command(versions_show_command)
-        _list_by_default(versions, versions_list_command)
+    versions_group.add_command(versions_list_command)
+    versions_group.add_command(versions_show_command)
+    _list_by_default(versions_group, versions_list_command)
+    return versions_group

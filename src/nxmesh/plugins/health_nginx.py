@@ -29,7 +29,6 @@ from urllib.parse import urlsplit
 import anyio.to_thread
 import attrs
 import psutil
-from cryptography import x509
 
 from nxmesh import HealthResult, hookimpl
 from nxmesh.agent.http import http_get
@@ -299,6 +298,9 @@ class CertExpiryCheck:
         )
         results = []
         now = dt.datetime.now(dt.UTC)
+        if files:
+            # Only a tree with certificates loads cryptography (~1 MB in every agent).
+            from cryptography import x509
         for path in files:
             rel = path.relative_to(self.tree).as_posix()
             check = f"{self.name}.{_check_suffix(rel)}"
