@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -75,8 +76,10 @@ class TestWebSocketSpecifics:
             async with WebSocketTransport().connect(f"ws://{address}/agent") as channel:
                 await channel.send(b"small")
                 await channel.send(b"x" * 4096)
-                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)), \
-                        anyio.fail_after(5):
+                with (
+                    pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)),
+                    anyio.fail_after(5),
+                ):
                     await channel.receive()
             tg.cancel_scope.cancel()
         assert received == [b"small"]
@@ -93,3 +96,174 @@ class TestWebSocketSpecifics:
 
         with pytest.raises(ValueError, match="ssl_context"):
             await WebSocketTransport(url, ssl_context=ctx).serve(never)
+
+
+class TestWireCompatibility:
+    """The channel frames messages itself; wsproto, a conforming peer, checks the wire."""
+
+    pytestmark = pytest.mark.anyio
+
+    async def test_server_against_a_wsproto_client(self) -> None:
+        """Fragments, an interleaved ping, a 64-bit length and the close handshake."""
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import (
+            AcceptConnection,
+            BytesMessage,
+            CloseConnection,
+            Message,
+            Ping,
+            Pong,
+            Request,
+        )
+
+        big = bytes(range(256)) * 300  # above 65535 bytes: the 8-byte length form
+
+        async def echo(channel: Channel, peer: str) -> None:
+            for _ in range(2):
+                await channel.send(await channel.receive())
+            with pytest.raises(anyio.EndOfStream):
+                await channel.receive()
+
+        server = WebSocketTransport("ws://127.0.0.1:0/agent")
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(server.serve, echo)
+            host, port = address.rsplit(":", 1)
+            ws = WSConnection(ConnectionType.CLIENT)
+            events: list[object] = []
+
+            async with await anyio.connect_tcp(host, int(port)) as stream:
+
+                async def until(kind: type) -> Any:
+                    while not any(isinstance(e, kind) for e in events):
+                        ws.receive_data(await stream.receive())
+                        events.extend(ws.events())
+                    found = next(e for e in events if isinstance(e, kind))
+                    events.remove(found)
+                    return found
+
+                await stream.send(
+                    ws.send(Request(host=address, target="/agent", subprotocols=["nxmesh.v1"]))
+                )
+                accepted = await until(AcceptConnection)
+                assert accepted.subprotocol == "nxmesh.v1"
+                await stream.send(
+                    ws.send(Message(data=b"first ", message_finished=False))
+                    + ws.send(Ping(payload=b"hi"))
+                    + ws.send(Message(data=b"second"))
+                )
+                assert (await until(Pong)).payload == b"hi"
+                echoed = await until(BytesMessage)
+                assert echoed.data == b"first second"
+                assert echoed.message_finished
+                await stream.send(ws.send(Message(data=big)))
+                parts = b""
+                while True:
+                    part = await until(BytesMessage)
+                    parts += part.data
+                    if part.message_finished:
+                        break
+                assert parts == big
+                await stream.send(ws.send(CloseConnection(code=1000)))
+                assert (await until(CloseConnection)).code == 1000
+            tg.cancel_scope.cancel()
+
+    async def test_client_against_a_wsproto_server(self) -> None:
+        """Frames sent right behind the 101, a ping answered, masked frames sent."""
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import (
+            AcceptConnection,
+            BytesMessage,
+            CloseConnection,
+            Message,
+            Ping,
+            Pong,
+            Request,
+        )
+
+        big = b"\x00\xff" * 40000
+        seen: list[bytes] = []
+
+        async def serve(stream: Any) -> None:
+            ws = WSConnection(ConnectionType.SERVER)
+            events: list[object] = []
+
+            async def until(kind: type) -> Any:
+                while not any(isinstance(e, kind) for e in events):
+                    ws.receive_data(await stream.receive())
+                    events.extend(ws.events())
+                found = next(e for e in events if isinstance(e, kind))
+                events.remove(found)
+                return found
+
+            async with stream:
+                request = await until(Request)
+                await stream.send(
+                    ws.send(AcceptConnection(subprotocol=request.subprotocols[0]))
+                    + ws.send(Message(data=b"hello"))
+                    + ws.send(Message(data=big))
+                    + ws.send(Ping(payload=b"p"))
+                    + ws.send(Message(data=b"after ping"))
+                )
+                assert (await until(Pong)).payload == b"p"
+                seen.append((await until(BytesMessage)).data)  # masked by the client
+                await stream.send(ws.send(CloseConnection(code=1000)))
+                assert (await until(CloseConnection)).code == 1000
+
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, serve)
+                url = f"ws://127.0.0.1:{port}/agent"
+                async with WebSocketTransport().connect(url) as channel:
+                    assert await channel.receive() == b"hello"
+                    assert await channel.receive() == big
+                    assert await channel.receive() == b"after ping"
+                    await channel.send(b"\x01" * 5000)
+                    with pytest.raises(anyio.EndOfStream), anyio.fail_after(5):
+                        await channel.receive()
+                tg.cancel_scope.cancel()
+        assert seen == [b"\x01" * 5000]
+
+    @pytest.mark.parametrize(
+        ("frame", "code"),
+        [
+            (b"\x82\x05hello", 1002),  # not masked
+            (
+                b"\x81\x85abcd" + bytes(a ^ b for a, b in zip(b"hello", b"abcd" * 2, strict=False)),
+                1003,
+            ),
+            (b"\xc2\x80abcd", 1002),  # a reserved bit without an extension
+            (b"\x09\x80abcd", 1002),  # a fragmented ping
+        ],
+        ids=["unmasked", "text", "rsv1", "fragmented-control"],
+    )
+    async def test_server_rejects_bad_frames(self, frame: bytes, code: int) -> None:
+        """A frame RFC 6455 forbids (or a text message) closes with the matching code."""
+        from wsproto import ConnectionType, WSConnection
+        from wsproto.events import CloseConnection, Request
+
+        ended = anyio.Event()
+
+        async def wait(channel: Channel, peer: str) -> None:
+            with pytest.raises(anyio.EndOfStream):
+                await channel.receive()
+            ended.set()
+
+        server = WebSocketTransport("ws://127.0.0.1:0/agent")
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(server.serve, wait)
+            host, port = address.rsplit(":", 1)
+            ws = WSConnection(ConnectionType.CLIENT)
+            async with await anyio.connect_tcp(host, int(port)) as stream:
+                await stream.send(ws.send(Request(host=address, target="/agent")))
+                ws.receive_data(await stream.receive())
+                list(ws.events())
+                await stream.send(frame)
+                with anyio.fail_after(5):
+                    await ended.wait()
+                    closes: list[CloseConnection] = []
+                    while not closes:
+                        ws.receive_data(await stream.receive())
+                        closes = [e for e in ws.events() if isinstance(e, CloseConnection)]
+                assert closes[0].code == code
+            tg.cancel_scope.cancel()

@@ -17,7 +17,9 @@ close the connection with code 1009 rather than being buffered.
 
 from __future__ import annotations
 
+import os
 import ssl
+import struct
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -29,17 +31,7 @@ import structlog
 from anyio.abc import ByteStream, SocketAttribute, TaskStatus
 from anyio.streams.tls import TLSListener
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    AcceptConnection,
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    RejectConnection,
-    Request,
-    TextMessage,
-)
+from wsproto.events import AcceptConnection, Event, RejectConnection, Request
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 from nxmesh import hookimpl
@@ -59,6 +51,7 @@ DEFAULT_PATH: Final = "/agent"
 DEFAULT_MAX_MESSAGE: Final = 16 * 1024 * 1024
 _READ_SIZE: Final = 65536
 _CLOSE_TIMEOUT: Final = 2.0
+_MAX_HANDSHAKE: Final = 65536
 
 # Errors that end one connection without saying anything about the server.
 _CONNECTION_ERRORS = (
@@ -71,8 +64,61 @@ _CONNECTION_ERRORS = (
 )
 
 
+def _new_lock() -> anyio.Lock:
+    # Uncontended acquires need no trip through the event loop (anyio >= 4.5); at
+    # thousands of agents a checkpoint per frame is measurable.
+    try:
+        return anyio.Lock(fast_acquire=True)
+    except TypeError:  # pragma: no cover - anyio < 4.5
+        return anyio.Lock()
+
+
+def frame_header(opcode: int, length: int, *, masked: bool = False) -> bytes:
+    """The header of one final (FIN) WebSocket frame carrying `length` payload bytes."""
+    first = 0x80 | opcode
+    mask_bit = 0x80 if masked else 0
+    if length < 126:
+        return bytes((first, mask_bit | length))
+    if length < 65536:
+        return _HEADER16.pack(first, mask_bit | 126, length)
+    return _HEADER64.pack(first, mask_bit | 127, length)
+
+
+def _mask(data: bytes, key: bytes) -> bytes:
+    """XOR `data` with the 4-byte masking `key` (masking and unmasking alike)."""
+    size = len(data)
+    if size <= 4096:  # one big-int XOR is fastest for small frames...
+        pad = (key * (size // 4 + 1))[:size]
+        return (int.from_bytes(data, "little") ^ int.from_bytes(pad, "little")).to_bytes(
+            size, "little"
+        )
+    out = bytearray(data)  # ...C-level byte translation for large ones
+    for i in range(4):
+        out[i::4] = out[i::4].translate(_XOR_TABLES[key[i]])
+    return bytes(out)
+
+
+_HEADER16: Final = struct.Struct("!BBH")
+_HEADER64: Final = struct.Struct("!BBQ")
+_XOR_TABLES: Final = tuple(bytes(b ^ k for b in range(256)) for k in range(256))
+_CONTINUATION, _TEXT, _BINARY, _CLOSE, _PING, _PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+class _Closing(Exception):
+    """The frame parser decided to close the connection with `code`."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
 class WebSocketChannel:
-    """A `Channel` over one upgraded WebSocket connection.
+    """A `Channel` over one upgraded WebSocket connection (RFC 6455, no extensions).
+
+    wsproto does the HTTP upgrade; the frames after it are built and parsed here: one
+    binary message per protocol frame is all the transport carries, and going through
+    wsproto's event objects and its copies of every payload cost more per agent than the
+    rest of a push. A client masks what it sends and the server checks that it did.
 
     `send` may be called from one task while another `receive`s; each of them is
     serialised by its own lock. Pings are answered from inside `receive`.
@@ -81,32 +127,40 @@ class WebSocketChannel:
     def __init__(
         self,
         stream: ByteStream,
-        ws: WSConnection,
         *,
+        client: bool,
+        buffered: bytes = b"",
         max_message_bytes: int = DEFAULT_MAX_MESSAGE,
     ) -> None:
         self._stream = stream
-        self._ws = ws
+        self._client = client
         self._max = max_message_bytes
-        self._send_lock = anyio.Lock()
-        self._receive_lock = anyio.Lock()
+        self._send_lock = _new_lock()
+        self._receive_lock = _new_lock()
+        self._buffer = bytearray(buffered)
         self._parts: list[bytes] = []
         self._size = 0
+        self._in_message = False
         self._ready: deque[bytes] = deque()
+        self._replies: list[bytes] = []
+        self._open = True  # we may still send data (no close sent or received)
+        self._close_sent = False
         self._ended = False
 
-    async def _write(self, event: Event) -> None:
-        data = self._ws.send(event)
+    def _frame(self, opcode: int, payload: bytes) -> bytes:
+        if self._client:  # RFC 6455 5.3: a fresh unpredictable key for every frame
+            key = os.urandom(4)
+            return frame_header(opcode, len(payload), masked=True) + key + _mask(payload, key)
+        return frame_header(opcode, len(payload)) + payload
+
+    async def _write(self, data: bytes) -> None:
         async with self._send_lock:
             await self._stream.send(data)
 
     async def send(self, frame: bytes) -> None:
-        if self._ws.state is not ConnectionState.OPEN:
+        if not self._open:
             raise anyio.ClosedResourceError("the WebSocket is closed")
-        try:
-            await self._write(BytesMessage(data=frame))
-        except LocalProtocolError:
-            raise anyio.ClosedResourceError("the WebSocket is closing") from None
+        await self._write(self._frame(_BINARY, frame))
 
     async def receive(self) -> bytes:
         """The next complete binary message; ``anyio.EndOfStream`` once the peer closed."""
@@ -118,74 +172,145 @@ class WebSocketChannel:
             return self._ready.popleft()
 
     async def _pump(self) -> None:
+        """Parse what is buffered; read more only when no complete frame was there."""
         try:
-            data: bytes | None = await self._stream.receive(_READ_SIZE)
+            self._parse()
+        except _Closing as closing:
+            await self._close(closing.code, str(closing))
+            return
+        for reply in self._replies:
+            with suppress(*_CONNECTION_ERRORS):
+                await self._write(reply)
+        self._replies.clear()
+        if self._ready or self._ended:
+            return
+        try:
+            data = await self._stream.receive(_READ_SIZE)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            data = None
-        self._ws.receive_data(data)
-        await self._handle_events()
-        if data is None:
+            self._open = False  # 1006: gone without a close frame
             self._ended = True
+            return
+        self._buffer += data
 
-    async def _handle_events(self) -> None:
-        for event in self._ws.events():
-            await self._handle(event)
-            if self._ended:
-                return
+    def _parse(self) -> None:
+        """Consume every complete frame in the buffer (messages, pings, a close)."""
+        buf = self._buffer
+        pos = 0
+        try:
+            while not self._ended:
+                available = len(buf) - pos
+                if available < 2:
+                    break
+                first, second = buf[pos], buf[pos + 1]
+                opcode, length = first & 0x0F, second & 0x7F
+                start = pos + 2
+                if length == 126:
+                    if available < 4:
+                        break
+                    length = int.from_bytes(buf[start : start + 2], "big")
+                    start += 2
+                elif length == 127:
+                    if available < 10:
+                        break
+                    length = int.from_bytes(buf[start : start + 8], "big")
+                    start += 8
+                if first & 0x70:
+                    raise _Closing(1002, "reserved bits set (no extension was negotiated)")
+                if bool(second & 0x80) is self._client:
+                    raise _Closing(1002, "client frames must be masked, server frames not")
+                if opcode >= _CLOSE and (length > 125 or not first & 0x80):
+                    raise _Closing(1002, "control frames are short and unfragmented")
+                if opcode <= _BINARY and self._size + length > self._max:
+                    raise _Closing(1009, f"message larger than {self._max} bytes")
+                key_end = start if self._client else start + 4
+                end = key_end + length
+                if len(buf) < end:
+                    break
+                with memoryview(buf) as view:
+                    payload = bytes(view[key_end:end])
+                if not self._client:
+                    payload = _mask(payload, bytes(buf[start:key_end]))
+                pos = end
+                self._on_frame(opcode, bool(first & 0x80), payload)
+        finally:
+            del buf[:pos]
 
-    async def _handle(self, event: Event) -> None:
-        if isinstance(event, BytesMessage):
-            self._size += len(event.data)
-            if self._size > self._max:
-                await self._close(1009, f"message larger than {self._max} bytes")
+    def _on_frame(self, opcode: int, fin: bool, payload: bytes) -> None:
+        if opcode in (_BINARY, _CONTINUATION):
+            if (opcode == _BINARY) is self._in_message:
+                raise _Closing(1002, "unexpected continuation frame")
+            if fin and not self._parts:
+                self._ready.append(payload)
+                self._in_message = False
+                self._size = 0
                 return
-            self._parts.append(bytes(event.data))
-            if event.message_finished:
+            self._parts.append(payload)
+            self._size += len(payload)
+            self._in_message = not fin
+            if fin:
                 self._ready.append(b"".join(self._parts))
                 self._parts.clear()
                 self._size = 0
-        elif isinstance(event, TextMessage):
-            await self._close(1003, "only binary messages are accepted")
-        elif isinstance(event, Ping):
-            await self._write(event.response())
-        elif isinstance(event, CloseConnection):
-            if self._ws.state is ConnectionState.REMOTE_CLOSING:
-                with suppress(*_CONNECTION_ERRORS):
-                    await self._write(event.response())
+        elif opcode == _TEXT:
+            raise _Closing(1003, "only binary messages are accepted")
+        elif opcode == _PING:
+            if self._open:
+                self._replies.append(self._frame(_PONG, payload))
+        elif opcode == _CLOSE:
+            if len(payload) == 1:
+                raise _Closing(1002, "close frame with a 1-byte payload")
+            if not self._close_sent:  # answer with the peer's code, as RFC 6455 5.5.1 asks
+                self._replies.append(self._frame(_CLOSE, payload[:2]))
+                self._close_sent = True
+            self._open = False
             self._ended = True
-
-    async def feed(self, events: Sequence[Event]) -> None:
-        """Process events wsproto produced before this channel existed (the handshake's)."""
-        for event in events:
-            await self._handle(event)
+        elif opcode != _PONG:
+            raise _Closing(1002, f"unknown opcode {opcode}")
 
     async def _close(self, code: int, reason: str) -> None:
         log.warning("closing websocket", code=code, reason=reason)
         self._ended = True
-        if self._ws.state is ConnectionState.OPEN:
-            with suppress(*_CONNECTION_ERRORS):
-                await self._write(CloseConnection(code=code, reason=reason))
+        await self._send_close(code, reason)
+
+    async def _send_close(self, code: int, reason: str = "") -> None:
+        if self._close_sent:
+            return
+        self._open = False
+        self._close_sent = True
+        payload = code.to_bytes(2, "big") + reason.encode()[:120]
+        with suppress(*_CONNECTION_ERRORS):
+            await self._write(self._frame(_CLOSE, payload))
 
     async def aclose(self) -> None:
         """Send a close frame (if still open) and close the stream; bounded and shielded."""
         with anyio.move_on_after(_CLOSE_TIMEOUT, shield=True):
-            if self._ws.state is ConnectionState.OPEN:
-                with suppress(*_CONNECTION_ERRORS):
-                    await self._write(CloseConnection(code=1000))
+            if self._open:
+                await self._send_close(1000)
+            self._open = False
             await self._stream.aclose()
 
 
-async def _next_event(stream: ByteStream, ws: WSConnection, pending: deque[Event]) -> Event:
-    while not pending:
+async def _handshake_event(stream: ByteStream, ws: WSConnection, buffer: bytearray) -> Event:
+    """The first event wsproto reads from the upgrade's header block.
+
+    wsproto only sees the header block (up to the blank line): whatever follows it is
+    already WebSocket frames and stays in `buffer` for `WebSocketChannel`.
+    """
+    while True:
+        end = buffer.find(b"\r\n\r\n")
+        if end >= 0:
+            ws.receive_data(bytes(buffer[: end + 4]))
+            del buffer[: end + 4]
+            for event in ws.events():
+                return event
+            continue
+        if len(buffer) > _MAX_HANDSHAKE:
+            raise RemoteProtocolError("WebSocket handshake too large", event_hint=None)
         try:
-            data: bytes | None = await stream.receive(_READ_SIZE)
+            data = await stream.receive(_READ_SIZE)
         except (anyio.EndOfStream, anyio.BrokenResourceError):
-            data = None
-        ws.receive_data(data)
-        pending.extend(ws.events())
-        if data is None and not pending:
-            raise anyio.EndOfStream
-    return pending.popleft()
+            raise anyio.EndOfStream from None
+        buffer += data
 
 
 async def serve_websocket(
@@ -205,12 +330,9 @@ async def serve_websocket(
     path get a 404, requests that are not an upgrade a 400 (wsproto's own answer).
     """
     ws = WSConnection(ConnectionType.SERVER)
-    pending: deque[Event] = deque()
-    if initial:
-        ws.receive_data(initial)
-        pending.extend(ws.events())
+    buffer = bytearray(initial)
     with anyio.fail_after(handshake_timeout):
-        event = await _next_event(stream, ws, pending)
+        event = await _handshake_event(stream, ws, buffer)
     if not isinstance(event, Request):
         await stream.aclose()
         return
@@ -220,9 +342,11 @@ async def serve_websocket(
         return
     subprotocol = SUBPROTOCOL if SUBPROTOCOL in event.subprotocols else None
     await stream.send(ws.send(AcceptConnection(subprotocol=subprotocol)))
-    channel = WebSocketChannel(stream, ws, max_message_bytes=max_message_bytes)
+    # `buffer` keeps frames that arrived with the upgrade request.
+    channel = WebSocketChannel(
+        stream, client=False, buffered=bytes(buffer), max_message_bytes=max_message_bytes
+    )
     try:
-        await channel.feed(list(pending))  # frames that arrived with the upgrade request
         await handler(channel, peer)
     finally:
         await channel.aclose()
@@ -354,16 +478,12 @@ class WebSocketTransport:
                 stream = await anyio.connect_tcp(host, port)
             try:
                 ws = WSConnection(ConnectionType.CLIENT)
-                await stream.send(
-                    ws.send(
-                        Request(
-                            host=_format_address(host, port), target=target,
-                            subprotocols=[SUBPROTOCOL],
-                        )
-                    )
+                request = Request(
+                    host=_format_address(host, port), target=target, subprotocols=[SUBPROTOCOL]
                 )
-                pending: deque[Event] = deque()
-                event = await _next_event(stream, ws, pending)
+                await stream.send(ws.send(request))
+                buffer = bytearray()
+                event = await _handshake_event(stream, ws, buffer)
             except BaseException as exc:
                 await anyio.aclose_forcefully(stream)
                 if isinstance(exc, anyio.EndOfStream | anyio.BrokenResourceError):
@@ -377,10 +497,10 @@ class WebSocketTransport:
         if not isinstance(event, AcceptConnection):
             await anyio.aclose_forcefully(stream)
             raise ConnectionResetError(f"unexpected WebSocket handshake event {event!r}")
-        channel = WebSocketChannel(stream, ws, max_message_bytes=self.max_message_bytes)
-        await channel.feed(list(pending))
-        return channel
-
+        # `buffer` keeps frames the master sent right behind its answer.
+        return WebSocketChannel(
+            stream, client=True, buffered=bytes(buffer), max_message_bytes=self.max_message_bytes
+        )
 
 
 def _peer_of(stream: ByteStream) -> str:
