@@ -1,5 +1,7 @@
 """What the benchmarks and the chaos suite share.
 
+* runners: `parse_suite_args`, the ``--quick`` / ``--only`` / ``--out-dir`` options of
+  ``python -m bench.run`` and ``python -m chaos.run``;
 * statistics: `stats` (median, min, max over repeats) and `stats_ms`, `ratio`;
 * reports: `machine_info` (recorded with every result: the figures only mean something
   for the machine that produced them), `utc_now`, `write_json`;
@@ -15,6 +17,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.util
 import json
@@ -25,6 +28,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -44,6 +48,7 @@ __all__ = [
     "fleet",
     "harness_failure",
     "machine_info",
+    "parse_suite_args",
     "parse_wrk",
     "pss_mb",
     "ratio",
@@ -58,6 +63,46 @@ __all__ = [
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
+
+# ---------------------------------------------------------------------------------------
+# Suite runners
+# ---------------------------------------------------------------------------------------
+
+
+def parse_suite_args(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    known: Sequence[str],
+    *,
+    noun: str,
+    results_dir: Path,
+    quick_prefix: str,
+    quick_help: str,
+    out_dir_help: str | None = None,
+) -> argparse.Namespace:
+    """Add ``--quick``, ``--only`` and ``--out-dir`` to `parser` (which holds the runner's
+    own options) and parse `argv`.
+
+    ``args.names`` is the ``--only`` subset of `known` in the order given (all of them by
+    default); an unknown name is a usage error naming the `noun`. ``args.out_dir``
+    defaults to `results_dir`, or for ``--quick`` to a fresh temporary directory named
+    `quick_prefix`..., so quick runs (the tests) never overwrite the committed results.
+    """
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument(
+        "--only", default=None, help=f"comma-separated subset of: {', '.join(known)}"
+    )
+    parser.add_argument("--out-dir", type=Path, default=None, help=out_dir_help)
+    args = parser.parse_args(argv)
+    names = list(known) if args.only is None else [n.strip() for n in args.only.split(",")]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"unknown {noun}(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    args.names = names
+    if args.out_dir is None:
+        args.out_dir = Path(tempfile.mkdtemp(prefix=quick_prefix)) if args.quick else results_dir
+    return args
 
 
 # ---------------------------------------------------------------------------------------
@@ -246,6 +291,7 @@ def harness_failure() -> type[BaseException]:
     failed: type[BaseException] = pytest.fail.Exception
     return failed
 
+
 # The harness tunes the reload driver for test speed; benchmarks and chaos cases run
 # the agent as shipped.
 _TEST_KNOBS = {
@@ -260,9 +306,7 @@ def shipped_agent_defaults(agent: Any) -> None:
     agent runs with the defaults an operator gets (debounce, reload interval, watch
     window)."""
     config: Path = agent.config
-    lines = [
-        line for line in config.read_text().splitlines() if line.strip() not in _TEST_KNOBS
-    ]
+    lines = [line for line in config.read_text().splitlines() if line.strip() not in _TEST_KNOBS]
     config.write_text("\n".join(lines) + "\n")
 
 

@@ -34,7 +34,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: the repository root holds `bench`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO_ROOT, RESULTS_DIR, utc_now, write_json
+from bench.common import REPO_ROOT, RESULTS_DIR, parse_suite_args, utc_now, write_json
 from bench.report import write_summary
 
 CHAOS_SUMMARY = REPO_ROOT / "chaos" / "results" / "summary.json"
@@ -102,7 +102,10 @@ def run_benchmark(
     started = time.monotonic()
     with log.open("wb") as sink:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and modules
-            command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            command,
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -135,28 +138,24 @@ def run_benchmark(
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="every harness at tiny sizes (seconds each); not for figures")
-    parser.add_argument("--only", default=None,
-                        help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--out-dir", type=Path, default=None,
-                        help="where results go (default: bench/results; --quick: a temp dir)")
-    parser.add_argument("--summary-only", action="store_true",
-                        help="run nothing: rewrite SUMMARY.md and plots from the JSON files")
+    parser.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="run nothing: rewrite SUMMARY.md and plots from the JSON files",
+    )
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--chaos-summary", type=Path, default=CHAOS_SUMMARY,
                         help="the chaos suite's summary.json, for its goals")  # fmt: skip
-    args = parser.parse_args(argv)
-    names = list(BENCHMARKS) if args.only is None else [n.strip() for n in args.only.split(",")]
-    unknown = [n for n in names if n not in BENCHMARKS]
-    if unknown:
-        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
-    args.names = names
-    if args.out_dir is None:
-        args.out_dir = (
-            Path(tempfile.mkdtemp(prefix="nxmesh-bench-quick-")) if args.quick else RESULTS_DIR
-        )
-    return args
+    return parse_suite_args(
+        parser,
+        argv,
+        list(BENCHMARKS),
+        noun="benchmark",
+        results_dir=RESULTS_DIR,
+        quick_prefix="nxmesh-bench-quick-",
+        quick_help="every harness at tiny sizes (seconds each); not for figures",
+        out_dir_help="where results go (default: bench/results; --quick: a temp dir)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,7 +34,15 @@ import psutil
 if __package__ in (None, ""):  # run as a file: the repository root holds `chaos`, `bench`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import REPO_ROOT, fleet, harness_failure, machine_info, utc_now, write_json
+from bench.common import (
+    REPO_ROOT,
+    fleet,
+    harness_failure,
+    machine_info,
+    parse_suite_args,
+    utc_now,
+    write_json,
+)
 
 from chaos.cases import CASES, CaseResult, Context, SharedPostgres
 
@@ -153,26 +161,24 @@ def render_markdown(summary: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, one shared fleet")
-    parser.add_argument("--only", default=None,
-                        help=f"comma-separated subset of: {', '.join(CASES)}")
-    parser.add_argument("--postgres", choices=("private", "shared"), default="private",
-                        help="private: a throwaway cluster (default); shared: stop/start the "
-                        "system cluster on :5432 with pg_ctlcluster")
-    parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument(
+        "--postgres",
+        choices=("private", "shared"),
+        default="private",
+        help="private: a throwaway cluster (default); shared: stop/start the "
+        "system cluster on :5432 with pg_ctlcluster",
+    )
     parser.add_argument("--nginx", default="nginx")
     parser.add_argument("--wrk", default="wrk")
-    args = parser.parse_args(argv)  # fmt: skip
-    names = list(CASES) if args.only is None else [n.strip() for n in args.only.split(",")]
-    unknown = [n for n in names if n not in CASES]
-    if unknown:
-        parser.error(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
-    args.names = names
-    if args.out_dir is None:
-        args.out_dir = (
-            Path(tempfile.mkdtemp(prefix="nxmesh-chaos-quick-")) if args.quick else RESULTS_DIR
-        )
-    return args
+    return parse_suite_args(
+        parser,
+        argv,
+        list(CASES),
+        noun="case",
+        results_dir=RESULTS_DIR,
+        quick_prefix="nxmesh-chaos-quick-",
+        quick_help="small sizes, one shared fleet",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -154,3 +154,26 @@ class TestRunner:
     def test_unknown_names_are_refused(self) -> None:
         with pytest.raises(SystemExit):
             run.parse_args(["--only", "nope"])
+
+
+class TestArguments:
+    """The options bench.run shares with chaos.run (`bench.common.parse_suite_args`)."""
+
+    def test_only_keeps_the_given_order(self) -> None:
+        args = run.parse_args(["--only", "idle, render", "--out-dir", "x"])
+        assert (args.names, args.out_dir) == (["idle", "render"], Path("x"))
+
+    def test_default_out_dirs(self) -> None:
+        assert run.parse_args([]).out_dir == run.RESULTS_DIR
+        quick = run.parse_args(["--quick"]).out_dir
+        try:
+            assert quick.is_dir()
+            assert quick.name.startswith("nxmesh-bench-quick-")
+        finally:
+            quick.rmdir()
+
+    def test_unknown_name_is_a_usage_error(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit) as info:
+            run.parse_args(["--only", "render,nope"])
+        assert info.value.code == 2
+        assert "unknown benchmark(s) nope; known: render, apply" in capsys.readouterr().err

@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from chaos.cases import CASES, CaseResult, judge_wrk  # noqa: E402
-from chaos.run import render_markdown  # noqa: E402
+from chaos.run import RESULTS_DIR, parse_args, render_markdown  # noqa: E402
 
 WRK_OK: dict[str, Any] = {
     "applies": 3,
@@ -79,6 +79,31 @@ class TestVerdictLogic:
         broken.check("holds", True)
         assert not broken.passed
         assert not CaseResult("x", "t", bound_s=10).passed
+
+
+class TestArguments:
+    """The options chaos.run shares with bench.run (`bench.common.parse_suite_args`)."""
+
+    def test_names_and_out_dir(self) -> None:
+        args = parse_args(["--only", "burst,clock_skew", "--postgres", "shared"])
+        assert (args.names, args.out_dir, args.postgres) == (
+            ["burst", "clock_skew"], RESULTS_DIR, "shared"
+        )
+        assert parse_args([]).names == list(CASES)
+
+    def test_quick_runs_write_to_a_temporary_directory(self) -> None:
+        out = parse_args(["--quick"]).out_dir
+        try:
+            assert out.is_dir()
+            assert out.name.startswith("nxmesh-chaos-quick-")
+        finally:
+            out.rmdir()
+
+    def test_unknown_case_is_a_usage_error(self, capsys: pytest.CaptureFixture[str]) -> None:
+        with pytest.raises(SystemExit) as info:
+            parse_args(["--only", "nope"])
+        assert info.value.code == 2
+        assert "unknown case(s) nope; known: wrk_applies" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
