@@ -11,7 +11,8 @@ Part 1 — **requests/s** (median/min/max over ``--repeats``):
               path — one single-use bootstrap token each (``POST .../bootstrap-tokens``),
               then the WebSocket transport (``ws://…/agent``) with `AgentLink` — and stay
               connected, acking every push with ``applied``.
-              Reads: ``GET /healthz``, ``GET /api/v1/agents``,
+              Reads: ``GET /healthz``, ``GET /api/v1/agents`` (a page of 100, the
+              default) and ``?limit=1000`` (all of them),
               ``GET /api/v1/workspaces/default/versions`` (authenticated) with ``wrk``
               (falls back to httpx when wrk is missing). Writes: ``PUT
               /api/v1/workspaces/default/state`` with a different body each request (each
@@ -64,7 +65,8 @@ from bench.common import (
 DEFAULT_OUTPUT = RESULTS_DIR / "api.json"
 READS = {
     "healthz": "/healthz",
-    "agents": "/api/v1/agents",
+    "agents": "/api/v1/agents",  # the first page: 100 agents (the default limit)
+    "agents_1000": "/api/v1/agents?limit=1000",  # every agent in one page (the maximum)
     "versions": "/api/v1/workspaces/default/versions",
 }
 HERE = ["-m", "bench.api_bench"]
@@ -261,6 +263,22 @@ def _tokens(master: Any, count: int) -> list[str]:
     return asyncio.run(create())
 
 
+def _online(master: Any) -> int:
+    """Agents online, over every page of ``GET /agents``."""
+    import httpx
+
+    auth = {"Authorization": f"Bearer {master._login()}"}
+    url: str | None = "/api/v1/agents?limit=1000"
+    online = 0
+    with httpx.Client(base_url=master.url, headers=auth, timeout=60) as client:
+        while url is not None:
+            response = client.get(url)
+            response.raise_for_status()
+            online += sum(a["status"] == "online" for a in response.json())
+            url = response.links.get("next", {}).get("url")
+    return online
+
+
 def start_simulator(
     master: Any, count: int, work: Path, *, timeout: float
 ) -> subprocess.Popen[bytes]:
@@ -312,8 +330,7 @@ def part_throughput(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         started = time.perf_counter()
         sim = start_simulator(master, args.agents, work, timeout=args.enroll_timeout)
         out["enroll_seconds"] = round(time.perf_counter() - started, 2)
-        online = sum(a["status"] == "online" for a in master.agents())
-        out["agents_online"] = online
+        out["agents_online"] = _online(master)
         nx: dict[str, Any] = {}
         for name, path in READS.items():
             token = None if name == "healthz" else master._login()

@@ -189,7 +189,8 @@ class Client:
         headers = {"Accept": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        clean = {k: v for k, v in (params or {}).items() if v is not None}
+        # None, not {}: httpx replaces a URL's own query with any params given (next links).
+        clean = None if params is None else {k: v for k, v in params.items() if v is not None}
         try:
             return self._http.request(method, path, json=json, params=clean, headers=headers)
         except httpx.TimeoutException:
@@ -238,18 +239,50 @@ class Client:
 
         Authenticated calls refresh an expiring session first and once more on a 401.
         """
-        url = f"{API}{path}"
+        response = self._exchange(method, f"{API}{path}", json=json, params=params, auth=auth)
+        return self._body(response)
+
+    def request_pages(self, path: str, *, params: Mapping[str, Any] | None = None) -> list[Any]:
+        """GET a paginated list (``/api/v1{path}``) whole: the items of every page,
+        following the ``Link: <…>; rel="next"`` header until a page has none."""
+        items: list[Any] = []
+        url: str | None = f"{API}{path}"
+        seen: set[str] = set()
+        while url is not None:
+            response = self._exchange("GET", url, params=params)
+            page = self._body(response)
+            if not isinstance(page, list):
+                raise ApiError(response.status_code, f"expected a list from {path}")
+            items.extend(page)
+            params = None  # the next URL carries them
+            url = response.links.get("next", {}).get("url")
+            if url is not None:
+                # Only our own server's paths: the token is never sent elsewhere.
+                if not url.startswith("/") or url.startswith("//") or url in seen:
+                    raise ApiError(response.status_code, f"bad next-page link {url!r}")
+                seen.add(url)
+        return items
+
+    def _exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        json: Any = None,
+        params: Mapping[str, Any] | None = None,
+        auth: bool = True,
+    ) -> httpx.Response:
         if not auth:
             response = self._send(method, url, json=json, params=params)
             self._raise_for(response)
-            return self._body(response)
+            return response
         response = self._send(method, url, json=json, params=params, token=self._token())
         if response.status_code == 401 and self.profile.kind == "session":
             used = self.profile.access_token
             self._refresh(spent_access=used)
             response = self._send(method, url, json=json, params=params, token=self._token())
         self._raise_for(response)
-        return self._body(response)
+        return response
 
     def _token(self) -> str:
         p = self.profile
@@ -422,9 +455,7 @@ class Client:
     # -- agents -------------------------------------------------------------------------
 
     def list_agents(self, workspace: str | None = None) -> list[AgentInfo]:
-        return parse_list(
-            AgentInfo, self.request("GET", "/agents", params={"workspace": workspace})
-        )
+        return parse_list(AgentInfo, self.request_pages("/agents", params={"workspace": workspace}))
 
     def get_agent(self, agent_id: str) -> AgentInfo:
         return parse(AgentInfo, self.request("GET", f"/agents/{_seg(agent_id)}"))

@@ -145,6 +145,8 @@ def _litestar_validation(
     for item in extra:
         if isinstance(item, Mapping):
             source, key = item.get("source"), item.get("key")
+            # `source` is Litestar's ParamType enum: its value ("query"), not its repr.
+            source = getattr(source, "value", source)
             path = ".".join(str(p) for p in (source, key) if p) or "<root>"
             errors.append(FieldError(path, str(item.get("message", "is invalid"))))
     if not errors:

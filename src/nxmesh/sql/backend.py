@@ -17,7 +17,7 @@ import hmac
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import anyio
@@ -384,10 +384,26 @@ class SqlStorage:
         row = await self._run(lambda conn: conn.execute(query).first())
         return None if row is None else self._agent(row)
 
-    async def list_agents(self, workspace: str | None = None) -> Sequence[Agent]:
-        query = select(t.agents).order_by(t.agents.c.id)
+    async def list_agents(
+        self,
+        workspace: str | None = None,
+        *,
+        workspaces: Collection[str] | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> Sequence[Agent]:
+        """Agents by id; optionally only those in `workspace` and in `workspaces`, with an
+        id after `after`, at most `limit` (a page: the primary key orders and seeks)."""
+        a = t.agents
+        query = select(a).order_by(a.c.id)
         if workspace is not None:
-            query = query.where(t.agents.c.workspace == workspace)
+            query = query.where(a.c.workspace == workspace)
+        if workspaces is not None:
+            query = query.where(a.c.workspace.in_(sorted(workspaces)))
+        if after is not None:
+            query = query.where(a.c.id > after)
+        if limit is not None:
+            query = query.limit(limit)
         rows = await self._run(lambda conn: conn.execute(query).all())
         return [self._agent(r) for r in rows]
 

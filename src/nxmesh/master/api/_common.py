@@ -17,6 +17,7 @@ from nxmesh.master.changes import CommitResult
 from nxmesh.master.problems import PROBLEM_MEDIA_TYPE, ProblemDocument
 
 __all__ = [
+    "AGENT_ID_PATTERN",
     "BEARER",
     "ERRORS",
     "LOGIN_ERRORS",
@@ -61,11 +62,9 @@ Workspace = Annotated[
     str, Parameter(pattern=WORKSPACE_PATTERN, max_length=63, description="Workspace name.")
 ]
 Name = Annotated[str, Parameter(pattern=NAME_PATTERN, max_length=63, description="Object name.")]
+AGENT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
 AgentId = Annotated[
-    str,
-    Parameter(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$", max_length=128, description="Agent id."
-    ),
+    str, Parameter(pattern=AGENT_ID_PATTERN, max_length=128, description="Agent id.")
 ]
 VersionNumber = Annotated[int, Parameter(ge=1, le=MAX_NUMBER, description="Version number.")]
 CommitMessage = Annotated[

@@ -7,28 +7,73 @@ caller cannot see answers 404, exactly like one that does not exist.
 
 from __future__ import annotations
 
+import re
 import time
-from collections.abc import Mapping, Sequence
-from typing import Annotated
+from collections.abc import Collection, Mapping, Sequence
+from typing import Annotated, Any
 
 import attrs
-from litestar import Controller, get, post, put
+from litestar import Controller, Request, Response, get, post, put
 from litestar.params import JSONBody, Parameter
 
+from nxmesh.core.interfaces import StorageBackend
 from nxmesh.core.model import Agent, ConfigVersion, HealthReport
 from nxmesh.core.records import AgentStatus, Assignment
-from nxmesh.master.api._common import BEARER, ERRORS, MAX_NUMBER, WORKSPACE_PATTERN, AgentId, perm
+from nxmesh.master.api._common import (
+    AGENT_ID_PATTERN,
+    BEARER,
+    ERRORS,
+    MAX_NUMBER,
+    WORKSPACE_PATTERN,
+    AgentId,
+    perm,
+)
 from nxmesh.master.api.context import CallerDep
+from nxmesh.master.api.paging import (
+    DEFAULT_LIMIT,
+    LINK_HEADER,
+    Cursor,
+    PageLimit,
+    decode_cursor,
+    encode_cursor,
+    next_link,
+)
 from nxmesh.master.api.schemas import AgentWhy, LabelsUpdate
 from nxmesh.master.problems import NotFound
 from nxmesh.master.selection import desired_version
 
-__all__ = ["AgentController", "explain"]
+__all__ = ["AgentController", "agent_page", "explain"]
 
 WorkspaceFilter = Annotated[
     str | None, Parameter(pattern=WORKSPACE_PATTERN, description="Only agents of this workspace.")
 ]
 WhyVersion = Annotated[int, Parameter(ge=1, le=MAX_NUMBER, description="The version in question.")]
+
+
+_AGENT_ID = re.compile(AGENT_ID_PATTERN)
+
+
+async def agent_page(
+    storage: StorageBackend,
+    *,
+    workspace: str | None,
+    workspaces: Collection[str] | None,
+    after: str | None,
+    limit: int,
+) -> Sequence[Agent]:
+    """One page of agents by id: in `workspace` (None: any) among `workspaces` (None: all),
+    with an id after `after`. The SQL backends seek and limit in the query; another
+    backend's full list is filtered here."""
+    from nxmesh.sql.backend import SqlStorage  # loaded already when the storage is one
+
+    if isinstance(storage, SqlStorage):
+        return await storage.list_agents(workspace, workspaces=workspaces, after=after, limit=limit)
+    page = [
+        a
+        for a in await storage.list_agents(workspace)
+        if (workspaces is None or a.workspace in workspaces) and (after is None or a.id > after)
+    ]
+    return sorted(page, key=lambda a: a.id)[:limit]
 
 
 async def _agent(caller: CallerDep, agent_id: str, permission: str = "agent:read") -> Agent:
@@ -121,13 +166,43 @@ class AgentController(Controller):
     tags = ("agents",)
     security = BEARER
 
-    @get("/", opt=perm("agent:read", scope="anywhere"), responses=ERRORS)
+    @get(
+        "/",
+        opt=perm("agent:read", scope="anywhere"),
+        responses=ERRORS,
+        response_headers=[LINK_HEADER],
+    )
     async def list_agents(
-        self, caller: CallerDep, workspace: WorkspaceFilter = None
-    ) -> list[Agent]:
-        """Agents the caller may see, by id."""
-        agents = await caller.services.storage.list_agents(workspace)
-        return [a for a in agents if caller.can("agent:read", a.workspace)]
+        self,
+        request: Request[Any, Any, Any],
+        caller: CallerDep,
+        workspace: WorkspaceFilter = None,
+        limit: PageLimit = DEFAULT_LIMIT,
+        cursor: Cursor = None,
+    ) -> Response[list[Agent]]:
+        """Agents the caller may see, by id, a page at a time: follow the ``Link`` header's
+        ``rel="next"`` URL until there is none."""
+        after = (
+            None
+            if cursor is None
+            else decode_cursor(cursor, lambda key: _AGENT_ID.fullmatch(key) is not None)
+        )
+        agents = await agent_page(
+            caller.services.storage,
+            workspace=workspace,
+            workspaces=caller.workspaces_with("agent:read"),
+            after=after,
+            limit=limit,
+        )
+        headers = {}
+        if len(agents) == limit:  # maybe more: an empty last page beats a COUNT per page
+            params = {
+                "workspace": workspace,
+                "limit": limit,
+                "cursor": encode_cursor(agents[-1].id),
+            }
+            headers["Link"] = next_link(request, params)
+        return Response(list(agents), headers=headers)
 
     @get("/{agent_id:str}", opt=perm("agent:read", scope="anywhere"), responses=ERRORS)
     async def get_agent(self, agent_id: AgentId, caller: CallerDep) -> Agent:

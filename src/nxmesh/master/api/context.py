@@ -162,6 +162,17 @@ class Caller:
         """Whether the caller holds `permission` at `workspace` (None: organization)."""
         return self.services.rbac.allowed(self.principal, permission, workspace)
 
+    def workspaces_with(self, permission: str) -> frozenset[str] | None:
+        """The workspaces where the caller holds `permission`; None when it holds it
+        organization-wide (every workspace). Lets a list filter in the query, not after."""
+        if self.can(permission):
+            return None
+        principal = self.principal
+        named = {g.workspace for g in self.services.rbac.grants(principal.roles)}
+        named.update(scope.partition("@")[2] for scope in principal.scopes)
+        # `can` stays the authority: the names above are only candidates.
+        return frozenset(ws for ws in named if ws and self.can(permission, ws))
+
     def require(self, permission: str, workspace: str | None = None) -> None:
         """Raise `PermissionDeniedError` (403) unless `can`."""
         if not self.can(permission, workspace):

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import Controller, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.params import Parameter
 
 from nxmesh.config.diff import bundle_diff, diff_states
@@ -22,6 +22,7 @@ from nxmesh.master.api._common import (
 )
 from nxmesh.master.api.agents import explain
 from nxmesh.master.api.context import CallerDep
+from nxmesh.master.api.paging import LINK_HEADER, next_link
 from nxmesh.master.api.schemas import ChangeResult, RolloutView, VersionDiff, VersionSummary
 from nxmesh.master.problems import NotFound
 
@@ -55,15 +56,24 @@ class VersionController(Controller):
     tags = ("versions",)
     security = BEARER
 
-    @get("/", opt=perm("config:read"), responses=ERRORS)
+    @get("/", opt=perm("config:read"), responses=ERRORS, response_headers=[LINK_HEADER])
     async def list_versions(
-        self, workspace: Workspace, caller: CallerDep, limit: Limit = 100, before: Before = None
-    ) -> list[VersionSummary]:
-        """Versions newest first, without their states; page back with ``before``."""
+        self,
+        request: Request[Any, Any, Any],
+        workspace: Workspace,
+        caller: CallerDep,
+        limit: Limit = 100,
+        before: Before = None,
+    ) -> Response[list[VersionSummary]]:
+        """Versions newest first, without their states; page back with ``before`` (the
+        ``Link`` header's ``rel="next"`` URL has it)."""
         versions = await caller.services.storage.list_versions(
             workspace, limit=limit, before=before
         )
-        return [VersionSummary.of(v) for v in versions]
+        headers = {}
+        if len(versions) == limit and versions[-1].number > 1:
+            headers["Link"] = next_link(request, {"limit": limit, "before": versions[-1].number})
+        return Response([VersionSummary.of(v) for v in versions], headers=headers)
 
     @get("/{number:int}", opt=perm("config:read"), responses=ERRORS)
     async def get_version(
