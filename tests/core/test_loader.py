@@ -383,6 +383,17 @@ class TestAllProblemsInOnePass:
             f"upstream name 'app' is already used by upstreams[0] in {first}"
         )
 
+    def test_reference_to_another_file_resolves(self, tmp_path: Path) -> None:
+        """A file with field problems still sees the upstreams other files define."""
+        text = SITES.replace(
+            "locations: [{path: /, upstream: app}]",
+            ("locations: [{path: /, upstream: app}, {path: /x, upstream: app, root: /srv}]"),
+        )
+        sites = write(tmp_path, "sites.yaml", text)
+        source, problems = load_problems(sites, write(tmp_path, "up.yaml", UPSTREAMS))
+        assert source == str(sites)
+        assert set(problems) == {"sites[0].locations[1]"}
+
     def test_unreadable_file_silences_references(self, tmp_path: Path) -> None:
         """A file that does not parse may define anything: references are not judged."""
         broken = write(tmp_path, "up.yaml", "upstreams: [\n")

@@ -276,7 +276,7 @@ def load_state_files(paths: Iterable[str | os.PathLike[str]]) -> DesiredState:
         except _FileProblems as exc:
             found += [(source, p) for p in exc.problems]
             # What this file defines is unknown, so references are not judged.
-            files.append((source, None, StateParts(unnamed=frozenset(_KINDS))))
+            files.append((source, None, StateParts(unknown=frozenset(_KINDS))))
             continue
         files.append((source, *_structure_file(source, data, found)))
         workspace = data.get("workspace") if isinstance(data, dict) else None
@@ -308,7 +308,7 @@ def load_state_files(paths: Iterable[str | os.PathLike[str]]) -> DesiredState:
     origins: dict[str, list[tuple[str, int]]] = {kind: [] for kind in _KINDS}
     for source, _, parts in files:
         for kind in _KINDS:
-            origins[kind] += [(source, i) for i in range(parts.counts.get(kind, 0))]
+            origins[kind] += [(source, i) for i in range(len(getattr(parts, kind)))]
     merged = StateParts.concat(parts for _, _, parts in files)
     origin = _Origin(origins)
     found += [origin.locate(p, default) for p in check_parts(merged) if p.severity == "error"]

@@ -398,28 +398,18 @@ class DesiredState:
 
 @attrs.frozen
 class SiteParts:
-    """What the cross-object checks read of one site, each part with its index in the input.
+    """The parts of a site that failed field validation which pass on their own.
 
-    From a valid `Site` every part is present. From input that failed field validation
-    (`StateParts.salvage`) only the parts that pass on their own are: a location with a
-    bad header is left out, its neighbours are still checked.
+    Items keep their input positions, ``None`` where one failed, so problems point at
+    the user's file: a location with a bad header is left out, its neighbours are still
+    checked. Reads like a `Site` for `check_parts`.
     """
 
     name: str | None
-    server_names: tuple[tuple[int, str], ...]
-    listeners: tuple[tuple[int, Listener], ...]
-    locations: tuple[tuple[int, Location], ...]
+    server_names: tuple[str | None, ...]
+    listeners: tuple[Listener | None, ...]
+    locations: tuple[Location | None, ...]
     tls: TLSConfig | None = None
-
-    @classmethod
-    def of(cls, site: Site) -> SiteParts:
-        return cls(
-            name=site.name,
-            server_names=tuple(enumerate(site.server_names)),
-            listeners=tuple(enumerate(site.listeners)),
-            locations=tuple(enumerate(site.locations)),
-            tls=site.tls,
-        )
 
 
 Build = Callable[[object, type[Any]], Any]
@@ -430,28 +420,27 @@ _KINDS = ("sites", "upstreams", "certificates")
 
 @attrs.frozen
 class StateParts:
-    """The input of `check_parts`: sites, and upstream and certificate names, by index.
+    """The input of `check_parts`: sites, upstream names and certificate names.
 
-    `counts` is how many items of each kind the input had (valid or not), so parts of
-    several files can be concatenated (`concat`) with the indices of the merged state.
-    `unnamed` lists the kinds (``upstreams``, ``certificates``) where some item's name
-    could not be read: references of that kind are then not judged, since they may mean
-    the item whose name is broken (no "unknown upstream" caused by a typo elsewhere).
+    Items keep their input positions, ``None`` where one failed field validation (for
+    upstreams and certificates: where the name itself is not valid), so the parts of
+    several files concatenate (`concat`) into the indices of the merged state. `unknown`
+    names the kinds whose items could not be read at all (a file that does not parse).
+    References to upstreams or certificates are not judged when one of them has no
+    readable name: they may mean it (no "unknown upstream" caused by a typo elsewhere).
     """
 
-    sites: tuple[tuple[int, SiteParts], ...] = ()
-    upstreams: tuple[tuple[int, str], ...] = ()
-    certificates: tuple[tuple[int, str], ...] = ()
-    counts: Mapping[str, int] = attrs.field(factory=FrozenMap)
-    unnamed: frozenset[str] = frozenset()
+    sites: tuple[Site | SiteParts | None, ...] = ()
+    upstreams: tuple[str | None, ...] = ()
+    certificates: tuple[str | None, ...] = ()
+    unknown: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, state: DesiredState) -> StateParts:
         return cls(
-            sites=tuple((i, SiteParts.of(s)) for i, s in enumerate(state.sites)),
-            upstreams=tuple(enumerate(u.name for u in state.upstreams)),
-            certificates=tuple(enumerate(c.name for c in state.certificates)),
-            counts=FrozenMap((kind, len(getattr(state, kind))) for kind in _KINDS),
+            sites=state.sites,
+            upstreams=tuple(u.name for u in state.upstreams),
+            certificates=tuple(c.name for c in state.certificates),
         )
 
     @classmethod
@@ -462,49 +451,34 @@ class StateParts:
         invalid input. Used when `data` as a whole failed, so its cross-object problems
         are reported in the same pass as its field problems.
         """
-        items: dict[str, list[object]] = {}
-        unnamed: set[str] = set()
+        items: dict[str, tuple[object, ...]] = {}
+        unknown: set[str] = set()
         for kind in _KINDS:
             raw = data.get(kind, ()) if isinstance(data, Mapping) else None
             if isinstance(raw, list | tuple):
-                items[kind] = list(raw)
+                items[kind] = tuple(raw)
             else:
-                items[kind] = []
-                unnamed.add(kind)
-        names: dict[str, list[tuple[int, str]]] = {}
-        for kind in ("upstreams", "certificates"):
-            names[kind] = [(i, n) for i, item in enumerate(items[kind]) if (n := _name(item))]
-            if len(names[kind]) != len(items[kind]):
-                unnamed.add(kind)
+                items[kind] = ()
+                unknown.add(kind)
         return cls(
             sites=tuple(
-                (i, _salvage_site(item, build))
-                for i, item in enumerate(items["sites"])
-                if isinstance(item, Mapping)
+                _salvage_site(item, build) if isinstance(item, Mapping) else None
+                for item in items["sites"]
             ),
-            upstreams=tuple(names["upstreams"]),
-            certificates=tuple(names["certificates"]),
-            counts=FrozenMap((kind, len(items[kind])) for kind in _KINDS),
-            unnamed=frozenset(unnamed),
+            upstreams=tuple(map(_name, items["upstreams"])),
+            certificates=tuple(map(_name, items["certificates"])),
+            unknown=frozenset(unknown),
         )
 
     @classmethod
     def concat(cls, parts: Iterable[StateParts]) -> StateParts:
-        """One `StateParts` for several inputs merged in order (indices shifted)."""
-        offset = dict.fromkeys(_KINDS, 0)
-        merged: dict[str, list[tuple[int, Any]]] = {kind: [] for kind in _KINDS}
-        unnamed: set[str] = set()
-        for part in parts:
-            for kind in _KINDS:
-                merged[kind] += [(offset[kind] + i, x) for i, x in getattr(part, kind)]
-                offset[kind] += part.counts.get(kind, 0)
-            unnamed |= part.unnamed
+        """The parts of several inputs merged in order."""
+        parts = list(parts)
         return cls(
-            sites=tuple(merged["sites"]),
-            upstreams=tuple(merged["upstreams"]),
-            certificates=tuple(merged["certificates"]),
-            counts=FrozenMap(offset),
-            unnamed=frozenset(unnamed),
+            sites=tuple(site for part in parts for site in part.sites),
+            upstreams=tuple(name for part in parts for name in part.upstreams),
+            certificates=tuple(name for part in parts for name in part.certificates),
+            unknown=frozenset().union(*(part.unknown for part in parts)),
         )
 
 
@@ -521,31 +495,25 @@ def _salvage_site(raw: Mapping[Any, Any], build: Build) -> SiteParts:
         except _BUILD_ERRORS:  # reported by the field pass
             return None
 
-    def each(key: str, cls: type[Any]) -> list[tuple[int, Any]]:
+    def each(key: str, cls: type[Any]) -> tuple[Any, ...]:
         value = raw.get(key)
-        if not isinstance(value, list | tuple):
-            return []
-        built = ((i, valid(item, cls)) for i, item in enumerate(value))
-        return [(i, obj) for i, obj in built if obj is not None]
+        return tuple(valid(item, cls) for item in value) if isinstance(value, list | tuple) else ()
 
-    listeners: list[tuple[int, Listener]] = []
-    binds: set[tuple[str, int]] = set()
     # Mirrors Site's default of one plain listener on port 80. A listener repeating an
     # earlier one's bind already has its field problem; it would only add a TLS clash.
-    for i, lst in each("listeners", Listener) if "listeners" in raw else [(0, Listener())]:
-        if lst.bind not in binds:
+    listeners: list[Listener | None] = []
+    binds: set[tuple[str, int]] = set()
+    for lst in each("listeners", Listener) if "listeners" in raw else (Listener(),):
+        listeners.append(None if lst is None or lst.bind in binds else lst)
+        if lst is not None:
             binds.add(lst.bind)
-            listeners.append((i, lst))
-
     names = raw.get("server_names")
     lowered = _lower_hostnames(names) if isinstance(names, list | tuple) else ()
     return SiteParts(
         name=_name(raw),
-        server_names=tuple(
-            (i, n) for i, n in enumerate(lowered) if v.SERVER_NAME.reason(n) is None
-        ),
+        server_names=tuple(n if v.SERVER_NAME.reason(n) is None else None for n in lowered),
         listeners=tuple(listeners),
-        locations=tuple(each("locations", Location)),
+        locations=each("locations", Location),
         tls=valid(raw["tls"], TLSConfig) if raw.get("tls") is not None else None,
     )
 
@@ -560,11 +528,13 @@ def _unknown(kind: str, name: str, known: Iterable[str]) -> str:
 
 
 def _first_seen(
-    found: list[Problem], kind: str, names: Iterable[tuple[int, str]], prefix: str
+    found: list[Problem], kind: str, names: Iterable[str | None], prefix: str
 ) -> dict[str, int]:
     """Map each name to its first index, reporting later duplicates at ``prefix[i].name``."""
     first: dict[str, int] = {}
-    for i, name in names:
+    for i, name in enumerate(names):
+        if name is None:
+            continue
         if name in first:
             found.append(
                 Problem(
@@ -587,27 +557,30 @@ def check_state(state: DesiredState) -> list[Problem]:
 
 
 def check_parts(parts: StateParts) -> list[Problem]:
-    """`check_state` over the parts of a state, which may be missing some (see `StateParts`)."""
+    """`check_state` over the parts of a state, which may lack some (see `StateParts`)."""
     found: list[Problem] = []
-    sites = [(i, site.name) for i, site in parts.sites if site.name is not None]
-    _first_seen(found, "site", sites, "sites")
+    _first_seen(found, "site", (s.name if s else None for s in parts.sites), "sites")
     upstreams = _first_seen(found, "upstream", parts.upstreams, "upstreams")
     certs = _first_seen(found, "certificate", parts.certificates, "certificates")
-    check_upstreams = "upstreams" not in parts.unnamed
-    check_certs = "certificates" not in parts.unnamed
+    check_upstreams = "upstreams" not in parts.unknown and None not in parts.upstreams
+    check_certs = "certificates" not in parts.unknown and None not in parts.certificates
 
     served: dict[tuple[str, int, str], int] = {}
     defaults: dict[tuple[str, int], int] = {}
     # nginx decides TLS per listening socket, not per server: a plain site sharing a port
     # with a TLS site would get TLS handshakes it has no certificate for.
     tls_on_bind: dict[tuple[str, int], tuple[bool, int]] = {}
-    for i, site in parts.sites:
+    for i, site in enumerate(parts.sites):
+        if site is None:
+            continue
         here = f"sites[{i}]"
         cert = site.tls.certificate if site.tls is not None else None
         if check_certs and cert is not None and cert not in certs:
             found.append(Problem(f"{here}.tls.certificate", _unknown("certificate", cert, certs)))
-        binds = {lst.bind for _, lst in site.listeners}
-        for n, server_name in site.server_names:
+        binds = {lst.bind for lst in site.listeners if lst is not None}
+        for n, server_name in enumerate(site.server_names):
+            if server_name is None:
+                continue
             for addr, port in sorted(binds):
                 other = served.setdefault((addr, port, server_name), i)
                 if other != i:
@@ -619,7 +592,9 @@ def check_parts(parts: StateParts) -> list[Problem]:
                         )
                     )
                     break
-        for n, lst in site.listeners:
+        for n, lst in enumerate(site.listeners):
+            if lst is None:
+                continue
             tls, owner = tls_on_bind.setdefault(lst.bind, (lst.tls, i))
             if tls != lst.tls:
                 found.append(
@@ -639,7 +614,9 @@ def check_parts(parts: StateParts) -> list[Problem]:
                         )
                     )
         paths: dict[tuple[str, str], int] = {}
-        for n, loc in site.locations:
+        for n, loc in enumerate(site.locations):
+            if loc is None:
+                continue
             other = paths.setdefault((loc.match, loc.path), n)
             if other != n:
                 found.append(
