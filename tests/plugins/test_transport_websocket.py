@@ -267,3 +267,24 @@ class TestWireCompatibility:
                         closes = [e for e in ws.events() if isinstance(e, CloseConnection)]
                 assert closes[0].code == code
             tg.cancel_scope.cancel()
+
+    async def test_each_backend_takes_its_own_path(self, anyio_backend: str) -> None:
+        """asyncio runs on its own transports, trio on anyio streams: the contract above
+        covers both."""
+        from nxmesh.plugins import transport_websocket as module
+
+        async def hold(channel: Channel, peer: str) -> None:
+            await channel.send(type(channel).__name__.encode())
+            with pytest.raises(anyio.EndOfStream):
+                await channel.receive()
+
+        expected = (
+            module._AsyncioWebSocket if anyio_backend == "asyncio" else module.WebSocketChannel
+        )
+        server = WebSocketTransport("ws://127.0.0.1:0/agent")
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(server.serve, hold)
+            async with WebSocketTransport().connect(f"ws://{address}/agent") as channel:
+                assert isinstance(channel, expected)
+                assert await channel.receive() == expected.__name__.encode()
+            tg.cancel_scope.cancel()
