@@ -27,6 +27,7 @@ from sqlalchemy import (
     Row,
     Table,
     and_,
+    bindparam,
     delete,
     func,
     insert,
@@ -775,6 +776,71 @@ class SqlStorage:
                 ) from None
 
         await self._run(op, write=True)
+
+    async def set_agent_statuses(self, statuses: Sequence[AgentStatus]) -> list[AgentStatus]:
+        """Record (or replace) many statuses in one transaction; returns those stored.
+
+        For one ``(agent, version)`` the last status given wins, as if stored one by one
+        in order; statuses of agents that do not exist (deleted meanwhile) are skipped.
+        """
+        latest = {(s.agent_id, s.version): s for s in statuses}
+        if not latest:
+            return []
+        a = t.agent_status
+
+        def op(conn: Connection) -> list[AgentStatus]:
+            ids = sorted({agent_id for agent_id, _ in latest})
+            known = set(conn.execute(select(t.agents.c.id).where(t.agents.c.id.in_(ids))).scalars())
+            stored = [s for s in latest.values() if s.agent_id in known]
+            rows = [
+                {
+                    "agent_id": s.agent_id,
+                    "version": s.version,
+                    "digest": s.digest,
+                    "phase": s.phase,
+                    "message": s.message,
+                    "ts": s.ts,
+                }
+                for s in stored
+            ]
+            if rows:
+                insert_ = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+                stmt = insert_(a)
+                changes = {c: stmt.excluded[c] for c in ("digest", "phase", "message", "ts")}
+                # One statement, many parameter sets (executemany): one round of the
+                # driver instead of a transaction per agent.
+                conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["agent_id", "version"], set_=changes
+                    ),
+                    rows,
+                )
+            return stored
+
+        return await self._run(op, write=True)
+
+    async def set_running_versions(self, running: Sequence[tuple[str, int, str, float]]) -> int:
+        """Set ``(agent id, running version, running digest, last seen)`` of many agents in
+        one transaction (the last entry per agent wins); returns how many agents exist."""
+        latest = {entry[0]: entry for entry in running}
+        if not latest:
+            return 0
+        a = t.agents
+        stmt = (
+            update(a)
+            .where(a.c.id == bindparam("b_id"))
+            .values(
+                running_version=bindparam("b_version"),
+                running_digest=bindparam("b_digest"),
+                last_seen=bindparam("b_seen"),
+            )
+        )
+        rows = [
+            {"b_id": i, "b_version": v, "b_digest": d, "b_seen": ts}
+            for i, v, d, ts in latest.values()
+        ]
+        result = await self._run(lambda conn: conn.execute(stmt, rows), write=True)
+        return int(result.rowcount)
 
     async def list_agent_statuses(
         self, workspace: str, *, version: int | None = None
