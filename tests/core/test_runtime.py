@@ -289,9 +289,19 @@ class TestShutdown:
         """Cancelling the caller's scope cancels run, cleans up, and is not swallowed."""
         events: list[str] = []
         reached_after_run = False
-        with anyio.move_on_after(0.05) as scope:
-            await run_app(manager(Recorder("a", events)))
-            reached_after_run = True
+
+        async def cancel_once_entered(scope: anyio.CancelScope) -> None:
+            # Wait for the lifespan rather than a fixed delay: under load a short
+            # deadline could fire before the app has entered anything.
+            while "enter a" not in events:
+                await anyio.sleep(0.001)
+            scope.cancel()
+
+        with anyio.fail_after(10), anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_once_entered, scope)
+                await run_app(manager(Recorder("a", events)))
+                reached_after_run = True
         assert scope.cancelled_caught
         assert not reached_after_run
         assert events == ["enter a", "exit a"]
