@@ -288,3 +288,51 @@ class TestWireCompatibility:
                 assert isinstance(channel, expected)
                 assert await channel.receive() == expected.__name__.encode()
             tg.cancel_scope.cancel()
+
+    async def test_a_slow_reader_pushes_back_and_loses_nothing(self) -> None:
+        """Sends wait while the peer does not read, and all arrive once it does."""
+        chunk = bytes(range(256)) * 4096  # 1 MiB: far more than the socket buffers
+        sent = anyio.Event()
+
+        async def flood(channel: Channel, peer: str) -> None:
+            for i in range(24):
+                await channel.send(bytes([i]) + chunk)
+            sent.set()
+            with pytest.raises(anyio.EndOfStream):
+                await channel.receive()
+
+        server = WebSocketTransport("ws://127.0.0.1:0/agent")
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(server.serve, flood)
+            async with WebSocketTransport().connect(f"ws://{address}/agent") as channel:
+                await anyio.sleep(0.2)  # the server fills the buffers and must wait
+                with anyio.fail_after(30):
+                    for i in range(24):
+                        assert await channel.receive() == bytes([i]) + chunk
+                    await sent.wait()
+            tg.cancel_scope.cancel()
+
+    async def test_a_reader_gone_ends_a_blocked_send(self) -> None:
+        """A send waiting on a peer that went away fails instead of hanging."""
+        chunk = b"x" * (1 << 20)
+        outcome: list[BaseException] = []
+        ended = anyio.Event()
+
+        async def flood(channel: Channel, peer: str) -> None:
+            try:
+                while True:
+                    await channel.send(chunk)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+                outcome.append(exc)
+            finally:
+                ended.set()
+
+        server = WebSocketTransport("ws://127.0.0.1:0/agent")
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(server.serve, flood)
+            async with WebSocketTransport().connect(f"ws://{address}/agent") as channel:
+                await channel.receive()
+            with anyio.fail_after(30):
+                await ended.wait()
+            tg.cancel_scope.cancel()
+        assert outcome

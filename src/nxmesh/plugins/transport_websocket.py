@@ -554,9 +554,9 @@ class _AsyncioWebSocket(asyncio.Protocol):
         self._eof = True
         self._transport = None
         self._received()
-        for future in (self._drained, self._closed):
-            if future is not None and not future.done():
-                future.set_result(None)
+        self.resume_writing()
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
 
     def pause_writing(self) -> None:
         self._drained = asyncio.get_running_loop().create_future()
@@ -624,15 +624,24 @@ class _AsyncioWebSocket(asyncio.Protocol):
             codec.replies.clear()
             if self._eof:
                 codec.lost()
-            backlog = len(codec.ready) >= _MAX_READY
-        else:
-            backlog = len(self.buffer) > _MAX_HANDSHAKE
-        if backlog and not self._reading_paused and self._transport is not None:
-            self._reading_paused = True
-            self._transport.pause_reading()
+        self._flow()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _flow(self) -> None:
+        """Pause reading while parsed messages (or an upgrade's bytes) pile up."""
+        codec = self._codec
+        if codec is not None:
+            backlog = len(codec.ready) >= (_MAX_READY // 2 if self._reading_paused else _MAX_READY)
+        else:
+            backlog = len(self.buffer) > _MAX_HANDSHAKE
+        if backlog is not self._reading_paused and self._transport is not None:
+            self._reading_paused = backlog
+            if backlog:
+                self._transport.pause_reading()
+            else:
+                self._transport.resume_reading()
 
     def _write(self, data: bytes) -> None:
         transport = self._transport
@@ -711,10 +720,8 @@ class _AsyncioWebSocket(asyncio.Protocol):
             await self._wait()
             self._streak = 0
         message = codec.ready.popleft()
-        if self._reading_paused and len(codec.ready) <= _MAX_READY // 2:
-            self._reading_paused = False
-            if self._transport is not None:
-                self._transport.resume_reading()
+        if self._reading_paused:
+            self._flow()
         return message
 
     async def _drain(self) -> None:
