@@ -604,8 +604,9 @@ class _AsyncioWebSocket(asyncio.Protocol):
         self._flush()  # TLS 1.3 tickets, key updates
 
     def _flush(self) -> None:
-        if self._out.pending and self._transport is not None:
-            self._transport.write(self._out.read())
+        transport = self._transport
+        if self._out.pending and transport is not None and not transport.is_closing():
+            transport.write(self._out.read())
 
     def _received(self) -> None:
         codec = self._codec
