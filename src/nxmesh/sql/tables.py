@@ -32,6 +32,8 @@ __all__ = [
     "agents",
     "assignments",
     "audit_log",
+    "auth_api_tokens",
+    "auth_refresh_tokens",
     "bootstrap_tokens",
     "certificates",
     "config_states",
@@ -192,4 +194,36 @@ event_payloads = Table(
     Column("id", _Serial, primary_key=True, autoincrement=True),
     Column("created_at", Float, nullable=False, index=True),
     Column("body", Text, nullable=False),
+)
+
+# -- the master's login sessions and API tokens (nxmesh.master.auth.store) -----------------
+# Only sha256 hashes of the secrets; structured values (roles, scopes) are JSON text.
+
+auth_refresh_tokens = Table(
+    "auth_refresh_tokens",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("family", Text, nullable=False, index=True),
+    Column("subject", Text, nullable=False, index=True),
+    Column("authenticator", Text, nullable=False),
+    Column("roles", Text, nullable=False),
+    Column("secret_hash", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+    Column("used_at", Float),
+    Column("revoked", Boolean, nullable=False),
+)
+
+auth_api_tokens = Table(
+    "auth_api_tokens",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("owner", Text, nullable=False, index=True),
+    Column("name", Text, nullable=False),
+    Column("scopes", Text, nullable=False),
+    Column("secret_hash", Text, nullable=False),
+    Column("created_at", Float, nullable=False),
+    Column("expires_at", Float),
+    Column("last_used_at", Float),
+    Column("revoked", Boolean, nullable=False),
 )

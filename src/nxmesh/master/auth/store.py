@@ -1,7 +1,7 @@
 """Where the master keeps refresh tokens and API tokens (hashed, never in plaintext).
 
 `AuthStore` is what `Sessions` needs. `SqlAuthStore` keeps both in two tables of the
-master's own SQL database (SQLite or PostgreSQL), created on first start, so refresh
+master's own SQL database (SQLite or PostgreSQL; part of its migrated schema), so refresh
 rotation is one transaction and several masters share one view; `MemoryAuthStore` is
 the fallback for storage backends that are not SQL (tokens then die with the process).
 
@@ -13,27 +13,14 @@ from __future__ import annotations
 
 import hmac
 import json
-import threading
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol, TypeVar
 
 import anyio
 import attrs
-from sqlalchemy import (
-    Boolean,
-    Column,
-    Connection,
-    Engine,
-    Float,
-    MetaData,
-    Row,
-    Table,
-    Text,
-    insert,
-    select,
-    update,
-)
-from sqlalchemy.exc import DatabaseError
+from sqlalchemy import Connection, Engine, Row, insert, select, update
+
+from nxmesh.sql import tables
 
 __all__ = [
     "ApiTokenRecord",
@@ -236,36 +223,10 @@ class MemoryAuthStore:
 # SQL
 # ---------------------------------------------------------------------------------------
 
-metadata = MetaData()
-
-refresh_tokens = Table(
-    "auth_refresh_tokens",
-    metadata,
-    Column("id", Text, primary_key=True),
-    Column("family", Text, nullable=False, index=True),
-    Column("subject", Text, nullable=False, index=True),
-    Column("authenticator", Text, nullable=False),
-    Column("roles", Text, nullable=False),
-    Column("secret_hash", Text, nullable=False),
-    Column("created_at", Float, nullable=False),
-    Column("expires_at", Float, nullable=False),
-    Column("used_at", Float),
-    Column("revoked", Boolean, nullable=False),
-)
-
-api_tokens = Table(
-    "auth_api_tokens",
-    metadata,
-    Column("id", Text, primary_key=True),
-    Column("owner", Text, nullable=False, index=True),
-    Column("name", Text, nullable=False),
-    Column("scopes", Text, nullable=False),
-    Column("secret_hash", Text, nullable=False),
-    Column("created_at", Float, nullable=False),
-    Column("expires_at", Float),
-    Column("last_used_at", Float),
-    Column("revoked", Boolean, nullable=False),
-)
+# The tables are part of the master's schema (`nxmesh.sql.tables`, Alembic revision 0002):
+# the storage backend migrates them when it opens, before this store is built.
+refresh_tokens = tables.auth_refresh_tokens
+api_tokens = tables.auth_api_tokens
 
 _WRITE = {"nxmesh_write": True}  # SQLite: take the write lock at BEGIN (see storage_sqlite)
 
@@ -310,24 +271,14 @@ def _api(row: Row[tuple[object, ...]]) -> ApiTokenRecord:
 class SqlAuthStore:
     """Both token kinds in the master's SQL database, one transaction per operation.
 
-    The tables are not part of the storage backend's schema (they belong to the master
-    app, not to the storage contract); they are created when missing at `open`.
+    `engine` is the storage backend's, already migrated: the tables are in its schema.
     """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
-        self._create_lock = threading.Lock()
 
     async def open(self) -> None:
-        await anyio.to_thread.run_sync(self._create_tables)
-
-    def _create_tables(self) -> None:
-        with self._create_lock:
-            try:
-                metadata.create_all(self._engine, checkfirst=True)
-            except DatabaseError:
-                # Another master created them between our check and our CREATE.
-                metadata.create_all(self._engine, checkfirst=True)
+        return None
 
     async def aclose(self) -> None:
         return None  # the engine belongs to the storage backend
