@@ -75,6 +75,11 @@ class TestBulkStorage:
         assert [(s.agent_id, s.phase) for s in found] == [
             ("agent-000", "applied"), ("agent-001", "failed")]  # fmt: skip
         assert await storage.set_agent_statuses([]) == []
+        # One agent's statuses (GET /agents/{id}/status), not the whole workspace's.
+        mine = await storage.list_agent_statuses("default", agent_id="agent-000")
+        assert [(s.version, s.phase) for s in mine] == [(1, "applied"), (2, "sent")]
+        mine = await storage.list_agent_statuses("default", agent_id="agent-000", version=2)
+        assert [(s.version, s.phase) for s in mine] == [(2, "sent")]
 
     async def test_running_versions(self, services: MasterServices) -> None:
         storage = services.storage

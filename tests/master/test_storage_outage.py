@@ -78,8 +78,14 @@ class TestPostgresDown:
         assert c.put(STATE, json=_state(8080), headers=admin).status_code == 200
         before = c.get(VERSIONS, headers=admin).json()
         assert [v["number"] for v in before] == [1]
+        made = c.post("/api/v1/auth/tokens", json={"name": "ci", "scopes": ["config:read"]},
+                      headers=admin)  # fmt: skip
+        assert made.status_code == 201, made.text
+        api_token = {"Authorization": f"Bearer {made.json()['token']}"}
 
         proxy.stop()
+        # Authenticating an API token reads the database too.
+        assert_unavailable(c.get(VERSIONS, headers=api_token))
         assert_unavailable(c.get(VERSIONS, headers=admin))
         assert_unavailable(c.get("/api/v1/agents", headers=admin))
         assert_unavailable(c.put(STATE, json=_state(9090), headers=admin))

@@ -139,6 +139,8 @@ class RolloutOrchestrator:
         self._cert_changes: dict[str, set[str]] = {}
         self._distributor: CertificateDistributor | None = None
         self._push_counters: dict[str, Counter] = {}
+        self._session_agents: dict[str, Agent] = {}
+        """Per connected agent, the `Agent` its session describes (built once, validated)."""
 
     def attach(self, hub: MasterSessionHub) -> None:
         """Drive `hub`: become its assignment source and observer."""
@@ -292,8 +294,12 @@ class RolloutOrchestrator:
         uses: dict[int, bool] = {}
         offered: list[str] = []
         for info in sessions:
-            agent = _agent_of(info)
-            number = desired_version(agent, assignments, latest.number).version
+            # Without assignments every agent follows the latest: no Agent to build.
+            number = (
+                desired_version(self._session_agent(info), assignments, latest.number).version
+                if assignments
+                else latest.number
+            )
             if number is None:
                 continue
             if number not in versions:
@@ -321,6 +327,12 @@ class RolloutOrchestrator:
             log.info("rollout", workspace=workspace, version=latest.number, agents=len(offered))
         return offered
 
+    def _session_agent(self, info: SessionInfo) -> Agent:
+        agent = self._session_agents.get(info.agent_id)
+        if agent is None or agent.workspace != info.workspace or agent.labels != info.labels:
+            agent = self._session_agents[info.agent_id] = _agent_of(info)
+        return agent
+
     # -- hub observers ---------------------------------------------------------------------
 
     def on_session(self, info: SessionInfo, connected: bool) -> None:
@@ -330,6 +342,7 @@ class RolloutOrchestrator:
             return
         gauge.dec()
         self._inflight.pop(info.agent_id, None)
+        self._session_agents.pop(info.agent_id, None)
         self._write(lambda: self._set_offline(info))
 
     def _pushed(self, outcome: str) -> None:

@@ -843,9 +843,10 @@ class SqlStorage:
         return int(result.rowcount)
 
     async def list_agent_statuses(
-        self, workspace: str, *, version: int | None = None
+        self, workspace: str, *, version: int | None = None, agent_id: str | None = None
     ) -> Sequence[AgentStatus]:
-        """Statuses of the workspace's agents (optionally for one version), by agent."""
+        """Statuses of the workspace's agents (optionally for one version, of one agent),
+        by agent."""
         s, a = t.agent_status, t.agents
         query = (
             select(s)
@@ -854,6 +855,8 @@ class SqlStorage:
         )
         if version is not None:
             query = query.where(s.c.version == version)
+        if agent_id is not None:
+            query = query.where(s.c.agent_id == agent_id)
         rows = await self._run(lambda conn: conn.execute(query).all())
         return [
             AgentStatus(

@@ -76,6 +76,21 @@ async def agent_page(
     return sorted(page, key=lambda a: a.id)[:limit]
 
 
+async def _statuses_of(
+    storage: StorageBackend, agent: Agent, *, version: int | None = None
+) -> list[AgentStatus]:
+    """`agent`'s statuses — one query on the SQL backends, not the whole workspace's."""
+    from nxmesh.sql.backend import SqlStorage
+
+    if isinstance(storage, SqlStorage):
+        found = await storage.list_agent_statuses(
+            agent.workspace, version=version, agent_id=agent.id
+        )
+    else:
+        found = await storage.list_agent_statuses(agent.workspace, version=version)
+    return [s for s in found if s.agent_id == agent.id]
+
+
 async def _agent(caller: CallerDep, agent_id: str, permission: str = "agent:read") -> Agent:
     agent = await caller.services.storage.get_agent(agent_id)
     if agent is None or not caller.can(permission, agent.workspace):
@@ -212,8 +227,7 @@ class AgentController(Controller):
     async def agent_status(self, agent_id: AgentId, caller: CallerDep) -> list[AgentStatus]:
         """The agent's rollout status per version (sent, applying, applied, failed...)."""
         agent = await _agent(caller, agent_id)
-        statuses = await caller.services.storage.list_agent_statuses(agent.workspace)
-        return [s for s in statuses if s.agent_id == agent.id]
+        return await _statuses_of(caller.services.storage, agent)
 
     @get("/{agent_id:str}/health", opt=perm("agent:read", scope="anywhere"), responses=ERRORS)
     async def agent_health(self, agent_id: AgentId, caller: CallerDep) -> HealthReport:
@@ -234,8 +248,8 @@ class AgentController(Controller):
         if target is None:
             raise NotFound(f"workspace {agent.workspace!r} has no version {version}")
         latest = await storage.latest_version(agent.workspace)
-        statuses = await storage.list_agent_statuses(agent.workspace, version=version)
-        status = next((s for s in statuses if s.agent_id == agent.id), None)
+        statuses = await _statuses_of(storage, agent, version=version)
+        status = next(iter(statuses), None)
         return explain(
             agent,
             target,
