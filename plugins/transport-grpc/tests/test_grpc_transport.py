@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import ssl
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -18,7 +20,7 @@ from nxmesh.testing.contracts import TransportContract
 from nxmesh.testing.contracts.transport import Mesh, TransportKit
 from nxmesh_transport_grpc import GrpcSettings, GrpcTransport, client_context, server_context
 from nxmesh_transport_grpc._generated.agent_pb2 import Frame
-from nxmesh_transport_grpc.transport import _FrameCodec, wire_frame
+from nxmesh_transport_grpc.transport import _FrameCodec, _SmallQueue, wire_frame
 
 
 def _kit(settings: GrpcSettings | None = None) -> TransportKit:
@@ -76,7 +78,11 @@ class TestGrpcSpecifics:
             creds = await mesh.enrolled_credentials()
             frame = seal(
                 encode_body(MetricsBatch(ts=1.0, samples={})),
-                agent_id=creds.agent_id, key_id=creds.key_id, key=creds.key, seq=1, ts_ms=1,
+                agent_id=creds.agent_id,
+                key_id=creds.key_id,
+                key=creds.key,
+                seq=1,
+                ts_ms=1,
             )
             reply = await mesh.hub.handle_unary(frame, "test")
             env = unseal(reply)
@@ -113,6 +119,51 @@ class TestGrpcSpecifics:
                     await channel.send(b"x" * 100_000)
             tg.cancel_scope.cancel()
         assert got == [b"small"]
+
+    async def test_master_connection_is_lean_and_carries_large_frames(self, tmp_path: Path) -> None:
+        """Serving TLS caps asyncio's TLS read buffer (4 KiB by default) and swaps h2's and
+        grpclib's per-connection deques for small lists; megabyte frames still pass both
+        ways (many reads per TLS record), several in a row."""
+        settings = GrpcSettings()
+        assert settings.tls_read_buffer_bytes == 4096
+        big = bytes(range(256)) * 4096 + b"end"  # 1 MiB + 3
+        streams: list[Any] = []
+
+        async def echo(channel: Channel, peer: str) -> None:
+            streams.append(channel._stream)  # type: ignore[attr-defined]
+            try:
+                while True:
+                    await channel.send(await channel.receive())
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                pass
+
+        server_ctx = server_context(settings, tmp_path)
+        client_ctx = client_context(GrpcSettings(ca_file=tmp_path / "tls" / "ca.pem"))
+        assert server_ctx is not None
+        assert client_ctx is not None
+        server = GrpcTransport("grpcs://127.0.0.1:0", ssl_context=server_ctx)
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(server.serve, echo)
+            assert asyncio.sslproto.SSLProtocol.max_size <= 4096
+            async with GrpcTransport(ssl_context=client_ctx).connect(
+                f"grpcs://{address}"
+            ) as channel:
+                for frame in (big, b"small", big[::-1]):
+                    await channel.send(frame)
+                    with anyio.fail_after(30):
+                        assert await channel.receive() == frame
+                inner = streams[0]._stream
+                h2conn = inner.connection._connection
+                queues = [
+                    *h2conn.local_settings._settings.values(),
+                    *h2conn.remote_settings._settings.values(),
+                    h2conn.decoder.header_table.dynamic_entries,
+                    inner.connection.write_ready._waiters,
+                    inner.window_updated._waiters,
+                    inner.buffer._unacked._queue,
+                ]
+                assert all(isinstance(q, _SmallQueue) for q in queues)
+            tg.cancel_scope.cancel()
 
     @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 70_000, 2**21 + 3])
     def test_frames_are_encoded_exactly_like_protobuf(self, size: int) -> None:

@@ -33,10 +33,10 @@ class GrpcSettings:
     connect_timeout: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     # asyncio reserves a 256 KiB read buffer per TLS connection (SSLProtocol.max_size):
     # 1.25 GB at 5,000 agents. The master lowers it, process-wide, when it starts serving
-    # TLS; 0 keeps asyncio's default. See `limit_tls_read_buffer`.
-    tls_read_buffer_bytes: int = attrs.field(
-        default=16 * 1024, validator=attrs.validators.ge(0)
-    )
+    # TLS; 0 keeps asyncio's default. 4 KiB: the master mostly reads acks and heartbeats
+    # (a few hundred bytes); bigger messages take more reads. Agents never serve, so they
+    # keep asyncio's default for the versions they receive. See `limit_tls_read_buffer`.
+    tls_read_buffer_bytes: int = attrs.field(default=4 * 1024, validator=attrs.validators.ge(0))
     # TLS material. Master: certificate + key to serve (default: created under the state
     # directory, signed by a CA the master creates on first start). Agent: the CA to pin.
     ca_file: Path | None = None
