@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Final, Protocol
+from typing import Final, Protocol, runtime_checkable
 
 import anyio
 import attrs
@@ -100,6 +100,7 @@ from nxmesh.enrollment import Enrollment, parse_token
 __all__ = [
     "AssignmentSource",
     "MasterSessionHub",
+    "SendsParts",
     "SessionInfo",
     "TransportHandler",
     "UpdateMaterial",
@@ -113,6 +114,18 @@ _REPORT_TYPES: Final = frozenset(
 _ACKED: Final = (Heartbeat, HealthReport, MetricsBatch, LogBatch)
 _MAX_BAD_FRAMES: Final = 16
 _BODY_CACHE: Final = 32
+
+
+@runtime_checkable
+class SendsParts(Protocol):
+    """A `Channel` that can send one frame given in two parts, copying them once.
+
+    Optional for transports: the hub sends a version as its sealed header
+    (`SessionCrypto.seal_parts`) and the version's shared body, so a 64 KB body is not
+    copied into a per-agent frame first. Other channels get ``head + body``.
+    """
+
+    async def send_parts(self, head: bytes, body: bytes) -> None: ...
 
 
 class AssignmentSource(Protocol):
@@ -196,6 +209,7 @@ class _Session:
     # costs 760 bytes per session.
     control: list[Message | EncodedBody] = attrs.field(factory=list)
     update: _PushedVersion | None = None
+    parts: SendsParts | None = None  # the channel, when it takes frames in two parts
 
     def offer(self, item: Message | EncodedBody) -> None:
         self.control.append(item)
@@ -709,6 +723,7 @@ class MasterSessionHub:
             running_version=register.running_version,
             running_digest=register.running_digest,
             last_seen=now,
+            parts=channel if isinstance(channel, SendsParts) else None,
         )
         response = RegisterResponse(
             accepted=True,
@@ -784,7 +799,11 @@ class MasterSessionHub:
                     s.scope.cancel()
             if s.update is not None:
                 pushed, s.update = s.update, None
-                await s.channel.send(s.crypto.seal(pushed.body))
+                head = s.crypto.seal_parts(pushed.body)
+                if s.parts is not None:
+                    await s.parts.send_parts(head, pushed.body.data)
+                else:
+                    await s.channel.send(head + pushed.body.data)
                 if self.on_sent is not None:
                     try:
                         self.on_sent(s.agent.id, pushed.version)

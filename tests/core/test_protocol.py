@@ -20,6 +20,7 @@ from nxmesh.core.envelope import (
     SequenceSource,
     peek_type,
     seal,
+    seal_parts,
     unseal,
 )
 from nxmesh.core.model import HealthReport, HealthResult
@@ -99,6 +100,13 @@ class TestEnvelope:
         assert env.ts == NOW + 0.25
         env.verify(KEY)
         assert decode_body(env) == STATUS
+
+    def test_parts_are_the_frame_without_its_body(self) -> None:
+        """`seal_parts` + the shared body is exactly the frame `seal` builds (fan-out sends
+        the two parts without building the frame)."""
+        body = encode_body(STATUS)
+        fields = {"agent_id": "agent-1", "key_id": "k1", "key": KEY, "seq": 7, "ts_ms": 1}
+        assert seal_parts(body, **fields) + body.data == seal(body, **fields)
 
     def test_encoding_is_deterministic(self) -> None:
         """The same message and fields always give byte-identical frames."""

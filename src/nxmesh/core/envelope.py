@@ -61,6 +61,7 @@ __all__ = [
     "SequenceSource",
     "peek_type",
     "seal",
+    "seal_parts",
     "unseal",
 ]
 
@@ -102,6 +103,9 @@ class MessageType(enum.IntEnum):
     def from_agent(self) -> bool:
         """True for the messages an agent sends to its master."""
         return self < 16
+
+
+_TYPES: Final = {t.value: t for t in MessageType}  # a dict lookup is ~10x `MessageType(n)`
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,6 +255,24 @@ def seal(
     `key` None writes an all-zero signature: only for rejections the master cannot sign
     (it does not know the key the peer claimed); receivers treat those as unauthenticated.
     """
+    head = seal_parts(body, agent_id=agent_id, key_id=key_id, key=key, seq=seq, ts_ms=ts_ms)
+    return head + body.data
+
+
+def seal_parts(
+    body: EncodedBody,
+    *,
+    agent_id: str,
+    key_id: str,
+    key: bytes | None,
+    seq: int,
+    ts_ms: int,
+) -> bytes:
+    """The frame `seal` builds, minus the body: header and signature (about 100 bytes).
+
+    The frame is this followed by ``body.data``; a transport that can send the two parts
+    with one copy (gRPC) saves copying a large version body once per agent.
+    """
     if not 0 <= seq <= _U64_MAX or not 0 <= ts_ms <= _U64_MAX:
         raise ValueError("seq and ts must fit in 64 unsigned bits")
     aid = _encode_id(agent_id, "agent_id")
@@ -263,7 +285,7 @@ def seal(
         + kid
     )
     sig = hmac.digest(key, header + body.digest, "sha256") if key else bytes(SIG_SIZE)
-    return b"".join((header, sig, body.data))
+    return header + sig
 
 
 def peek_type(frame: bytes) -> MessageType | None:
@@ -291,10 +313,9 @@ def unseal(frame: bytes, *, max_body: int | None = None) -> Envelope:
             f"frame format {fmt} is not supported (this side speaks format {FRAME_FORMAT}); "
             "upgrade the older of master and agent"
         )
-    try:
-        kind = MessageType(mtype)
-    except ValueError:
-        raise MalformedFrameError(f"unknown message type {mtype}") from None
+    kind = _TYPES.get(mtype)
+    if kind is None:
+        raise MalformedFrameError(f"unknown message type {mtype}")
     ids_end = _HEADER_SIZE + alen + klen
     if len(frame) != ids_end + SIG_SIZE + blen:
         raise MalformedFrameError(

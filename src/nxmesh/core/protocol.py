@@ -56,7 +56,7 @@ from nxmesh.core.envelope import (
     ProtocolError,
     ReplayGuard,
     SequenceSource,
-    seal,
+    seal_parts,
     unseal,
 )
 from nxmesh.core.errors import ValidationError
@@ -653,7 +653,11 @@ class SessionCrypto:
     def seal(self, body: EncodedBody | Message) -> bytes:
         if not isinstance(body, EncodedBody):
             body = encode_body(body)
-        return seal(
+        return self.seal_parts(body) + body.data
+
+    def seal_parts(self, body: EncodedBody) -> bytes:
+        """Header and signature of the frame carrying `body` (see `envelope.seal_parts`)."""
+        return seal_parts(
             body,
             agent_id=self.agent_id,
             key_id=self.key_id,

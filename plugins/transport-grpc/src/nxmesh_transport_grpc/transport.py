@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import struct
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -296,15 +297,43 @@ def _trim_connection(stream: ServerStream[Any, Any]) -> None:
         pass
 
 
-class _ServerChannel:
-    """A `Channel` over the server side of one ``Stream`` call."""
+_MESSAGE_PREFIX: Final = struct.Struct(">?I")  # gRPC: compressed flag, message length
 
-    def __init__(self, stream: ServerStream[Frame, Frame]) -> None:
+
+class _ServerChannel:
+    """A `Channel` over the server side of one ``Stream`` call.
+
+    Sends build the whole gRPC message (prefix, protobuf field header, frame) with one
+    copy and hand it to grpclib's HTTP/2 stream; `send_message` would copy a version
+    body twice more per agent (``wire_frame``, then its own prefix).
+    """
+
+    __slots__ = ("_limit", "_stream")
+
+    def __init__(self, stream: ServerStream[Frame, Frame], limit: int) -> None:
         self._stream = stream
+        self._limit = limit
 
     async def send(self, frame: bytes) -> None:
+        await self.send_parts(b"", frame)
+
+    async def send_parts(self, head: bytes, body: bytes) -> None:
+        """Send the frame ``head + body`` (the session hub's `SendsParts`)."""
+        size = len(head) + len(body)
+        field = b"\n" + _varint(size) if size else b""
+        length = len(field) + size
+        stream = self._stream
         try:
-            await self._stream.send_message(_pre_encoded(frame))
+            if length > self._limit:
+                raise GRPCError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"message of {length} bytes exceeds the {self._limit} byte limit",
+                )
+            if not stream._send_initial_metadata_done:
+                await stream.send_initial_metadata()
+            data = b"".join((_MESSAGE_PREFIX.pack(False, length), field, head, body))
+            await stream._stream.send_data(data)
+            stream._send_message_done = True
         except _STREAM_ERRORS as exc:
             raise anyio.BrokenResourceError(str(exc)) from exc
 
@@ -316,14 +345,15 @@ class _ServerChannel:
 
 
 class _AgentService(AgentServiceBase):
-    def __init__(self, handler: SessionHandler) -> None:
+    def __init__(self, handler: SessionHandler, limit: int) -> None:
         self._handler = handler
+        self._limit = limit
 
     async def Stream(self, stream: ServerStream[Frame, Frame]) -> None:
         _trim_connection(stream)
         peer = _peer_of(stream)
         try:
-            await self._handler(_ServerChannel(stream), peer)
+            await self._handler(_ServerChannel(stream, self._limit), peer)
         except (*_STREAM_ERRORS, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
             log.debug("grpc stream ended", peer=peer, error=repr(exc))
         except anyio.get_cancelled_exc_class():
@@ -473,7 +503,7 @@ class GrpcTransport:
         if self.ssl_context is not None and self.settings.tls_read_buffer_bytes:
             limit_tls_read_buffer(self.settings.tls_read_buffer_bytes)
         server = Server(
-            [_AgentService(handler)],
+            [_AgentService(handler, self.settings.max_message_bytes)],
             codec=_FrameCodec(self.settings.max_message_bytes),
             config=self._server_config(),
         )
