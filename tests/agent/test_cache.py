@@ -138,6 +138,26 @@ class TestTampering:
         assert cache.load_verified() is None
         assert "other users" in (cache.last_error or "")
 
+    def test_a_key_readable_by_others_is_refused(self, cache: AgentCache, tmp_path: Path) -> None:
+        """The sealing key others could read is known: nothing sealed with it is trusted."""
+        key = tmp_path / "agent" / AgentCache.KEY_FILE
+        key.chmod(0o644)
+        reopened = AgentCache(tmp_path / "agent")
+        assert reopened.load_verified() is None
+        assert "cache key" in (reopened.last_error or "")
+        assert "chmod 600" in (reopened.last_error or "")
+        with pytest.raises(CacheError, match="other users"):
+            reopened.save_last_good(_entry())
+
+    def test_the_key_is_created_once_and_kept(self, tmp_path: Path) -> None:
+        """A second cache on the directory (a restart) uses the key the first created."""
+        AgentCache(tmp_path / "agent").save_last_good(_entry())
+        key = (tmp_path / "agent" / AgentCache.KEY_FILE).read_bytes()
+        assert len(key) == 32
+        assert _mode(tmp_path / "agent" / AgentCache.KEY_FILE) == 0o600
+        assert AgentCache(tmp_path / "agent").load_verified() is not None
+        assert (tmp_path / "agent" / AgentCache.KEY_FILE).read_bytes() == key
+
 
 class TestSignatures:
     def test_signed_entry_verifies_with_the_masters_key(self, tmp_path: Path) -> None:

@@ -8,9 +8,19 @@ connected agent imported SQLAlchemy, Alembic, psycopg and the master's authentic
 
 from __future__ import annotations
 
+import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import anyio
+
+from nxmesh.agent.harness import multi_site_state
+from nxmesh.agent.http import http_get
+from nxmesh.core.serialization import unstructure
+from nxmesh.testing.nginx import free_port
 
 CODE = """
 import sys
@@ -33,7 +43,126 @@ def test_the_agents_master_link_imports_no_master_side_library(tmp_path: Path) -
     """The link ``nxmesh agent`` builds pulls in transports only, not storage or auth."""
     env = {"NXMESH_STATE_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     out = subprocess.run(
-        [sys.executable, "-c", CODE], capture_output=True, text=True, check=True, env=env,
+        [sys.executable, "-c", CODE],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
         cwd=tmp_path,
     ).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+# A masterless ``nxmesh agent --state FILE`` (bench/agent_reliability.py's idle agent) with a
+# thread that writes sys.modules to a file when asked: what the serving agent holds.
+AGENT = """
+import sys, threading, time
+from pathlib import Path
+
+def dump(ask=Path(sys.argv.pop()), out=Path(sys.argv.pop())):
+    while not ask.exists():
+        time.sleep(0.02)
+    out.with_suffix(".tmp").write_text("\\n".join(sorted(sys.modules)))
+    out.with_suffix(".tmp").rename(out)
+
+threading.Thread(target=dump, daemon=True).start()
+from nxmesh.cli import main
+main()
+"""
+
+# Libraries (and our own modules pulling them in) an idle masterless agent does without:
+# the gRPC/WebSocket link and its wire crypto, the master's key checks, the client
+# commands' output (rich tables, progress bars), OpenTelemetry without a configured SDK.
+NOT_IN_A_MASTERLESS_AGENT = (
+    "cryptography",
+    "opentelemetry",
+    "nxmesh.crypto",
+    "nxmesh.agent_link",
+    "nxmesh.core.protocol",
+    "nxmesh.cli.client_cmds",
+    "nxmesh.cli.client_support",
+    "nxmesh.cli.fleet_cmds",
+    "nxmesh.cli.rollout_cmd",
+    "nxmesh.cli.demo_cmd",
+    "nxmesh.cli.render_cmd",
+    "nxmesh.cli.validate_cmd",
+    "nxmesh.cli.versions_cmd",
+    "nxmesh.cli.plugins_cmd",
+    "rich.progress",
+    "rich.live",
+)
+
+
+def _serving_agent_modules(tmp_path: Path, nginx: str, run: str) -> set[str]:
+    """Start the agent on `tmp_path`'s state file, wait until nginx serves it, return
+    the modules it has imported, stop it."""
+    state = tmp_path / "state.json"
+    port, status = map(int, state.with_suffix(".ports").read_text().split())
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "NXMESH_STATE_DIR": str(tmp_path / "state"),
+        "NXMESH_AGENT__CONF_DIR": str(tmp_path / "nginx"),
+        "NXMESH_AGENT__NGINX_BINARY": nginx,
+        "NXMESH_AGENT__DEPLOYMENT_MODE": "standalone",
+        "NXMESH_AGENT__METRICS_PORT": "0",
+        "NXMESH_PLUGINS__NGINX_DRIVER__STATUS_PORT": str(status),
+        "NXMESH_LOG_LEVEL": "warning",
+        # The example plugin overrides templates, which are compiled (jinja2) at start.
+        "NXMESH_DISABLE_PLUGINS": "hello",
+    }
+    out, ask = tmp_path / f"{run}.modules", tmp_path / f"{run}.ask"
+    log = tmp_path / f"{run}.log"
+    with log.open("wb") as stderr:
+        agent = subprocess.Popen(
+            [sys.executable, "-c", AGENT, "agent", "--state", str(state), str(out), str(ask)],
+            env=env,
+            cwd=tmp_path,
+            stderr=stderr,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        # Served, and recorded as the last good entry (what a restart boots from).
+        last_good = tmp_path / "state" / "agent" / "last_good.json"
+        while anyio.run(_body, port) != "footprint" or not last_good.exists():
+            assert agent.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the agent never served its state file"
+            time.sleep(0.05)
+        ask.touch()
+        while not out.exists():
+            assert agent.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "the agent never wrote its modules"
+            time.sleep(0.05)
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            agent.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
+    return set(out.read_text().split())
+
+
+async def _body(port: int) -> str:
+    try:
+        response = await http_get("127.0.0.1", port, "/", host_header="localhost")
+    except OSError:
+        return ""
+    return response.text.strip()
+
+
+def test_a_masterless_agent_imports_none_of_the_client_or_link_libraries(
+    tmp_path: Path, nginx_binary: str
+) -> None:
+    """Started from its state file, and restarted from its cache: every byte of these
+    would be idle PSS (bench/results/idle.json). The restarted one renders nothing."""
+    port = free_port()
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps(unstructure(multi_site_state(port, "footprint"))))
+    state.with_suffix(".ports").write_text(f"{port} {free_port()}")
+    for run in ("first-start", "restart-from-cache"):
+        modules = _serving_agent_modules(tmp_path, nginx_binary, run)
+        assert "nxmesh.agent.app" in modules  # the dump saw a real agent
+        regrown = [m for m in NOT_IN_A_MASTERLESS_AGENT if m in modules]
+        assert regrown == [], f"{run}: {regrown}"
+    # Nothing to render: the cached bundle is served as it is, without jinja2.
+    assert "jinja2" not in modules

@@ -38,8 +38,6 @@ from __future__ import annotations
 import re
 import unicodedata
 
-import jinja2
-
 from nxmesh.core.errors import NxMeshError
 
 __all__ = [
@@ -128,7 +126,9 @@ def token(value: object) -> str:
         return "on" if value else "off"
     if isinstance(value, int):
         return str(value)
-    if isinstance(value, jinja2.Undefined):
+    from jinja2 import Undefined  # only jinja calls this: it is imported already
+
+    if isinstance(value, Undefined):
         # StrictUndefined raises its own "'name' is undefined" here, the clearer message.
         return quote(str(value))
     raise UnsafeValueError(

@@ -13,11 +13,15 @@ Templates are looked up in this order, first found wins:
    can include or extend the original.
 
 Every template is compiled once, when the renderer is built; rendering then only runs
-compiled code, which is what keeps 10,000 sites well under a second.
+compiled code, which is what keeps 10,000 sites well under a second. A renderer with only
+the built-in templates (nothing that could fail to compile) defers that, and importing
+jinja2, to its first render: an agent restarting from its cache may never render (~2 MB
+of idle memory).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import traceback
@@ -27,8 +31,6 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import attrs
-import jinja2
-from jinja2.sandbox import SandboxedEnvironment
 
 from nxmesh.core.bundle import Bundle, bundle_digest
 from nxmesh.core.errors import NxMeshError
@@ -50,7 +52,9 @@ from nxmesh.plugins.render_nginx import quoting
 from nxmesh.plugins.render_nginx.quoting import Token
 
 if TYPE_CHECKING:
+    import jinja2
     import pluggy
+    from jinja2.sandbox import SandboxedEnvironment
 
     from nxmesh.core.interfaces import Renderer
     from nxmesh.core.settings import RendererSettings, Settings
@@ -142,6 +146,8 @@ class TemplateRenderError(RenderError):
     @classmethod
     def from_exception(cls, exc: BaseException, fallback: str | None) -> TemplateRenderError:
         """Locate `exc` in the template source that raised it (jinja maps frames to lines)."""
+        import jinja2
+
         if isinstance(exc, jinja2.TemplateSyntaxError):
             where = exc.filename or exc.name
             return cls(exc.message or str(exc), template=where, lineno=exc.lineno)
@@ -529,27 +535,32 @@ def _data_attributes(cls: type[Any]) -> frozenset[str]:
     return frozenset(n for n in fields | properties if not n.startswith("_"))
 
 
-class _Environment(SandboxedEnvironment):
-    """The sandbox, with a fast path for reading data attributes of known value types.
+@functools.cache
+def _environment_class() -> type[SandboxedEnvironment]:
+    """`SandboxedEnvironment`, with a fast path for reading data attributes of known types.
 
     `SandboxedEnvironment.getattr` inspects every looked-up value (is it internal? a
     ``str.format``?) — most of the render time for large states. The attributes of the
     frozen model classes are plain data, so they are returned directly; anything else
-    takes the sandbox's full path.
+    takes the sandbox's full path. Built on first use: jinja2 is imported then.
     """
+    from jinja2.sandbox import SandboxedEnvironment
 
-    fast_attributes: ClassVar[dict[type[Any], frozenset[str]]] = {
-        cls: _data_attributes(cls) for cls in _VALUE_TYPES
-    }
+    fast_attributes = {cls: _data_attributes(cls) for cls in _VALUE_TYPES}
 
-    def getattr(self, obj: Any, attribute: str) -> Any:
-        names = self.fast_attributes.get(type(obj))
-        if names is not None and attribute in names:
-            return getattr(obj, attribute)
-        return super().getattr(obj, attribute)
+    class Environment(SandboxedEnvironment):
+        def getattr(self, obj: Any, attribute: str) -> Any:
+            names = fast_attributes.get(type(obj))
+            if names is not None and attribute in names:
+                return getattr(obj, attribute)
+            return super().getattr(obj, attribute)
+
+    return Environment
 
 
 def _environment(template_dir: Path | None, template_paths: Sequence[Path]) -> SandboxedEnvironment:
+    import jinja2
+
     builtin = jinja2.FileSystemLoader(str(BUILTIN_TEMPLATES))
     loaders: list[jinja2.BaseLoader] = []
     if template_dir is not None:
@@ -559,7 +570,7 @@ def _environment(template_dir: Path | None, template_paths: Sequence[Path]) -> S
         loaders.append(jinja2.FileSystemLoader([str(p) for p in reversed(template_paths)]))
     loaders.append(builtin)
     loaders.append(jinja2.PrefixLoader({"builtin": builtin}))
-    env = _Environment(
+    env = _environment_class()(
         loader=jinja2.ChoiceLoader(loaders),
         undefined=jinja2.StrictUndefined,
         autoescape=False,
@@ -620,12 +631,26 @@ class NginxRenderer:
         self.settings = settings or RenderSettings()
         self.template_paths = tuple(Path(p) for p in template_paths)
         self.template_dir = Path(template_dir) if template_dir is not None else None
-        self.environment = _environment(self.template_dir, self.template_paths)
         self._paths = self.settings.runtime_paths()
+        self._environment: SandboxedEnvironment | None = None
+        if self.template_dir is not None or self.template_paths:
+            self._compile()  # an override that does not compile fails here, early
+
+    @property
+    def environment(self) -> SandboxedEnvironment:
+        """The jinja2 environment (built, with every template compiled, on first use)."""
+        return self._compile()
+
+    def _compile(self) -> SandboxedEnvironment:
+        if self._environment is not None:
+            return self._environment
+        import jinja2
+
+        environment = _environment(self.template_dir, self.template_paths)
         self._templates: dict[str, jinja2.Template] = {}
         for name in TEMPLATE_NAMES:
             try:
-                self._templates[name] = self.environment.get_template(name)
+                self._templates[name] = environment.get_template(name)
             except jinja2.TemplateError as exc:
                 raise TemplateRenderError.from_exception(exc, name) from exc
         # Hook templates whose built-in version is empty are only included when overridden.
@@ -634,13 +659,16 @@ class NginxRenderer:
             for name, template in self._templates.items()
             if template.filename is None or Path(template.filename).parent != BUILTIN_TEMPLATES
         )
-        self.environment.globals["overridden"] = overridden
-        self._globals: dict[str, Any] = dict(self.environment.globals)
+        environment.globals["overridden"] = overridden
+        self._globals: dict[str, Any] = dict(environment.globals)
         # Static content: rendered once, shared by every bundle.
         self._mime_types = self._render("mime.types.j2", {})
+        self._environment = environment
+        return environment
 
     def template_source(self, name: str) -> str | None:
         """The file a template name resolves to (which override won), if it is a file."""
+        self._compile()
         return self._templates[name].filename
 
     def _render(self, name: str, context: dict[str, Any]) -> bytes:
@@ -659,7 +687,7 @@ class NginxRenderer:
         except Exception:
             try:
                 # Re-raises with the traceback rewritten to template files and lines.
-                self.environment.handle_exception()
+                template.environment.handle_exception()
             except Exception as exc:
                 raise TemplateRenderError.from_exception(
                     exc, template.filename or template.name
@@ -691,6 +719,7 @@ class NginxRenderer:
             ``acme-challenge/`` or clashing with a rendered file, or an encrypted key
             without ``ssl_password_file``.
         """
+        self._compile()
         state = self._bind_listeners(state)
         base: dict[str, Any] = {
             "state": state,
