@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import Final, Protocol, runtime_checkable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
+from typing import Any, Final, Protocol, runtime_checkable
 
 import anyio
 import attrs
@@ -474,6 +474,7 @@ class MasterSessionHub:
             with anyio.fail_after(self.register_timeout):
                 frame = await channel.receive()
             session = await self._register(channel, frame, peer)
+            del frame  # not kept for the whole session
         except (TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError, OSError) as exc:
             log.debug("stream ended before registration", peer=peer, error=repr(exc))
             return
@@ -954,8 +955,9 @@ class TransportHandler:
         self.hub = hub
         self.transport = transport
 
-    async def __call__(self, channel: Channel, peer: str) -> None:
-        await self.hub(channel, peer, transport=self.transport)
+    def __call__(self, channel: Channel, peer: str) -> Coroutine[Any, Any, None]:
+        # The hub's coroutine itself, not one awaiting it: a frame less per session.
+        return self.hub(channel, peer, transport=self.transport)
 
     async def handle_unary(self, frame: bytes, peer: str) -> bytes:
         return await self.hub.handle_unary(frame, peer)

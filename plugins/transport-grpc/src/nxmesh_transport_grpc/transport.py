@@ -332,8 +332,8 @@ class _ServerChannel:
             if not stream._send_initial_metadata_done:
                 await stream.send_initial_metadata()
             data = b"".join((_MESSAGE_PREFIX.pack(False, length), field, head, body))
+            # (grpclib's `_send_message_done` only guards unary responses: not set here.)
             await stream._stream.send_data(data)
-            stream._send_message_done = True
         except _STREAM_ERRORS as exc:
             raise anyio.BrokenResourceError(str(exc)) from exc
 
