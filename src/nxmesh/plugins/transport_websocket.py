@@ -1,8 +1,11 @@
 """WebSocket transport (``ws://``, ``wss://``): the agent's fallback when gRPC cannot connect.
 
-Built on `wsproto` (sans-I/O) over anyio byte streams, so it runs on asyncio and trio and
-works through proxies and load balancers that only speak HTTP/1.1. One binary WebSocket
-message carries one protocol frame; the subprotocol is ``nxmesh.v1``.
+Runs on asyncio and trio and works through proxies and load balancers that only speak
+HTTP/1.1. One binary WebSocket message carries one protocol frame; the subprotocol is
+``nxmesh.v1``; no extension (permessage-deflate) is negotiated: frames are signed binary.
+`wsproto` does the HTTP upgrade, `_FrameCodec` the frames after it. On trio (and in
+`serve_websocket`) connections are anyio byte streams; on asyncio `serve` and `connect`
+use asyncio's own transports (`_AsyncioWebSocket`), which costs far less per frame.
 
 - `WebSocketTransport.serve` listens on its own TCP port (TLS through an `ssl.SSLContext`).
 - `serve_websocket` does the upgrade and runs the session on *any* anyio byte stream, so
