@@ -59,7 +59,7 @@ _READ_SIZE: Final = 65536
 _CLOSE_TIMEOUT: Final = 2.0
 _MAX_HANDSHAKE: Final = 65536
 _MAX_READY: Final = 64  # parsed messages held before reading pauses
-_BACKLOG: Final = 4096
+_BACKLOG: Final = 65536  # anyio's default; the kernel caps it at somaxconn
 
 # Errors that end one connection without saying anything about the server.
 _CONNECTION_ERRORS = (
@@ -868,6 +868,11 @@ class WebSocketTransport:
 
         server = await loop.create_server(accept, self.host, self.port, backlog=_BACKLOG)
         port = int(server.sockets[0].getsockname()[1])
+        if self.port == 0 and len(server.sockets) > 1:
+            # Port 0 on several addresses (localhost: ::1 and 127.0.0.1) gave each its own
+            # port; listen on the first one's everywhere, as anyio's listener does.
+            server.close()
+            server = await loop.create_server(accept, self.host, port, backlog=_BACKLOG)
         address = _format_address(self.host, port)
         try:
             async with anyio.create_task_group() as tg:
