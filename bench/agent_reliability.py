@@ -60,7 +60,7 @@ from nxmesh.core.serialization import unstructure
 from nxmesh.nginx_check import find_nginx, prepare_prefix
 from nxmesh.testing.nginx import free_port
 
-RESULTS = Path(__file__).parent / "results" / "agent_reliability.json"
+RESULTS = Path(__file__).parent / "results" / "idle.json"
 PSS_GOAL_MB = 40.0
 __all__ = ["idle", "main", "parse_wrk", "traffic", "under_wrk"]
 
