@@ -11,6 +11,10 @@ Two implementations run in the same invocation, each in *fresh processes*:
             is `hub.push(version)`; an agent's ack is its ``received`` `ConfigStatus`.
 ``raw``     plain grpclib with the same service and TLS and no NxMesh logic: a handler
             per stream that sends a pre-built frame of the same size and reads one reply.
+            grpclib's default `Configuration` and h2 settings, the same server TLS
+            context, and asyncio's TLS read buffer capped like the NxMesh master's
+            (`limit_tls_read_buffer`, a plain setting). NxMesh's own per-connection trims
+            (`_trim_connection`, the copy-free send) are NxMesh code, not given to raw.
 ``ws``      the real master as ``nxmesh``, on the WebSocket transport (``wss://``, the
             agents' fallback) instead of gRPC; compared with the same raw grpclib
             baseline (``--kinds nxmesh,ws,raw``).

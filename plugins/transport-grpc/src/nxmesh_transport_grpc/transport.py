@@ -17,8 +17,9 @@ session hub, the agent link) is anyio code and runs unchanged on it.
 - Keepalive follows `GrpcSettings` (see its docstring for why the values are safe with
   gRPC-core peers). Heartbeats are the session's: a ``Heartbeat`` frame every 30 s.
 - Memory: asyncio keeps a 256 KiB TLS read buffer per connection; serving TLS lowers it
-  to `GrpcSettings.tls_read_buffer_bytes` (16 KiB) for the process
-  (`limit_tls_read_buffer`), which divides the master's memory per agent by about five.
+  to `GrpcSettings.tls_read_buffer_bytes` (4 KiB) for the process
+  (`limit_tls_read_buffer`), and each stream's connection trades h2's and grpclib's
+  deques for small lists (`_trim_connection`).
 """
 
 from __future__ import annotations
