@@ -15,7 +15,7 @@ every idle agent.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import importlib.metadata
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -27,11 +27,12 @@ _TRACER_NAME = "nxmesh.agent"
 
 
 def tracing_available() -> bool:
-    """Whether the OpenTelemetry API is installed."""
+    """Whether the OpenTelemetry API is installed (asked of its metadata: no import)."""
     try:
-        return importlib.util.find_spec("opentelemetry.trace") is not None
-    except ImportError:  # pragma: no cover - exercised only without the extra
+        importlib.metadata.distribution("opentelemetry-api")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - without the extra
         return False
+    return True
 
 
 def _configured() -> bool:
