@@ -261,9 +261,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["traffic"] = anyio.run(traffic, binary, wrk, applies, workdir)
         if not args.skip_idle:
             results["idle"] = idle(binary, seconds, workdir)
-            results["idle_agent_only"] = idle(
-                binary, seconds, workdir, disable=MASTER_SIDE_PLUGINS
-            )
+            results["idle_agent_only"] = idle(binary, seconds, workdir, disable=MASTER_SIDE_PLUGINS)
             # The baseline: what any Python process costs before it does anything.
             results["idle_baseline_python"] = bare_python_pss(min(seconds, 2.0))
     finally:
