@@ -11,6 +11,7 @@ from typing import Any
 
 import anyio
 import pytest
+from sqlalchemy import insert
 
 from nxmesh.core.events import Event
 from nxmesh.core.model import Agent
@@ -18,6 +19,7 @@ from nxmesh.core.protocol import ConfigStatus
 from nxmesh.core.records import AgentStatus
 from nxmesh.master.app import MasterServices, open_services
 from nxmesh.master.orchestration import RolloutOrchestrator
+from nxmesh.sql import tables
 from nxmesh.sql.backend import SqlStorage
 from nxmesh.testing import make_version
 
@@ -102,14 +104,19 @@ class TestBulkStorage:
 
 class TestOrchestratorBatches:
     async def test_many_statuses_land_with_their_events(self, services: MasterServices) -> None:
-        """200 agents sent a version and acking it: every status and running version is
+        """1,100 agents sent a version and acking it: every status and running version is
         stored, a deleted agent's are skipped, and one rollout.status event per stored
-        status is published in order."""
+        status is published in order — more than a memory-bus subscriber buffers (1,024),
+        so publishing a batch must let subscribers keep up rather than drop them."""
         storage = services.storage
+        assert isinstance(storage, SqlStorage)
         version = make_version(number=1)
         await storage.add_version(version)
-        for i in range(200):
-            await storage.upsert_agent(_agent(i))
+        n = 1100
+        rows = [{"id": f"agent-{i:04d}", "name": "a", "labels": "{}", "workspace": "default",
+                 "status": "online"} for i in range(n)]  # fmt: skip
+        with storage.engine.begin() as conn:  # setup only: one statement, not 1,100
+            conn.execute(insert(tables.agents), rows)
         orchestrator = RolloutOrchestrator(services)
         events: list[Event] = []
         async with anyio.create_task_group() as tg, services.bus.subscribe() as stream:
@@ -121,26 +128,26 @@ class TestOrchestratorBatches:
 
             tg.start_soon(collect)
             await tg.start(orchestrator.run)
-            await storage.delete_agent("agent-199")
-            for i in range(200):
-                orchestrator.on_sent(f"agent-{i:03d}", version)
-            for i in range(200):
+            await storage.delete_agent(f"agent-{n - 1:04d}")
+            for i in range(n):
+                orchestrator.on_sent(f"agent-{i:04d}", version)
+            for i in range(n):
                 done = ConfigStatus(version=1, digest=version.digest, phase="applied")
-                await orchestrator.on_message(f"agent-{i:03d}", done)
+                await orchestrator.on_message(f"agent-{i:04d}", done)
             await orchestrator.wait_written()
-            with anyio.fail_after(10):
-                while len(events) < 199:
+            with anyio.fail_after(30):
+                while len(events) < n - 1:
                     await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
 
         statuses = await storage.list_agent_statuses("default", version=1)
-        assert len(statuses) == 199
+        assert len(statuses) == n - 1
         assert {s.phase for s in statuses} == {"applied"}
         agents = await storage.list_agents()
-        assert len(agents) == 199
+        assert len(agents) == n - 1
         assert {(a.running_version, a.running_digest) for a in agents} == {(1, version.digest)}
-        assert [e.payload["agent_id"] for e in events] == [f"agent-{i:03d}" for i in range(199)]
+        assert [e.payload["agent_id"] for e in events] == [f"agent-{i:04d}" for i in range(n - 1)]
         assert {e.payload["phase"] for e in events} == {"sent"}  # applied ones: no workspace
         sent = services.metrics.pushes.labels(outcome="sent")._value.get()
         applied = services.metrics.pushes.labels(outcome="applied")._value.get()
-        assert (sent, applied) == (200, 200)
+        assert (sent, applied) == (n, n)

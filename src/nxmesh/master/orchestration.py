@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Final
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import attrs
 import structlog
 from prometheus_client import Counter
@@ -87,7 +88,7 @@ _MATERIALS: Final = 64
 _CERT_EVENTS: Final = ("cert.renewed", "certificate.updated")
 _FLUSH_TIMEOUT: Final = 5.0
 
-_BATCH: Final = 1000
+_BATCH: Final = 500
 """At most this many queued writes go to storage together."""
 
 
@@ -442,6 +443,9 @@ class RolloutOrchestrator:
         for w in writes:
             if w.workspace is None:
                 continue
+            # Subscribers take one event per turn of the loop: a batch published in one go
+            # would overflow their buffers (the memory bus drops one 1,024 behind).
+            await anyio.lowlevel.checkpoint()
             status = w.status
             payload = {
                 "agent_id": status.agent_id,
