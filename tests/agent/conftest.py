@@ -116,7 +116,9 @@ class AgentEnv:
             while True:
                 try:
                     last = await self.body()
-                except OSError as exc:
+                # A connection reset while nginx (re)starts surfaces on trio as a broken
+                # stream, not as an OSError.
+                except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
                     last = repr(exc)
                 if last == expected:
                     return

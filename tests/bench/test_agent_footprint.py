@@ -147,7 +147,7 @@ def _serving_agent_modules(tmp_path: Path, nginx: str, run: str) -> set[str]:
 async def _body(port: int) -> str:
     try:
         response = await http_get("127.0.0.1", port, "/", host_header="localhost")
-    except OSError:
+    except (OSError, anyio.BrokenResourceError, anyio.EndOfStream):  # nginx starting
         return ""
     return response.text.strip()
 
