@@ -72,12 +72,10 @@ main()
 
 # Libraries (and our own modules pulling them in) an idle masterless agent does without:
 # the gRPC/WebSocket link and its wire crypto, the master's key checks, the client
-# commands' output (rich tables, progress bars), OpenTelemetry without a configured SDK,
-# prometheus-client (the agent writes its exposition itself).
+# commands' output (rich tables, progress bars), OpenTelemetry without a configured SDK.
 NOT_IN_A_MASTERLESS_AGENT = (
     "cryptography",
     "opentelemetry",
-    "prometheus_client",
     "nxmesh.crypto",
     "nxmesh.agent_link",
     "nxmesh.core.protocol",

@@ -1,15 +1,10 @@
 """The agent's Prometheus metrics and the loopback HTTP endpoint that serves them.
 
-Everything lives on the agent's *own* `AgentMetrics` (never a process-global registry),
-so two agents in one process — tests, embedding applications — never share or clash.
-The endpoint is a few lines on anyio sockets rather than prometheus-client's threaded
-server: it then belongs to the agent's task group like every other service, and binds
-``127.0.0.1`` unless ``agent.metrics_host`` says otherwise.
-
-The counters, gauges and histograms are small classes here writing the text format
-exactly as prometheus-client 0.2x's ``generate_latest`` does (``_created`` series
-included, unless ``PROMETHEUS_DISABLE_CREATED_SERIES`` is set): importing
-prometheus-client cost every idle agent ~2 MB for 14 metrics.
+Everything lives on the agent's *own* `CollectorRegistry` (never the process-global
+one), so two agents in one process — tests, embedding applications — never share or
+clash. The endpoint is a few lines on anyio sockets rather than prometheus-client's
+threaded server: it then belongs to the agent's task group like every other service,
+and binds ``127.0.0.1`` unless ``agent.metrics_host`` says otherwise.
 
 Metrics (all prefixed ``nxmesh_agent_``):
 
@@ -37,222 +32,98 @@ name                                       type       labels / meaning
 
 from __future__ import annotations
 
-import math
-import os
-import time
-from collections.abc import Sequence
-
 import anyio
 import anyio.abc
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from nxmesh.core.events import Event
 from nxmesh.core.model import ApplyReport, HealthReport
 
-__all__ = ["CONTENT_TYPE_LATEST", "AgentMetrics", "serve_metrics"]
+__all__ = ["AgentMetrics", "serve_metrics"]
 
 log = structlog.get_logger("nxmesh.agent.metrics")
-
-CONTENT_TYPE_LATEST = "text/plain; version=1.0.0; charset=utf-8"
-"""The exposition's content type (prometheus-client's for this format)."""
 
 _DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _SEVERITY = {"ok": 0.0, "warn": 1.0, "fail": 2.0}
 
 
-def _number(value: float) -> str:
-    """A sample value or bucket bound as prometheus-client writes it (Go's float format)."""
-    if value == math.inf:
-        return "+Inf"
-    if value == -math.inf:
-        return "-Inf"
-    if math.isnan(value):
-        return "NaN"
-    text = repr(value)
-    dot = text.find(".")
-    if value > 0 and dot > 6:  # Go switches to exponents sooner than Python
-        mantissa = f"{text[0]}.{text[1:dot]}{text[dot + 1 :]}".rstrip("0.")
-        return f"{mantissa}e+{dot - 1:02d}"
-    return text
-
-
-def _escape(text: str) -> str:
-    return text.replace("\\", r"\\").replace("\n", r"\n")
-
-
-def _sample(name: str, labels: dict[str, str], value: float) -> str:
-    if not labels:
-        return f"{name} {_number(value)}\n"
-    pairs = ",".join(
-        f'{key}="{_escape(val).replace(chr(34), chr(92) + chr(34))}"'
-        for key, val in sorted(labels.items())
-    )
-    return f"{name}{{{pairs}}} {_number(value)}\n"
-
-
-class _Child:
-    """One labelled series: a value, or a histogram's buckets and sum."""
-
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.value = 0.0
-        self.created = time.time()
-        self.buckets = [0.0] * len(buckets)
-        self.bounds = buckets
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-    def set(self, value: float) -> None:
-        self.value = float(value)
-
-    def observe(self, amount: float) -> None:
-        self.value += amount  # the sum
-        for i, bound in enumerate(self.bounds):
-            if amount <= bound:
-                self.buckets[i] += 1.0
-                break
-
-
-class _Metric:
-    """A counter, gauge or histogram with its labelled children, in creation order."""
-
-    def __init__(
-        self,
-        kind: str,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        *,
-        buckets: Sequence[float] = (),
-    ) -> None:
-        self.kind = kind
-        self.name = name
-        self.documentation = documentation
-        self.labelnames = tuple(labelnames)
-        self.bounds = (*buckets, math.inf) if kind == "histogram" else ()
-        self.children: dict[tuple[str, ...], _Child] = {}
-        if not self.labelnames:
-            self.labels()
-
-    def labels(self, *values: str) -> _Child:
-        key = tuple(str(v) for v in values)
-        if len(key) != len(self.labelnames):
-            raise ValueError(f"{self.name}: expected labels {self.labelnames}, got {key}")
-        child = self.children.get(key)
-        if child is None:
-            child = self.children[key] = _Child(self.bounds)
-        return child
-
-    def clear(self) -> None:
-        self.children.clear()
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.children[()].inc(amount)
-
-    def set(self, value: float) -> None:
-        self.children[()].set(value)
-
-    def observe(self, amount: float) -> None:
-        self.children[()].observe(amount)
-
-    def expose(self, out: list[str], *, created: bool) -> None:
-        help_text = _escape(self.documentation)
-        exposed = f"{self.name}_total" if self.kind == "counter" else self.name
-        out.append(f"# HELP {exposed} {help_text}\n# TYPE {exposed} {self.kind}\n")
-        for key, child in self.children.items():
-            labels = dict(zip(self.labelnames, key, strict=True))
-            if self.kind == "histogram":
-                total = 0.0
-                for bound, count in zip(self.bounds, child.buckets, strict=True):
-                    total += count
-                    out.append(
-                        _sample(f"{self.name}_bucket", {**labels, "le": _number(bound)}, total)
-                    )
-                out.append(_sample(f"{self.name}_count", labels, total))
-                out.append(_sample(f"{self.name}_sum", labels, child.value))
-            else:
-                out.append(_sample(exposed, labels, child.value))
-        if created and self.kind != "gauge":
-            out.append(f"# HELP {self.name}_created {help_text}\n")
-            out.append(f"# TYPE {self.name}_created gauge\n")
-            for key, child in self.children.items():
-                labels = dict(zip(self.labelnames, key, strict=True))
-                out.append(_sample(f"{self.name}_created", labels, child.created))
-
-
 class AgentMetrics:
-    """Every agent metric, this agent's own; fed by reports, events and health."""
+    """Every agent metric, on a private registry; fed by reports, events and health."""
 
     def __init__(self) -> None:
-        self._metrics: list[_Metric] = []
-        metric = self._metric
-        self.applies = metric("counter", "nxmesh_agent_applies", "Applies by outcome.", ["outcome"])
-        self.reloads = metric(
-            "counter", "nxmesh_agent_reloads", "nginx reloads by result.", ["result"]
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.applies = Counter(
+            "nxmesh_agent_applies", "Applies by outcome.", ["outcome"], registry=r
         )
-        self.rollbacks = metric(
-            "counter",
+        self.reloads = Counter(
+            "nxmesh_agent_reloads", "nginx reloads by result.", ["result"], registry=r
+        )
+        self.rollbacks = Counter(
             "nxmesh_agent_rollbacks",
             "Rollbacks after a failed apply, by whether the old tree was restored.",
             ["result"],
+            registry=r,
         )
-        self.apply_duration = metric(
-            "histogram",
+        self.apply_duration = Histogram(
             "nxmesh_agent_apply_duration_seconds",
             "Time from receiving an update to its report.",
             buckets=_DURATION_BUCKETS,
+            registry=r,
         )
-        self.reload_duration = metric(
-            "histogram",
+        self.reload_duration = Histogram(
             "nxmesh_agent_reload_duration_seconds",
             "Time from the reload signal to the new worker generation confirmed.",
             buckets=_DURATION_BUCKETS,
+            registry=r,
         )
-        self.config_version = metric(
-            "gauge",
+        self.config_version = Gauge(
             "nxmesh_agent_config_version",
             "Version number of the configuration serving.",
+            registry=r,
         )
-        self.config_info = metric(
-            "gauge",
+        self.config_info = Gauge(
             "nxmesh_agent_config_info",
             "Always 1; labels name the configuration serving.",
             ["version", "digest"],
+            registry=r,
         )
-        self.drift = metric(
-            "counter",
+        self.drift = Counter(
             "nxmesh_agent_drift_events",
             "Drift of the live tree, by action.",
             ["action"],
+            registry=r,
         )
-        self.nginx_up = metric("gauge", "nxmesh_agent_nginx_up", "1 when nginx runs.")
-        self.restarts = metric(
-            "counter",
+        self.nginx_up = Gauge("nxmesh_agent_nginx_up", "1 when nginx runs.", registry=r)
+        self.restarts = Counter(
             "nxmesh_agent_nginx_restarts",
             "Restarts of a dead nginx, by result.",
             ["result"],
+            registry=r,
         )
-        self.generations = metric(
-            "counter",
+        self.generations = Counter(
             "nxmesh_agent_worker_generations",
             "New nginx worker generations confirmed serving.",
+            registry=r,
         )
-        self.breaker = metric(
-            "gauge",
+        self.breaker = Gauge(
             "nxmesh_agent_circuit_breaker_open",
             "1 while nginx restarts are suspended by the circuit breaker.",
+            registry=r,
         )
-        self.health_status = metric(
-            "gauge",
+        self.health_status = Gauge(
             "nxmesh_agent_health_check_status",
             "Health check status: 0 ok, 1 warn, 2 fail.",
             ["check"],
+            registry=r,
         )
-        self.health_value = metric(
-            "gauge",
+        self.health_value = Gauge(
             "nxmesh_agent_health_check_value",
             "Numbers reported by health checks.",
             ["check", "metric"],
+            registry=r,
         )
         for outcome in ("applied", "noop", "failed", "rolled_back", "vetoed"):
             self.applies.labels(outcome)
@@ -312,30 +183,9 @@ class AgentMetrics:
             if result.check == "nginx_process":
                 self.nginx_up.set(0 if result.status == "fail" else 1)
 
-    def _metric(
-        self,
-        kind: str,
-        name: str,
-        documentation: str,
-        labelnames: Sequence[str] = (),
-        *,
-        buckets: Sequence[float] = (),
-    ) -> _Metric:
-        made = _Metric(kind, name, documentation, labelnames, buckets=buckets)
-        self._metrics.append(made)
-        return made
-
     def render(self) -> bytes:
         """The exposition text (what ``/metrics`` answers)."""
-        created = os.environ.get("PROMETHEUS_DISABLE_CREATED_SERIES", "False").lower() not in (
-            "true",
-            "1",
-            "t",
-        )
-        out: list[str] = []
-        for metric in self._metrics:
-            metric.expose(out, created=created)
-        return "".join(out).encode()
+        return generate_latest(self.registry)
 
 
 async def serve_metrics(
