@@ -336,3 +336,27 @@ class TestWireCompatibility:
                 await ended.wait()
             tg.cancel_scope.cancel()
         assert outcome
+
+    async def test_send_parts_is_one_message(self) -> None:
+        """Both ends take a frame in two parts (the hub's `SendsParts`): one message."""
+        from nxmesh.session_hub import SendsParts
+
+        body = bytes(range(256)) * 300
+        got: list[bytes] = []
+
+        async def parts(channel: Channel, peer: str) -> None:
+            assert isinstance(channel, SendsParts)
+            await channel.send_parts(b"head:", body)
+            got.append(await channel.receive())
+
+        server = WebSocketTransport("ws://127.0.0.1:0/agent")
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(server.serve, parts)
+            async with WebSocketTransport().connect(f"ws://{address}/agent") as channel:
+                assert isinstance(channel, SendsParts)
+                assert await channel.receive() == b"head:" + body
+                await channel.send_parts(b"", b"back")
+                with pytest.raises(anyio.EndOfStream), anyio.fail_after(5):
+                    await channel.receive()
+            tg.cancel_scope.cancel()
+        assert got == [b"back"]

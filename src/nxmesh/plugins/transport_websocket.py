@@ -160,6 +160,12 @@ class _FrameCodec:
             return _frame_header(opcode, len(payload), masked=True) + key + _mask(payload, key)
         return _frame_header(opcode, len(payload)) + payload
 
+    def frame_parts(self, head: bytes, body: bytes) -> bytes:
+        """One binary message carrying ``head + body``, the body copied once."""
+        if self.client:
+            return self.frame(_BINARY, head + body)
+        return b"".join((_frame_header(_BINARY, len(head) + len(body)), head, body))
+
     def close_frame(self, code: int, reason: str = "") -> bytes | None:
         """The close frame to send, once; None when one was sent already."""
         self.open = False
@@ -287,6 +293,13 @@ class WebSocketChannel:
         if not self._codec.open:
             raise anyio.ClosedResourceError("the WebSocket is closed")
         await self._write(self._codec.frame(_BINARY, frame))
+
+    async def send_parts(self, head: bytes, body: bytes) -> None:
+        """`send` of ``head + body`` (the session hub's `SendsParts`: a version's sealed
+        header and the body all agents share)."""
+        if not self._codec.open:
+            raise anyio.ClosedResourceError("the WebSocket is closed")
+        await self._write(self._codec.frame_parts(head, body))
 
     async def receive(self) -> bytes:
         """The next complete binary message; ``anyio.EndOfStream`` once the peer closed."""
@@ -708,6 +721,16 @@ class _AsyncioWebSocket(asyncio.Protocol):
         if not codec.open:
             raise anyio.ClosedResourceError("the WebSocket is closed")
         self._write(codec.frame(_BINARY, frame))
+        await self._drain()
+
+    async def send_parts(self, head: bytes, body: bytes) -> None:
+        """`send` of ``head + body`` (the session hub's `SendsParts`: a version's sealed
+        header and the body all agents share)."""
+        codec = self._codec
+        assert codec is not None
+        if not codec.open:
+            raise anyio.ClosedResourceError("the WebSocket is closed")
+        self._write(codec.frame_parts(head, body))
         await self._drain()
 
     async def receive(self) -> bytes:
