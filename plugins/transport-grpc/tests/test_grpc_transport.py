@@ -121,16 +121,16 @@ class TestGrpcSpecifics:
         assert got == [b"small"]
 
     async def test_master_connection_is_lean_and_carries_large_frames(self, tmp_path: Path) -> None:
-        """Serving TLS caps asyncio's TLS read buffer (4 KiB by default) and swaps h2's and
-        grpclib's per-connection deques for small lists; megabyte frames still pass both
-        ways (many reads per TLS record), several in a row."""
+        """Serving TLS caps asyncio's TLS read buffer (4 KiB by default), swaps h2's and
+        grpclib's per-connection deques for small lists and sends with one copy; megabyte
+        frames still pass both ways (many reads per TLS record), several in a row."""
         settings = GrpcSettings()
         assert settings.tls_read_buffer_bytes == 4096
         big = bytes(range(256)) * 4096 + b"end"  # 1 MiB + 3
-        streams: list[Any] = []
+        channels: list[Any] = []
 
         async def echo(channel: Channel, peer: str) -> None:
-            streams.append(channel._stream)  # type: ignore[attr-defined]
+            channels.append(channel)
             try:
                 while True:
                     await channel.send(await channel.receive())
@@ -152,7 +152,8 @@ class TestGrpcSpecifics:
                     await channel.send(frame)
                     with anyio.fail_after(30):
                         assert await channel.receive() == frame
-                inner = streams[0]._stream
+                assert channels[0]._h2_stream is not None  # the one-copy send path
+                inner = channels[0]._stream._stream
                 h2conn = inner.connection._connection
                 queues = [
                     *h2conn.local_settings._settings.values(),

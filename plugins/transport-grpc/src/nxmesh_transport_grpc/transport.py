@@ -309,11 +309,15 @@ class _ServerChannel:
     body twice more per agent (``wire_frame``, then its own prefix).
     """
 
-    __slots__ = ("_limit", "_stream")
+    __slots__ = ("_h2_stream", "_limit", "_stream")
 
     def __init__(self, stream: ServerStream[Frame, Frame], limit: int) -> None:
         self._stream = stream
         self._limit = limit
+        # grpclib's HTTP/2 stream (internal): a release without it gets `send_message`.
+        inner = getattr(stream, "_stream", None)
+        usable = hasattr(inner, "send_data") and hasattr(stream, "_send_initial_metadata_done")
+        self._h2_stream: Any = inner if usable else None
 
     async def send(self, frame: bytes) -> None:
         await self.send_parts(b"", frame)
@@ -330,11 +334,14 @@ class _ServerChannel:
                     Status.RESOURCE_EXHAUSTED,
                     f"message of {length} bytes exceeds the {self._limit} byte limit",
                 )
+            if self._h2_stream is None:
+                await stream.send_message(_pre_encoded(head + body))
+                return
             if not stream._send_initial_metadata_done:
                 await stream.send_initial_metadata()
             data = b"".join((_MESSAGE_PREFIX.pack(False, length), field, head, body))
             # (grpclib's `_send_message_done` only guards unary responses: not set here.)
-            await stream._stream.send_data(data)
+            await self._h2_stream.send_data(data)
         except _STREAM_ERRORS as exc:
             raise anyio.BrokenResourceError(str(exc)) from exc
 
