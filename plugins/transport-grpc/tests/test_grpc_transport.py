@@ -120,12 +120,17 @@ class TestGrpcSpecifics:
             tg.cancel_scope.cancel()
         assert got == [b"small"]
 
-    async def test_master_connection_is_lean_and_carries_large_frames(self, tmp_path: Path) -> None:
+    @pytest.mark.parametrize("compact", [True, False])
+    async def test_master_connection_is_lean_and_carries_large_frames(
+        self, tmp_path: Path, compact: bool
+    ) -> None:
         """Serving TLS caps asyncio's TLS read buffer (4 KiB by default), swaps h2's and
-        grpclib's per-connection deques for small lists and sends with one copy; megabyte
-        frames still pass both ways (many reads per TLS record), several in a row."""
-        settings = GrpcSettings()
+        grpclib's per-connection deques for small lists (unless `compact_connections` is
+        off) and sends with one copy; megabyte frames still pass both ways (many reads per
+        TLS record), several in a row."""
+        settings = GrpcSettings(compact_connections=compact)
         assert settings.tls_read_buffer_bytes == 4096
+        assert GrpcSettings().compact_connections
         big = bytes(range(256)) * 4096 + b"end"  # 1 MiB + 3
         channels: list[Any] = []
 
@@ -141,7 +146,7 @@ class TestGrpcSpecifics:
         client_ctx = client_context(GrpcSettings(ca_file=tmp_path / "tls" / "ca.pem"))
         assert server_ctx is not None
         assert client_ctx is not None
-        server = GrpcTransport("grpcs://127.0.0.1:0", ssl_context=server_ctx)
+        server = GrpcTransport("grpcs://127.0.0.1:0", ssl_context=server_ctx, settings=settings)
         async with anyio.create_task_group() as tg:
             address = await tg.start(server.serve, echo)
             assert asyncio.sslproto.SSLProtocol.max_size <= 4096
@@ -163,7 +168,7 @@ class TestGrpcSpecifics:
                     inner.window_updated._waiters,
                     inner.buffer._unacked._queue,
                 ]
-                assert all(isinstance(q, _SmallQueue) for q in queues)
+                assert all(isinstance(q, _SmallQueue) == compact for q in queues)
             tg.cancel_scope.cancel()
 
     @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 70_000, 2**21 + 3])

@@ -37,6 +37,10 @@ class GrpcSettings:
     # (a few hundred bytes); bigger messages take more reads. Agents never serve, so they
     # keep asyncio's default for the versions they receive. See `limit_tls_read_buffer`.
     tls_read_buffer_bytes: int = attrs.field(default=4 * 1024, validator=attrs.validators.ge(0))
+    # Master: swap the ~25 near-empty deques h2, grpclib and asyncio keep per connection for
+    # small lists (~19 KB less per agent). It touches those libraries' internals (versions
+    # bounded in pyproject.toml); false keeps their containers untouched.
+    compact_connections: bool = True
     # TLS material. Master: certificate + key to serve (default: created under the state
     # directory, signed by a CA the master creates on first start). Agent: the CA to pin.
     ca_file: Path | None = None

@@ -353,12 +353,14 @@ class _ServerChannel:
 
 
 class _AgentService(AgentServiceBase):
-    def __init__(self, handler: SessionHandler, limit: int) -> None:
+    def __init__(self, handler: SessionHandler, limit: int, *, compact: bool = True) -> None:
         self._handler = handler
         self._limit = limit
+        self._compact = compact
 
     async def Stream(self, stream: ServerStream[Frame, Frame]) -> None:
-        _trim_connection(stream)
+        if self._compact:
+            _trim_connection(stream)
         peer = _peer_of(stream)
         try:
             await self._handler(_ServerChannel(stream, self._limit), peer)
@@ -511,7 +513,13 @@ class GrpcTransport:
         if self.ssl_context is not None and self.settings.tls_read_buffer_bytes:
             limit_tls_read_buffer(self.settings.tls_read_buffer_bytes)
         server = Server(
-            [_AgentService(handler, self.settings.max_message_bytes)],
+            [
+                _AgentService(
+                    handler,
+                    self.settings.max_message_bytes,
+                    compact=self.settings.compact_connections,
+                )
+            ],
             codec=_FrameCodec(self.settings.max_message_bytes),
             config=self._server_config(),
         )
