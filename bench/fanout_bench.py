@@ -101,9 +101,7 @@ def _versions(rounds: int) -> list[tuple[str, Any]]:
         for _ in range(rounds):
             number += 1
             state = make_state(sites, port=8000 + number)
-            version = attrs.evolve(
-                make_version(number, state=state), digest=state_digest(state)
-            )
+            version = attrs.evolve(make_version(number, state=state), digest=state_digest(state))
             out.append((label, version))
     return out
 
@@ -145,8 +143,12 @@ def master_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
     _pin(0)
     import anyio
 
-    runners = {"nxmesh": _nxmesh_master, "ws": _ws_master, "raw": _raw_master,
-               "transport": _transport_master}
+    runners = {
+        "nxmesh": _nxmesh_master,
+        "ws": _ws_master,
+        "raw": _raw_master,
+        "transport": _transport_master,
+    }
     anyio.run(runners[kind], conn, opts, backend="asyncio")
 
 
@@ -233,8 +235,18 @@ async def _nxmesh_master(
             await anyio.sleep(0.2)
         _dump_profile(profiler, opts, kind)
         after_push = _memory()
-        conn.send(_run_result(kind, agents, connected, before, after_connect, after_push,
-                              pushes, hub.counters.as_dict()))
+        conn.send(
+            _run_result(
+                kind,
+                agents,
+                connected,
+                before,
+                after_connect,
+                after_push,
+                pushes,
+                hub.counters.as_dict(),
+            )
+        )
         tg.cancel_scope.cancel()
     await storage.aclose()
 
@@ -321,8 +333,9 @@ async def _raw_master(conn: Connection, opts: dict[str, Any]) -> None:
         await anyio.sleep(0.2)
     _dump_profile(profiler, opts, "raw")
     after_push = _memory()
-    conn.send(_run_result("raw", agents, connected_s, before, after_connect, after_push, pushes,
-                          {}))
+    conn.send(
+        _run_result("raw", agents, connected_s, before, after_connect, after_push, pushes, {})
+    )
     server.close()
     with anyio.move_on_after(5):
         await server.wait_closed()
@@ -406,14 +419,18 @@ async def _transport_master(conn: Connection, opts: dict[str, Any]) -> None:
             go[i].set()
             await done[i].wait()
             total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
-            pushes.append(_push_result(label, len(frames[i]), total, cpu,
-                                       [t - t0 for t in acked[i]]))
+            pushes.append(
+                _push_result(label, len(frames[i]), total, cpu, [t - t0 for t in acked[i]])
+            )
             pushes[-1]["gc_collections"] = _gc_collections(gc0)
             await anyio.sleep(0.2)
         _dump_profile(profiler, opts, "transport")
         after_push = _memory()
-        conn.send(_run_result("transport", agents, connected_s, before, after_connect,
-                              after_push, pushes, {}))
+        conn.send(
+            _run_result(
+                "transport", agents, connected_s, before, after_connect, after_push, pushes, {}
+            )
+        )
         tg.cancel_scope.cancel()
 
 
@@ -515,8 +532,17 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
         if kind in ("nxmesh", "ws"):
             creds = json.loads((Path(opts["workdir"]) / "creds.json").read_text())
             for agent_id, key_id, key in creds:
-                tg.start_soon(_nxmesh_agent, address, ctx, agent_id, key_id,
-                              base64.b64decode(key), gate, one_ready, kind == "ws")
+                tg.start_soon(
+                    _nxmesh_agent,
+                    address,
+                    ctx,
+                    agent_id,
+                    key_id,
+                    base64.b64decode(key),
+                    gate,
+                    one_ready,
+                    kind == "ws",
+                )
         else:
             for _ in range(count):
                 tg.start_soon(_raw_agent, address, ctx, gate, one_ready)
@@ -529,7 +555,13 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
 
 
 async def _nxmesh_agent(
-    url: str, ctx: Any, agent_id: str, key_id: str, key: bytes, gate: Any, ready: Any,
+    url: str,
+    ctx: Any,
+    agent_id: str,
+    key_id: str,
+    key: bytes,
+    gate: Any,
+    ready: Any,
     websocket: bool = False,
 ) -> None:
     from nxmesh.core.envelope import MessageType, ReplayGuard, SequenceSource, seal, unseal
@@ -540,8 +572,14 @@ async def _nxmesh_agent(
     guard = ReplayGuard()
 
     def frame(message: Any) -> bytes:
-        return seal(encode_body(message), agent_id=agent_id, key_id=key_id, key=key,
-                    seq=seq.next(), ts_ms=int(time.time() * 1000))
+        return seal(
+            encode_body(message),
+            agent_id=agent_id,
+            key_id=key_id,
+            key=key,
+            seq=seq.next(),
+            ts_ms=int(time.time() * 1000),
+        )
 
     transport: Any
     if websocket:
@@ -568,10 +606,15 @@ async def _nxmesh_agent(
                 version = _VERSION.search(env.body, len(env.body) - 200)
                 assert digest is not None
                 assert version is not None
-                await channel.send(frame(ConfigStatus(
-                    version=int(version.group(1)), digest=digest.group(1).decode(),
-                    phase="received",
-                )))
+                await channel.send(
+                    frame(
+                        ConfigStatus(
+                            version=int(version.group(1)),
+                            digest=digest.group(1).decode(),
+                            phase="received",
+                        )
+                    )
+                )
     finally:
         await cm.__aexit__(None, None, None)
 
@@ -616,15 +659,24 @@ def run_one(
     load_before = os.getloadavg()
     try:
         master_end, master_child = ctx.Pipe()
-        opts = {"agents": agents, "rounds": rounds, "tls": tls, "workdir": str(workdir),
-                "profile": str(profile) if profile else None}
+        opts = {
+            "agents": agents,
+            "rounds": rounds,
+            "tls": tls,
+            "workdir": str(workdir),
+            "profile": str(profile) if profile else None,
+        }
         master = ctx.Process(target=master_main, args=(kind, master_child, opts), daemon=True)
         master.start()
         procs.append(master)
         address = _recv(master_end, master, 600)["address"]
         agents_end, agents_child = ctx.Pipe()
-        sim_opts = {"agents": agents, "address": address, "workdir": str(workdir),
-                    "ca": tls["ca_cert"] if tls else None}
+        sim_opts = {
+            "agents": agents,
+            "address": address,
+            "workdir": str(workdir),
+            "ca": tls["ca_cert"] if tls else None,
+        }
         sim = ctx.Process(target=agents_main, args=(kind, agents_child, sim_opts), daemon=True)
         sim.start()
         procs.append(sim)
@@ -711,10 +763,9 @@ def _summarize_kind(by: dict[tuple[str, int], dict[str, Any]], which: str) -> di
             }
             for label in SIZES
         }
-        ratios[str(agents)]["memory_connected_pss"] = (
-            run["memory"]["pss_kb_per_agent_connected"]
-            / max(raw["memory"]["pss_kb_per_agent_connected"], 1e-9)
-        )
+        ratios[str(agents)]["memory_connected_pss"] = run["memory"][
+            "pss_kb_per_agent_connected"
+        ] / max(raw["memory"]["pss_kb_per_agent_connected"], 1e-9)
     goal_run = by.get((which, GOAL_AGENTS))
     goals: dict[str, Any] = {}
     if goal_run is not None and str(GOAL_AGENTS) in ratios:
@@ -722,53 +773,72 @@ def _summarize_kind(by: dict[tuple[str, int], dict[str, Any]], which: str) -> di
         goals["ratio_5000_all_acked_worst"] = worst
         goals["ratio_goal_met"] = worst <= GOAL_RATIO
     if goal_run is not None:
-        kb = max(goal_run["memory"]["pss_kb_per_agent_connected"],
-                 goal_run["memory"]["rss_kb_per_agent_connected"])
+        kb = max(
+            goal_run["memory"]["pss_kb_per_agent_connected"],
+            goal_run["memory"]["rss_kb_per_agent_connected"],
+        )
         goals["kb_per_agent_5000"] = kb
         goals["memory_goal_met"] = kb <= GOAL_KB_PER_AGENT
     return {"ratios_nxmesh_over_raw": ratios, "goals": goals}
 
 
 def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
-    print(f"{'kind':7} {'agents':>6} {'size':>5} {'all acked':>10} {'p50':>8} {'p99':>8} "
-          f"{'master CPU':>10} {'KB/agent (PSS)':>15}")
+    print(
+        f"{'kind':7} {'agents':>6} {'size':>5} {'all acked':>10} {'p50':>8} {'p99':>8} "
+        f"{'master CPU':>10} {'KB/agent (PSS)':>15}"
+    )
     for run in runs:
         for label in SIZES:
             s = run["sizes"][label]
-            print(f"{run['kind']:7} {run['agents']:>6} {label:>5} {s['all_acked_median_s']:>9.3f}s "
-                  f"{s['p50_median_s']:>7.3f}s {s['p99_median_s']:>7.3f}s "
-                  f"{s['master_cpu_median_s']:>9.3f}s "
-                  f"{run['memory']['pss_kb_per_agent_connected']:>15.1f}")
+            print(
+                f"{run['kind']:7} {run['agents']:>6} {label:>5} {s['all_acked_median_s']:>9.3f}s "
+                f"{s['p50_median_s']:>7.3f}s {s['p99_median_s']:>7.3f}s "
+                f"{s['master_cpu_median_s']:>9.3f}s "
+                f"{run['memory']['pss_kb_per_agent_connected']:>15.1f}"
+            )
     for kind in ("nxmesh", "ws"):
         for agents, ratio in summary.get(f"ratios_{kind}_over_raw", {}).items():
             shown = ", ".join(
-                f"{label} {ratio[label]['all_acked']:.2f}x "
-                f"(CPU {ratio[label]['master_cpu']:.2f}x)"
+                f"{label} {ratio[label]['all_acked']:.2f}x (CPU {ratio[label]['master_cpu']:.2f}x)"
                 for label in SIZES
             )
-            print(f"{kind}/raw at {agents} agents: all acked {shown}; "
-                  f"memory {ratio['memory_connected_pss']:.2f}x")
+            print(
+                f"{kind}/raw at {agents} agents: all acked {shown}; "
+                f"memory {ratio['memory_connected_pss']:.2f}x"
+            )
     if summary["goals"]:
         print("goals:", json.dumps(summary["goals"]))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--agents", default="1000,5000",
-                        help="comma-separated agent counts (default: 1000,5000)")
+    parser.add_argument(
+        "--agents", default="1000,5000", help="comma-separated agent counts (default: 1000,5000)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="pushes per size and run")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="alternate nxmesh and raw runs this many times (fresh processes "
-                        "each) and pool their rounds: drift in machine load hits both kinds")
-    parser.add_argument("--kinds", default="nxmesh,raw",
-                        help="nxmesh, raw, ws (the master on the WebSocket transport), and the "
-                        "diagnostic 'transport' (raw workload on NxMesh's GrpcTransport, no "
-                        "protocol)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="alternate nxmesh and raw runs this many times (fresh processes "
+        "each) and pool their rounds: drift in machine load hits both kinds",
+    )
+    parser.add_argument(
+        "--kinds",
+        default="nxmesh,raw",
+        help="nxmesh, raw, ws (the master on the WebSocket transport), and the "
+        "diagnostic 'transport' (raw workload on NxMesh's GrpcTransport, no "
+        "protocol)",
+    )
     parser.add_argument("--plaintext", action="store_true", help="no TLS (default: TLS)")
     parser.add_argument("--quick", action="store_true", help="50 agents, one round")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="write cProfile stats of each master's pushes into this directory")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="write cProfile stats of each master's pushes into this directory",
+    )
     args = parser.parse_args(argv)
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     load_at_start = [round(x, 2) for x in os.getloadavg()]
@@ -789,8 +859,11 @@ def main(argv: list[str] | None = None) -> int:
             pooled: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
             for attempt in range(1 if args.quick else args.repeat):
                 for kind in kinds:
-                    print(f"running {kind} with {agents} agents ({attempt + 1})...",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"running {kind} with {agents} agents ({attempt + 1})...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                     pooled[kind].append(run_one(kind, agents, rounds, tls, args.profile))
             runs.extend(_pool(parts) for parts in pooled.values())
     finally:
@@ -805,8 +878,12 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "load_average": load_at_start,
         },
-        "config": {"tls": not args.plaintext, "rounds": rounds, "sizes": SIZES,
-                   "quick": args.quick},
+        "config": {
+            "tls": not args.plaintext,
+            "rounds": rounds,
+            "sizes": SIZES,
+            "quick": args.quick,
+        },
         "runs": runs,
         **summary,
         "goals_target": {"ratio_at_5000": GOAL_RATIO, "kb_per_agent": GOAL_KB_PER_AGENT},

@@ -218,9 +218,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     parser.add_argument("--repeats", type=int, default=None, help="render timings per size")
-    parser.add_argument(
-        "--nginx-repeats", type=int, default=None, help="nginx -t timings per size"
-    )
+    parser.add_argument("--nginx-repeats", type=int, default=None, help="nginx -t timings per size")
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx -t comparison")
     parser.add_argument("--nginx", default="nginx", help="nginx binary (default: %(default)s)")
     parser.add_argument(

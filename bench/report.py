@@ -291,20 +291,29 @@ def _api(report: Mapping[str, Any]) -> list[Figure]:
     agents = throughput.get("agents", "?")
     for name, data in (throughput.get("nxmesh") or {}).items():
         baseline = base.get("put") if name == "put_state" else base.get("get")
-        out.append(Figure(
-            group="api", name=f"{name} with {agents} agents connected (higher is better)",
-            unit="req/s", value=_scaled(data, 1.0), baseline=_scaled(baseline, 1.0),
-            baseline_name="bare Litestar", note=f"{data.get('errors', 0)} errors",
-        ))
+        out.append(
+            Figure(
+                group="api",
+                name=f"{name} with {agents} agents connected (higher is better)",
+                unit="req/s",
+                value=_scaled(data, 1.0),
+                baseline=_scaled(baseline, 1.0),
+                baseline_name="bare Litestar",
+                note=f"{data.get('errors', 0)} errors",
+            )
+        )
     conv = report.get("convergence") or {}
     if conv.get("fleet") and conv.get("baseline"):
-        out.append(Figure(
-            group="api",
-            name=f"apply until {conv['fleet']['agents']} agents converged (sim + real)",
-            unit="ms", value=_ms(conv["fleet"]["converged"]),
-            baseline=_ms(conv["baseline"]["converged"]),
-            baseline_name=f"the same with {conv['baseline']['agents']} agent",
-        ))
+        out.append(
+            Figure(
+                group="api",
+                name=f"apply until {conv['fleet']['agents']} agents converged (sim + real)",
+                unit="ms",
+                value=_ms(conv["fleet"]["converged"]),
+                baseline=_ms(conv["baseline"]["converged"]),
+                baseline_name=f"the same with {conv['baseline']['agents']} agent",
+            )
+        )
     return out
 
 
@@ -509,8 +518,11 @@ def render_markdown(
                   "| figure | NxMesh | baseline | ratio | goal | |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for f in figs:
-            ratio = "-" if f.ratio is None else (
-                f"{f.ratio:.2f}x" if f.ratio >= 0.1 else f"{f.ratio:.3f}x")
+            ratio = (
+                "-"
+                if f.ratio is None
+                else (f"{f.ratio:.2f}x" if f.ratio >= 0.1 else f"{f.ratio:.3f}x")
+            )
             verdict = {True: "met", False: "**not met**", None: ""}[f.met]
             base = f"{_cell(f.baseline, f.unit)} {f.baseline_name}" if f.baseline else "-"
             note = f" — {f.note}" if f.note else ""

@@ -176,8 +176,9 @@ def agent_metric(agent: Any, name: str, **labels: str) -> float:
     return 0.0
 
 
-def restart_agent(agent: Any, *, env: dict[str, str] | None = None,
-                  args: list[str] | None = None) -> None:
+def restart_agent(
+    agent: Any, *, env: dict[str, str] | None = None, args: list[str] | None = None
+) -> None:
     """``kill -9`` the agent (its nginx keeps running) and start it again, with extra
     environment / another command line for this start only."""
     agent.kill()
@@ -238,8 +239,9 @@ def fleet_for(ctx: Context, name: str, agents: int, **kwargs: Any) -> Iterator[A
     if fits and fleet_healthy(shared):
         yield shared
         return
-    with fleet(ctx.workdir / f"{name}-{time.monotonic_ns()}", ctx.nginx, agents=agents,
-               **kwargs) as fresh:
+    with fleet(
+        ctx.workdir / f"{name}-{time.monotonic_ns()}", ctx.nginx, agents=agents, **kwargs
+    ) as fresh:
         yield fresh
 
 
@@ -272,8 +274,9 @@ def ensure_serving(the_fleet: Any) -> str:
         return str(bodies.pop())
     body = f"baseline-{time.monotonic_ns()}"
     number = _put(the_fleet, body)
-    wait_until(functools.partial(_converged, the_fleet.master, number, len(the_fleet.agents)),
-               30, 0.1)
+    wait_until(
+        functools.partial(_converged, the_fleet.master, number, len(the_fleet.agents)), 30, 0.1
+    )
     wait_until(lambda: all(a.body(the_fleet.web_port) == body for a in the_fleet.agents), 30)
     return body
 
@@ -293,8 +296,11 @@ def wrk_applies(ctx: Context) -> CaseResult:
     from bench.agent_reliability import traffic
 
     applies = 3 if ctx.quick else 30
-    result = CaseResult("wrk_applies", f"wrk during {applies} applies; restart control",
-                        bound_s=120 if ctx.quick else 600)
+    result = CaseResult(
+        "wrk_applies",
+        f"wrk during {applies} applies; restart control",
+        bound_s=120 if ctx.quick else 600,
+    )
     if ctx.wrk is None:
         result.error = "wrk not found (apt-get install wrk)"
         return result
@@ -308,21 +314,27 @@ def wrk_applies(ctx: Context) -> CaseResult:
 def judge_wrk(result: CaseResult, data: dict[str, Any]) -> None:
     """The pass/fail logic of `wrk_applies` (separate so tests can feed it numbers)."""
     close = data["agent/close"]
-    result.check("Connection: close during agent applies: 0 failed requests",
-                 close["errors"] == 0 and close["requests"] > 0,
-                 f"{close['errors']} errors in {close['requests']} requests")
+    result.check(
+        "Connection: close during agent applies: 0 failed requests",
+        close["errors"] == 0 and close["requests"] > 0,
+        f"{close['errors']} errors in {close['requests']} requests",
+    )
     applies = max(1, int(data["applies"]))
     agent_ka = data["agent/keepalive"]["read"] / applies
     raw_ka = data["raw/keepalive"]["read"] / applies
     # A graceful reload closes idle keep-alive connections whoever sends the HUP; the
     # agent must not lose more than nginx's own reload does (+25 %, +2 for noise).
-    result.check("keep-alive: read errors per reload at most the raw HUP baseline's",
-                 agent_ka <= raw_ka * 1.25 + 2,
-                 f"agent {agent_ka:.1f}/reload, raw nginx -s reload {raw_ka:.1f}/reload")
+    result.check(
+        "keep-alive: read errors per reload at most the raw HUP baseline's",
+        agent_ka <= raw_ka * 1.25 + 2,
+        f"agent {agent_ka:.1f}/reload, raw nginx -s reload {raw_ka:.1f}/reload",
+    )
     control = data["restart/close"]
-    result.check("control: restarting nginx instead of reloading loses requests (the harness "
-                 "sees loss)", control["errors"] > 0,
-                 f"{control['errors']} errors in {control['requests']} requests")
+    result.check(
+        "control: restarting nginx instead of reloading loses requests (the harness sees loss)",
+        control["errors"] > 0,
+        f"{control['errors']} errors in {control['requests']} requests",
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -332,12 +344,15 @@ def judge_wrk(result: CaseResult, data: dict[str, Any]) -> None:
 
 def master_kill(ctx: Context) -> CaseResult:
     agents = 2 if ctx.quick else 4
-    result = CaseResult("master_kill", f"kill -9 the master mid-rollout ({agents} agents)",
-                        bound_s=90 if ctx.quick else 180)
+    result = CaseResult(
+        "master_kill",
+        f"kill -9 the master mid-rollout ({agents} agents)",
+        bound_s=90 if ctx.quick else 180,
+    )
     with fleet_for(ctx, "master-kill", agents) as f:
         m = f.master
         ids_before = sorted(a["id"] for a in m.agents())
-        frozen = f.agents[agents // 2:]
+        frozen = f.agents[agents // 2 :]
         body = f"mid-rollout-{time.monotonic_ns()}"
         try:
             for agent in frozen:  # these cannot take the push: the rollout stays half done
@@ -346,9 +361,12 @@ def master_kill(ctx: Context) -> CaseResult:
             live = f.agents[: agents // 2]
             done = wait_until(lambda: all(a.body(f.web_port) == body for a in live), 30)
             bodies = _bodies(f)
-            result.check("mid-rollout when killed: the running agents serve the new version, "
-                         "the frozen ones not yet", done and all(
-                             bodies[a.name] != body for a in frozen), bodies)
+            result.check(
+                "mid-rollout when killed: the running agents serve the new version, "
+                "the frozen ones not yet",
+                done and all(bodies[a.name] != body for a in frozen),
+                bodies,
+            )
             m.kill9()
             result.details["killed_at_version"] = number
         finally:
@@ -359,18 +377,26 @@ def master_kill(ctx: Context) -> CaseResult:
         m.start()
         view = wait_until(lambda: _converged(m, number, agents), 60, 0.2)
         result.details["converged_after_restart_s"] = round(time.monotonic() - restarted, 2)
-        result.check("after the restart the rollout completes on every agent (master's view)",
-                     view is not None,
-                     f"{result.details['converged_after_restart_s']} s after the restart")
+        result.check(
+            "after the restart the rollout completes on every agent (master's view)",
+            view is not None,
+            f"{result.details['converged_after_restart_s']} s after the restart",
+        )
         served = wait_until(lambda: all(a.body(f.web_port) == body for a in f.agents), 30)
         result.check("every nginx serves the new version", served, _bodies(f))
         versions = m.api("GET", "/workspaces/default/versions", params={"limit": 1000})
-        result.check("the version is still stored", any(v["number"] == number for v in versions),
-                     f"version {number}")
+        result.check(
+            "the version is still stored",
+            any(v["number"] == number for v in versions),
+            f"version {number}",
+        )
         back = wait_until(lambda: all(_online(m, a.agent_id) for a in f.agents), 30)
         ids_after = sorted(a["id"] for a in m.agents())
-        result.check("every agent is back online under its own id (none re-enrolled)",
-                     back and ids_after == ids_before, f"{len(ids_after)} agents")
+        result.check(
+            "every agent is back online under its own id (none re-enrolled)",
+            back and ids_after == ids_before,
+            f"{len(ids_after)} agents",
+        )
     return result
 
 
@@ -384,8 +410,9 @@ def agent_kill_stages(ctx: Context) -> CaseResult:
 
     stages = ["swapped"] if ctx.quick else list(STAGES)
     where = "one apply stage" if ctx.quick else "each apply stage"
-    result = CaseResult("agent_kill_stages", f"kill -9 the agent at {where}",
-                        bound_s=90 if ctx.quick else 600)
+    result = CaseResult(
+        "agent_kill_stages", f"kill -9 the agent at {where}", bound_s=90 if ctx.quick else 600
+    )
     h = e2e_harness()
     with fleet_for(ctx, "agent-kill", 2) as f:
         m, agent = f.master, f.agents[0]
@@ -407,9 +434,12 @@ def agent_kill_stages(ctx: Context) -> CaseResult:
                 blocker.bind((agent.address, 0))
                 blocker.listen()
                 state = h.site_state(f.web_port, body)
-                clash = Site(name="clash", server_names=("clash.test",),
-                             listeners=(Listener(port=blocker.getsockname()[1]),),
-                             locations=state.sites[0].locations)
+                clash = Site(
+                    name="clash",
+                    server_names=("clash.test",),
+                    listeners=(Listener(port=blocker.getsockname()[1]),),
+                    locations=state.sites[0].locations,
+                )
                 state = attrs.evolve(state, sites=(*state.sites, clash))
                 number = m.put_state(state, body)["number"]
             else:
@@ -419,47 +449,69 @@ def agent_kill_stages(ctx: Context) -> CaseResult:
                 agent.kill()
                 after_kill = release_state(agent.conf_dir)
                 served = agent.body(f.web_port)
-                row: dict[str, Any] = {"paused": bool(paused), "after_kill": after_kill,
-                                       "served_after_kill": served}
+                row: dict[str, Any] = {
+                    "paused": bool(paused),
+                    "after_kill": after_kill,
+                    "served_after_kill": served,
+                }
                 expect_old = stage in ("staged", "tested", "swap-prepared", "rolled-back")
                 ok_tree = after_kill["whole"] and (
                     after_kill["current"] == before["current"] if expect_old else True
                 )
                 ok_body = served == old if stage == "rolled-back" else served in (old, body)
-                result.check(f"{stage}: paused there, then the live tree is one whole release"
-                             + (" (the old one)" if expect_old else ""),
-                             paused and ok_tree, after_kill)
-                result.check(f"{stage}: nginx serves the old or the new body, nothing else",
-                             ok_body, f"{served!r} (old {old!r}, new {body!r})")
+                result.check(
+                    f"{stage}: paused there, then the live tree is one whole release"
+                    + (" (the old one)" if expect_old else ""),
+                    paused and ok_tree,
+                    after_kill,
+                )
+                result.check(
+                    f"{stage}: nginx serves the old or the new body, nothing else",
+                    ok_body,
+                    f"{served!r} (old {old!r}, new {body!r})",
+                )
                 agent.start()  # no pause: recover, boot from the cache, reconnect
                 if stage == "rolled-back":
                     online = wait_until(lambda: _online(m, agent.agent_id), 30)
                     time.sleep(2.0)  # a resent refused version would be retried by now
                     final = agent.body(f.web_port)
-                    mine = [a for a in m.rollout(number)["agents"]
-                            if a["agent_id"] == agent.agent_id]
+                    mine = [
+                        a for a in m.rollout(number)["agents"] if a["agent_id"] == agent.agent_id
+                    ]
                     reason = mine[0]["reason"] if mine else None
                     row["reason_after_restart"] = reason
-                    result.check(f"{stage}: after restart the old body still serves and the "
-                                 "master does not count the refused version as current",
-                                 online and final == old and reason != "current",
-                                 f"{final!r}, master says {reason!r}")
+                    result.check(
+                        f"{stage}: after restart the old body still serves and the "
+                        "master does not count the refused version as current",
+                        online and final == old and reason != "current",
+                        f"{final!r}, master says {reason!r}",
+                    )
                     if blocker is not None:
                         blocker.close()
                     blocker = None
                     good = _put(f, f"{stage}-good-{time.monotonic_ns()}")  # next "old"
                     wait_until(functools.partial(_converged, m, good, len(f.agents)), 45, 0.2)
                 else:
-                    done = wait_until(functools.partial(_serves_and_converged, f, agent,
-                                                        body, number), 45, 0.2)
-                    result.check(f"{stage}: the restarted agent recovers and converges on "
-                                 "the version the master resends", done,
-                                 agent.body(f.web_port))
-                clean = wait_until(lambda: not release_state(agent.conf_dir)["leftovers"]
-                                   and release_state(agent.conf_dir)["whole"], 30)
+                    done = wait_until(
+                        functools.partial(_serves_and_converged, f, agent, body, number), 45, 0.2
+                    )
+                    result.check(
+                        f"{stage}: the restarted agent recovers and converges on "
+                        "the version the master resends",
+                        done,
+                        agent.body(f.web_port),
+                    )
+                clean = wait_until(
+                    lambda: (
+                        not release_state(agent.conf_dir)["leftovers"]
+                        and release_state(agent.conf_dir)["whole"]
+                    ),
+                    30,
+                )
                 end = release_state(agent.conf_dir)
-                result.check(f"{stage}: no journal, staging tree or temp link left; tree whole",
-                             clean, end)
+                result.check(
+                    f"{stage}: no journal, staging tree or temp link left; tree whole", clean, end
+                )
                 row["end"] = end
                 per_stage[stage] = row
             finally:
@@ -480,8 +532,11 @@ def agent_kill_stages(ctx: Context) -> CaseResult:
 
 def nginx_kill(ctx: Context) -> CaseResult:
     kills = 1 if ctx.quick else 3
-    result = CaseResult("nginx_kill", f"kill -9 nginx {kills}x: the watchdog restarts it",
-                        bound_s=60 if ctx.quick else 180)
+    result = CaseResult(
+        "nginx_kill",
+        f"kill -9 nginx {kills}x: the watchdog restarts it",
+        bound_s=60 if ctx.quick else 180,
+    )
     with fleet_for(ctx, "nginx-kill", 2) as f:
         agent = f.agents[0]
         body = ensure_serving(f)
@@ -498,11 +553,16 @@ def nginx_kill(ctx: Context) -> CaseResult:
             psutil.wait_procs(victims, timeout=5)
             back = wait_until(functools.partial(_restarted, f, agent, pid, body), 30, 0.05)
             downtimes.append(round(time.monotonic() - killed, 2))
-            result.check(f"kill {i + 1}: nginx restarted by the agent, serving the same body",
-                         back, f"after {downtimes[-1]} s (new pid {agent.nginx_pid()})")
+            result.check(
+                f"kill {i + 1}: nginx restarted by the agent, serving the same body",
+                back,
+                f"after {downtimes[-1]} s (new pid {agent.nginx_pid()})",
+            )
         log = _log(agent.process.log)
-        result.check("the agent recorded nginx.died and nginx.restarted events",
-                     "nginx.died" in log and "nginx.restarted" in log)
+        result.check(
+            "the agent recorded nginx.died and nginx.restarted events",
+            "nginx.died" in log and "nginx.restarted" in log,
+        )
         result.check("the agent process itself kept running", agent.process.alive())
         result.details["downtime_s"] = downtimes
     return result
@@ -540,23 +600,49 @@ class PrivatePostgres:
 
             pw = pwd.getpwnam("postgres")
             os.chown(self.root, pw.pw_uid, pw.pw_gid)
-        self._as_postgres(str(self.bin / "initdb"), "-D", str(self.data), "-A", "trust",
-                          "-U", "postgres", "--no-sync", "-E", "UTF8")
+        self._as_postgres(
+            str(self.bin / "initdb"),
+            "-D",
+            str(self.data),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+            "-E",
+            "UTF8",
+        )
         self.start()
 
     def start(self) -> None:
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
-                   "-c fsync=off -c full_page_writes=off")
-        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options,
-                          "-l", str(self.root / "postgres.log"), "-w", "start")
+        options = (
+            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c full_page_writes=off"
+        )
+        self._as_postgres(
+            str(self.bin / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-o",
+            options,
+            "-l",
+            str(self.root / "postgres.log"),
+            "-w",
+            "start",
+        )
 
     def stop(self) -> None:
-        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
-                          "stop")
+        self._as_postgres(
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"
+        )
 
     def running(self) -> bool:
-        return _run(["pg_isready", "-h", "127.0.0.1", "-p", str(self.port), "-q"],
-                    check=False).returncode == 0
+        return (
+            _run(
+                ["pg_isready", "-h", "127.0.0.1", "-p", str(self.port), "-q"], check=False
+            ).returncode
+            == 0
+        )
 
     def destroy(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError, OSError):
@@ -578,8 +664,9 @@ class SharedPostgres:
     def _admin(self, sql: str) -> None:
         import psycopg
 
-        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True,
-                             connect_timeout=5) as conn:
+        with psycopg.connect(
+            "postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True, connect_timeout=5
+        ) as conn:
             conn.execute(sql.encode())
 
     def create(self) -> None:
@@ -589,12 +676,22 @@ class SharedPostgres:
         _run(["pg_ctlcluster", "--skip-systemctl-redirect", self.version, "main", "start"])
 
     def stop(self) -> None:
-        _run(["pg_ctlcluster", "--skip-systemctl-redirect", self.version, "main", "stop",
-              "-m", "fast"])
+        _run(
+            [
+                "pg_ctlcluster",
+                "--skip-systemctl-redirect",
+                self.version,
+                "main",
+                "stop",
+                "-m",
+                "fast",
+            ]
+        )
 
     def running(self) -> bool:
-        return _run(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"],
-                    check=False).returncode == 0
+        return (
+            _run(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"], check=False).returncode == 0
+        )
 
     def destroy(self) -> None:
         if not self.running():
@@ -625,9 +722,11 @@ def _readyz(master: Any) -> int | None:
 
 def postgres_restart(ctx: Context) -> CaseResult:
     agents = 1 if ctx.quick else 2
-    result = CaseResult("postgres_restart",
-                        f"stop and restart PostgreSQL ({ctx.postgres} cluster) under a master",
-                        bound_s=120 if ctx.quick else 240)
+    result = CaseResult(
+        "postgres_restart",
+        f"stop and restart PostgreSQL ({ctx.postgres} cluster) under a master",
+        bound_s=120 if ctx.quick else 240,
+    )
     pg: PrivatePostgres | SharedPostgres
     if ctx.postgres == "shared":
         pg = SharedPostgres()
@@ -637,8 +736,7 @@ def postgres_restart(ctx: Context) -> CaseResult:
     h = e2e_harness()
     try:
         pg.create()
-        with fleet_for(ctx, "postgres", agents, storage_url=pg.url,
-                       event_bus_url=pg.url) as f:
+        with fleet_for(ctx, "postgres", agents, storage_url=pg.url, event_bus_url=pg.url) as f:
             m = f.master
             acknowledged = [_put(f, "pg-before")]
             wait_until(lambda: _converged(m, acknowledged[-1], agents), 30)
@@ -646,8 +744,11 @@ def postgres_restart(ctx: Context) -> CaseResult:
             pg.stop()
             not_ready = wait_until(lambda: _readyz(m) == 503, 30)
             result.details["not_ready_after_s"] = round(time.monotonic() - stopped, 2)
-            result.check("the master reports not ready (/readyz 503) while PostgreSQL is down",
-                         not_ready, f"{result.details['not_ready_after_s']} s after the stop")
+            result.check(
+                "the master reports not ready (/readyz 503) while PostgreSQL is down",
+                not_ready,
+                f"{result.details['not_ready_after_s']} s after the stop",
+            )
             # A write while the database is down: refused with an error, or — if the API
             # acknowledged it — it must survive (checked below).
             try:
@@ -655,7 +756,8 @@ def postgres_restart(ctx: Context) -> CaseResult:
                     f"{m.url}/api/v1/workspaces/default/state",
                     json=unstructure(h.site_state(f.web_port, "pg-during")),
                     params={"message": "pg-during"},
-                    headers={"Authorization": f"Bearer {m._token}"}, timeout=30,
+                    headers={"Authorization": f"Bearer {m._token}"},
+                    timeout=30,
                 )
                 during: int | str = response.status_code
                 if response.status_code < 300:
@@ -663,9 +765,11 @@ def postgres_restart(ctx: Context) -> CaseResult:
             except httpx.HTTPError as exc:
                 during = f"no answer ({type(exc).__name__})"
             result.details["write_while_down"] = during
-            result.check("a write while PostgreSQL is down is refused (not acknowledged and "
-                         "lost)", not isinstance(during, int) or during >= 500
-                         or len(acknowledged) == 2, during)
+            result.check(
+                "a write while PostgreSQL is down is refused (not acknowledged and lost)",
+                not isinstance(during, int) or during >= 500 or len(acknowledged) == 2,
+                during,
+            )
             serving = all(a.body(f.web_port) == "pg-before" for a in f.agents)
             result.check("agents keep serving while PostgreSQL is down", serving, _bodies(f))
             result.check("the master process keeps running", m.process.alive())
@@ -673,17 +777,28 @@ def postgres_restart(ctx: Context) -> CaseResult:
             restarted = time.monotonic()
             ready = wait_until(lambda: _readyz(m) == 200, 60)
             result.details["ready_after_restart_s"] = round(time.monotonic() - restarted, 2)
-            result.check("after PostgreSQL is back the master is ready again", ready,
-                         f"{result.details['ready_after_restart_s']} s after the start")
+            result.check(
+                "after PostgreSQL is back the master is ready again",
+                ready,
+                f"{result.details['ready_after_restart_s']} s after the start",
+            )
             number = wait_until(lambda: _put(f, "pg-after"), 30, 1.0)
             acknowledged.append(number or -1)
             view = number and wait_until(lambda: _converged(m, number, agents), 45, 0.2)
-            result.check("a version stored after the restart converges on every agent",
-                         view, f"version {number}")
-            stored = {v["number"] for v in m.api("GET", "/workspaces/default/versions",
-                                                  params={"limit": 1000})}
-            result.check("every acknowledged version is still stored",
-                         set(acknowledged) <= stored, f"{acknowledged} in {sorted(stored)}")
+            result.check(
+                "a version stored after the restart converges on every agent",
+                view,
+                f"version {number}",
+            )
+            stored = {
+                v["number"]
+                for v in m.api("GET", "/workspaces/default/versions", params={"limit": 1000})
+            }
+            result.check(
+                "every acknowledged version is still stored",
+                set(acknowledged) <= stored,
+                f"{acknowledged} in {sorted(stored)}",
+            )
     finally:
         if not pg.running():
             with contextlib.suppress(subprocess.CalledProcessError):
@@ -700,12 +815,16 @@ def postgres_restart(ctx: Context) -> CaseResult:
 
 def burst(ctx: Context) -> CaseResult:
     versions, seconds = (20, 2.0) if ctx.quick else (100, 10.0)
-    result = CaseResult("burst", f"{versions} versions in {seconds:.0f} s (coalescing)",
-                        bound_s=90 if ctx.quick else 180)
+    result = CaseResult(
+        "burst",
+        f"{versions} versions in {seconds:.0f} s (coalescing)",
+        bound_s=90 if ctx.quick else 180,
+    )
     with fleet_for(ctx, "burst", 2) as f:
         m = f.master
-        reloads_before = [agent_metric(a, "nxmesh_agent_reloads_total", result="ok")
-                          for a in f.agents]
+        reloads_before = [
+            agent_metric(a, "nxmesh_agent_reloads_total", result="ok") for a in f.agents
+        ]
         numbers: list[int] = []
         started = time.monotonic()
         stamp = time.monotonic_ns()
@@ -720,27 +839,43 @@ def burst(ctx: Context) -> CaseResult:
         # burst that could not be sent in time is reported, not judged (coalescing can
         # only be judged on a real burst); the full run judges both.
         judge_timing = not ctx.quick or took <= seconds * 1.5
-        result.check(f"{versions} versions stored (distinct numbers)",
-                     len(set(numbers)) == versions, f"versions {numbers[0]}..{numbers[-1]}")
+        result.check(
+            f"{versions} versions stored (distinct numbers)",
+            len(set(numbers)) == versions,
+            f"versions {numbers[0]}..{numbers[-1]}",
+        )
         if judge_timing:
-            result.check(f"{versions} versions stored in about {seconds:.0f} s",
-                         took <= seconds * 1.5, f"{took:.1f} s")
+            result.check(
+                f"{versions} versions stored in about {seconds:.0f} s",
+                took <= seconds * 1.5,
+                f"{took:.1f} s",
+            )
         newest = f"burst-{stamp}-{versions - 1}"
         served = wait_until(lambda: all(a.body(f.web_port) == newest for a in f.agents), 30)
         result.check("every agent ends on the newest version", served, _bodies(f))
         view = wait_until(lambda: _converged(m, numbers[-1], len(f.agents)), 30)
         result.check("the master sees the newest version converged", view)
-        stored = {v["number"] for v in m.api("GET", "/workspaces/default/versions",
-                                              params={"limit": 1000})}
-        result.check("every version of the burst is kept", set(numbers) <= stored,
-                     f"{len(set(numbers) & stored)}/{versions}")
+        stored = {
+            v["number"]
+            for v in m.api("GET", "/workspaces/default/versions", params={"limit": 1000})
+        }
+        result.check(
+            "every version of the burst is kept",
+            set(numbers) <= stored,
+            f"{len(set(numbers) & stored)}/{versions}",
+        )
         time.sleep(1.0)
-        reloads = [agent_metric(a, "nxmesh_agent_reloads_total", result="ok") - before
-                   for a, before in zip(f.agents, reloads_before, strict=True)]
+        reloads = [
+            agent_metric(a, "nxmesh_agent_reloads_total", result="ok") - before
+            for a, before in zip(f.agents, reloads_before, strict=True)
+        ]
         result.details["reloads_per_agent"] = reloads
         if judge_timing:
-            result.check(f"far fewer reloads than versions (<= {versions // 4} of {versions} "
-                         "on each agent)", all(0 < r <= versions // 4 for r in reloads), reloads)
+            result.check(
+                f"far fewer reloads than versions (<= {versions // 4} of {versions} on each agent)",
+                all(0 < r <= versions // 4 for r in reloads),
+                reloads,
+            )
     return result
 
 
@@ -757,8 +892,9 @@ def _skewed_args(agent: Any, *extra: str) -> list[str]:
 
 def clock_skew(ctx: Context) -> CaseResult:
     offsets = [600.0] if ctx.quick else [600.0, -600.0]
-    result = CaseResult("clock_skew", "an agent whose clock is 10 min off",
-                        bound_s=90 if ctx.quick else 240)
+    result = CaseResult(
+        "clock_skew", "an agent whose clock is 10 min off", bound_s=90 if ctx.quick else 240
+    )
     with fleet_for(ctx, "clock-skew", 2) as f:
         m, agent = f.master, f.agents[0]
         for offset in offsets:
@@ -766,8 +902,7 @@ def clock_skew(ctx: Context) -> CaseResult:
             old = ensure_serving(f)
             log_mark = len(_log(agent.process.log))
             master_mark = len(_log(m.process.log))
-            restart_agent(agent, env={"CHAOS_CLOCK_OFFSET": str(offset)},
-                          args=_skewed_args(agent))
+            restart_agent(agent, env={"CHAOS_CLOCK_OFFSET": str(offset)}, args=_skewed_args(agent))
 
             def refused(mark: int = log_mark) -> str | None:
                 text = _log(agent.process.log)[mark:]
@@ -775,27 +910,44 @@ def clock_skew(ctx: Context) -> CaseResult:
                 return found.group(0) if found and "synchronise the clocks" in text else None
 
             message = wait_until(refused, 30)
-            result.check(f"{label}: the agent logs a clear clock-skew error", message,
-                         message or _log(agent.process.log)[log_mark:][-600:])
+            result.check(
+                f"{label}: the agent logs a clear clock-skew error",
+                message,
+                message or _log(agent.process.log)[log_mark:][-600:],
+            )
             seconds = int(_SKEW_MESSAGE.search(message).group(1)) if message else 0  # type: ignore[union-attr]
-            result.check(f"{label}: the error names the offset (about {abs(offset):.0f} s)",
-                         abs(seconds - abs(offset)) <= 30, f"{seconds} s")
+            result.check(
+                f"{label}: the error names the offset (about {abs(offset):.0f} s)",
+                abs(seconds - abs(offset)) <= 30,
+                f"{seconds} s",
+            )
             master_log = _log(m.process.log)[master_mark:]
-            result.check(f"{label}: the master logged the refusal with code clock_skew",
-                         "registration rejected" in master_log and "clock_skew" in master_log)
-            result.check(f"{label}: the master does not count the agent online",
-                         not _online(m, agent.agent_id))
+            result.check(
+                f"{label}: the master logged the refusal with code clock_skew",
+                "registration rejected" in master_log and "clock_skew" in master_log,
+            )
+            result.check(
+                f"{label}: the master does not count the agent online",
+                not _online(m, agent.agent_id),
+            )
             body = f"skew-{time.monotonic_ns()}"
             number = _put(f, body)  # stored while the agent cannot connect
             time.sleep(1.0)
-            result.check(f"{label}: the agent keeps serving its cache meanwhile",
-                         agent.body(f.web_port) == old and agent.process.alive(),
-                         agent.body(f.web_port))
+            result.check(
+                f"{label}: the agent keeps serving its cache meanwhile",
+                agent.body(f.web_port) == old and agent.process.alive(),
+                agent.body(f.web_port),
+            )
             restart_agent(agent)  # the clock is right again
-            done = wait_until(functools.partial(_serves_and_converged, f, agent, body, number),
-                              45, 0.2)
-            result.check(f"{label}: with the clock fixed, the agent converges on what was "
-                         "stored meanwhile (nothing lost)", done, agent.body(f.web_port))
+            done = wait_until(
+                functools.partial(_serves_and_converged, f, agent, body, number), 45, 0.2
+            )
+            result.check(
+                f"{label}: with the clock fixed, the agent converges on what was "
+                "stored meanwhile (nothing lost)",
+                done,
+                agent.body(f.web_port),
+            )
         if not ctx.quick:
             _skewed_enrollment(ctx, f, result)
     return result
@@ -806,8 +958,14 @@ def _skewed_enrollment(ctx: Context, f: Any, result: CaseResult) -> None:
     h = e2e_harness()
     m = f.master
     index = len(f.agents)
-    newcomer = h.Agent(f.master.root / f"agent-{index}", f"agent-{index}",
-                       f"127.0.0.{index + 2}", m, "grpc", ctx.nginx)
+    newcomer = h.Agent(
+        f.master.root / f"agent-{index}",
+        f"agent-{index}",
+        f"127.0.0.{index + 2}",
+        m,
+        "grpc",
+        ctx.nginx,
+    )
     f.agents.append(newcomer)
     token = m.token(node=newcomer.name)
     token_file = newcomer.root / "bootstrap-token"
@@ -817,18 +975,23 @@ def _skewed_enrollment(ctx: Context, f: Any, result: CaseResult) -> None:
     newcomer.process.args = _skewed_args(newcomer, "--bootstrap-token-file", str(token_file))
     newcomer.process.start()
     message = wait_until(lambda: _SKEW_MESSAGE.search(_log(newcomer.process.log)), 30)
-    result.check("enrollment +10 min: refused with a clock-skew error",
-                 message, message.group(0) if message else _log(newcomer.process.log)[-600:])
-    result.check("enrollment +10 min: the agent did not enroll",
-                 not newcomer.credentials.exists())
+    result.check(
+        "enrollment +10 min: refused with a clock-skew error",
+        message,
+        message.group(0) if message else _log(newcomer.process.log)[-600:],
+    )
+    result.check("enrollment +10 min: the agent did not enroll", not newcomer.credentials.exists())
     newcomer.kill()
-    newcomer.process.env = {k: v for k, v in newcomer.process.env.items()
-                            if k != "CHAOS_CLOCK_OFFSET"}
+    newcomer.process.env = {
+        k: v for k, v in newcomer.process.env.items() if k != "CHAOS_CLOCK_OFFSET"
+    }
     newcomer.start(token)
-    online = wait_until(lambda: newcomer.credentials.exists()
-                        and _online(m, newcomer.agent_id), 30)
-    result.check("enrollment: with the clock fixed the same bootstrap token still enrolls "
-                 "(a skewed attempt does not use it up)", online)
+    online = wait_until(lambda: newcomer.credentials.exists() and _online(m, newcomer.agent_id), 30)
+    result.check(
+        "enrollment: with the clock fixed the same bootstrap token still enrolls "
+        "(a skewed attempt does not use it up)",
+        online,
+    )
 
 
 CASES: dict[str, Callable[[Context], CaseResult]] = {

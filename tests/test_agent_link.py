@@ -95,10 +95,16 @@ class TestMasterLinkSeam:
                 await hub.wait_for_status(2, ["agent-1"])
             assert [(p.version, p.digest) for p in submitted] == [(2, version.digest)]
 
-            await link.report_apply(ApplyReport(
-                agent_id="web-1", version=2, digest=version.digest, outcome="failed",
-                message="nginx -t failed", nginx_output="nginx: [emerg] \x1b[31mbad\x1b[0m",
-            ))
+            await link.report_apply(
+                ApplyReport(
+                    agent_id="web-1",
+                    version=2,
+                    digest=version.digest,
+                    outcome="failed",
+                    message="nginx -t failed",
+                    nginx_output="nginx: [emerg] \x1b[31mbad\x1b[0m",
+                )
+            )
             await link.report_event(Event(kind="apply.failed", payload={"version": 2}))
             with anyio.fail_after(5):
                 final = await hub.wait_for_status(2, ["agent-1"], final=True)
@@ -121,9 +127,7 @@ class TestMasterLinkSeam:
             await link.run()
         assert isinstance(info.value, OSError)
 
-    async def test_a_broken_session_ends_run_with_an_oserror(
-        self, storage: SqliteStorage
-    ) -> None:
+    async def test_a_broken_session_ends_run_with_an_oserror(self, storage: SqliteStorage) -> None:
         """After started, losing the master raises an OSError so the app goes island."""
         enrollment = Enrollment(storage)
         hub = MasterSessionHub(enrollment)
@@ -193,8 +197,13 @@ class TestCredentialFile:
         path = tmp_path / "agent.json"
         store = FileCredentialStore(path)
         assert await store.load() is None
-        creds = AgentCredentials(agent_id="a", key_id="k2", key=b"\x00" * 32,
-                                 expires_at=time.time(), previous=("k1", b"\x01" * 32))
+        creds = AgentCredentials(
+            agent_id="a",
+            key_id="k2",
+            key=b"\x00" * 32,
+            expires_at=time.time(),
+            previous=("k1", b"\x01" * 32),
+        )
         await store.save(creds)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert await FileCredentialStore(path).load() == creds

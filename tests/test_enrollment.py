@@ -26,8 +26,9 @@ class Clock:
 
 @pytest.fixture
 async def storage(tmp_path: Path) -> AsyncIterator[SqliteStorage]:
-    store = SqliteStorage(f"sqlite:///{tmp_path / 'master.db'}",
-                          keyring=MasterKeyring(generate_key()))
+    store = SqliteStorage(
+        f"sqlite:///{tmp_path / 'master.db'}", keyring=MasterKeyring(generate_key())
+    )
     await store.open()
     try:
         yield store
@@ -157,12 +158,11 @@ class TestSessionKeys:
         second = await enrollment.new_key(first.agent_id)
         keys = await enrollment.valid_keys(first.agent_id)
         assert [(k.key_id, k.primary) for k in keys] == [
-            (second.key_id, True), (first.key_id, False)
+            (second.key_id, True),
+            (first.key_id, False),
         ]
 
-    async def test_expired_keys_are_not_valid(
-        self, enrollment: Enrollment, clock: Clock
-    ) -> None:
+    async def test_expired_keys_are_not_valid(self, enrollment: Enrollment, clock: Clock) -> None:
         """Once past its lifetime a key no longer authenticates anything."""
         issued = await enrollment.create_token()
         key = (await enrollment.enroll(issued.token, register(issued.token))).key
@@ -171,9 +171,7 @@ class TestSessionKeys:
         clock.now += 2
         assert await enrollment.valid_keys(key.agent_id) == []
 
-    async def test_rotation_is_due_at_half_life_with_jitter(
-        self, enrollment: Enrollment
-    ) -> None:
+    async def test_rotation_is_due_at_half_life_with_jitter(self, enrollment: Enrollment) -> None:
         """Rotation falls within half the lifetime ± 10 %, spread across keys."""
         issued = await enrollment.create_token()
         key = (await enrollment.enroll(issued.token, register(issued.token))).key

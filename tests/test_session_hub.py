@@ -128,9 +128,7 @@ class TestFanout:
         master = await master_factory()
         prod = await master.agent(env="prod")
         await master.agent(env="dev")
-        assert master.hub.push(signed_version(1), LabelSelector({"env": "prod"})) == [
-            prod.agent_id
-        ]
+        assert master.hub.push(signed_version(1), LabelSelector({"env": "prod"})) == [prod.agent_id]
         assert master.hub.push(signed_version(2, workspace="other")) == []
 
     async def test_late_agents_get_the_version_their_labels_match(
@@ -192,11 +190,16 @@ class TestRefusals:
         master = await master_factory()
         creds = await master.credentials()
         async with master.transport.connect("memory://") as channel:
-            await channel.send(seal(
-                encode_body(ConfigStatus(version=1, digest="d", phase="applied")),
-                agent_id=creds.agent_id, key_id=creds.key_id, key=creds.key, seq=1,
-                ts_ms=int(time.time() * 1000),
-            ))
+            await channel.send(
+                seal(
+                    encode_body(ConfigStatus(version=1, digest="d", phase="applied")),
+                    agent_id=creds.agent_id,
+                    key_id=creds.key_id,
+                    key=creds.key,
+                    seq=1,
+                    ts_ms=int(time.time() * 1000),
+                )
+            )
             answer = decode_body(unseal(await channel.receive()))
         assert isinstance(answer, RegisterResponse)
         assert (answer.accepted, answer.code) == (False, "malformed")
@@ -213,18 +216,21 @@ class TestRefusals:
 
 
 class TestLifecycle:
-    async def test_a_silent_agent_is_disconnected(
-        self, master_factory: Callable[..., Any]
-    ) -> None:
+    async def test_a_silent_agent_is_disconnected(self, master_factory: Callable[..., Any]) -> None:
         """No frame for three heartbeat intervals closes the session."""
         master = await master_factory(heartbeat_interval=0.1)
         creds = await master.credentials()
         async with master.transport.connect("memory://") as channel:
-            await channel.send(seal(
-                encode_body(Register(agent_id=creds.agent_id)),
-                agent_id=creds.agent_id, key_id=creds.key_id, key=creds.key, seq=1,
-                ts_ms=int(time.time() * 1000),
-            ))
+            await channel.send(
+                seal(
+                    encode_body(Register(agent_id=creds.agent_id)),
+                    agent_id=creds.agent_id,
+                    key_id=creds.key_id,
+                    key=creds.key,
+                    seq=1,
+                    ts_ms=int(time.time() * 1000),
+                )
+            )
             assert decode_body(unseal(await channel.receive())).accepted  # type: ignore[union-attr]
             assert master.hub.connected == [creds.agent_id]
             with anyio.fail_after(3), pytest.raises(anyio.EndOfStream):
@@ -241,9 +247,7 @@ class TestLifecycle:
         assert master.hub.connected == [agent.agent_id]
         assert agent.registrations == 1
 
-    async def test_drain_makes_agents_reconnect(
-        self, master_factory: Callable[..., Any]
-    ) -> None:
+    async def test_drain_makes_agents_reconnect(self, master_factory: Callable[..., Any]) -> None:
         """Draining asks every agent to go; they come back on their own."""
         master = await master_factory()
         agent = await master.agent()

@@ -416,8 +416,12 @@ class AgentLink:
 
     async def report_event(self, event: Event) -> None:
         payload = json.dumps(dict(event.payload), sort_keys=True, default=str)
-        entry = LogEntry(ts=event.ts, level="info", message=_text(f"{event.kind} {payload}"),
-                         source="agent.events")
+        entry = LogEntry(
+            ts=event.ts,
+            level="info",
+            message=_text(f"{event.kind} {payload}"),
+            source="agent.events",
+        )
         self.send_logs(LogBatch(entries=(entry,)))
 
     def _queue(self, message: Message) -> None:
@@ -448,8 +452,13 @@ class AgentLink:
                 raise
             log.warning("master rejected the session", code=exc.code, error=str(exc))
             raise ConnectionError(str(exc)) from exc
-        except (ProtocolError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError,
-                anyio.ClosedResourceError) as exc:
+        except (
+            ProtocolError,
+            TimeoutError,
+            anyio.EndOfStream,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+        ) as exc:
             self.last_error = exc
             raise ConnectionError(str(exc) or repr(exc)) from exc
         except OSError as exc:
@@ -484,8 +493,11 @@ class AgentLink:
                 try:
                     channel = await stack.enter_async_context(endpoint.client.connect(endpoint.url))
                 except OSError as exc:
-                    log.info("endpoint unreachable, trying the next", url=endpoint.url,
-                             error=str(exc) or repr(exc))
+                    log.info(
+                        "endpoint unreachable, trying the next",
+                        url=endpoint.url,
+                        error=str(exc) or repr(exc),
+                    )
                     errors.append((endpoint.url, exc))
                     continue
                 self.endpoint = endpoint
@@ -506,9 +518,12 @@ class AgentLink:
         self._registered.set()
         self._registration.set()
         interval = self.heartbeat_interval or response.heartbeat_interval
-        log.info("registered with the master", agent_id=crypto.agent_id,
-                 url=self.endpoint.url if self.endpoint else None,
-                 protocol=response.protocol_version)
+        log.info(
+            "registered with the master",
+            agent_id=crypto.agent_id,
+            url=self.endpoint.url if self.endpoint else None,
+            protocol=response.protocol_version,
+        )
         task_status.started()
         try:
             async with anyio.create_task_group() as tg:
@@ -538,8 +553,14 @@ class AgentLink:
                 "master and pass it to the agent"
             )
         await channel.send(
-            seal(encode_body(register), agent_id=agent_id, key_id=key_id, key=key,
-                 seq=self._seq.next(), ts_ms=int(self.clock() * 1000))
+            seal(
+                encode_body(register),
+                agent_id=agent_id,
+                key_id=key_id,
+                key=key,
+                seq=self._seq.next(),
+                ts_ms=int(self.clock() * 1000),
+            )
         )
         with anyio.fail_after(self.register_timeout):
             frame = await channel.receive()
@@ -553,12 +574,15 @@ class AgentLink:
                 raise self._rejection(env, response, key)
             if secret is not None:  # enrollment: the key arrives sealed
                 session_key = open_key(
-                    secret.encode("utf-8"), response.sealed_key,
+                    secret.encode("utf-8"),
+                    response.sealed_key,
                     aad=f"{env.agent_id}|{env.key_id}".encode(),
                 )
                 env.verify(session_key)
                 creds = AgentCredentials(
-                    agent_id=env.agent_id, key_id=env.key_id, key=session_key,
+                    agent_id=env.agent_id,
+                    key_id=env.key_id,
+                    key=session_key,
                     expires_at=response.key_expires_at,
                 )
                 await self.credentials.save(creds)
@@ -690,12 +714,19 @@ class AgentLink:
                     )
                 except ProtocolError as exc:
                     log.error("certificate keys from the master do not open", error=str(exc))  # noqa: TRY400
-                    self._queue(ConfigStatus(version=message.version, digest=message.digest,
-                                             phase="failed", error=_text(str(exc))))
+                    self._queue(
+                        ConfigStatus(
+                            version=message.version,
+                            digest=message.digest,
+                            phase="failed",
+                            error=_text(str(exc)),
+                        )
+                    )
                     return
                 message = attrs.evolve(message, certificates=opened)
-            self._queue(ConfigStatus(version=message.version, digest=message.digest,
-                                     phase="received"))
+            self._queue(
+                ConfigStatus(version=message.version, digest=message.digest, phase="received")
+            )
             if self._session is not None:
                 self._session.submit(message.to_pending())
             else:
@@ -712,12 +743,16 @@ class AgentLink:
         if command.kind == "rotate_key":
             current = crypto.keys[crypto.key_id]
             new_key = open_key(
-                current, command.sealed_key,
+                current,
+                command.sealed_key,
                 aad=f"{crypto.agent_id}|{command.new_key_id}".encode(),
             )
             creds = AgentCredentials(
-                agent_id=crypto.agent_id, key_id=command.new_key_id, key=new_key,
-                expires_at=command.key_expires_at, previous=(crypto.key_id, current),
+                agent_id=crypto.agent_id,
+                key_id=command.new_key_id,
+                key=new_key,
+                expires_at=command.key_expires_at,
+                previous=(crypto.key_id, current),
             )
             await self.credentials.save(creds)  # saved before use: a crash loses nothing
             crypto.keys = creds.keys()

@@ -21,9 +21,18 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "fanout_bench.py"
 def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     output = tmp_path_factory.mktemp("fanout") / "fanout.json"
     subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--kinds", "nxmesh,ws,raw", "--output",
-         str(output)],
-        check=True, capture_output=True, timeout=600,
+        [
+            sys.executable,
+            str(BENCH),
+            "--quick",
+            "--kinds",
+            "nxmesh,ws,raw",
+            "--output",
+            str(output),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
     )
     data: dict[str, Any] = json.loads(output.read_text())
     return data
@@ -36,7 +45,9 @@ class TestFanoutBenchQuick:
         """nxmesh (gRPC), ws (WebSocket) and raw grpclib runs, each over TLS, 50 agents."""
         assert report["config"]["tls"] is True
         assert sorted((r["kind"], r["agents"]) for r in report["runs"]) == [
-            ("nxmesh", 50), ("raw", 50), ("ws", 50)
+            ("nxmesh", 50),
+            ("raw", 50),
+            ("ws", 50),
         ]
 
     def test_every_size_was_pushed_and_timed(self, report: dict[str, Any]) -> None:

@@ -26,8 +26,11 @@ def _fanout_run(kind: str, agents: int, acked: float, kb: float) -> dict[str, An
     return {
         "kind": kind,
         "agents": agents,
-        "memory": {"pss_kb_per_agent_connected": kb, "pss_before_mb": 50.0,
-                   "pss_connected_mb": 50.0 + kb * agents / 1024},
+        "memory": {
+            "pss_kb_per_agent_connected": kb,
+            "pss_before_mb": 50.0,
+            "pss_connected_mb": 50.0 + kb * agents / 1024,
+        },
         "sizes": {"2KB": {"rounds": rounds}},
     }
 
@@ -43,12 +46,15 @@ CANNED: dict[str, dict[str, Any]] = {
         ]
     },
     "apply": {
-        "runs": [{
-            "sites": 10, "goal_met": True,
-            "agent": {"median_ms": 30.0, "min_ms": 20.0, "max_ms": 50.0},
-            "agent_total": {"median_ms": 180.0},
-            "raw": {"median_ms": 20.0, "min_ms": 15.0, "max_ms": 30.0},
-        }]
+        "runs": [
+            {
+                "sites": 10,
+                "goal_met": True,
+                "agent": {"median_ms": 30.0, "min_ms": 20.0, "max_ms": 50.0},
+                "agent_total": {"median_ms": 180.0},
+                "raw": {"median_ms": 20.0, "min_ms": 15.0, "max_ms": 30.0},
+            }
+        ]
     },
     "convergence": {
         "instances": 10,
@@ -62,15 +68,21 @@ CANNED: dict[str, dict[str, Any]] = {
         "agent_pss_mb": [45.0, 46.0, 44.0],
     },
     "render": {
-        "results": [{
-            "sites": 10_000,
-            "render": {"median": 0.8, "min": 0.7, "max": 0.9},
-            "nginx_t": {"median": 4.0, "min": 3.9, "max": 4.1},
-        }]
+        "results": [
+            {
+                "sites": 10_000,
+                "render": {"median": 0.8, "min": 0.7, "max": 0.9},
+                "nginx_t": {"median": 4.0, "min": 3.9, "max": 4.1},
+            }
+        ]
     },
     "idle": {
-        "idle": {"pss_mb": {"median": 39.0, "min": 38.0, "max": 39.5}, "pss_mb_max": 39.5,
-                 "cpu_percent": 0.2, "seconds": 60},
+        "idle": {
+            "pss_mb": {"median": 39.0, "min": 38.0, "max": 39.5},
+            "pss_mb_max": 39.5,
+            "cpu_percent": 0.2,
+            "seconds": 60,
+        },
         "idle_baseline_python": {"pss_mb": 3.0},
     },
 }
@@ -102,11 +114,15 @@ class TestReport:
         assert verdicts["0 failed requests with Connection: close during applies"] is None
 
     def test_chaos_results_feed_their_goals(self) -> None:
-        chaos = {"cases": {
-            "wrk_applies": {"passed": True, "details": {
-                "applies": 30, "agent/close": {"errors": 0, "requests": 1000}}},
-            "burst": {"passed": False},
-        }}
+        chaos = {
+            "cases": {
+                "wrk_applies": {
+                    "passed": True,
+                    "details": {"applies": 30, "agent/close": {"errors": 0, "requests": 1000}},
+                },
+                "burst": {"passed": False},
+            }
+        }
         verdicts = {g.text: g.met for g in report.goals(CANNED, chaos)}
         assert verdicts["0 failed requests with Connection: close during applies"] is True
         assert verdicts["nothing lost in any chaos case"] is False
@@ -123,8 +139,14 @@ class TestReport:
         assert "| push to 5,000 agents <= 1.3x raw grpclib |" in text
         assert "1.20x" in text
         summary = json.loads((tmp_path / "summary.json").read_text())
-        assert {"fanout.png", "apply.png", "convergence.png", "render.png", "memory.png",
-                "ratios.png"} == set(summary["plots"])
+        assert {
+            "fanout.png",
+            "apply.png",
+            "convergence.png",
+            "render.png",
+            "memory.png",
+            "ratios.png",
+        } == set(summary["plots"])
         for plot in summary["plots"]:
             assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
             assert f"![{plot}]({plot})" in text

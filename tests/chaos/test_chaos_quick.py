@@ -52,8 +52,7 @@ class TestVerdictLogic:
         judge_wrk(result, blind)
         assert not result.passed
         assert [c.what for c in result.checks if not c.ok] == [
-            "control: restarting nginx instead of reloading loses requests (the harness "
-            "sees loss)"
+            "control: restarting nginx instead of reloading loses requests (the harness sees loss)"
         ]
 
     def test_one_failed_request_with_connection_close_fails(self) -> None:
@@ -87,7 +86,9 @@ class TestArguments:
     def test_names_and_out_dir(self) -> None:
         args = parse_args(["--only", "burst,clock_skew", "--postgres", "shared"])
         assert (args.names, args.out_dir, args.postgres) == (
-            ["burst", "clock_skew"], RESULTS_DIR, "shared"
+            ["burst", "clock_skew"],
+            RESULTS_DIR,
+            "shared",
         )
         assert parse_args([]).names == list(CASES)
 
@@ -115,7 +116,11 @@ def suite(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("chaos")
     proc = subprocess.run(
         [sys.executable, "-m", "chaos.run", "--quick", "--out-dir", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
     summary: dict[str, Any] = json.loads((out / "summary.json").read_text())
     summary["_stdout"] = proc.stdout[-6000:] + proc.stderr[-3000:]

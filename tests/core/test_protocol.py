@@ -95,7 +95,10 @@ class TestEnvelope:
         """A sealed frame unseals to the same type, ids, seq, timestamp and body."""
         env = unseal(frame_of(STATUS, seq=42, ts=NOW + 0.25))
         assert (env.type, env.agent_id, env.key_id, env.seq) == (
-            MessageType.CONFIG_STATUS, "agent-1", "k1", 42
+            MessageType.CONFIG_STATUS,
+            "agent-1",
+            "k1",
+            42,
         )
         assert env.ts == NOW + 0.25
         env.verify(KEY)
@@ -121,8 +124,14 @@ class TestEnvelope:
     def test_any_altered_byte_breaks_the_signature(self, where: str) -> None:
         """Flipping one byte anywhere the signature covers (or of the signature) is detected."""
         frame = bytearray(frame_of(STATUS))
-        offsets = {"type": 4, "agent_id": 27, "seq": 14, "ts": 22, "sig": 27 + 7 + 2 + 3,
-                   "body": len(frame) - 3}
+        offsets = {
+            "type": 4,
+            "agent_id": 27,
+            "seq": 14,
+            "ts": 22,
+            "sig": 27 + 7 + 2 + 3,
+            "body": len(frame) - 3,
+        }
         frame[offsets[where]] ^= 0x01
         with pytest.raises((BadSignatureError, MalformedFrameError)):
             unseal(bytes(frame)).verify(KEY)
@@ -272,8 +281,13 @@ class TestMessages:
         [
             Register(bootstrap_token="abc.def", labels={"env": "prod"}, capabilities=("drain",)),
             Register(agent_id="a1", running_version=4, running_digest="d4"),
-            ConfigStatus(version=1, digest="d", phase="failed", error="nginx: [emerg] x",
-                         durations={"test": 0.1}),
+            ConfigStatus(
+                version=1,
+                digest="d",
+                phase="failed",
+                error="nginx: [emerg] x",
+                durations={"test": 0.1},
+            ),
             HealthReport(agent_id="a1", ts=NOW, results=(HealthResult("nginx", "ok"),)),
             MetricsBatch(ts=NOW, samples={"nginx.requests": 12.0}),
             LogBatch(entries=(LogEntry(ts=NOW, level="error", message="boom"),)),

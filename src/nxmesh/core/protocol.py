@@ -380,9 +380,7 @@ class LogEntry:
 
 @attrs.frozen(kw_only=True)
 class LogBatch:
-    entries: tuple[LogEntry, ...] = attrs.field(
-        validator=v.count(LogEntry, hi=1024, noun="entry")
-    )
+    entries: tuple[LogEntry, ...] = attrs.field(validator=v.count(LogEntry, hi=1024, noun="entry"))
 
 
 @attrs.frozen(kw_only=True)

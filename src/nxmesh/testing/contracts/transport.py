@@ -577,8 +577,12 @@ class TransportContract:
             link = mesh.link(token=text)
             with pytest.raises(RejectedError) as info, anyio.fail_after(15):
                 await link.run()
-            code = {"used": "token_used", "expired": "token_expired", "revoked": "token_revoked",
-                    "wrong-secret": "token_invalid"}[case]
+            code = {
+                "used": "token_used",
+                "expired": "token_expired",
+                "revoked": "token_revoked",
+                "wrong-secret": "token_invalid",
+            }[case]
             assert info.value.code == code
             assert info.value.final
             assert mesh.hub.counters.rejected_enrollment == 1
@@ -659,4 +663,3 @@ async def _saved(link: AgentLink) -> AgentCredentials:
     creds = await store.load()
     assert creds is not None
     return creds
-
