@@ -15,9 +15,12 @@ Two implementations run in the same invocation, each in *fresh processes*:
             context, and asyncio's TLS read buffer capped like the NxMesh master's
             (`limit_tls_read_buffer`, a plain setting). NxMesh's own per-connection trims
             (`_trim_connection`, the copy-free send) are NxMesh code, not given to raw.
-``ws``      the real master as ``nxmesh``, on the WebSocket transport (``wss://``, the
-            agents' fallback) instead of gRPC; compared with the same raw grpclib
-            baseline (``--kinds nxmesh,ws,raw``).
+``ws``      the session hub as ``nxmesh``, on the WebSocket transport's own server
+            (`WebSocketTransport.serve`, ``wss://``, the agents' fallback) instead of
+            gRPC; compared with the same raw grpclib baseline (``--kinds nxmesh,ws,raw``).
+            Note: ``nxmesh master`` itself mounts the WebSocket endpoint on its API
+            listener (hypercorn + ASGI, `master.agent_plane.AsgiChannel`), a path this
+            benchmark does not measure; gRPC is the master's primary agent transport.
 
 Per run, one process is the master, a *separate* process simulates all the agents (one
 gRPC connection each). Simulated NxMesh agents register with pre-provisioned keys, verify
@@ -153,7 +156,7 @@ def master_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
 
 
 async def _ws_master(conn: Connection, opts: dict[str, Any]) -> None:
-    """The real master on the WebSocket transport."""
+    """The session hub on the WebSocket transport's own server (not the API-mounted one)."""
     await _nxmesh_master(conn, opts, websocket=True)
 
 
