@@ -76,7 +76,8 @@ main()
 NOT_IN_A_MASTERLESS_AGENT = (
     "cryptography",
     "opentelemetry",
-    "nxmesh.crypto",
+    "nxmesh.crypto.secrets",
+    "nxmesh.crypto.signing",
     "nxmesh.agent_link",
     "nxmesh.core.protocol",
     "nxmesh.cli.client_cmds",

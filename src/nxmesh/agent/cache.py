@@ -38,6 +38,7 @@ from nxmesh.core.bundle import Bundle
 from nxmesh.core.errors import NxMeshError, ValidationError
 from nxmesh.core.model import PendingApply
 from nxmesh.core.serialization import canonical_json, structure_state, unstructure
+from nxmesh.crypto.errors import SecretError
 
 if TYPE_CHECKING:
     from nxmesh.crypto.signing import VerifyKey
@@ -132,7 +133,7 @@ class AgentCache:
             path = self.directory / self.KEY_FILE
             try:
                 key = private_random_file(path, 32)
-            except OSError as exc:
+            except (OSError, SecretError) as exc:
                 raise CacheError(f"cannot use the agent cache key: {exc}") from exc
             if len(key) != 32:
                 raise CacheError(f"agent cache key {path} is damaged (not 32 bytes)")

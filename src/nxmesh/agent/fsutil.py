@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 from nxmesh.core.bundle import bundle_digest
+from nxmesh.crypto.private_files import read_private_file, write_private_file
 
 __all__ = [
     "atomic_write",
@@ -73,38 +74,12 @@ def atomic_write(
 def private_random_file(path: Path, size: int) -> bytes:
     """The content of `path`, first created holding `size` random bytes (mode 0600).
 
-    Creation links a complete temp file into place, so a concurrent creator's key is
-    never replaced and no reader sees a partial one. The mode is checked on the open
-    descriptor: a file other users may read (or not a regular file) raises
-    `PermissionError`. Same rules as ``nxmesh.crypto.secrets.read_private_file`` /
-    ``write_private_file``, without importing ``cryptography`` (~3 MB in every agent).
+    The owner-only rules of `nxmesh.crypto.private_files`: creation never replaces a
+    concurrent creator's file, and a file other users may read raises `SecretError`.
     """
     if not path.exists():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o600)
-                f.write(os.urandom(size))
-                f.flush()
-                os.fsync(f.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(tmp, path)
-                fsync_dir(path.parent)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-    fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise PermissionError(f"{path} is not a regular file")
-        if info.st_mode & 0o077:
-            raise PermissionError(
-                f"{path} is accessible by other users (mode {stat.S_IMODE(info.st_mode):04o}); "
-                f"refusing to use it. Fix with: chmod 600 {path}"
-            )
-        return f.read()
+        write_private_file(path, os.urandom(size))  # False: another process was first
+    return read_private_file(path, what="agent cache key")
 
 
 def read_tree(root: Path) -> dict[str, bytes]:
