@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,23 @@ class TestWebSocketSpecifics:
         registry = ProviderRegistries.collect(get_plugin_manager(environ={}))["transport"]
         assert registry.get("websocket") is WebSocketTransport
         assert registry.by_scheme("wss://master:8443/agent") is WebSocketTransport
+
+    def test_the_entry_point_does_not_import_wsproto(self) -> None:
+        """Every process (every agent) imports the plugin module at start-up: it stays
+        thin, and its public names are imported on first use."""
+        code = (
+            "import sys\n"
+            "import nxmesh.plugins.transport_websocket as plugin\n"
+            "heavy = sorted(m for m in ('wsproto', 'h11') if m in sys.modules)\n"
+            "assert not heavy, heavy\n"
+            "assert plugin.SUBPROTOCOL == 'nxmesh.v1'\n"
+            "assert plugin.WebSocketTransport.name == 'websocket'\n"
+            "assert 'wsproto' in sys.modules\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
 
     async def test_other_paths_get_404(self) -> None:
         """Only the configured path upgrades; others are refused with an OSError."""
@@ -271,16 +290,15 @@ class TestWireCompatibility:
     async def test_each_backend_takes_its_own_path(self, anyio_backend: str) -> None:
         """asyncio runs on its own transports, trio on anyio streams: the contract above
         covers both."""
-        from nxmesh.plugins import transport_websocket as module
+        from nxmesh.websocket.asyncio_channel import _AsyncioWebSocket
+        from nxmesh.websocket.streams import WebSocketChannel
 
         async def hold(channel: Channel, peer: str) -> None:
             await channel.send(type(channel).__name__.encode())
             with pytest.raises(anyio.EndOfStream):
                 await channel.receive()
 
-        expected = (
-            module._AsyncioWebSocket if anyio_backend == "asyncio" else module.WebSocketChannel
-        )
+        expected = _AsyncioWebSocket if anyio_backend == "asyncio" else WebSocketChannel
         server = WebSocketTransport("ws://127.0.0.1:0/agent")
         async with anyio.create_task_group() as tg:
             address = await tg.start(server.serve, hold)
