@@ -8,7 +8,11 @@ the master's storage.
   failures in a row every attempt is refused for a delay that doubles with each further
   failure (``lockout_base_delay`` … ``lockout_max_delay``). Attempts count as failures
   from the moment they start, so a burst of parallel guesses cannot slip past the limit.
-  A success resets the counter. The state lives in the master process.
+  A success resets the counter. The counters live in the master's storage when it
+  provides the two optional methods ``count_login_failure`` and ``clear_login_failures``
+  (`nxmesh.sql.backend.SqlStorage` does: SQLite and PostgreSQL), so every master on one
+  database shares them and a restart keeps a lockout; with other backends they live in
+  the master process (`Lockout`). Times are wall-clock (epoch) seconds.
 * **Constant-time for unknown users**: a username that does not exist (or is disabled)
   still costs one full argon2 verification, against a dummy hash, and gets the same answer
   as a wrong password — timing and wording never reveal which usernames exist.
@@ -20,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, cast
 
 import anyio
 import attrs
@@ -36,7 +40,7 @@ if TYPE_CHECKING:
     from nxmesh.master.app import MasterServices
     from nxmesh.master.auth.passwords import Passwords
 
-__all__ = ["Lockout", "PasswordAuthenticator"]
+__all__ = ["Lockout", "LoginFailureStore", "PasswordAuthenticator", "SharedLockout"]
 
 log = structlog.get_logger("nxmesh.auth.password")
 
@@ -57,7 +61,7 @@ class Lockout:
         threshold: int,
         base_delay: float,
         max_delay: float,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
         max_entries: int = 10_000,
     ) -> None:
         self.threshold = threshold
@@ -67,6 +71,11 @@ class Lockout:
         self.max_entries = max_entries
         self._state: OrderedDict[tuple[str, str], _Attempts] = OrderedDict()
 
+    @property
+    def forget_after(self) -> float:
+        """Failures older than this many quiet seconds are forgotten."""
+        return 2 * self.max_delay
+
     def begin(self, key: tuple[str, str]) -> None:
         """Count an attempt as failed until `succeeded` says otherwise.
 
@@ -74,7 +83,7 @@ class Lockout:
         """
         now = self.clock()
         entry = self._state.get(key)
-        if entry is not None and now - entry.last > 2 * self.max_delay:
+        if entry is not None and now - entry.last > self.forget_after:
             entry = None  # long quiet: forget old failures
         if entry is None:
             entry = _Attempts()
@@ -99,6 +108,57 @@ class Lockout:
         return 0 if entry is None else entry.failures
 
 
+class LoginFailureStore(Protocol):
+    """The optional storage methods that make the lockout shared (see `SqlStorage`)."""
+
+    async def count_login_failure(
+        self,
+        username: str,
+        remote_addr: str,
+        *,
+        now: float,
+        threshold: int,
+        base_delay: float,
+        max_delay: float,
+        forget_after: float,
+    ) -> tuple[bool, int, float]: ...
+
+    async def clear_login_failures(self, username: str, remote_addr: str) -> None: ...
+
+
+class SharedLockout:
+    """`Lockout`'s policy with the counters in storage, shared by every master on it.
+
+    Each attempt is one atomic statement in the database (check the lock, count, lock),
+    so parallel attempts on several masters count exactly.
+    """
+
+    def __init__(self, store: LoginFailureStore, policy: Lockout) -> None:
+        self.store = store
+        self.policy = policy
+
+    async def begin(self, key: tuple[str, str]) -> None:
+        """Count an attempt as failed until `succeeded` says otherwise.
+
+        :raises LockedOutError: the key is locked; nothing is counted.
+        """
+        now = self.policy.clock()
+        counted, _, locked_until = await self.store.count_login_failure(
+            *key,
+            now=now,
+            threshold=self.policy.threshold,
+            base_delay=self.policy.base_delay,
+            max_delay=self.policy.max_delay,
+            forget_after=self.policy.forget_after,
+        )
+        if not counted:
+            raise LockedOutError(locked_until - now)
+
+    async def succeeded(self, key: tuple[str, str]) -> None:
+        """Forget the key's failures after a successful login."""
+        await self.store.clear_login_failures(*key)
+
+
 class PasswordAuthenticator:
     """Username + password against the users in storage (argon2id)."""
 
@@ -110,7 +170,7 @@ class PasswordAuthenticator:
         passwords: Passwords,
         settings: AuthSettings | None = None,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         cfg = settings or AuthSettings()
         self.storage = storage
@@ -121,6 +181,11 @@ class PasswordAuthenticator:
             max_delay=cfg.lockout_max_delay,
             clock=clock,
         )
+        self.shared: SharedLockout | None = None
+        if callable(getattr(storage, "count_login_failure", None)) and callable(
+            getattr(storage, "clear_login_failures", None)
+        ):
+            self.shared = SharedLockout(cast("LoginFailureStore", storage), self.lockout)
 
     @classmethod
     def from_services(cls, services: MasterServices) -> PasswordAuthenticator:
@@ -132,7 +197,10 @@ class PasswordAuthenticator:
         username = credentials.values.get("username", "")
         password = credentials.values.get("password", "")
         key = (username, credentials.remote_addr or "")
-        self.lockout.begin(key)
+        if self.shared is not None:
+            await self.shared.begin(key)
+        else:
+            self.lockout.begin(key)
         user = await self.storage.get_user(username) if username else None
         if user is None:
             await anyio.to_thread.run_sync(self.passwords.dummy_verify)
@@ -143,7 +211,10 @@ class PasswordAuthenticator:
         if not ok or user is None:
             log.info("login failed", username=username, remote_addr=credentials.remote_addr)
             raise AuthenticationError("invalid username or password", reason="bad_password")
-        self.lockout.succeeded(key)
+        if self.shared is not None:
+            await self.shared.succeeded(key)
+        else:
+            self.lockout.succeeded(key)
         if self.passwords.needs_rehash(user.password_hash):
             new_hash = await anyio.to_thread.run_sync(self.passwords.hash, password)
             await self.storage.put_user(attrs.evolve(user, password_hash=new_hash))

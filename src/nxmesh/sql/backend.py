@@ -28,6 +28,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    case,
     delete,
     func,
     insert,
@@ -91,6 +92,7 @@ class SqlStorage:
         self._engine: Engine | None = None
         # Set by backends whose connections cannot run in parallel (in-memory SQLite).
         self._serial: threading.Lock | None = None
+        self._login_failure_calls = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, *, keyring: MasterKeyring | None = None) -> Self:
@@ -753,6 +755,91 @@ class SqlStorage:
         stmt = delete(t.users).where(t.users.c.username == username)
         result = await self._run(lambda conn: conn.execute(stmt), write=True)
         return bool(result.rowcount)
+
+    # -- failed password logins (shared lockout) -----------------------------------------
+    # Optional storage methods: `nxmesh.plugins.auth_password` uses them when a backend
+    # has both, and keeps its counters in process memory otherwise.
+
+    _PRUNE_EVERY = 64
+
+    async def count_login_failure(
+        self,
+        username: str,
+        remote_addr: str,
+        *,
+        now: float,
+        threshold: int,
+        base_delay: float,
+        max_delay: float,
+        forget_after: float,
+    ) -> tuple[bool, int, float]:
+        """Count one login attempt of (`username`, `remote_addr`) as failed, unless locked.
+
+        One ``INSERT ... ON CONFLICT DO UPDATE ... WHERE ... RETURNING`` statement checks
+        the lock, increments the counter and sets the lock, so masters racing on one
+        database never lose an increment nor slip past a lock. The policy is the
+        in-memory one: a counter idle for more than `forget_after` seconds restarts at 1;
+        from `threshold` failures on, the key is locked for ``base_delay * 2**(failures -
+        threshold)`` seconds (exponent at most 32), at most `max_delay`. Times are epoch
+        seconds (`now`), comparable between masters.
+
+        :returns: ``(counted, failures, locked_until)``; ``counted`` is False when the key
+            was locked (nothing counted; `locked_until` says until when).
+        """
+        lf = t.auth_login_failures
+        stale = lf.c.last_failure < now - forget_after
+        new_failures = case((stale, 1), else_=lf.c.failures + 1)
+
+        def lock(failures: Any) -> Any:
+            whens: list[tuple[Any, float]] = []
+            for exponent in range(33):
+                delay = min(max_delay, base_delay * 2**exponent)
+                if delay >= max_delay:
+                    break
+                whens.append((failures == threshold + exponent, now + delay))
+            longest = now + min(max_delay, base_delay * 2**32)
+            return case(*whens, else_=longest) if whens else longest
+
+        first_lock = now + min(max_delay, base_delay) if threshold <= 1 else 0.0
+        self._login_failure_calls += 1
+        prune = self._login_failure_calls % self._PRUNE_EVERY == 0
+
+        def op(conn: Connection) -> tuple[bool, int, float]:
+            insert_ = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            stmt = insert_(lf).values(
+                username=username,
+                remote_addr=remote_addr,
+                failures=1,
+                locked_until=first_lock,
+                last_failure=now,
+            )
+            upsert = stmt.on_conflict_do_update(
+                index_elements=[lf.c.username, lf.c.remote_addr],
+                set_={
+                    "failures": new_failures,
+                    "locked_until": case(
+                        (new_failures >= threshold, lock(new_failures)), else_=lf.c.locked_until
+                    ),
+                    "last_failure": now,
+                },
+                where=(lf.c.locked_until <= now) | stale,
+            ).returning(lf.c.failures, lf.c.locked_until)
+            row = conn.execute(upsert).first()
+            if prune:
+                conn.execute(delete(lf).where(lf.c.last_failure < now - forget_after))
+            if row is not None:
+                return True, int(row.failures), float(row.locked_until)
+            key = (lf.c.username == username) & (lf.c.remote_addr == remote_addr)
+            locked = conn.execute(select(lf.c.failures, lf.c.locked_until).where(key)).one()
+            return False, int(locked.failures), float(locked.locked_until)
+
+        return await self._run(op, write=True)
+
+    async def clear_login_failures(self, username: str, remote_addr: str) -> None:
+        """Forget the failures of (`username`, `remote_addr`) after a successful login."""
+        lf = t.auth_login_failures
+        stmt = delete(lf).where((lf.c.username == username) & (lf.c.remote_addr == remote_addr))
+        await self._run(lambda conn: conn.execute(stmt), write=True)
 
     # -- rollout status ------------------------------------------------------------------
 

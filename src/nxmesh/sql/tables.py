@@ -33,6 +33,7 @@ __all__ = [
     "assignments",
     "audit_log",
     "auth_api_tokens",
+    "auth_login_failures",
     "auth_refresh_tokens",
     "bootstrap_tokens",
     "certificates",
@@ -226,4 +227,19 @@ auth_api_tokens = Table(
     Column("expires_at", Float),
     Column("last_used_at", Float),
     Column("revoked", Boolean, nullable=False),
+)
+
+# -- failed password logins (nxmesh.plugins.auth_password), shared by every master ----------
+# Keyed like the in-memory counter: (username, client address). No secrets; times are
+# epoch seconds. Rows idle for 2 x lockout_max_delay are stale and get pruned.
+
+auth_login_failures = Table(
+    "auth_login_failures",
+    metadata,
+    Column("username", Text, nullable=False),
+    Column("remote_addr", Text, nullable=False),
+    Column("failures", Integer, nullable=False),
+    Column("locked_until", Float, nullable=False),
+    Column("last_failure", Float, nullable=False, index=True),
+    PrimaryKeyConstraint("username", "remote_addr"),
 )
