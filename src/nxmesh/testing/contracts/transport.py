@@ -607,7 +607,9 @@ class TransportContract:
         self, transport_kit: TransportKit, tmp_path: Path
     ) -> None:
         """Keys rotate at half their lifetime while statuses flow; none is lost or refused."""
-        async with Mesh(transport_kit, tmp_path, key_lifetime=2.0) as mesh:
+        # 6 s: rotation comes at ~3 s and the old key stays valid 3 s more, a margin a
+        # loaded CI machine does not eat (2 s once did).
+        async with Mesh(transport_kit, tmp_path, key_lifetime=6.0) as mesh:
             creds = MemoryCredentialStore()
             token = await mesh.enrollment.create_token()
             agent = await mesh.start_agent(mesh.link(token=token.token, credentials=creds))
