@@ -105,6 +105,12 @@ class TestRollout:
         agent.start()
         body = wait_for("island boot", lambda: agent.body(fleet.web_port), logs=fleet.logs)
         assert body == "hello v2"
-        log = Path(agent.process.log).read_text()
-        assert "master.unreachable" in log or "cannot reach the master" in log
+
+        def reported_unreachable() -> bool:
+            # Polled, not read once: the cache boot and the link's first attempt run side
+            # by side, so the line can land just after nginx serves.
+            log = Path(agent.process.log).read_text()
+            return "master.unreachable" in log or "cannot reach the master" in log
+
+        wait_for("the master reported unreachable", reported_unreachable, logs=fleet.logs)
         m.start()  # leave the fleet whole for whatever runs next
