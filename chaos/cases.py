@@ -307,11 +307,13 @@ def wrk_applies(ctx: Context) -> CaseResult:
     workdir = Path(tempfile.mkdtemp(prefix="wrk-", dir=ctx.workdir))
     data = anyio.run(traffic, ctx.nginx, ctx.wrk, applies, workdir)
     result.details = data
-    judge_wrk(result, data)
+    # Three reloads (the quick mode, inside the test suite) are too few to compare read
+    # errors with nginx's own reloads: there the comparison is reported, not judged.
+    judge_wrk(result, data, judge_keepalive=not ctx.quick)
     return result
 
 
-def judge_wrk(result: CaseResult, data: dict[str, Any]) -> None:
+def judge_wrk(result: CaseResult, data: dict[str, Any], *, judge_keepalive: bool = True) -> None:
     """The pass/fail logic of `wrk_applies` (separate so tests can feed it numbers)."""
     close = data["agent/close"]
     result.check(
@@ -324,11 +326,15 @@ def judge_wrk(result: CaseResult, data: dict[str, Any]) -> None:
     raw_ka = data["raw/keepalive"]["read"] / applies
     # A graceful reload closes idle keep-alive connections whoever sends the HUP; the
     # agent must not lose more than nginx's own reload does (+25 %, +2 for noise).
-    result.check(
-        "keep-alive: read errors per reload at most the raw HUP baseline's",
-        agent_ka <= raw_ka * 1.25 + 2,
-        f"agent {agent_ka:.1f}/reload, raw nginx -s reload {raw_ka:.1f}/reload",
-    )
+    keepalive = f"agent {agent_ka:.1f}/reload, raw nginx -s reload {raw_ka:.1f}/reload"
+    if judge_keepalive:
+        result.check(
+            "keep-alive: read errors per reload at most the raw HUP baseline's",
+            agent_ka <= raw_ka * 1.25 + 2,
+            keepalive,
+        )
+    else:
+        result.details["keepalive_reported_not_judged"] = keepalive
     control = data["restart/close"]
     result.check(
         "control: restarting nginx instead of reloading loses requests (the harness sees loss)",

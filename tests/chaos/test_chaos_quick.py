@@ -67,6 +67,15 @@ class TestVerdictLogic:
         judge_wrk(result, worse)
         assert not result.passed
 
+    def test_quick_mode_reports_the_keepalive_comparison_without_judging_it(self) -> None:
+        """Three reloads are too few to compare: quick runs report the numbers only."""
+        worse = {**WRK_OK, "agent/keepalive": {"requests": 900, "errors": 300, "read": 300}}
+        result = CaseResult("wrk_applies", "t", bound_s=10)
+        judge_wrk(result, worse, judge_keepalive=False)
+        assert result.passed, result.checks
+        assert "agent 100.0/reload" in result.details["keepalive_reported_not_judged"]
+        assert all("keep-alive" not in c.what for c in result.checks)
+
     def test_overrun_error_or_no_checks_fail(self) -> None:
         ok = CaseResult("x", "t", bound_s=10)
         ok.check("holds", True)
