@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from nxmesh import hookimpl
+from nxmesh import websocket as _websocket
 from nxmesh.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
@@ -24,16 +25,9 @@ if TYPE_CHECKING:
         serve_websocket,
     )
 
-# The package `nxmesh.websocket` says which module defines each (imported on first use).
-_EXPORTS = (
-    "DEFAULT_MAX_MESSAGE",
-    "DEFAULT_PATH",
-    "SUBPROTOCOL",
-    "WebSocketChannel",
-    "WebSocketTransport",
-    "serve_websocket",
-)
-__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(_EXPORTS, "nxmesh.websocket"))
+# The package `nxmesh.websocket` (cheap: its own exports are lazy) lists the public names
+# and says which module defines each; they are imported on first use.
+__getattr__, __dir__ = lazy_exports(__name__, dict.fromkeys(_websocket.__all__, "nxmesh.websocket"))
 __all__ = [
     "DEFAULT_MAX_MESSAGE",
     "DEFAULT_PATH",
