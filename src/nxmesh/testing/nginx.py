@@ -31,12 +31,23 @@ http {{
 """
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A TCP port free on 127.0.0.1 right now, never one this process was given before.
+
+    The kernel may hand the same ephemeral port to two ``bind(0)`` calls when nothing
+    listens on it in between (Pebble's directory and the nginx it validates against
+    once got the same port), so ports already given out are skipped.
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 @attrs.define
