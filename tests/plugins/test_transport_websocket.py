@@ -48,16 +48,25 @@ class TestWebSocketSpecifics:
         assert registry.by_scheme("wss://master:8443/agent") is WebSocketTransport
 
     def test_the_entry_point_does_not_import_wsproto(self) -> None:
-        """Every process (every agent) imports the plugin module at start-up: it stays
-        thin, and its public names are imported on first use."""
+        """Every process (every agent) imports the plugin module at start-up and builds the
+        transport class: both stay thin; wsproto comes with the first connection."""
         code = (
-            "import sys\n"
+            "import sys, anyio\n"
             "import nxmesh.plugins.transport_websocket as plugin\n"
-            "heavy = sorted(m for m in ('wsproto', 'h11') if m in sys.modules)\n"
-            "assert not heavy, heavy\n"
+            "def heavy(): return sorted(m for m in ('wsproto', 'h11') if m in sys.modules)\n"
+            "assert not heavy(), heavy()\n"
             "assert plugin.SUBPROTOCOL == 'nxmesh.v1'\n"
-            "assert plugin.WebSocketTransport.name == 'websocket'\n"
-            "assert 'wsproto' in sys.modules\n"
+            "transport = plugin.WebSocketTransport()\n"
+            "assert transport.name == 'websocket'\n"
+            "assert not heavy(), heavy()\n"
+            "async def attempt():\n"
+            "    try:\n"
+            "        async with transport.connect('ws://127.0.0.1:9/agent'):\n"
+            "            pass\n"
+            "    except OSError:\n"
+            "        pass\n"
+            "anyio.run(attempt)\n"
+            "assert heavy() == ['h11', 'wsproto'], heavy()\n"
         )
         done = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=False

@@ -44,9 +44,9 @@ from nxmesh.core.errors import ConfigurationError, ProviderNotFoundError
 from nxmesh.core.runtime import StashKey
 from nxmesh.master.app import MasterServices, NoopOrchestrator
 from nxmesh.master.orchestration import RolloutOrchestrator
-from nxmesh.plugins.transport_websocket import SUBPROTOCOL
 from nxmesh.session_hub import MasterSessionHub, TransportHandler
 from nxmesh.transports import build_server, server_url
+from nxmesh.websocket.endpoint import SUBPROTOCOL
 
 __all__ = [
     "AGENT_PLANE",

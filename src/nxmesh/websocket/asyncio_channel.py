@@ -26,15 +26,6 @@ log = structlog.get_logger("nxmesh.transport.websocket")
 _MAX_READY: Final = 64  # parsed messages held before reading pauses
 
 
-def _on_asyncio() -> bool:
-    """Whether this runs on asyncio (trio takes the anyio stream path)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
-
-
 class _AsyncioWebSocket(asyncio.Protocol):
     """One WebSocket connection on asyncio's own transports, TLS included.
 

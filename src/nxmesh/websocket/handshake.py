@@ -17,10 +17,10 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Event, RejectConnection, Request
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
+from nxmesh.websocket.endpoint import DEFAULT_PATH, SUBPROTOCOL
+
 __all__ = ["DEFAULT_PATH", "SUBPROTOCOL"]
 
-SUBPROTOCOL: Final = "nxmesh.v1"
-DEFAULT_PATH: Final = "/agent"
 _MAX_HANDSHAKE: Final = 65536
 
 # Errors that end one connection without saying anything about the server.

@@ -1,7 +1,10 @@
 """`WebSocketTransport`: the master listens (`serve`), the agent connects (`connect`).
 
 On asyncio both use asyncio's own transports (`nxmesh.websocket.asyncio_channel`); on
-trio anyio byte streams (`nxmesh.websocket.streams`).
+trio anyio byte streams (`nxmesh.websocket.streams`). Those modules and the upgrade
+(`nxmesh.websocket.handshake`, wsproto) are imported on the first `serve` or `connect`:
+the transport registry builds this class in every agent, and an agent that reaches its
+master over gRPC never needs them (~2.5 MB).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import asyncio
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar, Final
 from urllib.parse import urlsplit
 
 import anyio
@@ -19,16 +22,11 @@ from anyio.abc import ByteStream, SocketAttribute, TaskStatus
 from anyio.streams.tls import TLSListener
 
 from nxmesh.core.interfaces import Channel, SessionHandler
-from nxmesh.websocket.asyncio_channel import _AsyncioWebSocket, _on_asyncio
+from nxmesh.websocket.endpoint import DEFAULT_PATH
 from nxmesh.websocket.frames import DEFAULT_MAX_MESSAGE
-from nxmesh.websocket.handshake import (
-    _CONNECTION_ERRORS,
-    DEFAULT_PATH,
-    _accept_upgrade,
-    _format_address,
-    _request_upgrade,
-)
-from nxmesh.websocket.streams import WebSocketChannel, _StreamIO, serve_websocket
+
+if TYPE_CHECKING:
+    from nxmesh.websocket.asyncio_channel import _AsyncioWebSocket
 
 __all__ = ["WebSocketTransport"]
 
@@ -98,6 +96,9 @@ class WebSocketTransport:
         if _on_asyncio():
             await self._serve_asyncio(handler, task_status)
             return
+        from nxmesh.websocket.handshake import _CONNECTION_ERRORS, _format_address
+        from nxmesh.websocket.streams import serve_websocket
+
         listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)
         port = listener.extra(SocketAttribute.local_port)  # noqa: S610 - anyio, not Django
         address = _format_address(self.host, port)
@@ -134,6 +135,9 @@ class WebSocketTransport:
 
     async def _serve_asyncio(self, handler: SessionHandler, task_status: TaskStatus[str]) -> None:
         """`serve` on asyncio's own transports (see `_AsyncioWebSocket`)."""
+        from nxmesh.websocket.asyncio_channel import _AsyncioWebSocket
+        from nxmesh.websocket.handshake import _format_address
+
         loop = asyncio.get_running_loop()
         accepted: asyncio.Queue[_AsyncioWebSocket] = asyncio.Queue()
 
@@ -160,6 +164,8 @@ class WebSocketTransport:
                 accepted.get_nowait().abort()
 
     async def _session_asyncio(self, handler: SessionHandler, conn: _AsyncioWebSocket) -> None:
+        from nxmesh.websocket.handshake import _CONNECTION_ERRORS, _accept_upgrade
+
         peer = conn.peer
         try:
             with anyio.fail_after(self.handshake_timeout):
@@ -175,6 +181,12 @@ class WebSocketTransport:
                 await handler(conn, peer)
             finally:
                 await conn.aclose()
+        except asyncio.CancelledError:
+            # Cancelled with the server: drop the connection now. A graceful TLS close
+            # needs an event loop that may be ending; left half-closed, the transport is
+            # collected later with an "unclosed transport" ResourceWarning.
+            conn.abort()
+            raise
         except (*_CONNECTION_ERRORS, TimeoutError) as exc:
             log.debug("websocket connection ended", peer=peer, error=repr(exc))
         except Exception:
@@ -204,6 +216,9 @@ class WebSocketTransport:
             await channel.aclose()
 
     async def _open(self, host: str, port: int, target: str, tls: bool) -> Channel:
+        from nxmesh.websocket.handshake import _format_address, _request_upgrade
+        from nxmesh.websocket.streams import WebSocketChannel, _StreamIO
+
         ctx = self.ssl_context if tls else None
         address = _format_address(host, port)
         if _on_asyncio():
@@ -231,6 +246,9 @@ class WebSocketTransport:
     async def _open_asyncio(
         self, host: str, port: int, address: str, target: str, ctx: ssl.SSLContext | None
     ) -> Channel:
+        from nxmesh.websocket.asyncio_channel import _AsyncioWebSocket
+        from nxmesh.websocket.handshake import _request_upgrade
+
         loop = asyncio.get_running_loop()
         conn = _AsyncioWebSocket(ctx, server_hostname=host)
         try:
@@ -245,7 +263,18 @@ class WebSocketTransport:
         return conn
 
 
+def _on_asyncio() -> bool:
+    """Whether this runs on asyncio (trio takes the anyio stream path)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _peer_of(stream: ByteStream) -> str:
+    from nxmesh.websocket.handshake import _format_address
+
     try:
         addr = stream.extra(SocketAttribute.remote_address)  # noqa: S610
     except anyio.TypedAttributeLookupError:
