@@ -13,6 +13,8 @@ Parts (each its own module, each usable alone):
 - `AgentApp` / `run_agent` — all of the above composed from plugins and settings.
 """
 
+from typing import TYPE_CHECKING
+
 from nxmesh.agent.app import AGENT, AgentApp, AgentTuning, choose_mode, run_agent
 from nxmesh.agent.applier import Applier
 from nxmesh.agent.cache import AgentCache, CacheEntry, CacheError
@@ -21,7 +23,6 @@ from nxmesh.agent.events import EventRecorder
 from nxmesh.agent.health import HealthMonitor
 from nxmesh.agent.layout import NginxLayout
 from nxmesh.agent.link import AgentHello, AgentSession, MasterLink
-from nxmesh.agent.masterless import StateFileSource, load_update
 from nxmesh.agent.metrics import AgentMetrics, serve_metrics
 from nxmesh.agent.verify import (
     pending_from_version,
@@ -30,6 +31,15 @@ from nxmesh.agent.verify import (
     verify_update,
 )
 from nxmesh.agent.watchdog import BackoffPolicy, Drift, Watchdog
+from nxmesh.core.lazy import lazy_exports
+
+# Masterless mode reads YAML state files (PyYAML): loaded by the agents that use it only.
+__getattr__, __dir__ = lazy_exports(
+    __name__, {"StateFileSource": ".masterless", "load_update": ".masterless"}
+)
+
+if TYPE_CHECKING:
+    from nxmesh.agent.masterless import StateFileSource, load_update
 
 __all__ = [
     "AGENT",

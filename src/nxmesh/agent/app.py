@@ -42,7 +42,6 @@ from nxmesh.agent.events import EventRecorder
 from nxmesh.agent.health import HealthMonitor
 from nxmesh.agent.layout import render_settings_of
 from nxmesh.agent.link import AgentSession, MasterLink
-from nxmesh.agent.masterless import StateFileSource, load_update
 from nxmesh.agent.metrics import AgentMetrics, serve_metrics
 from nxmesh.agent.watchdog import BackoffPolicy, Watchdog
 from nxmesh.core.errors import ConfigurationError, NxMeshError
@@ -56,6 +55,7 @@ from nxmesh.plugins.nginx_driver import DriverSettings
 from nxmesh.plugins.render_nginx import RenderSettings, renderer_for
 
 if TYPE_CHECKING:
+    from nxmesh.agent.masterless import StateFileSource
     from nxmesh.crypto.signing import VerifyKey
 
 __all__ = [
@@ -351,6 +351,8 @@ class AgentApp:
         try:
             report = await self.boot()
             if self.state_file is not None:
+                from nxmesh.agent.masterless import load_update
+
                 version, _digest = self.running()
                 update = await anyio.to_thread.run_sync(
                     load_update, self.pm, self.state_file, (version or 0) + 1
@@ -376,6 +378,10 @@ class AgentApp:
                 await tg.start(self.watchdog.run)
                 await tg.start(self.health.run)
                 if self.state_file is not None:
+                    # Imported here: only a masterless agent reads a state file (the
+                    # loader brings PyYAML).
+                    from nxmesh.agent.masterless import StateFileSource
+
                     entry = self.applier.current
                     last = (
                         (entry.update.version, entry.update.digest)

@@ -1,0 +1,88 @@
+"""What an agent connected to its master over gRPC holds in memory: guard the cheap wins.
+
+Its idle PSS (bench/results/convergence.json, "agent connected to its master") is mostly
+the code of the modules it imported. ``tests/bench/test_agent_footprint.py`` covers the
+masterless agent; this one runs a real master, a real agent and its nginx.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import Agent, make_fleet, site_state
+
+pytestmark = [pytest.mark.nginx]
+
+# Runs ``nxmesh`` like the harness does, plus a thread that writes sys.modules to a file
+# when asked: what the serving agent holds.
+DUMP = """
+import sys, threading, time
+from pathlib import Path
+
+ask, out = Path(sys.argv.pop()), Path(sys.argv.pop())
+
+def dump():
+    while not ask.exists():
+        time.sleep(0.02)
+    out.with_suffix(".tmp").write_text("\\n".join(sorted(sys.modules)))
+    out.with_suffix(".tmp").rename(out)
+
+threading.Thread(target=dump, daemon=True).start()
+from nxmesh.cli import main
+main(sys.argv[1:])
+"""
+
+# What an agent that reached its master over gRPC does without: the WebSocket fallback
+# (tried only when gRPC cannot connect), the state-file loader (PyYAML; masterless
+# agents only), the master's storage and API, the client commands' output.
+NOT_IN_A_GRPC_AGENT = (
+    "wsproto",
+    "h11",
+    "nxmesh.websocket.handshake",
+    "nxmesh.websocket.asyncio_channel",
+    "yaml",
+    "nxmesh.core.loader",
+    "nxmesh.agent.masterless",
+    "sqlalchemy",
+    "litestar",
+    "hypercorn",
+    "acme",
+    "nxmesh.cli.client_cmds",
+    "rich.progress",
+)
+
+
+def test_a_grpc_connected_agent_imports_neither_the_fallback_nor_the_state_loader(
+    tmp_path: Path, e2e_nginx: str
+) -> None:
+    with contextlib.contextmanager(make_fleet)(tmp_path, e2e_nginx, "grpc", agents=0) as fleet:
+        # The one agent runs under the dump wrapper, enrolled like `Agent.start` does it.
+        agent = Agent(tmp_path / "agent", "agent", "127.0.0.2", fleet.master, "grpc", e2e_nginx)
+        fleet.agents.append(agent)
+        token = agent.root / "bootstrap-token"
+        token.write_text(fleet.master.token(node=agent.name) + "\n")
+        token.chmod(0o600)
+        out, ask = tmp_path / "agent.modules", tmp_path / "agent.ask"
+        agent.process.args = [
+            *(sys.executable, "-c", DUMP, "--config", str(agent.config), "agent"),
+            *("--bootstrap-token-file", str(token), str(out), str(ask)),
+        ]
+        agent.process.start()
+        version = fleet.master.put_state(site_state(fleet.web_port, "footprint"), "footprint")
+        fleet.master.wait_converged(version["number"], agents=1, logs=fleet.logs)
+        fleet.wait_bodies("footprint")
+        ask.touch()
+        deadline = time.monotonic() + 30
+        while not out.exists():
+            assert agent.process.alive(), fleet.logs
+            assert time.monotonic() < deadline, "the agent never wrote its modules"
+            time.sleep(0.05)
+    modules = set(out.read_text().split())
+    assert {"nxmesh.agent.app", "nxmesh_transport_grpc.transport", "jinja2"} <= modules
+    regrown = [m for m in NOT_IN_A_GRPC_AGENT if m in modules]
+    assert regrown == []
