@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio.sslproto
+import contextlib
 import ssl
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from grpclib.exceptions import GRPCError, StreamTerminatedError
 
 from nxmesh.core.envelope import MessageType, seal, unseal
 from nxmesh.core.interfaces import Channel
@@ -20,7 +22,13 @@ from nxmesh.testing.contracts import TransportContract
 from nxmesh.testing.contracts.transport import Mesh, TransportKit
 from nxmesh_transport_grpc import GrpcSettings, GrpcTransport, client_context, server_context
 from nxmesh_transport_grpc._generated.agent_pb2 import Frame
-from nxmesh_transport_grpc.transport import _FrameCodec, _SmallQueue, wire_frame
+from nxmesh_transport_grpc.transport import (
+    _MESSAGE_PREFIX,
+    _FrameCodec,
+    _read_frame,
+    _SmallQueue,
+    wire_frame,
+)
 
 
 def _kit(settings: GrpcSettings | None = None) -> TransportKit:
@@ -158,6 +166,7 @@ class TestGrpcSpecifics:
                     with anyio.fail_after(30):
                         assert await channel.receive() == frame
                 assert channels[0]._h2_stream is not None  # the one-copy send path
+                assert channel._direct  # type: ignore[attr-defined]  # the one-copy read
                 inner = channels[0]._stream._stream
                 h2conn = inner.connection._connection
                 queues = [
@@ -184,6 +193,37 @@ class TestGrpcSpecifics:
         encoded = Frame(data=b"abc").SerializeToString() + b"\x10\x01"  # field 2 = 1
         assert _FrameCodec(1024).decode(encoded, Frame).data == b"abc"
 
+    @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 16_384, 70_000, 2**21 + 3])
+    async def test_client_reads_frames_straight_out_of_the_stream(self, size: int) -> None:
+        """`_read_frame` returns what grpclib's `recv_message` + the codec would, for
+        every size, then None at the end of the stream."""
+        frame = bytes(range(256)) * (size // 256) + bytes(size % 256)
+        stream = _FakeClientStream([wire_frame(frame), wire_frame(b"next")])
+        assert await _read_frame(stream) == frame
+        assert await _read_frame(stream) == b"next"
+        assert await _read_frame(stream) is None
+        assert stream._messages_received == 2
+
+    async def test_client_reads_other_encodings_through_the_codec(self) -> None:
+        """A large Frame with an unknown field, or a longer field header, still decodes;
+        a message cut short by the end of the stream is an error, not a short frame."""
+        data = b"x" * 70_000
+        extra = Frame(data=data).SerializeToString() + b"\x10\x01"  # field 2 = 1
+        long_varint = b"\n\xf0\xa2\x84\x00" + data  # 70,000 as a 4-byte varint
+        stream = _FakeClientStream([extra, long_varint])
+        assert await _read_frame(stream) == data
+        assert await _read_frame(stream) == data
+        cut = _FakeClientStream([wire_frame(data)], cut=1000)
+        with pytest.raises(StreamTerminatedError):
+            await _read_frame(cut)
+
+    async def test_client_read_is_bounded_before_buffering(self) -> None:
+        """The size limit applies to the announced length, before the body is read."""
+        stream = _FakeClientStream([wire_frame(b"x" * 70_000)], limit=64 * 1024)
+        with pytest.raises(GRPCError, match="exceeds"):
+            await _read_frame(stream)
+        assert stream._stream.read == 5
+
     def test_server_context_creates_a_ca_once(self, tmp_path: Path) -> None:
         """With TLS on and no files, the master creates its CA on first start and reuses it."""
         first = server_context(GrpcSettings(), tmp_path)
@@ -208,3 +248,27 @@ class TestGrpcSpecifics:
         assert config._keepalive_permit_without_calls is False
         assert config._keepalive_time is not None
         assert config._keepalive_time >= 2 * GrpcSettings().heartbeat_interval
+
+
+class _FakeBuffer:
+    """grpclib's HTTP/2 stream as `_read_frame` sees it: `recv_data` over gRPC messages."""
+
+    def __init__(self, messages: list[bytes], cut: int) -> None:
+        wire = b"".join(_MESSAGE_PREFIX.pack(False, len(m)) + m for m in messages)
+        self.data = wire[: len(wire) - cut]
+        self.read = 0
+        self.connection = type("Conn", (), {"messages_received": 0})()
+
+    async def recv_data(self, size: int) -> bytes:
+        chunk = self.data[self.read : self.read + size]
+        self.read += len(chunk)
+        return chunk
+
+
+class _FakeClientStream:
+    def __init__(self, messages: list[bytes], *, cut: int = 0, limit: int = 2**30) -> None:
+        self._recv_initial_metadata_done = True
+        self._wrapper = contextlib.nullcontext()
+        self._codec = _FrameCodec(limit)
+        self._messages_received = 0
+        self._stream = _FakeBuffer(messages, cut)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import socket
 import ssl
 import struct
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -405,6 +406,79 @@ class _AgentService(AgentServiceBase):
 # ---------------------------------------------------------------------------------------
 
 
+# Below this size a message is read whole and the frame sliced out of it (one read and a
+# small copy cost less than the two extra reads `_read_frame` makes).
+_DIRECT_READ_MIN: Final = 4096
+
+
+def _field_header_size(length: int) -> int:
+    """Bytes of protobuf field header (tag + varint) if a message of `length` bytes is the
+    plain single-field encoding of a `Frame`; 0 when no frame length fits."""
+    for k in range(1, 6):
+        n = length - 1 - k
+        if n >= 0 and max(1, (n.bit_length() + 6) // 7) == k:
+            return 1 + k
+    return 0
+
+
+def _direct_reads(stream: Any) -> bool:
+    """True when the client stream has the grpclib 0.4 internals `_read_frame` uses."""
+    inner = getattr(stream, "_stream", None)
+    return (
+        hasattr(inner, "recv_data")
+        and hasattr(inner, "connection")
+        and hasattr(stream, "_wrapper")
+        and hasattr(stream, "_recv_initial_metadata_done")
+        and hasattr(stream, "_messages_received")
+        and isinstance(getattr(stream, "_codec", None), _FrameCodec)
+    )
+
+
+async def _read_frame(stream: Any) -> bytes | None:
+    """grpclib's client `Stream.recv_message` for a `Frame`, with the frame read straight
+    out of the HTTP/2 stream: the gRPC prefix, then the protobuf field header, then the
+    frame itself, so a large version body is joined from its DATA frames once and not
+    copied again out of the message (`_parse_frame`). None at the end of the stream.
+
+    Other encodings of a `Frame` (unknown fields from a newer peer) go through the codec.
+    Listeners on grpclib's message events are skipped: this channel registers none.
+    """
+    if not stream._recv_initial_metadata_done:
+        await stream.recv_initial_metadata()
+    codec: _FrameCodec = stream._codec
+    with stream._wrapper:
+        inner = stream._stream
+        meta = await inner.recv_data(5)
+        if not meta:
+            return None
+        compressed, length = _MESSAGE_PREFIX.unpack(meta)
+        if compressed:
+            raise NotImplementedError("Compression not implemented")  # as grpclib
+        codec._check(length)
+        head_size = _field_header_size(length) if length >= _DIRECT_READ_MIN else 0
+        frame: bytes | None = None
+        if head_size:
+            head = await inner.recv_data(head_size)
+            if head == b"\n" + _varint(length - head_size):
+                frame = await inner.recv_data(length - head_size)
+                size = len(head) + len(frame)
+            else:
+                data = head + await inner.recv_data(length - head_size)
+                size = len(data)
+        else:
+            data = await inner.recv_data(length)
+            size = len(data)
+        if size != length:
+            raise StreamTerminatedError(f"stream ended inside a message ({size} of {length})")
+        if frame is None:
+            frame = codec.decode(data, Frame).data
+        stream._messages_received += 1
+        connection = inner.connection
+        connection.messages_received += 1
+        connection.last_message_received = time.monotonic()
+        return frame
+
+
 class _ClientChannel:
     """A `Channel` over the client side of one ``Stream`` call, plus the unary reports."""
 
@@ -412,6 +486,8 @@ class _ClientChannel:
         self._stream = stream
         self._stub = stub
         self._unary_timeout = unary_timeout
+        # grpclib's client stream internals (0.4): a release without them gets `_receive`.
+        self._direct = _direct_reads(stream)
 
     async def send(self, frame: bytes) -> None:
         kind = peek_type(frame)
@@ -426,7 +502,15 @@ class _ClientChannel:
             raise anyio.BrokenResourceError(str(exc)) from exc
 
     async def receive(self) -> bytes:
-        return await _receive(self._stream)
+        if not self._direct:
+            return await _receive(self._stream)
+        try:
+            frame = await _read_frame(self._stream)
+        except _STREAM_ERRORS as exc:
+            raise anyio.BrokenResourceError(str(exc)) from exc
+        if frame is None:
+            raise anyio.EndOfStream
+        return frame
 
     async def aclose(self) -> None:
         return None  # `GrpcTransport.connect` ends the call and closes the connection
