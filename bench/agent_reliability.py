@@ -178,9 +178,10 @@ def idle(
         "NXMESH_LOG_LEVEL": "warning",
         "NXMESH_DISABLE_PLUGINS": ",".join(disable),
     }
-    code = "from nxmesh.cli import main; main()"
+    # The daemon entry point deployments run (`nxmesh-agent`, see nxmesh.agent_daemon).
+    code = "from nxmesh.agent_daemon import main; main()"
     agent = subprocess.Popen(  # noqa: S603 - our own interpreter and CLI
-        [sys.executable, "-c", code, "agent", "--state", str(state_file)],
+        [sys.executable, "-c", code, "--state", str(state_file)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -29,4 +29,4 @@ ENV NXMESH_STATE_DIR=/var/lib/nxmesh-agent \
     NXMESH_LOG_FORMAT=json \
     PYTHONUNBUFFERED=1
 VOLUME ["/var/lib/nxmesh-agent"]
-ENTRYPOINT ["nxmesh", "agent"]
+ENTRYPOINT ["nxmesh-agent"]

@@ -64,17 +64,19 @@ from pathlib import Path
 def dump(ask=Path(sys.argv.pop()), out=Path(sys.argv.pop())):
     while not ask.exists():
         time.sleep(0.02)
-    out.with_suffix(".tmp").write_text("\\n".join(sorted(sys.modules)))
+    held = sorted(name for name, module in list(sys.modules.items()) if module is not None)
+    out.with_suffix(".tmp").write_text("\\n".join(held))
     out.with_suffix(".tmp").rename(out)
 
 threading.Thread(target=dump, daemon=True).start()
-from nxmesh.cli import main
+from nxmesh.agent_daemon import main
 main()
 """
 
 # Libraries (and our own modules pulling them in) an idle masterless agent does without:
 # the gRPC/WebSocket link and its wire crypto, the master's key checks, the client
-# commands' output (rich tables, progress bars), OpenTelemetry without a configured SDK.
+# commands' output, rich (the `nxmesh-agent` daemon keeps structlog from loading it),
+# OpenTelemetry without a configured SDK.
 NOT_IN_A_MASTERLESS_AGENT = (
     "cryptography",
     "opentelemetry",
@@ -91,8 +93,8 @@ NOT_IN_A_MASTERLESS_AGENT = (
     "nxmesh.cli.validate_cmd",
     "nxmesh.cli.versions_cmd",
     "nxmesh.cli.plugins_cmd",
-    "rich.progress",
-    "rich.live",
+    "rich",
+    "pygments",
 )
 
 
@@ -117,7 +119,7 @@ def _serving_agent_modules(tmp_path: Path, nginx: str, run: str) -> set[str]:
     log = tmp_path / f"{run}.log"
     with log.open("wb") as stderr:
         agent = subprocess.Popen(
-            [sys.executable, "-c", AGENT, "agent", "--state", str(state), str(out), str(ask)],
+            [sys.executable, "-c", AGENT, "--state", str(state), str(out), str(ask)],
             env=env,
             cwd=tmp_path,
             stderr=stderr,

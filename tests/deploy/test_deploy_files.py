@@ -20,6 +20,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from nxmesh.agent_daemon import agent_argv
 from nxmesh.cli import build_cli
 from nxmesh.core.pluginmanager import get_plugin_manager
 from nxmesh.core.settings import Settings, load_settings
@@ -66,10 +67,12 @@ def check_settings(environ: dict[str, str]) -> Settings:
 
 
 def assert_real_command(args: list[str]) -> None:
-    """``nxmesh <args...> --help`` works: the command exists with these options."""
-    assert args[0].endswith("nxmesh"), args
+    """``nxmesh <args...> --help`` (or ``nxmesh-agent <args...> --help``) works: the command
+    exists with these options."""
+    assert args[0].endswith(("nxmesh", "nxmesh-agent")), args
+    rest = agent_argv(args[1:]) if args[0].endswith("nxmesh-agent") else args[1:]
     cli: click.Group = build_cli([])
-    result = CliRunner().invoke(cli, [*args[1:], "--help"])
+    result = CliRunner().invoke(cli, [*rest, "--help"])
     assert result.exit_code == 0, f"nxmesh {' '.join(args[1:])} --help: {result.output}"
 
 
@@ -101,10 +104,10 @@ class TestSystemdUnits:
 
     @pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
     def test_execstart_is_a_real_command(self, path: Path) -> None:
-        """ExecStart names an ``nxmesh`` subcommand that exists."""
+        """ExecStart is ``nxmesh master`` or the agent daemon ``nxmesh-agent``, and works."""
         (command,) = parse_unit(path)["Service"]["ExecStart"]
         args = shlex.split(command)
-        assert args[1] in ("master", "agent")
+        assert args[1:2] == ["master"] or args[0].endswith("/nxmesh-agent"), args
         assert_real_command(args)
 
     @pytest.mark.parametrize("path", UNITS, ids=lambda p: p.name)
@@ -177,10 +180,11 @@ class TestDockerfiles:
 
     @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
     def test_entrypoint_is_a_real_command(self, path: Path) -> None:
-        """The exec-form ENTRYPOINT is ``nxmesh master`` / ``nxmesh agent`` and works."""
+        """The exec-form ENTRYPOINT is ``nxmesh master`` / ``nxmesh-agent`` and works."""
         (entrypoint,) = [a for i, a in self.instructions(path) if i == "ENTRYPOINT"]
         args = json.loads(entrypoint)
-        assert args == ["nxmesh", path.name.split(".")[0]]
+        expected = {"master": ["nxmesh", "master"], "agent": ["nxmesh-agent"]}
+        assert args == expected[path.name.split(".")[0]]
         assert_real_command(args)
 
     @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)

@@ -44,6 +44,10 @@ from nxmesh.testing.services import require_binary
 T = TypeVar("T")
 
 NXMESH = [sys.executable, "-c", "import sys; from nxmesh.cli import main; main(sys.argv[1:])"]
+# Agents run as deployments run them: the `nxmesh-agent` daemon entry point.
+NXMESH_AGENT = [
+    sys.executable, "-c", "import sys; from nxmesh.agent_daemon import main; main(sys.argv[1:])"
+]  # fmt: skip
 FAST_HASHING = {"argon2_time_cost": 1, "argon2_memory_kib": 8, "argon2_parallelism": 1}
 WORKSPACE = "default"
 
@@ -372,7 +376,7 @@ class Agent:
             },
         )
         self.process = Process(
-            self.name, [*NXMESH, "--config", str(self.config), "agent"],
+            self.name, [*NXMESH_AGENT, "--config", str(self.config)],
             self.root / "agent.log", self.root,
         )  # fmt: skip
 
@@ -399,10 +403,10 @@ class Agent:
             fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
                 f.write(token + "\n")
-            self.process.args = [*NXMESH, "--config", str(self.config), "agent",
+            self.process.args = [*NXMESH_AGENT, "--config", str(self.config),
                                  "--bootstrap-token-file", str(token_file)]  # fmt: skip
         else:
-            self.process.args = [*NXMESH, "--config", str(self.config), "agent"]
+            self.process.args = [*NXMESH_AGENT, "--config", str(self.config)]
         self.process.start()
 
     def stop(self) -> None:

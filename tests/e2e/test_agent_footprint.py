@@ -18,8 +18,8 @@ from .conftest import Agent, make_fleet, site_state
 
 pytestmark = [pytest.mark.nginx]
 
-# Runs ``nxmesh`` like the harness does, plus a thread that writes sys.modules to a file
-# when asked: what the serving agent holds.
+# Runs the ``nxmesh-agent`` daemon like the harness does, plus a thread that writes
+# sys.modules to a file when asked: what the serving agent holds.
 DUMP = """
 import sys, threading, time
 from pathlib import Path
@@ -29,17 +29,19 @@ ask, out = Path(sys.argv.pop()), Path(sys.argv.pop())
 def dump():
     while not ask.exists():
         time.sleep(0.02)
-    out.with_suffix(".tmp").write_text("\\n".join(sorted(sys.modules)))
+    held = sorted(name for name, module in list(sys.modules.items()) if module is not None)
+    out.with_suffix(".tmp").write_text("\\n".join(held))
     out.with_suffix(".tmp").rename(out)
 
 threading.Thread(target=dump, daemon=True).start()
-from nxmesh.cli import main
+from nxmesh.agent_daemon import main
 main(sys.argv[1:])
 """
 
 # What an agent that reached its master over gRPC does without: the WebSocket fallback
 # (tried only when gRPC cannot connect), the state-file loader (PyYAML; masterless
-# agents only), the master's storage and API, the client commands' output.
+# agents only), the master's storage and API, rich (the daemon keeps structlog from
+# loading it: `nxmesh.agent_daemon`).
 NOT_IN_A_GRPC_AGENT = (
     "wsproto",
     "h11",
@@ -53,11 +55,12 @@ NOT_IN_A_GRPC_AGENT = (
     "hypercorn",
     "acme",
     "nxmesh.cli.client_cmds",
-    "rich.progress",
+    "rich",
+    "pygments",
 )
 
 
-def test_a_grpc_connected_agent_imports_neither_the_fallback_nor_the_state_loader(
+def test_a_grpc_connected_agent_imports_neither_the_fallback_nor_the_state_loader_nor_rich(
     tmp_path: Path, e2e_nginx: str
 ) -> None:
     with contextlib.contextmanager(make_fleet)(tmp_path, e2e_nginx, "grpc", agents=0) as fleet:
@@ -69,7 +72,7 @@ def test_a_grpc_connected_agent_imports_neither_the_fallback_nor_the_state_loade
         token.chmod(0o600)
         out, ask = tmp_path / "agent.modules", tmp_path / "agent.ask"
         agent.process.args = [
-            *(sys.executable, "-c", DUMP, "--config", str(agent.config), "agent"),
+            *(sys.executable, "-c", DUMP, "--config", str(agent.config)),
             *("--bootstrap-token-file", str(token), str(out), str(ask)),
         ]
         agent.process.start()
