@@ -61,7 +61,7 @@ def test_tracebacks_are_still_logged_without_rich(fmt: str) -> None:
         "from nxmesh.core.logging import configure_logging\n"
         f"configure_logging('info', {fmt!r}, stream=sys.stdout)\n"
         "try:\n"
-        "    raise ValueError('boom postgresql://nx:hunter2@db/nx')\n"
+        "    raise ValueError('boom postgresql://nx:hunter2@db/nx password=hunter2')\n"
         "except ValueError:\n"
         "    structlog.get_logger('t').exception('failed', token='hunter2')\n"
         "assert sys.modules['rich'] is None\n"

@@ -12,7 +12,12 @@ from typing import Any
 import pytest
 import structlog
 
-from nxmesh.core.logging import configure_logging, is_secret_key, redact_url_passwords
+from nxmesh.core.logging import (
+    configure_logging,
+    is_secret_key,
+    redact_text,
+    redact_url_passwords,
+)
 
 
 class TTYStream(io.StringIO):
@@ -182,3 +187,32 @@ class TestRedaction:
         """Only the password part of a URL changes; URLs without one are untouched."""
         assert redact_url_passwords("a wss://u:p@h:1/x b") == "a wss://u:***@h:1/x b"
         assert redact_url_passwords("https://h/x?a=b") == "https://h/x?a=b"
+
+    @pytest.mark.parametrize(
+        ("text", "redacted"),
+        [
+            ("host=db password=hunter2 user=nx", "host=db password=*** user=nx"),
+            ("GET /x?token=abc&page=2", "GET /x?token=***&page=2"),
+            ("Settings(api_key='s3cr3t', key_id='k1')", "Settings(api_key='***', key_id='k1')"),
+            ('boom password="a b" end', 'boom password="***" end'),
+            ("a wss://u:p@h:1/x b", "a wss://u:***@h:1/x b"),
+            ("key_id=abc token_id=t1 path=/x", "key_id=abc token_id=t1 path=/x"),
+            ("password=*** secret=", "password=*** secret="),
+        ],
+    )
+    def test_redact_text_pairs_and_urls(self, text: str, redacted: str) -> None:
+        """Secret-looking ``name=value`` pairs (conninfo, query strings, reprs) and URL
+        passwords; identifiers and already-redacted values stay."""
+        assert redact_text(text) == redacted
+
+    def test_exception_text_is_redacted_in_both_formats(self) -> None:
+        """An exception whose message carries a libpq-style password is logged without it."""
+        for fmt in ("json", "console"):
+            out = io.StringIO()
+            configure_logging("info", fmt, stream=out)  # type: ignore[arg-type]
+            try:
+                raise ValueError("connect failed: host=db password=hunter2")
+            except ValueError:
+                structlog.get_logger("t").exception("failed")
+            assert "connect failed" in out.getvalue()
+            assert "hunter2" not in out.getvalue(), fmt

@@ -7,8 +7,9 @@ the same processors, so every line has the same shape and the same secret redact
 
 Redaction has two layers: a processor replaces the values of keys that look secret
 (``password``, ``token``, ``master_key``, an ``Authorization`` header...) with ``***``,
-and the rendered line has the password of any ``scheme://user:password@host`` URL
-replaced, which also covers exception messages and tracebacks.
+and the rendered line has the password of any ``scheme://user:password@host`` URL and
+the value of any secret-looking ``name=value`` pair (a libpq ``password=...``, a query
+string's ``token=...``) replaced, which also covers exception messages and tracebacks.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "configure_logging",
     "is_secret_key",
     "redact_secrets",
+    "redact_text",
     "redact_url_passwords",
 ]
 
@@ -63,6 +65,10 @@ _SECRET_ANYWHERE = ("secret", "password", "passwd", "authorization", "cookie")
 _NOT_SECRET_TAILS = frozenset({"id", "ids", "name", "names", "file", "path", "hash", "url"})
 _SPLIT = re.compile(r"[^0-9a-zA-Z]+|(?<=[a-z0-9])(?=[A-Z])")
 _URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/:@]*:)[^\s/@]+@")
+# ``name=value`` in free text: libpq conninfo, query strings, `repr` of settings objects.
+_PAIR = re.compile(
+    r"""(?P<name>\b[A-Za-z][A-Za-z0-9_\-]*)=(?P<value>'[^']*'|"[^"]*"|[^\s&;,)'"]+)"""
+)
 
 _HANDLER_MARK = "_nxmesh_handler"
 
@@ -84,6 +90,20 @@ def redact_url_passwords(text: str) -> str:
     return _URL_PASSWORD.sub(rf"\g<head>{REDACTED}@", text)
 
 
+def _redact_pair(match: re.Match[str]) -> str:
+    name, value = match["name"], match["value"]
+    if not is_secret_key(name) or value.strip("'\"") in ("", REDACTED):
+        return match[0]
+    quote = value[0] if value[0] in "'\"" else ""
+    return f"{name}={quote}{REDACTED}{quote}"
+
+
+def redact_text(text: str) -> str:
+    """`redact_url_passwords`, and the value of every secret-looking ``name=value`` pair
+    (``password=...``, ``api_key='...'``; ``key_id=...`` stays, see `is_secret_key`)."""
+    return _PAIR.sub(_redact_pair, redact_url_passwords(text))
+
+
 def _redact_value(key: str, value: Any) -> Any:
     if is_secret_key(key) and value not in (None, ""):
         return REDACTED
@@ -92,7 +112,7 @@ def _redact_value(key: str, value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(_redact_value("", v) for v in value)
     if isinstance(value, str):
-        return redact_url_passwords(value)
+        return redact_text(value)
     return value
 
 
@@ -103,10 +123,11 @@ def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) 
 
 def _redact_rendered(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> Any:
     # Runs after the renderer: `event_dict` is the rendered line by now. Tracebacks and
-    # exception messages are only text at this point, so URLs in them are caught here.
+    # exception messages are only text at this point, so URLs and pairs in them are
+    # caught here.
     rendered: Any = event_dict
     if isinstance(rendered, str):
-        return redact_url_passwords(rendered)
+        return redact_text(rendered)
     return rendered
 
 
