@@ -25,13 +25,18 @@ def agent_argv(argv: list[str]) -> list[str]:
 
     ``--config`` (and ``--version``) belong to the root command; everything else goes to
     ``agent``.
+
+    :raises ValueError: ``--config`` without a value.
     """
     root: list[str] = []
     rest: list[str] = []
     args = iter(argv)
     for arg in args:
         if arg == "--config":
-            root += [arg, next(args, "")]
+            value = next(args, None)
+            if value is None:
+                raise ValueError("option '--config' requires an argument")
+            root += [arg, value]
         elif arg.startswith("--config=") or arg == "--version":
             root.append(arg)
         else:
@@ -55,7 +60,12 @@ def keep_rich_out() -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point (``nxmesh-agent``)."""
     argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = agent_argv(argv)
+    except ValueError as exc:
+        print(f"Usage: nxmesh-agent [--config FILE] [OPTIONS]\nError: {exc}", file=sys.stderr)
+        sys.exit(2)
     keep_rich_out()
     from nxmesh.cli import main as cli_main
 
-    cli_main(agent_argv(argv))
+    cli_main(args)

@@ -26,6 +26,14 @@ def test_options_go_to_the_root_command_or_to_agent(argv: list[str], expected: l
     assert agent_argv(argv) == expected
 
 
+def test_config_without_a_file_is_a_usage_error() -> None:
+    with pytest.raises(ValueError, match="--config"):
+        agent_argv(["--once", "--config"])
+    done = _run("from nxmesh.agent_daemon import main; main(['--config'])")
+    assert done.returncode == 2
+    assert "'--config' requires an argument" in done.stderr
+
+
 def _run(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
