@@ -15,31 +15,62 @@ Parts (each its own module, each usable alone):
 
 from typing import TYPE_CHECKING
 
-from nxmesh.agent.app import AGENT, AgentApp, AgentTuning, choose_mode, run_agent
-from nxmesh.agent.applier import Applier
-from nxmesh.agent.cache import AgentCache, CacheEntry, CacheError
-from nxmesh.agent.coalescer import Coalescer
-from nxmesh.agent.events import EventRecorder
-from nxmesh.agent.health import HealthMonitor
-from nxmesh.agent.layout import NginxLayout
-from nxmesh.agent.link import AgentHello, AgentSession, MasterLink
-from nxmesh.agent.metrics import AgentMetrics, serve_metrics
-from nxmesh.agent.verify import (
-    pending_from_version,
-    sign_update,
-    update_signing_payload,
-    verify_update,
-)
-from nxmesh.agent.watchdog import BackoffPolicy, Drift, Watchdog
 from nxmesh.core.lazy import lazy_exports
 
-# Masterless mode reads YAML state files (PyYAML): loaded by the agents that use it only.
+# Imported on first use: plugins import this package's submodules (the reload driver
+# needs `nxmesh.agent.events`, `.layout`...), which must not load the whole agent — `app`
+# imports those plugins back. Masterless mode also brings PyYAML.
 __getattr__, __dir__ = lazy_exports(
-    __name__, {"StateFileSource": ".masterless", "load_update": ".masterless"}
+    __name__,
+    {
+        "AGENT": ".app",
+        "AgentApp": ".app",
+        "AgentTuning": ".app",
+        "choose_mode": ".app",
+        "run_agent": ".app",
+        "Applier": ".applier",
+        "AgentCache": ".cache",
+        "CacheEntry": ".cache",
+        "CacheError": ".cache",
+        "Coalescer": ".coalescer",
+        "EventRecorder": ".events",
+        "HealthMonitor": ".health",
+        "NginxLayout": ".layout",
+        "AgentHello": ".link",
+        "AgentSession": ".link",
+        "MasterLink": ".link",
+        "StateFileSource": ".masterless",
+        "load_update": ".masterless",
+        "AgentMetrics": ".metrics",
+        "serve_metrics": ".metrics",
+        "pending_from_version": ".verify",
+        "sign_update": ".verify",
+        "update_signing_payload": ".verify",
+        "verify_update": ".verify",
+        "BackoffPolicy": ".watchdog",
+        "Drift": ".watchdog",
+        "Watchdog": ".watchdog",
+    },
 )
 
 if TYPE_CHECKING:
+    from nxmesh.agent.app import AGENT, AgentApp, AgentTuning, choose_mode, run_agent
+    from nxmesh.agent.applier import Applier
+    from nxmesh.agent.cache import AgentCache, CacheEntry, CacheError
+    from nxmesh.agent.coalescer import Coalescer
+    from nxmesh.agent.events import EventRecorder
+    from nxmesh.agent.health import HealthMonitor
+    from nxmesh.agent.layout import NginxLayout
+    from nxmesh.agent.link import AgentHello, AgentSession, MasterLink
     from nxmesh.agent.masterless import StateFileSource, load_update
+    from nxmesh.agent.metrics import AgentMetrics, serve_metrics
+    from nxmesh.agent.verify import (
+        pending_from_version,
+        sign_update,
+        update_signing_payload,
+        verify_update,
+    )
+    from nxmesh.agent.watchdog import BackoffPolicy, Drift, Watchdog
 
 __all__ = [
     "AGENT",

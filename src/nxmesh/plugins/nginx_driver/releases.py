@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import json
 import os
 import re
@@ -44,9 +43,10 @@ _RELEASE = re.compile(r"^[0-9a-f]{16,128}(\.[0-9]+)?$")
 
 
 def _load_syncfs() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name, use_errno=True)
+        # The process's own symbols, libc's among them: no `ctypes.util.find_library`,
+        # which runs ldconfig (70 ms at every start).
+        libc = ctypes.CDLL(None, use_errno=True)
         fn: Callable[[int], int] = libc.syncfs
     except (OSError, AttributeError):
         return None
