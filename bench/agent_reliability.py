@@ -10,7 +10,7 @@
 ``restart/close``   the control: *restart* nginx instead of reloading it, ``Connection:
                     close``. It must show errors, proving the harness can see loss.
 
-**Idle agent** — a real ``nxmesh agent --state FILE`` process serving one site is left
+**Idle agent** — a real ``nxmesh-agent --state FILE`` process serving one site is left
 alone; its PSS (proportional set size: shared libraries counted by share) and CPU time
 are sampled over the window, once with every installed plugin loaded and once with the
 master-side plugins disabled (``disable_plugins``), as on an agent-only host. The goal is

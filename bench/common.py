@@ -8,7 +8,7 @@
 * load: `parse_wrk` and `under_wrk` (wrk against a live nginx while something runs);
 * processes: `pss_mb`, `bare_python_pss`;
 * fleets: `e2e_harness` loads the end-to-end harness of ``tests/e2e/conftest.py`` (a real
-  ``nxmesh master`` and real ``nxmesh agent`` processes, each agent with its own nginx)
+  ``nxmesh master`` and real ``nxmesh-agent`` processes, each agent with its own nginx)
   so benchmarks and chaos cases drive exactly what the end-to-end tests drive;
   `fleet` starts a master and enrolled agents with it; `shipped_agent_defaults` undoes
   the harness's test-speed driver knobs;

@@ -1,6 +1,6 @@
 """Fleet convergence: one change reaching 10 real nginx, NxMesh vs an Ansible playbook.
 
-``nxmesh``   a real ``nxmesh master`` (SQLite) and 10 real ``nxmesh agent`` processes
+``nxmesh``   a real ``nxmesh master`` (SQLite) and 10 real ``nxmesh-agent`` processes
              enrolled over gRPC, each supervising its own nginx on its own loopback
              address (``127.0.0.2`` … ``127.0.0.11``) — the end-to-end harness of
              ``tests/e2e``. Agents run with the driver's shipped defaults. One round: the
