@@ -27,6 +27,7 @@ from nxmesh_transport_grpc.transport import (
     _FrameCodec,
     _read_frame,
     _SmallQueue,
+    lean_data_frame_repr,
     wire_frame,
 )
 
@@ -223,6 +224,28 @@ class TestGrpcSpecifics:
         with pytest.raises(GRPCError, match="exceeds"):
             await _read_frame(stream)
         assert stream._stream.read == 5
+
+    @pytest.mark.parametrize("size", [0, 1, 9, 10, 11, 12, 16_384])
+    @pytest.mark.parametrize("pad", [None, 0, 3, 40])
+    def test_lean_data_frame_repr_gives_the_same_text(self, size: int, pad: int | None) -> None:
+        """The DATA frame repr `lean_frame_repr` installs reads only the bytes it shows and
+        says exactly what hyperframe's own says, padded or not, received or built."""
+        from hyperframe.frame import DataFrame
+        from hyperframe.frame import Frame as H2Frame
+
+        assert GrpcSettings().lean_frame_repr
+        assert lean_data_frame_repr()
+        assert lean_data_frame_repr()  # idempotent
+        data = bytes(range(1, 256)) * (size // 255) + bytes(range(1, 1 + size % 255))
+        built = DataFrame(1, data)
+        if pad is not None:
+            built.flags.add("PADDED")
+            built.pad_length = pad
+        received, _ = DataFrame.parse_frame_header(memoryview(built.serialize()[:9]))
+        received.parse_body(memoryview(built.serialize()[9:]))
+        for frame in (built, received):
+            assert frame._body_repr._nxmesh_lean  # type: ignore[attr-defined]
+            assert frame._body_repr() == H2Frame._body_repr(frame)  # hyperframe's own
 
     def test_server_context_creates_a_ca_once(self, tmp_path: Path) -> None:
         """With TLS on and no files, the master creates its CA on first start and reuses it."""

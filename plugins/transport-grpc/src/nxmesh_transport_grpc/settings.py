@@ -41,6 +41,12 @@ class GrpcSettings:
     # small lists (~19 KB less per agent). It touches those libraries' internals (versions
     # bounded in pyproject.toml); false keeps their containers untouched.
     compact_connections: bool = True
+    # Master and agent: h2 builds repr() of every frame it receives for a trace log it then
+    # drops, and hyperframe's DATA frame repr copies and hexes the whole body (an agent
+    # reading a 64 KB version: ~200 KB of garbage). True swaps that repr for one giving
+    # the same text from the bytes it shows (`lean_data_frame_repr`; hyperframe internals,
+    # version bounded in pyproject.toml); false leaves hyperframe untouched.
+    lean_frame_repr: bool = True
     # TLS material. Master: certificate + key to serve (default: created under the state
     # directory, signed by a CA the master creates on first start). Agent: the CA to pin.
     ca_file: Path | None = None

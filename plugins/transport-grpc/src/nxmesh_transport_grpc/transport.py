@@ -58,6 +58,7 @@ from nxmesh_transport_grpc.settings import GrpcSettings
 __all__ = [
     "GrpcTransport",
     "client_context",
+    "lean_data_frame_repr",
     "limit_tls_read_buffer",
     "server_context",
     "wire_frame",
@@ -122,6 +123,46 @@ def limit_tls_read_buffer(size: int) -> int:
         log.info("asyncio TLS read buffer lowered", bytes=size, was=current)
         return size
     return current
+
+
+_REPR_PREFIX: Final = 11  # body bytes `_raw_data_repr` ends up showing (20 hex digits + 1)
+
+
+def lean_data_frame_repr() -> bool:
+    """Make hyperframe's ``DataFrame`` repr read only the bytes it shows, process-wide.
+
+    h2 formats ``repr(frame)`` for every frame it receives, for a trace log line it then
+    drops (``H2Connection._receive_frame``). A DATA frame's repr copies its whole body
+    (``serialize_body``) and hexes it (``_raw_data_repr``) to keep 20 hex digits: for an
+    agent reading a 64 KB version that is about 200 KB of garbage per push. The repr
+    given here is the same text, built from the first 11 bytes of the body.
+
+    Reaches into hyperframe (bounded to 6.x in pyproject.toml); when its layout is not the
+    one this was written for, nothing is changed and False is returned.
+    """
+    from hyperframe import frame as hf
+
+    cls: Any = hf.DataFrame
+    if getattr(cls._body_repr, "_nxmesh_lean", False):
+        return True
+    raw_repr = getattr(hf, "_raw_data_repr", None)
+    if (
+        raw_repr is None
+        or cls._body_repr is not hf.Frame._body_repr
+        or not hasattr(cls, "serialize_padding_data")
+    ):
+        return False  # pragma: no cover - a hyperframe release changed it
+
+    def _body_repr(self: Any) -> str:
+        # serialize_body() is padding length byte + data + padding; only its head shows.
+        head = self.serialize_padding_data() + bytes(self.data[:_REPR_PREFIX])
+        if len(head) < _REPR_PREFIX and self.pad_length:
+            head += bytes(min(self.pad_length, _REPR_PREFIX - len(head)))
+        return str(raw_repr(head[:_REPR_PREFIX]))
+
+    _body_repr._nxmesh_lean = True  # type: ignore[attr-defined]
+    cls._body_repr = _body_repr
+    return True
 
 
 def _varint(n: int) -> bytes:
@@ -596,6 +637,8 @@ class GrpcTransport:
         address = _format_address(self.host, sock.getsockname()[1])
         if self.ssl_context is not None and self.settings.tls_read_buffer_bytes:
             limit_tls_read_buffer(self.settings.tls_read_buffer_bytes)
+        if self.settings.lean_frame_repr:
+            lean_data_frame_repr()
         server = Server(
             [
                 _AgentService(
@@ -633,6 +676,8 @@ class GrpcTransport:
         tls = parts.scheme == "grpcs"
         if tls and self.ssl_context is None:
             raise ValueError("a grpcs:// URL needs an ssl_context pinning the master's CA")
+        if self.settings.lean_frame_repr:
+            lean_data_frame_repr()
         channel = GrpcChannel(
             parts.hostname,
             parts.port or 443,
