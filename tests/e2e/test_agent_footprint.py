@@ -57,6 +57,8 @@ NOT_IN_A_GRPC_AGENT = (
     "nxmesh.cli.client_cmds",
     "rich",
     "pygments",
+    "difflib",  # did-you-mean hints and drift diffs only
+    "nxmesh.config.diff",
 )
 
 

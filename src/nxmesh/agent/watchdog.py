@@ -21,7 +21,6 @@ seconds, then one trial restart (half-open) either closes it or opens it again.
 
 from __future__ import annotations
 
-import difflib
 import time
 from collections import deque
 from collections.abc import Mapping
@@ -71,6 +70,8 @@ class Drift:
 
 def file_diff(expected: Mapping[str, bytes], actual: Mapping[str, bytes]) -> str:
     """A unified diff, file by file, from the expected tree to the live one."""
+    from difflib import unified_diff  # here: only drift needs it
+
     out: list[str] = []
     for path in sorted(set(expected) | set(actual)):
         a, b = expected.get(path), actual.get(path)
@@ -83,7 +84,7 @@ def file_diff(expected: Mapping[str, bytes], actual: Mapping[str, bytes]) -> str
         new = [] if b is None else b.decode("utf-8", "replace").splitlines(keepends=True)
         from_name = f"expected/{path}" if a is not None else "/dev/null"
         to_name = f"live/{path}" if b is not None else "/dev/null"
-        for line in difflib.unified_diff(old, new, from_name, to_name):
+        for line in unified_diff(old, new, from_name, to_name):
             out.append(line if line.endswith("\n") else line + "\n")
         if sum(map(len, out)) > MAX_DIFF:
             out.append("... (diff truncated)\n")

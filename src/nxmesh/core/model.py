@@ -15,7 +15,6 @@ which is spelled ``return`` (see the ``key`` metadata, honoured by the converter
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal, TypeVar
@@ -24,6 +23,7 @@ import attrs
 
 from nxmesh.core import validation as v
 from nxmesh.core.errors import Problem
+from nxmesh.core.hints import closest
 
 __all__ = [
     "Agent",
@@ -522,8 +522,8 @@ def _unknown(kind: str, name: str, known: Iterable[str]) -> str:
     known = list(known)
     if not known:
         return f"refers to {kind} {name!r}, but no {kind}s are defined"
-    close = difflib.get_close_matches(name, known, n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    close = closest(name, known)
+    hint = f" (did you mean {close!r}?)" if close else ""
     return f"refers to unknown {kind} {name!r}{hint}"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterator
 from typing import Any, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -11,6 +10,7 @@ import attrs
 import pluggy
 
 from nxmesh.core.errors import DuplicateProviderError, NxMeshError, ProviderNotFoundError
+from nxmesh.core.hints import closest
 
 __all__ = ["PROVIDER_HOOKS", "ProviderRegistries", "ProviderRegistry", "RegisteredProvider"]
 
@@ -94,8 +94,8 @@ class ProviderRegistry(Generic[T]):
         return len(self._entries)
 
     def _unknown(self, name: str) -> str:
-        hint = difflib.get_close_matches(name, self._entries, n=1)
-        did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+        hint = closest(name, self._entries)
+        did_you_mean = f"; did you mean {hint!r}?" if hint else ""
         return (
             f"no {self.kind} provider named {name!r}{did_you_mean} "
             f"(known: {', '.join(self.names()) or 'none'})"

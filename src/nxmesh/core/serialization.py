@@ -13,7 +13,6 @@ Paths use attribute names joined by ``.``, list indices and mapping keys in brac
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
@@ -31,6 +30,7 @@ from cattrs.errors import (
 from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, override
 
 from nxmesh.core.errors import Problem, ValidationError
+from nxmesh.core.hints import closest
 from nxmesh.core.model import (
     DesiredState,
     FrozenMap,
@@ -274,9 +274,9 @@ def _key_path(path: str, key: object) -> str:
 
 def _unknown_key_message(cl: type[Any], key: object) -> str:
     allowed = sorted(_keys_of(cl).values())
-    close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    close = closest(str(key), allowed)
     if close:
-        return f"unknown field {key!r}; did you mean {close[0]!r}?"
+        return f"unknown field {key!r}; did you mean {close!r}?"
     listing = ", ".join(allowed)
     if any(hint in str(key).lower() for hint in _DIRECTIVE_HINTS):
         return (

@@ -17,7 +17,6 @@ double underscore: ``log_level`` â†’ ``NXMESH_LOG_LEVEL``, ``master.api_port`` â
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import tomllib
@@ -32,6 +31,7 @@ import cattrs
 import pluggy
 
 from nxmesh.core.errors import ConfigurationError
+from nxmesh.core.hints import closest
 from nxmesh.core.logging import (
     LOG_FORMATS,
     LOG_LEVELS,
@@ -659,8 +659,8 @@ def _fields(cls: type[Any]) -> list[attrs.Attribute[Any]]:
 
 
 def _did_you_mean(name: str, candidates: Iterator[str] | Sequence[str] | Mapping[str, Any]) -> str:
-    hint = difflib.get_close_matches(name, list(candidates), n=1)
-    return f"; did you mean {hint[0]!r}?" if hint else ""
+    hint = closest(name, candidates)
+    return f"; did you mean {hint!r}?" if hint else ""
 
 
 # ---------------------------------------------------------------------------------------
