@@ -20,6 +20,7 @@ import anyio
 from nxmesh.agent.harness import multi_site_state
 from nxmesh.agent.http import http_get
 from nxmesh.core.serialization import unstructure
+from nxmesh.testing.footprint import agent_with_module_dump, held_modules
 from nxmesh.testing.nginx import free_port
 
 CODE = """
@@ -54,24 +55,6 @@ def test_the_agents_master_link_imports_no_master_side_library(tmp_path: Path) -
     ).stdout
     assert out.strip().splitlines()[-1] == "[]"
 
-
-# A masterless ``nxmesh agent --state FILE`` (bench/agent_reliability.py's idle agent) with a
-# thread that writes sys.modules to a file when asked: what the serving agent holds.
-AGENT = """
-import sys, threading, time
-from pathlib import Path
-
-def dump(ask=Path(sys.argv.pop()), out=Path(sys.argv.pop())):
-    while not ask.exists():
-        time.sleep(0.02)
-    held = sorted(name for name, module in list(sys.modules.items()) if module is not None)
-    out.with_suffix(".tmp").write_text("\\n".join(held))
-    out.with_suffix(".tmp").rename(out)
-
-threading.Thread(target=dump, daemon=True).start()
-from nxmesh.agent_daemon import main
-main()
-"""
 
 # Libraries (and our own modules pulling them in) an idle masterless agent does without:
 # the gRPC/WebSocket link and its wire crypto, the master's key checks, the client
@@ -115,11 +98,11 @@ def _serving_agent_modules(tmp_path: Path, nginx: str, run: str) -> set[str]:
         # The example plugin overrides templates, which are compiled (jinja2) at start.
         "NXMESH_DISABLE_PLUGINS": "hello",
     }
-    out, ask = tmp_path / f"{run}.modules", tmp_path / f"{run}.ask"
+    out = tmp_path / f"{run}.modules"
     log = tmp_path / f"{run}.log"
     with log.open("wb") as stderr:
         agent = subprocess.Popen(
-            [sys.executable, "-c", AGENT, "--state", str(state), str(out), str(ask)],
+            agent_with_module_dump(["--state", str(state)], out),
             env=env,
             cwd=tmp_path,
             stderr=stderr,
@@ -132,11 +115,7 @@ def _serving_agent_modules(tmp_path: Path, nginx: str, run: str) -> set[str]:
             assert agent.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "the agent never served its state file"
             time.sleep(0.05)
-        ask.touch()
-        while not out.exists():
-            assert agent.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the agent never wrote its modules"
-            time.sleep(0.05)
+        modules = held_modules(out, alive=lambda: agent.poll() is None)
     finally:
         agent.send_signal(signal.SIGTERM)
         try:
@@ -144,7 +123,7 @@ def _serving_agent_modules(tmp_path: Path, nginx: str, run: str) -> set[str]:
         except subprocess.TimeoutExpired:
             agent.kill()
             agent.wait()
-    return set(out.read_text().split())
+    return modules
 
 
 async def _body(port: int) -> str:

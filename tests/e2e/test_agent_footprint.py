@@ -8,35 +8,15 @@ masterless agent; this one runs a real master, a real agent and its nginx.
 from __future__ import annotations
 
 import contextlib
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from nxmesh.testing.footprint import agent_with_module_dump, held_modules
+
 from .conftest import Agent, make_fleet, site_state
 
 pytestmark = [pytest.mark.nginx]
-
-# Runs the ``nxmesh-agent`` daemon like the harness does, plus a thread that writes
-# sys.modules to a file when asked: what the serving agent holds.
-DUMP = """
-import sys, threading, time
-from pathlib import Path
-
-ask, out = Path(sys.argv.pop()), Path(sys.argv.pop())
-
-def dump():
-    while not ask.exists():
-        time.sleep(0.02)
-    held = sorted(name for name, module in list(sys.modules.items()) if module is not None)
-    out.with_suffix(".tmp").write_text("\\n".join(held))
-    out.with_suffix(".tmp").rename(out)
-
-threading.Thread(target=dump, daemon=True).start()
-from nxmesh.agent_daemon import main
-main(sys.argv[1:])
-"""
 
 # What an agent that reached its master over gRPC does without: the WebSocket fallback
 # (tried only when gRPC cannot connect), the state-file loader (PyYAML; masterless
@@ -72,22 +52,15 @@ def test_a_grpc_connected_agent_imports_neither_the_fallback_nor_the_state_loade
         token = agent.root / "bootstrap-token"
         token.write_text(fleet.master.token(node=agent.name) + "\n")
         token.chmod(0o600)
-        out, ask = tmp_path / "agent.modules", tmp_path / "agent.ask"
-        agent.process.args = [
-            *(sys.executable, "-c", DUMP, "--config", str(agent.config)),
-            *("--bootstrap-token-file", str(token), str(out), str(ask)),
-        ]
+        out = tmp_path / "agent.modules"
+        agent.process.args = agent_with_module_dump(
+            ["--config", str(agent.config), "--bootstrap-token-file", str(token)], out
+        )
         agent.process.start()
         version = fleet.master.put_state(site_state(fleet.web_port, "footprint"), "footprint")
         fleet.master.wait_converged(version["number"], agents=1, logs=fleet.logs)
         fleet.wait_bodies("footprint")
-        ask.touch()
-        deadline = time.monotonic() + 30
-        while not out.exists():
-            assert agent.process.alive(), fleet.logs
-            assert time.monotonic() < deadline, "the agent never wrote its modules"
-            time.sleep(0.05)
-    modules = set(out.read_text().split())
+        modules = held_modules(out, alive=agent.process.alive)
     assert {"nxmesh.agent.app", "nxmesh_transport_grpc.transport", "jinja2"} <= modules
     regrown = [m for m in NOT_IN_A_GRPC_AGENT if m in modules]
     assert regrown == []
