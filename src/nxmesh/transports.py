@@ -112,6 +112,33 @@ def master_ssl_context(settings: Settings, cls: type[Any]) -> ssl.SSLContext:
     return server_ssl_context(files)
 
 
+def api_tls_files(settings: Settings) -> tuple[Path, Path] | None:
+    """Certificate and key (PEM paths) the master's API serves HTTPS with, or None when
+    ``master.api_tls`` is off: ``master.api_cert_file`` + ``api_key_file``, else the
+    certificate the gRPC listener serves from the master's own CA (one set of host names
+    for both listeners, so neither re-issues the other's; ``[plugins.transport_grpc]
+    hostnames``).
+
+    :raises ConfigurationError: a named file is missing.
+    """
+    master = settings.master
+    if not master.api_tls:
+        return None
+    if master.api_cert_file is not None and master.api_key_file is not None:
+        for name, path in (
+            ("api_cert_file", master.api_cert_file),
+            ("api_key_file", master.api_key_file),
+        ):
+            if not path.is_file():
+                raise ConfigurationError(f"master.{name}: {path}: no such file")
+        return master.api_cert_file, master.api_key_file
+    from nxmesh.tls import ensure_tls_material
+
+    names = _hostnames(settings, transport_section(settings, "grpc"))
+    files = ensure_tls_material(settings.state_dir / "tls", hostnames=names)
+    return files.cert, files.key
+
+
 def server_url(cls: type[Any], settings: Settings, port: int) -> str:
     """Where the master serves transport `cls`: ``<scheme>://<api_host>:<port>``."""
     scheme = tls_scheme(cls) if uses_tls(cls, settings) else None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -164,6 +165,7 @@ class Master:
     event_bus_url: str = "memory://"
     api_port: int = attrs.field(factory=free_port)
     grpc_port: int = attrs.field(factory=free_port)
+    api_tls: bool = False
     process: Process = attrs.field(init=False)
     _token: str | None = None
 
@@ -183,6 +185,7 @@ class Master:
                     "grpc_port": self.grpc_port,
                     "transports": ["grpc", "websocket"],
                     "heartbeat_interval": 5.0,
+                    "api_tls": self.api_tls,
                 },
                 "auth": FAST_HASHING,
             },
@@ -198,7 +201,12 @@ class Master:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
+        return f"{'https' if self.api_tls else 'http'}://127.0.0.1:{self.api_port}"
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What the API client trusts: the master's own CA when the API serves HTTPS."""
+        return ssl.create_default_context(cafile=self.ca_file) if self.api_tls else True
 
     @property
     def ca_file(self) -> Path:
@@ -226,7 +234,9 @@ class Master:
     def _ready(self) -> bool:
         if not self.process.alive():
             pytest.fail(f"nxmesh master exited:\n{_tail(self.process.log)}")
-        return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+        if self.api_tls and not self.ca_file.exists():
+            return False
+        return httpx.get(f"{self.url}/readyz", timeout=2, verify=self.verify).status_code == 200
 
     def _plane_ready(self) -> bool:
         return "agent transports ready" in self.process.log.read_text(errors="replace")[-20000:]
@@ -245,6 +255,7 @@ class Master:
             f"{self.url}/api/v1/auth/login",
             json={"username": "admin", "password": password},
             timeout=10,
+            verify=self.verify,
         )
         response.raise_for_status()
         token: str = response.json()["access_token"]
@@ -258,6 +269,7 @@ class Master:
             f"{self.url}/api/v1{path}",
             headers={"Authorization": f"Bearer {self._token}"},
             timeout=15,
+            verify=self.verify,
             **kwargs,
         )
         if response.status_code == 401:  # a restarted master keeps its keys; expired?
@@ -300,7 +312,10 @@ class Master:
         if self._token is None:
             self._token = self._login()
         response = httpx.get(
-            f"{self.url}/metrics", headers={"Authorization": f"Bearer {self._token}"}, timeout=10
+            f"{self.url}/metrics",
+            headers={"Authorization": f"Bearer {self._token}"},
+            timeout=10,
+            verify=self.verify,
         )
         response.raise_for_status()
         return response.text

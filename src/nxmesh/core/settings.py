@@ -124,6 +124,11 @@ def _urls(_inst: object, attribute: attrs.Attribute[tuple[str, ...]], value: Any
             )
 
 
+def _cert_and_key(inst: Any, attribute: attrs.Attribute[Path | None], value: Path | None) -> None:
+    if (inst.api_cert_file is None) != (value is None):
+        raise ValueError("master.api_cert_file and master.api_key_file go together: set both")
+
+
 def _path(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not value.startswith("/") or any(c in value for c in " ?#"):
         raise ValueError(f"{attribute.name} must be a URL path such as '/agent', got {value!r}")
@@ -167,6 +172,7 @@ def _url_repr(value: str) -> str:
 class MasterSettings:
     """``[master]``: where the master listens and which transports it serves.
 
+    The API serves HTTPS when `api_tls` is on (see `nxmesh.transports.api_tls_files`).
     The WebSocket transport is mounted on the API's own listener at `websocket_path`
     (same address, same TLS as the API); the gRPC transport listens on `grpc_port` (same
     host as the API) with TLS from the master's own CA unless its plugin section says
@@ -175,6 +181,12 @@ class MasterSettings:
 
     api_host: str = "127.0.0.1"
     api_port: int = attrs.field(default=8470, validator=_port)
+    # HTTPS for the API and the agent WebSocket on it: the certificate the gRPC listener
+    # serves (the master's own CA, `<state_dir>/tls`, what agents pin), or
+    # `api_cert_file` + `api_key_file` (PEM, e.g. from a public CA).
+    api_tls: bool = False
+    api_cert_file: Path | None = None
+    api_key_file: Path | None = attrs.field(default=None, validator=_cert_and_key)
     grpc_port: int = attrs.field(default=8471, validator=_port)
     transports: tuple[str, ...] = attrs.field(default=("grpc", "websocket"), validator=_names)
     websocket_path: str = attrs.field(default="/agent", validator=_path)

@@ -23,6 +23,7 @@ from typing import Any, Final
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import pluggy
 import sniffio
 import structlog
@@ -31,6 +32,7 @@ from hypercorn.config import Config
 from nxmesh.core.runtime import Runtime, StashKey, run
 from nxmesh.core.settings import Settings, load_settings
 from nxmesh.master.app import MasterServices, build_app, open_services
+from nxmesh.transports import api_tls_files
 
 __all__ = [
     "API_ADDRESS",
@@ -93,17 +95,24 @@ async def serve_api(
     host: str = "127.0.0.1",
     port: int = 0,
     graceful_timeout: float = GRACEFUL_TIMEOUT,
+    tls: tuple[Path, Path] | None = None,
     task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI `app` on ``host:port`` until cancelled; report ``host:port`` when ready.
 
     Runs on asyncio and trio (hypercorn's matching worker). Readiness means the socket is
     listening: connections made from then on are accepted once hypercorn started.
+
+    :param tls: certificate and key files (PEM): serve HTTPS (TLS ≥ 1.2) instead of HTTP.
     """
+    config = Config()
+    if tls is not None:
+        config.certfile, config.keyfile = (str(path) for path in tls)
+        config.create_ssl_context()  # before binding: a certificate that does not load fails
     sock = _listen(host, port)
     address = _address(sock)
-    config = Config()
     # hypercorn adopts the descriptor (and closes it); the Python object lets go of it.
+    # With a certificate it serves `bind` over TLS.
     config.bind = [f"fd://{sock.detach()}"]
     config.graceful_timeout = graceful_timeout
     config.accesslog = None  # the request_context middleware logs requests (structlog)
@@ -129,7 +138,7 @@ async def serve_api(
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(hypercorn_worker)
-        log.info("API listening", address=f"http://{address}")
+        log.info("API listening", address=f"{'https' if tls else 'http'}://{address}")
         task_status.started(address)
         try:
             await finished.wait()  # hypercorn only returns by itself when it failed
@@ -158,20 +167,27 @@ async def run_master(
 
         api: Any = build_app(services)
         app = AgentWebSocketMount(api, services, path=settings.master.websocket_path)
+        tls = await anyio.to_thread.run_sync(api_tls_files, settings)
         address = await tg.start(
-            _serve_named, app, settings.master.api_host, settings.master.api_port
+            _serve_named, app, settings.master.api_host, settings.master.api_port, tls
         )
         services.stash[API_ADDRESS] = address
         for component in components:
             await tg.start(component, services)
-        log.info("master running", api=f"http://{address}", docs=f"http://{address}/docs")
+        url = f"{'https' if tls else 'http'}://{address}"
+        log.info("master running", api=url, docs=f"{url}/docs")
         await anyio.sleep_forever()
 
 
 async def _serve_named(
-    app: Any, host: str, port: int, *, task_status: anyio.abc.TaskStatus[str]
+    app: Any,
+    host: str,
+    port: int,
+    tls: tuple[Path, Path] | None,
+    *,
+    task_status: anyio.abc.TaskStatus[str],
 ) -> None:
-    await serve_api(app, host=host, port=port, task_status=task_status)
+    await serve_api(app, host=host, port=port, tls=tls, task_status=task_status)
 
 
 def main(
