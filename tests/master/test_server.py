@@ -3,7 +3,9 @@ through the core runtime, the events WebSocket on the wire, and a clean shutdown
 
 from __future__ import annotations
 
+import functools
 import json
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +112,24 @@ class TestHypercorn:
         host, port = address.rsplit(":", 1)
         with pytest.raises(OSError):
             await anyio.connect_tcp(host, int(port))
+
+    async def test_serves_https_with_the_given_certificate(
+        self, anyio_backend: str, plugin_manager: NxMeshPluginManager, tmp_path: Path
+    ) -> None:
+        """``tls=(cert, key)``: HTTPS on asyncio and trio, verified against the CA."""
+        from nxmesh.tls import ensure_tls_material
+
+        files = ensure_tls_material(tmp_path / "tls")
+        settings = make_settings(plugin_manager, tmp_path / "state")
+        app = build_app(pm=plugin_manager, settings=settings)
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(functools.partial(serve_api, app, tls=(files.cert, files.key)))
+            port = address.rsplit(":", 1)[1]
+            verify = ssl.create_default_context(cafile=files.ca_cert)
+            async with httpx.AsyncClient(verify=verify, timeout=10) as client:
+                response = await client.get(f"https://localhost:{port}/healthz")
+            assert response.json()["status"] == "ok"
+            tg.cancel_scope.cancel()
 
 
 class TestRunMaster:
