@@ -129,15 +129,17 @@ class TestGrpcSpecifics:
             tg.cancel_scope.cancel()
         assert got == [b"small"]
 
-    @pytest.mark.parametrize("compact", [True, False])
+    @pytest.mark.parametrize("lean", [True, False])
     async def test_master_connection_is_lean_and_carries_large_frames(
-        self, tmp_path: Path, compact: bool
+        self, tmp_path: Path, lean: bool
     ) -> None:
         """Serving TLS caps asyncio's TLS read buffer (4 KiB by default), swaps h2's and
         grpclib's per-connection deques for small lists (unless `compact_connections` is
-        off) and sends with one copy; megabyte frames still pass both ways (many reads per
+        off) and sends with one copy; the agent reads frames with one copy (unless
+        `direct_frame_reads` is off); megabyte frames still pass both ways (many reads per
         TLS record), several in a row."""
-        settings = GrpcSettings(compact_connections=compact)
+        settings = GrpcSettings(compact_connections=lean)
+        assert GrpcSettings().direct_frame_reads
         assert settings.tls_read_buffer_bytes == 4096
         assert GrpcSettings().compact_connections
         big = bytes(range(256)) * 4096 + b"end"  # 1 MiB + 3
@@ -159,15 +161,16 @@ class TestGrpcSpecifics:
         async with anyio.create_task_group() as tg:
             address = await tg.start(server.serve, echo)
             assert asyncio.sslproto.SSLProtocol.max_size <= 4096
-            async with GrpcTransport(ssl_context=client_ctx).connect(
-                f"grpcs://{address}"
-            ) as channel:
+            client = GrpcTransport(
+                ssl_context=client_ctx, settings=GrpcSettings(direct_frame_reads=lean)
+            )
+            async with client.connect(f"grpcs://{address}") as channel:
                 for frame in (big, b"small", big[::-1]):
                     await channel.send(frame)
                     with anyio.fail_after(30):
                         assert await channel.receive() == frame
                 assert channels[0]._h2_stream is not None  # the one-copy send path
-                assert channel._direct  # type: ignore[attr-defined]  # the one-copy read
+                assert channel._direct is lean  # type: ignore[attr-defined]  # one-copy read
                 inner = channels[0]._stream._stream
                 h2conn = inner.connection._connection
                 queues = [
@@ -178,7 +181,7 @@ class TestGrpcSpecifics:
                     inner.window_updated._waiters,
                     inner.buffer._unacked._queue,
                 ]
-                assert all(isinstance(q, _SmallQueue) == compact for q in queues)
+                assert all(isinstance(q, _SmallQueue) == lean for q in queues)
             tg.cancel_scope.cancel()
 
     @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 70_000, 2**21 + 3])

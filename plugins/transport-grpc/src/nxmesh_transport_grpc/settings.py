@@ -47,6 +47,12 @@ class GrpcSettings:
     # the same text from the bytes it shows (`lean_data_frame_repr`; hyperframe internals,
     # version bounded in pyproject.toml); false leaves hyperframe untouched.
     lean_frame_repr: bool = True
+    # Agent: read each received frame straight out of grpclib's HTTP/2 stream (gRPC
+    # prefix, protobuf field header, frame) instead of slicing it out of the whole message
+    # (one copy of every version body less). It uses grpclib 0.4's stream internals
+    # (bounded in pyproject.toml) and falls back by itself when they are not there; false
+    # always takes grpclib's `recv_message`.
+    direct_frame_reads: bool = True
     # TLS material. Master: certificate + key to serve (default: created under the state
     # directory, signed by a CA the master creates on first start). Agent: the CA to pin.
     ca_file: Path | None = None

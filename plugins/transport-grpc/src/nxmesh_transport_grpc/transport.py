@@ -523,12 +523,14 @@ async def _read_frame(stream: Any) -> bytes | None:
 class _ClientChannel:
     """A `Channel` over the client side of one ``Stream`` call, plus the unary reports."""
 
-    def __init__(self, stream: Any, stub: AgentServiceStub, unary_timeout: float) -> None:
+    def __init__(
+        self, stream: Any, stub: AgentServiceStub, unary_timeout: float, *, direct: bool = True
+    ) -> None:
         self._stream = stream
         self._stub = stub
         self._unary_timeout = unary_timeout
         # grpclib's client stream internals (0.4): a release without them gets `_receive`.
-        self._direct = _direct_reads(stream)
+        self._direct = direct and _direct_reads(stream)
 
     async def send(self, frame: bytes) -> None:
         kind = peek_type(frame)
@@ -701,7 +703,12 @@ class GrpcTransport:
             except _STREAM_ERRORS as exc:
                 raise ConnectionResetError(str(exc)) from exc
             try:
-                yield _ClientChannel(stream, stub, self.settings.connect_timeout)
+                yield _ClientChannel(
+                    stream,
+                    stub,
+                    self.settings.connect_timeout,
+                    direct=self.settings.direct_frame_reads,
+                )
             finally:
                 # Half-close so the master's session ends cleanly, then hang up.
                 with anyio.move_on_after(1.0, shield=True):
