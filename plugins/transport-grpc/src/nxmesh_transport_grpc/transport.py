@@ -191,16 +191,20 @@ def _pre_encoded(frame: bytes) -> Frame:
     return cast(Frame, wire_frame(frame))
 
 
-async def _receive(stream: Any) -> bytes:
-    """Next frame of a server or client stream (both channels read the same way)."""
+async def _receive(stream: Any, *, direct: bool = False) -> bytes:
+    """Next frame of a server or client stream (both channels read the same way; `direct`:
+    the agent's client stream reads it out of the HTTP/2 stream, see `_read_frame`)."""
     try:
-        message = await stream.recv_message()
+        if direct:
+            frame = await _read_frame(stream)
+        else:
+            message = await stream.recv_message()
+            frame = None if message is None else message.data
     except _STREAM_ERRORS as exc:
         raise anyio.BrokenResourceError(str(exc)) from exc
-    if message is None:
+    if frame is None:
         raise anyio.EndOfStream
-    data: bytes = message.data
-    return data
+    return frame
 
 
 class _WireFrame:
@@ -545,15 +549,7 @@ class _ClientChannel:
             raise anyio.BrokenResourceError(str(exc)) from exc
 
     async def receive(self) -> bytes:
-        if not self._direct:
-            return await _receive(self._stream)
-        try:
-            frame = await _read_frame(self._stream)
-        except _STREAM_ERRORS as exc:
-            raise anyio.BrokenResourceError(str(exc)) from exc
-        if frame is None:
-            raise anyio.EndOfStream
-        return frame
+        return await _receive(self._stream, direct=self._direct)
 
     async def aclose(self) -> None:
         return None  # `GrpcTransport.connect` ends the call and closes the connection
