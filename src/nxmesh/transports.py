@@ -24,7 +24,7 @@ import inspect
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 import attrs
@@ -33,6 +33,9 @@ import structlog
 from nxmesh.core.errors import ConfigurationError, ProviderNotFoundError
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.settings import Settings
+
+if TYPE_CHECKING:
+    from nxmesh.tls import TLSFiles
 
 __all__ = [
     "DEFAULT_HOSTNAMES",
@@ -96,10 +99,18 @@ def _hostnames(settings: Settings, section: Any) -> tuple[str, ...]:
     return names
 
 
+def _own_ca_certificate(settings: Settings, section: Any) -> TLSFiles:
+    """The certificate the master's own CA issues for its listeners (``<state_dir>/tls``),
+    for the host names `section` (a transport's settings) asks for."""
+    from nxmesh.tls import ensure_tls_material
+
+    return ensure_tls_material(settings.state_dir / "tls", hostnames=_hostnames(settings, section))
+
+
 def master_ssl_context(settings: Settings, cls: type[Any]) -> ssl.SSLContext:
     """The master's server TLS context for transport `cls` (its own CA unless the section
     names a certificate and key)."""
-    from nxmesh.tls import ensure_tls_material, server_ssl_context
+    from nxmesh.tls import server_ssl_context
 
     section = transport_section(settings, str(cls.name))
     cert, key = getattr(section, "cert_file", None), getattr(section, "key_file", None)
@@ -108,8 +119,7 @@ def master_ssl_context(settings: Settings, cls: type[Any]) -> ssl.SSLContext:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(str(cert), str(key))
         return ctx
-    files = ensure_tls_material(settings.state_dir / "tls", hostnames=_hostnames(settings, section))
-    return server_ssl_context(files)
+    return server_ssl_context(_own_ca_certificate(settings, section))
 
 
 def api_tls_files(settings: Settings) -> tuple[Path, Path] | None:
@@ -132,10 +142,7 @@ def api_tls_files(settings: Settings) -> tuple[Path, Path] | None:
             if not path.is_file():
                 raise ConfigurationError(f"master.{name}: {path}: no such file")
         return master.api_cert_file, master.api_key_file
-    from nxmesh.tls import ensure_tls_material
-
-    names = _hostnames(settings, transport_section(settings, "grpc"))
-    files = ensure_tls_material(settings.state_dir / "tls", hostnames=names)
+    files = _own_ca_certificate(settings, transport_section(settings, "grpc"))
     return files.cert, files.key
 
 
