@@ -32,6 +32,7 @@ from hypercorn.config import Config
 from nxmesh.core.runtime import Runtime, StashKey, run
 from nxmesh.core.settings import Settings, load_settings
 from nxmesh.master.app import MasterServices, build_app, open_services
+from nxmesh.netaddr import host_port
 from nxmesh.transports import api_tls_files
 
 __all__ = [
@@ -86,7 +87,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def _address(sock: socket.socket) -> str:
     host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return host_port(host, port)
 
 
 async def serve_api(

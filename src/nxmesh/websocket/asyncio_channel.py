@@ -15,8 +15,9 @@ import anyio
 import anyio.lowlevel
 import structlog
 
+from nxmesh.netaddr import host_port
 from nxmesh.websocket.frames import _BINARY, CLOSE_NORMAL, _Closing, _FrameCodec
-from nxmesh.websocket.handshake import _MAX_HANDSHAKE, _format_address
+from nxmesh.websocket.handshake import _MAX_HANDSHAKE
 from nxmesh.websocket.streams import _CLOSE_TIMEOUT, _READ_SIZE
 
 __all__: list[str] = []
@@ -93,7 +94,7 @@ class _AsyncioWebSocket(asyncio.Protocol):
         self._transport = transport
         addr = transport.get_extra_info("peername")
         if isinstance(addr, tuple):
-            self.peer = _format_address(str(addr[0]), int(addr[1]))
+            self.peer = host_port(str(addr[0]), int(addr[1]))
         if self._tls is not None and not self._tls.server_side:
             self._advance_handshake()  # the ClientHello
         if self._on_made is not None:

@@ -34,10 +34,6 @@ _CONNECTION_ERRORS = (
 )
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class _Upgrading(typing.Protocol):
     """What the upgrade needs from a connection: its received bytes and a way to write."""
 

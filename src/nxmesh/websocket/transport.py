@@ -22,6 +22,7 @@ from anyio.abc import ByteStream, SocketAttribute, TaskStatus
 from anyio.streams.tls import TLSListener
 
 from nxmesh.core.interfaces import Channel, SessionHandler
+from nxmesh.netaddr import host_port
 from nxmesh.websocket.endpoint import DEFAULT_PATH
 from nxmesh.websocket.frames import DEFAULT_MAX_MESSAGE
 
@@ -96,12 +97,12 @@ class WebSocketTransport:
         if _on_asyncio():
             await self._serve_asyncio(handler, task_status)
             return
-        from nxmesh.websocket.handshake import _CONNECTION_ERRORS, _format_address
+        from nxmesh.websocket.handshake import _CONNECTION_ERRORS
         from nxmesh.websocket.streams import serve_websocket
 
         listener = await anyio.create_tcp_listener(local_host=self.host, local_port=self.port)
         port = listener.extra(SocketAttribute.local_port)  # noqa: S610 - anyio, not Django
-        address = _format_address(self.host, port)
+        address = host_port(self.host, port)
 
         async def on_connection(stream: ByteStream) -> None:
             peer = _peer_of(stream)
@@ -136,7 +137,6 @@ class WebSocketTransport:
     async def _serve_asyncio(self, handler: SessionHandler, task_status: TaskStatus[str]) -> None:
         """`serve` on asyncio's own transports (see `_AsyncioWebSocket`)."""
         from nxmesh.websocket.asyncio_channel import _AsyncioWebSocket
-        from nxmesh.websocket.handshake import _format_address
 
         loop = asyncio.get_running_loop()
         accepted: asyncio.Queue[_AsyncioWebSocket] = asyncio.Queue()
@@ -151,7 +151,7 @@ class WebSocketTransport:
             # port; listen on the first one's everywhere, as anyio's listener does.
             server.close()
             server = await loop.create_server(accept, self.host, port, backlog=_BACKLOG)
-        address = _format_address(self.host, port)
+        address = host_port(self.host, port)
         try:
             async with anyio.create_task_group() as tg:
                 log.info("websocket transport listening", address=address, tls=self.tls)
@@ -216,11 +216,11 @@ class WebSocketTransport:
             await channel.aclose()
 
     async def _open(self, host: str, port: int, target: str, tls: bool) -> Channel:
-        from nxmesh.websocket.handshake import _format_address, _request_upgrade
+        from nxmesh.websocket.handshake import _request_upgrade
         from nxmesh.websocket.streams import WebSocketChannel, _StreamIO
 
         ctx = self.ssl_context if tls else None
-        address = _format_address(host, port)
+        address = host_port(host, port)
         if _on_asyncio():
             return await self._open_asyncio(host, port, address, target, ctx)
         with anyio.fail_after(self.connect_timeout):
@@ -273,12 +273,10 @@ def _on_asyncio() -> bool:
 
 
 def _peer_of(stream: ByteStream) -> str:
-    from nxmesh.websocket.handshake import _format_address
-
     try:
         addr = stream.extra(SocketAttribute.remote_address)  # noqa: S610
     except anyio.TypedAttributeLookupError:
         return "unknown"
     if isinstance(addr, tuple):
-        return _format_address(str(addr[0]), int(addr[1]))
+        return host_port(str(addr[0]), int(addr[1]))
     return str(addr)

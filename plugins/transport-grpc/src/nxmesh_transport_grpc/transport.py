@@ -50,6 +50,7 @@ from grpclib.server import Stream as ServerStream
 
 from nxmesh.core.envelope import MessageType, peek_type
 from nxmesh.core.interfaces import Channel, SessionHandler, UnaryHandler
+from nxmesh.netaddr import host_port
 from nxmesh.tls import client_ssl_context, ensure_tls_material, server_ssl_context
 from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceBase, AgentServiceStub
 from nxmesh_transport_grpc._generated.agent_pb2 import Frame
@@ -265,15 +266,11 @@ class _FrameCodec(ProtoCodec):
         return super().decode(data, message_type)
 
 
-def _format_address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _peer_of(stream: ServerStream[Any, Any]) -> str:
     addr = stream.peer.addr()
     if addr is None:
         return "unknown"
-    return _format_address(str(addr[0]), int(addr[1]))
+    return host_port(str(addr[0]), int(addr[1]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -632,7 +629,7 @@ class GrpcTransport:
         except OSError:
             sock.close()
             raise
-        address = _format_address(self.host, sock.getsockname()[1])
+        address = host_port(self.host, sock.getsockname()[1])
         if self.ssl_context is not None and self.settings.tls_read_buffer_bytes:
             limit_tls_read_buffer(self.settings.tls_read_buffer_bytes)
         if self.settings.lean_frame_repr:
