@@ -7,6 +7,8 @@ import hashlib
 import pickle
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,37 @@ class TestSigningKey:
         assert loaded == key.verify_key
         assert loaded.verify(b"x", key.sign(b"x"))
         assert VerifyKey.from_pem(pem.encode()).key_id == key.key_id
+
+    def test_pem_is_what_cryptography_writes_and_reads(self) -> None:
+        """The agent's own PEM code (no `serialization` import) writes the bytes
+        cryptography writes, and reads cryptography's PEM and its line-wrapped forms."""
+        for _ in range(20):
+            key = SigningKey.generate()
+            public = key._key.public_key()
+            theirs = public.public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            ).decode()
+            assert key.public_key_pem() == theirs
+            body = "".join(theirs.splitlines()[1:-1])
+            wrapped = "\r\n".join(
+                ["-----BEGIN PUBLIC KEY-----", body[:30], body[30:], "-----END PUBLIC KEY-----"]
+            )
+            for text in (theirs, wrapped, "\n\n" + theirs + "\n"):
+                assert VerifyKey.from_pem(text) == key.verify_key
+
+    def test_an_agent_loading_its_pinned_key_does_not_import_serialization(self) -> None:
+        """Loading the pinned ``master.pub`` costs an agent no `serialization` (~2 MB)."""
+        pem = SigningKey.generate().public_key_pem()
+        code = (
+            "import sys\n"
+            "from nxmesh.crypto.signing import VerifyKey\n"
+            f"key = VerifyKey.from_pem({pem!r})\n"
+            "assert key.public_key_pem() == " + repr(pem) + "\n"
+            "print('cryptography.hazmat.primitives.serialization' in sys.modules)\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "False"
 
     def test_non_ed25519_public_key_is_refused(self) -> None:
         """A PEM key of another algorithm is refused with a SigningError naming it."""

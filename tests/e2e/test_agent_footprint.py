@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.nginx]
 # What an agent that reached its master over gRPC does without: the WebSocket fallback
 # (tried only when gRPC cannot connect), the state-file loader (PyYAML; masterless
 # agents only), the master's storage and API, rich (the daemon keeps structlog from
-# loading it: `nxmesh.agent_daemon`).
+# loading it: `nxmesh.agent_daemon`), protobuf's descriptors, cryptography's PEM module.
 NOT_IN_A_GRPC_AGENT = (
     "wsproto",
     "h11",
@@ -39,6 +39,12 @@ NOT_IN_A_GRPC_AGENT = (
     "pygments",
     "difflib",  # did-you-mean hints and drift diffs only
     "nxmesh.config.diff",
+    # protobuf's descriptors: the agent's gRPC calls encode and parse `Frame` by hand.
+    "nxmesh_transport_grpc._generated.agent_pb2",
+    "nxmesh_transport_grpc.server",
+    "google.protobuf.descriptor_pool",
+    # PEM handling for every key type and SSH keys: the pinned master key is Ed25519.
+    "cryptography.hazmat.primitives.serialization",
 )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio.sslproto
 import contextlib
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +24,14 @@ from nxmesh.testing.contracts import TransportContract
 from nxmesh.testing.contracts.transport import Mesh, TransportKit
 from nxmesh_transport_grpc import GrpcSettings, GrpcTransport, client_context, server_context
 from nxmesh_transport_grpc._generated.agent_pb2 import Frame
+from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceStub
+from nxmesh_transport_grpc.server import _SmallQueue
 from nxmesh_transport_grpc.transport import (
     _MESSAGE_PREFIX,
+    _AgentClient,
     _FrameCodec,
     _read_frame,
-    _SmallQueue,
+    _WireFrame,
     lean_data_frame_repr,
     wire_frame,
 )
@@ -193,9 +198,30 @@ class TestGrpcSpecifics:
         assert _FrameCodec(2**30).decode(encoded, Frame).data == data
 
     def test_other_encodings_fall_back_to_protobuf(self) -> None:
-        """A Frame with extra (unknown) fields from a newer peer still decodes."""
+        """A Frame with extra (unknown) fields from a newer peer still decodes, also
+        where the agent asks for its protobuf-free `_WireFrame`."""
         encoded = Frame(data=b"abc").SerializeToString() + b"\x10\x01"  # field 2 = 1
         assert _FrameCodec(1024).decode(encoded, Frame).data == b"abc"
+        assert _FrameCodec(1024).decode(encoded, _WireFrame).data == b"abc"
+
+    def test_the_agents_calls_are_the_generated_stubs(self) -> None:
+        """`_AgentClient` calls the methods the generated stub names, with the same
+        cardinalities, without loading the generated protobuf module."""
+        mine, generated = _AgentClient(Any), AgentServiceStub(Any)  # type: ignore[arg-type]
+        for method in ("Stream", "ReportHealth", "ReportMetrics"):
+            ours, theirs = getattr(mine, method), getattr(generated, method)
+            assert (type(ours), ours.name) == (type(theirs), theirs.name)
+        code = (
+            "import sys\n"
+            "from nxmesh_transport_grpc.transport import GrpcTransport, _AgentClient, _FrameCodec\n"
+            "from nxmesh_transport_grpc.transport import _WireFrame, wire_frame\n"
+            "_AgentClient(None)\n"
+            "assert _FrameCodec(99).decode(wire_frame(b'x'), _WireFrame).data == b'x'\n"
+            "print(sorted(m for m in sys.modules if 'pb2' in m or 'descriptor_pool' in m))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "[]"
 
     @pytest.mark.parametrize("size", [0, 1, 4095, 4096, 16_384, 70_000, 2**21 + 3])
     async def test_client_reads_frames_straight_out_of_the_stream(self, size: int) -> None:

@@ -16,7 +16,6 @@ from typing import Final, NoReturn
 
 import structlog
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
@@ -63,14 +62,36 @@ def public_key_path(private_path: Path) -> Path:
 
 
 def _key_id(public: Ed25519PublicKey) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+    return hashlib.sha256(public.public_bytes_raw()).hexdigest()[:16]
+
+
+# An Ed25519 public key's SubjectPublicKeyInfo is always these 12 DER bytes and then the
+# 32 raw key bytes (RFC 8410, section 4). Agents read and write the pinned ``master.pub``
+# with it: cryptography's `serialization` module pulls in every key type and the SSH key
+# format, about 2 MB per agent process. Anything else goes through `serialization`.
+_ED25519_SPKI_PREFIX: Final = bytes.fromhex("302a300506032b6570032100")
+_PEM_BEGIN: Final = "-----BEGIN PUBLIC KEY-----"
+_PEM_END: Final = "-----END PUBLIC KEY-----"
 
 
 def _pem(public: Ed25519PublicKey) -> str:
-    return public.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode("ascii")
+    """PEM ``SubjectPublicKeyInfo``, byte for byte what cryptography writes."""
+    der = _ED25519_SPKI_PREFIX + public.public_bytes_raw()
+    return f"{_PEM_BEGIN}\n{base64.b64encode(der).decode('ascii')}\n{_PEM_END}\n"
+
+
+def _ed25519_from_pem(data: bytes) -> Ed25519PublicKey | None:
+    """The key of a plain Ed25519 PEM public key; None for anything else."""
+    lines = data.decode("ascii", "replace").strip().splitlines()
+    if len(lines) < 3 or lines[0] != _PEM_BEGIN or lines[-1] != _PEM_END:
+        return None
+    try:
+        der = base64.b64decode("".join(lines[1:-1]), validate=True)
+    except binascii.Error:
+        return None
+    if len(der) != len(_ED25519_SPKI_PREFIX) + 32 or not der.startswith(_ED25519_SPKI_PREFIX):
+        return None
+    return Ed25519PublicKey.from_public_bytes(der[len(_ED25519_SPKI_PREFIX) :])
 
 
 class VerifyKey:
@@ -86,6 +107,11 @@ class VerifyKey:
     def from_pem(cls, pem: str | bytes) -> VerifyKey:
         """Load a PEM ``PUBLIC KEY``; `SigningError` when it is not an Ed25519 key."""
         data = pem.encode("ascii", "replace") if isinstance(pem, str) else bytes(pem)
+        plain = _ed25519_from_pem(data)
+        if plain is not None:
+            return cls(plain)
+        from cryptography.hazmat.primitives import serialization
+
         try:
             key = serialization.load_pem_public_key(data)
         except (ValueError, TypeError) as exc:
@@ -134,7 +160,7 @@ class VerifyKey:
         return hash(self._raw())
 
     def _raw(self) -> bytes:
-        return self._key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return self._key.public_bytes_raw()
 
     def __repr__(self) -> str:
         return f"VerifyKey(key_id={self._key_id!r})"
@@ -188,11 +214,7 @@ class SigningKey:
         return key
 
     def _raw(self) -> bytes:
-        return self._key.private_bytes(
-            serialization.Encoding.Raw,
-            serialization.PrivateFormat.Raw,
-            serialization.NoEncryption(),
-        )
+        return self._key.private_bytes_raw()
 
     def _write_public(self, private_path: Path) -> None:
         # Rewritten on every load, so a stale or replaced .pub heals on the next start.

@@ -19,7 +19,8 @@ session hub, the agent link) is anyio code and runs unchanged on it.
 - Memory: asyncio keeps a 256 KiB TLS read buffer per connection; serving TLS lowers it
   to `GrpcSettings.tls_read_buffer_bytes` (4 KiB) for the process
   (`limit_tls_read_buffer`), and each stream's connection trades h2's and grpclib's
-  deques for small lists (`_trim_connection`).
+  deques for small lists (`server._trim_connection`). The master side (`server`) is a
+  module of its own: agents never load it, nor the protobuf code its generated base needs.
 """
 
 from __future__ import annotations
@@ -28,11 +29,10 @@ import socket
 import ssl
 import struct
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Final, cast
+from typing import TYPE_CHECKING, Any, ClassVar, Final, cast
 from urllib.parse import urlsplit
 
 import anyio
@@ -40,21 +40,22 @@ import h2.exceptions
 import structlog
 from anyio.abc import TaskStatus
 from grpclib.client import Channel as GrpcChannel
+from grpclib.client import StreamStreamMethod, UnaryUnaryMethod
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError, StreamTerminatedError
 from grpclib.exceptions import ProtocolError as GrpclibProtocolError
 from grpclib.server import Server
-from grpclib.server import Stream as ServerStream
 
 from nxmesh.core.envelope import MessageType, peek_type
-from nxmesh.core.interfaces import Channel, SessionHandler, UnaryHandler
+from nxmesh.core.interfaces import Channel, SessionHandler
 from nxmesh.netaddr import host_port
 from nxmesh.tls import client_ssl_context, ensure_tls_material, server_ssl_context
-from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceBase, AgentServiceStub
-from nxmesh_transport_grpc._generated.agent_pb2 import Frame
 from nxmesh_transport_grpc.settings import GrpcSettings
+
+if TYPE_CHECKING:
+    from nxmesh_transport_grpc._generated.agent_pb2 import Frame
 
 __all__ = [
     "GrpcTransport",
@@ -166,6 +167,9 @@ def lean_data_frame_repr() -> bool:
     return True
 
 
+_MESSAGE_PREFIX: Final = struct.Struct(">?I")  # gRPC: compressed flag, message length
+
+
 def _varint(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -189,7 +193,7 @@ def wire_frame(frame: bytes) -> bytes:
 def _pre_encoded(frame: bytes) -> Frame:
     """`wire_frame` where grpclib's types expect a `Frame`: `_FrameCodec` sends bytes as
     they are, so the message never exists as a protobuf object."""
-    return cast(Frame, wire_frame(frame))
+    return cast("Frame", wire_frame(frame))
 
 
 async def _receive(stream: Any, *, direct: bool = False) -> bytes:
@@ -235,11 +239,12 @@ def _parse_frame(data: bytes) -> _WireFrame | None:
 
 
 class _FrameCodec(ProtoCodec):
-    """The protobuf codec with a size bound both ways and a copy-free path for `Frame`.
+    """The protobuf codec with a size bound both ways and a copy-free path for `Frame`,
+    the one message type ``AgentService`` carries.
 
     Sending: pre-encoded bytes (`wire_frame`) pass through as they are. Receiving: a
-    `Frame` is parsed by hand when it is the plain single-field encoding (anything else,
-    e.g. unknown fields from a newer peer, falls back to protobuf).
+    `Frame` is parsed by hand when it is the plain single-field encoding; anything else
+    (e.g. unknown fields from a newer peer) falls back to protobuf, loaded then.
     """
 
     def __init__(self, limit: int) -> None:
@@ -259,188 +264,12 @@ class _FrameCodec(ProtoCodec):
 
     def decode(self, data: bytes, message_type: Any) -> Any:
         self._check(len(data))
-        if message_type is Frame:
-            parsed = _parse_frame(data)
-            if parsed is not None:
-                return parsed
-        return super().decode(data, message_type)
+        parsed = _parse_frame(data)
+        if parsed is not None:
+            return parsed
+        from nxmesh_transport_grpc._generated.agent_pb2 import Frame
 
-
-def _peer_of(stream: ServerStream[Any, Any]) -> str:
-    addr = stream.peer.addr()
-    if addr is None:
-        return "unknown"
-    return host_port(str(addr[0]), int(addr[1]))
-
-
-# ---------------------------------------------------------------------------------------
-# Master side
-# ---------------------------------------------------------------------------------------
-
-
-class _SmallQueue(list[Any]):
-    """A `list` standing in for a `deque` that holds at most a few items.
-
-    An empty or one-item `deque` costs 760 bytes (it allocates a 64-slot block), a list
-    about 70; h2 and grpclib keep ~25 of them per connection (settings, events, buffers).
-    These queues stay tiny, so `popleft` being O(n) does not matter.
-    """
-
-    __slots__ = ()
-
-    def popleft(self) -> Any:
-        return self.pop(0)
-
-    def appendleft(self, item: Any) -> None:
-        self.insert(0, item)
-
-
-def _small(queue: Any) -> Any:
-    return _SmallQueue(queue) if type(queue) is deque else queue
-
-
-def _trim_connection(stream: ServerStream[Any, Any]) -> None:
-    """Swap the deques h2, hpack, grpclib and asyncio's TLS protocol allocate per
-    connection and per stream for small lists: about 19 KB less per connected agent
-    (see `_SmallQueue`).
-
-    Only the types of containers change, on objects whose code uses nothing but
-    `append`/`popleft`/`appendleft`/`pop`/`remove`/`clear`/indexing/iteration on them.
-    Reaches into grpclib's, h2's and asyncio's internals: if a newer release renames
-    them, nothing breaks, the saving is just lost (a test notices).
-    """
-    try:
-        inner: Any = stream._stream  # grpclib.protocol.Stream
-        connection: Any = inner.connection  # grpclib.protocol.Connection
-        h2conn: Any = connection._connection
-        for settings in (h2conn.local_settings, h2conn.remote_settings):
-            values = settings._settings
-            for key, pending in values.items():
-                values[key] = _small(pending)
-        for table in (h2conn.encoder.header_table, h2conn.decoder.header_table):
-            table.dynamic_entries = _small(table.dynamic_entries)
-        for event in (
-            connection.write_ready,
-            connection.stream_close_waiter,
-            inner.window_updated,
-            inner.headers_received,
-            inner.trailers_received,
-        ):
-            event._waiters = _small(event._waiters)
-        buffer = inner.buffer
-        buffer._acked = _small(buffer._acked)
-        unacked = buffer._unacked  # an asyncio.Queue
-        unacked._queue = _small(unacked._queue)
-        unacked._getters = _small(unacked._getters)
-        unacked._putters = _small(unacked._putters)
-        unacked._finished._waiters = _small(unacked._finished._waiters)
-        tls = getattr(connection._transport, "_ssl_protocol", None)  # asyncio's SSLProtocol
-        if tls is not None:
-            tls._write_backlog = _small(tls._write_backlog)
-    except AttributeError:  # pragma: no cover - a grpclib or h2 release moved them
-        pass
-
-
-_MESSAGE_PREFIX: Final = struct.Struct(">?I")  # gRPC: compressed flag, message length
-
-
-class _ServerChannel:
-    """A `Channel` over the server side of one ``Stream`` call.
-
-    Sends build the whole gRPC message (prefix, protobuf field header, frame) with one
-    copy and hand it to grpclib's HTTP/2 stream; `send_message` would copy a version
-    body twice more per agent (``wire_frame``, then its own prefix).
-    """
-
-    __slots__ = ("_h2_stream", "_limit", "_stream")
-
-    def __init__(self, stream: ServerStream[Frame, Frame], limit: int) -> None:
-        self._stream = stream
-        self._limit = limit
-        # grpclib's HTTP/2 stream (internal): a release without it gets `send_message`.
-        inner = getattr(stream, "_stream", None)
-        usable = hasattr(inner, "send_data") and hasattr(stream, "_send_initial_metadata_done")
-        self._h2_stream: Any = inner if usable else None
-
-    async def send(self, frame: bytes) -> None:
-        await self.send_parts(b"", frame)
-
-    async def send_parts(self, head: bytes, body: bytes) -> None:
-        """Send the frame ``head + body`` (the session hub's `SendsParts`)."""
-        size = len(head) + len(body)
-        field = b"\n" + _varint(size) if size else b""
-        length = len(field) + size
-        stream = self._stream
-        try:
-            if length > self._limit:
-                raise GRPCError(
-                    Status.RESOURCE_EXHAUSTED,
-                    f"message of {length} bytes exceeds the {self._limit} byte limit",
-                )
-            if self._h2_stream is None:
-                await stream.send_message(_pre_encoded(head + body))
-                return
-            if not stream._send_initial_metadata_done:
-                await stream.send_initial_metadata()
-            data = b"".join((_MESSAGE_PREFIX.pack(False, length), field, head, body))
-            # (grpclib's `_send_message_done` only guards unary responses: not set here.)
-            await self._h2_stream.send_data(data)
-        except _STREAM_ERRORS as exc:
-            raise anyio.BrokenResourceError(str(exc)) from exc
-
-    async def receive(self) -> bytes:
-        return await _receive(self._stream)
-
-    async def aclose(self) -> None:
-        return None  # the call ends when the handler returns
-
-
-class _AgentService(AgentServiceBase):
-    def __init__(self, handler: SessionHandler, limit: int, *, compact: bool = True) -> None:
-        self._handler = handler
-        self._limit = limit
-        self._compact = compact
-
-    async def Stream(self, stream: ServerStream[Frame, Frame]) -> None:
-        if self._compact:
-            _trim_connection(stream)
-        peer = _peer_of(stream)
-        try:
-            await self._handler(_ServerChannel(stream, self._limit), peer)
-        except (*_STREAM_ERRORS, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
-            log.debug("grpc stream ended", peer=peer, error=repr(exc))
-        except anyio.get_cancelled_exc_class():
-            # Shutting down: end the call with UNAVAILABLE so the agent reconnects now
-            # (grpclib would leave the stream open and the agent would wait for silence).
-            with anyio.move_on_after(1.0, shield=True):
-                try:
-                    await stream.send_trailing_metadata(
-                        status=Status.UNAVAILABLE, status_message="master shutting down"
-                    )
-                except (*_STREAM_ERRORS, anyio.BrokenResourceError):
-                    pass
-            raise
-        except Exception:
-            # One agent's failure must not take the others down; grpclib answers INTERNAL.
-            log.exception("grpc session failed", peer=peer)
-            raise
-
-    async def _unary(self, stream: ServerStream[Frame, Frame], kind: MessageType) -> None:
-        if not isinstance(self._handler, UnaryHandler):
-            raise GRPCError(Status.UNIMPLEMENTED, "this master takes reports on the stream")
-        request = await stream.recv_message()
-        if request is None:
-            raise GRPCError(Status.INVALID_ARGUMENT, "no frame")
-        if peek_type(request.data) is not kind:
-            raise GRPCError(Status.INVALID_ARGUMENT, f"expected a {kind.name} frame")
-        reply = await self._handler.handle_unary(request.data, _peer_of(stream))
-        await stream.send_message(_pre_encoded(reply))
-
-    async def ReportHealth(self, stream: ServerStream[Frame, Frame]) -> None:
-        await self._unary(stream, MessageType.HEALTH_REPORT)
-
-    async def ReportMetrics(self, stream: ServerStream[Frame, Frame]) -> None:
-        await self._unary(stream, MessageType.METRICS_BATCH)
+        return Frame.FromString(data)
 
 
 # ---------------------------------------------------------------------------------------
@@ -513,7 +342,7 @@ async def _read_frame(stream: Any) -> bytes | None:
         if size != length:
             raise StreamTerminatedError(f"stream ended inside a message ({size} of {length})")
         if frame is None:
-            frame = codec.decode(data, Frame).data
+            frame = codec.decode(data, _WireFrame).data
         stream._messages_received += 1
         connection = inner.connection
         connection.messages_received += 1
@@ -521,11 +350,32 @@ async def _read_frame(stream: Any) -> bytes | None:
         return frame
 
 
+_SERVICE: Final = "/nxmesh.agent.v1.AgentService/"
+
+
+class _AgentClient:
+    """The agent's calls of ``AgentService`` (agent.proto): the generated
+    `AgentServiceStub` with `_WireFrame` for messages. The generated stub would load
+    protobuf's descriptors (~1.4 MB per agent) for a message `_FrameCodec` encodes and
+    parses by hand; a test checks that both name the same methods."""
+
+    __slots__ = ("ReportHealth", "ReportMetrics", "Stream")
+
+    def __init__(self, channel: GrpcChannel) -> None:
+        self.Stream = StreamStreamMethod(channel, _SERVICE + "Stream", _WireFrame, _WireFrame)
+        self.ReportHealth = UnaryUnaryMethod(
+            channel, _SERVICE + "ReportHealth", _WireFrame, _WireFrame
+        )
+        self.ReportMetrics = UnaryUnaryMethod(
+            channel, _SERVICE + "ReportMetrics", _WireFrame, _WireFrame
+        )
+
+
 class _ClientChannel:
     """A `Channel` over the client side of one ``Stream`` call, plus the unary reports."""
 
     def __init__(
-        self, stream: Any, stub: AgentServiceStub, unary_timeout: float, *, direct: bool = True
+        self, stream: Any, stub: _AgentClient, unary_timeout: float, *, direct: bool = True
     ) -> None:
         self._stream = stream
         self._stub = stub
@@ -634,9 +484,11 @@ class GrpcTransport:
             limit_tls_read_buffer(self.settings.tls_read_buffer_bytes)
         if self.settings.lean_frame_repr:
             lean_data_frame_repr()
+        from nxmesh_transport_grpc.server import AgentService
+
         server = Server(
             [
-                _AgentService(
+                AgentService(
                     handler,
                     self.settings.max_message_bytes,
                     compact=self.settings.compact_connections,
@@ -688,7 +540,7 @@ class GrpcTransport:
                 raise
             except _STREAM_ERRORS as exc:  # pragma: no cover - h2 refused the preface
                 raise ConnectionResetError(str(exc)) from exc
-            stub = AgentServiceStub(channel)
+            stub = _AgentClient(channel)
             stream = stub.Stream.open()
             await stream.__aenter__()
             try:
