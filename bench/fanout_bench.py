@@ -223,15 +223,16 @@ async def _nxmesh_master(
         await hub.wait_connected(agents)
         connected = time.perf_counter() - started
         after_connect = _memory()
+        simulator = _simulator(conn)
         pushes = []
         profiler = _profiler(opts)
         for label, version in versions:
             acked.clear()
             gc0 = _gc_collections()
-            cpu0, t0 = time.process_time(), time.perf_counter()
+            cpu0, t0 = _cpu(simulator), time.perf_counter()
             targets = hub.push(version)
             await hub.wait_for_status(version.number, targets)
-            total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            total, cpu = time.perf_counter() - t0, _spent(cpu0, simulator)
             latencies = [acked[a] - t0 for a in targets]
             pushes.append(_push_result(label, _frame_size(version), total, cpu, latencies))
             pushes[-1]["gc_collections"] = _gc_collections(gc0)
@@ -322,14 +323,15 @@ async def _raw_master(conn: Connection, opts: dict[str, Any]) -> None:
     await all_connected.wait()
     connected_s = time.perf_counter() - started
     after_connect = _memory()
+    simulator = _simulator(conn)
     pushes = []
     profiler = _profiler(opts)
     for (label, _), r in zip(versions, rounds, strict=True):
         gc0 = _gc_collections()
-        cpu0, r.t0 = time.process_time(), time.perf_counter()
+        cpu0, r.t0 = _cpu(simulator), time.perf_counter()
         r.go.set()
         await r.done.wait()
-        total, cpu = time.perf_counter() - r.t0, time.process_time() - cpu0
+        total, cpu = time.perf_counter() - r.t0, _spent(cpu0, simulator)
         latencies = [t - r.t0 for t in r.acked]
         pushes.append(_push_result(label, len(r.frame.data), total, cpu, latencies))
         pushes[-1]["gc_collections"] = _gc_collections(gc0)
@@ -342,6 +344,25 @@ async def _raw_master(conn: Connection, opts: dict[str, Any]) -> None:
     server.close()
     with anyio.move_on_after(5):
         await server.wait_closed()
+
+
+def _simulator(conn: Connection) -> Any:
+    """The agent simulator process (its pid comes right after it started)."""
+    import psutil
+
+    return psutil.Process(conn.recv()["simulator_pid"])
+
+
+def _cpu(simulator: Any) -> tuple[float, float]:
+    """CPU seconds so far of the master (this process) and of the agent simulator: which
+    of the two was busy bounds the time until all acked."""
+    times = simulator.cpu_times()
+    return time.process_time(), times.user + times.system
+
+
+def _spent(since: tuple[float, float], simulator: Any) -> tuple[float, float]:
+    now = _cpu(simulator)
+    return now[0] - since[0], now[1] - since[1]
 
 
 def _gc_collections(since: list[int] | None = None) -> list[int]:
@@ -359,10 +380,10 @@ def _profiler(opts: dict[str, Any]) -> Any:
     return profiler
 
 
-def _dump_profile(profiler: Any, opts: dict[str, Any], kind: str) -> None:
+def _dump_profile(profiler: Any, opts: dict[str, Any], kind: str, side: str = "master") -> None:
     if profiler is not None:
         profiler.disable()
-        path = Path(opts["profile"]) / f"master-{kind}-{opts['agents']}.prof"
+        path = Path(opts["profile"]) / f"{side}-{kind}-{opts['agents']}.prof"
         path.parent.mkdir(parents=True, exist_ok=True)
         profiler.dump_stats(path)
 
@@ -414,14 +435,15 @@ async def _transport_master(conn: Connection, opts: dict[str, Any]) -> None:
         await all_connected.wait()
         connected_s = time.perf_counter() - started
         after_connect = _memory()
+        simulator = _simulator(conn)
         pushes = []
         profiler = _profiler(opts)
         for i, (label, _) in enumerate(versions):
             gc0 = _gc_collections()
-            cpu0, t0 = time.process_time(), time.perf_counter()
+            cpu0, t0 = _cpu(simulator), time.perf_counter()
             go[i].set()
             await done[i].wait()
-            total, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+            total, cpu = time.perf_counter() - t0, _spent(cpu0, simulator)
             pushes.append(
                 _push_result(label, len(frames[i]), total, cpu, [t - t0 for t in acked[i]])
             )
@@ -438,15 +460,32 @@ async def _transport_master(conn: Connection, opts: dict[str, Any]) -> None:
 
 
 def _push_result(
-    label: str, frame_bytes: int, total: float, cpu: float, latencies: list[float]
+    label: str,
+    frame_bytes: int,
+    total: float,
+    cpu: tuple[float, float],
+    latencies: list[float],
 ) -> dict[str, Any]:
     return {
         "size": label,
         "frame_bytes": frame_bytes,
         "all_acked_s": total,
-        "master_cpu_s": cpu,
+        "master_cpu_s": cpu[0],
+        "agents_cpu_s": cpu[1],
         "p50_s": statistics.median(latencies),
         "p99_s": _percentile(latencies, 0.99),
+    }
+
+
+def _size_medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The medians over the pushes of one size (`_push_result` each)."""
+    return {
+        "frame_bytes": rounds[0]["frame_bytes"],
+        **{
+            f"{key}_median_s": statistics.median(r[f"{key}_s"] for r in rounds)
+            for key in ("all_acked", "master_cpu", "agents_cpu", "p50", "p99")
+        },
+        "rounds": rounds,
     }
 
 
@@ -463,17 +502,7 @@ def _run_result(
     def per_agent(after: dict[str, float], key: str) -> float:
         return (after[key] - before[key]) / agents / 1024
 
-    sizes: dict[str, Any] = {}
-    for label in SIZES:
-        mine = [p for p in pushes if p["size"] == label]
-        sizes[label] = {
-            "frame_bytes": mine[0]["frame_bytes"],
-            "all_acked_median_s": statistics.median(p["all_acked_s"] for p in mine),
-            "master_cpu_median_s": statistics.median(p["master_cpu_s"] for p in mine),
-            "p50_median_s": statistics.median(p["p50_s"] for p in mine),
-            "p99_median_s": statistics.median(p["p99_s"] for p in mine),
-            "rounds": mine,
-        }
+    sizes = {label: _size_medians([p for p in pushes if p["size"] == label]) for label in SIZES}
     return {
         "kind": kind,
         "agents": agents,
@@ -551,9 +580,11 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
                 tg.start_soon(_raw_agent, address, ctx, gate, one_ready)
         await ready.wait()
         conn.send({"registered": registered})
+        profiler = _profiler(opts)  # the pushes, and the idle time around them
         # The parent says stop. Abandoned on cancel: if a simulated agent fails, the task
         # group's cancellation must end this process (the parent then fails the run).
         await anyio.to_thread.run_sync(conn.recv, abandon_on_cancel=True)
+        _dump_profile(profiler, opts, kind, "agents")
         tg.cancel_scope.cancel()
 
 
@@ -679,10 +710,12 @@ def run_one(
             "address": address,
             "workdir": str(workdir),
             "ca": tls["ca_cert"] if tls else None,
+            "profile": str(profile) if profile else None,
         }
         sim = ctx.Process(target=agents_main, args=(kind, agents_child, sim_opts), daemon=True)
         sim.start()
         procs.append(sim)
+        master_end.send({"simulator_pid": sim.pid})
         _recv(agents_end, sim, 900)
         result: dict[str, Any] = _recv(master_end, master, 1800, also=sim)
         result["load_average_before"] = load_before
@@ -724,18 +757,10 @@ def _pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
     }
     run["load_average_before"] = [p["load_average_before"] for p in parts]
     run["load_average_after"] = [p["load_average_after"] for p in parts]
-    sizes: dict[str, Any] = {}
-    for label in SIZES:
-        mine = [r for p in parts for r in p["sizes"][label]["rounds"]]
-        sizes[label] = {
-            "frame_bytes": mine[0]["frame_bytes"],
-            "all_acked_median_s": statistics.median(r["all_acked_s"] for r in mine),
-            "master_cpu_median_s": statistics.median(r["master_cpu_s"] for r in mine),
-            "p50_median_s": statistics.median(r["p50_s"] for r in mine),
-            "p99_median_s": statistics.median(r["p99_s"] for r in mine),
-            "rounds": mine,
-        }
-    run["sizes"] = sizes
+    run["sizes"] = {
+        label: _size_medians([r for p in parts for r in p["sizes"][label]["rounds"]])
+        for label in SIZES
+    }
     return run
 
 
@@ -763,6 +788,8 @@ def _summarize_kind(by: dict[tuple[str, int], dict[str, Any]], which: str) -> di
                 "p99": run["sizes"][label]["p99_median_s"] / raw["sizes"][label]["p99_median_s"],
                 "master_cpu": run["sizes"][label]["master_cpu_median_s"]
                 / raw["sizes"][label]["master_cpu_median_s"],
+                "agents_cpu": run["sizes"][label]["agents_cpu_median_s"]
+                / raw["sizes"][label]["agents_cpu_median_s"],
             }
             for label in SIZES
         }
@@ -788,7 +815,7 @@ def _summarize_kind(by: dict[tuple[str, int], dict[str, Any]], which: str) -> di
 def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     print(
         f"{'kind':7} {'agents':>6} {'size':>5} {'all acked':>10} {'p50':>8} {'p99':>8} "
-        f"{'master CPU':>10} {'KB/agent (PSS)':>15}"
+        f"{'master CPU':>10} {'agents CPU':>10} {'KB/agent (PSS)':>15}"
     )
     for run in runs:
         for label in SIZES:
@@ -796,13 +823,14 @@ def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
             print(
                 f"{run['kind']:7} {run['agents']:>6} {label:>5} {s['all_acked_median_s']:>9.3f}s "
                 f"{s['p50_median_s']:>7.3f}s {s['p99_median_s']:>7.3f}s "
-                f"{s['master_cpu_median_s']:>9.3f}s "
+                f"{s['master_cpu_median_s']:>9.3f}s {s['agents_cpu_median_s']:>9.3f}s "
                 f"{run['memory']['pss_kb_per_agent_connected']:>15.1f}"
             )
     for kind in ("nxmesh", "ws"):
         for agents, ratio in summary.get(f"ratios_{kind}_over_raw", {}).items():
             shown = ", ".join(
-                f"{label} {ratio[label]['all_acked']:.2f}x (CPU {ratio[label]['master_cpu']:.2f}x)"
+                f"{label} {ratio[label]['all_acked']:.2f}x (CPU: master "
+                f"{ratio[label]['master_cpu']:.2f}x, agents {ratio[label]['agents_cpu']:.2f}x)"
                 for label in SIZES
             )
             print(
@@ -840,7 +868,8 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         type=Path,
         default=None,
-        help="write cProfile stats of each master's pushes into this directory",
+        help="write cProfile stats of each master's pushes (and of the agent simulator "
+        "from its last connection on) into this directory",
     )
     args = parser.parse_args(argv)
     started_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
