@@ -788,8 +788,12 @@ def _summarize_kind(by: dict[tuple[str, int], dict[str, Any]], which: str) -> di
                 "p99": run["sizes"][label]["p99_median_s"] / raw["sizes"][label]["p99_median_s"],
                 "master_cpu": run["sizes"][label]["master_cpu_median_s"]
                 / raw["sizes"][label]["master_cpu_median_s"],
+                # psutil counts the other process's CPU in clock ticks (10 ms): a quick
+                # run's pushes may read 0.
                 "agents_cpu": run["sizes"][label]["agents_cpu_median_s"]
-                / raw["sizes"][label]["agents_cpu_median_s"],
+                / raw["sizes"][label]["agents_cpu_median_s"]
+                if raw["sizes"][label]["agents_cpu_median_s"] > 0
+                else None,
             }
             for label in SIZES
         }
@@ -812,6 +816,10 @@ def _summarize_kind(by: dict[tuple[str, int], dict[str, Any]], which: str) -> di
     return {"ratios_nxmesh_over_raw": ratios, "goals": goals}
 
 
+def _times(ratio: float | None) -> str:
+    return "-" if ratio is None else f"{ratio:.2f}x"
+
+
 def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     print(
         f"{'kind':7} {'agents':>6} {'size':>5} {'all acked':>10} {'p50':>8} {'p99':>8} "
@@ -830,7 +838,7 @@ def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
         for agents, ratio in summary.get(f"ratios_{kind}_over_raw", {}).items():
             shown = ", ".join(
                 f"{label} {ratio[label]['all_acked']:.2f}x (CPU: master "
-                f"{ratio[label]['master_cpu']:.2f}x, agents {ratio[label]['agents_cpu']:.2f}x)"
+                f"{ratio[label]['master_cpu']:.2f}x, agents {_times(ratio[label]['agents_cpu'])})"
                 for label in SIZES
             )
             print(

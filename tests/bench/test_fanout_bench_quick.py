@@ -77,3 +77,40 @@ class TestFanoutBenchQuick:
             ratios = report[key]["50"]
             assert set(ratios) >= {"2KB", "64KB", "memory_connected_pss"}
             assert ratios["2KB"]["all_acked"] > 0
+
+    def test_both_processes_cpu_is_reported(self, report: dict[str, Any]) -> None:
+        """Each push records the master's and the agent simulator's CPU seconds; a ratio
+        over a baseline that read 0 (psutil counts the other process in 10 ms ticks) is
+        None, not a division by zero."""
+        for run in report["runs"]:
+            for size in run["sizes"].values():
+                assert size["agents_cpu_median_s"] >= 0
+                assert all(push["agents_cpu_s"] >= 0 for push in size["rounds"])
+        for label in ("2KB", "64KB"):
+            ratio = report["ratios_nxmesh_over_raw"]["50"][label]["agents_cpu"]
+            assert ratio is None or ratio >= 0
+
+
+def test_a_zero_cpu_baseline_gives_no_ratio() -> None:
+    """`summarize` turns a baseline of 0 CPU seconds into no ratio."""
+    sys.path.insert(0, str(BENCH.parent.parent))
+    from bench.fanout_bench import summarize
+
+    def run(kind: str, agents_cpu: float) -> dict[str, Any]:
+        size = {
+            "all_acked_median_s": 1.0,
+            "p99_median_s": 1.0,
+            "master_cpu_median_s": 1.0,
+            "agents_cpu_median_s": agents_cpu,
+        }
+        return {
+            "kind": kind,
+            "agents": 50,
+            "sizes": {"2KB": size, "64KB": size},
+            "memory": {"pss_kb_per_agent_connected": 1.0, "rss_kb_per_agent_connected": 1.0},
+        }
+
+    ratios = summarize([run("nxmesh", 0.02), run("raw", 0.0)])["ratios_nxmesh_over_raw"]["50"]
+    assert ratios["2KB"]["agents_cpu"] is None
+    ratios = summarize([run("nxmesh", 0.02), run("raw", 0.01)])["ratios_nxmesh_over_raw"]["50"]
+    assert ratios["2KB"]["agents_cpu"] == pytest.approx(2.0)
