@@ -427,6 +427,15 @@ class TestRedaction:
         for secret in env.values():
             assert secret.split("@")[0] not in str(data)
 
+    def test_secret_pairs_inside_urls_are_masked(self, pm: NxMeshPluginManager) -> None:
+        """A password passed as a URL query parameter (SQLAlchemy hands it to the driver)
+        is masked in `config show` and in repr, as in logs; other parameters stay."""
+        url = "postgresql+psycopg://db.example/nx?password=hunter2&sslmode=require"
+        settings = load_settings(pm, environ={"NXMESH_STORAGE_URL": url})
+        shown = settings_as_dict(settings)["storage_url"]
+        assert shown == "postgresql+psycopg://db.example/nx?password=***&sslmode=require"
+        assert "hunter2" not in repr(settings)
+
     def test_unset_secrets_stay_empty(self, pm: NxMeshPluginManager) -> None:
         """An empty secret shows as empty, so 'not configured' stays visible."""
         assert settings_as_dict(load_settings(pm, environ={}))["master_key"] == ""

@@ -19,7 +19,7 @@ import click
 from nxmesh.cli.context import CliContext, pass_cli
 from nxmesh.config.versions import verify_chain
 from nxmesh.core.errors import NxMeshError, Problem, ValidationError
-from nxmesh.core.logging import redact_url_passwords
+from nxmesh.core.logging import redact_text
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.settings import Settings, load_settings
 from nxmesh.crypto.signing import SIGNING_PUBLIC_KEY_FILE, VerifyKey
@@ -117,7 +117,7 @@ def verify_command(
         )
         raise SystemExit(EXIT_BROKEN) from None
     except Exception as exc:  # any backend failure is reported, not traced
-        where = redact_url_passwords(storage_url)
+        where = redact_text(storage_url)
         raise _CannotVerify(f"cannot read versions from {where}: {exc}") from None
 
     problems = verify_chain(versions, verify_key)

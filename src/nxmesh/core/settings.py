@@ -37,7 +37,7 @@ from nxmesh.core.logging import (
     LOG_LEVELS,
     REDACTED,
     is_secret_key,
-    redact_url_passwords,
+    redact_text,
 )
 
 __all__ = [
@@ -160,7 +160,7 @@ def _labels(_inst: object, attribute: attrs.Attribute[Any], value: Mapping[str, 
 
 
 def _url_repr(value: str) -> str:
-    return repr(redact_url_passwords(value))
+    return repr(redact_text(value))
 
 
 # ---------------------------------------------------------------------------------------
@@ -908,7 +908,8 @@ def _is_secret_field(field: attrs.Attribute[Any]) -> bool:
 def settings_as_dict(settings: Settings, *, redact: bool = True) -> dict[str, Any]:
     """Plain data (str, int, float, bool, list, dict) for ``nxmesh config show``.
 
-    With `redact`, secrets that are set show as ``***`` and URL passwords are masked.
+    With `redact`, secrets that are set show as ``***``, and so do URL passwords and the
+    values of secret-looking ``name=value`` pairs inside strings (``?password=...``).
     """
 
     def plain(value: Any, name: str, secret: bool) -> Any:
@@ -926,7 +927,7 @@ def settings_as_dict(settings: Settings, *, redact: bool = True) -> dict[str, An
         if isinstance(value, Path):
             return str(value)
         if isinstance(value, str) and redact:
-            return redact_url_passwords(value)
+            return redact_text(value)
         return value
 
     result: dict[str, Any] = plain(settings, "", secret=False)
