@@ -23,8 +23,8 @@ from nxmesh.core.registry import ProviderRegistries
 from nxmesh.testing.contracts import TransportContract
 from nxmesh.testing.contracts.transport import Mesh, TransportKit
 from nxmesh_transport_grpc import GrpcSettings, GrpcTransport, client_context, server_context
-from nxmesh_transport_grpc._generated.agent_pb2 import Frame
 from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceStub
+from nxmesh_transport_grpc._generated.agent_pb2 import Frame
 from nxmesh_transport_grpc.server import _SmallQueue
 from nxmesh_transport_grpc.transport import (
     _MESSAGE_PREFIX,
