@@ -1,6 +1,7 @@
-"""Cursor pagination of ``GET /agents`` (and the ``Link`` of ``GET /versions``): pages in
-id order with a ``rel="next"`` link, limits and cursors checked, the caller's workspaces
-filtered in the query, the client following the links — on SQLite and PostgreSQL."""
+"""Cursor pagination of ``GET /agents`` and ``GET /audit`` (and the ``Link`` of
+``GET /versions``): pages in key order with a ``rel="next"`` link, limits and cursors
+checked, the caller's workspaces filtered in the query, the client following the links —
+on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from nxmesh.client.api import Client
 from nxmesh.client.credentials import Profile
 from nxmesh.core.model import Agent
 from nxmesh.core.pluginmanager import NxMeshPluginManager
+from nxmesh.core.records import AuditEntry
 from nxmesh.master.api.paging import encode_cursor
 from nxmesh.master.app import build_app
 from nxmesh.plugins.storage_sqlite import SqliteStorage
@@ -27,6 +29,7 @@ from nxmesh.testing import make_version
 from .conftest import CUSTOM_ROLES, Master, make_settings
 
 AGENTS = "/api/v1/agents"
+AUDIT = "/api/v1/audit"
 
 
 def _agent(i: int, workspace: str = "default") -> Agent:
@@ -202,6 +205,37 @@ class TestVersionPages:
         url = "/api/v1/workspaces/default/versions?limit=3"
         pages = _pages(master, url, admin)
         assert [[v["number"] for v in p] for p in pages] == [[7, 6, 5], [4, 3, 2], [1]]
+
+
+class TestAuditPages:
+    def test_audit_pages_back_in_append_order(self, any_master: Master) -> None:
+        """Newest first, a page at a time with the ``since`` filter kept in the link,
+        every entry once; entries appended meanwhile do not shift the pages."""
+
+        async def add(first: int, count: int) -> None:
+            for i in range(first, first + count):
+                entry = AuditEntry(ts=1000.0 + i, actor="alice", action="test.step")
+                await any_master.services.storage.append_audit(entry)
+
+        any_master.call(add, 0, 25)
+        admin = any_master.headers("admin", subject="admin")
+        first = any_master.client.get(AUDIT, params={"limit": 10, "since": 1003}, headers=admin)
+        assert "since=1003" in first.links["next"]["url"]
+        any_master.call(add, 100, 3)  # newer than every page still to come
+        rest = _pages(any_master, first.links["next"]["url"], admin)
+        seen = [e["ts"] for e in first.json()] + [e["ts"] for p in rest for e in p]
+        assert seen == [1000.0 + i for i in range(24, 2, -1)]
+        assert [len(p) for p in rest] == [10, 2]
+
+    @pytest.mark.parametrize(
+        "cursor", ["not base64!", encode_cursor("no spaces in ids"), "x" * 401]
+    )
+    def test_bad_cursor_names_the_field(
+        self, master: Master, admin: dict[str, str], cursor: str
+    ) -> None:
+        response = master.client.get(AUDIT, params={"cursor": cursor}, headers=admin)
+        assert response.status_code == 422, response.text
+        assert [e["path"] for e in response.json()["errors"]] == ["query.cursor"]
 
 
 @pytest.mark.anyio

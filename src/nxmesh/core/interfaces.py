@@ -178,9 +178,11 @@ class StorageBackend(Protocol):
 
     async def append_audit(self, entry: AuditEntry) -> None: ...
     async def list_audit(
-        self, *, limit: int = 100, since: float | None = None
+        self, *, limit: int = 100, since: float | None = None, before: str | None = None
     ) -> Sequence[AuditEntry]:
-        """Newest first (append order), at most `limit`, only ``ts >= since`` if given."""
+        """Newest first (append order), at most `limit`, only ``ts >= since`` if given, and
+        only entries appended before the entry with id `before` if given (the next page
+        after that entry; none when no entry has that id)."""
         ...
 
     # -- users

@@ -700,13 +700,19 @@ class SqlStorage:
         await self._run(op, write=True)
 
     async def list_audit(
-        self, *, limit: int = 100, since: float | None = None
+        self, *, limit: int = 100, since: float | None = None, before: str | None = None
     ) -> Sequence[AuditEntry]:
-        """Entries newest first (in append order), at most `limit`, with ``ts >= since``."""
+        """Entries newest first (in append order), at most `limit`, with ``ts >= since``,
+        appended before entry `before` (its ``seq``: clocks may disagree, the order not)."""
         log = t.audit_log
         query = select(log).order_by(log.c.seq.desc()).limit(limit)
         if since is not None:
             query = query.where(log.c.ts >= since)
+        if before is not None:
+            # An unknown id gives NULL, and ``seq < NULL`` no rows: an empty page.
+            query = query.where(
+                log.c.seq < select(log.c.seq).where(log.c.id == before).scalar_subquery()
+            )
         rows = await self._run(lambda conn: conn.execute(query).all())
         return [
             AuditEntry(

@@ -1,29 +1,61 @@
-"""The audit log, newest first."""
+"""The audit log, newest first, a page at a time (`nxmesh.master.api.paging`)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from litestar import get
+from litestar import Request, Response, get
 from litestar.params import Parameter
 
+from nxmesh.core.validation import TOKEN
 from nxmesh.master.api._common import BEARER, ERRORS, perm
 from nxmesh.master.api.context import CallerDep
+from nxmesh.master.api.paging import (
+    DEFAULT_LIMIT,
+    LINK_HEADER,
+    Cursor,
+    PageLimit,
+    decode_cursor,
+    encode_cursor,
+    next_link,
+)
 from nxmesh.master.api.schemas import AuditView
 
 __all__ = ["list_audit"]
 
-Limit = Annotated[int, Parameter(ge=1, le=1000, description="At most this many entries.")]
 Since = Annotated[
     float | None, Parameter(ge=0, le=1e11, description="Only entries at or after this time.")
 ]
 
 
-@get("/audit", opt=perm("audit:read"), tags=["audit"], security=BEARER, responses=ERRORS)
-async def list_audit(caller: CallerDep, limit: Limit = 100, since: Since = None) -> list[AuditView]:
-    """Who did what to which resource, when and from where."""
-    entries = await caller.services.storage.list_audit(limit=limit, since=since)
-    return [
+def _is_entry_id(key: str) -> bool:
+    return TOKEN.reason(key) is None
+
+
+@get(
+    "/audit",
+    opt=perm("audit:read"),
+    tags=["audit"],
+    security=BEARER,
+    responses=ERRORS,
+    response_headers=[LINK_HEADER],
+)
+async def list_audit(
+    request: Request[Any, Any, Any],
+    caller: CallerDep,
+    limit: PageLimit = DEFAULT_LIMIT,
+    since: Since = None,
+    cursor: Cursor = None,
+) -> Response[list[AuditView]]:
+    """Who did what to which resource, when and from where; newest first. Older entries:
+    follow the ``Link`` header's ``rel="next"`` URL until there is none."""
+    before = None if cursor is None else decode_cursor(cursor, _is_entry_id)
+    entries = await caller.services.storage.list_audit(limit=limit, since=since, before=before)
+    headers = {}
+    if len(entries) == limit:  # maybe more: an empty last page beats a COUNT per page
+        params = {"limit": limit, "since": since, "cursor": encode_cursor(entries[-1].id)}
+        headers["Link"] = next_link(request, params)
+    views = [
         AuditView(
             id=e.id,
             ts=e.ts,
@@ -35,3 +67,4 @@ async def list_audit(caller: CallerDep, limit: Limit = 100, since: Since = None)
         )
         for e in entries
     ]
+    return Response(views, headers=headers)

@@ -651,6 +651,23 @@ class StorageContract:
         with pytest.raises(ConflictError):
             await storage.append_audit(entries[0])
 
+    async def test_audit_log_pages_by_entry(self, storage: StorageBackend) -> None:
+        """`before` continues after an entry, in append order even when clocks went
+        backwards; with `since` too; an unknown entry id gives no entries."""
+        clock = [5.0, 3.0, 4.0, 1.0, 2.0]  # another master's clock was behind
+        entries = [AuditEntry(ts=ts, actor="a", action="x") for ts in clock]
+        for entry in entries:
+            await storage.append_audit(entry)
+        pages, before = [], None
+        while page := await storage.list_audit(limit=2, before=before):
+            pages.append(page)
+            before = page[-1].id
+        assert [len(p) for p in pages] == [2, 2, 1]
+        assert [e for p in pages for e in p] == entries[::-1]
+        after_second = await storage.list_audit(before=entries[3].id, since=3.5)
+        assert after_second == [entries[2], entries[0]]
+        assert await storage.list_audit(before="no-such-entry") == []
+
     # -- users ---------------------------------------------------------------------------
 
     async def test_users_are_put_listed_and_deleted(self, storage: StorageBackend) -> None:
