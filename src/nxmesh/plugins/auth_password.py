@@ -159,6 +159,19 @@ class SharedLockout:
         await self.store.clear_login_failures(*key)
 
 
+class _ProcessLockout:
+    """`Lockout` (this process's counters) behind `SharedLockout`'s async interface."""
+
+    def __init__(self, policy: Lockout) -> None:
+        self.policy = policy
+
+    async def begin(self, key: tuple[str, str]) -> None:
+        self.policy.begin(key)
+
+    async def succeeded(self, key: tuple[str, str]) -> None:
+        self.policy.succeeded(key)
+
+
 class PasswordAuthenticator:
     """Username + password against the users in storage (argon2id)."""
 
@@ -186,6 +199,9 @@ class PasswordAuthenticator:
             getattr(storage, "clear_login_failures", None)
         ):
             self.shared = SharedLockout(cast("LoginFailureStore", storage), self.lockout)
+        # Where attempts are counted: the storage shared by every master when it can,
+        # else this process.
+        self._gate = self.shared or _ProcessLockout(self.lockout)
 
     @classmethod
     def from_services(cls, services: MasterServices) -> PasswordAuthenticator:
@@ -197,10 +213,7 @@ class PasswordAuthenticator:
         username = credentials.values.get("username", "")
         password = credentials.values.get("password", "")
         key = (username, credentials.remote_addr or "")
-        if self.shared is not None:
-            await self.shared.begin(key)
-        else:
-            self.lockout.begin(key)
+        await self._gate.begin(key)
         user = await self.storage.get_user(username) if username else None
         if user is None:
             await anyio.to_thread.run_sync(self.passwords.dummy_verify)
@@ -211,10 +224,7 @@ class PasswordAuthenticator:
         if not ok or user is None:
             log.info("login failed", username=username, remote_addr=credentials.remote_addr)
             raise AuthenticationError("invalid username or password", reason="bad_password")
-        if self.shared is not None:
-            await self.shared.succeeded(key)
-        else:
-            self.lockout.succeeded(key)
+        await self._gate.succeeded(key)
         if self.passwords.needs_rehash(user.password_hash):
             new_hash = await anyio.to_thread.run_sync(self.passwords.hash, password)
             await self.storage.put_user(attrs.evolve(user, password_hash=new_hash))
