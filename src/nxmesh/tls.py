@@ -31,6 +31,7 @@ __all__ = [
     "client_ssl_context",
     "ensure_tls_material",
     "server_ssl_context",
+    "serving_context",
 ]
 
 CA_CERT_FILE: Final = "ca.pem"
@@ -70,9 +71,21 @@ def ensure_tls_material(
 
 def server_ssl_context(files: TLSFiles, *, alpn: Sequence[str] = ()) -> ssl.SSLContext:
     """A server context with modern defaults (TLS ≥ 1.2) serving ``files.cert``."""
+    return serving_context(files.cert, files.key, password=files.key_password, alpn=alpn)
+
+
+def serving_context(
+    cert: Path | str,
+    key: Path | str,
+    *,
+    password: bytes | None = None,
+    alpn: Sequence[str] = (),
+) -> ssl.SSLContext:
+    """A server context with modern defaults (TLS ≥ 1.2) serving `cert` (PEM chain) with
+    `key`: the operator's own files, or those of `ensure_tls_material`."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(files.cert, files.key, password=files.key_password)
+    ctx.load_cert_chain(cert, key, password=password)
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx

@@ -110,15 +110,12 @@ def _own_ca_certificate(settings: Settings, section: Any) -> TLSFiles:
 def master_ssl_context(settings: Settings, cls: type[Any]) -> ssl.SSLContext:
     """The master's server TLS context for transport `cls` (its own CA unless the section
     names a certificate and key)."""
-    from nxmesh.tls import server_ssl_context
+    from nxmesh.tls import server_ssl_context, serving_context
 
     section = transport_section(settings, str(cls.name))
     cert, key = getattr(section, "cert_file", None), getattr(section, "key_file", None)
     if cert is not None and key is not None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(str(cert), str(key))
-        return ctx
+        return serving_context(cert, key)
     return server_ssl_context(_own_ca_certificate(settings, section))
 
 

@@ -22,6 +22,7 @@ from nxmesh.core.protocol import Ack, MetricsBatch, decode_body, encode_body
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.testing.contracts import TransportContract
 from nxmesh.testing.contracts.transport import Mesh, TransportKit
+from nxmesh.tls import ensure_tls_material
 from nxmesh_transport_grpc import GrpcSettings, GrpcTransport, client_context, server_context
 from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceStub
 from nxmesh_transport_grpc._generated.agent_pb2 import Frame
@@ -285,6 +286,26 @@ class TestGrpcSpecifics:
         assert isinstance(second, ssl.SSLContext)
         assert (tmp_path / "tls" / "ca.pem").read_bytes() == ca
         assert oct((tmp_path / "tls" / "server.key").stat().st_mode & 0o777) == "0o600"
+
+    async def test_server_context_serves_the_operators_files(self, tmp_path: Path) -> None:
+        """With cert_file and key_file the master serves them (no CA of its own), and an
+        agent pinning their CA connects over h2."""
+        own = ensure_tls_material(tmp_path / "own", hostnames=["127.0.0.1"])
+        ctx = server_context(GrpcSettings(cert_file=own.cert, key_file=own.key), tmp_path)
+        assert not (tmp_path / "tls").exists()
+        server = GrpcTransport("grpcs://127.0.0.1:0", ssl_context=ctx)
+        client = GrpcTransport(ssl_context=client_context(GrpcSettings(ca_file=own.ca_cert)))
+
+        async def echo(channel: Channel, peer: str) -> None:
+            await channel.send(await channel.receive())
+
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(server.serve, echo)
+            async with client.connect(f"grpcs://{address}") as channel:
+                await channel.send(b"ping")
+                with anyio.fail_after(10):
+                    assert await channel.receive() == b"ping"
+            tg.cancel_scope.cancel()
 
     def test_agent_needs_a_ca_to_pin(self) -> None:
         """An agent with TLS on but no ca_file is a configuration error naming the setting."""

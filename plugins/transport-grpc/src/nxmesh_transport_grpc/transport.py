@@ -51,7 +51,12 @@ from grpclib.server import Server
 from nxmesh.core.envelope import MessageType, peek_type
 from nxmesh.core.interfaces import Channel, SessionHandler
 from nxmesh.netaddr import host_port
-from nxmesh.tls import client_ssl_context, ensure_tls_material, server_ssl_context
+from nxmesh.tls import (
+    client_ssl_context,
+    ensure_tls_material,
+    server_ssl_context,
+    serving_context,
+)
 from nxmesh_transport_grpc.settings import GrpcSettings
 
 if TYPE_CHECKING:
@@ -86,14 +91,9 @@ def server_context(settings: GrpcSettings, state_dir: Path) -> ssl.SSLContext | 
     if not settings.tls:
         return None
     if settings.cert_file is not None and settings.key_file is not None:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        ctx.load_cert_chain(settings.cert_file, settings.key_file)
-    else:
-        files = ensure_tls_material(state_dir / "tls", hostnames=settings.hostnames)
-        ctx = server_ssl_context(files)
-    ctx.set_alpn_protocols(_ALPN)
-    return ctx
+        return serving_context(settings.cert_file, settings.key_file, alpn=_ALPN)
+    files = ensure_tls_material(state_dir / "tls", hostnames=settings.hostnames)
+    return server_ssl_context(files, alpn=_ALPN)
 
 
 def client_context(settings: GrpcSettings) -> ssl.SSLContext | None:
