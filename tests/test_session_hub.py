@@ -271,3 +271,37 @@ class TestLifecycle:
         with anyio.fail_after(15):
             await first.wait_registered(2)  # it was cut off and came back
         assert master.hub.connected == [creds.agent_id]
+
+
+class TestWake:
+    """The sender's wake-up: one semaphore for a session's life instead of an event per
+    wake-up."""
+
+    async def test_sets_before_a_wait_make_it_return_once(self) -> None:
+        wake = hub_module._Wake()
+        wake.set()
+        wake.set()  # coalesced: a burst is one wake-up
+        with anyio.fail_after(1):
+            await wake.wait()
+        with anyio.move_on_after(0.05) as idle:
+            await wake.wait()
+        assert idle.cancelled_caught
+
+    async def test_a_set_wakes_the_waiter_and_a_set_meanwhile_is_kept(self) -> None:
+        wake = hub_module._Wake()
+        woken: list[int] = []
+
+        async def sender() -> None:
+            for i in range(2):
+                await wake.wait()
+                woken.append(i)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(sender)
+            await anyio.wait_all_tasks_blocked()
+            wake.set()  # wakes the waiter
+            wake.set()  # arrives before it runs: its next wait returns at once
+            with anyio.fail_after(1):
+                while len(woken) < 2:
+                    await anyio.sleep(0.01)
+        assert woken == [0, 1]

@@ -187,6 +187,28 @@ class _Watch:
     results: dict[str, ConfigStatus] = attrs.field(factory=dict)
 
 
+class _Wake:
+    """Wakes a session's sender: `set` any number of times, `wait` returns after the next.
+
+    One semaphore for the session's life: a new `anyio.Event` per wake-up cost about 5 µs
+    per agent and push (the backend lookup behind `anyio.Event()`), at thousands of agents
+    a measurable share of a push. A `set` while nobody waits makes the next `wait` return
+    at once; the sender then finds its queues as they are, possibly empty.
+    """
+
+    __slots__ = ("_semaphore",)
+
+    def __init__(self) -> None:
+        self._semaphore = anyio.Semaphore(0, max_value=1, fast_acquire=True)
+
+    def set(self) -> None:
+        if self._semaphore.value == 0:
+            self._semaphore.release()
+
+    async def wait(self) -> None:
+        await self._semaphore.acquire()
+
+
 @attrs.define(eq=False)
 class _Session:
     agent: Agent
@@ -204,7 +226,7 @@ class _Session:
     # One scope for the whole session: cancelled to close it, and its deadline is the
     # silence timeout (each scope costs ~0.8 KB; thousands of sessions are idle).
     scope: anyio.CancelScope = attrs.field(factory=anyio.CancelScope)
-    wake: anyio.Event = attrs.field(factory=anyio.Event)
+    wake: _Wake = attrs.field(factory=_Wake)
     # A list, not a deque: it rarely holds more than an ack or two, and an empty deque
     # costs 760 bytes per session.
     control: list[Message | EncodedBody] = attrs.field(factory=list)
@@ -377,8 +399,11 @@ class MasterSessionHub:
         history = self._pushed.setdefault(version.workspace, [])
         history[:] = [p for p in history if p.selector != selector] + [pushed]
         targets: list[str] = []
+        every = not selector.match_labels  # the usual push: skip matching per agent
         for s in self._sessions.values():
-            if s.agent.workspace != version.workspace or not selector.matches(s.agent.labels):
+            if s.agent.workspace != version.workspace or not (
+                every or selector.matches(s.agent.labels)
+            ):
                 continue
             if not force and s.running_digest == version.digest:
                 continue
@@ -789,7 +814,6 @@ class MasterSessionHub:
         rotate the key when the receiver says it is due."""
         while True:
             await s.wake.wait()
-            s.wake = anyio.Event()
             if self.clock() >= s.rotate_at:
                 await self._rotate(s)
             while s.control:
