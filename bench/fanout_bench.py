@@ -9,8 +9,13 @@ Two implementations run in the same invocation, each in *fresh processes*:
 ``nxmesh``  the real master: `MasterSessionHub` on `GrpcTransport` (grpclib), enrollment
             and keys in SQLite (on /dev/shm when available), signed envelopes. Each push
             is `hub.push(version)`; an agent's ack is its ``received`` `ConfigStatus`.
+            The version travels zlib-compressed, as a master sends it to its agents
+            (compressed once per version; ``frame_bytes`` is the size on the wire).
+``plain``   diagnostic: ``nxmesh`` with compression off (``compress_versions = false``),
+            frames of the version's full size like raw's: what the protocol costs alone.
 ``raw``     plain grpclib with the same service and TLS and no NxMesh logic: a handler
-            per stream that sends a pre-built frame of the same size and reads one reply.
+            per stream that sends a pre-built frame of the version's (uncompressed) size
+            and reads one reply.
             grpclib's default `Configuration` and h2 settings, the same server TLS
             context, and asyncio's TLS read buffer capped like the NxMesh master's
             (`limit_tls_read_buffer`, a plain setting). NxMesh's own per-connection trims
@@ -23,10 +28,15 @@ Two implementations run in the same invocation, each in *fresh processes*:
             benchmark does not measure; gRPC is the master's primary agent transport.
 
 Per run, one process is the master, a *separate* process simulates all the agents (one
-gRPC connection each). Simulated NxMesh agents register with pre-provisioned keys, verify
-every frame's HMAC (which hashes the whole body) and answer with a signed status; they do
-not decode or apply the desired state (that is the agent's work, not the master's). Raw
-agents just answer.
+gRPC connection each). Simulated NxMesh agents register with pre-provisioned keys
+(announcing that they read compressed bodies, as agents do), verify every frame's HMAC
+(which hashes the whole body), inflate a compressed body and answer with a signed status;
+they do not decode or apply the desired state (that is the agent's work, not the
+master's). Raw agents just answer.
+
+The versions are fleet-like states (`fleet_state`: per site its own names, upstream
+addresses, ports and locations, seeded), so they compress about as much as a real
+configuration's canonical JSON (~10x), not as much as copies of one site would.
 
 For 2 KB and 64 KB versions it reports the time until all agents acked (median over
 ``--rounds`` pushes), the median and p99 per-agent ack latency, and master memory per
@@ -85,35 +95,87 @@ def _memory() -> dict[str, float]:
     return {"rss": float(info.rss), "pss": float(getattr(info, "pss", info.rss))}
 
 
+_WORDS = (
+    *("shop", "api", "auth", "billing", "search", "media", "static", "cdn", "admin", "blog"),
+    *("docs", "status", "mail", "chat", "pay", "orders", "users", "cart", "report"),
+    *("metrics", "edge", "gateway", "images", "video", "assets"),
+)
+_DOMAINS = ("example.com", "example.net", "corp.example.org", "shop.example.io")
+
+
+def fleet_state(sites: int, seed: int) -> Any:
+    """A desired state like a fleet's: every site its own names, upstream servers (private
+    addresses, ports, weights) and extra locations, drawn from `seed`. Identical copies
+    of one site would compress far better than real configurations do."""
+    import random
+
+    from nxmesh.core.model import DesiredState, Location, Site, Upstream, UpstreamServer
+
+    rng = random.Random(seed)  # noqa: S311 - test data, reproducible by seed
+    upstreams, site_list = [], []
+    for _ in range(sites):
+        name = f"{rng.choice(_WORDS)}-{rng.getrandbits(24):06x}"
+        servers = tuple(
+            UpstreamServer(
+                address=f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}"
+                f":{rng.choice((80, 3000, 8000, 8080, 9000))}",
+                weight=rng.randint(1, 5),
+            )
+            for _ in range(rng.randint(2, 4))
+        )
+        upstreams.append(Upstream(name=name, servers=servers))
+        locations = [Location(path="/", upstream=name)]
+        locations += [
+            Location(
+                path=f"/{rng.choice(_WORDS)}/v{rng.randint(1, 3)}/",
+                upstream=name,
+                proxy_read_timeout=rng.choice((30, 60, 120)),
+            )
+            for _ in range(rng.randint(0, 2))
+        ]
+        hosts = tuple(
+            f"{rng.choice(_WORDS)}{rng.randint(1, 99)}.{rng.choice(_DOMAINS)}"
+            for _ in range(rng.randint(1, 3))
+        )
+        site_list.append(Site(name=name, server_names=hosts, locations=tuple(locations)))
+    return DesiredState(upstreams=tuple(upstreams), sites=tuple(site_list))
+
+
 def _versions(rounds: int) -> list[tuple[str, Any]]:
     """Versions whose ConfigUpdate body is about each target size, numbered upwards."""
     import attrs
 
     from nxmesh.core.protocol import ConfigUpdate, encode_body
     from nxmesh.core.serialization import state_digest
-    from nxmesh.testing.factories import make_state, make_version
+    from nxmesh.testing.factories import make_version
+
+    def body_size(sites: int) -> int:
+        version = make_version(1, state=fleet_state(sites, seed=0))
+        return len(encode_body(ConfigUpdate.of(version)).data)
 
     out: list[tuple[str, Any]] = []
     number = 0
     for label, target in SIZES.items():
         sites = 1
-        while len(encode_body(ConfigUpdate.of(make_version(1, state=make_state(sites)))).data) < (
-            target
-        ):
+        while body_size(sites) < target:
             sites += 1
         for _ in range(rounds):
             number += 1
-            state = make_state(sites, port=8000 + number)
+            state = fleet_state(sites, seed=number)
             version = attrs.evolve(make_version(number, state=state), digest=state_digest(state))
             out.append((label, version))
     return out
 
 
-def _frame_size(version: Any) -> int:
+def _frame_size(version: Any, *, compressed: bool = False) -> int:
+    """Bytes of the frame carrying `version`: plain (the version's size), or as a master
+    sends it compressed."""
     from nxmesh.core.envelope import seal
-    from nxmesh.core.protocol import ConfigUpdate, encode_body
+    from nxmesh.core.protocol import ConfigUpdate, compress_body, encode_body
 
     body = encode_body(ConfigUpdate.of(version))
+    if compressed:
+        body = compress_body(body)
     return len(seal(body, agent_id="a" * 32, key_id="k" * 20, key=b"k" * 32, seq=1, ts_ms=1))
 
 
@@ -148,6 +210,7 @@ def master_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
 
     runners = {
         "nxmesh": _nxmesh_master,
+        "plain": _plain_master,
         "ws": _ws_master,
         "raw": _raw_master,
         "transport": _transport_master,
@@ -160,8 +223,13 @@ async def _ws_master(conn: Connection, opts: dict[str, Any]) -> None:
     await _nxmesh_master(conn, opts, websocket=True)
 
 
+async def _plain_master(conn: Connection, opts: dict[str, Any]) -> None:
+    """Diagnostic kind: the session hub on gRPC with versions sent uncompressed."""
+    await _nxmesh_master(conn, opts, compress=False)
+
+
 async def _nxmesh_master(
-    conn: Connection, opts: dict[str, Any], *, websocket: bool = False
+    conn: Connection, opts: dict[str, Any], *, websocket: bool = False, compress: bool = True
 ) -> None:
     import anyio
     import structlog
@@ -197,7 +265,9 @@ async def _nxmesh_master(
         if isinstance(message, ConfigStatus):
             acked[agent_id] = time.perf_counter()
 
-    hub = MasterSessionHub(enrollment, heartbeat_interval=3600.0, on_message=on_message)
+    hub = MasterSessionHub(
+        enrollment, heartbeat_interval=3600.0, on_message=on_message, compress=compress
+    )
     ctx = None
     if opts["tls"]:
         tls = _tls_files(opts["tls"])
@@ -213,7 +283,7 @@ async def _nxmesh_master(
         transport = GrpcTransport(
             f"{scheme}://127.0.0.1:0", ssl_context=ctx, settings=GrpcSettings(tls=bool(ctx))
         )
-    kind = "ws" if websocket else "nxmesh"
+    kind = "ws" if websocket else "nxmesh" if compress else "plain"
     versions = _versions(opts["rounds"])
     async with anyio.create_task_group() as tg:
         address = await tg.start(transport.serve, hub)
@@ -234,7 +304,9 @@ async def _nxmesh_master(
             await hub.wait_for_status(version.number, targets)
             total, cpu = time.perf_counter() - t0, _spent(cpu0, simulator)
             latencies = [acked[a] - t0 for a in targets]
-            pushes.append(_push_result(label, _frame_size(version), total, cpu, latencies))
+            size = _frame_size(version, compressed=compress)
+            pushes.append(_push_result(label, size, total, cpu, latencies))
+            pushes[-1]["version_bytes"] = _frame_size(version)
             pushes[-1]["gc_collections"] = _gc_collections(gc0)
             await anyio.sleep(0.2)
         _dump_profile(profiler, opts, kind)
@@ -468,7 +540,8 @@ def _push_result(
 ) -> dict[str, Any]:
     return {
         "size": label,
-        "frame_bytes": frame_bytes,
+        "frame_bytes": frame_bytes,  # on the wire
+        "version_bytes": frame_bytes,  # uncompressed (set apart by compressing kinds)
         "all_acked_s": total,
         "master_cpu_s": cpu[0],
         "agents_cpu_s": cpu[1],
@@ -481,6 +554,7 @@ def _size_medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """The medians over the pushes of one size (`_push_result` each)."""
     return {
         "frame_bytes": rounds[0]["frame_bytes"],
+        "version_bytes": rounds[0]["version_bytes"],
         **{
             f"{key}_median_s": statistics.median(r[f"{key}_s"] for r in rounds)
             for key in ("all_acked", "master_cpu", "agents_cpu", "p50", "p99")
@@ -561,7 +635,7 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
             ready.set()
 
     async with anyio.create_task_group() as tg:
-        if kind in ("nxmesh", "ws"):
+        if kind in ("nxmesh", "plain", "ws"):
             creds = json.loads((Path(opts["workdir"]) / "creds.json").read_text())
             for agent_id, key_id, key in creds:
                 tg.start_soon(
@@ -599,7 +673,13 @@ async def _nxmesh_agent(
     websocket: bool = False,
 ) -> None:
     from nxmesh.core.envelope import MessageType, ReplayGuard, SequenceSource, seal, unseal
-    from nxmesh.core.protocol import ConfigStatus, Register, encode_body
+    from nxmesh.core.protocol import (
+        COMPRESSION_CAPABILITY,
+        ConfigStatus,
+        Register,
+        body_bytes,
+        encode_body,
+    )
     from nxmesh_transport_grpc import GrpcSettings, GrpcTransport
 
     seq = SequenceSource()
@@ -626,7 +706,9 @@ async def _nxmesh_agent(
         cm = transport.connect(url)
         channel = await cm.__aenter__()
     try:
-        await channel.send(frame(Register(agent_id=agent_id)))
+        await channel.send(
+            frame(Register(agent_id=agent_id, capabilities=(COMPRESSION_CAPABILITY,)))
+        )
         env = unseal(await channel.receive())
         env.verify(key)
         guard.check(env)
@@ -636,8 +718,9 @@ async def _nxmesh_agent(
             env.verify(key)  # HMAC over header + sha256(body): the whole body is hashed
             guard.check(env)
             if env.type is MessageType.CONFIG_UPDATE:
-                digest = _DIGEST.search(env.body, 0, 1024)
-                version = _VERSION.search(env.body, len(env.body) - 200)
+                body = body_bytes(env)  # inflated when the master compressed it
+                digest = _DIGEST.search(body, 0, 1024)
+                version = _VERSION.search(body, len(body) - 200)
                 assert digest is not None
                 assert version is not None
                 await channel.send(
@@ -767,10 +850,11 @@ def _pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     by = {(r["kind"], r["agents"]): r for r in runs}
     summary = _summarize_kind(by, "nxmesh")
-    if any(kind == "ws" for kind, _ in by):
-        ws = _summarize_kind(by, "ws")
-        summary["ratios_ws_over_raw"] = ws["ratios_nxmesh_over_raw"]
-        summary["goals_ws"] = ws["goals"]
+    for other in ("ws", "plain"):
+        if any(kind == other for kind, _ in by):
+            part = _summarize_kind(by, other)
+            summary[f"ratios_{other}_over_raw"] = part["ratios_nxmesh_over_raw"]
+            summary[f"goals_{other}"] = part["goals"]
     return summary
 
 
@@ -834,7 +918,7 @@ def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
                 f"{s['master_cpu_median_s']:>9.3f}s {s['agents_cpu_median_s']:>9.3f}s "
                 f"{run['memory']['pss_kb_per_agent_connected']:>15.1f}"
             )
-    for kind in ("nxmesh", "ws"):
+    for kind in ("nxmesh", "plain", "ws"):
         for agents, ratio in summary.get(f"ratios_{kind}_over_raw", {}).items():
             shown = ", ".join(
                 f"{label} {ratio[label]['all_acked']:.2f}x (CPU: master "
@@ -866,8 +950,8 @@ def main(argv: list[str] | None = None) -> int:
         "--kinds",
         default="nxmesh,raw",
         help="nxmesh, raw, ws (the master on the WebSocket transport), and the "
-        "diagnostic 'transport' (raw workload on NxMesh's GrpcTransport, no "
-        "protocol)",
+        "diagnostics 'plain' (nxmesh with versions sent uncompressed) and 'transport' "
+        "(raw workload on NxMesh's GrpcTransport, no protocol)",
     )
     parser.add_argument("--plaintext", action="store_true", help="no TLS (default: TLS)")
     parser.add_argument("--quick", action="store_true", help="50 agents, one round")

@@ -15,11 +15,15 @@ from nxmesh.agent_link import AgentCredentials, AgentLink, Backoff, Endpoint, Me
 from nxmesh.core.envelope import seal, unseal
 from nxmesh.core.model import Agent, LabelSelector
 from nxmesh.core.protocol import (
+    COMPRESSION_CAPABILITY,
     ConfigStatus,
+    ConfigUpdate,
     EncodedBody,
     Register,
     RegisterResponse,
     RejectedError,
+    body_bytes,
+    compress_body,
     decode_body,
     encode_body,
 )
@@ -104,6 +108,82 @@ class TestFanout:
         assert len(encoded) == 1
         assert len(targets) == 20
         assert {u.digest for u in updates} == {version.digest}
+
+    @pytest.mark.parametrize(
+        "trace", [None, {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}]
+    )
+    async def test_offers_of_one_rollout_share_one_encoding_and_compression(
+        self,
+        master_factory: Callable[..., Any],
+        monkeypatch: pytest.MonkeyPatch,
+        trace: dict[str, str] | None,
+    ) -> None:
+        """The orchestrator offers a version agent by agent (with its rollout's trace): it
+        is encoded and compressed once, and every agent applies the same version."""
+        master = await master_factory()
+        agents = [await master.agent() for _ in range(10)]
+        calls: list[str] = []
+
+        def counting(name: str, real: Callable[[Any], EncodedBody]) -> Callable[[Any], EncodedBody]:
+            def wrapped(arg: Any) -> EncodedBody:
+                calls.append(name)
+                return real(arg)
+
+            return wrapped
+
+        monkeypatch.setattr(hub_module, "encode_body", counting("encode", encode_body))
+        monkeypatch.setattr(hub_module, "compress_body", counting("compress", compress_body))
+        version = signed_version(1, sites=30)
+        for agent in agents:
+            assert master.hub.offer(str(agent.agent_id), version, trace=trace)
+        updates = [await a.updates.receive() for a in agents]
+        assert sorted(calls) == ["compress", "encode"]
+        assert {(u.digest, u.trace.get("traceparent")) for u in updates} == {
+            (version.digest, (trace or {}).get("traceparent"))
+        }
+
+    @pytest.mark.parametrize("capable", [True, False])
+    async def test_versions_are_compressed_only_for_agents_that_read_them(
+        self, master_factory: Callable[..., Any], capable: bool
+    ) -> None:
+        """An agent announcing COMPRESSION_CAPABILITY gets the version compressed; one
+        without it (an older agent) gets the plain body it always got."""
+        master = await master_factory()
+        creds = await master.credentials()
+        register = Register(
+            agent_id=creds.agent_id, capabilities=(COMPRESSION_CAPABILITY,) if capable else ()
+        )
+        async with master.transport.connect("memory://") as channel:
+            await channel.send(
+                seal(
+                    encode_body(register),
+                    agent_id=creds.agent_id,
+                    key_id=creds.key_id,
+                    key=creds.key,
+                    seq=1,
+                    ts_ms=int(time.time() * 1000),
+                )
+            )
+            assert decode_body(unseal(await channel.receive())).accepted  # type: ignore[union-attr]
+            version = signed_version(1, sites=30)
+            assert master.hub.push(version) == [creds.agent_id]
+            with anyio.fail_after(5):
+                env = unseal(await channel.receive())
+        env.verify(creds.key)
+        assert env.compressed is capable
+        update = decode_body(env)
+        assert isinstance(update, ConfigUpdate)
+        assert update.digest == version.digest
+        if capable:
+            assert len(env.body) * 5 < len(body_bytes(env))
+
+    async def test_agents_announce_that_they_read_compressed_bodies(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """`AgentLink` always announces the capability, besides any it is given."""
+        master = await master_factory()
+        link = master.link(await master.credentials(), capabilities=("custom",))
+        assert link.capabilities == (COMPRESSION_CAPABILITY, "custom")
 
     async def test_agents_running_the_digest_are_skipped(
         self, master_factory: Callable[..., Any]

@@ -67,6 +67,8 @@ from nxmesh.core.events import Event
 from nxmesh.core.interfaces import Channel, TransportClient
 from nxmesh.core.model import ApplyReport, FrozenMap, HealthReport, PendingApply
 from nxmesh.core.protocol import (
+    COMPRESSION_CAPABILITY,
+    MAX_BODY,
     PROTOCOL_MAX,
     PROTOCOL_MIN,
     Ack,
@@ -308,7 +310,7 @@ class AgentLink:
         idle_intervals: float = 3.0,
         backoff: Backoff | None = None,
         max_skew: float = MAX_SKEW,
-        max_body: int = 16 * 1024 * 1024,
+        max_body: int = MAX_BODY,
         counters: ProtocolCounters | None = None,
         clock: Callable[[], float] = time.time,
         protocol_range: tuple[int, int] = (PROTOCOL_MIN, PROTOCOL_MAX),
@@ -324,7 +326,8 @@ class AgentLink:
         self.labels = FrozenMap(labels or {})
         self.nginx_version = nginx_version
         self.deployment_mode = deployment_mode
-        self.capabilities = tuple(capabilities)
+        # What this code reads is always announced (the master then compresses versions).
+        self.capabilities = tuple(dict.fromkeys((COMPRESSION_CAPABILITY, *capabilities)))
         self.agent_version = agent_version
         self.heartbeat_interval = heartbeat_interval
         self.register_timeout = register_timeout
@@ -568,7 +571,7 @@ class AgentLink:
             env = unseal(frame, max_body=self.max_body)
             if env.type is not MessageType.REGISTER_RESPONSE:
                 raise MalformedFrameError(f"expected REGISTER_RESPONSE, got {env.type.name}")
-            response = decode_body(env)
+            response = decode_body(env, max_body=self.max_body)
             assert isinstance(response, RegisterResponse)
             if not response.accepted:
                 raise self._rejection(env, response, key)

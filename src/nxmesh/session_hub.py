@@ -14,10 +14,12 @@
    intervals is closed; the key is rotated at half its lifetime.
 
 `push` fans a version out to the connected agents a `LabelSelector` matches. The body is
-encoded and hashed **once per version**; each agent only costs an HMAC over its small
-header (`nxmesh.core.envelope`). Each session has one sender task with a one-slot
-update mailbox, so a slow agent delays nobody else and an older unsent version is
-replaced by a newer one.
+encoded, compressed and hashed **once per version**; each agent only costs an HMAC over
+its small header (`nxmesh.core.envelope`). Agents announcing
+`~nxmesh.core.protocol.COMPRESSION_CAPABILITY` get the zlib-compressed body, others
+(and all with ``compress=False``) the plain one. Each session has one sender task with a
+one-slot update mailbox, so a slow agent delays nobody else and an older unsent version
+is replaced by a newer one.
 
 Inbound messages go to `on_message(agent_id, message)`; the master app persists what it
 needs (statuses, health) there — the hub does not write to storage per message.
@@ -70,6 +72,8 @@ from nxmesh.core.model import (
     TlsCertificate,
 )
 from nxmesh.core.protocol import (
+    COMPRESSION_CAPABILITY,
+    MAX_BODY,
     PROTOCOL_MAX,
     PROTOCOL_MIN,
     Ack,
@@ -87,6 +91,7 @@ from nxmesh.core.protocol import (
     SessionCrypto,
     UnknownKeyError,
     bootstrap_mac_key,
+    compress_body,
     decode_body,
     encode_body,
     negotiate,
@@ -167,6 +172,15 @@ class _PushedVersion:
     version: ConfigVersion
     body: EncodedBody
     selector: LabelSelector
+    packed: EncodedBody | None = None  # `body` compressed, once, for the first who reads it
+
+    def wire(self, compressed: bool) -> EncodedBody:
+        """The body to send: compressed for agents that read it so."""
+        if not compressed:
+            return self.body
+        if self.packed is None:
+            self.packed = compress_body(self.body)
+        return self.packed
 
 
 @attrs.define(eq=False)
@@ -232,6 +246,7 @@ class _Session:
     control: list[Message | EncodedBody] = attrs.field(factory=list)
     update: _PushedVersion | None = None
     parts: SendsParts | None = None  # the channel, when it takes frames in two parts
+    compressed: bool = False  # the agent reads compressed bodies (its capabilities)
 
     def offer(self, item: Message | EncodedBody) -> None:
         self.control.append(item)
@@ -255,7 +270,7 @@ class MasterSessionHub:
         register_timeout: float = 10.0,
         idle_intervals: float = 3.0,
         max_skew: float = MAX_SKEW,
-        max_body: int = 16 * 1024 * 1024,
+        max_body: int = MAX_BODY,
         counters: ProtocolCounters | None = None,
         clock: Callable[[], float] = time.time,
         protocol_range: tuple[int, int] = (PROTOCOL_MIN, PROTOCOL_MAX),
@@ -263,6 +278,7 @@ class MasterSessionHub:
         on_session: Callable[[SessionInfo, bool], None] | None = None,
         on_sent: Callable[[str, ConfigVersion], None] | None = None,
         material_for: Callable[[ConfigVersion], Awaitable[UpdateMaterial | None]] | None = None,
+        compress: bool = True,
     ) -> None:
         self.enrollment = enrollment
         self.store = enrollment.store
@@ -287,7 +303,8 @@ class MasterSessionHub:
         self.on_session = on_session
         self.on_sent = on_sent
         self.material_for = material_for
-        self._bodies: dict[tuple[str, int, str], EncodedBody] = {}
+        self.compress = compress
+        self._shared: dict[tuple[Any, ...], _PushedVersion] = {}
 
     # -- public API ----------------------------------------------------------------------
 
@@ -330,19 +347,18 @@ class MasterSessionHub:
     ) -> bool:
         """Queue `version` for one connected agent (replacing an older unsent one).
 
-        Without `material` the body is encoded once per version (cached), whatever the
-        number of agents; with it, once for this agent (its keys sealed for it). False
-        when the agent is not connected here.
+        Without `material` the body is encoded (and compressed) once per version and
+        trace (cached), whatever the number of agents; with it, once for this agent (its
+        keys sealed for it). False when the agent is not connected here.
         """
         s = self._sessions.get(agent_id)
         if s is None:
             return False
-        body = (
-            self._agent_body(s, version, trace, material)
+        s.offer_update(
+            _PushedVersion(version, self._agent_body(s, version, trace, material), LabelSelector())
             if material
-            else self._body(version, trace)
+            else self._shared_version(version, trace)
         )
-        s.offer_update(_PushedVersion(version, body, LabelSelector()))
         return True
 
     def _agent_body(
@@ -361,16 +377,18 @@ class MasterSessionHub:
         )
         return encode_body(update)
 
-    def _body(self, version: ConfigVersion, trace: Mapping[str, str] | None = None) -> EncodedBody:
-        if trace:  # a traced push is one rollout's own: not shared
-            return encode_body(ConfigUpdate.of(version, trace=FrozenMap(trace)))
-        key = (version.workspace, version.number, version.digest)
-        body = self._bodies.get(key)
-        if body is None:
-            if len(self._bodies) >= _BODY_CACHE:
-                self._bodies.pop(next(iter(self._bodies)))
-            body = self._bodies[key] = encode_body(ConfigUpdate.of(version))
-        return body
+    def _shared_version(
+        self, version: ConfigVersion, trace: Mapping[str, str] | None = None
+    ) -> _PushedVersion:
+        """The version as every agent of a rollout gets it (one rollout shares a trace)."""
+        key = (version.workspace, version.number, version.digest, *sorted((trace or {}).items()))
+        pushed = self._shared.get(key)
+        if pushed is None:
+            if len(self._shared) >= _BODY_CACHE:
+                self._shared.pop(next(iter(self._shared)))
+            body = encode_body(ConfigUpdate.of(version, trace=FrozenMap(trace or {})))
+            pushed = self._shared[key] = _PushedVersion(version, body, LabelSelector())
+        return pushed
 
     async def wait_connected(self, count: int) -> None:
         """Return once at least `count` agents are connected (tests, benchmarks)."""
@@ -599,7 +617,7 @@ class MasterSessionHub:
                 raise MalformedFrameError(
                     f"the first frame of a stream must be REGISTER, got {env.type.name}"
                 )
-            register = decode_body(env)
+            register = decode_body(env, max_body=self.max_body)
             assert isinstance(register, Register)
         except ProtocolError as exc:
             self.counters.count(exc)
@@ -750,6 +768,7 @@ class MasterSessionHub:
             running_digest=register.running_digest,
             last_seen=now,
             parts=channel if isinstance(channel, SendsParts) else None,
+            compressed=self.compress and COMPRESSION_CAPABILITY in register.capabilities,
         )
         response = RegisterResponse(
             accepted=True,
@@ -798,7 +817,7 @@ class MasterSessionHub:
             for pushed in self._pushed.get(version.workspace, ()):
                 if pushed.version.digest == version.digest:
                     return pushed
-            return _PushedVersion(version, self._body(version), LabelSelector())
+            return self._shared_version(version)
         best: _PushedVersion | None = None
         for pushed in self._pushed.get(agent.workspace, ()):
             if pushed.selector.matches(agent.labels) and (
@@ -824,11 +843,12 @@ class MasterSessionHub:
                     s.scope.cancel()
             if s.update is not None:
                 pushed, s.update = s.update, None
-                head = s.crypto.seal_parts(pushed.body)
+                body = pushed.wire(s.compressed)
+                head = s.crypto.seal_parts(body)
                 if s.parts is not None:
-                    await s.parts.send_parts(head, pushed.body.data)
+                    await s.parts.send_parts(head, body.data)
                 else:
-                    await s.channel.send(head + pushed.body.data)
+                    await s.channel.send(head + body.data)
                 if self.on_sent is not None:
                     try:
                         self.on_sent(s.agent.id, pushed.version)

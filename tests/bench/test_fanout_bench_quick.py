@@ -26,7 +26,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             str(BENCH),
             "--quick",
             "--kinds",
-            "nxmesh,ws,raw",
+            "nxmesh,ws,raw,plain",
             "--output",
             str(output),
         ],
@@ -42,10 +42,12 @@ class TestFanoutBenchQuick:
     """Every kind runs in separate processes and every simulated agent acknowledges."""
 
     def test_every_kind_ran_with_fifty_agents(self, report: dict[str, Any]) -> None:
-        """nxmesh (gRPC), ws (WebSocket) and raw grpclib runs, each over TLS, 50 agents."""
+        """nxmesh (gRPC), ws (WebSocket), plain (uncompressed) and raw grpclib runs, each
+        over TLS, 50 agents."""
         assert report["config"]["tls"] is True
         assert sorted((r["kind"], r["agents"]) for r in report["runs"]) == [
             ("nxmesh", 50),
+            ("plain", 50),
             ("raw", 50),
             ("ws", 50),
         ]
@@ -57,10 +59,22 @@ class TestFanoutBenchQuick:
             for size in run["sizes"].values():
                 for push in size["rounds"]:
                     assert 0 < push["p50_s"] <= push["p99_s"] <= push["all_acked_s"]
-            assert run["sizes"]["64KB"]["frame_bytes"] > 60 * 1024
-            assert 2 * 1024 < run["sizes"]["2KB"]["frame_bytes"] < 4 * 1024
+            assert run["sizes"]["64KB"]["version_bytes"] > 60 * 1024
+            assert 2 * 1024 < run["sizes"]["2KB"]["version_bytes"] < 4 * 1024
 
-    @pytest.mark.parametrize("kind", ["nxmesh", "ws"])
+    def test_nxmesh_sends_versions_compressed_raw_and_plain_do_not(
+        self, report: dict[str, Any]
+    ) -> None:
+        """The master compresses the fleet-like versions (~10x at 64 KB); raw grpclib and
+        the diagnostic ``plain`` kind send frames of the version's full size."""
+        for run in report["runs"]:
+            size = run["sizes"]["64KB"]
+            if run["kind"] in ("nxmesh", "ws"):
+                assert size["frame_bytes"] * 5 < size["version_bytes"]
+            else:
+                assert size["frame_bytes"] == size["version_bytes"]
+
+    @pytest.mark.parametrize("kind", ["nxmesh", "ws", "plain"])
     def test_nxmesh_frames_were_all_accepted(self, report: dict[str, Any], kind: str) -> None:
         """The simulated agents' signed acks were all verified by the master."""
         nxmesh = next(r for r in report["runs"] if r["kind"] == kind)
@@ -73,7 +87,7 @@ class TestFanoutBenchQuick:
         for run in report["runs"]:
             assert run["memory"]["pss_kb_per_agent_connected"] != 0
             assert run["memory"]["pss_connected_mb"] > 0
-        for key in ("ratios_nxmesh_over_raw", "ratios_ws_over_raw"):
+        for key in ("ratios_nxmesh_over_raw", "ratios_ws_over_raw", "ratios_plain_over_raw"):
             ratios = report[key]["50"]
             assert set(ratios) >= {"2KB", "64KB", "memory_connected_pss"}
             assert ratios["2KB"]["all_acked"] > 0

@@ -5,7 +5,7 @@ Frame layout (all integers big-endian; one frame is one transport message)::
     offset size  field
     0      3     magic  b"NXM"
     3      1     format (1)
-    4      1     message type (`MessageType`)
+    4      1     message type (`MessageType`, bits 0-6) | flags (bit 7: body compressed)
     5      1     len(agent_id)   (0..128, UTF-8 bytes)
     6      1     len(key_id)     (0..128, UTF-8 bytes)
     7      8     seq             (u64)
@@ -24,6 +24,11 @@ once, and each agent only costs one HMAC over ~100 bytes plus a copy into its fr
 
 The layout is fixed, so the encoding is deterministic: the same fields always give the
 same bytes, and a verifier never has to re-serialise anything to check a signature.
+
+A body may travel zlib-compressed (`COMPRESSED`, flag bit 7 of the type byte; the master
+compresses a version once and sends it so to agents that announced
+``protocol.COMPRESSION_CAPABILITY``). The flag is part of the signed header and the
+signature covers the compressed bytes as sent, so nothing is inflated before it verified.
 
 Replay rules (`ReplayGuard`): ``seq`` must be strictly greater than the last accepted
 ``seq`` from the same peer in the same direction, and ``ts`` must lie within ±300 s of
@@ -46,6 +51,7 @@ import attrs
 from nxmesh.core.errors import NxMeshError
 
 __all__ = [
+    "COMPRESSED",
     "FRAME_FORMAT",
     "MAX_SKEW",
     "BadSignatureError",
@@ -74,6 +80,10 @@ MAX_SKEW: Final = 300.0
 
 SIG_SIZE: Final = 32
 MAX_ID_BYTES: Final = 128
+
+COMPRESSED: Final = 0x80
+"""Flag bit of the type byte: the body is a zlib stream (`protocol.decode_body` inflates)."""
+_TYPE_BITS: Final = 0x7F
 
 _HEADER = struct.Struct(">3sBBBBQQI")
 _HEADER_SIZE: Final = _HEADER.size  # 27
@@ -192,7 +202,8 @@ class ProtocolCounters:
 
 @attrs.frozen(slots=True)
 class EncodedBody:
-    """A message body encoded once: its canonical JSON and that JSON's sha256.
+    """A message body encoded once: its bytes as sent (canonical JSON, or its zlib stream
+    when `compressed`) and their sha256.
 
     Build one per ConfigUpdate *version* and seal it for every agent: sealing never
     re-encodes or re-hashes the body.
@@ -201,10 +212,11 @@ class EncodedBody:
     type: MessageType
     data: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
     digest: bytes = attrs.field(repr=False)
+    compressed: bool = False
 
     @classmethod
-    def of(cls, type: MessageType, data: bytes) -> EncodedBody:
-        return cls(type, data, hashlib.sha256(data).digest())
+    def of(cls, type: MessageType, data: bytes, *, compressed: bool = False) -> EncodedBody:
+        return cls(type, data, hashlib.sha256(data).digest(), compressed)
 
 
 @attrs.frozen(slots=True)
@@ -219,6 +231,7 @@ class Envelope:
     body: bytes = attrs.field(repr=lambda d: f"<{len(d)} bytes>")
     sig: bytes = attrs.field(repr=False)
     header: bytes = attrs.field(repr=False)
+    compressed: bool = False  # `body` is a zlib stream (see `COMPRESSED`)
 
     @property
     def ts(self) -> float:
@@ -277,9 +290,10 @@ def seal_parts(
         raise ValueError("seq and ts must fit in 64 unsigned bits")
     aid = _encode_id(agent_id, "agent_id")
     kid = _encode_id(key_id, "key_id")
+    kind = body.type | COMPRESSED if body.compressed else body.type
     header = (
         _HEADER.pack(
-            FRAME_MAGIC, FRAME_FORMAT, body.type, len(aid), len(kid), seq, ts_ms, len(body.data)
+            FRAME_MAGIC, FRAME_FORMAT, kind, len(aid), len(kid), seq, ts_ms, len(body.data)
         )
         + aid
         + kid
@@ -295,10 +309,7 @@ def peek_type(frame: bytes) -> MessageType | None:
     """
     if len(frame) < _HEADER_SIZE or frame[:3] != FRAME_MAGIC or frame[3] != FRAME_FORMAT:
         return None
-    try:
-        return MessageType(frame[4])
-    except ValueError:
-        return None
+    return _TYPES.get(frame[4] & _TYPE_BITS)
 
 
 def unseal(frame: bytes, *, max_body: int | None = None) -> Envelope:
@@ -313,9 +324,9 @@ def unseal(frame: bytes, *, max_body: int | None = None) -> Envelope:
             f"frame format {fmt} is not supported (this side speaks format {FRAME_FORMAT}); "
             "upgrade the older of master and agent"
         )
-    kind = _TYPES.get(mtype)
+    kind = _TYPES.get(mtype & _TYPE_BITS)
     if kind is None:
-        raise MalformedFrameError(f"unknown message type {mtype}")
+        raise MalformedFrameError(f"unknown message type {mtype & _TYPE_BITS}")
     ids_end = _HEADER_SIZE + alen + klen
     if len(frame) != ids_end + SIG_SIZE + blen:
         raise MalformedFrameError(
@@ -338,6 +349,7 @@ def unseal(frame: bytes, *, max_body: int | None = None) -> Envelope:
         body=frame[ids_end + SIG_SIZE :],
         sig=frame[ids_end : ids_end + SIG_SIZE],
         header=frame[:ids_end],
+        compressed=bool(mtype & COMPRESSED),
     )
 
 

@@ -35,6 +35,7 @@ import json
 import os
 import re
 import time
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any, Final, Literal, TypeAlias
 
@@ -71,6 +72,8 @@ from nxmesh.core.model import (
 from nxmesh.core.serialization import canonical_json, structure
 
 __all__ = [
+    "COMPRESSION_CAPABILITY",
+    "MAX_BODY",
     "MAX_SKEW",
     "PROTOCOL_MAX",
     "PROTOCOL_MIN",
@@ -92,7 +95,9 @@ __all__ = [
     "RejectedError",
     "SessionCrypto",
     "UnknownKeyError",
+    "body_bytes",
     "bootstrap_mac_key",
+    "compress_body",
     "decode_body",
     "encode_body",
     "message_type",
@@ -107,6 +112,17 @@ PROTOCOL_MIN: Final = 1
 """Oldest message-schema version this code speaks."""
 PROTOCOL_MAX: Final = 1
 """Newest message-schema version this code speaks."""
+
+MAX_BODY: Final = 16 * 1024 * 1024
+"""Default bound of a message body in bytes, as sent and once inflated."""
+
+COMPRESSION_CAPABILITY: Final = "body:zlib"
+"""In `Register.capabilities`: the agent reads zlib-compressed bodies (`compress_body`);
+the master then sends it versions compressed. Agents of this code always announce it."""
+
+# Compress only what gains: below this a body is sent as it is, and a body that shrinks
+# by less than an eighth is not worth the receiver's inflating.
+_COMPRESS_MIN: Final = 1024
 
 _U63: Final = 2**63 - 1
 
@@ -483,12 +499,50 @@ def encode_body(message: Message) -> EncodedBody:
     return EncodedBody.of(_TYPES[type(message)], canonical_json(message))
 
 
-def decode_body(env: Envelope) -> Message:
+def compress_body(body: EncodedBody) -> EncodedBody:
+    """`body` as a zlib stream (flagged `envelope.COMPRESSED`), or `body` itself when it
+    is small or does not shrink by an eighth.
+
+    For the master's versions: compressed once per version like the encoding, it is what
+    most of a push costs per agent that shrinks — TLS, HTTP/2 framing, copies and the
+    receiver's hashing of the body. Canonical JSON of a desired state (every field, sorted
+    keys, many alike sites) typically shrinks 10x or more.
+    """
+    if body.compressed or len(body.data) < _COMPRESS_MIN:
+        return body
+    packed = zlib.compress(body.data, 6)
+    if len(packed) > len(body.data) - len(body.data) // 8:
+        return body
+    return EncodedBody.of(body.type, packed, compressed=True)
+
+
+def body_bytes(env: Envelope, *, max_body: int = MAX_BODY) -> bytes:
+    """The body of `env` as encoded (canonical JSON): inflated when it came compressed,
+    never beyond `max_body` bytes (`MalformedFrameError` otherwise). Call it only on a
+    verified envelope: the signature covers the compressed bytes."""
+    if not env.compressed:
+        return env.body
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(env.body, max_body + 1)
+    except zlib.error as exc:
+        raise MalformedFrameError(f"{env.type.name} body does not inflate: {exc}") from None
+    if len(data) > max_body or inflater.unconsumed_tail:
+        raise MalformedFrameError(f"{env.type.name} body inflates beyond the {max_body} byte limit")
+    if not inflater.eof or inflater.unused_data:
+        raise MalformedFrameError(f"{env.type.name} body is not one whole zlib stream")
+    return data
+
+
+def decode_body(env: Envelope, *, max_body: int = MAX_BODY) -> Message:
     """The message inside `env`; `MalformedFrameError` naming every problem otherwise.
 
     `Register` is the one message sent before versions are negotiated, so unknown keys in
-    it are ignored (a newer agent may send more); every other message is strict.
+    it are ignored (a newer agent may send more); every other message is strict. A
+    compressed body is inflated up to `max_body` bytes (`body_bytes`).
     """
+    if env.compressed:
+        env = attrs.evolve(env, body=body_bytes(env, max_body=max_body), compressed=False)
     shared = env.type in _SHARED and len(env.body) <= _SHARED_MAX_BODY
     if shared:
         known = _decoded.get((env.type, env.body))
@@ -673,7 +727,7 @@ class SessionCrypto:
         try:
             env = unseal(frame, max_body=self.max_body)
             self.check(env, guard=guard)
-            message = decode_body(env)
+            message = decode_body(env, max_body=self.max_body or MAX_BODY)
         except ProtocolError as exc:
             self.counters.count(exc)
             raise

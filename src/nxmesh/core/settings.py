@@ -177,6 +177,8 @@ class MasterSettings:
     (same address, same TLS as the API); the gRPC transport listens on `grpc_port` (same
     host as the API) with TLS from the master's own CA unless its plugin section says
     ``tls = false``. `heartbeat_interval` is what agents are told to use.
+    `compress_versions` sends versions zlib-compressed to the agents that read them (all
+    of this release's); off, every frame's body is plain JSON, e.g. to read captures.
     """
 
     api_host: str = "127.0.0.1"
@@ -191,6 +193,7 @@ class MasterSettings:
     transports: tuple[str, ...] = attrs.field(default=("grpc", "websocket"), validator=_names)
     websocket_path: str = attrs.field(default="/agent", validator=_path)
     heartbeat_interval: float = attrs.field(default=30.0, validator=_positive)
+    compress_versions: bool = True
 
 
 @attrs.frozen

@@ -204,6 +204,7 @@ async def run_agent_plane(
         services.enrollment,
         heartbeat_interval=settings.master.heartbeat_interval,
         signing_key=services.signer.verify_key,
+        compress=settings.master.compress_versions,
     )
     orchestrator = RolloutOrchestrator(services)
     orchestrator.attach(hub)

@@ -105,11 +105,13 @@ class Mesh:
         *,
         heartbeat_interval: float = 5.0,
         key_lifetime: float | None = None,
+        compress: bool = True,
     ) -> None:
         self.kit = kit
         self.directory = directory
         self.heartbeat_interval = heartbeat_interval
         self.key_lifetime = key_lifetime
+        self.compress = compress
         self.tls: TLSFiles = ensure_tls_material(directory / "tls")
         # In memory: one database for the whole mesh, kept across master restarts.
         self.storage = SqliteStorage("sqlite://", keyring=MasterKeyring(generate_key()))
@@ -135,7 +137,10 @@ class Mesh:
             self._message.set()
 
         return MasterSessionHub(
-            self.enrollment, heartbeat_interval=self.heartbeat_interval, on_message=record
+            self.enrollment,
+            heartbeat_interval=self.heartbeat_interval,
+            on_message=record,
+            compress=self.compress,
         )
 
     async def wait_messages(self, count: int) -> None:
@@ -442,9 +447,13 @@ class TransportContract:
                 seen.append((await _next_update(agent)).version)
             assert seen == sorted(set(seen))
 
-    async def test_large_payload(self, transport_kit: TransportKit, tmp_path: Path) -> None:
-        """A multi-megabyte version arrives intact and verifies."""
-        async with Mesh(transport_kit, tmp_path) as mesh:
+    @pytest.mark.parametrize("compress", [False, True], ids=["plain", "compressed"])
+    async def test_large_payload(
+        self, transport_kit: TransportKit, tmp_path: Path, compress: bool
+    ) -> None:
+        """A multi-megabyte version arrives intact and verifies: as a multi-megabyte frame,
+        and compressed (as masters send it to agents by default)."""
+        async with Mesh(transport_kit, tmp_path, compress=compress) as mesh:
             agent = await mesh.start_agent()
             version = signed_version(1, sites=3000)
             targets = mesh.hub.push(version)
