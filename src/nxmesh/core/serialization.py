@@ -17,7 +17,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, Final, Literal, TypeVar, get_args, get_origin
 
 import attrs
 import cattrs
@@ -363,19 +363,19 @@ def unstructure(obj: object) -> Any:
     return converter.unstructure(obj)
 
 
+# One encoder for every call: `json.dumps` with options builds a new one each time, a
+# third of the cost of encoding a small message (every frame's body is one).
+_CANONICAL: Final = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
 def canonical_json(obj: object) -> bytes:
     """Deterministic UTF-8 JSON (sorted keys, no whitespace) for hashing and signing.
 
     Raises ValueError for NaN or infinities, which have no canonical JSON form.
     """
-    text = json.dumps(
-        unstructure(obj),
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-    )
-    return text.encode("utf-8")
+    return _CANONICAL.encode(unstructure(obj)).encode("utf-8")
 
 
 def state_digest(state: DesiredState) -> str:
