@@ -65,10 +65,11 @@ BENCHMARKS: dict[str, Benchmark] = {
         ),
         Benchmark(
             "fanout", "bench.fanout_bench",
-            ("--agents", "1000,5000,10000", "--kinds", "nxmesh,ws,raw", "--rounds", "3",
+            ("--agents", "1000,5000,10000", "--kinds", "nxmesh,plain,ws,raw", "--rounds", "3",
              "--repeat", "2"),
-            ("--quick", "--kinds", "nxmesh,ws,raw"), 7200,
-            "1k / 5k / 10k simulated agents over gRPC and WebSocket vs raw grpclib",
+            ("--quick", "--kinds", "nxmesh,plain,ws,raw"), 7200,
+            "1k / 5k / 10k simulated agents over gRPC (compressed and plain) and WebSocket "
+            "vs raw grpclib",
         ),
         Benchmark(
             "convergence", "bench.convergence_bench", (), ("--quick",), 3600,
