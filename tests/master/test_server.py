@@ -19,6 +19,7 @@ import wsproto.events as ws_events
 from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.core.runtime import Runtime, run
 from nxmesh.core.serialization import unstructure
+from nxmesh.master.agent_plane import AGENT_PLANE, run_agent_plane
 from nxmesh.master.app import build_app
 from nxmesh.master.server import API_ADDRESS, MASTER_SERVICES, run_master, serve_api
 from nxmesh.testing import make_state
@@ -164,3 +165,38 @@ class TestRunMaster:
 
         await run(plugin_manager, settings, main, handle_signals=False)
         assert seen == {"ready": 200, "component": True}
+
+    @pytest.mark.parametrize("compress", [True, False])
+    async def test_agent_plane_takes_compress_versions(
+        self,
+        anyio_backend: str,
+        plugin_manager: NxMeshPluginManager,
+        tmp_path: Path,
+        compress: bool,
+    ) -> None:
+        """``[master] compress_versions`` reaches the session hub the agent plane runs."""
+        settings = make_settings(
+            plugin_manager,
+            tmp_path / "state",
+            **{
+                "master.api_port": 0,
+                "master.transports": ["websocket"],
+                "master.compress_versions": compress,
+            },
+        )
+        seen: dict[str, bool] = {}
+
+        async def main(runtime: Runtime) -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_master, runtime, [run_agent_plane])
+                with anyio.fail_after(10):
+                    while True:
+                        services = runtime.stash.get(MASTER_SERVICES, None)
+                        if services is not None and AGENT_PLANE in services.stash:
+                            break
+                        await anyio.sleep(0.02)
+                seen["compress"] = services.stash[AGENT_PLANE].hub.compress
+                tg.cancel_scope.cancel()
+
+        await run(plugin_manager, settings, main, handle_signals=False)
+        assert seen == {"compress": compress}
