@@ -69,6 +69,21 @@ class Master:
         return link
 
 
+async def register_by_hand(channel: Any, creds: AgentCredentials, register: Register) -> None:
+    """Open a session as an agent without `AgentLink`: send `register`, expect acceptance."""
+    await channel.send(
+        seal(
+            encode_body(register),
+            agent_id=creds.agent_id,
+            key_id=creds.key_id,
+            key=creds.key,
+            seq=1,
+            ts_ms=int(time.time() * 1000),
+        )
+    )
+    assert decode_body(unseal(await channel.receive())).accepted  # type: ignore[union-attr]
+
+
 @pytest.fixture
 async def master_factory() -> AsyncIterator[Callable[..., Any]]:
     storage = SqliteStorage("sqlite://", keyring=MasterKeyring(generate_key()))
@@ -154,17 +169,7 @@ class TestFanout:
             agent_id=creds.agent_id, capabilities=(COMPRESSION_CAPABILITY,) if capable else ()
         )
         async with master.transport.connect("memory://") as channel:
-            await channel.send(
-                seal(
-                    encode_body(register),
-                    agent_id=creds.agent_id,
-                    key_id=creds.key_id,
-                    key=creds.key,
-                    seq=1,
-                    ts_ms=int(time.time() * 1000),
-                )
-            )
-            assert decode_body(unseal(await channel.receive())).accepted  # type: ignore[union-attr]
+            await register_by_hand(channel, creds, register)
             version = signed_version(1, sites=30)
             assert master.hub.push(version) == [creds.agent_id]
             with anyio.fail_after(5):
@@ -301,17 +306,7 @@ class TestLifecycle:
         master = await master_factory(heartbeat_interval=0.1)
         creds = await master.credentials()
         async with master.transport.connect("memory://") as channel:
-            await channel.send(
-                seal(
-                    encode_body(Register(agent_id=creds.agent_id)),
-                    agent_id=creds.agent_id,
-                    key_id=creds.key_id,
-                    key=creds.key,
-                    seq=1,
-                    ts_ms=int(time.time() * 1000),
-                )
-            )
-            assert decode_body(unseal(await channel.receive())).accepted  # type: ignore[union-attr]
+            await register_by_hand(channel, creds, Register(agent_id=creds.agent_id))
             assert master.hub.connected == [creds.agent_id]
             with anyio.fail_after(3), pytest.raises(anyio.EndOfStream):
                 await channel.receive()
