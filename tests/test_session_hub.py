@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -12,7 +13,7 @@ from anyio.abc import TaskGroup
 
 import nxmesh.session_hub as hub_module
 from nxmesh.agent_link import AgentCredentials, AgentLink, Backoff, Endpoint, MemoryCredentialStore
-from nxmesh.core.envelope import seal, unseal
+from nxmesh.core.envelope import MessageType, seal, unseal
 from nxmesh.core.model import Agent, LabelSelector
 from nxmesh.core.protocol import (
     COMPRESSION_CAPABILITY,
@@ -289,6 +290,33 @@ class TestRefusals:
         assert isinstance(answer, RegisterResponse)
         assert (answer.accepted, answer.code) == (False, "malformed")
         assert "must be REGISTER" in answer.error
+        assert master.hub.counters.malformed == 1
+
+    async def test_a_compressed_register_is_refused_uninflated(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """The Register is read before its signature can be checked: a compressed one
+        (here a zlib bomb of 64 MiB) is refused as malformed, never inflated."""
+        master = await master_factory()
+        creds = await master.credentials()
+        bomb = zlib.compress(
+            encode_body(Register(agent_id=creds.agent_id)).data + bytes(64 * 1024 * 1024), 9
+        )
+        async with master.transport.connect("memory://") as channel:
+            await channel.send(
+                seal(
+                    EncodedBody.of(MessageType.REGISTER, bomb, compressed=True),
+                    agent_id=creds.agent_id,
+                    key_id=creds.key_id,
+                    key=creds.key,
+                    seq=1,
+                    ts_ms=int(time.time() * 1000),
+                )
+            )
+            answer = decode_body(unseal(await channel.receive()))
+        assert isinstance(answer, RegisterResponse)
+        assert (answer.accepted, answer.code) == (False, "malformed")
+        assert "never sent compressed" in answer.error
         assert master.hub.counters.malformed == 1
 
     async def test_unknown_agent_is_refused(self, master_factory: Callable[..., Any]) -> None:

@@ -137,3 +137,14 @@ class TestInflateLimits:
         with pytest.raises(MalformedFrameError, match="beyond the 100 byte limit"):
             decode_body(env, max_body=100)
         assert decode_body(env) == UPDATE
+
+    @pytest.mark.parametrize(
+        "kind", [MessageType.REGISTER, MessageType.REGISTER_RESPONSE, MessageType.CONFIG_STATUS]
+    )
+    def test_only_a_config_update_may_come_compressed(self, kind: MessageType) -> None:
+        """A Register is decoded before its signature can be checked: flagged compressed,
+        it (and every other type but ConfigUpdate) is refused without being inflated."""
+        bomb = zlib.compress(bytes(64 * 1024 * 1024), 9)
+        frame = sealed(EncodedBody.of(kind, bomb, compressed=True))
+        with pytest.raises(MalformedFrameError, match=f"{kind.name} bodies are never sent"):
+            decode_body(unseal(frame))

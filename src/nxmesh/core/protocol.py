@@ -518,10 +518,17 @@ def compress_body(body: EncodedBody) -> EncodedBody:
 
 def body_bytes(env: Envelope, *, max_body: int = MAX_BODY) -> bytes:
     """The body of `env` as encoded (canonical JSON): inflated when it came compressed,
-    never beyond `max_body` bytes (`MalformedFrameError` otherwise). Call it only on a
-    verified envelope: the signature covers the compressed bytes."""
+    never beyond `max_body` bytes (`MalformedFrameError` otherwise).
+
+    Only a `ConfigUpdate` may come compressed, and its envelope is verified before it is
+    decoded. Other bodies are refused compressed: a `Register` (and its response) is
+    decoded before its signature can be checked, and inflating it would let anyone make
+    the receiver allocate `max_body` for a few kilobytes sent.
+    """
     if not env.compressed:
         return env.body
+    if env.type is not MessageType.CONFIG_UPDATE:
+        raise MalformedFrameError(f"{env.type.name} bodies are never sent compressed")
     inflater = zlib.decompressobj()
     try:
         data = inflater.decompress(env.body, max_body + 1)
