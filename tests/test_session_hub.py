@@ -13,13 +13,12 @@ from anyio.abc import TaskGroup
 
 import nxmesh.session_hub as hub_module
 from nxmesh.agent_link import AgentCredentials, AgentLink, Backoff, Endpoint, MemoryCredentialStore
-from nxmesh.core.envelope import MessageType, seal, unseal
+from nxmesh.core.envelope import EncodedBody, MessageType, seal, unseal
 from nxmesh.core.model import Agent, LabelSelector
 from nxmesh.core.protocol import (
     COMPRESSION_CAPABILITY,
     ConfigStatus,
     ConfigUpdate,
-    EncodedBody,
     Register,
     RegisterResponse,
     RejectedError,
@@ -70,19 +69,33 @@ class Master:
         return link
 
 
+def sealed_by(creds: AgentCredentials, body: EncodedBody) -> bytes:
+    """`body` as the first frame of a stream, signed with `creds`."""
+    return seal(
+        body,
+        agent_id=creds.agent_id,
+        key_id=creds.key_id,
+        key=creds.key,
+        seq=1,
+        ts_ms=int(time.time() * 1000),
+    )
+
+
 async def register_by_hand(channel: Any, creds: AgentCredentials, register: Register) -> None:
     """Open a session as an agent without `AgentLink`: send `register`, expect acceptance."""
-    await channel.send(
-        seal(
-            encode_body(register),
-            agent_id=creds.agent_id,
-            key_id=creds.key_id,
-            key=creds.key,
-            seq=1,
-            ts_ms=int(time.time() * 1000),
-        )
-    )
+    await channel.send(sealed_by(creds, encode_body(register)))
     assert decode_body(unseal(await channel.receive())).accepted  # type: ignore[union-attr]
+
+
+async def answer_to_first_frame(
+    master: Master, creds: AgentCredentials, body: EncodedBody
+) -> RegisterResponse:
+    """What the master answers a stream whose first frame carries `body`."""
+    async with master.transport.connect("memory://") as channel:
+        await channel.send(sealed_by(creds, body))
+        answer = decode_body(unseal(await channel.receive()))
+    assert isinstance(answer, RegisterResponse)
+    return answer
 
 
 @pytest.fixture
@@ -275,19 +288,8 @@ class TestRefusals:
         """A stream that does not start with Register is refused as malformed."""
         master = await master_factory()
         creds = await master.credentials()
-        async with master.transport.connect("memory://") as channel:
-            await channel.send(
-                seal(
-                    encode_body(ConfigStatus(version=1, digest="d", phase="applied")),
-                    agent_id=creds.agent_id,
-                    key_id=creds.key_id,
-                    key=creds.key,
-                    seq=1,
-                    ts_ms=int(time.time() * 1000),
-                )
-            )
-            answer = decode_body(unseal(await channel.receive()))
-        assert isinstance(answer, RegisterResponse)
+        status = encode_body(ConfigStatus(version=1, digest="d", phase="applied"))
+        answer = await answer_to_first_frame(master, creds, status)
         assert (answer.accepted, answer.code) == (False, "malformed")
         assert "must be REGISTER" in answer.error
         assert master.hub.counters.malformed == 1
@@ -302,19 +304,8 @@ class TestRefusals:
         bomb = zlib.compress(
             encode_body(Register(agent_id=creds.agent_id)).data + bytes(64 * 1024 * 1024), 9
         )
-        async with master.transport.connect("memory://") as channel:
-            await channel.send(
-                seal(
-                    EncodedBody.of(MessageType.REGISTER, bomb, compressed=True),
-                    agent_id=creds.agent_id,
-                    key_id=creds.key_id,
-                    key=creds.key,
-                    seq=1,
-                    ts_ms=int(time.time() * 1000),
-                )
-            )
-            answer = decode_body(unseal(await channel.receive()))
-        assert isinstance(answer, RegisterResponse)
+        body = EncodedBody.of(MessageType.REGISTER, bomb, compressed=True)
+        answer = await answer_to_first_frame(master, creds, body)
         assert (answer.accepted, answer.code) == (False, "malformed")
         assert "never sent compressed" in answer.error
         assert master.hub.counters.malformed == 1
