@@ -35,8 +35,7 @@ from nxmesh.master.api.paging import (
     Cursor,
     PageLimit,
     decode_cursor,
-    encode_cursor,
-    next_link,
+    page_headers,
 )
 from nxmesh.master.api.schemas import AgentWhy, LabelsUpdate
 from nxmesh.master.problems import NotFound
@@ -209,15 +208,8 @@ class AgentController(Controller):
             after=after,
             limit=limit,
         )
-        headers = {}
-        if len(agents) == limit:  # maybe more: an empty last page beats a COUNT per page
-            params = {
-                "workspace": workspace,
-                "limit": limit,
-                "cursor": encode_cursor(agents[-1].id),
-            }
-            headers["Link"] = next_link(request, params)
-        return Response(list(agents), headers=headers)
+        params = {"workspace": workspace, "limit": limit}
+        return Response(list(agents), headers=page_headers(request, agents, limit, params))
 
     @get("/{agent_id:str}", opt=perm("agent:read", scope="anywhere"), responses=ERRORS)
     async def get_agent(self, agent_id: AgentId, caller: CallerDep) -> Agent:

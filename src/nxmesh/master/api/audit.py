@@ -16,8 +16,7 @@ from nxmesh.master.api.paging import (
     Cursor,
     PageLimit,
     decode_cursor,
-    encode_cursor,
-    next_link,
+    page_headers,
 )
 from nxmesh.master.api.schemas import AuditView
 
@@ -51,10 +50,7 @@ async def list_audit(
     follow the ``Link`` header's ``rel="next"`` URL until there is none."""
     before = None if cursor is None else decode_cursor(cursor, _is_entry_id)
     entries = await caller.services.storage.list_audit(limit=limit, since=since, before=before)
-    headers = {}
-    if len(entries) == limit:  # maybe more: an empty last page beats a COUNT per page
-        params = {"limit": limit, "since": since, "cursor": encode_cursor(entries[-1].id)}
-        headers["Link"] = next_link(request, params)
+    headers = page_headers(request, entries, limit, {"limit": limit, "since": since})
     views = [
         AuditView(
             id=e.id,

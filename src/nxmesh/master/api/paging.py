@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Annotated, Any, Final
 from urllib.parse import urlencode
 
@@ -30,6 +30,7 @@ __all__ = [
     "decode_cursor",
     "encode_cursor",
     "next_link",
+    "page_headers",
 ]
 
 DEFAULT_LIMIT: Final = 100
@@ -80,3 +81,17 @@ def next_link(request: Request[Any, Any, Any], params: Mapping[str, object]) -> 
     """``<path?params>; rel="next"``: relative, so it holds behind any proxy or prefix."""
     query = urlencode({k: v for k, v in params.items() if v is not None})
     return f'<{request.url.path}?{query}>; rel="next"'
+
+
+def page_headers(
+    request: Request[Any, Any, Any],
+    page: Sequence[Any],
+    limit: int,
+    params: Mapping[str, object],
+) -> dict[str, str]:
+    """The headers of `page` (items with an ``id``, the key the cursor seeks past): a
+    ``Link`` to the next page, with `params` and the cursor after the last item, when
+    the page is full — maybe more: an empty last page beats a COUNT per page."""
+    if len(page) < limit:
+        return {}
+    return {"Link": next_link(request, {**params, "cursor": encode_cursor(page[-1].id)})}
