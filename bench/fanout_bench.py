@@ -204,8 +204,11 @@ def _pin(cpu: int) -> None:
 
 
 def master_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
+    global _GC_CLOCKS
     _raise_fd_limit()
     _pin(0)
+    _GC_CLOCKS = opts.pop("gc_clocks")
+    _time_gc(_GC_CLOCKS[0])
     import anyio
 
     runners = {
@@ -425,16 +428,38 @@ def _simulator(conn: Connection) -> Any:
     return psutil.Process(conn.recv()["simulator_pid"])
 
 
-def _cpu(simulator: Any) -> tuple[float, float]:
-    """CPU seconds so far of the master (this process) and of the agent simulator: which
-    of the two was busy bounds the time until all acked."""
+# Seconds each process spent in the cyclic garbage collector, in shared memory so the
+# master reads the simulator's: a full collection walks every session's objects (the
+# simulator's walks all 5,000 agents', which no real agent process does) and explains
+# most of the spread between pushes of the same version.
+_GC_CLOCKS: tuple[Any, Any] | None = None  # (master's, simulator's): the master reads both
+
+
+def _time_gc(clock: Any) -> None:
+    """Add this process's time in the garbage collector to `clock` (an `mp.Value`)."""
+    started = 0.0
+
+    def callback(phase: str, info: dict[str, int]) -> None:
+        nonlocal started
+        if phase == "start":
+            started = time.perf_counter()
+        else:
+            clock.value += time.perf_counter() - started
+
+    gc.callbacks.append(callback)
+
+
+def _cpu(simulator: Any) -> tuple[float, ...]:
+    """CPU seconds so far of the master (this process) and of the agent simulator (which
+    of the two was busy bounds the time until all acked), then both GC clocks."""
     times = simulator.cpu_times()
-    return time.process_time(), times.user + times.system
+    assert _GC_CLOCKS is not None
+    master, agents = _GC_CLOCKS
+    return time.process_time(), times.user + times.system, master.value, agents.value
 
 
-def _spent(since: tuple[float, float], simulator: Any) -> tuple[float, float]:
-    now = _cpu(simulator)
-    return now[0] - since[0], now[1] - since[1]
+def _spent(since: tuple[float, ...], simulator: Any) -> tuple[float, ...]:
+    return tuple(now - then for now, then in zip(_cpu(simulator), since, strict=True))
 
 
 def _gc_collections(since: list[int] | None = None) -> list[int]:
@@ -535,7 +560,7 @@ def _push_result(
     label: str,
     frame_bytes: int,
     total: float,
-    cpu: tuple[float, float],
+    cpu: tuple[float, ...],
     latencies: list[float],
 ) -> dict[str, Any]:
     return {
@@ -545,6 +570,8 @@ def _push_result(
         "all_acked_s": total,
         "master_cpu_s": cpu[0],
         "agents_cpu_s": cpu[1],
+        "master_gc_s": cpu[2],
+        "agents_gc_s": cpu[3],
         "p50_s": statistics.median(latencies),
         "p99_s": _percentile(latencies, 0.99),
     }
@@ -557,7 +584,15 @@ def _size_medians(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "version_bytes": rounds[0]["version_bytes"],
         **{
             f"{key}_median_s": statistics.median(r[f"{key}_s"] for r in rounds)
-            for key in ("all_acked", "master_cpu", "agents_cpu", "p50", "p99")
+            for key in (
+                "all_acked",
+                "master_cpu",
+                "agents_cpu",
+                "master_gc",
+                "agents_gc",
+                "p50",
+                "p99",
+            )
         },
         "rounds": rounds,
     }
@@ -604,6 +639,7 @@ def _run_result(
 def agents_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
     _raise_fd_limit()
     _pin(1)
+    _time_gc(opts.pop("gc_clock"))
     import anyio
 
     anyio.run(_agents, kind, conn, opts, backend="asyncio")
@@ -653,6 +689,12 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
             for _ in range(count):
                 tg.start_soon(_raw_agent, address, ctx, gate, one_ready)
         await ready.wait()
+        # One heap holds every simulated agent; real agents each have their own, a few MB
+        # that their collector walks in microseconds. Frozen, the connected agents stay
+        # out of this heap's collections (same for every kind): otherwise a full
+        # collection walks all of them, and the push it lands in takes ~0.7 s longer.
+        gc.collect()
+        gc.freeze()
         conn.send({"registered": registered})
         profiler = _profiler(opts)  # the pushes, and the idle time around them
         # The parent says stop. Abandoned on cancel: if a simulated agent fails, the task
@@ -776,7 +818,9 @@ def run_one(
     load_before = os.getloadavg()
     try:
         master_end, master_child = ctx.Pipe()
+        gc_clocks = (ctx.Value("d", 0.0, lock=False), ctx.Value("d", 0.0, lock=False))
         opts = {
+            "gc_clocks": gc_clocks,
             "agents": agents,
             "rounds": rounds,
             "tls": tls,
@@ -789,6 +833,7 @@ def run_one(
         address = _recv(master_end, master, 600)["address"]
         agents_end, agents_child = ctx.Pipe()
         sim_opts = {
+            "gc_clock": gc_clocks[1],
             "agents": agents,
             "address": address,
             "workdir": str(workdir),
@@ -907,7 +952,7 @@ def _times(ratio: float | None) -> str:
 def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
     print(
         f"{'kind':7} {'agents':>6} {'size':>5} {'all acked':>10} {'p50':>8} {'p99':>8} "
-        f"{'master CPU':>10} {'agents CPU':>10} {'KB/agent (PSS)':>15}"
+        f"{'master CPU':>10} {'agents CPU':>10} {'GC m/a':>11} {'KB/agent (PSS)':>15}"
     )
     for run in runs:
         for label in SIZES:
@@ -916,6 +961,7 @@ def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
                 f"{run['kind']:7} {run['agents']:>6} {label:>5} {s['all_acked_median_s']:>9.3f}s "
                 f"{s['p50_median_s']:>7.3f}s {s['p99_median_s']:>7.3f}s "
                 f"{s['master_cpu_median_s']:>9.3f}s {s['agents_cpu_median_s']:>9.3f}s "
+                f"{s['master_gc_median_s']:>5.2f}/{s['agents_gc_median_s']:<4.2f}s "
                 f"{run['memory']['pss_kb_per_agent_connected']:>15.1f}"
             )
     for kind in ("nxmesh", "plain", "ws"):
@@ -938,7 +984,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--agents", default="1000,5000", help="comma-separated agent counts (default: 1000,5000)"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="pushes per size and run")
+    parser.add_argument("--rounds", type=int, default=5, help="pushes per size and run")
     parser.add_argument(
         "--repeat",
         type=int,
