@@ -23,9 +23,10 @@ Two implementations run in the same invocation, each in *fresh processes*:
 ``ws``      the session hub as ``nxmesh``, on the WebSocket transport's own server
             (`WebSocketTransport.serve`, ``wss://``, the agents' fallback) instead of
             gRPC; compared with the same raw grpclib baseline (``--kinds nxmesh,ws,raw``).
-            Note: ``nxmesh master`` itself mounts the WebSocket endpoint on its API
-            listener (hypercorn + ASGI, `master.agent_plane.AsgiChannel`), a path this
-            benchmark does not measure; gRPC is the master's primary agent transport.
+``wsapi``   the session hub where ``nxmesh master`` serves agent WebSockets: mounted on
+            its API listener (hypercorn + ASGI: `serve_api`, `AgentWebSocketMount`,
+            `AgentPlane`, `AsgiChannel`), ``wss://`` with the same certificate; the same
+            simulated agents as ``ws``. gRPC is the master's primary agent transport.
 
 Per run, one process is the master, a *separate* process simulates all the agents (one
 gRPC connection each). Simulated NxMesh agents register with pre-provisioned keys
@@ -65,6 +66,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,7 @@ SIZES = {"2KB": 2 * 1024, "64KB": 64 * 1024}
 GOAL_RATIO = 1.3
 GOAL_KB_PER_AGENT = 60.0
 GOAL_AGENTS = 5000
+_WEBSOCKET_KINDS = ("ws", "wsapi")
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,6 +218,7 @@ def master_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
         "nxmesh": _nxmesh_master,
         "plain": _plain_master,
         "ws": _ws_master,
+        "wsapi": _ws_api_master,
         "raw": _raw_master,
         "transport": _transport_master,
     }
@@ -226,13 +230,43 @@ async def _ws_master(conn: Connection, opts: dict[str, Any]) -> None:
     await _nxmesh_master(conn, opts, websocket=True)
 
 
+async def _ws_api_master(conn: Connection, opts: dict[str, Any]) -> None:
+    """The session hub where ``nxmesh master`` serves agent WebSockets: mounted on its API
+    listener (hypercorn, `serve_api`, `AgentWebSocketMount` → `AgentPlane`)."""
+    await _nxmesh_master(conn, opts, websocket=True, api=True)
+
+
+def _agent_mount(hub: Any) -> Any:
+    """The master's ASGI routing for agent WebSockets in front of an app that only does
+    lifespan (the API itself is not under test)."""
+    from types import SimpleNamespace
+
+    from nxmesh.master.agent_plane import AGENT_PLANE, AgentPlane, AgentWebSocketMount
+
+    async def lifespan_only(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            raise RuntimeError(f"unexpected {scope['type']} request")
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    plane = AgentPlane(hub=hub, orchestrator=None, websocket=hub.handler("websocket"))  # type: ignore[arg-type]
+    services = SimpleNamespace(stash={AGENT_PLANE: plane})
+    return AgentWebSocketMount(lifespan_only, services, path="/agent")  # type: ignore[arg-type]
+
+
 async def _plain_master(conn: Connection, opts: dict[str, Any]) -> None:
     """Diagnostic kind: the session hub on gRPC with versions sent uncompressed."""
     await _nxmesh_master(conn, opts, compress=False)
 
 
 async def _nxmesh_master(
-    conn: Connection, opts: dict[str, Any], *, websocket: bool = False, compress: bool = True
+    conn: Connection,
+    opts: dict[str, Any],
+    *,
+    websocket: bool = False,
+    api: bool = False,
+    compress: bool = True,
 ) -> None:
     import anyio
     import structlog
@@ -275,21 +309,36 @@ async def _nxmesh_master(
     if opts["tls"]:
         tls = _tls_files(opts["tls"])
         ctx = server_ssl_context(tls)
-    transport: Any
-    if websocket:
+    serve: Any
+    if api:
+        from nxmesh.core.settings import MasterSettings
+        from nxmesh.master.server import serve_api
+
+        scheme, path = ("wss" if ctx else "ws"), "/agent"
+        files = (tls.cert, tls.key) if ctx else None
+        serve = partial(
+            serve_api,
+            _agent_mount(hub),
+            tls=files,
+            tls_read_buffer=MasterSettings().tls_read_buffer_bytes,  # as `nxmesh master`
+            graceful_timeout=1.0,
+        )
+    elif websocket:
         from nxmesh.plugins.transport_websocket import WebSocketTransport
 
         scheme, path = ("wss" if ctx else "ws"), "/agent"
         transport = WebSocketTransport(f"{scheme}://127.0.0.1:0{path}", ssl_context=ctx)
+        serve = partial(transport.serve, hub)
     else:
         scheme, path = ("grpcs" if ctx else "grpc"), ""
         transport = GrpcTransport(
             f"{scheme}://127.0.0.1:0", ssl_context=ctx, settings=GrpcSettings(tls=bool(ctx))
         )
-    kind = "ws" if websocket else "nxmesh" if compress else "plain"
+        serve = partial(transport.serve, hub)
+    kind = "wsapi" if api else "ws" if websocket else "nxmesh" if compress else "plain"
     versions = _versions(opts["rounds"])
     async with anyio.create_task_group() as tg:
-        address = await tg.start(transport.serve, hub)
+        address = await tg.start(serve)
         before = _memory()
         conn.send({"address": f"{scheme}://{address}{path}"})
         started = time.perf_counter()
@@ -336,11 +385,10 @@ async def _raw_master(conn: Connection, opts: dict[str, Any]) -> None:
     import anyio
     from grpclib.server import Server
 
-    from nxmesh.tls import server_ssl_context
+    from nxmesh.tls import limit_tls_read_buffer, server_ssl_context
     from nxmesh_transport_grpc import GrpcSettings
     from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceBase
     from nxmesh_transport_grpc._generated.agent_pb2 import Frame
-    from nxmesh_transport_grpc.transport import limit_tls_read_buffer
 
     agents: int = opts["agents"]
     versions = _versions(opts["rounds"])
@@ -657,7 +705,8 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
     from nxmesh.tls import client_ssl_context
 
     address: str = opts["address"]
-    alpn: list[str] = [] if kind == "ws" else ["h2"]
+    websocket = kind in _WEBSOCKET_KINDS
+    alpn: list[str] = [] if websocket else ["h2"]
     ctx = client_ssl_context(opts["ca"], alpn=alpn) if opts["ca"] else None
     count: int = opts["agents"]
     ready = anyio.Event()
@@ -671,7 +720,7 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
             ready.set()
 
     async with anyio.create_task_group() as tg:
-        if kind in ("nxmesh", "plain", "ws"):
+        if kind in ("nxmesh", "plain", *_WEBSOCKET_KINDS):
             creds = json.loads((Path(opts["workdir"]) / "creds.json").read_text())
             for agent_id, key_id, key in creds:
                 tg.start_soon(
@@ -683,7 +732,7 @@ async def _agents(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
                     base64.b64decode(key),
                     gate,
                     one_ready,
-                    kind == "ws",
+                    websocket,
                 )
         else:
             for _ in range(count):
@@ -895,7 +944,7 @@ def _pool(parts: list[dict[str, Any]]) -> dict[str, Any]:
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     by = {(r["kind"], r["agents"]): r for r in runs}
     summary = _summarize_kind(by, "nxmesh")
-    for other in ("ws", "plain"):
+    for other in ("ws", "wsapi", "plain"):
         if any(kind == other for kind, _ in by):
             part = _summarize_kind(by, other)
             summary[f"ratios_{other}_over_raw"] = part["ratios_nxmesh_over_raw"]
@@ -964,7 +1013,7 @@ def print_table(runs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
                 f"{s['master_gc_median_s']:>5.2f}/{s['agents_gc_median_s']:<4.2f}s "
                 f"{run['memory']['pss_kb_per_agent_connected']:>15.1f}"
             )
-    for kind in ("nxmesh", "plain", "ws"):
+    for kind in ("nxmesh", "plain", "ws", "wsapi"):
         for agents, ratio in summary.get(f"ratios_{kind}_over_raw", {}).items():
             shown = ", ".join(
                 f"{label} {ratio[label]['all_acked']:.2f}x (CPU: master "
@@ -995,7 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--kinds",
         default="nxmesh,raw",
-        help="nxmesh, raw, ws (the master on the WebSocket transport), and the "
+        help="nxmesh, raw, ws (the master on the WebSocket transport's server), wsapi "
+        "(WebSocket on the master's API listener, hypercorn), and the "
         "diagnostics 'plain' (nxmesh with versions sent uncompressed) and 'transport' "
         "(raw workload on NxMesh's GrpcTransport, no protocol)",
     )

@@ -112,7 +112,21 @@ def load_results(directory: Path) -> dict[str, dict[str, Any]]:
 # Figures
 # ---------------------------------------------------------------------------------------
 
-_KIND = {"nxmesh": "gRPC", "ws": "WebSocket", "plain": "gRPC uncompressed (diagnostic)"}
+_KIND = {
+    "nxmesh": "gRPC",
+    "ws": "WebSocket",
+    "wsapi": "WebSocket on the API listener (hypercorn)",
+    "plain": "gRPC uncompressed (diagnostic)",
+}
+
+
+# The fan-out kinds in the plots (the uncompressed diagnostic is in the tables only).
+_PLOTTED = {
+    "nxmesh": "NxMesh gRPC",
+    "ws": "NxMesh WebSocket",
+    "wsapi": "NxMesh WebSocket (API listener)",
+    "raw": "raw grpclib",
+}
 
 
 def _wire_note(size: Mapping[str, Any]) -> str:
@@ -128,7 +142,7 @@ def _fanout(report: Mapping[str, Any]) -> list[Figure]:
     counts = sorted({agents for _, agents in runs})
     for agents in counts:
         raw = runs.get(("raw", agents))
-        for kind in ("nxmesh", "ws", "plain"):
+        for kind in ("nxmesh", "ws", "wsapi", "plain"):
             run = runs.get((kind, agents))
             if run is None:
                 continue
@@ -384,7 +398,11 @@ def goals(
     if big:
         kb = big["memory"]["pss_kb_per_agent_connected"]
         measured = f"10,000 agents served; gRPC {kb:.0f} KB PSS per agent"
-        for kind, label in (("ws", "WebSocket"), ("raw", "raw grpclib")):
+        for kind, label in (
+            ("ws", "WebSocket"),
+            ("wsapi", "WebSocket on the API listener"),
+            ("raw", "raw grpclib"),
+        ):
             if (kind, 10_000) in runs:
                 other = runs[(kind, 10_000)]["memory"]["pss_kb_per_agent_connected"]
                 measured += f", {label} {other:.0f} KB"
@@ -590,14 +608,12 @@ def write_plots(results: Mapping[str, Mapping[str, Any]], directory: Path) -> li
         fig, axes = plt.subplots(1, len(sizes) + 1, figsize=(5 * (len(sizes) + 1), 4))
         for ax, size in zip(axes, sizes, strict=False):
             series = {
-                {"nxmesh": "NxMesh gRPC", "ws": "NxMesh WebSocket", "raw": "raw grpclib"}.get(
-                    kind, kind
-                ): [
+                _PLOTTED[kind]: [
                     _rounds_stat(runs[(kind, c)]["sizes"][size]["rounds"], "all_acked_s")
                     if (kind, c) in runs else None
                     for c in counts
                 ]
-                for kind in ("nxmesh", "ws", "raw")
+                for kind in _PLOTTED
                 if any((kind, c) in runs for c in counts)
             }  # fmt: skip
             _bars(ax, [f"{c:,} agents" for c in counts], series)
@@ -605,14 +621,12 @@ def write_plots(results: Mapping[str, Mapping[str, Any]], directory: Path) -> li
             ax.set_ylabel("seconds")
         ax = axes[-1]
         series = {
-            {"nxmesh": "NxMesh gRPC", "ws": "NxMesh WebSocket", "raw": "raw grpclib"}.get(
-                kind, kind
-            ): [
+            _PLOTTED[kind]: [
                 _stat(runs[(kind, c)]["memory"]["pss_kb_per_agent_connected"])
                 if (kind, c) in runs else None
                 for c in counts
             ]
-            for kind in ("nxmesh", "ws", "raw")
+            for kind in _PLOTTED
             if any((kind, c) in runs for c in counts)
         }  # fmt: skip
         _bars(ax, [f"{c:,}" for c in counts], series)

@@ -65,9 +65,10 @@ BENCHMARKS: dict[str, Benchmark] = {
         ),
         Benchmark(
             "fanout", "bench.fanout_bench",
-            ("--agents", "1000,5000,10000", "--kinds", "nxmesh,plain,ws,raw", "--rounds", "5",
+            ("--agents", "1000,5000,10000", "--kinds", "nxmesh,plain,ws,wsapi,raw",
+             "--rounds", "5",
              "--repeat", "2"),
-            ("--quick", "--kinds", "nxmesh,plain,ws,raw"), 7200,
+            ("--quick", "--kinds", "nxmesh,plain,ws,wsapi,raw"), 7200,
             "1k / 5k / 10k simulated agents over gRPC (compressed and plain) and WebSocket "
             "vs raw grpclib",
         ),

@@ -30,6 +30,7 @@ __all__ = [
     "TLSFiles",
     "client_ssl_context",
     "ensure_tls_material",
+    "limit_tls_read_buffer",
     "server_ssl_context",
     "serving_context",
 ]
@@ -99,3 +100,28 @@ def client_ssl_context(ca_cert: Path | str, *, alpn: Sequence[str] = ()) -> ssl.
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx
+
+
+def limit_tls_read_buffer(size: int) -> int:
+    """Cap asyncio's per-connection TLS read buffer at `size` bytes, process-wide.
+
+    asyncio's `SSLProtocol` allocates ``max_size`` (256 KiB) per TLS connection up front;
+    a master holding thousands of agent connections (gRPC, or WebSocket on the API
+    listener under hypercorn) spends most of its memory there. A master mostly reads
+    small frames (acks, heartbeats); a larger TLS record simply takes more than one read.
+    Only ever lowers the limit (0 leaves it); returns the one in effect. Trio's TLS does
+    not use it.
+    """
+    import asyncio.sslproto
+
+    import structlog
+
+    proto = asyncio.sslproto.SSLProtocol
+    current = int(getattr(proto, "max_size", 0))
+    if current and 0 < size < current:
+        proto.max_size = size
+        structlog.get_logger("nxmesh.tls").info(
+            "asyncio TLS read buffer lowered", bytes=size, was=current
+        )
+        return size
+    return current

@@ -3,6 +3,7 @@ through the core runtime, the events WebSocket on the wire, and a clean shutdown
 
 from __future__ import annotations
 
+import asyncio.sslproto
 import functools
 import json
 import ssl
@@ -19,6 +20,7 @@ import wsproto.events as ws_events
 from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.core.runtime import Runtime, run
 from nxmesh.core.serialization import unstructure
+from nxmesh.core.settings import MasterSettings
 from nxmesh.master.agent_plane import AGENT_PLANE, run_agent_plane
 from nxmesh.master.app import build_app
 from nxmesh.master.server import API_ADDRESS, MASTER_SERVICES, run_master, serve_api
@@ -132,6 +134,45 @@ class TestHypercorn:
             assert response.json()["status"] == "ok"
             tg.cancel_scope.cancel()
 
+    async def test_https_caps_asyncio_tls_read_buffer(
+        self,
+        anyio_backend: str,
+        plugin_manager: NxMeshPluginManager,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """``tls_read_buffer``: on asyncio, HTTPS connections get that TLS read buffer
+        instead of asyncio's 256 KiB (trio's TLS has none to cap), and requests many
+        times its size still arrive whole."""
+        from nxmesh.tls import ensure_tls_material
+
+        monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "max_size", 256 * 1024)
+        files = ensure_tls_material(tmp_path / "tls")
+        settings = make_settings(plugin_manager, tmp_path / "state")
+        app = build_app(pm=plugin_manager, settings=settings)
+        serve = functools.partial(serve_api, app, tls=(files.cert, files.key), tls_read_buffer=4096)
+        state = unstructure(make_state(200))
+        async with anyio.create_task_group() as tg:
+            address = await tg.start(serve)
+            expected = 4096 if anyio_backend == "asyncio" else 256 * 1024
+            assert asyncio.sslproto.SSLProtocol.max_size == expected
+            port = address.rsplit(":", 1)[1]
+            verify = ssl.create_default_context(cafile=files.ca_cert)
+            base = f"https://localhost:{port}"
+            async with httpx.AsyncClient(base_url=base, verify=verify, timeout=10) as client:
+                assert (await client.get("/healthz")).status_code == 200  # started up
+                headers = await login(client, settings.state_dir)
+                body = json.dumps(state).encode()
+                assert len(body) > 16 * 4096
+                response = await client.put(
+                    "/api/v1/workspaces/default/state",
+                    content=body,
+                    headers={**headers, "Content-Type": "application/json"},
+                )
+                assert response.status_code == 200, response.text
+                assert response.json()["version"]["number"] == 1
+            tg.cancel_scope.cancel()
+
 
 class TestRunMaster:
     """``nxmesh master``'s main inside the core runtime."""
@@ -165,6 +206,54 @@ class TestRunMaster:
 
         await run(plugin_manager, settings, main, handle_signals=False)
         assert seen == {"ready": 200, "component": True}
+
+    @pytest.mark.parametrize("size", [4096, 0])
+    async def test_api_tls_takes_tls_read_buffer_bytes(
+        self,
+        anyio_backend: str,
+        plugin_manager: NxMeshPluginManager,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        size: int,
+    ) -> None:
+        """``[master] tls_read_buffer_bytes`` caps asyncio's TLS read buffer when the API
+        serves HTTPS, whichever agent transports run (here only the WebSocket mount);
+        0 leaves asyncio's."""
+        monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "max_size", 256 * 1024)
+        settings = make_settings(
+            plugin_manager,
+            tmp_path / "state",
+            **{
+                "master.api_port": 0,
+                "master.api_tls": True,
+                "master.transports": ["websocket"],
+                "master.tls_read_buffer_bytes": size,
+            },
+        )
+        assert MasterSettings().tls_read_buffer_bytes == 4096
+        seen: dict[str, int] = {}
+
+        async def main(runtime: Runtime) -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_master, runtime, [])
+                with anyio.fail_after(10):
+                    while True:
+                        services = runtime.stash.get(MASTER_SERVICES, None)
+                        if services is not None and API_ADDRESS in services.stash:
+                            break
+                        await anyio.sleep(0.02)
+                seen["max_size"] = asyncio.sslproto.SSLProtocol.max_size
+                tg.cancel_scope.cancel()
+
+        await run(plugin_manager, settings, main, handle_signals=False)
+        capped = size if size and anyio_backend == "asyncio" else 256 * 1024
+        assert seen == {"max_size": capped}
+
+    def test_tls_read_buffer_bytes_must_not_be_negative(
+        self, plugin_manager: NxMeshPluginManager, tmp_path: Path
+    ) -> None:
+        with pytest.raises(Exception, match="tls_read_buffer_bytes must be 0 or more, got -1"):
+            make_settings(plugin_manager, tmp_path, **{"master.tls_read_buffer_bytes": -1})
 
     @pytest.mark.parametrize("compress", [True, False])
     async def test_agent_plane_takes_compress_versions(

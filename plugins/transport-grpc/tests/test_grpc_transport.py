@@ -137,13 +137,15 @@ class TestGrpcSpecifics:
 
     @pytest.mark.parametrize("lean", [True, False])
     async def test_master_connection_is_lean_and_carries_large_frames(
-        self, tmp_path: Path, lean: bool
+        self, tmp_path: Path, lean: bool, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Serving TLS caps asyncio's TLS read buffer (4 KiB by default), swaps h2's and
         grpclib's per-connection deques for small lists (unless `compact_connections` is
         off) and sends with one copy; the agent reads frames with one copy (unless
         `direct_frame_reads` is off); megabyte frames still pass both ways (many reads per
         TLS record), several in a row."""
+        # Process-wide: back to asyncio's default, so the cap below is this test's doing.
+        monkeypatch.setattr(asyncio.sslproto.SSLProtocol, "max_size", 256 * 1024)
         settings = GrpcSettings(compact_connections=lean)
         assert GrpcSettings().direct_frame_reads
         assert settings.tls_read_buffer_bytes == 4096
@@ -166,7 +168,7 @@ class TestGrpcSpecifics:
         server = GrpcTransport("grpcs://127.0.0.1:0", ssl_context=server_ctx, settings=settings)
         async with anyio.create_task_group() as tg:
             address = await tg.start(server.serve, echo)
-            assert asyncio.sslproto.SSLProtocol.max_size <= 4096
+            assert asyncio.sslproto.SSLProtocol.max_size == 4096
             client = GrpcTransport(
                 ssl_context=client_ctx, settings=GrpcSettings(direct_frame_reads=lean)
             )

@@ -106,6 +106,11 @@ def _positive(_inst: object, attribute: attrs.Attribute[float], value: float) ->
         raise ValueError(f"{attribute.name} must be greater than 0, got {value}")
 
 
+def _not_negative(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be 0 or more, got {value}")
+
+
 def _names(_inst: object, attribute: attrs.Attribute[tuple[str, ...]], value: Any) -> None:
     if not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{attribute.name} must hold non-empty names, got {value!r}")
@@ -179,6 +184,9 @@ class MasterSettings:
     ``tls = false``. `heartbeat_interval` is what agents are told to use.
     `compress_versions` sends versions zlib-compressed to the agents that read them (all
     of this release's); off, every frame's body is plain JSON, e.g. to read captures.
+    `tls_read_buffer_bytes` caps asyncio's TLS read buffer (256 KiB per connection) when
+    the API serves HTTPS: agents on the WebSocket mount then cost ~60 KB each, not ~310
+    (0 keeps asyncio's; see `nxmesh.tls.limit_tls_read_buffer`).
     """
 
     api_host: str = "127.0.0.1"
@@ -194,6 +202,7 @@ class MasterSettings:
     websocket_path: str = attrs.field(default="/agent", validator=_path)
     heartbeat_interval: float = attrs.field(default=30.0, validator=_positive)
     compress_versions: bool = True
+    tls_read_buffer_bytes: int = attrs.field(default=4 * 1024, validator=_not_negative)
 
 
 @attrs.frozen

@@ -33,6 +33,7 @@ from nxmesh.core.runtime import Runtime, StashKey, run
 from nxmesh.core.settings import Settings, load_settings
 from nxmesh.master.app import MasterServices, build_app, open_services
 from nxmesh.netaddr import host_port
+from nxmesh.tls import limit_tls_read_buffer
 from nxmesh.transports import api_tls_files
 
 __all__ = [
@@ -97,6 +98,7 @@ async def serve_api(
     port: int = 0,
     graceful_timeout: float = GRACEFUL_TIMEOUT,
     tls: tuple[Path, Path] | None = None,
+    tls_read_buffer: int = 0,
     task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the ASGI `app` on ``host:port`` until cancelled; report ``host:port`` when ready.
@@ -105,11 +107,16 @@ async def serve_api(
     listening: connections made from then on are accepted once hypercorn started.
 
     :param tls: certificate and key files (PEM): serve HTTPS (TLS ≥ 1.2) instead of HTTP.
+    :param tls_read_buffer: with `tls` on asyncio, cap asyncio's per-connection TLS read
+        buffer (256 KiB) at this many bytes, process-wide (`limit_tls_read_buffer`):
+        thousands of agents on the WebSocket mount would hold it each. 0 leaves it.
     """
     config = Config()
     if tls is not None:
         config.certfile, config.keyfile = (str(path) for path in tls)
         config.create_ssl_context()  # before binding: a certificate that does not load fails
+        if tls_read_buffer and sniffio.current_async_library() == "asyncio":
+            limit_tls_read_buffer(tls_read_buffer)
     sock = _listen(host, port)
     address = _address(sock)
     # hypercorn adopts the descriptor (and closes it); the Python object lets go of it.
@@ -169,9 +176,7 @@ async def run_master(
         api: Any = build_app(services)
         app = AgentWebSocketMount(api, services, path=settings.master.websocket_path)
         tls = await anyio.to_thread.run_sync(api_tls_files, settings)
-        address = await tg.start(
-            _serve_named, app, settings.master.api_host, settings.master.api_port, tls
-        )
+        address = await tg.start(_serve_named, app, settings, tls)
         services.stash[API_ADDRESS] = address
         for component in components:
             await tg.start(component, services)
@@ -182,13 +187,20 @@ async def run_master(
 
 async def _serve_named(
     app: Any,
-    host: str,
-    port: int,
+    settings: Settings,
     tls: tuple[Path, Path] | None,
     *,
     task_status: anyio.abc.TaskStatus[str],
 ) -> None:
-    await serve_api(app, host=host, port=port, tls=tls, task_status=task_status)
+    master = settings.master
+    await serve_api(
+        app,
+        host=master.api_host,
+        port=master.api_port,
+        tls=tls,
+        tls_read_buffer=master.tls_read_buffer_bytes,
+        task_status=task_status,
+    )
 
 
 def main(

@@ -18,7 +18,7 @@ session hub, the agent link) is anyio code and runs unchanged on it.
   gRPC-core peers). Heartbeats are the session's: a ``Heartbeat`` frame every 30 s.
 - Memory: asyncio keeps a 256 KiB TLS read buffer per connection; serving TLS lowers it
   to `GrpcSettings.tls_read_buffer_bytes` (4 KiB) for the process
-  (`limit_tls_read_buffer`), and each stream's connection trades h2's and grpclib's
+  (`nxmesh.tls.limit_tls_read_buffer`), and each stream's connection trades h2's and grpclib's
   deques for small lists (`server._trim_connection`). The master side (`server`) is a
   module of its own: agents never load it, nor the protobuf code its generated base needs.
 """
@@ -54,6 +54,7 @@ from nxmesh.netaddr import host_port
 from nxmesh.tls import (
     client_ssl_context,
     ensure_tls_material,
+    limit_tls_read_buffer,  # re-exported: it lived here before the API listener used it
     server_ssl_context,
     serving_context,
 )
@@ -106,25 +107,6 @@ def client_context(settings: GrpcSettings) -> ssl.SSLContext | None:
             "master's CA (its state directory's tls/ca.pem)"
         )
     return client_ssl_context(settings.ca_file, alpn=_ALPN)
-
-
-def limit_tls_read_buffer(size: int) -> int:
-    """Cap asyncio's per-connection TLS read buffer at `size` bytes, process-wide.
-
-    asyncio's `SSLProtocol` allocates ``max_size`` (256 KiB) per TLS connection up front;
-    a master holding thousands of agent connections spends most of its memory there.
-    A master mostly reads small frames (acks, heartbeats); a larger TLS record simply
-    takes more than one read. Only ever lowers the limit; returns the one in effect.
-    """
-    import asyncio.sslproto
-
-    proto = asyncio.sslproto.SSLProtocol
-    current = int(getattr(proto, "max_size", 0))
-    if current and 0 < size < current:
-        proto.max_size = size
-        log.info("asyncio TLS read buffer lowered", bytes=size, was=current)
-        return size
-    return current
 
 
 _REPR_PREFIX: Final = 11  # body bytes `_raw_data_repr` ends up showing (20 hex digits + 1)
