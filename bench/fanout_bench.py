@@ -214,6 +214,13 @@ def master_main(kind: str, conn: Connection, opts: dict[str, Any]) -> None:
     _time_gc(_GC_CLOCKS[0])
     import anyio
 
+    from nxmesh.core.settings import MasterSettings
+    from nxmesh.master.server import tune_gc
+
+    # The collector as `nxmesh master` sets it, for every kind: raw grpclib too (a plain
+    # setting; with Python's default its master ran 0.5 s full collections at 5,000).
+    tune_gc(MasterSettings().gc_threshold)
+
     runners = {
         "nxmesh": _nxmesh_master,
         "plain": _plain_master,

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio.sslproto
 import functools
+import gc
 import json
 import ssl
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,14 @@ from nxmesh.testing import make_state
 from .conftest import make_settings
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(autouse=True)
+def _restore_gc_threshold() -> Iterator[None]:
+    """`run_master` tunes the collector process-wide; the rest of the suite keeps its own."""
+    before = gc.get_threshold()
+    yield
+    gc.set_threshold(*before)
 
 
 async def login(client: httpx.AsyncClient, state_dir: Path) -> dict[str, str]:
@@ -249,11 +259,38 @@ class TestRunMaster:
         capped = size if size and anyio_backend == "asyncio" else 256 * 1024
         assert seen == {"max_size": capped}
 
-    def test_tls_read_buffer_bytes_must_not_be_negative(
-        self, plugin_manager: NxMeshPluginManager, tmp_path: Path
+    async def test_tunes_the_garbage_collector(
+        self, anyio_backend: str, plugin_manager: NxMeshPluginManager, tmp_path: Path
     ) -> None:
-        with pytest.raises(Exception, match="tls_read_buffer_bytes must be 0 or more, got -1"):
-            make_settings(plugin_manager, tmp_path, **{"master.tls_read_buffer_bytes": -1})
+        """``[master] gc_threshold`` (50,000 by default) is the master process's young
+        generation threshold once it runs; 0 leaves Python's."""
+        assert MasterSettings().gc_threshold == 50_000
+        seen: list[int] = []
+
+        async def main(runtime: Runtime) -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_master, runtime, [])
+                with anyio.fail_after(10):
+                    while MASTER_SERVICES not in runtime.stash:
+                        await anyio.sleep(0.02)
+                seen.append(gc.get_threshold()[0])
+                tg.cancel_scope.cancel()
+
+        for threshold in (12_345, 0):
+            settings = make_settings(
+                plugin_manager,
+                tmp_path / f"state{threshold}",
+                **{"master.api_port": 0, "master.gc_threshold": threshold},
+            )
+            await run(plugin_manager, settings, main, handle_signals=False)
+        assert seen == [12_345, 12_345]  # 0 left what was set
+
+    @pytest.mark.parametrize("name", ["tls_read_buffer_bytes", "gc_threshold"])
+    def test_buffer_and_gc_settings_must_not_be_negative(
+        self, plugin_manager: NxMeshPluginManager, tmp_path: Path, name: str
+    ) -> None:
+        with pytest.raises(Exception, match=f"{name} must be 0 or more, got -1"):
+            make_settings(plugin_manager, tmp_path, **{f"master.{name}": -1})
 
     @pytest.mark.parametrize("compress", [True, False])
     async def test_agent_plane_takes_compress_versions(

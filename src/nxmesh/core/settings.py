@@ -187,6 +187,8 @@ class MasterSettings:
     `tls_read_buffer_bytes` caps asyncio's TLS read buffer (256 KiB per connection) when
     the API serves HTTPS: agents on the WebSocket mount then cost ~60 KB each, not ~310
     (0 keeps asyncio's; see `nxmesh.tls.limit_tls_read_buffer`).
+    `gc_threshold` is the garbage collector's young-generation threshold for the master
+    process (0 keeps Python's 700; see `nxmesh.master.server.tune_gc`).
     """
 
     api_host: str = "127.0.0.1"
@@ -203,6 +205,7 @@ class MasterSettings:
     heartbeat_interval: float = attrs.field(default=30.0, validator=_positive)
     compress_versions: bool = True
     tls_read_buffer_bytes: int = attrs.field(default=4 * 1024, validator=_not_negative)
+    gc_threshold: int = attrs.field(default=50_000, validator=_not_negative)
 
 
 @attrs.frozen
