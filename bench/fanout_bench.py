@@ -382,6 +382,11 @@ async def _nxmesh_master(
                 hub.counters.as_dict(),
             )
         )
+        # Sessions first, as a master's agent plane does on shutdown: cancelled under a
+        # server still running, hypercorn logs a traceback per open WebSocket.
+        for agent_id in hub.connected:
+            hub.disconnect(agent_id)
+        await anyio.sleep(1.0)  # their tasks end and close their connections
         tg.cancel_scope.cancel()
     await storage.aclose()
 
@@ -907,6 +912,8 @@ def run_one(
         agents_end.send("stop")
         for proc in (sim, master):
             proc.join(30)
+        if master.exitcode != 0:  # it failed after reporting: its figures are suspect
+            raise RuntimeError(f"the {kind} master exited with code {master.exitcode}")
         return result
     finally:
         for proc in procs:

@@ -83,7 +83,8 @@ def tune_gc(threshold: int) -> tuple[int, int, int]:
     buffers are in flight; they survive into the old generation, and every few pushes
     a full collection walks every session's objects: 1 to 2 s with the event loop stalled at
     10,000 agents (`bench/fanout_bench.py`, ``master_gc_s``). At 50,000 a push runs none.
-    What is garbage is still collected, after more allocations (a few MB at most).
+    Reference cycles are still collected, after more allocations: at most the threshold's
+    count of objects waits for it.
     """
     previous = gc.get_threshold()
     if threshold:
