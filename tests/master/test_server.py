@@ -8,9 +8,9 @@ import functools
 import gc
 import json
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
@@ -20,17 +20,25 @@ import wsproto
 import wsproto.events as ws_events
 
 from nxmesh.core.pluginmanager import NxMeshPluginManager
-from nxmesh.core.runtime import Runtime, run
+from nxmesh.core.runtime import Runtime, StashKey, run
 from nxmesh.core.serialization import unstructure
-from nxmesh.core.settings import MasterSettings
+from nxmesh.core.settings import MasterSettings, Settings
 from nxmesh.master.agent_plane import AGENT_PLANE, run_agent_plane
-from nxmesh.master.app import build_app
-from nxmesh.master.server import API_ADDRESS, MASTER_SERVICES, run_master, serve_api
+from nxmesh.master.app import MasterServices, build_app
+from nxmesh.master.server import (
+    API_ADDRESS,
+    MASTER_SERVICES,
+    MasterComponent,
+    run_master,
+    serve_api,
+)
 from nxmesh.testing import make_state
 
 from .conftest import make_settings
 
 pytestmark = pytest.mark.anyio
+
+T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +47,39 @@ def _restore_gc_threshold() -> Iterator[None]:
     before = gc.get_threshold()
     yield
     gc.set_threshold(*before)
+
+
+async def services_with(runtime: Runtime, key: StashKey[Any]) -> MasterServices:
+    """The running master's services once `key` is in their stash (it starts in the
+    background)."""
+    with anyio.fail_after(10):
+        while True:
+            services = runtime.stash.get(MASTER_SERVICES, None)
+            if services is not None and key in services.stash:
+                return services
+            await anyio.sleep(0.02)
+
+
+async def read_running_master(
+    plugin_manager: NxMeshPluginManager,
+    settings: Settings,
+    read: Callable[[MasterServices], T],
+    *,
+    once: StashKey[Any] = API_ADDRESS,
+    components: Sequence[MasterComponent] = (),
+) -> T:
+    """Run ``nxmesh master``'s main with `components` until `once` is in its services'
+    stash, and return `read` of them (taken while it runs)."""
+    seen: list[T] = []
+
+    async def main(runtime: Runtime) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_master, runtime, components)
+            seen.append(read(await services_with(runtime, once)))
+            tg.cancel_scope.cancel()
+
+    await run(plugin_manager, settings, main, handle_signals=False)
+    return seen[0]
 
 
 async def login(client: httpx.AsyncClient, state_dir: Path) -> dict[str, str]:
@@ -194,13 +235,6 @@ class TestRunMaster:
         settings = make_settings(plugin_manager, tmp_path / "state", **{"master.api_port": 0})
         seen: dict[str, Any] = {}
 
-        async def api_address(runtime: Runtime) -> str:
-            while True:
-                services = runtime.stash.get(MASTER_SERVICES, None)
-                if services is not None and API_ADDRESS in services.stash:
-                    return services.stash[API_ADDRESS]
-                await anyio.sleep(0.02)
-
         async def component(services: Any, *, task_status: anyio.abc.TaskStatus[None]) -> None:
             seen["component"] = API_ADDRESS in services.stash
             task_status.started()
@@ -208,8 +242,7 @@ class TestRunMaster:
         async def main(runtime: Runtime) -> None:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run_master, runtime, [component])
-                with anyio.fail_after(10):
-                    address = await api_address(runtime)
+                address = (await services_with(runtime, API_ADDRESS)).stash[API_ADDRESS]
                 async with httpx.AsyncClient(base_url=f"http://{address}") as client:
                     seen["ready"] = (await client.get("/readyz")).status_code
                 tg.cancel_scope.cancel()
@@ -241,23 +274,10 @@ class TestRunMaster:
             },
         )
         assert MasterSettings().tls_read_buffer_bytes == 4096
-        seen: dict[str, int] = {}
-
-        async def main(runtime: Runtime) -> None:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run_master, runtime, [])
-                with anyio.fail_after(10):
-                    while True:
-                        services = runtime.stash.get(MASTER_SERVICES, None)
-                        if services is not None and API_ADDRESS in services.stash:
-                            break
-                        await anyio.sleep(0.02)
-                seen["max_size"] = asyncio.sslproto.SSLProtocol.max_size
-                tg.cancel_scope.cancel()
-
-        await run(plugin_manager, settings, main, handle_signals=False)
-        capped = size if size and anyio_backend == "asyncio" else 256 * 1024
-        assert seen == {"max_size": capped}
+        max_size = await read_running_master(
+            plugin_manager, settings, lambda _: asyncio.sslproto.SSLProtocol.max_size
+        )
+        assert max_size == (size if size and anyio_backend == "asyncio" else 256 * 1024)
 
     async def test_tunes_the_garbage_collector(
         self, anyio_backend: str, plugin_manager: NxMeshPluginManager, tmp_path: Path
@@ -265,25 +285,17 @@ class TestRunMaster:
         """``[master] gc_threshold`` (50,000 by default) is the master process's young
         generation threshold once it runs; 0 leaves Python's."""
         assert MasterSettings().gc_threshold == 50_000
-        seen: list[int] = []
-
-        async def main(runtime: Runtime) -> None:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run_master, runtime, [])
-                with anyio.fail_after(10):
-                    while MASTER_SERVICES not in runtime.stash:
-                        await anyio.sleep(0.02)
-                seen.append(gc.get_threshold()[0])
-                tg.cancel_scope.cancel()
-
+        seen = []
         for threshold in (12_345, 0):
             settings = make_settings(
                 plugin_manager,
                 tmp_path / f"state{threshold}",
                 **{"master.api_port": 0, "master.gc_threshold": threshold},
             )
-            await run(plugin_manager, settings, main, handle_signals=False)
-        assert seen == [12_345, 12_345]  # 0 left what was set
+            seen.append(
+                await read_running_master(plugin_manager, settings, lambda _: gc.get_threshold())
+            )
+        assert [young for young, _, _ in seen] == [12_345, 12_345]  # 0 left what was set
 
     @pytest.mark.parametrize("name", ["tls_read_buffer_bytes", "gc_threshold"])
     def test_buffer_and_gc_settings_must_not_be_negative(
@@ -310,19 +322,11 @@ class TestRunMaster:
                 "master.compress_versions": compress,
             },
         )
-        seen: dict[str, bool] = {}
-
-        async def main(runtime: Runtime) -> None:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run_master, runtime, [run_agent_plane])
-                with anyio.fail_after(10):
-                    while True:
-                        services = runtime.stash.get(MASTER_SERVICES, None)
-                        if services is not None and AGENT_PLANE in services.stash:
-                            break
-                        await anyio.sleep(0.02)
-                seen["compress"] = services.stash[AGENT_PLANE].hub.compress
-                tg.cancel_scope.cancel()
-
-        await run(plugin_manager, settings, main, handle_signals=False)
-        assert seen == {"compress": compress}
+        hub_compresses = await read_running_master(
+            plugin_manager,
+            settings,
+            lambda services: services.stash[AGENT_PLANE].hub.compress,
+            once=AGENT_PLANE,
+            components=[run_agent_plane],
+        )
+        assert hub_compresses is compress
