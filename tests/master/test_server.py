@@ -304,6 +304,38 @@ class TestRunMaster:
         with pytest.raises(Exception, match=f"{name} must be 0 or more, got -1"):
             make_settings(plugin_manager, tmp_path, **{f"master.{name}": -1})
 
+    async def test_agent_websocket_closes_on_text_with_1003(
+        self, anyio_backend: str, plugin_manager: NxMeshPluginManager, tmp_path: Path
+    ) -> None:
+        """A text message on the agent WebSocket mount (agents send binary frames only)
+        ends the session with close code 1003; a binary frame that is no `Register` ends
+        it normally (the protocol's refusal)."""
+        settings = make_settings(
+            plugin_manager,
+            tmp_path / "state",
+            **{"master.api_port": 0, "master.transports": ["websocket"]},
+        )
+        closed: list[Any] = []
+
+        async def main(runtime: Runtime) -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_master, runtime, [run_agent_plane])
+                services = await services_with(runtime, AGENT_PLANE)
+                address = services.stash[API_ADDRESS]
+                for message in (ws_events.TextMessage("hello"), ws_events.BytesMessage(b"x")):
+                    ws = await WebSocketClient.connect(address, "/agent", {})
+                    try:
+                        await ws._send(message)
+                        with anyio.fail_after(10):
+                            closed.append(await ws.receive_json())
+                    finally:
+                        await ws.aclose()
+                tg.cancel_scope.cancel()
+
+        await run(plugin_manager, settings, main, handle_signals=False)
+        assert closed[0] == {"closed": 1003}
+        assert closed[1] == {"closed": 1000}  # a malformed binary frame: refused, not 1003
+
     @pytest.mark.parametrize("compress", [True, False])
     async def test_agent_plane_takes_compress_versions(
         self,
