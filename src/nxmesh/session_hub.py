@@ -386,8 +386,9 @@ class MasterSessionHub:
         if pushed is None:
             if len(self._shared) >= _BODY_CACHE:
                 self._shared.pop(next(iter(self._shared)))
-            body = encode_body(ConfigUpdate.of(version, trace=FrozenMap(trace or {})))
-            pushed = self._shared[key] = _PushedVersion(version, body, LabelSelector())
+            pushed = self._shared[key] = _PushedVersion(
+                version, _update_body(version, trace), LabelSelector()
+            )
         return pushed
 
     async def wait_connected(self, count: int) -> None:
@@ -412,7 +413,7 @@ class MasterSessionHub:
         the agents it was queued for; `wait_for_status` waits for their answers.
         """
         selector = selector or LabelSelector()
-        body = encode_body(ConfigUpdate.of(version, trace=FrozenMap(trace or {})))
+        body = _update_body(version, trace)
         pushed = _PushedVersion(version, body, selector)
         history = self._pushed.setdefault(version.workspace, [])
         history[:] = [p for p in history if p.selector != selector] + [pushed]
@@ -1005,6 +1006,11 @@ class TransportHandler:
 
     async def handle_unary(self, frame: bytes, peer: str) -> bytes:
         return await self.hub.handle_unary(frame, peer)
+
+
+def _update_body(version: ConfigVersion, trace: Mapping[str, str] | None) -> EncodedBody:
+    """The `ConfigUpdate` every agent gets for `version` (no per-agent material)."""
+    return encode_body(ConfigUpdate.of(version, trace=FrozenMap(trace or {})))
 
 
 def _info(s: _Session) -> SessionInfo:
