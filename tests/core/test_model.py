@@ -8,6 +8,7 @@ from typing import ClassVar
 import attrs
 import pytest
 
+from nxmesh.core import validation
 from nxmesh.core.model import (
     Agent,
     ApplyReport,
@@ -56,6 +57,17 @@ class TestFrozenMap:
         m = FrozenMap({"a": "1"})
         assert m == {"a": "1"}
         assert hash(m) == hash(FrozenMap({"a": "1"}))
+
+    def test_views_are_the_mappings(self) -> None:
+        """keys, items, values and `in` answer as the dict it was built from."""
+        data = {"b": 2.0, "a": 1.0}
+        m = FrozenMap(data)
+        assert list(m.keys()) == list(data.keys())
+        assert list(m.items()) == list(data.items())
+        assert list(m.values()) == list(data.values())
+        assert "a" in m
+        assert "z" not in m
+        assert dict(m) == data
 
     def test_immutable(self) -> None:
         """A FrozenMap offers no way to change it."""
@@ -485,3 +497,20 @@ class TestStructureReportsEverything:
         """For a valid state the parts are the whole state."""
         s = state(make_site(locations=(loc(upstream="a"),)), make_site())
         assert check_parts(StateParts.of(s)) == check_state(s)
+
+
+class TestChoice:
+    check = staticmethod(validation.choice("received", 1).problems)
+
+    def test_members_pass(self) -> None:
+        """Each listed value is accepted as it is."""
+        assert not self.check("received")
+        assert not self.check(1)
+
+    @pytest.mark.parametrize("value", [True, 1.0, "RECEIVED", None, ["received"], {"a": 1}])
+    def test_equal_or_unhashable_outsiders_fail(self, value: object) -> None:
+        """A value equal to a member but of another type (True == 1, 1.0 == 1) is not
+        that member, and an unhashable value is refused, not raised on."""
+        [(path, reason)] = self.check(value)
+        assert path == ""
+        assert reason.startswith("must be one of 'received', 1, got ")

@@ -298,6 +298,29 @@ class TestCanonicalJson:
         b = structure_state({"sites": [site(access_log=False)]})
         assert state_digest(a) != state_digest(b)
 
+    @settings(max_examples=300)
+    @given(
+        st.recursive(
+            st.none()
+            | st.booleans()
+            | st.integers()
+            | st.floats(allow_nan=False, allow_infinity=False)
+            | st.text(),
+            lambda children: (
+                st.lists(children, max_size=4)
+                | st.dictionaries(st.text(max_size=8), children, max_size=4)
+            ),
+            max_leaves=20,
+        )
+    )
+    def test_same_bytes_as_the_standard_encoder(self, data: Any) -> None:
+        """The encoder built once writes what `json.dumps` with the canonical options
+        writes, for any JSON data (escapes, nesting, floats, key order)."""
+        expected = json.dumps(
+            data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        ).encode()
+        assert canonical_json(data) == expected
+
     def test_non_finite_float_is_refused(self) -> None:
         """NaN cannot be canonical; the model refuses it before it can be hashed."""
         with pytest.raises(ValueError, match="finite"):

@@ -16,7 +16,7 @@ which is spelled ``return`` (see the ``key`` metadata, honoured by the converter
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from typing import Any, Literal, TypeVar
 
 import attrs
@@ -72,6 +72,21 @@ class FrozenMap(Mapping[K, V]):
 
     def __len__(self) -> int:
         return len(self._data)
+
+    # The mixins' versions go through `__getitem__` item by item; the dict's own views are
+    # several times faster, and every message with a mapping field walks one to validate
+    # and encode it.
+    def __contains__(self, key: object) -> bool:
+        return key in self._data
+
+    def keys(self) -> KeysView[K]:
+        return self._data.keys()
+
+    def items(self) -> ItemsView[K, V]:
+        return self._data.items()
+
+    def values(self) -> ValuesView[V]:
+        return self._data.values()
 
     def __hash__(self) -> int:
         return hash(frozenset(self._data.items()))

@@ -19,7 +19,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import attrs
 
@@ -570,7 +570,10 @@ REGEX_PATH = TextRule(
 # Field checks: attrs validators the converter can also run field by field
 # ---------------------------------------------------------------------------------------
 
-Problems = list[tuple[str, str]]
+Problems = Sequence[tuple[str, str]]
+# "No problems" is the shared empty tuple: a check runs for every field of every message
+# built or decoded, and a fresh empty list each time is an allocation the collector tracks.
+NO_PROBLEMS: Final[Problems] = ()
 
 
 @attrs.frozen
@@ -594,7 +597,7 @@ class FieldCheck:
 
 
 def _single(reason: str | None) -> Problems:
-    return [] if reason is None else [("", reason)]
+    return NO_PROBLEMS if reason is None else [("", reason)]
 
 
 def text(rule: TextRule, *, optional: bool = False) -> FieldCheck:
@@ -602,7 +605,7 @@ def text(rule: TextRule, *, optional: bool = False) -> FieldCheck:
 
     def check(value: object) -> Problems:
         if value is None and optional:
-            return []
+            return NO_PROBLEMS
         return _single(rule.reason(value))
 
     return FieldCheck(check)
@@ -664,7 +667,7 @@ def instance(cls: type[Any], *, optional: bool = False) -> FieldCheck:
 
     def check(value: object) -> Problems:
         if value is None and optional:
-            return []
+            return NO_PROBLEMS
         return _single(_type_reason(value, cls))
 
     return FieldCheck(check)
@@ -675,12 +678,12 @@ def int_range(lo: int, hi: int, *, optional: bool = False) -> FieldCheck:
 
     def check(value: object) -> Problems:
         if value is None and optional:
-            return []
+            return NO_PROBLEMS
         if not isinstance(value, int) or isinstance(value, bool):
             return [("", f"must be an integer, got {describe(value)}")]
         if not lo <= value <= hi:
             return [("", f"must be from {lo} to {hi}, got {value}")]
-        return []
+        return NO_PROBLEMS
 
     return FieldCheck(check)
 
@@ -688,10 +691,15 @@ def int_range(lo: int, hi: int, *, optional: bool = False) -> FieldCheck:
 def choice(*values: object) -> FieldCheck:
     """Validate membership in a fixed set (mirrors a ``Literal`` type for direct use)."""
     shown = ", ".join(repr(v) for v in values)
+    # Keyed by type too: True == 1 and 1.0 == 1, but neither is the choice 1.
+    allowed = frozenset((type(v), v) for v in values)
 
     def check(value: object) -> Problems:
-        if any(type(value) is type(v) and value == v for v in values):
-            return []
+        try:
+            if (type(value), value) in allowed:
+                return NO_PROBLEMS
+        except TypeError:  # unhashable: a list or a dict is never one of the choices
+            pass
         return [("", f"must be one of {shown}, got {describe(value)}")]
 
     return FieldCheck(check)
@@ -702,14 +710,14 @@ def finite(*, optional: bool = False, minimum: float | None = None) -> FieldChec
 
     def check(value: object) -> Problems:
         if value is None and optional:
-            return []
+            return NO_PROBLEMS
         if not isinstance(value, int | float) or isinstance(value, bool):
             return [("", f"must be a number, got {describe(value)}")]
         if not math.isfinite(value):
             return [("", "must be a finite number")]
         if minimum is not None and value < minimum:
             return [("", f"must be at least {minimum}")]
-        return []
+        return NO_PROBLEMS
 
     return FieldCheck(check)
 
@@ -724,7 +732,7 @@ def _mapping_problems(
         return [("", f"must be a mapping, got {describe(value)}")]
     if len(value) > hi:
         return [("", f"has {len(value)} entries; at most {hi} are allowed")]
-    found: Problems = []
+    found: list[tuple[str, str]] = []
     for key, item in value.items():
         where = f"[{key!r}]"
         if (reason := key_reason(key)) is not None:
