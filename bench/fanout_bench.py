@@ -352,7 +352,7 @@ async def _nxmesh_master(
         await hub.wait_connected(agents)
         connected = time.perf_counter() - started
         after_connect = _memory()
-        simulator = _simulator(conn)
+        simulator = await _simulator(conn)
         pushes = []
         profiler = _profiler(opts)
         for label, version in versions:
@@ -458,7 +458,7 @@ async def _raw_master(conn: Connection, opts: dict[str, Any]) -> None:
     await all_connected.wait()
     connected_s = time.perf_counter() - started
     after_connect = _memory()
-    simulator = _simulator(conn)
+    simulator = await _simulator(conn)
     pushes = []
     profiler = _profiler(opts)
     for (label, _), r in zip(versions, rounds, strict=True):
@@ -481,11 +481,17 @@ async def _raw_master(conn: Connection, opts: dict[str, Any]) -> None:
         await server.wait_closed()
 
 
-def _simulator(conn: Connection) -> Any:
-    """The agent simulator process (its pid comes right after it started)."""
+async def _simulator(conn: Connection) -> Any:
+    """The agent simulator process, once all its agents registered and it froze its heap.
+
+    The parent sends its pid only then: the simulator's collection before the freeze walks
+    every agent's objects (~0.6 s at 5,000), and the first push must not run beside it.
+    """
+    import anyio
     import psutil
 
-    return psutil.Process(conn.recv()["simulator_pid"])
+    message = await anyio.to_thread.run_sync(conn.recv)
+    return psutil.Process(message["simulator_pid"])
 
 
 # Seconds each process spent in the cyclic garbage collector, in shared memory so the
@@ -592,7 +598,7 @@ async def _transport_master(conn: Connection, opts: dict[str, Any]) -> None:
         await all_connected.wait()
         connected_s = time.perf_counter() - started
         after_connect = _memory()
-        simulator = _simulator(conn)
+        simulator = await _simulator(conn)
         pushes = []
         profiler = _profiler(opts)
         for i, (label, _) in enumerate(versions):
@@ -904,8 +910,8 @@ def run_one(
         sim = ctx.Process(target=agents_main, args=(kind, agents_child, sim_opts), daemon=True)
         sim.start()
         procs.append(sim)
+        _recv(agents_end, sim, 900)  # every agent registered, the simulator's heap frozen
         master_end.send({"simulator_pid": sim.pid})
-        _recv(agents_end, sim, 900)
         result: dict[str, Any] = _recv(master_end, master, 1800, also=sim)
         result["load_average_before"] = load_before
         result["load_average_after"] = os.getloadavg()
