@@ -23,6 +23,7 @@ from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.core.runtime import Runtime, StashKey, run
 from nxmesh.core.serialization import unstructure
 from nxmesh.core.settings import MasterSettings, Settings
+from nxmesh.master import agent_plane
 from nxmesh.master.agent_plane import AGENT_PLANE, run_agent_plane
 from nxmesh.master.app import MasterServices, build_app
 from nxmesh.master.server import (
@@ -32,6 +33,7 @@ from nxmesh.master.server import (
     run_master,
     serve_api,
 )
+from nxmesh.small_queues import SmallQueue, compact_asyncio_queue
 from nxmesh.testing import make_state
 
 from .conftest import make_settings
@@ -335,6 +337,54 @@ class TestRunMaster:
         await run(plugin_manager, settings, main, handle_signals=False)
         assert closed[0] == {"closed": 1003}
         assert closed[1] == {"closed": 1000}  # a malformed binary frame: refused, not 1003
+
+    async def test_agent_websocket_compacts_the_receive_queue(
+        self,
+        anyio_backend: str,
+        plugin_manager: NxMeshPluginManager,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        """On asyncio, hypercorn's per-connection receive queue gets small lists for its
+        deques before the session runs (~2.7 KB per idle agent); on trio there is no such
+        queue and nothing changes. The session still reads frames through it."""
+        calls: list[tuple[object, bool]] = []
+
+        def recording(queue: object) -> bool:
+            done = compact_asyncio_queue(queue)
+            calls.append((queue, done))
+            return done
+
+        monkeypatch.setattr(agent_plane, "compact_asyncio_queue", recording)
+        settings = make_settings(
+            plugin_manager,
+            tmp_path / "state",
+            **{"master.api_port": 0, "master.transports": ["websocket"]},
+        )
+        closed: list[Any] = []
+
+        async def main(runtime: Runtime) -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_master, runtime, [run_agent_plane])
+                services = await services_with(runtime, AGENT_PLANE)
+                ws = await WebSocketClient.connect(services.stash[API_ADDRESS], "/agent", {})
+                try:
+                    await ws._send(ws_events.TextMessage("read through the queue"))
+                    with anyio.fail_after(10):
+                        closed.append(await ws.receive_json())
+                finally:
+                    await ws.aclose()
+                tg.cancel_scope.cancel()
+
+        await run(plugin_manager, settings, main, handle_signals=False)
+        assert closed == [{"closed": 1003}]
+        [(queue, done)] = calls
+        if anyio_backend == "asyncio":
+            assert done
+            assert isinstance(queue, asyncio.Queue)
+            assert isinstance(queue._queue, SmallQueue)  # type: ignore[attr-defined]
+        else:
+            assert not done
 
     @pytest.mark.parametrize("compress", [True, False])
     async def test_agent_plane_takes_compress_versions(

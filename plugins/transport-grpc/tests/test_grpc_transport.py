@@ -20,13 +20,13 @@ from nxmesh.core.model import HealthReport, HealthResult
 from nxmesh.core.pluginmanager import get_plugin_manager
 from nxmesh.core.protocol import Ack, MetricsBatch, decode_body, encode_body
 from nxmesh.core.registry import ProviderRegistries
+from nxmesh.small_queues import SmallQueue
 from nxmesh.testing.contracts import TransportContract
 from nxmesh.testing.contracts.transport import Mesh, TransportKit
 from nxmesh.tls import ensure_tls_material
 from nxmesh_transport_grpc import GrpcSettings, GrpcTransport, client_context, server_context
 from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceStub
 from nxmesh_transport_grpc._generated.agent_pb2 import Frame
-from nxmesh_transport_grpc.server import _SmallQueue
 from nxmesh_transport_grpc.transport import (
     _MESSAGE_PREFIX,
     _AgentClient,
@@ -189,7 +189,7 @@ class TestGrpcSpecifics:
                     inner.window_updated._waiters,
                     inner.buffer._unacked._queue,
                 ]
-                assert all(isinstance(q, _SmallQueue) == lean for q in queues)
+                assert all(isinstance(q, SmallQueue) == lean for q in queues)
             tg.cancel_scope.cancel()
 
     @pytest.mark.parametrize("size", [0, 1, 127, 128, 16_383, 16_384, 70_000, 2**21 + 3])

@@ -45,6 +45,7 @@ from nxmesh.core.runtime import StashKey
 from nxmesh.master.app import MasterServices, NoopOrchestrator
 from nxmesh.master.orchestration import RolloutOrchestrator
 from nxmesh.session_hub import MasterSessionHub, TransportHandler
+from nxmesh.small_queues import compact_asyncio_queue
 from nxmesh.transports import build_server, server_url
 from nxmesh.websocket.endpoint import SUBPROTOCOL
 
@@ -93,6 +94,9 @@ class AgentPlane:
         )
         client = scope.get("client")
         peer = f"{client[0]}:{client[1]}" if client else "unknown"
+        # hypercorn on asyncio hands each connection an `asyncio.Queue` as `receive`:
+        # its four deques are ~2.7 KB of every idle agent (see `nxmesh.small_queues`).
+        compact_asyncio_queue(getattr(receive, "__self__", None))
         channel = AsgiChannel(receive, send)
         with anyio.CancelScope() as cancel:
             self._scopes.add(cancel)

@@ -6,7 +6,6 @@ protobuf's descriptor machinery that the generated service base brings (~1.4 MB)
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 import anyio
@@ -18,6 +17,7 @@ from grpclib.server import Stream as ServerStream
 from nxmesh.core.envelope import MessageType, peek_type
 from nxmesh.core.interfaces import SessionHandler, UnaryHandler
 from nxmesh.netaddr import host_port
+from nxmesh.small_queues import compact_asyncio_queue, small
 from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceBase
 from nxmesh_transport_grpc._generated.agent_pb2 import Frame
 from nxmesh_transport_grpc.transport import (
@@ -40,31 +40,10 @@ def _peer_of(stream: ServerStream[Any, Any]) -> str:
     return host_port(str(addr[0]), int(addr[1]))
 
 
-class _SmallQueue(list[Any]):
-    """A `list` standing in for a `deque` that holds at most a few items.
-
-    An empty or one-item `deque` costs 760 bytes (it allocates a 64-slot block), a list
-    about 70; h2 and grpclib keep ~25 of them per connection (settings, events, buffers).
-    These queues stay tiny, so `popleft` being O(n) does not matter.
-    """
-
-    __slots__ = ()
-
-    def popleft(self) -> Any:
-        return self.pop(0)
-
-    def appendleft(self, item: Any) -> None:
-        self.insert(0, item)
-
-
-def _small(queue: Any) -> Any:
-    return _SmallQueue(queue) if type(queue) is deque else queue
-
-
 def _trim_connection(stream: ServerStream[Any, Any]) -> None:
     """Swap the deques h2, hpack, grpclib and asyncio's TLS protocol allocate per
     connection and per stream for small lists: about 19 KB less per connected agent
-    (see `_SmallQueue`).
+    (see `nxmesh.small_queues`).
 
     Only the types of containers change, on objects whose code uses nothing but
     `append`/`popleft`/`appendleft`/`pop`/`remove`/`clear`/indexing/iteration on them.
@@ -78,9 +57,9 @@ def _trim_connection(stream: ServerStream[Any, Any]) -> None:
         for settings in (h2conn.local_settings, h2conn.remote_settings):
             values = settings._settings
             for key, pending in values.items():
-                values[key] = _small(pending)
+                values[key] = small(pending)
         for table in (h2conn.encoder.header_table, h2conn.decoder.header_table):
-            table.dynamic_entries = _small(table.dynamic_entries)
+            table.dynamic_entries = small(table.dynamic_entries)
         for event in (
             connection.write_ready,
             connection.stream_close_waiter,
@@ -88,17 +67,13 @@ def _trim_connection(stream: ServerStream[Any, Any]) -> None:
             inner.headers_received,
             inner.trailers_received,
         ):
-            event._waiters = _small(event._waiters)
+            event._waiters = small(event._waiters)
         buffer = inner.buffer
-        buffer._acked = _small(buffer._acked)
-        unacked = buffer._unacked  # an asyncio.Queue
-        unacked._queue = _small(unacked._queue)
-        unacked._getters = _small(unacked._getters)
-        unacked._putters = _small(unacked._putters)
-        unacked._finished._waiters = _small(unacked._finished._waiters)
+        buffer._acked = small(buffer._acked)
+        compact_asyncio_queue(buffer._unacked)
         tls = getattr(connection._transport, "_ssl_protocol", None)  # asyncio's SSLProtocol
         if tls is not None:
-            tls._write_backlog = _small(tls._write_backlog)
+            tls._write_backlog = small(tls._write_backlog)
     except AttributeError:  # pragma: no cover - a grpclib or h2 release moved them
         pass
 
