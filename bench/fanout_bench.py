@@ -781,13 +781,20 @@ async def _nxmesh_agent(
     ready: Any,
     websocket: bool = False,
 ) -> None:
-    from nxmesh.core.envelope import MessageType, ReplayGuard, SequenceSource, seal, unseal
+    from nxmesh.core.envelope import (
+        EncodedBody,
+        MessageType,
+        ReplayGuard,
+        SequenceSource,
+        seal,
+        unseal,
+    )
     from nxmesh.core.protocol import (
         COMPRESSION_CAPABILITY,
-        ConfigStatus,
         Register,
         body_bytes,
         encode_body,
+        encode_received,
     )
     from nxmesh_transport_grpc import GrpcSettings, GrpcTransport
 
@@ -796,7 +803,7 @@ async def _nxmesh_agent(
 
     def frame(message: Any) -> bytes:
         return seal(
-            encode_body(message),
+            message if isinstance(message, EncodedBody) else encode_body(message),
             agent_id=agent_id,
             key_id=key_id,
             key=key,
@@ -832,15 +839,10 @@ async def _nxmesh_agent(
                 version = _VERSION.search(body, len(body) - 200)
                 assert digest is not None
                 assert version is not None
-                await channel.send(
-                    frame(
-                        ConfigStatus(
-                            version=int(version.group(1)),
-                            digest=digest.group(1).decode(),
-                            phase="received",
-                        )
-                    )
-                )
+                # What `AgentLink` sends: the `received` ConfigStatus, validated and
+                # encoded by `encode_received` (byte-equal to encoding the message).
+                ack = encode_received(int(version.group(1)), digest.group(1).decode())
+                await channel.send(frame(ack))
     finally:
         await cm.__aexit__(None, None, None)
 

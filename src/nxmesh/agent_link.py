@@ -52,6 +52,7 @@ from nxmesh._concurrency import unwrap_group
 from nxmesh.core.envelope import (
     MAX_SKEW,
     ClockSkewError,
+    EncodedBody,
     Envelope,
     MalformedFrameError,
     MessageType,
@@ -88,6 +89,7 @@ from nxmesh.core.protocol import (
     bootstrap_mac_key,
     decode_body,
     encode_body,
+    encode_received,
     open_certificates,
     open_key,
 )
@@ -350,7 +352,7 @@ class AgentLink:
         self._session: AgentSession | None = None
         self._seq = SequenceSource(clock)
         self._guard = ReplayGuard(max_skew=max_skew, clock=clock)
-        self._outbox: deque[Message] = deque(maxlen=_OUTBOX)
+        self._outbox: deque[Message | EncodedBody] = deque(maxlen=_OUTBOX)
         self._wake = anyio.Event()
         self._registered = anyio.Event()
         self._registration = anyio.Event()
@@ -427,7 +429,7 @@ class AgentLink:
         )
         self.send_logs(LogBatch(entries=(entry,)))
 
-    def _queue(self, message: Message) -> None:
+    def _queue(self, message: Message | EncodedBody) -> None:
         self._outbox.append(message)
         self._wake.set()
 
@@ -727,9 +729,7 @@ class AgentLink:
                     )
                     return
                 message = attrs.evolve(message, certificates=opened)
-            self._queue(
-                ConfigStatus(version=message.version, digest=message.digest, phase="received")
-            )
+            self._queue(encode_received(message.version, message.digest))
             if self._session is not None:
                 self._session.submit(message.to_pending())
             else:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from nxmesh.core.envelope import (
     BadSignatureError,
@@ -23,6 +26,7 @@ from nxmesh.core.envelope import (
     seal_parts,
     unseal,
 )
+from nxmesh.core.errors import ValidationError
 from nxmesh.core.model import HealthReport, HealthResult
 from nxmesh.core.protocol import (
     Ack,
@@ -40,15 +44,18 @@ from nxmesh.core.protocol import (
     UnknownKeyError,
     decode_body,
     encode_body,
+    encode_received,
     negotiate,
     open_key,
     seal_key,
 )
 from nxmesh.core.serialization import state_digest
+from nxmesh.core.validation import Invalid
 from nxmesh.testing import make_version
 
 NOW = 1_800_000_000.0
 KEY = b"k" * 32
+_SEAL: dict[str, Any] = {"agent_id": "agent-1", "key_id": "k1", "key": KEY, "seq": 1, "ts_ms": 1}
 
 
 def clock() -> float:
@@ -178,6 +185,51 @@ class TestEnvelope:
         """Transports can read the type without parsing; foreign bytes give None."""
         assert peek_type(frame_of(STATUS)) is MessageType.CONFIG_STATUS
         assert peek_type(b"hello world, not a frame at all!") is None
+
+
+class TestEncodeReceived:
+    """`encode_received` is the agent's ack of every push, encoded without the message."""
+
+    @settings(max_examples=300)
+    @given(
+        version=st.integers(min_value=0, max_value=2**63 - 1),
+        digest=st.from_regex(r"\A[A-Za-z0-9:._-]{1,128}\Z"),
+    )
+    def test_same_body_as_encoding_the_message(self, version: int, digest: str) -> None:
+        """Byte for byte what `encode_body` gives for the ``received`` ConfigStatus, and
+        it decodes back to that message."""
+        expected = encode_body(ConfigStatus(version=version, digest=digest, phase="received"))
+        body = encode_received(version, digest)
+        assert body == expected
+        assert body.type is MessageType.CONFIG_STATUS
+        assert decode_body(unseal(seal(body, **_SEAL))) == ConfigStatus(
+            version=version, digest=digest, phase="received"
+        )
+
+    @pytest.mark.parametrize(
+        ("version", "digest", "field"),
+        [
+            (-1, "abc", "version"),
+            (2**63, "abc", "version"),
+            (True, "abc", "version"),
+            (1.0, "abc", "version"),
+            (1, "", "digest"),
+            (1, "has space", "digest"),
+            (1, 'quote"', "digest"),
+            (1, "é", "digest"),
+            (1, "x" * 129, "digest"),
+            (1, None, "digest"),
+        ],
+    )
+    def test_refuses_what_the_message_refuses(
+        self, version: object, digest: object, field: str
+    ) -> None:
+        """Values the message would refuse raise as building it does, naming the field."""
+        with pytest.raises((Invalid, ValidationError)) as built:
+            ConfigStatus(version=version, digest=digest, phase="received")  # type: ignore[arg-type]
+        with pytest.raises(type(built.value), match=field) as encoded:
+            encode_received(version, digest)  # type: ignore[arg-type]
+        assert str(encoded.value) == str(built.value)
 
 
 class TestReplayGuard:
