@@ -118,6 +118,22 @@ class TestEnvelope:
         fields = {"agent_id": "agent-1", "key_id": "k1", "key": KEY, "seq": 7, "ts_ms": 1}
         assert seal_parts(body, **fields) + body.data == seal(body, **fields)
 
+    @pytest.mark.parametrize(
+        ("change", "error"),
+        [
+            ({"seq": -1}, "seq and ts must be integers that fit in 64 unsigned bits"),
+            ({"seq": 2**64}, "seq and ts must be integers that fit in 64 unsigned bits"),
+            ({"ts_ms": -5}, "seq and ts must be integers that fit in 64 unsigned bits"),
+            ({"agent_id": "a" * 129}, "agent_id is longer than 128 bytes"),
+            ({"key_id": "é" * 65}, "key_id is longer than 128 bytes"),  # 130 UTF-8 bytes
+        ],
+    )
+    def test_unsealable_fields_are_refused(self, change: dict[str, Any], error: str) -> None:
+        """A header field the frame layout cannot hold is a clear error, not a bad frame."""
+        with pytest.raises(ValueError, match=error):
+            seal(encode_body(STATUS), **{**_SEAL, **change})
+        assert unseal(seal(encode_body(STATUS), **{**_SEAL, "seq": 2**64 - 1})).seq == 2**64 - 1
+
     def test_encoding_is_deterministic(self) -> None:
         """The same message and fields always give byte-identical frames."""
         assert frame_of(STATUS) == frame_of(ConfigStatus(version=3, digest="abc", phase="applied"))

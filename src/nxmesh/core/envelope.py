@@ -87,7 +87,6 @@ _TYPE_BITS: Final = 0x7F
 
 _HEADER = struct.Struct(">3sBBBBQQI")
 _HEADER_SIZE: Final = _HEADER.size  # 27
-_U64_MAX: Final = 2**64 - 1
 
 
 class MessageType(enum.IntEnum):
@@ -265,13 +264,6 @@ class Envelope(NamedTuple):
             )
 
 
-def _encode_id(value: str, what: str) -> bytes:
-    raw = value.encode("utf-8")
-    if len(raw) > MAX_ID_BYTES:
-        raise ValueError(f"{what} is longer than {MAX_ID_BYTES} bytes")
-    return raw
-
-
 def seal(
     body: EncodedBody,
     *,
@@ -304,18 +296,22 @@ def seal_parts(
     The frame is this followed by ``body.data``; a transport that can send the two parts
     with one copy (gRPC) saves copying a large version body once per agent.
     """
-    if not 0 <= seq <= _U64_MAX or not 0 <= ts_ms <= _U64_MAX:
-        raise ValueError("seq and ts must fit in 64 unsigned bits")
-    aid = _encode_id(agent_id, "agent_id")
-    kid = _encode_id(key_id, "key_id")
+    aid = agent_id.encode()
+    kid = key_id.encode()
+    if len(aid) > MAX_ID_BYTES or len(kid) > MAX_ID_BYTES:
+        what = "agent_id" if len(aid) > MAX_ID_BYTES else "key_id"
+        raise ValueError(f"{what} is longer than {MAX_ID_BYTES} bytes")
     kind = body.type | COMPRESSED if body.compressed else body.type
-    header = (
-        _HEADER.pack(
-            FRAME_MAGIC, FRAME_FORMAT, kind, len(aid), len(kid), seq, ts_ms, len(body.data)
+    try:  # struct checks the ranges (every frame is sealed here: no second check)
+        header = (
+            _HEADER.pack(
+                FRAME_MAGIC, FRAME_FORMAT, kind, len(aid), len(kid), seq, ts_ms, len(body.data)
+            )
+            + aid
+            + kid
         )
-        + aid
-        + kid
-    )
+    except struct.error:
+        raise ValueError("seq and ts must be integers that fit in 64 unsigned bits") from None
     sig = hmac.digest(key, header + body.digest, "sha256") if key else bytes(SIG_SIZE)
     return header + sig
 
