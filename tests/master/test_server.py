@@ -135,6 +135,36 @@ class WebSocketClient:
         await self.stream.aclose()
 
 
+async def close_codes_on_the_mount(
+    plugin_manager: NxMeshPluginManager, tmp_path: Path, messages: Sequence[Any]
+) -> list[Any]:
+    """Run a master serving agents only on its API listener's WebSocket mount, send each
+    message on a connection of its own, and return how the master closed each one."""
+    settings = make_settings(
+        plugin_manager,
+        tmp_path / "state",
+        **{"master.api_port": 0, "master.transports": ["websocket"]},
+    )
+    closed: list[Any] = []
+
+    async def main(runtime: Runtime) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run_master, runtime, [run_agent_plane])
+            services = await services_with(runtime, AGENT_PLANE)
+            for message in messages:
+                ws = await WebSocketClient.connect(services.stash[API_ADDRESS], "/agent", {})
+                try:
+                    await ws._send(message)
+                    with anyio.fail_after(10):
+                        closed.append(await ws.receive_json())
+                finally:
+                    await ws.aclose()
+            tg.cancel_scope.cancel()
+
+    await run(plugin_manager, settings, main, handle_signals=False)
+    return closed
+
+
 class TestHypercorn:
     """`serve_api` on whichever event loop runs it."""
 
@@ -312,29 +342,11 @@ class TestRunMaster:
         """A text message on the agent WebSocket mount (agents send binary frames only)
         ends the session with close code 1003; a binary frame that is no `Register` ends
         it normally (the protocol's refusal)."""
-        settings = make_settings(
+        closed = await close_codes_on_the_mount(
             plugin_manager,
-            tmp_path / "state",
-            **{"master.api_port": 0, "master.transports": ["websocket"]},
+            tmp_path,
+            [ws_events.TextMessage("hello"), ws_events.BytesMessage(b"x")],
         )
-        closed: list[Any] = []
-
-        async def main(runtime: Runtime) -> None:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run_master, runtime, [run_agent_plane])
-                services = await services_with(runtime, AGENT_PLANE)
-                address = services.stash[API_ADDRESS]
-                for message in (ws_events.TextMessage("hello"), ws_events.BytesMessage(b"x")):
-                    ws = await WebSocketClient.connect(address, "/agent", {})
-                    try:
-                        await ws._send(message)
-                        with anyio.fail_after(10):
-                            closed.append(await ws.receive_json())
-                    finally:
-                        await ws.aclose()
-                tg.cancel_scope.cancel()
-
-        await run(plugin_manager, settings, main, handle_signals=False)
         assert closed[0] == {"closed": 1003}
         assert closed[1] == {"closed": 1000}  # a malformed binary frame: refused, not 1003
 
@@ -356,27 +368,9 @@ class TestRunMaster:
             return done
 
         monkeypatch.setattr(agent_plane, "compact_asyncio_queue", recording)
-        settings = make_settings(
-            plugin_manager,
-            tmp_path / "state",
-            **{"master.api_port": 0, "master.transports": ["websocket"]},
+        closed = await close_codes_on_the_mount(
+            plugin_manager, tmp_path, [ws_events.TextMessage("read through the queue")]
         )
-        closed: list[Any] = []
-
-        async def main(runtime: Runtime) -> None:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run_master, runtime, [run_agent_plane])
-                services = await services_with(runtime, AGENT_PLANE)
-                ws = await WebSocketClient.connect(services.stash[API_ADDRESS], "/agent", {})
-                try:
-                    await ws._send(ws_events.TextMessage("read through the queue"))
-                    with anyio.fail_after(10):
-                        closed.append(await ws.receive_json())
-                finally:
-                    await ws.aclose()
-                tg.cancel_scope.cancel()
-
-        await run(plugin_manager, settings, main, handle_signals=False)
         assert closed == [{"closed": 1003}]
         [(queue, done)] = calls
         if anyio_backend == "asyncio":
