@@ -781,14 +781,7 @@ async def _nxmesh_agent(
     ready: Any,
     websocket: bool = False,
 ) -> None:
-    from nxmesh.core.envelope import (
-        EncodedBody,
-        MessageType,
-        ReplayGuard,
-        SequenceSource,
-        seal,
-        unseal,
-    )
+    from nxmesh.core.envelope import MessageType, ReplayGuard, SequenceSource, seal, unseal
     from nxmesh.core.protocol import (
         COMPRESSION_CAPABILITY,
         Register,
@@ -801,9 +794,9 @@ async def _nxmesh_agent(
     seq = SequenceSource()
     guard = ReplayGuard()
 
-    def frame(message: Any) -> bytes:
+    def frame(body: Any) -> bytes:
         return seal(
-            message if isinstance(message, EncodedBody) else encode_body(message),
+            body,
             agent_id=agent_id,
             key_id=key_id,
             key=key,
@@ -823,7 +816,7 @@ async def _nxmesh_agent(
         channel = await cm.__aenter__()
     try:
         await channel.send(
-            frame(Register(agent_id=agent_id, capabilities=(COMPRESSION_CAPABILITY,)))
+            frame(encode_body(Register(agent_id=agent_id, capabilities=(COMPRESSION_CAPABILITY,))))
         )
         env = unseal(await channel.receive())
         env.verify(key)
