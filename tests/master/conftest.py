@@ -28,7 +28,10 @@ FAST_HASHING = {
     "auth.argon2_memory_kib": 8,
     "auth.argon2_parallelism": 1,
 }
-CUSTOM_ROLES = {"deployer": ["config:read", "config:write", "agent:read@staging", "event:read"]}
+CUSTOM_ROLES = {
+    "deployer": ["config:read", "config:write", "agent:read@staging", "event:read"],
+    "helpdesk": ["user:read", "user:write"],  # manages users, holds nothing else
+}
 
 
 def make_settings(pm: NxMeshPluginManager, state_dir: Path, **overrides: object) -> Settings:

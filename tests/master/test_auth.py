@@ -401,6 +401,112 @@ class TestApiTokens:
         )
 
 
+class TestNoEscalation:
+    """Nobody hands on more than they hold: not a narrow API token minting wider tokens
+    or users, not a user manager taking over a more privileged account."""
+
+    USERS = "/api/v1/users"
+
+    def _token(self, master: Master, scopes: list[str]) -> dict[str, str]:
+        admin = master.headers("admin", subject="admin")
+        created = master.client.post(
+            "/api/v1/auth/tokens", json={"name": "t", "scopes": scopes}, headers=admin
+        )
+        assert created.status_code == 201, created.text
+        return {"Authorization": f"Bearer {created.json()['token']}"}
+
+    def test_a_narrow_token_mints_no_wider_token(self, master: Master) -> None:
+        """An admin's ``config:read@staging`` + ``api_token:write`` token can mint a
+        token within its own scopes, and only that (422 naming the scope)."""
+        narrow = self._token(master, ["config:read@staging", "api_token:write"])
+        mint = master.client.post(
+            "/api/v1/auth/tokens",
+            json={"name": "wider", "scopes": ["config:read@staging", "*", "config:read"]},
+            headers=narrow,
+        )
+        assert mint.status_code == 422, mint.text
+        assert [e["path"] for e in mint.json()["errors"]] == ["scopes[1]", "scopes[2]"]
+        ok = master.client.post(
+            "/api/v1/auth/tokens",
+            json={"name": "same", "scopes": ["config:read@staging"]},
+            headers=narrow,
+        )
+        assert ok.status_code == 201, ok.text
+
+    def test_a_user_write_token_creates_no_admin(self, master: Master) -> None:
+        """``user:write`` alone lets a token manage users, not make admins."""
+        token = self._token(master, ["user:write"])
+        body = {"username": "evil", "password": "correct horse battery", "roles": ["admin"]}
+        created = master.client.post(self.USERS, json=body, headers=token)
+        assert created.status_code == 422, created.text
+        assert created.json()["errors"][0]["path"] == "roles[0]"
+        assert master.call(master.services.storage.get_user, "evil") is None
+
+    def test_a_user_manager_cannot_take_over_a_wider_account(self, master: Master) -> None:
+        """``helpdesk`` (user:read + user:write) may not set an admin's password, disable
+        or delete it (403, nothing changed), but may manage a user holding no more."""
+        before = master.add_user("root2", "correct horse battery", "admin")
+        master.add_user("desk2", "correct horse battery", "helpdesk")
+        desk = master.headers("helpdesk", subject="desk")
+        c = master.client
+        for response in (
+            c.patch(f"{self.USERS}/root2", json={"password": "mine now, thanks!"}, headers=desk),
+            c.patch(f"{self.USERS}/root2", json={"disabled": True}, headers=desk),
+            c.delete(f"{self.USERS}/root2", headers=desk),
+        ):
+            assert response.status_code == 403, response.text
+            assert "root2" in response.json()["detail"]
+        assert master.call(master.services.storage.get_user, "root2") == before
+        changed = c.patch(f"{self.USERS}/desk2", json={"disabled": True}, headers=desk)
+        assert changed.status_code == 200, changed.text
+
+    def test_deleting_a_user_revokes_its_tokens_for_good(self, master: Master) -> None:
+        """A token does not come back with a new user of the same name."""
+        master.add_user("bob", "correct horse battery", "operator")
+        bob = master.headers("operator", subject="bob")
+        created = master.client.post(
+            "/api/v1/auth/tokens", json={"name": "ci", "scopes": ["config:read"]}, headers=bob
+        ).json()
+        bearer = {"Authorization": f"Bearer {created['token']}"}
+        c = master.client
+        assert c.get(STATE, headers=bearer).status_code == 200
+        admin = master.headers("admin", subject="admin")
+        assert c.delete(f"{self.USERS}/bob", headers=admin).status_code == 204
+        again = {"username": "bob", "password": "correct horse battery", "roles": ["operator"]}
+        assert c.post(self.USERS, json=again, headers=admin).status_code == 201
+        assert c.get(STATE, headers=bearer).status_code == 401
+        record = master.call(master.services.auth.store.get_api_token, created["api_token"]["id"])
+        assert record is not None
+        assert record.revoked
+
+    def test_a_new_user_does_not_inherit_tokens_left_behind(self, master: Master) -> None:
+        """Tokens of a user deleted before deletions revoked them die with the new user."""
+        master.add_user("carl", "correct horse battery", "operator")
+        carl = master.headers("operator", subject="carl")
+        created = master.client.post(
+            "/api/v1/auth/tokens", json={"name": "ci", "scopes": ["config:read"]}, headers=carl
+        ).json()
+        master.call(master.services.storage.delete_user, "carl")  # the old way: tokens stay
+        admin = master.headers("admin", subject="admin")
+        again = {"username": "carl", "password": "correct horse battery", "roles": ["operator"]}
+        assert master.client.post(self.USERS, json=again, headers=admin).status_code == 201
+        bearer = {"Authorization": f"Bearer {created['token']}"}
+        assert master.client.get(STATE, headers=bearer).status_code == 401
+
+    def test_a_password_of_the_wrong_type_is_not_echoed(self, master: Master) -> None:
+        """The 422 for a numeric password names the field and the type, not the value."""
+        master.add_user("dora", "correct horse battery", "viewer")
+        admin = master.headers("admin", subject="admin")
+        response = master.client.patch(
+            f"{self.USERS}/dora", json={"password": 12345678901234}, headers=admin
+        )
+        assert response.status_code == 422
+        assert "12345678901234" not in response.text
+        error = response.json()["errors"][0]
+        assert error["path"] == "password"
+        assert "an integer" in error["message"]
+
+
 @pytest.fixture(scope="module")
 def shared_master(
     template_state: Path, tmp_path_factory: pytest.TempPathFactory

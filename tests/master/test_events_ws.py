@@ -38,6 +38,16 @@ def next_event(ws: Any, kind: str | None = None) -> dict[str, Any]:
             return message
 
 
+def events_until_closed(ws: Any) -> tuple[list[dict[str, Any]], int]:
+    """The payloads delivered until the server closed the stream, and its close code."""
+    delivered: list[dict[str, Any]] = []
+    while True:
+        try:
+            delivered.append(next_event(ws)["payload"])
+        except WebSocketDisconnect as closed:
+            return delivered, closed.code
+
+
 class TestEventStream:
     """Events reach authenticated callers, filtered by what each may read."""
 
@@ -69,6 +79,56 @@ class TestEventStream:
         bearer = {"Authorization": f"Bearer {created['token']}"}
         with master.client.websocket_connect(EVENTS, headers=bearer) as ws:
             assert ws.receive_json(timeout=TIMEOUT)["type"] == "ready"
+
+    @pytest.mark.parametrize("how", ["revoke the token", "delete its owner"])
+    def test_a_stream_ends_with_its_api_token(self, master: Master, how: str) -> None:
+        """The REST API refuses a revoked token or one whose owner is gone at once; so does
+        the stream: the audited change makes it check again and close with 4401 before
+        delivering anything more (here: the audit event of the change itself)."""
+        master.add_user("bob", "correct horse battery", "operator")
+        bob = master.headers("operator", subject="bob")
+        created = master.client.post(
+            "/api/v1/auth/tokens",
+            json={"name": "ui", "scopes": ["event:read", "config:read", "audit:read"]},
+            headers=bob,
+        ).json()
+        bearer = {"Authorization": f"Bearer {created['token']}"}
+        admin = master.headers("admin", subject="admin")
+        with master.client.websocket_connect(EVENTS, headers=bearer) as ws:
+            assert ws.receive_json(timeout=TIMEOUT)["type"] == "ready"
+            put_state(master, "default")
+            assert next_event(ws, "version.created")["payload"]["number"] == 1
+            if how == "revoke the token":
+                url = f"/api/v1/auth/tokens/{created['api_token']['id']}"
+                assert master.client.delete(url, headers=bob).status_code == 204
+            else:
+                assert master.client.delete("/api/v1/users/bob", headers=admin).status_code == 204
+            put_state(master, "default", sites=2)
+            delivered, code = events_until_closed(ws)
+        assert code == 4401
+        actions = [p.get("action") for p in delivered]
+        assert not any(a and a.startswith(("api_token.", "user.")) for a in actions)
+        assert 2 not in [p.get("number") for p in delivered]
+
+    def test_the_stream_checks_its_token_again_in_time(
+        self, master: Master, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without an audited change, the token is checked again once `RECHECK_INTERVAL`
+        passed: a token revoked behind the audit log's back ends the stream too."""
+        monkeypatch.setattr(events_ws, "RECHECK_INTERVAL", 0.0)
+        admin = master.headers("admin", subject="admin")
+        created = master.client.post(
+            "/api/v1/auth/tokens", json={"name": "ui", "scopes": ["*"]}, headers=admin
+        ).json()
+        bearer = {"Authorization": f"Bearer {created['token']}"}
+        with master.client.websocket_connect(EVENTS, headers=bearer) as ws:
+            assert ws.receive_json(timeout=TIMEOUT)["type"] == "ready"
+            store = master.services.auth.store
+            assert master.call(store.revoke_api_token, created["api_token"]["id"])
+            put_state(master, "default")
+            with pytest.raises(WebSocketDisconnect) as closed:
+                next_event(ws)
+        assert closed.value.code == 4401
 
     def test_no_credentials_closes_with_4401(
         self, master: Master, monkeypatch: pytest.MonkeyPatch

@@ -279,6 +279,18 @@ class TestRbacRules:
         assert not rbac.scope_allowed(viewer, Grant("*:read", "dev"))
         assert not rbac.scope_allowed(viewer, Grant("config:write", "dev"))
 
+    def test_a_token_hands_on_no_more_than_its_scopes(self) -> None:
+        """An API token principal is held to its roles *and* its own scopes."""
+        rbac = Rbac()
+        token = Principal("a", ("admin",), "api_token", scopes=("config:*@dev", "user:write"))
+        assert rbac.scope_allowed(token, Grant("config:read", "dev"))
+        assert not rbac.scope_allowed(token, Grant("config:read"))
+        assert not rbac.scope_allowed(token, Grant("*"))
+        assert rbac.holds_all(token, ["viewer@dev"]) is False  # viewer reads agents too
+        admin = Principal("a", ("admin",), "jwt")
+        assert rbac.holds_all(admin, ["viewer", "operator@dev"])
+        assert not rbac.holds_all(Principal("o", ("operator",), "jwt"), ["admin"])
+
     def test_custom_roles_are_validated(self) -> None:
         """Redefining a built-in role or writing a bad permission is a configuration error."""
         with pytest.raises(ConfigurationError, match="built-in"):

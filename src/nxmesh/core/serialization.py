@@ -40,7 +40,7 @@ from nxmesh.core.model import (
     check_parts,
     check_state,
 )
-from nxmesh.core.validation import FieldCheck, Invalid, describe, join_path
+from nxmesh.core.validation import FieldCheck, Invalid, describe, join_path, type_name
 
 __all__ = [
     "canonical_json",
@@ -63,27 +63,36 @@ converter = cattrs.Converter(detailed_validation=True, forbid_extra_keys=True)
 # ---------------------------------------------------------------------------------------
 
 
+class WrongTypeError(TypeError):
+    """A value of the wrong type. The message shows a preview of the value; `redacted`
+    says the same without it, for fields that hold secrets (``repr=False``)."""
+
+    def __init__(self, expected: str, value: object) -> None:
+        self.redacted = f"must be {expected}, got {type_name(value)}"
+        super().__init__(f"must be {expected}, got {describe(value)}")
+
+
 def _structure_str(value: object, _: object) -> str:
     if not isinstance(value, str):
-        raise TypeError(f"must be a string, got {describe(value)}")
+        raise WrongTypeError("a string", value)
     return value
 
 
 def _structure_int(value: object, _: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"must be an integer, got {describe(value)}")
+        raise WrongTypeError("an integer", value)
     return value
 
 
 def _structure_float(value: object, _: object) -> float:
     if not isinstance(value, int | float) or isinstance(value, bool):
-        raise TypeError(f"must be a number, got {describe(value)}")
+        raise WrongTypeError("a number", value)
     return float(value)
 
 
 def _structure_bool(value: object, _: object) -> bool:
     if not isinstance(value, bool):
-        raise TypeError(f"must be true or false, got {describe(value)}")
+        raise WrongTypeError("true or false", value)
     return value
 
 
@@ -287,31 +296,41 @@ def _unknown_key_message(cl: type[Any], key: object) -> str:
     return f"unknown field {key!r}; the fields here are: {listing}"
 
 
-def problems_from_exception(exc: BaseException, path: str = "") -> list[Problem]:
+def problems_from_exception(
+    exc: BaseException, path: str = "", *, secret: bool = False
+) -> list[Problem]:
     """Flatten an exception raised by `converter` into problems with user-facing paths.
 
-    Exceptions that are not about the input (bugs) are re-raised.
+    Problems inside a secret field (``repr=False``: passwords, keys, tokens) never quote
+    the value. Exceptions that are not about the input (bugs) are re-raised.
     """
     if isinstance(exc, IterableValidationError):
         found: list[Problem] = []
         with_notes, without = exc.group_exceptions()
         for sub, note in with_notes:
             index = f"[{note.index}]" if isinstance(note.index, int) else f"[{note.index!r}]"
-            found += problems_from_exception(sub, join_path(path, index))
+            found += problems_from_exception(sub, join_path(path, index), secret=secret)
         for sub in without:
-            found += problems_from_exception(sub, path)
+            found += problems_from_exception(sub, path, secret=secret)
         return found
     if isinstance(exc, ClassValidationError):
         found = []
         names = _keys_of(exc.cl)
+        hidden = {a.name for a in attrs.fields(exc.cl) if not a.repr}
         attr_notes, others = exc.group_exceptions()
         for sub, attr_note in attr_notes:
             found += problems_from_exception(
-                sub, join_path(path, names.get(attr_note.name, attr_note.name))
+                sub,
+                join_path(path, names.get(attr_note.name, attr_note.name)),
+                secret=secret or attr_note.name in hidden,
             )
         for sub in others:
-            found += problems_from_exception(sub, path)
+            found += problems_from_exception(sub, path, secret=secret)
         return found
+    if secret and isinstance(exc, TypeError | ValueError) and not isinstance(exc, Invalid):
+        # Invalid comes from the field's own checks, which describe secrets without them.
+        reason = exc.redacted if isinstance(exc, WrongTypeError) else "is not valid"
+        return [Problem(path, f"{reason} (the value is secret and not shown)")]
     if isinstance(exc, ForbiddenExtraKeysError):
         return [
             Problem(_key_path(path, key), _unknown_key_message(exc.cl, key))
@@ -324,7 +343,9 @@ def problems_from_exception(exc: BaseException, path: str = "") -> list[Problem]
     if isinstance(exc, TypeError | ValueError):
         return [Problem(path, str(exc))]
     if isinstance(exc, BaseExceptionGroup):
-        return [p for sub in exc.exceptions for p in problems_from_exception(sub, path)]
+        return [
+            p for sub in exc.exceptions for p in problems_from_exception(sub, path, secret=secret)
+        ]
     raise exc
 
 

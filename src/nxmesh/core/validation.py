@@ -97,19 +97,27 @@ def raise_problems(problems: Sequence[tuple[str, str]]) -> None:
         raise Invalid(problems)
 
 
+_TYPE_NAMES: Final[dict[type, str]] = {
+    type(None): "null",
+    bool: "a boolean",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    tuple: "a list",
+    dict: "a mapping",
+}
+
+
+def type_name(value: object) -> str:
+    """Name a value's type the way a YAML author thinks of it, without showing the value
+    (for secrets: a password sent as a number must not come back in the error)."""
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
 def describe(value: object) -> str:
     """Name a value's type the way a YAML author thinks of it, with a short preview."""
-    names = {
-        type(None): "null",
-        bool: "a boolean",
-        int: "an integer",
-        float: "a number",
-        str: "a string",
-        list: "a list",
-        tuple: "a list",
-        dict: "a mapping",
-    }
-    name = names.get(type(value), type(value).__name__)
+    name = type_name(value)
     if isinstance(value, str):
         return f"{name} {_short(value)}"
     if isinstance(value, int | float):

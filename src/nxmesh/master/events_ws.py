@@ -17,8 +17,13 @@ narrow the stream at any time::
 
 Server messages are ``{"type": "ready", ...}`` once authenticated, then
 ``{"type": "event", "kind", "workspace", "id", "ts", "payload"}``. Close codes: 4401 not
-authenticated or token expired (the socket closes when the token does), 4403 missing
-``event:read``, 4400 a malformed message, 4408 the client fell behind (reconnect).
+authenticated, token expired or revoked (the socket closes when the token does), 4403
+missing ``event:read``, 4400 a malformed message, 4408 the client fell behind (reconnect).
+
+The credentials are checked again before events are delivered, as the REST API checks
+them on every request: right away after an audited change to users or API tokens, and at
+least every `RECHECK_INTERVAL` seconds otherwise. A revoked API token, a deleted or
+disabled owner closes the socket (4401); changed roles change what it delivers.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ CLOSE_UNAUTHENTICATED: Final = 4401
 CLOSE_FORBIDDEN: Final = 4403
 CLOSE_BAD_MESSAGE: Final = 4400
 CLOSE_TOO_SLOW: Final = 4408
+RECHECK_INTERVAL: Final = 30.0
+_NEEDS_EVENT_READ: Final = "permission 'event:read' is required"
+# Audited actions after which the stream's credentials are checked before the next event.
+_ACCESS_ACTIONS: Final = ("user.", "api_token.")
 
 log = structlog.get_logger("nxmesh.master.events")
 
@@ -78,7 +87,7 @@ def _strings(value: object, what: str) -> tuple[str, ...]:
 
 async def _authenticate(
     socket: WebSocket[Any, Any, Any], services: MasterServices
-) -> tuple[Principal, float | None]:
+) -> tuple[Principal, float | None, Credentials]:
     credentials = credentials_from(socket)
     if credentials is None:
         with anyio.fail_after(AUTH_TIMEOUT):
@@ -101,7 +110,12 @@ async def _authenticate(
         credentials = Credentials("bearer", {"token": token}, remote_addr=remote_addr(socket))
     principal = await services.auth.authenticate(credentials)
     expires_at = await services.auth.expiry_of(credentials.values["token"], principal)
-    return principal, expires_at
+    return principal, expires_at, credentials
+
+
+def _changes_access(event: Event) -> bool:
+    action = event.payload.get("action") if event.kind == "audit.recorded" else None
+    return isinstance(action, str) and action.startswith(_ACCESS_ACTIONS)
 
 
 def _subscription(message: object) -> dict[str, Any]:
@@ -146,7 +160,7 @@ async def events_websocket(socket: WebSocket[Any, Any, Any]) -> None:
     services = services_of(socket)
     await socket.accept()
     try:
-        principal, expires_at = await _authenticate(socket, services)
+        principal, expires_at, credentials = await _authenticate(socket, services)
     except AuthenticationError as exc:
         await _close(socket, CLOSE_UNAUTHENTICATED, str(exc)[:120])
         return
@@ -154,13 +168,13 @@ async def events_websocket(socket: WebSocket[Any, Any, Any]) -> None:
         await _close(socket, CLOSE_UNAUTHENTICATED, "no credentials")
         return
     if not services.rbac.allowed(principal, "event:read", anywhere=True):
-        await _close(socket, CLOSE_FORBIDDEN, "permission 'event:read' is required")
+        await _close(socket, CLOSE_FORBIDDEN, _NEEDS_EVENT_READ)
         return
     selection = _Filter()
     services.metrics.websocket_clients.inc()
     log.info("event stream opened", principal=principal.subject)
     try:
-        await _stream(socket, services, principal, selection, expires_at)
+        await _stream(socket, services, credentials, principal, selection, expires_at)
     finally:
         services.metrics.websocket_clients.dec()
         log.info("event stream closed", principal=principal.subject)
@@ -169,17 +183,29 @@ async def events_websocket(socket: WebSocket[Any, Any, Any]) -> None:
 async def _stream(
     socket: WebSocket[Any, Any, Any],
     services: MasterServices,
+    credentials: Credentials,
     principal: Principal,
     selection: _Filter,
     expires_at: float | None,
 ) -> None:
     lifetime = None if expires_at is None else max(0.0, expires_at - time.time())
+    recheck_at = time.monotonic() + RECHECK_INTERVAL
     async with services.bus.subscribe() as events:
         await socket.send_json({"type": "ready", "subject": principal.subject})
         async with anyio.create_task_group() as tg:
             tg.start_soon(_read_client, socket, selection, tg.cancel_scope)
             with anyio.move_on_after(lifetime) as expiry:
                 async for event in events:
+                    if _changes_access(event) or time.monotonic() >= recheck_at:
+                        try:
+                            principal = await services.auth.authenticate(credentials)
+                        except AuthenticationError as exc:
+                            await _close(socket, CLOSE_UNAUTHENTICATED, str(exc)[:120])
+                            break
+                        if not services.rbac.allowed(principal, "event:read", anywhere=True):
+                            await _close(socket, CLOSE_FORBIDDEN, _NEEDS_EVENT_READ)
+                            break
+                        recheck_at = time.monotonic() + RECHECK_INTERVAL
                     if selection.matches(event) and _visible(services, principal, event):
                         await socket.send_json(
                             {
@@ -191,8 +217,8 @@ async def _stream(
                                 "payload": dict(event.payload),
                             }
                         )
-                # The bus ended our subscription: we fell behind.
-                await _close(socket, CLOSE_TOO_SLOW, "the event stream fell behind; reconnect")
+                else:  # the bus ended our subscription: we fell behind
+                    await _close(socket, CLOSE_TOO_SLOW, "the event stream fell behind; reconnect")
             if expiry.cancelled_caught:
                 await _close(
                     socket, CLOSE_UNAUTHENTICATED, "token expired; reconnect with a new one"

@@ -241,8 +241,21 @@ class Rbac:
         return True
 
     def scope_allowed(self, principal: Principal, scope: Grant) -> bool:
-        """Whether `principal` may hand `scope` to an API token (no privilege escalation)."""
-        return any(_wider(grant, scope) for grant in self.grants(principal.roles))
+        """Whether `principal` may hand `scope` on (to an API token, a user's role): no
+        privilege escalation. An API token principal is held to its own scopes too, so a
+        narrow token cannot mint a wider token or user than itself."""
+        if not any(_wider(grant, scope) for grant in self.grants(principal.roles)):
+            return False
+        if principal.authenticator == "api_token":
+            own = (_scope(text) for text in principal.scopes)
+            return any(grant is not None and _wider(grant, scope) for grant in own)
+        return True
+
+    def holds_all(self, principal: Principal, bindings: Iterable[str]) -> bool:
+        """Whether `principal` could grant everything role `bindings` grant: the bar for
+        changing or deleting a user that holds them (a helpdesk role with ``user:write``
+        must not reset an admin's password)."""
+        return all(self.scope_allowed(principal, grant) for grant in self.grants(bindings))
 
 
 def _scope(text: str) -> Grant | None:

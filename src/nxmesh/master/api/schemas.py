@@ -58,7 +58,7 @@ def _freeze(value: Mapping[str, str]) -> FrozenMap[str, str]:
 def _secret(max_len: int) -> v.FieldCheck:
     def check(value: object) -> v.Problems:
         if not isinstance(value, str):
-            return [("", f"must be a string, got {v.describe(value)}")]
+            return [("", f"must be a string, got {v.type_name(value)}")]  # no value: secret
         if not value:
             return [("", "must not be empty")]
         if len(value) > max_len:

@@ -12,6 +12,7 @@ from nxmesh.core.records import User
 from nxmesh.master.api._common import BEARER, ERRORS, Name, perm
 from nxmesh.master.api.context import CallerDep
 from nxmesh.master.api.schemas import RoleView, UserCreate, UserUpdate, UserView
+from nxmesh.master.auth.errors import PermissionDeniedError
 from nxmesh.master.auth.passwords import check_password_policy
 from nxmesh.master.problems import Conflict, NotFound
 
@@ -31,12 +32,19 @@ def _check_roles(caller: CallerDep, roles: tuple[str, ...]) -> None:
             problems.append(Problem(f"roles[{i}]", reason))
             continue
         # No escalation: grant only what the caller could do itself.
-        if not all(rbac.scope_allowed(caller.principal, g) for g in rbac.grants([binding])):
+        if not rbac.holds_all(caller.principal, [binding]):
             problems.append(
                 Problem(f"roles[{i}]", f"{binding!r} grants permissions you do not hold")
             )
     if problems:
         raise ValidationError(problems)
+
+
+def _check_may_manage(caller: CallerDep, user: User) -> None:
+    """Only a caller holding every permission of `user` may change or delete it: setting
+    its password or disabling it is as good as holding its roles."""
+    if not caller.services.rbac.holds_all(caller.principal, user.roles):
+        raise PermissionDeniedError.to_manage(user.username)
 
 
 def _is_admin(user: User) -> bool:
@@ -77,6 +85,9 @@ class UserController(Controller):
         _check_roles(caller, data.roles)
         if await s.storage.get_user(data.username) is not None:
             raise Conflict(f"user {data.username!r} exists")
+        # A new user starts with no API tokens, even if an old one of the same name left
+        # some behind (deleted before deletions revoked them).
+        await s.auth.revoke_api_tokens_of(data.username)
         password_hash = await anyio.to_thread.run_sync(s.auth.passwords.hash, data.password)
         user = User(username=data.username, password_hash=password_hash, roles=data.roles)
         await s.storage.put_user(user)
@@ -92,6 +103,7 @@ class UserController(Controller):
         user = await s.storage.get_user(username)
         if user is None:
             raise NotFound(f"no user {username!r}")
+        _check_may_manage(caller, user)
         updated = user
         if data.roles is not None:
             _check_roles(caller, data.roles)
@@ -122,7 +134,11 @@ class UserController(Controller):
         user = await s.storage.get_user(username)
         if user is None:
             raise NotFound(f"no user {username!r}")
+        _check_may_manage(caller, user)
         await _keep_an_admin(caller, user, None)
+        # Tokens first: a token outliving its owner would come back with a new user of
+        # the same name. Should this fail, the user is still there to delete again.
+        await s.auth.revoke_api_tokens_of(username)
         await s.storage.delete_user(username)
         await s.auth.end_sessions(username)
         await caller.audit("user.delete", f"users/{username}")

@@ -37,8 +37,19 @@ class LockedOutError(AuthenticationError):
 class PermissionDeniedError(NxMeshError):
     """The caller is authenticated but lacks a permission (HTTP 403)."""
 
-    def __init__(self, permission: str, workspace: str | None = None) -> None:
+    def __init__(
+        self, permission: str, workspace: str | None = None, *, detail: str | None = None
+    ) -> None:
         self.permission = permission
         self.workspace = workspace
         where = f" in workspace {workspace!r}" if workspace else ""
-        super().__init__(f"permission {permission!r} is required{where}")
+        super().__init__(detail or f"permission {permission!r} is required{where}")
+
+    @classmethod
+    def to_manage(cls, username: str) -> PermissionDeniedError:
+        """Refusal to change or delete a user who holds permissions the caller lacks."""
+        return cls(
+            "user:write",
+            detail=f"user {username!r} holds permissions you do not; only a caller "
+            "holding all of them may change or delete this user",
+        )

@@ -279,6 +279,14 @@ class AuthService:
         await self.store.add_api_token(record)
         return IssuedApiToken(f"{API_TOKEN_PREFIX}_{token_id}_{secret}", record)
 
+    async def revoke_api_tokens_of(self, owner: str) -> int:
+        """Revoke every API token `owner` holds (a user being deleted); how many were live."""
+        revoked = 0
+        for record in await self.store.list_api_tokens(owner):
+            if not record.revoked and await self.store.revoke_api_token(record.id):
+                revoked += 1
+        return revoked
+
     async def verify_api_token(self, token: str) -> Principal:
         """The principal an API token stands for (its owner's roles, its own scopes).
 
