@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -31,7 +32,7 @@ from nxmesh.master.auth import (
     Passwords,
 )
 from nxmesh.master.auth.tokens import JWT_KEY_FILE, AccessTokens
-from nxmesh.plugins.auth_password import Lockout, PasswordAuthenticator
+from nxmesh.plugins.auth_password import ANY_USER, Lockout, PasswordAuthenticator
 from nxmesh.testing.contracts.auth import AuthenticatorContract
 
 from .conftest import FAST_HASHING, Master, make_settings
@@ -626,6 +627,65 @@ class TestPasswordAuthenticator:
         assert await auth.authenticate(password("ann", "s3cret-pass"))
         assert not passwords.needs_rehash(users.users["ann"].password_hash)
         assert users.users["ann"].password_hash != old.hash("s3cret-pass")
+
+    async def test_spraying_usernames_locks_the_address(self, passwords: Passwords) -> None:
+        """Fresh usernames from one address trip ``lockout_address_threshold``: the
+        address is locked for every user, other addresses are not, and nothing is
+        verified while locked."""
+        from nxmesh.core.settings import AuthSettings
+
+        users = _Users(
+            User(username="ann", password_hash=passwords.hash("s3cret-pass"), roles=("viewer",))
+        )
+        clock = _Clock()
+        auth = PasswordAuthenticator(
+            users,  # type: ignore[arg-type]
+            passwords,
+            AuthSettings(lockout_threshold=5, lockout_address_threshold=8),
+            clock=clock,
+        )
+        for i in range(8):
+            with pytest.raises(AuthenticationError):
+                await auth.authenticate(password(f"guess{i}", "wrong"))
+        with pytest.raises(LockedOutError):
+            await auth.authenticate(password("ann", "s3cret-pass"))
+        assert await auth.authenticate(password("ann", "s3cret-pass", addr="198.51.100.7"))
+        clock.now += 1.5  # the first delay passed: a success clears the address too
+        assert await auth.authenticate(password("ann", "s3cret-pass"))
+        assert auth.address_lockout.failures((ANY_USER, "192.0.2.1")) == 0
+
+    async def test_argon2_runs_at_most_concurrency_at_once(self) -> None:
+        """Twelve logins at once hash two at a time with ``argon2_concurrency = 2``: the
+        rest wait instead of each holding argon2's memory."""
+        import threading
+
+        from nxmesh.core.settings import AuthSettings
+
+        settings = AuthSettings(
+            argon2_time_cost=1, argon2_memory_kib=8, argon2_parallelism=1, argon2_concurrency=2
+        )
+        passwords = Passwords(settings)
+        running, most, lock = 0, 0, threading.Lock()
+        verify = passwords.verify
+
+        def counted(password_hash: str, secret: str) -> bool:
+            nonlocal running, most
+            with lock:
+                running += 1
+                most = max(most, running)
+            try:
+                threading.Event().wait(0.02)  # overlap, if the cap let them
+                return verify(password_hash, secret)
+            finally:
+                with lock:
+                    running -= 1
+
+        passwords.verify = counted  # type: ignore[method-assign]
+        stored = passwords.hash("s3cret-pass")
+        async with anyio.create_task_group() as tg:
+            for _ in range(12):
+                tg.start_soon(passwords.verify_in_thread, stored, "s3cret-pass")
+        assert most == 2
 
     def test_lockout_memory_is_bounded(self) -> None:
         """A spray of distinct usernames cannot grow the lockout table without bound."""

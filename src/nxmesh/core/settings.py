@@ -266,6 +266,9 @@ class AuthSettings:
     `roles` maps a custom role name to its permissions (``resource:action`` patterns,
     optionally ``@workspace``); see ``docs/api.md``. Argon2id costs default to RFC 9106's
     low-memory profile; lower them only where hashing time matters more (tests).
+    `argon2_concurrency` caps the hashes computed at once (each holds
+    `argon2_memory_kib`). `lockout_threshold` counts failures per user and address,
+    `lockout_address_threshold` per address over all usernames (password spraying).
     """
 
     chain: tuple[str, ...] = attrs.field(default=("jwt", "api_token", "password"), validator=_names)
@@ -274,11 +277,13 @@ class AuthSettings:
     access_token_ttl: float = attrs.field(default=900.0, validator=_positive)
     refresh_token_ttl: float = attrs.field(default=14 * 86400.0, validator=_positive)
     lockout_threshold: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    lockout_address_threshold: int = attrs.field(default=20, validator=attrs.validators.ge(1))
     lockout_base_delay: float = attrs.field(default=1.0, validator=_positive)
     lockout_max_delay: float = attrs.field(default=900.0, validator=_positive)
     argon2_time_cost: int = attrs.field(default=3, validator=attrs.validators.ge(1))
     argon2_memory_kib: int = attrs.field(default=65536, validator=attrs.validators.ge(8))
     argon2_parallelism: int = attrs.field(default=4, validator=attrs.validators.ge(1))
+    argon2_concurrency: int = attrs.field(default=4, validator=attrs.validators.ge(1))
     public_metrics: bool = False
     roles: Mapping[str, tuple[str, ...]] = attrs.field(
         factory=dict, converter=_freeze_roles, hash=False

@@ -388,7 +388,7 @@ async def ensure_initial_admin(services: MasterServices) -> bool:
     if await services.storage.list_users():
         return False
     password = generate_password()
-    password_hash = await anyio.to_thread.run_sync(services.auth.passwords.hash, password)
+    password_hash = await services.auth.passwords.hash_in_thread(password)
     path = services.state_dir / INITIAL_ADMIN_FILE
     await anyio.to_thread.run_sync(
         lambda: write_private_file(path, f"{password}\n".encode(), replace=True)

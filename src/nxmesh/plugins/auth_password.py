@@ -6,7 +6,9 @@ the master's storage.
 
 * **Lockout with backoff** per user *and* client address: after ``auth.lockout_threshold``
   failures in a row every attempt is refused for a delay that doubles with each further
-  failure (``lockout_base_delay`` … ``lockout_max_delay``). Attempts count as failures
+  failure (``lockout_base_delay`` … ``lockout_max_delay``). Failures from one address are
+  also counted over all usernames (``lockout_address_threshold``, against spraying many
+  names). Attempts count as failures
   from the moment they start, so a burst of parallel guesses cannot slip past the limit.
   A success resets the counter. The counters live in the master's storage when it
   provides the two optional methods ``count_login_failure`` and ``clear_login_failures``
@@ -26,7 +28,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Protocol, cast
 
-import anyio
 import attrs
 import structlog
 
@@ -40,9 +41,12 @@ if TYPE_CHECKING:
     from nxmesh.master.app import MasterServices
     from nxmesh.master.auth.passwords import Passwords
 
-__all__ = ["Lockout", "LoginFailureStore", "PasswordAuthenticator", "SharedLockout"]
+__all__ = ["ANY_USER", "Lockout", "LoginFailureStore", "PasswordAuthenticator", "SharedLockout"]
 
 log = structlog.get_logger("nxmesh.auth.password")
+
+ANY_USER = "*"
+"""The username under which failures per client address are counted (no user has it)."""
 
 
 @attrs.define
@@ -194,14 +198,29 @@ class PasswordAuthenticator:
             max_delay=cfg.lockout_max_delay,
             clock=clock,
         )
+        # Per address over every username: spraying fresh names from one address never
+        # trips the per-user counter.
+        self.address_lockout = Lockout(
+            threshold=cfg.lockout_address_threshold,
+            base_delay=cfg.lockout_base_delay,
+            max_delay=cfg.lockout_max_delay,
+            clock=clock,
+        )
         self.shared: SharedLockout | None = None
+        self._gate: SharedLockout | _ProcessLockout
+        self._address_gate: SharedLockout | _ProcessLockout
         if callable(getattr(storage, "count_login_failure", None)) and callable(
             getattr(storage, "clear_login_failures", None)
         ):
-            self.shared = SharedLockout(cast("LoginFailureStore", storage), self.lockout)
-        # Where attempts are counted: the storage shared by every master when it can,
-        # else this process.
-        self._gate = self.shared or _ProcessLockout(self.lockout)
+            # Where attempts are counted: the storage shared by every master when it can,
+            # else this process.
+            store = cast("LoginFailureStore", storage)
+            self.shared = SharedLockout(store, self.lockout)
+            self._gate = self.shared
+            self._address_gate = SharedLockout(store, self.address_lockout)
+        else:
+            self._gate = _ProcessLockout(self.lockout)
+            self._address_gate = _ProcessLockout(self.address_lockout)
 
     @classmethod
     def from_services(cls, services: MasterServices) -> PasswordAuthenticator:
@@ -213,20 +232,24 @@ class PasswordAuthenticator:
         username = credentials.values.get("username", "")
         password = credentials.values.get("password", "")
         key = (username, credentials.remote_addr or "")
+        # ANY_USER is no valid username, so the address's counter has a row of its own.
+        address_key = (ANY_USER, key[1])
+        await self._address_gate.begin(address_key)
         await self._gate.begin(key)
         user = await self.storage.get_user(username) if username else None
         if user is None:
-            await anyio.to_thread.run_sync(self.passwords.dummy_verify)
+            await self.passwords.dummy_verify_in_thread()
             ok = False
         else:
-            ok = await anyio.to_thread.run_sync(self.passwords.verify, user.password_hash, password)
+            ok = await self.passwords.verify_in_thread(user.password_hash, password)
             ok = ok and not user.disabled
         if not ok or user is None:
             log.info("login failed", username=username, remote_addr=credentials.remote_addr)
             raise AuthenticationError("invalid username or password", reason="bad_password")
         await self._gate.succeeded(key)
+        await self._address_gate.succeeded(address_key)
         if self.passwords.needs_rehash(user.password_hash):
-            new_hash = await anyio.to_thread.run_sync(self.passwords.hash, password)
+            new_hash = await self.passwords.hash_in_thread(password)
             await self.storage.put_user(attrs.evolve(user, password_hash=new_hash))
         return Principal(subject=user.username, roles=tuple(user.roles), authenticator=self.name)
 

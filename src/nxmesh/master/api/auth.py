@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import anyio
 import attrs
 from litestar import Controller, Request, delete, get, post
 from litestar.params import JSONBody, Parameter
@@ -172,7 +171,7 @@ class AuthController(Controller):
         user = await services.storage.get_user(verified.subject)
         if user is None or verified.subject != caller.subject:
             raise AuthenticationError("invalid username or password", reason="bad_password")
-        new_hash = await anyio.to_thread.run_sync(services.auth.passwords.hash, data.new_password)
+        new_hash = await services.auth.passwords.hash_in_thread(data.new_password)
         await services.storage.put_user(attrs.evolve(user, password_hash=new_hash))
         await services.auth.end_sessions(user.username)
         await caller.audit("auth.password_change", f"users/{user.username}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import anyio
 import attrs
 from litestar import Controller, delete, get, patch, post
 from litestar.params import JSONBody
@@ -88,7 +87,7 @@ class UserController(Controller):
         # A new user starts with no API tokens, even if an old one of the same name left
         # some behind (deleted before deletions revoked them).
         await s.auth.revoke_api_tokens_of(data.username)
-        password_hash = await anyio.to_thread.run_sync(s.auth.passwords.hash, data.password)
+        password_hash = await s.auth.passwords.hash_in_thread(data.password)
         user = User(username=data.username, password_hash=password_hash, roles=data.roles)
         await s.storage.put_user(user)
         await caller.audit("user.create", f"users/{user.username}", roles=list(user.roles))
@@ -112,7 +111,7 @@ class UserController(Controller):
             updated = attrs.evolve(updated, disabled=data.disabled)
         if data.password is not None:
             check_password_policy(data.password)
-            new_hash = await anyio.to_thread.run_sync(s.auth.passwords.hash, data.password)
+            new_hash = await s.auth.passwords.hash_in_thread(data.password)
             updated = attrs.evolve(updated, password_hash=new_hash)
         await _keep_an_admin(caller, user, updated)
         await s.storage.put_user(updated)

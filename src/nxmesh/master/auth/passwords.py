@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 
+import anyio
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
@@ -51,6 +52,23 @@ class Passwords:
             type=argon2.Type.ID,
         )
         self._dummy: str | None = None
+        # Each hash or verification holds `argon2_memory_kib` (64 MiB by default) while
+        # it runs: a burst of logins must queue, not take the master's memory.
+        self._limiter = anyio.CapacityLimiter(cfg.argon2_concurrency)
+
+    async def hash_in_thread(self, password: str) -> str:
+        """`hash` in a worker thread, at most ``auth.argon2_concurrency`` at once."""
+        return await anyio.to_thread.run_sync(self.hash, password, limiter=self._limiter)
+
+    async def verify_in_thread(self, password_hash: str, password: str) -> bool:
+        """`verify` in a worker thread, at most ``auth.argon2_concurrency`` at once."""
+        return await anyio.to_thread.run_sync(
+            self.verify, password_hash, password, limiter=self._limiter
+        )
+
+    async def dummy_verify_in_thread(self) -> None:
+        """`dummy_verify` in a worker thread, at most ``auth.argon2_concurrency`` at once."""
+        await anyio.to_thread.run_sync(self.dummy_verify, limiter=self._limiter)
 
     def hash(self, password: str) -> str:
         """The argon2id PHC string of `password` (random salt)."""
