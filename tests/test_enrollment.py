@@ -113,6 +113,25 @@ class TestBootstrapTokens:
         enrolled = await enrollment.enroll(issued.token, register(issued.token))
         assert enrolled.agent.name == "web-1"
 
+    async def test_a_failed_enrollment_reads_one_token(
+        self, enrollment: Enrollment, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Explaining a refusal looks the token up by id: anyone may send an enrollment
+        frame, and it must not cost a scan of every token ever issued."""
+        for _ in range(3):
+            await enrollment.create_token()
+        used = await enrollment.create_token()
+        await enrollment.enroll(used.token, register(used.token))
+
+        async def scan(*args: object) -> None:
+            raise AssertionError("list_tokens called to explain a refusal")
+
+        monkeypatch.setattr(enrollment.store, "list_tokens", scan)
+        for token in (used.token, f"{used.id}.{'0' * 40}", "unknown.secret"):
+            with pytest.raises(EnrollmentError) as info:
+                await enrollment.enroll(token, register(token))
+            assert info.value.code in ("token_used", "token_invalid")
+
     @pytest.mark.parametrize("token", ["nodot", ".secret", "id.", "a.b.c"])
     async def test_malformed(self, enrollment: Enrollment, token: str) -> None:
         """Anything that is not id.secret is refused as invalid."""

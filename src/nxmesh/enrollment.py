@@ -63,6 +63,7 @@ class EnrollmentStore(Protocol):
         self, token_id: str, *, secret_hash: str, now: float | None = None
     ) -> BootstrapToken | None: ...
     async def revoke_token(self, token_id: str) -> bool: ...
+    async def get_token(self, token_id: str) -> BootstrapToken | None: ...
     async def list_tokens(self, workspace: str | None = None) -> Sequence[BootstrapToken]: ...
     async def upsert_agent(self, agent: Agent) -> None: ...
     async def get_agent(self, agent_id: str) -> Agent | None: ...
@@ -155,12 +156,10 @@ class Enrollment:
 
     async def _diagnose(self, token_id: str, secret: str) -> EnrollmentError:
         # Only after the atomic consume failed: say *why*, but never to a wrong secret.
+        # By id: anyone can send an enrollment frame, so a failed one costs one lookup.
         now = self.clock()
-        for tok in await self.store.list_tokens():
-            if tok.id != token_id:
-                continue
-            if not hmac.compare_digest(tok.secret_hash, hash_secret(secret)):
-                break
+        tok = await self.store.get_token(token_id)
+        if tok is not None and hmac.compare_digest(tok.secret_hash, hash_secret(secret)):
             if tok.revoked:
                 return EnrollmentError("token_revoked", f"bootstrap token {token_id} was revoked")
             if tok.used_at is not None:
@@ -174,7 +173,6 @@ class Enrollment:
                     "token_expired",
                     f"bootstrap token {token_id} expired {now - tok.expires_at:.0f} s ago",
                 )
-            break
         return EnrollmentError("token_invalid", "unknown bootstrap token or wrong secret")
 
     async def enroll(self, token: str, register: Register) -> Enrolled:

@@ -490,6 +490,12 @@ class SqlStorage:
         result = await self._run(lambda conn: conn.execute(stmt.values(revoked=True)), write=True)
         return bool(result.rowcount)
 
+    async def get_token(self, token_id: str) -> BootstrapToken | None:
+        tok = t.bootstrap_tokens
+        query = select(tok).where(tok.c.id == token_id)
+        row = await self._run(lambda conn: conn.execute(query).first())
+        return None if row is None else self._token(row)
+
     async def list_tokens(self, workspace: str | None = None) -> Sequence[BootstrapToken]:
         tok = t.bootstrap_tokens
         query = select(tok).order_by(tok.c.created_at, tok.c.id)

@@ -513,6 +513,18 @@ class StorageContract:
         assert await storage.consume_token("rev", secret_hash="h") is None
         assert [t.revoked for t in await storage.list_tokens()] == [False, True]
 
+    async def test_a_token_is_found_by_id(self, storage: StorageBackend) -> None:
+        """`get_token` returns one token as stored, used or revoked; None when unknown."""
+        token = BootstrapToken(id="t1", secret_hash="h1", labels={"env": "prod"})
+        await storage.add_token(token)
+        await storage.add_token(BootstrapToken(id="t2", secret_hash="h2"))
+        assert await storage.get_token("t1") == token
+        assert await storage.get_token("nope") is None
+        await storage.revoke_token("t1")
+        revoked = await storage.get_token("t1")
+        assert revoked is not None
+        assert revoked.revoked
+
     async def test_token_ids_are_unique(self, storage: StorageBackend) -> None:
         """Adding a token with an existing id raises ConflictError."""
         await storage.add_token(BootstrapToken(id="t1", secret_hash="a"))
