@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import random
 import stat
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -25,6 +27,7 @@ from nxmesh.agent_link import (
 from nxmesh.core.events import Event
 from nxmesh.core.model import Agent, ApplyReport, PendingApply
 from nxmesh.core.protocol import ConfigStatus, LogBatch
+from nxmesh.crypto.errors import SecretError
 from nxmesh.crypto.secrets import MasterKeyring, generate_key
 from nxmesh.enrollment import Enrollment
 from nxmesh.plugins.storage_sqlite import SqliteStorage
@@ -212,3 +215,41 @@ class TestCredentialFile:
         assert loaded is not None
         assert loaded.key_id == "k3"
         assert loaded.previous is None
+
+    async def test_a_file_others_can_read_is_refused(self, tmp_path: Path) -> None:
+        """A session key readable by group or world is not used; the error says the fix."""
+        path = tmp_path / "credentials.json"
+        store = FileCredentialStore(path)
+        await store.save(AgentCredentials(agent_id="a", key_id="k", key=b"K" * 32))
+        path.chmod(0o644)
+        with pytest.raises(SecretError, match=rf"{path} is accessible by other users") as caught:
+            await store.load()
+        assert f"chmod 600 {path}" in str(caught.value)
+
+    async def test_the_directory_is_synced_after_the_rename(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The rename into place is made durable: the directory is fsynced after it (a
+        power cut must not lose the key once the single-use token is spent)."""
+        path = tmp_path / "credentials.json"
+        calls: list[str] = []
+        real_fsync, real_replace, real_link = os.fsync, os.replace, os.link
+
+        def fsync(fd: int) -> None:
+            calls.append(f"fsync {os.readlink(f'/proc/self/fd/{fd}')}")
+            real_fsync(fd)
+
+        def replace(src: Any, dst: Any, **kwargs: Any) -> None:
+            calls.append(f"rename {dst}")
+            real_replace(src, dst, **kwargs)
+
+        def link(src: Any, dst: Any, **kwargs: Any) -> None:
+            calls.append(f"rename {dst}")
+            real_link(src, dst, **kwargs)
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(os, "link", link)
+        await FileCredentialStore(path).save(AgentCredentials(agent_id="a", key_id="k", key=b"K"))
+        moved = calls.index(f"rename {path}")
+        assert f"fsync {tmp_path}" in calls[moved:]

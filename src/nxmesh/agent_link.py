@@ -33,8 +33,8 @@
 from __future__ import annotations
 
 import base64
+import functools
 import json
-import os
 import random
 import time
 from collections import deque
@@ -93,7 +93,7 @@ from nxmesh.core.protocol import (
     open_certificates,
     open_key,
 )
-from nxmesh.crypto.secrets import write_private_file
+from nxmesh.crypto.secrets import read_private_file, write_private_file
 from nxmesh.crypto.signing import SigningError, VerifyKey
 from nxmesh.enrollment import parse_token
 
@@ -196,16 +196,25 @@ class MemoryCredentialStore:
 
 
 class FileCredentialStore:
-    """Credentials in a JSON file created 0600 and replaced atomically."""
+    """Credentials in a JSON file created 0600 and replaced atomically and durably (the
+    directory is fsynced after the rename: the bootstrap token that earned them is spent).
+
+    A file other users can read is refused (`SecretError` naming the ``chmod`` to run).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     async def load(self) -> AgentCredentials | None:
-        try:
-            data = json.loads(await anyio.Path(self.path).read_bytes())
-        except FileNotFoundError:
+        def read() -> bytes | None:
+            if not self.path.exists():
+                return None
+            return read_private_file(self.path, what="agent credentials")
+
+        raw = await anyio.to_thread.run_sync(read)
+        if raw is None:
             return None
+        data = json.loads(raw)
         prev = data.get("previous")
         return AgentCredentials(
             agent_id=data["agent_id"],
@@ -229,14 +238,11 @@ class FileCredentialStore:
                 base64.b64encode(credentials.previous[1]).decode(),
             ]
         raw = json.dumps(data).encode()
-
-        def write() -> None:
-            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.new")
-            tmp.unlink(missing_ok=True)
-            write_private_file(tmp, raw)
-            os.replace(tmp, self.path)
-
-        await anyio.to_thread.run_sync(write)
+        # Temp file, fsync, rename, directory fsync: a power cut right after enrollment
+        # must not lose the session key once the single-use token is spent.
+        await anyio.to_thread.run_sync(
+            functools.partial(write_private_file, self.path, raw, replace=True)
+        )
 
 
 @attrs.define

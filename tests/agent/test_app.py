@@ -246,6 +246,34 @@ class TestRunAgent:
         assert report.outcome == "applied", report.message
         assert await agent_env.body() == "once"
 
+    async def test_once_is_refused_while_an_agent_drives_the_tree(
+        self, agent_env: AgentEnv
+    ) -> None:
+        """``--once`` takes the agent lock too: its recovery would undo a running agent's
+        in-flight swap, so it refuses to start beside one and changes nothing."""
+        from nxmesh.core.errors import NxMeshError
+
+        agent_env.write_state("daemon")
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build(state_file=agent_env.state_file).run)
+            await agent_env.wait_body("daemon")
+            await app.coalescer.wait_idle()
+            staging = agent_env.conf_dir / "releases" / ".staging-inflight"
+            staging.mkdir()  # what an apply in flight has on disk for a moment
+            with pytest.raises(NxMeshError, match=rf"another agent \(pid {os.getpid()}\)"):
+                await run_agent(
+                    agent_env.pm,
+                    agent_env.settings(),
+                    state_file=agent_env.state_file,
+                    once=True,
+                    handle_signals=False,
+                    render_settings=agent_env.render_settings,
+                )
+            assert staging.exists()  # no recovery ran: it would have swept it away
+            assert await agent_env.body() == "daemon"
+            staging.rmdir()
+            tg.cancel_scope.cancel()
+
     def test_auto_mode_prefers_a_detected_sidecar(self, agent_env: AgentEnv) -> None:
         """With 'auto' the highest-priority mode whose detect() is true is chosen."""
         settings = agent_env.settings(**{"agent.deployment_mode": "auto"})
@@ -495,3 +523,61 @@ class TestCertificatesFromTheMaster:
         assert b"ENCRYPTED PRIVATE KEY" in keys[0].read_bytes()
         password = agent_env.state_dir / "agent" / "vault" / "ssl_password"
         assert password.stat().st_mode & 0o777 == 0o600
+
+    async def test_retired_keys_are_pruned_from_the_vault(self, agent_env: AgentEnv) -> None:
+        """After a confirmed apply the vault keeps only the keys the releases on disk
+        hold: a replaced certificate's key goes once no kept release uses it."""
+        import attrs
+        from tests.master.certs import issue
+
+        from nxmesh.config.versions import state_digest
+        from nxmesh.core.model import (
+            CertificateRef,
+            Listener,
+            Location,
+            Return,
+            Site,
+            TlsCertificate,
+            TLSConfig,
+        )
+
+        def update(version: int, body: str, key_pem: str, cert_pem: str) -> PendingApply:
+            site = Site(
+                name="secure",
+                server_names=("localhost",),
+                listeners=(Listener(port=agent_env.web_port, address="127.0.0.1", tls=True),),
+                tls=TLSConfig(certificate="web"),
+                locations=(Location(path="/", return_=Return(code=200, body=body)),),
+            )
+            state = attrs.evolve(
+                agent_env.state(body),
+                certificates=(CertificateRef(name="web", domains=("localhost",)),),
+                sites=(site,),
+            )
+            cert = TlsCertificate(name="web", stem="certs/web", fullchain_pem=cert_pem,
+                                  key_pem=key_pem)  # fmt: skip
+            return PendingApply(
+                version=version, digest=state_digest(state), state=state, certificates=(cert,)
+            )
+
+        old, new = issue("localhost", dns=("localhost",)), issue("localhost", dns=("localhost",))
+        settings = agent_env.settings(**{"plugins.nginx_driver.keep_releases": 2})
+        app = agent_env.build(settings=settings)
+        keys = agent_env.state_dir / "agent" / "vault" / "keys"
+        live_key = agent_env.conf_dir / "current" / "certs" / "web.key"
+        try:
+            report = await app.applier.apply(update(1, "v1", old.key_pem, old.cert_pem))
+            assert report.outcome == "applied", report.message
+            [old_key] = keys.iterdir()
+            for version in (2, 3):  # the new certificate; v1's release is pruned at v3
+                report = await app.applier.apply(
+                    update(version, f"v{version}", new.key_pem, new.cert_pem)
+                )
+                assert report.outcome == "applied", report.message
+                if version == 2:  # v1 is still the rollback target: its key stays
+                    assert old_key.exists()
+        finally:
+            await app.aclose()
+        assert not old_key.exists()
+        [kept] = keys.iterdir()
+        assert kept.read_bytes() == live_key.read_bytes()

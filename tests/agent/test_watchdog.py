@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import threading
 from pathlib import Path
 
 import anyio
 import pytest
 
+from nxmesh.agent import watchdog as watchdog_module
 from nxmesh.agent.applier import Applier
 from nxmesh.agent.harness import NginxStack
 from nxmesh.agent.process import pid_alive
 from nxmesh.agent.watchdog import BackoffPolicy, Watchdog, file_diff
 from nxmesh.core.pluginmanager import NxMeshPluginManager
+from nxmesh.plugins.deploy_standalone import StandaloneMode
 
 pytestmark = pytest.mark.anyio
 
@@ -41,6 +45,18 @@ async def _kill_nginx(pid: int) -> None:
             await anyio.sleep(0.005)
 
 
+def _refuse_reload(monkeypatch: pytest.MonkeyPatch, pid: int) -> None:
+    """The OS refuses SIGHUP to `pid`, as for an nginx of another user (tests run as root)."""
+    real = os.kill
+
+    def kill(target: int, sig: int) -> None:
+        if target == pid and sig == signal.SIGHUP:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+        real(target, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+
+
 class TestFileDiff:
     def test_reports_changed_added_and_removed_files(self) -> None:
         """The diff names each differing file with unified hunks, private keys hidden."""
@@ -61,6 +77,17 @@ class TestFileDiff:
         assert "--- expected/gone.conf" in diff
         assert "Private key file k.key differs (not shown)" in diff
         assert "BEGIN PRIVATE KEY" not in diff
+
+    def test_a_file_too_large_is_named_not_line_diffed(self) -> None:
+        """Past the size bound a file is reported with its size; small ones still diff."""
+        big = b"".join(b"    10.0.%d.%d/32 backend;\n" % (i // 256, i % 256) for i in range(20_000))
+        changed = big.replace(b"backend", b"other")
+        diff = file_diff(
+            {"geo.conf": big, "a.conf": b"x 1;\n"}, {"geo.conf": changed, "a.conf": b"x 2;\n"}
+        )
+        assert f"File geo.conf differs ({len(big)} bytes, too large to diff)\n" in diff
+        assert "backend" not in diff
+        assert "-x 1;\n+x 2;\n" in diff
 
 
 @pytest.mark.nginx
@@ -120,6 +147,45 @@ class TestDrift:
             assert not stack.events.events("drift")
             release.set()
         assert await watchdog.check_drift() is not None  # and it resumes afterwards
+
+    async def test_the_diff_is_computed_off_the_event_loop(
+        self, stack: NginxStack, applier: Applier, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Diffing a large tree must not stall the loop (metrics, health, master link)."""
+        threads: list[threading.Thread] = []
+
+        def recording(expected: dict[str, bytes], actual: dict[str, bytes]) -> str:
+            threads.append(threading.current_thread())
+            return file_diff(expected, actual)
+
+        monkeypatch.setattr(watchdog_module, "file_diff", recording)
+        _live_site(stack).write_text("# edited\n")
+        watchdog = Watchdog(applier, stack.driver, stack.mode, drift_policy="report")
+        drift = await watchdog.check_drift()
+        assert drift is not None
+        assert "+# edited" in drift.diff
+        assert threads
+        assert threads[0] is not threading.main_thread()
+
+    async def test_a_revert_whose_reload_is_refused_is_reported(
+        self, stack: NginxStack, applier: Applier, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The OS refusing the reload signal fails the revert: reported, never raised."""
+        site = _live_site(stack)
+        site.write_text(site.read_text().replace("original", "hacked"))
+        pid = await stack.master_pid()
+        assert pid is not None
+        _refuse_reload(monkeypatch, pid)
+        watchdog = Watchdog(applier, stack.driver, stack.mode, drift_policy="revert")
+        assert await watchdog.check_drift() is not None
+        [failed] = stack.events.events("drift.revert_failed")
+        assert failed.payload["outcome"] == "rolled_back"
+        assert "Operation not permitted" in failed.payload["message"]
+        assert not (stack.layout.conf_dir / "apply.journal").exists()
+        assert await stack.body() == "original"  # nginx never loaded the edit
+        monkeypatch.undo()  # allowed again: the next check reverts
+        assert await watchdog.check_drift() is not None
+        assert stack.events.kinds()[-1] == "drift.reverted"
 
     async def test_the_drift_loop_runs_on_its_interval(
         self, stack: NginxStack, applier: Applier
@@ -189,6 +255,32 @@ class TestNginxDeath:
         assert watchdog.breaker_open
         assert stack.events.kinds().count("breaker.open") == 1
         assert await stack.master_pid() is None
+
+    async def test_a_missing_nginx_binary_is_reported_and_opens_the_breaker(
+        self, stack: NginxStack, applier: Applier, tmp_path: Path
+    ) -> None:
+        """nginx cannot be restarted (its binary is gone): each attempt is reported, the
+        breaker opens, and the watchdog keeps running."""
+        policy = BackoffPolicy(
+            backoff_initial=0.01, backoff_max=0.01, breaker_threshold=2, breaker_cooldown=60
+        )
+        missing = tmp_path / "gone" / "nginx"
+        mode = StandaloneMode(stack.layout, nginx_binary=str(missing))
+        watchdog = Watchdog(applier, stack.driver, mode, check_interval=0.02, backoff=policy)
+        pid = await stack.master_pid()
+        assert pid is not None
+        await _kill_nginx(pid)
+        async with anyio.create_task_group() as tg:
+            await tg.start(watchdog.run)
+            with anyio.fail_after(10):
+                while not watchdog.breaker_open:
+                    await anyio.sleep(0.02)
+            tg.cancel_scope.cancel()
+        failures = stack.events.events("nginx.restart_failed")
+        assert len(failures) == 2
+        assert f"cannot start nginx {missing}" in failures[0].payload["message"]
+        assert stack.events.kinds().count("breaker.open") == 1
+        assert "nginx.restarted" not in stack.events.kinds()
 
     async def test_the_liveness_loop_restarts_nginx_by_itself(
         self, stack: NginxStack, applier: Applier

@@ -228,6 +228,20 @@ class TestKeyVault:
         assert vault.prune([keep]) == 1
         assert len(list((vault.directory / "keys").iterdir())) == 1
 
+    def test_prune_unreferenced_keeps_what_kept_trees_hold(self, pki: Pki, tmp_path: Path) -> None:
+        """Keys whose encrypted bytes no kept release tree holds are deleted."""
+        vault = AgentKeyVault(tmp_path / "vault")
+        old, new = pki.leaf("old.example.test"), pki.leaf("new.example.test")
+        vault.encrypted_key(old.key_pem)
+        current = tmp_path / "releases" / "current"
+        (current / "certs").mkdir(parents=True)
+        (current / "certs" / "web.key").write_bytes(vault.encrypted_key(new.key_pem))
+        (current / "nginx.conf").write_text("events {}\n")
+        assert vault.prune_unreferenced([current]) == 1
+        [kept] = (vault.directory / "keys").iterdir()
+        assert kept.read_bytes() == (current / "certs" / "web.key").read_bytes()
+        assert vault.prune_unreferenced([current]) == 0
+
     def test_material_repr_never_shows_the_key(self, pki: Pki) -> None:
         """Key material stays out of repr (and so out of logs and tracebacks)."""
         leaf = pki.leaf("www.example.test")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from nxmesh import NxMeshError
 from nxmesh.agent.harness import NginxStack
 from nxmesh.agent.layout import NginxLayout
-from nxmesh.agent.process import pid_alive, worker_pids
+from nxmesh.agent.process import NginxControlError, pid_alive, worker_pids
 from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.plugins.deploy_docker import DockerSettings, DockerSidecarMode, in_container
@@ -209,3 +211,67 @@ class TestPidFiles:
         assert await mode.nginx_pid() is None
         with pytest.raises(NxMeshError, match="no running nginx"):
             await mode.signal_nginx("reload")
+
+
+def refuse_signal(
+    monkeypatch: pytest.MonkeyPatch, pid: int, signum: int, error: type[OSError]
+) -> None:
+    """Make the OS refuse `signum` to `pid` as it does for an nginx of another user or one
+    that just exited (the tests run as root, which may signal anything)."""
+    code = errno.EPERM if error is PermissionError else errno.ESRCH
+    real = os.kill
+
+    def kill(target: int, sig: int) -> None:
+        if target == pid and sig == signum:
+            raise error(code, os.strerror(code))
+        real(target, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+
+
+@pytest.mark.anyio
+@pytest.mark.nginx
+class TestOsErrors:
+    @pytest.mark.parametrize("kind", ["standalone", "docker-sidecar"])
+    @pytest.mark.parametrize("error", [PermissionError, ProcessLookupError])
+    async def test_a_refused_signal_is_an_error_naming_pid_and_cause(
+        self,
+        applied: NginxStack,
+        monkeypatch: pytest.MonkeyPatch,
+        kind: str,
+        error: type[OSError],
+    ) -> None:
+        """os.kill refused (EPERM, ESRCH) is an NxMeshError saying what was sent to whom."""
+        mode = applied.mode if kind == "standalone" else DockerSidecarMode(applied.layout)
+        pid = await mode.nginx_pid()
+        assert pid is not None
+        refuse_signal(monkeypatch, pid, signal.SIGHUP, error)
+        with pytest.raises(NginxControlError) as caught:
+            await mode.signal_nginx("reload")
+        message = str(caught.value)
+        assert f"cannot send 'reload' (SIGHUP) to nginx pid {pid}" in message
+        assert os.strerror(errno.EPERM if error is PermissionError else errno.ESRCH) in message
+        assert isinstance(caught.value, NxMeshError)
+        assert isinstance(caught.value.__cause__, error)
+
+    @pytest.mark.parametrize("supervise", [True, False])
+    async def test_a_missing_binary_is_a_start_error_naming_it(
+        self, tmp_path: Path, supervise: bool
+    ) -> None:
+        """A moved or mistyped nginx binary is an NxMeshError naming it, not an OSError."""
+        release = tmp_path / "releases" / ("0" * 64)
+        release.mkdir(parents=True)
+        (release / "nginx.conf").write_text("events {}\n")
+        (tmp_path / "current").symlink_to(Path("releases") / ("0" * 64))
+        missing = tmp_path / "bin" / "nginx"
+        mode = StandaloneMode(
+            NginxLayout.for_prefix(tmp_path),
+            nginx_binary=str(missing),
+            settings=StandaloneSettings(supervise=supervise),
+        )
+        with pytest.raises(NginxControlError, match="cannot start nginx") as caught:
+            await mode.start_nginx()
+        assert str(missing) in str(caught.value)
+        assert "No such file or directory" in str(caught.value)
+        assert "agent.nginx_binary" in str(caught.value)
+        assert await mode.nginx_pid() is None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -147,6 +149,52 @@ class TestApply:
         report = await stack.driver.apply(stack.update(state), stack.render(state))
         assert report.outcome == "applied", report.message
         assert await stack.body() == "after"
+
+    async def test_a_refused_reload_signal_rolls_back_and_says_why(
+        self, stack: NginxStack, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """os.kill refused (nginx of another user): the apply is reported rolled back
+        with the OS error, ``current`` is the old tree again and no journal is left."""
+        good = stack.state("before")
+        await stack.driver.apply(stack.update(good), stack.render(good))
+        live = await stack.driver.live_digest()
+        pid = await stack.master_pid()
+        assert live is not None
+        assert pid is not None
+        real = os.kill
+
+        def kill(target: int, sig: int) -> None:
+            if target == pid and sig == signal.SIGHUP:
+                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
+            real(target, sig)
+
+        monkeypatch.setattr(os, "kill", kill)
+        state = stack.state("after")
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "rolled_back", report.message
+        assert f"cannot send 'reload' (SIGHUP) to nginx pid {pid}" in report.message
+        assert "Operation not permitted" in report.message
+        assert f"rolled back to {live[:12]}" in report.message
+        assert await stack.driver.live_digest() == live
+        assert not (stack.layout.conf_dir / "apply.journal").exists()
+        assert [p.name for p in (stack.layout.conf_dir / "releases").iterdir()] == [live]
+        assert await stack.body() == "before"
+        assert stack.events.kinds()[-2:] == ["reload.failed", "apply.rolled_back"]
+        monkeypatch.undo()  # signals allowed again: the same update applies
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        assert await stack.body() == "after"
+
+    async def test_a_cold_start_with_a_missing_binary_reports_it(self, stack: NginxStack) -> None:
+        """nginx cannot be started (binary gone): a report naming the binary, not a crash."""
+        missing = str(stack.root / "gone" / "nginx")
+        stack.mode.nginx_binary = missing
+        state = stack.state("cold")
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome in ("failed", "rolled_back"), report.message
+        assert f"cannot start nginx {missing}" in report.message
+        assert await stack.driver.live_digest() is None
+        assert not (stack.layout.conf_dir / "apply.journal").exists()
 
     async def test_cold_start_launches_nginx(self, stack: NginxStack) -> None:
         """Applying with no nginx running starts it on the new tree."""

@@ -58,3 +58,34 @@ class TestSignals:
         """The sidecar never starts nginx; the error says why."""
         with pytest.raises(NxMeshError, match="shareProcessNamespace"):
             await K8sSidecarMode(K8sSettings(pid_file=tmp_path / "x.pid")).start_nginx()
+
+    @pytest.mark.anyio
+    async def test_a_refused_signal_is_an_error_naming_pid_and_cause(
+        self, running_nginx: NginxInstance, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Without CAP_KILL the container may not signal nginx: `NginxControlError` names
+        the signal, the pid and the cause (tests run as root, so `os.kill` is refused here
+        for SIGHUP only)."""
+        import os
+        import signal
+
+        from nxmesh.agent.process import NginxControlError
+
+        real_kill = os.kill
+
+        def refuse_hup(pid: int, signum: int) -> None:
+            if signum == signal.SIGHUP:
+                raise PermissionError(1, "Operation not permitted")
+            real_kill(pid, signum)
+
+        monkeypatch.setattr(os, "kill", refuse_hup)
+        mode = K8sSidecarMode(K8sSettings(pid_file=running_nginx.pid_file))
+        pid = await mode.nginx_pid()
+        with pytest.raises(NginxControlError, match=rf"'reload'.*pid {pid}.*not permitted"):
+            await mode.signal_nginx("reload")
+
+    @pytest.mark.anyio
+    async def test_an_unknown_signal_is_refused_by_name(self, tmp_path: Path) -> None:
+        """A signal name nginx does not know is refused before any pid is looked up."""
+        with pytest.raises(NxMeshError, match="unknown nginx signal 'kill'"):
+            await K8sSidecarMode(K8sSettings(pid_file=tmp_path / "x.pid")).signal_nginx("kill")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import random
 import re
@@ -66,6 +67,7 @@ __all__ = [
     "certificate_files",
     "choose_mode",
     "default_agent_id",
+    "prune_vault",
     "run_agent",
 ]
 
@@ -138,6 +140,32 @@ def certificate_files(vault_dir: Path, update: PendingApply) -> dict[str, bytes]
         challenges=dict(update.challenges),
     )
     return AgentKeyVault(vault_dir).extra_files(material)
+
+
+def prune_vault(vault_dir: Path, conf_dir: Path) -> int:
+    """Delete the vault's encrypted keys that no release kept under `conf_dir` holds
+    (the live tree and its rollback targets); returns how many. Blocking.
+
+    Every renewal or replaced certificate would otherwise leave its key behind for good.
+    """
+    if not (vault_dir / "keys").is_dir():
+        return 0  # no certificate ever came: spare the agent the crypto import
+    releases = conf_dir / "releases"
+    trees = [p.resolve() for p in releases.iterdir() if p.is_dir()] if releases.is_dir() else []
+    if (conf_dir / "current").resolve() not in trees:
+        return 0  # not the reload driver's layout: what it keeps on disk is unknown
+    from nxmesh.certs.distribution import AgentKeyVault
+
+    return AgentKeyVault(vault_dir).prune_unreferenced(trees)
+
+
+async def _prune_vault_after(vault_dir: Path, conf_dir: Path, report: ApplyReport) -> None:
+    # A report listener: it runs under the applier's lock, so no render is adding a key
+    # to the vault meanwhile.
+    if report.outcome == "applied":
+        removed = await anyio.to_thread.run_sync(prune_vault, vault_dir, conf_dir)
+        if removed:
+            log.info("retired private keys deleted from the vault", count=removed)
 
 
 def _lock_conf_dir(conf_dir: Path) -> int:
@@ -260,6 +288,7 @@ class AgentApp:
             extra_files=lambda update: certificate_files(vault_dir, update),
         )
         applier.subscribe(metrics.on_report)
+        applier.subscribe(functools.partial(_prune_vault_after, vault_dir, settings.agent.conf_dir))
         knobs = settings.plugins.get("nginx_driver")
         knobs = knobs if isinstance(knobs, DriverSettings) else DriverSettings()
         coalescer: Coalescer[_Submitted] = Coalescer(
@@ -347,7 +376,12 @@ class AgentApp:
         return report
 
     async def run_once(self) -> ApplyReport | None:
-        """Boot, apply the state file once (when there is one) and return its report."""
+        """Boot, apply the state file once (when there is one) and return its report.
+
+        Takes the config root's lock like `run`: a running agent's in-flight swap would
+        look like a crashed one to this recovery, which would undo it.
+        """
+        lock = _lock_conf_dir(self.settings.agent.conf_dir)
         try:
             report = await self.boot()
             if self.state_file is not None:
@@ -360,7 +394,10 @@ class AgentApp:
                 report = await self.applier.apply(update, source="file")
             return report
         finally:
-            await self.aclose()
+            try:
+                await self.aclose()
+            finally:
+                os.close(lock)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[AgentApp] = anyio.TASK_STATUS_IGNORED

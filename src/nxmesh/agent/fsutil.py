@@ -8,8 +8,10 @@ needs the data fsynced *before* the rename and the directory fsynced *after* it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
+from collections.abc import Mapping
 from pathlib import Path
 
 from nxmesh.core.bundle import bundle_digest
@@ -17,15 +19,30 @@ from nxmesh.crypto.private_files import read_private_file, write_private_file
 
 __all__ = [
     "atomic_write",
+    "describe_special",
     "fsync_dir",
     "make_private_dir",
     "private_random_file",
     "read_tree",
+    "special_entries",
     "tree_digest",
 ]
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+
+# Prefix of the stand-ins `read_tree` records for what is not a regular file. NUL-framed:
+# no config, certificate or key starts so, so a tree holding one is never taken for a
+# bundle's tree.
+_SPECIAL = b"\0nxmesh:not-a-regular-file\0"
+_KINDS = {
+    stat.S_IFIFO: "fifo",
+    stat.S_IFSOCK: "socket",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+}
+# O_NONBLOCK: a file swapped for a fifo after it was listed must not block the reader.
+_READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0) | _O_CLOEXEC
 
 
 def fsync_dir(directory: Path) -> None:
@@ -83,21 +100,74 @@ def private_random_file(path: Path, size: int) -> bytes:
 
 
 def read_tree(root: Path) -> dict[str, bytes]:
-    """Every regular file under `root`, by POSIX path relative to it.
+    """Every entry under `root`, by POSIX path relative to it: a regular file's content,
+    for anything else a stand-in that `describe_special` names.
 
-    Symlinks inside the tree are not followed (a tree we wrote has none; one that
-    appeared is drift and shows up as a missing file).
+    Symlinks (to files or directories) are recorded with their target, not followed;
+    fifos, sockets, devices and unreadable directories are recorded as what they are.
+    The agent never writes any of these into a tree, but nginx follows a link an
+    ``include`` glob matches, so one that appeared must count as drift. `root` itself
+    may be a link (``current``); a missing `root` reads as an empty tree.
     """
     files: dict[str, bytes] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        base = Path(dirpath)
-        for name in sorted(filenames):
-            full = base / name
-            if full.is_symlink() or not full.is_file():
-                continue
-            files[full.relative_to(root).as_posix()] = full.read_bytes()
-    return files
+    pending = [("", root)]
+    while pending:
+        prefix, directory = pending.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError as exc:
+            if not prefix:
+                return {}
+            files[prefix[:-1]] = _stand_in(f"an unreadable directory ({exc.strerror})")
+            continue
+        for entry in entries:
+            rel = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                pending.append((rel + "/", Path(entry.path)))
+            elif entry.is_file(follow_symlinks=False):
+                files[rel] = _read_file(Path(entry.path))
+            else:
+                files[rel] = _stand_in(_what(Path(entry.path), entry.stat(follow_symlinks=False)))
+    return dict(sorted(files.items()))
+
+
+def describe_special(data: bytes) -> str | None:
+    """What a `read_tree` stand-in stands for ("a symlink (-> /x)"); None for file content."""
+    if not data.startswith(_SPECIAL):
+        return None
+    return data[len(_SPECIAL) :].decode(errors="replace")
+
+
+def special_entries(files: Mapping[str, bytes]) -> dict[str, str]:
+    """The entries of a `read_tree` result that are not regular files, with what they are."""
+    return {rel: what for rel, data in files.items() if (what := describe_special(data))}
+
+
+def _stand_in(what: str) -> bytes:
+    return _SPECIAL + what.encode(errors="surrogateescape")
+
+
+def _what(path: Path, st: os.stat_result) -> str:
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            return f"a symlink (-> {os.readlink(path)})"
+        except OSError:
+            return "a symlink"
+    return f"a special file ({_KINDS.get(stat.S_IFMT(st.st_mode), 'unknown type')})"
+
+
+def _read_file(path: Path) -> bytes:
+    """`path`'s content; its stand-in when it was replaced since it was listed."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:  # ELOOP: it is a symlink now (O_NOFOLLOW)
+            raise
+        return _stand_in(_what(path, os.lstat(path)))
+    with open(fd, "rb") as f:
+        st = os.fstat(fd)
+        return f.read() if stat.S_ISREG(st.st_mode) else _stand_in(_what(path, st))
 
 
 def tree_digest(root: Path) -> str:

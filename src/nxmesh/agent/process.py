@@ -21,11 +21,13 @@ from nxmesh.core.errors import NxMeshError
 
 __all__ = [
     "SIGNALS",
+    "NginxControlError",
     "WorkerSet",
     "is_nginx",
     "pid_alive",
     "process_clock",
     "read_pid_file",
+    "send_signal",
     "signal_number",
     "worker_pids",
     "worker_started",
@@ -39,6 +41,12 @@ SIGNALS: Mapping[str, signal.Signals] = {
 }
 
 
+class NginxControlError(NxMeshError):
+    """nginx could not be signalled or started: the OS refused (permissions, a missing
+    binary, a master that exited). Deployment modes raise it instead of a bare `OSError`,
+    so the driver rolls back and the watchdog reports it instead of crashing."""
+
+
 def signal_number(name: str) -> signal.Signals:
     """The signal for an nginx signal name; `NxMeshError` naming it when unknown."""
     try:
@@ -47,6 +55,22 @@ def signal_number(name: str) -> signal.Signals:
         raise NxMeshError(
             f"unknown nginx signal {name!r}; use one of {', '.join(SIGNALS)}"
         ) from None
+
+
+def send_signal(pid: int, signal_name: str) -> None:
+    """Send nginx signal `signal_name` to master `pid`; `NginxControlError` when refused."""
+    signum = signal_number(signal_name)
+    try:
+        os.kill(pid, signum)
+    except OSError as exc:
+        hint = (
+            "; the agent must run as nginx's user or root"
+            if isinstance(exc, PermissionError)
+            else ""
+        )
+        raise NginxControlError(
+            f"cannot send {signal_name!r} ({signum.name}) to nginx pid {pid}: {exc}{hint}"
+        ) from exc
 
 
 def pid_alive(pid: int) -> bool:

@@ -28,11 +28,13 @@ from typing import Literal
 
 import anyio
 import anyio.abc
+import anyio.to_thread
 import attrs
 import structlog
 
 from nxmesh.agent.applier import Applier
 from nxmesh.agent.events import EventRecorder
+from nxmesh.agent.fsutil import describe_special
 from nxmesh.core.bundle import bundle_digest
 from nxmesh.core.errors import NxMeshError
 from nxmesh.core.interfaces import DeploymentMode, NginxDriver
@@ -42,6 +44,9 @@ __all__ = ["BackoffPolicy", "Drift", "Watchdog", "file_diff"]
 log = structlog.get_logger("nxmesh.agent.watchdog")
 
 MAX_DIFF = 64 * 1024
+MAX_DIFF_FILE = 128 * 1024
+"""Files larger than this (either side) are reported as differing, not line-diffed:
+difflib is superlinear in lines (a much-changed 20,000-line map took ~10 s)."""
 
 
 @attrs.frozen
@@ -69,7 +74,10 @@ class Drift:
 
 
 def file_diff(expected: Mapping[str, bytes], actual: Mapping[str, bytes]) -> str:
-    """A unified diff, file by file, from the expected tree to the live one."""
+    """A unified diff, file by file, from the expected tree to the live one.
+
+    CPU-bound (pure Python): async callers run it in a worker thread.
+    """
     from difflib import unified_diff  # here: only drift needs it
 
     out: list[str] = []
@@ -77,8 +85,15 @@ def file_diff(expected: Mapping[str, bytes], actual: Mapping[str, bytes]) -> str
         a, b = expected.get(path), actual.get(path)
         if a == b:
             continue
+        if b is not None and (what := describe_special(b)) is not None:
+            out.append(f"{path} is {what} the bundle does not contain\n")
+            continue
         if any(d is not None and b"PRIVATE KEY-----" in d for d in (a, b)):
             out.append(f"Private key file {path} differs (not shown)\n")
+            continue
+        size = max(len(a or b""), len(b or b""))
+        if size > MAX_DIFF_FILE:
+            out.append(f"File {path} differs ({size} bytes, too large to diff)\n")
             continue
         old = [] if a is None else a.decode("utf-8", "replace").splitlines(keepends=True)
         new = [] if b is None else b.decode("utf-8", "replace").splitlines(keepends=True)
@@ -149,7 +164,10 @@ class Watchdog:
     async def _drift_loop(self) -> None:
         while True:
             await anyio.sleep(self.drift_interval)
-            await self.check_drift()
+            try:
+                await self.check_drift()
+            except Exception:  # a failed check is logged; the watchdog keeps watching
+                log.exception("drift check failed")
 
     async def check_drift(self) -> Drift | None:
         """Compare the live tree with the last-known-good bundle; act on a difference."""
@@ -163,6 +181,9 @@ class Watchdog:
                 return None
             live = live or {}
             expected = entry.bundle.files
+            # Off the event loop: the lock is held, but metrics, health and the master
+            # link keep being served while a large tree is diffed.
+            diff = await anyio.to_thread.run_sync(file_diff, expected, live)
             drift = Drift(
                 expected=entry.bundle.digest,
                 actual=actual,
@@ -171,7 +192,7 @@ class Watchdog:
                 ),
                 added=tuple(sorted(live.keys() - expected.keys())),
                 removed=tuple(sorted(expected.keys() - live.keys())),
-                diff=file_diff(expected, live),
+                diff=diff,
             )
             self.events.record(
                 "drift.detected",
@@ -184,7 +205,12 @@ class Watchdog:
                 diff=drift.diff,
             )
             if self.drift_policy == "revert":
-                report = await self.applier.apply_entry_locked(entry, force=True)
+                try:
+                    report = await self.applier.apply_entry_locked(entry, force=True)
+                except (NxMeshError, OSError) as exc:  # reported; retried next interval
+                    log.exception("drift revert failed")
+                    self.events.record("drift.revert_failed", outcome="failed", message=str(exc))
+                    return drift
                 kind = "drift.reverted" if report.outcome == "applied" else "drift.revert_failed"
                 self.events.record(kind, outcome=report.outcome, message=report.message)
             return drift
@@ -193,7 +219,10 @@ class Watchdog:
 
     async def _liveness_loop(self) -> None:
         while True:
-            await self.check_nginx()
+            try:
+                await self.check_nginx()
+            except Exception:  # a failed check is logged; the watchdog keeps watching
+                log.exception("nginx liveness check failed")
             await anyio.sleep(self.check_interval)
 
     async def check_nginx(self) -> bool | None:
@@ -240,7 +269,7 @@ class Watchdog:
         try:
             async with self.applier.lock:
                 await self.mode.start_nginx()
-        except NxMeshError as exc:
+        except (NxMeshError, OSError) as exc:  # OSError: a mode that let the OS error out
             ok, message = False, str(exc)
         else:
             ok, message = True, ""

@@ -26,7 +26,7 @@ import datetime as dt
 import hashlib
 import os
 import secrets
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -401,11 +401,27 @@ class AgentKeyVault:
                     serialization.NoEncryption(),
                 )
                 wanted.add(f"{hashlib.sha256(der).hexdigest()}.pem")
+        return self._remove_keys(lambda path: path.name in wanted)
+
+    def prune_unreferenced(self, trees: Iterable[Path]) -> int:
+        """Delete cached encrypted keys no ``*.key`` file under `trees` holds; returns how
+        many. `trees` are the release trees kept on disk (the live one and the rollback
+        targets): bundles carry the vault's bytes verbatim, so a key is in use exactly
+        while a kept tree holds them. A tree that cannot be read raises (nothing is
+        deleted on a partial view)."""
+        in_use: set[bytes] = set()
+        for tree in trees:
+            for path in tree.rglob("*.key"):
+                if path.is_file() and not path.is_symlink():
+                    in_use.add(hashlib.sha256(path.read_bytes()).digest())
+        return self._remove_keys(lambda path: hashlib.sha256(path.read_bytes()).digest() in in_use)
+
+    def _remove_keys(self, keep: Callable[[Path], bool]) -> int:
         removed = 0
         keys = self.directory / "keys"
         if keys.is_dir():
             for path in keys.iterdir():
-                if path.suffix == ".pem" and path.name not in wanted:
+                if path.suffix == ".pem" and not keep(path):
                     os.unlink(path)
                     removed += 1
         return removed

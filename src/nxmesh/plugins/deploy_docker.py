@@ -21,7 +21,6 @@ picks this mode; an agent that runs nginx in its *own* container sets
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -30,7 +29,7 @@ import attrs
 
 from nxmesh import NxMeshError, hookimpl
 from nxmesh.agent.layout import NginxLayout
-from nxmesh.agent.process import read_pid_file, signal_number
+from nxmesh.agent.process import NginxControlError, read_pid_file, send_signal
 
 if TYPE_CHECKING:
     from nxmesh.core.interfaces import DeploymentMode
@@ -104,14 +103,13 @@ class DockerSidecarMode:
         )
 
     async def signal_nginx(self, signal_name: str) -> None:
-        signum = signal_number(signal_name)
         pid = await self.nginx_pid()
         if pid is None:
-            raise NxMeshError(
+            raise NginxControlError(
                 f"cannot send {signal_name!r}: no nginx visible through {self.pid_file} "
                 "(shared volume and PID namespace?)"
             )
-        os.kill(pid, signum)
+        send_signal(pid, signal_name)
 
 
 @hookimpl

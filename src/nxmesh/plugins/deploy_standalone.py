@@ -26,7 +26,6 @@ stop → SIGTERM, sent to the master process.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -41,7 +40,7 @@ import structlog
 
 from nxmesh import NxMeshError, hookimpl
 from nxmesh.agent.layout import NginxLayout
-from nxmesh.agent.process import pid_alive, read_pid_file, signal_number
+from nxmesh.agent.process import NginxControlError, pid_alive, read_pid_file, send_signal
 
 if TYPE_CHECKING:
     from nxmesh.core.interfaces import DeploymentMode
@@ -131,11 +130,16 @@ class StandaloneMode:
             raise NxMeshError(
                 f"cannot start nginx: {self.layout.conf_file} does not exist (nothing applied yet)"
             )
-        await anyio.to_thread.run_sync(self.layout.ensure_runtime_dirs)
-        if self.settings.supervise:
-            await self._spawn_child()
-        else:
-            await self._start_daemon()
+        try:
+            await anyio.to_thread.run_sync(self.layout.ensure_runtime_dirs)
+            if self.settings.supervise:
+                await self._spawn_child()
+            else:
+                await self._start_daemon()
+        except OSError as exc:
+            # A missing or non-executable binary, an unwritable prefix: say which.
+            hint = " (check agent.nginx_binary)" if exc.filename == self.nginx_binary else ""
+            raise NginxControlError(f"cannot start nginx {self.nginx_binary}: {exc}{hint}") from exc
         log.info("nginx started", pid=await self.nginx_pid(), supervised=self.settings.supervise)
 
     async def _spawn_child(self) -> None:
@@ -184,13 +188,12 @@ class StandaloneMode:
             return ""
 
     async def signal_nginx(self, signal_name: str) -> None:
-        signum = signal_number(signal_name)
         pid = await self.nginx_pid()
         if pid is None:
-            raise NxMeshError(
+            raise NginxControlError(
                 f"cannot send {signal_name!r}: no running nginx (pid file {self.pid_file})"
             )
-        os.kill(pid, signum)
+        send_signal(pid, signal_name)
 
     async def aclose(self) -> None:
         """Stop a supervised nginx when `stop_on_exit`; never touch an attached one."""

@@ -8,7 +8,6 @@ nginx's own container starts nginx; the agent never does.
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 from typing import ClassVar
 
@@ -16,15 +15,9 @@ import anyio
 import attrs
 
 from nxmesh import NxMeshError
+from nxmesh.agent.process import send_signal, signal_number
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-
-_SIGNALS = {
-    "reload": signal.SIGHUP,
-    "reopen": signal.SIGUSR1,
-    "quit": signal.SIGQUIT,
-    "stop": signal.SIGTERM,
-}
 
 
 @attrs.frozen
@@ -69,16 +62,11 @@ class K8sSidecarMode:
         )
 
     async def signal_nginx(self, signal_name: str) -> None:
-        try:
-            signum = _SIGNALS[signal_name]
-        except KeyError:
-            raise NxMeshError(
-                f"unknown nginx signal {signal_name!r}; use one of {', '.join(_SIGNALS)}"
-            ) from None
+        signal_number(signal_name)  # an unknown name is refused before the pid is read
         pid = await self.nginx_pid()
         if pid is None:
             raise NxMeshError(
                 f"no running nginx found through pid file {self.settings.pid_file}; "
                 "is the volume shared with the agent and shareProcessNamespace set?"
             )
-        os.kill(pid, signum)
+        send_signal(pid, signal_name)  # a refused signal is an NginxControlError

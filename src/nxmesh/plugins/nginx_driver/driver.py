@@ -322,12 +322,15 @@ class ReloadDriver:
                 # old one again and wait until it serves, so nginx and ``current`` agree.
                 try:
                     await self._reload_and_confirm(previous, pid)
-                except _ApplyFailed as exc:
-                    log.warning("recovery reload not confirmed", reason=exc.message)
+                except (_ApplyFailed, NxMeshError, OSError) as exc:
+                    log.warning("recovery reload not confirmed", reason=str(exc))
             elif pid is not None:
                 # A cold start was interrupted: nginx runs a tree that was never confirmed
                 # and there is none older to go back to.
-                await self.mode.signal_nginx("quit")
+                try:
+                    await self.mode.signal_nginx("quit")
+                except (NxMeshError, OSError) as exc:
+                    log.warning("recovery could not stop nginx", reason=str(exc))
             await anyio.to_thread.run_sync(self.store.clear_journal)
             what = f"interrupted apply of {str(journal.get('next'))[:12]} undone; " + (
                 f"current is {previous[:12]} again" if previous else "no tree is live"
@@ -407,7 +410,7 @@ class ReloadDriver:
         clock.lap("swap")
         await _checkpoint("swapped")
 
-        started = confirmed = False
+        started = confirmed = signalled = False
         reload_started = time.monotonic()
         since = process_clock()
         try:
@@ -416,6 +419,7 @@ class ReloadDriver:
                 await self._start_nginx()
             else:
                 await self.mode.signal_nginx("reload")
+            signalled = True
             clock.lap("reload")
             await _checkpoint("reloaded")
             await self._confirm(endpoint, before, tail, since)
@@ -425,14 +429,17 @@ class ReloadDriver:
             await self._watch(tail)
             clock.lap("watch")
             await _checkpoint("confirmed")
-        except (_ApplyFailed, NxMeshError) as exc:
-            # NxMeshError: the mode could not signal or start nginx.
+        except (_ApplyFailed, NxMeshError, OSError) as exc:
+            # NxMeshError: the mode could not signal or start nginx (OSError: a third-party
+            # mode that let the OS error through).
             failure = exc if isinstance(exc, _ApplyFailed) else _ApplyFailed(str(exc))
             if not confirmed:
                 self._reloaded("failed", time.monotonic() - reload_started)
             if name == previous:  # nothing was swapped: nginx cannot run the live tree
                 return "failed", f"{failure.message}", failure.output or "\n".join(tail.lines)
-            return await self._rollback(previous, tail, failure, started=started, failed=name)
+            return await self._rollback(
+                previous, tail, failure, started=started, failed=name, signalled=signalled
+            )
         except anyio.get_cancelled_exc_class():
             # Shutting down mid-apply: put the confirmed tree back before leaving, so
             # the next start finds nginx and ``current`` in agreement.
@@ -598,16 +605,18 @@ class ReloadDriver:
         *,
         started: bool,
         failed: str | None = None,
+        signalled: bool = True,
     ) -> tuple[Outcome, str, str]:
         """Restore `previous` as the live tree and the generation nginx serves; then
-        delete the `failed` release."""
+        delete the `failed` release. `signalled` False: the reload signal was refused, so
+        nginx still serves `previous` and only ``current`` goes back."""
         output = failure.output or "\n".join(tail.lines)
         # Shielded: a cancellation mid-rollback must not leave the new tree half-live.
         with anyio.CancelScope(shield=True):
             try:
                 await anyio.to_thread.run_sync(self.store.point_to, previous)
                 await _checkpoint("rolled-back")
-                await self._restore_generation(previous, started=started)
+                await self._restore_generation(previous, started=started, signalled=signalled)
                 await anyio.to_thread.run_sync(self.store.clear_journal)
             except (_ApplyFailed, NxMeshError, OSError) as exc:
                 log.exception("rollback failed")
@@ -617,7 +626,9 @@ class ReloadDriver:
         what = previous[:12] if previous else "no configuration"
         return "rolled_back", f"{failure.message}; rolled back to {what}", output
 
-    async def _restore_generation(self, previous: str | None, *, started: bool) -> None:
+    async def _restore_generation(
+        self, previous: str | None, *, started: bool, signalled: bool = True
+    ) -> None:
         """Make nginx serve `previous` again (reload and confirm it)."""
         pid = await self.mode.nginx_pid()
         if pid is None:
@@ -628,6 +639,8 @@ class ReloadDriver:
             if started:  # we started it on the failed tree and there is nothing older
                 await self.mode.signal_nginx("quit")
             return
+        if not signalled and not started:
+            return  # the reload never reached nginx: its generation still runs `previous`
         # Once nginx got the reload signal, whether it kept the old generation cannot be
         # told in time: a refused config keeps the old workers, but a new generation
         # that dies at start (a failing chdir) still retires them 100 ms later. Loading

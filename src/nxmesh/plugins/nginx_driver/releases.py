@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from nxmesh.agent.fsutil import atomic_write, fsync_dir, read_tree
+from nxmesh.agent.fsutil import atomic_write, fsync_dir, read_tree, special_entries
 from nxmesh.core.bundle import Bundle, bundle_digest
 
 __all__ = ["JOURNAL", "ReleaseStore", "sync_filesystem"]
@@ -115,9 +115,16 @@ class ReleaseStore:
         return read_tree(self.path_of(name))
 
     def intact(self, name: str) -> bool:
-        """True when release `name` holds exactly the files its digest names."""
+        """True when release `name` holds exactly the files its digest names.
+
+        A symlink or special file in it (nginx follows links) is tampering, and so is
+        the release directory itself being a link: the agent writes neither.
+        """
         path = self.path_of(name)
-        return path.is_dir() and bundle_digest(read_tree(path)) == self.digest_of(name)
+        if path.is_symlink() or not path.is_dir():
+            return False
+        files = read_tree(path)
+        return not special_entries(files) and bundle_digest(files) == self.digest_of(name)
 
     # -- writing ------------------------------------------------------------------------
 
@@ -156,7 +163,11 @@ class ReleaseStore:
 
         A full disk or a concurrent writer shows up here, not after nginx loaded it.
         """
-        on_disk = bundle_digest(read_tree(path))
+        files = read_tree(path)
+        if special := special_entries(files):
+            rel, what = next(iter(special.items()))
+            raise OSError(f"the staged tree holds {rel}, {what} the bundle does not contain")
+        on_disk = bundle_digest(files)
         if on_disk != digest:
             raise OSError(f"the staged tree reads back as {on_disk[:12]}..., not {digest[:12]}...")
 
