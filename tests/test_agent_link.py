@@ -7,6 +7,7 @@ import random
 import stat
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,19 @@ from nxmesh.agent_link import (
     NoEndpointError,
     SessionEnded,
 )
+from nxmesh.core.envelope import BadSignatureError, unseal
 from nxmesh.core.events import Event
 from nxmesh.core.model import Agent, ApplyReport, PendingApply
-from nxmesh.core.protocol import ConfigStatus, LogBatch
+from nxmesh.core.protocol import (
+    ConfigStatus,
+    LogBatch,
+    Register,
+    RegisterResponse,
+    decode_body,
+    enrollment_keypair,
+    enrollment_secret,
+    open_key,
+)
 from nxmesh.crypto.errors import SecretError
 from nxmesh.crypto.secrets import MasterKeyring, generate_key
 from nxmesh.enrollment import Enrollment
@@ -172,6 +183,71 @@ class TestMasterLinkSeam:
                 result = await hub.wait_for_status(7, ["agent-1"], final=True)
             assert result["agent-1"].digest == "d7"
             tg.cancel_scope.cancel()
+
+
+class _TappedTransport(MemoryTransport):
+    """A memory transport whose client side records every frame both ways: what an
+    eavesdropper on a connection without TLS sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bytes] = []
+
+    @asynccontextmanager
+    async def connect(self, url: str) -> AsyncIterator[Any]:
+        async with super().connect(url) as channel:
+            seen = self.seen
+
+            class Tap:
+                async def send(self, frame: bytes) -> None:
+                    seen.append(frame)
+                    await channel.send(frame)
+
+                async def receive(self) -> bytes:
+                    frame = await channel.receive()
+                    seen.append(frame)
+                    return frame
+
+                async def aclose(self) -> None:
+                    await channel.aclose()
+
+            yield Tap()
+
+
+class TestEnrollmentOnTheWire:
+    async def test_the_token_seen_in_transit_does_not_open_the_session_key(
+        self, storage: SqliteStorage
+    ) -> None:
+        """Enrollment works, and everything that crossed the wire plus the bootstrap token
+        (which `Register` carries) does not open the session key the master sealed."""
+        enrollment = Enrollment(storage)
+        hub = MasterSessionHub(enrollment)
+        issued = await enrollment.create_token()
+        transport = _TappedTransport()
+        store = MemoryCredentialStore()
+        link = AgentLink([Endpoint(transport, "memory://")], store, bootstrap_token=issued.token)
+        async with anyio.create_task_group() as tg:
+            await tg.start(transport.serve, hub)
+            tg.start_soon(link.run_forever)
+            with anyio.fail_after(5):
+                await link.wait_registered()
+            tg.cancel_scope.cancel()
+        creds = await store.load()
+        assert creds is not None
+        register, response = (decode_body(unseal(f)) for f in transport.seen[:2])
+        assert isinstance(register, Register)
+        assert isinstance(response, RegisterResponse)
+        assert register.bootstrap_token == issued.token  # in the clear without TLS
+        secret = issued.token.split(".", 1)[1]
+        aad = f"{creds.agent_id}|{creds.key_id}".encode()
+        eve, _ = enrollment_keypair()
+        for guess in (
+            secret.encode(),
+            enrollment_secret(secret, eve, register.enroll_key),
+            enrollment_secret(secret, eve, response.enroll_key),
+        ):
+            with pytest.raises(BadSignatureError):
+                open_key(guess, response.sealed_key, aad=aad)
 
 
 class TestBackoff:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nxmesh.core.protocol import EnrollmentError, Register
+from nxmesh.core.protocol import EnrollmentError, Register, enrollment_keypair
 from nxmesh.crypto.secrets import MasterKeyring, generate_key
 from nxmesh.enrollment import DEFAULT_TOKEN_TTL, Enrollment, hash_secret, parse_token
 from nxmesh.plugins.storage_sqlite import SqliteStorage
@@ -47,7 +47,9 @@ def enrollment(storage: SqliteStorage, clock: Clock) -> Enrollment:
 
 
 def register(token: str, **labels: str) -> Register:
-    return Register(bootstrap_token=token, labels=labels, name="web-1")
+    return Register(
+        bootstrap_token=token, labels=labels, name="web-1", enroll_key=enrollment_keypair()[1]
+    )
 
 
 class TestBootstrapTokens:

@@ -90,6 +90,8 @@ from nxmesh.core.protocol import (
     decode_body,
     encode_body,
     encode_received,
+    enrollment_keypair,
+    enrollment_secret,
     open_certificates,
     open_key,
 )
@@ -556,7 +558,12 @@ class AgentLink:
             agent_id, key_id, key = creds.agent_id, creds.key_id, creds.key
         elif self.bootstrap_token is not None:
             token_id, secret = parse_token(self.bootstrap_token)
-            register = self._register_message(bootstrap_token=self.bootstrap_token)
+            # This enrollment's own key pair: the session key comes sealed under the token
+            # *and* the X25519 secret, so seeing the token in transit does not open it.
+            enroll_private, enroll_public = enrollment_keypair()
+            register = self._register_message(
+                bootstrap_token=self.bootstrap_token, enroll_key=enroll_public
+            )
             agent_id, key_id, key = "", token_id, bootstrap_mac_key(secret)
         else:
             raise ConfigurationError(
@@ -585,7 +592,7 @@ class AgentLink:
                 raise self._rejection(env, response, key)
             if secret is not None:  # enrollment: the key arrives sealed
                 session_key = open_key(
-                    secret.encode("utf-8"),
+                    enrollment_secret(secret, enroll_private, response.enroll_key),
                     response.sealed_key,
                     aad=f"{env.agent_id}|{env.key_id}".encode(),
                 )
@@ -639,7 +646,11 @@ class AgentLink:
             self.on_master_key(key, enrolled)
 
     def _register_message(
-        self, *, agent_id: str | None = None, bootstrap_token: str | None = None
+        self,
+        *,
+        agent_id: str | None = None,
+        bootstrap_token: str | None = None,
+        enroll_key: str = "",
     ) -> Register:
         name, labels, mode = self.name, self.labels, self.deployment_mode
         if self._session is not None:
@@ -659,6 +670,7 @@ class AgentLink:
             agent_version=self.agent_version,
             running_version=version,
             running_digest=digest,
+            enroll_key=enroll_key,
         )
 
     def _rejection(self, env: Envelope, response: RegisterResponse, key: bytes) -> RejectedError:

@@ -94,6 +94,8 @@ from nxmesh.core.protocol import (
     compress_body,
     decode_body,
     encode_body,
+    enrollment_keypair,
+    enrollment_secret,
     negotiate,
     seal_certificates,
     seal_key,
@@ -662,11 +664,27 @@ class MasterSessionHub:
             return None
         agent, key = enrolled.agent, enrolled.key
         log.info("agent enrolled", agent_id=agent.id, token_id=token_id, labels=dict(agent.labels))
-        sealed = seal_key(
-            secret.encode("utf-8"), key.secret, aad=f"{agent.id}|{key.key_id}".encode()
-        )
+        # Register validated enroll_key as an X25519 public key; a low-order one is refused
+        # here, after the token was spent (an agent sending one is not ours).
+        private, public = enrollment_keypair()
+        try:
+            wrapping = enrollment_secret(secret, private, register.enroll_key)
+        except BadSignatureError as exc:
+            self.counters.count(exc)
+            await self._reject(channel, "bad_signature", str(exc), key=mac_key, key_id=token_id)
+            return None
+        sealed = seal_key(wrapping, key.secret, aad=f"{agent.id}|{key.key_id}".encode())
         return await self._accept(
-            channel, env, register, peer, version, agent, [key], key, sealed_key=sealed
+            channel,
+            env,
+            register,
+            peer,
+            version,
+            agent,
+            [key],
+            key,
+            sealed_key=sealed,
+            enroll_key=public,
         )
 
     async def _resume(
@@ -725,6 +743,7 @@ class MasterSessionHub:
         used: AgentKey,
         *,
         sealed_key: str = "",
+        enroll_key: str = "",
     ) -> _Session | None:
         self.counters.accepted += 1
         now = self.clock()
@@ -785,6 +804,7 @@ class MasterSessionHub:
             protocol_max=self.protocol_range[1],
             signing_key=self.signing_key.to_base64() if self.signing_key else "",
             signing_key_id=self.signing_key.key_id if self.signing_key else "",
+            enroll_key=enroll_key,
         )
         await channel.send(crypto.seal(response))
         await self._resync(session)

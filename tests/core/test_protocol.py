@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from typing import Any
@@ -45,6 +46,8 @@ from nxmesh.core.protocol import (
     decode_body,
     encode_body,
     encode_received,
+    enrollment_keypair,
+    enrollment_secret,
     negotiate,
     open_key,
     seal_key,
@@ -347,7 +350,12 @@ class TestMessages:
     @pytest.mark.parametrize(
         "message",
         [
-            Register(bootstrap_token="abc.def", labels={"env": "prod"}, capabilities=("drain",)),
+            Register(
+                bootstrap_token="abc.def",
+                labels={"env": "prod"},
+                capabilities=("drain",),
+                enroll_key=enrollment_keypair()[1],
+            ),
             Register(agent_id="a1", running_version=4, running_digest="d4"),
             ConfigStatus(
                 version=1,
@@ -448,3 +456,58 @@ class TestKeySealing:
         sealed = seal_key(b"secret", b"session-key", aad=b"a|k")
         with pytest.raises(BadSignatureError, match="does not open"):
             open_key(secret, sealed, aad=aad)
+
+
+class TestEnrollmentExchange:
+    """The session key of an enrollment is wrapped under the token secret *and* an
+    ephemeral X25519 secret: the token, seen in transit, does not open it."""
+
+    def test_both_sides_derive_the_same_wrapping_secret(self) -> None:
+        """Agent and master each combine the token secret with their private key and the
+        other's public key; the sealed key opens on the other side."""
+        agent_private, agent_public = enrollment_keypair()
+        master_private, master_public = enrollment_keypair()
+        sealed = seal_key(
+            enrollment_secret("tok-secret", master_private, agent_public), b"k" * 32, aad=b"a|k"
+        )
+        wrapping = enrollment_secret("tok-secret", agent_private, master_public)
+        assert open_key(wrapping, sealed, aad=b"a|k") == b"k" * 32
+
+    def test_the_token_alone_does_not_open_the_key(self) -> None:
+        """An eavesdropper knows the token and both public keys, not a private key."""
+        _, agent_public = enrollment_keypair()
+        master_private, master_public = enrollment_keypair()
+        sealed = seal_key(
+            enrollment_secret("tok-secret", master_private, agent_public), b"k" * 32, aad=b"a|k"
+        )
+        eve_private, _ = enrollment_keypair()
+        for guess in (
+            b"tok-secret",  # how keys were wrapped before
+            enrollment_secret("tok-secret", eve_private, master_public),
+            enrollment_secret("tok-secret", eve_private, agent_public),
+        ):
+            with pytest.raises(BadSignatureError, match="does not open"):
+                open_key(guess, sealed, aad=b"a|k")
+
+    @pytest.mark.parametrize(
+        "peer_key",
+        [
+            "",
+            "not base64!",
+            base64.b64encode(b"\x01" * 31).decode(),
+            base64.b64encode(bytes(32)).decode(),  # a low-order point: shared secret all 0
+        ],
+    )
+    def test_a_bad_peer_key_is_refused(self, peer_key: str) -> None:
+        """Anything but a usable X25519 public key is a `BadSignatureError` naming it."""
+        private, _ = enrollment_keypair()
+        with pytest.raises(BadSignatureError, match="enroll_key"):
+            enrollment_secret("tok-secret", private, peer_key)
+
+    def test_register_with_a_token_needs_an_enroll_key(self) -> None:
+        """A bootstrap token without a valid ``enroll_key`` is refused, naming it."""
+        with pytest.raises(ValueError, match="enroll_key"):
+            Register(bootstrap_token="abc.def")
+        with pytest.raises(ValueError, match="enroll_key"):
+            Register(bootstrap_token="abc.def", enroll_key=base64.b64encode(b"x" * 16).decode())
+        assert Register(agent_id="a1").enroll_key == ""

@@ -42,8 +42,10 @@ from typing import Any, Final, Literal, TypeAlias
 import attrs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from nxmesh.core import validation as v
 from nxmesh.core.envelope import (
@@ -101,6 +103,8 @@ __all__ = [
     "decode_body",
     "encode_body",
     "encode_received",
+    "enrollment_keypair",
+    "enrollment_secret",
     "message_type",
     "negotiate",
     "open_certificates",
@@ -210,8 +214,10 @@ class Register:
     """First frame of every stream, from the agent.
 
     Exactly one of `bootstrap_token` (``id.secret``, first contact) and `agent_id`
-    (an enrolled agent resuming) is set. `running_version`/`running_digest` are what the
-    agent's nginx runs now: the master resends its desired version only when they differ.
+    (an enrolled agent resuming) is set; with a token, `enroll_key` is the agent's
+    ephemeral X25519 public key for this enrollment (`enrollment_keypair`).
+    `running_version`/`running_digest` are what the agent's nginx runs now: the master
+    resends its desired version only when they differ.
     """
 
     protocol_min: int = attrs.field(default=PROTOCOL_MIN, validator=v.int_range(1, 65535))
@@ -234,10 +240,16 @@ class Register:
         default=None, validator=v.int_range(0, _U63, optional=True)
     )
     running_digest: str | None = attrs.field(default=None, validator=_opt_text(v.DIGEST))
+    enroll_key: str = attrs.field(default="", validator=v.text(v.SIGNATURE))
 
     def __attrs_post_init__(self) -> None:
         if (self.bootstrap_token is None) == (self.agent_id is None):
             raise ValueError("Register carries exactly one of bootstrap_token and agent_id")
+        if self.bootstrap_token is not None and _public_key(self.enroll_key) is None:
+            raise ValueError(
+                "Register with a bootstrap_token needs enroll_key: the agent's X25519 "
+                "public key, base64 of 32 bytes"
+            )
 
 
 @attrs.frozen(kw_only=True)
@@ -245,8 +257,11 @@ class RegisterResponse:
     """The master's answer to `Register`.
 
     Accepted: the negotiated `protocol_version`, the agent's id and key id, and — on
-    enrollment only — `sealed_key`: the new session key, AES-GCM-sealed under a key derived
-    from the bootstrap secret (`seal_key`), so it is protected even without TLS.
+    enrollment only — `sealed_key`: the new session key, AES-GCM-sealed (`seal_key`) under
+    the bootstrap secret *and* the X25519 secret of the agent's `Register.enroll_key` and
+    this response's `enroll_key` (`enrollment_secret`). The token travels in `Register`,
+    so on a connection without TLS an eavesdropper learns it; the session key still
+    needs one of the two ephemeral private keys, which never leave their processes.
     Rejected: `code` and `error`, plus the master's supported range and clock so the agent
     can say precisely what is wrong.
     """
@@ -270,6 +285,8 @@ class RegisterResponse:
     """Accepted: the master's Ed25519 public key (base64 of the raw 32 bytes) that signs
     every `ConfigUpdate`; the agent pins it at enrollment."""
     signing_key_id: str = attrs.field(default="", validator=v.text(v.KEY_ID))
+    enroll_key: str = attrs.field(default="", validator=v.text(v.SIGNATURE))
+    """Enrollment only: the master's ephemeral X25519 public key (base64 of 32 bytes)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -659,6 +676,40 @@ def _hkdf(secret: bytes, info: bytes) -> bytes:
 def bootstrap_mac_key(secret: str) -> bytes:
     """The HMAC key that signs frames before enrollment: derived from the token secret."""
     return _hkdf(secret.encode("utf-8"), b"nxmesh/bootstrap-mac/v1")
+
+
+def _public_key(text: str) -> X25519PublicKey | None:
+    try:
+        raw = base64.b64decode(text, validate=True)
+        return X25519PublicKey.from_public_bytes(raw) if len(raw) == 32 else None
+    except (binascii.Error, ValueError):
+        return None
+
+
+def enrollment_keypair() -> tuple[X25519PrivateKey, str]:
+    """A fresh X25519 key pair for one enrollment: the private key, and the public key as
+    base64 of its 32 raw bytes (`Register.enroll_key` / `RegisterResponse.enroll_key`)."""
+    private = X25519PrivateKey.generate()
+    raw = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return private, base64.b64encode(raw).decode("ascii")
+
+
+def enrollment_secret(token_secret: str, private: X25519PrivateKey, peer_key: str) -> bytes:
+    """What wraps the session key at enrollment (`seal_key`/`open_key`): the bootstrap
+    token's secret followed by the X25519 secret of our `private` key and the peer's
+    public `peer_key`. Either alone opens nothing.
+
+    :raises BadSignatureError: `peer_key` is not an X25519 public key, or one whose
+        shared secret is all zeros (a low-order point).
+    """
+    public = _public_key(peer_key)
+    if public is None:
+        raise BadSignatureError("the peer's enroll_key is not an X25519 public key")
+    try:
+        shared = private.exchange(public)
+    except ValueError:  # cryptography refuses an all-zero result
+        raise BadSignatureError("the peer's enroll_key is a low-order point") from None
+    return token_secret.encode("utf-8") + shared
 
 
 def seal_key(wrapping_secret: bytes, key: bytes, *, aad: bytes) -> str:

@@ -60,6 +60,7 @@ from nxmesh.core.protocol import (
     RejectedError,
     decode_body,
     encode_body,
+    enrollment_keypair,
 )
 from nxmesh.core.serialization import state_digest
 from nxmesh.crypto.secrets import MasterKeyring, generate_key
@@ -270,7 +271,8 @@ class Mesh:
     async def enrolled_credentials(self, **labels: str) -> AgentCredentials:
         """Enroll an agent directly (no transport); return what its link would hold."""
         token = await self.enrollment.create_token(labels=labels)
-        enrolled = await self.enrollment.enroll(token.token, Register(bootstrap_token=token.token))
+        register = Register(bootstrap_token=token.token, enroll_key=enrollment_keypair()[1])
+        enrolled = await self.enrollment.enroll(token.token, register)
         return AgentCredentials(
             agent_id=enrolled.agent.id, key_id=enrolled.key.key_id, key=enrolled.key.secret
         )
