@@ -234,3 +234,34 @@ class TestSymlinkDrift:
         assert report.outcome == "applied", report.message
         assert not link.is_symlink()
         assert stack.driver.store.intact(_live_name(stack))
+
+    async def test_current_repointed_outside_releases_is_drift_and_reverted(
+        self, stack: NginxStack, applier: Applier, outside: Path
+    ) -> None:
+        """``current`` pointed at a tampered copy elsewhere (its last part still a release
+        name) is drift: checking ``releases/<name>`` would have found nothing wrong."""
+        import os
+        import shutil
+
+        name = _live_name(stack)
+        copy = outside / "releases" / name
+        shutil.copytree(stack.driver.store.path_of(name), copy)
+        (copy / "conf.d" / "zz-evil.conf").write_text(_evil_file(stack, outside).read_text())
+        current = _live_tree(stack)
+        tmp = current.with_name("current.tmp")
+        tmp.symlink_to(copy)
+        os.replace(tmp, current)
+        assert stack.driver.store.current_name() is None
+        await stack.mode.signal_nginx("reload")
+        with anyio.fail_after(10):
+            while (await stack.fetch(host="evil.test")).text.strip() != "evil":
+                await anyio.sleep(0.02)
+
+        watchdog = Watchdog(applier, stack.driver, stack.mode, drift_policy="revert")
+        drift = await watchdog.check_drift()
+        assert drift is not None
+        assert f"current -> {copy}, outside releases/" in drift.diff
+        assert stack.events.kinds()[-1] == "drift.reverted"
+        assert os.readlink(current) == f"releases/{stack.driver.store.current_name()}"
+        assert (await stack.fetch(host="evil.test")).text.strip() == "original"
+        assert await watchdog.check_drift() is None

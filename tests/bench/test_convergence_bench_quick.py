@@ -32,7 +32,10 @@ def test_quick_run(nginx_binary: str, tmp_path: Path) -> None:
     [nxmesh] = report["nxmesh"]["rounds"]
     [ansible] = report["baseline_ansible"]["rounds"]
     assert 0 < nxmesh["first_s"] <= nxmesh["serving_s"]
-    assert 0 < ansible["first_s"] <= ansible["serving_s"] <= ansible["exit_s"]
+    # No order between serving and the playbook's exit: its handler sends nginx the HUP
+    # and may exit before the new workers serve.
+    assert 0 < ansible["first_s"] <= ansible["serving_s"]
+    assert ansible["exit_s"] > 0
     assert report["speedup_ansible_over_nxmesh"] > 0
     assert report["goal"]["met"] is None  # the goal is about ten instances
     assert report["master_view_converged"] is True

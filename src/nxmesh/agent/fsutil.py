@@ -25,6 +25,7 @@ __all__ = [
     "private_random_file",
     "read_tree",
     "special_entries",
+    "stand_in",
     "tree_digest",
 ]
 
@@ -119,7 +120,7 @@ def read_tree(root: Path) -> dict[str, bytes]:
         except OSError as exc:
             if not prefix:
                 return {}
-            files[prefix[:-1]] = _stand_in(f"an unreadable directory ({exc.strerror})")
+            files[prefix[:-1]] = stand_in(f"an unreadable directory ({exc.strerror})")
             continue
         for entry in entries:
             rel = prefix + entry.name
@@ -128,7 +129,7 @@ def read_tree(root: Path) -> dict[str, bytes]:
             elif entry.is_file(follow_symlinks=False):
                 files[rel] = _read_file(Path(entry.path))
             else:
-                files[rel] = _stand_in(_what(Path(entry.path), entry.stat(follow_symlinks=False)))
+                files[rel] = stand_in(_what(Path(entry.path), entry.stat(follow_symlinks=False)))
     return dict(sorted(files.items()))
 
 
@@ -144,7 +145,8 @@ def special_entries(files: Mapping[str, bytes]) -> dict[str, str]:
     return {rel: what for rel, data in files.items() if (what := describe_special(data))}
 
 
-def _stand_in(what: str) -> bytes:
+def stand_in(what: str) -> bytes:
+    """The `read_tree` value for an entry that is not a regular file: `what` it is."""
     return _SPECIAL + what.encode(errors="surrogateescape")
 
 
@@ -164,10 +166,10 @@ def _read_file(path: Path) -> bytes:
     except OSError as exc:
         if exc.errno != errno.ELOOP:  # ELOOP: it is a symlink now (O_NOFOLLOW)
             raise
-        return _stand_in(_what(path, os.lstat(path)))
+        return stand_in(_what(path, os.lstat(path)))
     with open(fd, "rb") as f:
         st = os.fstat(fd)
-        return f.read() if stat.S_ISREG(st.st_mode) else _stand_in(_what(path, st))
+        return f.read() if stat.S_ISREG(st.st_mode) else stand_in(_what(path, st))
 
 
 def tree_digest(root: Path) -> str:

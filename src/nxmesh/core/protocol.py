@@ -37,15 +37,13 @@ import re
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from typing import Any, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 import attrs
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from nxmesh.core import validation as v
 from nxmesh.core.envelope import (
@@ -72,6 +70,12 @@ from nxmesh.core.model import (
     TlsCertificate,
 )
 from nxmesh.core.serialization import canonical_json, structure
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import (
+        X25519PrivateKey,
+        X25519PublicKey,
+    )
 
 __all__ = [
     "COMPRESSION_CAPABILITY",
@@ -678,7 +682,11 @@ def bootstrap_mac_key(secret: str) -> bytes:
     return _hkdf(secret.encode("utf-8"), b"nxmesh/bootstrap-mac/v1")
 
 
+# X25519 and its serialization are loaded on first use: an enrolled agent never needs
+# them, and its footprint test keeps them out.
 def _public_key(text: str) -> X25519PublicKey | None:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
     try:
         raw = base64.b64decode(text, validate=True)
         return X25519PublicKey.from_public_bytes(raw) if len(raw) == 32 else None
@@ -689,8 +697,10 @@ def _public_key(text: str) -> X25519PublicKey | None:
 def enrollment_keypair() -> tuple[X25519PrivateKey, str]:
     """A fresh X25519 key pair for one enrollment: the private key, and the public key as
     base64 of its 32 raw bytes (`Register.enroll_key` / `RegisterResponse.enroll_key`)."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
     private = X25519PrivateKey.generate()
-    raw = private.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    raw = private.public_key().public_bytes_raw()
     return private, base64.b64encode(raw).decode("ascii")
 
 

@@ -45,6 +45,7 @@ import attrs
 import structlog
 
 from nxmesh.agent.events import EventRecorder
+from nxmesh.agent.fsutil import stand_in
 from nxmesh.agent.http import http_get
 from nxmesh.agent.layout import NginxLayout
 from nxmesh.agent.process import process_clock, worker_pids, worker_started
@@ -66,6 +67,10 @@ __all__ = [
 ]
 
 log = structlog.get_logger("nxmesh.agent.driver")
+
+CURRENT_ENTRY = "<current>"
+"""The live-files key that stands for a ``current`` link pointing outside ``releases/``
+(a name no rendered bundle uses)."""
 
 ENV_PAUSE_AT = "NXMESH_TEST_PAUSE_AT"
 ENV_PAUSE_FILE = "NXMESH_TEST_PAUSE_FILE"
@@ -264,9 +269,14 @@ class ReloadDriver:
 
     async def live_files(self) -> Mapping[str, bytes] | None:
         name = self.store.current_name()
-        if name is None:
+        if name is not None:
+            return await anyio.to_thread.run_sync(self.store.files_of, name)
+        target = self.store.current_target()
+        if target is None:
             return None
-        return await anyio.to_thread.run_sync(self.store.files_of, name)
+        # ``current`` was re-pointed (or replaced) by hand: nginx loads a tree that is no
+        # release, which is drift whatever it holds; a revert flips it back.
+        return {CURRENT_ENTRY: stand_in(f"current -> {target}, outside releases/")}
 
     async def apply(
         self, update: PendingApply, bundle: Bundle, *, force: bool = False

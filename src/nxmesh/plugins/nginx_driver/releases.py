@@ -91,13 +91,23 @@ class ReleaseStore:
     # -- inspecting ---------------------------------------------------------------------
 
     def current_name(self) -> str | None:
-        """The release ``current`` points to, or None before the first apply."""
-        try:
-            target = os.readlink(self.current_link)
-        except (FileNotFoundError, OSError):
+        """The release ``current`` points to, or None before the first apply — and when
+        ``current`` points anywhere but ``releases/<name>`` as the agent writes it (see
+        `current_target`): a link re-pointed by hand is not a release."""
+        target = self.current_target()
+        if target is None:
             return None
-        name = Path(target).name
-        return name if _RELEASE.match(name) else None
+        parts = Path(target).parts
+        if len(parts) == 2 and parts[0] == "releases" and _RELEASE.match(parts[1]):
+            return parts[1]
+        return None
+
+    def current_target(self) -> str | None:
+        """Where the ``current`` link points, as written; None when there is no link."""
+        try:
+            return os.readlink(self.current_link)
+        except OSError:  # missing, or not a link
+            return None if not self.current_link.exists() else str(self.current_link)
 
     @staticmethod
     def digest_of(name: str) -> str:
