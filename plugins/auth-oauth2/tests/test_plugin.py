@@ -20,3 +20,11 @@ class TestDiscovery:
         )
         assert "very-secret-value" not in repr(settings)
         assert "very-secret-value" not in str(settings_as_dict(settings, redact=True))
+
+    def test_registers_the_oauth2_authenticator(self) -> None:
+        """``oauth2`` is an authenticator provider, for ``auth.chain``."""
+        from nxmesh.core.registry import ProviderRegistries
+        from nxmesh_auth_oauth2 import OAuth2Authenticator
+
+        registries = ProviderRegistries.collect(get_plugin_manager(environ={}))
+        assert registries["authenticator"].get("oauth2") is OAuth2Authenticator
