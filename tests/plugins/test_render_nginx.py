@@ -212,7 +212,30 @@ class TestConfigDigest:
         assert ["X-NxMesh-Digest", expected, "always"] in args(version, "add_header")
         assert args(version, "return") == [["200", expected]]
         assert "stub_status" in {d["directive"] for d in locations(server)["= /nginx_status"]}
-        assert args(server, "listen") == [["127.0.0.1:9480"]]
+        assert args(server, "listen") == [["127.0.0.1:9480", "default_server"]]
+
+    @pytest.mark.parametrize("address", [None, "*", "0.0.0.0", "127.0.0.1", "::"])
+    def test_a_site_on_the_status_port_is_refused(self, address: str | None) -> None:
+        """A site sharing the status server's socket could answer the probes that confirm
+        a reload: refused, naming the site, the port and the setting."""
+        state = make_state(1)
+        site = state.sites[0]
+        listeners = tuple(attrs.evolve(lst, address=address, port=9480) for lst in site.listeners)
+        state = attrs.evolve(state, sites=(attrs.evolve(site, listeners=listeners),))
+        with pytest.raises(RenderError, match=r"listens on port 9480, the agent's status"):
+            NginxRenderer().render(state)
+        elsewhere = RenderSettings(status_port=9481)
+        assert STATUS_FILE in NginxRenderer(settings=elsewhere).render(state).files
+
+    def test_another_address_on_the_status_port_is_fine(self) -> None:
+        """A site bound to another address on that port does not share the socket."""
+        state = make_state(1)
+        site = state.sites[0]
+        listeners = tuple(
+            attrs.evolve(lst, address="127.0.0.2", port=9480) for lst in site.listeners
+        )
+        state = attrs.evolve(state, sites=(attrs.evolve(site, listeners=listeners),))
+        assert STATUS_FILE in NginxRenderer().render(state).files
 
     def test_config_digest_changes_with_any_other_file(self) -> None:
         """A change in a site changes the config digest served by the status server."""

@@ -721,6 +721,7 @@ class NginxRenderer:
         """
         self._compile()
         state = self._bind_listeners(state)
+        self._check_status_port(state)
         base: dict[str, Any] = {
             "state": state,
             "settings": self.settings,
@@ -755,12 +756,36 @@ class NginxRenderer:
                 raise RenderError(f"extra file {path!r} clashes with a rendered file")
             files[path] = bytes(data)
         if self.settings.status_port is not None:
-            listen_args = _listen_args(self.settings.status_address, self.settings.status_port)
+            # default_server: whatever else shares the socket, the agent's probes of
+            # /nxmesh/version reach this server (the confirm step depends on it).
+            listen_args = _listen_args(
+                self.settings.status_address, self.settings.status_port, "default_server"
+            )
             files[STATUS_FILE] = self._render(
                 "status.conf.j2",
                 {**base, "config_digest": config_digest(files), "status_listen": listen_args},
             )
         return Bundle(files)
+
+    def _check_status_port(self, state: DesiredState) -> None:
+        """Refuse a site listening on the agent's status port (on its address or all):
+        it could answer the probes that confirm a reload, and every apply would roll
+        back (or a wrong one be confirmed)."""
+        port = self.settings.status_port
+        if port is None:
+            return
+        shared = {None, "*", "0.0.0.0", "::", self.settings.status_address}  # noqa: S104
+        for site in state.sites:
+            for listener in site.listeners:
+                address = listener.address
+                if address is not None and address.startswith("["):
+                    address = address.strip("[]")
+                if listener.port == port and address in shared:
+                    raise RenderError(
+                        f"site {site.name!r} listens on port {port}, the agent's status "
+                        f"server ({self.settings.status_address}:{port}, render setting "
+                        "status_port): use another port, or move the status server"
+                    )
 
     def _bind_listeners(self, state: DesiredState) -> DesiredState:
         """`state` with address-less listeners bound to `RenderSettings.listen_address`."""
