@@ -217,6 +217,44 @@ class TestBundleDiff:
         assert text == "Private key files /dev/null and b/certs/a.key differ (not shown)\n"
         assert "c2VjcmV0" not in text
 
+    @pytest.mark.parametrize(
+        ("path", "data"),
+        [
+            ("certs/web.key", b"-----BEGIN EC PRIVATE KEY-----\nc2VjcmV0\n"),
+            ("certs/acme/shop.key", b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nc2VjcmV0\n"),
+            ("certs/web.key", b"c2VjcmV0\n"),  # a key file, whatever its content
+            ("certs/web.pem", b"-----BEGIN CERTIFICATE-----\nAAAA\n"
+             b"-----END CERTIFICATE-----\n-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n"),
+            ("elsewhere/k.txt", b"\n-----BEGIN RSA PRIVATE KEY-----\nc2VjcmV0\n"),
+        ],
+    )  # fmt: skip
+    def test_key_files_are_hidden_on_either_side(self, path: str, data: bytes) -> None:
+        """Key files under certs/ and any file starting with a PEM key are never shown."""
+        for old, new in ((None, Bundle({path: data})), (Bundle({path: data}), Bundle({}))):
+            text = bundle_diff(old, new)
+            assert text.startswith("Private key files "), text
+            assert text.endswith(" differ (not shown)\n")
+            assert "c2VjcmV0" not in text
+
+    def test_site_mentioning_a_private_key_is_still_shown(self) -> None:
+        """A site whose text contains ``PRIVATE KEY-----`` (a return body) is diffed like
+        any other file: the change to its upstream must show in the preview."""
+        from nxmesh.plugins.render_nginx import NginxRenderer
+
+        base = make_state(2)
+        marked = Location(
+            path="/k", match="exact", return_=Return(code=200, body="-----BEGIN PRIVATE KEY-----")
+        )
+        old_site = edit_site(base, 0, locations=(*base.sites[0].locations, marked))
+        location = attrs.evolve(old_site.sites[0].locations[0], upstream="app1")
+        new_site = edit_site(old_site, 0, locations=(location, marked))
+        renderer = NginxRenderer()
+        text = bundle_diff(renderer.render(old_site), renderer.render(new_site))
+        assert "not shown" not in text
+        assert "+++ b/conf.d/site-site0.conf" in text
+        assert "+        proxy_pass http://app1;" in text
+        assert "-        proxy_pass http://app0;" in text
+
     def test_only_newline_splits_lines(self) -> None:
         """Form feeds and Unicode separators stay inside their line, as nginx reads them."""
         old = Bundle({"f": "a\x0cb\u2028c\n".encode()})

@@ -23,6 +23,7 @@ from nxmesh.cli.versions_cmd import EXIT_BROKEN, EXIT_ERROR, versions_group
 from nxmesh.config.versions import (
     VersionError,
     new_version,
+    require_verified,
     rollback_version,
     signing_payload,
     state_digest,
@@ -350,6 +351,62 @@ class TestRollback:
         target = attrs.evolve(chain[0], state=make_state(5))
         with pytest.raises(VersionError, match="refusing to roll back to version 1"):
             rollback_version(target, previous=chain[-1], author="b", signer=signer)
+
+    def test_re_digested_target_is_refused(
+        self, chain: list[ConfigVersion], signer: SigningKey
+    ) -> None:
+        """An edited state with a recomputed digest fails the signature: no rollback signs it."""
+        evil = make_state(1, port=6666)
+        target = attrs.evolve(chain[0], state=evil, digest=state_digest(evil))
+        with pytest.raises(VersionError) as caught:
+            rollback_version(target, previous=chain[-1], author="b", signer=signer)
+        message = str(caught.value)
+        assert message.startswith("refusing to roll back to version 1: the stored version 1 ")
+        assert "fails verification (signature does not match" in message
+        assert "nxmesh versions verify" in message
+
+    def test_target_signed_by_another_key_is_refused(
+        self, chain: list[ConfigVersion], signer: SigningKey
+    ) -> None:
+        """A version signed by another key (planted whole in the database) is refused."""
+        forged = build_chain(SigningKey.generate(), [make_state(1, port=6666)])[0]
+        with pytest.raises(VersionError, match="version 1 of workspace 'default' fails"):
+            rollback_version(forged, previous=chain[-1], author="b", signer=signer)
+
+    def test_tampered_previous_is_refused(
+        self, chain: list[ConfigVersion], signer: SigningKey
+    ) -> None:
+        """The version the rollback links to must verify too."""
+        latest = attrs.evolve(chain[-1], message="nothing to see here")
+        with pytest.raises(VersionError, match=r"the latest version 4 .* fails verification"):
+            rollback_version(chain[0], previous=latest, author="b", signer=signer)
+
+    def test_explicit_verify_key(self, chain: list[ConfigVersion], signer: SigningKey) -> None:
+        """`verify_key` replaces the signer's own key for the checks."""
+        other = SigningKey.generate()
+        with pytest.raises(VersionError, match="fails verification"):
+            rollback_version(
+                chain[0], previous=chain[-1], author="b", signer=signer, verify_key=other.verify_key
+            )
+        rolled = rollback_version(
+            chain[0], previous=chain[-1], author="b", signer=other, verify_key=signer.verify_key
+        )
+        assert rolled.key_id == other.key_id
+
+    def test_require_verified(self, chain: list[ConfigVersion], signer: SigningKey) -> None:
+        """Silent on an intact version; otherwise names it and every problem found."""
+        require_verified(chain[1], signer.verify_key, refusing="x")
+        broken = attrs.evolve(chain[1], state=make_state(9), signature="")
+        with pytest.raises(VersionError) as caught:
+            require_verified(
+                broken, signer.verify_key, refusing="commit a change", what="the latest"
+            )
+        assert str(caught.value) == (
+            "refusing to commit a change: the latest version 2 of workspace 'default' fails "
+            f"verification (state was edited: it hashes to {state_digest(make_state(9))[:12]}..., "
+            f"the recorded digest is {chain[1].digest[:12]}...; is not signed); it was altered "
+            "after it was stored: run `nxmesh versions verify`"
+        )
 
     def test_newer_target_is_refused(self, chain: list[ConfigVersion], signer: SigningKey) -> None:
         """Rolling back to a version after `previous` is an error."""

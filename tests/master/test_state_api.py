@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import sqlite3
 from typing import Any
 
-from nxmesh.config.versions import verify_chain
+import pytest
+
+from nxmesh.config.versions import verify_chain, verify_version
 from nxmesh.core.serialization import unstructure
 from nxmesh.testing import make_state
 
@@ -284,3 +289,98 @@ class TestVersions:
         response = master.client.get(f"{WS}/versions/{2**70}", headers=admin)
         assert response.status_code in (404, 422)
         assert response.status_code != 500
+
+
+def tamper(master: Master, number: int, *, state: tuple[str, str] | None = None) -> None:
+    """Edit version `number` in the master's SQLite database, as someone with write access
+    to it could: `state` replaces text in its stored state and recomputes its digest (no
+    key needed); without it, the version's message is changed."""
+    db = master.services.state_dir / "master.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        if state is None:
+            conn.execute(
+                "UPDATE config_versions SET message = 'innocent' WHERE number = ?", (number,)
+            )
+            return
+        (body,) = conn.execute(
+            "SELECT s.body FROM config_versions v JOIN config_states s "
+            "ON v.state_sha256 = s.sha256 WHERE v.number = ?",
+            (number,),
+        ).fetchone()
+        edited = body.replace(*state)
+        assert edited != body
+        sha = hashlib.sha256(edited.encode()).hexdigest()
+        conn.execute("INSERT INTO config_states (sha256, body) VALUES (?, ?)", (sha, edited))
+        conn.execute(
+            "UPDATE config_versions SET state_sha256 = ?, digest = ? WHERE number = ?",
+            (sha, sha, number),
+        )
+
+
+EVIL = ("127.0.0.1:8080", "203.0.113.66:8080")
+
+
+class TestTamperedHistory:
+    """A version edited in the database is never signed again: rollback and commit refuse."""
+
+    def _three_versions(self, master: Master, admin: dict[str, str]) -> None:
+        for n in (1, 2, 3):
+            state = unstructure(make_state(n))
+            assert master.client.put(f"{WS}/state", json=state, headers=admin).status_code == 200
+
+    def test_rollback_to_a_re_digested_version_is_refused(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """Version 1's state edited with a matching digest: 409 naming it, nothing stored."""
+        self._three_versions(master, admin)
+        tamper(master, 1, state=EVIL)
+        target = master.call(master.services.storage.get_version, "default", 1)
+        assert target is not None
+        problems = verify_version(target, master.services.signer.verify_key)
+        assert [p.message.split(":")[0] for p in problems] == ["signature does not match"]
+
+        response = master.client.post(f"{WS}/versions/1/rollback", headers=admin)
+        assert response.status_code == 409, response.text
+        body = response.json()
+        assert body["type"] == "urn:nxmesh:problem:conflict"
+        assert body["detail"].startswith(
+            "refusing to roll back to version 1: the stored version 1 of workspace 'default' "
+            "fails verification (signature does not match"
+        )
+        assert "run `nxmesh versions verify`" in body["detail"]
+        assert [v["number"] for v in versions(master, admin)] == [3, 2, 1]
+        current = master.client.get(f"{WS}/state", headers=admin).json()
+        assert "203.0.113.66:8080" not in str(current)
+
+    @pytest.mark.parametrize("edit", ["state", "message"])
+    def test_changes_on_a_tampered_latest_are_refused(
+        self, master: Master, admin: dict[str, str], edit: str
+    ) -> None:
+        """Every write builds on the latest version: when it fails verification, a whole
+        state, a site edit and a rollback are all refused and nothing is stored."""
+        self._three_versions(master, admin)
+        tamper(master, 3, state=EVIL if edit == "state" else None)
+        c = master.client
+        refused = [
+            c.put(f"{WS}/state", json=unstructure(make_state(1)), headers=admin),
+            c.post(f"{WS}/upstreams", json=upstream("app", 9001), headers=admin),
+            c.post(f"{WS}/versions/1/rollback", headers=admin),
+        ]
+        for response in refused:
+            assert response.status_code == 409, response.text
+            detail = response.json()["detail"]
+            assert "the latest version 3 of workspace 'default' fails verification" in detail
+        assert refused[0].json()["detail"].startswith("refusing to commit a change: ")
+        assert [v["number"] for v in versions(master, admin)] == [3, 2, 1]
+
+    def test_intact_history_is_still_changed_and_rolled_back(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """The checks pass on versions the master signed: commit and rollback work as ever."""
+        self._three_versions(master, admin)
+        c = master.client
+        assert c.post(f"{WS}/versions/2/rollback", headers=admin).json()["version"]["number"] == 4
+        changed = c.put(f"{WS}/state", json=unstructure(make_state(5)), headers=admin)
+        assert changed.json()["version"]["number"] == 5
+        stored = master.call(master.services.storage.list_versions, "default")
+        assert verify_chain(stored, master.services.signer.verify_key) == []

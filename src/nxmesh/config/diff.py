@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -137,7 +138,12 @@ def _changed_paths(old: Any, new: Any, path: str) -> Iterator[str]:
 # Rendered files
 # ---------------------------------------------------------------------------------------
 
+_CERTS_DIR = "certs/"
+"""Where the renderer puts certificate material (``render_nginx.CERTS_DIR``): a site's
+key is ``certs/<certificate>.key`` or ``certs/acme/<site>.key``."""
 _PRIVATE_KEY_MARK = b"PRIVATE KEY-----"
+_PEM_PRIVATE_KEY = re.compile(rb"\A\s*-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+"""A PEM private key at the start of a file (PKCS#8, RSA, EC, encrypted, OpenSSH...)."""
 
 
 def bundle_diff(old: Bundle | None, new: Bundle) -> str:
@@ -145,7 +151,10 @@ def bundle_diff(old: Bundle | None, new: Bundle) -> str:
 
     Headers are ``--- a/<path>`` / ``+++ b/<path>``; an added or removed file is compared
     with ``/dev/null``. Files that are not UTF-8 text are reported as differing, and so
-    are private keys, whose content must not end up in a terminal or a log.
+    are private key files, whose content must not end up in a terminal or a log: a
+    ``.key`` file or a file holding a PEM private key under ``certs/``, or any file that
+    starts with a PEM private key. Other files are shown even when their text mentions
+    ``PRIVATE KEY-----`` (a site's ``return`` body, a header value).
     """
     before: Mapping[str, bytes] = old.files if old is not None else {}
     after = new.files
@@ -156,7 +165,7 @@ def bundle_diff(old: Bundle | None, new: Bundle) -> str:
             continue
         from_name = f"a/{path}" if a is not None else "/dev/null"
         to_name = f"b/{path}" if b is not None else "/dev/null"
-        if any(_PRIVATE_KEY_MARK in data for data in (a, b) if data is not None):
+        if _is_private_key(path, a) or _is_private_key(path, b):
             out.append(f"Private key files {from_name} and {to_name} differ (not shown)\n")
             continue
         a_lines, b_lines = _lines(a), _lines(b)
@@ -168,6 +177,15 @@ def bundle_diff(old: Bundle | None, new: Bundle) -> str:
             if not line.endswith("\n"):
                 out.append("\n\\ No newline at end of file\n")
     return "".join(out)
+
+
+def _is_private_key(path: str, data: bytes | None) -> bool:
+    """Whether the file at `path` holding `data` (``None``: absent) is a private key."""
+    if data is None:
+        return False
+    if path.startswith(_CERTS_DIR) and (path.endswith(".key") or _PRIVATE_KEY_MARK in data):
+        return True
+    return _PEM_PRIVATE_KEY.match(data) is not None
 
 
 def _lines(data: bytes | None) -> list[str] | None:

@@ -39,6 +39,7 @@ __all__ = [
     "PAYLOAD_TYPE",
     "VersionError",
     "new_version",
+    "require_verified",
     "rollback_version",
     "signing_payload",
     "state_digest",
@@ -124,14 +125,20 @@ def rollback_version(
     signer: SigningKey,
     message: str | None = None,
     now: float | None = None,
+    verify_key: VerifyKey | None = None,
 ) -> ConfigVersion:
     """A new version, after `previous`, whose state equals `target`'s.
 
     History is never rewritten: rolling back appends. The new version has `target`'s
     content digest, a new number and a parent link to `previous`.
 
+    Both `target` and `previous` must pass `verify_version` with `verify_key` (default:
+    `signer`'s own public key): someone able to write the database can edit an old
+    version's state and recompute its digest, and signing a rollback to it would turn
+    that edit into a validly signed version.
+
     :raises VersionError: `target` is from another workspace, is newer than `previous`,
-        or its state no longer matches its digest (it was tampered with).
+        or `target` or `previous` fails verification (it was tampered with).
     """
     if target.workspace != previous.workspace:
         raise VersionError(
@@ -142,10 +149,11 @@ def rollback_version(
         raise VersionError(
             f"cannot roll back to version {target.number}: the latest is {previous.number}"
         )
-    if not hmac.compare_digest(target.digest, state_digest(target.state)):
-        raise VersionError(
-            f"refusing to roll back to version {target.number}: its state does not match "
-            "its digest (it was altered after it was stored)"
+    key = signer.verify_key if verify_key is None else verify_key
+    require_verified(target, key, refusing=f"roll back to version {target.number}")
+    if previous.number != target.number:
+        require_verified(
+            previous, key, refusing=f"roll back to version {target.number}", what="the latest"
         )
     return new_version(
         target.state,
@@ -188,6 +196,29 @@ def verify_version(version: ConfigVersion, verify_key: VerifyKey) -> list[Proble
             )
         )
     return found
+
+
+def require_verified(
+    version: ConfigVersion, verify_key: VerifyKey, *, refusing: str, what: str = "the stored"
+) -> None:
+    """Refuse to build on `version` unless it passes `verify_version` with `verify_key`.
+
+    What the master runs on every stored version it reuses (the latest before a commit,
+    the target of a rollback): its state and metadata are about to be signed again, so an
+    edit made in the database must not get through.
+
+    :param refusing: what is refused, for the message (``roll back to version 3``).
+    :param what: how the message names `version` (``the stored``, ``the latest``).
+    :raises VersionError: naming the version and every problem found.
+    """
+    problems = verify_version(version, verify_key)
+    if problems:
+        details = "; ".join(p.message for p in problems)
+        raise VersionError(
+            f"refusing to {refusing}: {what} version {version.number} of workspace "
+            f"{version.workspace!r} fails verification ({details}); it was altered after "
+            "it was stored: run `nxmesh versions verify`"
+        )
 
 
 def verify_chain(versions: Sequence[ConfigVersion], verify_key: VerifyKey) -> list[Problem]:

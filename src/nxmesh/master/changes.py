@@ -10,6 +10,11 @@ Nothing is stored unless all of it passed, so no half-applied change exists.
 Edits are read-modify-write on the latest version; when another writer stored a version
 in between, the edit is re-applied on top of theirs (optimistic concurrency), unless the
 caller pinned `expected_version`, which then fails with 409.
+
+A stored version is verified (digest and signature, with the master's own key) before
+anything is built on it — the latest before every commit, the target of a rollback — so
+an edit made directly in the database is refused (`VersionError`, a 409) instead of
+being signed into a new version.
 """
 
 from __future__ import annotations
@@ -23,7 +28,12 @@ import structlog
 
 from nxmesh.certs.validate import check_state_certificates
 from nxmesh.config.diff import StateDiff, bundle_diff, diff_states
-from nxmesh.config.versions import new_version, rollback_version, state_digest
+from nxmesh.config.versions import (
+    new_version,
+    require_verified,
+    rollback_version,
+    state_digest,
+)
 from nxmesh.core.bundle import Bundle
 from nxmesh.core.errors import NxMeshError, Problem, ValidationError
 from nxmesh.core.events import Event
@@ -149,10 +159,19 @@ class ConfigChanges:
         returns the new complete state; it may raise `ValidationError`, `NotFound` or
         `Conflict` to refuse. `expected_version` pins the version the edit is based on
         (0: none yet); a different latest version is a 409 instead of a retry.
+
+        :raises VersionError: the latest version fails verification (edited in storage).
         """
         storage = self.services.storage
         for _ in range(_ATTEMPTS):
             latest = await storage.latest_version(workspace)
+            if latest is not None:
+                require_verified(
+                    latest,
+                    self.services.signer.verify_key,
+                    refusing="commit a change",
+                    what="the latest",
+                )
             current = latest.number if latest else 0
             if expected_version is not None and expected_version != current:
                 raise Conflict(
@@ -179,11 +198,19 @@ class ConfigChanges:
     async def rollback(
         self, workspace: str, number: int, *, author: str, message: str | None = None
     ) -> CommitResult:
-        """A new version whose state equals version `number`'s (history is append-only)."""
+        """A new version whose state equals version `number`'s (history is append-only).
+
+        :raises VersionError: version `number` or the latest one fails verification.
+        """
         storage = self.services.storage
         target = await storage.get_version(workspace, number)
         if target is None:
             raise NotFound(f"workspace {workspace!r} has no version {number}")
+        # Before anything else (the checks render the target's state): a tampered target
+        # is refused for what it is. `rollback_version` verifies it and the latest again.
+        require_verified(
+            target, self.services.signer.verify_key, refusing=f"roll back to version {number}"
+        )
         for _ in range(_ATTEMPTS):
             latest = await storage.latest_version(workspace)
             assert latest is not None  # target exists, so some version does
