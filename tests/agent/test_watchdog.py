@@ -78,6 +78,16 @@ class TestFileDiff:
         assert "Private key file k.key differs (not shown)" in diff
         assert "BEGIN PRIVATE KEY" not in diff
 
+    def test_a_site_mentioning_a_private_key_is_still_diffed(self) -> None:
+        """Only key files are hidden: a site whose ``return`` body says "PRIVATE
+        KEY-----" shows its changes (an upstream swap must not hide behind it)."""
+        site = b'location / { return 200 "-----BEGIN PRIVATE KEY-----"; }\n'
+        expected = {"conf.d/site-a.conf": b"upstream a { server 10.0.0.1:80; }\n" + site}
+        live = {"conf.d/site-a.conf": b"upstream a { server 203.0.113.6:80; }\n" + site}
+        diff = file_diff(expected, live)
+        assert "+upstream a { server 203.0.113.6:80; }" in diff
+        assert "not shown" not in diff
+
     def test_a_file_too_large_is_named_not_line_diffed(self) -> None:
         """Past the size bound a file is reported with its size; small ones still diff."""
         big = b"".join(b"    10.0.%d.%d/32 backend;\n" % (i // 256, i % 256) for i in range(20_000))

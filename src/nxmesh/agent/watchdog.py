@@ -35,7 +35,7 @@ import structlog
 from nxmesh.agent.applier import Applier
 from nxmesh.agent.events import EventRecorder
 from nxmesh.agent.fsutil import describe_special
-from nxmesh.core.bundle import bundle_digest
+from nxmesh.core.bundle import bundle_digest, is_private_key_file
 from nxmesh.core.errors import NxMeshError
 from nxmesh.core.interfaces import DeploymentMode, NginxDriver
 
@@ -88,7 +88,7 @@ def file_diff(expected: Mapping[str, bytes], actual: Mapping[str, bytes]) -> str
         if b is not None and (what := describe_special(b)) is not None:
             out.append(f"{path} is {what} the bundle does not contain\n")
             continue
-        if any(d is not None and b"PRIVATE KEY-----" in d for d in (a, b)):
+        if is_private_key_file(path, a) or is_private_key_file(path, b):
             out.append(f"Private key file {path} differs (not shown)\n")
             continue
         size = max(len(a or b""), len(b or b""))

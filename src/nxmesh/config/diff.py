@@ -10,13 +10,12 @@
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from nxmesh.core.bundle import Bundle
+from nxmesh.core.bundle import Bundle, is_private_key_file
 from nxmesh.core.model import DesiredState
 from nxmesh.core.serialization import unstructure
 from nxmesh.core.validation import join_path
@@ -138,13 +137,6 @@ def _changed_paths(old: Any, new: Any, path: str) -> Iterator[str]:
 # Rendered files
 # ---------------------------------------------------------------------------------------
 
-_CERTS_DIR = "certs/"
-"""Where the renderer puts certificate material (``render_nginx.CERTS_DIR``): a site's
-key is ``certs/<certificate>.key`` or ``certs/acme/<site>.key``."""
-_PRIVATE_KEY_MARK = b"PRIVATE KEY-----"
-_PEM_PRIVATE_KEY = re.compile(rb"\A\s*-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
-"""A PEM private key at the start of a file (PKCS#8, RSA, EC, encrypted, OpenSSH...)."""
-
 
 def bundle_diff(old: Bundle | None, new: Bundle) -> str:
     """A unified diff from `old` to `new` (``None``: an empty tree), files in path order.
@@ -165,7 +157,7 @@ def bundle_diff(old: Bundle | None, new: Bundle) -> str:
             continue
         from_name = f"a/{path}" if a is not None else "/dev/null"
         to_name = f"b/{path}" if b is not None else "/dev/null"
-        if _is_private_key(path, a) or _is_private_key(path, b):
+        if is_private_key_file(path, a) or is_private_key_file(path, b):
             out.append(f"Private key files {from_name} and {to_name} differ (not shown)\n")
             continue
         a_lines, b_lines = _lines(a), _lines(b)
@@ -177,15 +169,6 @@ def bundle_diff(old: Bundle | None, new: Bundle) -> str:
             if not line.endswith("\n"):
                 out.append("\n\\ No newline at end of file\n")
     return "".join(out)
-
-
-def _is_private_key(path: str, data: bytes | None) -> bool:
-    """Whether the file at `path` holding `data` (``None``: absent) is a private key."""
-    if data is None:
-        return False
-    if path.startswith(_CERTS_DIR) and (path.endswith(".key") or _PRIVATE_KEY_MARK in data):
-        return True
-    return _PEM_PRIVATE_KEY.match(data) is not None
 
 
 def _lines(data: bytes | None) -> list[str] | None:

@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Mapping
 from pathlib import PurePosixPath
 from types import MappingProxyType
 
 import attrs
 
-__all__ = ["Bundle", "bundle_digest"]
+__all__ = ["Bundle", "bundle_digest", "is_private_key_file"]
+
+
+_CERTS_DIR = "certs/"
+"""Where the renderer puts certificate material (``render_nginx.CERTS_DIR``): a site's
+key is ``certs/<certificate>.key`` or ``certs/acme/<site>.key``."""
+_PRIVATE_KEY_MARK = b"PRIVATE KEY-----"
+_PEM_PRIVATE_KEY = re.compile(rb"\A\s*-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+"""A PEM private key at the start of a file (PKCS#8, RSA, EC, encrypted, OpenSSH...)."""
+
+
+def is_private_key_file(path: str, data: bytes | None) -> bool:
+    """Whether bundle file `path` holding `data` (``None``: absent) is a private key, which
+    diffs (previews, drift reports) name but never show. Only key files: a site whose
+    ``return`` body mentions "PRIVATE KEY" is still shown."""
+    if data is None:
+        return False
+    if path.startswith(_CERTS_DIR) and (path.endswith(".key") or _PRIVATE_KEY_MARK in data):
+        return True
+    return _PEM_PRIVATE_KEY.match(data) is not None
 
 
 def bundle_digest(files: Mapping[str, bytes]) -> str:
