@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 # prometheus only for promtool, which checks the agent's metrics exposition in the tests.
-APT_PACKAGES=(nginx-light pebble wrk prometheus)
+# python3-venv: Debian ships ensurepip (which `python3 -m venv` needs) only in it.
+APT_PACKAGES=(nginx-light pebble wrk prometheus python3-venv)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -27,8 +28,18 @@ if [[ -x /usr/sbin/nginx && -f /run/nginx.pid ]]; then
     /usr/sbin/nginx -s quit 2>/dev/null || true
 fi
 
-if [[ ! -x $VENV/bin/python ]]; then
-    "$PYTHON" -m venv "$VENV"
+# The venv is there when its pip works: without ensurepip, Debian's venv leaves bin/python
+# behind and fails, and a re-run must make it again rather than fail at "-m pip".
+if ! "$VENV/bin/pip" --version >/dev/null 2>&1; then
+    venv_args=()
+    # Clear only a venv (pyvenv.cfg), never whatever other directory $VENV names.
+    [[ -f $VENV/pyvenv.cfg ]] && venv_args+=(--clear)
+    echo "setup: creating $VENV"
+    if ! "$PYTHON" -m venv ${venv_args[@]+"${venv_args[@]}"} "$VENV"; then
+        echo "setup: error: $PYTHON -m venv failed; on Debian/Ubuntu install python3-venv" \
+            "(as root: apt-get install python3-venv) and run this again" >&2
+        exit 1
+    fi
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # Core (editable, with dev tools) plus every plugin distribution and example plugin.

@@ -86,6 +86,36 @@ class TestLogin:
         # The token only reads: writing is forbidden (exit 3).
         assert cli("user", "list").exit_code == 3
 
+    def test_password_stdin_takes_the_saved_user_name(self, cli: Cli) -> None:
+        """Without --username, --password-stdin logs in as the profile's previous user and
+        prompts for nothing (a prompt would read the password line as the user name)."""
+        cli.login()
+        added = cli("user", "add", "stdin-sam", "-r", "viewer", "--password-stdin",
+                    input="stdin-sam-password-1\n")  # fmt: skip
+        assert added.exit_code == 0, added.output
+        assert cli.login("stdin-sam", "stdin-sam-password-1").exit_code == 0
+        result = cli("login", "--url", cli.master.url, "--password-stdin",
+                     input="stdin-sam-password-1\n")  # fmt: skip
+        assert result.exit_code == 0, result.output
+        assert f"logged in to {cli.master.url} as stdin-sam" in result.stdout
+        assert "Username" not in result.output
+        assert _stored(cli)["username"] == "stdin-sam"
+
+    def test_password_stdin_without_user_name_exits_2(self, cli: Cli) -> None:
+        """No --username and no previous login: exit 2 asking for --username, stdin unread."""
+        result = cli("login", "--url", cli.master.url, "--password-stdin",
+                     input=cli.master.admin_password + "\n")  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert "pass --username" in result.stderr
+        assert "Username" not in result.output
+        assert cli.master.admin_password not in result.output
+        assert not cli.credentials.exists()
+        # --profile names the profile that has no previous login.
+        other = cli("login", "--url", cli.master.url, "--password-stdin", "--profile", "ops",
+                    input="whatever\n")  # fmt: skip
+        assert other.exit_code == 2
+        assert "profile 'ops'" in other.stderr
+
 
 class TestRefresh:
     """Access tokens are renewed with single-use refresh tokens, saved before use."""
@@ -194,6 +224,31 @@ class TestExitCodes:
         assert result.exit_code == 1
         assert "must not carry credentials" in result.stderr
         assert "pw" not in result.output.replace("--password-stdin", "")
+
+    def test_invalid_profile_name_exits_2(self, cli: Cli) -> None:
+        """A --profile name that cannot be stored is a usage error (exit 2) naming it."""
+        for args in (
+            ("versions", "list", "--profile", "bad/name"),
+            ("whoami", "--profile", "bad/name", "--json"),
+            ("logout", "--profile", "bad/name"),
+        ):
+            result = cli(*args)
+            assert result.exit_code == 2, (args, result.output)
+            assert "profile name 'bad/name' is invalid" in result.stderr
+        login = cli.login("admin", None, "--profile", "bad/name")
+        assert login.exit_code == 2
+        assert "profile name 'bad/name' is invalid" in login.stderr
+
+    def test_credentials_readable_by_others_exits_2(self, cli: Cli) -> None:
+        """A credentials file other users can read is refused: exit 2 saying how to fix it."""
+        assert cli.login().exit_code == 0
+        cli.credentials.chmod(0o644)
+        result = cli("whoami")
+        assert result.exit_code == 2, result.output
+        assert f"chmod 600 {cli.credentials}" in result.stderr
+        as_json = cli("versions", "--json")
+        assert as_json.exit_code == 2
+        assert "chmod 600" in json.loads(as_json.stderr)["error"]["detail"]
 
 
 class TestNoSecretsInOutput:

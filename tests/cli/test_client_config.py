@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 
 from nxmesh.cli import build_cli
 
@@ -190,6 +192,26 @@ class TestVersions:
         assert bare.exit_code == 0, bare.output
         # No test of this module writes to 'default': the bare group listed that workspace.
         assert bare.stdout.count("no versions in workspace 'default'") == 1
+
+    def test_bare_group_takes_list_options(self, history: Cli, workspace: str) -> None:
+        """``nxmesh versions --json`` (and --limit, -w) is ``nxmesh versions list ...``."""
+        bare = history("versions", "-w", workspace, "--json")
+        assert bare.exit_code == 0, bare.output
+        assert json.loads(bare.stdout) == _versions(history, workspace)
+        limited = json.loads(history("versions", "--limit", "1", "-w", workspace, "--json").stdout)
+        assert [v["number"] for v in limited] == [2]
+
+    def test_group_help_and_unknown_command(self, cli_command: click.Group) -> None:
+        """``--help`` is still the group's; an unknown word is still no such command."""
+        runner = CliRunner()
+        for group in ("versions", "agents", "user"):
+            shown = runner.invoke(cli_command, [group, "--help"])
+            assert shown.exit_code == 0, shown.output
+            assert "Commands:" in shown.stdout
+            assert "list" in shown.stdout
+            unknown = runner.invoke(cli_command, [group, "nope"])
+            assert unknown.exit_code == 2
+            assert "No such command 'nope'" in unknown.stderr
 
     def test_verify_still_works(self, history: Cli) -> None:
         """The existing ``versions verify`` subcommand is still there."""

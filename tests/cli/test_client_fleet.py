@@ -99,6 +99,17 @@ class TestAgents:
         again = json.loads(logged_in("agents", "show", agent.id, "--json").stdout)
         assert again["status"] == "revoked"
 
+    def test_bare_group_takes_list_options(self, logged_in: Cli, workspace: str) -> None:
+        """``nxmesh agents --json -w WS`` is ``nxmesh agents list --json -w WS``."""
+        agent = Agent(id=f"{workspace}-a1", name="edge-1", workspace=workspace, status="online")
+        _put_agent(logged_in, agent)
+        bare = logged_in("agents", "--json", "-w", workspace)
+        assert bare.exit_code == 0, bare.output
+        assert [a["id"] for a in json.loads(bare.stdout)] == [agent.id]
+        table = logged_in("agents", "-w", workspace)
+        assert table.exit_code == 0, table.output
+        assert agent.id in table.stdout
+
     def test_unknown_agent_exits_4(self, logged_in: Cli) -> None:
         """An agent id nobody enrolled is exit 4."""
         result = logged_in("agents", "show", "no-such-agent")
@@ -260,6 +271,7 @@ class TestUsers:
         users = json.loads(logged_in("user", "list", "--json").stdout)
         assert {"username": name, "roles": ["operator"], "disabled": False} in users
         assert name in logged_in("user").stdout  # bare group lists
+        assert json.loads(logged_in("user", "--json").stdout) == users  # with list's options
 
         changed = logged_in(
             "user", "passwd", name, "--password-stdin", input="second-password-456\n"

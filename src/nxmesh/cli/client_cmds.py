@@ -9,6 +9,8 @@ versions list|show`` and ``nxmesh rollback`` read and rewind the history.
 
 The root group (`nxmesh.cli`) loads these, ``rollout``, ``agents``, ``token`` and ``user``
 by name when they run; `client_versions_group` adds ``list``/``show`` to ``versions``.
+A bare group (``nxmesh versions``, ``nxmesh agents``, ``nxmesh user``) runs ``list``
+with the options given (`ListByDefaultGroup`).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import yaml
 from rich.table import Table
 
 from nxmesh.cli.client_support import (
+    ListByDefaultGroup,
     client_command,
     console,
     credential_store,
@@ -67,7 +70,12 @@ def _read_secret(prompt: str, *, from_stdin: bool, confirm: bool = False) -> str
 @click.option(
     "--url", help="The master's API URL. Default: the profile's, else http://127.0.0.1:8470."
 )
-@click.option("--username", "-u", help="User name (prompted when not given).")
+@click.option(
+    "--username",
+    "-u",
+    help="User name. Default: the profile's previous one; without --password-stdin it is "
+    "asked for.",
+)
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin's first line.")
 @click.option(
     "--api-token-stdin",
@@ -95,7 +103,8 @@ def login_command(
 
     The password is read from a hidden prompt, or with --password-stdin from stdin, and
     is never stored: only the access and refresh tokens are, in
-    ~/.config/nxmesh/credentials.json (mode 0600).
+    ~/.config/nxmesh/credentials.json (mode 0600). Reading stdin, nothing is prompted
+    for: the user name is --username, else the one the profile logged in with before.
     """
     from nxmesh.client import DEFAULT_URL, Client, Profile, normalize_url
 
@@ -113,9 +122,17 @@ def login_command(
             me = client.me()
             saved = Profile(url=base, username=me.subject, api_token=token, ca_file=ca)
     else:
-        if username is None:
-            default = previous.username if previous and previous.username else "admin"
-            username = click.prompt("Username", default=default, err=True)
+        saved_name = previous.username if previous and previous.username else None
+        if username is None and password_stdin:
+            # stdin holds the password: a prompt would read it as the user name.
+            if saved_name is None:
+                raise click.UsageError(
+                    "--password-stdin needs the user name: pass --username NAME "
+                    f"(profile {profile!r} has no previous login to take it from)"
+                )
+            username = saved_name
+        elif username is None:
+            username = click.prompt("Username", default=saved_name or "admin", err=True)
         password = _read_secret("Password", from_stdin=password_stdin)
         with Client(Profile(url=base, ca_file=ca)) as client:
             saved = client.login(username, password)
@@ -134,12 +151,12 @@ def login_command(
 @client_command
 def logout_command(profile: str) -> None:
     """End the stored session on the master and forget it locally."""
-    from nxmesh.client import ClientError
+    from nxmesh.client import ClientError, NotLoggedInError
 
     store = credential_store()
     try:
         client = open_client(profile)
-    except ClientError:
+    except NotLoggedInError:  # not a bad profile name or credentials file: those exit 2
         click.echo("not logged in")
         return
     with client:
@@ -428,34 +445,21 @@ def rollback_command(
 # ---------------------------------------------------------------------------------------
 
 
-def _list_by_default(group: click.Group, list_command: click.Command) -> None:
-    """Make ``nxmesh <group>`` alone run ``nxmesh <group> list`` (default options).
-
-    Idempotent: the group is a module-level object and `build_cli` may run many times in
-    one process (tests), so it must not be wrapped twice (which would list twice).
-    """
-    if getattr(group.callback, "_lists_by_default", False):
-        return
-    group.invoke_without_command = True
-    group.no_args_is_help = False
-    previous = group.callback
-
-    @click.pass_context
-    def callback(ctx: click.Context, *args: Any, **kwargs: Any) -> Any:
-        result = ctx.invoke(previous, *args, **kwargs) if previous else None
-        if ctx.invoked_subcommand is None:
-            ctx.invoke(list_command)
-        return result
-
-    callback._lists_by_default = True  # type: ignore[attr-defined]
-    group.callback = callback
-
-
 def client_versions_group() -> click.Group:
-    """The ``versions`` group with ``list`` and ``show`` added (``nxmesh versions`` lists)."""
+    """The ``versions`` group: ``verify`` plus ``list`` and ``show`` (``nxmesh versions``
+    alone lists, taking list's options: ``nxmesh versions --json``).
+
+    A new group each call, leaving `nxmesh.cli.versions_cmd.versions_group` as it is:
+    `build_cli` may run many times in one process (tests).
+    """
     from nxmesh.cli.versions_cmd import versions_group
 
-    versions_group.add_command(versions_list_command)
-    versions_group.add_command(versions_show_command)
-    _list_by_default(versions_group, versions_list_command)
-    return versions_group
+    return ListByDefaultGroup(
+        versions_group.name,
+        commands=[
+            *versions_group.commands.values(),
+            versions_list_command,
+            versions_show_command,
+        ],
+        help="The config version history: list, show, verify (bare: list, with list's options).",
+    )

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from nxmesh.client import Client, CredentialStore
 
 __all__ = [
+    "ListByDefaultGroup",
     "age",
     "client_command",
     "console",
@@ -77,6 +78,29 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Machine-read
 workspace_option = click.option(
     "--workspace", "-w", default="default", show_default=True, help="Workspace."
 )
+
+
+class ListByDefaultGroup(click.Group):
+    """A group whose bare invocation is its ``list`` subcommand, options included.
+
+    ``nxmesh agents`` is ``nxmesh agents list``, and so is ``nxmesh agents --json -w
+    staging``: when no subcommand name comes first, ``list`` is put in front of the
+    arguments. The group has no options of its own, so ``-h/--help`` still shows the
+    group's help and an unknown word is still "No such command".
+    """
+
+    default_command: Final = "list"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("no_args_is_help", False)
+        super().__init__(*args, **kwargs)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        bare = not args or (args[0].startswith("-") and args[0] not in ctx.help_option_names)
+        # Shell completion parses resiliently: offer the subcommands, not list's options.
+        if bare and not ctx.resilient_parsing and self.default_command in self.commands:
+            args = [self.default_command, *args]
+        return super().parse_args(ctx, args)
 
 
 def print_json(value: Any) -> None:

@@ -9,7 +9,8 @@
 * ``user [list|add|passwd|delete]`` — local users. Passwords come from a hidden prompt
   (asked twice) or, with ``--password-stdin``, from stdin; they are never echoed.
 
-A bare ``nxmesh agents`` or ``nxmesh user`` lists.
+A bare ``nxmesh agents`` or ``nxmesh user`` lists (``nxmesh agents --json`` is ``nxmesh
+agents list --json``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import click
 from rich.table import Table
 
 from nxmesh.cli.client_support import (
+    ListByDefaultGroup,
     age,
     client_command,
     console,
@@ -51,12 +53,9 @@ def _confirm(question: str, yes: bool) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-@click.group("agents", invoke_without_command=True)
-@click.pass_context
-def agents_group(ctx: click.Context) -> None:
-    """Enrolled agents: list, show, revoke (bare: list)."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(agents_list_command)
+@click.group("agents", cls=ListByDefaultGroup)
+def agents_group() -> None:
+    """Enrolled agents: list, show, revoke (bare: list, with list's options)."""
 
 
 @agents_group.command("list")
@@ -275,12 +274,9 @@ def _new_password(from_stdin: bool) -> str:
     return _read_secret("New password", from_stdin=from_stdin, confirm=not from_stdin)
 
 
-@click.group("user", invoke_without_command=True)
-@click.pass_context
-def user_group(ctx: click.Context) -> None:
-    """Users of the master: list, add, passwd, delete (bare: list)."""
-    if ctx.invoked_subcommand is None:
-        ctx.invoke(user_list_command)
+@click.group("user", cls=ListByDefaultGroup)
+def user_group() -> None:
+    """Users of the master: list, add, passwd, delete (bare: list, with list's options)."""
 
 
 @user_group.command("list")

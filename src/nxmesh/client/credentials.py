@@ -28,7 +28,7 @@ from typing import Any, Final, Literal
 
 import attrs
 
-from nxmesh.client.errors import ClientError
+from nxmesh.client.errors import EXIT_USAGE, ClientError
 from nxmesh.crypto.secrets import SecretError, read_private_file, write_private_file
 
 __all__ = [
@@ -50,7 +50,10 @@ _PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class CredentialsError(ClientError):
-    """The credentials file cannot be used (unreadable, readable by others, corrupt)."""
+    """The credentials file cannot be used (unreadable, readable by others, corrupt), or a
+    profile name is invalid: a local configuration problem, so a usage error (exit 2)."""
+
+    exit_code = EXIT_USAGE
 
 
 def config_dir(environ: Mapping[str, str] | None = None) -> Path:

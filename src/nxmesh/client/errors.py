@@ -38,7 +38,8 @@ EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 """Invalid input, a failed rollout, a server-side error."""
 EXIT_USAGE: Final = 2
-"""Bad command line (click's own status) or no login to use."""
+"""Bad command line (click's own status), an invalid profile name or an unusable
+credentials file."""
 EXIT_AUTH: Final = 3
 """Not authenticated, forbidden, or locked out."""
 EXIT_NOT_FOUND: Final = 4
