@@ -258,6 +258,30 @@ class TestSpecificFields:
             "/root/.ssh",
             "/var/lib/nxmesh",
             "/var/lib/nxmesh/keys",
+            # The agent's state dir (vault passphrase, encrypted keys) and its parents.
+            "/var/lib/nxmesh-agent",
+            "/var/lib/nxmesh-agent/vault",
+            "/var/lib",
+            "/var",
+            "/var/",
+            "/var/log/nginx",
+            "/var/cache",
+            "/var/run",
+            "/run",
+            "/run/secrets",
+            "/tmp",
+            "/tmp/site",
+            "/var/tmp/x",
+            "/usr",
+            "/usr/share/nginx/html",
+            "/lib64",
+            "/bin",
+            "/home",
+            "/home/",
+            "/home/alice",
+            "/home/alice/.ssh",
+            "/srv/www/.git",
+            "/srv/.hidden/www",
             "/srv/../etc",
             "/srv/www/../../etc",
             "/srv/./www",
@@ -268,9 +292,32 @@ class TestSpecificFields:
         ],
     )
     def test_root_cannot_expose_system_files(self, value: str) -> None:
-        """A static root cannot be '/', a system directory, or escape with '..'."""
+        """A static root cannot be '/', a protected system directory, a parent of one
+        (root /var serves /var/lib/...), a home directory itself, a hidden directory, or
+        escape with '..'."""
         doc = set_at(base_doc(), "sites[0].locations[2].root", value)
         assert rejected_paths(doc) == ["sites[0].locations[2].root"]
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "/srv",
+            "/srv/www/shop",
+            "/var/www",
+            "/var/www/shop/",
+            "/home/alice/www",
+            "/opt/site/public",
+            "/data/www",
+            "/variable",
+            "/library/www",
+            "/srv/www/a.b",
+        ],
+    )
+    def test_content_roots_are_accepted(self, value: str) -> None:
+        """Content directories, including ones inside a home, are fine; a name that only
+        starts like a protected one (/variable, /library) is not inside it."""
+        doc = set_at(base_doc(), "sites[0].locations[2].root", value)
+        assert structure_state(doc).sites[0].locations[2].root == value
 
     @pytest.mark.parametrize(
         "value",
@@ -291,15 +338,51 @@ class TestSpecificFields:
             "$",
             "^/a$b",
             "^/a\\$",
+            # A repeated group holding an alternation or a quantifier: catastrophic
+            # backtracking that makes nginx's PCRE fail the request (-47).
+            "^/(a|aa)+$",
+            "^/(?:a|b)*x",
+            "^/(a?)+",
+            "^/(?:png|jpe?g)+",
+            "^/((a|b)c)+",
+            "^/((a|b)?)*",
+            "^/x(\\d+/)*$",
+            # POSIX bracket forms nginx's PCRE2 refuses, though Python's re accepts them.
+            "^/[[:foo:]]",
+            "^/[[:ALPHA:]]",
+            "^/[[.a.]]",
+            "^/[[=a=]]",
+            "^/[:alpha:]",
+            "^/[.a.]",
+            "^/[[:alpha:]",
+            "^/[a[:b]",
+            "^/[[:digit:]-z]",
+            "^/[a-[:digit:]]",
         ],
     )
     @pytest.mark.parametrize("index", [2, 3])
     def test_bad_regex_location(self, index: int, value: str) -> None:
-        """Regex locations refuse backreferences, inline flags, braces and nested quantifiers."""
+        """Regex locations refuse backreferences, inline flags, braces, repeated groups that
+        hold an alternation or a quantifier, and POSIX forms nginx does not know."""
         field = f"sites[0].locations[{index}].path"
         assert rejected_paths(set_at(base_doc(), field, value)) == [field]
 
-    @pytest.mark.parametrize("value", ["^/a/(b|c)/d$", "\\.php$", "^/[a-z0-9_-]+\\.(css|js)$"])
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "^/a/(b|c)/d$",
+            "\\.php$",
+            "^/[a-z0-9_-]+\\.(css|js)$",
+            "^/(ab)+$",
+            "^/(?:x|y)?/z",
+            "^/[ab]+",
+            "^/[[:alpha:]]+$",
+            "^/[[:^digit:][:punct:]]",
+            "^/[-[:xdigit:]]",
+            "^/[.]",
+            "^/[:/]+",
+        ],
+    )
     def test_good_regex_location(self, value: str) -> None:
         """Ordinary location regexes, with a trailing '$' anchor, are accepted."""
         state = structure_state(set_at(base_doc(), "sites[0].locations[2].path", value))

@@ -116,10 +116,28 @@ class TestListener:
             Listener(port)
         assert paths_of(exc) == ["port"]
 
-    @pytest.mark.parametrize("address", ["*", "0.0.0.0", "::", "2001:db8::1"])
+    @pytest.mark.parametrize("address", ["*", "10.0.0.1", "::", "2001:db8::1"])
     def test_addresses(self, address: str) -> None:
         """IPv4, IPv6 and '*' are valid listen addresses."""
         assert Listener(443, address=address).bind == (address, 443)
+
+    @pytest.mark.parametrize(
+        ("address", "bind"),
+        [
+            (None, "*"),
+            ("*", "*"),
+            ("0.0.0.0", "*"),
+            ("::", "::"),
+            ("0:0::0", "::"),
+            ("0:0:0:0:0:0:0:0", "::"),
+            ("2001:DB8:0::1", "2001:db8::1"),
+            ("::ffff:10.0.0.1", "::ffff:a00:1"),
+        ],
+    )
+    def test_bind_is_one_spelling_per_socket(self, address: str | None, bind: str) -> None:
+        """The conflict key spells each socket one way: the IPv4 wildcard as '*' however
+        it is written, IPv6 compressed and lowercase."""
+        assert Listener(80, address=address).bind == (bind, 80)
 
     def test_default_bind_is_wildcard(self) -> None:
         """A listener without address binds every address."""
@@ -206,6 +224,45 @@ class TestLocation:
             loc(upstream="app", index=("index.html",))
         assert paths_of(exc) == ["index"]
 
+    @pytest.mark.parametrize(
+        ("regex", "says"),
+        [
+            ("^/(a|aa)+$", "repeats the group '(a|aa)+', which holds an alternative ('|')"),
+            ("^/(a?)+", "repeats the group '(a?)+'"),
+            ("^/[[:foo:]]", "uses the unknown POSIX class '[:foo:]'"),
+            ("^/[[.a.]]", "the POSIX collating element '[.a.]'"),
+            ("^/[:alpha:]", "only inside brackets, like [[:alpha:]]"),
+        ],
+    )
+    def test_regex_error_names_the_construct(self, regex: str, says: str) -> None:
+        """A refused regex is reported at 'path', quoting the construct nginx would choke on."""
+        with pytest.raises(Invalid) as exc:
+            loc(regex, match="regex")
+        [(path, reason)] = exc.value.problems
+        assert path == "path"
+        assert says in reason
+
+    @pytest.mark.parametrize(
+        ("root", "says"),
+        [
+            ("/var", "would expose the protected system directory /var/lib"),
+            ("/var/lib/nxmesh-agent", "is inside the protected system directory /var/lib"),
+            ("/run", "is a protected system directory"),
+            ("/home", "would expose every user's ~/.ssh keys"),
+            ("/home/alice", "is a home directory and would expose its ~/.ssh keys"),
+            ("/srv/www/.git", "goes through the hidden directory '.git'"),
+        ],
+    )
+    def test_root_error_names_what_it_exposes_and_what_to_use(self, root: str, says: str) -> None:
+        """A refused root is reported at 'root', saying what it exposes and where content
+        belongs instead."""
+        with pytest.raises(Invalid) as exc:
+            loc(root=root)
+        [(path, reason)] = exc.value.problems
+        assert path == "root"
+        assert says in reason
+        assert "/srv/www/<site>" in reason
+
     def test_all_field_problems_of_a_field_are_reported(self) -> None:
         """Every bad item of a list field is reported, not only the first."""
         with pytest.raises(Invalid) as exc:
@@ -236,9 +293,32 @@ class TestSite:
             make_site(listeners=(Listener(80), Listener(80, http2=True)))
         assert paths_of(exc) == ["listeners[1].port"]
 
+    @pytest.mark.parametrize(
+        ("first", "second"),
+        [
+            (None, "*"),
+            (None, "0.0.0.0"),
+            ("*", "0.0.0.0"),
+            ("::", "0:0::0"),
+            ("::1", "0:0:0:0:0:0:0:1"),
+            ("2001:db8::1", "2001:DB8::1"),
+        ],
+    )
+    def test_duplicate_listener_spelled_differently(
+        self, first: str | None, second: str | None
+    ) -> None:
+        """Two spellings of one socket are one socket: nginx says 'a duplicate listen'."""
+        with pytest.raises(Invalid) as exc:
+            make_site(listeners=(Listener(80, address=first), Listener(80, address=second)))
+        assert paths_of(exc) == ["listeners[1].port"]
+        assert "are the same address to nginx" in exc.value.problems[0][1]
+
     def test_same_port_different_address_is_fine(self) -> None:
         """Listeners on one port but different addresses are distinct."""
         site = make_site(listeners=(Listener(80, address="10.0.0.1"), Listener(80, address="::1")))
+        assert len(site.listeners) == 2
+        # The IPv4 and IPv6 wildcards are different sockets (nginx sets ipv6only).
+        site = make_site(listeners=(Listener(80), Listener(80, address="::")))
         assert len(site.listeners) == 2
 
     def test_python_lists_and_wrong_types_are_rejected(self) -> None:
@@ -414,6 +494,33 @@ class TestCheckState:
         )
         assert [p.path for p in check_state(s)] == ["sites[1].listeners[0].default_server"]
 
+    @pytest.mark.parametrize(
+        ("first", "second"), [(None, "0.0.0.0"), ("*", "0.0.0.0"), ("::", "0:0::0")]
+    )
+    def test_two_default_servers_spelled_differently(
+        self, first: str | None, second: str | None
+    ) -> None:
+        """Default servers are compared per socket, not per spelling of the address."""
+        s = state(
+            make_site(listeners=(Listener(80, address=first, default_server=True),)),
+            make_site(
+                "b",
+                server_names=("b.example.com",),
+                listeners=(Listener(80, address=second, default_server=True),),
+            ),
+        )
+        [problem] = check_state(s)
+        assert problem.path == "sites[1].listeners[0].default_server"
+        assert "sites[0] is already the default server" in problem.message
+
+    def test_server_name_conflict_spelled_differently(self) -> None:
+        """One server name on '*:80' and '0.0.0.0:80' is served twice (nginx ignores one)."""
+        s = state(
+            make_site(listeners=(Listener(80, address="*"),)),
+            make_site("b", listeners=(Listener(80, address="0.0.0.0"),)),
+        )
+        assert [p.path for p in check_state(s)] == ["sites[1].server_names[0]"]
+
     def test_all_problems_reported(self) -> None:
         """check_state collects every problem rather than stopping at the first."""
         s = state(
@@ -459,6 +566,103 @@ class TestPortTlsConsistency:
         [problem] = info.value.problems
         assert problem.path == "sites[1].listeners[0].tls"
         assert "sites[0]" in problem.message
+
+    @pytest.mark.parametrize(("tls_address", "plain_address"), [(None, "0.0.0.0"), ("::", "0::0")])
+    def test_tls_and_plain_spelled_differently(
+        self, tls_address: str | None, plain_address: str
+    ) -> None:
+        """One socket written two ways still cannot be TLS for one site and plain for
+        another: nginx would offer the plain site TLS without its certificate."""
+        s = state(
+            make_site(
+                listeners=(Listener(8443, tls=True, address=tls_address),),
+                tls=TLSConfig(certificate="c"),
+            ),
+            make_site(
+                "plain",
+                server_names=("b.example.com",),
+                listeners=(Listener(8443, address=plain_address),),
+            ),
+            certs=(CertificateRef("c", ("example.com",)),),
+        )
+        [problem] = check_state(s)
+        assert problem.path == "sites[1].listeners[0].tls"
+        assert "is TLS in sites[0]" in problem.message
+
+
+ACME_PATH = "/.well-known/acme-challenge/"
+
+
+def acme_site(tls: TLSConfig, *paths: tuple[str, str]) -> Site:
+    return make_site(
+        listeners=(Listener(80), Listener(443, tls=True)),
+        tls=tls,
+        locations=tuple(loc(path, match=match) for path, match in (("/", "prefix"), *paths)),
+    )
+
+
+class TestAcmeChallengePath:
+    """An ACME site's plain-HTTP server serves /.well-known/acme-challenge/ itself."""
+
+    @pytest.mark.parametrize("redirect_http", [False, True])
+    @pytest.mark.parametrize(
+        ("path", "match"),
+        [(ACME_PATH, "prefix"), (ACME_PATH + "x", "prefix"), (ACME_PATH + "x", "exact")],
+    )
+    def test_reserved_on_a_tls_acme_site(self, path: str, match: str, redirect_http: bool) -> None:
+        """The site's own location there would be nginx's 'duplicate location' (or take the
+        CA's requests): refused, at the location's path, naming the reason."""
+        s = state(acme_site(TLSConfig(acme=True, redirect_http=redirect_http), (path, match)))
+        [problem] = check_state(s)
+        assert problem.path == "sites[0].locations[1].path"
+        assert problem.message == (
+            f"{ACME_PATH} and the paths below it are reserved for the ACME HTTP-01 "
+            "challenges nxmesh answers there, because the site has tls: acme; remove this "
+            "location"
+        )
+
+    def test_reserved_with_an_acme_sourced_certificate(self) -> None:
+        """A named certificate whose source is ACME gets the challenge location too."""
+        site = acme_site(TLSConfig(certificate="c", redirect_http=False), (ACME_PATH, "prefix"))
+        acme = state(site, certs=(CertificateRef("c", ("example.com",), source="acme"),))
+        [problem] = check_state(acme)
+        assert "certificate 'c' comes from ACME" in problem.message
+        uploaded = state(site, certs=(CertificateRef("c", ("example.com",)),))
+        assert check_state(uploaded) == []
+
+    def test_other_sites_and_regex_locations_may_use_it(self) -> None:
+        """Without ACME the path is the site's own; a regex location never beats the
+        renderer's '^~' location, so it is no conflict."""
+        plain = make_site("plain", server_names=("plain.example.com",), locations=(loc(ACME_PATH),))
+        regex = acme_site(TLSConfig(acme=True, redirect_http=False), ("^/\\.well-known/", "regex"))
+        assert check_state(state(plain, regex)) == []
+
+    def test_reported_with_field_problems(self) -> None:
+        """structure_state reports it next to field problems, from the salvaged parts."""
+        from nxmesh.core.errors import ValidationError
+        from nxmesh.core.serialization import structure_state
+
+        data = {
+            "certificates": [{"name": "c", "domains": ["example.com"], "source": "acme"}],
+            "sites": [
+                {
+                    "name": "web",
+                    "server_names": ["example.com"],
+                    "listeners": [{"port": 80}, {"port": 443, "tls": True}],
+                    "tls": {"certificate": "c", "redirect_http": False},
+                    "locations": [
+                        {"path": ACME_PATH, "return": {"code": 204}},
+                        {"path": "/x", "return": {"code": 999}},
+                    ],
+                }
+            ],
+        }
+        with pytest.raises(ValidationError) as info:
+            structure_state(data)
+        assert [p.path for p in info.value.problems] == [
+            "sites[0].locations[1].return.code",
+            "sites[0].locations[0].path",
+        ]
 
 
 class TestStructureReportsEverything:

@@ -383,6 +383,22 @@ class TestSites:
         redirect, _ = servers(parse(NginxRenderer().render(state(tls_site)), tmp_path), "api")
         assert args(redirect, "listen") == [["10.0.0.1:80"]]
 
+    def test_redirect_listens_once_per_socket(self, tmp_path: Path) -> None:
+        """``443`` and ``0.0.0.0:8443`` are one IPv4 wildcard: one ``listen 80``, not two
+        (nginx's "duplicate listen"); IPv6 gets its own."""
+        tls_site = site(
+            "api",
+            listeners=(
+                Listener(port=443, tls=True),
+                Listener(port=8443, tls=True, address="0.0.0.0"),
+                Listener(port=8443, tls=True, address="::"),
+            ),
+            tls=TLSConfig(certificate="c"),
+        )
+        bundle = NginxRenderer().render(state(tls_site))
+        redirect, _ = servers(parse(bundle, tmp_path), "api")
+        assert args(redirect, "listen") == [["80"], ["[::]:80"]]
+
     def test_redirect_names_a_non_default_https_port(self, tmp_path: Path) -> None:
         """HTTPS on 8443 redirects to https://$host:8443..."""
         tls_site = site(

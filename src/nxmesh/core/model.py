@@ -15,6 +15,7 @@ which is spelled ``return`` (see the ``key`` metadata, honoured by the converter
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
 from typing import Any, Literal, TypeVar
@@ -133,6 +134,31 @@ class LabelSelector:
 # ---------------------------------------------------------------------------------------
 
 
+def _bind_address(address: str | None) -> str:
+    if address is None or address == "*":
+        return "*"
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:  # not an IP (the model refuses it): compare it case-insensitively
+        return address.lower()
+    if ip.version == 4 and ip.is_unspecified:
+        return "*"
+    return ip.compressed
+
+
+def _socket(bind: tuple[str, int]) -> str:
+    """A `Listener.bind` for messages: ``port 80`` (the IPv4 wildcard), ``10.0.0.1:80``,
+    ``[::1]:80``."""
+    address, port = bind
+    if address == "*":
+        return f"port {port}"
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _spelling(address: str | None) -> str:
+    return "no address" if address is None else repr(address)
+
+
 @attrs.frozen
 class Listener:
     """One ``listen`` socket of a site."""
@@ -147,8 +173,14 @@ class Listener:
 
     @property
     def bind(self) -> tuple[str, int]:
-        """``(address, port)`` with the wildcard spelled ``*``: what nginx binds to."""
-        return (self.address or "*", self.port)
+        """``(address, port)`` as nginx binds it, one spelling per socket: the key every
+        listener conflict check compares.
+
+        No address, ``*`` and ``0.0.0.0`` are all the IPv4 wildcard (``*``); IPv6 is
+        compressed (``0:0::0`` → ``::``). nginx compares sockets, so different spellings
+        of one are still ``a duplicate listen``.
+        """
+        return (_bind_address(self.address), self.port)
 
 
 @attrs.frozen(kw_only=True)
@@ -323,10 +355,17 @@ class Site:
             found.append(("tls", "is set but no listener has tls: true (add one, e.g. port 443)"))
         seen: dict[tuple[str, int], int] = {}
         for i, lst in enumerate(self.listeners):
-            if lst.bind in seen:
-                again = f"repeats listeners[{seen[lst.bind]}] (same address and port)"
+            bind = lst.bind
+            if bind in seen:
+                first = self.listeners[seen[bind]]
+                again = f"repeats listeners[{seen[bind]}]: both listen on {_socket(bind)}"
+                if first.address != lst.address:
+                    again += (
+                        f" ({_spelling(first.address)} and {_spelling(lst.address)} are the "
+                        "same address to nginx)"
+                    )
                 found.append((f"listeners[{i}].port", again))
-            seen.setdefault(lst.bind, i)
+            seen.setdefault(bind, i)
         v.raise_problems(found)
 
 
@@ -443,12 +482,15 @@ class StateParts:
     names the kinds whose items could not be read at all (a file that does not parse).
     References to upstreams or certificates are not judged when one of them has no
     readable name: they may mean it (no "unknown upstream" caused by a typo elsewhere).
+    `acme_certificates` names the certificates whose source is ACME: their sites serve
+    the HTTP-01 challenge path like ``tls: acme`` sites.
     """
 
     sites: tuple[Site | SiteParts | None, ...] = ()
     upstreams: tuple[str | None, ...] = ()
     certificates: tuple[str | None, ...] = ()
     unknown: frozenset[str] = frozenset()
+    acme_certificates: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, state: DesiredState) -> StateParts:
@@ -456,6 +498,7 @@ class StateParts:
             sites=state.sites,
             upstreams=tuple(u.name for u in state.upstreams),
             certificates=tuple(c.name for c in state.certificates),
+            acme_certificates=frozenset(c.name for c in state.certificates if c.source == "acme"),
         )
 
     @classmethod
@@ -483,6 +526,13 @@ class StateParts:
             upstreams=tuple(map(_name, items["upstreams"])),
             certificates=tuple(map(_name, items["certificates"])),
             unknown=frozenset(unknown),
+            acme_certificates=frozenset(
+                name
+                for item in items["certificates"]
+                if isinstance(item, Mapping)
+                and item.get("source") == "acme"
+                and (name := _name(item)) is not None
+            ),
         )
 
     @classmethod
@@ -494,6 +544,7 @@ class StateParts:
             upstreams=tuple(name for part in parts for name in part.upstreams),
             certificates=tuple(name for part in parts for name in part.certificates),
             unknown=frozenset().union(*(part.unknown for part in parts)),
+            acme_certificates=frozenset().union(*(part.acme_certificates for part in parts)),
         )
 
 
@@ -562,6 +613,24 @@ def _first_seen(
     return first
 
 
+# The renderer serves ACME HTTP-01 tokens here (acme_challenge.conf.j2) in the plain-HTTP
+# server of an ACME site; a location of the site at the same path is "duplicate location"
+# to nginx once that server also carries the locations (redirect_http: false), and one
+# below it would take the CA's requests for some tokens.
+_ACME_CHALLENGE_PATH = "/.well-known/acme-challenge/"
+
+
+def _acme_source(tls: TLSConfig | None, acme_certificates: frozenset[str]) -> str | None:
+    """Why a site gets its certificate by ACME (for messages), or None when it does not."""
+    if tls is None:
+        return None
+    if tls.acme:
+        return "the site has tls: acme"
+    if tls.certificate in acme_certificates:
+        return f"the site's certificate {tls.certificate!r} comes from ACME"
+    return None
+
+
 def check_state(state: DesiredState) -> list[Problem]:
     """Every cross-object problem of `state`: duplicates, dangling references, conflicts.
 
@@ -602,32 +671,34 @@ def check_parts(parts: StateParts) -> list[Problem]:
                     found.append(
                         Problem(
                             f"{here}.server_names[{n}]",
-                            f"server name {server_name!r} on port {port} is already served by "
-                            f"sites[{other}]",
+                            f"server name {server_name!r} on {_socket((addr, port))} is "
+                            f"already served by sites[{other}]",
                         )
                     )
                     break
         for n, lst in enumerate(site.listeners):
             if lst is None:
                 continue
-            tls, owner = tls_on_bind.setdefault(lst.bind, (lst.tls, i))
+            bind = lst.bind
+            tls, owner = tls_on_bind.setdefault(bind, (lst.tls, i))
             if tls != lst.tls:
                 found.append(
                     Problem(
                         f"{here}.listeners[{n}].tls",
-                        f"port {lst.port} is {'TLS' if tls else 'plain HTTP'} in "
+                        f"{_socket(bind)} is {'TLS' if tls else 'plain HTTP'} in "
                         f"sites[{owner}]; one port cannot mix TLS and plain HTTP",
                     )
                 )
             if lst.default_server:
-                other = defaults.setdefault(lst.bind, i)
+                other = defaults.setdefault(bind, i)
                 if other != i:
                     found.append(
                         Problem(
                             f"{here}.listeners[{n}].default_server",
-                            f"sites[{other}] is already the default server for port {lst.port}",
+                            f"sites[{other}] is already the default server for {_socket(bind)}",
                         )
                     )
+        acme = _acme_source(site.tls, parts.acme_certificates)
         paths: dict[tuple[str, str], int] = {}
         for n, loc in enumerate(site.locations):
             if loc is None:
@@ -638,6 +709,19 @@ def check_parts(parts: StateParts) -> list[Problem]:
                     Problem(
                         f"{here}.locations[{n}].path",
                         f"{loc.match} location {loc.path!r} repeats locations[{other}]",
+                    )
+                )
+            elif (
+                acme is not None
+                and loc.match in ("prefix", "exact")
+                and loc.path.startswith(_ACME_CHALLENGE_PATH)
+            ):
+                found.append(
+                    Problem(
+                        f"{here}.locations[{n}].path",
+                        f"{_ACME_CHALLENGE_PATH} and the paths below it are reserved for the "
+                        f"ACME HTTP-01 challenges nxmesh answers there, because {acme}; "
+                        "remove this location",
                     )
                 )
             if check_upstreams and loc.upstream is not None and loc.upstream not in upstreams:

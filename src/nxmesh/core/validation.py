@@ -312,20 +312,67 @@ REDIRECT_URL = TextRule(
     refine=_redirect_refine,
 )
 
-# Directories nginx must never serve: the whole filesystem, secrets and our own state.
-_FORBIDDEN_ROOTS = ("/etc", "/proc", "/sys", "/dev", "/root", "/boot", "/var/lib/nxmesh")
+# Directories nginx must never serve, nor serve a parent of: system configuration and
+# state, other services' data and our own (the agent's vault lives under /var/lib, and
+# nginx workers run as the agent's user). Content belongs under /srv or /var/www.
+_PROTECTED_ROOTS = (
+    "/etc",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/boot",
+    "/root",
+    "/run",
+    "/var/lib",
+    "/var/log",
+    "/var/cache",
+    "/var/spool",
+    "/var/mail",
+    "/var/backups",
+    "/var/tmp",  # noqa: S108 - refused as a root, never written to
+    "/var/run",
+    "/tmp",  # noqa: S108 - refused as a root, never written to
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+)
+_CONTENT_DIRS = "/srv/www/<site> or /var/www/<site>"
 
 
 def _root_refine(value: str) -> str | None:
     segments = [s for s in value.split("/") if s]
+    use = f"use a content directory like {_CONTENT_DIRS}"
     if not segments:
-        return "root '/' would expose system files; point it at a content directory"
+        return f"root '/' would expose the whole filesystem; {use}"
     if any(s in (".", "..") for s in segments):
         return "must not contain '.' or '..' segments"
     normal = "/" + "/".join(segments)
-    for forbidden in _FORBIDDEN_ROOTS:
-        if normal == forbidden or normal.startswith(forbidden + "/"):
-            return f"root under {forbidden} would expose system files"
+    for protected in _PROTECTED_ROOTS:
+        if normal == protected:
+            return f"root {normal} is a protected system directory; {use}"
+        if normal.startswith(protected + "/"):
+            return f"root {normal} is inside the protected system directory {protected}; {use}"
+        # A parent serves everything below it: root /var serves /var/lib/dpkg/status.
+        if protected.startswith(normal + "/"):
+            return f"root {normal} would expose the protected system directory {protected}; {use}"
+    # A home directory holds ~/.ssh and shell history; a directory inside it is fine.
+    if segments == ["home"]:
+        return (
+            f"root /home would expose every user's ~/.ssh keys; use a directory inside a "
+            f"home like /home/<user>/www, or {_CONTENT_DIRS}"
+        )
+    if segments[0] == "home" and len(segments) == 2:
+        return (
+            f"root {normal} is a home directory and would expose its ~/.ssh keys; use a "
+            f"directory inside it like {normal}/www, or {_CONTENT_DIRS}"
+        )
+    # Dot directories (.ssh, .git, .aws) hold keys, credentials and history.
+    if hidden := next((s for s in segments if s.startswith(".")), None):
+        return f"root {normal} goes through the hidden directory {hidden!r}; {use}"
     return None
 
 
@@ -515,53 +562,218 @@ def _regex_refine(value: str) -> str | None:
         if body.startswith("(?", i) and not body.startswith(("(?:", "(?=", "(?!"), i):
             return "only the (?: (?= and (?! group forms are allowed in a location regex"
         i += 1
+    reason, python_form = _check_classes(body)
+    if reason is not None:
+        return reason
     try:
-        re.compile(value)
+        re.compile(python_form + value[len(body) :])
     except re.error as exc:
         return f"is not a valid regular expression: {exc}"
-    if _has_nested_quantifier(body):
+    if (group := _repeated_risky_group(body)) is not None:
         return (
-            "has a repeated group that itself repeats, like (a+)+, which can take "
-            "exponential time to match (catastrophic backtracking)"
+            f"repeats the group {group!r}, which holds an alternative ('|') or a quantifier "
+            "(?, +, *): it can take exponential time to match (catastrophic backtracking) "
+            "and nginx's PCRE then fails the request; repeat a character class instead, "
+            "like [ab]+ for (a|b)+"
         )
     return None
 
 
-def _has_nested_quantifier(regex: str) -> bool:
-    """True when a group containing ``+`` or ``*`` is itself followed by ``+`` or ``*``.
+# The POSIX classes nginx's PCRE2 accepts inside brackets, like [[:alpha:]] or
+# [[:^digit:]]; it refuses other names and the collating forms [.x.] and [=x=].
+_POSIX_CLASSES = frozenset(
+    {
+        "alpha",
+        "digit",
+        "alnum",
+        "upper",
+        "lower",
+        "space",
+        "punct",
+        "xdigit",
+        "word",
+        "blank",
+        "cntrl",
+        "graph",
+        "print",
+        "ascii",
+    }
+)
+# Class members Python may read as set operators or a nested set (a FutureWarning) but
+# PCRE reads as literals: escaped in the form handed to Python's re.compile.
+_PYTHON_SET_CHARS = frozenset("[|~&")
 
-    A cheap approximation of PCRE's catastrophic cases; braces are already banned, so
-    ``+`` and ``*`` are the only unbounded quantifiers.
+
+def _posix_end(regex: str, i: int) -> int | None:
+    """Where PCRE2 reads ``regex[i:]`` (``[`` then ``:``, ``.`` or ``=``) as a POSIX item.
+
+    The index after its closing ``:]`` (``.]``, ``=]``), or None when PCRE2 reads the
+    ``[`` as a literal. Mirrors PCRE2's check_posix_syntax.
     """
-    stack: list[bool] = [False]
+    terminator = regex[i + 1]
+    j = i + 2
+    while j + 1 < len(regex):
+        if regex[j] == "\\" and regex[j + 1] in "]\\":
+            j += 2
+            continue
+        if (regex[j] == "[" and regex[j + 1] == terminator) or regex[j] == "]":
+            return None
+        if regex[j] == terminator and regex[j + 1] == "]":
+            return j + 2
+        j += 1
+    return None
+
+
+def _check_classes(regex: str) -> tuple[str | None, str]:
+    """Check the character classes of `regex` the way nginx's PCRE2 parses them.
+
+    Returns a reason, or None and the same regex spelled so that Python's ``re`` parses
+    it alike (an allowed POSIX class becomes a plain member) for the syntax check.
+    """
+    out: list[str] = []
     i = 0
-    in_class = False
+    while i < len(regex):
+        ch = regex[i]
+        if ch == "\\":
+            out.append(regex[i : i + 2])
+            i += 2
+            continue
+        if ch != "[":
+            out.append(ch)
+            i += 1
+            continue
+        if regex[i + 1 : i + 2] in (":", ".", "=") and (end := _posix_end(regex, i)) is not None:
+            return (_posix_misplaced(regex[i:end]), "")
+        out.append("[")
+        i += 1
+        start = i
+        if regex.startswith("^", i):
+            out.append("^")
+            i += 1
+            start = i
+        # A ']' first in the class is a literal member.
+        if regex.startswith("]", i):
+            out.append("\\]")
+            i += 1
+        while i < len(regex) and regex[i] != "]":
+            ch = regex[i]
+            if ch == "\\":
+                out.append(regex[i : i + 2])
+                i += 2
+                continue
+            if ch == "[" and regex[i + 1 : i + 2] in (":", ".", "="):
+                end = _posix_end(regex, i)
+                if end is None:
+                    return (
+                        f"contains {regex[i : i + 2]!r} inside a character class, which nginx "
+                        "would read as the start of a POSIX class; write a literal '[' as \\[",
+                        "",
+                    )
+                item = regex[i:end]
+                if (reason := _posix_reason(item)) is not None:
+                    return reason, ""
+                dash_before = i - 1 > start and regex[i - 1] == "-" and regex[i - 2] != "\\"
+                if dash_before or (regex.startswith("-", end) and not regex.startswith("-]", end)):
+                    return (
+                        f"uses the POSIX class {item!r} as the end of a range, which nginx "
+                        "refuses; put a literal '-' first or last in the class",
+                        "",
+                    )
+                out.append("a")  # any single member: Python only checks the syntax
+                i = end
+                continue
+            out.append("\\" + ch if ch in _PYTHON_SET_CHARS else ch)
+            i += 1
+        if i >= len(regex):
+            # Python may still see a complete class: [[:alpha:] is '[[:alpha:]' to it.
+            return "has a character class without its closing ']'", ""
+        out.append("]")
+        i += 1
+    return None, "".join(out)
+
+
+def _posix_misplaced(item: str) -> str:
+    if item[1] == ":":
+        return (
+            f"uses the POSIX class {item!r} outside a character class; nginx accepts it "
+            f"only inside brackets, like [{item}]"
+        )
+    return f"contains the POSIX collating element {item!r}, which nginx's PCRE2 refuses"
+
+
+def _posix_reason(item: str) -> str | None:
+    """Why nginx refuses the POSIX item `item` inside a class, or None when it accepts it."""
+    if item[1] != ":":
+        return _posix_misplaced(item)
+    if item[2:-2].removeprefix("^") in _POSIX_CLASSES:
+        return None
+    known = " ".join(f"[:{name}:]" for name in sorted(_POSIX_CLASSES))
+    return (
+        f"uses the unknown POSIX class {item!r}, which nginx's PCRE2 refuses; the known "
+        f"classes are {known} (negated as [:^name:])"
+    )
+
+
+def _repeated_risky_group(regex: str) -> str | None:
+    """The first group repeated by ``+``, ``*`` or ``{`` whose body holds an alternation
+    (``|``) or a quantifier (``?``, ``+``, ``*``, ``{``), at any depth; None if there is
+    none.
+
+    Such a group can match one input in exponentially many ways: ``(a+)+``, ``(a|aa)+``.
+    PCRE backtracks through them until its match limit, and nginx answers the request
+    with an error ("pcre2_match() failed: -47"). A group of plain atoms (``(ab)+``) or a
+    repeated character class (``[ab]+``) is linear.
+    """
+    # Per open group (the whole regex first): where it starts, whether its body is risky.
+    starts = [0]
+    risky = [False]
+    i = 0
     while i < len(regex):
         ch = regex[i]
         if ch == "\\":
             i += 2
             continue
-        if in_class:
-            in_class = ch != "]"
-        elif ch == "[":
-            in_class = True
-            # A leading ']' (or '^]') is a literal inside the class.
-            if regex.startswith("]", i + 1):
-                i += 1
-            elif regex.startswith("^]", i + 1):
-                i += 2
-        elif ch == "(":
-            stack.append(False)
-        elif ch == ")" and len(stack) > 1:
-            inner = stack.pop()
-            repeated = regex.startswith(("+", "*"), i + 1)
-            if inner and repeated:
-                return True
-            stack[-1] = stack[-1] or inner or repeated
-        elif ch in "+*":
-            stack[-1] = True
+        if ch == "[":
+            i = _class_end(regex, i)
+            continue
+        if ch == "(":
+            starts.append(i)
+            risky.append(False)
+            # The '?' of (?: (?= (?! is group syntax, not a quantifier.
+            i += 2 if regex.startswith("?", i + 1) else 1
+            continue
+        if ch == ")" and len(starts) > 1:
+            start, inner = starts.pop(), risky.pop()
+            if inner and regex.startswith(("+", "*", "{"), i + 1):
+                return regex[start : i + 2]
+            quantified = regex.startswith(("+", "*", "{", "?"), i + 1)
+            risky[-1] = risky[-1] or inner or quantified
+        elif ch in "|?+*{":
+            risky[-1] = True
         i += 1
-    return False
+    return None
+
+
+def _class_end(regex: str, i: int) -> int:
+    """The index after the character class opening at ``regex[i]`` (PCRE2's reading:
+    a leading ']' is a member, POSIX items like [:alpha:] are skipped whole)."""
+    i += 1
+    if regex.startswith("^", i):
+        i += 1
+    if regex.startswith("]", i):
+        i += 1
+    while i < len(regex) and regex[i] != "]":
+        if regex[i] == "\\":
+            i += 2
+        elif (
+            regex[i] == "["
+            and regex[i + 1 : i + 2] in (":", ".", "=")
+            and (end := _posix_end(regex, i)) is not None
+        ):
+            i = end
+        else:
+            i += 1
+    return i + 1
 
 
 REGEX_PATH = TextRule(

@@ -339,8 +339,10 @@ def redirect_listens(site: Site) -> list[Token]:
     plain = [listen(lst) for lst in site.listeners if not lst.tls]
     if plain:
         return plain
-    addresses = dict.fromkeys(lst.address for lst in site.listeners if lst.tls)
-    return [_listen_args(address, 80) for address in addresses]
+    # One per socket, not per spelling: `443` and `0.0.0.0:8443` both mean port 80 on
+    # the IPv4 wildcard, and two such `listen` lines are nginx's "duplicate listen".
+    addresses = dict.fromkeys(lst.bind[0] for lst in site.listeners if lst.tls)
+    return [_listen_args(None if a == "*" else a, 80) for a in addresses]
 
 
 def https_redirect(site: Site) -> Token:
