@@ -10,18 +10,23 @@ from typing import Any
 import anyio
 import pytest
 from anyio.abc import TaskGroup
+from structlog.testing import capture_logs
 
+import nxmesh.core.protocol as protocol_module
 import nxmesh.session_hub as hub_module
 from nxmesh.agent_link import AgentCredentials, AgentLink, Backoff, Endpoint, MemoryCredentialStore
-from nxmesh.core.envelope import EncodedBody, MessageType, seal, unseal
+from nxmesh.core.envelope import EncodedBody, MessageType, ProtocolCounters, seal, unseal
 from nxmesh.core.model import Agent, LabelSelector
 from nxmesh.core.protocol import (
     COMPRESSION_CAPABILITY,
+    MAX_REGISTER_BODY,
     ConfigStatus,
     ConfigUpdate,
+    Heartbeat,
     Register,
     RegisterResponse,
     RejectedError,
+    SessionCrypto,
     body_bytes,
     compress_body,
     decode_body,
@@ -96,6 +101,23 @@ async def answer_to_first_frame(
         answer = decode_body(unseal(await channel.receive()))
     assert isinstance(answer, RegisterResponse)
     return answer
+
+
+def agent_crypto(creds: AgentCredentials) -> SessionCrypto:
+    """The agent's side of a session opened by hand (`register_by_hand`)."""
+    return SessionCrypto(
+        agent_id=creds.agent_id,
+        key_id=creds.key_id,
+        keys={creds.key_id: creds.key},
+        receives_from_agent=False,
+        counters=ProtocolCounters(),
+    )
+
+
+async def wait_disconnected(master: Master) -> None:
+    with anyio.fail_after(10):
+        while master.hub.connected:
+            await anyio.sleep(0.01)
 
 
 @pytest.fixture
@@ -310,6 +332,29 @@ class TestRefusals:
         assert "never sent compressed" in answer.error
         assert master.hub.counters.malformed == 1
 
+    async def test_an_oversized_register_is_refused_unparsed(
+        self, master_factory: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The Register is parsed before anything authenticates it: a body over
+        MAX_REGISTER_BODY (here 1 MiB of nested lists, cheap to send, costly to parse) is
+        refused as malformed, naming the limit, counted, and never parsed."""
+        master = await master_factory()
+        creds = await master.credentials()
+        parsed: list[MessageType] = []
+        decode = protocol_module._decode
+
+        def spy(env: Any) -> Any:
+            parsed.append(env.type)
+            return decode(env)
+
+        monkeypatch.setattr(protocol_module, "_decode", spy)
+        body = EncodedBody.of(MessageType.REGISTER, b"[" + b"[]," * 349_525 + b"[]]")
+        answer = await answer_to_first_frame(master, creds, body)
+        assert (answer.accepted, answer.code) == (False, "malformed")
+        assert f"exceeds the {MAX_REGISTER_BODY} byte limit" in answer.error
+        assert master.hub.counters.malformed == 1
+        assert parsed == [MessageType.REGISTER_RESPONSE]  # the answer, read here
+
     async def test_unknown_agent_is_refused(self, master_factory: Callable[..., Any]) -> None:
         """Credentials the master never issued are refused and counted."""
         master = await master_factory()
@@ -340,6 +385,58 @@ class TestLifecycle:
         await anyio.sleep(1.0)
         assert master.hub.connected == [agent.agent_id]
         assert agent.registrations == 1
+
+    async def test_an_agent_that_stops_reading_is_closed_when_its_acks_pile_up(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """An agent that sends but never reads fills its stream (the memory transport
+        buffers 64 frames, then the master's send blocks); each of its heartbeats queues
+        another ack. At 256 queued the session is closed with a warning, long before the
+        idle timeout (its heartbeats would keep it alive anyway)."""
+        master = await master_factory()
+        creds = await master.credentials()
+        crypto = agent_crypto(creds)
+        sent = 0
+        with capture_logs() as logs:
+            async with master.transport.connect("memory://") as channel:
+                await register_by_hand(channel, creds, Register(agent_id=creds.agent_id))
+                with anyio.fail_after(10):
+                    while sent < 1000:
+                        try:
+                            await channel.send(crypto.seal(Heartbeat()))
+                        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                            break
+                        sent += 1
+                await wait_disconnected(master)
+        assert sent < 1000  # the master hung up
+        closing = [e for e in logs if e["event"] == "agent not reading its stream, closing it"]
+        assert [e["queued"] for e in closing] == [256]
+
+    async def test_an_agent_that_stops_reading_is_closed_after_the_idle_timeout(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """A send to an agent that does not read gets the idle timeout to complete, even
+        while the agent's own heartbeats keep the session from being silent."""
+        master = await master_factory(heartbeat_interval=0.1)  # idle timeout 0.3 s
+        creds = await master.credentials()
+        crypto = agent_crypto(creds)
+        sent = 0
+        with capture_logs() as logs:
+            async with master.transport.connect("memory://") as channel:
+                await register_by_hand(channel, creds, Register(agent_id=creds.agent_id))
+                with anyio.fail_after(20):
+                    while sent < 200:  # acks: 64 in the stream + 136 queued, under the cap
+                        try:
+                            await channel.send(crypto.seal(Heartbeat()))
+                        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                            break
+                        sent += 1
+                        if sent > 70:  # the master's sends block from the 65th ack
+                            await anyio.sleep(0.05)
+                await wait_disconnected(master)
+        assert sent < 200
+        closing = [e for e in logs if e["event"] == "agent not reading its stream, closing it"]
+        assert [e.get("idle_timeout") for e in closing] == [pytest.approx(0.3)]
 
     async def test_drain_makes_agents_reconnect(self, master_factory: Callable[..., Any]) -> None:
         """Draining asks every agent to go; they come back on their own."""

@@ -3,16 +3,28 @@
 from __future__ import annotations
 
 import ssl
+import time
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import anyio
 import pytest
+from structlog.testing import capture_logs
 
 from nxmesh.agent.master_link import link_from_settings, read_bootstrap_token
+from nxmesh.core.envelope import EncodedBody, MessageType, seal, unseal
 from nxmesh.core.errors import ConfigurationError
+from nxmesh.core.interfaces import Channel
 from nxmesh.core.pluginmanager import get_plugin_manager
+from nxmesh.core.protocol import RegisterResponse, decode_body
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.settings import Settings, load_settings
+from nxmesh.crypto.secrets import MasterKeyring, generate_key
+from nxmesh.enrollment import Enrollment
+from nxmesh.master.agent_plane import AgentPlane
+from nxmesh.plugins.storage_sqlite import SqliteStorage
+from nxmesh.session_hub import MasterSessionHub
 from nxmesh.tls import ensure_tls_material
 from nxmesh.transports import agent_endpoints, build_client, build_server, server_url
 
@@ -155,3 +167,87 @@ class TestEnrollmentSettings:
         again = link_from_settings(registry, s, token="other.secret", name="a")
         assert again is not None
         assert again.bootstrap_token is None
+
+
+@pytest.fixture
+async def hub() -> AsyncIterator[MasterSessionHub]:
+    storage = SqliteStorage("sqlite://", keyring=MasterKeyring(generate_key()))
+    await storage.open()
+    try:
+        yield MasterSessionHub(Enrollment(storage))
+    finally:
+        await storage.aclose()
+
+
+async def _over_the_mount(plane: AgentPlane, *frames: bytes) -> list[MutableMapping[str, Any]]:
+    """Run one agent WebSocket through the master's ASGI mount (`serve_websocket`):
+    connect, send `frames`, then wait; what the mount sent back."""
+    incoming: list[MutableMapping[str, Any]] = [{"type": "websocket.connect"}]
+    incoming += [{"type": "websocket.receive", "bytes": frame} for frame in frames]
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> MutableMapping[str, Any]:
+        if incoming:
+            return incoming.pop(0)
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/agent", "client": ("127.0.0.1", 1)}
+    with anyio.fail_after(10):
+        await plane.serve_websocket(scope, receive, send)
+    return sent
+
+
+@pytest.mark.anyio
+class TestAgentWebSocketMount:
+    """The master's WebSocket mount on its API listener (`AgentPlane.serve_websocket`)."""
+
+    async def test_a_register_nested_too_deeply_is_answered_as_malformed(
+        self, hub: MasterSessionHub
+    ) -> None:
+        """Deeply nested JSON in a Register is a malformed frame: answered, counted and
+        closed normally (it used to escape as a RecursionError hypercorn dropped)."""
+        plane = AgentPlane(
+            hub=hub, orchestrator=cast(Any, None), websocket=hub.handler("websocket")
+        )
+        body = b"[" * 20_000 + b"]" * 20_000
+        frame = seal(
+            EncodedBody.of(MessageType.REGISTER, body),
+            agent_id="",
+            key_id="",
+            key=None,
+            seq=1,
+            ts_ms=int(time.time() * 1000),
+        )
+        sent = await _over_the_mount(plane, frame)
+        assert [m["type"] for m in sent] == [
+            "websocket.accept",
+            "websocket.send",
+            "websocket.close",
+        ]
+        answer = decode_body(unseal(sent[1]["bytes"]))
+        assert isinstance(answer, RegisterResponse)
+        assert (answer.accepted, answer.code) == (False, "malformed")
+        assert "not JSON" in answer.error
+        assert hub.counters.malformed == 1
+        assert sent[2]["code"] == 1000
+
+    async def test_a_failing_session_is_logged_once_and_closed(self, hub: MasterSessionHub) -> None:
+        """An unexpected error in a session is one log entry (with its traceback) and the
+        connection closed, like the transports' own listeners; it does not escape to the
+        ASGI server (hypercorn dropped it without a word)."""
+
+        async def failing(channel: Channel, peer: str) -> None:
+            await channel.receive()
+            raise RuntimeError("bug")
+
+        plane = AgentPlane(hub=hub, orchestrator=cast(Any, None), websocket=cast(Any, failing))
+        with capture_logs() as logs:
+            sent = await _over_the_mount(plane, b"frame")
+        failures = [e for e in logs if e["log_level"] == "error"]
+        assert [e["event"] for e in failures] == ["agent websocket session failed"]
+        assert failures[0]["exc_info"] is True
+        assert sent[-1] == {"type": "websocket.close", "code": 1000}

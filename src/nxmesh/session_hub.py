@@ -121,6 +121,9 @@ _REPORT_TYPES: Final = frozenset(
 _ACKED: Final = (Heartbeat, HealthReport, MetricsBatch, LogBatch)
 _MAX_BAD_FRAMES: Final = 16
 _BODY_CACHE: Final = 32
+# Acks and commands queued for one agent: an agent this far behind stopped reading its
+# stream (its own frames keep the session alive; each one queues another ack).
+_MAX_CONTROL: Final = 256
 
 
 @runtime_checkable
@@ -249,8 +252,20 @@ class _Session:
     update: _PushedVersion | None = None
     parts: SendsParts | None = None  # the channel, when it takes frames in two parts
     compressed: bool = False  # the agent reads compressed bodies (its capabilities)
+    # True while a frame is being sent: the receiver then leaves the session's deadline
+    # where it is, so a send that never completes ends the session (see `_sender`).
+    sending: bool = False
 
     def offer(self, item: Message | EncodedBody) -> None:
+        if len(self.control) >= _MAX_CONTROL:
+            if not self.scope.cancel_called:
+                log.warning(
+                    "agent not reading its stream, closing it",
+                    agent_id=self.agent.id,
+                    queued=len(self.control),
+                )
+                self.scope.cancel()
+            return
         self.control.append(item)
         self.wake.set()
 
@@ -551,7 +566,9 @@ class MasterSessionHub:
                     raise unwrap_group(group) from None
             if session.scope.cancelled_caught and (anyio.current_time() >= session.scope.deadline):
                 log.warning(
-                    "agent silent, closing its stream",
+                    "agent not reading its stream, closing it"
+                    if session.sending
+                    else "agent silent, closing its stream",
                     agent_id=session.agent.id,
                     idle_timeout=self.idle_timeout,
                 )
@@ -610,7 +627,11 @@ class MasterSessionHub:
             ts_ms=int(self.clock() * 1000),
         )
         log.warning("registration rejected", code=code, error=error, agent_id=agent_id or None)
-        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        # Bounded like the registration: a peer that does not read does not hold the stream.
+        with (
+            anyio.move_on_after(self.register_timeout),
+            contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError, OSError),
+        ):
             await channel.send(frame)
 
     async def _register(self, channel: Channel, frame: bytes, peer: str) -> _Session | None:
@@ -806,7 +827,8 @@ class MasterSessionHub:
             signing_key_id=self.signing_key.key_id if self.signing_key else "",
             enroll_key=enroll_key,
         )
-        await channel.send(crypto.seal(response))
+        with anyio.fail_after(self.register_timeout):  # no session deadline yet
+            await channel.send(crypto.seal(response))
         await self._resync(session)
         return session
 
@@ -851,14 +873,24 @@ class MasterSessionHub:
 
     async def _sender(self, s: _Session) -> None:
         """Send what is queued — commands and acks first, then the newest version — and
-        rotate the key when the receiver says it is due."""
+        rotate the key when the receiver says it is due.
+
+        A send has until the session's deadline to complete, which the receiver does not
+        move while `sending` (at least half the idle timeout, at most all of it): an
+        agent that stops reading is closed even while its own frames keep coming. The
+        deadline, not a scope per send: a scope costs ~7 µs per frame, per agent, in
+        every push; a flag costs nothing.
+        """
         while True:
             await s.wake.wait()
             if self.clock() >= s.rotate_at:
                 await self._rotate(s)
             while s.control:
                 item = s.control.pop(0)
-                await s.channel.send(s.crypto.seal(item))
+                frame = s.crypto.seal(item)
+                s.sending = True
+                await s.channel.send(frame)
+                s.sending = False
                 if isinstance(item, Command) and item.kind == "drain":
                     await anyio.sleep(0.5)  # let it arrive before the agent is gone
                     s.scope.cancel()
@@ -866,10 +898,12 @@ class MasterSessionHub:
                 pushed, s.update = s.update, None
                 body = pushed.wire(s.compressed)
                 head = s.crypto.seal_parts(body)
+                s.sending = True
                 if s.parts is not None:
                     await s.parts.send_parts(head, body.data)
                 else:
                     await s.channel.send(head + body.data)
+                s.sending = False
                 if self.on_sent is not None:
                     try:
                         self.on_sent(s.agent.id, pushed.version)
@@ -888,7 +922,10 @@ class MasterSessionHub:
         )
         # Sent under the current key; everything after it under the new one. The agent
         # keeps accepting both, and so do we until the old key expires.
-        await s.channel.send(s.crypto.seal(command))
+        frame = s.crypto.seal(command)
+        s.sending = True
+        await s.channel.send(frame)
+        s.sending = False
         now = self.clock()
         s.crypto.keys = {
             kid: secret
@@ -906,8 +943,9 @@ class MasterSessionHub:
 
         Silence is the deadline of the session's scope, moved forward lazily (when less
         than half the idle timeout is left), not a timeout per frame: at thousands of
-        agents a scope per frame is measurable. Frames also drive key rotation: the
-        agent's heartbeats guarantee one at least every interval.
+        agents a scope per frame is measurable. It is not moved while a send is in
+        progress (`_Session.sending`): that is the sender's timeout. Frames also drive key
+        rotation: the agent's heartbeats guarantee one at least every interval.
         """
         bad = 0
         scope = s.scope
@@ -917,7 +955,7 @@ class MasterSessionHub:
             except anyio.EndOfStream:
                 return
             now = anyio.current_time()
-            if scope.deadline - now < self.idle_timeout / 2:
+            if not s.sending and scope.deadline - now < self.idle_timeout / 2:
                 scope.deadline = now + self.idle_timeout
             try:
                 env, message = s.crypto.open(frame)

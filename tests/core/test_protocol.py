@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import nxmesh.core.protocol as protocol_module
 from nxmesh.core.envelope import (
     BadSignatureError,
     ClockSkewError,
@@ -30,6 +31,7 @@ from nxmesh.core.envelope import (
 from nxmesh.core.errors import ValidationError
 from nxmesh.core.model import HealthReport, HealthResult
 from nxmesh.core.protocol import (
+    MAX_REGISTER_BODY,
     Ack,
     Command,
     ConfigStatus,
@@ -425,6 +427,70 @@ class TestMessages:
         body = EncodedBody.of(MessageType.ACK, b"\xff\xfe")
         with pytest.raises(MalformedFrameError, match="not JSON"):
             decode_body(unseal(seal(body, agent_id="a", key_id="k", key=KEY, seq=1, ts_ms=1)))
+
+    @pytest.mark.parametrize(
+        "kind",
+        [MessageType.REGISTER, MessageType.CONFIG_STATUS, MessageType.LOG_BATCH],
+        ids=lambda kind: kind.name,
+    )
+    @pytest.mark.parametrize("where", ["body", "field"])
+    def test_deeply_nested_json_is_malformed(self, kind: MessageType, where: str) -> None:
+        """JSON nested beyond the parser's recursion limit (the whole body or a field) is a
+        malformed frame, not a RecursionError escaping the receiver."""
+        nested = b"[" * 20_000 + b"]" * 20_000
+        data = (
+            nested if where == "body" else b'{"labels":' + nested + b',"entries":' + nested + b"}"
+        )
+        env = unseal(
+            seal(EncodedBody.of(kind, data), agent_id="a", key_id="k", key=KEY, seq=1, ts_ms=1)
+        )
+        with pytest.raises(MalformedFrameError, match=kind.name):
+            decode_body(env)
+
+    def test_the_largest_valid_register_fits_its_limit(self) -> None:
+        """Every field at its maximum (64 labels, 64 capabilities) stays under
+        MAX_REGISTER_BODY, and decodes."""
+        prefix = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])  # 253 characters
+        register = Register(
+            agent_id="a" * 128,
+            name="n" * 128,
+            labels={f"{prefix}/{i:02d}{'x' * 61}": "v" * 63 for i in range(64)},
+            nginx_version="1" * 128,
+            deployment_mode="m" * 128,
+            capabilities=tuple(f"{i:02d}{'c' * 126}" for i in range(64)),
+            agent_version="9" * 128,
+            running_version=2**63 - 1,
+            running_digest="d" * 128,
+            enroll_key="A" * 4096,
+        )
+        body = encode_body(register)
+        assert len(body.data) < MAX_REGISTER_BODY
+        env = unseal(seal(body, agent_id="a", key_id="k", key=KEY, seq=1, ts_ms=1))
+        assert decode_body(env) == register
+
+    def test_an_oversized_register_is_refused_unparsed(
+        self, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A Register body over MAX_REGISTER_BODY (it is decoded before anything
+        authenticates it) is malformed, naming the limit, and never parsed."""
+        parsed: list[bytes] = []
+        decode = protocol_module._decode
+
+        def spy(env: Any) -> Any:
+            parsed.append(env.body)
+            return decode(env)
+
+        monkeypatch.setattr(protocol_module, "_decode", spy)
+        wide = b"[" + b"[]," * (MAX_REGISTER_BODY // 3) + b"[]]"  # a 64 KiB list of lists
+        body = EncodedBody.of(MessageType.REGISTER, wide)
+        assert len(body.data) > MAX_REGISTER_BODY
+        env = unseal(seal(body, agent_id="a", key_id="k", key=KEY, seq=1, ts_ms=1))
+        with pytest.raises(MalformedFrameError, match=f"exceeds the {MAX_REGISTER_BODY} byte"):
+            decode_body(env)
+        assert parsed == []
+        small = encode_body(Register(agent_id="a1"))  # the spy itself lets bodies through
+        decode_body(unseal(seal(small, agent_id="a1", key_id="k", key=KEY, seq=1, ts_ms=1)))
+        assert parsed == [small.data]
 
 
 class TestNegotiation:

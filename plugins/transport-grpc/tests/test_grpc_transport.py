@@ -11,8 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import grpclib.protocol
 import pytest
+from grpclib.client import Channel as GrpcChannel
+from grpclib.client import StreamStreamMethod, UnaryUnaryMethod
+from grpclib.const import Status
+from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError, StreamTerminatedError
+from structlog.testing import capture_logs
 
 from nxmesh.core.envelope import MessageType, seal, unseal
 from nxmesh.core.interfaces import Channel
@@ -134,6 +140,75 @@ class TestGrpcSpecifics:
                     await channel.send(b"x" * 100_000)
             tg.cancel_scope.cancel()
         assert got == [b"small"]
+
+    @pytest.mark.parametrize("method", ["Stream", "ReportHealth", "ReportMetrics"])
+    async def test_master_refuses_an_oversized_message_before_reading_it(
+        self, method: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A client that ignores the limit (a raw grpclib client) announcing a message over
+        max_message_bytes gets RESOURCE_EXHAUSTED; the master read its 5-byte prefix, never
+        the body (grpclib's `recv_message` would buffer all of it, up to 4 GiB)."""
+        limit = 64 * 1024
+        reads = _spy_reads(monkeypatch)
+        got: list[bytes] = []
+        async with _raw_grpc(GrpcSettings(tls=False, max_message_bytes=limit), got) as channel:
+            with anyio.fail_after(10), pytest.raises(GRPCError) as info:
+                await _raw_call(channel, method, b"\n" + b"\x00" * (16 * limit))
+        assert info.value.status is Status.RESOURCE_EXHAUSTED
+        assert "exceeds the 65536 byte limit" in str(info.value.message)
+        assert got == []
+        assert reads
+        assert max(reads) <= limit  # nothing of the 1 MiB body was asked for
+
+    async def test_master_bounds_a_slow_unary_call(self) -> None:
+        """A report whose message never completes ends with DEADLINE_EXCEEDED after the
+        unary timeout (connect_timeout), instead of holding the call open; one cut short
+        by the end of the request is refused as such (no traceback from grpclib)."""
+        settings = GrpcSettings(tls=False, connect_timeout=0.2)
+        async with _raw_grpc(settings, []) as channel:
+            method = UnaryUnaryMethod(
+                channel, "/nxmesh.agent.v1.AgentService/ReportHealth", bytes, bytes
+            )
+
+            async def cut(end: bool) -> None:
+                async with method.open() as stream:
+                    await stream.send_request()
+                    prefix = _MESSAGE_PREFIX.pack(False, 100)  # announces 100 bytes, sends 10
+                    await stream._stream.send_data(prefix + b"x" * 10, end_stream=end)
+                    await stream.recv_message()
+
+            for end, status in [(False, Status.DEADLINE_EXCEEDED), (True, Status.INVALID_ARGUMENT)]:
+                with anyio.fail_after(10), pytest.raises(GRPCError) as info:
+                    await asyncio.create_task(cut(end))
+                assert info.value.status is status
+
+    async def test_a_failing_session_is_logged_once(self, caplog: pytest.LogCaptureFixture) -> None:
+        """An unexpected error in a session is one log entry (with its traceback) and ends
+        the call with INTERNAL; grpclib does not log it a second time."""
+
+        async def failing(channel: Channel, peer: str) -> None:
+            await channel.receive()
+            raise RuntimeError("bug")
+
+        with capture_logs() as logs:
+            async with _raw_grpc(GrpcSettings(tls=False), [], failing) as channel:
+                with anyio.fail_after(10), pytest.raises(GRPCError) as info:
+                    await _raw_call(channel, "Stream", wire_frame(b"frame"))
+        assert info.value.status is Status.INTERNAL
+        failures = [e for e in logs if e["log_level"] == "error"]
+        assert [e["event"] for e in failures] == ["grpc session failed"]
+        assert not [r for r in caplog.records if r.name.startswith("grpclib")]
+
+    async def test_master_reads_frames_without_grpclib_internals(self) -> None:
+        """On a grpclib release without the internals the master reads messages with
+        `recv_message` (buffered whole, then refused by the codec when too large)."""
+        from nxmesh_transport_grpc.server import _read_request
+
+        stream = _FakeServerStream([wire_frame(b"a frame")])
+        assert await _read_request(stream) == b"a frame"  # type: ignore[arg-type]
+        too_big = _FakeServerStream([wire_frame(b"x" * 70_000)], limit=64 * 1024)
+        with pytest.raises(GRPCError, match="exceeds"):
+            await _read_request(too_big)  # type: ignore[arg-type]
 
     @pytest.mark.parametrize("lean", [True, False])
     async def test_master_connection_is_lean_and_carries_large_frames(
@@ -347,3 +422,88 @@ class _FakeClientStream:
         self._codec = _FrameCodec(limit)
         self._messages_received = 0
         self._stream = _FakeBuffer(messages, cut)
+
+
+class _FakeServerStream:
+    """A server stream of a grpclib release without the 0.4 internals: `recv_message` only."""
+
+    def __init__(self, messages: list[bytes], *, limit: int = 2**30) -> None:
+        self._codec = _FrameCodec(limit)
+        self._messages = messages
+
+    async def recv_message(self) -> Any:
+        if not self._messages:
+            return None
+        return self._codec.decode(self._messages.pop(0), _WireFrame)
+
+
+class _RawCodec(CodecBase):
+    """Sends and receives bytes as they are: a client that knows no limit."""
+
+    __content_subtype__ = "proto"
+
+    def encode(self, message: Any, message_type: Any) -> bytes:
+        return bytes(message)
+
+    def decode(self, data: bytes, message_type: Any) -> Any:
+        return data
+
+
+class _Collect:
+    """A session handler keeping every frame it receives, and a unary handler."""
+
+    def __init__(self, got: list[bytes]) -> None:
+        self.got = got
+
+    async def __call__(self, channel: Channel, peer: str) -> None:
+        while True:
+            self.got.append(await channel.receive())
+
+    async def handle_unary(self, frame: bytes, peer: str) -> bytes:
+        self.got.append(frame)
+        return b""
+
+
+@contextlib.asynccontextmanager
+async def _raw_grpc(settings: GrpcSettings, got: list[bytes], handler: Any = None) -> Any:
+    """A master (plain gRPC) collecting frames (or running `handler`), and a raw grpclib
+    channel to it."""
+    server = GrpcTransport("grpc://127.0.0.1:0", settings=settings)
+    async with anyio.create_task_group() as tg:
+        address = await tg.start(server.serve, handler or _Collect(got))
+        host, port = address.rsplit(":", 1)
+        channel = GrpcChannel(host, int(port), codec=_RawCodec())
+        try:
+            yield channel
+        finally:
+            channel.close()
+            tg.cancel_scope.cancel()
+
+
+async def _raw_call(channel: GrpcChannel, method: str, message: bytes) -> None:
+    """Call `method` with `message`, in a task of its own: grpclib wakes a call the server
+    reset by cancelling its task natively, and that cancel request stays on the task."""
+    path = "/nxmesh.agent.v1.AgentService/" + method
+
+    async def call() -> None:
+        if method != "Stream":
+            await UnaryUnaryMethod(channel, path, bytes, bytes)(message)
+            return
+        async with StreamStreamMethod(channel, path, bytes, bytes).open() as stream:
+            await stream.send_message(message)
+            await stream.recv_message()
+
+    await asyncio.create_task(call())
+
+
+def _spy_reads(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes asked of grpclib's HTTP/2 streams (`recv_data`), both sides."""
+    reads: list[int] = []
+    recv_data = grpclib.protocol.Stream.recv_data
+
+    async def spy(self: Any, size: int) -> bytes:
+        reads.append(size)
+        return await recv_data(self, size)
+
+    monkeypatch.setattr(grpclib.protocol.Stream, "recv_data", spy)
+    return reads

@@ -80,6 +80,7 @@ if TYPE_CHECKING:
 __all__ = [
     "COMPRESSION_CAPABILITY",
     "MAX_BODY",
+    "MAX_REGISTER_BODY",
     "MAX_SKEW",
     "PROTOCOL_MAX",
     "PROTOCOL_MIN",
@@ -124,6 +125,12 @@ PROTOCOL_MAX: Final = 1
 
 MAX_BODY: Final = 16 * 1024 * 1024
 """Default bound of a message body in bytes, as sent and once inflated."""
+
+MAX_REGISTER_BODY: Final = 64 * 1024
+"""Bound of a `Register` body in bytes. It is decoded before anything authenticates it
+(its key may come from the token inside), so a master must not parse megabytes of JSON
+for anyone who connects. The largest valid one (64 labels, 64 capabilities, every text
+at its maximum) is about 40 KB."""
 
 COMPRESSION_CAPABILITY: Final = "body:zlib"
 """In `Register.capabilities`: the agent reads zlib-compressed bodies (`compress_body`);
@@ -602,9 +609,15 @@ def decode_body(env: Envelope, *, max_body: int = MAX_BODY) -> Message:
     """The message inside `env`; `MalformedFrameError` naming every problem otherwise.
 
     `Register` is the one message sent before versions are negotiated, so unknown keys in
-    it are ignored (a newer agent may send more); every other message is strict. A
-    compressed body is inflated up to `max_body` bytes (`body_bytes`).
+    it are ignored (a newer agent may send more); every other message is strict. It is
+    also decoded before anything authenticates it: a body over `MAX_REGISTER_BODY` is
+    refused unparsed. A compressed body is inflated up to `max_body` bytes (`body_bytes`).
     """
+    if env.type is MessageType.REGISTER and len(env.body) > MAX_REGISTER_BODY:
+        raise MalformedFrameError(
+            f"REGISTER body of {len(env.body)} bytes exceeds the {MAX_REGISTER_BODY} byte "
+            "limit of a registration (refused before it is parsed)"
+        )
     if env.compressed:
         env = env._replace(body=body_bytes(env, max_body=max_body), compressed=False)
     shared = env.type in _SHARED and len(env.body) <= _SHARED_MAX_BODY
@@ -623,7 +636,7 @@ def decode_body(env: Envelope, *, max_body: int = MAX_BODY) -> Message:
 def _decode(env: Envelope) -> Message:
     try:
         data = json.loads(env.body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deeply
         raise MalformedFrameError(f"{env.type.name} body is not JSON: {exc}") from None
     cls = _CLASSES[env.type]
     if cls is Register and isinstance(data, dict):

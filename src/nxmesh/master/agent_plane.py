@@ -104,6 +104,10 @@ class AgentPlane:
                 await handler(channel, peer)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 log.debug("agent websocket ended", peer=peer, error=repr(exc))
+            except Exception:
+                # Logged once, here, and the connection closed, as the transports' own
+                # listeners do: hypercorn would drop it without a word. The agent reconnects.
+                log.exception("agent websocket session failed", peer=peer)
             finally:
                 self._scopes.discard(cancel)
         await channel.aclose()

@@ -12,8 +12,11 @@ session hub, the agent link) is anyio code and runs unchanged on it.
   (`server_context`), agents pin that CA (`client_context`). ALPN ``h2`` is set on the
   contexts given.
 - Messages above `GrpcSettings.max_message_bytes` are refused (``RESOURCE_EXHAUSTED``)
-  before they are parsed or sent. grpclib has no limit of its own and reads a message
-  whole before its codec sees it, so the peer's bytes are buffered once, then dropped.
+  before they are read, parsed or sent. grpclib has no limit of its own and reads a
+  message whole before its codec sees it, so both sides read frames themselves
+  (`_read_frame`, `_read_message`): the 5-byte gRPC prefix first, the body only when its
+  length is within the limit (grpclib's `recv_message` is the fallback for releases
+  without its 0.4 internals: it buffers the message once, then the codec drops it).
 - Keepalive follows `GrpcSettings` (see its docstring for why the values are safe with
   gRPC-core peers). Heartbeats are the session's: a ``Heartbeat`` frame every 30 s.
 - Memory: asyncio keeps a 256 KiB TLS read buffer per connection; serving TLS lowers it
@@ -178,12 +181,12 @@ def _pre_encoded(frame: bytes) -> Frame:
     return cast("Frame", wire_frame(frame))
 
 
-async def _receive(stream: Any, *, direct: bool = False) -> bytes:
+async def _receive(stream: Any, *, direct: bool = False, server: bool = False) -> bytes:
     """Next frame of a server or client stream (both channels read the same way; `direct`:
-    the agent's client stream reads it out of the HTTP/2 stream, see `_read_frame`)."""
+    read it out of the HTTP/2 stream, `server`: a server stream, see `_read_message`)."""
     try:
         if direct:
-            frame = await _read_frame(stream)
+            frame = await (_read_message(stream) if server else _read_frame(stream))
         else:
             message = await stream.recv_message()
             frame = None if message is None else message.data
@@ -274,36 +277,58 @@ def _field_header_size(length: int) -> int:
     return 0
 
 
-def _direct_reads(stream: Any) -> bool:
-    """True when the client stream has the grpclib 0.4 internals `_read_frame` uses."""
+def _server_reads(stream: Any) -> bool:
+    """True when a stream (server or client) has the grpclib 0.4 internals
+    `_read_message` uses."""
     inner = getattr(stream, "_stream", None)
     return (
         hasattr(inner, "recv_data")
         and hasattr(inner, "connection")
-        and hasattr(stream, "_wrapper")
-        and hasattr(stream, "_recv_initial_metadata_done")
         and hasattr(stream, "_messages_received")
         and isinstance(getattr(stream, "_codec", None), _FrameCodec)
     )
 
 
-async def _read_frame(stream: Any) -> bytes | None:
-    """grpclib's client `Stream.recv_message` for a `Frame`, with the frame read straight
-    out of the HTTP/2 stream: the gRPC prefix, then the protobuf field header, then the
-    frame itself, so a large version body is joined from its DATA frames once and not
-    copied again out of the message (`_parse_frame`). None at the end of the stream.
+def _direct_reads(stream: Any) -> bool:
+    """True when the client stream has the grpclib 0.4 internals `_read_frame` uses."""
+    return (
+        _server_reads(stream)
+        and hasattr(stream, "_wrapper")
+        and hasattr(stream, "_recv_initial_metadata_done")
+    )
 
-    Other encodings of a `Frame` (unknown fields from a newer peer) go through the codec.
-    Listeners on grpclib's message events are skipped: this channel registers none.
-    """
+
+async def _read_frame(stream: Any) -> bytes | None:
+    """grpclib's client `Stream.recv_message` for a `Frame`, read by `_read_message`."""
     if not stream._recv_initial_metadata_done:
         await stream.recv_initial_metadata()
-    codec: _FrameCodec = stream._codec
     with stream._wrapper:
-        inner = stream._stream
+        return await _read_message(stream)
+
+
+async def _read_message(stream: Any) -> bytes | None:
+    """grpclib's `Stream.recv_message` (server or client) for a `Frame`, with the frame
+    read straight out of the HTTP/2 stream: the gRPC prefix, then the protobuf field
+    header, then the frame itself, so a large version body is joined from its DATA frames
+    once and not copied again out of the message (`_parse_frame`). None at the end of the
+    stream.
+
+    The size limit applies to the length the prefix announces, before anything of the
+    body is read: grpclib would buffer up to 4 GiB a peer announces (`GRPCError`
+    ``RESOURCE_EXHAUSTED`` instead; the unread rest is never acknowledged, so the peer
+    cannot send more than the HTTP/2 window). Other encodings of a `Frame` (unknown
+    fields from a newer peer) go through the codec. Listeners on grpclib's message events
+    are skipped: neither side registers any. A server stream runs inside grpclib's
+    deadline wrapper already; a client stream's is `_read_frame`'s.
+    """
+    codec: _FrameCodec = stream._codec
+    inner = stream._stream
+    try:
         meta = await inner.recv_data(5)
         if not meta:
             return None
+        if len(meta) != 5:
+            raise StreamTerminatedError(f"stream ended inside a message prefix ({len(meta)} of 5)")
         compressed, length = _MESSAGE_PREFIX.unpack(meta)
         if compressed:
             raise NotImplementedError("Compression not implemented")  # as grpclib
@@ -321,15 +346,19 @@ async def _read_frame(stream: Any) -> bytes | None:
         else:
             data = await inner.recv_data(length)
             size = len(data)
-        if size != length:
-            raise StreamTerminatedError(f"stream ended inside a message ({size} of {length})")
-        if frame is None:
-            frame = codec.decode(data, _WireFrame).data
-        stream._messages_received += 1
-        connection = inner.connection
-        connection.messages_received += 1
-        connection.last_message_received = time.monotonic()
-        return frame
+    except AssertionError:
+        # grpclib's buffer asserts when the stream ends inside a message: a peer's doing
+        # (not a bug here), so a stream error, not a traceback per attempt in the log.
+        raise StreamTerminatedError("stream ended inside a message") from None
+    if size != length:
+        raise StreamTerminatedError(f"stream ended inside a message ({size} of {length})")
+    if frame is None:
+        frame = codec.decode(data, _WireFrame).data
+    stream._messages_received += 1
+    connection = inner.connection
+    connection.messages_received += 1
+    connection.last_message_received = time.monotonic()
+    return frame
 
 
 _SERVICE: Final = "/nxmesh.agent.v1.AgentService/"
@@ -474,6 +503,7 @@ class GrpcTransport:
                     handler,
                     self.settings.max_message_bytes,
                     compact=self.settings.compact_connections,
+                    unary_timeout=self.settings.connect_timeout,
                 )
             ],
             codec=_FrameCodec(self.settings.max_message_bytes),

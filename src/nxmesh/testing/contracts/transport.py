@@ -47,10 +47,11 @@ from nxmesh.agent_link import (
     MemoryCredentialStore,
     NoEndpointError,
 )
-from nxmesh.core.envelope import SequenceSource, seal, unseal
+from nxmesh.core.envelope import EncodedBody, MessageType, SequenceSource, seal, unseal
 from nxmesh.core.interfaces import Channel, TransportClient, TransportServer
 from nxmesh.core.model import Agent, ConfigVersion, LabelSelector
 from nxmesh.core.protocol import (
+    MAX_REGISTER_BODY,
     Ack,
     Command,
     ConfigStatus,
@@ -569,6 +570,37 @@ class TransportContract:
                 answer = await _RawAgent(channel, forged).register()
             assert (answer.accepted, answer.code) == (False, "bad_signature")
             assert mesh.hub.counters.bad_signature == 1
+            assert mesh.hub.connected == []
+
+    @pytest.mark.parametrize("case", ["nested", "oversized"])
+    async def test_a_register_costly_to_parse_is_refused_as_malformed(
+        self, transport_kit: TransportKit, tmp_path: Path, case: str
+    ) -> None:
+        """A Register is parsed before anything authenticates it: JSON nested beyond the
+        parser's limit, or a body over MAX_REGISTER_BODY (1 MiB of nested lists, never
+        parsed), is answered as malformed and counted, like any malformed Register."""
+        body = (
+            b"[" * 20_000 + b"]" * 20_000 if case == "nested" else b"[" + b"[]," * 349_525 + b"[]]"
+        )
+        async with Mesh(transport_kit, tmp_path) as mesh:
+            creds = await mesh.enrolled_credentials()
+            async with mesh.client().connect(mesh.url) as channel:
+                raw = _RawAgent(channel, creds)
+                frame = seal(
+                    EncodedBody.of(MessageType.REGISTER, body),
+                    agent_id=creds.agent_id,
+                    key_id=creds.key_id,
+                    key=creds.key,
+                    seq=raw.seq.next(),
+                    ts_ms=int(time.time() * 1000),
+                )
+                await channel.send(frame)
+                answer = await raw.receive()
+            assert isinstance(answer, RegisterResponse)
+            assert (answer.accepted, answer.code) == (False, "malformed")
+            expected = "not JSON" if case == "nested" else f"exceeds the {MAX_REGISTER_BODY} byte"
+            assert expected in answer.error
+            assert mesh.hub.counters.malformed == 1
             assert mesh.hub.connected == []
 
     @pytest.mark.parametrize("case", ["used", "expired", "revoked", "wrong-secret"])
