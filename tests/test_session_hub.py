@@ -114,6 +114,32 @@ def agent_crypto(creds: AgentCredentials) -> SessionCrypto:
     )
 
 
+async def heartbeats_without_reading(
+    master: Master, *, limit: int, slow_after: int | None = None
+) -> tuple[int, list[dict[str, Any]]]:
+    """Register by hand and send heartbeats without reading a frame until the master
+    hangs up (or `limit` are sent), from `slow_after` on one every 50 ms. Returns how many
+    were sent and the master's "agent not reading its stream" log entries."""
+    creds = await master.credentials()
+    crypto = agent_crypto(creds)
+    sent = 0
+    with capture_logs() as logs:
+        async with master.transport.connect("memory://") as channel:
+            await register_by_hand(channel, creds, Register(agent_id=creds.agent_id))
+            with anyio.fail_after(20):
+                while sent < limit:
+                    try:
+                        await channel.send(crypto.seal(Heartbeat()))
+                    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        break
+                    sent += 1
+                    if slow_after is not None and sent > slow_after:
+                        await anyio.sleep(0.05)
+            await wait_disconnected(master)
+    closing = [e for e in logs if e["event"] == "agent not reading its stream, closing it"]
+    return sent, closing
+
+
 async def wait_disconnected(master: Master) -> None:
     with anyio.fail_after(10):
         while master.hub.connected:
@@ -394,22 +420,8 @@ class TestLifecycle:
         another ack. At 256 queued the session is closed with a warning, long before the
         idle timeout (its heartbeats would keep it alive anyway)."""
         master = await master_factory()
-        creds = await master.credentials()
-        crypto = agent_crypto(creds)
-        sent = 0
-        with capture_logs() as logs:
-            async with master.transport.connect("memory://") as channel:
-                await register_by_hand(channel, creds, Register(agent_id=creds.agent_id))
-                with anyio.fail_after(10):
-                    while sent < 1000:
-                        try:
-                            await channel.send(crypto.seal(Heartbeat()))
-                        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                            break
-                        sent += 1
-                await wait_disconnected(master)
+        sent, closing = await heartbeats_without_reading(master, limit=1000)
         assert sent < 1000  # the master hung up
-        closing = [e for e in logs if e["event"] == "agent not reading its stream, closing it"]
         assert [e["queued"] for e in closing] == [256]
 
     async def test_an_agent_that_stops_reading_is_closed_after_the_idle_timeout(
@@ -418,24 +430,10 @@ class TestLifecycle:
         """A send to an agent that does not read gets the idle timeout to complete, even
         while the agent's own heartbeats keep the session from being silent."""
         master = await master_factory(heartbeat_interval=0.1)  # idle timeout 0.3 s
-        creds = await master.credentials()
-        crypto = agent_crypto(creds)
-        sent = 0
-        with capture_logs() as logs:
-            async with master.transport.connect("memory://") as channel:
-                await register_by_hand(channel, creds, Register(agent_id=creds.agent_id))
-                with anyio.fail_after(20):
-                    while sent < 200:  # acks: 64 in the stream + 136 queued, under the cap
-                        try:
-                            await channel.send(crypto.seal(Heartbeat()))
-                        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                            break
-                        sent += 1
-                        if sent > 70:  # the master's sends block from the 65th ack
-                            await anyio.sleep(0.05)
-                await wait_disconnected(master)
+        # acks: 64 in the stream + 136 queued, under the cap; the master's sends block
+        # from the 65th ack, so the agent then slows down to let the deadline pass.
+        sent, closing = await heartbeats_without_reading(master, limit=200, slow_after=70)
         assert sent < 200
-        closing = [e for e in logs if e["event"] == "agent not reading its stream, closing it"]
         assert [e.get("idle_timeout") for e in closing] == [pytest.approx(0.3)]
 
     async def test_drain_makes_agents_reconnect(self, master_factory: Callable[..., Any]) -> None:

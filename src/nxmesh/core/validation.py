@@ -37,6 +37,7 @@ __all__ = [
     "LOCATION_PATH",
     "LOG_TEXT",
     "NAME",
+    "POSIX_CLASSES",
     "REDIRECT_URL",
     "REGEX_PATH",
     "RETURN_BODY",
@@ -579,9 +580,7 @@ def _regex_refine(value: str) -> str | None:
     return None
 
 
-# The POSIX classes nginx's PCRE2 accepts inside brackets, like [[:alpha:]] or
-# [[:^digit:]]; it refuses other names and the collating forms [.x.] and [=x=].
-_POSIX_CLASSES = frozenset(
+POSIX_CLASSES: Final = frozenset(
     {
         "alpha",
         "digit",
@@ -599,6 +598,8 @@ _POSIX_CLASSES = frozenset(
         "ascii",
     }
 )
+"""The POSIX classes nginx's PCRE2 accepts inside brackets, like ``[[:alpha:]]`` or
+``[[:^digit:]]``; it refuses other names and the collating forms ``[.x.]``/``[=x=]``."""
 # Class members Python may read as set operators or a nested set (a FutureWarning) but
 # PCRE reads as literals: escaped in the form handed to Python's re.compile.
 _PYTHON_SET_CHARS = frozenset("[|~&")
@@ -705,9 +706,9 @@ def _posix_reason(item: str) -> str | None:
     """Why nginx refuses the POSIX item `item` inside a class, or None when it accepts it."""
     if item[1] != ":":
         return _posix_misplaced(item)
-    if item[2:-2].removeprefix("^") in _POSIX_CLASSES:
+    if item[2:-2].removeprefix("^") in POSIX_CLASSES:
         return None
-    known = " ".join(f"[:{name}:]" for name in sorted(_POSIX_CLASSES))
+    known = " ".join(f"[:{name}:]" for name in sorted(POSIX_CLASSES))
     return (
         f"uses the unknown POSIX class {item!r}, which nginx's PCRE2 refuses; the known "
         f"classes are {known} (negated as [:^name:])"
