@@ -70,6 +70,7 @@ class EnrollmentStore(Protocol):
     async def add_agent_key(self, key: AgentKey) -> None: ...
     async def list_agent_keys(self, agent_id: str) -> Sequence[AgentKey]: ...
     async def revoke_agent_keys(self, agent_id: str) -> int: ...
+    async def revoke_agent(self, agent_id: str) -> bool: ...
 
 
 @attrs.frozen
@@ -239,10 +240,6 @@ class Enrollment:
         return key.created_at + lifetime / 2 + jitter
 
     async def revoke_agent(self, agent_id: str) -> bool:
-        """Delete every key of the agent and mark it revoked; False if it is unknown."""
-        agent = await self.store.get_agent(agent_id)
-        if agent is None:
-            return False
-        await self.store.revoke_agent_keys(agent_id)
-        await self.store.upsert_agent(attrs.evolve(agent, status="revoked"))
-        return True
+        """Delete every key of the agent and mark it revoked, in one transaction (a
+        concurrent write of the agent cannot undo it); False if it is unknown."""
+        return await self.store.revoke_agent(agent_id)

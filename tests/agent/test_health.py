@@ -99,7 +99,7 @@ class TestMonitor:
         await stack.fetch()
         monitor = HealthMonitor(
             [
-                NginxProcessCheck(),
+                NginxProcessCheck(stack.layout.pid_file),
                 StubStatusCheck(port=stack.status_port),
                 SystemCheck(pid_file=stack.layout.pid_file),
             ],

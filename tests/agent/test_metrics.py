@@ -91,6 +91,26 @@ class TestExposition:
             == 3
         )
 
+    def test_checks_gone_from_the_report_stop_being_exported(self) -> None:
+        """A certificate removed from the live tree (its ``cert_expiry.<file>`` result
+        gone), a probe no longer configured: neither their status nor their numbers
+        stay exported from an older report."""
+        metrics = _fed()
+        metrics.on_health(
+            HealthReport(
+                agent_id="a",
+                ts=2.0,
+                results=(
+                    HealthResult(check="cert_expiry", status="ok", message="no certificates"),
+                ),
+            )
+        )
+        s = _samples(metrics.render().decode())
+        status = {k[1] for k in s if k[0] == "nxmesh_agent_health_check_status"}
+        assert status == {(("check", "cert_expiry"),)}
+        assert s[("nxmesh_agent_health_check_status", (("check", "cert_expiry"),))] == 0
+        assert not [k for k in s if k[0] == "nxmesh_agent_health_check_value"]
+
     def test_own_registry_per_agent(self) -> None:
         """Two agents in one process keep separate numbers (no global registry)."""
         first, second = _fed(), AgentMetrics()

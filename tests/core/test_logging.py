@@ -183,6 +183,41 @@ class TestRedaction:
         """Names ending in a secret word are secrets; identifiers and paths are not."""
         assert is_secret_key(name) is secret
 
+    @pytest.mark.parametrize(
+        ("url", "shown"),
+        [
+            ("postgresql://nx:ab/cd@db/x", "postgresql://nx:***@db/x"),
+            ("postgresql://nx:pa ss@db:5432/x", "postgresql://nx:***@db:5432/x"),
+            ("postgresql://nx:p@ss:w/rd@db/x", "postgresql://nx:***@db/x"),
+        ],
+    )
+    @pytest.mark.parametrize("fmt", ["json", "console"])
+    def test_url_passwords_with_slashes_spaces_and_ats(
+        self, url: str, shown: str, fmt: Any
+    ) -> None:
+        """SQLAlchemy takes ``/``, a space and ``@`` in a URL's password as they are: none
+        of it reaches the log, in a value, a message or an exception."""
+        out = io.StringIO()
+        configure_logging("info", fmt, stream=out)
+        log = structlog.get_logger("nxmesh.test")
+        log.info("master services ready", event_bus=url)
+        log.info(f"connecting to {url} now")
+        try:
+            raise ConnectionError(f"cannot reach {url}")
+        except ConnectionError:
+            log.exception("storage down")
+        output = out.getvalue()
+        for part in ("ab/cd", "pa ss", "p@ss", "w/rd", "cd@", "ss@", "rd@"):
+            assert part not in output
+        assert output.count(shown) == 3
+
+    def test_urls_on_one_line_are_masked_apart(self) -> None:
+        """The password of one URL never swallows another URL, nor text without an ``@``."""
+        line = "a=postgresql://u:p@h/x,b=postgresql://u2:p/2@h2/y c=http://h:80/z by bob@x"
+        assert redact_url_passwords(line) == (
+            "a=postgresql://u:***@h/x,b=postgresql://u2:***@h2/y c=http://h:80/z by bob@x"
+        )
+
     def test_redact_url_passwords_keeps_the_rest(self) -> None:
         """Only the password part of a URL changes; URLs without one are untouched."""
         assert redact_url_passwords("a wss://u:p@h:1/x b") == "a wss://u:***@h:1/x b"
@@ -198,6 +233,7 @@ class TestRedaction:
             ("a wss://u:p@h:1/x b", "a wss://u:***@h:1/x b"),
             ("key_id=abc token_id=t1 path=/x", "key_id=abc token_id=t1 path=/x"),
             ("password=*** secret=", "password=*** secret="),
+            ("url=postgresql://db/x?password=hunter2", "url=postgresql://db/x?password=***"),
         ],
     )
     def test_redact_text_pairs_and_urls(self, text: str, redacted: str) -> None:

@@ -22,6 +22,7 @@ from nxmesh.crypto.secrets import (
     encode_key,
     generate_key,
     load_master_key,
+    load_previous_master_keys,
     token_key_id,
     write_private_file,
 )
@@ -351,3 +352,20 @@ class TestLoadMasterKey:
         assert write_private_file(key_file, OTHER) is False
         assert key_file.read_bytes() == KEY
         assert load_master_key(env={}, key_file=key_file) == KEY
+
+
+def test_previous_keys_are_checked_without_showing_them(tmp_path: Path) -> None:
+    """A malformed previous key is named by position, never echoed; a file must exist and
+    be private, like the master key file."""
+    with pytest.raises(SecretError, match=r"previous_master_keys\[1\]") as bad:
+        load_previous_master_keys([encode_key(generate_key()), "not-a-key-at-all"])
+    assert "not-a-key-at-all" not in str(bad.value)
+    with pytest.raises(SecretError, match="does not exist"):
+        load_previous_master_keys(files=[tmp_path / "missing.key"])
+    loose = tmp_path / "loose.key"
+    loose.write_bytes(generate_key())
+    loose.chmod(0o644)
+    with pytest.raises(SecretError, match="chmod 600"):
+        load_previous_master_keys(files=[loose])
+    loose.chmod(0o600)
+    assert load_previous_master_keys(files=[loose]) == [loose.read_bytes()]

@@ -5,6 +5,7 @@ every file a Dockerfile copies exists, and the sidecar shares what the agent nee
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -133,9 +134,7 @@ class TestSystemdUnits:
         """The agent keeps only what controlling nginx needs, its state in StateDirectory."""
         service = parse_unit(DEPLOY / "systemd" / "nxmesh-agent.service")["Service"]
         bounding = set(service["CapabilityBoundingSet"][0].split())
-        assert bounding == {"CAP_NET_BIND_SERVICE", "CAP_KILL"}
-        assert set(service["AmbientCapabilities"][0].split()) <= bounding
-        assert service["KillMode"] == ["mixed"]  # the agent stops its nginx gracefully
+        assert bounding == {"CAP_NET_BIND_SERVICE"}
         env = dict(
             pair.split("=", 1) for item in service["Environment"] for pair in shlex.split(item)
         )
@@ -145,6 +144,43 @@ class TestSystemdUnits:
         )
         sysusers = (DEPLOY / "systemd" / "nxmesh.sysusers.conf").read_text()
         assert re.search(rf"^u {service['User'][0]} ", sysusers, re.M)
+
+    def test_agent_capabilities_take_effect_for_its_user(self) -> None:
+        """User= is not root, so a capability only in the bounding set does nothing: each
+        one the unit grants is ambient too. Ambient capabilities reach nginx's workers,
+        so CAP_KILL is not granted (the agent's nginx runs as its own user); the README
+        says when to add it."""
+        service = parse_unit(DEPLOY / "systemd" / "nxmesh-agent.service")["Service"]
+        assert service["User"] != ["root"]
+        bounding = set(service["CapabilityBoundingSet"][0].split())
+        ambient = set(service["AmbientCapabilities"][0].split())
+        assert ambient == bounding
+        assert "CAP_KILL" not in ambient
+        readme = (DEPLOY / "README.md").read_text()
+        assert "CAP_KILL" in readme
+        assert "AmbientCapabilities" in readme
+
+    def test_agent_exit_leaves_nginx_to_the_next_agent(self) -> None:
+        """KillMode=process: systemd signals the agent alone, so nginx survives an agent
+        crash or OOM kill and the restarted agent adopts it (docs/agent.md); a clean stop
+        drains nginx through the agent itself. The unit says why next to the setting."""
+        path = DEPLOY / "systemd" / "nxmesh-agent.service"
+        service = parse_unit(path)["Service"]
+        assert service["KillMode"] == ["process"]
+        assert service["Restart"] == ["always"]
+        lines = path.read_text().splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith("KillMode="))
+        comment = []
+        for line in reversed(lines[:at]):
+            if not line.startswith("#"):
+                break
+            comment.append(line)
+        why = " ".join(comment).lower()
+        assert "adopt" in why
+        assert "sigquit" in why
+        assert "crash" in why
+        assert "KillMode=process" in (DEPLOY / "README.md").read_text()
+        assert "KillMode=mixed" not in (DEPLOY / "README.md").read_text()
 
 
 class TestDockerfiles:
@@ -234,6 +270,30 @@ class TestCompose:
         assert "nginx" in agent["depends_on"]
         assert agent["cap_drop"] == ["ALL"]
         assert agent["cap_add"] == ["KILL"]
+
+    def test_agent_shares_nginx_network_namespace(self, compose: dict[str, Any]) -> None:
+        """The driver confirms each reload at ``http://<status_address>:<status_port>``
+        with a loopback address, nginx's loopback: the agent must join nginx's network
+        namespace (or every apply rolls back), and so has no network settings of its own
+        (compose refuses them beside ``network_mode``)."""
+        agent = compose["services"]["agent"]
+        env = {k: re.sub(r"\$\{[^}]*\}", "", str(v)) for k, v in agent["environment"].items()}
+        driver = check_settings(env).plugins.get("nginx_driver")
+        status_address = getattr(driver, "status_address", "127.0.0.1")
+        assert ipaddress.ip_address(status_address).is_loopback
+        assert agent["network_mode"] == "service:nginx"
+        assert "nginx" in agent["depends_on"]
+        conflicting = {
+            "ports", "expose", "networks", "hostname", "domainname", "dns", "dns_search",
+            "dns_opt", "extra_hosts", "links", "mac_address",
+        }  # fmt: skip
+        assert not conflicting & set(agent), sorted(conflicting & set(agent))
+        # The agent reaches the master by name through nginx's network: nginx is on it.
+        assert "network_mode" not in compose["services"]["nginx"]
+        assert "networks" not in compose["services"]["nginx"]
+        # ... and the docs state the requirement where the sidecar is described.
+        assert 'network_mode: "service:nginx"' in (DEPLOY / "README.md").read_text()
+        assert "--network=container:" in (ROOT / "docs" / "agent.md").read_text()
 
     def test_config_volume_shared_at_conf_dir(self, compose: dict[str, Any]) -> None:
         """nginx and the agent mount one volume at the agent's conf_dir."""

@@ -4,6 +4,7 @@ hooks, readiness, the generated OpenAPI document and OpenTelemetry tracing."""
 from __future__ import annotations
 
 import contextlib
+import shutil
 import stat
 import time
 from collections.abc import Iterator
@@ -14,13 +15,15 @@ import anyio
 import pytest
 from litestar import get
 from litestar.testing import TestClient
+from structlog.testing import capture_logs
 
 from nxmesh import hookimpl
 from nxmesh.core.errors import ConfigurationError
 from nxmesh.core.events import Event
 from nxmesh.core.pluginmanager import NxMeshPluginManager
+from nxmesh.core.records import StorageError
 from nxmesh.core.serialization import unstructure
-from nxmesh.master.app import build_app, open_services
+from nxmesh.master.app import build_app, open_services, shown_url
 from nxmesh.testing import make_state
 
 from .conftest import Master, make_settings
@@ -81,6 +84,38 @@ class TestFirstStart:
             assert me.status_code == 200, "the token signing key changed across restarts"
             users = client.blocking_portal.call(client.app.state.services.storage.list_users)
             assert len(users) == 1
+
+
+class TestStartupLog:
+    pytestmark = pytest.mark.anyio
+
+    @pytest.mark.parametrize("password", ["ab/cd", "pa ss"])
+    async def test_event_bus_url_is_logged_without_its_password(
+        self,
+        anyio_backend: str,
+        plugin_manager: NxMeshPluginManager,
+        tmp_path: Path,
+        template_state: Path,
+        password: str,
+    ) -> None:
+        """``master services ready`` names the event bus with its password hidden, also a
+        password holding ``/`` or a space (which the log's text redaction alone misses)."""
+        shutil.copytree(template_state, tmp_path / "state")
+        settings = make_settings(
+            plugin_manager, tmp_path / "state", event_bus_url=f"memory://nx:{password}@bus/x"
+        )
+        with capture_logs() as logs:
+            async with open_services(plugin_manager, settings):
+                pass
+        [ready] = [e for e in logs if e["event"] == "master services ready"]
+        assert ready["event_bus"] == "memory://nx:***@bus/x"
+        assert password not in repr(logs)
+
+    def test_shown_url(self) -> None:
+        assert shown_url("postgresql://nx:ab/cd@db/x") == "postgresql://nx:***@db/x"
+        assert shown_url("postgresql://nx:pa ss@db/x") == "postgresql://nx:***@db/x"
+        assert shown_url("postgresql://db/x?password=pw") == "postgresql://db/x?password=***"
+        assert shown_url("memory://") == "memory://"
 
 
 class TestSettingsErrors:
@@ -192,10 +227,10 @@ class TestHealth:
         """503 with a reason when storage fails, 200 otherwise."""
         assert master.client.get("/readyz").json()["status"] == "ok"
 
-        async def broken(_username: str) -> None:
+        async def broken() -> None:
             raise OSError("database is gone")
 
-        monkeypatch.setattr(master.services.storage, "get_user", broken)
+        monkeypatch.setattr(master.services.storage, "ping", broken)
         response = master.client.get("/readyz")
         assert response.status_code == 503
         assert response.json() == {"status": "unavailable", "detail": "storage: OSError"}
@@ -287,6 +322,31 @@ class _FlakyBus:
         yield events()
 
 
+class _DownBus:
+    """An event bus whose database is down for the first `down` subscriptions after the
+    first one, which the bus ends at once (its listener dropped)."""
+
+    def __init__(self, down: int) -> None:
+        self.down = down
+        self.subscriptions = 0
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self) -> Any:
+        self.subscriptions += 1
+        number = self.subscriptions
+        if 1 < number <= 1 + self.down:
+            raise StorageError("PostgresEventBus('postgresql://db/x') is not listening")
+
+        async def events() -> Any:
+            yield Event("version.created", {"number": number})
+            if number > 1:
+                yield Event("bad", {})
+                yield Event("version.created", {"number": number, "after": "bad"})
+                await anyio.sleep_forever()
+
+        yield events()
+
+
 class TestEventDispatch:
     """The dispatcher feeding ``nxmesh_on_event`` survives a dropped subscription."""
 
@@ -307,3 +367,37 @@ class TestEventDispatch:
                     await anyio.sleep(0.01)
             tg.cancel_scope.cancel()
         assert [e.payload["number"] for e in plugin.events] == [1, 2]
+
+    async def test_survives_a_bus_outage_logging_it_once(
+        self, anyio_backend: str, make_plugin_manager: Any
+    ) -> None:
+        """Subscribing fails while the bus's database is down (StorageError): the
+        dispatcher retries until it works, logs the outage once (not once per attempt) and
+        its end; an observer raising for one event does not cost the others."""
+        from nxmesh.master.app import MasterServices
+
+        class Picky(ExamplePlugin):
+            @hookimpl
+            def nxmesh_on_event(self, event: Event) -> None:
+                if event.kind == "bad":
+                    raise ValueError("cannot handle that")
+                self.events.append(event)
+
+        plugin = Picky()
+        services = object.__new__(MasterServices)  # only pm and bus are used here
+        services.pm = make_plugin_manager(plugin)
+        services.bus = bus = _DownBus(down=3)  # type: ignore[assignment]
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                await tg.start(services.run_event_dispatch)
+                with anyio.fail_after(10):
+                    while len(plugin.events) < 3:
+                        await anyio.sleep(0.01)
+                tg.cancel_scope.cancel()
+        assert [e.payload["number"] for e in plugin.events] == [1, 5, 5]
+        assert bus.subscriptions == 5
+        lost = [e for e in logs if e["event"].startswith("event subscription lost")]
+        assert len(lost) == 1
+        assert [e["event"] for e in logs if e["event"] == "event subscription restored"] == [
+            "event subscription restored"
+        ]

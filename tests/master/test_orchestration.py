@@ -16,14 +16,16 @@ from anyio.abc import TaskGroup
 
 from nxmesh.agent.verify import verify_update
 from nxmesh.agent_link import AgentLink, Backoff, Endpoint, MemoryCredentialStore
-from nxmesh.core.model import ConfigVersion, DesiredState, HealthReport, LabelSelector
+from nxmesh.config.versions import new_version
+from nxmesh.core.events import Event
+from nxmesh.core.model import Agent, ConfigVersion, DesiredState, HealthReport, LabelSelector
 from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.core.protocol import ConfigStatus, ConfigUpdate
-from nxmesh.core.records import AgentStatus, Assignment
+from nxmesh.core.records import AgentStatus, Assignment, StorageError
 from nxmesh.crypto.signing import VerifyKey
 from nxmesh.master.app import MasterServices, open_services
-from nxmesh.master.orchestration import RolloutOrchestrator
-from nxmesh.session_hub import MasterSessionHub
+from nxmesh.master.orchestration import RECONCILE_INTERVAL, RolloutOrchestrator
+from nxmesh.session_hub import MasterSessionHub, SessionInfo
 from nxmesh.testing import make_state
 from nxmesh.testing.memory_transport import MemoryTransport
 
@@ -96,8 +98,16 @@ def answer(link: AgentLink, update: ConfigUpdate, phase: str = "applied", **extr
 
 
 @pytest.fixture
+def reconcile_interval() -> float:
+    return RECONCILE_INTERVAL
+
+
+@pytest.fixture
 async def plane(
-    plugin_manager: NxMeshPluginManager, tmp_path: Path, template_state: Path
+    plugin_manager: NxMeshPluginManager,
+    tmp_path: Path,
+    template_state: Path,
+    reconcile_interval: float,
 ) -> AsyncIterator[Plane]:
     shutil.copytree(template_state, tmp_path / "state")
     settings = make_settings(plugin_manager, tmp_path / "state")
@@ -105,7 +115,7 @@ async def plane(
         hub = MasterSessionHub(
             services.enrollment, signing_key=services.signer.verify_key, heartbeat_interval=5
         )
-        orchestrator = RolloutOrchestrator(services)
+        orchestrator = RolloutOrchestrator(services, reconcile_interval=reconcile_interval)
         orchestrator.attach(hub)
         services.orchestrator = orchestrator
         transport = MemoryTransport()
@@ -225,6 +235,43 @@ class TestPushes:
             while link.agent_id in plane.hub.connected:
                 await anyio.sleep(0.01)
 
+    async def test_going_offline_does_not_undo_a_revocation_elsewhere(
+        self, plane: Plane, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The agent's stream closed here while another master revokes it: however the two
+        interleave (the revocation lands right before this master's offline write), the
+        agent stays revoked — not offline, which would count it as a rollout target that
+        never converges."""
+        services, storage = plane.services, plane.services.storage
+        await storage.upsert_agent(Agent(id="a1", name="edge", status="online", last_seen=100.0))
+        revoked: list[bool] = []
+        calls: list[str] = []
+
+        async def revoke_elsewhere_once() -> None:
+            calls.append("revoke")
+            if len(calls) == 1:  # the first storage call; not those of the revocation
+                revoked.append(await services.enrollment.revoke_agent("a1"))
+
+        for name in ("get_agent", "set_agent_offline"):  # whichever the bookkeeping uses
+            real = getattr(storage, name)
+
+            async def interleaved(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+                await revoke_elsewhere_once()
+                return await _real(*args, **kwargs)
+
+            monkeypatch.setattr(storage, name, interleaved)
+        info = SessionInfo(agent_id="a1", peer="memory", labels={}, workspace="default",
+                           transport="memory", protocol_version=1, key_id="k1",
+                           running_version=None, running_digest=None, connected_at=90.0,
+                           last_seen=100.0)  # fmt: skip
+        plane.orchestrator.on_session(info, connected=False)  # its session closed here
+        await plane.orchestrator.wait_written()
+        monkeypatch.undo()
+        assert revoked == [True]
+        agent = await storage.get_agent("a1")
+        assert agent is not None
+        assert agent.status == "revoked"
+
     async def test_trace_context_travels_with_the_update(self, plane: Plane, exporter: Any) -> None:
         """The API call's trace context reaches the agent inside the ConfigUpdate."""
         from opentelemetry import trace
@@ -236,6 +283,52 @@ class TestPushes:
         update = await next_update(link)
         assert update.trace["traceparent"].split("-")[1] == trace_id
         assert update.to_pending().trace == update.trace
+
+
+class TestMissedEvents:
+    """What no event announced still reaches the agents (see also test_bus_outage.py)."""
+
+    @pytest.fixture
+    def reconcile_interval(self) -> float:
+        return 0.2
+
+    async def test_version_whose_announcement_failed_reaches_local_agents(
+        self, plane: Plane, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The bus refuses the version.created event: the commit still succeeds (the
+        version is stored) and this master's agents still get the version."""
+        link = await plane.agent("a")
+
+        async def bus_down(event: Event) -> None:
+            raise StorageError("PostgresEventBus('postgresql://db/x') is not open")
+
+        monkeypatch.setattr(plane.services.bus, "publish", bus_down)
+        version = await plane.commit("one")
+        update = await next_update(link)
+        assert (update.version, update.digest) == (version.number, version.digest)
+
+    async def test_periodic_reconcile_pushes_an_unannounced_version(self, plane: Plane) -> None:
+        """A version stored without any announcement (as when its event was missed during
+        a bus outage) reaches the connected agents on the next full reconcile."""
+        link = await plane.agent("a")
+        services = plane.services
+        version = new_version(make_state(1, port=18123), previous=None, author="elsewhere",
+                              message="m", signer=services.signer)  # fmt: skip
+        await services.storage.add_version(version)
+        update = await next_update(link)
+        assert (update.version, update.digest) == (version.number, version.digest)
+
+    async def test_full_reconcile_disconnects_an_agent_revoked_elsewhere(
+        self, plane: Plane
+    ) -> None:
+        """Revoked through another master whose ``agent.revoked`` event was missed: the
+        next full reconcile reads the revocation from storage and closes the stream."""
+        link = await plane.agent("a")
+        assert link.agent_id is not None
+        await plane.services.enrollment.revoke_agent(link.agent_id)  # no event, no hub call
+        with anyio.fail_after(10):
+            while link.agent_id in plane.hub.connected:
+                await anyio.sleep(0.01)
 
 
 @pytest.fixture(scope="module")

@@ -147,6 +147,31 @@ class TestStandaloneSupervised:
             await mode.start_nginx()
         assert await mode.nginx_pid() is None
 
+    @pytest.mark.parametrize("stop_on_exit", [True, False])
+    async def test_an_adopted_nginx_is_stopped_on_exit_like_a_child(
+        self, nginx_binary: str, tmp_path: Path, stop_on_exit: bool
+    ) -> None:
+        """The nginx of an agent that died (not this process's child, found through the
+        pid file) is stopped gracefully by a clean exit of the agent that adopted it when
+        `stop_on_exit` — with systemd's KillMode=process nothing else stops it — and
+        left running otherwise."""
+        async with NginxStack(tmp_path, nginx_binary, supervise=False) as stack:
+            state = stack.state("adopted")
+            await stack.driver.apply(stack.update(state), stack.render(state))
+            pid = await stack.mode.nginx_pid()
+            assert pid is not None
+            adopter = StandaloneMode(
+                stack.layout,
+                nginx_binary=nginx_binary,
+                settings=StandaloneSettings(stop_on_exit=stop_on_exit),
+            )
+            await adopter.start_nginx()  # adopts: no second master
+            assert await adopter.nginx_pid() == pid
+            assert not adopter.supervising
+            await adopter.aclose()
+            assert pid_alive(pid) is not stop_on_exit
+            assert await adopter.nginx_pid() == (None if stop_on_exit else pid)
+
     async def test_starting_without_a_tree_is_refused(self, tmp_path: Path) -> None:
         """No applied configuration yet: start_nginx explains instead of failing obscurely."""
         mode = StandaloneMode(NginxLayout.for_prefix(tmp_path))
@@ -172,6 +197,37 @@ class TestStandaloneAttached:
             await stack.mode.aclose()
             assert pid_alive(pid)
             assert await stack.body() == "daemon"
+
+
+@pytest.mark.anyio
+@pytest.mark.nginx
+class TestNginxEnvironment:
+    @pytest.mark.parametrize("supervise", [True, False], ids=["supervised", "attached"])
+    async def test_nginx_gets_none_of_the_agents_nxmesh_variables(
+        self, nginx_binary: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, supervise: bool
+    ) -> None:
+        """The bootstrap token (and every other NXMESH_* setting) stays out of nginx's
+        environment — the served nginx, child or daemon, and ``nginx -t`` — while the
+        rest of the environment is kept. (nginx overwrites ``/proc/<pid>/environ`` with
+        its process title, so the environment it was started with is recorded by a
+        wrapper that then execs the real nginx.)"""
+        record = tmp_path / "nginx.env"
+        wrapper = tmp_path / "bin" / "nginx"
+        wrapper.parent.mkdir()
+        wrapper.write_text(f'#!/bin/sh\nenv >> "{record}"\nexec {nginx_binary} "$@"\n')
+        wrapper.chmod(0o755)
+        monkeypatch.setenv("NXMESH_AGENT__BOOTSTRAP_TOKEN", "bootstrap-secret")
+        monkeypatch.setenv("NXMESH_STORAGE_URL", "postgresql://u:pw@db/nxmesh")
+        monkeypatch.setenv("OTHER_SETTING", "kept")
+        async with NginxStack(tmp_path / "conf", str(wrapper), supervise=supervise) as stack:
+            state = stack.state("env")
+            report = await stack.driver.apply(stack.update(state), stack.render(state))
+            assert report.outcome == "applied", report.message
+            assert await stack.body() == "env"
+        seen = record.read_text()
+        assert seen.count("OTHER_SETTING=kept") == 2  # nginx -t, then the served nginx
+        assert "NXMESH_" not in seen
+        assert "bootstrap-secret" not in seen
 
 
 @pytest.mark.anyio

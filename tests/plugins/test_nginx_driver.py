@@ -6,18 +6,22 @@ import errno
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import anyio
 import attrs
 import pytest
 
 from nxmesh.agent.fsutil import read_tree
 from nxmesh.agent.harness import NginxStack
+from nxmesh.agent.process import worker_pids
 from nxmesh.core.bundle import Bundle, bundle_digest
 from nxmesh.core.model import DesiredState, Listener, Site, Upstream, UpstreamServer
 from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.core.registry import ProviderRegistries
+from nxmesh.plugins.deploy_docker import DockerSidecarMode
 from nxmesh.plugins.nginx_driver import DriverSettings, ReloadDriver
 from nxmesh.testing.contracts import NginxDriverContract
 
@@ -299,3 +303,121 @@ class TestApply:
         from nxmesh.agent.process import worker_pids
 
         assert any(worker_pids(master).values())  # a current generation is serving
+
+
+BOOTSTRAP_CONF = """\
+worker_processes 1;
+pid logs/nginx.pid;
+error_log logs/error.log warn;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path tmp/client_body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+    server {{
+        listen 127.0.0.1:{port} default_server;
+        return 200 "bootstrap\\n";
+    }}
+}}
+"""
+
+
+class TestFirstApplyOverAForeignTree:
+    """A sidecar's nginx runs a bootstrap release its entrypoint seeded (``current ->
+    releases/bootstrap``, no release of the agent's): a first apply that fails after the
+    swap goes back to that tree and reloads nginx onto it, never to "no configuration"."""
+
+    @pytest.fixture
+    async def sidecar(self, stack: NginxStack) -> ReloadDriver:
+        """nginx started by "its own container" on a bootstrap tree; a docker-sidecar
+        driver beside it (signals only, through the pid file)."""
+        root = stack.layout.conf_dir
+        bootstrap = root / "releases" / "bootstrap"
+        bootstrap.mkdir(parents=True)
+        (bootstrap / "nginx.conf").write_text(BOOTSTRAP_CONF.format(port=stack.web_port))
+        os.symlink("releases/bootstrap", root / "current")
+        stack.layout.ensure_runtime_dirs()
+        await anyio.run_process(
+            [stack.nginx_binary, "-p", f"{root}/", "-c", str(root / "current" / "nginx.conf")]
+        )
+        mode = DockerSidecarMode(stack.layout)
+        driver = ReloadDriver(
+            mode,
+            stack.layout,
+            nginx_binary=stack.nginx_binary,
+            settings=stack.driver_settings,
+            events=stack.events,
+        )
+        with anyio.fail_after(10):
+            while await mode.nginx_pid() is None:
+                await anyio.sleep(0.02)
+        assert await stack.body() == "bootstrap"
+        return driver
+
+    @staticmethod
+    def _doomed(stack: NginxStack) -> tuple[DesiredState, Bundle]:
+        """A bundle ``nginx -t`` accepts whose workers die at start (missing chdir)."""
+        state = stack.state("doomed")
+        files = dict(stack.render(state).files)
+        files["nginx.conf"] = files["nginx.conf"].replace(
+            b"worker_processes", b"working_directory /nonexistent-nxmesh-dir;\nworker_processes", 1
+        )
+        return state, Bundle(files)
+
+    async def test_a_failed_first_apply_restores_the_bootstrap_tree(
+        self, stack: NginxStack, sidecar: ReloadDriver
+    ) -> None:
+        """``current`` leads to the bootstrap tree again, nginx was reloaded onto it and
+        serves it, the refused release is gone and the report names what serves."""
+        root = stack.layout.conf_dir
+        state, bundle = self._doomed(stack)
+        report = await sidecar.apply(stack.update(state), bundle)
+        assert report.outcome == "rolled_back", report.message
+        assert "rolled back to releases/bootstrap" in report.message
+        assert "no configuration" not in report.message
+        assert os.readlink(root / "current") == "releases/bootstrap"
+        assert sorted(p.name for p in (root / "releases").iterdir()) == ["bootstrap"]
+        assert not (root / "apply.journal").exists()
+        assert not list(root.glob(".current.tmp-*"))
+        assert await stack.body() == "bootstrap"
+        master = await sidecar.mode.nginx_pid()
+        assert master is not None
+        assert any(worker_pids(master).values())  # a current generation serves it
+        # The next (good) first apply replaces the bootstrap tree as usual.
+        good = stack.state("first")
+        report = await sidecar.apply(stack.update(good), stack.render(good))
+        assert report.outcome == "applied", report.message
+        assert await stack.body() == "first"
+
+    async def test_recovery_of_a_crashed_first_apply_restores_the_bootstrap_tree(
+        self, stack: NginxStack, sidecar: ReloadDriver
+    ) -> None:
+        """A crash after the swap of a first apply (journal left, nginx on the new tree):
+        `recover` points ``current`` at the bootstrap tree again and reloads nginx."""
+        store = sidecar.store
+        state = stack.state("unconfirmed")
+        bundle = stack.render(state)
+        name, staging = store.write(bundle)
+        store.commit(staging, name)
+        store.write_journal(
+            {
+                "previous": None,
+                "next": name,
+                "ts": time.time(),
+                "previous_target": "releases/bootstrap",
+            }
+        )
+        store.point_to(name)
+        await sidecar.mode.signal_nginx("reload")
+        with anyio.fail_after(10):
+            while await stack.body() != "unconfirmed":
+                await anyio.sleep(0.05)
+        what = await sidecar.recover()
+        assert what is not None
+        assert "current is releases/bootstrap (not written by the agent) again" in what
+        assert os.readlink(stack.layout.conf_dir / "current") == "releases/bootstrap"
+        assert not (stack.layout.conf_dir / "apply.journal").exists()
+        assert await stack.body() == "bootstrap"

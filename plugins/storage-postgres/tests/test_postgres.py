@@ -23,10 +23,11 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from nxmesh.core.events import Event
-from nxmesh.core.records import StorageError
+from nxmesh.core.model import Agent
+from nxmesh.core.records import AgentKey, StorageError, StoredCertificate
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.settings import load_settings
-from nxmesh.crypto.secrets import MasterKeyring
+from nxmesh.crypto.secrets import MasterKeyring, generate_key
 from nxmesh.sql.migrations import current_revision, head_revision, upgrade_to_head
 from nxmesh.sql.tables import metadata
 from nxmesh.testing.contracts import EventBusContract, StorageContract
@@ -309,6 +310,66 @@ class TestPostgresBackend:
         with pytest.raises(StorageError, match=r"127\.0\.0\.1:1/nxmesh") as caught:
             await storage.open()
         assert "hunter2" not in str(caught.value)
+
+
+@pytest.mark.anyio
+class TestRewrapBetweenMasters:
+    async def test_a_secret_stored_during_a_rewrap_is_not_overwritten(
+        self, empty_db: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """Another master stores a new private key (an ACME renewal) and replaces a session
+        key between the rewrap's read and its updates: the new secrets survive, the rewrap
+        skips those rows (they are under the current key already)."""
+        old, new = generate_key(), generate_key()
+
+        def cert(tag: str) -> StoredCertificate:
+            return StoredCertificate(workspace="default", name="www", cert_pem=f"CERT-{tag}",
+                                     key_pem=f"KEY-{tag}", not_after=2e9)  # fmt: skip
+
+        def key(secret: bytes) -> AgentKey:
+            return AgentKey(agent_id="a1", key_id="k1", secret=secret, created_at=1.0,
+                            expires_at=2e9)  # fmt: skip
+
+        before = PostgresStorage(empty_db, keyring=MasterKeyring(old))
+        ring = MasterKeyring(new, previous=[old])
+        rotator, other = (
+            PostgresStorage(empty_db, keyring=ring),
+            PostgresStorage(empty_db, keyring=ring),
+        )
+        for storage in (before, rotator, other):
+            await storage.open()
+        try:
+            await before.put_certificate(cert("v1"))
+            await before.upsert_agent(Agent(id="a1", name="edge-1"))
+            await before.add_agent_key(key(b"old-secret" * 4))
+
+            async def meanwhile() -> None:
+                await other.put_certificate(cert("v2"))
+                await other.revoke_agent_keys("a1")
+                await other.add_agent_key(key(b"new-secret" * 4))
+
+            def interleave(operation: str) -> None:
+                # In the rewrap's worker thread, after its reads, before its updates.
+                assert operation == "rewrap_secrets"
+                anyio.from_thread.run(meanwhile)
+
+            monkeypatch.setattr(rotator, "_checkpoint", interleave)
+            assert await rotator.rewrap_secrets() == 0
+            monkeypatch.undo()
+            current = PostgresStorage(empty_db, keyring=MasterKeyring(new))
+            await current.open()
+            try:
+                got = await current.get_certificate("default", "www")
+                assert got is not None
+                assert (got.cert_pem, got.key_pem) == ("CERT-v2", "KEY-v2")
+                stored = await current.get_agent_key("a1", "k1")
+                assert stored is not None
+                assert stored.secret == b"new-secret" * 4
+            finally:
+                await current.aclose()
+        finally:
+            for storage in (before, rotator, other):
+                await storage.aclose()
 
 
 @pytest.mark.anyio

@@ -21,7 +21,8 @@ name                                       type       labels / meaning
 ``config_info``                            gauge      1, labels ``version``, ``digest``
 ``drift_events_total``                     counter    ``action``: detected, reverted,
                                                       revert_failed
-``nginx_up``                               gauge      1 when the nginx master runs
+``nginx_up``                               gauge      1 when the agent's nginx master runs
+                                                      (its pid file, not any nginx)
 ``nginx_restarts_total``                   counter    ``result``: ok, failed
 ``worker_generations_total``               counter    new worker generations confirmed
 ``circuit_breaker_open``                   gauge      1 while restarts are suspended
@@ -96,7 +97,9 @@ class AgentMetrics:
             ["action"],
             registry=r,
         )
-        self.nginx_up = Gauge("nxmesh_agent_nginx_up", "1 when nginx runs.", registry=r)
+        self.nginx_up = Gauge(
+            "nxmesh_agent_nginx_up", "1 when the agent's own nginx master runs.", registry=r
+        )
         self.restarts = Counter(
             "nxmesh_agent_nginx_restarts",
             "Restarts of a dead nginx, by result.",
@@ -174,7 +177,13 @@ class AgentMetrics:
             self.breaker.set(0)
 
     def on_health(self, report: HealthReport) -> None:
-        """Export each check's status and numbers."""
+        """Export each check's status and numbers.
+
+        Both families are cleared first: a check gone from the report (the result of a
+        certificate file removed from the live tree, a probe no longer configured) stops
+        being exported instead of repeating its last status forever.
+        """
+        self.health_status.clear()
         self.health_value.clear()
         for result in report.results:
             self.health_status.labels(result.check).set(_SEVERITY[result.status])

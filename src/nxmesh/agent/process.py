@@ -24,6 +24,7 @@ __all__ = [
     "NginxControlError",
     "WorkerSet",
     "is_nginx",
+    "nginx_environment",
     "pid_alive",
     "process_clock",
     "read_pid_file",
@@ -45,6 +46,19 @@ class NginxControlError(NxMeshError):
     """nginx could not be signalled or started: the OS refused (permissions, a missing
     binary, a master that exited). Deployment modes raise it instead of a bare `OSError`,
     so the driver rolls back and the watchdog reports it instead of crashing."""
+
+
+def nginx_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment to start nginx with: the agent's own (`environ`, by default
+    ``os.environ``) without its ``NXMESH_*`` variables.
+
+    Those are the agent's settings and secrets — ``NXMESH_AGENT__BOOTSTRAP_TOKEN``, a
+    storage URL with its password — and nginx needs none of them, while a process's
+    environment is readable by anyone who may read its ``/proc/<pid>/environ`` (the same
+    user: nginx's workers) and ends up in core dumps.
+    """
+    source = os.environ if environ is None else environ
+    return {k: v for k, v in source.items() if not k.upper().startswith("NXMESH_")}
 
 
 def signal_number(name: str) -> signal.Signals:

@@ -107,7 +107,32 @@ class StorageBackend(Protocol):
 
     # -- agents
 
-    async def upsert_agent(self, agent: Agent) -> None: ...
+    async def upsert_agent(self, agent: Agent) -> None:
+        """Create or replace the agent; a ``revoked`` agent stays revoked (revocation is
+        final, and a write built on an earlier read must not undo it)."""
+        ...
+
+    async def set_agent_offline(
+        self,
+        agent_id: str,
+        *,
+        last_seen: float,
+        running_version: int | None = None,
+        running_digest: str | None = None,
+        unless_seen_after: float | None = None,
+    ) -> bool:
+        """Set ``status="offline"`` with `last_seen` and the running version and digest, in
+        one atomic conditional write: only if the agent is ``online`` and its stored
+        ``last_seen`` is not after `unless_seen_after` (default `last_seen`; a later one
+        means another master sees it connected). True when the agent was changed; a
+        revoked, already offline or unknown agent is left as it is."""
+        ...
+
+    async def revoke_agent(self, agent_id: str) -> bool:
+        """Mark the agent ``revoked`` and delete all its session keys, atomically (all or
+        nothing); False when there is no such agent."""
+        ...
+
     async def get_agent(self, agent_id: str) -> Agent | None: ...
     async def list_agents(self, workspace: str | None = None) -> Sequence[Agent]:
         """All agents (of one workspace if given), by id."""

@@ -64,7 +64,14 @@ _SECRET_TAILS = frozenset(
 _SECRET_ANYWHERE = ("secret", "password", "passwd", "authorization", "cookie")
 _NOT_SECRET_TAILS = frozenset({"id", "ids", "name", "names", "file", "path", "hash", "url"})
 _SPLIT = re.compile(r"[^0-9a-zA-Z]+|(?<=[a-z0-9])(?=[A-Z])")
-_URL_PASSWORD = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/:@]*:)[^\s/@]+@")
+# The password runs to the URL's last ``@``: it may hold ``/``, ``:``, an unencoded ``@``
+# and spaces (SQLAlchemy accepts them), a space when the next word reaches an ``@``; it
+# never runs into another URL (``://``). Hiding too much of an odd line beats showing
+# part of a password.
+_URL_PASSWORD = re.compile(
+    r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^\s/:@]*:)"
+    r"(?:(?!://)\S|[ \t](?=(?:(?!://)\S)*@))+@"
+)
 # ``name=value`` in free text: libpq conninfo, query strings, `repr` of settings objects.
 _PAIR = re.compile(
     r"""(?P<name>\b[A-Za-z][A-Za-z0-9_\-]*)=(?P<value>'[^']*'|"[^"]*"|[^\s&;,)'"]+)"""
@@ -92,7 +99,10 @@ def redact_url_passwords(text: str) -> str:
 
 def _redact_pair(match: re.Match[str]) -> str:
     name, value = match["name"], match["value"]
-    if not is_secret_key(name) or value.strip("'\"") in ("", REDACTED):
+    if not is_secret_key(name):
+        # Its value may hold pairs too: ``url=postgresql://db/x?password=...``.
+        return f"{name}={_PAIR.sub(_redact_pair, value)}"
+    if value.strip("'\"") in ("", REDACTED):
         return match[0]
     quote = value[0] if value[0] in "'\"" else ""
     return f"{name}={quote}{REDACTED}{quote}"

@@ -308,6 +308,12 @@ class Settings:
         default="auto", validator=attrs.validators.in_(LOG_FORMATS)
     )
     master_key: str = attrs.field(default="", repr=False, metadata=SECRET_METADATA)
+    # Master key rotation (docs/secrets.md): earlier master keys, still read, never used to
+    # encrypt; as base64url values and as key files (32 raw bytes or base64url text).
+    previous_master_keys: tuple[str, ...] = attrs.field(
+        default=(), repr=False, metadata=SECRET_METADATA
+    )
+    previous_master_key_files: tuple[Path, ...] = ()
     master: MasterSettings = attrs.field(factory=MasterSettings)
     agent: AgentSettings = attrs.field(factory=AgentSettings)
     renderer: RendererSettings = attrs.field(factory=RendererSettings)
@@ -933,7 +939,7 @@ def settings_as_dict(settings: Settings, *, redact: bool = True) -> dict[str, An
     """
 
     def plain(value: Any, name: str, secret: bool) -> Any:
-        if redact and (secret or is_secret_key(name)) and value not in ("", None):
+        if redact and (secret or is_secret_key(name)) and value not in ("", None, ()):
             return REDACTED
         if attrs.has(type(value)):
             return {

@@ -44,6 +44,7 @@ __all__ = [
     "encode_key",
     "generate_key",
     "load_master_key",
+    "load_previous_master_keys",
     "read_private_file",
     "token_key_id",
     "write_private_file",
@@ -254,7 +255,8 @@ class MasterKeyring:
             known = ", ".join(self.key_ids)
             raise SecretError(
                 f"token was encrypted with key {key_id}, which is not in the keyring "
-                f"(keys: {known}); add that key as a previous master key to read it"
+                f"(keys: {known}); add that key as a previous master key to read it "
+                "(previous_master_keys or previous_master_key_files)"
             )
         return box.decrypt(token, aad=aad)
 
@@ -310,19 +312,45 @@ def load_master_key(
             )
             return key
         # Another process created it first: fall through and use theirs.
-    data = read_private_file(key_file, what="master key file")
-    if len(data) == KEY_SIZE:
-        key = data
-    else:
-        try:
-            text = data.decode("ascii")
-        except UnicodeDecodeError:
-            raise SecretError(
-                f"master key file {key_file} holds {len(data)} bytes; expected {KEY_SIZE} raw "
-                "bytes or their base64url text"
-            ) from None
-        key = decode_key(text, source=f"master key file {key_file}")
+    key = _read_key_file(key_file, what="master key file")
     _log.debug(
         "master key loaded", source="file", key_file=str(key_file), key_id=SecretBox(key).key_id
     )
     return key
+
+
+def _read_key_file(path: Path, *, what: str) -> bytes:
+    """A key from `path`: 32 raw bytes or their base64url text; the file must be private."""
+    data = read_private_file(path, what=what)
+    if len(data) == KEY_SIZE:
+        return data
+    try:
+        text = data.decode("ascii")
+    except UnicodeDecodeError:
+        raise SecretError(
+            f"{what} {path} holds {len(data)} bytes; expected {KEY_SIZE} raw "
+            "bytes or their base64url text"
+        ) from None
+    return decode_key(text, source=f"{what} {path}")
+
+
+def load_previous_master_keys(
+    values: Sequence[str] = (), files: Sequence[Path] = ()
+) -> list[bytes]:
+    """The previous master keys of a rotation: the ``previous_master_keys`` setting
+    (base64url values) and the ``previous_master_key_files`` (like the master key file,
+    but never created). For `MasterKeyring`'s `previous`.
+
+    :raises SecretError: a malformed value (named by its position, never shown), or a
+        missing, unsafe or malformed file.
+    """
+    keys = [
+        decode_key(value, source=f"previous_master_keys[{i}]") for i, value in enumerate(values)
+    ]
+    for path in files:
+        if not path.is_file():
+            raise SecretError(f"previous master key file {path} does not exist")
+        keys.append(_read_key_file(path, what="previous master key file"))
+    if keys:
+        _log.info("previous master keys loaded", key_ids=[SecretBox(k).key_id for k in keys])
+    return keys

@@ -40,6 +40,7 @@ from nxmesh import __version__
 from nxmesh.core.errors import ConfigurationError, ProviderNotFoundError
 from nxmesh.core.events import Event
 from nxmesh.core.interfaces import Authenticator, EventBus, Renderer, StorageBackend
+from nxmesh.core.logging import redact_text
 from nxmesh.core.model import Agent, ConfigVersion, HealthReport
 from nxmesh.core.observers import api_routes, dispatch_event
 from nxmesh.core.records import User
@@ -50,6 +51,7 @@ from nxmesh.crypto.secrets import (
     MASTER_KEY_FILE,
     MasterKeyring,
     load_master_key,
+    load_previous_master_keys,
     write_private_file,
 )
 from nxmesh.crypto.signing import SIGNING_KEY_FILE, SigningKey
@@ -74,12 +76,17 @@ __all__ = [
     "Orchestrator",
     "build_app",
     "build_chain",
+    "follow_bus",
     "open_services",
+    "rewrap_secrets",
+    "shown_url",
 ]
 
 INITIAL_ADMIN_USER: Final = "admin"
 INITIAL_ADMIN_FILE: Final = "initial-admin-password"
 _CLOSE_TIMEOUT: Final = 10.0
+_RESUBSCRIBE_MIN: Final = 0.1
+_RESUBSCRIBE_MAX: Final = 10.0
 
 log = structlog.get_logger("nxmesh.master")
 
@@ -223,19 +230,71 @@ class MasterServices:
     ) -> None:
         """Deliver every event on the bus to the ``nxmesh_on_event`` hooks, until cancelled.
 
-        A bus may end a subscription that fell behind; the dispatcher then subscribes
-        again (events missed meanwhile are lost to the hooks, which the log says).
+        A bus may end a subscription (one that fell behind, or its database went away);
+        the dispatcher then subscribes again until that works (`follow_bus`). Events
+        missed meanwhile are lost to the hooks, which the log says.
         """
-        started = False
-        while True:
-            async with self.bus.subscribe() as events:
+        await follow_bus(
+            self.bus,
+            lambda event: dispatch_event(self.pm, event),
+            subscriber="event hooks",
+            task_status=task_status,
+        )
+
+
+async def follow_bus(
+    bus: EventBus,
+    handle: Callable[[Event], None],
+    *,
+    subscriber: str,
+    resubscribed: Callable[[], None] | None = None,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Hand every event on `bus` to `handle`, until cancelled; never ends on a bus outage.
+
+    The first subscription is made before `task_status` is started, and its failure
+    propagates (a master that cannot subscribe at start says so). After that, a
+    subscription that ends (the bus dropped its listener, or `handle` fell behind) or
+    cannot be made (the database is down: ``StorageError``, a driver error) is retried
+    with a backoff doubling up to `_RESUBSCRIBE_MAX` seconds. Each outage is logged once
+    when it starts and once when it is over, not once per retry. Events published
+    meanwhile are missed: `resubscribed` runs after every later successful subscription,
+    so the caller can resync from storage. An exception from `handle` is logged and the
+    next event handled.
+    """
+    started = False
+    delay = _RESUBSCRIBE_MIN
+    outage: str | None = None  # why the last subscription ended, until one works again
+    while True:
+        try:
+            async with bus.subscribe() as events:
                 if not started:
-                    task_status.started()
                     started = True
+                    task_status.started()
+                else:
+                    if outage is not None:
+                        log.info("event subscription restored", subscriber=subscriber)
+                        outage = None
+                    if resubscribed is not None:
+                        resubscribed()
+                delay = _RESUBSCRIBE_MIN
                 async for event in events:
-                    dispatch_event(self.pm, event)
-            log.warning("event subscription ended; subscribing again")
-            await anyio.sleep(0.1)  # never spin on a bus that refuses at once
+                    try:
+                        handle(event)
+                    except Exception:  # one bad event must not cost the subscription
+                        log.exception("event handler failed", subscriber=subscriber,
+                                      kind=event.kind)  # fmt: skip
+            reason = "the bus ended the subscription"
+        except Exception as exc:
+            if not started:
+                raise
+            reason = str(exc).strip() or type(exc).__name__
+        if outage is None:
+            outage = reason
+            log.warning("event subscription lost; subscribing again until it works",
+                        subscriber=subscriber, reason=reason)  # fmt: skip
+        await anyio.sleep(delay)  # never spin on a bus that refuses at once
+        delay = min(delay * 2, _RESUBSCRIBE_MAX)
 
 
 def build_chain(services: MasterServices) -> list[Authenticator]:
@@ -299,7 +358,11 @@ async def open_services(
 
     def load_keys() -> tuple[MasterKeyring, SigningKey]:
         key = load_master_key(setting=settings.master_key, key_file=state_dir / MASTER_KEY_FILE)
-        keyring = MasterKeyring(key)
+        previous = load_previous_master_keys(
+            settings.previous_master_keys, settings.previous_master_key_files
+        )
+        keyring = MasterKeyring(key, previous=previous)
+        # Re-encrypts the file under the current key when a previous one still locks it.
         return keyring, SigningKey.load_or_create(state_dir / SIGNING_KEY_FILE, keyring)
 
     keyring, signer = await anyio.to_thread.run_sync(load_keys)
@@ -364,14 +427,69 @@ async def open_services(
         )
         auth.chain = build_chain(services)
         await ensure_initial_admin(services)
+        if len(keyring.key_ids) > 1:
+            await rewrap_secrets(services)
         log.info(
             "master services ready",
             storage=repr(storage),
-            event_bus=settings.event_bus_url,
+            event_bus=shown_url(settings.event_bus_url),
             signing_key_id=signer.key_id,
             auth_chain=list(settings.auth.chain),
         )
         yield services
+
+
+def shown_url(url: str) -> str:
+    """`url` fit for a log line: its password hidden (whatever characters it holds, as
+    SQLAlchemy parses it) and secret-looking query values too (``?password=...``)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    # Not a URL SQLAlchemy reads: the text redaction below still applies.
+    with contextlib.suppress(ArgumentError, ValueError):
+        url = make_url(url).render_as_string(hide_password=True)
+    return redact_text(url)
+
+
+async def rewrap_secrets(services: MasterServices) -> int:
+    """Re-encrypt what is still under a previous master key with the current one: the
+    stored secrets (`StorageBackend.rewrap_secrets`) and the ACME account key file. Runs
+    at every start with previous keys configured (the signing and API token keys are
+    re-encrypted as they load); returns how many secrets moved.
+
+    A failure is logged, not raised: the master still works (the previous keys still
+    read what is left), and the next start tries again.
+    """
+    keyring = services.keyring
+    try:
+        moved = await services.storage.rewrap_secrets()
+        moved += await anyio.to_thread.run_sync(
+            _rewrap_acme_account_key, services.settings, keyring
+        )
+    except Exception as exc:  # e.g. a token under a key that is not in the ring
+        log.error("stored secrets not re-encrypted under the current master key; "  # noqa: TRY400
+                  "keep the previous master keys configured",
+                  master_key_id=keyring.key_id, error=str(exc))  # fmt: skip
+        return 0
+    log.warning(
+        "secrets re-encrypted under the current master key; once every master has started "
+        "with it, remove previous_master_keys / previous_master_key_files",
+        master_key_id=keyring.key_id,
+        previous_key_ids=list(keyring.key_ids[1:]),
+        rewrapped=moved,
+    )
+    return moved
+
+
+def _rewrap_acme_account_key(settings: Settings, keyring: MasterKeyring) -> int:
+    from nxmesh.certs.acme_client import AccountKeyFile, account_key_path
+    from nxmesh.certs.settings import certs_settings
+
+    certs = certs_settings(settings)
+    path = account_key_path(settings, certs)
+    if not path.exists():
+        return 0
+    return int(AccountKeyFile(path, keyring, directory_url=certs.acme_directory).rewrap())
 
 
 async def _shielded(close: Callable[[], Any]) -> None:

@@ -5,7 +5,9 @@ Every change — a whole state, one site, one upstream, a rollback — goes thro
 rules, every ``nxmesh_validate_state`` policy, uploaded certificates it names, and a
 preview render), then stored as the next signed `ConfigVersion` in one atomic write,
 then announced (``version.created`` on the event bus, `Orchestrator.version_created`).
-Nothing is stored unless all of it passed, so no half-applied change exists.
+Nothing is stored unless all of it passed, so no half-applied change exists. A stored
+version whose announcement fails (the bus is down) is still committed and still handed
+to this process's orchestrator; the other masters' periodic full reconcile finds it.
 
 Edits are read-modify-write on the latest version; when another writer stored a version
 in between, the edit is re-applied on top of theirs (optimistic concurrency), unless the
@@ -268,5 +270,17 @@ class ConfigChanges:
             digest=version.digest[:12],
             author=version.author,
         )
-        await s.bus.publish(Event("version.created", payload=payload, workspace=version.workspace))
+        try:
+            await s.bus.publish(
+                Event("version.created", payload=payload, workspace=version.workspace)
+            )
+        except Exception as exc:
+            # The version is stored: the commit succeeded. Other masters push it on their
+            # next full reconcile (at most `reconcile_interval` later); this one at once.
+            log.warning(
+                "version stored but not announced on the event bus",
+                workspace=version.workspace,
+                number=version.number,
+                error=str(exc).strip() or type(exc).__name__,
+            )
         await s.orchestrator.version_created(version)

@@ -13,6 +13,11 @@ process runs one, beside its `nxmesh.session_hub.MasterSessionHub`:
   digest, and not already sent it (nor refused it: a failed version is not pushed again
   until another one is due, or the agent reconnects), gets it
   (`MasterSessionHub.offer`; the body is encoded once per version).
+* **Full reconciles.** Events can be missed: a bus outage (the subscription is renewed
+  until it works again, `nxmesh.master.app.follow_bus`), a version whose announcement
+  failed. After every resubscription and every `reconcile_interval` seconds (60), every
+  workspace with a connected agent is reconciled, after refreshing its sessions from
+  storage (labels changed, agents revoked through another master).
 * **Reconnects.** The hub asks `desired_for` when an agent registers or its heartbeat
   reports another running version; it resends only on mismatch (version or digest).
 * **Status.** Every step is persisted with ``set_agent_status`` — ``sent`` when the
@@ -78,7 +83,7 @@ if TYPE_CHECKING:
     from nxmesh.master.app import MasterServices
     from nxmesh.session_hub import MasterSessionHub, SessionInfo
 
-__all__ = ["RolloutOrchestrator"]
+__all__ = ["RECONCILE_INTERVAL", "RolloutOrchestrator"]
 
 log = structlog.get_logger("nxmesh.master.rollout")
 
@@ -87,6 +92,9 @@ _CONVERGED: Final = 1024
 _MATERIALS: Final = 64
 _CERT_EVENTS: Final = ("cert.renewed", "certificate.updated")
 _FLUSH_TIMEOUT: Final = 5.0
+
+RECONCILE_INTERVAL: Final = 60.0
+"""Default seconds between two full reconciles (see `RolloutOrchestrator.mark_all`)."""
 
 _BATCH: Final = 500
 """At most this many queued writes go to storage together."""
@@ -119,13 +127,23 @@ Write = Callable[[], Awaitable[None]] | _StatusWrite | _RunningWrite | _Converge
 class RolloutOrchestrator:
     """Pushes versions to this process's agents and records how each rollout goes."""
 
-    def __init__(self, services: MasterServices, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        services: MasterServices,
+        *,
+        clock: Callable[[], float] = time.time,
+        reconcile_interval: float = RECONCILE_INTERVAL,
+    ) -> None:
         self.services = services
         self.storage = services.storage
         self.metrics = services.metrics
         self.clock = clock
+        self.reconcile_interval = reconcile_interval
+        """Seconds between full reconciles (`mark_all`); events make most of them moot."""
         self.hub: MasterSessionHub | None = None
         self._dirty: set[str] = set()
+        self._stale: set[str] = set()
+        """Workspaces whose sessions are refreshed from storage before their next reconcile."""
         self._wake = anyio.Event()
         self._writes: deque[Write] = deque()
         self._write_wake = anyio.Event()
@@ -276,6 +294,37 @@ class RolloutOrchestrator:
         """Reconcile `workspace` soon (coalesced: a burst of changes costs one pass)."""
         self._dirty.add(workspace)
         self._wake.set()
+
+    def mark_all(self) -> None:
+        """Reconcile every workspace with an agent connected to this process soon (a full
+        reconcile: after events may have been missed, and periodically)."""
+        if self.hub is None:
+            return
+        # A missed cert.renewed must not keep serving the old material to later pushes and
+        # reconnects (rebuilt on demand: one read per version).
+        self._materials.clear()
+        for workspace in {info.workspace for info in self.hub.sessions()}:
+            self._stale.add(workspace)
+            self.mark(workspace)
+
+    async def _refresh_sessions(self, workspace: str) -> None:
+        """Bring the sessions of `workspace` up to date with storage: what ``agent.updated``
+        and ``agent.revoked`` events from other masters would have done, had they come."""
+        hub = self.hub
+        sessions = hub.sessions(workspace) if hub is not None else []
+        if hub is None or not sessions:
+            return
+        stored = {a.id: a for a in await self.storage.list_agents(workspace)}
+        for info in sessions:
+            agent = stored.get(info.agent_id)
+            if agent is None:
+                continue
+            if agent.status == "revoked":
+                self._inflight.pop(info.agent_id, None)
+                if hub.disconnect(info.agent_id):
+                    log.warning("revoked agent disconnected", agent_id=info.agent_id)
+            elif dict(agent.labels) != dict(info.labels):
+                hub.update_agent(agent)
 
     async def reconcile(self, workspace: str, *, certificates: set[str] | None = None) -> list[str]:
         """Offer each connected agent of `workspace` its desired version when it runs
@@ -474,19 +523,14 @@ class RolloutOrchestrator:
     async def _set_offline(self, info: SessionInfo) -> None:
         if self.hub is not None and self.hub.session(info.agent_id) is not None:
             return  # it reconnected meanwhile
-        agent = await self.storage.get_agent(info.agent_id)
-        if agent is None or agent.status != "online":
-            return
-        if agent.last_seen is not None and agent.last_seen > info.last_seen + 1.0:
-            return  # another master process saw it since: it is connected there
-        await self.storage.upsert_agent(
-            attrs.evolve(
-                agent,
-                status="offline",
-                running_version=info.running_version,
-                running_digest=info.running_digest,
-                last_seen=info.last_seen,
-            )
+        # One conditional write, not read-modify-write: a revocation (or a reconnect to
+        # another master process, which moves last_seen on) in between is kept.
+        await self.storage.set_agent_offline(
+            info.agent_id,
+            last_seen=info.last_seen,
+            running_version=info.running_version,
+            running_digest=info.running_digest,
+            unless_seen_after=info.last_seen + 1.0,
         )
 
     async def _check_converged(self, workspace: str, number: int) -> None:
@@ -546,6 +590,7 @@ class RolloutOrchestrator:
             tg.start_soon(self._writer)
             await tg.start(self._follow_bus)
             tg.start_soon(self._reconciler)
+            tg.start_soon(self._reconcile_periodically)
             task_status.started()
 
     async def _reconciler(self) -> None:
@@ -556,6 +601,9 @@ class RolloutOrchestrator:
                 workspace = self._dirty.pop()
                 certificates = self._cert_changes.pop(workspace, None)
                 try:
+                    if workspace in self._stale:
+                        self._stale.discard(workspace)
+                        await self._refresh_sessions(workspace)
                     await self.reconcile(workspace, certificates=certificates)
                 except Exception:  # storage hiccup: try again on the next change
                     log.exception("reconcile failed", workspace=workspace)
@@ -612,17 +660,28 @@ class RolloutOrchestrator:
             log.exception("rollout bookkeeping failed")
 
     async def _follow_bus(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        """Changes made through other master processes (and this one: harmless twice)."""
-        started = False
+        """Changes made through other master processes (and this one: harmless twice).
+
+        A bus outage does not end it (`nxmesh.master.app.follow_bus` subscribes again);
+        events published meanwhile are lost, so every resubscription is followed by a
+        full reconcile."""
+        from nxmesh.master.app import follow_bus
+
+        await follow_bus(
+            self.services.bus,
+            self._on_event,
+            subscriber="rollout orchestrator",
+            resubscribed=self.mark_all,
+            task_status=task_status,
+        )
+
+    async def _reconcile_periodically(self) -> None:
+        """A full reconcile every `reconcile_interval` seconds: whatever no event announced
+        (a version whose announcement failed, one missed before a resubscription) still
+        reaches the agents."""
         while True:
-            async with self.services.bus.subscribe() as events:
-                if not started:
-                    task_status.started()
-                    started = True
-                async for event in events:
-                    self._on_event(event)
-            log.warning("event subscription ended; subscribing again")
-            await anyio.sleep(0.1)
+            await anyio.sleep(self.reconcile_interval)
+            self.mark_all()
 
     def _on_event(self, event: Event) -> None:
         kind = event.kind

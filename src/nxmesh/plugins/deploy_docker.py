@@ -1,9 +1,14 @@
 """The docker sidecar deployment mode: nginx in one container, the agent in another.
 
-The two containers share three things (compose or ``docker run`` flags):
+The two containers share four things (compose or ``docker run`` flags):
 
 - the **PID namespace** (``pid: "service:nginx"`` / ``--pid=container:nginx``), so the
   agent can signal nginx's master process;
+- the **network namespace** (``network_mode: "service:nginx"`` /
+  ``--network=container:nginx``): the driver confirms every reload at
+  ``http://127.0.0.1:<status_port>/nxmesh/version``, the status server on nginx's
+  loopback; from a network namespace of its own the agent never reaches it and every
+  apply is rolled back;
 - the **config volume** mounted at the agent's ``conf_dir`` in both containers
   (``/etc/nginx`` by default), holding ``current``, ``releases/`` and the runtime files;
 - the **pid file** on that volume (``<conf_dir>/logs/nginx.pid``; ``pid_file`` overrides).

@@ -8,10 +8,11 @@ Two ways to run, chosen by ``[plugins.deploy_standalone] supervise``:
         nginx -g 'daemon off;' -p <conf_dir>/ -c <conf_dir>/current/nginx.conf
 
     in its own session (a Ctrl-C meant for the agent does not reach nginx), with stdout
-    and stderr appended to ``<prefix>/logs/nginx.stderr.log``. With ``stop_on_exit`` the
-    agent stops it gracefully (SIGQUIT) when it exits. After an agent crash nginx keeps
-    serving; the next agent finds it through the pid file and adopts it instead of
-    starting a second one.
+    and stderr appended to ``<prefix>/logs/nginx.stderr.log`` and the agent's environment
+    minus its ``NXMESH_*`` variables (settings, the bootstrap token: nginx needs none).
+    With ``stop_on_exit`` the agent stops it gracefully (SIGQUIT) when it exits. After an
+    agent crash nginx keeps serving; the next agent finds it through the pid file and
+    adopts it instead of starting a second one.
 
 ``supervise = false``
     Attach to an nginx something else runs (systemd, an init script) and control it the
@@ -40,7 +41,13 @@ import structlog
 
 from nxmesh import NxMeshError, hookimpl
 from nxmesh.agent.layout import NginxLayout
-from nxmesh.agent.process import NginxControlError, pid_alive, read_pid_file, send_signal
+from nxmesh.agent.process import (
+    NginxControlError,
+    nginx_environment,
+    pid_alive,
+    read_pid_file,
+    send_signal,
+)
 
 if TYPE_CHECKING:
     from nxmesh.core.interfaces import DeploymentMode
@@ -151,6 +158,7 @@ class StandaloneMode:
                 stdout=out,
                 stderr=out,
                 start_new_session=True,
+                env=nginx_environment(),  # never the agent's NXMESH_* settings and secrets
             )
         self._child = child
         with anyio.move_on_after(self.settings.start_timeout):
@@ -169,7 +177,7 @@ class StandaloneMode:
         raise NxMeshError(f"nginx exited at start: {output or 'no output'}")
 
     async def _start_daemon(self) -> None:
-        result = await anyio.run_process(self._command(), check=False)
+        result = await anyio.run_process(self._command(), check=False, env=nginx_environment())
         if result.returncode != 0:
             output = (result.stderr or result.stdout).decode("utf-8", "replace").strip()
             raise NxMeshError(f"nginx failed to start: {output}")
@@ -196,9 +204,14 @@ class StandaloneMode:
         send_signal(pid, signal_name)
 
     async def aclose(self) -> None:
-        """Stop a supervised nginx when `stop_on_exit`; never touch an attached one."""
+        """Stop a supervised nginx when `stop_on_exit` — the child this agent started, or
+        the one it adopted through the pid file from an agent that died (under systemd's
+        ``KillMode=process`` nothing else stops it); never touch an attached one."""
         child = self._child
         if child is None:
+            if self.settings.supervise and self.settings.stop_on_exit:
+                with anyio.CancelScope(shield=True):
+                    await self._stop_adopted()
             return
         with anyio.CancelScope(shield=True):
             if self.settings.stop_on_exit and child.returncode is None:
@@ -212,6 +225,24 @@ class StandaloneMode:
             else:
                 # Left running on purpose; the next agent adopts it through the pid file.
                 self._child = None
+
+    async def _stop_adopted(self) -> None:
+        """Stop an nginx running from this config root that is not our child: gracefully
+        (SIGQUIT), fast (SIGTERM) after `stop_timeout`."""
+        pid = await read_pid_file(self.pid_file)
+        if pid is None:
+            return
+        for signal_name in ("quit", "stop"):
+            try:
+                send_signal(pid, signal_name)
+            except NginxControlError as exc:
+                log.warning("cannot stop the adopted nginx", pid=pid, error=str(exc))
+                return
+            with anyio.move_on_after(self.settings.stop_timeout):
+                while pid_alive(pid):  # noqa: ASYNC110 - not our child: nothing to wait on
+                    await anyio.sleep(0.02)
+                return
+        log.warning("the adopted nginx did not stop", pid=pid)
 
 
 @hookimpl

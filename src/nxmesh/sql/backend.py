@@ -93,6 +93,7 @@ class SqlStorage:
         # Set by backends whose connections cannot run in parallel (in-memory SQLite).
         self._serial: threading.Lock | None = None
         self._login_failure_calls = 0
+        self._ping_pending = threading.Event()  # set while a ping's thread runs
 
     @classmethod
     def from_settings(cls, settings: Settings, *, keyring: MasterKeyring | None = None) -> Self:
@@ -161,6 +162,28 @@ class SqlStorage:
 
         return await anyio.to_thread.run_sync(serialised)
 
+    async def ping(self) -> None:
+        """One round trip to the database (``/readyz``). Its worker thread is abandoned
+        when the caller is cancelled: a hung database cannot hold the probe past its
+        timeout (the thread ends when the driver gives up)."""
+        engine, lock = self.engine, self._serial
+        pending = self._ping_pending
+        if pending.is_set():
+            # One ping thread at a time: while the database hangs, each probe would
+            # otherwise leave one more blocked thread behind.
+            raise StorageError("the database has not answered the previous check yet")
+
+        def work() -> None:
+            try:
+                # Serialised like `_run` where connections must be (in-memory SQLite).
+                with lock or threading.Lock(), engine.connect() as conn:
+                    conn.execute(select(1))
+            finally:
+                pending.clear()
+
+        pending.set()
+        await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+
     def _checkpoint(self, operation: str) -> None:
         """Called between the statements of a multi-statement write. A no-op; tests patch
         it to fail or to pause (and get killed) right there."""
@@ -213,31 +236,45 @@ class SqlStorage:
 
         Run after a master key rotation (old key as a previous key of the ring); once it
         returns, the previous keys can be dropped. One transaction: all or nothing.
+
+        Each row is replaced only if it still holds the token that was read (compare and
+        swap): another master may store a new private key or session key meanwhile (an
+        ACME renewal), and that one must not be overwritten with the old secret. A row
+        changed meanwhile is skipped: its new token is already under the current primary
+        key (or, written by a master still on the old key, is rewrapped by the next run).
         """
         keyring = self._require_keyring("cannot rewrap secrets")
+        keys, certs = t.agent_keys, t.certificates
 
         def op(conn: Connection) -> int:
+            stale_keys = [
+                r for r in conn.execute(select(keys)).all() if keyring.needs_rewrap(r.secret)
+            ]
+            stale_certs = [
+                r for r in conn.execute(select(certs)).all() if keyring.needs_rewrap(r.key_pem)
+            ]
+            self._checkpoint("rewrap_secrets")
             count = 0
-            for row in conn.execute(select(t.agent_keys)).all():
-                if keyring.needs_rewrap(row.secret):
-                    aad = self._key_aad(row.agent_id, row.key_id)
-                    conn.execute(
-                        update(t.agent_keys)
-                        .where(t.agent_keys.c.agent_id == row.agent_id)
-                        .where(t.agent_keys.c.key_id == row.key_id)
-                        .values(secret=self._rewrap(keyring, row.secret, aad, "agent key"))
-                    )
-                    count += 1
-            for row in conn.execute(select(t.certificates)).all():
-                if keyring.needs_rewrap(row.key_pem):
-                    aad = self._cert_aad(row.workspace, row.name)
-                    conn.execute(
-                        update(t.certificates)
-                        .where(t.certificates.c.workspace == row.workspace)
-                        .where(t.certificates.c.name == row.name)
-                        .values(key_pem=self._rewrap(keyring, row.key_pem, aad, "private key"))
-                    )
-                    count += 1
+            for row in stale_keys:
+                aad = self._key_aad(row.agent_id, row.key_id)
+                result = conn.execute(
+                    update(keys)
+                    .where(keys.c.agent_id == row.agent_id)
+                    .where(keys.c.key_id == row.key_id)
+                    .where(keys.c.secret == row.secret)
+                    .values(secret=self._rewrap(keyring, row.secret, aad, "agent key"))
+                )
+                count += result.rowcount
+            for row in stale_certs:
+                aad = self._cert_aad(row.workspace, row.name)
+                result = conn.execute(
+                    update(certs)
+                    .where(certs.c.workspace == row.workspace)
+                    .where(certs.c.name == row.name)
+                    .where(certs.c.key_pem == row.key_pem)
+                    .values(key_pem=self._rewrap(keyring, row.key_pem, aad, "private key"))
+                )
+                count += result.rowcount
             return count
 
         return await self._run(op, write=True)
@@ -374,7 +411,64 @@ class SqlStorage:
             "running_digest": agent.running_digest,
             "last_seen": agent.last_seen,
         }
-        await self._run(lambda conn: self._upsert(conn, t.agents, values, ["id"]), write=True)
+        a = t.agents
+
+        def op(conn: Connection) -> None:
+            insert_ = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+            stmt = insert_(a).values(values)
+            changes: dict[str, Any] = {c: stmt.excluded[c] for c in values if c != "id"}
+            # Revocation is final (an agent id is never enrolled again): a write built on a
+            # read from before the revocation must not bring the agent back.
+            changes["status"] = case(
+                (a.c.status == "revoked", a.c.status), else_=stmt.excluded.status
+            )
+            conn.execute(stmt.on_conflict_do_update(index_elements=["id"], set_=changes))
+
+        await self._run(op, write=True)
+
+    async def set_agent_offline(
+        self,
+        agent_id: str,
+        *,
+        last_seen: float,
+        running_version: int | None = None,
+        running_digest: str | None = None,
+        unless_seen_after: float | None = None,
+    ) -> bool:
+        """Mark the agent offline with what it ran and when it was last seen — only if it
+        is ``online`` and was not seen after `unless_seen_after` (default `last_seen`);
+        True when it was. One conditional UPDATE: a concurrent revocation, or another
+        master the agent reconnected to meanwhile, is never overwritten."""
+        a = t.agents
+        seen = last_seen if unless_seen_after is None else unless_seen_after
+        stmt = (
+            update(a)
+            .where(a.c.id == agent_id, a.c.status == "online")
+            .where(a.c.last_seen.is_(None) | (a.c.last_seen <= seen))
+            .values(
+                status="offline",
+                running_version=running_version,
+                running_digest=running_digest,
+                last_seen=last_seen,
+            )
+        )
+        result = await self._run(lambda conn: conn.execute(stmt), write=True)
+        return bool(result.rowcount)
+
+    async def revoke_agent(self, agent_id: str) -> bool:
+        """Mark the agent revoked and delete every session key of it, in one transaction;
+        False when there is no such agent."""
+        a, keys = t.agents, t.agent_keys
+
+        def op(conn: Connection) -> bool:
+            marked = conn.execute(update(a).where(a.c.id == agent_id).values(status="revoked"))
+            if not marked.rowcount:
+                return False
+            self._checkpoint("revoke_agent")
+            conn.execute(delete(keys).where(keys.c.agent_id == agent_id))
+            return True
+
+        return await self._run(op, write=True)
 
     @staticmethod
     def _agent(row: Row[Any]) -> Agent:

@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from nxmesh import hookimpl
-from nxmesh_deploy_k8s.mode import K8sSettings, K8sSidecarMode
+from nxmesh_deploy_k8s.mode import SECTION, K8sSettings, K8sSidecarMode
 
 if TYPE_CHECKING:
     from nxmesh.core.interfaces import DeploymentMode
     from nxmesh.core.settings import SettingsRegistry
 
-SECTION = "deploy_k8s"
+__all__ = ["SECTION"]
 
 
 @hookimpl

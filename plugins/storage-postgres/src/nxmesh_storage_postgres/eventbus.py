@@ -280,6 +280,8 @@ class PostgresEventBus:
                 ) as conn:
                     for channel in (self.channel, self._wake_channel):
                         conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                    if self._failure is not None:
+                        log.info("event bus listener reconnected")
                     self._failure = None
                     self._listening.set()
                     delay = 0.1
@@ -294,8 +296,11 @@ class PostgresEventBus:
                                 # bad notification must not stop the listener.
                                 log.warning("ignoring undecodable event", error=str(exc))
             except psycopg.Error as exc:
+                # Once per outage: a database down for an hour would log every retry.
+                report = log.warning if self._failure is None else log.debug
                 self._failure = str(exc).strip() or type(exc).__name__
-                log.warning("event bus listener lost its connection", error=self._failure)
+                report("event bus listener lost its connection; reconnecting",
+                       error=self._failure)  # fmt: skip
             except RuntimeError:
                 return  # the event loop is gone (closed without aclose)
             if self._listening.is_set():

@@ -45,10 +45,10 @@ import attrs
 import structlog
 
 from nxmesh.agent.events import EventRecorder
-from nxmesh.agent.fsutil import stand_in
+from nxmesh.agent.fsutil import read_tree, stand_in
 from nxmesh.agent.http import http_get
 from nxmesh.agent.layout import NginxLayout
-from nxmesh.agent.process import process_clock, worker_pids, worker_started
+from nxmesh.agent.process import nginx_environment, process_clock, worker_pids, worker_started
 from nxmesh.core.bundle import Bundle, bundle_digest
 from nxmesh.core.errors import NxMeshError
 from nxmesh.core.interfaces import DeploymentMode
@@ -324,10 +324,17 @@ class ReloadDriver:
             previous = journal.get("previous") if "previous" in journal else current
             if isinstance(previous, str) and not self.store.path_of(previous).is_dir():
                 previous = None
-            if current != previous:
+            # A first apply over a tree the agent did not write (a sidecar's bootstrap
+            # release) journals where ``current`` pointed: that tree is what goes back.
+            foreign = journal.get("previous_target") if previous is None else None
+            foreign = foreign if isinstance(foreign, str) and foreign else None
+            if foreign is not None:
+                if self.store.current_target() != foreign:
+                    await anyio.to_thread.run_sync(_relink, self.store, foreign)
+            elif current != previous:
                 await anyio.to_thread.run_sync(self.store.point_to, previous)
             pid = await self.mode.nginx_pid()
-            if pid is not None and previous is not None:
+            if pid is not None and (previous is not None or foreign is not None):
                 # nginx may have loaded (or be loading) the unconfirmed tree: load the
                 # old one again and wait until it serves, so nginx and ``current`` agree.
                 try:
@@ -343,7 +350,9 @@ class ReloadDriver:
                     log.warning("recovery could not stop nginx", reason=str(exc))
             await anyio.to_thread.run_sync(self.store.clear_journal)
             what = f"interrupted apply of {str(journal.get('next'))[:12]} undone; " + (
-                f"current is {previous[:12]} again" if previous else "no tree is live"
+                f"current is {_describe(previous, foreign)} again"
+                if previous or foreign
+                else "no tree is live"
             )
             self.events.record("apply.recovered", previous=previous, next=journal.get("next"))
             return what
@@ -407,12 +416,17 @@ class ReloadDriver:
         release = self.store.path_of(name)
         tail = _LogTail(logs)
         before = worker_pids(pid) if pid is not None else {}
+        # No release of ours is live, but ``current`` may still lead somewhere: a sidecar's
+        # bootstrap tree its nginx runs, a link set by hand. That is what a failed first
+        # apply goes back to: nginx is never left without a ``current``.
+        foreign = self._foreign_target() if previous is None else None
 
-        # Swap: from here on every failure must restore `previous`.
+        # Swap: from here on every failure must restore `previous` (or `foreign`).
         if name != previous:
-            await anyio.to_thread.run_sync(
-                self.store.write_journal, {"previous": previous, "next": name, "ts": time.time()}
-            )
+            journal = {"previous": previous, "next": name, "ts": time.time()}
+            if foreign is not None:
+                journal["previous_target"] = foreign
+            await anyio.to_thread.run_sync(self.store.write_journal, journal)
             prepared = await anyio.to_thread.run_sync(self.store.prepare_link, name)
             await _checkpoint("swap-prepared")
             await anyio.to_thread.run_sync(self.store.flip, prepared)
@@ -448,13 +462,21 @@ class ReloadDriver:
             if name == previous:  # nothing was swapped: nginx cannot run the live tree
                 return "failed", f"{failure.message}", failure.output or "\n".join(tail.lines)
             return await self._rollback(
-                previous, tail, failure, started=started, failed=name, signalled=signalled
+                previous,
+                tail,
+                failure,
+                started=started,
+                failed=name,
+                signalled=signalled,
+                foreign=foreign,
             )
         except anyio.get_cancelled_exc_class():
             # Shutting down mid-apply: put the confirmed tree back before leaving, so
             # the next start finds nginx and ``current`` in agreement.
             with anyio.move_on_after(self.settings.confirm_timeout, shield=True):
-                await self._rollback(previous, tail, _ApplyFailed("cancelled"), started=started)
+                await self._rollback(
+                    previous, tail, _ApplyFailed("cancelled"), started=started, foreign=foreign
+                )
             raise
 
         await anyio.to_thread.run_sync(self.store.clear_journal)
@@ -509,7 +531,11 @@ class ReloadDriver:
             command = [binary, "-t", "-p", f"{scratch}/", "-c", str(conf), "-e", "stderr"]
             with anyio.move_on_after(self.settings.test_timeout) as scope:
                 proc = await anyio.run_process(
-                    command, stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT, check=False
+                    command,
+                    stdin=subprocess.DEVNULL,
+                    stderr=subprocess.STDOUT,
+                    check=False,
+                    env=nginx_environment(),
                 )
             if scope.cancelled_caught:
                 return False, f"[emerg] nginx -t did not finish in {self.settings.test_timeout}s"
@@ -616,36 +642,51 @@ class ReloadDriver:
         started: bool,
         failed: str | None = None,
         signalled: bool = True,
+        foreign: str | None = None,
     ) -> tuple[Outcome, str, str]:
         """Restore `previous` as the live tree and the generation nginx serves; then
         delete the `failed` release. `signalled` False: the reload signal was refused, so
-        nginx still serves `previous` and only ``current`` goes back."""
+        nginx still serves `previous` and only ``current`` goes back. With no `previous`
+        release, `foreign` is where ``current`` pointed before (a tree the agent did not
+        write, such as a sidecar's bootstrap release): the link goes back there."""
         output = failure.output or "\n".join(tail.lines)
         # Shielded: a cancellation mid-rollback must not leave the new tree half-live.
         with anyio.CancelScope(shield=True):
             try:
-                await anyio.to_thread.run_sync(self.store.point_to, previous)
+                if previous is None and foreign is not None:
+                    await anyio.to_thread.run_sync(_relink, self.store, foreign)
+                else:
+                    await anyio.to_thread.run_sync(self.store.point_to, previous)
                 await _checkpoint("rolled-back")
-                await self._restore_generation(previous, started=started, signalled=signalled)
+                await self._restore_generation(
+                    previous, started=started, signalled=signalled, foreign=foreign is not None
+                )
                 await anyio.to_thread.run_sync(self.store.clear_journal)
             except (_ApplyFailed, NxMeshError, OSError) as exc:
                 log.exception("rollback failed")
                 return "failed", f"{failure.message}; rolling back failed too: {exc}", output
         if failed is not None and failed != previous:  # a refused tree is never reused
-            await anyio.to_thread.run_sync(_rmtree, self.store.path_of(failed))
-        what = previous[:12] if previous else "no configuration"
+            # ... unless ``current`` is back on it by another path (a hand-made link)
+            back_on_it = foreign is not None and (
+                (self.store.root / foreign).resolve() == self.store.path_of(failed).resolve()
+            )
+            if not back_on_it:
+                await anyio.to_thread.run_sync(_rmtree, self.store.path_of(failed))
+        what = _describe(previous, foreign) if previous or foreign else "no configuration"
         return "rolled_back", f"{failure.message}; rolled back to {what}", output
 
     async def _restore_generation(
-        self, previous: str | None, *, started: bool, signalled: bool = True
+        self, previous: str | None, *, started: bool, signalled: bool = True, foreign: bool = False
     ) -> None:
-        """Make nginx serve `previous` again (reload and confirm it)."""
+        """Make nginx serve `previous` again (reload and confirm it); `foreign`: there is
+        no previous release, ``current`` leads back to a tree the agent did not write."""
+        restorable = previous is not None or foreign
         pid = await self.mode.nginx_pid()
         if pid is None:
-            if previous is not None and not started:
+            if restorable and not started:
                 await self._start_nginx()  # it died during the apply: bring the old one back
             return
-        if previous is None:
+        if not restorable:
             if started:  # we started it on the failed tree and there is nothing older
                 await self.mode.signal_nginx("quit")
             return
@@ -657,14 +698,23 @@ class ReloadDriver:
         # the previous tree again and confirming it covers both.
         await self._reload_and_confirm(previous, pid)
 
-    async def _reload_and_confirm(self, name: str, pid: int) -> None:
-        """Reload nginx (master `pid`) and wait until release `name` serves."""
-        files = await anyio.to_thread.run_sync(self.store.files_of, name)
-        endpoint = await anyio.to_thread.run_sync(status_endpoint, self.store.path_of(name), files)
+    async def _reload_and_confirm(self, name: str | None, pid: int) -> None:
+        """Reload nginx (master `pid`) and wait until release `name` serves — with None,
+        the tree ``current`` leads to (one the agent did not write: a status server may
+        not be in it, then a new worker generation alone confirms)."""
+        tree = self.store.current_link if name is None else self.store.path_of(name)
+        files = await anyio.to_thread.run_sync(read_tree, tree)
+        endpoint = await anyio.to_thread.run_sync(status_endpoint, tree, files)
         before = worker_pids(pid)
         since = process_clock()
         await self.mode.signal_nginx("reload")
         await self._confirm(endpoint, before, _LogTail([]), since)
+
+    def _foreign_target(self) -> str | None:
+        """Where a ``current`` symlink leads when it is no release of ours, else None."""
+        if self.store.current_name() is not None or not self.store.current_link.is_symlink():
+            return None
+        return self.store.current_target()
 
     def _reloaded(self, result: str, seconds: float) -> None:
         # Metrics and history listen to these: one per reload nginx was asked for.
@@ -673,3 +723,20 @@ class ReloadDriver:
 
 def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
+
+
+def _relink(store: ReleaseStore, target: str) -> None:
+    """Point ``current`` at `target` exactly as it was written (prepare + atomic flip):
+    the way back to a tree the agent did not write. The temporary link has the name
+    `ReleaseStore.cleanup_stale` removes after a crash."""
+    prepared = store.root / f".current.tmp-{os.urandom(6).hex()}"
+    os.symlink(target, prepared)
+    store.flip(prepared)
+
+
+def _describe(previous: str | None, foreign: str | None) -> str:
+    """How a report names the tree that serves again: a release by its short digest, a
+    tree the agent did not write by where ``current`` leads."""
+    if previous is not None:
+        return previous[:12]
+    return f"{foreign} (not written by the agent)"

@@ -447,6 +447,52 @@ class StorageContract:
         assert [a.id for a in await storage.list_agents("shop")] == ["a1"]
         assert [a.id for a in await storage.list_agents()] == ["a1", "a2"]
 
+    async def test_set_agent_offline_changes_only_an_online_agent(
+        self, storage: StorageBackend
+    ) -> None:
+        """Going offline is one conditional write: it applies to an online agent not seen
+        later elsewhere, and never turns a revoked (or unknown) agent into an offline one."""
+        await storage.upsert_agent(Agent(id="a1", name="edge-1", status="online", last_seen=10.0))
+        assert await storage.set_agent_offline(
+            "a1", last_seen=12.0, running_version=3, running_digest="d3"
+        )
+        agent = await storage.get_agent("a1")
+        assert agent is not None
+        assert (agent.status, agent.last_seen) == ("offline", 12.0)
+        assert (agent.running_version, agent.running_digest) == (3, "d3")
+        assert not await storage.set_agent_offline("a1", last_seen=13.0)  # offline already
+        # Seen by another master after this one lost it: connected there, stays online.
+        await storage.upsert_agent(Agent(id="a1", name="edge-1", status="online", last_seen=20.0))
+        assert not await storage.set_agent_offline("a1", last_seen=15.0, unless_seen_after=16.0)
+        assert await storage.set_agent_offline("a1", last_seen=15.0, unless_seen_after=21.0)
+        await storage.upsert_agent(Agent(id="a2", name="edge-2", status="revoked"))
+        assert not await storage.set_agent_offline("a2", last_seen=30.0)
+        revoked = await storage.get_agent("a2")
+        assert revoked is not None
+        assert revoked.status == "revoked"
+        assert not await storage.set_agent_offline("ghost", last_seen=1.0)
+
+    async def test_revocation_is_final_and_atomic(
+        self, storage: StorageBackend, fail_between_statements: FaultInjector
+    ) -> None:
+        """Revoking marks the agent revoked and deletes its keys together (an injected
+        failure in between leaves both); a later upsert built on an earlier read of the
+        agent (``online``) does not undo it."""
+        stale = Agent(id="a1", name="edge-1", status="online", last_seen=1.0)
+        await storage.upsert_agent(stale)
+        await storage.add_agent_key(_key())
+        with fail_between_statements(storage), pytest.raises(InjectedFault):
+            await storage.revoke_agent("a1")
+        assert (await storage.get_agent("a1")) == stale
+        assert len(await storage.list_agent_keys("a1")) == 1
+        assert await storage.revoke_agent("a1") is True
+        assert await storage.list_agent_keys("a1") == []
+        await storage.upsert_agent(attrs.evolve(stale, labels={"env": "prod"}, last_seen=2.0))
+        agent = await storage.get_agent("a1")
+        assert agent is not None
+        assert (agent.status, dict(agent.labels)) == ("revoked", {"env": "prod"})
+        assert await storage.revoke_agent("ghost") is False
+
     async def test_deleting_an_agent_removes_its_keys_and_statuses(
         self, storage: StorageBackend
     ) -> None:
