@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import threading
@@ -18,6 +17,7 @@ from nxmesh.agent.process import pid_alive
 from nxmesh.agent.watchdog import BackoffPolicy, Watchdog, file_diff
 from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.plugins.deploy_standalone import StandaloneMode
+from nxmesh.testing.nginx import refuse_signal
 
 pytestmark = pytest.mark.anyio
 
@@ -43,18 +43,6 @@ async def _kill_nginx(pid: int) -> None:
     with anyio.fail_after(5):
         while pid_alive(pid):
             await anyio.sleep(0.005)
-
-
-def _refuse_reload(monkeypatch: pytest.MonkeyPatch, pid: int) -> None:
-    """The OS refuses SIGHUP to `pid`, as for an nginx of another user (tests run as root)."""
-    real = os.kill
-
-    def kill(target: int, sig: int) -> None:
-        if target == pid and sig == signal.SIGHUP:
-            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
-        real(target, sig)
-
-    monkeypatch.setattr(os, "kill", kill)
 
 
 class TestFileDiff:
@@ -185,7 +173,7 @@ class TestDrift:
         site.write_text(site.read_text().replace("original", "hacked"))
         pid = await stack.master_pid()
         assert pid is not None
-        _refuse_reload(monkeypatch, pid)
+        refuse_signal(monkeypatch, pid)
         watchdog = Watchdog(applier, stack.driver, stack.mode, drift_policy="revert")
         assert await watchdog.check_drift() is not None
         [failed] = stack.events.events("drift.revert_failed")

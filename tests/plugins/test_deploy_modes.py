@@ -19,6 +19,7 @@ from nxmesh.core.registry import ProviderRegistries
 from nxmesh.plugins.deploy_docker import DockerSettings, DockerSidecarMode, in_container
 from nxmesh.plugins.deploy_standalone import StandaloneMode, StandaloneSettings
 from nxmesh.testing.contracts import DeploymentModeContract
+from nxmesh.testing.nginx import refuse_signal
 
 
 class TestStandaloneSupervisedContract(DeploymentModeContract):
@@ -267,22 +268,6 @@ class TestPidFiles:
         assert await mode.nginx_pid() is None
         with pytest.raises(NxMeshError, match="no running nginx"):
             await mode.signal_nginx("reload")
-
-
-def refuse_signal(
-    monkeypatch: pytest.MonkeyPatch, pid: int, signum: int, error: type[OSError]
-) -> None:
-    """Make the OS refuse `signum` to `pid` as it does for an nginx of another user or one
-    that just exited (the tests run as root, which may signal anything)."""
-    code = errno.EPERM if error is PermissionError else errno.ESRCH
-    real = os.kill
-
-    def kill(target: int, sig: int) -> None:
-        if target == pid and sig == signum:
-            raise error(code, os.strerror(code))
-        real(target, sig)
-
-    monkeypatch.setattr(os, "kill", kill)
 
 
 @pytest.mark.anyio

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import errno
 import os
-import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +22,7 @@ from nxmesh.core.registry import ProviderRegistries
 from nxmesh.plugins.deploy_docker import DockerSidecarMode
 from nxmesh.plugins.nginx_driver import DriverSettings, ReloadDriver
 from nxmesh.testing.contracts import NginxDriverContract
+from nxmesh.testing.nginx import refuse_signal
 
 pytestmark = [pytest.mark.anyio, pytest.mark.nginx]
 
@@ -165,14 +164,7 @@ class TestApply:
         pid = await stack.master_pid()
         assert live is not None
         assert pid is not None
-        real = os.kill
-
-        def kill(target: int, sig: int) -> None:
-            if target == pid and sig == signal.SIGHUP:
-                raise PermissionError(errno.EPERM, os.strerror(errno.EPERM))
-            real(target, sig)
-
-        monkeypatch.setattr(os, "kill", kill)
+        refuse_signal(monkeypatch, pid)
         state = stack.state("after")
         report = await stack.driver.apply(stack.update(state), stack.render(state))
         assert report.outcome == "rolled_back", report.message

@@ -15,7 +15,7 @@ from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.settings import Settings, load_settings
 from nxmesh.plugins.nginx_driver import ReloadDriver
 from nxmesh.testing.contracts import DeploymentModeContract
-from nxmesh.testing.nginx import NginxInstance
+from nxmesh.testing.nginx import NginxInstance, refuse_signal
 from nxmesh_deploy_k8s import K8sSettings, K8sSidecarMode
 
 
@@ -71,21 +71,12 @@ class TestSignals:
         """Without CAP_KILL the container may not signal nginx: `NginxControlError` names
         the signal, the pid and the cause (tests run as root, so `os.kill` is refused here
         for SIGHUP only)."""
-        import os
-        import signal
-
         from nxmesh.agent.process import NginxControlError
 
-        real_kill = os.kill
-
-        def refuse_hup(pid: int, signum: int) -> None:
-            if signum == signal.SIGHUP:
-                raise PermissionError(1, "Operation not permitted")
-            real_kill(pid, signum)
-
-        monkeypatch.setattr(os, "kill", refuse_hup)
         mode = K8sSidecarMode(K8sSettings(pid_file=running_nginx.pid_file))
         pid = await mode.nginx_pid()
+        assert pid is not None
+        refuse_signal(monkeypatch, pid)
         with pytest.raises(NginxControlError, match=rf"'reload'.*pid {pid}.*not permitted"):
             await mode.signal_nginx("reload")
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
+
+if TYPE_CHECKING:
+    import pytest
 
 MINIMAL_CONF = """\
 worker_processes 1;
@@ -32,6 +37,26 @@ http {{
 
 
 _handed_out: set[int] = set()
+
+
+def refuse_signal(
+    monkeypatch: pytest.MonkeyPatch,
+    pid: int,
+    signum: int = signal.SIGHUP,
+    error: type[OSError] = PermissionError,
+) -> None:
+    """Make the OS refuse `signum` to `pid` as it does for an nginx of another user
+    (`PermissionError`) or one that just exited (`ProcessLookupError`); other signals
+    and processes are unaffected. Tests run as root, which may signal anything."""
+    code = errno.EPERM if error is PermissionError else errno.ESRCH
+    real = os.kill
+
+    def kill(target: int, sig: int) -> None:
+        if target == pid and sig == signum:
+            raise error(code, os.strerror(code))
+        real(target, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
 
 
 def free_port() -> int:
