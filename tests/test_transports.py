@@ -25,10 +25,11 @@ from nxmesh.enrollment import Enrollment
 from nxmesh.master.agent_plane import AgentPlane
 from nxmesh.plugins.storage_sqlite import SqliteStorage
 from nxmesh.session_hub import MasterSessionHub
+from nxmesh.testing.services import require_module
 from nxmesh.tls import ensure_tls_material
 from nxmesh.transports import agent_endpoints, build_client, build_server, server_url
 
-pytest.importorskip("nxmesh_transport_grpc")
+require_module("nxmesh_transport_grpc")  # the gRPC plugin: skip locally, fail in CI
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
+from nxmesh.testing.services import require_module
 
-pytest.importorskip("opentelemetry.sdk")
+require_module("opentelemetry.sdk")
 
 CODE = """
 import sys

@@ -49,6 +49,7 @@ from nxmesh.plugins.storage_sqlite import SqliteStorage
 from nxmesh.testing.factories import make_version
 from nxmesh.testing.nginx import free_port
 from nxmesh.testing.pebble import BLOCKED_DOMAIN, PebbleServer
+from nxmesh.testing.services import require_module
 
 pytestmark = [pytest.mark.anyio, pytest.mark.pebble, pytest.mark.nginx]
 
@@ -426,7 +427,7 @@ class TestTrio:
 
     @pytest.fixture
     def anyio_backend(self) -> str:
-        pytest.importorskip("trio")
+        require_module("trio")
         return "trio"
 
     async def test_dns_01_issuance_on_trio(

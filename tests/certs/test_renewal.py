@@ -36,7 +36,7 @@ from nxmesh.core.model import (
 from nxmesh.core.records import StoredCertificate
 from nxmesh.plugins.storage_sqlite import SqliteStorage
 from nxmesh.testing.pki import Pki
-from nxmesh.testing.services import missing_service
+from nxmesh.testing.services import missing_service, require_module
 
 pytestmark = pytest.mark.anyio
 
@@ -408,7 +408,7 @@ class TestLeadership:
 
     async def test_postgres_advisory_lock_elects_one_master(self) -> None:
         """Two masters on one PostgreSQL: the second cannot lead while the first does."""
-        pytest.importorskip("nxmesh_storage_postgres")
+        require_module("nxmesh_storage_postgres")
         from sqlalchemy import create_engine
 
         url = os.environ.get(

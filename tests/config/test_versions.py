@@ -37,6 +37,7 @@ from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.serialization import canonical_json
 from nxmesh.crypto.signing import SigningKey
 from nxmesh.testing.factories import make_state
+from nxmesh.testing.services import require_module
 
 T0 = 1_700_000_000.25
 
@@ -700,7 +701,7 @@ class TestVerifyOnSqlite:
         tmp_path: Path,
         chain: list[ConfigVersion],
     ) -> tuple[Path, Callable[..., Any]]:
-        storage_sqlite = pytest.importorskip("nxmesh.plugins.storage_sqlite")
+        storage_sqlite = require_module("nxmesh.plugins.storage_sqlite")
         pm = make_plugin_manager()
         if "sqlite" not in ProviderRegistries.collect(pm)["storage"].names():
             pm.register(storage_sqlite, name="storage_sqlite")  # until it is an entry point

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from nxmesh.testing.services import missing_service
+from nxmesh.testing.services import missing_service, require_module
 
 from .conftest import Agent, Fleet, Master, site_state, wait_for
 
@@ -30,7 +30,7 @@ ADMIN_URL = os.environ.get(
 @pytest.fixture
 def database() -> Iterator[str]:
     """A new, empty database for this test, dropped afterwards."""
-    psycopg = pytest.importorskip("psycopg")
+    psycopg = require_module("psycopg")
     from psycopg import sql
     from sqlalchemy.engine import make_url
 

@@ -286,7 +286,8 @@ class TestPostgresBackend:
         assert (bus.url, bus.settings.pool_max_size) == ("postgresql://bus.internal/nxmesh", 25)
 
     async def test_postgres_scheme_is_accepted(self, empty_db: str) -> None:
-        """``postgres://`` URLs work like ``postgresql://``, and both pick this backend."""
+        """``postgres://`` URLs work like ``postgresql://`` (both pick this backend: see
+        `test_registered_for_postgres_urls`)."""
         url = empty_db.replace("postgresql://", "postgres://", 1)
         storage = PostgresStorage(url)
         await storage.open()
@@ -298,8 +299,9 @@ class TestPostgresBackend:
     def test_registered_for_postgres_urls(self, make_plugin_manager: Callable[..., Any]) -> None:
         """The plugin registers the backend and the bus for postgresql:// URLs."""
         registries = ProviderRegistries.collect(make_plugin_manager(autoload=True))
-        assert registries["storage"].by_scheme("postgresql://db/nxmesh") is PostgresStorage
-        assert registries["event_bus"].by_scheme("postgres://db/nxmesh") is PostgresEventBus
+        for scheme in ("postgresql", "postgres"):
+            assert registries["storage"].by_scheme(f"{scheme}://db/nxmesh") is PostgresStorage
+            assert registries["event_bus"].by_scheme(f"{scheme}://db/nxmesh") is PostgresEventBus
 
     async def test_unreachable_server_is_a_clear_error(self) -> None:
         """A server that does not answer gives StorageError naming it, without the password."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
+from types import ModuleType
 
 import pytest
 
@@ -19,7 +21,17 @@ def missing_service(what: str) -> None:
     """Skip locally, fail in CI: CI must never pass by skipping a real-component test."""
     if in_ci():
         pytest.fail(f"{what} is required in CI but missing", pytrace=False)
-    pytest.skip(f"{what} not available")
+    pytest.skip(f"{what} not available", allow_module_level=True)
+
+
+def require_module(name: str) -> ModuleType:
+    """Import `name`, or skip/fail like a missing service (`pytest.importorskip` would
+    skip in CI too, and CI must never pass by skipping)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        missing_service(f"the Python module {name!r}")
+        raise AssertionError("unreachable") from None  # pragma: no cover - skip/fail raised
 
 
 def require_binary(name: str, *extra_dirs: str) -> str:

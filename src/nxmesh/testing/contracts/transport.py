@@ -351,9 +351,12 @@ class TransportContract:
         """Connecting to a closed port raises OSError so the agent can fall back."""
         ctx = ssl.create_default_context()
         client = transport_kit.client(ctx)
-        with pytest.raises(OSError), anyio.fail_after(20):  # noqa: PT011 - any OSError
+        # The deadline outside `raises`: TimeoutError is an OSError, and a client that
+        # hangs must fail this test, not pass it.
+        with anyio.fail_after(20), pytest.raises(OSError) as refused:  # noqa: PT011
             async with client.connect(transport_kit.url_for("127.0.0.1:1")):
                 pass
+        assert not isinstance(refused.value, TimeoutError), "connect hung until its timeout"
 
     async def test_master_certificate_from_another_ca_is_refused(
         self, transport_kit: TransportKit, tmp_path: Path
@@ -361,14 +364,18 @@ class TransportContract:
         """An agent pinning a different CA refuses the master: OSError, then the next endpoint."""
         async with Mesh(transport_kit, tmp_path) as mesh:
             other = ensure_tls_material(tmp_path / "other-ca")
-            with pytest.raises(OSError), anyio.fail_after(20):  # noqa: PT011 - any OSError
+            with anyio.fail_after(20), pytest.raises(OSError) as refused:  # noqa: PT011
                 async with mesh.client(other.ca_cert).connect(mesh.url):
                     pass
+            assert not isinstance(refused.value, TimeoutError), "connect hung, not refused"
             token = await mesh.enrollment.create_token()
             link = mesh.link(
                 token=token.token, endpoints=[Endpoint(mesh.client(other.ca_cert), mesh.url)]
             )
-            with pytest.raises(NoEndpointError, match="cannot reach the master"):
+            with (
+                anyio.fail_after(20),
+                pytest.raises(NoEndpointError, match="cannot reach the master"),
+            ):
                 await link.run()
             assert mesh.hub.connected == []
             # The token was never presented, so it still works over the right CA.
