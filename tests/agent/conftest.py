@@ -11,6 +11,7 @@ import attrs
 import pytest
 
 from nxmesh.agent.app import AgentApp, AgentTuning
+from nxmesh.agent.applier import Applier
 from nxmesh.agent.harness import NginxStack, multi_site_state
 from nxmesh.agent.process import read_pid_file
 from nxmesh.agent.watchdog import BackoffPolicy
@@ -157,3 +158,12 @@ def _stop_leftover_nginx(pid_file: Path) -> None:
         deadline = time.monotonic() + 10
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.01)
+
+
+@pytest.fixture
+async def applier(stack: NginxStack, plugin_manager: NxMeshPluginManager) -> Applier:
+    """An applier on the real stack, with "original" applied."""
+    applier = Applier(plugin_manager, stack.driver, stack.renderer, events=stack.events)
+    report = await applier.apply(stack.update(stack.state("original")))
+    assert report.outcome == "applied", report.message
+    return applier

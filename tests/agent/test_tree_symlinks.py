@@ -20,7 +20,6 @@ from nxmesh.agent.fsutil import describe_special, read_tree, special_entries
 from nxmesh.agent.harness import NginxStack
 from nxmesh.agent.watchdog import Watchdog, file_diff
 from nxmesh.core.bundle import Bundle, bundle_digest
-from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.plugins.nginx_driver.releases import ReleaseStore
 
 BUNDLE = Bundle(
@@ -141,15 +140,6 @@ class TestIntact:
 
 
 # -- against a real nginx -------------------------------------------------------------------
-
-
-@pytest.fixture
-async def applier(stack: NginxStack, plugin_manager: NxMeshPluginManager) -> Applier:
-    """An applier on the real stack, with "original" applied."""
-    applier = Applier(plugin_manager, stack.driver, stack.renderer, events=stack.events)
-    report = await applier.apply(stack.update(stack.state("original")))
-    assert report.outcome == "applied", report.message
-    return applier
 
 
 def _evil_file(stack: NginxStack, outside: Path) -> Path:

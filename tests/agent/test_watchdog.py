@@ -15,22 +15,12 @@ from nxmesh.agent.applier import Applier
 from nxmesh.agent.harness import NginxStack
 from nxmesh.agent.process import pid_alive
 from nxmesh.agent.watchdog import BackoffPolicy, Watchdog, file_diff
-from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.plugins.deploy_standalone import StandaloneMode
 from nxmesh.testing.nginx import refuse_signal
 
 pytestmark = pytest.mark.anyio
 
 FAST = BackoffPolicy(backoff_initial=0.3, backoff_max=2.0, reset_after=30.0, breaker_threshold=3)
-
-
-@pytest.fixture
-async def applier(stack: NginxStack, plugin_manager: NxMeshPluginManager) -> Applier:
-    """An applier on the real stack, with "original" applied."""
-    applier = Applier(plugin_manager, stack.driver, stack.renderer, events=stack.events)
-    report = await applier.apply(stack.update(stack.state("original")))
-    assert report.outcome == "applied", report.message
-    return applier
 
 
 def _live_site(stack: NginxStack) -> Path:
