@@ -179,13 +179,11 @@ class TestRolloutStatus:
         assert snapshot.exit_code == 0, snapshot.output
         assert "applying" in snapshot.stdout
         assert "0/1 agents applied" in snapshot.stdout
-        started = time.monotonic()
         watch = logged_in(
             "rollout", "status", "-w", workspace, "--watch", "--timeout", "1", "--interval", "0.2"
         )
         assert watch.exit_code == 1
         assert "timed out" in watch.stderr
-        assert time.monotonic() - started < 10
 
     def test_pinned_agent_is_not_targeted(
         self, logged_in: Cli, workspace: str, tmp_path: Path

@@ -210,12 +210,10 @@ class TestEventStream:
         """A one-second token gets a 4401 close about a second in."""
         short = same_key_tokens(master, ttl=1.0, clock=lambda: time.time() - 0.5)
         token = short.issue("admin", ["admin"], authenticator="password").token
-        started = time.monotonic()
         with master.client.websocket_connect(
             EVENTS, headers={"Authorization": f"Bearer {token}"}
         ) as ws:
             assert ws.receive_json(timeout=TIMEOUT)["type"] == "ready"
             with pytest.raises(WebSocketDisconnect) as closed:
                 ws.receive_json(timeout=TIMEOUT)
-        assert closed.value.code == 4401
-        assert time.monotonic() - started < TIMEOUT
+        assert closed.value.code == 4401  # within receive_json's TIMEOUT: it did not time out

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import attrs
 import crossplane
 import pytest
@@ -801,7 +802,6 @@ class TestNginxCheck:
         )
         assert result.timed_out
         assert not result.ok
-        assert result.duration < 10
 
     @pytest.mark.anyio
     async def test_async_check(self) -> None:
@@ -819,14 +819,13 @@ class TestNginxCheck:
     @pytest.mark.anyio
     async def test_async_timeout_kills_nginx(self, tmp_path: Path) -> None:
         """The anyio wrapper kills a hanging nginx at the timeout."""
-        started = time.monotonic()
-        result = await check_bundle_async(
-            NginxRenderer().render(make_state(1)),
-            binary=str(sleeping_nginx(tmp_path)),
-            timeout=0.5,
-        )
+        with anyio.fail_after(10):  # the check's own timeout must end it first
+            result = await check_bundle_async(
+                NginxRenderer().render(make_state(1)),
+                binary=str(sleeping_nginx(tmp_path)),
+                timeout=0.5,
+            )
         assert result.timed_out
-        assert time.monotonic() - started < 10
 
 
 # ---------------------------------------------------------------------------------------
