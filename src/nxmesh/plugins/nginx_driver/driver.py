@@ -330,7 +330,7 @@ class ReloadDriver:
             foreign = foreign if isinstance(foreign, str) and foreign else None
             if foreign is not None:
                 if self.store.current_target() != foreign:
-                    await anyio.to_thread.run_sync(_relink, self.store, foreign)
+                    await anyio.to_thread.run_sync(self.store.point_to_target, foreign)
             elif current != previous:
                 await anyio.to_thread.run_sync(self.store.point_to, previous)
             pid = await self.mode.nginx_pid()
@@ -654,7 +654,7 @@ class ReloadDriver:
         with anyio.CancelScope(shield=True):
             try:
                 if previous is None and foreign is not None:
-                    await anyio.to_thread.run_sync(_relink, self.store, foreign)
+                    await anyio.to_thread.run_sync(self.store.point_to_target, foreign)
                 else:
                     await anyio.to_thread.run_sync(self.store.point_to, previous)
                 await _checkpoint("rolled-back")
@@ -723,15 +723,6 @@ class ReloadDriver:
 
 def _rmtree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
-
-
-def _relink(store: ReleaseStore, target: str) -> None:
-    """Point ``current`` at `target` exactly as it was written (prepare + atomic flip):
-    the way back to a tree the agent did not write. The temporary link has the name
-    `ReleaseStore.cleanup_stale` removes after a crash."""
-    prepared = store.root / f".current.tmp-{os.urandom(6).hex()}"
-    os.symlink(target, prepared)
-    store.flip(prepared)
 
 
 def _describe(previous: str | None, foreign: str | None) -> str:

@@ -208,9 +208,19 @@ class ReleaseStore:
 
     def prepare_link(self, name: str) -> Path:
         """Create the symlink that will replace ``current``; returns its path."""
+        # Relative: the tree can be moved whole.
+        return self._prepare_target(str(Path("releases") / name))
+
+    def _prepare_target(self, target: str) -> Path:
+        # The temporary name is the one `cleanup_stale` removes after a crash.
         tmp = self.root / f".current.tmp-{os.urandom(6).hex()}"
-        os.symlink(Path("releases") / name, tmp)  # relative: the tree can be moved whole
+        os.symlink(target, tmp)
         return tmp
+
+    def point_to_target(self, target: str) -> None:
+        """Make ``current`` point at `target` exactly as it was written (prepare + atomic
+        flip): the way back to a tree the agent did not write."""
+        self.flip(self._prepare_target(target))
 
     def flip(self, prepared: Path) -> None:
         """Atomically make `prepared` the new ``current`` (rename over it) and persist it."""
