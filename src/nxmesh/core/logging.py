@@ -14,6 +14,7 @@ string's ``token=...``) replaced, which also covers exception messages and trace
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import sys
@@ -32,6 +33,7 @@ __all__ = [
     "redact_secrets",
     "redact_text",
     "redact_url_passwords",
+    "shown_url",
 ]
 
 LOG_LEVELS: dict[str, int] = {
@@ -112,6 +114,18 @@ def redact_text(text: str) -> str:
     """`redact_url_passwords`, and the value of every secret-looking ``name=value`` pair
     (``password=...``, ``api_key='...'``; ``key_id=...`` stays, see `is_secret_key`)."""
     return _PAIR.sub(_redact_pair, redact_url_passwords(text))
+
+
+def shown_url(url: str) -> str:
+    """`url` fit for a log line: its password hidden (whatever characters it holds, as
+    SQLAlchemy parses it) and secret-looking query values too (``?password=...``)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    # Not a URL SQLAlchemy reads: the text redaction below still applies.
+    with contextlib.suppress(ArgumentError, ValueError):
+        url = make_url(url).render_as_string(hide_password=True)
+    return redact_text(url)
 
 
 def _redact_value(key: str, value: Any) -> Any:

@@ -40,7 +40,7 @@ from nxmesh import __version__
 from nxmesh.core.errors import ConfigurationError, ProviderNotFoundError
 from nxmesh.core.events import Event
 from nxmesh.core.interfaces import Authenticator, EventBus, Renderer, StorageBackend
-from nxmesh.core.logging import redact_text
+from nxmesh.core.logging import shown_url
 from nxmesh.core.model import Agent, ConfigVersion, HealthReport
 from nxmesh.core.observers import api_routes, dispatch_event
 from nxmesh.core.records import User
@@ -437,18 +437,6 @@ async def open_services(
             auth_chain=list(settings.auth.chain),
         )
         yield services
-
-
-def shown_url(url: str) -> str:
-    """`url` fit for a log line: its password hidden (whatever characters it holds, as
-    SQLAlchemy parses it) and secret-looking query values too (``?password=...``)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    # Not a URL SQLAlchemy reads: the text redaction below still applies.
-    with contextlib.suppress(ArgumentError, ValueError):
-        url = make_url(url).render_as_string(hide_password=True)
-    return redact_text(url)
 
 
 async def rewrap_secrets(services: MasterServices) -> int:
