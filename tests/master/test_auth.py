@@ -695,12 +695,30 @@ class TestPasswordAuthenticator:
         assert len(lockout._state) == 100
 
 
+def _tampered(token: str) -> str:
+    """`token` with its last signature character changed (the rest still decodes)."""
+    return token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+
+
 class TestPasswordAuthenticatorContract(AuthenticatorContract):
     """The built-in password authenticator honours the authenticator contract."""
 
     @pytest.fixture
     def authenticator(self, passwords: Passwords) -> Authenticator:
-        return PasswordAuthenticator(_Users(), passwords)  # type: ignore[arg-type]
+        ann = User(username="ann", password_hash=passwords.hash("s3cret-pass"), roles=("viewer",))
+        return PasswordAuthenticator(_Users(ann), passwords)  # type: ignore[arg-type]
+
+    @pytest.fixture
+    def valid_credentials(self) -> Credentials:
+        return password("ann", "s3cret-pass")
+
+    @pytest.fixture
+    def expected_subject(self) -> str:
+        return "ann"
+
+    @pytest.fixture
+    def wrong_credentials(self) -> Credentials:
+        return password("ann", "not-the-s3cret-pass")
 
 
 class TestJwtAuthenticatorContract(AuthenticatorContract):
@@ -710,6 +728,19 @@ class TestJwtAuthenticatorContract(AuthenticatorContract):
     def authenticator(self, shared_master: Master) -> Authenticator:
         return JwtAuthenticator(shared_master.services.auth)
 
+    @pytest.fixture
+    def valid_credentials(self, shared_master: Master) -> Credentials:
+        return Credentials("bearer", {"token": shared_master.token("viewer", subject="carol")})
+
+    @pytest.fixture
+    def expected_subject(self) -> str:
+        return "carol"
+
+    @pytest.fixture
+    def wrong_credentials(self, shared_master: Master) -> Credentials:
+        forged = _tampered(shared_master.token("admin", subject="carol"))
+        return Credentials("bearer", {"token": forged})
+
 
 class TestApiTokenAuthenticatorContract(AuthenticatorContract):
     """The API-token link honours the authenticator contract."""
@@ -717,3 +748,26 @@ class TestApiTokenAuthenticatorContract(AuthenticatorContract):
     @pytest.fixture
     def authenticator(self, shared_master: Master) -> Authenticator:
         return ApiTokenAuthenticator(shared_master.services.auth)
+
+    @pytest.fixture
+    def api_token(self, shared_master: Master) -> str:
+        created = shared_master.client.post(
+            "/api/v1/auth/tokens",
+            json={"name": "contract", "scopes": ["config:read"]},
+            headers=shared_master.headers("admin", subject="admin"),
+        )
+        assert created.status_code == 201, created.text
+        token: str = created.json()["token"]
+        return token
+
+    @pytest.fixture
+    def valid_credentials(self, api_token: str) -> Credentials:
+        return Credentials("bearer", {"token": api_token})
+
+    @pytest.fixture
+    def expected_subject(self) -> str:
+        return "admin"
+
+    @pytest.fixture
+    def wrong_credentials(self, api_token: str) -> Credentials:
+        return Credentials("bearer", {"token": _tampered(api_token)})

@@ -22,24 +22,56 @@ from nxmesh.testing.contracts import DeploymentModeContract
 from nxmesh.testing.nginx import refuse_signal
 
 
+@pytest.fixture
+async def served_stack(
+    nginx_binary: str, tmp_path: Path, anyio_backend: str, request: pytest.FixtureRequest
+) -> AsyncIterator[NginxStack]:
+    """A stack whose nginx runs (supervised unless the test class says otherwise)."""
+    supervise = getattr(request.cls, "supervise", True)
+    async with NginxStack(
+        root=tmp_path / "live", nginx_binary=nginx_binary, supervise=supervise
+    ) as stack:
+        state = stack.state("live")
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        yield stack
+
+
 class TestStandaloneSupervisedContract(DeploymentModeContract):
     @pytest.fixture
     def mode(self, tmp_path: Path) -> StandaloneMode:
         return StandaloneMode(NginxLayout.for_prefix(tmp_path))
 
+    @pytest.fixture
+    def live_mode(self, served_stack: NginxStack) -> StandaloneMode:
+        return served_stack.mode
+
 
 class TestStandaloneAttachedContract(DeploymentModeContract):
+    supervise = False
+
     @pytest.fixture
     def mode(self, tmp_path: Path) -> StandaloneMode:
         return StandaloneMode(
             NginxLayout.for_prefix(tmp_path), settings=StandaloneSettings(supervise=False)
         )
 
+    @pytest.fixture
+    def live_mode(self, served_stack: NginxStack) -> StandaloneMode:
+        return served_stack.mode
+
 
 class TestDockerSidecarContract(DeploymentModeContract):
+    supervise = False
+
     @pytest.fixture
     def mode(self, tmp_path: Path) -> DockerSidecarMode:
         return DockerSidecarMode(NginxLayout.for_prefix(tmp_path))
+
+    @pytest.fixture
+    def live_mode(self, served_stack: NginxStack) -> DockerSidecarMode:
+        # The sidecar sees the nginx another container started: here, the stack's.
+        return DockerSidecarMode(served_stack.layout)
 
 
 class TestRegistration:

@@ -17,7 +17,11 @@ from nxmesh.testing.nginx import NginxInstance
 
 class TestNginxProcessCheckContract(HealthCheckContract):
     @pytest.fixture
-    def health_check(self, tmp_path: Path) -> NginxProcessCheck:
+    def health_check(self, running_nginx: NginxInstance) -> NginxProcessCheck:
+        return NginxProcessCheck(running_nginx.pid_file)
+
+    @pytest.fixture
+    def failing_health_check(self, tmp_path: Path) -> NginxProcessCheck:
         return NginxProcessCheck(tmp_path / "no-such.pid")
 
 

@@ -58,26 +58,50 @@ async def served(
 
 class TestStubStatusContract(HealthCheckContract):
     @pytest.fixture
-    def health_check(self) -> StubStatusCheck:
+    def health_check(self, served: NginxStack) -> StubStatusCheck:
+        return StubStatusCheck(port=served.status_port)
+
+    @pytest.fixture
+    def failing_health_check(self) -> StubStatusCheck:
         return StubStatusCheck(port=free_port())
 
 
 class TestHttpProbeContract(HealthCheckContract):
     @pytest.fixture
-    def health_check(self) -> HttpProbeCheck:
+    def health_check(self, served: NginxStack) -> HttpProbeCheck:
+        return HttpProbeCheck([f"http://127.0.0.1:{served.web_port}/"])
+
+    @pytest.fixture
+    def failing_health_check(self) -> HttpProbeCheck:
         return HttpProbeCheck([f"http://127.0.0.1:{free_port()}/"], timeout=0.5)
 
 
 class TestSystemContract(HealthCheckContract):
     @pytest.fixture
     def health_check(self) -> SystemCheck:
-        return SystemCheck()
+        # Limits no host reaches: a busy CI machine must not make this test flaky.
+        roomy = HealthSettings(
+            memory_warn_percent=101, disk_warn_percent=101, load_warn_per_cpu=1e9
+        )
+        return SystemCheck(settings=roomy)
+
+    @pytest.fixture
+    def failing_health_check(self) -> SystemCheck:
+        return SystemCheck(settings=HealthSettings(memory_warn_percent=0))
 
 
 class TestCertExpiryContract(HealthCheckContract):
     @pytest.fixture
     def health_check(self, tmp_path: Path) -> CertExpiryCheck:
-        return CertExpiryCheck(tmp_path)
+        (tmp_path / "good").mkdir()
+        (tmp_path / "good" / "site.crt").write_bytes(_certificate(days=90))
+        return CertExpiryCheck(tmp_path / "good")
+
+    @pytest.fixture
+    def failing_health_check(self, tmp_path: Path) -> CertExpiryCheck:
+        (tmp_path / "expiring").mkdir()
+        (tmp_path / "expiring" / "site.crt").write_bytes(_certificate(days=1))
+        return CertExpiryCheck(tmp_path / "expiring")
 
 
 class TestRegistration:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import anyio
@@ -50,6 +50,13 @@ class TestReloadDriverContract(NginxDriverContract):
     @pytest.fixture
     def bundle_for(self, stack: NginxStack) -> Callable[[DesiredState], Bundle]:
         return lambda state: stack.render(_on_port(state, stack.web_port))
+
+    @pytest.fixture
+    def fetch_body(self, stack: NginxStack) -> Callable[[str], Awaitable[str]]:
+        async def fetch(host: str) -> str:
+            return (await stack.fetch(host=host)).text.strip()
+
+        return fetch
 
 
 class TestRegistration:

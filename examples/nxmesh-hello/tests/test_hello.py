@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from nxmesh_hello.plugin import TEMPLATES, HelloCheck
 
@@ -48,5 +50,10 @@ class TestSettings:
 
 class TestHelloContract(HealthCheckContract):
     @pytest.fixture
-    def health_check(self) -> HelloCheck:
-        return HelloCheck()
+    def health_check(self, tmp_path: Path) -> HelloCheck:
+        (tmp_path / "marker").touch()
+        return HelloCheck(tmp_path / "marker")
+
+    @pytest.fixture
+    def failing_health_check(self, tmp_path: Path) -> HelloCheck:
+        return HelloCheck(tmp_path / "missing")

@@ -334,6 +334,21 @@ class TestContract(AuthenticatorContract):
     def authenticator(self, idp: IdP) -> Authenticator:
         return OAuth2Authenticator(settings(idp))
 
+    @pytest.fixture
+    def valid_credentials(self, idp: IdP) -> Credentials:
+        return Credentials("bearer", {"token": idp.token()})
+
+    @pytest.fixture
+    def expected_subject(self) -> str:
+        return "oauth2:alice"
+
+    @pytest.fixture
+    def wrong_credentials(self, idp: IdP) -> Credentials:
+        token = idp.token(groups=["nginx-admins"])
+        return Credentials(
+            "bearer", {"token": token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]}
+        )
+
 
 # -- in the master ------------------------------------------------------------------------
 

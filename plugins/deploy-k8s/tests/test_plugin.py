@@ -39,25 +39,12 @@ class TestK8sSidecarContract(DeploymentModeContract):
     def mode(self, tmp_path: Path) -> K8sSidecarMode:
         return K8sSidecarMode(K8sSettings(pid_file=tmp_path / "none.pid"))
 
+    @pytest.fixture
+    def live_mode(self, running_nginx: NginxInstance) -> K8sSidecarMode:
+        return K8sSidecarMode(K8sSettings(pid_file=running_nginx.pid_file))
+
 
 class TestSignals:
-    @pytest.mark.anyio
-    async def test_reload_reaches_nginx_through_the_pid_file(
-        self, running_nginx: NginxInstance
-    ) -> None:
-        """signal_nginx('reload') makes the real nginx start a new worker generation."""
-        import anyio
-        import psutil
-
-        mode = K8sSidecarMode(K8sSettings(pid_file=running_nginx.pid_file))
-        pid = await mode.nginx_pid()
-        assert pid is not None
-        before = {c.pid for c in psutil.Process(pid).children()}
-        await mode.signal_nginx("reload")
-        with anyio.fail_after(10):
-            while not ({c.pid for c in psutil.Process(pid).children()} - before):
-                await anyio.sleep(0.05)
-
     @pytest.mark.anyio
     async def test_start_is_refused_with_an_explanation(self, tmp_path: Path) -> None:
         """The sidecar never starts nginx; the error says why."""

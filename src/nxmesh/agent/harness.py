@@ -27,38 +27,15 @@ from nxmesh.config.versions import state_digest
 from nxmesh.core.bundle import Bundle
 from nxmesh.core.model import (
     DesiredState,
-    Listener,
-    Location,
     PendingApply,
-    Return,
-    Site,
 )
 from nxmesh.plugins.deploy_standalone import StandaloneMode, StandaloneSettings
 from nxmesh.plugins.nginx_driver import DriverSettings, ReloadDriver
 from nxmesh.plugins.render_nginx import NginxRenderer, RenderSettings
+from nxmesh.testing.factories import multi_site_state
 from nxmesh.testing.nginx import free_port
 
 __all__ = ["NginxStack", "multi_site_state"]
-
-
-def multi_site_state(port: int, body: str, *, sites: int = 1) -> DesiredState:
-    """`sites` sites on one port; site *i* answers ``<body> <i>`` for ``site<i>.test``."""
-    return DesiredState(
-        sites=tuple(
-            Site(
-                name=f"site{i}",
-                server_names=("localhost",) if i == 0 else (f"site{i}.test",),
-                listeners=(Listener(port=port, address="127.0.0.1", default_server=i == 0),),
-                locations=(
-                    Location(
-                        path="/",
-                        return_=Return(code=200, body=body if i == 0 else f"{body} {i}"),
-                    ),
-                ),
-            )
-            for i in range(sites)
-        )
-    )
 
 
 @attrs.define(eq=False)

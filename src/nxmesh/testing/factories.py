@@ -8,7 +8,9 @@ import time
 from nxmesh.core.model import (
     ConfigVersion,
     DesiredState,
+    Listener,
     Location,
+    Return,
     Site,
     Upstream,
     UpstreamServer,
@@ -31,6 +33,26 @@ def make_state(sites: int = 1, *, workspace: str = "default", port: int = 8080) 
             )
             for i in range(sites)
         ),
+    )
+
+
+def multi_site_state(port: int, body: str, *, sites: int = 1) -> DesiredState:
+    """`sites` sites on one port; site *i* answers ``<body> <i>`` for ``site<i>.test``."""
+    return DesiredState(
+        sites=tuple(
+            Site(
+                name=f"site{i}",
+                server_names=("localhost",) if i == 0 else (f"site{i}.test",),
+                listeners=(Listener(port=port, address="127.0.0.1", default_server=i == 0),),
+                locations=(
+                    Location(
+                        path="/",
+                        return_=Return(code=200, body=body if i == 0 else f"{body} {i}"),
+                    ),
+                ),
+            )
+            for i in range(sites)
+        )
     )
 
 

@@ -106,6 +106,14 @@ class NginxInstance:
             timeout=30,
         )
         self._wait(lambda: self.pid() is not None, "nginx did not write its pid file")
+        # The pid file comes before the workers are forked; "running" means serving.
+        self._wait(self._has_worker, "nginx started no worker process")
+
+    def _has_worker(self) -> bool:
+        from nxmesh.agent.process import worker_pids
+
+        pid = self.pid()
+        return pid is not None and any(worker_pids(pid).values())
 
     def pid(self) -> int | None:
         try:

@@ -23,19 +23,37 @@ class HelloSettings:
     """``[plugins.hello]`` in nxmesh.toml, or NXMESH_PLUGINS__HELLO__GREETING."""
 
     greeting: str = "hello from nxmesh-hello"
+    #: A file that must exist (a deploy marker, a mounted secret...); None: not watched.
+    watch_file: Path | None = None
 
 
 _configured: dict[str, HelloSettings] = {}
 
 
 class HelloCheck:
-    """Always healthy; shows how a check reports a message and a metric."""
+    """Greets, and fails when the watched file is missing: how a check reports a
+    message, a metric and a problem."""
 
     name: ClassVar[str] = "hello"
 
+    def __init__(self, watch_file: Path | None = None) -> None:
+        configured = _configured.get("settings", HelloSettings())
+        self.greeting = configured.greeting
+        self.watch_file = watch_file or configured.watch_file
+
     async def run(self) -> Sequence[HealthResult]:
-        greeting = _configured.get("settings", HelloSettings()).greeting
-        return [HealthResult(check=self.name, status="ok", message=greeting, metrics={"up": 1.0})]
+        if self.watch_file is not None and not self.watch_file.exists():
+            return [
+                HealthResult(
+                    check=self.name,
+                    status="fail",
+                    message=f"{self.watch_file} is missing",
+                    metrics={"up": 0.0},
+                )
+            ]
+        return [
+            HealthResult(check=self.name, status="ok", message=self.greeting, metrics={"up": 1.0})
+        ]
 
 
 @hookimpl

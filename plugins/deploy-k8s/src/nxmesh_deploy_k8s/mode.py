@@ -79,6 +79,8 @@ class K8sSidecarMode:
         return await read_pid_file(self.pid_file)
 
     async def start_nginx(self) -> None:
+        if await self.nginx_pid() is not None:
+            return  # the protocol's "a no-op when it runs"
         raise NxMeshError(
             "in the k8s-sidecar mode nginx is started by its own container; "
             "the agent only signals it (is shareProcessNamespace: true set on the pod?)"

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from nxmesh.core.bundle import Bundle, bundle_digest
+from nxmesh.core.errors import NxMeshError
 from nxmesh.core.interfaces import Renderer
 from nxmesh.testing.factories import make_state
 
 
 class RendererContract:
-    """Provide ``renderer``: an instance ready to render."""
+    """Provide ``renderer``: an instance ready to render.
+
+    The `nginx -t` test uses the ``nginx_binary`` fixture of the ``nxmesh`` pytest plugin
+    (a failure in CI when nginx is missing, a skip elsewhere).
+    """
 
     @pytest.fixture
     def renderer(self) -> Renderer:
@@ -23,6 +29,27 @@ class RendererContract:
         assert "nginx.conf" in bundle.files
         assert bundle.digest == bundle_digest(bundle.files)
 
+    def test_nginx_accepts_the_rendering(self, renderer: Renderer, nginx_binary: str) -> None:
+        """Real ``nginx -t`` accepts the bundle of a valid state."""
+        from nxmesh.nginx_check import check_bundle
+
+        result = check_bundle(
+            renderer.render(make_state(3)), binary=nginx_binary, placeholder_certificates=True
+        )
+        assert result.ok, result.message
+
+    def test_every_site_and_upstream_is_rendered(self, renderer: Renderer) -> None:
+        """Each site's server names and each upstream server's address reach the bundle
+        (a renderer that drops part of the state fails here, not in production)."""
+        state = make_state(3)
+        text = b"\n".join(renderer.render(state).files.values()).decode()
+        for site in state.sites:
+            for server_name in site.server_names:
+                assert server_name in text, f"site {site.name}: {server_name} not rendered"
+        for upstream in state.upstreams:
+            for server in upstream.servers:
+                assert server.address in text, f"upstream {upstream.name} not rendered"
+
     def test_identical_input_gives_identical_bytes(self, renderer: Renderer) -> None:
         """Rendering the same state twice yields byte-identical bundles."""
         state = make_state(5)
@@ -31,3 +58,27 @@ class RendererContract:
     def test_different_input_gives_a_different_digest(self, renderer: Renderer) -> None:
         """A changed state changes the digest."""
         assert renderer.render(make_state(2)).digest != renderer.render(make_state(3)).digest
+
+    def test_extra_files_are_carried_verbatim(self, renderer: Renderer) -> None:
+        """A certificate passed as an extra file lands in the bundle byte for byte, and
+        the digest covers it."""
+        pem = b"-----BEGIN CERTIFICATE-----\ncontract\n-----END CERTIFICATE-----\n"
+        plain = renderer.render(make_state(1))
+        bundle = renderer.render(make_state(1), extra_files={"certs/contract.crt": pem})
+        assert bundle.files["certs/contract.crt"] == pem
+        assert bundle.digest != plain.digest
+
+    @pytest.mark.parametrize("path", ["../escape.crt", "/etc/escape.crt", "certs/../../x.crt"])
+    def test_extra_file_outside_the_bundle_is_refused(self, renderer: Renderer, path: str) -> None:
+        """An extra file whose path leaves the bundle is an error naming it, never a
+        file written elsewhere by the agent."""
+        with pytest.raises(NxMeshError, match=r"escape|x\.crt"):
+            renderer.render(make_state(1), extra_files={path: b"x"})
+
+    def test_duplicate_site_names_are_an_error(self, renderer: Renderer) -> None:
+        """Two sites of one name would overwrite each other's file: an error naming it."""
+        state = make_state(2)
+        twin = attrs.evolve(state.sites[1], name=state.sites[0].name)
+        doubled = attrs.evolve(state, sites=(state.sites[0], twin))
+        with pytest.raises(NxMeshError, match=state.sites[0].name):
+            renderer.render(doubled)
