@@ -157,6 +157,39 @@ class TestKeys:
         assert rotated.rewrap() is False
         assert rotated.load_or_create().thumbprint() == original.thumbprint()
 
+    def test_account_keys_of_earlier_cas_are_rewrapped_too(self, tmp_path: Path) -> None:
+        """A rotation re-encrypts the keys of CAs configured before (found with their
+        directory URL), not just the current CA's; after it the new key alone opens
+        them all. A key file whose URL is unknown is named in a warning, not lost."""
+        from structlog.testing import capture_logs
+
+        from nxmesh.certs.acme_client import account_key_path, rewrap_account_keys
+        from nxmesh.certs.settings import CertsSettings
+        from nxmesh.core.pluginmanager import get_plugin_manager
+        from nxmesh.core.settings import load_settings
+
+        settings = load_settings(
+            get_plugin_manager(environ={}), environ={}, overrides={"state_dir": tmp_path}
+        )
+        old = generate_key()
+        cas = [CertsSettings(acme_directory=f"https://ca{i}.test/dir") for i in range(2)]
+        paths = [account_key_path(settings, c) for c in cas]
+        thumbprints = [
+            AccountKeyFile(p, MasterKeyring(old), c.acme_directory).load_or_create().thumbprint()
+            for p, c in zip(paths, cas, strict=True)
+        ]
+        orphan = paths[0].with_name("account-0123456789abcdef.key")
+        orphan.write_bytes(paths[0].read_bytes())
+        orphan.chmod(0o600)
+        new = generate_key()
+        with capture_logs() as logs:
+            assert rewrap_account_keys(settings, cas[1], MasterKeyring(new, [old])) == 2
+        assert rewrap_account_keys(settings, cas[1], MasterKeyring(new, [old])) == 0
+        for path, ca, thumbprint in zip(paths, cas, thumbprints, strict=True):
+            alone = AccountKeyFile(path, MasterKeyring(new), ca.acme_directory)
+            assert alone.load_or_create().thumbprint() == thumbprint
+        assert [e["key_file"] for e in logs if e["log_level"] == "warning"] == [str(orphan)]
+
     def test_account_key_is_bound_to_its_ca(self, tmp_path: Path) -> None:
         """The same file does not open for another directory URL."""
         from nxmesh.crypto.secrets import SecretError

@@ -79,6 +79,7 @@ __all__ = [
     "generate_private_key",
     "normalize_domains",
     "open_acme_client",
+    "rewrap_account_keys",
 ]
 
 ACCOUNT_KEY_DIR = "acme"
@@ -156,6 +157,8 @@ class AccountKeyFile:
     The file holds a keyring token (AES-256-GCM) of the key's PKCS#8 DER, bound to the
     ACME directory URL (associated data): a key file copied to another CA's
     configuration fails to decrypt instead of registering a second account with it.
+    The URL (not secret) is kept beside it in ``<file>.directory``, so a master-key
+    rotation can re-encrypt the keys of CAs no longer configured (`rewrap_account_keys`).
     """
 
     path: Path
@@ -165,6 +168,14 @@ class AccountKeyFile:
     @property
     def _aad(self) -> bytes:
         return b"nxmesh:acme-account-key:" + self.directory_url.encode()
+
+    @property
+    def directory_file(self) -> Path:
+        return directory_file_of(self.path)
+
+    def _remember_directory(self) -> None:
+        if not self.directory_file.exists():
+            write_private_file(self.directory_file, self.directory_url.encode(), replace=True)
 
     def load_or_create(self) -> JWK:
         """The account key; created (EC P-256) on first use. Blocking: run in a thread.
@@ -180,6 +191,7 @@ class AccountKeyFile:
             )
             if write_private_file(self.path, self.keyring.encrypt(der, aad=self._aad)):
                 log.info("acme account key created", key_file=str(self.path))
+                self._remember_directory()
                 return JWKEC(key=key)
             # Another master created it first: use theirs.
         token = read_private_file(self.path, what="ACME account key file")
@@ -187,6 +199,7 @@ class AccountKeyFile:
         loaded = serialization.load_der_private_key(der, password=None)
         if not isinstance(loaded, ec.EllipticCurvePrivateKey):
             raise SecretError(f"ACME account key file {self.path} does not hold an EC key")
+        self._remember_directory()  # key files written before the sidecar existed
         return JWKEC(key=loaded)
 
     def rewrap(self) -> bool:
@@ -196,6 +209,46 @@ class AccountKeyFile:
             return False
         write_private_file(self.path, self.keyring.rewrap(token, aad=self._aad), replace=True)
         return True
+
+
+def directory_file_of(key_file: Path) -> Path:
+    """Where the directory URL of the account key in `key_file` is kept."""
+    return key_file.with_name(key_file.name + ".directory")
+
+
+def rewrap_account_keys(settings: Settings, certs: CertsSettings, keyring: MasterKeyring) -> int:
+    """Re-encrypt every ACME account key under the keyring's primary key: the configured
+    CA's, and those of CAs configured before (found in the state dir with their
+    ``.directory`` file); returns how many files were rewritten. Blocking: run in a thread.
+
+    A key file without its directory URL (written before the URL was kept) cannot be
+    re-encrypted; it is named in a warning, and once the previous master key is removed
+    the master would register a new account if that CA is configured again.
+
+    :raises SecretError: a key file does not decrypt with the keyring.
+    """
+    current = account_key_path(settings, certs)
+    moved = 0
+    if current.exists():
+        moved += AccountKeyFile(current, keyring, certs.acme_directory).rewrap()
+    folder = settings.state_dir / ACCOUNT_KEY_DIR
+    for path in sorted(folder.glob("account-*.key")) if folder.is_dir() else []:
+        if path == current:
+            continue
+        try:
+            url = directory_file_of(path).read_text().strip()
+        except OSError:
+            url = ""
+        expected = f"account-{hashlib.sha256(url.encode()).hexdigest()[:16]}.key"
+        if not url or path.name != expected:
+            log.warning(
+                "acme account key of an unknown CA not re-encrypted; it becomes unreadable "
+                "once the previous master key is removed",
+                key_file=str(path),
+            )
+            continue
+        moved += AccountKeyFile(path, keyring, url).rewrap()
+    return moved
 
 
 # ---------------------------------------------------------------------------------------

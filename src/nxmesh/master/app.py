@@ -441,7 +441,7 @@ async def open_services(
 
 async def rewrap_secrets(services: MasterServices) -> int:
     """Re-encrypt what is still under a previous master key with the current one: the
-    stored secrets (`StorageBackend.rewrap_secrets`) and the ACME account key file. Runs
+    stored secrets (`StorageBackend.rewrap_secrets`) and the ACME account keys. Runs
     at every start with previous keys configured (the signing and API token keys are
     re-encrypted as they load); returns how many secrets moved.
 
@@ -452,7 +452,7 @@ async def rewrap_secrets(services: MasterServices) -> int:
     try:
         moved = await services.storage.rewrap_secrets()
         moved += await anyio.to_thread.run_sync(
-            _rewrap_acme_account_key, services.settings, keyring
+            _rewrap_acme_account_keys, services.settings, keyring
         )
     except Exception as exc:  # e.g. a token under a key that is not in the ring
         log.error("stored secrets not re-encrypted under the current master key; "  # noqa: TRY400
@@ -469,15 +469,11 @@ async def rewrap_secrets(services: MasterServices) -> int:
     return moved
 
 
-def _rewrap_acme_account_key(settings: Settings, keyring: MasterKeyring) -> int:
-    from nxmesh.certs.acme_client import AccountKeyFile, account_key_path
+def _rewrap_acme_account_keys(settings: Settings, keyring: MasterKeyring) -> int:
+    from nxmesh.certs.acme_client import rewrap_account_keys
     from nxmesh.certs.settings import certs_settings
 
-    certs = certs_settings(settings)
-    path = account_key_path(settings, certs)
-    if not path.exists():
-        return 0
-    return int(AccountKeyFile(path, keyring, directory_url=certs.acme_directory).rewrap())
+    return rewrap_account_keys(settings, certs_settings(settings), keyring)
 
 
 async def _shielded(close: Callable[[], Any]) -> None:
