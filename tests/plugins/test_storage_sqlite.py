@@ -12,11 +12,17 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, insert, select, text
 
 from nxmesh.core.model import Agent
 from nxmesh.core.pluginmanager import NxMeshPluginManager
-from nxmesh.core.records import AgentKey, StorageError, VersionConflictError
+from nxmesh.core.records import (
+    AgentKey,
+    AuditEntry,
+    RetentionPolicy,
+    StorageError,
+    VersionConflictError,
+)
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.settings import load_settings
 from nxmesh.crypto.secrets import MasterKeyring, SecretError
@@ -27,7 +33,7 @@ from nxmesh.sql.migrations import (
     head_revision,
     upgrade_to_head,
 )
-from nxmesh.sql.tables import metadata
+from nxmesh.sql.tables import event_payloads, metadata
 from nxmesh.testing.contracts import StorageContract
 from nxmesh.testing.contracts.storage import StorageFactory
 from nxmesh.testing.factories import make_version
@@ -153,6 +159,41 @@ class TestMigrations:
         finally:
             for instance in instances:
                 await instance.aclose()
+
+
+@pytest.mark.anyio
+class TestRetention:
+    async def test_pruning_deletes_in_bounded_batches(self, opened: SqliteStorage) -> None:
+        """Each batch of ``batch_size`` rows is one DELETE in its own write transaction:
+        a large backlog never holds the write lock for the whole table."""
+        for i in range(25):
+            await opened.append_audit(AuditEntry(ts=float(i), actor="a", action="x"))
+        statements: list[str] = []
+        event.listen(
+            opened.engine,
+            "before_cursor_execute",
+            lambda _c, _cur, statement, *_a: statements.append(statement),
+        )
+        counts = await opened.prune(RetentionPolicy(audit_before=100.0, batch_size=10))
+        assert counts == {"audit_log": 25}
+        deletes = [s for s in statements if s.lstrip().upper().startswith("DELETE")]
+        assert len(deletes) == 3  # 10, 10, 5: the short batch ends the table
+        assert statements.count("BEGIN IMMEDIATE") == 3
+        assert await opened.list_audit() == []
+
+    async def test_old_event_payloads_are_pruned(self, opened: SqliteStorage) -> None:
+        """Parked event payloads (the PostgreSQL bus's table, empty on SQLite unless a
+        bus shares the file) older than the cutoff go; newer ones stay."""
+        with opened.engine.begin() as conn:
+            conn.execute(
+                insert(event_payloads),
+                [{"created_at": 10.0, "body": "{}"}, {"created_at": 5000.0, "body": "{}"}],
+            )
+        policy = RetentionPolicy(event_payloads_before=4000.0)
+        assert await opened.prune(policy) == {"event_payloads": 1}
+        with opened.engine.connect() as conn:
+            left = conn.execute(select(event_payloads.c.created_at)).scalars().all()
+        assert left == [5000.0]
 
 
 @pytest.mark.anyio

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -24,7 +25,7 @@ from sqlalchemy.engine import make_url
 
 from nxmesh.core.events import Event
 from nxmesh.core.model import Agent
-from nxmesh.core.records import AgentKey, StorageError, StoredCertificate
+from nxmesh.core.records import AgentKey, RetentionPolicy, StorageError, StoredCertificate
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.settings import load_settings
 from nxmesh.crypto.secrets import MasterKeyring, generate_key
@@ -186,6 +187,25 @@ class TestBetweenMasters:
         with psycopg.connect(empty_db) as conn:
             row = conn.execute("SELECT count(*) FROM event_payloads").fetchone()
         assert row == (1,)
+
+    async def test_retention_prunes_the_payload_table(
+        self, two_buses: tuple[PostgresEventBus, PostgresEventBus], empty_db: str
+    ) -> None:
+        """A large event's parked payload stays while it is recent and goes once the
+        storage's retention pass (`prune`) is given a later cutoff."""
+        first, _ = two_buses
+        await first.publish(Event(kind="big", payload={"blob": "x" * (MAX_NOTIFY_BYTES + 10)}))
+        storage = PostgresStorage(empty_db)
+        await storage.open()
+        try:
+            recent = RetentionPolicy(event_payloads_before=time.time() - 3600)
+            assert await storage.prune(recent) == {"event_payloads": 0}
+            later = RetentionPolicy(event_payloads_before=time.time() + 60)
+            assert await storage.prune(later) == {"event_payloads": 1}
+        finally:
+            await storage.aclose()
+        with psycopg.connect(empty_db) as conn:
+            assert conn.execute("SELECT count(*) FROM event_payloads").fetchone() == (0,)
 
     async def test_a_lost_listener_ends_subscriptions_and_recovers(
         self, two_buses: tuple[PostgresEventBus, PostgresEventBus], empty_db: str

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         Assignment,
         AuditEntry,
         BootstrapToken,
+        RetentionPolicy,
         StoredCertificate,
         User,
     )
@@ -232,6 +233,24 @@ class StorageBackend(Protocol):
         self, workspace: str, *, version: int | None = None
     ) -> Sequence[AgentStatus]:
         """Statuses of the workspace's agents, optionally for one version."""
+        ...
+
+    # -- retention
+
+    async def prune(self, policy: RetentionPolicy) -> Mapping[str, int]:
+        """Delete the records `policy` lets go; returns how many went, per table (or kind).
+
+        Visits only the kinds `policy` gives a limit for: audit entries older than
+        ``audit_before``; bootstrap tokens used or expired before ``tokens_before``;
+        rollout statuses beyond each workspace's latest ``status_versions`` versions —
+        never an agent's latest status, the status of the version it runs, nor those of a
+        version an assignment pins (what the API shows of current rollouts); and what else
+        the backend keeps that `policy` covers (event payloads, failed-login counters).
+        Deletes in bounded batches of ``batch_size`` rows, each its own transaction, so a
+        large backlog never holds a long lock; idempotent, so a pass cut short or two
+        masters pruning at once are harmless. The master runs it periodically
+        (`nxmesh.master.retention`); it skips a backend without this method.
+        """
         ...
 
     # -- master key rotation

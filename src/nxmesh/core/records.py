@@ -30,6 +30,7 @@ __all__ = [
     "BootstrapToken",
     "ConflictError",
     "NotFoundError",
+    "RetentionPolicy",
     "StorageError",
     "StoredCertificate",
     "User",
@@ -183,6 +184,42 @@ class StoredCertificate:
     not_after: float = attrs.field(validator=v.finite())
     domains: tuple[str, ...] = attrs.field(default=(), converter=_as_tuple)
     source: str = attrs.field(default="upload", validator=attrs.validators.in_(("upload", "acme")))
+
+
+# ---------------------------------------------------------------------------------------
+# Retention
+# ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class RetentionPolicy:
+    """What `StorageBackend.prune` may delete; None (or 0 versions) keeps that kind forever.
+
+    Times are epoch seconds (the master computes them from its clock and the ``[master]``
+    retention settings, `nxmesh.master.retention`):
+
+    * `audit_before`: audit entries with ``ts`` before it;
+    * `tokens_before`: bootstrap tokens used, or expired, before it (a revoked token goes
+      once it has expired: revocation has no timestamp);
+    * `status_versions`: keep the rollout statuses of each workspace's latest N versions;
+      older ones go, except the latest status of each agent, the one of the version it
+      runs and those of versions an assignment pins (what the API shows of a rollout);
+    * `event_payloads_before`: large events parked for the PostgreSQL event bus;
+    * `login_failures_before`: failed-login counters last bumped before it (stale: they
+      restart from zero anyway);
+    * `batch_size`: rows per delete statement, each its own short transaction.
+    """
+
+    audit_before: float | None = attrs.field(default=None, validator=v.finite(optional=True))
+    tokens_before: float | None = attrs.field(default=None, validator=v.finite(optional=True))
+    status_versions: int = attrs.field(default=0, validator=v.int_range(0, 2**31 - 1))
+    event_payloads_before: float | None = attrs.field(
+        default=None, validator=v.finite(optional=True)
+    )
+    login_failures_before: float | None = attrs.field(
+        default=None, validator=v.finite(optional=True)
+    )
+    batch_size: int = attrs.field(default=1000, validator=v.int_range(1, 1_000_000))
 
 
 # ---------------------------------------------------------------------------------------

@@ -111,6 +111,21 @@ def _not_negative(_inst: object, attribute: attrs.Attribute[int], value: int) ->
         raise ValueError(f"{attribute.name} must be 0 or more, got {value}")
 
 
+def _days(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
+    if not (value >= 0 and value != float("inf")):
+        raise ValueError(
+            f"{attribute.name} must be a number of days, 0 or more (0 keeps forever), got {value}"
+        )
+
+
+def _versions_kept(_inst: object, attribute: attrs.Attribute[int], value: int) -> None:
+    if value < 0:
+        raise ValueError(
+            f"{attribute.name} must be a number of versions, 0 or more (0 keeps every "
+            f"status), got {value}"
+        )
+
+
 def _names(_inst: object, attribute: attrs.Attribute[tuple[str, ...]], value: Any) -> None:
     if not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"{attribute.name} must hold non-empty names, got {value!r}")
@@ -189,6 +204,14 @@ class MasterSettings:
     (0 keeps asyncio's; see `nxmesh.tls.limit_tls_read_buffer`).
     `gc_threshold` is the garbage collector's young-generation threshold for the master
     process (0 keeps Python's 700; see `nxmesh.master.server.tune_gc`).
+
+    Retention (`nxmesh.master.retention`, every `retention_interval` seconds, one master
+    at a time): audit entries older than `audit_retention_days`; rollout statuses beyond
+    each workspace's latest `status_retention_versions` versions (each agent's latest
+    status, the one of the version it runs and those of pinned versions always stay);
+    bootstrap tokens, refresh tokens and API tokens `token_retention_days` after they
+    were used or expired. 0 keeps that kind forever. `retention_batch_size` rows go per
+    delete statement (one short transaction each).
     """
 
     api_host: str = "127.0.0.1"
@@ -206,6 +229,13 @@ class MasterSettings:
     compress_versions: bool = True
     tls_read_buffer_bytes: int = attrs.field(default=4 * 1024, validator=_not_negative)
     gc_threshold: int = attrs.field(default=50_000, validator=_not_negative)
+    retention_interval: float = attrs.field(default=3600.0, validator=_positive)
+    audit_retention_days: float = attrs.field(default=365.0, validator=_days)
+    status_retention_versions: int = attrs.field(default=20, validator=_versions_kept)
+    token_retention_days: float = attrs.field(default=7.0, validator=_days)
+    retention_batch_size: int = attrs.field(
+        default=1000, validator=[attrs.validators.ge(1), attrs.validators.le(100_000)]
+    )
 
 
 @attrs.frozen

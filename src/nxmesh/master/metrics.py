@@ -5,7 +5,8 @@ process — tests, an embedding application — from colliding, and keeps ``/met
 of whatever else registered globally.
 
 The API records latency and auth failures itself; transports set `connected_agents`,
-orchestration counts `pushes` and observes `convergence_seconds`.
+orchestration counts `pushes` and observes `convergence_seconds`, the retention job
+(`nxmesh.master.retention`) counts `retention_deleted` rows and `retention_runs`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,20 @@ class MasterMetrics:
             "Open events WebSocket connections.",
             registry=r,
         )
+        self.retention_deleted = Counter(
+            "nxmesh_master_retention_deleted_rows_total",
+            "Rows the retention job deleted, by table.",
+            ["table"],
+            registry=r,
+        )
+        self.retention_runs = Counter(
+            "nxmesh_master_retention_runs_total",
+            "Retention passes, by outcome (ok, failed, skipped: another master ran it).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("ok", "failed", "skipped"):
+            self.retention_runs.labels(outcome=outcome)
 
     def auth_failed(self, reason: str) -> None:
         """Count one rejected authentication."""

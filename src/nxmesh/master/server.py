@@ -6,8 +6,9 @@ hypercorn's worker for the current event loop on it. Cancellation triggers hyper
 graceful shutdown: the listener closes, requests in flight get `graceful_timeout`
 seconds, then the app's lifespan ends.
 
-`run_master` is ``nxmesh master``: it opens the services, starts the event dispatcher
-and the API inside the core runtime's task group, then the `components` (``main``
+`run_master` is ``nxmesh master``: it opens the services, starts the event dispatcher,
+the API and the retention job (`nxmesh.master.retention`) inside the core runtime's task
+group, then the `components` (``main``
 passes `DEFAULT_COMPONENTS`: the agent plane — session hub, rollout orchestrator and the
 agent transports, `nxmesh.master.agent_plane`), and runs until SIGINT/SIGTERM. The API
 listener also carries the agents' WebSocket transport (``master.websocket_path``).
@@ -182,8 +183,9 @@ async def serve_api(
 async def run_master(
     runtime: Runtime, components: Sequence[MasterComponent] = DEFAULT_COMPONENTS
 ) -> None:
-    """The master's main: services, event dispatch, API and `components`, until shutdown
-    (the garbage collector tuned for many sessions first, `tune_gc`).
+    """The master's main: services, event dispatch, API, the retention job and
+    `components`, until shutdown (the garbage collector tuned for many sessions first,
+    `tune_gc`).
 
     Each component is started with ``await task_group.start(component, services)`` once
     the API serves, so it may rely on everything in `MasterServices`.
@@ -201,6 +203,9 @@ async def run_master(
         tls = await anyio.to_thread.run_sync(api_tls_files, settings)
         address = await tg.start(_serve_named, app, settings, tls)
         services.stash[API_ADDRESS] = address
+        from nxmesh.master.retention import run_retention
+
+        await tg.start(run_retention, services)
         for component in components:
             await tg.start(component, services)
         url = f"{'https' if tls else 'http'}://{address}"

@@ -48,6 +48,7 @@ from nxmesh.core.records import (
     BootstrapToken,
     ConflictError,
     NotFoundError,
+    RetentionPolicy,
     StorageError,
     StoredCertificate,
     User,
@@ -57,6 +58,7 @@ from nxmesh.core.serialization import canonical_json, structure, unstructure
 from nxmesh.crypto.secrets import SecretError
 from nxmesh.sql import tables as t
 from nxmesh.sql.migrations import upgrade_to_head
+from nxmesh.sql.prune import bounded_delete, delete_in_batches
 
 if TYPE_CHECKING:
     from nxmesh.core.settings import Settings
@@ -1062,6 +1064,83 @@ class SqlStorage:
             )
             for r in rows
         ]
+
+    # -- retention -----------------------------------------------------------------------
+
+    async def prune(self, policy: RetentionPolicy) -> dict[str, int]:
+        """Delete what `policy` lets go; returns the rows deleted per table.
+
+        Only the tables `policy` names a limit for are visited (and counted, 0 included).
+        Each table is pruned in batches of `policy.batch_size` rows, one short write
+        transaction per batch (`nxmesh.sql.prune`), so neither SQLite's write lock nor
+        PostgreSQL's row locks are held across a whole table. Idempotent: a pass cut
+        short, or two masters pruning at once, delete each row once.
+
+        Rollout statuses are kept for the latest `policy.status_versions` versions of
+        each workspace; an older one goes unless it is its agent's latest status, the
+        status of the version its agent runs, or of a version an assignment of its
+        workspace pins. A workspace without versions keeps all its statuses.
+        """
+        size = policy.batch_size
+        counts: dict[str, int] = {}
+
+        async def execute(stmt: Any) -> int:
+            result = await self._run(lambda conn: conn.execute(stmt), write=True)
+            return int(result.rowcount)
+
+        async def prune(table: Table, picked: Any) -> None:
+            stmt = bounded_delete(table, picked, size)
+            counts[table.name] = await delete_in_batches(execute, stmt, size)
+
+        if policy.audit_before is not None:
+            log = t.audit_log.alias("old")
+            await prune(
+                t.audit_log,
+                select(log.c.seq).where(log.c.ts < policy.audit_before).order_by(log.c.seq),
+            )
+        if policy.status_versions:
+            await prune(t.agent_status, self._stale_statuses(policy.status_versions))
+        if policy.tokens_before is not None:
+            tok = t.bootstrap_tokens.alias("old")
+            before = policy.tokens_before
+            await prune(
+                t.bootstrap_tokens,
+                select(tok.c.id).where((tok.c.used_at < before) | (tok.c.expires_at < before)),
+            )
+        if policy.event_payloads_before is not None:
+            ev = t.event_payloads.alias("old")
+            await prune(
+                t.event_payloads,
+                select(ev.c.id).where(ev.c.created_at < policy.event_payloads_before),
+            )
+        if policy.login_failures_before is not None:
+            lf = t.auth_login_failures.alias("old")
+            await prune(
+                t.auth_login_failures,
+                select(lf.c.username, lf.c.remote_addr).where(
+                    lf.c.last_failure < policy.login_failures_before
+                ),
+            )
+        return counts
+
+    @staticmethod
+    def _stale_statuses(keep_versions: int) -> Any:
+        """The keys of the statuses `prune` may delete (see there), as a query."""
+        old = t.agent_status.alias("old")
+        newer = t.agent_status.alias("newer")
+        a, v, pins = t.agents, t.config_versions, t.assignments
+        latest = select(func.max(v.c.number)).where(v.c.workspace == a.c.workspace)
+        agents_latest = select(func.max(newer.c.version)).where(newer.c.agent_id == old.c.agent_id)
+        pinned = select(pins.c.version).where(pins.c.workspace == a.c.workspace)
+        return (
+            select(old.c.agent_id, old.c.version)
+            .join(a, a.c.id == old.c.agent_id)
+            # NULL (no versions) compares to nothing: such a workspace keeps everything.
+            .where(old.c.version <= latest.scalar_subquery() - keep_versions)
+            .where(old.c.version < agents_latest.scalar_subquery())
+            .where(a.c.running_version.is_(None) | (old.c.version != a.c.running_version))
+            .where(old.c.version.not_in(pinned))
+        )
 
 
 def _plain(value: Any) -> Any:

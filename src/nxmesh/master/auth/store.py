@@ -18,9 +18,10 @@ from typing import Literal, Protocol, TypeVar
 
 import anyio
 import attrs
-from sqlalchemy import Connection, Engine, Row, insert, select, update
+from sqlalchemy import Connection, Delete, Engine, Row, insert, select, update
 
 from nxmesh.sql import tables
+from nxmesh.sql.prune import bounded_delete, delete_in_batches
 
 __all__ = [
     "ApiTokenRecord",
@@ -123,6 +124,15 @@ class AuthStore(Protocol):
     async def list_api_tokens(self, owner: str | None = None) -> Sequence[ApiTokenRecord]: ...
     async def revoke_api_token(self, token_id: str) -> bool: ...
     async def touch_api_token(self, token_id: str, now: float) -> None: ...
+    async def prune(self, before: float, *, batch_size: int = 1000) -> dict[str, int]:
+        """Delete refresh tokens and API tokens that expired before `before`; returns how
+        many went per table (``auth_refresh_tokens``, ``auth_api_tokens``).
+
+        A token that has not expired stays, whatever else: a spent refresh token must
+        still be recognised as reused (its session is then revoked), a revoked one as
+        revoked. Revoked API tokens without an expiry stay (revocation has no time).
+        """
+        ...
 
 
 def _decide(
@@ -217,6 +227,17 @@ class MemoryAuthStore:
         row = self._api.get(token_id)
         if row is not None:
             self._api[token_id] = attrs.evolve(row, last_used_at=now)
+
+    async def prune(self, before: float, *, batch_size: int = 1000) -> dict[str, int]:
+        refresh = [k for k, r in self._refresh.items() if r.expires_at < before]
+        api = [
+            k for k, r in self._api.items() if r.expires_at is not None and r.expires_at < before
+        ]
+        for key in refresh:
+            del self._refresh[key]
+        for key in api:
+            del self._api[key]
+        return {"auth_refresh_tokens": len(refresh), "auth_api_tokens": len(api)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,3 +391,19 @@ class SqlAuthStore:
         t = api_tokens
         stmt = update(t).where(t.c.id == token_id).values(last_used_at=now)
         await self._run(lambda c: c.execute(stmt), write=True)
+
+    async def prune(self, before: float, *, batch_size: int = 1000) -> dict[str, int]:
+        """Delete tokens expired before `before` in batches of `batch_size` rows, one
+        short transaction each (`nxmesh.sql.prune`); idempotent across masters."""
+
+        async def execute(stmt: Delete) -> int:
+            result = await self._run(lambda c: c.execute(stmt), write=True)
+            return int(result.rowcount)
+
+        counts: dict[str, int] = {}
+        for table in (refresh_tokens, api_tokens):
+            old = table.alias("old")
+            picked = select(old.c.id).where(old.c.expires_at < before)
+            stmt = bounded_delete(table, picked, batch_size)
+            counts[table.name] = await delete_in_batches(execute, stmt, batch_size)
+        return counts

@@ -43,6 +43,7 @@ from nxmesh.core.records import (
     BootstrapToken,
     ConflictError,
     NotFoundError,
+    RetentionPolicy,
     StoredCertificate,
     User,
     VersionConflictError,
@@ -765,6 +766,169 @@ class StorageContract:
             await storage.set_agent_status(
                 AgentStatus(agent_id="ghost", version=1, digest="d", phase="sent")
             )
+
+    # -- retention -----------------------------------------------------------------------
+
+    async def test_prune_without_limits_deletes_nothing(self, storage: StorageBackend) -> None:
+        """A policy with no limit visits nothing and deletes nothing."""
+        await storage.append_audit(AuditEntry(ts=1.0, actor="a", action="x"))
+        await storage.add_token(BootstrapToken(id="t1", secret_hash="h", created_at=1.0))
+        assert dict(await storage.prune(RetentionPolicy())) == {}
+        assert len(await storage.list_audit()) == 1
+        assert len(await storage.list_tokens()) == 1
+
+    async def test_prune_deletes_audit_entries_older_than_the_cutoff(
+        self, storage: StorageBackend
+    ) -> None:
+        """Entries before ``audit_before`` go, in batches; later ones (and ones a clock
+        put later) stay; a second pass finds nothing more to delete."""
+        now = time.time()
+        old = [AuditEntry(ts=now - 400 * 86400 + i, actor="a", action="x") for i in range(7)]
+        recent = [
+            AuditEntry(ts=now - 86400, actor="b", action="y"),
+            AuditEntry(ts=now, actor="c", action="z"),
+        ]
+        for entry in [old[0], recent[0], *old[1:], recent[1]]:
+            await storage.append_audit(entry)
+        policy = RetentionPolicy(audit_before=now - 365 * 86400, batch_size=3)
+        assert dict(await storage.prune(policy)) == {"audit_log": 7}
+        assert await storage.list_audit() == recent[::-1]
+        assert dict(await storage.prune(policy)) == {"audit_log": 0}
+
+    async def test_prune_deletes_spent_and_expired_bootstrap_tokens_only(
+        self, storage: StorageBackend
+    ) -> None:
+        """Tokens used or expired before ``tokens_before`` go (revoked ones once they have
+        expired); live tokens, recently used or expired ones and revoked ones still
+        within their lifetime stay."""
+        now = time.time()
+        long_ago, cutoff = now - 30 * 86400, now - 7 * 86400
+        recently, later = now - 3600, now + 3600
+
+        def token(token_id: str, **fields: object) -> BootstrapToken:
+            values: dict[str, object] = {"created_at": long_ago, "expires_at": later}
+            values.update(fields)
+            return BootstrapToken(id=token_id, secret_hash="h", **values)  # type: ignore[arg-type]
+
+        gone = [
+            token("used-long-ago", used_at=long_ago + 60),
+            token("expired-long-ago", expires_at=long_ago + 3600),
+            token("revoked-and-expired", revoked=True, expires_at=long_ago + 3600),
+        ]
+        kept = [
+            token("live", created_at=recently),
+            token("used-recently", used_at=recently),
+            token("expired-recently", expires_at=recently),
+            token("revoked-not-expired", revoked=True),
+        ]
+        for t in [*gone, *kept]:
+            await storage.add_token(t)
+        policy = RetentionPolicy(tokens_before=cutoff, batch_size=2)
+        assert dict(await storage.prune(policy)) == {"bootstrap_tokens": 3}
+        assert {t.id for t in await storage.list_tokens()} == {t.id for t in kept}
+        assert await storage.consume_token("live", secret_hash="h") is not None
+
+    async def test_prune_keeps_the_statuses_of_current_rollouts(
+        self, storage: StorageBackend
+    ) -> None:
+        """Statuses beyond each workspace's latest N versions go, except each agent's
+        latest status, the status of the version it runs and those of versions an
+        assignment pins; a workspace without versions keeps everything."""
+        for n in range(1, 7):
+            await storage.add_version(make_version(n))
+        for n in range(1, 4):
+            await storage.add_version(make_version(n, workspace="edge"))
+        await storage.set_assignment(
+            Assignment(
+                workspace="default",
+                name="pinned",
+                selector=LabelSelector(match_labels={"pin": "yes"}),
+                version=4,
+            )
+        )
+        agents = {
+            "a1": ("default", 3),  # runs version 3
+            "a2": ("default", None),
+            "a3": ("default", None),
+            "b1": ("shop", None),  # a workspace without versions
+            "c1": ("edge", None),
+        }
+        for agent_id, (workspace, running) in agents.items():
+            await storage.upsert_agent(
+                Agent(id=agent_id, name=agent_id, workspace=workspace, running_version=running)
+            )
+        history = {
+            "a1": [1, 2, 3, 6],
+            "a2": [1, 2],
+            "a3": [1, 4, 5],
+            "b1": [1, 2],
+            "c1": [1, 3],
+        }
+        for agent_id, versions in history.items():
+            for number in versions:
+                await storage.set_agent_status(
+                    AgentStatus(agent_id=agent_id, version=number, digest="d", phase="applied")
+                )
+        policy = RetentionPolicy(status_versions=2, batch_size=2)
+        assert dict(await storage.prune(policy)) == {"agent_status": 5}
+
+        async def kept(workspace: str) -> dict[str, list[int]]:
+            found: dict[str, list[int]] = {}
+            for status in await storage.list_agent_statuses(workspace):
+                found.setdefault(status.agent_id, []).append(status.version)
+            return found
+
+        assert await kept("default") == {
+            "a1": [3, 6],  # 3: the version it runs; 6: within the latest two
+            "a2": [2],  # its latest status, though far behind
+            "a3": [4, 5],  # 4: pinned by an assignment
+        }
+        assert await kept("shop") == {"b1": [1, 2]}
+        assert await kept("edge") == {"c1": [3]}
+        assert dict(await storage.prune(policy)) == {"agent_status": 0}
+        assert dict(await storage.prune(RetentionPolicy(status_versions=0))) == {}
+
+    async def test_concurrent_prunes_delete_each_row_once(
+        self, storage_factory: StorageFactory
+    ) -> None:
+        """Two backend instances (two masters) pruning the same rows at once: every row
+        is deleted once and the counts add up to the rows there were."""
+        instances = [storage_factory(), storage_factory()]
+        for instance in instances:
+            await instance.open()
+        counts: list[int] = []
+        policy = RetentionPolicy(audit_before=1000.0, batch_size=4)
+
+        async def prune(backend: StorageBackend) -> None:
+            counts.append((await backend.prune(policy))["audit_log"])
+
+        try:
+            for i in range(30):
+                await instances[0].append_audit(AuditEntry(ts=float(i), actor="a", action="x"))
+            await instances[0].append_audit(AuditEntry(ts=2000.0, actor="a", action="kept"))
+            async with anyio.create_task_group() as tg:
+                for instance in instances:
+                    tg.start_soon(prune, instance)
+            remaining = await instances[1].list_audit()
+        finally:
+            for instance in instances:
+                await instance.aclose()
+        assert sum(counts) == 30
+        assert [e.action for e in remaining] == ["kept"]
+
+    async def test_prune_forgets_stale_login_failures(self, storage: StorageBackend) -> None:
+        """Failed-login counters (optional storage methods) idle before
+        ``login_failures_before`` go; a fresh one stays and keeps counting."""
+        count = getattr(storage, "count_login_failure", None)
+        if count is None:
+            pytest.skip("the backend keeps no failed-login counters (optional methods)")
+        policy = {"threshold": 5, "base_delay": 1.0, "max_delay": 900.0, "forget_after": 1800.0}
+        await count("alice", "192.0.2.1", now=1000.0, **policy)
+        await count("bob", "192.0.2.2", now=5000.0, **policy)
+        pruned = await storage.prune(RetentionPolicy(login_failures_before=4000.0))
+        assert dict(pruned) == {"auth_login_failures": 1}
+        assert (await count("bob", "192.0.2.2", now=5001.0, **policy))[1] == 2
+        assert (await count("alice", "192.0.2.1", now=5001.0, **policy))[1] == 1
 
     # -- secrets at rest -----------------------------------------------------------------
 
