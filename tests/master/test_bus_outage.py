@@ -37,11 +37,6 @@ CONNECT_TIMEOUT = 1
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 def proxy() -> Iterator[TcpProxy]:
     proxy = TcpProxy(("127.0.0.1", 5432))
     proxy.start()
@@ -54,13 +49,36 @@ class Hooks:
 
     def __init__(self) -> None:
         self.kinds: list[str] = []
+        self._arrived: dict[str, anyio.Event] = {}
+
+    def arrived(self, kind: str) -> anyio.Event:
+        """Set once an event of `kind` arrived."""
+        return self._arrived.setdefault(kind, anyio.Event())
 
     @hookimpl
     def nxmesh_on_event(self, event: Event) -> None:
         self.kinds.append(event.kind)
+        self.arrived(event.kind).set()
 
 
-def _count_failed_subscriptions(bus: Any, failures: list[BaseException]) -> None:
+class Failures:
+    """Failed subscriptions, as they happen."""
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+        self._added = anyio.Event()
+
+    def add(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self._added.set()
+        self._added = anyio.Event()
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.errors) < count:
+            await self._added.wait()
+
+
+def _count_failed_subscriptions(bus: Any, failures: Failures) -> None:
     real = bus.subscribe
 
     @contextlib.asynccontextmanager
@@ -69,7 +87,7 @@ def _count_failed_subscriptions(bus: Any, failures: list[BaseException]) -> None
             cm = real()
             events = await cm.__aenter__()
         except Exception as exc:
-            failures.append(exc)
+            failures.add(exc)
             raise
         try:
             yield events
@@ -131,7 +149,7 @@ async def test_master_survives_a_bus_outage_and_pushes_what_it_missed(
         open_services(pg_plugin_manager, settings_b) as b,
         anyio.create_task_group() as tg,
     ):
-        failures: list[BaseException] = []
+        failures = Failures()
         _count_failed_subscriptions(a.bus, failures)
         hub = MasterSessionHub(a.enrollment, signing_key=a.signer.verify_key)
         # No periodic reconcile within the test: only the resubscription can catch up.
@@ -161,15 +179,18 @@ async def test_master_survives_a_bus_outage_and_pushes_what_it_missed(
         # Both subscribers (orchestrator, event hooks) find the bus down, more than once:
         # each failed attempt waited connect_timeout for the listener.
         with anyio.fail_after(60):
-            while len(failures) < 4:
-                await anyio.sleep(0.05)
+            await failures.wait_for(4)
         assert await _commit(b, 18002) == 2  # announced while A is not listening
         proxy.start()
 
         await _update(link, 2)
         # The event hooks follow the bus again too.
+        arrived = hooks.arrived("after.outage")
         with anyio.fail_after(60):
-            while "after.outage" not in hooks.kinds:
+            while not arrived.is_set():
+                # Published before the hooks subscribed again, it is lost (as it should
+                # be): published again until one arrives (a retry, not a timing check).
                 await b.publish("after.outage", {}, workspace="default")
-                await anyio.sleep(0.2)
+                with anyio.move_on_after(0.2):
+                    await arrived.wait()
         tg.cancel_scope.cancel()

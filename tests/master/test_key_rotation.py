@@ -35,11 +35,6 @@ CERT = StoredCertificate(
 KEY = AgentKey(agent_id="a1", key_id="k1", secret=b"s" * 32, created_at=1.0, expires_at=2e9)
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 async def test_master_key_rotation_end_to_end(
     plugin_manager: NxMeshPluginManager, tmp_path: Path, template_state: Path
 ) -> None:

@@ -5,14 +5,16 @@ hand — plus the rollout API over the HTTP app."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import attrs
 import pytest
 from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
 
 from nxmesh.agent.verify import verify_update
 from nxmesh.agent_link import AgentLink, Backoff, Endpoint, MemoryCredentialStore
@@ -25,18 +27,25 @@ from nxmesh.core.records import AgentStatus, Assignment, StorageError
 from nxmesh.crypto.signing import VerifyKey
 from nxmesh.master.app import MasterServices, open_services
 from nxmesh.master.orchestration import RECONCILE_INTERVAL, RolloutOrchestrator
+from nxmesh.plugins.eventbus_memory import MemoryEventBus
 from nxmesh.session_hub import MasterSessionHub, SessionInfo
-from nxmesh.testing import make_state
-from nxmesh.testing.memory_transport import MemoryTransport
+from nxmesh.testing import make_state, memory_transport
+from nxmesh.testing.memory_transport import MemoryChannel, MemoryTransport
 
 from .conftest import Master, make_settings
 
 pytestmark = pytest.mark.anyio
 
+Stream = MemoryObjectSendStream[bytes]
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
+
+def _drained(stream: MemoryObjectSendStream[Any]) -> bool:
+    """Whether every frame sent on `stream` was read, and handled: its reader (a session
+    loop, handling one frame before reading the next) waits for the next one — or is gone."""
+    stats = stream.statistics()
+    return stats.open_receive_streams == 0 or (
+        stats.current_buffer_used == 0 and stats.tasks_waiting_receive > 0
+    )
 
 
 @attrs.define(eq=False)
@@ -48,7 +57,10 @@ class Plane:
     orchestrator: RolloutOrchestrator
     transport: MemoryTransport
     tg: TaskGroup
+    streams: list[Stream]
+    """Both directions of every stream the memory transport opened (see `channel_pair`)."""
     keys: dict[str, VerifyKey] = attrs.field(factory=dict)
+    links: list[AgentLink] = attrs.field(factory=list)
 
     async def agent(self, name: str, **labels: str) -> AgentLink:
         issued = await self.services.enrollment.create_token(labels=labels)
@@ -61,9 +73,11 @@ class Plane:
             backoff=Backoff(0.01, 0.05),
             on_master_key=lambda key, _enrolled: self.keys.__setitem__(name, key),
         )
+        self.links.append(link)
         self.tg.start_soon(link.run_forever)
         with anyio.fail_after(5):
             await link.wait_registered()
+        assert self.streams, "settle() needs the streams: see channel_pair"
         return link
 
     async def commit(self, body: str) -> ConfigVersion:
@@ -75,10 +89,37 @@ class Plane:
         return result.version
 
     async def settle(self) -> None:
-        """Let the reconcile loop and the writer catch up."""
-        for _ in range(5):
-            await anyio.sleep(0.02)
-            await self.orchestrator.wait_written()
+        """Return once everything the agents and the master sent was handled and nothing
+        more is due: what an agent has not received by then, the master does not send
+        (until something changes, or the periodic reconcile). No sleep: see `quiet`."""
+        with anyio.fail_after(30):  # a bound, not a timing check
+            while not self.quiet():
+                await self.orchestrator.wait_written()
+                await anyio.lowlevel.checkpoint()  # the others (tasks, SQLite threads) go on
+
+    def quiet(self) -> bool:
+        """At this instant, no work is queued or under way anywhere in the plane: every
+        frame was `delivered`, the orchestrator has handled every event on the bus, and has
+        nothing to reconcile or write, nor a reconcile or write under way."""
+        bus = self.services.bus
+        assert isinstance(bus, MemoryEventBus)
+        return self.delivered() and all(map(_drained, bus._subscribers)) and self.orchestrator.idle
+
+    def delivered(self) -> bool:
+        """At this instant, every frame either side sent was read and handled.
+
+        Every link has put what it queued on its stream (`AgentLink` keeps a frame in its
+        outbox until then: no public view of it); every frame on every stream, both ways,
+        was handled (`_drained`: the master's session loop hands a status to the
+        orchestrator before it reads the next frame); the hub has nothing queued or being
+        sent for any agent (private too)."""
+        return (
+            not any(link._outbox for link in self.links)
+            and all(map(_drained, self.streams))
+            and not any(
+                s.update is not None or s.control or s.sending for s in self.hub._sessions.values()
+            )
+        )
 
     async def statuses(self, agent_id: str) -> list[AgentStatus]:
         found = await self.services.storage.list_agent_statuses("default")
@@ -102,6 +143,19 @@ def reconcile_interval() -> float:
     return RECONCILE_INTERVAL
 
 
+def recording_pairs(streams: list[Stream]) -> Callable[[int], tuple[MemoryChannel, MemoryChannel]]:
+    """`memory_transport.channel_pair`, remembering each direction's stream in `streams`."""
+
+    def channel_pair(buffer: int = 64) -> tuple[MemoryChannel, MemoryChannel]:
+        up, from_agent = anyio.create_memory_object_stream[bytes](buffer)
+        down, to_agent = anyio.create_memory_object_stream[bytes](buffer)
+        streams[:] = [s for s in streams if s.statistics().open_receive_streams]
+        streams.extend((up, down))
+        return MemoryChannel(up, to_agent), MemoryChannel(down, from_agent)
+
+    return channel_pair
+
+
 @pytest.fixture
 async def plane(
     plugin_manager: NxMeshPluginManager,
@@ -111,6 +165,7 @@ async def plane(
 ) -> AsyncIterator[Plane]:
     shutil.copytree(template_state, tmp_path / "state")
     settings = make_settings(plugin_manager, tmp_path / "state")
+    streams: list[Stream] = []
     async with open_services(plugin_manager, settings) as services:
         hub = MasterSessionHub(
             services.enrollment, signing_key=services.signer.verify_key, heartbeat_interval=5
@@ -119,11 +174,14 @@ async def plane(
         orchestrator.attach(hub)
         services.orchestrator = orchestrator
         transport = MemoryTransport()
-        async with anyio.create_task_group() as tg:
-            await tg.start(orchestrator.run)
-            await tg.start(transport.serve, hub.handler("memory"))
-            yield Plane(services, hub, orchestrator, transport, tg)
-            tg.cancel_scope.cancel()
+        # Not the `monkeypatch` fixture: tests undo theirs while the plane runs.
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(memory_transport, "channel_pair", recording_pairs(streams))
+            async with anyio.create_task_group() as tg:
+                await tg.start(orchestrator.run)
+                await tg.start(transport.serve, hub.handler("memory"))
+                yield Plane(services, hub, orchestrator, transport, tg, streams)
+                tg.cancel_scope.cancel()
 
 
 class TestPushes:
@@ -202,6 +260,35 @@ class TestPushes:
             await link.wait_registered(count=3)
         assert (await next_update(link)).digest == version.digest
 
+    async def test_answer_during_a_reconcile_is_not_pushed_again(
+        self, plane: Plane, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A reconcile pass snapshots the sessions, then reads storage; an agent applying
+        its version meanwhile must not get it again (the pass's snapshot predates that)."""
+        link = await plane.agent("a")
+        await plane.commit("one")
+        update = await next_update(link)
+        await plane.settle()
+        storage, held, resume = plane.services.storage, anyio.Event(), anyio.Event()
+        list_assignments = storage.list_assignments
+
+        async def paused(workspace: str) -> list[Assignment]:
+            held.set()
+            await resume.wait()
+            return await list_assignments(workspace)
+
+        monkeypatch.setattr(storage, "list_assignments", paused)
+        await plane.orchestrator.assignments_changed("default")
+        with anyio.fail_after(10):  # bounds, not timing checks
+            await held.wait()  # the pass took its snapshot: the agent runs nothing yet
+            answer(link, update)
+            while not plane.delivered():
+                await anyio.lowlevel.checkpoint()
+        resume.set()
+        await plane.settle()
+        assert len(link.updates) == 0
+        assert plane.services.metrics.pushes.labels(outcome="sent")._value.get() == 1
+
     async def test_failure_keeps_nginx_message_and_is_not_resent(self, plane: Plane) -> None:
         """failed + nginx's output are stored; the same version is not pushed again."""
         link = await plane.agent("a")
@@ -221,19 +308,16 @@ class TestPushes:
     async def test_health_reports_reach_services_health(self, plane: Plane) -> None:
         link = await plane.agent("a")
         link.send_health(HealthReport(agent_id="whatever", ts=1.0, results=()))
+        await plane.settle()
         assert link.agent_id is not None
-        with anyio.fail_after(5):
-            while plane.services.health.get(link.agent_id) is None:
-                await anyio.sleep(0.01)
+        assert plane.services.health.get(link.agent_id) is not None
 
     async def test_revoked_agent_is_disconnected(self, plane: Plane) -> None:
         link = await plane.agent("a")
         assert link.agent_id is not None
         await plane.services.enrollment.revoke_agent(link.agent_id)
         await plane.orchestrator.agent_revoked(link.agent_id)
-        with anyio.fail_after(5):
-            while link.agent_id in plane.hub.connected:
-                await anyio.sleep(0.01)
+        assert link.agent_id not in plane.hub.connected  # its stream is being closed
 
     async def test_going_offline_does_not_undo_a_revocation_elsewhere(
         self, plane: Plane, monkeypatch: pytest.MonkeyPatch
@@ -319,16 +403,26 @@ class TestMissedEvents:
         assert (update.version, update.digest) == (version.number, version.digest)
 
     async def test_full_reconcile_disconnects_an_agent_revoked_elsewhere(
-        self, plane: Plane
+        self, plane: Plane, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         """Revoked through another master whose ``agent.revoked`` event was missed: the
         next full reconcile reads the revocation from storage and closes the stream."""
         link = await plane.agent("a")
         assert link.agent_id is not None
+        closed = anyio.Event()
+        disconnect = plane.hub.disconnect
+
+        def observed(agent_id: str) -> bool:
+            found = disconnect(agent_id)
+            if agent_id == link.agent_id:
+                closed.set()
+            return found
+
+        monkeypatch.setattr(plane.hub, "disconnect", observed)
         await plane.services.enrollment.revoke_agent(link.agent_id)  # no event, no hub call
-        with anyio.fail_after(10):
-            while link.agent_id in plane.hub.connected:
-                await anyio.sleep(0.01)
+        with anyio.fail_after(10):  # a bound: the periodic reconcile comes every 0.2 s
+            await closed.wait()
+        assert link.agent_id not in plane.hub.connected
 
 
 @pytest.fixture(scope="module")

@@ -152,6 +152,10 @@ class RolloutOrchestrator:
         self._inflight: dict[str, tuple[int, str]] = {}
         self._failed: dict[str, tuple[int, str]] = {}
         """Per agent: the version it refused last (not pushed again until another one)."""
+        self._finals = 0
+        """Final statuses handled so far: a reconcile pass re-checks an agent before offering
+        it a version when one came in since its snapshot of the sessions (see `reconcile`)."""
+        self._reconciling = False
         self._traces: OrderedDict[tuple[str, int], dict[str, str]] = OrderedDict()
         self._converged: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._materials: OrderedDict[tuple[str, int, str], UpdateMaterial | None] = OrderedDict()
@@ -336,6 +340,7 @@ class RolloutOrchestrator:
         sessions = hub.sessions(workspace)
         if not sessions:
             return []
+        finals = self._finals
         latest = await self.storage.latest_version(workspace)
         if latest is None:
             return []
@@ -361,21 +366,34 @@ class RolloutOrchestrator:
             if certificates and version.number not in uses:
                 uses[version.number] = _uses_certificates(version.state, certificates)
             recert = uses.get(version.number, False)
-            if (info.running_version, info.running_digest) == target and not recert:
-                continue
-            if not recert and target in (
-                self._inflight.get(info.agent_id),
-                self._failed.get(info.agent_id),
-            ):
+            if not self._due(info, target, recert):
                 continue
             trace = self._traces.get((workspace, version.number))
             material = await self.material_for(version)
+            if self._finals != finals:
+                # An answer came in while this pass awaited storage: `sessions` may predate
+                # it, and an agent that just applied `target` would get it again (seen in
+                # trio runs of tests/master/test_orchestration.py).
+                live = hub.session(info.agent_id)
+                if live is None or not self._due(live, target, recert):
+                    continue
             if hub.offer(info.agent_id, version, trace=trace, material=material):
                 self._inflight[info.agent_id] = target
                 offered.append(info.agent_id)
         if offered:
             log.info("rollout", workspace=workspace, version=latest.number, agents=len(offered))
         return offered
+
+    def _due(self, info: SessionInfo, target: tuple[int, str], recert: bool) -> bool:
+        """Whether to offer `target` (version, digest) to `info`'s agent: it runs another,
+        was not sent it yet and did not refuse it — or its certificates changed."""
+        if recert:
+            return True
+        running = (info.running_version, info.running_digest)
+        return running != target and target not in (
+            self._inflight.get(info.agent_id),
+            self._failed.get(info.agent_id),
+        )
 
     def _session_agent(self, info: SessionInfo) -> Agent:
         agent = self._session_agents.get(info.agent_id)
@@ -426,6 +444,7 @@ class RolloutOrchestrator:
 
     def _on_status(self, agent_id: str, status: ConfigStatus) -> None:
         if status.final:
+            self._finals += 1
             if self._inflight.get(agent_id, (status.version, status.digest))[0] == status.version:
                 self._inflight.pop(agent_id, None)
             if status.phase in ("applied", "noop"):
@@ -473,6 +492,12 @@ class RolloutOrchestrator:
     async def wait_written(self) -> None:
         """Return once every queued write is done (tests)."""
         await self._idle.wait()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to reconcile or write, and no reconcile or write under way (tests: with
+        the hub's queues and the agents' streams, that nothing more is about to happen)."""
+        return not self._dirty and not self._reconciling and self._idle.is_set()
 
     async def _record(self, writes: list[_StatusWrite]) -> None:
         """Store statuses (one transaction on the SQL backends), then announce each."""
@@ -597,6 +622,7 @@ class RolloutOrchestrator:
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
+            self._reconciling = True  # for `idle`: a workspace popped is still in the works
             while self._dirty:
                 workspace = self._dirty.pop()
                 certificates = self._cert_changes.pop(workspace, None)
@@ -607,6 +633,7 @@ class RolloutOrchestrator:
                     await self.reconcile(workspace, certificates=certificates)
                 except Exception:  # storage hiccup: try again on the next change
                     log.exception("reconcile failed", workspace=workspace)
+            self._reconciling = False
 
     async def _writer(self) -> None:
         try:
