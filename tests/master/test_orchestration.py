@@ -391,6 +391,45 @@ class TestMissedEvents:
         update = await next_update(link)
         assert (update.version, update.digest) == (version.number, version.digest)
 
+    async def test_statuses_are_stored_while_their_announcement_fails(
+        self, plane: Plane, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The bus refuses ``rollout.status`` events: every status is still stored, the
+        outage is logged once as a warning (no traceback per batch), and its end once."""
+        from structlog.testing import capture_logs
+
+        link = await plane.agent("a")
+        assert link.agent_id is not None
+        publish = plane.services.bus.publish
+        refused: list[str] = []
+
+        async def status_bus_down(event: Event) -> None:
+            if event.kind == "rollout.status":
+                refused.append(event.payload["phase"])
+                raise StorageError("PostgresEventBus('postgresql://db/x') is not open")
+            await publish(event)
+
+        monkeypatch.setattr(plane.services.bus, "publish", status_bus_down)
+        with capture_logs() as logs:
+            first = await plane.commit("one")
+            answer(link, await next_update(link))
+            await plane.settle()
+            assert len(refused) >= 2  # sent, then the agent's answers: several batches
+            assert [s.phase for s in await plane.statuses(link.agent_id)] == ["applied"]
+            monkeypatch.setattr(plane.services.bus, "publish", publish)
+            second = await plane.commit("two")
+            answer(link, await next_update(link))
+            await plane.settle()
+        assert second.number == first.number + 1
+        statuses = {s.version: s.phase for s in await plane.statuses(link.agent_id)}
+        assert statuses == {first.number: "applied", second.number: "applied"}
+        said = [(e["log_level"], e["event"]) for e in logs if "announce" in e["event"]]
+        assert said == [
+            ("warning", "rollout statuses stored but not announced: the event bus refused them"),
+            ("info", "rollout statuses announced on the event bus again"),
+        ]
+        assert not [e for e in logs if e["event"] == "rollout bookkeeping failed"]
+
     async def test_periodic_reconcile_pushes_an_unannounced_version(self, plane: Plane) -> None:
         """A version stored without any announcement (as when its event was missed during
         a bus outage) reaches the connected agents on the next full reconcile."""

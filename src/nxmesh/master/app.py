@@ -61,6 +61,7 @@ from nxmesh.master.auth.passwords import Passwords, generate_password
 from nxmesh.master.auth.service import AuthService
 from nxmesh.master.auth.store import AuthStore, MemoryAuthStore, SqlAuthStore
 from nxmesh.master.auth.tokens import JWT_KEY_FILE, AccessTokens
+from nxmesh.master.bus_follow import follow_bus
 from nxmesh.master.metrics import MasterMetrics
 from nxmesh.master.rbac import Rbac
 
@@ -85,8 +86,6 @@ __all__ = [
 INITIAL_ADMIN_USER: Final = "admin"
 INITIAL_ADMIN_FILE: Final = "initial-admin-password"
 _CLOSE_TIMEOUT: Final = 10.0
-_RESUBSCRIBE_MIN: Final = 0.1
-_RESUBSCRIBE_MAX: Final = 10.0
 
 log = structlog.get_logger("nxmesh.master")
 
@@ -240,61 +239,6 @@ class MasterServices:
             subscriber="event hooks",
             task_status=task_status,
         )
-
-
-async def follow_bus(
-    bus: EventBus,
-    handle: Callable[[Event], None],
-    *,
-    subscriber: str,
-    resubscribed: Callable[[], None] | None = None,
-    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-) -> None:
-    """Hand every event on `bus` to `handle`, until cancelled; never ends on a bus outage.
-
-    The first subscription is made before `task_status` is started, and its failure
-    propagates (a master that cannot subscribe at start says so). After that, a
-    subscription that ends (the bus dropped its listener, or `handle` fell behind) or
-    cannot be made (the database is down: ``StorageError``, a driver error) is retried
-    with a backoff doubling up to `_RESUBSCRIBE_MAX` seconds. Each outage is logged once
-    when it starts and once when it is over, not once per retry. Events published
-    meanwhile are missed: `resubscribed` runs after every later successful subscription,
-    so the caller can resync from storage. An exception from `handle` is logged and the
-    next event handled.
-    """
-    started = False
-    delay = _RESUBSCRIBE_MIN
-    outage: str | None = None  # why the last subscription ended, until one works again
-    while True:
-        try:
-            async with bus.subscribe() as events:
-                if not started:
-                    started = True
-                    task_status.started()
-                else:
-                    if outage is not None:
-                        log.info("event subscription restored", subscriber=subscriber)
-                        outage = None
-                    if resubscribed is not None:
-                        resubscribed()
-                delay = _RESUBSCRIBE_MIN
-                async for event in events:
-                    try:
-                        handle(event)
-                    except Exception:  # one bad event must not cost the subscription
-                        log.exception("event handler failed", subscriber=subscriber,
-                                      kind=event.kind)  # fmt: skip
-            reason = "the bus ended the subscription"
-        except Exception as exc:
-            if not started:
-                raise
-            reason = str(exc).strip() or type(exc).__name__
-        if outage is None:
-            outage = reason
-            log.warning("event subscription lost; subscribing again until it works",
-                        subscriber=subscriber, reason=reason)  # fmt: skip
-        await anyio.sleep(delay)  # never spin on a bus that refuses at once
-        delay = min(delay * 2, _RESUBSCRIBE_MAX)
 
 
 def build_chain(services: MasterServices) -> list[Authenticator]:

@@ -14,7 +14,7 @@ process runs one, beside its `nxmesh.session_hub.MasterSessionHub`:
   until another one is due, or the agent reconnects), gets it
   (`MasterSessionHub.offer`; the body is encoded once per version).
 * **Full reconciles.** Events can be missed: a bus outage (the subscription is renewed
-  until it works again, `nxmesh.master.app.follow_bus`), a version whose announcement
+  until it works again, `nxmesh.master.bus_follow.follow_bus`), a version whose announcement
   failed. After every resubscription and every `reconcile_interval` seconds (60), every
   workspace with a connected agent is reconciled, after refreshing its sessions from
   storage (labels changed, agents revoked through another master).
@@ -74,6 +74,7 @@ from nxmesh.core.model import (
 )
 from nxmesh.core.protocol import ConfigStatus, Message
 from nxmesh.core.records import AgentStatus, NotFoundError
+from nxmesh.master.bus_follow import follow_bus
 from nxmesh.master.selection import desired_version
 from nxmesh.master.tracing import inject_context
 from nxmesh.session_hub import UpdateMaterial
@@ -156,6 +157,7 @@ class RolloutOrchestrator:
         """Final statuses handled so far: a reconcile pass re-checks an agent before offering
         it a version when one came in since its snapshot of the sessions (see `reconcile`)."""
         self._reconciling = False
+        self._announce_failing = False  # the bus refused the last announcement
         self._traces: OrderedDict[tuple[str, int], dict[str, str]] = OrderedDict()
         self._converged: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._materials: OrderedDict[tuple[str, int, str], UpdateMaterial | None] = OrderedDict()
@@ -528,7 +530,20 @@ class RolloutOrchestrator:
                 "phase": status.phase,
                 "message": status.message,
             }
-            await self.services.publish("rollout.status", payload, workspace=w.workspace)
+            try:
+                await self.services.publish("rollout.status", payload, workspace=w.workspace)
+            except Exception as exc:
+                # The statuses are stored; only their announcement is lost. Said once per
+                # outage (not a traceback per batch), and the rest of this batch is not
+                # tried: each attempt could wait out the bus's connect timeout.
+                if not self._announce_failing:
+                    self._announce_failing = True
+                    log.warning("rollout statuses stored but not announced: the event bus "
+                                "refused them", error=str(exc) or type(exc).__name__)  # fmt: skip
+                return
+            if self._announce_failing:
+                self._announce_failing = False
+                log.info("rollout statuses announced on the event bus again")
 
     async def _set_running(self, writes: list[_RunningWrite]) -> None:
         bulk = getattr(self.storage, "set_running_versions", None)
@@ -689,11 +704,9 @@ class RolloutOrchestrator:
     async def _follow_bus(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Changes made through other master processes (and this one: harmless twice).
 
-        A bus outage does not end it (`nxmesh.master.app.follow_bus` subscribes again);
+        A bus outage does not end it (`nxmesh.master.bus_follow.follow_bus` subscribes again);
         events published meanwhile are lost, so every resubscription is followed by a
         full reconcile."""
-        from nxmesh.master.app import follow_bus
-
         await follow_bus(
             self.services.bus,
             self._on_event,
