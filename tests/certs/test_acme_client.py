@@ -157,6 +157,31 @@ class TestKeys:
         assert rotated.rewrap() is False
         assert rotated.load_or_create().thumbprint() == original.thumbprint()
 
+    def test_a_key_file_in_a_read_only_place_still_loads(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A configured ``account_key_file`` may sit on a read-only mount (a Kubernetes
+        secret): the ``.directory`` file beside it cannot be written, and that must not
+        keep the key from loading (the configured CA's key is rewrapped without it)."""
+        import errno
+
+        from nxmesh.certs import acme_client
+
+        path = tmp_path / "secret" / "account.key"
+        keyring = MasterKeyring(generate_key())
+        created = AccountKeyFile(path, keyring, "https://ca/dir").load_or_create()
+        path.with_name("account.key.directory").unlink()
+        real_write = acme_client.write_private_file
+
+        def read_only(target: Path, data: bytes, *, replace: bool = False) -> bool:
+            if target.parent == path.parent:
+                raise OSError(errno.EROFS, "Read-only file system", str(target))
+            return real_write(target, data, replace=replace)
+
+        monkeypatch.setattr(acme_client, "write_private_file", read_only)
+        loaded = AccountKeyFile(path, keyring, "https://ca/dir").load_or_create()
+        assert loaded.thumbprint() == created.thumbprint()
+
     def test_account_keys_of_earlier_cas_are_rewrapped_too(self, tmp_path: Path) -> None:
         """A rotation re-encrypts the keys of CAs configured before (found with their
         directory URL), not just the current CA's; after it the new key alone opens
@@ -181,6 +206,12 @@ class TestKeys:
         orphan = paths[0].with_name("account-0123456789abcdef.key")
         orphan.write_bytes(paths[0].read_bytes())
         orphan.chmod(0o600)
+        # An earlier CA's key under a key the ring does not hold: skipped, not fatal.
+        stranger = CertsSettings(acme_directory="https://ca-stranger.test/dir")
+        unreadable = account_key_path(settings, stranger)
+        AccountKeyFile(
+            unreadable, MasterKeyring(generate_key()), stranger.acme_directory
+        ).load_or_create()
         new = generate_key()
         with capture_logs() as logs:
             assert rewrap_account_keys(settings, cas[1], MasterKeyring(new, [old])) == 2
@@ -188,7 +219,8 @@ class TestKeys:
         for path, ca, thumbprint in zip(paths, cas, thumbprints, strict=True):
             alone = AccountKeyFile(path, MasterKeyring(new), ca.acme_directory)
             assert alone.load_or_create().thumbprint() == thumbprint
-        assert [e["key_file"] for e in logs if e["log_level"] == "warning"] == [str(orphan)]
+        warned = sorted(e["key_file"] for e in logs if e["log_level"] == "warning")
+        assert warned == sorted([str(orphan), str(unreadable)])
 
     def test_account_key_is_bound_to_its_ca(self, tmp_path: Path) -> None:
         """The same file does not open for another directory URL."""

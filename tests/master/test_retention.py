@@ -156,6 +156,29 @@ class TestSettings:
             batch_size=50,
         )
 
+    def test_settings_meaning_keep_forever_never_fail_a_pass(
+        self, plugin_manager: NxMeshPluginManager
+    ) -> None:
+        """Settings the validation accepts always give a policy: days so many their
+        cutoff is no number, an endless lockout delay and more versions than a workspace
+        can have keep those rows (the pass would otherwise fail every time, for every
+        table, naming no setting)."""
+        settings = make_settings(
+            plugin_manager,
+            Path("state"),
+            **{
+                "master.audit_retention_days": 1e306,
+                "master.token_retention_days": 1e306,
+                "master.status_retention_versions": 2**40,
+                "auth.lockout_max_delay": "inf",
+            },
+        )
+        policy = retention_policy(settings, NOW)
+        assert policy.audit_before is None
+        assert policy.tokens_before is None
+        assert policy.login_failures_before is None
+        assert policy.status_versions == 2**31 - 1
+
 
 # ---------------------------------------------------------------------------------------
 # The auth store: refresh tokens and API tokens
@@ -261,6 +284,35 @@ class TestAuthStorePrune:
         )
         assert replay.outcome == "reused"
         assert await auth_store.prune(cutoff) == {"auth_refresh_tokens": 0, "auth_api_tokens": 0}
+
+    async def test_spent_tokens_of_a_live_session_stay(self, auth_store: AuthStore) -> None:
+        """Rotation slides a session on (each new token gets a fresh lifetime): a token
+        spent long ago stays while its session has a live token, so replaying it (a
+        stolen copy, or the victim's after the thief rotated first) still revokes the
+        session. Once the session is revoked, or ended before the cutoff, it goes."""
+        cutoff = NOW - 7 * DAY
+        for record in (
+            _refresh("spent-long-ago", expires_at=cutoff - DAY, used_at=cutoff - 2 * DAY),
+            _refresh("current", expires_at=NOW + DAY, family="spent-long-ago"),
+            _refresh("spent-revoked", expires_at=cutoff - DAY, used_at=cutoff, revoked=True),
+            _refresh("current-revoked", expires_at=NOW + DAY, revoked=True, family="spent-revoked"),
+            _refresh("spent-ended", expires_at=cutoff - 2 * DAY, used_at=cutoff - 3 * DAY),
+            _refresh("last-ended", expires_at=cutoff - DAY, family="spent-ended"),
+        ):
+            await auth_store.add_refresh(record)
+
+        pruned = await auth_store.prune(cutoff, batch_size=1)
+
+        assert pruned == {"auth_refresh_tokens": 3, "auth_api_tokens": 0}
+        replay = await auth_store.rotate_refresh(
+            "spent-long-ago",
+            "h" * 64,
+            NewRefresh(id="n", secret_hash="n" * 64, created_at=NOW, expires_at=NOW + DAY),
+        )
+        assert replay.outcome == "reused"
+        current = await auth_store.find_refresh("current", "h" * 64)
+        assert current is not None
+        assert current.revoked
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,7 +16,15 @@ from nxmesh.agent.fsutil import read_tree
 from nxmesh.agent.harness import NginxStack
 from nxmesh.agent.process import worker_pids
 from nxmesh.core.bundle import Bundle, bundle_digest
-from nxmesh.core.model import DesiredState, Listener, Site, Upstream, UpstreamServer
+from nxmesh.core.model import (
+    ApplyReport,
+    DesiredState,
+    Listener,
+    PendingApply,
+    Site,
+    Upstream,
+    UpstreamServer,
+)
 from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.plugins.deploy_docker import DockerSidecarMode
@@ -57,6 +65,35 @@ class TestReloadDriverContract(NginxDriverContract):
             return (await stack.fetch(host=host)).text.strip()
 
         return fetch
+
+    async def test_nginx_reason_may_be_in_its_output_field(
+        self,
+        stack: NginxStack,
+        bundle_for: Callable[[DesiredState], Bundle],
+        fetch_body: Callable[[str], Awaitable[str]],
+    ) -> None:
+        """A driver saying "nginx -t failed" and leaving nginx's words to
+        ``nginx_output`` (the field for them) meets the contract's rejection test."""
+
+        class Terse:
+            def __init__(self, real: ReloadDriver) -> None:
+                self.real = real
+
+            async def apply(self, update: PendingApply, bundle: Bundle) -> ApplyReport:
+                report = await self.real.apply(update, bundle)
+                if report.outcome != "failed":
+                    return report
+                output = report.nginx_output or report.message
+                return attrs.evolve(report, message="nginx -t failed", nginx_output=output)
+
+            async def live_digest(self) -> str | None:
+                return await self.real.live_digest()
+
+        await self.test_a_bundle_nginx_rejects_leaves_the_old_one_serving(
+            Terse(stack.driver),  # type: ignore[arg-type]
+            bundle_for,
+            fetch_body,
+        )
 
 
 class TestRegistration:

@@ -174,8 +174,18 @@ class AccountKeyFile:
         return directory_file_of(self.path)
 
     def _remember_directory(self) -> None:
-        if not self.directory_file.exists():
+        # Best effort: a configured key file may sit on a read-only mount (a Kubernetes
+        # secret); the key still serves, and a rotation rewraps the configured CA's key
+        # without the URL file (`rewrap_account_keys`).
+        if self.directory_file.exists():
+            return
+        try:
             write_private_file(self.directory_file, self.directory_url.encode(), replace=True)
+        except OSError as exc:
+            log.warning("acme directory URL not saved beside the account key; a master-key "
+                        "rotation cannot re-encrypt this key once another CA is configured",
+                        directory_file=str(self.directory_file),
+                        error=exc.strerror or str(exc))  # fmt: skip
 
     def load_or_create(self) -> JWK:
         """The account key; created (EC P-256) on first use. Blocking: run in a thread.
@@ -225,7 +235,8 @@ def rewrap_account_keys(settings: Settings, certs: CertsSettings, keyring: Maste
     re-encrypted; it is named in a warning, and once the previous master key is removed
     the master would register a new account if that CA is configured again.
 
-    :raises SecretError: a key file does not decrypt with the keyring.
+    :raises SecretError: the configured CA's key file does not decrypt with the keyring
+        (an earlier CA's is named in a warning and skipped: it is not in use).
     """
     current = account_key_path(settings, certs)
     moved = 0
@@ -247,7 +258,11 @@ def rewrap_account_keys(settings: Settings, certs: CertsSettings, keyring: Maste
                 key_file=str(path),
             )
             continue
-        moved += AccountKeyFile(path, keyring, url).rewrap()
+        try:
+            moved += AccountKeyFile(path, keyring, url).rewrap()
+        except SecretError as exc:  # one unusable old key must not keep the others back
+            log.warning("acme account key of an earlier CA not re-encrypted",
+                        key_file=str(path), error=str(exc))  # fmt: skip
     return moved
 
 

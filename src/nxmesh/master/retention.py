@@ -14,9 +14,9 @@ table                        goes when
                              versions (20) — never an agent's latest status, the one of
                              the version it runs, nor those of versions assignments pin
 ``bootstrap_tokens``         used or expired ``token_retention_days`` (7) ago
-``auth_refresh_tokens``      expired ``token_retention_days`` ago (a spent token within
-                             its lifetime stays: replaying it must still revoke its
-                             session)
+``auth_refresh_tokens``      expired ``token_retention_days`` ago, and so did (or was
+                             revoked) every token of its session: replaying a spent
+                             token must revoke a session still alive
 ``auth_api_tokens``          expired ``token_retention_days`` ago
 ``event_payloads``           older than an hour (as the PostgreSQL event bus does)
 ``auth_login_failures``      idle for twice ``[auth] lockout_max_delay`` (the counter
@@ -38,6 +38,7 @@ running.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -72,11 +73,21 @@ LOCK_NAME: Final = "retention"
 EVENT_PAYLOAD_RETENTION: Final = 3600.0
 """Seconds a large event's payload is kept for the PostgreSQL event bus's receivers."""
 
+MAX_STATUS_VERSIONS: Final = 2**31 - 1
+"""The most versions `RetentionPolicy.status_versions` takes (a larger setting keeps all)."""
+
 LeaderLock = Callable[[], AbstractAsyncContextManager[bool]]
 
 
+def _cutoff(now: float, seconds: float) -> float | None:
+    # A period so long its cutoff is no number (1e306 days, an endless lockout delay)
+    # keeps everything, like 0 does: the policy would refuse it and fail every pass.
+    cutoff = now - seconds
+    return cutoff if math.isfinite(cutoff) else None
+
+
 def _before(now: float, days: float) -> float | None:
-    return None if days == 0 else now - days * DAY
+    return None if days == 0 else _cutoff(now, days * DAY)
 
 
 def retention_policy(settings: Settings, now: float) -> RetentionPolicy:
@@ -85,10 +96,11 @@ def retention_policy(settings: Settings, now: float) -> RetentionPolicy:
     return RetentionPolicy(
         audit_before=_before(now, master.audit_retention_days),
         tokens_before=_before(now, master.token_retention_days),
-        status_versions=master.status_retention_versions,
+        # More versions than a workspace can number: every status is kept anyway.
+        status_versions=min(master.status_retention_versions, MAX_STATUS_VERSIONS),
         event_payloads_before=now - EVENT_PAYLOAD_RETENTION,
         # `nxmesh.plugins.auth_password` forgets a counter idle for this long.
-        login_failures_before=now - 2 * settings.auth.lockout_max_delay,
+        login_failures_before=_cutoff(now, 2 * settings.auth.lockout_max_delay),
         batch_size=master.retention_batch_size,
     )
 

@@ -18,7 +18,7 @@ from typing import Literal, Protocol, TypeVar
 
 import anyio
 import attrs
-from sqlalchemy import Connection, Delete, Engine, Row, insert, select, update
+from sqlalchemy import Connection, Delete, Engine, Row, exists, insert, select, update
 
 from nxmesh.sql import tables
 from nxmesh.sql.prune import bounded_delete, delete_in_batches
@@ -128,9 +128,12 @@ class AuthStore(Protocol):
         """Delete refresh tokens and API tokens that expired before `before`; returns how
         many went per table (``auth_refresh_tokens``, ``auth_api_tokens``).
 
-        A token that has not expired stays, whatever else: a spent refresh token must
-        still be recognised as reused (its session is then revoked), a revoked one as
-        revoked. Revoked API tokens without an expiry stay (revocation has no time).
+        A token that has not expired stays, whatever else. A spent refresh token stays
+        as long as its session (`family`) has an unrevoked token not expired before
+        `before`: rotation gives each new token a fresh lifetime, so a session outlives
+        its old tokens, and replaying one of them must still be recognised as reuse
+        (which revokes the session). Revoked API tokens without an expiry stay
+        (revocation has no time).
         """
         ...
 
@@ -229,7 +232,12 @@ class MemoryAuthStore:
             self._api[token_id] = attrs.evolve(row, last_used_at=now)
 
     async def prune(self, before: float, *, batch_size: int = 1000) -> dict[str, int]:
-        refresh = [k for k, r in self._refresh.items() if r.expires_at < before]
+        live = {
+            r.family for r in self._refresh.values() if r.expires_at >= before and not r.revoked
+        }
+        refresh = [
+            k for k, r in self._refresh.items() if r.expires_at < before and r.family not in live
+        ]
         api = [
             k for k, r in self._api.items() if r.expires_at is not None and r.expires_at < before
         ]
@@ -393,8 +401,9 @@ class SqlAuthStore:
         await self._run(lambda c: c.execute(stmt), write=True)
 
     async def prune(self, before: float, *, batch_size: int = 1000) -> dict[str, int]:
-        """Delete tokens expired before `before` in batches of `batch_size` rows, one
-        short transaction each (`nxmesh.sql.prune`); idempotent across masters."""
+        """Delete tokens expired before `before` (refresh tokens only once their session
+        has ended too, see `AuthStore.prune`) in batches of `batch_size` rows, one short
+        transaction each (`nxmesh.sql.prune`); idempotent across masters."""
 
         async def execute(stmt: Delete) -> int:
             result = await self._run(lambda c: c.execute(stmt), write=True)
@@ -404,6 +413,15 @@ class SqlAuthStore:
         for table in (refresh_tokens, api_tokens):
             old = table.alias("old")
             picked = select(old.c.id).where(old.c.expires_at < before)
+            if table is refresh_tokens:
+                alive = refresh_tokens.alias("alive")
+                picked = picked.where(
+                    ~exists().where(
+                        alive.c.family == old.c.family,
+                        alive.c.expires_at >= before,
+                        alive.c.revoked.is_(False),
+                    )
+                )
             stmt = bounded_delete(table, picked, batch_size)
             counts[table.name] = await delete_in_batches(execute, stmt, batch_size)
         return counts

@@ -79,8 +79,8 @@ class NginxDriverContract:
     async def test_a_bundle_nginx_rejects_leaves_the_old_one_serving(
         self, driver: NginxDriver, bundle_for: BundleFor, fetch_body: FetchBody
     ) -> None:
-        """A bundle ``nginx -t`` refuses is reported ``failed`` with nginx's reason; the
-        previous bundle stays live and keeps serving."""
+        """A bundle ``nginx -t`` refuses is reported ``failed`` with nginx's reason (in
+        ``message`` or ``nginx_output``); the previous bundle stays live and serving."""
         update, good = _update(bundle_for, multi_site_state(_PLACEHOLDER_PORT, "contract-good"), 1)
         assert (await driver.apply(update, good)).outcome == "applied"
         update, bad = _update(bundle_for, multi_site_state(_PLACEHOLDER_PORT, "contract-bad"), 2)
@@ -91,7 +91,9 @@ class NginxDriverContract:
             PendingApply(version=2, digest=broken.digest, state=update.state), broken
         )
         assert report.outcome == "failed", report.message
-        assert "contract_unknown_directive" in report.message
+        # nginx's words may be in the message or in `nginx_output` (shown beside it).
+        said = f"{report.message}\n{report.nginx_output}"
+        assert "contract_unknown_directive" in said, said
         assert await driver.live_digest() == good.digest
         assert await fetch_body("localhost") == "contract-good"
 
