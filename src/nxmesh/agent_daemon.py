@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exc:
         print(f"Usage: nxmesh-agent [--config FILE] [OPTIONS]\nError: {exc}", file=sys.stderr)
         sys.exit(2)
+    if "agent" in args and ("--help" in args or "-h" in args):
+        # click's help below is the `nxmesh agent` command's: say how it maps here.
+        print(
+            "nxmesh-agent [--config FILE] [OPTIONS]: `nxmesh [--config FILE] agent [OPTIONS]`"
+            "\n  --config FILE  the settings file (TOML)\n"
+        )
     keep_rich_out()
     from nxmesh.cli import main as cli_main
 

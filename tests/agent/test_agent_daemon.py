@@ -54,6 +54,7 @@ def test_the_executable_is_nxmesh_agent_and_loads_no_rich() -> None:
     done = _run(code)
     assert done.returncode == 0, done.stderr
     assert "Run the NxMesh agent" in done.stdout
+    assert done.stdout.startswith("nxmesh-agent [--config FILE] [OPTIONS]")  # not only `agent`
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 

@@ -82,6 +82,9 @@ class TestLogin:
         result = cli("login", "--url", cli.master.url, "--api-token-stdin", input=token + "\n")
         assert result.exit_code == 0, result.output
         assert _stored(cli)["api_token"] == token
+        me = cli("whoami")
+        assert me.exit_code == 0, me.output
+        assert "token scopes: config:read" in me.output  # not just the owner's grants
         assert cli("versions", "list", "-w", "nothing-here").exit_code == 0
         # The token only reads: writing is forbidden (exit 3).
         assert cli("user", "list").exit_code == 3

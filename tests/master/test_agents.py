@@ -124,6 +124,13 @@ class TestWhy:
         assert why.reason == "not_selected"
         assert "follows the latest version (3)" in why.detail
 
+    def test_a_revoked_agent_is_revoked_even_on_the_version(self) -> None:
+        """A revoked agent still running the version is not counted as on it: it is out
+        of the fleet (rollout status leaves it out), whatever its nginx still serves."""
+        on_v2 = agent(status="revoked", running_version=2, running_digest=self.v2.digest)
+        why = explain(on_v2, self.v2, assignments=[], latest=2, status=status("applied"))
+        assert (why.reason, why.on_version) == ("revoked", False)
+
     @pytest.mark.parametrize(
         ("agent_status", "record", "reason", "detail"),
         [

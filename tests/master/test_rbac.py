@@ -207,6 +207,31 @@ class TestWorkspaceScopes:
         put = c.put("/api/v1/workspaces/default/state", json={}, headers=h)
         assert put.status_code == 403
 
+    def test_a_user_with_a_bound_role_is_created_through_the_api(
+        self, matrix_master: Master
+    ) -> None:
+        """``POST /users`` takes ``viewer@staging`` (as the docs and CLI promise); the user
+        then reads staging only. A malformed binding is a 422 naming the field."""
+        c = matrix_master.client
+        admin = matrix_master.headers("admin", subject="admin")
+        body = {"username": "wendy", "password": "wendy-password-1", "roles": ["viewer@staging"]}
+        created = c.post("/api/v1/users", json=body, headers=admin)
+        assert created.status_code == 201, created.text
+        assert created.json()["roles"] == ["viewer@staging"]
+        login = c.post(
+            "/api/v1/auth/login", json={"username": "wendy", "password": "wendy-password-1"}
+        )
+        assert login.status_code == 200, login.text
+        h = {"Authorization": f"Bearer {login.json()['access_token']}"}
+        assert c.get("/api/v1/workspaces/staging/state", headers=h).status_code == 200
+        assert c.get("/api/v1/workspaces/default/state", headers=h).status_code == 403
+        moved = c.patch("/api/v1/users/wendy", json={"roles": ["operator@prod"]}, headers=admin)
+        assert moved.status_code == 200, moved.text
+        for bad in ("viewer@Staging", "viewer@", "@staging", "viewer@a@b"):
+            refused = c.patch("/api/v1/users/wendy", json={"roles": [bad]}, headers=admin)
+            assert refused.status_code == 422, bad
+            assert refused.json()["errors"][0]["path"] == "roles[0]"
+
     def test_custom_role_pinned_grant(self, matrix_master: Master) -> None:
         """``agent:read@staging`` in a custom role lists only staging agents."""
         from nxmesh.core.model import Agent

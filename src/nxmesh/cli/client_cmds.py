@@ -181,6 +181,8 @@ def whoami_command(profile: str, as_json: bool) -> None:
             return
         click.echo(f"{me.subject} at {client.url} (roles: {', '.join(me.roles) or 'none'})")
         click.echo(f"grants: {', '.join(me.grants) or 'none'}")
+        if me.scopes:  # an API token: narrower than its owner's grants
+            click.echo(f"token scopes: {', '.join(me.scopes)} (only what both allow)")
 
 
 # ---------------------------------------------------------------------------------------

@@ -63,6 +63,8 @@ class Me:
     roles: list[str] = attrs.field(factory=list)
     authenticator: str = ""
     grants: list[str] = attrs.field(factory=list)
+    scopes: list[str] = attrs.field(factory=list)
+    """An API token's scopes: it may do only what both `grants` and these allow."""
     raw: dict[str, Any] = attrs.field(factory=dict, eq=False, repr=False)
 
 

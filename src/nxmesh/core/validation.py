@@ -423,6 +423,11 @@ TOKEN = TextRule(
     _rx(r"[A-Za-z0-9][A-Za-z0-9._:+/-]{0,127}"),
     max_len=128,
 )
+ROLE_BINDING = TextRule(
+    "a role like 'operator', or one bound to a workspace like 'viewer@staging'",
+    _rx(r"[a-z][a-z0-9_-]{0,62}(?:@[a-z0-9][a-z0-9_-]{0,62})?"),
+    max_len=127,
+)
 KEY_ID = TextRule(
     "a key id (letters, digits and ._:+-) or empty",
     _rx(r"[A-Za-z0-9._:+-]*"),

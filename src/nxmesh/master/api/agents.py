@@ -111,7 +111,7 @@ def explain(
     now: float | None = None,
 ) -> AgentWhy:
     """Why `agent` is (not) on `version`: the first reason that applies, in this order —
-    it is; it is revoked; no selector picks that version for it; its apply failed or was
+    it is revoked; it is on it; no selector picks that version for it; its apply failed or was
     rolled back (with nginx's message); it is offline; the apply is under way; pending."""
     number = version.number
     desired = desired_version(agent, assignments, latest)
@@ -129,10 +129,12 @@ def explain(
             status=status,
         )
 
-    if agent.running_version == number and agent.running_digest in (None, version.digest):
-        return why("current", f"the agent reports it runs version {number}", on=True)
+    # Revoked first: a revoked agent may still run the version, but it is out of the
+    # fleet and must not count towards (or complete) a rollout.
     if agent.status == "revoked":
         return why("revoked", "the agent's credentials were revoked; it gets no versions")
+    if agent.running_version == number and agent.running_digest in (None, version.digest):
+        return why("current", f"the agent reports it runs version {number}", on=True)
     if desired.version != number:
         if desired.assignment is not None:
             a = desired.assignment

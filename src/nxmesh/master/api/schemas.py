@@ -390,7 +390,7 @@ class UserCreate:
     username: str = attrs.field(validator=v.text(v.NAME))
     password: str = attrs.field(repr=False, validator=_secret(1024))
     roles: tuple[str, ...] = attrs.field(
-        default=("viewer",), validator=v.each(v.TOKEN, hi=32, noun="role")
+        default=("viewer",), validator=v.each(v.ROLE_BINDING, hi=32, noun="role")
     )
 
 
@@ -399,7 +399,7 @@ class UserUpdate:
     """Changes to a user; omitted fields stay as they are."""
 
     roles: tuple[str, ...] | None = attrs.field(
-        default=None, validator=_optional(v.each(v.TOKEN, hi=32, noun="role"))
+        default=None, validator=_optional(v.each(v.ROLE_BINDING, hi=32, noun="role"))
     )
     disabled: bool | None = None
     password: str | None = attrs.field(default=None, repr=False, validator=_optional(_secret(1024)))
