@@ -374,6 +374,12 @@ class AgentLink:
     # -- state ---------------------------------------------------------------------------
 
     @property
+    def pending_frames(self) -> int:
+        """Messages queued for the master and not yet on the stream (they wait out a
+        reconnect in the outbox)."""
+        return len(self._outbox)
+
+    @property
     def connected(self) -> bool:
         return self._crypto is not None
 

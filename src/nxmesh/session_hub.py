@@ -330,6 +330,11 @@ class MasterSessionHub:
         """Ids of the agents with an open session, sorted."""
         return sorted(self._sessions)
 
+    @property
+    def sending(self) -> bool:
+        """Whether anything is queued for, or being sent to, any connected agent."""
+        return any(s.update is not None or s.control or s.sending for s in self._sessions.values())
+
     def session(self, agent_id: str) -> SessionInfo | None:
         s = self._sessions.get(agent_id)
         if s is None:

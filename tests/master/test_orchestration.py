@@ -103,22 +103,19 @@ class Plane:
         nothing to reconcile or write, nor a reconcile or write under way."""
         bus = self.services.bus
         assert isinstance(bus, MemoryEventBus)
-        return self.delivered() and all(map(_drained, bus._subscribers)) and self.orchestrator.idle
+        return self.delivered() and bus.delivered and self.orchestrator.idle
 
     def delivered(self) -> bool:
         """At this instant, every frame either side sent was read and handled.
 
-        Every link has put what it queued on its stream (`AgentLink` keeps a frame in its
-        outbox until then: no public view of it); every frame on every stream, both ways,
-        was handled (`_drained`: the master's session loop hands a status to the
-        orchestrator before it reads the next frame); the hub has nothing queued or being
-        sent for any agent (private too)."""
+        Every link has put what it queued on its stream (`AgentLink.pending_frames`);
+        every frame on every stream, both ways, was handled (`_drained`: the master's
+        session loop hands a status to the orchestrator before it reads the next frame);
+        the hub has nothing queued or being sent for any agent (`sending`)."""
         return (
-            not any(link._outbox for link in self.links)
+            not any(link.pending_frames for link in self.links)
             and all(map(_drained, self.streams))
-            and not any(
-                s.update is not None or s.control or s.sending for s in self.hub._sessions.values()
-            )
+            and not self.hub.sending
         )
 
     async def statuses(self, agent_id: str) -> list[AgentStatus]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from nxmesh.core.events import Event
@@ -31,3 +32,32 @@ class TestSlowSubscriber:
             received = [e.payload["i"] async for e in events]
         assert received == [0, 1]
         await bus.aclose()
+
+
+class TestDelivered:
+    @pytest.mark.anyio
+    async def test_delivered_once_every_subscriber_took_every_event_and_waits(self) -> None:
+        """`delivered` is False while an event sits unread or its subscriber is busy, and
+        True once the subscriber waits for the next (what tests use instead of sleeping)."""
+        bus = MemoryEventBus()
+        taken: list[int] = []
+        handled = anyio.Event()
+        assert bus.delivered  # no subscriber
+        async with bus.subscribe() as events, anyio.create_task_group() as tg:
+
+            async def read() -> None:
+                async for event in events:
+                    taken.append(event.payload["i"])
+                    handled.set()
+
+            tg.start_soon(read)
+            await anyio.wait_all_tasks_blocked()  # the reader waits for the first event
+            assert bus.delivered
+            await bus.publish(Event(kind="tick", payload={"i": 1}))
+            assert not bus.delivered  # sitting in the buffer
+            await handled.wait()
+            with anyio.fail_after(5):
+                while not bus.delivered:
+                    await anyio.lowlevel.checkpoint()
+            assert taken == [1]
+            tg.cancel_scope.cancel()

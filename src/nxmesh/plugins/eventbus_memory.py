@@ -51,6 +51,18 @@ class MemoryEventBus:
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._subscribers.discard(send)
 
+    @property
+    def delivered(self) -> bool:
+        """Whether every subscriber has taken every event published so far and waits for
+        the next one (tests: the bus holds nothing in flight)."""
+        for send in self._subscribers:
+            stats = send.statistics()
+            if stats.open_receive_streams and (
+                stats.current_buffer_used or not stats.tasks_waiting_receive
+            ):
+                return False
+        return True
+
     @asynccontextmanager
     async def subscribe(self) -> AsyncIterator[AsyncIterator[Event]]:
         send, receive = anyio.create_memory_object_stream[Event](self._buffer)
