@@ -335,6 +335,12 @@ class MasterSessionHub:
         """Whether anything is queued for, or being sent to, any connected agent."""
         return any(s.update is not None or s.control or s.sending for s in self._sessions.values())
 
+    def running(self, agent_id: str) -> tuple[int | None, str | None] | None:
+        """The (version, digest) the agent last reported running, None without a session:
+        `session` without building a snapshot (a reconcile asks for every agent)."""
+        s = self._sessions.get(agent_id)
+        return None if s is None else (s.running_version, s.running_digest)
+
     def session(self, agent_id: str) -> SessionInfo | None:
         s = self._sessions.get(agent_id)
         if s is None:

@@ -22,7 +22,7 @@ from nxmesh.config.versions import new_version
 from nxmesh.core.events import Event
 from nxmesh.core.model import Agent, ConfigVersion, DesiredState, HealthReport, LabelSelector
 from nxmesh.core.pluginmanager import NxMeshPluginManager
-from nxmesh.core.protocol import ConfigStatus, ConfigUpdate
+from nxmesh.core.protocol import ConfigStatus, ConfigUpdate, Heartbeat
 from nxmesh.core.records import AgentStatus, Assignment, StorageError
 from nxmesh.crypto.signing import VerifyKey
 from nxmesh.master.app import MasterServices, open_services
@@ -280,6 +280,41 @@ class TestPushes:
             await held.wait()  # the pass took its snapshot: the agent runs nothing yet
             answer(link, update)
             while not plane.delivered():
+                await anyio.lowlevel.checkpoint()
+        resume.set()
+        await plane.settle()
+        assert len(link.updates) == 0
+        assert plane.services.metrics.pushes.labels(outcome="sent")._value.get() == 1
+
+    async def test_heartbeat_during_a_reconcile_is_not_answered_with_a_push(
+        self, plane: Plane, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """The same race with a heartbeat: an agent that reports (without a status, as
+        after a restart on its cache) that it runs the version while a pass reads
+        storage is not sent the version again."""
+        link = await plane.agent("a")
+        version = await plane.commit("one")
+        await next_update(link)  # sent; the agent does not answer
+        await plane.settle()
+        storage, held, resume = plane.services.storage, anyio.Event(), anyio.Event()
+        list_assignments = storage.list_assignments
+
+        async def paused(workspace: str) -> list[Assignment]:
+            held.set()
+            await resume.wait()
+            return await list_assignments(workspace)
+
+        monkeypatch.setattr(storage, "list_assignments", paused)
+        # Forget the push (as after a master restart) so that only the snapshot decides.
+        assert link.agent_id is not None
+        plane.orchestrator._inflight.pop(link.agent_id, None)
+        await plane.orchestrator.assignments_changed("default")
+        with anyio.fail_after(10):  # bounds, not timing checks
+            await held.wait()  # the pass took its snapshot: the agent runs nothing yet
+            # What `AgentLink` sends every heartbeat interval, sent now. The hub takes the
+            # running version from it, then resyncs through the paused storage too.
+            link._queue(Heartbeat(running_version=version.number, running_digest=version.digest))
+            while plane.hub.running(link.agent_id) != (version.number, version.digest):
                 await anyio.lowlevel.checkpoint()
         resume.set()
         await plane.settle()

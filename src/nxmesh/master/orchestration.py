@@ -153,9 +153,6 @@ class RolloutOrchestrator:
         self._inflight: dict[str, tuple[int, str]] = {}
         self._failed: dict[str, tuple[int, str]] = {}
         """Per agent: the version it refused last (not pushed again until another one)."""
-        self._finals = 0
-        """Final statuses handled so far: a reconcile pass re-checks an agent before offering
-        it a version when one came in since its snapshot of the sessions (see `reconcile`)."""
         self._reconciling = False
         self._announce_failing = False  # the bus refused the last announcement
         self._traces: OrderedDict[tuple[str, int], dict[str, str]] = OrderedDict()
@@ -342,7 +339,6 @@ class RolloutOrchestrator:
         sessions = hub.sessions(workspace)
         if not sessions:
             return []
-        finals = self._finals
         latest = await self.storage.latest_version(workspace)
         if latest is None:
             return []
@@ -368,17 +364,17 @@ class RolloutOrchestrator:
             if certificates and version.number not in uses:
                 uses[version.number] = _uses_certificates(version.state, certificates)
             recert = uses.get(version.number, False)
-            if not self._due(info, target, recert):
+            running = (info.running_version, info.running_digest)
+            if not self._due(info.agent_id, running, target, recert):
                 continue
             trace = self._traces.get((workspace, version.number))
             material = await self.material_for(version)
-            if self._finals != finals:
-                # An answer came in while this pass awaited storage: `sessions` may predate
-                # it, and an agent that just applied `target` would get it again (seen in
-                # trio runs of tests/master/test_orchestration.py).
-                live = hub.session(info.agent_id)
-                if live is None or not self._due(live, target, recert):
-                    continue
+            # `sessions` was taken before this pass awaited storage; an agent may have
+            # reported meanwhile (a status, a heartbeat) that it runs `target` now, and
+            # would get it again (seen in trio runs of tests/master/test_orchestration.py).
+            live = hub.running(info.agent_id)
+            if live is None or not self._due(info.agent_id, live, target, recert):
+                continue
             if hub.offer(info.agent_id, version, trace=trace, material=material):
                 self._inflight[info.agent_id] = target
                 offered.append(info.agent_id)
@@ -386,15 +382,21 @@ class RolloutOrchestrator:
             log.info("rollout", workspace=workspace, version=latest.number, agents=len(offered))
         return offered
 
-    def _due(self, info: SessionInfo, target: tuple[int, str], recert: bool) -> bool:
-        """Whether to offer `target` (version, digest) to `info`'s agent: it runs another,
-        was not sent it yet and did not refuse it — or its certificates changed."""
+    def _due(
+        self,
+        agent_id: str,
+        running: tuple[int | None, str | None],
+        target: tuple[int, str],
+        recert: bool,
+    ) -> bool:
+        """Whether to offer `target` (version, digest) to the agent: it runs another
+        (`running`), was not sent it yet and did not refuse it — or its certificates
+        changed."""
         if recert:
             return True
-        running = (info.running_version, info.running_digest)
         return running != target and target not in (
-            self._inflight.get(info.agent_id),
-            self._failed.get(info.agent_id),
+            self._inflight.get(agent_id),
+            self._failed.get(agent_id),
         )
 
     def _session_agent(self, info: SessionInfo) -> Agent:
@@ -446,7 +448,6 @@ class RolloutOrchestrator:
 
     def _on_status(self, agent_id: str, status: ConfigStatus) -> None:
         if status.final:
-            self._finals += 1
             if self._inflight.get(agent_id, (status.version, status.digest))[0] == status.version:
                 self._inflight.pop(agent_id, None)
             if status.phase in ("applied", "noop"):
