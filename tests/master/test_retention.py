@@ -36,8 +36,9 @@ from nxmesh.master.retention import (
     LOCK_NAME,
     RetentionJob,
     retention_policy,
+    run_retention,
 )
-from nxmesh.master.server import MASTER_SERVICES, run_master
+from nxmesh.master.server import DEFAULT_COMPONENTS, MASTER_SERVICES, run_master
 from nxmesh.plugins.storage_sqlite import SqliteStorage
 
 from .conftest import make_settings
@@ -512,7 +513,9 @@ class TestInTheMaster:
 
         async def main(runtime: Runtime) -> None:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(run_master, runtime, ())
+                # Retention alone of the default components (no agent plane needed here).
+                assert run_retention in DEFAULT_COMPONENTS
+                tg.start_soon(run_master, runtime, (run_retention,))
                 with anyio.fail_after(30):  # a bound for slow machines, not a timing check
                     await done.wait()
                 services = runtime.stash[MASTER_SERVICES]

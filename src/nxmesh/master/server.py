@@ -6,11 +6,11 @@ hypercorn's worker for the current event loop on it. Cancellation triggers hyper
 graceful shutdown: the listener closes, requests in flight get `graceful_timeout`
 seconds, then the app's lifespan ends.
 
-`run_master` is ``nxmesh master``: it opens the services, starts the event dispatcher,
-the API and the retention job (`nxmesh.master.retention`) inside the core runtime's task
-group, then the `components` (``main``
+`run_master` is ``nxmesh master``: it opens the services, starts the event dispatcher
+and the API inside the core runtime's task group, then the `components` (``main``
 passes `DEFAULT_COMPONENTS`: the agent plane — session hub, rollout orchestrator and the
-agent transports, `nxmesh.master.agent_plane`), and runs until SIGINT/SIGTERM. The API
+agent transports, `nxmesh.master.agent_plane` — and the retention job,
+`nxmesh.master.retention`), and runs until SIGINT/SIGTERM. The API
 listener also carries the agents' WebSocket transport (``master.websocket_path``).
 """
 
@@ -34,6 +34,7 @@ from hypercorn.config import Config
 from nxmesh.core.runtime import Runtime, StashKey, run
 from nxmesh.core.settings import Settings, load_settings
 from nxmesh.master.app import MasterServices, build_app, open_services
+from nxmesh.master.retention import run_retention
 from nxmesh.netaddr import host_port
 from nxmesh.tls import limit_tls_read_buffer
 from nxmesh.transports import api_tls_files
@@ -66,9 +67,10 @@ async def _agent_plane(services: MasterServices, *, task_status: anyio.abc.TaskS
     await run_agent_plane(services, task_status=task_status)
 
 
-DEFAULT_COMPONENTS: tuple[MasterComponent, ...] = (_agent_plane,)
+DEFAULT_COMPONENTS: tuple[MasterComponent, ...] = (_agent_plane, run_retention)
 """What ``nxmesh master`` starts after the API, in order: the agent plane (session hub,
-rollout orchestrator, agent transports)."""
+rollout orchestrator, agent transports) and the retention job. An application composing
+its own master keeps them by passing ``(*DEFAULT_COMPONENTS, mine)``."""
 
 GRACEFUL_TIMEOUT: Final = 10.0
 
@@ -183,9 +185,8 @@ async def serve_api(
 async def run_master(
     runtime: Runtime, components: Sequence[MasterComponent] = DEFAULT_COMPONENTS
 ) -> None:
-    """The master's main: services, event dispatch, API, the retention job and
-    `components`, until shutdown (the garbage collector tuned for many sessions first,
-    `tune_gc`).
+    """The master's main: services, event dispatch, API and `components`, until shutdown
+    (the garbage collector tuned for many sessions first, `tune_gc`).
 
     Each component is started with ``await task_group.start(component, services)`` once
     the API serves, so it may rely on everything in `MasterServices`.
@@ -203,9 +204,6 @@ async def run_master(
         tls = await anyio.to_thread.run_sync(api_tls_files, settings)
         address = await tg.start(_serve_named, app, settings, tls)
         services.stash[API_ADDRESS] = address
-        from nxmesh.master.retention import run_retention
-
-        await tg.start(run_retention, services)
         for component in components:
             await tg.start(component, services)
         url = f"{'https' if tls else 'http'}://{address}"
