@@ -135,6 +135,24 @@ def answer(link: AgentLink, update: ConfigUpdate, phase: str = "applied", **extr
     )
 
 
+def hold_assignment_reads(
+    plane: Plane, monkeypatch: pytest.MonkeyPatch
+) -> tuple[anyio.Event, anyio.Event]:
+    """Make the next ``list_assignments`` (a reconcile pass reads it after taking its
+    snapshot of the sessions) wait: the first event is set once a read waits, setting
+    the second lets it go on."""
+    storage, held, resume = plane.services.storage, anyio.Event(), anyio.Event()
+    list_assignments = storage.list_assignments
+
+    async def paused(workspace: str) -> list[Assignment]:
+        held.set()
+        await resume.wait()
+        return await list_assignments(workspace)
+
+    monkeypatch.setattr(storage, "list_assignments", paused)
+    return held, resume
+
+
 @pytest.fixture
 def reconcile_interval() -> float:
     return RECONCILE_INTERVAL
@@ -266,15 +284,7 @@ class TestPushes:
         await plane.commit("one")
         update = await next_update(link)
         await plane.settle()
-        storage, held, resume = plane.services.storage, anyio.Event(), anyio.Event()
-        list_assignments = storage.list_assignments
-
-        async def paused(workspace: str) -> list[Assignment]:
-            held.set()
-            await resume.wait()
-            return await list_assignments(workspace)
-
-        monkeypatch.setattr(storage, "list_assignments", paused)
+        held, resume = hold_assignment_reads(plane, monkeypatch)
         await plane.orchestrator.assignments_changed("default")
         with anyio.fail_after(10):  # bounds, not timing checks
             await held.wait()  # the pass took its snapshot: the agent runs nothing yet
@@ -296,15 +306,7 @@ class TestPushes:
         version = await plane.commit("one")
         await next_update(link)  # sent; the agent does not answer
         await plane.settle()
-        storage, held, resume = plane.services.storage, anyio.Event(), anyio.Event()
-        list_assignments = storage.list_assignments
-
-        async def paused(workspace: str) -> list[Assignment]:
-            held.set()
-            await resume.wait()
-            return await list_assignments(workspace)
-
-        monkeypatch.setattr(storage, "list_assignments", paused)
+        held, resume = hold_assignment_reads(plane, monkeypatch)
         # Forget the push (as after a master restart) so that only the snapshot decides.
         assert link.agent_id is not None
         plane.orchestrator._inflight.pop(link.agent_id, None)
