@@ -79,6 +79,7 @@ __all__ = [
     "build_chain",
     "follow_bus",
     "open_services",
+    "rewrap_all",
     "rewrap_secrets",
     "shown_url",
 ]
@@ -291,8 +292,13 @@ async def open_services(
     *,
     orchestrator: Orchestrator | None = None,
     clock: Callable[[], float] = time.time,
+    rewrap: bool = True,
 ) -> AsyncIterator[MasterServices]:
     """Compose and open the master's services; close them (shielded) on exit.
+
+    With previous master keys configured, stored secrets still under one are re-encrypted
+    before the services are handed out (`rewrap_secrets`), unless `rewrap` is false
+    (``nxmesh master rewrap-secrets`` does it itself, to report and fail loudly).
 
     :raises ConfigurationError: an unknown storage or bus scheme, authenticator or role.
     :raises SecretError: an unreadable or unsafe key file.
@@ -371,7 +377,7 @@ async def open_services(
         )
         auth.chain = build_chain(services)
         await ensure_initial_admin(services)
-        if len(keyring.key_ids) > 1:
+        if rewrap and len(keyring.key_ids) > 1:
             await rewrap_secrets(services)
         log.info(
             "master services ready",
@@ -384,20 +390,16 @@ async def open_services(
 
 
 async def rewrap_secrets(services: MasterServices) -> int:
-    """Re-encrypt what is still under a previous master key with the current one: the
-    stored secrets (`StorageBackend.rewrap_secrets`) and the ACME account keys. Runs
-    at every start with previous keys configured (the signing and API token keys are
-    re-encrypted as they load); returns how many secrets moved.
+    """Re-encrypt what is still under a previous master key with the current one
+    (`rewrap_all`). Runs at every start with previous keys configured (the signing and
+    API token keys are re-encrypted as they load); returns how many secrets moved.
 
     A failure is logged, not raised: the master still works (the previous keys still
     read what is left), and the next start tries again.
     """
     keyring = services.keyring
     try:
-        moved = await services.storage.rewrap_secrets()
-        moved += await anyio.to_thread.run_sync(
-            _rewrap_acme_account_keys, services.settings, keyring
-        )
+        moved = await rewrap_all(services)
     except Exception as exc:  # e.g. a token under a key that is not in the ring
         log.error("stored secrets not re-encrypted under the current master key; "  # noqa: TRY400
                   "keep the previous master keys configured",
@@ -409,6 +411,17 @@ async def rewrap_secrets(services: MasterServices) -> int:
         master_key_id=keyring.key_id,
         previous_key_ids=list(keyring.key_ids[1:]),
         rewrapped=moved,
+    )
+    return moved
+
+
+async def rewrap_all(services: MasterServices) -> int:
+    """Re-encrypt the stored secrets (`StorageBackend.rewrap_secrets`) and the ACME
+    account keys still under a previous master key; returns how many moved. Raises what
+    fails (`rewrap_secrets` is the forgiving form the master runs at start)."""
+    moved = await services.storage.rewrap_secrets()
+    moved += await anyio.to_thread.run_sync(
+        _rewrap_acme_account_keys, services.settings, services.keyring
     )
     return moved
 
