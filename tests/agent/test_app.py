@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import pytest
 
 from nxmesh.agent.app import AgentApp, choose_mode, run_agent
@@ -383,6 +384,36 @@ class TestLinkFailures:
             assert len(app.events.events("master.rejected")) == 1
             assert await agent_env.body() == "revoked"
             tg.cancel_scope.cancel()
+
+    async def test_an_nxmesh_error_is_logged_without_a_traceback_and_retried(
+        self, agent_env: AgentEnv
+    ) -> None:
+        """An unsafe credentials file (an `NxMeshError` whose message says how to fix it)
+        is logged as that message on each try, not a traceback, and the link keeps
+        retrying: the operator may fix it while the agent runs."""
+        from structlog.testing import capture_logs
+
+        from nxmesh.crypto.secrets import SecretError
+
+        await _serve_state_file_once(agent_env, "unsafe")
+
+        class Unsafe(_Link):
+            async def run(
+                self, session: AgentSession, *, task_status: anyio.abc.TaskStatus[None]
+            ) -> None:
+                raise SecretError("credentials file is readable by others; chmod 600 it")
+
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                app: AgentApp = await tg.start(agent_env.build(link=Unsafe()).run)
+                with anyio.fail_after(10):  # a bound: retries come after the short backoff
+                    while len(app.events.events("master.error")) < 2:
+                        await anyio.lowlevel.checkpoint()
+                tg.cancel_scope.cancel()
+        failed = [e for e in logs if e["event"] == "master link failed"]
+        assert len(failed) >= 2
+        assert all(e["log_level"] == "error" and "exc_info" not in e for e in failed)
+        assert "chmod 600" in failed[0]["reason"]
 
 
 class TestSignatures:

@@ -142,3 +142,13 @@ class TestPrune:
         done = nxmesh(state, "prune", NXMESH_MASTER__AUDIT_RETENTION_DAYS="-1")
         assert done.exit_code != 0
         assert "audit_retention_days" in done.output
+
+
+@pytest.mark.parametrize("job", ["prune", "rewrap-secrets"])
+def test_a_state_dir_without_a_master_is_refused(tmp_path: Path, job: str) -> None:
+    """A mistyped --state-dir must not quietly create a new master (keys, an admin)."""
+    empty = tmp_path / "typo"
+    done = nxmesh(empty, job)
+    assert done.exit_code == 1
+    assert "no master has run with state_dir" in done.output
+    assert not empty.exists()

@@ -507,7 +507,13 @@ class AgentApp:
                         if rejected:
                             self.events.record("master.rejected", reason=reason)
                         else:
-                            log.exception("master link failed", reason=reason)
+                            # NxMesh's own errors say what is wrong (an unsafe credentials
+                            # file...): the message, not a traceback on every retry. The
+                            # retry stays: the operator may fix it while the agent runs.
+                            if all(isinstance(e, NxMeshError) for e in group.exceptions):
+                                log.error("master link failed", reason=reason, retry_in=delay)  # noqa: TRY400
+                            else:
+                                log.exception("master link failed", reason=reason)
                             self.events.record("master.error", reason=reason, retry_in=delay)
                     self.island = True
                     if rejected:

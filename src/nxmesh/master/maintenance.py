@@ -15,7 +15,9 @@ from collections.abc import Mapping
 import attrs
 import pluggy
 
+from nxmesh.core.errors import ConfigurationError
 from nxmesh.core.settings import Settings
+from nxmesh.crypto.signing import SIGNING_KEY_FILE
 from nxmesh.master.app import open_services, rewrap_all
 from nxmesh.master.retention import RetentionJob
 
@@ -31,10 +33,22 @@ class Rewrapped:
     previous: tuple[str, ...]
 
 
+def _require_a_master(settings: Settings) -> None:
+    """Refuse a state dir no master has started in: opening the services there would
+    create a new master (keys, an admin), and a mistyped ``--state-dir`` would go
+    unnoticed."""
+    if not (settings.state_dir / SIGNING_KEY_FILE).exists():
+        raise ConfigurationError(
+            f"no master has run with state_dir {settings.state_dir} (it holds no "
+            f"{SIGNING_KEY_FILE}); check --state-dir or the settings file"
+        )
+
+
 async def rewrap_once(pm: pluggy.PluginManager, settings: Settings) -> Rewrapped:
     """Re-encrypt every stored secret and ACME account key still under a previous master
     key (`nxmesh.master.app.rewrap_all`; the signing and API token key files are
     re-encrypted as they load). Raises what fails: the keys stay as they were."""
+    _require_a_master(settings)
     async with open_services(pm, settings, rewrap=False) as services:
         moved = await rewrap_all(services)
         keyring = services.keyring
@@ -44,6 +58,7 @@ async def rewrap_once(pm: pluggy.PluginManager, settings: Settings) -> Rewrapped
 async def prune_once(pm: pluggy.PluginManager, settings: Settings) -> Mapping[str, int] | None:
     """One retention pass (`nxmesh.master.retention`): rows deleted per table, or None
     when another master holds the retention lock. Raises what fails."""
+    _require_a_master(settings)
     async with open_services(pm, settings) as services:
         job = RetentionJob(services.storage, services.auth.store, settings)
         return await job.run_once()
