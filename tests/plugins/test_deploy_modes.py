@@ -138,18 +138,6 @@ class TestStandaloneSupervised:
 
         assert psutil.Process(pid).ppid() == os.getpid()
 
-    async def test_reload_signal_starts_a_new_generation(self, applied: NginxStack) -> None:
-        """signal_nginx('reload') makes the master replace its workers."""
-        import anyio
-
-        pid = await applied.mode.nginx_pid()
-        assert pid is not None
-        before = set(worker_pids(pid))
-        await applied.mode.signal_nginx("reload")
-        with anyio.fail_after(10):
-            while not (set(worker_pids(pid)) - before):
-                await anyio.sleep(0.02)
-
     async def test_aclose_stops_the_child(self, applied: NginxStack) -> None:
         """Closing the mode stops a supervised nginx (stop_on_exit)."""
         pid = await applied.mode.nginx_pid()
@@ -210,6 +198,45 @@ class TestStandaloneSupervised:
         mode = StandaloneMode(NginxLayout.for_prefix(tmp_path))
         with pytest.raises(NxMeshError, match="nothing applied yet"):
             await mode.start_nginx()
+
+
+@pytest.mark.anyio
+@pytest.mark.nginx
+class TestMasterKilled:
+    """The nginx master dies outright (SIGKILL, the OOM killer): its workers live on,
+    holding the listening sockets and serving the old configuration."""
+
+    supervise = True
+
+    async def test_start_stops_the_orphaned_workers_and_serves_again(
+        self, served_stack: NginxStack
+    ) -> None:
+        import anyio
+        import anyio.lowlevel
+
+        from nxmesh.agent.process import orphaned_workers
+
+        mode = served_stack.mode
+        master = await mode.nginx_pid()
+        assert master is not None
+        workers = list(worker_pids(master))
+        assert workers
+        os.kill(master, signal.SIGKILL)
+        with anyio.fail_after(10):  # a bound, not a timing check
+            while pid_alive(master):  # a zombie counts as gone
+                await anyio.lowlevel.checkpoint()
+        assert {p.pid for p in orphaned_workers(master)} == set(workers)
+        assert await served_stack.body() == "live"  # the orphans still answer
+        await mode.start_nginx()
+        restarted = await mode.nginx_pid()
+        assert restarted is not None
+        assert restarted != master
+        assert not any(pid_alive(p) for p in workers)
+        assert await served_stack.body() == "live"  # the new master serves the live tree
+
+
+class TestMasterKilledAttached(TestMasterKilled):
+    supervise = False
 
 
 @pytest.mark.anyio

@@ -8,6 +8,7 @@ workers finish their requests), ``reopen`` → SIGUSR1 (log files), ``quit`` →
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -25,11 +26,13 @@ __all__ = [
     "WorkerSet",
     "is_nginx",
     "nginx_environment",
+    "orphaned_workers",
     "pid_alive",
     "process_clock",
     "read_pid_file",
     "send_signal",
     "signal_number",
+    "stop_orphaned_workers",
     "worker_pids",
     "worker_started",
 ]
@@ -167,3 +170,50 @@ def worker_pids(master_pid: int) -> dict[int, bool]:
         if "worker process" in cmdline:
             found[child.pid] = "shutting down" not in cmdline
     return found
+
+
+def orphaned_workers(master_pid: int) -> list[psutil.Process]:
+    """The nginx processes left behind by master `master_pid` after it died (SIGKILL, the
+    OOM killer): its workers (and cache processes) outlive it, still holding its
+    listening sockets, so a new master cannot bind them and they keep serving the old
+    configuration. They are found by their process group, which is the dead master's pid
+    (a master leads its own group, daemon or supervised; its children inherit it), and
+    only while that master is gone; a process of the group that is not nginx is left
+    alone (the pid may have been reused)."""
+    if pid_alive(master_pid):
+        return []
+    found = []
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        try:
+            if os.getpgid(proc.pid) != master_pid or proc.pid == master_pid:
+                continue
+        except OSError:
+            continue
+        title = " ".join(proc.info["cmdline"] or ())
+        if "nginx" in (proc.info["name"] or "") and title.startswith("nginx: "):
+            found.append(proc)
+    return found
+
+
+def stop_orphaned_workers(pid_file: Path, *, timeout: float = 5.0) -> list[int]:
+    """Stop what `orphaned_workers` finds for the (dead) master named in `pid_file`:
+    SIGQUIT (they close the listening sockets at once and finish their requests), then
+    SIGKILL what is left after `timeout` seconds. Returns their pids. Blocking: run it
+    in a thread."""
+    try:
+        master = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return []
+    if master <= 0:
+        return []
+    orphans = orphaned_workers(master)
+    for sig in (signal.SIGQUIT, signal.SIGKILL):
+        alive = [proc for proc in orphans if pid_alive(proc.pid)]
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):  # exited meanwhile
+                proc.send_signal(sig)
+        # A zombie holds no socket: gone enough (whoever adopted it reaps it when it likes).
+        deadline = time.monotonic() + timeout
+        while any(pid_alive(proc.pid) for proc in alive) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return [proc.pid for proc in orphans]

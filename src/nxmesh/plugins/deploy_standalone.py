@@ -47,6 +47,7 @@ from nxmesh.agent.process import (
     pid_alive,
     read_pid_file,
     send_signal,
+    stop_orphaned_workers,
 )
 
 if TYPE_CHECKING:
@@ -137,6 +138,11 @@ class StandaloneMode:
             raise NxMeshError(
                 f"cannot start nginx: {self.layout.conf_file} does not exist (nothing applied yet)"
             )
+        # A master killed outright (SIGKILL, the OOM killer) leaves its workers holding
+        # the listening sockets: the new master could not bind them.
+        stopped = await anyio.to_thread.run_sync(stop_orphaned_workers, self.pid_file)
+        if stopped:
+            log.warning("stopped the workers of an nginx master that died", pids=stopped)
         try:
             await anyio.to_thread.run_sync(self.layout.ensure_runtime_dirs)
             if self.settings.supervise:
