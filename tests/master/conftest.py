@@ -20,6 +20,8 @@ from nxmesh.core.settings import Settings, load_settings
 from nxmesh.master.app import MasterServices, build_app
 from nxmesh.testing.services import missing_service
 
+from .tcpproxy import TcpProxy
+
 T = TypeVar("T")
 
 # Cheap argon2 costs: these tests hash hundreds of passwords; production keeps RFC 9106's.
@@ -160,3 +162,13 @@ def pg_plugin_manager(make_plugin_manager: Callable[..., NxMeshPluginManager]) -
     from nxmesh_storage_postgres import plugin
 
     return make_plugin_manager(plugin)
+
+
+@pytest.fixture
+def postgres_proxy() -> Iterator[TcpProxy]:
+    """A TCP proxy in front of the real PostgreSQL (127.0.0.1:5432) that a test can cut
+    (`TcpProxy.stop`) and restore (`start`): a database outage without stopping it."""
+    proxy = TcpProxy(("127.0.0.1", 5432))
+    proxy.start()
+    yield proxy
+    proxy.stop()

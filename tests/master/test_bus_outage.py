@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,14 +34,6 @@ from .tcpproxy import TcpProxy
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
 CONNECT_TIMEOUT = 1
-
-
-@pytest.fixture
-def proxy() -> Iterator[TcpProxy]:
-    proxy = TcpProxy(("127.0.0.1", 5432))
-    proxy.start()
-    yield proxy
-    proxy.stop()
 
 
 class Hooks:
@@ -118,7 +110,7 @@ async def _update(link: AgentLink, number: int) -> ConfigUpdate:
 async def test_master_survives_a_bus_outage_and_pushes_what_it_missed(
     pg_plugin_manager: Any,
     pg_database: str,
-    proxy: TcpProxy,
+    postgres_proxy: TcpProxy,
     tmp_path: Path,
     template_state: Path,
     make_plugin_manager: Any,
@@ -127,7 +119,7 @@ async def test_master_survives_a_bus_outage_and_pushes_what_it_missed(
 
     hooks = Hooks()
     pm_a = make_plugin_manager(plugin, hooks)
-    via_proxy = make_url(pg_database).set(host="127.0.0.1", port=proxy.port)
+    via_proxy = make_url(pg_database).set(host="127.0.0.1", port=postgres_proxy.port)
     # The same keys on both masters (one fleet): copies of one state directory.
     for name in ("a", "b"):
         shutil.copytree(template_state, tmp_path / name)
@@ -175,13 +167,13 @@ async def test_master_survives_a_bus_outage_and_pushes_what_it_missed(
         assert await _commit(a, 18001) == 1
         await _update(link, 1)
 
-        proxy.stop()
+        postgres_proxy.stop()
         # Both subscribers (orchestrator, event hooks) find the bus down, more than once:
         # each failed attempt waited connect_timeout for the listener.
         with anyio.fail_after(60):
             await failures.wait_for(4)
         assert await _commit(b, 18002) == 2  # announced while A is not listening
-        proxy.start()
+        postgres_proxy.start()
 
         await _update(link, 2)
         # The event hooks follow the bus again too.

@@ -43,19 +43,11 @@ def assert_unavailable(response: Any) -> None:
 
 
 @pytest.fixture
-def proxy() -> Iterator[TcpProxy]:
-    proxy = TcpProxy(("127.0.0.1", 5432))
-    proxy.start()
-    yield proxy
-    proxy.stop()
-
-
-@pytest.fixture
 def pg_master(
-    pg_plugin_manager: Any, pg_database: str, proxy: TcpProxy, tmp_path: Path
+    pg_plugin_manager: Any, pg_database: str, postgres_proxy: TcpProxy, tmp_path: Path
 ) -> Iterator[Master]:
-    """A master whose PostgreSQL is reached through `proxy`."""
-    url = make_url(pg_database).set(host="127.0.0.1", port=proxy.port)
+    """A master whose PostgreSQL is reached through `postgres_proxy`."""
+    url = make_url(pg_database).set(host="127.0.0.1", port=postgres_proxy.port)
     settings = make_settings(
         pg_plugin_manager,
         tmp_path / "state",
@@ -69,7 +61,7 @@ def pg_master(
 @pytest.mark.postgres
 class TestPostgresDown:
     def test_reads_and_writes_answer_503_then_recover(
-        self, pg_master: Master, proxy: TcpProxy, pg_database: str
+        self, pg_master: Master, postgres_proxy: TcpProxy, pg_database: str
     ) -> None:
         """While the database is unreachable every request that needs it is a 503 with
         Retry-After (not a 500); the failed write left nothing behind; once the database
@@ -83,7 +75,7 @@ class TestPostgresDown:
         assert made.status_code == 201, made.text
         api_token = {"Authorization": f"Bearer {made.json()['token']}"}
 
-        proxy.stop()
+        postgres_proxy.stop()
         # Authenticating an API token reads the database too.
         assert_unavailable(c.get(VERSIONS, headers=api_token))
         assert_unavailable(c.get(VERSIONS, headers=admin))
@@ -100,7 +92,7 @@ class TestPostgresDown:
             engine.dispose()
         assert count == 1
 
-        proxy.start()
+        postgres_proxy.start()
         assert c.get(VERSIONS, headers=admin).json() == before
         created = c.put(STATE, json=_state(9090), headers=admin)
         assert created.status_code == 200, created.text
