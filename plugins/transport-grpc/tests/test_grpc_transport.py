@@ -40,6 +40,7 @@ from nxmesh_transport_grpc.transport import (
     _read_frame,
     _WireFrame,
     lean_data_frame_repr,
+    lean_frame_flags,
     wire_frame,
 )
 
@@ -353,6 +354,42 @@ class TestGrpcSpecifics:
         for frame in (built, received):
             assert frame._body_repr._nxmesh_lean  # type: ignore[attr-defined]
             assert frame._body_repr() == H2Frame._body_repr(frame)  # hyperframe's own
+
+    def test_lean_frame_flags_keep_hyperframes_behaviour(self) -> None:
+        """With `lean_frame_flags`, frames of every class parse, build and refuse flags as
+        hyperframe's own `Flags` does; only the valid-name set is shared per class."""
+        from hyperframe.flags import Flag, Flags
+        from hyperframe.frame import FRAMES, DataFrame, Frame, SettingsFrame
+
+        assert GrpcSettings().lean_frame_flags
+        assert lean_frame_flags()
+        assert lean_frame_flags()  # idempotent
+        for frame_class in FRAMES.values():
+            names = {flag.name for flag in frame_class.defined_flags}
+            first, second = Flags(frame_class.defined_flags), Flags(frame_class.defined_flags)
+            assert first._valid_flags == names
+            assert first._valid_flags is second._valid_flags  # built once per class
+            for name in names:
+                first.add(name)
+            assert set(first) == names
+            assert not second  # the flags themselves are the frame's own
+            with pytest.raises(ValueError, match="Unexpected flag: BOGUS"):
+                first.add("BOGUS")
+        built = DataFrame(3, b"body", flags=["END_STREAM"])
+        received, _ = Frame.parse_frame_header(memoryview(built.serialize()[:9]))
+        received.parse_body(memoryview(built.serialize()[9:]))
+        assert isinstance(received, DataFrame)
+        assert set(received.flags) == {"END_STREAM"}
+        assert received.data == b"body"
+        ack = SettingsFrame(0, flags=["ACK"])
+        with pytest.raises(ValueError, match="Unexpected flag: END_STREAM"):
+            ack.flags.add("END_STREAM")
+        # A flag list hyperframe does not define still gets a set of its own.
+        own = Flags([Flag("X", 0x1)])
+        own.add("X")
+        assert set(own) == {"X"}
+        with pytest.raises(ValueError, match="Unexpected flag: ACK"):
+            own.add("ACK")
 
     def test_server_context_creates_a_ca_once(self, tmp_path: Path) -> None:
         """With TLS on and no files, the master creates its CA on first start and reuses it."""

@@ -47,6 +47,10 @@ class GrpcSettings:
     # the same text from the bytes it shows (`lean_data_frame_repr`; hyperframe internals,
     # version bounded in pyproject.toml); false leaves hyperframe untouched.
     lean_frame_repr: bool = True
+    # Master and agent: hyperframe builds each frame's set of valid flag names anew for
+    # every frame. True shares one frozen set per frame class (`lean_frame_flags`;
+    # hyperframe internals, version bounded in pyproject.toml); false leaves it untouched.
+    lean_frame_flags: bool = True
     # Agent: read each received frame straight out of grpclib's HTTP/2 stream (gRPC
     # prefix, protobuf field header, frame) instead of slicing it out of the whole message
     # (one copy of every version body less). It uses grpclib 0.4's stream internals
