@@ -292,22 +292,15 @@ class Child:
 
 def _stop_nginx_by_pid_file(pid_file: Path) -> None:
     """Stop an nginx a crashed run left behind (only if the pid really is an nginx)."""
-    from nxmesh.agent.process import is_nginx, pid_alive
+    import psutil
 
-    try:
-        pid = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
+    from nxmesh.agent.process import is_nginx, pid_alive, pid_in_file, quit_then_kill
+
+    pid = pid_in_file(pid_file)
+    if pid is None or not pid_alive(pid) or not is_nginx(pid):
         return
-    if pid <= 0 or not pid_alive(pid) or not is_nginx(pid):
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGQUIT)
-    deadline = time.monotonic() + 10
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if pid_alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(psutil.NoSuchProcess):  # exited meanwhile
+        quit_then_kill([psutil.Process(pid)], timeout=10)
 
 
 def _wait(what: str, check: Callable[[], Any], *, timeout: float, children: list[Child]) -> Any:

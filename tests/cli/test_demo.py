@@ -184,3 +184,46 @@ class TestDemoFailures:
         assert secret not in logs
         assert password not in logs
         assert secret not in result.stdout + result.stderr
+
+
+class TestDemoDirectory:
+    """Reusing the directory of an earlier run that crashed."""
+
+    def test_a_crashed_runs_nginx_is_stopped_before_its_files_are_wiped(
+        self, tmp_path: Path
+    ) -> None:
+        """The nginx a killed demo left running (it holds the demo's port) is stopped."""
+        from nxmesh.agent.process import pid_alive
+        from nxmesh.demo import _demo_directory
+        from nxmesh.testing.nginx import NginxInstance
+
+        demo = tmp_path / "demo"
+        logs = demo / "nginx" / "logs"
+        logs.mkdir(parents=True)
+        (demo / MARKER).touch()
+        leftover = NginxInstance(require_binary("nginx"), logs)  # pid file: logs/nginx.pid
+        leftover.start()
+        pid = leftover.pid()
+        assert pid is not None
+        try:
+            with _demo_directory(demo):
+                assert not pid_alive(pid)
+                assert [p.name for p in demo.iterdir()] == [MARKER]
+        finally:
+            leftover.stop()
+
+    def test_a_pid_file_naming_another_program_leaves_it_alone(self, tmp_path: Path) -> None:
+        """A stale pid file whose pid now belongs to something else: that is not signalled."""
+        from nxmesh.demo import _demo_directory
+
+        demo = tmp_path / "demo"
+        (demo / "nginx" / "logs").mkdir(parents=True)
+        (demo / MARKER).touch()
+        with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as other:
+            try:
+                (demo / "nginx" / "logs" / "nginx.pid").write_text(f"{other.pid}\n")
+                with _demo_directory(demo):
+                    pass
+                assert other.poll() is None
+            finally:
+                other.kill()

@@ -28,7 +28,9 @@ __all__ = [
     "nginx_environment",
     "orphaned_workers",
     "pid_alive",
+    "pid_in_file",
     "process_clock",
+    "quit_then_kill",
     "read_pid_file",
     "send_signal",
     "signal_number",
@@ -112,10 +114,43 @@ async def read_pid_file(path: Path) -> int | None:
     """
     try:
         text = await anyio.Path(path).read_text()
-        pid = int(text.strip())
-    except (OSError, ValueError):
+    except OSError:
         return None
-    return pid if pid > 0 and pid_alive(pid) and is_nginx(pid) else None
+    pid = _parse_pid(text)
+    return pid if pid is not None and pid_alive(pid) and is_nginx(pid) else None
+
+
+def _parse_pid(text: str) -> int | None:
+    try:
+        pid = int(text.strip())
+    except ValueError:
+        return None
+    return pid if pid > 0 else None
+
+
+def pid_in_file(path: Path) -> int | None:
+    """The pid written in `path` (blocking), running or not; None when the file is
+    missing or holds no positive number. `read_pid_file` for the live nginx."""
+    try:
+        return _parse_pid(path.read_text())
+    except OSError:
+        return None
+
+
+def quit_then_kill(procs: list[psutil.Process], *, timeout: float) -> None:
+    """SIGQUIT `procs` (nginx's graceful stop: listening sockets closed at once, requests
+    finished), then SIGKILL what is left after `timeout` seconds. A process that exited
+    meanwhile, or refuses the signal (another user's), is skipped. Blocking: run it in a
+    thread from async code."""
+    for sig in (signal.SIGQUIT, signal.SIGKILL):
+        alive = [proc for proc in procs if pid_alive(proc.pid)]
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(sig)
+        # A zombie holds no socket: gone enough (whoever adopted it reaps it when it likes).
+        deadline = time.monotonic() + timeout
+        while any(pid_alive(proc.pid) for proc in alive) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def is_nginx(pid: int) -> bool:
@@ -200,20 +235,9 @@ def stop_orphaned_workers(pid_file: Path, *, timeout: float = 5.0) -> list[int]:
     SIGQUIT (they close the listening sockets at once and finish their requests), then
     SIGKILL what is left after `timeout` seconds. Returns their pids. Blocking: run it
     in a thread."""
-    try:
-        master = int(pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return []
-    if master <= 0:
+    master = pid_in_file(pid_file)
+    if master is None:
         return []
     orphans = orphaned_workers(master)
-    for sig in (signal.SIGQUIT, signal.SIGKILL):
-        alive = [proc for proc in orphans if pid_alive(proc.pid)]
-        for proc in alive:
-            with contextlib.suppress(psutil.Error):  # exited meanwhile
-                proc.send_signal(sig)
-        # A zombie holds no socket: gone enough (whoever adopted it reaps it when it likes).
-        deadline = time.monotonic() + timeout
-        while any(pid_alive(proc.pid) for proc in alive) and time.monotonic() < deadline:
-            time.sleep(0.01)
+    quit_then_kill(orphans, timeout=timeout)
     return [proc.pid for proc in orphans]
