@@ -122,9 +122,7 @@ _KIND = {
 
 # The fan-out kinds in the plots (the uncompressed diagnostic is in the tables only).
 _PLOTTED = {
-    "nxmesh": "NxMesh gRPC",
-    "ws": "NxMesh WebSocket",
-    "wsapi": "NxMesh WebSocket (API listener)",
+    **{kind: f"NxMesh {_KIND[kind]}" for kind in ("nxmesh", "ws", "wsapi")},
     "raw": "raw grpclib",
 }
 
