@@ -325,6 +325,11 @@ class TestRbacRules:
         rbac = Rbac({"ops": ["config:*@prod"]})
         assert rbac.check_binding("ops") is None
         assert "unknown role" in (rbac.check_binding("opz") or "")
+        assert rbac.check_binding("ops@staging") is None
+        # `re.match` with `$` let a final newline through: names are matched whole.
+        assert "invalid workspace" in (rbac.check_binding("ops@staging\n") or "")
+        with pytest.raises(ConfigurationError, match="invalid role name"):
+            Rbac({"ops\n": ["config:read"]})
 
     def test_event_permissions(self) -> None:
         """Each event kind maps to the permission to read its subject; unknown kinds to ``*``."""

@@ -101,6 +101,25 @@ class TestDesiredState:
         assert error["path"] == "sites[0].locations[0].upstream"
         assert "missing" in error["message"]
 
+    @pytest.mark.parametrize(
+        ("method", "path", "param"),
+        [
+            ("GET", "/api/v1/workspaces/default%0A/state", "workspace"),
+            ("POST", "/api/v1/workspaces/evil%0A/bootstrap-tokens", "workspace"),
+            ("GET", f"{WS}/sites/shop%0A", "name"),
+            ("GET", "/api/v1/agents/agent-1%0A", "agent_id"),
+            ("DELETE", "/api/v1/auth/tokens/0123456789abcdef%0A", "token_id"),
+        ],
+    )
+    def test_a_path_parameter_with_a_trailing_newline_is_refused_by_name(
+        self, master: Master, admin: dict[str, str], method: str, path: str, param: str
+    ) -> None:
+        """`$` in a pattern matched before a final newline: such ids got past the path
+        checks and failed later as a 500. They are refused, naming the parameter."""
+        response = master.client.request(method, path, headers=admin)
+        assert response.status_code == 422, response.text
+        assert f"path.{param}" in [error["path"] for error in response.json()["errors"]]
+
     def test_malformed_json_is_a_400_problem(self, master: Master, admin: dict[str, str]) -> None:
         """A body that is not JSON is refused before anything else looks at it."""
         response = master.client.put(

@@ -155,7 +155,7 @@ def _path(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
 
 
 def _workspace(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if not _WORKSPACE.match(value):
+    if not _WORKSPACE.fullmatch(value):
         raise ValueError(
             f"{attribute.name} must be 1-63 lowercase letters, digits, '-' or '_', got {value!r}"
         )
@@ -414,7 +414,7 @@ class SettingsRegistry:
         works unconfigured. Two sections with one name are an error naming both.
         """
         plugin = self._current_plugin
-        if not _SECTION_NAME.match(name):
+        if not _SECTION_NAME.fullmatch(name):
             raise ConfigurationError(
                 f"settings section name {name!r}{_by(plugin)} must start with a letter and "
                 "hold only letters, digits, '-' and '_'"

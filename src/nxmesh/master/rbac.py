@@ -152,12 +152,12 @@ class Grant:
 def parse_grant(text: str) -> Grant:
     """``config:write`` or ``config:write@staging`` → a `Grant`; `ValueError` when malformed."""
     pattern, at, workspace = text.strip().partition("@")
-    if not _PATTERN.match(pattern):
+    if not _PATTERN.fullmatch(pattern):
         raise ValueError(
             f"{text!r} is not a permission: expected 'resource:action' (either may be '*') "
             "or '*', optionally followed by '@workspace'"
         )
-    if at and not _WORKSPACE.match(workspace):
+    if at and not _WORKSPACE.fullmatch(workspace):
         raise ValueError(f"{text!r} names an invalid workspace {workspace!r}")
     return Grant(pattern, workspace if at else None)
 
@@ -174,7 +174,7 @@ class Rbac:
                 raise ConfigurationError(
                     f"auth.roles.{name}: {name!r} is a built-in role and cannot be redefined"
                 )
-            if not _ROLE.match(name):
+            if not _ROLE.fullmatch(name):
                 raise ConfigurationError(
                     f"auth.roles: invalid role name {name!r} (lowercase letters, digits, '-', '_')"
                 )
@@ -197,7 +197,7 @@ class Rbac:
         if role not in self._roles:
             known = ", ".join(self._roles)
             return f"unknown role {role!r} (roles: {known})"
-        if at and not _WORKSPACE.match(workspace):
+        if at and not _WORKSPACE.fullmatch(workspace):
             return f"invalid workspace {workspace!r} in role binding {binding!r}"
         return None
 

@@ -55,14 +55,17 @@ def _problems(*codes: int) -> dict[int, ResponseSpec]:
 ERRORS: Final = _problems(400, 401, 403, 404, 409, 422)
 PUBLIC_ERRORS: Final = _problems(400, 422)
 LOGIN_ERRORS: Final = _problems(400, 401, 422, 429)
-WORKSPACE_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,62}$"
-NAME_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,62}$"
+# `(?!\n)` because msgspec matches with `re.search`, whose `$` also matches before a final
+# newline (`default\n` got past the pattern and failed later as a 500). A lookahead, not
+# `\Z`: the patterns are published in the OpenAPI schema, read as ECMA-262 regexes.
+WORKSPACE_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,62}(?!\n)$"
+NAME_PATTERN: Final = r"^[a-z][a-z0-9_-]{0,62}(?!\n)$"
 
 Workspace = Annotated[
     str, Parameter(pattern=WORKSPACE_PATTERN, max_length=63, description="Workspace name.")
 ]
 Name = Annotated[str, Parameter(pattern=NAME_PATTERN, max_length=63, description="Object name.")]
-AGENT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$"
+AGENT_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}(?!\n)$"
 AgentId = Annotated[
     str, Parameter(pattern=AGENT_ID_PATTERN, max_length=128, description="Agent id.")
 ]

@@ -29,7 +29,7 @@ from nxmesh.master.problems import NotFound
 
 __all__ = ["AuthController", "SessionController"]
 
-TokenId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="API token id.")]
+TokenId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}(?!\n)$", description="API token id.")]
 
 
 def _tokens(pair: TokenPair, now: float) -> TokenResponse:

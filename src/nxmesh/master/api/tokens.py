@@ -19,7 +19,7 @@ from nxmesh.master.problems import NotFound
 
 __all__ = ["BootstrapTokenController"]
 
-TokenId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{1,64}$", description="Token id.")]
+TokenId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{1,64}(?!\n)$", description="Token id.")]
 
 
 def _view(token: BootstrapToken) -> BootstrapTokenView:
