@@ -589,6 +589,60 @@ class TestPortTlsConsistency:
         assert problem.path == "sites[1].listeners[0].tls"
         assert "is TLS in sites[0]" in problem.message
 
+    def test_a_tls_listener_on_port_80_with_the_implicit_redirect_is_refused(self) -> None:
+        """With no plain listener the HTTP→HTTPS redirect listens on port 80: a TLS
+        listener there would make nginx refuse the bundle (no certificate for the
+        redirect's ``listen 80 ssl``)."""
+        certs = (CertificateRef("c", ("example.com",)),)
+        site = make_site(listeners=(Listener(80, tls=True),), tls=TLSConfig(certificate="c"))
+        [problem] = check_state(state(site, certs=certs))
+        assert problem.path == "sites[0].tls.redirect_http"
+        assert "which is TLS in this site" in problem.message
+        no_redirect = TLSConfig(certificate="c", redirect_http=False)
+        assert check_state(state(attrs.evolve(site, tls=no_redirect), certs=certs)) == []
+
+    def test_the_implicit_redirect_counts_as_plain_http_on_port_80_across_sites(self) -> None:
+        """One site's redirect server and another site's TLS listener on port 80 are one
+        socket, TLS and plain at once: refused whichever comes first."""
+        certs = (CertificateRef("c", ("example.com",)),)
+        redirecting = make_site(
+            listeners=(Listener(8443, tls=True),), tls=TLSConfig(certificate="c")
+        )
+        tls_on_80 = make_site(
+            "other",
+            server_names=("b.example.com",),
+            listeners=(Listener(80, tls=True),),
+            tls=TLSConfig(certificate="c", redirect_http=False),
+        )
+        [problem] = check_state(state(redirecting, tls_on_80, certs=certs))
+        assert problem.path == "sites[1].listeners[0].tls"
+        assert "plain HTTP in sites[0]" in problem.message
+        [problem] = check_state(state(tls_on_80, redirecting, certs=certs))
+        assert problem.path == "sites[1].tls.redirect_http"
+        assert "TLS in sites[0]" in problem.message
+
+    def test_the_implicit_redirect_serves_its_names_on_port_80(self) -> None:
+        """A plain site on port 80 with a name the redirect server already answers there:
+        nginx would drop one of the two servers with only a warning."""
+        certs = (CertificateRef("c", ("example.com",)),)
+        redirecting = make_site(
+            listeners=(Listener(443, tls=True),), tls=TLSConfig(certificate="c")
+        )
+        plain = make_site("plain", listeners=(Listener(80),))
+        [problem] = check_state(state(redirecting, plain, certs=certs))
+        assert problem.path == "sites[1].server_names[0]"
+        assert "already served by sites[0]" in problem.message
+        assert (
+            check_state(
+                state(
+                    redirecting,
+                    attrs.evolve(plain, name="p", server_names=("b.example.com",)),
+                    certs=certs,
+                )
+            )
+            == []
+        )
+
 
 ACME_PATH = "/.well-known/acme-challenge/"
 

@@ -51,6 +51,7 @@ __all__ = [
     "UpstreamServer",
     "check_parts",
     "check_state",
+    "redirect_binds",
 ]
 
 K = TypeVar("K")
@@ -631,6 +632,19 @@ def _acme_source(tls: TLSConfig | None, acme_certificates: frozenset[str]) -> st
     return None
 
 
+def redirect_binds(site: Site | SiteParts) -> list[tuple[str, int]]:
+    """Sockets (`Listener.bind` keys) of the HTTP→HTTPS redirect server the renderer adds
+    on its own: port 80 on each address the TLS listeners use, when ``tls.redirect_http``
+    asks for a redirect and the site declares no plain listener (the redirect takes
+    those instead). Empty otherwise, or while a listener of `site` is unknown."""
+    if site.tls is None or not site.tls.redirect_http or None in site.listeners:
+        return []
+    listeners = [lst for lst in site.listeners if lst is not None]
+    if any(not lst.tls for lst in listeners):
+        return []
+    return [(address, 80) for address in dict.fromkeys(lst.bind[0] for lst in listeners)]
+
+
 def check_state(state: DesiredState) -> list[Problem]:
     """Every cross-object problem of `state`: duplicates, dangling references, conflicts.
 
@@ -661,7 +675,8 @@ def check_parts(parts: StateParts) -> list[Problem]:
         cert = site.tls.certificate if site.tls is not None else None
         if check_certs and cert is not None and cert not in certs:
             found.append(Problem(f"{here}.tls.certificate", _unknown("certificate", cert, certs)))
-        binds = {lst.bind for lst in site.listeners if lst is not None}
+        implicit = redirect_binds(site)
+        binds = {lst.bind for lst in site.listeners if lst is not None} | set(implicit)
         for n, server_name in enumerate(site.server_names):
             if server_name is None:
                 continue
@@ -698,6 +713,19 @@ def check_parts(parts: StateParts) -> list[Problem]:
                             f"sites[{other}] is already the default server for {_socket(bind)}",
                         )
                     )
+        for bind in implicit:  # plain HTTP, as nginx sees the redirect server
+            tls, owner = tls_on_bind.setdefault(bind, (False, i))
+            if tls:
+                where = "this site" if owner == i else f"sites[{owner}]"
+                found.append(
+                    Problem(
+                        f"{here}.tls.redirect_http",
+                        f"the HTTP→HTTPS redirect listens on {_socket(bind)} (port 80: the "
+                        f"site has no plain listener), which is TLS in {where}; one port "
+                        "cannot mix TLS and plain HTTP (set redirect_http: false, or give "
+                        "the site a plain listener for the redirect)",
+                    )
+                )
         acme = _acme_source(site.tls, parts.acme_certificates)
         paths: dict[tuple[str, str], int] = {}
         for n, loc in enumerate(site.locations):

@@ -46,6 +46,7 @@ from nxmesh.core.model import (
     TLSConfig,
     Upstream,
     UpstreamServer,
+    redirect_binds,
 )
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.plugins.render_nginx import quoting
@@ -341,8 +342,7 @@ def redirect_listens(site: Site) -> list[Token]:
         return plain
     # One per socket, not per spelling: `443` and `0.0.0.0:8443` both mean port 80 on
     # the IPv4 wildcard, and two such `listen` lines are nginx's "duplicate listen".
-    addresses = dict.fromkeys(lst.bind[0] for lst in site.listeners if lst.tls)
-    return [_listen_args(None if a == "*" else a, 80) for a in addresses]
+    return [_listen_args(None if a == "*" else a, port) for a, port in redirect_binds(site)]
 
 
 def https_redirect(site: Site) -> Token:
