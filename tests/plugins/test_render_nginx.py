@@ -282,6 +282,39 @@ class TestProductionDefaults:
         ]
 
     @pytest.mark.parametrize(
+        ("sites", "reason"),
+        [
+            # One site's `18080` and `127.0.0.1:18080` become one socket.
+            (
+                (site(listeners=(Listener(18080), Listener(18080, address="127.0.0.1"))),),
+                "both listen on 127.0.0.1:18080",
+            ),
+            # Two default servers the master saw on different sockets.
+            (
+                (
+                    site("a", listeners=(Listener(18080, default_server=True),)),
+                    site(
+                        "b",
+                        listeners=(Listener(18080, address="127.0.0.1", default_server=True),),
+                    ),
+                ),
+                "already the default server for 127.0.0.1:18080",
+            ),
+        ],
+    )
+    def test_listen_address_joining_sockets_is_a_render_error(
+        self, sites: tuple[Site, ...], reason: str
+    ) -> None:
+        """Binding address-less listeners to `listen_address` can join sockets the master
+        checked apart: a RenderError naming the setting and the conflict (the agent
+        reports it), not a ValueError that crashed the apply or a bundle nginx refuses."""
+        renderer = NginxRenderer(settings=RenderSettings(listen_address="127.0.0.1"))
+        with pytest.raises(RenderError, match="agent.listen_address") as caught:
+            renderer.render(state(*sites))
+        assert reason in str(caught.value)
+        assert NginxRenderer().render(state(*sites))  # fine without the setting
+
+    @pytest.mark.parametrize(
         "bad",
         [
             {"prefix": "relative/dir"},

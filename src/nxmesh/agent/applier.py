@@ -171,6 +171,11 @@ class Applier:
             except NxMeshError as exc:
                 report = self._report(update, "failed", f"render failed: {exc}", started)
                 return await self._finish(report, update, None, source)
+            except Exception as exc:  # a renderer's bug: still a report, not a lost apply
+                log.exception("renderer crashed", version=update.version)
+                message = f"render failed: {type(exc).__name__}: {exc}"
+                report = self._report(update, "failed", message, started)
+                return await self._finish(report, update, None, source)
         result: list[ApplyReport] = []
         async with anyio.create_task_group() as tg:
             if self.cache is not None:

@@ -46,9 +46,11 @@ from nxmesh.core.model import (
     TLSConfig,
     Upstream,
     UpstreamServer,
+    check_state,
     redirect_binds,
 )
 from nxmesh.core.registry import ProviderRegistries
+from nxmesh.core.validation import Invalid
 from nxmesh.plugins.render_nginx import quoting
 from nxmesh.plugins.render_nginx.quoting import Token
 
@@ -796,17 +798,29 @@ class NginxRenderer:
             lst.address is not None for site in state.sites for lst in site.listeners
         ):
             return state
-        sites = tuple(
-            attrs.evolve(
-                site,
-                listeners=tuple(
-                    lst if lst.address is not None else attrs.evolve(lst, address=address)
-                    for lst in site.listeners
-                ),
+        try:
+            sites = tuple(
+                attrs.evolve(
+                    site,
+                    listeners=tuple(
+                        lst if lst.address is not None else attrs.evolve(lst, address=address)
+                        for lst in site.listeners
+                    ),
+                )
+                for site in state.sites
             )
-            for site in state.sites
-        )
-        return attrs.evolve(state, sites=sites)
+            bound = attrs.evolve(state, sites=sites)
+        except Invalid as exc:  # e.g. `18080` and `127.0.0.1:18080` became one socket
+            raise RenderError(f"with agent.listen_address = {address!r}: {exc}") from None
+        # Binding may join sockets the master checked apart (a default server twice, TLS
+        # and plain on one port): nginx -t would say so less clearly.
+        problems = check_state(bound)
+        if problems:
+            raise RenderError(
+                f"with agent.listen_address = {address!r}: "
+                + "; ".join(f"{p.path}: {p.message}" for p in problems)
+            )
+        return bound
 
 
 def _check_extra(path: str) -> None:
