@@ -309,7 +309,7 @@ class TestProductionDefaults:
         checked apart: a RenderError naming the setting and the conflict (the agent
         reports it), not a ValueError that crashed the apply or a bundle nginx refuses."""
         renderer = NginxRenderer(settings=RenderSettings(listen_address="127.0.0.1"))
-        with pytest.raises(RenderError, match="agent.listen_address") as caught:
+        with pytest.raises(RenderError, match=r"agent\.listen_address") as caught:
             renderer.render(state(*sites))
         assert reason in str(caught.value)
         assert NginxRenderer().render(state(*sites))  # fine without the setting

@@ -14,10 +14,12 @@ every problem of an input is reported at once with its exact path.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import re
 import unicodedata
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
@@ -582,7 +584,169 @@ def _regex_refine(value: str) -> str | None:
             "and nginx's PCRE then fails the request; repeat a character class instead, "
             "like [ab]+ for (a|b)+"
         )
+    return _backtracking_reason(body)
+
+
+def _backtracking_reason(body: str) -> str | None:
+    """Why `body` can make PCRE backtrack without a repeated group, or None.
+
+    - Two repetitions (``*``, ``+``) that can match a common character with nothing
+      mandatory between them (``\\d*\\d*``, ``.*.*``, ``(\\w+)(\\d+)``): a run of such
+      characters splits between them in quadratic ways, and each further one multiplies
+      that; a crafted URI then costs a worker PCRE's whole match limit and the request
+      fails. A mandatory atom between them (``.*/.*``) is accepted.
+    - More than `_MAX_REGEX_PATHS` ways through its alternatives (``(a|a)`` 26 times is
+      2^26): a failing match tries each.
+    """
+    try:
+        items, _, paths = _regex_items(body, 0)
+    except _Unanalysable:
+        return None  # the syntax check refused what this reader cannot follow
+    if paths > _MAX_REGEX_PATHS:
+        return (
+            f"has {paths} ways through its alternatives ('|'); at most {_MAX_REGEX_PATHS} "
+            "are allowed: a failing match tries them all (catastrophic backtracking)"
+        )
+    if (pair := _overlapping_repeats(items)[0]) is not None:
+        return (
+            f"repeats '{pair[0]}' and then '{pair[1]}', which can match the same "
+            "characters with nothing required between them: a long run of those "
+            "characters splits between the two in so many ways that nginx's PCRE gives "
+            "up and fails the request (catastrophic backtracking); use classes that do "
+            "not overlap, like [a-z]+[0-9]+, or put a required character between them"
+        )
     return None
+
+
+_MAX_REGEX_PATHS: Final = 1024
+# Characters an atom is tried on: ASCII, and a few beyond it for '.', \\W and negations.
+_SAMPLE_CHARS: Final = (*(chr(c) for c in range(1, 128)), "é", "\u00a0", "€")
+
+
+class _Unanalysable(Exception):
+    pass
+
+
+@attrs.frozen
+class _Item:
+    """One atom of a concatenation: the text, what it matches, how often."""
+
+    text: str
+    chars: frozenset[str]
+    repeat: str  # "" once, "?" optional, "*" or "+" unbounded
+    branches: tuple[tuple[_Item, ...], ...] = ()  # a group's alternatives
+
+
+@functools.cache
+def _atom_chars(atom: str) -> frozenset[str]:
+    if "[:" in atom or "[." in atom or "[=" in atom:
+        return frozenset(_SAMPLE_CHARS)  # a POSIX item: taken as matching anything
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            compiled = re.compile(atom)
+    except re.error:
+        return frozenset(_SAMPLE_CHARS)
+    return frozenset(ch for ch in _SAMPLE_CHARS if compiled.fullmatch(ch))
+
+
+def _regex_items(regex: str, i: int) -> tuple[list[_Item], int, int]:
+    """The items of the concatenation starting at ``regex[i]`` up to ``|``/``)``/the end
+    (alternatives of the top level are joined as one group), the index it stopped at,
+    and the number of paths through its alternatives."""
+    branches: list[tuple[_Item, ...]] = []
+    items: list[_Item] = []
+    paths_of_branches: list[int] = []
+    paths = 1
+    while True:
+        if i >= len(regex) or regex[i] == ")":
+            break
+        ch = regex[i]
+        if ch == "|":
+            branches.append(tuple(items))
+            paths_of_branches.append(paths)
+            items, paths = [], 1
+            i += 1
+            continue
+        if ch == "^":
+            i += 1
+            continue
+        start = i
+        if ch == "(":
+            lookaround = regex.startswith(("(?=", "(?!"), i)
+            i += 3 if regex.startswith(("(?:", "(?=", "(?!"), i) else 1
+            inner, i, inner_paths = _regex_items(regex, i)
+            if i >= len(regex) or regex[i] != ")":
+                raise _Unanalysable
+            i += 1
+            if lookaround:  # zero width: it consumes nothing between its neighbours
+                paths *= inner_paths
+                continue
+            group = inner[0] if len(inner) == 1 and inner[0].branches else None
+            chars = frozenset().union(*(item.chars for item in inner))
+            repeat, i = _repeat_at(regex, i)
+            paths *= inner_paths
+            if group is None and not repeat:
+                items.extend(inner)  # a plain group is its items, in place
+            else:
+                text = regex[start:i]
+                items.append(_Item(text, chars, repeat, group.branches if group else ()))
+            continue
+        if ch == "[":
+            i = _class_end(regex, i)
+        elif ch == "\\":
+            i += 2
+        else:
+            i += 1
+        atom = regex[start:i]
+        repeat, i = _repeat_at(regex, i)
+        items.append(_Item(regex[start:i], _atom_chars(atom), repeat))
+    if branches:
+        branches.append(tuple(items))
+        paths_of_branches.append(paths)
+        chars = frozenset().union(*(item.chars for b in branches for item in b))
+        alternation = _Item("|".join("".join(x.text for x in b) for b in branches), chars, "")
+        return [attrs.evolve(alternation, branches=tuple(branches))], i, sum(paths_of_branches)
+    return items, i, paths
+
+
+def _repeat_at(regex: str, i: int) -> tuple[str, int]:
+    """The quantifier at ``regex[i]`` (a lazy '?' after it changes nothing here)."""
+    if i < len(regex) and regex[i] in "?*+":
+        repeat = regex[i]
+        i += 1
+        if i < len(regex) and regex[i] == "?":
+            i += 1
+        return repeat, i
+    return "", i
+
+
+def _overlapping_repeats(
+    items: Sequence[_Item], pending: Sequence[_Item] = ()
+) -> tuple[tuple[str, str] | None, tuple[_Item, ...]]:
+    """The first two unbounded repetitions that can match a common character with only
+    optional items between them — in `items`, inside a group's alternatives, or across a
+    group's edge — and the repetitions still open at the end of `items`. `pending`: the
+    ones open before it."""
+    current = list(pending)
+    for item in items:
+        if item.branches:
+            ends: list[_Item] = []
+            for branch in item.branches:
+                found, open_after = _overlapping_repeats(branch, current)
+                if found is not None:
+                    return found, ()
+                ends.extend(open_after)
+            after = list(dict.fromkeys(ends))
+            current = list(dict.fromkeys([*current, *after])) if item.repeat == "?" else after
+        elif item.repeat in ("*", "+"):
+            for earlier in current:
+                if earlier.chars & item.chars:
+                    return (earlier.text, item.text), ()
+            current = [*current, item] if item.repeat == "*" else [item]
+        elif item.repeat != "?":
+            current = []  # a required atom between two repetitions separates them
+    return None, tuple(current)
 
 
 POSIX_CLASSES: Final = frozenset(
