@@ -50,6 +50,20 @@ class TestLogin:
         assert result.exit_code == 0, result.output
         assert json.loads(result.stdout)["subject"] == "admin"
 
+    def test_a_session_rotated_during_login_is_the_one_stored(
+        self, cli: Cli, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """An access token that expires within the refresh margin (a short
+        ``auth.access_token_ttl``) is rotated by login's own ``whoami``: the rotated pair
+        is stored, not the spent one (which the master takes as reuse and revokes)."""
+        import nxmesh.client.api
+
+        monkeypatch.setattr(nxmesh.client.api, "REFRESH_MARGIN", 10 * 24 * 3600.0)
+        assert cli.login().exit_code == 0
+        result = cli("whoami", "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["subject"] == "admin"
+
     def test_profiles_are_separate(self, cli: Cli) -> None:
         """``--profile`` logins do not replace the default one."""
         cli.login()

@@ -135,8 +135,11 @@ def login_command(
             username = click.prompt("Username", default=saved_name or "admin", err=True)
         password = _read_secret("Password", from_stdin=password_stdin)
         with Client(Profile(url=base, ca_file=ca)) as client:
-            saved = client.login(username, password)
+            client.login(username, password)
             me = client.me()
+            # What the client holds now: with a short access-token TTL `me` has already
+            # rotated the session, and the pair `login` returned is spent.
+            saved = client.profile
     store.put(profile, saved)
     if as_json:
         print_json({"profile": profile, "url": base, "subject": me.subject, "roles": me.roles})
