@@ -240,6 +240,77 @@ class TestLoginAndRefresh:
         assert response.status_code == 204
         assert self._refresh(master, tokens["refresh_token"]).status_code == 401
 
+    @pytest.mark.parametrize("change", ["delete", "demote", "disable", "password", "logout"])
+    def test_ending_a_session_ends_its_access_tokens_at_once(
+        self, master: Master, change: str
+    ) -> None:
+        """An access token is only as good as its session: deleting, demoting or disabling
+        its user, a new password or a logout stop it now, not when it expires (its
+        roles were those of the last refresh)."""
+        master.add_user("eve", "correct horse battery", "admin")
+        tokens = self._login(master, "eve", "correct horse battery")
+        eve = {"Authorization": f"Bearer {tokens['access_token']}"}
+        c, admin = master.client, master.headers("admin", subject="admin")
+        assert c.get("/api/v1/users", headers=eve).status_code == 200
+        if change == "delete":
+            done = c.delete("/api/v1/users/eve", headers=admin)
+        elif change == "demote":
+            done = c.patch("/api/v1/users/eve", json={"roles": ["viewer"]}, headers=admin)
+        elif change == "disable":
+            done = c.patch("/api/v1/users/eve", json={"disabled": True}, headers=admin)
+        elif change == "password":
+            new = {"password": "another long passphrase"}
+            done = c.patch("/api/v1/users/eve", json=new, headers=admin)
+        else:
+            done = c.post("/api/v1/auth/logout", json={"refresh_token": tokens["refresh_token"]})
+        assert done.status_code in (200, 204), done.text
+        refused = c.get("/api/v1/users", headers=eve)
+        assert refused.status_code == 401
+        assert "login session of this access token has ended" in refused.json()["detail"]
+        assert failures(master).get("session_ended") == 1
+
+    def test_other_sessions_and_tokens_without_one_are_untouched(self, master: Master) -> None:
+        """Ending one user's sessions leaves another user's access tokens working."""
+        master.add_user("ann", "correct horse battery", "viewer")
+        master.add_user("bob", "correct horse battery", "viewer")
+        ann = self._login(master, "ann", "correct horse battery")
+        bob = self._login(master, "bob", "correct horse battery")
+        admin = master.headers("admin", subject="admin")
+        assert master.client.delete("/api/v1/users/ann", headers=admin).status_code == 204
+        assert status(master, ann["access_token"]) == 401
+        assert status(master, bob["access_token"]) == 200
+
+    def test_another_masters_ending_is_seen_within_the_recheck_interval(
+        self, master: Master
+    ) -> None:
+        """A session ended through another master (storage changed underneath) stops this
+        master's access tokens once `SESSION_RECHECK` has passed; storage is asked at
+        most that often per session, and an ended session is never asked about again."""
+        import attrs
+
+        from nxmesh.master.auth.service import SESSION_RECHECK
+
+        class Store:
+            active, asked = True, 0
+
+            async def session_active(self, family: str) -> bool:
+                self.asked += 1
+                return self.active
+
+        store, now = Store(), [1000.0]
+        auth = attrs.evolve(master.services.auth, store=store, clock=lambda: now[0])
+        assert anyio.run(auth.session_active, "s1") is True
+        assert anyio.run(auth.session_active, "s1") is True
+        assert store.asked == 1
+        store.active = False  # another master ended it
+        now[0] += SESSION_RECHECK - 0.1
+        assert anyio.run(auth.session_active, "s1") is True  # trusted a little longer
+        now[0] += 0.2
+        assert anyio.run(auth.session_active, "s1") is False
+        now[0] += 3600
+        assert anyio.run(auth.session_active, "s1") is False
+        assert store.asked == 2
+
     def test_expired_and_malformed_refresh_tokens_fail(self, master: Master) -> None:
         """A refresh token past its lifetime, or not one at all, is a 401."""
         tokens = self._login(master, "admin", master.admin_password())

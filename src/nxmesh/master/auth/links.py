@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from nxmesh.core.interfaces import Credentials, Principal
+from nxmesh.master.auth.errors import AuthenticationError
 from nxmesh.master.auth.service import API_TOKEN_PREFIX, AuthService
 
 if TYPE_CHECKING:
@@ -49,6 +50,15 @@ class JwtAuthenticator:
         if token.count(".") != 2 or not self.auth.tokens.is_ours(token):
             return None
         claims = self.auth.tokens.verify(token)
+        # The roles in the token are those of its session's last refresh: a logout, a
+        # new password or a removed, disabled or demoted user ends the session, and the
+        # token with it, instead of leaving it its old rights until it expires.
+        if claims.session is not None and not await self.auth.session_active(claims.session):
+            raise AuthenticationError(
+                "the login session of this access token has ended (logout, a new password, "
+                "or its user was changed or removed); log in again",
+                reason="session_ended",
+            )
         return Principal(subject=claims.subject, roles=claims.roles, authenticator=self.name)
 
 

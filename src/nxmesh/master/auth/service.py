@@ -52,6 +52,11 @@ LOCAL_AUTHENTICATORS: Final = frozenset({"password", "api_token", "jwt"})
 """Authenticators whose subjects are users in the master's storage."""
 
 _API_TOUCH_INTERVAL: Final = 60.0  # seconds between last-used updates of one API token
+SESSION_RECHECK: Final = 5.0
+"""Seconds an access token's session, once found active, is trusted without asking
+storage again: how long another master may take to see a logout, a new password or a
+removed or demoted user end that user's access tokens (this master: at once)."""
+_SESSION_CACHE_MAX: Final = 10_000
 
 log = structlog.get_logger("nxmesh.master.auth")
 
@@ -104,6 +109,9 @@ class AuthService:
     on_failure: Callable[[str], None] = lambda reason: None
     clock: Callable[[], float] = time.time
     _touched: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
+    # Session family → when it was found active; an ended session never comes back, so
+    # ended ones are kept as -1 (both bounded by _SESSION_CACHE_MAX).
+    _sessions: dict[str, float] = attrs.field(factory=dict, init=False, repr=False)
 
     # -- the chain -----------------------------------------------------------------------
 
@@ -184,6 +192,7 @@ class AuthService:
         if result.outcome != "rotated" or old is None:
             self.on_failure(f"refresh_{result.outcome}")
             if result.outcome == "reused":
+                self._forget_active_sessions()
                 log.warning(
                     "refresh token reused; session revoked",
                     subject=old.subject if old else None,
@@ -199,6 +208,7 @@ class AuthService:
         principal = await self._current_principal(old)
         if principal is None:
             await self.store.revoke_family(old.family)
+            self._forget_active_sessions()
             self.on_failure("refresh_user_gone")
             raise AuthenticationError(
                 "the session's user is disabled or was removed", reason="refresh_user_gone"
@@ -229,11 +239,32 @@ class AuthService:
         if record is None:
             return None
         await self.store.revoke_family(record.family)
+        self._forget_active_sessions()
         return record
 
     async def end_sessions(self, subject: str) -> int:
-        """Revoke every refresh token of `subject` (user disabled, deleted, new password)."""
-        return await self.store.revoke_subject(subject)
+        """Revoke every refresh token of `subject` (user disabled, deleted, new password);
+        their access tokens stop working with them (`session_active`)."""
+        ended = await self.store.revoke_subject(subject)
+        self._forget_active_sessions()
+        return ended
+
+    async def session_active(self, family: str) -> bool:
+        """Whether the login session `family` still runs: an access token is only as good
+        as its session. Asks storage at most every `SESSION_RECHECK` seconds per session."""
+        now = self.clock()
+        seen = self._sessions.get(family)
+        if seen is not None and (seen < 0 or now - seen < SESSION_RECHECK):
+            return seen >= 0
+        active = await self.store.session_active(family)
+        if len(self._sessions) >= _SESSION_CACHE_MAX:
+            self._sessions.clear()
+        self._sessions[family] = now if active else -1.0
+        return active
+
+    def _forget_active_sessions(self) -> None:
+        """After this master ended sessions: ask storage again before trusting any."""
+        self._sessions = {family: t for family, t in self._sessions.items() if t < 0}
 
     # -- API tokens ----------------------------------------------------------------------
 

@@ -119,6 +119,11 @@ class AuthStore(Protocol):
     async def find_refresh(self, token_id: str, secret_hash: str) -> RefreshRecord | None: ...
     async def revoke_family(self, family: str) -> int: ...
     async def revoke_subject(self, subject: str) -> int: ...
+    async def session_active(self, family: str) -> bool:
+        """True while session `family` has a token that is not revoked (logout, a new
+        password, a removed or demoted user and refresh reuse revoke them all)."""
+        ...
+
     async def add_api_token(self, record: ApiTokenRecord) -> None: ...
     async def get_api_token(self, token_id: str) -> ApiTokenRecord | None: ...
     async def list_api_tokens(self, owner: str | None = None) -> Sequence[ApiTokenRecord]: ...
@@ -208,6 +213,9 @@ class MemoryAuthStore:
     async def revoke_subject(self, subject: str) -> int:
         families = {r.family for r in self._refresh.values() if r.subject == subject}
         return sum(self._revoke_family(f) for f in families)
+
+    async def session_active(self, family: str) -> bool:
+        return any(r.family == family and not r.revoked for r in self._refresh.values())
 
     async def add_api_token(self, record: ApiTokenRecord) -> None:
         self._api[record.id] = record
@@ -370,6 +378,11 @@ class SqlAuthStore:
         stmt = update(t).where(t.c.subject == subject, t.c.revoked.is_(False)).values(revoked=True)
         result = await self._run(lambda c: c.execute(stmt), write=True)
         return int(result.rowcount)
+
+    async def session_active(self, family: str) -> bool:
+        t = refresh_tokens
+        query = select(t.c.id).where(t.c.family == family, t.c.revoked.is_(False)).limit(1)
+        return await self._run(lambda c: c.execute(query).first()) is not None
 
     async def add_api_token(self, record: ApiTokenRecord) -> None:
         values = attrs.asdict(record)
