@@ -410,6 +410,36 @@ class TestMissedEvents:
     def reconcile_interval(self) -> float:
         return 0.2
 
+    async def test_connected_agents_last_seen_is_stored_by_the_periodic_pass(
+        self, plane: Plane
+    ) -> None:
+        """Frames that write nothing (heartbeats, health) move only the session's
+        last_seen; the periodic pass stores it, so an online agent is not listed as seen
+        minutes ago."""
+        link = await plane.agent("a")
+        assert link.agent_id is not None
+        await plane.commit("one")
+        answer(link, await next_update(link))
+        await plane.settle()
+        storage = plane.services.storage
+        stored = await storage.get_agent(link.agent_id)
+        assert stored is not None
+        assert stored.last_seen is not None
+        while plane.hub.clock() <= stored.last_seen:  # a later frame has a later time
+            await anyio.lowlevel.checkpoint()
+        link.send_health(HealthReport(agent_id="whatever", ts=1.0, results=()))
+        await plane.settle()
+        session = plane.hub.session(link.agent_id)
+        assert session is not None
+        assert session.last_seen > stored.last_seen
+        with anyio.fail_after(10):  # a bound, not a timing check: passes run every 0.2 s
+            while True:
+                stored = await storage.get_agent(link.agent_id)
+                assert stored is not None
+                if stored.last_seen == session.last_seen:
+                    break
+                await anyio.sleep(0.05)
+
     async def test_version_whose_announcement_failed_reaches_local_agents(
         self, plane: Plane, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -17,7 +17,8 @@ process runs one, beside its `nxmesh.session_hub.MasterSessionHub`:
   until it works again, `nxmesh.master.bus_follow.follow_bus`), a version whose announcement
   failed. After every resubscription and every `reconcile_interval` seconds (60), every
   workspace with a connected agent is reconciled, after refreshing its sessions from
-  storage (labels changed, agents revoked through another master).
+  storage (labels changed, agents revoked through another master); each periodic pass
+  also stores when every connected agent was last heard from (`last_seen`).
 * **Reconnects.** The hub asks `desired_for` when an agent registers or its heartbeat
   reports another running version; it resends only on mismatch (version or digest).
 * **Status.** Every step is persisted with ``set_agent_status`` — ``sent`` when the
@@ -723,6 +724,21 @@ class RolloutOrchestrator:
         while True:
             await anyio.sleep(self.reconcile_interval)
             self.mark_all()
+            self._record_last_seen()
+
+    def _record_last_seen(self) -> None:
+        """Store when each connected agent was last heard from: its heartbeats reach only
+        its session, and without this `agents` shows an online agent as seen minutes
+        ago. One batched write per pass (with the running version it reported)."""
+        if self.hub is None:
+            return
+        for agent_id in self.hub.connected:
+            info = self.hub.session(agent_id)
+            if info is None or info.running_version is None or info.running_digest is None:
+                continue  # nothing applied yet: a write would need a version to store
+            self._write(
+                _RunningWrite(agent_id, info.running_version, info.running_digest, info.last_seen)
+            )
 
     def _on_event(self, event: Event) -> None:
         kind = event.kind
