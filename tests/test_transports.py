@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
 import time
 from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from nxmesh.agent.master_link import link_from_settings, read_bootstrap_token
+from nxmesh.agent.process import nginx_version
 from nxmesh.core.envelope import EncodedBody, MessageType, seal, unseal
 from nxmesh.core.errors import ConfigurationError
 from nxmesh.core.interfaces import Channel
@@ -168,6 +170,28 @@ class TestEnrollmentSettings:
         again = link_from_settings(registry, s, token="other.secret", name="a")
         assert again is not None
         assert again.bootstrap_token is None
+
+    def test_the_link_reports_the_nginx_version_it_runs(
+        self, pm: Any, registry: ProviderRegistries, tmp_path: Path
+    ) -> None:
+        """Register carries what ``agent.nginx_binary -v`` says (``agents show``'s nginx
+        column); nothing when that binary cannot run (a sidecar's nginx lives in another
+        container) or is not nginx."""
+        from nxmesh.testing.services import require_binary
+
+        nginx = require_binary("nginx")
+        real = subprocess.run([nginx, "-v"], capture_output=True, text=True, check=True)
+        s = settings(pm, state_dir=str(tmp_path), **{"agent.nginx_binary": nginx})
+        link = link_from_settings(registry, s, token="id.secret", name="a")
+        assert link is not None
+        assert link.nginx_version is not None
+        assert f"nginx/{link.nginx_version}" in real.stderr
+        fake = tmp_path / "fake-nginx"
+        fake.write_text("#!/bin/sh\necho 'nginx version: openresty/1.21.4.1' >&2\n")
+        fake.chmod(0o755)
+        assert nginx_version(str(fake)) == "1.21.4.1"
+        assert nginx_version(str(tmp_path / "missing")) is None
+        assert nginx_version("/bin/true") is None
 
 
 @pytest.fixture

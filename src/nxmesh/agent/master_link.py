@@ -23,6 +23,7 @@ import structlog
 
 from nxmesh import __version__
 from nxmesh.agent.fsutil import make_private_dir
+from nxmesh.agent.process import nginx_version
 from nxmesh.agent_link import AgentLink, Endpoint, FileCredentialStore
 from nxmesh.core.errors import ConfigurationError
 from nxmesh.core.registry import ProviderRegistries
@@ -102,4 +103,5 @@ def link_from_settings(
         name=name,
         labels=dict(settings.agent.labels),
         agent_version=__version__,
+        nginx_version=nginx_version(settings.agent.nginx_binary),
     )

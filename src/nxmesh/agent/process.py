@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
+import subprocess
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +28,7 @@ __all__ = [
     "WorkerSet",
     "is_nginx",
     "nginx_environment",
+    "nginx_version",
     "orphaned_workers",
     "pid_alive",
     "pid_in_file",
@@ -64,6 +67,29 @@ def nginx_environment(environ: Mapping[str, str] | None = None) -> dict[str, str
     """
     source = os.environ if environ is None else environ
     return {k: v for k, v in source.items() if not k.upper().startswith("NXMESH_")}
+
+
+_NGINX_VERSION = re.compile(r"version: [A-Za-z]+/([0-9][0-9A-Za-z.+-]{0,63})")
+
+
+def nginx_version(binary: str, *, timeout: float = 10.0) -> str | None:
+    """The version `binary` reports (``nginx -v``: "nginx version: nginx/1.22.1" gives
+    ``1.22.1``); None when it cannot be run (a sidecar's nginx lives in another
+    container) or says something else. Blocking: it runs the binary."""
+    try:
+        # The binary is the agent's own setting (agent.nginx_binary), never remote input.
+        result = subprocess.run(  # noqa: S603
+            [binary, "-v"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=nginx_environment(),
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = _NGINX_VERSION.search(result.stderr + result.stdout)
+    return found.group(1) if found else None
 
 
 def signal_number(name: str) -> signal.Signals:
