@@ -33,6 +33,7 @@ from nxmesh.core.protocol import (
     LogBatch,
     Register,
     RegisterResponse,
+    RejectedError,
     decode_body,
     enrollment_keypair,
     enrollment_secret,
@@ -248,6 +249,93 @@ class TestEnrollmentOnTheWire:
         ):
             with pytest.raises(BadSignatureError):
                 open_key(guess, response.sealed_key, aad=aad)
+
+
+class TestReenrollment:
+    """A revoked agent given a new bootstrap token enrolls again with it, as the master's
+    refusal ("enroll it again with a new bootstrap token") says."""
+
+    async def test_a_revoked_agent_enrolls_again_with_a_new_token(
+        self, storage: SqliteStorage
+    ) -> None:
+        enrollment = Enrollment(storage)
+        hub = MasterSessionHub(enrollment)
+        first = await enrollment.create_token()
+        store = MemoryCredentialStore()
+        transport = MemoryTransport()
+        fast = Backoff(0.01, 0.05)
+        link = AgentLink(
+            [Endpoint(transport, "memory://")], store, bootstrap_token=first.token, backoff=fast
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(transport.serve, hub)
+            tg.start_soon(link.run_forever)
+            with anyio.fail_after(5):
+                await link.wait_registered()
+            tg.cancel_scope.cancel()
+        old = await store.load()
+        assert old is not None
+        assert await enrollment.revoke_agent(old.agent_id)
+
+        second = await enrollment.create_token()
+        again = AgentLink(
+            [Endpoint(transport, "memory://")], store, bootstrap_token=second.token, backoff=fast
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(transport.serve, hub)
+            tg.start_soon(again.run_forever)
+            with anyio.fail_after(5):
+                await again.wait_registered()
+            tg.cancel_scope.cancel()
+        new = await store.load()
+        assert new is not None
+        assert new.agent_id != old.agent_id  # a new identity; the revoked one stays revoked
+        revoked = await storage.get_agent(old.agent_id)
+        assert revoked is not None
+        assert revoked.status == "revoked"
+        used = await storage.get_token(second.id)
+        assert used is not None
+        assert used.used_at is not None
+
+    async def test_without_a_fresh_token_the_revocation_stands(
+        self, storage: SqliteStorage
+    ) -> None:
+        """The spent token it enrolled with cannot bring it back: the agent stops, saying
+        both why its credentials were refused and why the token was."""
+        enrollment = Enrollment(storage)
+        hub = MasterSessionHub(enrollment)
+        issued = await enrollment.create_token()
+        store = MemoryCredentialStore()
+        transport = MemoryTransport()
+        fast = Backoff(0.01, 0.05)
+        link = AgentLink(
+            [Endpoint(transport, "memory://")], store, bootstrap_token=issued.token, backoff=fast
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(transport.serve, hub)
+            tg.start_soon(link.run_forever)
+            with anyio.fail_after(5):
+                await link.wait_registered()
+            tg.cancel_scope.cancel()
+        creds = await store.load()
+        assert creds is not None
+        assert await enrollment.revoke_agent(creds.agent_id)
+        again = AgentLink(
+            [Endpoint(transport, "memory://")], store, bootstrap_token=issued.token, backoff=fast
+        )
+        refused: RejectedError | None = None
+        async with anyio.create_task_group() as tg:
+            await tg.start(transport.serve, hub)
+            try:
+                with anyio.fail_after(5):
+                    await again.run_forever()
+            except RejectedError as exc:
+                refused = exc
+            tg.cancel_scope.cancel()
+        assert refused is not None
+        assert refused.code == "token_used"
+        assert "revoked" in str(refused)
+        assert await store.load() == creds  # nothing overwritten
 
 
 class TestBackoff:

@@ -165,11 +165,12 @@ class TestEnrollmentSettings:
         assert link is not None
         assert link.bootstrap_token == "id.secret"
         assert (tmp_path / "agent").stat().st_mode & 0o777 == 0o700
-        # Enrolled: the stored credentials are used, a token is ignored.
+        # Enrolled: the stored credentials are used; a token is kept for enrolling again
+        # should the master refuse them (see TestReenrollment).
         (tmp_path / "agent" / "credentials.json").write_text("{}")
         again = link_from_settings(registry, s, token="other.secret", name="a")
         assert again is not None
-        assert again.bootstrap_token is None
+        assert again.bootstrap_token == "other.secret"
 
     def test_the_link_reports_the_nginx_version_it_runs(
         self, pm: Any, registry: ProviderRegistries, tmp_path: Path

@@ -300,6 +300,10 @@ class SessionEnded(ConnectionError):
     """The session with the master ended: the stream closed, or the master asked to drain."""
 
 
+_REENROLL_CODES: Final = frozenset({"agent_revoked", "unknown_key"})
+"""Refusals of stored credentials after which a bootstrap token given enrolls anew."""
+
+
 class AgentLink:
     """Connects the agent to its master; implements `nxmesh.agent.link.MasterLink`."""
 
@@ -332,6 +336,8 @@ class AgentLink:
         self.endpoints = list(endpoints)
         self.credentials = credentials
         self.bootstrap_token = bootstrap_token
+        # Why the stored credentials were refused, while enrolling again with the token.
+        self._reenroll_because: str | None = None
         self.name = name
         self.labels = FrozenMap(labels or {})
         self.nginx_version = nginx_version
@@ -525,8 +531,28 @@ class AgentLink:
         raise NoEndpointError(errors)
 
     async def _serve(self, channel: Channel, task_status: TaskStatus[None]) -> None:
-        creds = await self.credentials.load()
-        crypto, response = await self._register(channel, creds)
+        creds = None if self._reenroll_because else await self.credentials.load()
+        try:
+            crypto, response = await self._register(channel, creds)
+        except RejectedError as exc:
+            if creds is not None and self.bootstrap_token and exc.code in _REENROLL_CODES:
+                # The operator revoked this agent (or its key is gone) and gave it a new
+                # token: enroll again with it on the next attempt, as the master's
+                # message says. The stored credentials stay until that succeeds.
+                self._reenroll_because = str(exc)
+                log.warning(
+                    "the master refuses this agent's credentials; enrolling again with "
+                    "the bootstrap token given",
+                    agent_id=creds.agent_id,
+                    code=exc.code,
+                )
+                raise RejectedError("reenroll", f"{exc}; enrolling again") from exc
+            if creds is None and self._reenroll_because:
+                raise RejectedError(
+                    exc.code, f"{exc} (enrolling again because: {self._reenroll_because})"
+                ) from exc
+            raise
+        self._reenroll_because = None
         self._crypto = crypto
         self._last_received = self.clock()
         self.agent_id = crypto.agent_id

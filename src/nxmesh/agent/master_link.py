@@ -95,11 +95,14 @@ def link_from_settings(
         enrolled=enrolled,
     )
     if enrolled and token:
-        log.info("already enrolled: the bootstrap token is not needed and is ignored")
+        log.info(
+            "already enrolled: the bootstrap token is used only if the master refuses "
+            "this agent's credentials (revoked, key expired) to enroll it again"
+        )
     return AgentLink(
         [Endpoint(build_client(e.cls, settings, e.url), e.url) for e in endpoints],
         store,
-        bootstrap_token=None if enrolled else token,
+        bootstrap_token=token,
         name=name,
         labels=dict(settings.agent.labels),
         agent_version=__version__,
