@@ -104,7 +104,9 @@ class DockerSidecarMode:
         raise NxMeshError(
             "in the docker-sidecar mode nginx is started by its own container; the agent "
             f"found no running nginx through {self.pid_file} (is the volume shared and the "
-            "PID namespace joined with --pid=container:<nginx>?)"
+            "PID namespace joined with --pid=container:<nginx>?). If this agent should "
+            'start nginx itself, set agent.deployment_mode = "standalone" (auto picks '
+            "docker-sidecar inside any container)"
         )
 
     async def signal_nginx(self, signal_name: str) -> None:
