@@ -154,6 +154,10 @@ class TestBootstrapTokens:
         with pytest.raises(EnrollmentError, match="'env' is bound to 'prod'") as info:
             await enrollment.enroll(issued.token, register(issued.token, env="dev"))
         assert info.value.code == "labels_conflict"
+        assert "the token is now spent" in str(info.value)  # the retry's token_used, said now
+        with pytest.raises(EnrollmentError) as again:
+            await enrollment.enroll(issued.token, register(issued.token, env="prod"))
+        assert again.value.code == "token_used"
 
 
 class TestSessionKeys:

@@ -194,7 +194,9 @@ class Enrollment:
                 raise EnrollmentError(
                     "labels_conflict",
                     f"label {name!r} is bound to {value!r} by the bootstrap token, "
-                    f"but the agent asked for {labels[name]!r}",
+                    f"but the agent asked for {labels[name]!r}; the token is now spent "
+                    "(a bound token is for one kind of agent): fix agent.labels and "
+                    "create a new token",
                 )
             labels[name] = value
         agent = Agent(
