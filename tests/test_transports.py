@@ -89,6 +89,25 @@ class TestAgentEndpoints:
             ("grpc", "grpc://m.test:8471"),
         ]
 
+    def test_the_defaults_reach_a_default_master(
+        self, pm: Any, registry: ProviderRegistries
+    ) -> None:
+        """With nothing set, both endpoints point at what `nxmesh master` serves by
+        default: gRPC with TLS on 8471, the WebSocket mount of the plain-HTTP API."""
+        assert urls(registry, settings(pm)) == [
+            ("grpc", "grpcs://127.0.0.1:8471"),
+            ("websocket", "ws://127.0.0.1:8470/agent"),
+        ]
+
+    def test_a_websocket_url_without_a_path_gets_the_mount(
+        self, pm: Any, registry: ProviderRegistries
+    ) -> None:
+        s = settings(pm, **{"agent.master_url": "wss://m.test:8470"})
+        assert urls(registry, s) == [
+            ("grpc", "grpcs://m.test:8471"),
+            ("websocket", "wss://m.test:8470/agent"),
+        ]
+
     def test_explicit_endpoints_win(self, pm: Any, registry: ProviderRegistries) -> None:
         s = settings(pm, **{"agent.endpoints": ["wss://a.test/x", "grpcs://b.test:1"]})
         assert urls(registry, s) == [("websocket", "wss://a.test/x"), ("grpc", "grpcs://b.test:1")]

@@ -209,11 +209,13 @@ def _derive(name: str, cls: type[Any], settings: Settings) -> str | None:
     master_url = settings.agent.master_url
     parts = urlsplit(master_url)
     scheme = parts.scheme
+    ws_path = settings.master.websocket_path
     if scheme in tuple(cls.schemes):
+        if scheme in ("ws", "wss") and parts.path in ("", "/"):
+            return _with(parts, scheme, path=ws_path)  # the master's mount, not its root
         return str(master_url)
     secure = tls_scheme(cls)
     plain = _plain_scheme(cls)
-    ws_path = settings.master.websocket_path
     if set(cls.schemes) >= {"ws", "wss"}:
         if scheme in ("http", "https"):
             path = parts.path.rstrip("/") + ws_path
@@ -232,7 +234,8 @@ def agent_endpoints(registry: ProviderRegistries, settings: Settings) -> list[Ag
     each name in ``agent.transports`` whose plugin is installed, a URL derived from
     ``agent.master_url``:
 
-    * the master URL itself when its scheme belongs to that transport;
+    * the master URL itself when its scheme belongs to that transport (a ``ws(s)://``
+      URL without a path gets the master's mount, ``/agent``);
     * ``websocket`` from ``http(s)://host:port``: ``ws(s)://host:port/agent`` (the
       WebSocket transport is mounted on the master's API); from any other scheme:
       ``ws://host:<master.api_port>/agent``;

@@ -251,7 +251,9 @@ class AgentSettings:
     address (several agents on one host, multi-homed hosts).
     """
 
-    master_url: str = attrs.field(default="wss://127.0.0.1:8470", validator=_url)
+    # The master's API as `nxmesh master` serves it by default (plain HTTP on 8470): the
+    # WebSocket endpoint is derived from it (ws://…/agent), gRPC from its host (:8471).
+    master_url: str = attrs.field(default="http://127.0.0.1:8470", validator=_url)
     transports: tuple[str, ...] = attrs.field(default=("grpc", "websocket"), validator=_names)
     endpoints: tuple[str, ...] = attrs.field(default=(), validator=_urls)
     ca_file: Path | None = None
