@@ -122,6 +122,14 @@ class TestApply:
         assert "invalid: 2 problems" in result.stderr
         assert str(site) in result.stderr
         assert _versions(logged_in, workspace) == []
+        # --json: the same problems as the JSON error document a 422 from the master is.
+        as_json = logged_in("apply", "-f", str(site), "-w", workspace, "--json")
+        assert as_json.exit_code == 1
+        assert as_json.stdout == ""
+        error = json.loads(as_json.stderr)["error"]
+        assert error["status"] == 422
+        paths = [e["path"] for e in error["errors"]]
+        assert paths == ["sites[0].server_names[0]", "sites[0].listeners[0].port"]
 
     def test_master_side_refusal_exits_1_naming_fields(
         self, logged_in: Cli, site: Path, workspace: str

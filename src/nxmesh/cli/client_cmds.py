@@ -15,6 +15,7 @@ with the options given (`ListByDefaultGroup`).
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -193,9 +194,12 @@ def whoami_command(profile: str, as_json: bool) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def load_for_apply(files: tuple[Path, ...]) -> tuple[str, dict[str, Any]]:
+def load_for_apply(
+    files: tuple[Path, ...], *, as_json: bool = False
+) -> tuple[str, dict[str, Any]]:
     """Read and check desired-state files locally: (workspace, JSON body). Exits 1 listing
-    every problem (file, field, why) when they are invalid."""
+    every problem (file, field, why) when they are invalid — with `as_json`, as the JSON
+    error document a 422 from the master gives (see docs/cli.md)."""
     from nxmesh.core.errors import ValidationError
     from nxmesh.core.loader import load_state_files
     from nxmesh.core.serialization import unstructure
@@ -203,6 +207,16 @@ def load_for_apply(files: tuple[Path, ...]) -> tuple[str, dict[str, Any]]:
     try:
         state = load_state_files(files)
     except ValidationError as exc:
+        if as_json:
+            where = f"{exc.source}: " if exc.source else ""
+            doc = {
+                "status": 422,
+                "detail": f"{where}{len(exc.problems)} field(s) invalid (checked locally)",
+                "errors": [{"path": p.path, "message": p.message} for p in exc.problems],
+                "source": str(exc.source) if exc.source else None,
+            }
+            click.echo(json.dumps({"error": doc}), err=True)
+            sys.exit(1)
         noun = "problem" if len(exc.problems) == 1 else "problems"
         click.echo(f"invalid: {len(exc.problems)} {noun}", err=True)
         prefix = f"{exc.source}: " if exc.source else ""
@@ -263,7 +277,7 @@ def apply_command(
     """
     from nxmesh.client import InvalidError
 
-    file_ws, body = load_for_apply(files)
+    file_ws, body = load_for_apply(files, as_json=as_json)
     ws = workspace or file_ws
     body["workspace"] = ws
     out = console()
