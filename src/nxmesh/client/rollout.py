@@ -57,7 +57,8 @@ class RolloutSnapshot:
     digest: str
     agents: tuple[AgentProgress, ...]
     untargeted: int
-    """Agents of the workspace this version is not for (pinned elsewhere, revoked)."""
+    """Agents of the workspace this version is not for: they follow the latest version or
+    one an assignment pins, or are revoked."""
 
     @property
     def converged(self) -> bool:
@@ -134,8 +135,8 @@ def summarize(snapshot: RolloutSnapshot) -> str:
     total = len(snapshot.agents)
     if total == 0:
         return (
-            f"version {snapshot.version}: no agent is targeted"
-            f" ({snapshot.untargeted} pinned elsewhere or revoked)"
+            f"version {snapshot.version}: no agent is targeted (the {snapshot.untargeted}"
+            " enrolled follow the latest version or one an assignment pins, or are revoked)"
             if snapshot.untargeted
             else f"version {snapshot.version}: no agents enrolled"
         )
