@@ -136,6 +136,17 @@ def _validation(request: Request[Any, Any, Any], exc: ValidationError) -> Respon
     )  # fmt: skip
 
 
+_PARAM_FORMS: Final = {
+    "workspace": "a workspace name (a lowercase letter, then up to 62 lowercase letters, "
+    "digits, '-' or '_')",
+    "name": "a name (a lowercase letter, then up to 62 lowercase letters, digits, '-' or '_')",
+    "agent_id": "an agent id (a letter or digit, then up to 127 letters, digits or ._:+-)",
+    "token_id": "a token id (hexadecimal digits)",
+}
+"""How the path parameters of `nxmesh.master.api._common` (and token ids) are written,
+for their pattern errors."""
+
+
 def _litestar_validation(
     request: Request[Any, Any, Any], exc: ValidationException
 ) -> Response[Any]:
@@ -148,7 +159,10 @@ def _litestar_validation(
             # `source` is Litestar's ParamType enum: its value ("query"), not its repr.
             source = getattr(source, "value", source)
             path = ".".join(str(p) for p in (source, key) if p) or "<root>"
-            errors.append(FieldError(path, str(item.get("message", "is invalid"))))
+            message = str(item.get("message", "is invalid"))
+            if message.startswith("Expected `str` matching regex") and key in _PARAM_FORMS:
+                message = f"is not {_PARAM_FORMS[str(key)]}"  # the regex says it less well
+            errors.append(FieldError(path, message))
     if not errors:
         return problem_response(request, 400, "bad-request", "Bad request", str(exc.detail))
     noun = "field is" if len(errors) == 1 else "fields are"
