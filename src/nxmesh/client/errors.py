@@ -175,8 +175,8 @@ def from_problem(status: int, body: object, *, retry_after: float | None = None)
     else:
         cls = InvalidError
     detail = str(doc.get("detail") or "")
-    if status == 429 and retry_after is not None:
-        detail = f"{detail} (retry in {retry_after:.0f} s)".strip()
+    if status == 429 and retry_after is not None and "again in" not in detail:
+        detail = f"{detail} (retry in {retry_after:.0f} s)".strip()  # the master said when
     return cls(
         status,
         detail,
