@@ -56,7 +56,7 @@ def versions_group() -> None:
     metavar="URL",
     help="Storage URL (sqlite:///..., postgresql://...). Default: the configured storage.",
 )
-@click.option("--workspace", help="Workspace to verify. Default: the configured workspace.")
+@click.option("-w", "--workspace", help="Workspace to verify. Default: the configured workspace.")
 @click.option(
     "--public-key",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -189,7 +189,7 @@ def _report(
         for problem in problems:
             click.echo(f"  {problem}", err=True)
     elif count == 0:
-        click.echo(f"no versions in workspace {workspace!r}")
+        click.echo(f"no versions in workspace {workspace!r} (is that the workspace meant?)")
     else:
         noun = "version" if count == 1 else "versions"
         click.echo(f"intact: {count} {noun} in workspace {workspace!r}, signed by key {key_id}")
