@@ -160,6 +160,19 @@ class TestDesiredState:
         assert "+    server_name site1.example.test;" in body["bundle_diff"]
         assert len(versions(master, admin)) == 1
 
+    def test_dry_run_of_an_empty_first_state_says_it_would_store_one(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """An empty workspace: storing an empty state still makes version 1, and the
+        summary says so rather than "no changes" beside ``would_change: true``."""
+        response = master.client.put(
+            f"{WS}/state", params={"dry_run": "true"}, json={"sites": []}, headers=admin
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["base_version"], body["would_change"]) == (None, True)
+        assert body["summary"] == "first version: an empty state"
+
     def test_expected_version_detects_a_lost_update(
         self, master: Master, admin: dict[str, str]
     ) -> None:

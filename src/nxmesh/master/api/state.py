@@ -108,7 +108,11 @@ class StateController(Controller):
                 base_version=preview.base.number if preview.base else None,
                 would_change=preview.changed,
                 changes=preview.diff,
-                summary=preview.diff.summary(),
+                summary=(
+                    "first version: an empty state"  # stored though nothing differs
+                    if preview.base is None and preview.diff.is_empty
+                    else preview.diff.summary()
+                ),
                 bundle_diff=preview.bundle_diff,
                 warnings=tuple(
                     FieldProblem(path=p.path, message=p.message, severity=p.severity)
