@@ -194,9 +194,7 @@ def whoami_command(profile: str, as_json: bool) -> None:
 # ---------------------------------------------------------------------------------------
 
 
-def load_for_apply(
-    files: tuple[Path, ...], *, as_json: bool = False
-) -> tuple[str, dict[str, Any]]:
+def load_for_apply(files: tuple[Path, ...], *, as_json: bool = False) -> tuple[str, dict[str, Any]]:
     """Read and check desired-state files locally: (workspace, JSON body). Exits 1 listing
     every problem (file, field, why) when they are invalid — with `as_json`, as the JSON
     error document a 422 from the master gives (see docs/cli.md)."""
