@@ -358,6 +358,9 @@ class TestSpecificFields:
             "^/a*b?a*",
             "^/x.*(?:y)?.+$",
             "^/(?:x|(.*))(.*)$",
+            "^/(a*a*)?x",
+            "^/(?=a*a*b)",
+            "^/(ab)*[ab]*",
             "^/" + "(?:a|a)" * 26 + "$",
             "^/" + "(?:a|b)" * 11 + "$",
             # POSIX bracket forms nginx's PCRE2 refuses, though Python's re accepts them.
@@ -403,6 +406,7 @@ class TestSpecificFields:
             "^/a?b*",
             "\\.(jpg|jpeg|gif|png|css|js|ico|svg|woff|woff2|ttf)$",
             "^/" + "(?:a|b)" * 10 + "$",
+            "^/[a-z]+(?:-[a-z]+)?/[0-9]+$",
         ],
     )
     def test_good_regex_location(self, value: str) -> None:

@@ -679,18 +679,20 @@ def _regex_items(regex: str, i: int) -> tuple[list[_Item], int, int]:
             if i >= len(regex) or regex[i] != ")":
                 raise _Unanalysable
             i += 1
-            if lookaround:  # zero width: it consumes nothing between its neighbours
-                paths *= inner_paths
-                continue
+            paths *= inner_paths
             group = inner[0] if len(inner) == 1 and inner[0].branches else None
+            alternatives = group.branches if group else (tuple(inner),)
+            if lookaround:
+                # Zero width, so optional to its neighbours; tried at each position, so
+                # what it holds counts beside the repetitions before it.
+                items.append(_Item(regex[start:i], frozenset(), "?", alternatives))
+                continue
             chars = frozenset().union(*(item.chars for item in inner))
             repeat, i = _repeat_at(regex, i)
-            paths *= inner_paths
             if group is None and not repeat:
                 items.extend(inner)  # a plain group is its items, in place
             else:
-                text = regex[start:i]
-                items.append(_Item(text, chars, repeat, group.branches if group else ()))
+                items.append(_Item(regex[start:i], chars, repeat, alternatives))
             continue
         if ch == "[":
             i = _class_end(regex, i)
@@ -738,8 +740,13 @@ def _overlapping_repeats(
                     return found, ()
                 ends.extend(open_after)
             after = list(dict.fromkeys(ends))
-            current = list(dict.fromkeys([*current, *after])) if item.repeat == "?" else after
-        elif item.repeat in ("*", "+"):
+            if item.repeat == "?":
+                current = list(dict.fromkeys([*current, *after]))
+                continue
+            if not item.repeat:
+                current = after
+                continue
+        if item.repeat in ("*", "+"):  # an atom, or a repeated group as a whole
             for earlier in current:
                 if earlier.chars & item.chars:
                     return (earlier.text, item.text), ()
