@@ -438,7 +438,9 @@ class AgentApp:
                     tg.start_soon(self._link_loop, self.link)
                 log.info(
                     "agent running",
-                    agent_id=self.agent_id,
+                    # Its name (agent.name, else the host name); the id the master gives
+                    # it is logged with "registered with the master".
+                    name=self.agent_id,
                     mode=self.mode.name,
                     masterless=self.state_file is not None,
                     metrics_port=self.metrics_port,
