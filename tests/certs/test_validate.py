@@ -137,6 +137,17 @@ class TestChainOrder:
         assert "starts with a CA certificate" in problem.message
         assert "the leaf looks like certificate.chain[0]" in problem.message
 
+    def test_a_lone_self_signed_ca_certificate_says_what_it_is(self, pki: Pki) -> None:
+        """`openssl req -x509` makes CA:TRUE certificates: alone, the message is about
+        that, not about chain order."""
+        own = pki.ca("www.example.test", None)
+        with pytest.raises(ValidationError) as exc:
+            validate_certificate(own.pem, own.key_pem)
+        (problem,) = [p for p in exc.value.problems if p.path == "certificate"]
+        assert "is a self-signed CA certificate" in problem.message
+        assert "CA:FALSE" in problem.message
+        assert "put the server (leaf) certificate first" not in problem.message
+
     def test_swapped_intermediates_are_rejected(self, pki: Pki) -> None:
         """Root before intermediate: the out-of-place entry and its real issuer are named."""
         leaf = pki.leaf("www.example.test")

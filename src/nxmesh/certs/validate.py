@@ -237,6 +237,17 @@ def _check_order(
 ) -> bool:
     """Report chain-order problems; False when the first certificate is not a leaf."""
     leaf = certs[0]
+    if _is_ca(leaf) and len(certs) == 1 and _issued_by(leaf, leaf):
+        found.append(
+            Problem(
+                where[0],
+                f"is a self-signed CA certificate ({_subject(leaf)}; basicConstraints "
+                "CA:TRUE, which `openssl req -x509` sets by default), not a server "
+                "certificate: issue one with CA:FALSE (openssl req -x509 ... -addext "
+                '"basicConstraints=critical,CA:FALSE"), or sign one with this CA',
+            )
+        )
+        return False
     if _is_ca(leaf):
         leaves = [i for i, c in enumerate(certs) if not _is_ca(c)]
         hint = f" (the leaf looks like {where[leaves[0]]})" if leaves else ""
