@@ -430,6 +430,11 @@ class TestSpecificFields:
             "http://app:80",
             "app:80 backup",
             "app:80;server evil:80",
+            # Instance metadata (cloud credentials) is never an upstream.
+            "169.254.169.254:80",
+            "[fe80::1]:80",
+            "[::ffff:169.254.169.254]:80",
+            "[fd00:ec2::254]:80",
         ],
     )
     def test_bad_upstream_address(self, value: str) -> None:

@@ -483,6 +483,25 @@ def _ip_reason(host: str, *, version: int) -> str | None:
 
 
 _ADDRESS_FORMS = "host:port, IPv4:port, [IPv6]:port or unix:/path/to.sock"
+# Cloud instance-metadata services outside the link-local ranges (AWS's IPv6 one).
+_METADATA_ADDRESSES: Final = frozenset({ipaddress.ip_address("fd00:ec2::254")})
+
+
+def _upstream_ip_reason(host: str, *, version: int) -> str | None:
+    """`_ip_reason`, and no link-local or metadata address: an upstream there would
+    publish the host's instance metadata (cloud credentials) through nginx."""
+    reason = _ip_reason(host, version=version)
+    if reason is not None:
+        return reason
+    ip = ipaddress.ip_address(host)
+    target = getattr(ip, "ipv4_mapped", None) or ip
+    if target.is_link_local or target in _METADATA_ADDRESSES:
+        return (
+            f"{host!r} is a link-local or instance-metadata address (169.254.169.254 and "
+            "the like): nginx would publish the host's own cloud credentials; not "
+            "allowed as an upstream"
+        )
+    return None
 
 
 def _upstream_address_refine(value: str) -> str | None:
@@ -497,14 +516,14 @@ def _upstream_address_refine(value: str) -> str | None:
         m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)", value)
         if m is None:
             return f"must be {_ADDRESS_FORMS}; an IPv6 address needs a port, like [::1]:8080"
-        return _ip_reason(m.group(1), version=6) or _port_reason(m.group(2))
+        return _upstream_ip_reason(m.group(1), version=6) or _port_reason(m.group(2))
     host, sep, port = value.rpartition(":")
     if not sep or not port:
         return f"needs a port, like {value or 'backend'}:8080 (or unix:/path.sock)"
     if ":" in host:
         return "an IPv6 address must be written in brackets, like [::1]:8080"
     if re.fullmatch(r"[0-9.]+", host):
-        return _ip_reason(host, version=4) or _port_reason(port)
+        return _upstream_ip_reason(host, version=4) or _port_reason(port)
     if re.fullmatch(_HOST, host, re.ASCII) is None or len(host) > 253:
         return f"{host!r} is not a valid hostname; must be {_ADDRESS_FORMS}"
     return _port_reason(port)
