@@ -589,10 +589,15 @@ class TestVerifyCommand:
         public_key: Path,
         run_verify: Callable[..., Any],
     ) -> None:
-        """A workspace without versions has nothing to break."""
+        """A workspace without versions has nothing to break (the line asks whether it
+        is the one meant: a mistyped -w finds no versions too)."""
         result = run_verify("--storage", "list://db", "--public-key", str(public_key))
         assert result.exit_code == 0
-        assert result.stdout == "no versions in workspace 'default'\n"
+        assert (
+            result.stdout == "no versions in workspace 'default' (is that the workspace meant?)\n"
+        )
+        short = run_verify("--storage", "list://db", "--public-key", str(public_key), "-w", "x")
+        assert short.stdout.startswith("no versions in workspace 'x'")
 
     def test_json_output(
         self,
