@@ -267,6 +267,8 @@ class TestSpecificFields:
             "/var/log/nginx",
             "/var/cache",
             "/var/run",
+            "/var/lock",
+            "/var/crash/core.1234",
             "/run",
             "/run/secrets",
             "/tmp",

@@ -334,6 +334,8 @@ _PROTECTED_ROOTS = (
     "/var/backups",
     "/var/tmp",  # noqa: S108 - refused as a root, never written to
     "/var/run",
+    "/var/lock",  # a link to /run/lock
+    "/var/crash",  # core dumps: process memory, keys included
     "/tmp",  # noqa: S108 - refused as a root, never written to
     "/usr",
     "/bin",
