@@ -226,13 +226,7 @@ class TestEnrollmentOnTheWire:
         issued = await enrollment.create_token()
         transport = _TappedTransport()
         store = MemoryCredentialStore()
-        link = AgentLink([Endpoint(transport, "memory://")], store, bootstrap_token=issued.token)
-        async with anyio.create_task_group() as tg:
-            await tg.start(transport.serve, hub)
-            tg.start_soon(link.run_forever)
-            with anyio.fail_after(5):
-                await link.wait_registered()
-            tg.cancel_scope.cancel()
+        await _serve_until_registered(transport, hub, store, issued.token)
         creds = await store.load()
         assert creds is not None
         register, response = (decode_body(unseal(f)) for f in transport.seen[:2])
@@ -251,6 +245,39 @@ class TestEnrollmentOnTheWire:
                 open_key(guess, response.sealed_key, aad=aad)
 
 
+async def _enroll_and_revoke(
+    storage: SqliteStorage, transport: MemoryTransport, store: MemoryCredentialStore
+) -> tuple[MasterSessionHub, AgentCredentials, str]:
+    """An agent enrolled through `transport` into `store` (with the token returned),
+    then revoked on the master."""
+    enrollment = Enrollment(storage)
+    hub = MasterSessionHub(enrollment)
+    token = (await enrollment.create_token()).token
+    await _serve_until_registered(transport, hub, store, token)
+    creds = await store.load()
+    assert creds is not None
+    assert await enrollment.revoke_agent(creds.agent_id)
+    return hub, creds, token
+
+
+async def _serve_until_registered(
+    transport: MemoryTransport, hub: MasterSessionHub, store: MemoryCredentialStore, token: str
+) -> None:
+    """Serve `hub` on `transport` until an agent with `token` registered, then stop both."""
+    link = AgentLink(
+        [Endpoint(transport, "memory://")], store, bootstrap_token=token, backoff=_FAST
+    )
+    async with anyio.create_task_group() as tg:
+        await tg.start(transport.serve, hub)
+        tg.start_soon(link.run_forever)
+        with anyio.fail_after(5):
+            await link.wait_registered()
+        tg.cancel_scope.cancel()
+
+
+_FAST = Backoff(0.01, 0.05)
+
+
 class TestReenrollment:
     """A revoked agent given a new bootstrap token enrolls again with it, as the master's
     refusal ("enroll it again with a new bootstrap token") says."""
@@ -258,35 +285,10 @@ class TestReenrollment:
     async def test_a_revoked_agent_enrolls_again_with_a_new_token(
         self, storage: SqliteStorage
     ) -> None:
-        enrollment = Enrollment(storage)
-        hub = MasterSessionHub(enrollment)
-        first = await enrollment.create_token()
-        store = MemoryCredentialStore()
-        transport = MemoryTransport()
-        fast = Backoff(0.01, 0.05)
-        link = AgentLink(
-            [Endpoint(transport, "memory://")], store, bootstrap_token=first.token, backoff=fast
-        )
-        async with anyio.create_task_group() as tg:
-            await tg.start(transport.serve, hub)
-            tg.start_soon(link.run_forever)
-            with anyio.fail_after(5):
-                await link.wait_registered()
-            tg.cancel_scope.cancel()
-        old = await store.load()
-        assert old is not None
-        assert await enrollment.revoke_agent(old.agent_id)
-
-        second = await enrollment.create_token()
-        again = AgentLink(
-            [Endpoint(transport, "memory://")], store, bootstrap_token=second.token, backoff=fast
-        )
-        async with anyio.create_task_group() as tg:
-            await tg.start(transport.serve, hub)
-            tg.start_soon(again.run_forever)
-            with anyio.fail_after(5):
-                await again.wait_registered()
-            tg.cancel_scope.cancel()
+        store, transport = MemoryCredentialStore(), MemoryTransport()
+        hub, old, _ = await _enroll_and_revoke(storage, transport, store)
+        second = await hub.enrollment.create_token()
+        await _serve_until_registered(transport, hub, store, second.token)
         new = await store.load()
         assert new is not None
         assert new.agent_id != old.agent_id  # a new identity; the revoked one stays revoked
@@ -302,26 +304,10 @@ class TestReenrollment:
     ) -> None:
         """The spent token it enrolled with cannot bring it back: the agent stops, saying
         both why its credentials were refused and why the token was."""
-        enrollment = Enrollment(storage)
-        hub = MasterSessionHub(enrollment)
-        issued = await enrollment.create_token()
-        store = MemoryCredentialStore()
-        transport = MemoryTransport()
-        fast = Backoff(0.01, 0.05)
-        link = AgentLink(
-            [Endpoint(transport, "memory://")], store, bootstrap_token=issued.token, backoff=fast
-        )
-        async with anyio.create_task_group() as tg:
-            await tg.start(transport.serve, hub)
-            tg.start_soon(link.run_forever)
-            with anyio.fail_after(5):
-                await link.wait_registered()
-            tg.cancel_scope.cancel()
-        creds = await store.load()
-        assert creds is not None
-        assert await enrollment.revoke_agent(creds.agent_id)
+        store, transport = MemoryCredentialStore(), MemoryTransport()
+        hub, creds, spent = await _enroll_and_revoke(storage, transport, store)
         again = AgentLink(
-            [Endpoint(transport, "memory://")], store, bootstrap_token=issued.token, backoff=fast
+            [Endpoint(transport, "memory://")], store, bootstrap_token=spent, backoff=_FAST
         )
         refused: RejectedError | None = None
         async with anyio.create_task_group() as tg:
