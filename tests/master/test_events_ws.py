@@ -110,6 +110,32 @@ class TestEventStream:
         assert not any(a and a.startswith(("api_token.", "user.")) for a in actions)
         assert 2 not in [p.get("number") for p in delivered]
 
+    @pytest.mark.parametrize("change", ["delete", "demote"])
+    def test_a_login_sessions_stream_ends_with_its_session(
+        self, master: Master, change: str
+    ) -> None:
+        """A stream opened with a password login's access token ends (4401) when the
+        user is deleted or demoted: the change ends the session, and the stream's
+        re-check finds the token's session gone, as the REST API does."""
+        master.add_user("eve", "correct horse battery", "admin")
+        login = master.client.post(
+            "/api/v1/auth/login", json={"username": "eve", "password": "correct horse battery"}
+        ).json()
+        bearer = {"Authorization": f"Bearer {login['access_token']}"}
+        admin = master.headers("admin", subject="admin")
+        with master.client.websocket_connect(EVENTS, headers=bearer) as ws:
+            assert ws.receive_json(timeout=TIMEOUT)["type"] == "ready"
+            if change == "delete":
+                done = master.client.delete("/api/v1/users/eve", headers=admin)
+            else:
+                body = {"roles": ["viewer"]}
+                done = master.client.patch("/api/v1/users/eve", json=body, headers=admin)
+            assert done.status_code in (200, 204), done.text
+            put_state(master, "default")
+            delivered, code = events_until_closed(ws)
+        assert code == 4401
+        assert 1 not in [p.get("number") for p in delivered]
+
     def test_the_stream_checks_its_token_again_in_time(
         self, master: Master, monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -23,7 +23,8 @@ missing ``event:read``, 4400 a malformed message, 4408 the client fell behind (r
 The credentials are checked again before events are delivered, as the REST API checks
 them on every request: right away after an audited change to users or API tokens, and at
 least every `RECHECK_INTERVAL` seconds otherwise. A revoked API token, a deleted or
-disabled owner closes the socket (4401); changed roles change what it delivers.
+disabled owner, or a login session that ended (logout, new password, changed roles)
+closes the socket (4401).
 """
 
 from __future__ import annotations
