@@ -24,7 +24,8 @@ The credentials are checked again before events are delivered, as the REST API c
 them on every request: right away after an audited change to users or API tokens, and at
 least every `RECHECK_INTERVAL` seconds otherwise. A revoked API token, a deleted or
 disabled owner, or a login session that ended (logout, new password, changed roles)
-closes the socket (4401).
+closes the socket (4401); an API token's owner with changed roles changes what it
+delivers.
 """
 
 from __future__ import annotations
