@@ -93,7 +93,7 @@ class TestIslandMode:
     async def test_unreachable_master_leaves_the_agent_serving(self, agent_env: AgentEnv) -> None:
         """A link that cannot connect is retried with backoff; the cache keeps serving."""
         await _serve_state_file_once(agent_env, "offline")
-        link = _Link(fail=True)
+        link = _Link(error=ConnectionRefusedError("master is down"))
         async with anyio.create_task_group() as tg:
             app: AgentApp = await tg.start(agent_env.build(link=link).run)
             with anyio.fail_after(5):
@@ -105,19 +105,22 @@ class TestIslandMode:
 
 
 class _Link:
-    """A stand-in transport: pushes the given updates once connected, records reports."""
+    """A stand-in transport: pushes the given updates once connected, records reports;
+    with `error`, every session attempt raises it instead."""
 
-    def __init__(self, updates: list[PendingApply] | None = None, *, fail: bool = False) -> None:
+    def __init__(
+        self, updates: list[PendingApply] | None = None, *, error: Exception | None = None
+    ) -> None:
         self.updates = updates or []
-        self.fail = fail
+        self.error = error
         self.hellos: list[AgentHello] = []
         self.reports: list[ApplyReport] = []
         self.health: list[HealthReport] = []
         self.events: list[Event] = []
 
     async def run(self, session: AgentSession, *, task_status: anyio.abc.TaskStatus[None]) -> None:
-        if self.fail:
-            raise ConnectionRefusedError("master is down")
+        if self.error is not None:
+            raise self.error
         self.hellos.append(session.hello())
         task_status.started()
         for update in self.updates:
@@ -369,14 +372,9 @@ class TestLinkFailures:
         """A revoked agent keeps its cached site up and stops knocking on the master."""
         await _serve_state_file_once(agent_env, "revoked")
 
-        class Revoked(_Link):
-            async def run(
-                self, session: AgentSession, *, task_status: anyio.abc.TaskStatus[None]
-            ) -> None:
-                raise _Rejected("agent revoked")
-
         async with anyio.create_task_group() as tg:
-            app: AgentApp = await tg.start(agent_env.build(link=Revoked()).run)
+            revoked = _Link(error=_Rejected("agent revoked"))
+            app: AgentApp = await tg.start(agent_env.build(link=revoked).run)
             with anyio.fail_after(5):
                 while not app.events.events("master.rejected"):
                     await anyio.sleep(0.02)
@@ -397,15 +395,11 @@ class TestLinkFailures:
 
         await _serve_state_file_once(agent_env, "unsafe")
 
-        class Unsafe(_Link):
-            async def run(
-                self, session: AgentSession, *, task_status: anyio.abc.TaskStatus[None]
-            ) -> None:
-                raise SecretError("credentials file is readable by others; chmod 600 it")
+        unsafe = _Link(error=SecretError("credentials file is readable by others; chmod 600 it"))
 
         with capture_logs() as logs:
             async with anyio.create_task_group() as tg:
-                app: AgentApp = await tg.start(agent_env.build(link=Unsafe()).run)
+                app: AgentApp = await tg.start(agent_env.build(link=unsafe).run)
                 with anyio.fail_after(10):  # a bound: retries come after the short backoff
                     while len(app.events.events("master.error")) < 2:
                         await anyio.lowlevel.checkpoint()
