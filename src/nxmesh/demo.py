@@ -294,10 +294,10 @@ def _stop_nginx_by_pid_file(pid_file: Path) -> None:
     """Stop an nginx a crashed run left behind (only if the pid really is an nginx)."""
     import psutil
 
-    from nxmesh.agent.process import is_nginx, pid_alive, pid_in_file, quit_then_kill
+    from nxmesh.agent.process import nginx_pid_in, quit_then_kill
 
-    pid = pid_in_file(pid_file)
-    if pid is None or not pid_alive(pid) or not is_nginx(pid):
+    pid = nginx_pid_in(pid_file)
+    if pid is None:
         return
     with contextlib.suppress(psutil.NoSuchProcess):  # exited meanwhile
         quit_then_kill([psutil.Process(pid)], timeout=10)

@@ -28,6 +28,7 @@ __all__ = [
     "WorkerSet",
     "is_nginx",
     "nginx_environment",
+    "nginx_pid_in",
     "nginx_version",
     "orphaned_workers",
     "pid_alive",
@@ -138,29 +139,23 @@ async def read_pid_file(path: Path) -> int | None:
     A pid file that outlived a reboot may name an unrelated process by now: a pid whose
     process is not nginx counts as stale, so it is never signalled.
     """
-    try:
-        text = await anyio.Path(path).read_text()
-    except OSError:
-        return None
-    pid = _parse_pid(text)
+    return await anyio.to_thread.run_sync(nginx_pid_in, path)
+
+
+def nginx_pid_in(path: Path) -> int | None:
+    """`read_pid_file`, blocking: the pid in `path` when it is a live nginx, else None."""
+    pid = pid_in_file(path)
     return pid if pid is not None and pid_alive(pid) and is_nginx(pid) else None
-
-
-def _parse_pid(text: str) -> int | None:
-    try:
-        pid = int(text.strip())
-    except ValueError:
-        return None
-    return pid if pid > 0 else None
 
 
 def pid_in_file(path: Path) -> int | None:
     """The pid written in `path` (blocking), running or not; None when the file is
-    missing or holds no positive number. `read_pid_file` for the live nginx."""
+    missing or holds no positive number. `nginx_pid_in` for the live nginx."""
     try:
-        return _parse_pid(path.read_text())
-    except OSError:
+        pid = int(path.read_text().strip())
+    except (OSError, ValueError):
         return None
+    return pid if pid > 0 else None
 
 
 def quit_then_kill(procs: list[psutil.Process], *, timeout: float) -> None:
