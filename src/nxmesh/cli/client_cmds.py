@@ -15,7 +15,6 @@ with the options given (`ListByDefaultGroup`).
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -196,8 +195,8 @@ def whoami_command(profile: str, as_json: bool) -> None:
 
 def load_for_apply(files: tuple[Path, ...], *, as_json: bool = False) -> tuple[str, dict[str, Any]]:
     """Read and check desired-state files locally: (workspace, JSON body). Exits 1 listing
-    every problem (file, field, why) when they are invalid — with `as_json`, as the JSON
-    error document a 422 from the master gives (see docs/cli.md)."""
+    every problem (file, field, why) when they are invalid — with `as_json`, raises them
+    as the `InvalidError` a 422 from the master is (see docs/cli.md)."""
     from nxmesh.core.errors import ValidationError
     from nxmesh.core.loader import load_state_files
     from nxmesh.core.serialization import unstructure
@@ -205,16 +204,16 @@ def load_for_apply(files: tuple[Path, ...], *, as_json: bool = False) -> tuple[s
     try:
         state = load_state_files(files)
     except ValidationError as exc:
-        if as_json:
+        if as_json:  # `client_command` prints it as it prints the master's 422
+            from nxmesh.client import FieldError, InvalidError
+
             where = f"{exc.source}: " if exc.source else ""
-            doc = {
-                "status": 422,
-                "detail": f"{where}{len(exc.problems)} field(s) invalid (checked locally)",
-                "errors": [{"path": p.path, "message": p.message} for p in exc.problems],
-                "source": str(exc.source) if exc.source else None,
-            }
-            click.echo(json.dumps({"error": doc}), err=True)
-            sys.exit(1)
+            raise InvalidError(
+                422,
+                f"{where}{len(exc.problems)} field(s) invalid (checked locally)",
+                title="Validation failed",
+                errors=tuple(FieldError(p.path, p.message) for p in exc.problems),
+            ) from None
         noun = "problem" if len(exc.problems) == 1 else "problems"
         click.echo(f"invalid: {len(exc.problems)} {noun}", err=True)
         prefix = f"{exc.source}: " if exc.source else ""
