@@ -818,7 +818,7 @@ class NginxRenderer:
         if problems:
             raise RenderError(
                 f"with agent.listen_address = {address!r}: "
-                + "; ".join(f"{p.path}: {p.message}" for p in problems)
+                + "; ".join(map(str, problems))  # Problem prints as "path: message"
             )
         return bound
 
