@@ -224,6 +224,15 @@ class TestLocation:
             loc(upstream="app", index=("index.html",))
         assert paths_of(exc) == ["index"]
 
+    @pytest.mark.parametrize("action", [{"upstream": "app"}, {"return_": Return(204)}])
+    def test_serve_dotfiles_needs_root(self, action: dict[str, object]) -> None:
+        """serve_dotfiles only applies to static locations; false is fine anywhere."""
+        with pytest.raises(Invalid) as exc:
+            loc(serve_dotfiles=True, **action)
+        assert paths_of(exc) == ["serve_dotfiles"]
+        assert "serves files from a root" in str(exc.value)
+        assert loc(serve_dotfiles=False, **action).serve_dotfiles is False
+
     @pytest.mark.parametrize(
         ("regex", "says"),
         [

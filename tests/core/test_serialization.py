@@ -8,6 +8,7 @@ import math
 from functools import partial
 from typing import Any
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -291,6 +292,28 @@ class TestCanonicalJson:
         """state_digest is the hex sha256 of the canonical JSON."""
         state = structure_state({"sites": [site()]})
         assert state_digest(state) == hashlib.sha256(canonical_json(state)).hexdigest()
+
+    def test_an_added_field_at_its_default_keeps_earlier_digests(self) -> None:
+        """A field marked `ADDED_FIELD` (``serve_dotfiles``) is absent from the canonical
+        JSON at its default: a state stored before it existed reads back to the same
+        digest, so its signed versions still verify. Set, it counts like any field."""
+        earlier = {"path": "/", "root": "/srv/www"}
+        location = structure(earlier, Location)
+        assert location.serve_dotfiles is False
+        assert "serve_dotfiles" not in unstructure(location)
+        a = structure_state({"sites": [site(locations=[earlier])]})
+        assert b"serve_dotfiles" not in canonical_json(a)
+        b = structure_state({"sites": [site(locations=[{**earlier, "serve_dotfiles": True}])]})
+        assert unstructure(b.sites[0].locations[0])["serve_dotfiles"] is True
+        assert state_digest(a) != state_digest(b)
+        assert structure_state(unstructure(b)) == b
+
+    def test_added_fields_have_defaults(self) -> None:
+        """Only a field with a default can be left out (and read back) this way."""
+        for cl in (Location, Site, Listener, Upstream, UpstreamServer, TLSConfig, DesiredState):
+            for a in attrs.fields(cl):
+                if a.metadata.get("omit_default"):
+                    assert a.default is not attrs.NOTHING, f"{cl.__name__}.{a.name}"
 
     def test_digest_changes_with_content(self) -> None:
         """Changing one field changes the digest."""

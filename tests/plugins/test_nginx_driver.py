@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -20,6 +22,7 @@ from nxmesh.core.model import (
     ApplyReport,
     DesiredState,
     Listener,
+    Location,
     PendingApply,
     Site,
     Upstream,
@@ -457,3 +460,71 @@ class TestFirstApplyOverAForeignTree:
         assert os.readlink(stack.layout.conf_dir / "current") == "releases/bootstrap"
         assert not (stack.layout.conf_dir / "apply.journal").exists()
         assert await stack.body() == "bootstrap"
+
+
+@pytest.fixture
+def www() -> Iterator[Path]:
+    """A document root nginx's workers can read, where the model accepts one (`/srv`)."""
+    root = Path(tempfile.mkdtemp(prefix="nxmesh-test-", dir="/srv"))
+    try:
+        root.chmod(0o755)
+        files = {
+            "index.html": "home",
+            ".env": "SECRET=1",
+            ".git/config": "[core]",
+            "app/.htpasswd": "admin:x",
+            ".well-known/security.txt": "contact",
+            "a.b/file.txt": "dotted directory",
+        }
+        for name, text in files.items():
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            path.write_text(text)
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+def _static_state(
+    port: int, root: Path, *, serve_dotfiles: bool = False, path: str = "/", match: str = "prefix"
+) -> DesiredState:
+    location = Location(path=path, match=match, root=str(root), serve_dotfiles=serve_dotfiles)  # type: ignore[arg-type]
+    site = Site(
+        name="files",
+        server_names=("localhost",),
+        listeners=(Listener(port=port, address="127.0.0.1"),),
+        locations=(location,),
+    )
+    return DesiredState(sites=(site,))
+
+
+class TestStaticFiles:
+    @pytest.mark.parametrize(
+        ("path", "match"), [("/", "prefix"), ("^/", "regex"), ("^/", "regex_ci")]
+    )
+    async def test_hidden_files_are_not_served(
+        self, stack: NginxStack, www: Path, path: str, match: str
+    ) -> None:
+        """A root location answers 404 for dotfiles and dot-directories at any depth,
+        however the URI spells the dot; `/.well-known/` and dots inside names are served."""
+        state = _static_state(stack.web_port, www, path=path, match=match)
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        for hidden in ("/.env", "/.git/config", "/app/.htpasswd", "/%2egit/config", "/x/../.env"):
+            assert (await stack.fetch(hidden)).status == 404, hidden
+        served = {
+            "/index.html": "home",
+            "/.well-known/security.txt": "contact",
+            "/a.b/file.txt": "dotted directory",
+        }
+        for shown, text in served.items():
+            response = await stack.fetch(shown)
+            assert (response.status, response.text) == (200, text), shown
+
+    async def test_serve_dotfiles_serves_them(self, stack: NginxStack, www: Path) -> None:
+        """``serve_dotfiles: true`` turns the rule off for its location."""
+        state = _static_state(stack.web_port, www, serve_dotfiles=True)
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        response = await stack.fetch("/.env")
+        assert (response.status, response.text) == (200, "SECRET=1")

@@ -50,6 +50,7 @@ PROPERTY_SETTINGS = settings(
 # directive name would fail the allow-set check even before the exact comparison.
 ALLOWED_DIRECTIVES = frozenset(
     {
+        "if",  # only the hidden-files rule of a static location (see `HIDDEN_FILES`)
         "user",
         "worker_processes",
         "worker_shutdown_timeout",
@@ -235,6 +236,7 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
         return Location(
             root=draw(roots),
             index=tuple(draw(st.lists(matching(v.FILE_NAME), max_size=3))),
+            serve_dotfiles=draw(st.booleans()),
             **common,
         )
     if action == "redirect":
@@ -388,6 +390,8 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
             lines.append(("proxy_read_timeout", [f"{view.read_timeout}s"]))
     elif loc.root is not None:
         lines.append(("root", [loc.root]))
+        if not loc.serve_dotfiles:
+            lines.append(HIDDEN_FILES)
         if loc.index:
             lines.append(("index", list(loc.index)))
         lines.append(("try_files", ["$uri", "$uri/", "=404"]))
@@ -401,6 +405,10 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
 
 
 ACME_LOCATION = ["^~", "/.well-known/acme-challenge/"]
+
+# Every static location not serving dotfiles answers 404 for a hidden path segment.
+HIDDEN_FILES = ("if", ["$uri", "~", r"/\.(?!well-known(?:/|$))"])
+HIDDEN_FILES_BLOCK = [("return", ["404"])]
 
 
 def check_acme_location(block: Directive) -> None:
@@ -457,6 +465,8 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
         assert values(block) == loc_args
         assert [d["directive"] for d in block["block"]] == loc_names
         assert [values(d) for d in block["block"]] == loc_values
+        for rule in (d for d in block["block"] if d["directive"] == "if"):
+            assert [(d["directive"], values(d)) for d in rule["block"]] == HIDDEN_FILES_BLOCK
 
 
 def check_upstreams(state: DesiredState, parsed: list[Directive]) -> None:

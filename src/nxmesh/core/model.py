@@ -11,6 +11,10 @@ validation, so one pass reports field and cross-object problems together.
 Sequences are tuples and mappings are `FrozenMap`, so every object is immutable and
 hashable. The YAML/JSON field names are the attribute names, except ``Location.return_``
 which is spelled ``return`` (see the ``key`` metadata, honoured by the converter).
+
+A field added once versions exist carries `ADDED_FIELD`: the converter leaves it out of
+the canonical JSON while it holds its default, so states written before it existed keep
+their digests (and signed versions still verify).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import attrs
 
@@ -27,6 +31,7 @@ from nxmesh.core.errors import Problem
 from nxmesh.core.hints import closest
 
 __all__ = [
+    "ADDED_FIELD",
     "Agent",
     "ApplyReport",
     "CertificateRef",
@@ -56,6 +61,9 @@ __all__ = [
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+ADDED_FIELD: Final[Mapping[str, bool]] = {"omit_default": True}
+"""Field metadata: omitted from unstructured (and canonical) output at its default."""
 
 
 class FrozenMap(Mapping[K, V]):
@@ -294,6 +302,11 @@ class Location:
     client_max_body_size: str | None = attrs.field(
         default=None, validator=v.text(v.SIZE, optional=True)
     )
+    # Added after versions were first signed: left out of the canonical JSON at its
+    # default, so every earlier state keeps its digest (see `ADDED_FIELD`).
+    serve_dotfiles: bool = attrs.field(
+        default=False, validator=v.choice(True, False), metadata=ADDED_FIELD
+    )
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -316,8 +329,10 @@ class Location:
             for name in ("websocket", "proxy_headers", "proxy_read_timeout"):
                 if getattr(self, name) not in (None, False, ()):
                     found.append((name, "only applies when the location proxies to an upstream"))
-        if self.index and self.root is None:
-            found.append(("index", "only applies when the location serves files from a root"))
+        if self.root is None:
+            for name in ("index", "serve_dotfiles"):
+                if getattr(self, name) not in (False, ()):
+                    found.append((name, "only applies when the location serves files from a root"))
         v.raise_problems(found)
 
 

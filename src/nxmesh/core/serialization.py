@@ -231,10 +231,14 @@ def _attrs_structure_hook(cl: type[Any]) -> Hook:
 
 def _attrs_unstructure_hook(cl: type[Any]) -> Callable[[Any], Any]:
     attrs.resolve_types(cl)
-    renames: dict[str, Any] = {
-        a.name: override(rename=_key(a)) for a in attrs.fields(cl) if "key" in a.metadata
+    overrides: dict[str, Any] = {
+        a.name: override(
+            rename=a.metadata.get("key"), omit_if_default=a.metadata.get("omit_default", False)
+        )
+        for a in attrs.fields(cl)
+        if "key" in a.metadata or "omit_default" in a.metadata
     }
-    return make_dict_unstructure_fn(cl, converter, **renames)
+    return make_dict_unstructure_fn(cl, converter, **overrides)
 
 
 converter.register_structure_hook_factory(attrs.has, _attrs_structure_hook)
