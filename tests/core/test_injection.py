@@ -447,6 +447,50 @@ class TestSpecificFields:
     @pytest.mark.parametrize(
         "value",
         [
+            "unix:/var/run/docker.sock",
+            "unix:/run/docker.sock",
+            "unix:/docker.sock",  # bind-mounted into a container
+            "unix:/srv/app/containerd.sock",
+            "unix:/run/containerd/containerd.sock.ttrpc",
+            "unix:/run/podman/podman.sock",
+            "unix:/run/user/1000/docker.sock",
+            "unix:/run/user/1000/bus",
+            "unix:/run/systemd/private",
+            "unix:/var/run/dbus/system_bus_socket",
+            "unix:/run/snapd.socket",
+            "unix:/var/lib/kubelet/pod-resources/kubelet.sock",
+            "unix:/var/snap/lxd/common/lxd/unix.socket",
+        ],
+    )
+    def test_host_control_sockets_are_refused(self, value: str) -> None:
+        """A proxy to a container runtime's or system service's socket would hand the host
+        to whoever reaches the site: refused, saying why."""
+        field = "upstreams[0].servers[0].address"
+        with pytest.raises(ValidationError) as exc:
+            structure_state(set_at(base_doc(), field, value))
+        (problem,) = exc.value.problems
+        assert problem.path == field
+        assert "control socket of a container runtime or system service" in problem.message
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "unix:/run/php/php8.2-fpm.sock",
+            "unix:/var/run/php/php-fpm.sock",
+            "unix:/srv/app/gunicorn.sock",
+            "unix:/run/uwsgi/app.socket",
+            "unix:/var/www/app/unix.socket",
+        ],
+    )
+    def test_application_sockets_are_accepted(self, value: str) -> None:
+        """Sockets of application servers (php-fpm, gunicorn, uwsgi) pass."""
+        field = "upstreams[0].servers[0].address"
+        state = structure_state(set_at(base_doc(), field, value))
+        assert state.upstreams[0].servers[0].address == value
+
+    @pytest.mark.parametrize(
+        "value",
+        [
             "javascript:alert(1)",
             "//evil.example",
             "ftp://example.com/",

@@ -506,14 +506,66 @@ def _upstream_ip_reason(host: str, *, version: int) -> str | None:
     return None
 
 
+# Sockets that control the host: whoever reaches a site proxying to one could start a
+# privileged container (Docker, containerd, Podman, CRI-O, BuildKit), drive systemd or
+# D-Bus, or manage snaps, VMs and LXD. By file name anywhere (a bind mount can put
+# /var/run/docker.sock at /docker.sock) and by the directories those services own.
+_CONTROL_SOCKETS: Final = frozenset(
+    {
+        "docker.sock",
+        "containerd.sock",
+        "podman.sock",
+        "crio.sock",
+        "dockershim.sock",
+        "buildkitd.sock",
+        "kubelet.sock",
+        "snapd.socket",
+        "snapd-snap.socket",
+        "system_bus_socket",
+        "libvirt-sock",
+    }
+)
+_CONTROL_SOCKET_DIRS: Final = (
+    "/run/containerd",
+    "/run/docker",
+    "/run/podman",
+    "/run/crio",
+    "/run/dbus",
+    "/run/systemd",
+    "/run/user",  # rootless Docker and Podman, each user's systemd and D-Bus
+    "/run/libvirt",
+    "/run/k3s",
+    "/run/lxd",
+    "/var/lib/docker",
+    "/var/lib/containerd",
+    "/var/lib/kubelet",
+    "/var/lib/lxd",
+    "/var/snap/lxd",
+)
+
+
+def _unix_socket_reason(path: str) -> str | None:
+    if re.fullmatch(r"/[A-Za-z0-9._/-]{1,200}", path, re.ASCII) is None:
+        return "a unix socket must be an absolute path like unix:/run/app.sock"
+    segments = [s for s in path.split("/") if s]
+    if any(s in (".", "..") for s in segments):
+        return "a unix socket path must not contain '.' or '..' segments"
+    normal = "/" + "/".join(segments)
+    if normal.startswith("/var/run/"):  # a link to /run on every current distribution
+        normal = normal[4:]
+    name = segments[-1] if segments else ""
+    if name in _CONTROL_SOCKETS or any(normal.startswith(d + "/") for d in _CONTROL_SOCKET_DIRS):
+        return (
+            f"unix:{path} is the control socket of a container runtime or system service "
+            "(Docker, containerd, systemd, D-Bus and the like): whoever reaches the site "
+            "would control the host; not allowed as an upstream"
+        )
+    return None
+
+
 def _upstream_address_refine(value: str) -> str | None:
     if value.startswith("unix:"):
-        path = value[5:]
-        if re.fullmatch(r"/[A-Za-z0-9._/-]{1,200}", path, re.ASCII) is None:
-            return "a unix socket must be an absolute path like unix:/run/app.sock"
-        if any(s in (".", "..") for s in path.split("/")):
-            return "a unix socket path must not contain '.' or '..' segments"
-        return None
+        return _unix_socket_reason(value[5:])
     if value.startswith("["):
         m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)", value)
         if m is None:
