@@ -117,7 +117,7 @@ class TestMasterLinkSeam:
                     digest=version.digest,
                     outcome="failed",
                     message="nginx -t failed",
-                    nginx_output="nginx: [emerg] \x1b[31mbad\x1b[0m",
+                    nginx_output="nginx: [emerg] \x1b[31mbad\x1b[0m in \u202etxt.exe",
                 )
             )
             await link.report_event(Event(kind="apply.failed", payload={"version": 2}))
@@ -127,7 +127,7 @@ class TestMasterLinkSeam:
                     await anyio.sleep(0.01)
             status = final["agent-1"]
             assert (status.phase, status.error) == ("failed", "nginx -t failed")
-            assert "\x1b" not in status.nginx_output
+            assert status.nginx_output == "nginx: [emerg] [31mbad[0m in txt.exe"
             logs = [m for _, m in received if isinstance(m, LogBatch)]
             assert "apply.failed" in logs[0].entries[0].message
             tg.cancel_scope.cancel()

@@ -49,6 +49,7 @@ import structlog
 from anyio.abc import TaskStatus
 
 from nxmesh._concurrency import unwrap_group
+from nxmesh.core import validation as v
 from nxmesh.core.envelope import (
     MAX_SKEW,
     ClockSkewError,
@@ -122,7 +123,9 @@ T = TypeVar("T")
 
 _OUTBOX: Final = 256
 _TEXT_LIMIT: Final = 4000
-_CONTROL = dict.fromkeys([*range(9), *range(11, 32), 127, *range(128, 160), 0x2028, 0x2029])
+# Deleted from free text: what `LOG_TEXT` refuses, and the bidirectional controls new
+# text may not hold (nginx quotes file contents in its errors).
+_CONTROL = dict.fromkeys(v.CONTROL_CHARACTERS | v.BIDI_CONTROLS)
 
 
 def _text(value: str) -> str:

@@ -90,6 +90,32 @@ class TestDesiredState:
         }
         assert versions(master, admin) == []
 
+    @pytest.mark.parametrize(
+        ("message", "says"),
+        [
+            ("fix \x1b[2Jtypo", "control character U+001B"),
+            ("rollback of \u202eexe.txt", "U+202E, a bidirectional control character"),
+        ],
+    )
+    def test_a_message_with_control_characters_is_refused(
+        self, master: Master, admin: dict[str, str], message: str, says: str
+    ) -> None:
+        """A commit message that would rewrite a terminal (escapes, bidirectional
+        overrides) is a 422 naming ``query.message``; nothing is committed."""
+        state = unstructure(make_state())
+        response = master.client.put(
+            f"{WS}/state", json=state, params={"message": message}, headers=admin
+        )
+        assert response.status_code == 422, response.text
+        [error] = response.json()["errors"]
+        assert error["path"] == "query.message"
+        assert says in error["message"]
+        assert versions(master, admin) == []
+        ok = master.client.put(
+            f"{WS}/state", json=state, params={"message": "fix typo"}, headers=admin
+        )
+        assert ok.json()["version"]["message"] == "fix typo"
+
     def test_cross_object_errors_name_the_field(
         self, master: Master, admin: dict[str, str]
     ) -> None:

@@ -26,8 +26,10 @@ from typing import Any, Final
 import attrs
 
 __all__ = [
+    "BIDI_CONTROLS",
     "CERT_DOMAIN",
     "CHECK_NAME",
+    "CONTROL_CHARACTERS",
     "DIGEST",
     "FILE_NAME",
     "HEADER_NAME",
@@ -64,6 +66,7 @@ __all__ = [
     "join_path",
     "labels",
     "metrics",
+    "new_text_reason",
     "raise_problems",
     "text",
 ]
@@ -456,13 +459,44 @@ SIGNATURE = TextRule(
 )
 # Free text that never reaches nginx (commit messages, authors): bounded, no control chars
 # other than newline and tab, so it cannot forge log lines or terminal escapes.
+CONTROL_CHARACTERS: Final = frozenset(
+    [*range(0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+)
+"""Code points `LOG_TEXT` refuses: C0 and C1 controls but tab and newline, DEL, and the
+Unicode line and paragraph separators (a log reader breaks lines there)."""
+BIDI_CONTROLS: Final = frozenset([*range(0x202A, 0x202F), *range(0x2066, 0x206A)])
+"""The bidirectional embeddings, overrides and isolates ("Trojan Source",
+CVE-2021-42574): a terminal shows text holding them in another order than its own, so a
+commit message could read as something it is not. New text is checked with
+`new_text_reason`; `LOG_TEXT` itself still admits them, so text stored before this rule
+(version messages, statuses) still loads."""
+
+
+def _class_of(points: frozenset[int]) -> str:
+    return "".join(f"\\u{p:04x}" for p in sorted(points))
+
+
 LOG_TEXT = TextRule(
     "text without control characters",
-    _rx(r"[^\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]*"),
+    _rx(f"[^{_class_of(CONTROL_CHARACTERS)}]*"),
     max_len=4096,
     min_len=0,
     allowed="\n\t",
 )
+
+
+def new_text_reason(text: str) -> str | None:
+    """`LOG_TEXT`'s reason to refuse `text`, or the bidirectional control it holds."""
+    reason = LOG_TEXT.reason(text)
+    if reason is not None:
+        return reason
+    found = next((c for c in text if ord(c) in BIDI_CONTROLS), None)
+    if found is None:
+        return None
+    return (
+        f"contains U+{ord(found):04X}, a bidirectional control character: terminals would "
+        "show the text in another order than it is written; remove it"
+    )
 
 
 # ---------------------------------------------------------------------------------------

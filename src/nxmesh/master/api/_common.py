@@ -90,10 +90,10 @@ def perm(permission: str, **extra: Any) -> dict[str, Any]:
 
 
 def commit_message(message: str | None, default: str) -> str:
-    """The version message: `message` when given (checked like the model), else `default`."""
+    """The version message: `message` when given (checked as new text), else `default`."""
     if message is None:
         return default
-    reason = v.LOG_TEXT.reason(message)
+    reason = v.new_text_reason(message)
     if reason is not None:
         raise ValidationError([Problem("query.message", reason)])
     return message
