@@ -472,9 +472,20 @@ class TestCheckState:
         assert problem.message == "refers to unknown upstream 'apps' (did you mean 'app'?)"
 
     def test_unknown_certificate(self) -> None:
-        """tls.certificate must name a defined certificate."""
-        s = state(make_site(listeners=(Listener(443, tls=True),), tls=TLSConfig(certificate="x")))
-        assert [p.path for p in check_state(s)] == ["sites[0].tls.certificate"]
+        """tls.certificate must name a declared certificate; the message says how to
+        declare one (an upload alone does not), unless the name looks like a typo."""
+        tls_site = partial(make_site, listeners=(Listener(443, tls=True),))
+        s = state(tls_site(tls=TLSConfig(certificate="x")))
+        [problem] = check_state(s)
+        assert problem.path == "sites[0].tls.certificate"
+        assert problem.message == (
+            "refers to certificate 'x', but no certificates are defined; a certificate "
+            "(uploaded or from ACME) is used by declaring it in the state: "
+            "certificates: [{name: x, domains: [...]}]"
+        )
+        web = CertificateRef(name="web", domains=("example.com",))
+        [typo] = check_state(state(tls_site(tls=TLSConfig(certificate="wbe")), certs=(web,)))
+        assert typo.message == "refers to unknown certificate 'wbe' (did you mean 'web'?)"
 
     def test_server_name_conflict_across_sites(self) -> None:
         """The same server name on the same port in two sites is a conflict."""

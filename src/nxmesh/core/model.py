@@ -609,6 +609,18 @@ def _unknown(kind: str, name: str, known: Iterable[str]) -> str:
     return f"refers to unknown {kind} {name!r}{hint}"
 
 
+def _unknown_certificate(name: str, known: Iterable[str]) -> str:
+    known = list(known)
+    reason = _unknown("certificate", name, known)
+    if known and closest(name, known):
+        return reason  # most likely a typo
+    # Uploading a certificate does not add it to the state: a frequent first mistake.
+    return (
+        f"{reason}; a certificate (uploaded or from ACME) is used by declaring it in the "
+        f"state: certificates: [{{name: {name}, domains: [...]}}]"
+    )
+
+
 def _first_seen(
     found: list[Problem], kind: str, names: Iterable[str | None], prefix: str
 ) -> dict[str, int]:
@@ -689,7 +701,7 @@ def check_parts(parts: StateParts) -> list[Problem]:
         here = f"sites[{i}]"
         cert = site.tls.certificate if site.tls is not None else None
         if check_certs and cert is not None and cert not in certs:
-            found.append(Problem(f"{here}.tls.certificate", _unknown("certificate", cert, certs)))
+            found.append(Problem(f"{here}.tls.certificate", _unknown_certificate(cert, certs)))
         implicit = redirect_binds(site)
         binds = {lst.bind for lst in site.listeners if lst is not None} | set(implicit)
         for n, server_name in enumerate(site.server_names):
