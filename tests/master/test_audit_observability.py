@@ -7,6 +7,7 @@ import json
 import time
 from typing import Any
 
+import pytest
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
@@ -263,6 +264,26 @@ class TestMetricsAndRequestIds:
         replaced = master.client.get("/healthz", headers={"X-Request-ID": "bad id\nInjected: 1"})
         assert replaced.headers["x-request-id"] != "bad id\nInjected: 1"
         assert len(replaced.headers["x-request-id"]) == 32
+
+    @pytest.mark.parametrize(
+        ("method", "path", "status"),
+        [("GET", "/api/v1/no-such-route", 404), ("PATCH", "/api/v1/agents", 405)],
+    )
+    def test_a_request_no_route_takes_has_a_request_id_too(
+        self, master: Master, method: str, path: str, status: int
+    ) -> None:
+        """Litestar answers 404 and 405 before any middleware: the problem response
+        still carries the request id (header and body) and the request is logged."""
+        with capture_logs() as events:
+            response = master.client.request(method, path, headers={"X-Request-ID": "lost-1"})
+        assert response.status_code == status
+        assert response.headers["x-request-id"] == "lost-1"
+        assert response.json()["request_id"] == "lost-1"
+        [line] = [e for e in events if e["event"] == "request"]
+        assert (line["route"], line["status"]) == ("<unmatched>", status)
+        assert line["request_id"] == "lost-1"
+        generated = master.client.get(path)
+        assert generated.json()["request_id"] == generated.headers["x-request-id"]
 
     def test_request_id_is_bound_to_log_lines(self, master: Master) -> None:
         """Every log event of a request carries its request id."""

@@ -29,6 +29,7 @@ from litestar.types import ExceptionHandlersMap
 from nxmesh.config.versions import VersionError
 from nxmesh.core.errors import NxMeshError, ValidationError
 from nxmesh.core.records import ConflictError, NotFoundError, StorageError
+from nxmesh.master.api.middleware import REQUEST_ID_HEADER, unrouted_request_id
 from nxmesh.master.auth.errors import AuthenticationError, LockedOutError, PermissionDeniedError
 
 __all__ = [
@@ -114,16 +115,19 @@ def problem_response(
         "detail": detail,
         "instance": request.url.path,
     }
+    headers = dict(headers or {})
     request_id = request.scope.get("state", {}).get("request_id")
-    if request_id:
-        body["request_id"] = request_id
+    if request_id is None:  # no route took the request: `request_context` never ran
+        request_id = unrouted_request_id(request.scope, status)
+        headers[REQUEST_ID_HEADER] = request_id
+    body["request_id"] = request_id
     if errors:
         body["errors"] = [{"path": e.path, "message": e.message} for e in errors]
     return Response(
         content=json.dumps(body).encode("utf-8"),
         status_code=status,
         media_type=PROBLEM_MEDIA_TYPE,
-        headers=dict(headers or {}),
+        headers=headers,
     )
 
 

@@ -23,7 +23,7 @@ from nxmesh.master.tracing import span
 if TYPE_CHECKING:
     from nxmesh.master.app import MasterServices
 
-__all__ = ["REQUEST_ID_HEADER", "request_context"]
+__all__ = ["REQUEST_ID_HEADER", "request_context", "unrouted_request_id"]
 
 REQUEST_ID_HEADER: Final = "x-request-id"
 _VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -38,6 +38,22 @@ def _request_id(scope: Scope) -> str:
             if _VALID_ID.fullmatch(text):
                 return text
     return uuid.uuid4().hex
+
+
+def unrouted_request_id(scope: Scope, status: int) -> str:
+    """The request id of a request no route took (Litestar answers 404 and 405 before any
+    middleware runs): made here, stored like `request_context` does, and logged once."""
+    request_id = _request_id(scope)
+    scope.setdefault("state", {})["request_id"] = request_id
+    log.info(
+        "request",
+        method=str(scope.get("method", "WEBSOCKET")),
+        path=scope.get("path"),
+        route="<unmatched>",
+        status=status,
+        request_id=request_id,
+    )
+    return request_id
 
 
 def request_context(app: ASGIApp) -> ASGIApp:
