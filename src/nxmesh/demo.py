@@ -719,10 +719,16 @@ def run_demo(
                 demo.keep_running()
             ok = True
         finally:
-            out.print("\n==> stopping the agent (and its nginx), the master and the backend")
+            if demo.children or demo.backend is not None:
+                out.print("\n==> stopping the agent (and its nginx), the master and the backend")
             demo.stop()
             if not ok:
-                out.print(f"logs kept in {directory}", style="yellow")
+                logs = sorted(p.relative_to(directory) for p in directory.rglob("*.log"))
+                if logs:
+                    names = ", ".join(map(str, logs))
+                    out.print(f"logs kept in {directory}: {names}", style="yellow")
+                else:  # it failed before anything ran: nothing to read there
+                    out.print(f"nothing had started; {directory} kept", style="yellow")
         for entry in directory.iterdir():
             if entry.name != MARKER:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()

@@ -138,6 +138,10 @@ class TestDemoFailures:
         assert result.returncode == 1
         assert f"port {port} (the site served by nginx) is already in use" in result.stderr
         assert "--web-port" in result.stderr
+        # Nothing ran, so nothing was stopped and there are no logs to point at.
+        assert "stopping the agent" not in result.stdout
+        assert "logs kept" not in result.stdout + result.stderr
+        assert "nothing had started" in result.stdout + result.stderr
 
     def test_missing_nginx_says_how_to_install(self, tmp_path: Path) -> None:
         """Without nginx the demo says how to get it."""
@@ -172,6 +176,7 @@ class TestDemoFailures:
         assert result.returncode == 1, result.stderr
         assert "sites[0].tls.certificate" in result.stderr
         assert "logs kept in" in result.stdout + result.stderr
+        assert "master.log" in result.stdout + result.stderr
         demo_dir = tmp_path / "demo"
         assert (demo_dir / MARKER).exists()
         assert _processes_under(demo_dir) == []
