@@ -36,11 +36,9 @@ from nxmesh_transport_grpc._generated.agent_pb2 import Frame
 from nxmesh_transport_grpc.transport import (
     _MESSAGE_PREFIX,
     _AgentClient,
-    _ClientChannel,
     _FrameCodec,
     _read_frame,
     _WireFrame,
-    grpc_message,
     lean_data_frame_repr,
     lean_frame_flags,
     wire_frame,
@@ -257,7 +255,6 @@ class TestGrpcSpecifics:
                         assert await channel.receive() == frame
                 assert channels[0]._h2_stream is not None  # the one-copy send path
                 assert channel._direct is lean  # type: ignore[attr-defined]  # one-copy read
-                assert channel._direct_send  # type: ignore[attr-defined]  # and send
                 inner = channels[0]._stream._stream
                 h2conn = inner.connection._connection
                 queues = [
@@ -278,34 +275,6 @@ class TestGrpcSpecifics:
         encoded = wire_frame(data)
         assert encoded == Frame(data=data).SerializeToString()
         assert _FrameCodec(2**30).decode(encoded, Frame).data == data
-
-    @pytest.mark.parametrize("head", [b"", b"head:"])
-    @pytest.mark.parametrize("size", [0, 1, 122, 127, 16_384, 70_000])
-    def test_grpc_message_is_the_prefix_and_the_frame(self, head: bytes, size: int) -> None:
-        """`grpc_message` is what grpclib's `send_message` writes for ``Frame(head +
-        body)``: the 5-byte prefix and protobuf's encoding; past the limit it is the
-        codec's RESOURCE_EXHAUSTED, counted on the encoded frame."""
-        body = bytes(range(256)) * (size // 256) + bytes(size % 256)
-        encoded = Frame(data=head + body).SerializeToString()
-        message = grpc_message(head, body, len(encoded))
-        assert message == b"\x00" + len(encoded).to_bytes(4, "big") + encoded
-        with pytest.raises(GRPCError, match="exceeds") as info:
-            grpc_message(head, body, len(encoded) - 1)
-        assert info.value.status is Status.RESOURCE_EXHAUSTED
-
-    async def test_client_sends_through_send_message_without_grpclib_internals(self) -> None:
-        """Without the internals `_send_frame` uses, the agent sends with grpclib's
-        `send_message`, and the bytes are the same message."""
-        sent: list[Any] = []
-
-        class Stream:
-            async def send_message(self, message: Any) -> None:
-                sent.append(message)
-
-        channel = _ClientChannel(Stream(), _AgentClient(Any), 1.0)  # type: ignore[arg-type]
-        assert not channel._direct_send
-        await channel.send(b"frame")
-        assert sent == [wire_frame(b"frame")]
 
     def test_other_encodings_fall_back_to_protobuf(self) -> None:
         """A Frame with extra (unknown) fields from a newer peer still decodes, also

@@ -21,12 +21,13 @@ from nxmesh.small_queues import compact_asyncio_queue, small
 from nxmesh_transport_grpc._generated.agent_grpc import AgentServiceBase
 from nxmesh_transport_grpc._generated.agent_pb2 import Frame
 from nxmesh_transport_grpc.transport import (
+    _MESSAGE_PREFIX,
     _STREAM_ERRORS,
     _pre_encoded,
     _read_message,
     _receive,
     _server_reads,
-    grpc_message,
+    _varint,
 )
 
 __all__ = ["AgentService"]
@@ -122,14 +123,22 @@ class _ServerChannel:
 
     async def send_parts(self, head: bytes, body: bytes) -> None:
         """Send the frame ``head + body`` (the session hub's `SendsParts`)."""
+        size = len(head) + len(body)
+        field = b"\n" + _varint(size) if size else b""
+        length = len(field) + size
         stream = self._stream
         try:
-            data = grpc_message(head, body, self._limit)
+            if length > self._limit:
+                raise GRPCError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"message of {length} bytes exceeds the {self._limit} byte limit",
+                )
             if self._h2_stream is None:
                 await stream.send_message(_pre_encoded(head + body))
                 return
             if not stream._send_initial_metadata_done:
                 await stream.send_initial_metadata()
+            data = b"".join((_MESSAGE_PREFIX.pack(False, length), field, head, body))
             # (grpclib's `_send_message_done` only guards unary responses: not set here.)
             await self._h2_stream.send_data(data)
         except _STREAM_ERRORS as exc:

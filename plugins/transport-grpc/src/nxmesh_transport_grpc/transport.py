@@ -69,7 +69,6 @@ if TYPE_CHECKING:
 __all__ = [
     "GrpcTransport",
     "client_context",
-    "grpc_message",
     "lean_data_frame_repr",
     "lean_frame_flags",
     "limit_tls_read_buffer",
@@ -216,21 +215,6 @@ def wire_frame(frame: bytes) -> bytes:
     would copy each one twice more (into the message, then out of it).
     """
     return b"\n" + _varint(len(frame)) + frame if frame else b""
-
-
-def grpc_message(head: bytes, body: bytes, limit: int) -> bytes:
-    """The gRPC message carrying the frame ``head + body``, as it goes into HTTP/2 DATA:
-    the 5-byte prefix, then `wire_frame`'s encoding, built with one copy. Past `limit`
-    bytes (the encoded frame, what `_FrameCodec` bounds) it is `GRPCError`
-    ``RESOURCE_EXHAUSTED``, as the codec would raise."""
-    size = len(head) + len(body)
-    field = b"\n" + _varint(size) if size else b""
-    length = len(field) + size
-    if length > limit:
-        raise GRPCError(
-            Status.RESOURCE_EXHAUSTED, f"message of {length} bytes exceeds the {limit} byte limit"
-        )
-    return b"".join((_MESSAGE_PREFIX.pack(False, length), field, head, body))
 
 
 def _pre_encoded(frame: bytes) -> Frame:
@@ -440,39 +424,6 @@ class _AgentClient:
         )
 
 
-def _direct_sends(stream: Any) -> bool:
-    """True when the client stream has the grpclib 0.4 internals `_send_frame` uses."""
-    inner = getattr(stream, "_stream", None)
-    return (
-        hasattr(inner, "send_data")
-        and hasattr(inner, "connection")
-        and hasattr(stream, "_end_done")
-        and hasattr(stream, "_messages_sent")
-        and hasattr(stream, "_wrapper")
-        and isinstance(getattr(stream, "_codec", None), _FrameCodec)
-    )
-
-
-async def _send_frame(stream: Any, frame: bytes) -> None:
-    """grpclib's client `Stream.send_message` for a `Frame` on a stream whose request is
-    sent: the message built once (`grpc_message`) and handed to the HTTP/2 stream.
-
-    Skips what a `Frame` on an open stream never needs: the request and cardinality
-    checks, grpclib's message events (nothing listens) and the codec's copy. An agent
-    acknowledges every push this way: the saving is per message, on both ends' CPU.
-    """
-    if stream._end_done:
-        raise GrpclibProtocolError("Stream is ended")  # as grpclib
-    inner = stream._stream
-    data = grpc_message(b"", frame, stream._codec.limit)
-    with stream._wrapper:
-        await inner.send_data(data)
-    stream._messages_sent += 1
-    connection = inner.connection
-    connection.messages_sent += 1
-    connection.last_message_sent = time.monotonic()
-
-
 class _ClientChannel:
     """A `Channel` over the client side of one ``Stream`` call, plus the unary reports."""
 
@@ -482,10 +433,8 @@ class _ClientChannel:
         self._stream = stream
         self._stub = stub
         self._unary_timeout = unary_timeout
-        # grpclib's client stream internals (0.4): a release without them gets
-        # `recv_message` and `send_message`.
+        # grpclib's client stream internals (0.4): a release without them gets `_receive`.
         self._direct = direct and _direct_reads(stream)
-        self._direct_send = _direct_sends(stream)
 
     async def send(self, frame: bytes) -> None:
         kind = peek_type(frame)
@@ -494,8 +443,6 @@ class _ClientChannel:
                 await self._stub.ReportHealth(_pre_encoded(frame), timeout=self._unary_timeout)
             elif kind is MessageType.METRICS_BATCH:
                 await self._stub.ReportMetrics(_pre_encoded(frame), timeout=self._unary_timeout)
-            elif self._direct_send:
-                await _send_frame(self._stream, frame)
             else:
                 await self._stream.send_message(_pre_encoded(frame))
         except _STREAM_ERRORS as exc:
