@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 import anyio
 from sqlalchemy import (
+    Column,
     Connection,
     Engine,
     Row,
@@ -247,36 +248,43 @@ class SqlStorage:
         """
         keyring = self._require_keyring("cannot rewrap secrets")
         keys, certs = t.agent_keys, t.certificates
+        # Every encrypted column: (its column, the row's key columns, its AAD, its name).
+        secrets: list[tuple[Column[Any], tuple[Column[Any], ...], Callable[[Any], bytes], str]] = [
+            (
+                keys.c.secret,
+                (keys.c.agent_id, keys.c.key_id),
+                lambda r: self._key_aad(r.agent_id, r.key_id),
+                "agent key",
+            ),
+            (
+                certs.c.key_pem,
+                (certs.c.workspace, certs.c.name),
+                lambda r: self._cert_aad(r.workspace, r.name),
+                "private key",
+            ),
+        ]
 
         def op(conn: Connection) -> int:
-            stale_keys = [
-                r for r in conn.execute(select(keys)).all() if keyring.needs_rewrap(r.secret)
-            ]
-            stale_certs = [
-                r for r in conn.execute(select(certs)).all() if keyring.needs_rewrap(r.key_pem)
+            stale = [
+                [
+                    r
+                    for r in conn.execute(select(column.table)).all()
+                    if keyring.needs_rewrap(r._mapping[column.name])
+                ]
+                for column, *_ in secrets
             ]
             self._checkpoint("rewrap_secrets")
             count = 0
-            for row in stale_keys:
-                aad = self._key_aad(row.agent_id, row.key_id)
-                result = conn.execute(
-                    update(keys)
-                    .where(keys.c.agent_id == row.agent_id)
-                    .where(keys.c.key_id == row.key_id)
-                    .where(keys.c.secret == row.secret)
-                    .values(secret=self._rewrap(keyring, row.secret, aad, "agent key"))
-                )
-                count += result.rowcount
-            for row in stale_certs:
-                aad = self._cert_aad(row.workspace, row.name)
-                result = conn.execute(
-                    update(certs)
-                    .where(certs.c.workspace == row.workspace)
-                    .where(certs.c.name == row.name)
-                    .where(certs.c.key_pem == row.key_pem)
-                    .values(key_pem=self._rewrap(keyring, row.key_pem, aad, "private key"))
-                )
-                count += result.rowcount
+            for (column, ids, aad_of, what), rows in zip(secrets, stale, strict=True):
+                for row in rows:
+                    token = row._mapping[column.name]
+                    result = conn.execute(
+                        update(column.table)
+                        .where(*(c == row._mapping[c.name] for c in ids))
+                        .where(column == token)  # compare and swap, see above
+                        .values({column.name: self._rewrap(keyring, token, aad_of(row), what)})
+                    )
+                    count += result.rowcount
             return count
 
         return await self._run(op, write=True)
