@@ -457,8 +457,6 @@ SIGNATURE = TextRule(
     max_len=4096,
     min_len=0,
 )
-# Free text that never reaches nginx (commit messages, authors): bounded, no control chars
-# other than newline and tab, so it cannot forge log lines or terminal escapes.
 CONTROL_CHARACTERS: Final = frozenset(
     [*range(0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
 )
@@ -476,6 +474,8 @@ def _class_of(points: frozenset[int]) -> str:
     return "".join(f"\\u{p:04x}" for p in sorted(points))
 
 
+# Free text that never reaches nginx (commit messages, authors): bounded, no control chars
+# other than newline and tab, so it cannot forge log lines or terminal escapes.
 LOG_TEXT = TextRule(
     "text without control characters",
     _rx(f"[^{_class_of(CONTROL_CHARACTERS)}]*"),
