@@ -504,6 +504,66 @@ class TestCheckState:
         s = state(make_site(locations=(loc("/a"), loc("/a", match="exact"), loc("/a"))))
         assert [p.path for p in check_state(s)] == ["sites[0].locations[2].path"]
 
+    def test_sites_sharing_a_tls_port_must_agree_on_protocols(self) -> None:
+        """nginx negotiates TLS before SNI picks the server: one site's protocols would
+        silently apply to the others on its socket. Same set in another order is fine."""
+        cert = CertificateRef("main", ("a.example.com", "b.example.com"))
+
+        def tls_site(name: str, protocols: tuple[str, ...], port: int = 443) -> Site:
+            return make_site(
+                name,
+                server_names=(f"{name}.example.com",),
+                listeners=(Listener(port, tls=True),),
+                tls=TLSConfig(certificate="main", protocols=protocols),
+            )
+
+        both, newest = ("TLSv1.2", "TLSv1.3"), ("TLSv1.3",)
+        s = state(tls_site("a", both), tls_site("b", newest), certs=(cert,))
+        [problem] = check_state(s)
+        assert problem.path == "sites[1].tls.protocols"
+        assert "sites[0]'s ['TLSv1.2', 'TLSv1.3'] would apply to this site" in problem.message
+        assert (
+            check_state(state(tls_site("a", both), tls_site("b", both[::-1]), certs=(cert,))) == []
+        )
+        other_port = state(tls_site("a", both), tls_site("b", newest, 8443), certs=(cert,))
+        assert check_state(other_port) == []
+
+    def test_sites_sharing_a_plain_port_must_agree_on_h2c(self) -> None:
+        """One site's http2 on a plain listener makes the whole port h2c-only: refused when
+        another site (or a TLS site's implicit redirect) serves HTTP/1.x there."""
+        h2c = make_site(
+            "grpc", server_names=("grpc.example.com",), listeners=(Listener(80, http2=True),)
+        )
+        [problem] = check_state(state(make_site(), h2c))
+        assert problem.path == "sites[1].listeners[0].http2"
+        assert "does not speak cleartext HTTP/2 (h2c) in sites[0]" in problem.message
+        alone = make_site(
+            "grpc", server_names=("grpc.example.com",), listeners=(Listener(8080, http2=True),)
+        )
+        assert check_state(state(make_site(), alone)) == []
+        redirecting = make_site(
+            "tls",
+            server_names=("tls.example.com",),
+            listeners=(Listener(443, tls=True),),
+            tls=TLSConfig(certificate="main"),
+        )
+        certs = (CertificateRef("main", ("tls.example.com",)),)
+        [implicit] = check_state(state(h2c, redirecting, certs=certs))
+        assert implicit.path == "sites[1].tls.redirect_http"
+        assert "speaks cleartext HTTP/2 (h2c) in sites[0]" in implicit.message
+
+    def test_h2c_listener_cannot_carry_the_https_redirect(self) -> None:
+        """A plain http2 listener of a site that redirects to HTTPS: no browser would
+        reach the redirect."""
+        with pytest.raises(Invalid) as exc:
+            make_site(
+                listeners=(Listener(80, http2=True), Listener(443, tls=True, http2=True)),
+                tls=TLSConfig(certificate="main"),
+            )
+        assert paths_of(exc) == ["listeners[0].http2"]
+        no_redirect = TLSConfig(certificate="main", redirect_http=False)
+        make_site(listeners=(Listener(80, http2=True), Listener(443, tls=True)), tls=no_redirect)
+
     def test_two_default_servers(self) -> None:
         """Only one site can be the default server of an address and port."""
         s = state(

@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import attrs
 import crossplane
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -273,6 +274,8 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
             hsts=draw(st.booleans()),
             protocols=draw(tls_protocols),
         )
+        if tls.redirect_http:  # the redirect cannot live on an h2c-only port (see Site)
+            listeners = [lst if lst.tls else attrs.evolve(lst, http2=False) for lst in listeners]
     return Site(
         name=name,
         server_names=tuple(draw(st.lists(matching(v.SERVER_NAME), min_size=1, max_size=3))),

@@ -369,6 +369,18 @@ class Site:
             )
         if self.tls is not None and not tls_listeners:
             found.append(("tls", "is set but no listener has tls: true (add one, e.g. port 443)"))
+        if self.tls is not None and self.tls.redirect_http:
+            found.extend(
+                (
+                    f"listeners[{i}].http2",
+                    "makes this plain port cleartext HTTP/2 only (h2c), where the site "
+                    "redirects browsers to HTTPS: no browser speaks h2c, so none would "
+                    "reach the redirect; set http2 on the TLS listeners only (or set "
+                    "tls.redirect_http: false)",
+                )
+                for i, lst in enumerate(self.listeners)
+                if lst.http2 and not lst.tls
+            )
         seen: dict[tuple[str, int], int] = {}
         for i, lst in enumerate(self.listeners):
             bind = lst.bind
@@ -672,6 +684,29 @@ def redirect_binds(site: Site | SiteParts) -> list[tuple[str, int]]:
     return [(address, 80) for address in dict.fromkeys(lst.bind[0] for lst in listeners)]
 
 
+def _check_h2c(
+    found: list[Problem],
+    seen: dict[tuple[str, int], tuple[bool, int]],
+    bind: tuple[str, int],
+    h2c: bool,
+    site: int,
+    path: str,
+) -> None:
+    """Sites sharing a plain socket must agree on `http2`: one server's flag makes the
+    whole socket cleartext HTTP/2 only, and every HTTP/1.x client of the others fails."""
+    first, owner = seen.setdefault(bind, (h2c, site))
+    if first != h2c and owner != site:
+        said = "speaks" if first else "does not speak"
+        found.append(
+            Problem(
+                path,
+                f"{_socket(bind)} {said} cleartext HTTP/2 (h2c) in sites[{owner}]; nginx "
+                "makes the whole port h2c-only if any site sets http2 on it, so sites "
+                "sharing a plain port must agree (give the h2c site a port of its own)",
+            )
+        )
+
+
 def check_state(state: DesiredState) -> list[Problem]:
     """Every cross-object problem of `state`: duplicates, dangling references, conflicts.
 
@@ -695,6 +730,10 @@ def check_parts(parts: StateParts) -> list[Problem]:
     # nginx decides TLS per listening socket, not per server: a plain site sharing a port
     # with a TLS site would get TLS handshakes it has no certificate for.
     tls_on_bind: dict[tuple[str, int], tuple[bool, int]] = {}
+    # Also per socket: the TLS protocols (negotiated before the name picks a site) and
+    # whether a plain socket speaks cleartext HTTP/2 only (any server's `http2` makes it so).
+    protocols_on_bind: dict[tuple[str, int], tuple[tuple[str, ...], int]] = {}
+    h2c_on_bind: dict[tuple[str, int], tuple[bool, int]] = {}
     for i, site in enumerate(parts.sites):
         if site is None:
             continue
@@ -731,6 +770,20 @@ def check_parts(parts: StateParts) -> list[Problem]:
                         f"sites[{owner}]; one port cannot mix TLS and plain HTTP",
                     )
                 )
+            if lst.tls and site.tls is not None:
+                protocols, owner = protocols_on_bind.setdefault(bind, (site.tls.protocols, i))
+                if set(protocols) != set(site.tls.protocols) and owner != i:
+                    found.append(
+                        Problem(
+                            f"{here}.tls.protocols",
+                            f"sites sharing {_socket(bind)} must agree on tls.protocols: "
+                            f"nginx negotiates the protocol before it picks a site by name, "
+                            f"so sites[{owner}]'s {list(protocols)} would apply to this site "
+                            "too (or this site's to it)",
+                        )
+                    )
+            if not lst.tls:
+                _check_h2c(found, h2c_on_bind, bind, lst.http2, i, f"{here}.listeners[{n}].http2")
             if lst.default_server:
                 other = defaults.setdefault(bind, i)
                 if other != i:
@@ -741,6 +794,7 @@ def check_parts(parts: StateParts) -> list[Problem]:
                         )
                     )
         for bind in implicit:  # plain HTTP, as nginx sees the redirect server
+            _check_h2c(found, h2c_on_bind, bind, False, i, f"{here}.tls.redirect_http")
             tls, owner = tls_on_bind.setdefault(bind, (False, i))
             if tls:
                 where = "this site" if owner == i else f"sites[{owner}]"
