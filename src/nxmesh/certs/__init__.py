@@ -68,6 +68,7 @@ _EXPORTS = {
     "leader_lock": "nxmesh.certs.renewal",
     "open_acme_client": "nxmesh.certs.acme_client",
     "placeholder_material": "nxmesh.certs.distribution",
+    "rewrap_account_keys": "nxmesh.certs.acme_client",
     "validate_certificate": "nxmesh.certs.validate",
     "wait_until_served": "nxmesh.certs.http01",
 }
@@ -84,6 +85,7 @@ if TYPE_CHECKING:
         PendingChallenge,
         generate_private_key,
         open_acme_client,
+        rewrap_account_keys,
     )
     from nxmesh.certs.distribution import (
         AgentKeyVault,
@@ -175,6 +177,7 @@ __all__ = [
     "leader_lock",
     "open_acme_client",
     "placeholder_material",
+    "rewrap_account_keys",
     "validate_certificate",
     "wait_until_served",
 ]

@@ -148,7 +148,7 @@ def nxmesh_register_authenticators() -> Sequence[type[Authenticator]]:
 def nxmesh_register_renderers() -> Sequence[type[Renderer]]:
     """Return renderer classes that turn a `DesiredState` into an nginx file bundle.
 
-    The application uses the renderer named by the ``renderer`` setting (default
+    The application uses the renderer named by the ``renderer.name`` setting (default
     ``nginx``).
 
     Collected from every plugin; called once when the provider registry is built.
@@ -310,7 +310,7 @@ def nxmesh_before_apply(update: PendingApply) -> str | None:
     :param update: the version, digest and desired state about to be applied.
 
     Collected from every plugin; any non-empty string vetoes the apply, which is then
-    reported as ``failed`` with that reason and leaves nginx untouched. Called once per
+    reported as ``vetoed`` with that reason and leaves nginx untouched. Called once per
     apply, before anything is written.
 
     .. versionadded:: 0.1
@@ -320,7 +320,7 @@ def nxmesh_before_apply(update: PendingApply) -> str | None:
 
 @hookspec
 def nxmesh_after_apply(report: ApplyReport) -> None:
-    """Observe the outcome of an apply (applied, failed or rolled back).
+    """Observe the outcome of an apply (applied, noop, vetoed, failed or rolled back).
 
     :param report: the apply report the agent sends to the master.
 

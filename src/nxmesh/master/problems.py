@@ -29,8 +29,8 @@ from litestar.types import ExceptionHandlersMap
 from nxmesh.config.versions import VersionError
 from nxmesh.core.errors import NxMeshError, ValidationError
 from nxmesh.core.records import ConflictError, NotFoundError, StorageError
-from nxmesh.master.api.middleware import REQUEST_ID_HEADER, unrouted_request_id
 from nxmesh.master.auth.errors import AuthenticationError, LockedOutError, PermissionDeniedError
+from nxmesh.master.request_ids import REQUEST_ID_HEADER, unrouted_request_id
 
 __all__ = [
     "PROBLEM_MEDIA_TYPE",

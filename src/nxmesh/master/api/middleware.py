@@ -9,51 +9,22 @@ the metric's cardinality stays bounded.
 
 from __future__ import annotations
 
-import re
 import time
-import uuid
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from litestar.enums import ScopeType
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from nxmesh.master.request_ids import REQUEST_ID_HEADER, request_id_of
 from nxmesh.master.tracing import span
 
 if TYPE_CHECKING:
     from nxmesh.master.app import MasterServices
 
-__all__ = ["REQUEST_ID_HEADER", "request_context", "unrouted_request_id"]
-
-REQUEST_ID_HEADER: Final = "x-request-id"
-_VALID_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+__all__ = ["REQUEST_ID_HEADER", "request_context"]
 
 log = structlog.get_logger("nxmesh.master.access")
-
-
-def _request_id(scope: Scope) -> str:
-    for name, value in scope.get("headers", ()):
-        if name == REQUEST_ID_HEADER.encode():
-            text = value.decode("latin-1")
-            if _VALID_ID.fullmatch(text):
-                return text
-    return uuid.uuid4().hex
-
-
-def unrouted_request_id(scope: Scope, status: int) -> str:
-    """The request id of a request no route took (Litestar answers 404 and 405 before any
-    middleware runs): made here, stored like `request_context` does, and logged once."""
-    request_id = _request_id(scope)
-    scope.setdefault("state", {})["request_id"] = request_id
-    log.info(
-        "request",
-        method=str(scope.get("method", "WEBSOCKET")),
-        path=scope.get("path"),
-        route="<unmatched>",
-        status=status,
-        request_id=request_id,
-    )
-    return request_id
 
 
 def request_context(app: ASGIApp) -> ASGIApp:
@@ -63,7 +34,7 @@ def request_context(app: ASGIApp) -> ASGIApp:
         if scope["type"] not in ("http", "websocket"):
             await app(scope, receive, send)
             return
-        request_id = _request_id(scope)
+        request_id = request_id_of(scope)
         state: dict[str, Any] = scope.setdefault("state", {})
         state["request_id"] = request_id
         route = scope.get("path_template") or "<unmatched>"
