@@ -529,7 +529,11 @@ class TestCertificatesFromTheMaster:
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
             stream = await anyio.connect_tcp(
-                "127.0.0.1", agent_env.web_port, ssl_context=ctx, tls_standard_compatible=False
+                "127.0.0.1",
+                agent_env.web_port,
+                ssl_context=ctx,
+                tls_hostname="localhost",  # the site's name: others are refused (444)
+                tls_standard_compatible=False,
             )
             async with stream:
                 served = stream.extra(anyio.streams.tls.TLSAttribute.peer_certificate_binary)
@@ -538,6 +542,11 @@ class TestCertificatesFromTheMaster:
 
             assert served == leaf.cert.public_bytes(serialization.Encoding.DER)
             assert x509.load_der_x509_certificate(served).subject == leaf.cert.subject
+            for name in ("other.test", None):  # another SNI name, or none: refused
+                with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+                    await anyio.connect_tcp(
+                        "127.0.0.1", agent_env.web_port, ssl_context=ctx, tls_hostname=name
+                    )
             tg.cancel_scope.cancel()
         plaintext = leaf.key_pem.split("\n")[1].encode()
         for path in [*agent_env.conf_dir.rglob("*.key"), *agent_env.state_dir.rglob("*")]:

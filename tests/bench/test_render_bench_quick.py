@@ -40,7 +40,8 @@ class TestRenderBenchQuick:
         assert json.loads(out.read_text()) == report
         assert [r["sites"] for r in report["results"]] == [2, 12]
         for row in report["results"]:
-            assert row["files"] == row["sites"] + 4  # nginx.conf, mime, upstreams, status
+            # nginx.conf, mime.types, upstreams, status, the servers of unknown names
+            assert row["files"] == row["sites"] + 5
             assert row["render"]["repeats"] == 2
             assert row["render"]["min"] <= row["render"]["median"] <= row["render"]["max"]
             assert row["nginx_t"] is None

@@ -24,6 +24,7 @@ from nxmesh.core.model import (
     Listener,
     Location,
     PendingApply,
+    Return,
     Site,
     Upstream,
     UpstreamServer,
@@ -528,3 +529,32 @@ class TestStaticFiles:
         assert report.outcome == "applied", report.message
         response = await stack.fetch("/.env")
         assert (response.status, response.text) == (200, "SECRET=1")
+
+
+class TestUnknownHosts:
+    def _state(self, port: int, *, default_server: bool) -> DesiredState:
+        site = Site(
+            name="known",
+            server_names=("known.test",),
+            listeners=(Listener(port=port, address="127.0.0.1", default_server=default_server),),
+            locations=(Location(path="/", return_=Return(code=200, body="known")),),
+        )
+        return DesiredState(sites=(site,))
+
+    async def test_a_name_no_site_serves_is_refused(self, stack: NginxStack) -> None:
+        """Without a default_server site, a request for another name (or by IP) gets its
+        connection closed (444) instead of the only site's content."""
+        state = self._state(stack.web_port, default_server=False)
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        assert (await stack.fetch(host="known.test")).text == "known"
+        for host in ("other.test", "127.0.0.1"):
+            with pytest.raises(OSError, match="no header terminator"):  # closed, no reply
+                await stack.fetch(host=host)
+
+    async def test_a_default_server_site_answers_every_name(self, stack: NginxStack) -> None:
+        """``default_server: true`` makes the site answer names no site serves."""
+        state = self._state(stack.web_port, default_server=True)
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        assert (await stack.fetch(host="other.test")).text == "known"

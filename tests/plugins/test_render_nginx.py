@@ -130,13 +130,14 @@ class TestBundleLayout:
 
     def test_one_file_per_site_plus_main_upstreams_status_and_mime(self) -> None:
         """Sites get conf.d/site-<name>.conf; the rest is nginx.conf, mime.types,
-        upstreams and the status server."""
+        upstreams, the status server and the servers of unknown names."""
         bundle = NginxRenderer().render(make_state(3))
         assert sorted(bundle.files) == [
             "conf.d/site-site0.conf",
             "conf.d/site-site1.conf",
             "conf.d/site-site2.conf",
             "conf.d/status.conf",
+            "conf.d/unknown-hosts.conf",
             "conf.d/upstreams.conf",
             "mime.types",
             "nginx.conf",

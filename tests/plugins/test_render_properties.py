@@ -34,6 +34,7 @@ from nxmesh.core.model import (
     TLSConfig,
     Upstream,
     UpstreamServer,
+    redirect_binds,
 )
 from nxmesh.nginx_check import write_bundle
 from nxmesh.plugins.render_nginx import NginxRenderer, RenderSettings, site_view
@@ -52,6 +53,7 @@ PROPERTY_SETTINGS = settings(
 ALLOWED_DIRECTIVES = frozenset(
     {
         "if",  # only the hidden-files rule of a static location (see `HIDDEN_FILES`)
+        "ssl_reject_handshake",  # only the unknown-hosts server of a TLS socket
         "user",
         "worker_processes",
         "worker_shutdown_timeout",
@@ -499,6 +501,30 @@ def check_upstreams(state: DesiredState, parsed: list[Directive]) -> None:
         assert [(d["directive"], values(d)) for d in block["block"]] == expected
 
 
+def check_unknown_hosts(state: DesiredState, parsed: list[Directive]) -> None:
+    """One refusing default server per socket the sites use (their redirect servers'
+    included) where none of them is the default server; TLS sockets refuse handshakes."""
+    tls: dict[tuple[str, int], bool] = {}
+    defaulted: set[tuple[str, int]] = set()
+    for site in state.sites:
+        for lst in site.listeners:
+            tls[lst.bind] = tls.get(lst.bind, False) or lst.tls
+            if lst.default_server:
+                defaulted.add(lst.bind)
+        for bind in redirect_binds(site):
+            tls.setdefault(bind, False)
+    expected = sorted((bind, on) for bind, on in tls.items() if bind not in defaulted)
+    assert [d["directive"] for d in parsed] == ["server"] * len(expected)
+    for block, (bind, on) in zip(parsed, expected, strict=True):
+        listen, *rest = block["block"]
+        assert listen["directive"] == "listen"
+        assert listen["args"][0].endswith(f":{bind[1]}") or listen["args"][0] == str(bind[1])
+        assert listen["args"][-1] == "default_server"
+        assert ("ssl" in listen["args"]) is on
+        handshake = [("ssl_reject_handshake", ["on"])] if on else []
+        assert [(d["directive"], d["args"]) for d in rest] == [*handshake, ("return", ["444"])]
+
+
 def shape(block: list[Directive]) -> list[Any]:
     return [(d["directive"], d["args"], shape(d.get("block", []))) for d in block]
 
@@ -516,6 +542,7 @@ class TestStructure:
             "nginx.conf",
             "mime.types",
             "conf.d/upstreams.conf",
+            "conf.d/unknown-hosts.conf",
             *(f"conf.d/site-{s.name}.conf" for s in state.sites),
         }
         everything = [d for block in parsed.values() for d in walk(block)]
@@ -523,6 +550,7 @@ class TestStructure:
         for site in state.sites:
             check_site(site, parsed[f"conf.d/site-{site.name}.conf"])
         check_upstreams(state, parsed["conf.d/upstreams.conf"])
+        check_unknown_hosts(state, parsed["conf.d/unknown-hosts.conf"])
 
     @settings(PROPERTY_SETTINGS, max_examples=25)
     @given(first=states(), second=states())

@@ -97,8 +97,12 @@ TEMPLATE_NAMES = (
     "server_extra.conf.j2",
     "acme_challenge.conf.j2",
     "status.conf.j2",
+    "unknown_hosts.conf.j2",
 )
 """Every template the renderer uses; each can be overridden by name."""
+
+UNKNOWN_HOSTS_FILE = "conf.d/unknown-hosts.conf"
+"""The bundle file holding the default servers of sockets no site is the default of."""
 
 STATUS_FILE = "conf.d/status.conf"
 """The bundle file holding the status server; left out of the config digest."""
@@ -345,6 +349,28 @@ def redirect_listens(site: Site) -> list[Token]:
     # One per socket, not per spelling: `443` and `0.0.0.0:8443` both mean port 80 on
     # the IPv4 wildcard, and two such `listen` lines are nginx's "duplicate listen".
     return [_listen_args(None if a == "*" else a, port) for a, port in redirect_binds(site)]
+
+
+def unknown_host_listens(state: DesiredState) -> list[tuple[Token, bool]]:
+    """``listen`` arguments (with `default_server`) and TLS flag of the server that
+    answers unknown names on each socket the sites listen on (their redirect servers'
+    included) where no site is the ``default_server``; sorted by socket."""
+    sockets: dict[tuple[str, int], list[bool]] = {}  # bind -> [tls, http2, has a default]
+    for site in state.sites:
+        for lst in site.listeners:
+            flags = sockets.setdefault(lst.bind, [False, False, False])
+            flags[0] |= lst.tls
+            flags[1] |= lst.http2
+            flags[2] |= lst.default_server
+        for bind in redirect_binds(site):
+            sockets.setdefault(bind, [False, False, False])
+    found = []
+    for (address, port), (tls, http2, has_default) in sorted(sockets.items()):
+        if has_default:
+            continue
+        options = [*(["ssl"] if tls else []), *(["http2"] if http2 else []), "default_server"]
+        found.append((_listen_args(None if address == "*" else address, port, *options), tls))
+    return found
 
 
 def https_redirect(site: Site) -> Token:
@@ -754,6 +780,9 @@ class NginxRenderer:
             site_context["site"] = site
             site_context["view"] = site_view(site)
             files[path] = self._run(site_template, site_context)
+        files[UNKNOWN_HOSTS_FILE] = self._render(
+            "unknown_hosts.conf.j2", {**base, "unknown_host_listens": unknown_host_listens(state)}
+        )
         for path, data in sorted(extra_files.items()):
             _check_extra(path)
             if path in files:
