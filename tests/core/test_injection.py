@@ -473,6 +473,20 @@ class TestSpecificFields:
         assert "control socket of a container runtime or system service" in problem.message
 
     @pytest.mark.parametrize(
+        ("value", "address"),
+        [("https://api.example.com:443", "api.example.com:443"), ("http://app:8080/", "app:8080")],
+    )
+    def test_a_url_is_refused_saying_what_to_write(self, value: str, address: str) -> None:
+        """A URL where an address belongs names the address and what is supported."""
+        field = "upstreams[0].servers[0].address"
+        with pytest.raises(ValidationError) as exc:
+            structure_state(set_at(base_doc(), field, value))
+        (problem,) = exc.value.problems
+        assert problem.path == field
+        assert f"is an address, not a URL: write {address!r}" in problem.message
+        assert "plain HTTP" in problem.message
+
+    @pytest.mark.parametrize(
         "value",
         [
             "unix:/run/php/php8.2-fpm.sock",

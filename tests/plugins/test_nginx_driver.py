@@ -547,7 +547,9 @@ class TestUnknownHosts:
         state = self._state(stack.web_port, default_server=False)
         report = await stack.driver.apply(stack.update(state), stack.render(state))
         assert report.outcome == "applied", report.message
-        assert (await stack.fetch(host="known.test")).text == "known"
+        known = await stack.fetch(host="known.test")
+        assert known.text == "known"
+        assert known.headers["content-type"] == "text/plain"  # a return body is text
         for host in ("other.test", "127.0.0.1"):
             with pytest.raises(OSError, match="no header terminator"):  # closed, no reply
                 await stack.fetch(host=host)

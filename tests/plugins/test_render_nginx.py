@@ -336,6 +336,8 @@ class TestProductionDefaults:
         http = one(main, "http")["block"]
         assert args(http, "server_tokens") == [["off"]]
         assert args(http, "proxy_http_version") == [["1.1"]]
+        assert args(http, "proxy_buffer_size") == [["16k"]]  # large SSO/JWT cookies
+        assert args(http, "proxy_buffers") == [["8", "16k"]]
         assert args(http, "ssl_protocols") == [["TLSv1.2", "TLSv1.3"]]
         assert args(http, "ssl_session_cache") == [["shared:nxmesh_tls:10m"]]
         assert "RC4" not in one(http, "ssl_ciphers")["args"][0]
@@ -580,7 +582,8 @@ class TestLocations:
         assert args(block, "return") == [["308", "https://a.example$request_uri"]]
 
     def test_return_with_and_without_body(self, tmp_path: Path) -> None:
-        """A body is one quoted argument; no body leaves nginx's own error page."""
+        """A body is one quoted argument, sent as text/plain unless the URI's extension
+        says otherwise; no body leaves nginx's own error page."""
         found = self.render_locations(
             tmp_path,
             Location(path="/a", return_=Return(code=200, body="it's (1) <b>=%|~ ok")),
@@ -590,6 +593,8 @@ class TestLocations:
         assert args(found["/a"], "return") == [["200", "it's (1) <b>=%|~ ok"]]
         assert args(found["/b"], "return") == [["404"]]
         assert args(found["/c"], "client_max_body_size") == [["5m"]]
+        assert args(found["/a"], "default_type") == [["text/plain"]]
+        assert args(found["/b"], "default_type") == []
 
 
 class TestUpstreams:

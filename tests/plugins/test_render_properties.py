@@ -81,6 +81,8 @@ ALLOWED_DIRECTIVES = frozenset(
         "proxy_connect_timeout",
         "proxy_send_timeout",
         "proxy_read_timeout",
+        "proxy_buffer_size",
+        "proxy_buffers",
         "ssl_protocols",
         "ssl_ciphers",
         "ssl_prefer_server_ciphers",
@@ -405,6 +407,8 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
     else:
         assert loc.return_ is not None
         body = [loc.return_.body] if loc.return_.body else []
+        if body:
+            lines.append(("default_type", ["text/plain"]))
         lines.append(("return", [str(loc.return_.code), *body]))
     return [*modifier, loc.path], [n for n, _ in lines], [a for _, a in lines]
 

@@ -600,6 +600,14 @@ def _unix_socket_reason(path: str) -> str | None:
 def _upstream_address_refine(value: str) -> str | None:
     if value.startswith("unix:"):
         return _unix_socket_reason(value[5:])
+    scheme, sep, rest = value.partition("://")
+    if sep and scheme.isalpha():
+        bare = rest.rstrip("/") or "backend:8080"
+        return (
+            f"is an address, not a URL: write {bare!r}. Locations proxy to their upstream "
+            "over plain HTTP (proxy_pass http://); HTTPS and FastCGI backends are not "
+            "supported"
+        )
     if value.startswith("["):
         m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)", value)
         if m is None:
