@@ -500,9 +500,14 @@ class TestCheckState:
         assert check_state(s) == []
 
     def test_duplicate_location(self) -> None:
-        """Two locations with the same path and match in one site conflict."""
+        """Two locations with the same path and match in one site conflict; a prefix and
+        a prefix_priority location of one path are one location to nginx."""
         s = state(make_site(locations=(loc("/a"), loc("/a", match="exact"), loc("/a"))))
         assert [p.path for p in check_state(s)] == ["sites[0].locations[2].path"]
+        both = state(make_site(locations=(loc("/a"), loc("/a", match="prefix_priority"))))
+        [problem] = check_state(both)
+        assert problem.path == "sites[0].locations[1].path"
+        assert problem.message == "prefix location '/a' repeats locations[0]"
 
     def test_sites_sharing_a_tls_port_must_agree_on_protocols(self) -> None:
         """nginx negotiates TLS before SNI picks the server: one site's protocols would

@@ -391,7 +391,7 @@ class TestStrictness:
         """A bad enum value lists the valid choices."""
         data = {"sites": [site(locations=[{"path": "/", "match": "glob", "root": "/srv"}])]}
         message = problems(data)["sites[0].locations[0].match"]
-        assert "'prefix', 'exact', 'regex', 'regex_ci'" in message
+        assert "'prefix', 'prefix_priority', 'exact', 'regex', 'regex_ci'" in message
 
     def test_required_field_missing(self) -> None:
         """A missing required field is reported at its path."""

@@ -560,3 +560,28 @@ class TestUnknownHosts:
         report = await stack.driver.apply(stack.update(state), stack.render(state))
         assert report.outcome == "applied", report.message
         assert (await stack.fetch(host="other.test")).text == "known"
+
+
+class TestMatchingOrder:
+    @pytest.mark.parametrize(("match", "status"), [("prefix", 200), ("prefix_priority", 403)])
+    async def test_prefix_priority_keeps_regex_locations_out(
+        self, stack: NginxStack, www: Path, match: str, status: int
+    ) -> None:
+        """A regex location wins over a plain prefix (nginx's order): only a
+        ``prefix_priority`` location (``^~``) keeps its paths from it."""
+        (www / "private").mkdir(mode=0o755)
+        (www / "private" / "x.txt").write_text("secret")
+        site = Site(
+            name="files",
+            server_names=("localhost",),
+            listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
+            locations=(
+                Location(path=r"\.txt$", match="regex", root=str(www)),
+                Location(path="/private/", match=match, return_=Return(code=403, body="no")),  # type: ignore[arg-type]
+            ),
+        )
+        state = DesiredState(sites=(site,))
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        assert (await stack.fetch("/private/x.txt")).status == status
+        assert (await stack.fetch("/private/other")).status == 403

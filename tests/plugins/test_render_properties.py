@@ -220,8 +220,8 @@ listen_addresses = st.one_of(
 
 @st.composite
 def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
-    match = draw(st.sampled_from(["prefix", "exact", "regex", "regex_ci"]))
-    path = draw(matching(v.LOCATION_PATH) if match in ("prefix", "exact") else regexes)
+    match = draw(st.sampled_from(["prefix", "prefix_priority", "exact", "regex", "regex_ci"]))
+    path = draw(matching(v.LOCATION_PATH) if not match.startswith("regex") else regexes)
     common: dict[str, Any] = {
         "path": path,
         "match": match,
@@ -291,7 +291,8 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
                     locations(upstream_names),
                     min_size=1,
                     max_size=5,
-                    unique_by=lambda loc: (loc.match, loc.path),
+                    # `/a/` and `^~ /a/` are one location to nginx
+                    unique_by=lambda loc: (loc.match.replace("_priority", ""), loc.path),
                 )
             )
         ),
@@ -385,7 +386,13 @@ def header_args(h: Any) -> list[str]:
 def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list[list[str]]]:
     """(location args, directive names in order, argument lists in order) of one block."""
     loc = view.location
-    modifier = {"prefix": [], "exact": ["="], "regex": ["~"], "regex_ci": ["~*"]}[loc.match]
+    modifier = {
+        "prefix": [],
+        "prefix_priority": ["^~"],
+        "exact": ["="],
+        "regex": ["~"],
+        "regex_ci": ["~*"],
+    }[loc.match]
     lines: list[tuple[str, list[str]]] = []
     if loc.client_max_body_size is not None:
         lines.append(("client_max_body_size", [loc.client_max_body_size]))

@@ -261,7 +261,8 @@ def _path_bound(value: object) -> list[tuple[str, str]]:
     return []
 
 
-MatchKind = Literal["prefix", "exact", "regex", "regex_ci"]
+MatchKind = Literal["prefix", "prefix_priority", "exact", "regex", "regex_ci"]
+_PATH_MATCHES = ("prefix", "prefix_priority", "exact")  # the path is a path, not a regex
 _ACTIONS = ("upstream", "root", "redirect", "return")
 
 
@@ -276,7 +277,8 @@ class Location:
     # Checked by the match-specific rule in __attrs_post_init__; only bounded here.
     path: str = attrs.field(validator=v.FieldCheck(_path_bound))
     match: MatchKind = attrs.field(
-        default="prefix", validator=v.choice("prefix", "exact", "regex", "regex_ci")
+        default="prefix",
+        validator=v.choice("prefix", "prefix_priority", "exact", "regex", "regex_ci"),
     )
     upstream: str | None = attrs.field(default=None, validator=v.text(v.NAME, optional=True))
     root: str | None = attrs.field(default=None, validator=v.text(v.ROOT_PATH, optional=True))
@@ -316,7 +318,7 @@ class Location:
 
     def __attrs_post_init__(self) -> None:
         found: list[tuple[str, str]] = []
-        rule = v.LOCATION_PATH if self.match in ("prefix", "exact") else v.REGEX_PATH
+        rule = v.LOCATION_PATH if self.match in _PATH_MATCHES else v.REGEX_PATH
         if (reason := rule.reason(self.path)) is not None:
             found.append(("path", reason))
         actions = self.actions
@@ -812,17 +814,19 @@ def check_parts(parts: StateParts) -> list[Problem]:
         for n, loc in enumerate(site.locations):
             if loc is None:
                 continue
-            other = paths.setdefault((loc.match, loc.path), n)
+            # `/a/` and `^~ /a/` are one location to nginx ("duplicate location").
+            kind = "prefix" if loc.match == "prefix_priority" else loc.match
+            other = paths.setdefault((kind, loc.path), n)
             if other != n:
                 found.append(
                     Problem(
                         f"{here}.locations[{n}].path",
-                        f"{loc.match} location {loc.path!r} repeats locations[{other}]",
+                        f"{kind} location {loc.path!r} repeats locations[{other}]",
                     )
                 )
             elif (
                 acme is not None
-                and loc.match in ("prefix", "exact")
+                and loc.match in _PATH_MATCHES
                 and loc.path.startswith(_ACME_CHALLENGE_PATH)
             ):
                 found.append(

@@ -390,6 +390,8 @@ def location_args(location: Location) -> Token:
         if not path.startswith("/"):
             raise quoting.UnsafeValueError(f"a prefix location must start with '/', got {path!r}")
         return quoting.plain(path)
+    if location.match == "prefix_priority":  # regexes are not tried when this one matches
+        return Token(f"^~ {quoting.plain(path)}")
     if location.match == "exact":
         return Token(f"= {quoting.plain(path)}")
     if location.match == "regex":
