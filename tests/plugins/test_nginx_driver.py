@@ -553,6 +553,14 @@ class TestUnknownHosts:
         for host in ("other.test", "127.0.0.1"):
             with pytest.raises(OSError, match="no header terminator"):  # closed, no reply
                 await stack.fetch(host=host)
+        # The access log tells them apart: the name asked for, and no site answering it.
+        lines = (stack.root / "logs" / "access.log").read_text().splitlines()
+        [known_line] = [line for line in lines if "host=known.test" in line]
+        assert '" 200 ' in known_line
+        assert "site=known.test host=known.test" in known_line
+        [other_line] = [line for line in lines if "host=other.test" in line]
+        assert '" 444 ' in other_line
+        assert "site= host=other.test" in other_line
 
     async def test_a_default_server_site_answers_every_name(self, stack: NginxStack) -> None:
         """``default_server: true`` makes the site answer names no site serves."""

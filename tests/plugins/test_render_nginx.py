@@ -343,10 +343,14 @@ class TestProductionDefaults:
         assert "RC4" not in one(http, "ssl_ciphers")["args"][0]
 
     def test_access_log_format_carries_the_request_id(self, main: list[Directive]) -> None:
-        """The nxmesh log format records $request_id (also sent upstream)."""
+        """The nxmesh log format records $request_id (also sent upstream), the name asked
+        for and which upstream answered with what."""
         fmt = one(one(main, "http")["block"], "log_format")
         assert fmt["args"][0] == "nxmesh"
-        assert "$request_id" in "".join(fmt["args"][1:])
+        line = "".join(fmt["args"][1:])
+        for field in ("request_id=$request_id", "host=$host", "upstream=$upstream_addr"):
+            assert field in line
+        assert "upstream_status=$upstream_status" in line
 
     def test_dollar_variable_is_defined_for_the_quoting(self, main: list[Directive]) -> None:
         """The geo block defines the variable quoting uses for a literal '$'."""
