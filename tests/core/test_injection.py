@@ -18,7 +18,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from nxmesh.core.errors import ValidationError
+from nxmesh.core.errors import Problem, ValidationError
 from nxmesh.core.model import Agent, LabelSelector
 from nxmesh.core.serialization import structure, structure_state, unstructure
 
@@ -222,6 +222,16 @@ class TestFieldInjection:
             assume(char != "\\")
             assume(not (char == "$" and at == len(value)))
         assert rejected_paths(set_at(doc, field, value[:at] + char + value[at:])) == [field]
+
+
+def _address_problem(value: str) -> Problem:
+    """The one problem of a state whose first upstream server has address `value`."""
+    field = "upstreams[0].servers[0].address"
+    with pytest.raises(ValidationError) as exc:
+        structure_state(set_at(base_doc(), field, value))
+    (problem,) = exc.value.problems
+    assert problem.path == field
+    return problem
 
 
 class TestSpecificFields:
@@ -465,11 +475,7 @@ class TestSpecificFields:
     def test_host_control_sockets_are_refused(self, value: str) -> None:
         """A proxy to a container runtime's or system service's socket would hand the host
         to whoever reaches the site: refused, saying why."""
-        field = "upstreams[0].servers[0].address"
-        with pytest.raises(ValidationError) as exc:
-            structure_state(set_at(base_doc(), field, value))
-        (problem,) = exc.value.problems
-        assert problem.path == field
+        problem = _address_problem(value)
         assert "control socket of a container runtime or system service" in problem.message
 
     @pytest.mark.parametrize(
@@ -478,11 +484,7 @@ class TestSpecificFields:
     )
     def test_a_url_is_refused_saying_what_to_write(self, value: str, address: str) -> None:
         """A URL where an address belongs names the address and what is supported."""
-        field = "upstreams[0].servers[0].address"
-        with pytest.raises(ValidationError) as exc:
-            structure_state(set_at(base_doc(), field, value))
-        (problem,) = exc.value.problems
-        assert problem.path == field
+        problem = _address_problem(value)
         assert f"is an address, not a URL: write {address!r}" in problem.message
         assert "plain HTTP" in problem.message
 
@@ -497,7 +499,8 @@ class TestSpecificFields:
         ],
     )
     def test_application_sockets_are_accepted(self, value: str) -> None:
-        """Sockets of application servers (php-fpm, gunicorn, uwsgi) pass."""
+        """Sockets in application directories pass (the path says nothing of the
+        protocol: locations speak HTTP to them)."""
         field = "upstreams[0].servers[0].address"
         state = structure_state(set_at(base_doc(), field, value))
         assert state.upstreams[0].servers[0].address == value
