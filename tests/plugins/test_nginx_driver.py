@@ -20,12 +20,14 @@ from nxmesh.agent.process import worker_pids
 from nxmesh.core.bundle import Bundle, bundle_digest
 from nxmesh.core.model import (
     ApplyReport,
+    CertificateRef,
     DesiredState,
     Listener,
     Location,
     PendingApply,
     Return,
     Site,
+    TLSConfig,
     Upstream,
     UpstreamServer,
 )
@@ -35,6 +37,7 @@ from nxmesh.plugins.deploy_docker import DockerSidecarMode
 from nxmesh.plugins.nginx_driver import DriverSettings, ReloadDriver
 from nxmesh.testing.contracts import NginxDriverContract
 from nxmesh.testing.nginx import refuse_signal
+from nxmesh.testing.pki import Pki
 
 pytestmark = [pytest.mark.anyio, pytest.mark.nginx]
 
@@ -531,6 +534,31 @@ class TestStaticFiles:
         assert (response.status, response.text) == (200, "SECRET=1")
 
 
+class TestMatchingOrder:
+    @pytest.mark.parametrize(("match", "status"), [("prefix", 200), ("prefix_priority", 403)])
+    async def test_prefix_priority_keeps_regex_locations_out(
+        self, stack: NginxStack, www: Path, match: str, status: int
+    ) -> None:
+        """A regex location wins over a plain prefix (nginx's order): only a
+        ``prefix_priority`` location (``^~``) keeps its paths from it."""
+        (www / "private").mkdir(mode=0o755)
+        (www / "private" / "x.txt").write_text("secret")
+        site = Site(
+            name="files",
+            server_names=("localhost",),
+            listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
+            locations=(
+                Location(path=r"\.txt$", match="regex", root=str(www)),
+                Location(path="/private/", match=match, return_=Return(code=403, body="no")),  # type: ignore[arg-type]
+            ),
+        )
+        state = DesiredState(sites=(site,))
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        assert (await stack.fetch("/private/x.txt")).status == status
+        assert (await stack.fetch("/private/other")).status == 403
+
+
 class TestUnknownHosts:
     def _state(self, port: int, *, default_server: bool) -> DesiredState:
         site = Site(
@@ -569,27 +597,52 @@ class TestUnknownHosts:
         assert report.outcome == "applied", report.message
         assert (await stack.fetch(host="other.test")).text == "known"
 
-
-class TestMatchingOrder:
-    @pytest.mark.parametrize(("match", "status"), [("prefix", 200), ("prefix_priority", 403)])
-    async def test_prefix_priority_keeps_regex_locations_out(
-        self, stack: NginxStack, www: Path, match: str, status: int
-    ) -> None:
-        """A regex location wins over a plain prefix (nginx's order): only a
-        ``prefix_priority`` location (``^~``) keeps its paths from it."""
-        (www / "private").mkdir(mode=0o755)
-        (www / "private" / "x.txt").write_text("secret")
+    async def test_a_catch_all_name_site_still_answers_every_name(self, stack: NginxStack) -> None:
+        """A site named ``_`` (nginx's idiom for "any name") is its sockets' default
+        server: the unknown-names server does not take its requests."""
         site = Site(
-            name="files",
-            server_names=("localhost",),
+            name="any",
+            server_names=("_",),
             listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
-            locations=(
-                Location(path=r"\.txt$", match="regex", root=str(www)),
-                Location(path="/private/", match=match, return_=Return(code=403, body="no")),  # type: ignore[arg-type]
-            ),
+            locations=(Location(path="/", return_=Return(code=200, body="any")),),
         )
         state = DesiredState(sites=(site,))
         report = await stack.driver.apply(stack.update(state), stack.render(state))
         assert report.outcome == "applied", report.message
-        assert (await stack.fetch("/private/x.txt")).status == status
-        assert (await stack.fetch("/private/other")).status == 403
+        assert (await stack.fetch(host="whatever.test")).text == "any"
+
+    async def test_tls_sockets_keep_their_sites_protocols(self, stack: NginxStack) -> None:
+        """nginx negotiates TLS with a socket's default server: the unknown-names server
+        of a TLS socket carries the sites' protocols, so TLSv1.3-only sites stay so."""
+        import ssl
+
+        leaf = Pki().leaf("a.test")
+        site = Site(
+            name="a",
+            server_names=("a.test",),
+            listeners=(Listener(port=stack.web_port, address="127.0.0.1", tls=True),),
+            tls=TLSConfig(certificate="c", redirect_http=False, protocols=("TLSv1.3",)),
+            locations=(Location(path="/", return_=Return(code=200, body="a")),),
+        )
+        state = DesiredState(sites=(site,), certificates=(CertificateRef("c", ("a.test",)),))
+        files = {"certs/c.crt": leaf.pem.encode(), "certs/c.key": leaf.key_pem.encode()}
+        bundle = stack.renderer.render(state, extra_files=files)
+        report = await stack.driver.apply(stack.update(state), bundle)
+        assert report.outcome == "applied", report.message
+
+        def handshake(version: ssl.TLSVersion, name: str) -> str:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            ctx.minimum_version = ctx.maximum_version = version
+            with (
+                socket.create_connection(("127.0.0.1", stack.web_port), timeout=5) as raw,
+                ctx.wrap_socket(raw, server_hostname=name) as tls,
+            ):
+                return str(tls.version())
+
+        assert (
+            await anyio.to_thread.run_sync(handshake, ssl.TLSVersion.TLSv1_3, "a.test") == "TLSv1.3"
+        )
+        for name in ("a.test", "other.test"):
+            with pytest.raises(ssl.SSLError):
+                await anyio.to_thread.run_sync(handshake, ssl.TLSVersion.TLSv1_2, name)

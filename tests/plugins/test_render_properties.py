@@ -515,24 +515,29 @@ def check_upstreams(state: DesiredState, parsed: list[Directive]) -> None:
 def check_unknown_hosts(state: DesiredState, parsed: list[Directive]) -> None:
     """One refusing default server per socket the sites use (their redirect servers'
     included) where none of them is the default server; TLS sockets refuse handshakes."""
-    tls: dict[tuple[str, int], bool] = {}
+    protocols: dict[tuple[str, int], list[str] | None] = {}
     defaulted: set[tuple[str, int]] = set()
     for site in state.sites:
+        catch_all = "_" in site.server_names  # nginx's "any name": that site's sockets
         for lst in site.listeners:
-            tls[lst.bind] = tls.get(lst.bind, False) or lst.tls
-            if lst.default_server:
+            protocols.setdefault(lst.bind, None)
+            if lst.tls and site.tls is not None:
+                protocols[lst.bind] = list(site.tls.protocols)
+            if lst.default_server or catch_all:
                 defaulted.add(lst.bind)
         for bind in redirect_binds(site):
-            tls.setdefault(bind, False)
-    expected = sorted((bind, on) for bind, on in tls.items() if bind not in defaulted)
+            protocols.setdefault(bind, None)
+            if catch_all:
+                defaulted.add(bind)
+    expected = sorted((bind, p) for bind, p in protocols.items() if bind not in defaulted)
     assert [d["directive"] for d in parsed] == ["server"] * len(expected)
-    for block, (bind, on) in zip(parsed, expected, strict=True):
+    for block, (bind, tls) in zip(parsed, expected, strict=True):
         listen, *rest = block["block"]
         assert listen["directive"] == "listen"
         assert listen["args"][0].endswith(f":{bind[1]}") or listen["args"][0] == str(bind[1])
         assert listen["args"][-1] == "default_server"
-        assert ("ssl" in listen["args"]) is on
-        handshake = [("ssl_reject_handshake", ["on"])] if on else []
+        assert ("ssl" in listen["args"]) is (tls is not None)
+        handshake = [("ssl_reject_handshake", ["on"]), ("ssl_protocols", tls)] if tls else []
         assert [(d["directive"], d["args"]) for d in rest] == [*handshake, ("return", ["444"])]
 
 
@@ -558,7 +563,14 @@ class TestStructure:
         }
         everything = [d for block in parsed.values() for d in walk(block)]
         assert {d["directive"] for d in everything} <= ALLOWED_DIRECTIVES
+        defaults = {lst.bind for s in state.sites for lst in s.listeners if lst.default_server}
         for site in state.sites:
+            if "_" in site.server_names:  # nginx's "any name": default where none is set
+                listeners = tuple(
+                    attrs.evolve(lst, default_server=lst.default_server or lst.bind not in defaults)
+                    for lst in site.listeners
+                )
+                site = attrs.evolve(site, listeners=listeners)
             check_site(site, parsed[f"conf.d/site-{site.name}.conf"])
         check_upstreams(state, parsed["conf.d/upstreams.conf"])
         check_unknown_hosts(state, parsed["conf.d/unknown-hosts.conf"])

@@ -351,25 +351,61 @@ def redirect_listens(site: Site) -> list[Token]:
     return [_listen_args(None if a == "*" else a, port) for a, port in redirect_binds(site)]
 
 
-def unknown_host_listens(state: DesiredState) -> list[tuple[Token, bool]]:
-    """``listen`` arguments (with `default_server`) and TLS flag of the server that
-    answers unknown names on each socket the sites listen on (their redirect servers'
-    included) where no site is the ``default_server``; sorted by socket."""
-    sockets: dict[tuple[str, int], list[bool]] = {}  # bind -> [tls, http2, has a default]
+def _catch_all_sites_default(state: DesiredState) -> DesiredState:
+    """`state` with the listeners of a site named ``_`` (the nginx idiom for "any name",
+    which the model documents) made the ``default_server`` of their sockets where no
+    other site is: otherwise `unknown-hosts.conf` would take the names it is meant for."""
+    defaults = {lst.bind for site in state.sites for lst in site.listeners if lst.default_server}
+    if not any("_" in site.server_names for site in state.sites):
+        return state
+    sites = tuple(
+        attrs.evolve(
+            site,
+            listeners=tuple(
+                lst if lst.bind in defaults else attrs.evolve(lst, default_server=True)
+                for lst in site.listeners
+            ),
+        )
+        if "_" in site.server_names
+        else site
+        for site in state.sites
+    )
+    return attrs.evolve(state, sites=sites)
+
+
+@attrs.frozen
+class UnknownHostServer:
+    """The default server of one socket no site is the default of (see
+    `unknown_host_listens`): its ``listen`` arguments and, on a TLS socket, the
+    protocols the sites there agreed on (nginx negotiates them with the default server,
+    so this server's are every site's on the socket)."""
+
+    listen: Token
+    tls_protocols: tuple[str, ...] | None
+
+
+def unknown_host_listens(state: DesiredState) -> list[UnknownHostServer]:
+    """The servers that answer unknown names, one per socket the sites listen on (their
+    redirect servers' included) where no site is the ``default_server``; by socket."""
+    sockets: dict[tuple[str, int], list[Any]] = {}  # bind -> [protocols, http2, default]
     for site in state.sites:
         for lst in site.listeners:
-            flags = sockets.setdefault(lst.bind, [False, False, False])
-            flags[0] |= lst.tls
+            flags = sockets.setdefault(lst.bind, [None, False, False])
+            if lst.tls and site.tls is not None:
+                flags[0] = site.tls.protocols  # the model makes the sites agree
             flags[1] |= lst.http2
-            flags[2] |= lst.default_server
+            flags[2] |= lst.default_server or "_" in site.server_names
         for bind in redirect_binds(site):
-            sockets.setdefault(bind, [False, False, False])
+            flags = sockets.setdefault(bind, [None, False, False])
+            flags[2] |= "_" in site.server_names
     found = []
-    for (address, port), (tls, http2, has_default) in sorted(sockets.items()):
+    for (address, port), (protocols, http2, has_default) in sorted(sockets.items()):
         if has_default:
             continue
-        options = [*(["ssl"] if tls else []), *(["http2"] if http2 else []), "default_server"]
-        found.append((_listen_args(None if address == "*" else address, port, *options), tls))
+        ssl = ["ssl"] if protocols is not None else []
+        options = [*ssl, *(["http2"] if http2 else []), "default_server"]
+        listen = _listen_args(None if address == "*" else address, port, *options)
+        found.append(UnknownHostServer(listen, protocols))
     return found
 
 
@@ -752,7 +788,7 @@ class NginxRenderer:
             without ``ssl_password_file``.
         """
         self._compile()
-        state = self._bind_listeners(state)
+        state = _catch_all_sites_default(self._bind_listeners(state))
         self._check_status_port(state)
         base: dict[str, Any] = {
             "state": state,
