@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from nxmesh.agent.harness import NginxStack
+from nxmesh.core.model import DesiredState, Listener, Location, Return, Site
 from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.settings import load_settings
@@ -188,6 +189,29 @@ class TestAgainstRealNginx:
         assert (ok.check, ok.status, ok.metrics["status_code"]) == ("http_probe.0", "ok", 200)
         assert ok.metrics["latency_ms"] > 0
         assert (failed.check, failed.status) == ("http_probe.1", "fail")
+
+    async def test_a_probe_names_the_site_it_asks_for(self, served: NginxStack) -> None:
+        """By IP a probe reaches only a socket's default server; followed by a site's name
+        it asks nginx for that site."""
+        site = Site(
+            name="known",
+            server_names=("known.test",),
+            listeners=(Listener(port=served.web_port, address="127.0.0.1"),),
+            locations=(Location(path="/", return_=Return(code=200, body="ok")),),
+        )
+        state = DesiredState(sites=(site,))
+        report = await served.driver.apply(served.update(state), served.render(state))
+        assert report.outcome == "applied", report.message
+        url = f"http://127.0.0.1:{served.web_port}/"
+        named, by_ip = await HttpProbeCheck([f"{url} known.test", url], timeout=1).run()
+        assert (named.status, named.metrics["status_code"]) == ("ok", 200)
+        assert by_ip.status == "fail"  # no site is the default: nginx closes (444)
+
+    @pytest.mark.parametrize("probe", ["https://x/", "http://127.0.0.1/ bad;name", "x y"])
+    def test_bad_probes_are_refused_naming_the_setting(self, probe: str) -> None:
+        """A probe is an http:// URL, optionally followed by a Host name."""
+        with pytest.raises(ValueError, match="probes"):
+            HealthSettings(probes=(probe,))
 
     async def test_system_reports_host_and_worker_memory(self, served: NginxStack) -> None:
         """CPU, memory, disk, load and nginx worker RSS are all measured."""

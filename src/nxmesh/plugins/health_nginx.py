@@ -4,8 +4,10 @@
   (``/nginx_status``): active, accepts, handled, requests, reading, writing, waiting.
   ``warn`` when accepts and handled differ (nginx dropped connections: a worker or
   file-descriptor limit was hit).
-- ``http_probe``: a GET of each configured endpoint (``probes``); ``fail`` on a
-  connection error or a status of 400 and up. One result per probe.
+- ``http_probe``: a GET of each configured endpoint (``probes``: a URL, optionally
+  followed by a space and the Host to ask for, since nginx refuses names no site
+  serves); ``fail`` on a connection error or a status of 400 and up. One result per
+  probe.
 - ``system``: CPU, memory, disk (of the config root), load average and the RSS of
   nginx's worker processes, via psutil; ``warn`` past the configured thresholds.
 - ``cert_expiry``: days left on every certificate file of the live tree (``*.crt``,
@@ -35,6 +37,7 @@ from nxmesh.agent.http import http_get
 from nxmesh.agent.layout import NginxLayout, render_settings_of
 from nxmesh.agent.process import read_pid_file, worker_pids
 from nxmesh.core.model import HealthStatus
+from nxmesh.core.validation import SERVER_NAME
 
 if TYPE_CHECKING:
     from nxmesh.core.interfaces import HealthCheck
@@ -55,11 +58,25 @@ STUB_STATUS_PATH = "/nginx_status"
 _PROBE_SCHEMES = ("http",)
 
 
+def _probe_parts(probe: str) -> tuple[str, str | None]:
+    """A probe's URL and the Host it asks for: ``"http://127.0.0.1/healthz"``, or with the
+    name of the site to reach after a space, ``"http://127.0.0.1/healthz shop.example.com"``
+    (nginx refuses names no site serves, and an IP is not a site's name)."""
+    url, _, host = probe.strip().partition(" ")
+    return url, host.strip() or None
+
+
 def _probes(_inst: object, attribute: attrs.Attribute[tuple[str, ...]], value: object) -> None:
-    for url in value:  # type: ignore[attr-defined]
+    for probe in value:  # type: ignore[attr-defined]
+        url, host = _probe_parts(probe)
         parts = urlsplit(url)
         if parts.scheme not in _PROBE_SCHEMES or not parts.hostname:
-            raise ValueError(f"{attribute.name} must hold http:// URLs, got {url!r}")
+            raise ValueError(
+                f"{attribute.name} must hold http:// URLs, each optionally followed by a space "
+                f"and the Host to ask for, got {probe!r}"
+            )
+        if host is not None and SERVER_NAME.reason(host) is not None:
+            raise ValueError(f"{attribute.name}: the Host of {url!r} is not a name: {host!r}")
 
 
 @attrs.frozen
@@ -169,16 +186,21 @@ class HttpProbeCheck:
     async def run(self) -> Sequence[HealthResult]:
         if not self.probes:
             return [HealthResult(check=self.name, status="ok", message="no probes configured")]
-        return [await self._probe(i, url) for i, url in enumerate(self.probes)]
+        return [await self._probe(i, probe) for i, probe in enumerate(self.probes)]
 
-    async def _probe(self, index: int, url: str) -> HealthResult:
+    async def _probe(self, index: int, probe: str) -> HealthResult:
+        url, host = _probe_parts(probe)
         parts = urlsplit(url)
         check = f"{self.name}.{index}"
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         started = time.perf_counter()
         try:
             response = await http_get(
-                parts.hostname or "127.0.0.1", parts.port or 80, path, timeout=self.timeout
+                parts.hostname or "127.0.0.1",
+                parts.port or 80,
+                path,
+                timeout=self.timeout,
+                host_header=host,
             )
         except (OSError, TimeoutError) as exc:
             return HealthResult(check=check, status="fail", message=f"{url}: {exc or 'timeout'}")
