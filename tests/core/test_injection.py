@@ -470,6 +470,10 @@ class TestSpecificFields:
             "unix:/run/snapd.socket",
             "unix:/var/lib/kubelet/pod-resources/kubelet.sock",
             "unix:/var/snap/lxd/common/lxd/unix.socket",
+            "unix:/var/lib/incus/unix.socket",
+            "unix:/run/balena-engine.sock",
+            "unix:/host/var/lib/lxd/unix.socket",  # the host's root bind-mounted
+            "unix:/host/var/run/systemd/private",
         ],
     )
     def test_host_control_sockets_are_refused(self, value: str) -> None:
@@ -477,6 +481,23 @@ class TestSpecificFields:
         to whoever reaches the site: refused, saying why."""
         problem = _address_problem(value)
         assert "control socket of a container runtime or system service" in problem.message
+
+    @pytest.mark.parametrize(
+        ("value", "says"),
+        [
+            ("unix:/proc/self/root/var/lib/lxd/unix.socket", "is under /proc"),
+            ("unix:/proc/self/cwd/run/app.sock", "is under /proc"),
+            ("unix:/dev/fd/3", "is under /dev"),
+            ("127.0.0.1:2375", "port 2375 is the Docker daemon's API"),
+            ("[::1]:2376", "port 2376 is the Docker daemon's API"),
+            ("docker:2375", "port 2375 is the Docker daemon's API"),
+            ("unix:/srv/" + "a" * 98 + ".sock", "is at most 107 bytes, this one 108"),
+        ],
+    )
+    def test_other_ways_to_a_control_socket_are_refused(self, value: str, says: str) -> None:
+        """/proc/self/root and /dev/fd reach any path past the name checks; the Docker API
+        also listens on TCP; nginx refuses a socket path sun_path cannot hold."""
+        assert says in _address_problem(value).message
 
     @pytest.mark.parametrize(
         ("value", "address"),
@@ -496,6 +517,7 @@ class TestSpecificFields:
             "unix:/srv/app/gunicorn.sock",
             "unix:/run/uwsgi/app.socket",
             "unix:/var/www/app/unix.socket",
+            "unix:/srv/" + "a" * 97 + ".sock",  # 107 bytes: what sun_path holds
         ],
     )
     def test_application_sockets_are_accepted(self, value: str) -> None:

@@ -41,6 +41,7 @@ from nxmesh.core.serialization import (
     structure_state,
     unstructure,
 )
+from nxmesh.core.validation import UPSTREAM_ADDRESS
 
 
 def problems(data: object, cl: type[Any] = DesiredState) -> dict[str, str]:
@@ -84,7 +85,7 @@ addresses = st.one_of(
     st.builds("{}:{}".format, hostnames, st.integers(1, 65535)),
     st.builds("{}.{}.{}.{}:{}".format, *[st.integers(0, 255)] * 4, st.integers(1, 65535)),
     st.from_regex(r"unix:/run/[a-z]{1,8}\.sock", fullmatch=True),
-)
+).filter(lambda a: UPSTREAM_ADDRESS.reason(a) is None)  # e.g. no :2375, no metadata IPs
 
 
 @st.composite

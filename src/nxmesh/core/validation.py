@@ -557,6 +557,7 @@ _CONTROL_SOCKETS: Final = frozenset(
         "snapd-snap.socket",
         "system_bus_socket",
         "libvirt-sock",
+        "balena-engine.sock",  # the Docker API
     }
 )
 _CONTROL_SOCKET_DIRS: Final = (
@@ -570,31 +571,53 @@ _CONTROL_SOCKET_DIRS: Final = (
     "/run/libvirt",
     "/run/k3s",
     "/run/lxd",
+    "/run/incus",
     "/var/lib/docker",
     "/var/lib/containerd",
     "/var/lib/kubelet",
     "/var/lib/lxd",
+    "/var/lib/incus",
     "/var/snap/lxd",
 )
+# A unix socket path is at most 107 bytes (sun_path holds 108 with the final NUL);
+# nginx -t fails on a longer one.
+_SUN_PATH_MAX: Final = 107
 
 
 def _unix_socket_reason(path: str) -> str | None:
     if re.fullmatch(r"/[A-Za-z0-9._/-]{1,200}", path, re.ASCII) is None:
         return "a unix socket must be an absolute path like unix:/run/app.sock"
+    if len(path) > _SUN_PATH_MAX:
+        return f"a unix socket path is at most {_SUN_PATH_MAX} bytes, this one {len(path)}"
     segments = [s for s in path.split("/") if s]
     if any(s in (".", "..") for s in segments):
         return "a unix socket path must not contain '.' or '..' segments"
-    normal = "/" + "/".join(segments)
-    if normal.startswith("/var/run/"):  # a link to /run on every current distribution
-        normal = normal[4:]
+    if segments and segments[0] in ("proc", "dev"):
+        # /proc/self/root/… and /dev/fd/… reach any path the workers can, past the names
+        # and directories below.
+        return f"unix:{path} is under /{segments[0]}; use the socket's own path"
+    # /var/run is a link to /run on every current distribution; the directories are
+    # matched at any depth too (a host's root bind-mounted at /host).
+    normal = ("/" + "/".join(segments)).replace("/var/run/", "/run/")
     name = segments[-1] if segments else ""
-    if name in _CONTROL_SOCKETS or any(normal.startswith(d + "/") for d in _CONTROL_SOCKET_DIRS):
+    if name in _CONTROL_SOCKETS or any(d + "/" in normal for d in _CONTROL_SOCKET_DIRS):
         return (
             f"unix:{path} is the control socket of a container runtime or system service "
             "(Docker, containerd, systemd, D-Bus and the like): whoever reaches the site "
             "would control the host; not allowed as an upstream"
         )
     return None
+
+
+def _upstream_port_reason(port: str) -> str | None:
+    """`_port_reason`, and not the Docker daemon's API ports (IANA 2375, 2376): a proxy
+    there hands the host to whoever reaches the site, as its socket would."""
+    if port in ("2375", "2376"):
+        return (
+            f"port {port} is the Docker daemon's API: whoever reaches the site would "
+            "control the host; not allowed as an upstream"
+        )
+    return _port_reason(port)
 
 
 def _upstream_address_refine(value: str) -> str | None:
@@ -612,17 +635,17 @@ def _upstream_address_refine(value: str) -> str | None:
         m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)", value)
         if m is None:
             return f"must be {_ADDRESS_FORMS}; an IPv6 address needs a port, like [::1]:8080"
-        return _upstream_ip_reason(m.group(1), version=6) or _port_reason(m.group(2))
+        return _upstream_ip_reason(m.group(1), version=6) or _upstream_port_reason(m.group(2))
     host, sep, port = value.rpartition(":")
     if not sep or not port:
         return f"needs a port, like {value or 'backend'}:8080 (or unix:/path.sock)"
     if ":" in host:
         return "an IPv6 address must be written in brackets, like [::1]:8080"
     if re.fullmatch(r"[0-9.]+", host):
-        return _upstream_ip_reason(host, version=4) or _port_reason(port)
+        return _upstream_ip_reason(host, version=4) or _upstream_port_reason(port)
     if re.fullmatch(_HOST, host, re.ASCII) is None or len(host) > 253:
         return f"{host!r} is not a valid hostname; must be {_ADDRESS_FORMS}"
-    return _port_reason(port)
+    return _upstream_port_reason(port)
 
 
 UPSTREAM_ADDRESS = TextRule(
