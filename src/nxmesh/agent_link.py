@@ -123,14 +123,11 @@ T = TypeVar("T")
 
 _OUTBOX: Final = 256
 _TEXT_LIMIT: Final = 4000
-# Deleted from free text: what `LOG_TEXT` refuses, and the bidirectional controls new
-# text may not hold (nginx quotes file contents in its errors).
-_CONTROL = dict.fromkeys(v.CONTROL_CHARACTERS | v.BIDI_CONTROLS)
 
 
 def _text(value: str) -> str:
     """Fit free text into a protocol text field: no control characters, bounded."""
-    value = value.translate(_CONTROL)
+    value = v.printable(value)  # nginx quotes file contents in its errors
     return value if len(value) <= _TEXT_LIMIT else value[: _TEXT_LIMIT - 15] + "\n...[truncated]"
 
 

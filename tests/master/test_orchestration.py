@@ -324,17 +324,19 @@ class TestPushes:
         assert plane.services.metrics.pushes.labels(outcome="sent")._value.get() == 1
 
     async def test_failure_keeps_nginx_message_and_is_not_resent(self, plane: Plane) -> None:
-        """failed + nginx's output are stored; the same version is not pushed again."""
+        """failed + nginx's output are stored (without the bidirectional controls an
+        agent may send: they would reorder the text on an admin's terminal); the same
+        version is not pushed again."""
         link = await plane.agent("a")
         await plane.commit("one")
         update = await next_update(link)
         answer(link, update, "failed", error="nginx -t failed",
-               nginx_output='host not found in upstream "x"')  # fmt: skip
+               nginx_output='host not found in upstream "x" \u202eexe.txt')  # fmt: skip
         await plane.settle()
         assert link.agent_id is not None
         [status] = await plane.statuses(link.agent_id)
         assert status.phase == "failed"
-        assert "host not found" in status.message
+        assert status.message == 'nginx -t failed\nhost not found in upstream "x" exe.txt'
         await plane.orchestrator.assignments_changed("default")  # any later reconcile
         await plane.settle()
         assert len(link.updates) == 0

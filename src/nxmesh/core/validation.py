@@ -67,6 +67,7 @@ __all__ = [
     "labels",
     "metrics",
     "new_text_reason",
+    "printable",
     "raise_problems",
     "text",
 ]
@@ -483,6 +484,16 @@ LOG_TEXT = TextRule(
     min_len=0,
     allowed="\n\t",
 )
+
+
+_UNPRINTABLE: Final = dict.fromkeys(CONTROL_CHARACTERS | BIDI_CONTROLS)
+
+
+def printable(text: str) -> str:
+    """`text` without the characters `LOG_TEXT` refuses and the bidirectional controls:
+    what a peer's free text (nginx's output, an agent's error) keeps before it is stored
+    or shown, so a terminal shows it as written."""
+    return text.translate(_UNPRINTABLE)
 
 
 def new_text_reason(text: str) -> str | None:

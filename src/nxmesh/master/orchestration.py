@@ -64,6 +64,7 @@ import attrs
 import structlog
 from prometheus_client import Counter
 
+from nxmesh.core import validation
 from nxmesh.core.events import Event
 from nxmesh.core.model import (
     Agent,
@@ -459,6 +460,8 @@ class RolloutOrchestrator:
         message = status.error
         if status.nginx_output and status.nginx_output not in message:
             message = f"{message}\n{status.nginx_output}" if message else status.nginx_output
+        # An agent's text is shown to admins: cleaned here too, not only by honest agents.
+        message = validation.printable(message)
         record = AgentStatus(
             agent_id=agent_id,
             version=status.version,
