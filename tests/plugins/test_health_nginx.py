@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from nxmesh.agent.harness import NginxStack
-from nxmesh.core.model import DesiredState, Listener, Location, Return, Site
 from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.settings import load_settings
@@ -26,6 +25,7 @@ from nxmesh.plugins.health_nginx import (
     parse_stub_status,
 )
 from nxmesh.testing.contracts import HealthCheckContract
+from nxmesh.testing.factories import one_site_state
 from nxmesh.testing.nginx import free_port
 
 
@@ -193,13 +193,7 @@ class TestAgainstRealNginx:
     async def test_a_probe_names_the_site_it_asks_for(self, served: NginxStack) -> None:
         """By IP a probe reaches only a socket's default server; followed by a site's name
         it asks nginx for that site."""
-        site = Site(
-            name="known",
-            server_names=("known.test",),
-            listeners=(Listener(port=served.web_port, address="127.0.0.1"),),
-            locations=(Location(path="/", return_=Return(code=200, body="ok")),),
-        )
-        state = DesiredState(sites=(site,))
+        state = one_site_state(served.web_port, "known.test", "ok")
         report = await served.driver.apply(served.update(state), served.render(state))
         assert report.outcome == "applied", report.message
         url = f"http://127.0.0.1:{served.web_port}/"

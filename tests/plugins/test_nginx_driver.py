@@ -36,6 +36,7 @@ from nxmesh.core.registry import ProviderRegistries
 from nxmesh.plugins.deploy_docker import DockerSidecarMode
 from nxmesh.plugins.nginx_driver import DriverSettings, ReloadDriver
 from nxmesh.testing.contracts import NginxDriverContract
+from nxmesh.testing.factories import one_site_state
 from nxmesh.testing.nginx import refuse_signal
 from nxmesh.testing.pki import Pki
 
@@ -560,19 +561,10 @@ class TestMatchingOrder:
 
 
 class TestUnknownHosts:
-    def _state(self, port: int, *, default_server: bool) -> DesiredState:
-        site = Site(
-            name="known",
-            server_names=("known.test",),
-            listeners=(Listener(port=port, address="127.0.0.1", default_server=default_server),),
-            locations=(Location(path="/", return_=Return(code=200, body="known")),),
-        )
-        return DesiredState(sites=(site,))
-
     async def test_a_name_no_site_serves_is_refused(self, stack: NginxStack) -> None:
         """Without a default_server site, a request for another name (or by IP) gets its
         connection closed (444) instead of the only site's content."""
-        state = self._state(stack.web_port, default_server=False)
+        state = one_site_state(stack.web_port, "known.test", "known")
         report = await stack.driver.apply(stack.update(state), stack.render(state))
         assert report.outcome == "applied", report.message
         known = await stack.fetch(host="known.test")
@@ -592,7 +584,7 @@ class TestUnknownHosts:
 
     async def test_a_default_server_site_answers_every_name(self, stack: NginxStack) -> None:
         """``default_server: true`` makes the site answer names no site serves."""
-        state = self._state(stack.web_port, default_server=True)
+        state = one_site_state(stack.web_port, "known.test", "known", default_server=True)
         report = await stack.driver.apply(stack.update(state), stack.render(state))
         assert report.outcome == "applied", report.message
         assert (await stack.fetch(host="other.test")).text == "known"
@@ -600,13 +592,7 @@ class TestUnknownHosts:
     async def test_a_catch_all_name_site_still_answers_every_name(self, stack: NginxStack) -> None:
         """A site named ``_`` (nginx's idiom for "any name") is its sockets' default
         server: the unknown-names server does not take its requests."""
-        site = Site(
-            name="any",
-            server_names=("_",),
-            listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
-            locations=(Location(path="/", return_=Return(code=200, body="any")),),
-        )
-        state = DesiredState(sites=(site,))
+        state = one_site_state(stack.web_port, "_", "any")
         report = await stack.driver.apply(stack.update(state), stack.render(state))
         assert report.outcome == "applied", report.message
         assert (await stack.fetch(host="whatever.test")).text == "any"

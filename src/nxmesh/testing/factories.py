@@ -56,6 +56,19 @@ def multi_site_state(port: int, body: str, *, sites: int = 1) -> DesiredState:
     )
 
 
+def one_site_state(
+    port: int, server_name: str, body: str, *, default_server: bool = False
+) -> DesiredState:
+    """One site answering ``200 <body>`` for `server_name` on 127.0.0.1:`port`."""
+    site = Site(
+        name="one",
+        server_names=(server_name,),
+        listeners=(Listener(port=port, address="127.0.0.1", default_server=default_server),),
+        locations=(Location(path="/", return_=Return(code=200, body=body)),),
+    )
+    return DesiredState(sites=(site,))
+
+
 def make_version(
     number: int,
     *,
