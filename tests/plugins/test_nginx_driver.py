@@ -479,6 +479,7 @@ def www() -> Iterator[Path]:
             ".git/config": "[core]",
             "app/.htpasswd": "admin:x",
             ".well-known/security.txt": "contact",
+            "sub/.well-known/x.txt": "nested",
             "a.b/file.txt": "dotted directory",
         }
         for name, text in files.items():
@@ -515,7 +516,15 @@ class TestStaticFiles:
         state = _static_state(stack.web_port, www, path=path, match=match)
         report = await stack.driver.apply(stack.update(state), stack.render(state))
         assert report.outcome == "applied", report.message
-        for hidden in ("/.env", "/.git/config", "/app/.htpasswd", "/%2egit/config", "/x/../.env"):
+        hidden_paths = (
+            "/.env",
+            "/.git/config",
+            "/app/.htpasswd",
+            "/%2egit/config",
+            "/x/../.env",
+            "/sub/.well-known/x.txt",  # only the root's /.well-known/ is public
+        )
+        for hidden in hidden_paths:
             assert (await stack.fetch(hidden)).status == 404, hidden
         served = {
             "/index.html": "home",

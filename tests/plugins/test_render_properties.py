@@ -423,7 +423,7 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
 ACME_LOCATION = ["^~", "/.well-known/acme-challenge/"]
 
 # Every static location not serving dotfiles answers 404 for a hidden path segment.
-HIDDEN_FILES = ("if", ["$uri", "~", r"/\.(?!well-known(?:/|$))"])
+HIDDEN_FILES = ("if", ["$uri", "~", r"/\.(?!well-known(?:/|$))|^/.+/\.well-known(?:/|$)"])
 HIDDEN_FILES_BLOCK = [("return", ["404"])]
 
 
