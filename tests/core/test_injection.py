@@ -19,7 +19,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from nxmesh.core.errors import Problem, ValidationError
-from nxmesh.core.model import Agent, LabelSelector
+from nxmesh.core.model import Agent, DesiredState, LabelSelector, check_state
 from nxmesh.core.serialization import structure, structure_state, unstructure
 
 
@@ -498,6 +498,16 @@ class TestSpecificFields:
         """/proc/self/root and /dev/fd reach any path past the name checks; the Docker API
         also listens on TCP; nginx refuses a socket path sun_path cannot hold."""
         assert says in _address_problem(value).message
+
+    def test_a_stored_state_with_a_newly_refused_address_still_loads(self) -> None:
+        """The host-control rules came after versions were stored: they refuse new input
+        (`check_state`), while a stored state holding such an address still reads back
+        (history, diffs; a rollback to it is a submission and is refused)."""
+        field = "upstreams[0].servers[0].address"
+        doc = set_at(base_doc(), field, "unix:/var/run/docker.sock")
+        state = structure(doc, DesiredState)  # what reading a stored version does
+        assert state.upstreams[0].servers[0].address == "unix:/var/run/docker.sock"
+        assert [p.path for p in check_state(state)] == [field]
 
     @pytest.mark.parametrize(
         ("value", "address"),

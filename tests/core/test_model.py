@@ -560,14 +560,16 @@ class TestCheckState:
     def test_h2c_listener_cannot_carry_the_https_redirect(self) -> None:
         """A plain http2 listener of a site that redirects to HTTPS: no browser would
         reach the redirect."""
-        with pytest.raises(Invalid) as exc:
-            make_site(
-                listeners=(Listener(80, http2=True), Listener(443, tls=True, http2=True)),
-                tls=TLSConfig(certificate="main"),
-            )
-        assert paths_of(exc) == ["listeners[0].http2"]
-        no_redirect = TLSConfig(certificate="main", redirect_http=False)
-        make_site(listeners=(Listener(80, http2=True), Listener(443, tls=True)), tls=no_redirect)
+        certs = (CertificateRef("main", ("example.com",)),)
+        site = make_site(
+            listeners=(Listener(80, http2=True), Listener(443, tls=True, http2=True)),
+            tls=TLSConfig(certificate="main"),
+        )  # the object is valid (stored versions load): the submission is refused
+        [problem] = check_state(state(site, certs=certs))
+        assert problem.path == "sites[0].listeners[0].http2"
+        assert "no browser speaks h2c" in problem.message
+        no_redirect = attrs.evolve(site, tls=TLSConfig(certificate="main", redirect_http=False))
+        assert check_state(state(no_redirect, certs=certs)) == []
 
     def test_two_default_servers(self) -> None:
         """Only one site can be the default server of an address and port."""

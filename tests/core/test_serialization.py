@@ -41,7 +41,7 @@ from nxmesh.core.serialization import (
     structure_state,
     unstructure,
 )
-from nxmesh.core.validation import UPSTREAM_ADDRESS
+from nxmesh.core.validation import UPSTREAM_ADDRESS, upstream_address_hazard
 
 
 def problems(data: object, cl: type[Any] = DesiredState) -> dict[str, str]:
@@ -85,7 +85,9 @@ addresses = st.one_of(
     st.builds("{}:{}".format, hostnames, st.integers(1, 65535)),
     st.builds("{}.{}.{}.{}:{}".format, *[st.integers(0, 255)] * 4, st.integers(1, 65535)),
     st.from_regex(r"unix:/run/[a-z]{1,8}\.sock", fullmatch=True),
-).filter(lambda a: UPSTREAM_ADDRESS.reason(a) is None)  # e.g. no :2375, no metadata IPs
+).filter(  # e.g. no metadata IPs, no :2375
+    lambda a: UPSTREAM_ADDRESS.reason(a) is None and upstream_address_hazard(a) is None
+)
 
 
 @st.composite

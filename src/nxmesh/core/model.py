@@ -57,6 +57,7 @@ __all__ = [
     "check_parts",
     "check_state",
     "redirect_binds",
+    "submission_problems",
 ]
 
 K = TypeVar("K")
@@ -371,18 +372,6 @@ class Site:
             )
         if self.tls is not None and not tls_listeners:
             found.append(("tls", "is set but no listener has tls: true (add one, e.g. port 443)"))
-        if self.tls is not None and self.tls.redirect_http:
-            found.extend(
-                (
-                    f"listeners[{i}].http2",
-                    "makes this plain port cleartext HTTP/2 only (h2c), where the site "
-                    "redirects browsers to HTTPS: no browser speaks h2c, so none would "
-                    "reach the redirect; set http2 on the TLS listeners only (or set "
-                    "tls.redirect_http: false)",
-                )
-                for i, lst in enumerate(self.listeners)
-                if lst.http2 and not lst.tls
-            )
         seen: dict[tuple[str, int], int] = {}
         for i, lst in enumerate(self.listeners):
             bind = lst.bind
@@ -710,12 +699,39 @@ def _check_h2c(
 
 
 def check_state(state: DesiredState) -> list[Problem]:
-    """Every cross-object problem of `state`: duplicates, dangling references, conflicts.
+    """Every cross-object problem of `state`: duplicates, dangling references, conflicts;
+    and what new input may not hold (`submission_problems`).
 
     Paths index into the state (``sites[0].locations[1].upstream``); a problem about a
     duplicate points at the later occurrence and names the earlier one in its message.
     """
-    return check_parts(StateParts.of(state))
+    return [*check_parts(StateParts.of(state)), *submission_problems(state)]
+
+
+def submission_problems(state: DesiredState) -> list[Problem]:
+    """Rules added after versions were stored, checked when a state is submitted (every
+    commit runs `check_state`) rather than by the objects themselves: a stored version
+    that breaks one still loads, and a rollback to it is checked again."""
+    found: list[Problem] = []
+    for i, upstream in enumerate(state.upstreams):
+        for j, server in enumerate(upstream.servers):
+            if (reason := v.upstream_address_hazard(server.address)) is not None:
+                found.append(Problem(f"upstreams[{i}].servers[{j}].address", reason))
+    for i, site in enumerate(state.sites):
+        if site.tls is None or not site.tls.redirect_http:
+            continue
+        found.extend(
+            Problem(
+                f"sites[{i}].listeners[{n}].http2",
+                "makes this plain port cleartext HTTP/2 only (h2c), where the site "
+                "redirects browsers to HTTPS: no browser speaks h2c, so none would reach "
+                "the redirect; set http2 on the TLS listeners only (or set "
+                "tls.redirect_http: false)",
+            )
+            for n, lst in enumerate(site.listeners)
+            if lst.http2 and not lst.tls
+        )
+    return found
 
 
 def check_parts(parts: StateParts) -> list[Problem]:

@@ -70,6 +70,7 @@ __all__ = [
     "printable",
     "raise_problems",
     "text",
+    "upstream_address_hazard",
 ]
 
 # ---------------------------------------------------------------------------------------
@@ -598,11 +599,34 @@ _SUN_PATH_MAX: Final = 107
 def _unix_socket_reason(path: str) -> str | None:
     if re.fullmatch(r"/[A-Za-z0-9._/-]{1,200}", path, re.ASCII) is None:
         return "a unix socket must be an absolute path like unix:/run/app.sock"
+    if any(s in (".", "..") for s in path.split("/")):
+        return "a unix socket path must not contain '.' or '..' segments"
+    return None
+
+
+def upstream_address_hazard(value: str) -> str | None:
+    """Why an upstream address that `UPSTREAM_ADDRESS` accepts must still not be used in
+    new input: a control socket or API of the host, or a socket path nginx cannot bind.
+
+    Checked when a state is submitted (`model.check_state`), not when a stored one is
+    read: versions stored before these rules still load (their history, a diff), and a
+    rollback to one is a new submission, checked again.
+    """
+    if value.startswith("unix:"):
+        return _control_socket_reason(value[5:])
+    port = value.rpartition(":")[2]
+    if port in ("2375", "2376"):
+        return (
+            f"port {port} is the Docker daemon's API: whoever reaches the site would "
+            "control the host; not allowed as an upstream"
+        )
+    return None
+
+
+def _control_socket_reason(path: str) -> str | None:
     if len(path) > _SUN_PATH_MAX:
         return f"a unix socket path is at most {_SUN_PATH_MAX} bytes, this one {len(path)}"
     segments = [s for s in path.split("/") if s]
-    if any(s in (".", "..") for s in segments):
-        return "a unix socket path must not contain '.' or '..' segments"
     if segments and segments[0] in ("proc", "dev"):
         # /proc/self/root/… and /dev/fd/… reach any path the workers can, past the names
         # and directories below.
@@ -620,17 +644,6 @@ def _unix_socket_reason(path: str) -> str | None:
     return None
 
 
-def _upstream_port_reason(port: str) -> str | None:
-    """`_port_reason`, and not the Docker daemon's API ports (IANA 2375, 2376): a proxy
-    there hands the host to whoever reaches the site, as its socket would."""
-    if port in ("2375", "2376"):
-        return (
-            f"port {port} is the Docker daemon's API: whoever reaches the site would "
-            "control the host; not allowed as an upstream"
-        )
-    return _port_reason(port)
-
-
 def _upstream_address_refine(value: str) -> str | None:
     if value.startswith("unix:"):
         return _unix_socket_reason(value[5:])
@@ -646,17 +659,17 @@ def _upstream_address_refine(value: str) -> str | None:
         m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)", value)
         if m is None:
             return f"must be {_ADDRESS_FORMS}; an IPv6 address needs a port, like [::1]:8080"
-        return _upstream_ip_reason(m.group(1), version=6) or _upstream_port_reason(m.group(2))
+        return _upstream_ip_reason(m.group(1), version=6) or _port_reason(m.group(2))
     host, sep, port = value.rpartition(":")
     if not sep or not port:
         return f"needs a port, like {value or 'backend'}:8080 (or unix:/path.sock)"
     if ":" in host:
         return "an IPv6 address must be written in brackets, like [::1]:8080"
     if re.fullmatch(r"[0-9.]+", host):
-        return _upstream_ip_reason(host, version=4) or _upstream_port_reason(port)
+        return _upstream_ip_reason(host, version=4) or _port_reason(port)
     if re.fullmatch(_HOST, host, re.ASCII) is None or len(host) > 253:
         return f"{host!r} is not a valid hostname; must be {_ADDRESS_FORMS}"
-    return _upstream_port_reason(port)
+    return _port_reason(port)
 
 
 UPSTREAM_ADDRESS = TextRule(
