@@ -355,9 +355,9 @@ def _catch_all_sites_default(state: DesiredState) -> DesiredState:
     """`state` with the listeners of a site named ``_`` (the nginx idiom for "any name",
     which the model documents) made the ``default_server`` of their sockets where no
     other site is: otherwise `unknown-hosts.conf` would take the names it is meant for."""
-    defaults = {lst.bind for site in state.sites for lst in site.listeners if lst.default_server}
     if not any("_" in site.server_names for site in state.sites):
         return state
+    defaults = {lst.bind for site in state.sites for lst in site.listeners if lst.default_server}
     sites = tuple(
         attrs.evolve(
             site,
@@ -386,7 +386,10 @@ class UnknownHostServer:
 
 def unknown_host_listens(state: DesiredState) -> list[UnknownHostServer]:
     """The servers that answer unknown names, one per socket the sites listen on (their
-    redirect servers' included) where no site is the ``default_server``; by socket."""
+    redirect servers' included) where no site is the ``default_server``; by socket.
+
+    `state` as rendered: a ``_`` site's own listeners are already default servers
+    (`_catch_all_sites_default`); its redirect server's sockets are counted here."""
     sockets: dict[tuple[str, int], list[Any]] = {}  # bind -> [protocols, http2, default]
     for site in state.sites:
         for lst in site.listeners:
@@ -394,7 +397,7 @@ def unknown_host_listens(state: DesiredState) -> list[UnknownHostServer]:
             if lst.tls and site.tls is not None:
                 flags[0] = site.tls.protocols  # the model makes the sites agree
             flags[1] |= lst.http2
-            flags[2] |= lst.default_server or "_" in site.server_names
+            flags[2] |= lst.default_server
         for bind in redirect_binds(site):
             flags = sockets.setdefault(bind, [None, False, False])
             flags[2] |= "_" in site.server_names
