@@ -186,6 +186,39 @@ class TestMasterLinkSeam:
             tg.cancel_scope.cancel()
 
 
+    async def test_each_registration_reports_the_nginx_version_read_then(
+        self, storage: SqliteStorage
+    ) -> None:
+        """nginx upgraded under a running agent: the master learns the new version at the
+        agent's next registration, not only the one read when the agent started."""
+        enrollment = Enrollment(storage)
+        hub = MasterSessionHub(enrollment)
+        transport = MemoryTransport()
+        installed = ["1.22.1"]
+        link = AgentLink(
+            [Endpoint(transport, "memory://")],
+            MemoryCredentialStore(await provision(storage, enrollment)),
+            nginx_version=lambda: installed[0],
+            backoff=_FAST,
+        )
+        async with anyio.create_task_group() as tg:
+            await tg.start(transport.serve, hub)
+            tg.start_soon(link.run_forever)
+            with anyio.fail_after(5):
+                await link.wait_registered()
+            stored = await storage.get_agent("agent-1")
+            assert stored is not None
+            assert stored.nginx_version == "1.22.1"
+            installed[0] = "1.26.2"
+            hub.disconnect("agent-1")
+            with anyio.fail_after(5):
+                while (stored := await storage.get_agent("agent-1")) is None or (
+                    stored.nginx_version != "1.26.2"
+                ):
+                    await anyio.sleep(0.01)
+            assert link.nginx_version == "1.26.2"
+            tg.cancel_scope.cancel()
+
 class _TappedTransport(MemoryTransport):
     """A memory transport whose client side records every frame both ways: what an
     eavesdropper on a connection without TLS sees."""

@@ -204,8 +204,12 @@ class TestEnrollmentSettings:
         s = settings(pm, state_dir=str(tmp_path), **{"agent.nginx_binary": nginx})
         link = link_from_settings(registry, s, token="id.secret", name="a")
         assert link is not None
-        assert link.nginx_version is not None
-        assert f"nginx/{link.nginx_version}" in real.stderr
+        assert link.nginx_version is None  # read at each registration, not at start
+        source = link.nginx_version_source
+        assert source is not None
+        announced = source()
+        assert announced is not None
+        assert f"nginx/{announced}" in real.stderr
         fake = tmp_path / "fake-nginx"
         fake.write_text("#!/bin/sh\necho 'nginx version: openresty/1.21.4.1' >&2\n")
         fake.chmod(0o755)

@@ -315,7 +315,7 @@ class AgentLink:
         bootstrap_token: str | None = None,
         name: str = "agent",
         labels: Mapping[str, str] | None = None,
-        nginx_version: str | None = None,
+        nginx_version: str | Callable[[], str | None] | None = None,
         deployment_mode: str | None = None,
         capabilities: Sequence[str] = (),
         agent_version: str = "",
@@ -340,7 +340,10 @@ class AgentLink:
         self._reenroll_because: str | None = None
         self.name = name
         self.labels = FrozenMap(labels or {})
-        self.nginx_version = nginx_version
+        # A callable (``nginx -v``) is asked again at every registration, so the master
+        # learns of an nginx upgraded under a running agent at its next reconnect.
+        self.nginx_version_source = nginx_version if callable(nginx_version) else None
+        self.nginx_version: str | None = None if callable(nginx_version) else nginx_version
         self.deployment_mode = deployment_mode
         # What this code reads is always announced (the master then compresses versions).
         self.capabilities = tuple(dict.fromkeys((COMPRESSION_CAPABILITY, *capabilities)))
@@ -585,6 +588,8 @@ class AgentLink:
         self, channel: Channel, creds: AgentCredentials | None
     ) -> tuple[SessionCrypto, RegisterResponse]:
         secret: str | None = None
+        if self.nginx_version_source is not None:  # blocking: it runs the binary
+            self.nginx_version = await anyio.to_thread.run_sync(self.nginx_version_source)
         if creds is not None:
             register = self._register_message(agent_id=creds.agent_id)
             agent_id, key_id, key = creds.agent_id, creds.key_id, creds.key

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Final
 
@@ -106,5 +107,5 @@ def link_from_settings(
         name=name,
         labels=dict(settings.agent.labels),
         agent_version=__version__,
-        nginx_version=nginx_version(settings.agent.nginx_binary),
+        nginx_version=partial(nginx_version, settings.agent.nginx_binary),
     )
