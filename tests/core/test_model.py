@@ -234,6 +234,18 @@ class TestLocation:
         assert loc(serve_dotfiles=False, **action).serve_dotfiles is False
 
     @pytest.mark.parametrize(
+        "action", [{"redirect": Redirect(301, "/x")}, {"return_": Return(204)}]
+    )
+    def test_allow_needs_an_access_checked_action(self, action: dict[str, object]) -> None:
+        """nginx answers redirect and return before its access phase: an allow list there
+        would restrict nothing, so it is refused, saying why."""
+        with pytest.raises(Invalid) as exc:
+            loc(allow=("10.0.0.0/8",), **action)
+        assert paths_of(exc) == ["allow"]
+        assert "before it checks client addresses" in str(exc.value)
+        assert loc(allow=("10.0.0.0/8",), upstream="app").allow == ("10.0.0.0/8",)
+
+    @pytest.mark.parametrize(
         ("regex", "says"),
         [
             ("^/(a|aa)+$", "repeats the group '(a|aa)+', which holds an alternative ('|')"),
@@ -280,6 +292,37 @@ class TestLocation:
 
 
 class TestSite:
+    @pytest.mark.parametrize(
+        ("field", "value", "path", "says"),
+        [
+            ("allow", ("10.0.0.1/8",), "allow[0]", "host bits set; the network is 10.0.0.0/8"),
+            ("allow", ("::/0",), "allow[0]", "every address: an empty list already lets"),
+            ("allow", ("10.0.0.0/8", "intranet"), "allow[1]", "must be an IPv4 or IPv6 address"),
+            ("allow", ("10.0.0.0/33",), "allow[0]", "is not an IPv4 or IPv6 address"),
+            ("allow", ("10.0.0.0/8; allow all",), "allow[0]", "must be an IPv4 or IPv6"),
+            ("real_ip_from", ("0.0.0.0/0",), "real_ip_from[0]", "any client choose"),
+            ("real_ip_from", ("lb.internal",), "real_ip_from[0]", "IPv4 or IPv6"),
+            ("real_ip_header", "True-Client-IP", "real_ip_header", "X-Forwarded-For"),
+        ],
+    )
+    def test_client_address_fields_are_checked(
+        self, field: str, value: object, path: str, says: str
+    ) -> None:
+        """Addresses reaching ``allow`` / ``set_real_ip_from`` are IP networks, named by
+        index, with what is wrong (host bits, /0, not an address)."""
+        extra = {"real_ip_from": ("10.0.0.1",)} if field == "real_ip_header" else {}
+        with pytest.raises(Invalid) as exc:
+            make_site(**{field: value, **extra})
+        assert paths_of(exc) == [path]
+        assert says in str(exc.value)
+
+    def test_real_ip_header_needs_real_ip_from(self) -> None:
+        with pytest.raises(Invalid, match="only applies with real_ip_from") as exc:
+            make_site(real_ip_header="X-Real-IP")
+        assert paths_of(exc) == ["real_ip_header"]
+        site = make_site(real_ip_header="X-Real-IP", real_ip_from=("10.0.0.0/8", "fd00::/8"))
+        assert site.real_ip_from == ("10.0.0.0/8", "fd00::/8")
+
     def test_server_names_are_lowercased(self) -> None:
         """ASCII server names are normalised to lowercase."""
         assert make_site(server_names=("WWW.Example.COM",)).server_names == ("www.example.com",)

@@ -9,6 +9,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import attrs
@@ -567,6 +568,86 @@ class TestMatchingOrder:
         assert report.outcome == "applied", report.message
         assert (await stack.fetch("/private/x.txt")).status == status
         assert (await stack.fetch("/private/other")).status == 403
+
+
+async def _status(port: int, path: str, **headers: str) -> int:
+    """The status nginx on 127.0.0.1:`port` answers a GET with `headers` (underscores
+    in the names become dashes)."""
+    extra = "".join(f"{k.replace('_', '-')}: {v}\r\n" for k, v in headers.items())
+    request = f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n"
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(request.encode())
+        head = await stream.receive()
+    return int(head.split(b" ", 2)[1])
+
+
+class TestClientAddresses:
+    def _state(self, stack: NginxStack, www: Path, **site: Any) -> DesiredState:
+        admin = site.pop("admin_allow", ())
+        return DesiredState(
+            sites=(
+                Site(
+                    name="files",
+                    server_names=("localhost",),
+                    listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
+                    locations=(
+                        Location(path="/", root=str(www)),
+                        Location(path="/a.b/", root=str(www), allow=admin),
+                        Location(path="/healthz", return_=Return(code=200, body="ok")),
+                    ),
+                    **site,
+                ),
+            )
+        )
+
+    async def _apply(self, stack: NginxStack, state: DesiredState) -> None:
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+
+    async def test_allow_admits_only_its_addresses(self, stack: NginxStack, www: Path) -> None:
+        """A site's ``allow`` answers 403 to other clients; a location's own list replaces
+        the site's there; return locations answer before nginx checks addresses."""
+        port = stack.web_port
+        await self._apply(stack, self._state(stack, www, allow=("10.0.0.0/8",)))
+        assert await _status(port, "/index.html") == 403
+        assert await _status(port, "/healthz") == 200  # documented: returns answer all
+        await self._apply(
+            stack, self._state(stack, www, allow=("10.0.0.0/8",), admin_allow=("127.0.0.1",))
+        )
+        assert await _status(port, "/index.html") == 403
+        assert await _status(port, "/a.b/file.txt") == 200
+        await self._apply(stack, self._state(stack, www, allow=("::1", "127.0.0.0/8")))
+        assert await _status(port, "/index.html") == 200
+
+    @pytest.mark.parametrize("header", ["X-Forwarded-For", "X-Real-IP"])
+    async def test_real_ip_from_believes_only_the_listed_proxies(
+        self, stack: NginxStack, www: Path, header: str
+    ) -> None:
+        """Behind a trusted proxy, ``allow`` judges the client the proxy names; without
+        ``real_ip_from`` a client cannot get in by sending the header itself."""
+        port = stack.web_port
+        office = {header.replace("-", "_"): "192.0.2.7"}
+        elsewhere = {header.replace("-", "_"): "198.51.100.1"}
+        await self._apply(stack, self._state(stack, www, allow=("192.0.2.0/24",)))
+        assert await _status(port, "/index.html", **office) == 403  # spoofing refused
+        await self._apply(
+            stack,
+            self._state(
+                stack,
+                www,
+                allow=("192.0.2.0/24",),
+                real_ip_from=("127.0.0.1",),
+                real_ip_header=header,
+            ),
+        )
+        assert await _status(port, "/index.html", **office) == 200
+        assert await _status(port, "/index.html", **elsewhere) == 403
+        assert await _status(port, "/index.html") == 403  # the proxy itself is not admitted
+        if header == "X-Forwarded-For":  # recursive: the last address no proxy added
+            chain = {"X_Forwarded_For": "198.51.100.1, 192.0.2.7"}
+            assert await _status(port, "/index.html", **chain) == 200
+        lines = (stack.root / "logs" / "access.log").read_text().splitlines()
+        assert any(line.startswith("192.0.2.7 ") for line in lines)  # logs show the client
 
 
 class TestUnknownHosts:

@@ -11,6 +11,7 @@ directive, a block or an argument, or lost a character, fails the comparison.
 
 from __future__ import annotations
 
+import ipaddress
 import tempfile
 import unicodedata
 from collections import Counter
@@ -114,6 +115,11 @@ ALLOWED_DIRECTIVES = frozenset(
         "index",
         "try_files",
         "stub_status",
+        "allow",
+        "deny",
+        "set_real_ip_from",
+        "real_ip_header",
+        "real_ip_recursive",
     }
 )
 
@@ -229,6 +235,8 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
         "client_max_body_size": draw(st.none() | matching(v.SIZE)),
     }
     action = draw(st.sampled_from(["upstream", "root", "redirect", "return"]))
+    if action in ("upstream", "root"):  # nginx answers the others before access checks
+        common["allow"] = draw(client_networks(v.ALLOWED_CLIENT))
     if action == "upstream":
         return Location(
             upstream=draw(st.sampled_from(upstream_names)),
@@ -249,6 +257,23 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
         return Location(redirect=Redirect(code=code, url=draw(matching(v.REDIRECT_URL))), **common)
     code = draw(st.sampled_from([200, 204, 403, 404, 410, 503]))
     return Location(return_=Return(code=code, body=draw(text_of(v.RETURN_BODY))), **common)
+
+
+def client_networks(rule: v.TextRule) -> st.SearchStrategy[tuple[str, ...]]:
+    """Addresses and networks of both families, as nginx's allow and realip take them."""
+    ipv4 = st.ip_addresses(v=4).map(str)
+    ipv6 = st.ip_addresses(v=6).map(str)
+    networks = st.builds(
+        lambda address, bits: str(ipaddress.ip_network(f"{address}/{bits}", strict=False)),
+        st.ip_addresses(v=4),
+        st.integers(1, 32),
+    ) | st.builds(
+        lambda address, bits: str(ipaddress.ip_network(f"{address}/{bits}", strict=False)),
+        st.ip_addresses(v=6),
+        st.integers(1, 128),
+    )
+    item = (ipv4 | ipv6 | networks).filter(lambda n: rule.reason(n) is None)
+    return st.lists(item, max_size=3).map(tuple)
 
 
 @st.composite
@@ -280,8 +305,14 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
         )
         if tls.redirect_http:  # the redirect cannot live on an h2c-only port (see Site)
             listeners = [lst if lst.tls else attrs.evolve(lst, http2=False) for lst in listeners]
+    real_ip_from = draw(client_networks(v.TRUSTED_PROXY))
     return Site(
         name=name,
+        allow=draw(client_networks(v.ALLOWED_CLIENT)),
+        real_ip_from=real_ip_from,
+        real_ip_header=draw(st.sampled_from(["X-Forwarded-For", "X-Real-IP"]))
+        if real_ip_from
+        else "X-Forwarded-For",
         server_names=tuple(draw(st.lists(matching(v.SERVER_NAME), min_size=1, max_size=3))),
         listeners=tuple(listeners),
         tls=tls,
@@ -396,6 +427,7 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
     lines: list[tuple[str, list[str]]] = []
     if loc.client_max_body_size is not None:
         lines.append(("client_max_body_size", [loc.client_max_body_size]))
+    lines += access_lines(loc.allow)
     lines += [("add_header", header_args(h)) for h in view.headers]
     if loc.upstream is not None:
         lines.append(("proxy_pass", [f"http://{loc.upstream}"]))
@@ -427,11 +459,28 @@ HIDDEN_FILES = ("if", ["$uri", "~", r"/\.(?!well-known(?:/|$))|^/.+/\.well-known
 HIDDEN_FILES_BLOCK = [("return", ["404"])]
 
 
+def access_lines(allow: tuple[str, ...]) -> list[tuple[str, list[str]]]:
+    """`allow` for each address, then `deny all` (nothing when the list is empty)."""
+    return [("allow", [a]) for a in allow] + ([("deny", ["all"])] if allow else [])
+
+
+REAL_IP = frozenset({"set_real_ip_from", "real_ip_header", "real_ip_recursive"})
+
+
+def real_ip_lines(site: Site) -> list[tuple[str, list[str]]]:
+    if not site.real_ip_from:
+        return []
+    trusted = [("set_real_ip_from", [n]) for n in site.real_ip_from]
+    return [*trusted, ("real_ip_header", [site.real_ip_header]), ("real_ip_recursive", ["on"])]
+
+
 def check_acme_location(block: Directive) -> None:
-    """The HTTP-01 location of an ACME site: token files only, never redirected."""
+    """The HTTP-01 location of an ACME site: token files only, never redirected, open to
+    the CA whatever the site's `allow` says."""
     assert values(block) == ACME_LOCATION
     names = [d["directive"] for d in block["block"]]
-    assert names == ["default_type", "alias", "autoindex", "access_log"]
+    assert names == ["default_type", "alias", "autoindex", "allow", "access_log"]
+    assert values(block["block"][3]) == ["all"]
 
 
 def check_site(site: Site, parsed: list[Directive]) -> None:
@@ -443,10 +492,13 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
         names = [d["directive"] for d in redirect]
         assert Counter(names) == Counter(
             ["listen"] * len(view.redirect_listens)
+            + [name for name, _ in real_ip_lines(site)]
             + ["server_name", "location"]
             + ([] if site.access_log else ["access_log"])
             + (["location"] if acme else [])
         )
+        real_ip = [(d["directive"], values(d)) for d in redirect if d["directive"] in REAL_IP]
+        assert real_ip == real_ip_lines(site)  # the redirect's log names the client too
         redirect_locations = [d for d in redirect if d["directive"] == "location"]
         if acme:
             check_acme_location(redirect_locations.pop(0))
@@ -461,6 +513,7 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
         + ["server_name"]
         + tls
         + ["client_max_body_size"]
+        + [name for name, _ in real_ip_lines(site) + access_lines(site.allow)]
         + ([] if site.access_log else ["access_log"])
         + ["add_header"] * len(view.headers)
         + (["location"] if acme and not view.redirect_listens else [])
@@ -473,6 +526,10 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
     if site.tls:
         assert by_name["ssl_protocols"] == [list(site.tls.protocols)]
     assert by_name.get("add_header", []) == [header_args(h) for h in view.headers]
+    access = {"set_real_ip_from", "real_ip_header", "real_ip_recursive", "allow", "deny"}
+    assert [(d["directive"], values(d)) for d in main if d["directive"] in access] == (
+        real_ip_lines(site) + access_lines(site.allow)
+    )
     blocks = [d for d in main if d["directive"] == "location"]
     if acme and not view.redirect_listens:
         check_acme_location(blocks.pop(0))

@@ -310,6 +310,12 @@ class Location:
     serve_dotfiles: bool = attrs.field(
         default=False, validator=v.choice(True, False), metadata=ADDED_FIELD
     )
+    # Replaces the site's `allow` here (nginx does not merge the two lists).
+    allow: tuple[str, ...] = attrs.field(
+        default=(),
+        validator=v.each(v.ALLOWED_CLIENT, hi=256, noun="address"),
+        metadata=ADDED_FIELD,
+    )
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -336,7 +342,20 @@ class Location:
             for name in ("index", "serve_dotfiles"):
                 if getattr(self, name) not in (False, ()):
                     found.append((name, "only applies when the location serves files from a root"))
+        if self.allow and self.upstream is None and self.root is None:
+            # Both answer in nginx's rewrite phase, which runs before its access phase.
+            found.append(
+                (
+                    "allow",
+                    "only applies when the location proxies to an upstream or serves files "
+                    "from a root: nginx answers a redirect or return before it checks "
+                    "client addresses",
+                )
+            )
         v.raise_problems(found)
+
+
+RealIpHeader = Literal["X-Forwarded-For", "X-Real-IP"]
 
 
 @attrs.frozen(kw_only=True)
@@ -362,9 +381,28 @@ class Site:
     )
     access_log: bool = attrs.field(default=True, validator=v.choice(True, False))
     client_max_body_size: str = attrs.field(default="1m", validator=v.text(v.SIZE))
+    allow: tuple[str, ...] = attrs.field(
+        default=(),
+        validator=v.each(v.ALLOWED_CLIENT, hi=256, noun="address"),
+        metadata=ADDED_FIELD,
+    )
+    real_ip_from: tuple[str, ...] = attrs.field(
+        default=(),
+        validator=v.each(v.TRUSTED_PROXY, hi=64, noun="proxy address"),
+        metadata=ADDED_FIELD,
+    )
+    real_ip_header: RealIpHeader = attrs.field(
+        default="X-Forwarded-For",
+        validator=v.choice("X-Forwarded-For", "X-Real-IP"),
+        metadata=ADDED_FIELD,
+    )
 
     def __attrs_post_init__(self) -> None:
         found: list[tuple[str, str]] = []
+        if self.real_ip_header != "X-Forwarded-For" and not self.real_ip_from:
+            found.append(
+                ("real_ip_header", "only applies with real_ip_from (the proxies to believe)")
+            )
         tls_listeners = [i for i, lst in enumerate(self.listeners) if lst.tls]
         if tls_listeners and self.tls is None:
             found.append(

@@ -26,6 +26,7 @@ from typing import Any, Final
 import attrs
 
 __all__ = [
+    "ALLOWED_CLIENT",
     "BIDI_CONTROLS",
     "CERT_DOMAIN",
     "CHECK_NAME",
@@ -51,6 +52,7 @@ __all__ = [
     "SIZE",
     "TLS_PROTOCOL",
     "TOKEN",
+    "TRUSTED_PROXY",
     "UPSTREAM_ADDRESS",
     "FieldCheck",
     "Invalid",
@@ -697,6 +699,50 @@ LISTEN_ADDRESS = TextRule(
     max_len=45,
     refine=_listen_refine,
 )
+
+
+def _network_refine(value: str, *, every: str) -> str | None:
+    try:
+        network = ipaddress.ip_network(value)
+    except ValueError:
+        try:
+            loose = ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            return f"{value!r} is not an IPv4 or IPv6 address or network"
+        # nginx takes 10.0.0.1/8 with a warning ("low address bits are meaningless"):
+        # say what it means rather than let the operator believe one host was meant.
+        return f"{value!r} has host bits set; the network is {loose}"
+    if network.prefixlen == 0:
+        return f"{value!r} is every address: {every}"
+    return None
+
+
+_NETWORK_FORMS: Final = (
+    "an IPv4 or IPv6 address or network in CIDR form (10.0.0.0/8, 2001:db8::/32)"
+)
+_NETWORK_PATTERN: Final = _rx(r"[0-9A-Fa-f:.]{2,45}(?:/[0-9]{1,3})?")
+
+ALLOWED_CLIENT = TextRule(
+    _NETWORK_FORMS,
+    _NETWORK_PATTERN,
+    max_len=49,
+    allowed=":/",
+    refine=functools.partial(_network_refine, every="an empty list already lets every client in"),
+)
+"""A client address or network nginx's ``allow`` admits."""
+
+TRUSTED_PROXY = TextRule(
+    _NETWORK_FORMS,
+    _NETWORK_PATTERN,
+    max_len=49,
+    allowed=":/",
+    refine=functools.partial(
+        _network_refine,
+        every="trusting it would let any client choose the address nginx sees by sending "
+        "its own header; list the load balancers' addresses",
+    ),
+)
+"""A proxy address or network whose client-address header nginx believes (``set_real_ip_from``)."""
 
 # Escapes a location regex may use. No digits or \k / \g (backreferences), no \\ (which
 # could neutralise the renderer's quoting), no \Q..\E, \x or \u.

@@ -96,6 +96,7 @@ TEMPLATE_NAMES = (
     "location.conf.j2",
     "server_extra.conf.j2",
     "acme_challenge.conf.j2",
+    "real_ip.conf.j2",
     "status.conf.j2",
     "unknown_hosts.conf.j2",
 )
