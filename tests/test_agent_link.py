@@ -185,7 +185,6 @@ class TestMasterLinkSeam:
             assert result["agent-1"].digest == "d7"
             tg.cancel_scope.cancel()
 
-
     async def test_each_registration_reports_the_nginx_version_read_then(
         self, storage: SqliteStorage
     ) -> None:
@@ -218,6 +217,7 @@ class TestMasterLinkSeam:
                     await anyio.sleep(0.01)
             assert link.nginx_version == "1.26.2"
             tg.cancel_scope.cancel()
+
 
 class _TappedTransport(MemoryTransport):
     """A memory transport whose client side records every frame both ways: what an
