@@ -256,6 +256,33 @@ class TestPushes:
         await plane.orchestrator.assignments_changed("default")
         assert (await next_update(staging)).version == second.number
 
+    async def test_an_assignment_back_to_the_running_version_wins_over_a_push_in_flight(
+        self, plane: Plane
+    ) -> None:
+        """Pinned back to the version it runs while a newer one is on its way, the agent
+        applies the newer one, then gets the pinned one at once — not at the next
+        periodic reconcile (60 s here, beyond `next_update`'s bound)."""
+        link = await plane.agent("a", env="stage")
+        first = await plane.commit("one")
+        answer(link, await next_update(link))
+        await plane.settle()
+        await plane.commit("two")
+        in_flight = await next_update(link)
+        await plane.services.storage.set_assignment(
+            Assignment(
+                workspace="default",
+                name="hold",
+                selector=LabelSelector(match_labels={"env": "stage"}),
+                version=first.number,
+            )
+        )
+        await plane.orchestrator.assignments_changed("default")
+        await plane.settle()
+        assert len(link.updates) == 0  # it runs the pinned version: nothing to send yet
+        answer(link, in_flight)
+        back = await next_update(link)
+        assert (back.version, back.digest) == (first.number, first.digest)
+
     async def test_reconnect_resends_only_on_mismatch(self, plane: Plane) -> None:
         """An agent reconnecting on the desired version gets nothing; one behind gets it."""
         link = await plane.agent("a")

@@ -12,7 +12,9 @@ process runs one, beside its `nxmesh.session_hub.MasterSessionHub`:
   latest (`nxmesh.master.selection`); an agent not already running that version and
   digest, and not already sent it (nor refused it: a failed version is not pushed again
   until another one is due, or the agent reconnects), gets it
-  (`MasterSessionHub.offer`; the body is encoded once per version).
+  (`MasterSessionHub.offer`; the body is encoded once per version). An agent that still
+  runs its desired version while another is on its way to it (an assignment moved back
+  during a push) is reconciled again as soon as it reports how that push ended.
 * **Full reconciles.** Events can be missed: a bus outage (the subscription is renewed
   until it works again, `nxmesh.master.bus_follow.follow_bus`), a version whose announcement
   failed. After every resubscription and every `reconcile_interval` seconds (60), every
@@ -155,6 +157,9 @@ class RolloutOrchestrator:
         self._inflight: dict[str, tuple[int, str]] = {}
         self._failed: dict[str, tuple[int, str]] = {}
         """Per agent: the version it refused last (not pushed again until another one)."""
+        self._superseded: set[str] = set()
+        """Agents applying a version no longer desired while they still run the desired
+        one: reconciled again once that push ends, not at the next periodic pass."""
         self._reconciling = False
         self._announce_failing = False  # the bus refused the last announcement
         self._traces: OrderedDict[tuple[str, int], dict[str, str]] = OrderedDict()
@@ -193,6 +198,7 @@ class RolloutOrchestrator:
 
     async def agent_revoked(self, agent_id: str) -> None:
         self._inflight.pop(agent_id, None)
+        self._superseded.discard(agent_id)
         if self.hub is not None and self.hub.disconnect(agent_id):
             log.warning("revoked agent disconnected", agent_id=agent_id)
 
@@ -368,6 +374,10 @@ class RolloutOrchestrator:
             recert = uses.get(version.number, False)
             running = (info.running_version, info.running_digest)
             if not self._due(info.agent_id, running, target, recert):
+                # An assignment moved back to what the agent runs while another version
+                # is on its way: once that one applied, the agent must be moved back.
+                if self._inflight.get(info.agent_id, target) != target:
+                    self._superseded.add(info.agent_id)
                 continue
             trace = self._traces.get((workspace, version.number))
             material = await self.material_for(version)
@@ -416,6 +426,7 @@ class RolloutOrchestrator:
             return
         gauge.dec()
         self._inflight.pop(info.agent_id, None)
+        self._superseded.discard(info.agent_id)
         self._session_agents.pop(info.agent_id, None)
         self._write(lambda: self._set_offline(info))
 
@@ -452,6 +463,10 @@ class RolloutOrchestrator:
         if status.final:
             if self._inflight.get(agent_id, (status.version, status.digest))[0] == status.version:
                 self._inflight.pop(agent_id, None)
+            if agent_id in self._superseded and agent_id not in self._inflight:
+                self._superseded.discard(agent_id)
+                if (workspace := self._workspace_of(agent_id)) is not None:
+                    self.mark(workspace)
             if status.phase in ("applied", "noop"):
                 self._failed.pop(agent_id, None)
             else:
