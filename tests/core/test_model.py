@@ -492,6 +492,38 @@ class TestCheckState:
         )
         assert check_state(s) == []
 
+    def test_a_port_on_every_address_and_on_one_address_is_refused(self) -> None:
+        """``80`` beside ``127.0.0.1:80`` (or ``[::]:443`` beside ``[::1]:443``), in one
+        site or two: nginx binds the port once and the wildcard's servers never answer
+        on that address, and reloading onto the mix fails with "Address already in use".
+        Reported at the address; the other family and other ports are independent."""
+        everywhere = make_site("all", server_names=("all.example.com",))
+        one = make_site(
+            "one",
+            server_names=("one.example.com",),
+            listeners=(Listener(80, address="127.0.0.1"), Listener(8080, address="127.0.0.1")),
+        )
+        [problem] = check_state(state(everywhere, one))
+        assert problem.path == "sites[1].listeners[0].address"
+        assert problem.message.startswith(
+            "127.0.0.1:80 is on a port sites[0] listens on for every address (port 80)"
+        )
+        assert "could not reload onto the mix" in problem.message
+        v6 = make_site(
+            "v6",
+            server_names=("v6.example.com",),
+            listeners=(Listener(8443, address="::1"), Listener(8443, address="::")),
+        )
+        [problem] = check_state(state(v6))
+        assert problem.path == "sites[0].listeners[0].address"
+        assert "on a port this site listens on for every IPv6 address ([::]:8443)" in (
+            problem.message
+        )
+        both_families = make_site(
+            "v4v6", server_names=("x.example.com",), listeners=(Listener(80, address="::1"),)
+        )
+        assert check_state(state(everywhere, both_families)) == []
+
     def test_duplicate_names(self) -> None:
         """Duplicate site, upstream and certificate names point at the later one."""
         cert = CertificateRef("main", ("example.com",))

@@ -772,6 +772,33 @@ def submission_problems(state: DesiredState) -> list[Problem]:
     return found
 
 
+def _check_wildcard_mixes(
+    found: list[Problem], declared: dict[tuple[str, int], tuple[int, str]]
+) -> None:
+    """A port listened on by every address (``80``, ``[::]:80``) and by one address of
+    the same family (``127.0.0.1:80``) in any site: nginx then binds the port once and
+    gives connections to that address only to the servers naming it, so the wildcard's
+    sites never answer there; and a running nginx cannot reload from the address to the
+    mix (the address is still bound: "Address already in use"). Refused, at the
+    address."""
+    for (address, port), (site, path) in declared.items():
+        wildcard = "::" if ":" in address else "*"
+        if address == wildcard or (wildcard, port) not in declared:
+            continue
+        other, _ = declared[(wildcard, port)]
+        owner = "this site" if other == site else f"sites[{other}]"
+        every = "every IPv6 address" if wildcard == "::" else "every address"
+        found.append(
+            Problem(
+                path,
+                f"{_socket((address, port))} is on a port {owner} listens on for {every} "
+                f"({_socket((wildcard, port))}): nginx would give connections to {address} "
+                "only to the servers naming that address, and could not reload onto the "
+                "mix; give the listeners of this port the same address",
+            )
+        )
+
+
 def check_parts(parts: StateParts) -> list[Problem]:
     """`check_state` over the parts of a state, which may lack some (see `StateParts`)."""
     found: list[Problem] = []
@@ -790,10 +817,17 @@ def check_parts(parts: StateParts) -> list[Problem]:
     # whether a plain socket speaks cleartext HTTP/2 only (any server's `http2` makes it so).
     protocols_on_bind: dict[tuple[str, int], tuple[tuple[str, ...], int]] = {}
     h2c_on_bind: dict[tuple[str, int], tuple[bool, int]] = {}
+    # Where each socket is first declared: a wildcard and an address on one port clash.
+    declared: dict[tuple[str, int], tuple[int, str]] = {}
     for i, site in enumerate(parts.sites):
         if site is None:
             continue
         here = f"sites[{i}]"
+        for n, lst in enumerate(site.listeners):
+            if lst is not None:
+                declared.setdefault(lst.bind, (i, f"{here}.listeners[{n}].address"))
+        for bind in redirect_binds(site):
+            declared.setdefault(bind, (i, f"{here}.tls.redirect_http"))
         cert = site.tls.certificate if site.tls is not None else None
         if check_certs and cert is not None and cert not in certs:
             found.append(Problem(f"{here}.tls.certificate", _unknown_certificate(cert, certs)))
@@ -898,6 +932,7 @@ def check_parts(parts: StateParts) -> list[Problem]:
                         _unknown("upstream", loc.upstream, upstreams),
                     )
                 )
+    _check_wildcard_mixes(found, declared)
     return found
 
 
