@@ -252,13 +252,19 @@ class TestSitesAndUpstreams:
     def test_change_breaking_another_object_is_refused_whole(
         self, master: Master, admin: dict[str, str]
     ) -> None:
-        """Deleting an upstream a site still uses fails validation and changes nothing."""
+        """Deleting an upstream a site still uses is a 409 naming the site and its
+        locations (not the state check's complaint about a site the caller did not
+        touch), and changes nothing."""
         c = master.client
         c.post(f"{WS}/upstreams", json=upstream("app", 9001), headers=admin)
         c.post(f"{WS}/sites", json=site("web", "app", "a.test"), headers=admin)
         response = c.delete(f"{WS}/upstreams/app", headers=admin)
-        assert response.status_code == 422
-        assert response.json()["errors"][0]["path"] == "sites[0].locations[0].upstream"
+        assert response.status_code == 409
+        assert response.json()["detail"] == (
+            "upstream 'app' is in use by site 'web' (locations '/'); point those locations "
+            "at another upstream, or remove them, first"
+        )
+        assert c.delete(f"{WS}/upstreams/nope", headers=admin).status_code == 404
         assert c.get(f"{WS}/upstreams/app", headers=admin).status_code == 200
         assert len(versions(master, admin)) == 2
 

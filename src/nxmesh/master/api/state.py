@@ -197,6 +197,31 @@ def _remove(kind: str, noun: str, name: str) -> Callable[[DesiredState], Desired
     return edit
 
 
+def _remove_upstream(name: str) -> Callable[[DesiredState], DesiredState]:
+    """`_remove` for an upstream, refused with 409 naming the sites still proxying to it
+    (rather than the state check's "refers to unknown upstream" about a site the caller
+    did not touch)."""
+    remove = _remove("upstreams", "upstream", name)
+
+    def edit(state: DesiredState) -> DesiredState:
+        without = remove(state)
+        users = [
+            f"site {site.name!r} (locations "
+            + ", ".join(repr(loc.path) for loc in site.locations if loc.upstream == name)
+            + ")"
+            for site in state.sites
+            if any(loc.upstream == name for loc in site.locations)
+        ]
+        if users:
+            raise Conflict(
+                f"upstream {name!r} is in use by {'; '.join(users)}; point those locations "
+                "at another upstream, or remove them, first"
+            )
+        return without
+
+    return edit
+
+
 def _same_name(name: str, item: Any) -> None:
     if item.name != name:
         raise ValidationError(
@@ -361,14 +386,14 @@ class UpstreamController(Controller):
         message: CommitMessage = None,
         expected_version: ExpectedVersion = None,
     ) -> ChangeResult:
-        """Remove the upstream `name` (422 while a site still proxies to it)."""
+        """Remove the upstream `name` (409 naming the sites that still proxy to it)."""
         return await _edit_item(
             caller,
             workspace,
             "upstreams",
             "delete",
             name,
-            _remove("upstreams", "upstream", name),
+            _remove_upstream(name),
             message,
             expected_version,
         )
