@@ -506,7 +506,7 @@ class TestCheckState:
         [problem] = check_state(state(everywhere, one))
         assert problem.path == "sites[1].listeners[0].address"
         assert problem.message.startswith(
-            "127.0.0.1:80 is on a port sites[0] listens on for every address (port 80)"
+            "127.0.0.1:80 is on a port sites[0] ('all') listens on for every address (port 80)"
         )
         assert "could not reload onto the mix" in problem.message
         v6 = make_site(
@@ -563,11 +563,12 @@ class TestCheckState:
         assert typo.message == "refers to unknown certificate 'wbe' (did you mean 'web'?)"
 
     def test_server_name_conflict_across_sites(self) -> None:
-        """The same server name on the same port in two sites is a conflict."""
+        """The same server name on the same port in two sites is a conflict; the other
+        site is named as well as indexed (a per-object API caller sees no index)."""
         s = state(make_site(), make_site("other", server_names=("a.example.com", "example.com")))
         [problem] = check_state(s)
         assert problem.path == "sites[1].server_names[1]"
-        assert "already served by sites[0]" in problem.message
+        assert "already served by sites[0] ('web')" in problem.message
 
     def test_same_server_name_on_other_port_is_fine(self) -> None:
         """One name may be served by different sites on different ports."""
@@ -601,7 +602,10 @@ class TestCheckState:
         s = state(tls_site("a", both), tls_site("b", newest), certs=(cert,))
         [problem] = check_state(s)
         assert problem.path == "sites[1].tls.protocols"
-        assert "sites[0]'s ['TLSv1.2', 'TLSv1.3'] would apply to this site" in problem.message
+        assert (
+            "the protocols of sites[0] ('a'), ['TLSv1.2', 'TLSv1.3'], would apply to this site"
+            in problem.message
+        )
         assert (
             check_state(state(tls_site("a", both), tls_site("b", both[::-1]), certs=(cert,))) == []
         )
@@ -673,7 +677,7 @@ class TestCheckState:
         )
         [problem] = check_state(s)
         assert problem.path == "sites[1].listeners[0].default_server"
-        assert "sites[0] is already the default server" in problem.message
+        assert "sites[0] ('web') is already the default server" in problem.message
 
     def test_server_name_conflict_spelled_differently(self) -> None:
         """One server name on '*:80' and '0.0.0.0:80' is served twice (nginx ignores one)."""

@@ -21,7 +21,16 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, ItemsView, Iterable, Iterator, KeysView, Mapping, ValuesView
+from collections.abc import (
+    Callable,
+    ItemsView,
+    Iterable,
+    Iterator,
+    KeysView,
+    Mapping,
+    Sequence,
+    ValuesView,
+)
 from typing import Any, Final, Literal, TypeVar
 
 import attrs
@@ -713,7 +722,23 @@ def redirect_binds(site: Site | SiteParts) -> list[tuple[str, int]]:
     return [(address, 80) for address in dict.fromkeys(lst.bind[0] for lst in listeners)]
 
 
+SiteRef = Callable[[int], str]
+"""How a problem names another site: ``sites[1] ('api')``, index and name, so a caller
+editing one site through the per-object API can tell which one."""
+
+
+def _site_refs(sites: Sequence[Site | SiteParts | None]) -> SiteRef:
+    names = {i: site.name for i, site in enumerate(sites) if site is not None and site.name}
+
+    def ref(i: int) -> str:
+        name = names.get(i)
+        return f"sites[{i}] ({name!r})" if name else f"sites[{i}]"
+
+    return ref
+
+
 def _check_h2c(
+    ref: SiteRef,
     found: list[Problem],
     seen: dict[tuple[str, int], tuple[bool, int]],
     bind: tuple[str, int],
@@ -729,7 +754,7 @@ def _check_h2c(
         found.append(
             Problem(
                 path,
-                f"{_socket(bind)} {said} cleartext HTTP/2 (h2c) in sites[{owner}]; nginx "
+                f"{_socket(bind)} {said} cleartext HTTP/2 (h2c) in {ref(owner)}; nginx "
                 "makes the whole port h2c-only if any site sets http2 on it, so sites "
                 "sharing a plain port must agree (give the h2c site a port of its own)",
             )
@@ -773,7 +798,7 @@ def submission_problems(state: DesiredState) -> list[Problem]:
 
 
 def _check_wildcard_mixes(
-    found: list[Problem], declared: dict[tuple[str, int], tuple[int, str]]
+    ref: SiteRef, found: list[Problem], declared: dict[tuple[str, int], tuple[int, str]]
 ) -> None:
     """A port listened on by every address (``80``, ``[::]:80``) and by one address of
     the same family (``127.0.0.1:80``) in any site: nginx then binds the port once and
@@ -786,7 +811,7 @@ def _check_wildcard_mixes(
         if address == wildcard or (wildcard, port) not in declared:
             continue
         other, _ = declared[(wildcard, port)]
-        owner = "this site" if other == site else f"sites[{other}]"
+        owner = "this site" if other == site else ref(other)
         every = "every IPv6 address" if wildcard == "::" else "every address"
         found.append(
             Problem(
@@ -817,6 +842,7 @@ def check_parts(parts: StateParts) -> list[Problem]:
     # whether a plain socket speaks cleartext HTTP/2 only (any server's `http2` makes it so).
     protocols_on_bind: dict[tuple[str, int], tuple[tuple[str, ...], int]] = {}
     h2c_on_bind: dict[tuple[str, int], tuple[bool, int]] = {}
+    ref = _site_refs(parts.sites)
     # Where each socket is first declared: a wildcard and an address on one port clash.
     declared: dict[tuple[str, int], tuple[int, str]] = {}
     for i, site in enumerate(parts.sites):
@@ -843,7 +869,7 @@ def check_parts(parts: StateParts) -> list[Problem]:
                         Problem(
                             f"{here}.server_names[{n}]",
                             f"server name {server_name!r} on {_socket((addr, port))} is "
-                            f"already served by sites[{other}]",
+                            f"already served by {ref(other)}",
                         )
                     )
                     break
@@ -857,7 +883,7 @@ def check_parts(parts: StateParts) -> list[Problem]:
                     Problem(
                         f"{here}.listeners[{n}].tls",
                         f"{_socket(bind)} is {'TLS' if tls else 'plain HTTP'} in "
-                        f"sites[{owner}]; one port cannot mix TLS and plain HTTP",
+                        f"{ref(owner)}; one port cannot mix TLS and plain HTTP",
                     )
                 )
             if lst.tls and site.tls is not None:
@@ -868,26 +894,28 @@ def check_parts(parts: StateParts) -> list[Problem]:
                             f"{here}.tls.protocols",
                             f"sites sharing {_socket(bind)} must agree on tls.protocols: "
                             f"nginx negotiates the protocol before it picks a site by name, "
-                            f"so sites[{owner}]'s {list(protocols)} would apply to this site "
-                            "too (or this site's to it)",
+                            f"so the protocols of {ref(owner)}, {list(protocols)}, would "
+                            "apply to this site too (or this site's to it)",
                         )
                     )
             if not lst.tls:
-                _check_h2c(found, h2c_on_bind, bind, lst.http2, i, f"{here}.listeners[{n}].http2")
+                _check_h2c(
+                    ref, found, h2c_on_bind, bind, lst.http2, i, f"{here}.listeners[{n}].http2"
+                )
             if lst.default_server:
                 other = defaults.setdefault(bind, i)
                 if other != i:
                     found.append(
                         Problem(
                             f"{here}.listeners[{n}].default_server",
-                            f"sites[{other}] is already the default server for {_socket(bind)}",
+                            f"{ref(other)} is already the default server for {_socket(bind)}",
                         )
                     )
         for bind in implicit:  # plain HTTP, as nginx sees the redirect server
-            _check_h2c(found, h2c_on_bind, bind, False, i, f"{here}.tls.redirect_http")
+            _check_h2c(ref, found, h2c_on_bind, bind, False, i, f"{here}.tls.redirect_http")
             tls, owner = tls_on_bind.setdefault(bind, (False, i))
             if tls:
-                where = "this site" if owner == i else f"sites[{owner}]"
+                where = "this site" if owner == i else ref(owner)
                 found.append(
                     Problem(
                         f"{here}.tls.redirect_http",
@@ -932,7 +960,7 @@ def check_parts(parts: StateParts) -> list[Problem]:
                         _unknown("upstream", loc.upstream, upstreams),
                     )
                 )
-    _check_wildcard_mixes(found, declared)
+    _check_wildcard_mixes(ref, found, declared)
     return found
 
 
