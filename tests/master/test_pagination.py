@@ -161,6 +161,33 @@ class TestAgentPages:
         assert response.headers["content-type"].startswith("application/problem+json")
         assert [e["path"] for e in response.json()["errors"]] == [field]
 
+    @pytest.mark.parametrize(
+        ("method", "url", "field", "message"),
+        [
+            ("GET", f"{AGENTS}?limit=ten", "query.limit", "must be an integer, got 'ten'"),
+            ("GET", f"{AGENTS}?limit=0", "query.limit", "must be at least 1, got '0'"),
+            ("GET", f"{AGENTS}/a1/why?version=abc", "query.version", "must be an integer"),
+            ("GET", f"{AGENTS}/a1/why", "query.version", "is required"),
+            (
+                "PUT",
+                "/api/v1/workspaces/default/state?dry_run=yes",
+                "query.dry_run",
+                "must be true or false, got 'yes'",
+            ),
+        ],
+    )
+    def test_parameter_errors_say_what_the_value_must_be(
+        self, master: Master, admin: dict[str, str], method: str, url: str, field: str,
+        message: str,
+    ) -> None:  # fmt: skip
+        """Parameters Litestar parses get this API's words (not msgspec's "Expected
+        `int`, got `str`"), and a missing one is a 422 naming it, like any field."""
+        response = master.client.request(method, url, headers=admin, json={})
+        assert response.status_code == 422, response.text
+        [error] = response.json()["errors"]
+        assert error["path"] == field
+        assert error["message"].startswith(message)
+
     def test_openapi_documents_paging(self, master: Master) -> None:
         doc = master.client.get("/openapi.json").json()
         op = doc["paths"][AGENTS]["get"]

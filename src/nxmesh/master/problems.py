@@ -16,6 +16,7 @@ transaction, so the write that failed left nothing half-applied.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
@@ -151,6 +152,31 @@ _PARAM_FORMS: Final = {
 for their pattern errors."""
 
 
+_TYPES: Final = {
+    "int": "an integer",
+    "bool": "true or false",
+    "float": "a number",
+    "str": "a string",
+}
+_EXPECTED_TYPE: Final = re.compile(r"Expected `(\w+)`, got `\w+`")
+_EXPECTED_BOUND: Final = re.compile(r"Expected `\w+` (>=|<=|>|<) (\S+)")
+_BOUNDS: Final = {">=": "at least", "<=": "at most", ">": "greater than", "<": "less than"}
+_MISSING: Final = re.compile(r"Missing required (query|header|cookie) parameter '([\w-]+)'")
+
+
+def _parameter_message(message: str, key: object, value: str | None) -> str:
+    """Litestar's (msgspec's) words for a parameter it could not parse, as this API says
+    them elsewhere: what the value must be, and what was sent."""
+    got = f", got {value[:60]!r}" if value is not None else ""
+    if message.startswith("Expected `str` matching regex") and key in _PARAM_FORMS:
+        return f"is not {_PARAM_FORMS[str(key)]}"  # the regex says it less well
+    if (found := _EXPECTED_TYPE.fullmatch(message)) and found[1] in _TYPES:
+        return f"must be {_TYPES[found[1]]}{got}"
+    if found := _EXPECTED_BOUND.fullmatch(message):
+        return f"must be {_BOUNDS[found[1]]} {found[2]}{got}"
+    return message
+
+
 def _litestar_validation(
     request: Request[Any, Any, Any], exc: ValidationException
 ) -> Response[Any]:
@@ -163,10 +189,11 @@ def _litestar_validation(
             # `source` is Litestar's ParamType enum: its value ("query"), not its repr.
             source = getattr(source, "value", source)
             path = ".".join(str(p) for p in (source, key) if p) or "<root>"
-            message = str(item.get("message", "is invalid"))
-            if message.startswith("Expected `str` matching regex") and key in _PARAM_FORMS:
-                message = f"is not {_PARAM_FORMS[str(key)]}"  # the regex says it less well
+            value = request.query_params.get(str(key)) if source == "query" else None
+            message = _parameter_message(str(item.get("message", "is invalid")), key, value)
             errors.append(FieldError(path, message))
+    if not extra and (missing := _MISSING.match(str(exc.detail))):
+        errors.append(FieldError(f"{missing[1]}.{missing[2]}", "is required"))
     if not errors:
         return problem_response(request, 400, "bad-request", "Bad request", str(exc.detail))
     noun = "field is" if len(errors) == 1 else "fields are"
