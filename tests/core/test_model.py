@@ -938,3 +938,32 @@ class TestChoice:
         [(path, reason)] = self.check(value)
         assert path == ""
         assert reason.startswith("must be one of 'received', 1, got ")
+
+
+class TestRuleMessages:
+    @pytest.mark.parametrize(
+        ("rule", "value", "says"),
+        [
+            (validation.LABEL_VALUE, "pr od", "contains whitespace; must be a label value"),
+            (validation.LABEL_KEY, "a\nb", "contains a line break; must be a label key"),
+            (validation.TOKEN, "a b", "contains whitespace; must be an identifier"),
+            (
+                validation.ROLE_BINDING,
+                "operator@Staging",
+                "has uppercase letters ('operator@staging' would do); must be a role",
+            ),
+            (validation.NAME, "Shop", "has uppercase letters ('shop' would do)"),
+            (validation.NAME, "sh op", "contains whitespace, which would split the nginx"),
+        ],
+    )
+    def test_the_reason_fits_where_the_value_goes(
+        self, rule: validation.TextRule, value: str, says: str
+    ) -> None:
+        """Labels, identifiers and roles never reach nginx: their errors name the
+        character without an nginx consequence; names that do keep it. A value the rule
+        would take in lowercase says so."""
+        reason = rule.reason(value)
+        assert reason is not None
+        assert reason.startswith(says)
+        if not rule.nginx:
+            assert "nginx" not in reason

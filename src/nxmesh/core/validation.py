@@ -157,7 +157,14 @@ _DANGER = {
 }
 
 
-def _explain_char(ch: str) -> str | None:
+def _explain_char(ch: str, nginx: bool = True) -> str | None:
+    if not nginx:  # a value that never reaches nginx: name the character, not a danger
+        if ch in "\n\r":
+            return "contains a line break"
+        if ch.isspace() and ch.isprintable():
+            return "contains whitespace"
+        if ch in _DANGER or (ch.isascii() and ch.isprintable()):
+            return None  # the rule's "must be ..." says what is allowed
     if ch in "\n\r":
         return "contains a line break, which would start a new nginx directive"
     if ch == "\0":
@@ -175,17 +182,19 @@ def _explain_char(ch: str) -> str | None:
     return None
 
 
-def explain(value: str, allowed: str = "") -> str | None:
-    """The reason for the first character of `value` that is dangerous in nginx syntax.
+def explain(value: str, allowed: str = "", *, nginx: bool = True) -> str | None:
+    """The reason for the first character of `value` that is dangerous in nginx syntax
+    (with `nginx` False, for a value that never reaches nginx: the first character that
+    is unprintable, whitespace or not ASCII, without an nginx consequence).
 
     Characters in `allowed` are legitimate for the rule at hand and skipped; line breaks
     and control characters are always explained first because they are the worst.
     """
     for ch in value:
         if ch not in allowed and (ch in "\n\r\0\u2028\u2029\u0085" or not ch.isprintable()):
-            return _explain_char(ch)
+            return _explain_char(ch, nginx)
     for ch in value:
-        if ch not in allowed and (reason := _explain_char(ch)) is not None:
+        if ch not in allowed and (reason := _explain_char(ch, nginx)) is not None:
             return reason
     return None
 
@@ -201,7 +210,8 @@ class TextRule:
 
     `what` completes "must be ..." in error messages. `allowed` lists the special
     characters the pattern itself allows (so they are not blamed). `refine` runs after the
-    pattern matched and returns a reason or None.
+    pattern matched and returns a reason or None. `nginx` False marks values that never
+    reach nginx syntax (labels, identifiers, roles): their errors do not speak of it.
     """
 
     what: str
@@ -210,6 +220,7 @@ class TextRule:
     min_len: int = 1
     allowed: str = ""
     refine: Callable[[str], str | None] | None = None
+    nginx: bool = True
 
     def reason(self, value: object) -> str | None:
         """Why `value` is not acceptable, or None when it is."""
@@ -224,7 +235,9 @@ class TextRule:
         if len(value) > self.max_len:
             return f"is {len(value)} characters long; at most {self.max_len} are allowed"
         if self.pattern.fullmatch(value) is None:
-            danger = explain(value, self.allowed)
+            danger = explain(value, self.allowed, nginx=self.nginx)
+            if danger is None and self.pattern.fullmatch(value.lower()) is not None:
+                danger = f"has uppercase letters ({value.lower()!r} would do)"
             return f"{danger}; must be {self.what}" if danger else f"must be {self.what}"
         return self.refine(value) if self.refine is not None else None
 
@@ -422,22 +435,26 @@ LABEL_KEY = TextRule(
         if "/" in v and len(v.split("/", 1)[0]) > 253
         else None
     ),
+    nginx=False,
 )
 LABEL_VALUE = TextRule(
     "a label value (letters, digits and ._-, starting and ending alphanumeric, max 63)",
     _rx(rf"(?:{_LABEL_NAME})?"),
     max_len=63,
     min_len=0,
+    nginx=False,
 )
 TOKEN = TextRule(
     "an identifier (letters, digits and ._:+/-)",
     _rx(r"[A-Za-z0-9][A-Za-z0-9._:+/-]{0,127}"),
     max_len=128,
+    nginx=False,
 )
 ROLE_BINDING = TextRule(
     "a role like 'operator', or one bound to a workspace like 'viewer@staging'",
     _rx(r"[a-z][a-z0-9_-]{0,62}(?:@[a-z0-9][a-z0-9_-]{0,62})?"),
     max_len=127,
+    nginx=False,
 )
 KEY_ID = TextRule(
     "a key id (letters, digits and ._:+-) or empty",
