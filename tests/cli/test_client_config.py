@@ -74,6 +74,9 @@ class TestApply:
         result = logged_in("apply", "-f", str(site), "-w", workspace, "-m", "first")
         assert result.exit_code == 0, result.output
         assert "applied: version 1 " in result.stdout
+        assert f"follow it with: nxmesh rollout status --watch -w {workspace}\n" in (
+            result.stdout
+        )
         again = logged_in("apply", "-f", str(site), "-w", workspace)
         assert again.exit_code == 0, again.output
         assert "no changes: version 1" in again.stdout
@@ -269,3 +272,14 @@ class TestVersions:
     def test_rollback_missing_exits_4(self, history: Cli, workspace: str) -> None:
         """Rolling back to a version that does not exist is exit 4."""
         assert history("rollback", "42", "-w", workspace).exit_code == 4
+
+
+def test_the_follow_up_hint_keeps_the_profile() -> None:
+    """The printed `rollout status` command asks the master this command asked: with a
+    non-default profile, that profile."""
+    from nxmesh.cli.client_cmds import _watch_command
+
+    assert _watch_command("prod", "default") == "nxmesh rollout status --watch -w prod"
+    assert _watch_command("prod", "eu west") == (
+        "nxmesh rollout status --watch -w prod --profile 'eu west'"
+    )

@@ -15,6 +15,7 @@ with the options given (`ListByDefaultGroup`).
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,13 @@ def _print_invalid(exc: Exception, files: tuple[Path, ...]) -> None:
         click.echo(f"  {names}: {error}", err=True)
 
 
+def _watch_command(workspace: str, profile: str) -> str:
+    """The command that follows a rollout, with the profile this one used (the default
+    profile's master may be another)."""
+    where = "" if profile == "default" else f" --profile {shlex.quote(profile)}"
+    return f"nxmesh rollout status --watch -w {workspace}{where}"
+
+
 @click.command("apply")
 @click.option(
     "-f",
@@ -324,7 +332,7 @@ def apply_command(
     if result.created:
         out.print(
             f"applied: version {result.number} ({result.digest[:12]}) in workspace {ws}; "
-            f"follow it with: nxmesh rollout status --watch -w {ws}"
+            f"follow it with: {_watch_command(ws, profile)}"
         )
     else:
         out.print(f"no changes: version {result.number} is already this state")
@@ -450,7 +458,7 @@ def rollback_command(
     if result.created:
         click.echo(
             f"rolled back: version {result.number} ({result.digest[:12]}) has the state of "
-            f"version {number}; follow it with: nxmesh rollout status --watch -w {workspace}"
+            f"version {number}; follow it with: {_watch_command(workspace, profile)}"
         )
     else:
         click.echo(f"nothing to do: the latest version {result.number} has that state already")
