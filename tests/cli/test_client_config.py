@@ -74,9 +74,7 @@ class TestApply:
         result = logged_in("apply", "-f", str(site), "-w", workspace, "-m", "first")
         assert result.exit_code == 0, result.output
         assert "applied: version 1 " in result.stdout
-        assert f"follow it with: nxmesh rollout status --watch -w {workspace}\n" in (
-            result.stdout
-        )
+        assert f"follow it with: nxmesh rollout status --watch -w {workspace}\n" in (result.stdout)
         again = logged_in("apply", "-f", str(site), "-w", workspace)
         assert again.exit_code == 0, again.output
         assert "no changes: version 1" in again.stdout
