@@ -342,7 +342,9 @@ class TestSpecificFields:
             "^/(?P<x>a)(?P=x)",
             "^/(?i)admin",
             "^/(?<name>x)",
-            "^/a{1,100}",
+            "^/a{,100}",  # a count needs its lower bound (older PCRE reads it literally)
+            "^/a{1;}",
+            "^/a}",
             "^/[unclosed",
             "^/a\\Qb\\E",
             "^/a\\x41",

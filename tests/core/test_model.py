@@ -246,6 +246,33 @@ class TestLocation:
         assert loc(allow=("10.0.0.0/8",), upstream="app").allow == ("10.0.0.0/8",)
 
     @pytest.mark.parametrize(
+        "regex", [r"^/img/\d{3}\.png$", r"^/[a-z]{2,8}/", r"^/v{2,}", r"^/(ab){2}$", r"\d{3}\d{3}"]
+    )
+    def test_repetition_counts_are_accepted(self, regex: str) -> None:
+        """``{n}``, ``{n,m}`` and ``{n,}`` after an atom: the renderer quotes every regex,
+        so the braces cannot open an nginx block."""
+        assert loc(regex, match="regex", upstream="app").path == regex
+
+    @pytest.mark.parametrize(
+        ("regex", "says"),
+        [
+            (r"^/a{,5}", "'{' is only allowed in a repetition count after an atom, like {3}"),
+            (r"^/a+{2}", "'{' is only allowed in a repetition count"),
+            (r"^/a}", "'}' is only allowed to close a repetition count"),
+            (r"^/[{]", "'{' and '}' are not allowed in a character class"),
+            (r"^/a{5,2}", "repetition count {5,2} has its bounds the wrong way round"),
+            (r"^/a{256}", "repetition count {256} exceeds 255"),
+            (r"^/(a|b){2}", "repeats the group '(a|b){2}'"),
+            (r"\d{1,3}\d{1,3}", r"repeats '\d{1,3}' and then '\d{1,3}'"),
+        ],
+    )
+    def test_repetition_count_errors_say_why(self, regex: str, says: str) -> None:
+        with pytest.raises(Invalid) as exc:
+            loc(regex, match="regex", upstream="app")
+        assert paths_of(exc) == ["path"]
+        assert says in str(exc.value)
+
+    @pytest.mark.parametrize(
         ("regex", "says"),
         [
             ("^/(a|aa)+$", "repeats the group '(a|aa)+', which holds an alternative ('|')"),

@@ -569,6 +569,33 @@ class TestMatchingOrder:
         assert (await stack.fetch("/private/x.txt")).status == status
         assert (await stack.fetch("/private/other")).status == 403
 
+    async def test_a_regex_with_repetition_counts_matches_as_pcre_reads_it(
+        self, stack: NginxStack
+    ) -> None:
+        """``{3}`` and ``{2,}`` reach nginx inside the quoted regex and count."""
+        site = Site(
+            name="counts",
+            server_names=("localhost",),
+            listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
+            locations=(
+                Location(path="/", return_=Return(code=200, body="other")),
+                Location(path=r"^/img/\d{3}\.png$", match="regex", return_=Return(200, "img")),
+                Location(path=r"^/z{2,}$", match="regex", return_=Return(200, "zz")),
+            ),
+        )
+        state = DesiredState(sites=(site,))
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        expected = {
+            "/img/123.png": "img",
+            "/img/12.png": "other",
+            "/img/1234.png": "other",
+            "/zzz": "zz",
+            "/z": "other",
+        }
+        for path, body in expected.items():
+            assert (await stack.fetch(path)).text == body, path
+
 
 async def _status(port: int, path: str, **headers: str) -> int:
     """The status nginx on 127.0.0.1:`port` answers a GET with `headers` (underscores

@@ -179,6 +179,9 @@ _REGEX_ATOMS = st.sampled_from(
         "+",
         "?",
         "|",
+        "{2}",
+        "{1,3}",
+        "{2,}",
     ]
 )
 regexes = st.builds(

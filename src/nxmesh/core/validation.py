@@ -765,8 +765,28 @@ TRUSTED_PROXY = TextRule(
 # could neutralise the renderer's quoting), no \Q..\E, \x or \u.
 _REGEX_ESCAPES = frozenset(".-/()[]+*?|^dDwWsSbB")
 _REGEX_CHARS = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~!*()@:+,=/%^|?[]-\\"
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~!*()@:+,=/%^|?[]-\\{}"
 )
+# A repetition count: {3}, {2,5}, {2,}. Not {,5}: PCRE before 10.43 reads it literally.
+_COUNT: Final = re.compile(r"\{([0-9]{1,3})(,([0-9]{0,3}))?\}")
+_MAX_COUNT: Final = 255
+_COUNT_FORMS: Final = "a repetition count after an atom, like {3}, {2,5} or {2,}"
+
+
+def _count_reason(body: str, i: int, after_atom: bool) -> tuple[str | None, int]:
+    """Why the '{' at ``body[i]`` is not an acceptable repetition count (or None), and
+    the index after it. The renderer always quotes a regex, so braces cannot open an
+    nginx block; they must still be a count PCRE and Python agree on."""
+    found = _COUNT.match(body, i)
+    if found is None or not after_atom:
+        return f"'{{' is only allowed in {_COUNT_FORMS}", i + 1
+    low = int(found[1])
+    high = low if found[2] is None else int(found[3]) if found[3] else None
+    if max(low, high or 0) > _MAX_COUNT:
+        return f"repetition count {found[0]} exceeds {_MAX_COUNT}", found.end()
+    if high is not None and high < low:
+        return f"repetition count {found[0]} has its bounds the wrong way round", found.end()
+    return None, found.end()
 
 
 def _regex_refine(value: str) -> str | None:
@@ -782,6 +802,7 @@ def _regex_refine(value: str) -> str | None:
         if ch not in _REGEX_CHARS:
             return explain(ch) or f"contains {ch!r}, which is not allowed in a location regex"
     i = 0
+    after_atom = False  # whether a repetition count may follow here
     while i < len(body):
         ch = body[i]
         if ch == "\\":
@@ -790,10 +811,25 @@ def _regex_refine(value: str) -> str | None:
                 return "backreferences are not allowed in a location regex"
             if nxt not in _REGEX_ESCAPES:
                 return f"the escape '\\{nxt}' is not allowed in a location regex"
-            i += 2
+            i, after_atom = i + 2, nxt not in "bB"
             continue
         if body.startswith("(?", i) and not body.startswith(("(?:", "(?=", "(?!"), i):
             return "only the (?: (?= and (?! group forms are allowed in a location regex"
+        if ch == "[":
+            end = _class_end(body, i)
+            if "{" in body[i:end] or "}" in body[i:end]:
+                return "'{' and '}' are not allowed in a character class"
+            i, after_atom = end, True
+            continue
+        if ch == "{":
+            reason, i = _count_reason(body, i, after_atom)
+            if reason is not None:
+                return reason
+            after_atom = False
+            continue
+        if ch == "}":
+            return f"'}}' is only allowed to close {_COUNT_FORMS}"
+        after_atom = ch not in "(|^*+?"
         i += 1
     reason, python_form = _check_classes(body)
     if reason is not None:
@@ -805,7 +841,7 @@ def _regex_refine(value: str) -> str | None:
     if (group := _repeated_risky_group(body)) is not None:
         return (
             f"repeats the group {group!r}, which holds an alternative ('|') or a quantifier "
-            "(?, +, *): it can take exponential time to match (catastrophic backtracking) "
+            "(?, +, *, {n,m}): it can take exponential time to match (catastrophic backtracking) "
             "and nginx's PCRE then fails the request; repeat a character class instead, "
             "like [ab]+ for (a|b)+"
         )
@@ -938,14 +974,29 @@ def _regex_items(regex: str, i: int) -> tuple[list[_Item], int, int]:
 
 
 def _repeat_at(regex: str, i: int) -> tuple[str, int]:
-    """The quantifier at ``regex[i]`` (a lazy '?' after it changes nothing here)."""
+    """The quantifier at ``regex[i]`` (a lazy '?' after it changes nothing here).
+
+    A count reads as the quantifier it behaves like for backtracking: {n} is required
+    once more, {0,1} optional, {0,m} and {0,} like '*', any other range like '+' (a
+    bounded range splits a run fewer ways than '+', but still more than one)."""
+    repeat = ""
     if i < len(regex) and regex[i] in "?*+":
         repeat = regex[i]
         i += 1
-        if i < len(regex) and regex[i] == "?":
-            i += 1
-        return repeat, i
-    return "", i
+    elif (found := _COUNT.match(regex, i)) is not None:
+        low, high = found[1], found[3] if found[2] else found[1]
+        if high == low:
+            repeat = "" if low != "0" else "?"
+        elif low == "0":
+            repeat = "?" if high == "1" else "*"
+        else:
+            repeat = "+"
+        i = found.end()
+    else:
+        return "", i
+    if i < len(regex) and regex[i] == "?":
+        i += 1
+    return repeat, i
 
 
 def _overlapping_repeats(
@@ -1147,7 +1198,7 @@ def _repeated_risky_group(regex: str) -> str | None:
         if ch == ")" and len(starts) > 1:
             start, inner = starts.pop(), risky.pop()
             if inner and regex.startswith(("+", "*", "{"), i + 1):
-                return regex[start : i + 2]
+                return regex[start : _repeat_at(regex, i + 1)[1]]
             quantified = regex.startswith(("+", "*", "{", "?"), i + 1)
             risky[-1] = risky[-1] or inner or quantified
         elif ch in "|?+*{":
@@ -1180,10 +1231,10 @@ def _class_end(regex: str, i: int) -> int:
 
 REGEX_PATH = TextRule(
     "a regular expression of letters, digits, ._~!*()@:+,=/%^|?[]- and safe \\ escapes, "
-    "optionally ending in a '$' anchor",
-    _rx(r"[A-Za-z0-9._~!*()@:+,=/%^|?\[\]\\$-]+"),
+    "with repetition counts like {3} or {2,5}, optionally ending in a '$' anchor",
+    _rx(r"[A-Za-z0-9._~!*()@:+,=/%^|?\[\]\\${}-]+"),
     max_len=256,
-    allowed="\\$%",
+    allowed="\\$%{}",
     refine=_regex_refine,
 )
 
