@@ -245,7 +245,12 @@ class TestTokens:
         """A TTL that is not a duration is exit 2 before anything is sent."""
         result = logged_in("token", "create", "--ttl", "soon")
         assert result.exit_code == 2
-        assert "not a duration" in result.output
+        assert "Invalid value for '--ttl': 'soon' is not a duration" in result.output
+
+    def test_bad_labels_name_the_option(self, logged_in: Cli) -> None:
+        result = logged_in("token", "create", "--labels", "env=prod,bad")
+        assert result.exit_code == 2
+        assert "Invalid value for '--labels': 'bad' is not key=value" in result.output
 
     def test_ttl_too_long_names_the_field(self, logged_in: Cli) -> None:
         """The master's limit comes back naming ``ttl`` (exit 1)."""

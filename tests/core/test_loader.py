@@ -171,10 +171,19 @@ class TestYamlStrictness:
         assert "larger than 100 bytes" in problems[""]
 
     def test_yaml_booleans_are_not_strings(self, tmp_path: Path) -> None:
-        """YAML 1.1 'on' becomes a boolean, which is reported where a string belongs."""
+        """YAML 1.1 'on' becomes a boolean, which is reported where a string belongs,
+        with the fix (quotes); so is a number (``1.10`` would be 1.1)."""
         path = write(tmp_path, "s.yaml", "workspace: on\n")
         _, problems = load_problems(path)
-        assert problems == {"workspace": "must be a string, got a boolean (True)"}
+        assert problems == {
+            "workspace": "must be a string, got a boolean (True); YAML reads unquoted yes, "
+            "no, on, off, true and false as booleans: put the value in quotes"
+        }
+        _, problems = load_problems(write(tmp_path, "n.yaml", "workspace: 1.10\n"))
+        assert problems == {
+            "workspace": "must be a string, got a number (1.1); put the value in quotes to "
+            "keep it as written"
+        }
 
 
 class TestJsonStrictness:

@@ -361,7 +361,8 @@ class TestStrictness:
     def test_number_is_not_a_string(self) -> None:
         """A number where a string belongs is an error, not silently converted."""
         assert problems({"sites": [site(name=5)]}) == {
-            "sites[0].name": "must be a string, got an integer (5)"
+            "sites[0].name": "must be a string, got an integer (5); put the value in quotes "
+            "to keep it as written"
         }
 
     def test_string_is_not_a_list(self) -> None:
@@ -451,7 +452,10 @@ class TestErrorPaths:
     def test_label_path_uses_key(self) -> None:
         """A bad mapping value is reported under its key."""
         data = {"id": "a1", "name": "n", "labels": {"env": 3}}
-        assert problems(data, Agent) == {"labels['env']": "must be a string, got an integer (3)"}
+        assert problems(data, Agent) == {
+            "labels['env']": "must be a string, got an integer (3); put the value in quotes "
+            "to keep it as written"
+        }
 
 
 class TestTLSShorthand:

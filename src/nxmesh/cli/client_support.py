@@ -160,22 +160,27 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_duration(value: str) -> float:
-    """``3600``, ``90s``, ``15m``, ``1h``, ``7d`` → seconds; `click.BadParameter` otherwise."""
+def parse_duration(value: str, option: str = "--ttl") -> float:
+    """``3600``, ``90s``, ``15m``, ``1h``, ``7d`` → seconds; `click.BadParameter` naming
+    `option` otherwise (parsed in the command body, click does not know which it was)."""
     match = _DURATION.match(value)
     if match is None:
-        raise click.BadParameter(f"{value!r} is not a duration like 3600, 90s, 15m, 1h or 7d")
+        raise click.BadParameter(
+            f"{value!r} is not a duration like 3600, 90s, 15m, 1h or 7d",
+            param_hint=f"'{option}'",
+        )
     return float(match[1]) * _UNITS[match[2]]
 
 
-def parse_labels(values: tuple[str, ...]) -> dict[str, str]:
-    """``k=v`` items (each may hold several, comma-separated) → a mapping."""
+def parse_labels(values: tuple[str, ...], option: str = "--labels") -> dict[str, str]:
+    """``k=v`` items (each may hold several, comma-separated) → a mapping;
+    `click.BadParameter` naming `option` for an item that is not ``k=v``."""
     labels: dict[str, str] = {}
     for value in values:
         for item in filter(None, (part.strip() for part in value.split(","))):
             key, sep, val = item.partition("=")
             if not sep or not key:
-                raise click.BadParameter(f"{item!r} is not key=value")
+                raise click.BadParameter(f"{item!r} is not key=value", param_hint=f"'{option}'")
             labels[key.strip()] = val.strip()
     return labels
 

@@ -40,7 +40,7 @@ from nxmesh.core.model import (
     check_parts,
     check_state,
 )
-from nxmesh.core.validation import FieldCheck, Invalid, describe, join_path, type_name
+from nxmesh.core.validation import FieldCheck, Invalid, describe, join_path, quote_hint, type_name
 
 __all__ = [
     "canonical_json",
@@ -67,14 +67,14 @@ class WrongTypeError(TypeError):
     """A value of the wrong type. The message shows a preview of the value; `redacted`
     says the same without it, for fields that hold secrets (``repr=False``)."""
 
-    def __init__(self, expected: str, value: object) -> None:
-        self.redacted = f"must be {expected}, got {type_name(value)}"
-        super().__init__(f"must be {expected}, got {describe(value)}")
+    def __init__(self, expected: str, value: object, *, hint: str = "") -> None:
+        self.redacted = f"must be {expected}, got {type_name(value)}{hint}"
+        super().__init__(f"must be {expected}, got {describe(value)}{hint}")
 
 
 def _structure_str(value: object, _: object) -> str:
     if not isinstance(value, str):
-        raise WrongTypeError("a string", value)
+        raise WrongTypeError("a string", value, hint=quote_hint(value))
     return value
 
 

@@ -70,6 +70,7 @@ __all__ = [
     "metrics",
     "new_text_reason",
     "printable",
+    "quote_hint",
     "raise_problems",
     "text",
     "upstream_address_hazard",
@@ -133,6 +134,19 @@ def describe(value: object) -> str:
     if isinstance(value, int | float):
         return f"{name} ({value!r})"
     return name
+
+
+def quote_hint(value: object) -> str:
+    """What to do when YAML made `value` a boolean or a number where a string belongs
+    (``value: no``, ``version: 1.10``): "" for other values."""
+    if isinstance(value, bool):
+        return (
+            "; YAML reads unquoted yes, no, on, off, true and false as booleans: put the "
+            "value in quotes"
+        )
+    if isinstance(value, int | float):
+        return "; put the value in quotes to keep it as written"
+    return ""
 
 
 def _short(value: str, limit: int = 40) -> str:
@@ -225,7 +239,7 @@ class TextRule:
     def reason(self, value: object) -> str | None:
         """Why `value` is not acceptable, or None when it is."""
         if not isinstance(value, str):
-            return f"must be a string, got {describe(value)}"
+            return f"must be a string, got {describe(value)}{quote_hint(value)}"
         if len(value) < self.min_len:
             return (
                 "must not be empty"
