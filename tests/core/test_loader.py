@@ -244,6 +244,18 @@ class TestMerge:
             "upstreams[0].name": f"upstream name 'app' is already used by upstreams[0] in {first}"
         }
 
+    def test_the_same_file_twice_is_said_so(self, tmp_path: Path) -> None:
+        """``-f ups.yaml -f ups.yaml`` (or ``sub/../ups.yaml``): not "'app' is already used by
+        upstreams[0]" about the file's own upstream, but what happened."""
+        ups = write(tmp_path, "ups.yaml", UPSTREAMS)
+        source, problems = load_problems(ups, ups)
+        assert source == str(ups)
+        assert problems == {"": "is the same file, given twice"}
+        (tmp_path / "sub").mkdir()
+        again = tmp_path / "sub" / ".." / "ups.yaml"
+        _, problems = load_problems(ups, again)
+        assert problems == {"": f"is the same file as {ups}, given twice"}
+
     def test_workspace_conflict(self, tmp_path: Path) -> None:
         """Files naming different workspaces cannot be merged."""
         a = write(tmp_path, "a.yaml", "workspace: prod\n")

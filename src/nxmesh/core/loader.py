@@ -269,8 +269,18 @@ def load_state_files(paths: Iterable[str | os.PathLike[str]]) -> DesiredState:
     found: list[tuple[str, Problem]] = []
     files: list[tuple[str, DesiredState | None, StateParts]] = []
     workspaces: dict[str, str] = {}
+    given: dict[Path, str] = {}
     for path in map(Path, paths):
         source = str(path)
+        # Twice the same file would clash with itself ("'app' is already used by
+        # upstreams[0]", about upstreams[0]): say what happened instead.
+        resolved = path.resolve()
+        if resolved in given:
+            first = given[resolved]
+            same = "" if first == source else f" as {first}"
+            found.append((source, Problem("", f"is the same file{same}, given twice")))
+            continue
+        given[resolved] = source
         try:
             data = _read_data(path)
         except _FileProblems as exc:
