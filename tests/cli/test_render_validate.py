@@ -189,6 +189,26 @@ class TestValidate:
         assert result.exit_code == 1
         assert '"worker_processes" directive is not allowed here' in result.stderr
 
+    def test_config_may_follow_the_command(
+        self, invoke: Invoke, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """``nxmesh validate --config F`` is ``nxmesh --config F validate`` (as
+        ``nxmesh-agent --config F`` and the docs' ``nxmesh agent --config F`` suggest)."""
+        from nxmesh.cli import config_first, main
+
+        require_binary("nginx")
+        templates = broken_template_dir(tmp_path, "    worker_processes 2;\n")
+        config = tmp_path / "nxmesh.toml"
+        config.write_text(f'[renderer]\ntemplate_dir = "{templates}"\n')
+        with pytest.raises(SystemExit) as exited:
+            main(["validate", str(QUICKSTART), "--config", str(config)])
+        assert exited.value.code == 1
+        assert '"worker_processes" directive is not allowed here' in capsys.readouterr().err
+        assert config_first(["agent", "--once", "--config=f"]) == ["--config=f", "agent", "--once"]
+        assert config_first(["apply", "-m", "x", "--", "--config", "f"]) == [
+            "apply", "-m", "x", "--", "--config", "f",
+        ]  # fmt: skip
+
     def test_no_nginx_skips_the_nginx_check(self, invoke: Invoke, tmp_path: Path) -> None:
         """--no-nginx validates model and rendering only: nginx syntax errors go unnoticed."""
         templates = broken_template_dir(tmp_path, "    bogus_directive on;\n")

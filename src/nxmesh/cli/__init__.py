@@ -72,6 +72,20 @@ def _config_option(argv: list[str]) -> Path | None:
     return None
 
 
+def config_first(argv: list[str]) -> list[str]:
+    """`argv` with a ``--config FILE`` given after the command moved before it, where the
+    root group takes it: ``nxmesh agent --config F`` means ``nxmesh --config F agent``
+    (no command has an option of that name)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return [arg, argv[i + 1], *argv[:i], *argv[i + 2 :]]
+        if arg.startswith("--config="):
+            return [arg, *argv[:i], *argv[i + 1 :]]
+        if arg == "--":
+            break
+    return argv
+
+
 def build_cli(argv: list[str] | None = None) -> click.Group:
     """The root group with built-in commands plus every plugin's commands."""
     argv = sys.argv[1:] if argv is None else argv
@@ -90,7 +104,8 @@ def build_cli(argv: list[str] | None = None) -> click.Group:
         "--config",
         type=click.Path(dir_okay=False, path_type=Path),
         default=config,
-        help="Settings file (TOML). Default: $NXMESH_CONFIG, else ./nxmesh.toml if present.",
+        help="Settings file (TOML); may also follow the command. Default: $NXMESH_CONFIG, "
+        "else ./nxmesh.toml if present.",
     )
     @click.pass_context
     def cli(ctx: click.Context, config: Path | None) -> None:
@@ -103,6 +118,7 @@ def build_cli(argv: list[str] | None = None) -> click.Group:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
+    argv = config_first(sys.argv[1:] if argv is None else argv)
     try:
         cli = build_cli(argv)
     except NxMeshError as exc:
