@@ -163,6 +163,21 @@ class TestUnknownKeys:
             "unknown setting 'master.api_prot' in nxmesh.toml; did you mean 'api_port'?"
         )
 
+    def test_every_problem_of_a_file_is_reported_at_once(
+        self, pm: NxMeshPluginManager, write_config: Any
+    ) -> None:
+        """Two typos and a bad value: all three in one error, not one per attempt."""
+        path = write_config(
+            "[agent]\nconf_dri = '/etc/nginx'\nmetrics_port = 'abc'\n[master]\napi_prot = 1\n"
+        )
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(pm, path=path, environ={})
+        lines = str(info.value).splitlines()
+        assert lines[0] == "3 problems in the settings:"
+        assert lines[1].startswith("  - unknown setting 'agent.conf_dri'")
+        assert "did you mean 'api_port'?" in lines[2]
+        assert lines[3].startswith("  - invalid value for setting 'agent.metrics_port'")
+
     def test_typo_in_env_suggests_the_variable(self, pm: NxMeshPluginManager) -> None:
         """A misspelt NXMESH_* variable is refused with the closest real variable."""
         with pytest.raises(ConfigurationError, match="NXMESH_MASTER__API_PROT") as info:

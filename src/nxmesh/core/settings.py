@@ -747,27 +747,40 @@ def _walk(
     schema: _Schema,
     blocked: Callable[[str], bool],
     out: _Layer,
+    problems: list[str],
 ) -> None:
+    """Put the leaves of `data` into `out`; what is not a setting goes to `problems`."""
     for raw_key, value in data.items():
         key = str(raw_key)
         path = (*prefix, key)
         if path in schema.tables:
             if not isinstance(value, Mapping):
-                raise ConfigurationError(
+                problems.append(
                     f"invalid value for setting {'.'.join(path)!r} {origin}: "
                     f"expected a table, got {value!r}"
                 )
-            _walk(value, path, origin, schema, blocked, out)
+                continue
+            _walk(value, path, origin, schema, blocked, out, problems)
         elif path in schema.leaves:
             out[path] = (value, origin)
         elif prefix == ("plugins",) and blocked(key):
             continue  # a disabled plugin keeps its configuration for when it returns
         else:
             what = "plugin section" if prefix == ("plugins",) else "setting"
-            raise ConfigurationError(
+            problems.append(
                 f"unknown {what} {'.'.join(path)!r} {origin}"
                 f"{_did_you_mean(key, schema.tables.get(prefix, []))}"
             )
+
+
+def _raise_problems(problems: list[str]) -> None:
+    """One `ConfigurationError` naming every problem found (a file with three mistakes
+    is fixed in one round, not three)."""
+    if len(problems) == 1:
+        raise ConfigurationError(problems[0])
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigurationError(f"{len(problems)} problems in the settings:\n{listed}")
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -827,7 +840,9 @@ def _overrides_layer(
             table = table.setdefault(part, {})
         table[last] = value
     out: _Layer = {}
-    _walk(nested, (), "from the command line", schema, blocked, out)
+    problems: list[str] = []
+    _walk(nested, (), "from the command line", schema, blocked, out, problems)
+    _raise_problems(problems)
     return out
 
 
@@ -912,10 +927,11 @@ def load_settings(
         return any(pm.is_blocked(n) for n in {name, name.replace("_", "-")})
 
     layers: list[_Layer] = []
+    problems: list[str] = []
     config = _config_path(path, env)
     if config is not None:
         file_layer: _Layer = {}
-        _walk(_read_file(config), (), f"in {config}", schema, blocked, file_layer)
+        _walk(_read_file(config), (), f"in {config}", schema, blocked, file_layer, problems)
         layers.append(file_layer)
     layers.append(_env_layer(env, schema, blocked))
     layers.append(_overrides_layer(overrides or {}, schema, blocked))
@@ -925,7 +941,11 @@ def load_settings(
     merged: _Merged = {}
     for layer in layers:
         for key, (value, origin) in layer.items():
-            merged[key] = (_convert(schema.leaves[key], value, origin), origin)
+            try:
+                merged[key] = (_convert(schema.leaves[key], value, origin), origin)
+            except ConfigurationError as exc:
+                problems.append(str(exc))
+    _raise_problems(problems)
 
     sections = {name: _build(schema, (name,), merged) for name in _CORE_SECTIONS}
     plugins = {name: _build(schema, ("plugins", name), merged) for name in registry}
