@@ -198,6 +198,10 @@ class TestApply:
         assert report.outcome == "rolled_back", report.message
         assert "Address already in use" in report.message
         assert "bind()" in report.nginx_output
+        # nginx logs each of its five bind() attempts; the report says it once.
+        binds = [line for line in report.nginx_output.splitlines() if "failed (98" in line]
+        assert len(binds) == 1, report.nginx_output
+        assert binds[0].endswith("(logged 5 times)")
         assert await stack.driver.live_digest() == live
         assert await stack.body() == "before"
         assert stack.events.kinds()[-2:] == ["reload.failed", "apply.rolled_back"]

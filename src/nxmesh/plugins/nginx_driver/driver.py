@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Final, Literal
 
 import anyio
 import anyio.to_thread
@@ -183,6 +183,33 @@ class _LogTail:
     def bad(self) -> list[str]:
         """Lines at emerg/alert/crit level read so far."""
         return [line for line in self.lines if _BAD_LEVELS.search(line.encode())]
+
+    @property
+    def text(self) -> str:
+        """The lines read so far for a report, repeats collapsed (`collapse_repeats`)."""
+        return "\n".join(collapse_repeats(self.lines))
+
+
+_LOG_TIME: Final = re.compile(r"\d{4}/\d\d/\d\d \d\d:\d\d:\d\d ")
+
+
+def collapse_repeats(lines: list[str]) -> list[str]:
+    """`lines` with each run of lines that differ only in their timestamp kept once,
+    marked with how many there were: nginx retries a failed bind() five times, half a
+    second apart, and logs each attempt."""
+    out: list[str] = []
+    last, count = None, 0
+    for line in [*lines, None]:
+        key = None if line is None else _LOG_TIME.sub("", line, count=1)
+        if key == last and key is not None:
+            count += 1
+            continue
+        if count > 1:
+            out[-1] += f" (logged {count} times)"
+        if line is not None:
+            out.append(line)
+        last, count = key, 1
+    return out
 
 
 def _retrying_bind(lines: list[str]) -> bool:
@@ -460,7 +487,7 @@ class ReloadDriver:
             if not confirmed:
                 self._reloaded("failed", time.monotonic() - reload_started)
             if name == previous:  # nothing was swapped: nginx cannot run the live tree
-                return "failed", f"{failure.message}", failure.output or "\n".join(tail.lines)
+                return "failed", f"{failure.message}", failure.output or tail.text
             return await self._rollback(
                 previous,
                 tail,
@@ -482,7 +509,7 @@ class ReloadDriver:
         await anyio.to_thread.run_sync(self.store.clear_journal)
         protect = {name} | ({previous} if previous else set())
         await anyio.to_thread.run_sync(self.store.prune, self.settings.keep_releases, protect)
-        return "applied", f"serving {bundle.digest[:12]}", "\n".join(tail.lines)
+        return "applied", f"serving {bundle.digest[:12]}", tail.text
 
     async def _test_and_inspect(
         self, staging: Path, bundle: Bundle, previous: str | None, *, fresh: bool = True
@@ -569,7 +596,7 @@ class ReloadDriver:
             tail.read()
             pid = await self.mode.nginx_pid()
             if pid is None:
-                raise _ApplyFailed("nginx exited during the reload", "\n".join(tail.lines))
+                raise _ApplyFailed("nginx exited during the reload", tail.text)
             workers = worker_pids(pid)
             # A worker of the new generation: not there before the signal, and started
             # after it (a generation from an earlier, interrupted reload is not ours).
@@ -585,7 +612,7 @@ class ReloadDriver:
                 _retrying_bind(tail.lines) and not fresh and time.monotonic() < deadline
             ):
                 raise _ApplyFailed(
-                    f"nginx failed on the new configuration: {bad[0]}", "\n".join(tail.lines)
+                    f"nginx failed on the new configuration: {bad[0]}", tail.text
                 )
             # Old workers stop accepting when they turn "shutting down"; until then a
             # request may still land on the previous generation.
@@ -615,7 +642,7 @@ class ReloadDriver:
                 raise _ApplyFailed(
                     f"the new worker generation was not confirmed within "
                     f"{self.settings.confirm_timeout}s ({last})",
-                    "\n".join(tail.lines),
+                    tail.text,
                 )
             await anyio.sleep(self.settings.poll_interval)
 
@@ -627,7 +654,7 @@ class ReloadDriver:
             bad = tail.bad()
             if bad:
                 raise _ApplyFailed(
-                    f"nginx logged an error after the reload: {bad[0]}", "\n".join(tail.lines)
+                    f"nginx logged an error after the reload: {bad[0]}", tail.text
                 )
             if time.monotonic() >= deadline:
                 return
@@ -649,7 +676,7 @@ class ReloadDriver:
         nginx still serves `previous` and only ``current`` goes back. With no `previous`
         release, `foreign` is where ``current`` pointed before (a tree the agent did not
         write, such as a sidecar's bootstrap release): the link goes back there."""
-        output = failure.output or "\n".join(tail.lines)
+        output = failure.output or tail.text
         # Shielded: a cancellation mid-rollback must not leave the new tree half-live.
         with anyio.CancelScope(shield=True):
             try:
