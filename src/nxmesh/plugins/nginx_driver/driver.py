@@ -611,9 +611,7 @@ class ReloadDriver:
             if bad and not (
                 _retrying_bind(tail.lines) and not fresh and time.monotonic() < deadline
             ):
-                raise _ApplyFailed(
-                    f"nginx failed on the new configuration: {bad[0]}", tail.text
-                )
+                raise _ApplyFailed(f"nginx failed on the new configuration: {bad[0]}", tail.text)
             # Old workers stop accepting when they turn "shutting down"; until then a
             # request may still land on the previous generation.
             lingering = [p for p, current in workers.items() if current and p not in fresh]
@@ -653,9 +651,7 @@ class ReloadDriver:
             tail.read()
             bad = tail.bad()
             if bad:
-                raise _ApplyFailed(
-                    f"nginx logged an error after the reload: {bad[0]}", tail.text
-                )
+                raise _ApplyFailed(f"nginx logged an error after the reload: {bad[0]}", tail.text)
             if time.monotonic() >= deadline:
                 return
             await anyio.sleep(min(0.05, self.settings.error_log_window))
