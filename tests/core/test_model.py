@@ -12,6 +12,8 @@ from nxmesh.core import validation
 from nxmesh.core.model import (
     Agent,
     ApplyReport,
+    BasicAuth,
+    BasicAuthUser,
     CertificateRef,
     ConfigVersion,
     DesiredState,
@@ -242,7 +244,7 @@ class TestLocation:
         with pytest.raises(Invalid) as exc:
             loc(allow=("10.0.0.0/8",), **action)
         assert paths_of(exc) == ["allow"]
-        assert "before it checks client addresses" in str(exc.value)
+        assert "before it checks access" in str(exc.value)
         assert loc(allow=("10.0.0.0/8",), upstream="app").allow == ("10.0.0.0/8",)
 
     @pytest.mark.parametrize(
@@ -965,6 +967,63 @@ class TestChoice:
         [(path, reason)] = self.check(value)
         assert path == ""
         assert reason.startswith("must be one of 'received', 1, got ")
+
+
+_SHA512 = "$6$salt$" + "b" * 86
+
+
+class TestBasicAuth:
+    def test_a_password_where_its_hash_belongs_is_refused_without_echoing_it(self) -> None:
+        """The reason names the hash formats and how to make one, never the value."""
+        with pytest.raises(Invalid) as exc:
+            BasicAuthUser(name="alice", password_hash="Hunter2 Secret")
+        assert paths_of(exc) == ["password_hash"]
+        text = str(exc.value)
+        assert "openssl passwd -6" in text
+        assert "never the password itself" in text
+        assert "Hunter2" not in text
+        assert "hunter2" not in text
+        assert "Hunter2" not in repr(BasicAuthUser(name="a", password_hash=_SHA512))
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            "$2y$10$" + "a" * 53,
+            "$2b$04$" + "A" * 53,
+            _SHA512,
+            "$5$rounds=5000$salt$" + "c" * 43,
+            "$apr1$abcdefgh$" + "d" * 22,
+        ],
+    )
+    def test_hash_formats_nginx_verifies_are_accepted(self, value: str) -> None:
+        assert BasicAuthUser(name="a", password_hash=value).password_hash == value
+
+    @pytest.mark.parametrize(
+        "value", ["$1$salt$" + "e" * 22, "{SHA}" + "f" * 28, "$2y$10$" + "a" * 52, "plain"]
+    )
+    def test_other_hashes_are_refused(self, value: str) -> None:
+        """MD5 crypt and {SHA} are weak; a truncated bcrypt is a paste error."""
+        with pytest.raises(Invalid):
+            BasicAuthUser(name="a", password_hash=value)
+
+    def test_user_names_are_unique_and_cannot_break_the_file(self) -> None:
+        user = BasicAuthUser(name="alice", password_hash=_SHA512)
+        with pytest.raises(Invalid) as exc:
+            BasicAuth(users=(user, user))
+        assert paths_of(exc) == ["users[1].name"]
+        for name in ("bob:x", "bob\nroot", ""):
+            with pytest.raises(Invalid):
+                BasicAuthUser(name=name, password_hash=_SHA512)
+        with pytest.raises(Invalid) as exc:
+            BasicAuth(realm='x"; deny all; #', users=(user,))
+        assert paths_of(exc) == ["realm"]
+
+    def test_basic_auth_needs_an_access_checked_location(self) -> None:
+        auth = BasicAuth(users=(BasicAuthUser(name="a", password_hash=_SHA512),))
+        with pytest.raises(Invalid) as exc:
+            loc(basic_auth=auth, return_=Return(204))
+        assert paths_of(exc) == ["basic_auth"]
+        assert loc(basic_auth=auth, root="/srv/www").basic_auth == auth
 
 
 class TestRuleMessages:

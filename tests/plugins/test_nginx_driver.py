@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -13,6 +15,7 @@ from typing import Any
 
 import anyio
 import attrs
+import httpx
 import pytest
 
 from nxmesh.agent.fsutil import read_tree
@@ -21,6 +24,8 @@ from nxmesh.agent.process import worker_pids
 from nxmesh.core.bundle import Bundle, bundle_digest
 from nxmesh.core.model import (
     ApplyReport,
+    BasicAuth,
+    BasicAuthUser,
     CertificateRef,
     DesiredState,
     Listener,
@@ -612,6 +617,39 @@ async def _status(port: int, path: str, **headers: str) -> int:
     return int(head.split(b" ", 2)[1])
 
 
+@pytest.fixture
+def srv_root() -> Iterator[Path]:
+    """A directory nginx's workers can reach (pytest's tmp dirs are private)."""
+    root = Path(tempfile.mkdtemp(prefix="nxmesh-test-", dir="/srv"))
+    try:
+        root.chmod(0o755)
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+@pytest.fixture
+async def readable_stack(
+    nginx_binary: str, srv_root: Path, anyio_backend: str
+) -> AsyncIterator[NginxStack]:
+    """A stack whose tree the workers can read: they open htpasswd files per request,
+    as they would under /etc/nginx."""
+    async with NginxStack(root=srv_root / "nginx", nginx_binary=nginx_binary) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def hashes() -> tuple[str, str]:
+    """SHA-512 crypt and Apache MD5 hashes of "s3cret", made as the docs say to."""
+    made = [
+        subprocess.run(
+            ["openssl", "passwd", kind, "s3cret"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for kind in ("-6", "-apr1")
+    ]
+    return made[0], made[1]
+
+
 class TestClientAddresses:
     def _state(self, stack: NginxStack, www: Path, **site: Any) -> DesiredState:
         admin = site.pop("admin_allow", ())
@@ -649,6 +687,63 @@ class TestClientAddresses:
         assert await _status(port, "/a.b/file.txt") == 200
         await self._apply(stack, self._state(stack, www, allow=("::1", "127.0.0.0/8")))
         assert await _status(port, "/index.html") == 200
+
+    async def test_basic_auth_asks_for_a_listed_user(
+        self, readable_stack: NginxStack, www: Path, hashes: tuple[str, str]
+    ) -> None:
+        """``basic_auth`` answers 401 with its realm, then admits a listed user with the
+        right password (hashes from ``openssl passwd``, as the docs suggest); a
+        location's own users replace the site's there; return locations answer all."""
+        sha512, apr1 = hashes
+        site_auth = BasicAuth(
+            realm="Team area",
+            users=(
+                BasicAuthUser(name="alice", password_hash=sha512),
+                BasicAuthUser(name="bob", password_hash=apr1),
+            ),
+        )
+        admin_auth = BasicAuth(users=(BasicAuthUser(name="root", password_hash=sha512),))
+        state = DesiredState(
+            sites=(
+                Site(
+                    name="files",
+                    server_names=("localhost",),
+                    listeners=(Listener(port=readable_stack.web_port, address="127.0.0.1"),),
+                    locations=(
+                        Location(path="/", root=str(www)),
+                        Location(path="/a.b/", root=str(www), basic_auth=admin_auth),
+                        Location(path="/healthz", return_=Return(code=200, body="ok")),
+                    ),
+                    basic_auth=site_auth,
+                ),
+            )
+        )
+        await self._apply(readable_stack, state)
+        port = readable_stack.web_port
+
+        def basic(user: str, password: str) -> str:
+            return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+        base = f"http://127.0.0.1:{port}"
+        async with httpx.AsyncClient(base_url=base, headers={"Host": "localhost"}) as client:
+            asked = await client.get("/index.html")
+            assert asked.status_code == 401
+            assert asked.headers["www-authenticate"] == 'Basic realm="Team area"'
+            for user in ("alice", "bob"):
+                ok = await client.get(
+                    "/index.html", headers={"Authorization": basic(user, "s3cret")}
+                )
+                assert (ok.status_code, ok.text) == (200, "home"), user
+            wrong = await client.get("/index.html", headers={"Authorization": basic("alice", "x")})
+            assert wrong.status_code == 401
+            admin = "/a.b/file.txt"
+            assert (
+                await client.get(admin, headers={"Authorization": basic("alice", "s3cret")})
+            ).status_code == 401
+            assert (
+                await client.get(admin, headers={"Authorization": basic("root", "s3cret")})
+            ).status_code == 200
+            assert (await client.get("/healthz")).status_code == 200
 
     @pytest.mark.parametrize("header", ["X-Forwarded-For", "X-Real-IP"])
     async def test_real_ip_from_believes_only_the_listed_proxies(

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 
 from nxmesh.core import validation as v
 from nxmesh.core.model import (
+    BasicAuth,
+    BasicAuthUser,
     DesiredState,
     Header,
     Listener,
@@ -120,6 +122,8 @@ ALLOWED_DIRECTIVES = frozenset(
         "set_real_ip_from",
         "real_ip_header",
         "real_ip_recursive",
+        "auth_basic",
+        "auth_basic_user_file",
     }
 )
 
@@ -240,6 +244,7 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
     action = draw(st.sampled_from(["upstream", "root", "redirect", "return"]))
     if action in ("upstream", "root"):  # nginx answers the others before access checks
         common["allow"] = draw(client_networks(v.ALLOWED_CLIENT))
+        common["basic_auth"] = draw(st.none() | basic_auths)
     if action == "upstream":
         return Location(
             upstream=draw(st.sampled_from(upstream_names)),
@@ -260,6 +265,25 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
         return Location(redirect=Redirect(code=code, url=draw(matching(v.REDIRECT_URL))), **common)
     code = draw(st.sampled_from([200, 204, 403, 404, 410, 503]))
     return Location(return_=Return(code=code, body=draw(text_of(v.RETURN_BODY))), **common)
+
+
+# Hashes of the accepted formats (their letters do not matter to the renderer).
+_HASHES = st.sampled_from(
+    [
+        "$2y$10$" + "a" * 53,
+        "$6$salt$" + "b" * 86,
+        "$5$rounds=5000$salt$" + "c" * 43,
+        "$apr1$abcdefgh$" + "d" * 22,
+    ]
+)
+basic_auths = st.builds(
+    lambda realm, users: BasicAuth(
+        realm=realm,
+        users=tuple(BasicAuthUser(name=n, password_hash=h) for n, h in users.items()),
+    ),
+    matching(v.AUTH_REALM),
+    st.dictionaries(matching(v.AUTH_USER), _HASHES, min_size=1, max_size=3),
+)
 
 
 def client_networks(rule: v.TextRule) -> st.SearchStrategy[tuple[str, ...]]:
@@ -312,6 +336,7 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
     return Site(
         name=name,
         allow=draw(client_networks(v.ALLOWED_CLIENT)),
+        basic_auth=draw(st.none() | basic_auths),
         real_ip_from=real_ip_from,
         real_ip_header=draw(st.sampled_from(["X-Forwarded-For", "X-Real-IP"]))
         if real_ip_from
@@ -431,6 +456,8 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
     if loc.client_max_body_size is not None:
         lines.append(("client_max_body_size", [loc.client_max_body_size]))
     lines += access_lines(loc.allow)
+    if loc.basic_auth is not None:
+        lines += auth_lines(loc.basic_auth, view.auth_file)
     lines += [("add_header", header_args(h)) for h in view.headers]
     if loc.upstream is not None:
         lines.append(("proxy_pass", [f"http://{loc.upstream}"]))
@@ -470,6 +497,25 @@ def access_lines(allow: tuple[str, ...]) -> list[tuple[str, list[str]]]:
 REAL_IP = frozenset({"set_real_ip_from", "real_ip_header", "real_ip_recursive"})
 
 
+def auth_lines(auth: Any, path: str | None) -> list[tuple[str, list[str]]]:
+    """`auth_basic` with the realm, `auth_basic_user_file` with the htpasswd file."""
+    assert path is not None
+    return [("auth_basic", [auth.realm]), ("auth_basic_user_file", [path])]
+
+
+def htpasswd_expected(site: Site) -> dict[str, str]:
+    """The htpasswd files of `site`, as nginx reads them: ``user:hash`` lines."""
+    view = site_view(site)
+    pairs = [(site.basic_auth, view.auth_file)] + [
+        (lv.location.basic_auth, lv.auth_file) for lv in view.locations
+    ]
+    return {
+        path: "".join(f"{u.name}:{u.password_hash}\n" for u in auth.users)
+        for auth, path in pairs
+        if auth is not None and path is not None
+    }
+
+
 def real_ip_lines(site: Site) -> list[tuple[str, list[str]]]:
     if not site.real_ip_from:
         return []
@@ -482,8 +528,9 @@ def check_acme_location(block: Directive) -> None:
     the CA whatever the site's `allow` says."""
     assert values(block) == ACME_LOCATION
     names = [d["directive"] for d in block["block"]]
-    assert names == ["default_type", "alias", "autoindex", "allow", "access_log"]
+    assert names == ["default_type", "alias", "autoindex", "allow", "auth_basic", "access_log"]
     assert values(block["block"][3]) == ["all"]
+    assert values(block["block"][4]) == ["off"]
 
 
 def check_site(site: Site, parsed: list[Directive]) -> None:
@@ -510,13 +557,14 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
         assert [values(d) for d in location["block"]] == [["301", str(view.https_redirect)]]
     main = parsed[-1]["block"]
     names = [d["directive"] for d in main]
+    site_auth = auth_lines(site.basic_auth, view.auth_file) if site.basic_auth else []
     tls = ["ssl_certificate", "ssl_certificate_key", "ssl_protocols"] if site.tls else []
     assert names == (
         ["listen"] * len(view.main_listens)
         + ["server_name"]
         + tls
         + ["client_max_body_size"]
-        + [name for name, _ in real_ip_lines(site) + access_lines(site.allow)]
+        + [name for name, _ in real_ip_lines(site) + access_lines(site.allow) + site_auth]
         + ([] if site.access_log else ["access_log"])
         + ["add_header"] * len(view.headers)
         + (["location"] if acme and not view.redirect_listens else [])
@@ -529,9 +577,15 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
     if site.tls:
         assert by_name["ssl_protocols"] == [list(site.tls.protocols)]
     assert by_name.get("add_header", []) == [header_args(h) for h in view.headers]
-    access = {"set_real_ip_from", "real_ip_header", "real_ip_recursive", "allow", "deny"}
+    access = {
+        *REAL_IP,
+        "allow",
+        "deny",
+        "auth_basic",
+        "auth_basic_user_file",
+    }
     assert [(d["directive"], values(d)) for d in main if d["directive"] in access] == (
-        real_ip_lines(site) + access_lines(site.allow)
+        real_ip_lines(site) + access_lines(site.allow) + site_auth
     )
     blocks = [d for d in main if d["directive"] == "location"]
     if acme and not view.redirect_listens:
@@ -634,6 +688,9 @@ class TestStructure:
             check_site(site, parsed[f"conf.d/site-{site.name}.conf"])
         check_upstreams(state, parsed["conf.d/upstreams.conf"])
         check_unknown_hosts(state, parsed["conf.d/unknown-hosts.conf"])
+        bundle = NginxRenderer(settings=RenderSettings(status_port=None)).render(state)
+        htpasswd = {p: bundle.text(p) for p in bundle.files if p.startswith("htpasswd/")}
+        assert htpasswd == {p: t for s in state.sites for p, t in htpasswd_expected(s).items()}
 
     @settings(PROPERTY_SETTINGS, max_examples=25)
     @given(first=states(), second=states())

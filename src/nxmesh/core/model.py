@@ -43,6 +43,8 @@ __all__ = [
     "ADDED_FIELD",
     "Agent",
     "ApplyReport",
+    "BasicAuth",
+    "BasicAuthUser",
     "CertificateRef",
     "ConfigVersion",
     "DesiredState",
@@ -236,6 +238,36 @@ class Header:
     always: bool = attrs.field(default=False, validator=v.choice(True, False))
 
 
+@attrs.frozen(kw_only=True)
+class BasicAuthUser:
+    """One line of an htpasswd file: a user and the hash of their password."""
+
+    name: str = attrs.field(validator=v.text(v.AUTH_USER))
+    # Never the password: a crypt(3) hash (see `validation.PASSWORD_HASH`). Kept out of
+    # reprs and of validation messages all the same.
+    password_hash: str = attrs.field(validator=v.text(v.PASSWORD_HASH), repr=False)
+
+
+@attrs.frozen(kw_only=True)
+class BasicAuth:
+    """HTTP basic authentication (``auth_basic``): a login prompt titled `realm` that
+    admits `users`."""
+
+    realm: str = attrs.field(default="Restricted", validator=v.text(v.AUTH_REALM))
+    users: tuple[BasicAuthUser, ...] = attrs.field(
+        validator=v.count(BasicAuthUser, lo=1, hi=1000, noun="user")
+    )
+
+    def __attrs_post_init__(self) -> None:
+        seen: dict[str, int] = {}
+        found = [
+            (f"users[{i}].name", f"repeats users[{seen[user.name]}]")
+            for i, user in enumerate(self.users)
+            if seen.setdefault(user.name, i) != i
+        ]
+        v.raise_problems(found)
+
+
 @attrs.frozen
 class Redirect:
     """Answer with a redirect to `url`."""
@@ -325,6 +357,10 @@ class Location:
         validator=v.each(v.ALLOWED_CLIENT, hi=256, noun="address"),
         metadata=ADDED_FIELD,
     )
+    # Replaces the site's `basic_auth` here.
+    basic_auth: BasicAuth | None = attrs.field(
+        default=None, validator=v.instance(BasicAuth, optional=True), metadata=ADDED_FIELD
+    )
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -351,16 +387,18 @@ class Location:
             for name in ("index", "serve_dotfiles"):
                 if getattr(self, name) not in (False, ()):
                     found.append((name, "only applies when the location serves files from a root"))
-        if self.allow and self.upstream is None and self.root is None:
+        if self.upstream is None and self.root is None:
             # Both answer in nginx's rewrite phase, which runs before its access phase.
-            found.append(
-                (
-                    "allow",
-                    "only applies when the location proxies to an upstream or serves files "
-                    "from a root: nginx answers a redirect or return before it checks "
-                    "client addresses",
-                )
-            )
+            for name in ("allow", "basic_auth"):
+                if getattr(self, name) not in (None, ()):
+                    found.append(
+                        (
+                            name,
+                            "only applies when the location proxies to an upstream or "
+                            "serves files from a root: nginx answers a redirect or return "
+                            "before it checks access",
+                        )
+                    )
         v.raise_problems(found)
 
 
@@ -404,6 +442,9 @@ class Site:
         default="X-Forwarded-For",
         validator=v.choice("X-Forwarded-For", "X-Real-IP"),
         metadata=ADDED_FIELD,
+    )
+    basic_auth: BasicAuth | None = attrs.field(
+        default=None, validator=v.instance(BasicAuth, optional=True), metadata=ADDED_FIELD
     )
 
     def __attrs_post_init__(self) -> None:

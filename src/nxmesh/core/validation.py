@@ -27,6 +27,8 @@ import attrs
 
 __all__ = [
     "ALLOWED_CLIENT",
+    "AUTH_REALM",
+    "AUTH_USER",
     "BIDI_CONTROLS",
     "CERT_DOMAIN",
     "CHECK_NAME",
@@ -42,6 +44,7 @@ __all__ = [
     "LOCATION_PATH",
     "LOG_TEXT",
     "NAME",
+    "PASSWORD_HASH",
     "POSIX_CLASSES",
     "REDIRECT_URL",
     "REGEX_PATH",
@@ -235,6 +238,8 @@ class TextRule:
     allowed: str = ""
     refine: Callable[[str], str | None] | None = None
     nginx: bool = True
+    echo: bool = True
+    """False: reasons never quote the value (a password typed where its hash belongs)."""
 
     def reason(self, value: object) -> str | None:
         """Why `value` is not acceptable, or None when it is."""
@@ -250,7 +255,7 @@ class TextRule:
             return f"is {len(value)} characters long; at most {self.max_len} are allowed"
         if self.pattern.fullmatch(value) is None:
             danger = explain(value, self.allowed, nginx=self.nginx)
-            if danger is None and self.pattern.fullmatch(value.lower()) is not None:
+            if danger is None and self.echo and self.pattern.fullmatch(value.lower()):
                 danger = f"has uppercase letters ({value.lower()!r} would do)"
             return f"{danger}; must be {self.what}" if danger else f"must be {self.what}"
         return self.refine(value) if self.refine is not None else None
@@ -774,6 +779,45 @@ TRUSTED_PROXY = TextRule(
     ),
 )
 """A proxy address or network whose client-address header nginx believes (``set_real_ip_from``)."""
+
+AUTH_USER = TextRule(
+    "a user name of letters, digits and ._@- (starting with a letter or digit, max 64)",
+    _rx(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}"),
+    max_len=64,
+    allowed="@",
+    nginx=False,
+)
+"""A basic-auth user name: a line of the htpasswd file, up to its ':'."""
+
+AUTH_REALM = TextRule(
+    "a realm of letters, digits, spaces and ._- (max 64)",
+    _rx(r"[A-Za-z0-9._-](?:[A-Za-z0-9 ._-]{0,62}[A-Za-z0-9._-])?"),
+    max_len=64,
+    allowed=" ",
+)
+"""What the browser's login prompt shows (``auth_basic``)."""
+
+_CRYPT_CHARS = r"[./A-Za-z0-9]"
+_HASH_FORMS: Final = (
+    "a password hash nginx verifies: bcrypt ($2y$…, `htpasswd -nbB user PASSWORD`), "
+    "SHA-512 or SHA-256 crypt ($6$… / $5$…, `openssl passwd -6`) or Apache MD5 ($apr1$…, "
+    "`openssl passwd -apr1`); never the password itself"
+)
+PASSWORD_HASH = TextRule(
+    _HASH_FORMS,
+    _rx(
+        rf"\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\${_CRYPT_CHARS}{{53}}"
+        rf"|\$[56]\$(?:rounds=[0-9]{{4,9}}\$)?{_CRYPT_CHARS}{{1,16}}"
+        rf"\$(?:{_CRYPT_CHARS}{{43}}|{_CRYPT_CHARS}{{86}})"
+        rf"|\$apr1\${_CRYPT_CHARS}{{1,8}}\${_CRYPT_CHARS}{{22}}"
+    ),
+    max_len=160,
+    allowed="$./=",
+    nginx=False,
+    echo=False,
+)
+"""A crypt(3)-style hash for an htpasswd file. The reason for a refusal never quotes the
+value (it may be a password typed where its hash belongs)."""
 
 # Escapes a location regex may use. No digits or \k / \g (backreferences), no \\ (which
 # could neutralise the renderer's quoting), no \Q..\E, \x or \u.

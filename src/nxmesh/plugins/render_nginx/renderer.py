@@ -28,7 +28,7 @@ import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 
 import attrs
 
@@ -517,6 +517,8 @@ class LocationView:
     """``proxy_set_header`` lines (proxy locations only)."""
     read_timeout: int | None
     """Effective ``proxy_read_timeout`` in seconds, None for nginx's default."""
+    auth_file: str | None = None
+    """The bundle's htpasswd file of the location's own `basic_auth` (`htpasswd_files`)."""
 
 
 @attrs.frozen
@@ -535,6 +537,8 @@ class SiteView:
     certificate: CertificatePaths | None
     headers: tuple[Header | HeaderLine, ...]
     locations: tuple[LocationView, ...]
+    auth_file: str | None = None
+    """The bundle's htpasswd file of the site's `basic_auth` (`htpasswd_files`)."""
 
 
 def site_view(site: Site) -> SiteView:
@@ -543,7 +547,7 @@ def site_view(site: Site) -> SiteView:
     redirect = tls is not None and tls.redirect_http
     server = server_headers(site)
     locations = []
-    for location in site.locations:
+    for n, location in enumerate(site.locations):
         proxied = location.upstream is not None
         timeout = location.proxy_read_timeout
         if timeout is None and location.websocket:
@@ -555,6 +559,7 @@ def site_view(site: Site) -> SiteView:
                 headers=tuple(_location_headers(server, location)),
                 proxy_headers=tuple(proxy_headers(location)) if proxied else (),
                 read_timeout=timeout if proxied else None,
+                auth_file=_auth_file(site, n) if location.basic_auth is not None else None,
             )
         )
     return SiteView(
@@ -565,7 +570,29 @@ def site_view(site: Site) -> SiteView:
         certificate=certificate_paths(site) if tls is not None else None,
         headers=tuple(server),
         locations=tuple(locations),
+        auth_file=_auth_file(site) if site.basic_auth is not None else None,
     )
+
+
+HTPASSWD_DIR: Final = "htpasswd"
+"""Bundle directory of the basic-auth user files (``auth_basic_user_file``)."""
+
+
+def _auth_file(site: Site, location: int | None = None) -> str:
+    suffix = "" if location is None else f".{location}"
+    return f"{HTPASSWD_DIR}/{_stem(site.name)}{suffix}"
+
+
+def htpasswd_files(site: Site) -> dict[str, bytes]:
+    """The htpasswd files `site` needs: one for its own `basic_auth`, one per location
+    with its own (which replaces the site's there), each ``user:hash`` lines. Paths are
+    relative to nginx's configuration prefix, as ``auth_basic_user_file`` reads them."""
+    auths = [(None, site.basic_auth), *enumerate(loc.basic_auth for loc in site.locations)]
+    return {
+        _auth_file(site, n): b"".join(f"{u.name}:{u.password_hash}\n".encode() for u in auth.users)
+        for n, auth in auths
+        if auth is not None
+    }
 
 
 def config_digest(files: Mapping[str, bytes]) -> str:
@@ -822,6 +849,7 @@ class NginxRenderer:
             site_context["site"] = site
             site_context["view"] = site_view(site)
             files[path] = self._run(site_template, site_context)
+            files.update(htpasswd_files(site))
         files[UNKNOWN_HOSTS_FILE] = self._render(
             "unknown_hosts.conf.j2", {**base, "unknown_host_listens": unknown_host_listens(state)}
         )
