@@ -264,6 +264,8 @@ class TestLocation:
             (r"^/[{]", "'{' and '}' are not allowed in a character class"),
             (r"^/a{5,2}", "repetition count {5,2} has its bounds the wrong way round"),
             (r"^/a{256}", "repetition count {256} exceeds 255"),
+            (r"^/a{01}", "repetition count {01} has a leading zero"),
+            (r"^/(?=a){2}b", "'{' is only allowed in a repetition count after an atom"),
             (r"^/(a|b){2}", "repeats the group '(a|b){2}'"),
             (r"\d{1,3}\d{1,3}", r"repeats '\d{1,3}' and then '\d{1,3}'"),
         ],

@@ -826,7 +826,8 @@ _REGEX_CHARS = frozenset(
     "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._~!*()@:+,=/%^|?[]-\\{}"
 )
 # A repetition count: {3}, {2,5}, {2,}. Not {,5}: PCRE before 10.43 reads it literally.
-_COUNT: Final = re.compile(r"\{([0-9]{1,3})(,([0-9]{0,3}))?\}")
+_COUNT: Final = re.compile(r"\{(0|[1-9][0-9]{0,2})(,(0|[1-9][0-9]{0,2})?)?\}")
+_LOOSE_COUNT: Final = re.compile(r"\{[0-9]+(?:,[0-9]*)?\}")
 _MAX_COUNT: Final = 255
 _COUNT_FORMS: Final = "a repetition count after an atom, like {3}, {2,5} or {2,}"
 
@@ -836,6 +837,8 @@ def _count_reason(body: str, i: int, after_atom: bool) -> tuple[str | None, int]
     the index after it. The renderer always quotes a regex, so braces cannot open an
     nginx block; they must still be a count PCRE and Python agree on."""
     found = _COUNT.match(body, i)
+    if found is None and (loose := _LOOSE_COUNT.match(body, i)) is not None:
+        return f"repetition count {loose[0]} has a leading zero", loose.end()
     if found is None or not after_atom:
         return f"'{{' is only allowed in {_COUNT_FORMS}", i + 1
     low = int(found[1])
@@ -861,6 +864,7 @@ def _regex_refine(value: str) -> str | None:
             return explain(ch) or f"contains {ch!r}, which is not allowed in a location regex"
     i = 0
     after_atom = False  # whether a repetition count may follow here
+    lookarounds: list[bool] = []  # per open group: whether it is (?= or (?!
     while i < len(body):
         ch = body[i]
         if ch == "\\":
@@ -887,7 +891,10 @@ def _regex_refine(value: str) -> str | None:
             continue
         if ch == "}":
             return f"'}}' is only allowed to close {_COUNT_FORMS}"
-        after_atom = ch not in "(|^*+?"
+        if ch == "(":
+            lookarounds.append(body.startswith(("(?=", "(?!"), i))
+        # A lookaround matches no characters: nothing to count (PCRE would take it).
+        after_atom = ch not in "(|^*+?" and not (ch == ")" and lookarounds and lookarounds.pop())
         i += 1
     reason, python_form = _check_classes(body)
     if reason is not None:
@@ -910,10 +917,11 @@ def _backtracking_reason(body: str) -> str | None:
     """Why `body` can make PCRE backtrack without a repeated group, or None.
 
     - Two repetitions (``*``, ``+``) that can match a common character with nothing
-      mandatory between them (``\\d*\\d*``, ``.*.*``, ``(\\w+)(\\d+)``): a run of such
-      characters splits between them in quadratic ways, and each further one multiplies
-      that; a crafted URI then costs a worker PCRE's whole match limit and the request
-      fails. A mandatory atom between them (``.*/.*``) is accepted.
+      between them that the first cannot match (``\\d*\\d*``, ``.*.*``, ``(\\w+)(\\d+)``,
+      ``\\d*\\d\\d*``, ``.*/.*``): a run of such characters splits between them in
+      quadratic ways, and each further one multiplies that; a crafted URI then costs a
+      worker PCRE's whole match limit and the request fails. A required atom the first
+      cannot match separates them (``[^/]*/.*``).
     - More than `_MAX_REGEX_PATHS` ways through its alternatives (``(a|a)`` 26 times is
       2^26): a failing match tries each.
     """
@@ -929,10 +937,11 @@ def _backtracking_reason(body: str) -> str | None:
     if (pair := _overlapping_repeats(items)[0]) is not None:
         return (
             f"repeats '{pair[0]}' and then '{pair[1]}', which can match the same "
-            "characters with nothing required between them: a long run of those "
-            "characters splits between the two in so many ways that nginx's PCRE gives "
-            "up and fails the request (catastrophic backtracking); use classes that do "
-            "not overlap, like [a-z]+[0-9]+, or put a required character between them"
+            "characters with nothing between them that the first cannot match: a long "
+            "run of those characters splits between the two in so many ways that nginx's "
+            "PCRE gives up and fails the request (catastrophic backtracking); use classes "
+            "that do not overlap, like [a-z]+[0-9]+, or put a character the first cannot "
+            "match between them, like [^/]*/.*"
         )
     return None
 
@@ -1042,11 +1051,12 @@ def _repeat_at(regex: str, i: int) -> tuple[str, int]:
         repeat = regex[i]
         i += 1
     elif (found := _COUNT.match(regex, i)) is not None:
-        low, high = found[1], found[3] if found[2] else found[1]
+        low = int(found[1])
+        high = None if found[2] and not found[3] else int(found[3] or found[1])
         if high == low:
-            repeat = "" if low != "0" else "?"
-        elif low == "0":
-            repeat = "?" if high == "1" else "*"
+            repeat = "?" if low == 0 else ""
+        elif low == 0:
+            repeat = "?" if high == 1 else "*"
         else:
             repeat = "+"
         i = found.end()
@@ -1086,7 +1096,9 @@ def _overlapping_repeats(
                     return (earlier.text, item.text), ()
             current = [*current, item] if item.repeat == "*" else [item]
         elif item.repeat != "?":
-            current = []  # a required atom between two repetitions separates them
+            # A required atom separates two repetitions only if the earlier one cannot
+            # match it: in \d*\d\d* a run of digits still splits three ways.
+            current = [earlier for earlier in current if earlier.chars & item.chars]
     return None, tuple(current)
 
 
