@@ -176,8 +176,8 @@ class TestYamlStrictness:
         path = write(tmp_path, "s.yaml", "workspace: on\n")
         _, problems = load_problems(path)
         assert problems == {
-            "workspace": "must be a string, got a boolean (True); YAML reads unquoted yes, "
-            "no, on, off, true and false as booleans: put the value in quotes"
+            "workspace": "must be a string, got a boolean (True); write it as a quoted "
+            "string (YAML reads unquoted yes, no, on, off, true and false as booleans)"
         }
         _, problems = load_problems(write(tmp_path, "n.yaml", "workspace: 1.10\n"))
         assert problems == {

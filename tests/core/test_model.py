@@ -332,6 +332,8 @@ class TestSite:
             ("allow", ("10.0.0.0/33",), "allow[0]", "is not an IPv4 or IPv6 address"),
             ("allow", ("10.0.0.0/8; allow all",), "allow[0]", "must be an IPv4 or IPv6"),
             ("real_ip_from", ("0.0.0.0/0",), "real_ip_from[0]", "any client choose"),
+            ("real_ip_from", ("10.0.0.0/8", "128.0.0.0/1"), "real_ip_from[1]", "wider than a /8"),
+            ("real_ip_from", ("fc00::/7",), "real_ip_from[0]", "wider than a /16"),
             ("real_ip_from", ("lb.internal",), "real_ip_from[0]", "IPv4 or IPv6"),
             ("real_ip_header", "True-Client-IP", "real_ip_header", "X-Forwarded-For"),
         ],
@@ -1035,6 +1037,8 @@ class TestRuleMessages:
             (validation.LABEL_VALUE, "pr od", "contains whitespace; must be a label value"),
             (validation.LABEL_KEY, "a\nb", "contains a line break; must be a label key"),
             (validation.TOKEN, "a b", "contains whitespace; must be an identifier"),
+            (validation.LABEL_VALUE, "a\tb", "contains whitespace; must be a label value"),
+            (validation.ROLE_BINDING, "a\u00a0b", "contains whitespace; must be a role"),
             (
                 validation.ROLE_BINDING,
                 "operator@Staging",

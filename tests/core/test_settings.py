@@ -171,12 +171,13 @@ class TestUnknownKeys:
             "[agent]\nconf_dri = '/etc/nginx'\nmetrics_port = 'abc'\n[master]\napi_prot = 1\n"
         )
         with pytest.raises(ConfigurationError) as info:
-            load_settings(pm, path=path, environ={})
+            load_settings(pm, path=path, environ={"NXMESH_AGENT__BOGUS": "1"})
         lines = str(info.value).splitlines()
-        assert lines[0] == "3 problems in the settings:"
+        assert lines[0] == "4 problems in the settings:"
         assert lines[1].startswith("  - unknown setting 'agent.conf_dri'")
         assert "did you mean 'api_port'?" in lines[2]
-        assert lines[3].startswith("  - invalid value for setting 'agent.metrics_port'")
+        assert lines[3].startswith("  - unknown setting in environment variable NXMESH_AGENT")
+        assert lines[4].startswith("  - invalid value for setting 'agent.metrics_port'")
 
     def test_typo_in_env_suggests_the_variable(self, pm: NxMeshPluginManager) -> None:
         """A misspelt NXMESH_* variable is refused with the closest real variable."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import attrs
 import httpx
 import pytest
@@ -774,6 +775,46 @@ class TestClientAddresses:
             assert await _status(port, "/index.html", **chain) == 200
         lines = (stack.root / "logs" / "access.log").read_text().splitlines()
         assert any(line.startswith("192.0.2.7 ") for line in lines)  # logs show the client
+
+    async def test_upstreams_get_the_chain_and_the_balancer(self, stack: NginxStack) -> None:
+        """Behind a trusted balancer, the upstream sees X-Real-IP = the client and
+        X-Forwarded-For = the chain as received plus the balancer's address (not the
+        client twice, which $proxy_add_x_forwarded_for gives after realip)."""
+        seen: list[bytes] = []
+
+        async def upstream(stream: anyio.abc.SocketStream) -> None:
+            async with stream:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive()
+                seen.append(head)
+                await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            state = DesiredState(
+                sites=(
+                    Site(
+                        name="app",
+                        server_names=("localhost",),
+                        listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
+                        locations=(Location(path="/", upstream="app"),),
+                        real_ip_from=("127.0.0.1",),
+                    ),
+                ),
+                upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{port}"),)),),
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, upstream)
+                await self._apply(stack, state)
+                status = await _status(stack.web_port, "/", X_Forwarded_For="203.0.113.9")
+                tg.cancel_scope.cancel()
+        assert status == 200
+        headers = dict(
+            line.split(": ", 1) for line in seen[0].decode().split("\r\n")[1:] if ": " in line
+        )
+        assert headers["X-Real-IP"] == "203.0.113.9"
+        assert headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
 
 
 class TestUnknownHosts:

@@ -808,7 +808,10 @@ def _is_reserved_env(name: str) -> bool:
 
 
 def _env_layer(
-    environ: Mapping[str, str], schema: _Schema, blocked: Callable[[str], bool]
+    environ: Mapping[str, str],
+    schema: _Schema,
+    blocked: Callable[[str], bool],
+    problems: list[str],
 ) -> _Layer:
     out: _Layer = {}
     for var, raw in environ.items():
@@ -820,15 +823,19 @@ def _env_layer(
             parts = name[len(ENV_PREFIX) :].split("__")
             if len(parts) > 1 and parts[0] == "PLUGINS" and blocked(parts[1].lower()):
                 continue
-            raise ConfigurationError(
+            problems.append(
                 f"unknown setting in environment variable {var}{_did_you_mean(name, schema.env)}"
             )
+            continue
         out[leaf.path] = (raw, f"from environment variable {var}")
     return out
 
 
 def _overrides_layer(
-    overrides: Mapping[str, object], schema: _Schema, blocked: Callable[[str], bool]
+    overrides: Mapping[str, object],
+    schema: _Schema,
+    blocked: Callable[[str], bool],
+    problems: list[str],
 ) -> _Layer:
     nested: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -840,9 +847,7 @@ def _overrides_layer(
             table = table.setdefault(part, {})
         table[last] = value
     out: _Layer = {}
-    problems: list[str] = []
     _walk(nested, (), "from the command line", schema, blocked, out, problems)
-    _raise_problems(problems)
     return out
 
 
@@ -933,8 +938,8 @@ def load_settings(
         file_layer: _Layer = {}
         _walk(_read_file(config), (), f"in {config}", schema, blocked, file_layer, problems)
         layers.append(file_layer)
-    layers.append(_env_layer(env, schema, blocked))
-    layers.append(_overrides_layer(overrides or {}, schema, blocked))
+    layers.append(_env_layer(env, schema, blocked, problems))
+    layers.append(_overrides_layer(overrides or {}, schema, blocked, problems))
 
     # Every layer is converted, even values a later layer overrides: a broken file is
     # reported now rather than when someone unsets the variable that hid it.

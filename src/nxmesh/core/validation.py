@@ -144,8 +144,8 @@ def quote_hint(value: object) -> str:
     (``value: no``, ``version: 1.10``): "" for other values."""
     if isinstance(value, bool):
         return (
-            "; YAML reads unquoted yes, no, on, off, true and false as booleans: put the "
-            "value in quotes"
+            "; write it as a quoted string (YAML reads unquoted yes, no, on, off, true "
+            "and false as booleans)"
         )
     if isinstance(value, int | float):
         return "; put the value in quotes to keep it as written"
@@ -176,9 +176,9 @@ _DANGER = {
 
 def _explain_char(ch: str, nginx: bool = True) -> str | None:
     if not nginx:  # a value that never reaches nginx: name the character, not a danger
-        if ch in "\n\r":
+        if ch in "\n\r\u2028\u2029\u0085":
             return "contains a line break"
-        if ch.isspace() and ch.isprintable():
+        if ch.isspace():
             return "contains whitespace"
         if ch in _DANGER or (ch.isascii() and ch.isprintable()):
             return None  # the rule's "must be ..." says what is allowed
@@ -737,7 +737,7 @@ LISTEN_ADDRESS = TextRule(
 )
 
 
-def _network_refine(value: str, *, every: str) -> str | None:
+def _network_refine(value: str, *, every: str, widest: tuple[int, int] = (1, 1)) -> str | None:
     try:
         network = ipaddress.ip_network(value)
     except ValueError:
@@ -750,6 +750,9 @@ def _network_refine(value: str, *, every: str) -> str | None:
         return f"{value!r} has host bits set; the network is {loose}"
     if network.prefixlen == 0:
         return f"{value!r} is every address: {every}"
+    shortest = widest[0] if network.version == 4 else widest[1]
+    if network.prefixlen < shortest:
+        return f"{value!r} is wider than a /{shortest}: {every}"
     return None
 
 
@@ -776,6 +779,7 @@ TRUSTED_PROXY = TextRule(
         _network_refine,
         every="trusting it would let any client choose the address nginx sees by sending "
         "its own header; list the load balancers' addresses",
+        widest=(8, 16),  # 0.0.0.0/1 + 128.0.0.0/1 is every address too
     ),
 )
 """A proxy address or network whose client-address header nginx believes (``set_real_ip_from``)."""

@@ -332,6 +332,7 @@ class RolloutOrchestrator:
                 continue
             if agent.status == "revoked":
                 self._inflight.pop(info.agent_id, None)
+                self._superseded.discard(info.agent_id)
                 if hub.disconnect(info.agent_id):
                     log.warning("revoked agent disconnected", agent_id=info.agent_id)
             elif dict(agent.labels) != dict(info.labels):

@@ -488,19 +488,29 @@ _PROXY_DEFAULTS = (
     HeaderLine("X-Request-ID", Token("$request_id")),
 )
 _KEEPALIVE = (HeaderLine("Connection", Token('""')),)
+# After realip, $proxy_add_x_forwarded_for appends the client (now $remote_addr) again
+# and loses the balancer: nginx.conf's map appends $realip_remote_addr instead.
+_REAL_FORWARDED_FOR = HeaderLine("X-Forwarded-For", Token("$nxmesh_forwarded_for"))
 _WEBSOCKET = (
     HeaderLine("Upgrade", Token("$http_upgrade")),
     HeaderLine("Connection", Token("$nxmesh_connection_upgrade")),
 )
 
 
-def proxy_headers(location: Location) -> list[Header | HeaderLine]:
+def proxy_headers(location: Location, *, real_ip: bool = False) -> list[Header | HeaderLine]:
     """``proxy_set_header`` lines of a proxy location: defaults, then the location's own.
 
     Written in full in every location because nginx, like ``add_header``, drops inherited
-    ``proxy_set_header`` lines in a block that sets any.
+    ``proxy_set_header`` lines in a block that sets any. `real_ip`: the site believes a
+    load balancer's client address (``real_ip_from``), so X-Forwarded-For is the chain as
+    received plus the balancer's own address (``$nxmesh_forwarded_for``), not the client
+    a second time.
     """
     defaults = _PROXY_DEFAULTS + (_WEBSOCKET if location.websocket else _KEEPALIVE)
+    if real_ip:  # in place, so the lines keep their order
+        defaults = tuple(
+            _REAL_FORWARDED_FOR if h.name == "X-Forwarded-For" else h for h in defaults
+        )
     return _merge(defaults, location.proxy_headers)
 
 
@@ -557,7 +567,11 @@ def site_view(site: Site) -> SiteView:
                 location=location,
                 args=location_args(location),
                 headers=tuple(_location_headers(server, location)),
-                proxy_headers=tuple(proxy_headers(location)) if proxied else (),
+                proxy_headers=(
+                    tuple(proxy_headers(location, real_ip=bool(site.real_ip_from)))
+                    if proxied
+                    else ()
+                ),
                 read_timeout=timeout if proxied else None,
                 auth_file=_auth_file(site, n) if location.basic_auth is not None else None,
             )
