@@ -333,7 +333,7 @@ class TestSite:
             ("allow", ("10.0.0.0/8; allow all",), "allow[0]", "must be an IPv4 or IPv6"),
             ("real_ip_from", ("0.0.0.0/0",), "real_ip_from[0]", "any client choose"),
             ("real_ip_from", ("10.0.0.0/8", "128.0.0.0/1"), "real_ip_from[1]", "wider than a /8"),
-            ("real_ip_from", ("fc00::/7",), "real_ip_from[0]", "wider than a /16"),
+            ("real_ip_from", ("fc00::/7",), "real_ip_from[0]", "wider than a /8"),
             ("real_ip_from", ("lb.internal",), "real_ip_from[0]", "IPv4 or IPv6"),
             ("real_ip_header", "True-Client-IP", "real_ip_header", "X-Forwarded-For"),
         ],

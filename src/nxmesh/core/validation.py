@@ -737,7 +737,7 @@ LISTEN_ADDRESS = TextRule(
 )
 
 
-def _network_refine(value: str, *, every: str, widest: tuple[int, int] = (1, 1)) -> str | None:
+def _network_refine(value: str, *, every: str, widest: int = 1) -> str | None:
     try:
         network = ipaddress.ip_network(value)
     except ValueError:
@@ -750,9 +750,8 @@ def _network_refine(value: str, *, every: str, widest: tuple[int, int] = (1, 1))
         return f"{value!r} has host bits set; the network is {loose}"
     if network.prefixlen == 0:
         return f"{value!r} is every address: {every}"
-    shortest = widest[0] if network.version == 4 else widest[1]
-    if network.prefixlen < shortest:
-        return f"{value!r} is wider than a /{shortest}: {every}"
+    if network.prefixlen < widest:
+        return f"{value!r} is wider than a /{widest}: {every}"
     return None
 
 
@@ -779,7 +778,7 @@ TRUSTED_PROXY = TextRule(
         _network_refine,
         every="trusting it would let any client choose the address nginx sees by sending "
         "its own header; list the load balancers' addresses",
-        widest=(8, 16),  # 0.0.0.0/1 + 128.0.0.0/1 is every address too
+        widest=8,  # 0.0.0.0/1 + 128.0.0.0/1 is every address too
     ),
 )
 """A proxy address or network whose client-address header nginx believes (``set_real_ip_from``)."""
