@@ -24,6 +24,7 @@ from nxmesh.core.model import (
     LabelSelector,
     Listener,
     Location,
+    RateLimit,
     Redirect,
     Return,
     Site,
@@ -1021,6 +1022,22 @@ class TestBasicAuth:
         with pytest.raises(Invalid) as exc:
             BasicAuth(realm='x"; deny all; #', users=(user,))
         assert paths_of(exc) == ["realm"]
+
+    def test_rate_limit_bounds_and_placement(self) -> None:
+        """Rates and bursts are bounded integers; like basic_auth, a rate limit is refused
+        on a return location (answered before nginx counts requests)."""
+        assert RateLimit(rate=10, burst=20).per == "second"
+        for fields, path in (
+            ({"rate": 0}, "rate"),
+            ({"rate": 10, "burst": -1}, "burst"),
+            ({"rate": 10, "per": "hour"}, "per"),
+        ):
+            with pytest.raises(Invalid) as exc:
+                RateLimit(**fields)  # type: ignore[arg-type]
+            assert paths_of(exc) == [path]
+        with pytest.raises(Invalid) as exc:
+            loc(rate_limit=RateLimit(rate=1), return_=Return(204))
+        assert paths_of(exc) == ["rate_limit"]
 
     def test_basic_auth_needs_an_access_checked_location(self) -> None:
         auth = BasicAuth(users=(BasicAuthUser(name="a", password_hash=_SHA512),))

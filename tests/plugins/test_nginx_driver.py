@@ -32,6 +32,7 @@ from nxmesh.core.model import (
     Listener,
     Location,
     PendingApply,
+    RateLimit,
     Return,
     Site,
     TLSConfig,
@@ -745,6 +746,34 @@ class TestClientAddresses:
                 await client.get(admin, headers={"Authorization": basic("root", "s3cret")})
             ).status_code == 200
             assert (await client.get("/healthz")).status_code == 200
+
+    async def test_rate_limit_answers_429_beyond_rate_and_burst(
+        self, stack: NginxStack, www: Path
+    ) -> None:
+        """``rate_limit`` per client address: the burst is served at once, the next
+        request gets 429; a location's own limit replaces the site's there."""
+        state = DesiredState(
+            sites=(
+                Site(
+                    name="files",
+                    server_names=("localhost",),
+                    listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
+                    locations=(
+                        Location(path="/", root=str(www)),
+                        Location(
+                            path="/a.b/", root=str(www), rate_limit=RateLimit(rate=1, per="minute")
+                        ),
+                    ),
+                    rate_limit=RateLimit(rate=1, per="minute", burst=2),
+                ),
+            )
+        )
+        await self._apply(stack, state)
+        port = stack.web_port
+        # One a minute plus a burst of two: three at once, then refused.
+        assert [await _status(port, "/index.html") for _ in range(4)] == [200, 200, 200, 429]
+        # Its own zone, no burst: the first passes although the site's is spent.
+        assert [await _status(port, "/a.b/file.txt") for _ in range(2)] == [200, 429]
 
     @pytest.mark.parametrize("header", ["X-Forwarded-For", "X-Real-IP"])
     async def test_real_ip_from_believes_only_the_listed_proxies(

@@ -31,6 +31,7 @@ from nxmesh.core.model import (
     Header,
     Listener,
     Location,
+    RateLimit,
     Redirect,
     Return,
     Site,
@@ -124,6 +125,9 @@ ALLOWED_DIRECTIVES = frozenset(
         "real_ip_recursive",
         "auth_basic",
         "auth_basic_user_file",
+        "limit_req_zone",
+        "limit_req",
+        "limit_req_status",
     }
 )
 
@@ -245,6 +249,7 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
     if action in ("upstream", "root"):  # nginx answers the others before access checks
         common["allow"] = draw(client_networks(v.ALLOWED_CLIENT))
         common["basic_auth"] = draw(st.none() | basic_auths)
+        common["rate_limit"] = draw(st.none() | rate_limits)
     if action == "upstream":
         return Location(
             upstream=draw(st.sampled_from(upstream_names)),
@@ -275,6 +280,12 @@ _HASHES = st.sampled_from(
         "$5$rounds=5000$salt$" + "c" * 43,
         "$apr1$abcdefgh$" + "d" * 22,
     ]
+)
+rate_limits = st.builds(
+    RateLimit,
+    rate=st.integers(1, 100_000),
+    per=st.sampled_from(["second", "minute"]),
+    burst=st.integers(0, 100_000),
 )
 basic_auths = st.builds(
     lambda realm, users: BasicAuth(
@@ -337,6 +348,7 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
         name=name,
         allow=draw(client_networks(v.ALLOWED_CLIENT)),
         basic_auth=draw(st.none() | basic_auths),
+        rate_limit=draw(st.none() | rate_limits),
         real_ip_from=real_ip_from,
         real_ip_header=draw(st.sampled_from(["X-Forwarded-For", "X-Real-IP"]))
         if real_ip_from
@@ -458,6 +470,8 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
     lines += access_lines(loc.allow)
     if loc.basic_auth is not None:
         lines += auth_lines(loc.basic_auth, view.auth_file)
+    if loc.rate_limit is not None:
+        lines += rate_lines(loc.rate_limit, zone_name(site, view_index(site, loc)))
     lines += [("add_header", header_args(h)) for h in view.headers]
     if loc.upstream is not None:
         lines.append(("proxy_pass", [f"http://{loc.upstream}"]))
@@ -503,6 +517,40 @@ def auth_lines(auth: Any, path: str | None) -> list[tuple[str, list[str]]]:
     return [("auth_basic", [auth.realm]), ("auth_basic_user_file", [path])]
 
 
+def zone_name(site: Site, location: int | None = None) -> str:
+    return f"nxmesh_{site.name}" + ("" if location is None else f"_{location}")
+
+
+def view_index(site: Site, loc: Location) -> int:
+    return next(i for i, other in enumerate(site.locations) if other is loc)
+
+
+def rate_lines(limit: Any, zone: str) -> list[tuple[str, list[str]]]:
+    """`limit_req` with the zone (and burst, nodelay), then `limit_req_status 429`."""
+    burst = [f"burst={limit.burst}", "nodelay"] if limit.burst else []
+    return [("limit_req", [f"zone={zone}", *burst]), ("limit_req_status", ["429"])]
+
+
+def zone_lines(site: Site) -> list[tuple[str, list[str]]]:
+    """The `limit_req_zone` lines a site file starts with: the site's, then per location."""
+    limits = [
+        (site.rate_limit, None),
+        *((loc.rate_limit, i) for i, loc in enumerate(site.locations)),
+    ]
+    return [
+        (
+            "limit_req_zone",
+            [
+                "$binary_remote_addr",
+                f"zone={zone_name(site, i)}:2m",
+                f"rate={limit.rate}{'r/s' if limit.per == 'second' else 'r/m'}",
+            ],
+        )
+        for limit, i in limits
+        if limit is not None
+    ]
+
+
 def htpasswd_expected(site: Site) -> dict[str, str]:
     """The htpasswd files of `site`, as nginx reads them: ``user:hash`` lines."""
     view = site_view(site)
@@ -536,6 +584,9 @@ def check_acme_location(block: Directive) -> None:
 def check_site(site: Site, parsed: list[Directive]) -> None:
     view = site_view(site)
     acme = site.tls is not None and site.tls.acme
+    zones = zone_lines(site)
+    assert [(d["directive"], values(d)) for d in parsed[: len(zones)]] == zones
+    parsed = parsed[len(zones) :]
     assert [d["directive"] for d in parsed] == ["server"] * (2 if view.redirect_listens else 1)
     if view.redirect_listens:
         redirect = parsed[0]["block"]
@@ -558,6 +609,8 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
     main = parsed[-1]["block"]
     names = [d["directive"] for d in main]
     site_auth = auth_lines(site.basic_auth, view.auth_file) if site.basic_auth else []
+    if site.rate_limit is not None:
+        site_auth += rate_lines(site.rate_limit, zone_name(site))
     tls = ["ssl_certificate", "ssl_certificate_key", "ssl_protocols"] if site.tls else []
     assert names == (
         ["listen"] * len(view.main_listens)
@@ -583,6 +636,8 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
         "deny",
         "auth_basic",
         "auth_basic_user_file",
+        "limit_req",
+        "limit_req_status",
     }
     assert [(d["directive"], values(d)) for d in main if d["directive"] in access] == (
         real_ip_lines(site) + access_lines(site.allow) + site_auth

@@ -56,6 +56,7 @@ __all__ = [
     "Listener",
     "Location",
     "PendingApply",
+    "RateLimit",
     "Redirect",
     "Return",
     "Site",
@@ -268,6 +269,18 @@ class BasicAuth:
         v.raise_problems(found)
 
 
+@attrs.frozen(kw_only=True)
+class RateLimit:
+    """Requests per client address (``limit_req``): `rate` per second or minute, and up
+    to `burst` more at once before the client gets 429 Too Many Requests."""
+
+    rate: int = attrs.field(validator=v.int_range(1, 100_000))
+    per: Literal["second", "minute"] = attrs.field(
+        default="second", validator=v.choice("second", "minute")
+    )
+    burst: int = attrs.field(default=0, validator=v.int_range(0, 100_000))
+
+
 @attrs.frozen
 class Redirect:
     """Answer with a redirect to `url`."""
@@ -361,6 +374,10 @@ class Location:
     basic_auth: BasicAuth | None = attrs.field(
         default=None, validator=v.instance(BasicAuth, optional=True), metadata=ADDED_FIELD
     )
+    # Replaces the site's `rate_limit` here.
+    rate_limit: RateLimit | None = attrs.field(
+        default=None, validator=v.instance(RateLimit, optional=True), metadata=ADDED_FIELD
+    )
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -389,7 +406,7 @@ class Location:
                     found.append((name, "only applies when the location serves files from a root"))
         if self.upstream is None and self.root is None:
             # Both answer in nginx's rewrite phase, which runs before its access phase.
-            for name in ("allow", "basic_auth"):
+            for name in ("allow", "basic_auth", "rate_limit"):
                 if getattr(self, name) not in (None, ()):
                     found.append(
                         (
@@ -445,6 +462,9 @@ class Site:
     )
     basic_auth: BasicAuth | None = attrs.field(
         default=None, validator=v.instance(BasicAuth, optional=True), metadata=ADDED_FIELD
+    )
+    rate_limit: RateLimit | None = attrs.field(
+        default=None, validator=v.instance(RateLimit, optional=True), metadata=ADDED_FIELD
     )
 
     def __attrs_post_init__(self) -> None:

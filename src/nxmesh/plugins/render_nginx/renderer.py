@@ -40,6 +40,7 @@ from nxmesh.core.model import (
     Header,
     Listener,
     Location,
+    RateLimit,
     Redirect,
     Return,
     Site,
@@ -529,6 +530,8 @@ class LocationView:
     """Effective ``proxy_read_timeout`` in seconds, None for nginx's default."""
     auth_file: str | None = None
     """The bundle's htpasswd file of the location's own `basic_auth` (`htpasswd_files`)."""
+    rate_zone: RateZone | None = None
+    """The ``limit_req`` zone of the location's own `rate_limit`."""
 
 
 @attrs.frozen
@@ -549,6 +552,14 @@ class SiteView:
     locations: tuple[LocationView, ...]
     auth_file: str | None = None
     """The bundle's htpasswd file of the site's `basic_auth` (`htpasswd_files`)."""
+    rate_zone: RateZone | None = None
+    """The ``limit_req`` zone of the site's `rate_limit`."""
+
+    @property
+    def rate_zones(self) -> tuple[RateZone, ...]:
+        """Every ``limit_req_zone`` the site file declares (http level, before its servers)."""
+        zones = [self.rate_zone, *(lv.rate_zone for lv in self.locations)]
+        return tuple(zone for zone in zones if zone is not None)
 
 
 def site_view(site: Site) -> SiteView:
@@ -574,6 +585,7 @@ def site_view(site: Site) -> SiteView:
                 ),
                 read_timeout=timeout if proxied else None,
                 auth_file=_auth_file(site, n) if location.basic_auth is not None else None,
+                rate_zone=_rate_zone(site, location.rate_limit, n),
             )
         )
     return SiteView(
@@ -585,6 +597,35 @@ def site_view(site: Site) -> SiteView:
         headers=tuple(server),
         locations=tuple(locations),
         auth_file=_auth_file(site) if site.basic_auth is not None else None,
+        rate_zone=_rate_zone(site, site.rate_limit),
+    )
+
+
+RATE_ZONE_SIZE: Final = "2m"
+"""Shared memory of each ``limit_req_zone``: about 32,000 client addresses at once (the
+least recently seen are dropped when it is full)."""
+
+
+@attrs.frozen
+class RateZone:
+    """A ``limit_req_zone`` and the ``limit_req`` that uses it, as whole tokens."""
+
+    declare: Token
+    """``zone=<name>:<size> rate=<n>r/s``: the arguments after the key."""
+    use: Token
+    """``zone=<name> [burst=<n> nodelay]``: the ``limit_req`` arguments."""
+
+
+def _rate_zone(site: Site, limit: RateLimit | None, location: int | None = None) -> RateZone | None:
+    if limit is None:
+        return None
+    name = f"nxmesh_{_stem(site.name)}" + ("" if location is None else f"_{location}")
+    unit = "r/s" if limit.per == "second" else "r/m"
+    # nodelay: a burst is served at once rather than paced, then the excess is refused.
+    burst = f" burst={limit.burst} nodelay" if limit.burst else ""
+    return RateZone(
+        declare=Token(f"zone={name}:{RATE_ZONE_SIZE} rate={limit.rate}{unit}"),
+        use=Token(f"zone={name}{burst}"),
     )
 
 
