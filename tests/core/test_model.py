@@ -1023,6 +1023,17 @@ class TestBasicAuth:
             BasicAuth(realm='x"; deny all; #', users=(user,))
         assert paths_of(exc) == ["realm"]
 
+    def test_satisfy_any_needs_both_rules_on_a_site(self) -> None:
+        auth = BasicAuth(users=(BasicAuthUser(name="a", password_hash=_SHA512),))
+        with pytest.raises(Invalid, match="only applies with both allow and basic_auth") as exc:
+            make_site(satisfy="any", basic_auth=auth)
+        assert paths_of(exc) == ["satisfy"]
+        site = make_site(satisfy="any", basic_auth=auth, allow=("10.0.0.0/8",))
+        assert site.satisfy == "any"
+        with pytest.raises(Invalid) as exc:
+            loc(satisfy="any", return_=Return(204))
+        assert paths_of(exc) == ["satisfy"]
+
     def test_rate_limit_bounds_and_placement(self) -> None:
         """Rates and bursts are bounded integers; like basic_auth, a rate limit is refused
         on a return location (answered before nginx counts requests)."""

@@ -747,6 +747,37 @@ class TestClientAddresses:
             ).status_code == 200
             assert (await client.get("/healthz")).status_code == 200
 
+    @pytest.mark.parametrize(
+        ("allow", "satisfy", "without_password"),
+        [("127.0.0.1", "any", 200), ("127.0.0.1", "all", 401), ("10.0.0.0/8", "any", 401)],
+    )
+    async def test_satisfy_any_lets_listed_addresses_skip_the_password(
+        self,
+        readable_stack: NginxStack,
+        www: Path,
+        hashes: tuple[str, str],
+        allow: str,
+        satisfy: str,
+        without_password: int,
+    ) -> None:
+        """With allow and basic_auth, ``satisfy: any`` admits a listed address without
+        a password and asks the others for one; ``all`` (nginx's default) asks both."""
+        auth = BasicAuth(users=(BasicAuthUser(name="alice", password_hash=hashes[0]),))
+        site = Site(
+            name="files",
+            server_names=("localhost",),
+            listeners=(Listener(port=readable_stack.web_port, address="127.0.0.1"),),
+            locations=(Location(path="/", root=str(www)),),
+            allow=(allow,),
+            basic_auth=auth,
+            satisfy=satisfy,  # type: ignore[arg-type]
+        )
+        await self._apply(readable_stack, DesiredState(sites=(site,)))
+        assert await _status(readable_stack.web_port, "/index.html") == without_password
+        login = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+        with_password = await _status(readable_stack.web_port, "/index.html", Authorization=login)
+        assert with_password == (403 if satisfy == "all" and allow != "127.0.0.1" else 200)
+
     async def test_rate_limit_answers_429_beyond_rate_and_burst(
         self, stack: NginxStack, www: Path
     ) -> None:

@@ -126,6 +126,7 @@ ALLOWED_DIRECTIVES = frozenset(
         "auth_basic",
         "auth_basic_user_file",
         "limit_req_zone",
+        "satisfy",
         "limit_req",
         "limit_req_status",
     }
@@ -250,6 +251,7 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
         common["allow"] = draw(client_networks(v.ALLOWED_CLIENT))
         common["basic_auth"] = draw(st.none() | basic_auths)
         common["rate_limit"] = draw(st.none() | rate_limits)
+        common["satisfy"] = draw(st.sampled_from(["all", "any"]))
     if action == "upstream":
         return Location(
             upstream=draw(st.sampled_from(upstream_names)),
@@ -344,10 +346,13 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
         if tls.redirect_http:  # the redirect cannot live on an h2c-only port (see Site)
             listeners = [lst if lst.tls else attrs.evolve(lst, http2=False) for lst in listeners]
     real_ip_from = draw(client_networks(v.TRUSTED_PROXY))
+    allow = draw(client_networks(v.ALLOWED_CLIENT))
+    basic_auth = draw(st.none() | basic_auths)
     return Site(
         name=name,
-        allow=draw(client_networks(v.ALLOWED_CLIENT)),
-        basic_auth=draw(st.none() | basic_auths),
+        allow=allow,
+        basic_auth=basic_auth,
+        satisfy=draw(st.sampled_from(["all", "any"])) if allow and basic_auth else "all",
         rate_limit=draw(st.none() | rate_limits),
         real_ip_from=real_ip_from,
         real_ip_header=draw(st.sampled_from(["X-Forwarded-For", "X-Real-IP"]))
@@ -468,6 +473,8 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
     if loc.client_max_body_size is not None:
         lines.append(("client_max_body_size", [loc.client_max_body_size]))
     lines += access_lines(loc.allow)
+    if loc.satisfy != "all":
+        lines.append(("satisfy", [loc.satisfy]))
     if loc.basic_auth is not None:
         lines += auth_lines(loc.basic_auth, view.auth_file)
     if loc.rate_limit is not None:
@@ -608,7 +615,9 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
         assert [values(d) for d in location["block"]] == [["301", str(view.https_redirect)]]
     main = parsed[-1]["block"]
     names = [d["directive"] for d in main]
-    site_auth = auth_lines(site.basic_auth, view.auth_file) if site.basic_auth else []
+    site_auth = [("satisfy", [site.satisfy])] if site.satisfy != "all" else []
+    if site.basic_auth:
+        site_auth += auth_lines(site.basic_auth, view.auth_file)
     if site.rate_limit is not None:
         site_auth += rate_lines(site.rate_limit, zone_name(site))
     tls = ["ssl_certificate", "ssl_certificate_key", "ssl_protocols"] if site.tls else []
@@ -638,6 +647,7 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
         "auth_basic_user_file",
         "limit_req",
         "limit_req_status",
+        "satisfy",
     }
     assert [(d["directive"], values(d)) for d in main if d["directive"] in access] == (
         real_ip_lines(site) + access_lines(site.allow) + site_auth

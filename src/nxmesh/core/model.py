@@ -316,6 +316,14 @@ def _path_bound(value: object) -> list[tuple[str, str]]:
     return []
 
 
+Satisfy = Literal["all", "any"]
+"""nginx's ``satisfy``: with both `allow` and `basic_auth`, whether a client must pass
+both (``all``) or either (``any``: listed addresses skip the password)."""
+_SATISFY_NEEDS = (
+    "'any' only applies with both allow and basic_auth (listed addresses then skip the "
+    "password); without both it would change nothing"
+)
+
 MatchKind = Literal["prefix", "prefix_priority", "exact", "regex", "regex_ci"]
 _PATH_MATCHES = ("prefix", "prefix_priority", "exact")  # the path is a path, not a regex
 _ACTIONS = ("upstream", "root", "redirect", "return")
@@ -378,6 +386,9 @@ class Location:
     rate_limit: RateLimit | None = attrs.field(
         default=None, validator=v.instance(RateLimit, optional=True), metadata=ADDED_FIELD
     )
+    satisfy: Satisfy = attrs.field(
+        default="all", validator=v.choice("all", "any"), metadata=ADDED_FIELD
+    )
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -406,8 +417,8 @@ class Location:
                     found.append((name, "only applies when the location serves files from a root"))
         if self.upstream is None and self.root is None:
             # Both answer in nginx's rewrite phase, which runs before its access phase.
-            for name in ("allow", "basic_auth", "rate_limit"):
-                if getattr(self, name) not in (None, ()):
+            for name in ("allow", "basic_auth", "rate_limit", "satisfy"):
+                if getattr(self, name) not in (None, (), "all"):
                     found.append(
                         (
                             name,
@@ -466,9 +477,14 @@ class Site:
     rate_limit: RateLimit | None = attrs.field(
         default=None, validator=v.instance(RateLimit, optional=True), metadata=ADDED_FIELD
     )
+    satisfy: Satisfy = attrs.field(
+        default="all", validator=v.choice("all", "any"), metadata=ADDED_FIELD
+    )
 
     def __attrs_post_init__(self) -> None:
         found: list[tuple[str, str]] = []
+        if self.satisfy == "any" and not (self.allow and self.basic_auth):
+            found.append(("satisfy", _SATISFY_NEEDS))
         if self.real_ip_header != "X-Forwarded-For" and not self.real_ip_from:
             found.append(
                 ("real_ip_header", "only applies with real_ip_from (the proxies to believe)")
