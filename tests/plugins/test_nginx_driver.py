@@ -806,6 +806,30 @@ class TestClientAddresses:
         # Its own zone, no burst: the first passes although the site's is spent.
         assert [await _status(port, "/a.b/file.txt") for _ in range(2)] == [200, 429]
 
+    async def test_rate_zones_of_sites_and_locations_never_clash(
+        self, stack: NginxStack, www: Path
+    ) -> None:
+        """Site "a" location 1 and a site named "a_1" each get their own zone (nginx
+        refuses a zone declared twice with another rate)."""
+
+        def site(name: str, port: int, limited: Location) -> Site:
+            return Site(
+                name=name,
+                server_names=(f"{name.replace('_', '-')}.test",),
+                listeners=(Listener(port=port, address="127.0.0.1"),),
+                locations=(Location(path="/", root=str(www)), limited),
+                rate_limit=RateLimit(rate=7),
+            )
+
+        limited = Location(path="/x/", root=str(www), rate_limit=RateLimit(rate=3))
+        state = DesiredState(
+            sites=(
+                site("a", stack.web_port, limited),
+                site("a_1", stack.web_port, Location(path="/y/", root=str(www))),
+            )
+        )
+        await self._apply(stack, state)
+
     @pytest.mark.parametrize("header", ["X-Forwarded-For", "X-Real-IP"])
     async def test_real_ip_from_believes_only_the_listed_proxies(
         self, stack: NginxStack, www: Path, header: str

@@ -525,7 +525,7 @@ def auth_lines(auth: Any, path: str | None) -> list[tuple[str, list[str]]]:
 
 
 def zone_name(site: Site, location: int | None = None) -> str:
-    return f"nxmesh_{site.name}" + ("" if location is None else f"_{location}")
+    return f"nxmesh_{site.name}" + ("" if location is None else f".{location}")
 
 
 def view_index(site: Site, loc: Location) -> int:
