@@ -1011,6 +1011,36 @@ class TestBasicAuth:
         with pytest.raises(Invalid):
             BasicAuthUser(name="a", password_hash=value)
 
+    @pytest.mark.parametrize(
+        ("value", "says"),
+        [
+            ("$2b$13$" + "a" * 53, "bcrypt cost of 13; at most 12"),
+            ("$6$rounds=200000$salt$" + "b" * 86, "200000 rounds; at most 100,000"),
+            ("$5$rounds=0999$salt$" + "c" * 43, "must be a password hash"),  # libxcrypt: *0
+            ("$6$salt$" + "c" * 43, "must be a password hash"),  # a SHA-256 length
+            ("s\u00e9cret-p\u00e4ss", "must be a password hash"),
+            ("x" * 200, "is longer than 160 characters"),
+        ],
+    )
+    def test_hashes_nginx_cannot_check_or_that_stall_it_are_refused(
+        self, value: str, says: str
+    ) -> None:
+        """No hash a worker would spend seconds on, none libxcrypt answers '*0' to; and
+        no character of a refused value (nor its length) in the reason."""
+        reason = validation.PASSWORD_HASH.reason(value)
+        assert reason is not None
+        assert says in reason
+        assert "\u00e9" not in reason
+        assert "200 characters" not in reason
+
+    def test_the_realm_off_is_refused(self) -> None:
+        """``auth_basic off`` would switch authentication off."""
+        user = BasicAuthUser(name="a", password_hash=_SHA512)
+        for realm in ("off", "OFF"):
+            with pytest.raises(Invalid, match="switch authentication off") as exc:
+                BasicAuth(realm=realm, users=(user,))
+            assert paths_of(exc) == ["realm"]
+
     def test_user_names_are_unique_and_cannot_break_the_file(self) -> None:
         user = BasicAuthUser(name="alice", password_hash=_SHA512)
         with pytest.raises(Invalid) as exc:

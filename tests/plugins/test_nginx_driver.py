@@ -778,6 +778,30 @@ class TestClientAddresses:
         with_password = await _status(readable_stack.web_port, "/index.html", Authorization=login)
         assert with_password == (403 if satisfy == "all" and allow != "127.0.0.1" else 200)
 
+    async def test_a_location_with_its_own_allow_keeps_it_under_satisfy_any(
+        self, readable_stack: NginxStack, www: Path, hashes: tuple[str, str]
+    ) -> None:
+        """The site lets a password in instead of its addresses (``satisfy: any``); a
+        location listing other addresses admits those only, password or not."""
+        auth = BasicAuth(users=(BasicAuthUser(name="alice", password_hash=hashes[0]),))
+        site = Site(
+            name="files",
+            server_names=("localhost",),
+            listeners=(Listener(port=readable_stack.web_port, address="127.0.0.1"),),
+            locations=(
+                Location(path="/", root=str(www)),
+                Location(path="/a.b/", root=str(www), allow=("10.9.9.9",)),
+            ),
+            allow=("192.0.2.0/24",),
+            basic_auth=auth,
+            satisfy="any",
+        )
+        await self._apply(readable_stack, DesiredState(sites=(site,)))
+        login = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+        port = readable_stack.web_port
+        assert await _status(port, "/index.html", Authorization=login) == 200
+        assert await _status(port, "/a.b/file.txt", Authorization=login) == 403
+
     async def test_rate_limit_answers_429_beyond_rate_and_burst(
         self, stack: NginxStack, www: Path
     ) -> None:
@@ -810,7 +834,8 @@ class TestClientAddresses:
         self, stack: NginxStack, www: Path
     ) -> None:
         """Site "a" location 1 and a site named "a_1" each get their own zone (nginx
-        refuses a zone declared twice with another rate)."""
+        refuses a zone declared twice with another rate), and a site named "tls" does
+        not take nginx.conf's TLS session cache zone."""
 
         def site(name: str, port: int, limited: Location) -> Site:
             return Site(
@@ -826,6 +851,7 @@ class TestClientAddresses:
             sites=(
                 site("a", stack.web_port, limited),
                 site("a_1", stack.web_port, Location(path="/y/", root=str(www))),
+                site("tls", stack.web_port, Location(path="/z/", root=str(www))),
             )
         )
         await self._apply(stack, state)

@@ -475,6 +475,8 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
     lines += access_lines(loc.allow)
     if loc.satisfy != "all":
         lines.append(("satisfy", [loc.satisfy]))
+    elif site.satisfy != "all" and (loc.allow or loc.basic_auth):
+        lines.append(("satisfy", ["all"]))
     if loc.basic_auth is not None:
         lines += auth_lines(loc.basic_auth, view.auth_file)
     if loc.rate_limit is not None:
@@ -525,7 +527,7 @@ def auth_lines(auth: Any, path: str | None) -> list[tuple[str, list[str]]]:
 
 
 def zone_name(site: Site, location: int | None = None) -> str:
-    return f"nxmesh_{site.name}" + ("" if location is None else f".{location}")
+    return f"nxmesh_rl_{site.name}" + ("" if location is None else f".{location}")
 
 
 def view_index(site: Site, loc: Location) -> int:

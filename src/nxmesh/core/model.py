@@ -324,6 +324,7 @@ _SATISFY_NEEDS = (
     "password); without both it would change nothing"
 )
 
+
 # The access rules sites and locations share; added after versions were first signed, so
 # left out of the canonical JSON at their defaults (`ADDED_FIELD`).
 def _allow_field() -> Any:

@@ -252,9 +252,12 @@ class TextRule:
                 else (f"must be at least {self.min_len} characters long")
             )
         if len(value) > self.max_len:
+            if not self.echo:  # not even its length
+                return f"is longer than {self.max_len} characters"
             return f"is {len(value)} characters long; at most {self.max_len} are allowed"
         if self.pattern.fullmatch(value) is None:
-            danger = explain(value, self.allowed, nginx=self.nginx)
+            # A secret's reason names no character of it: only what the value must be.
+            danger = explain(value, self.allowed, nginx=self.nginx) if self.echo else None
             if danger is None and self.echo and self.pattern.fullmatch(value.lower()):
                 danger = f"has uppercase letters ({value.lower()!r} would do)"
             return f"{danger}; must be {self.what}" if danger else f"must be {self.what}"
@@ -797,25 +800,52 @@ AUTH_REALM = TextRule(
     _rx(r"[A-Za-z0-9._-](?:[A-Za-z0-9 ._-]{0,62}[A-Za-z0-9._-])?"),
     max_len=64,
     allowed=" ",
+    # nginx reads the realm "off" as switching authentication off.
+    refine=lambda value: (
+        "'off' would switch authentication off in nginx; choose another realm"
+        if value.lower() == "off"
+        else None
+    ),
 )
 """What the browser's login prompt shows (``auth_basic``)."""
 
 _CRYPT_CHARS = r"[./A-Za-z0-9]"
 _HASH_FORMS: Final = (
-    "a password hash nginx verifies: bcrypt ($2y$…, `htpasswd -nbB user PASSWORD`), "
-    "SHA-512 or SHA-256 crypt ($6$… / $5$…, `openssl passwd -6`) or Apache MD5 ($apr1$…, "
-    "`openssl passwd -apr1`); never the password itself"
+    "a password hash: bcrypt ($2y$…, `htpasswd -nbB user PASSWORD`), SHA-512 or SHA-256 "
+    "crypt ($6$… / $5$…, `openssl passwd -6`) or Apache MD5 ($apr1$…, `openssl passwd "
+    "-apr1`); never the password itself"
 )
+_MAX_BCRYPT_COST: Final = 12
+_MAX_SHA_ROUNDS: Final = 100_000
+
+
+def _hash_refine(value: str) -> str | None:
+    # nginx checks a password inside a worker, which serves nothing else meanwhile: a
+    # costly hash lets anyone who knows a user name stall it (cost 31 is ~30 hours).
+    slow = (
+        "nginx checks the password inside a worker that serves nothing else meanwhile, "
+        "so a slower hash lets anyone stall it with wrong passwords"
+    )
+    if value.startswith("$2") and int(value[4:6]) > _MAX_BCRYPT_COST:
+        return f"has a bcrypt cost of {int(value[4:6])}; at most {_MAX_BCRYPT_COST}: {slow}"
+    if (found := re.match(r"\$[56]\$rounds=([0-9]+)\$", value)) and int(found[1]) > _MAX_SHA_ROUNDS:
+        return f"has {found[1]} rounds; at most {_MAX_SHA_ROUNDS:,}: {slow}"
+    return None
+
+
 PASSWORD_HASH = TextRule(
     _HASH_FORMS,
     _rx(
         rf"\$2[aby]\$(?:0[4-9]|[12][0-9]|3[01])\${_CRYPT_CHARS}{{53}}"
-        rf"|\$[56]\$(?:rounds=[0-9]{{4,9}}\$)?{_CRYPT_CHARS}{{1,16}}"
-        rf"\$(?:{_CRYPT_CHARS}{{43}}|{_CRYPT_CHARS}{{86}})"
+        # libxcrypt refuses rounds below 1000 or with a leading zero; each digest length
+        # belongs to its algorithm (43 for SHA-256, 86 for SHA-512).
+        rf"|\$5\$(?:rounds=[1-9][0-9]{{3,8}}\$)?{_CRYPT_CHARS}{{1,16}}\${_CRYPT_CHARS}{{43}}"
+        rf"|\$6\$(?:rounds=[1-9][0-9]{{3,8}}\$)?{_CRYPT_CHARS}{{1,16}}\${_CRYPT_CHARS}{{86}}"
         rf"|\$apr1\${_CRYPT_CHARS}{{1,8}}\${_CRYPT_CHARS}{{22}}"
     ),
     max_len=160,
     allowed="$./=",
+    refine=_hash_refine,
     nginx=False,
     echo=False,
 )

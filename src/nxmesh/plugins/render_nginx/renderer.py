@@ -619,8 +619,9 @@ class RateZone:
 def _rate_zone(site: Site, limit: RateLimit | None, location: int | None = None) -> RateZone | None:
     if limit is None:
         return None
-    # A dot, which site names cannot hold: site "a" location 1 and a site "a_1" differ.
-    name = f"nxmesh_{_stem(site.name)}" + ("" if location is None else f".{location}")
+    # `nxmesh_rl_`: no other zone of nginx.conf (nxmesh_tls...) starts so. A dot, which
+    # site names cannot hold: site "a" location 1 and a site "a_1" differ.
+    name = f"nxmesh_rl_{_stem(site.name)}" + ("" if location is None else f".{location}")
     unit = "r/s" if limit.per == "second" else "r/m"
     # nodelay: a burst is served at once rather than paced, then the excess is refused.
     burst = f" burst={limit.burst} nodelay" if limit.burst else ""
