@@ -442,7 +442,10 @@ RealIpHeader = Literal["X-Forwarded-For", "X-Real-IP"]
 
 @attrs.frozen(kw_only=True)
 class Site:
-    """A virtual server: names, listeners, locations and optional TLS."""
+    """A virtual server: names, listeners, locations and optional TLS; optionally who may
+    use it (`allow`, `basic_auth`, `satisfy`), how often (`rate_limit`), and the proxies
+    whose client address it believes (`real_ip_from`). docs/rendering.md says what each
+    renders."""
 
     name: str = attrs.field(validator=v.text(v.NAME))
     server_names: tuple[str, ...] = attrs.field(
