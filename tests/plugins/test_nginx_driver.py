@@ -802,6 +802,31 @@ class TestClientAddresses:
         assert await _status(port, "/index.html", Authorization=login) == 200
         assert await _status(port, "/a.b/file.txt", Authorization=login) == 403
 
+    @pytest.mark.parametrize("gzip", [True, False])
+    async def test_gzip_compresses_text_of_a_kilobyte_and_more(
+        self, stack: NginxStack, www: Path, gzip: bool
+    ) -> None:
+        """``gzip: true``: a 4 KB text file goes compressed to a client that accepts it,
+        with Vary; a small one goes as is. Off (the default), nothing is compressed."""
+        (www / "big.txt").write_text("nxmesh " * 600)
+        site = Site(
+            name="files",
+            server_names=("localhost",),
+            listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
+            locations=(Location(path="/", root=str(www)),),
+            gzip=gzip,
+        )
+        await self._apply(stack, DesiredState(sites=(site,)))
+        base = f"http://127.0.0.1:{stack.web_port}"
+        headers = {"Host": "localhost", "Accept-Encoding": "gzip"}
+        async with httpx.AsyncClient(base_url=base, headers=headers) as client:
+            big = await client.get("/big.txt")
+            small = await client.get("/index.html")
+        assert big.text == "nxmesh " * 600  # httpx inflates it
+        assert big.headers.get("content-encoding") == ("gzip" if gzip else None)
+        assert ("accept-encoding" in big.headers.get("vary", "").lower()) is gzip
+        assert small.headers.get("content-encoding") is None
+
     async def test_rate_limit_answers_429_beyond_rate_and_burst(
         self, stack: NginxStack, www: Path
     ) -> None:

@@ -127,6 +127,11 @@ ALLOWED_DIRECTIVES = frozenset(
         "auth_basic_user_file",
         "limit_req_zone",
         "satisfy",
+        "gzip",
+        "gzip_vary",
+        "gzip_proxied",
+        "gzip_min_length",
+        "gzip_types",
         "limit_req",
         "limit_req_status",
     }
@@ -354,6 +359,7 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
         basic_auth=basic_auth,
         satisfy=draw(st.sampled_from(["all", "any"])) if allow and basic_auth else "all",
         rate_limit=draw(st.none() | rate_limits),
+        gzip=draw(st.booleans()),
         real_ip_from=real_ip_from,
         real_ip_header=draw(st.sampled_from(["X-Forwarded-For", "X-Real-IP"]))
         if real_ip_from
@@ -517,6 +523,8 @@ def access_lines(allow: tuple[str, ...]) -> list[tuple[str, list[str]]]:
     return [("allow", [a]) for a in allow] + ([("deny", ["all"])] if allow else [])
 
 
+GZIP_DIRECTIVES = ["gzip", "gzip_vary", "gzip_proxied", "gzip_min_length", "gzip_types"]
+
 REAL_IP = frozenset({"set_real_ip_from", "real_ip_header", "real_ip_recursive"})
 
 
@@ -629,6 +637,7 @@ def check_site(site: Site, parsed: list[Directive]) -> None:
         + tls
         + ["client_max_body_size"]
         + [name for name, _ in real_ip_lines(site) + access_lines(site.allow) + site_auth]
+        + (GZIP_DIRECTIVES if site.gzip else [])
         + ([] if site.access_log else ["access_log"])
         + ["add_header"] * len(view.headers)
         + (["location"] if acme and not view.redirect_listens else [])

@@ -480,6 +480,7 @@ class Site:
     basic_auth: BasicAuth | None = _optional_field(BasicAuth)
     rate_limit: RateLimit | None = _optional_field(RateLimit)
     satisfy: Satisfy = _satisfy_field()
+    gzip: bool = attrs.field(default=False, validator=v.choice(True, False), metadata=ADDED_FIELD)
 
     def __attrs_post_init__(self) -> None:
         found: list[tuple[str, str]] = []
