@@ -503,17 +503,24 @@ def www() -> Iterator[Path]:
         shutil.rmtree(root)
 
 
+def _files(port: int, *locations: Location, **fields: Any) -> DesiredState:
+    """One site, "files", answering localhost on 127.0.0.1:`port`: `locations`, `fields`."""
+    listener = Listener(port=port, address="127.0.0.1")
+    site = Site(
+        name="files",
+        server_names=("localhost",),
+        listeners=(listener,),
+        locations=locations,
+        **fields,
+    )
+    return DesiredState(sites=(site,))
+
+
 def _static_state(
     port: int, root: Path, *, serve_dotfiles: bool = False, path: str = "/", match: str = "prefix"
 ) -> DesiredState:
     location = Location(path=path, match=match, root=str(root), serve_dotfiles=serve_dotfiles)  # type: ignore[arg-type]
-    site = Site(
-        name="files",
-        server_names=("localhost",),
-        listeners=(Listener(port=port, address="127.0.0.1"),),
-        locations=(location,),
-    )
-    return DesiredState(sites=(site,))
+    return _files(port, location)
 
 
 class TestStaticFiles:
@@ -565,16 +572,11 @@ class TestMatchingOrder:
         ``prefix_priority`` location (``^~``) keeps its paths from it."""
         (www / "private").mkdir(mode=0o755)
         (www / "private" / "x.txt").write_text("secret")
-        site = Site(
-            name="files",
-            server_names=("localhost",),
-            listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
-            locations=(
-                Location(path=r"\.txt$", match="regex", root=str(www)),
-                Location(path="/private/", match=match, return_=Return(code=403, body="no")),  # type: ignore[arg-type]
-            ),
+        state = _files(
+            stack.web_port,
+            Location(path=r"\.txt$", match="regex", root=str(www)),
+            Location(path="/private/", match=match, return_=Return(code=403, body="no")),  # type: ignore[arg-type]
         )
-        state = DesiredState(sites=(site,))
         report = await stack.driver.apply(stack.update(state), stack.render(state))
         assert report.outcome == "applied", report.message
         assert (await stack.fetch("/private/x.txt")).status == status
@@ -655,20 +657,12 @@ def hashes() -> tuple[str, str]:
 class TestClientAddresses:
     def _state(self, stack: NginxStack, www: Path, **site: Any) -> DesiredState:
         admin = site.pop("admin_allow", ())
-        return DesiredState(
-            sites=(
-                Site(
-                    name="files",
-                    server_names=("localhost",),
-                    listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
-                    locations=(
-                        Location(path="/", root=str(www)),
-                        Location(path="/a.b/", root=str(www), allow=admin),
-                        Location(path="/healthz", return_=Return(code=200, body="ok")),
-                    ),
-                    **site,
-                ),
-            )
+        return _files(
+            stack.web_port,
+            Location(path="/", root=str(www)),
+            Location(path="/a.b/", root=str(www), allow=admin),
+            Location(path="/healthz", return_=Return(code=200, body="ok")),
+            **site,
         )
 
     async def _apply(self, stack: NginxStack, state: DesiredState) -> None:
@@ -705,20 +699,12 @@ class TestClientAddresses:
             ),
         )
         admin_auth = BasicAuth(users=(BasicAuthUser(name="root", password_hash=sha512),))
-        state = DesiredState(
-            sites=(
-                Site(
-                    name="files",
-                    server_names=("localhost",),
-                    listeners=(Listener(port=readable_stack.web_port, address="127.0.0.1"),),
-                    locations=(
-                        Location(path="/", root=str(www)),
-                        Location(path="/a.b/", root=str(www), basic_auth=admin_auth),
-                        Location(path="/healthz", return_=Return(code=200, body="ok")),
-                    ),
-                    basic_auth=site_auth,
-                ),
-            )
+        state = _files(
+            readable_stack.web_port,
+            Location(path="/", root=str(www)),
+            Location(path="/a.b/", root=str(www), basic_auth=admin_auth),
+            Location(path="/healthz", return_=Return(code=200, body="ok")),
+            basic_auth=site_auth,
         )
         await self._apply(readable_stack, state)
         port = readable_stack.web_port
@@ -763,16 +749,14 @@ class TestClientAddresses:
         """With allow and basic_auth, ``satisfy: any`` admits a listed address without
         a password and asks the others for one; ``all`` (nginx's default) asks both."""
         auth = BasicAuth(users=(BasicAuthUser(name="alice", password_hash=hashes[0]),))
-        site = Site(
-            name="files",
-            server_names=("localhost",),
-            listeners=(Listener(port=readable_stack.web_port, address="127.0.0.1"),),
-            locations=(Location(path="/", root=str(www)),),
+        state = _files(
+            readable_stack.web_port,
+            Location(path="/", root=str(www)),
             allow=(allow,),
             basic_auth=auth,
-            satisfy=satisfy,  # type: ignore[arg-type]
+            satisfy=satisfy,
         )
-        await self._apply(readable_stack, DesiredState(sites=(site,)))
+        await self._apply(readable_stack, state)
         assert await _status(readable_stack.web_port, "/index.html") == without_password
         login = "Basic " + base64.b64encode(b"alice:s3cret").decode()
         with_password = await _status(readable_stack.web_port, "/index.html", Authorization=login)
@@ -784,19 +768,15 @@ class TestClientAddresses:
         """The site lets a password in instead of its addresses (``satisfy: any``); a
         location listing other addresses admits those only, password or not."""
         auth = BasicAuth(users=(BasicAuthUser(name="alice", password_hash=hashes[0]),))
-        site = Site(
-            name="files",
-            server_names=("localhost",),
-            listeners=(Listener(port=readable_stack.web_port, address="127.0.0.1"),),
-            locations=(
-                Location(path="/", root=str(www)),
-                Location(path="/a.b/", root=str(www), allow=("10.9.9.9",)),
-            ),
+        state = _files(
+            readable_stack.web_port,
+            Location(path="/", root=str(www)),
+            Location(path="/a.b/", root=str(www), allow=("10.9.9.9",)),
             allow=("192.0.2.0/24",),
             basic_auth=auth,
             satisfy="any",
         )
-        await self._apply(readable_stack, DesiredState(sites=(site,)))
+        await self._apply(readable_stack, state)
         login = "Basic " + base64.b64encode(b"alice:s3cret").decode()
         port = readable_stack.web_port
         assert await _status(port, "/index.html", Authorization=login) == 200
@@ -809,14 +789,12 @@ class TestClientAddresses:
         """``gzip: true``: a 4 KB text file goes compressed to a client that accepts it,
         with Vary; a small one goes as is. Off (the default), nothing is compressed."""
         (www / "big.txt").write_text("nxmesh " * 600)
-        site = Site(
-            name="files",
-            server_names=("localhost",),
-            listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
-            locations=(Location(path="/", root=str(www)),),
+        state = _files(
+            stack.web_port,
+            Location(path="/", root=str(www)),
             gzip=gzip,
         )
-        await self._apply(stack, DesiredState(sites=(site,)))
+        await self._apply(stack, state)
         base = f"http://127.0.0.1:{stack.web_port}"
         headers = {"Host": "localhost", "Accept-Encoding": "gzip"}
         async with httpx.AsyncClient(base_url=base, headers=headers) as client:
@@ -832,21 +810,11 @@ class TestClientAddresses:
     ) -> None:
         """``rate_limit`` per client address: the burst is served at once, the next
         request gets 429; a location's own limit replaces the site's there."""
-        state = DesiredState(
-            sites=(
-                Site(
-                    name="files",
-                    server_names=("localhost",),
-                    listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
-                    locations=(
-                        Location(path="/", root=str(www)),
-                        Location(
-                            path="/a.b/", root=str(www), rate_limit=RateLimit(rate=1, per="minute")
-                        ),
-                    ),
-                    rate_limit=RateLimit(rate=1, per="minute", burst=2),
-                ),
-            )
+        state = _files(
+            stack.web_port,
+            Location(path="/", root=str(www)),
+            Location(path="/a.b/", root=str(www), rate_limit=RateLimit(rate=1, per="minute")),
+            rate_limit=RateLimit(rate=1, per="minute", burst=2),
         )
         await self._apply(stack, state)
         port = stack.web_port
