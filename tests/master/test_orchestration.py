@@ -88,6 +88,14 @@ class Plane:
         )
         return result.version
 
+    async def pin(self, name: str, version: int, **labels: str) -> None:
+        """Store an assignment of `version` to the agents with `labels`, as the API does."""
+        selector = LabelSelector(match_labels=labels)
+        await self.services.storage.set_assignment(
+            Assignment(workspace="default", name=name, selector=selector, version=version)
+        )
+        await self.orchestrator.assignments_changed("default")
+
     async def settle(self) -> None:
         """Return once everything the agents and the master sent was handled and nothing
         more is due: what an agent has not received by then, the master does not send
@@ -237,15 +245,7 @@ class TestPushes:
         for link in (prod, staging):
             answer(link, await next_update(link))
         await plane.settle()
-        await plane.services.storage.set_assignment(
-            Assignment(
-                workspace="default",
-                name="hold-staging",
-                selector=LabelSelector(match_labels={"env": "stage"}),
-                version=first.number,
-            )
-        )
-        await plane.orchestrator.assignments_changed("default")
+        await plane.pin("hold-staging", first.number, env="stage")
         second = await plane.commit("two")
         update = await next_update(prod)
         assert update.version == second.number
@@ -268,15 +268,7 @@ class TestPushes:
         await plane.settle()
         await plane.commit("two")
         in_flight = await next_update(link)
-        await plane.services.storage.set_assignment(
-            Assignment(
-                workspace="default",
-                name="hold",
-                selector=LabelSelector(match_labels={"env": "stage"}),
-                version=first.number,
-            )
-        )
-        await plane.orchestrator.assignments_changed("default")
+        await plane.pin("hold", first.number, env="stage")
         await plane.settle()
         assert len(link.updates) == 0  # it runs the pinned version: nothing to send yet
         answer(link, in_flight)
