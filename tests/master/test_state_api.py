@@ -276,6 +276,15 @@ class TestSitesAndUpstreams:
         assert response.status_code == 422
         assert response.json()["errors"][0]["path"] == "name"
 
+    def test_put_without_a_name_takes_the_urls(self, master: Master, admin: dict[str, str]) -> None:
+        """PUT /upstreams/api2 with a body that names nothing creates upstream api2."""
+        body = upstream("ignored", 9001)
+        del body["name"]
+        response = master.client.put(f"{WS}/upstreams/api2", json=body, headers=admin)
+        assert response.status_code == 200, response.text
+        got = master.client.get(f"{WS}/upstreams/api2", headers=admin)
+        assert got.json()["name"] == "api2"
+
     def test_unknown_site_is_404(self, master: Master, admin: dict[str, str]) -> None:
         """Deleting or reading a site that does not exist says so."""
         assert master.client.delete(f"{WS}/sites/nope", headers=admin).status_code == 404

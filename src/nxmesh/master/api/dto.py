@@ -86,8 +86,16 @@ class ConverterDTO(AbstractDTO[Any]):
     def decode_builtins(self, value: Any) -> Any:
         annotation = self.annotation
         if isinstance(annotation, type) and attrs.has(annotation) and isinstance(value, dict):
-            value = self._with_workspace(annotation, value)
+            value = self._with_name(annotation, self._with_workspace(annotation, value))
         return structure(value, annotation, source="body")
+
+    def _with_name(self, model: type[Any], data: dict[str, Any]) -> dict[str, Any]:
+        """``PUT /sites/{name}`` with a body that names nothing: the URL's name, rather
+        than "name: is required" (a body naming another is refused by the handler)."""
+        path_name = self.asgi_connection.path_params.get("name")
+        if path_name is None or "name" in data or "name" not in attrs.fields_dict(model):
+            return data
+        return {**data, "name": path_name}
 
     def _with_workspace(self, model: type[Any], data: dict[str, Any]) -> dict[str, Any]:
         path_workspace = self.asgi_connection.path_params.get("workspace")
