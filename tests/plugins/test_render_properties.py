@@ -481,7 +481,7 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
     lines += access_lines(loc.allow)
     if loc.satisfy != "all":
         lines.append(("satisfy", [loc.satisfy]))
-    elif site.satisfy != "all" and (loc.allow or loc.basic_auth):
+    elif site.satisfy != "all" and loc.allow:
         lines.append(("satisfy", ["all"]))
     if loc.basic_auth is not None:
         lines += auth_lines(loc.basic_auth, view.auth_file)

@@ -602,8 +602,8 @@ def site_view(site: Site) -> SiteView:
 
 
 RATE_ZONE_SIZE: Final = "2m"
-"""Shared memory of each ``limit_req_zone``: about 32,000 client addresses at once (the
-least recently seen are dropped when it is full)."""
+"""Shared memory of each ``limit_req_zone``: about 16,000 client addresses at once (nginx
+keeps 8,000 per MB on 64-bit systems; the least recently seen are dropped when full)."""
 
 
 @attrs.frozen
