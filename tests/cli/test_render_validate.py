@@ -205,6 +205,10 @@ class TestValidate:
         assert exited.value.code == 1
         assert '"worker_processes" directive is not allowed here' in capsys.readouterr().err
         assert config_first(["agent", "--once", "--config=f"]) == ["--config=f", "agent", "--once"]
+        with pytest.raises(SystemExit) as twice:
+            main(["--config", str(config), "validate", str(QUICKSTART), "--config", str(config)])
+        assert twice.value.code == 2
+        assert "--config is given more than once" in capsys.readouterr().err
         assert config_first(["apply", "-m", "x", "--", "--config", "f"]) == [
             "apply", "-m", "x", "--", "--config", "f",
         ]  # fmt: skip

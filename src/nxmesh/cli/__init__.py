@@ -118,7 +118,12 @@ def build_cli(argv: list[str] | None = None) -> click.Group:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    argv = config_first(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    before_dashes = argv[: argv.index("--")] if "--" in argv else argv
+    if sum(a == "--config" or a.startswith("--config=") for a in before_dashes) > 1:
+        click.echo("error: --config is given more than once; give one settings file", err=True)
+        sys.exit(2)
+    argv = config_first(argv)
     try:
         cli = build_cli(argv)
     except NxMeshError as exc:
