@@ -1063,6 +1063,16 @@ class TestBasicAuth:
         with pytest.raises(Invalid) as exc:
             loc(satisfy="any", return_=Return(204))
         assert paths_of(exc) == ["satisfy"]
+        # On a location: its own rules or the site's, as nginx inherits them.
+        either = loc(satisfy="any", upstream="app")
+        with pytest.raises(Invalid) as exc:
+            make_site(basic_auth=auth, locations=(either,))
+        assert paths_of(exc) == ["locations[0].satisfy"]
+        assert "its own or the site's" in str(exc.value)
+        inherited = make_site(basic_auth=auth, allow=("10.0.0.0/8",), locations=(either,))
+        assert inherited.locations[0].satisfy == "any"
+        own = loc(satisfy="any", upstream="app", allow=("10.0.0.0/8",))
+        assert make_site(basic_auth=auth, locations=(own,)).locations[0].allow
 
     def test_rate_limit_bounds_and_placement(self) -> None:
         """Rates and bursts are bounded integers; like basic_auth, a rate limit is refused

@@ -368,7 +368,11 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
         listeners=tuple(listeners),
         tls=tls,
         locations=tuple(
-            draw(
+            # `satisfy: any` needs both rules, the location's own or the site's.
+            loc
+            if loc.satisfy == "all" or ((loc.allow or allow) and (loc.basic_auth or basic_auth))
+            else attrs.evolve(loc, satisfy="all")
+            for loc in draw(
                 st.lists(
                     locations(upstream_names),
                     min_size=1,

@@ -486,6 +486,14 @@ class Site:
         found: list[tuple[str, str]] = []
         if self.satisfy == "any" and not (self.allow and self.basic_auth):
             found.append(("satisfy", _SATISFY_NEEDS))
+        for i, loc in enumerate(self.locations):
+            # A location's rules, or the site's where it has none of its own.
+            if loc.satisfy == "any" and not (
+                (loc.allow or self.allow) and (loc.basic_auth or self.basic_auth)
+            ):
+                found.append(
+                    (f"locations[{i}].satisfy", _SATISFY_NEEDS + " (its own or the site's)")
+                )
         if self.real_ip_header != "X-Forwarded-For" and not self.real_ip_from:
             found.append(
                 ("real_ip_header", "only applies with real_ip_from (the proxies to believe)")
