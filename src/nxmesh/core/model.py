@@ -935,15 +935,15 @@ def check_parts(parts: StateParts) -> list[Problem]:
         if site is None:
             continue
         here = f"sites[{i}]"
-        for n, lst in enumerate(site.listeners):
-            if lst is not None:
-                declared.setdefault(lst.bind, (i, f"{here}.listeners[{n}].address"))
-        for bind in redirect_binds(site):
-            declared.setdefault(bind, (i, f"{here}.tls.redirect_http"))
         cert = site.tls.certificate if site.tls is not None else None
         if check_certs and cert is not None and cert not in certs:
             found.append(Problem(f"{here}.tls.certificate", _unknown_certificate(cert, certs)))
         implicit = redirect_binds(site)
+        for n, lst in enumerate(site.listeners):
+            if lst is not None:
+                declared.setdefault(lst.bind, (i, f"{here}.listeners[{n}].address"))
+        for bind in implicit:
+            declared.setdefault(bind, (i, f"{here}.tls.redirect_http"))
         binds = {lst.bind for lst in site.listeners if lst is not None} | set(implicit)
         for n, server_name in enumerate(site.server_names):
             if server_name is None:
