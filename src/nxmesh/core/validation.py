@@ -865,6 +865,14 @@ _MAX_COUNT: Final = 255
 _COUNT_FORMS: Final = "a repetition count after an atom, like {3}, {2,5} or {2,}"
 
 
+def _count_bounds(found: re.Match[str]) -> tuple[int, int | None]:
+    """The lower and upper bound of a `_COUNT` match; None: no upper bound (``{2,}``)."""
+    low = int(found[1])
+    if found[2] is None:
+        return low, low
+    return low, int(found[3]) if found[3] else None
+
+
 def _count_reason(body: str, i: int, after_atom: bool) -> tuple[str | None, int]:
     """Why the '{' at ``body[i]`` is not an acceptable repetition count (or None), and
     the index after it. The renderer always quotes a regex, so braces cannot open an
@@ -874,8 +882,7 @@ def _count_reason(body: str, i: int, after_atom: bool) -> tuple[str | None, int]
         return f"repetition count {loose[0]} has a leading zero", loose.end()
     if found is None or not after_atom:
         return f"'{{' is only allowed in {_COUNT_FORMS}", i + 1
-    low = int(found[1])
-    high = low if found[2] is None else int(found[3]) if found[3] else None
+    low, high = _count_bounds(found)
     if max(low, high or 0) > _MAX_COUNT:
         return f"repetition count {found[0]} exceeds {_MAX_COUNT}", found.end()
     if high is not None and high < low:
@@ -1084,8 +1091,7 @@ def _repeat_at(regex: str, i: int) -> tuple[str, int]:
         repeat = regex[i]
         i += 1
     elif (found := _COUNT.match(regex, i)) is not None:
-        low = int(found[1])
-        high = None if found[2] and not found[3] else int(found[3] or found[1])
+        low, high = _count_bounds(found)
         if high == low:
             repeat = "?" if low == 0 else ""
         elif low == 0:
