@@ -640,15 +640,19 @@ def _auth_file(site: Site, location: int | None = None) -> str:
     return f"{HTPASSWD_DIR}/{_stem(site.name)}{suffix}"
 
 
-def htpasswd_files(site: Site) -> dict[str, bytes]:
-    """The htpasswd files `site` needs: one for its own `basic_auth`, one per location
-    with its own (which replaces the site's there), each ``user:hash`` lines. Paths are
-    relative to nginx's configuration prefix, as ``auth_basic_user_file`` reads them."""
-    auths = [(None, site.basic_auth), *enumerate(loc.basic_auth for loc in site.locations)]
+def htpasswd_files(view: SiteView) -> dict[str, bytes]:
+    """The htpasswd files a site needs, at the paths its view names (`auth_file`): one
+    for its own `basic_auth`, one per location with its own (which replaces the site's
+    there), each ``user:hash`` lines. Paths are relative to nginx's configuration
+    prefix, as ``auth_basic_user_file`` reads them."""
+    auths = [
+        (view.auth_file, view.site.basic_auth),
+        *((lv.auth_file, lv.location.basic_auth) for lv in view.locations),
+    ]
     return {
-        _auth_file(site, n): b"".join(f"{u.name}:{u.password_hash}\n".encode() for u in auth.users)
-        for n, auth in auths
-        if auth is not None
+        path: b"".join(f"{u.name}:{u.password_hash}\n".encode() for u in auth.users)
+        for path, auth in auths
+        if path is not None and auth is not None
     }
 
 
@@ -903,10 +907,11 @@ class NginxRenderer:
             path = f"conf.d/site-{_stem(site.name)}.conf"
             if path in files:
                 raise RenderError(f"two sites are named {site.name!r}; site names must be unique")
+            view = site_view(site)
             site_context["site"] = site
-            site_context["view"] = site_view(site)
+            site_context["view"] = view
             files[path] = self._run(site_template, site_context)
-            files.update(htpasswd_files(site))
+            files.update(htpasswd_files(view))
         files[UNKNOWN_HOSTS_FILE] = self._render(
             "unknown_hosts.conf.j2", {**base, "unknown_host_listens": unknown_host_listens(state)}
         )
