@@ -29,6 +29,7 @@ driver touches ``NXMESH_TEST_PAUSE_FILE`` and waits forever, ready to be killed)
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import re
 import shutil
@@ -198,17 +199,9 @@ def collapse_repeats(lines: list[str]) -> list[str]:
     marked with how many there were: nginx retries a failed bind() five times, half a
     second apart, and logs each attempt."""
     out: list[str] = []
-    last, count = None, 0
-    for line in [*lines, None]:
-        key = None if line is None else _LOG_TIME.sub("", line, count=1)
-        if key == last and key is not None:
-            count += 1
-            continue
-        if count > 1:
-            out[-1] += f" (logged {count} times)"
-        if line is not None:
-            out.append(line)
-        last, count = key, 1
+    for _, group in itertools.groupby(lines, key=lambda line: _LOG_TIME.sub("", line, count=1)):
+        run = list(group)
+        out.append(run[0] if len(run) == 1 else f"{run[0]} (logged {len(run)} times)")
     return out
 
 
