@@ -205,13 +205,11 @@ def _remove_upstream(name: str) -> Callable[[DesiredState], DesiredState]:
 
     def edit(state: DesiredState) -> DesiredState:
         without = remove(state)
-        users = [
-            f"site {site.name!r} (locations "
-            + ", ".join(repr(loc.path) for loc in site.locations if loc.upstream == name)
-            + ")"
-            for site in state.sites
-            if any(loc.upstream == name for loc in site.locations)
-        ]
+        users = []
+        for site in state.sites:
+            paths = [repr(loc.path) for loc in site.locations if loc.upstream == name]
+            if paths:
+                users.append(f"site {site.name!r} (locations {', '.join(paths)})")
         if users:
             raise Conflict(
                 f"upstream {name!r} is in use by {'; '.join(users)}; point those locations "
