@@ -75,15 +75,24 @@ def _config_option(argv: list[str]) -> Path | None:
 def config_first(argv: list[str]) -> list[str]:
     """`argv` with a ``--config FILE`` given after the command moved before it, where the
     root group takes it: ``nxmesh agent --config F`` means ``nxmesh --config F agent``
-    (no command has an option of that name)."""
+    (no command has an option of that name).
+
+    :raises ValueError: ``--config`` given more than once.
+    """
+    found: list[tuple[int, int]] = []  # (index, how many arguments)
     for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            return [arg, argv[i + 1], *argv[:i], *argv[i + 2 :]]
-        if arg.startswith("--config="):
-            return [arg, *argv[:i], *argv[i + 1 :]]
         if arg == "--":
             break
-    return argv
+        if arg == "--config":
+            found.append((i, 2))
+        elif arg.startswith("--config="):
+            found.append((i, 1))
+    if len(found) > 1:
+        raise ValueError("--config is given more than once; give one settings file")
+    if not found or found[0][0] + found[0][1] > len(argv):  # none, or no value: click says
+        return argv
+    ((i, n),) = found
+    return [*argv[i : i + n], *argv[:i], *argv[i + n :]]
 
 
 def build_cli(argv: list[str] | None = None) -> click.Group:
@@ -118,12 +127,11 @@ def build_cli(argv: list[str] | None = None) -> click.Group:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point."""
-    argv = sys.argv[1:] if argv is None else argv
-    before_dashes = argv[: argv.index("--")] if "--" in argv else argv
-    if sum(a == "--config" or a.startswith("--config=") for a in before_dashes) > 1:
-        click.echo("error: --config is given more than once; give one settings file", err=True)
+    try:
+        argv = config_first(sys.argv[1:] if argv is None else argv)
+    except ValueError as exc:
+        click.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    argv = config_first(argv)
     try:
         cli = build_cli(argv)
     except NxMeshError as exc:
