@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import partial
 from typing import ClassVar
 
@@ -235,6 +236,58 @@ class TestLocation:
         assert paths_of(exc) == ["serve_dotfiles"]
         assert "serves files from a root" in str(exc.value)
         assert loc(serve_dotfiles=False, **action).serve_dotfiles is False
+
+    @pytest.mark.parametrize("action", [{"upstream": "app"}, {"return_": Return(204)}])
+    def test_fallback_needs_root(self, action: dict[str, object]) -> None:
+        """fallback only applies to static locations."""
+        with pytest.raises(Invalid) as exc:
+            loc(fallback="/index.html", **action)
+        assert paths_of(exc) == ["fallback"]
+        assert "serves files from a root" in str(exc.value)
+        assert loc(fallback="/index.html", root="/srv/app").fallback == "/index.html"
+
+    @pytest.mark.parametrize("fallback", ["index.html", "/a b", "/$uri", "=404", "/x;", ""])
+    def test_fallback_is_a_uri_path(self, fallback: str) -> None:
+        """The fallback is a URI path of the location-path alphabet: nothing that would
+        read as an nginx variable, status code or second argument."""
+        with pytest.raises(Invalid) as exc:
+            loc(fallback=fallback, root="/srv/app")
+        assert paths_of(exc) == ["fallback"]
+
+    @pytest.mark.parametrize("action", [{"root": "/srv/app"}, {"return_": Return(204)}])
+    def test_strip_prefix_needs_upstream(self, action: dict[str, object]) -> None:
+        """strip_prefix only applies to proxy locations; false is fine anywhere."""
+        with pytest.raises(Invalid) as exc:
+            loc("/api/", strip_prefix=True, **action)
+        assert paths_of(exc) == ["strip_prefix"]
+        assert "proxies to an upstream" in str(exc.value)
+        assert loc("/api/", strip_prefix=False, **action).strip_prefix is False
+
+    @pytest.mark.parametrize(
+        ("path", "match", "says"),
+        [
+            ("/api", "prefix", "a path ending in '/'"),
+            ("/api", "prefix_priority", "a path ending in '/'"),
+            ("^/api/", "regex", "cannot replace what a regular expression matched"),
+            ("^/api/", "regex_ci", "cannot replace what a regular expression matched"),
+        ],
+    )
+    def test_strip_prefix_needs_a_prefix_nginx_can_replace(
+        self, path: str, match: str, says: str
+    ) -> None:
+        """nginx replaces the matched prefix with '/': without a trailing slash '/api/x'
+        would go upstream as '//x', and a regex location cannot have a URI in proxy_pass
+        (nginx -t refuses it)."""
+        with pytest.raises(Invalid, match=re.escape(says)) as exc:
+            loc(path, match=match, upstream="app", strip_prefix=True)
+        assert paths_of(exc) == ["strip_prefix"]
+
+    @pytest.mark.parametrize(
+        ("path", "match"), [("/api/", "prefix"), ("/api/", "prefix_priority"), ("/v1", "exact")]
+    )
+    def test_strip_prefix_accepted(self, path: str, match: str) -> None:
+        """A prefix ending in '/' or an exact path."""
+        assert loc(path, match=match, upstream="app", strip_prefix=True).strip_prefix
 
     @pytest.mark.parametrize(
         "action", [{"redirect": Redirect(301, "/x")}, {"return_": Return(204)}]

@@ -503,8 +503,11 @@ def www() -> Iterator[Path]:
         shutil.rmtree(root)
 
 
-def _files(port: int, *locations: Location, **fields: Any) -> DesiredState:
-    """One site, "files", answering localhost on 127.0.0.1:`port`: `locations`, `fields`."""
+def _files(
+    port: int, *locations: Location, upstreams: tuple[Upstream, ...] = (), **fields: Any
+) -> DesiredState:
+    """One site, "files", answering localhost on 127.0.0.1:`port`: `locations`, `fields`;
+    and `upstreams`."""
     listener = Listener(port=port, address="127.0.0.1")
     site = Site(
         name="files",
@@ -513,7 +516,7 @@ def _files(port: int, *locations: Location, **fields: Any) -> DesiredState:
         locations=locations,
         **fields,
     )
-    return DesiredState(sites=(site,))
+    return DesiredState(sites=(site,), upstreams=upstreams)
 
 
 def _static_state(
@@ -561,6 +564,21 @@ class TestStaticFiles:
         assert report.outcome == "applied", report.message
         response = await stack.fetch("/.env")
         assert (response.status, response.text) == (200, "SECRET=1")
+
+    async def test_fallback_answers_what_no_file_matches(
+        self, stack: NginxStack, www: Path
+    ) -> None:
+        """``fallback``: a path with no file behind it gets the fallback URI (a single-page
+        app's routes get its index.html); files are still served, dotfiles still hidden."""
+        state = _files(stack.web_port, Location(path="/", root=str(www), fallback="/index.html"))
+        report = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert report.outcome == "applied", report.message
+        for route in ("/dashboard", "/users/42/edit", "/index.html"):
+            response = await stack.fetch(route)
+            assert (response.status, response.text) == (200, "home"), route
+        response = await stack.fetch("/a.b/file.txt")
+        assert (response.status, response.text) == (200, "dotted directory")
+        assert (await stack.fetch("/.env")).status == 404
 
 
 class TestMatchingOrder:
@@ -918,6 +936,44 @@ class TestClientAddresses:
         )
         assert headers["X-Real-IP"] == "203.0.113.9"
         assert headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
+
+
+class TestProxyPaths:
+    @pytest.mark.parametrize("strip", [True, False])
+    async def test_strip_prefix_replaces_the_matched_prefix(
+        self, stack: NginxStack, strip: bool
+    ) -> None:
+        """``strip_prefix``: ``/api/users?x=1`` goes upstream as ``/users?x=1`` (an exact
+        location's path as ``/``); without it the path goes as received."""
+        seen: list[str] = []
+
+        async def upstream(stream: anyio.abc.SocketStream) -> None:
+            async with stream:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive()
+                seen.append(head.split(b"\r\n", 1)[0].decode())
+                await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            state = _files(
+                stack.web_port,
+                Location(path="/api/", upstream="app", strip_prefix=strip),
+                Location(path="/v1", match="exact", upstream="app", strip_prefix=strip),
+                upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{port}"),)),),
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, upstream)
+                report = await stack.driver.apply(stack.update(state), stack.render(state))
+                assert report.outcome == "applied", report.message
+                for path in ("/api/users?x=1", "/api/", "/v1"):
+                    assert (await stack.fetch(path)).status == 200, path
+                tg.cancel_scope.cancel()
+        if strip:
+            assert seen == ["GET /users?x=1 HTTP/1.1", "GET / HTTP/1.1", "GET / HTTP/1.1"]
+        else:
+            assert seen == ["GET /api/users?x=1 HTTP/1.1", "GET /api/ HTTP/1.1", "GET /v1 HTTP/1.1"]
 
 
 class TestUnknownHosts:

@@ -258,11 +258,14 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
         common["rate_limit"] = draw(st.none() | rate_limits)
         common["satisfy"] = draw(st.sampled_from(["all", "any"]))
     if action == "upstream":
+        # nginx can swap only a prefix ending in '/' or an exact path for the URI.
+        strippable = match == "exact" or (match.startswith("prefix") and path.endswith("/"))
         return Location(
             upstream=draw(st.sampled_from(upstream_names)),
             websocket=draw(st.booleans()),
             proxy_headers=draw(headers),
             proxy_read_timeout=draw(st.none() | st.integers(1, 86400)),
+            strip_prefix=strippable and draw(st.booleans()),
             **common,
         )
     if action == "root":
@@ -270,6 +273,7 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
             root=draw(roots),
             index=tuple(draw(st.lists(matching(v.FILE_NAME), max_size=3))),
             serve_dotfiles=draw(st.booleans()),
+            fallback=draw(st.none() | matching(v.LOCATION_PATH)),
             **common,
         )
     if action == "redirect":
@@ -493,7 +497,8 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
         lines += rate_lines(loc.rate_limit, zone_name(site, view_index(site, loc)))
     lines += [("add_header", header_args(h)) for h in view.headers]
     if loc.upstream is not None:
-        lines.append(("proxy_pass", [f"http://{loc.upstream}"]))
+        uri = "/" if loc.strip_prefix else ""
+        lines.append(("proxy_pass", [f"http://{loc.upstream}{uri}"]))
         lines += [("proxy_set_header", [h.name, parsed_value(h.value)]) for h in view.proxy_headers]
         if view.read_timeout is not None:
             lines.append(("proxy_read_timeout", [f"{view.read_timeout}s"]))
@@ -503,7 +508,7 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
             lines.append(HIDDEN_FILES)
         if loc.index:
             lines.append(("index", list(loc.index)))
-        lines.append(("try_files", ["$uri", "$uri/", "=404"]))
+        lines.append(("try_files", ["$uri", "$uri/", loc.fallback or "=404"]))
     elif loc.redirect is not None:
         lines.append(("return", [str(loc.redirect.code), loc.redirect.url]))
     else:

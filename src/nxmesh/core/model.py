@@ -396,6 +396,15 @@ class Location:
     basic_auth: BasicAuth | None = _optional_field(BasicAuth)
     rate_limit: RateLimit | None = _optional_field(RateLimit)
     satisfy: Satisfy = _satisfy_field()
+    # Static locations: the URI answered when no file matches (a single-page app's
+    # /index.html); None answers 404.
+    fallback: str | None = attrs.field(
+        default=None, validator=v.text(v.LOCATION_PATH, optional=True), metadata=ADDED_FIELD
+    )
+    # Proxy locations: the matched prefix is replaced by '/' (proxy_pass with a URI).
+    strip_prefix: bool = attrs.field(
+        default=False, validator=v.choice(True, False), metadata=ADDED_FIELD
+    )
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -415,12 +424,14 @@ class Location:
                 ("", f"needs exactly one of upstream, root, redirect or return; got {got}")
             )
         if self.upstream is None:
-            for name in ("websocket", "proxy_headers", "proxy_read_timeout"):
+            for name in ("websocket", "proxy_headers", "proxy_read_timeout", "strip_prefix"):
                 if getattr(self, name) not in (None, False, ()):
                     found.append((name, "only applies when the location proxies to an upstream"))
+        elif self.strip_prefix and (reason := self._strip_prefix_reason()) is not None:
+            found.append(("strip_prefix", reason))
         if self.root is None:
-            for name in ("index", "serve_dotfiles"):
-                if getattr(self, name) not in (False, ()):
+            for name in ("index", "serve_dotfiles", "fallback"):
+                if getattr(self, name) not in (None, False, ()):
                     found.append((name, "only applies when the location serves files from a root"))
         if self.upstream is None and self.root is None:
             # Both answer in nginx's rewrite phase, which runs before its access phase.
@@ -435,6 +446,19 @@ class Location:
                         )
                     )
         v.raise_problems(found)
+
+    def _strip_prefix_reason(self) -> str | None:
+        if self.match not in _PATH_MATCHES:
+            return (
+                "needs a prefix or exact match: nginx cannot replace what a regular "
+                "expression matched"
+            )
+        if self.match != "exact" and not self.path.endswith("/"):
+            return (
+                "needs a path ending in '/': nginx replaces the matched prefix with '/', "
+                "so a path '/api' would send '/api/users' upstream as '//users'"
+            )
+        return None
 
 
 RealIpHeader = Literal["X-Forwarded-For", "X-Real-IP"]
