@@ -33,10 +33,13 @@ from nxmesh.core.model import (
     TLSConfig,
     Upstream,
     UpstreamServer,
+    UpstreamTLS,
     check_parts,
     check_state,
 )
+from nxmesh.core.serialization import unstructure
 from nxmesh.core.validation import Invalid
+from nxmesh.testing.pki import Pki
 
 
 def loc(path: str = "/", **fields: object) -> Location:
@@ -478,6 +481,59 @@ class TestSite:
         with pytest.raises(Invalid) as exc:
             make_site(**{field: ()})  # type: ignore[arg-type]
         assert paths_of(exc) == [field]
+
+
+class TestUpstreamTLS:
+    def test_verify_needs_the_name_certificates_carry(self) -> None:
+        """With verify on (the default) the server name is required, saying why and how to
+        go without; verify off needs none."""
+        with pytest.raises(Invalid, match="verify: false") as exc:
+            UpstreamTLS()
+        assert paths_of(exc) == ["server_name"]
+        assert UpstreamTLS(verify=False).server_name is None
+
+    def test_ca_needs_verify(self) -> None:
+        """A CA to trust means nothing when nothing is verified."""
+        with pytest.raises(Invalid) as exc:
+            UpstreamTLS(verify=False, ca=Pki().root.pem)
+        assert paths_of(exc) == ["ca"]
+
+    @pytest.mark.parametrize(
+        ("ca", "says"),
+        [
+            ("not a certificate", "must be PEM certificates"),
+            ("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "PEM"),
+            ("caf\u00e9", "printable ASCII"),
+        ],
+    )
+    def test_ca_must_be_certificates(self, ca: str, says: str) -> None:
+        with pytest.raises(Invalid, match=says) as exc:
+            UpstreamTLS(server_name="api.internal", ca=ca)
+        assert paths_of(exc) == ["ca"]
+
+    def test_a_private_key_is_refused_and_never_echoed(self) -> None:
+        """A key pasted with the CA would be stored in every version unencrypted and sent
+        to every agent: refused, and no part of it appears in the error."""
+        key = Pki().root.key_pem
+        body = key.splitlines()[1]
+        with pytest.raises(Invalid, match="private key") as exc:
+            UpstreamTLS(server_name="api.internal", ca=Pki().root.pem + key)
+        assert body[:16] not in str(exc.value)
+        assert body[:16] not in repr(UpstreamTLS(server_name="a", ca=Pki().root.pem))
+
+    def test_server_name_is_a_hostname(self) -> None:
+        with pytest.raises(Invalid) as exc:
+            UpstreamTLS(server_name="api internal;")
+        assert paths_of(exc) == ["server_name"]
+        with pytest.raises(Invalid, match="lowercase"):
+            UpstreamTLS(server_name="API.internal")
+
+    def test_an_upstream_without_tls_keeps_its_digest(self) -> None:
+        """`tls` is an added field: absent from the canonical JSON when not set."""
+        plain = Upstream("app", (UpstreamServer("127.0.0.1:8080"),))
+        assert "tls" not in unstructure(plain)
+        tls = attrs.evolve(plain, tls=UpstreamTLS(verify=False))
+        assert unstructure(tls)["tls"] == {"server_name": None, "verify": False, "ca": None}
 
 
 class TestUpstream:

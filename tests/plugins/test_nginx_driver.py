@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ import anyio.abc
 import attrs
 import httpx
 import pytest
+from anyio.streams.tls import TLSListener
 
 from nxmesh.agent.fsutil import read_tree
 from nxmesh.agent.harness import NginxStack
@@ -38,6 +40,7 @@ from nxmesh.core.model import (
     TLSConfig,
     Upstream,
     UpstreamServer,
+    UpstreamTLS,
 )
 from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.core.registry import ProviderRegistries
@@ -47,6 +50,7 @@ from nxmesh.testing.contracts import NginxDriverContract
 from nxmesh.testing.factories import one_site_state
 from nxmesh.testing.nginx import refuse_signal
 from nxmesh.testing.pki import Pki
+from nxmesh.tls import serving_context
 
 pytestmark = [pytest.mark.anyio, pytest.mark.nginx]
 
@@ -974,6 +978,73 @@ class TestProxyPaths:
             assert seen == ["GET /users?x=1 HTTP/1.1", "GET / HTTP/1.1", "GET / HTTP/1.1"]
         else:
             assert seen == ["GET /api/users?x=1 HTTP/1.1", "GET /api/ HTTP/1.1", "GET /v1 HTTP/1.1"]
+
+
+@pytest.fixture(scope="module")
+def pki() -> Pki:
+    return Pki()
+
+
+class TestTlsUpstreams:
+    @pytest.mark.parametrize(
+        ("tls", "status"),
+        [
+            pytest.param({"server_name": "api.internal", "ca": "root"}, 200, id="own-ca"),
+            pytest.param({"server_name": "other.internal", "ca": "root"}, 502, id="wrong-name"),
+            pytest.param({"server_name": "api.internal"}, 502, id="not-in-trust-store"),
+            pytest.param({"verify": False}, 200, id="no-verify"),
+        ],
+    )
+    async def test_nginx_speaks_tls_to_the_servers_and_checks_them(
+        self, stack: NginxStack, tmp_path: Path, pki: Pki, tls: dict[str, Any], status: int
+    ) -> None:
+        """``tls`` on an upstream: nginx connects over TLS, sends the server name as SNI
+        and accepts the chain (leaf + two intermediates) only when it leads to the CA the
+        upstream trusts (the host's trust store without one) and carries the name."""
+        # Two intermediates, as a public CA's cross-signed chain has: more than nginx's
+        # default proxy_ssl_verify_depth accepts.
+        second = pki.ca("Second Intermediate", pki.intermediate)
+        leaf = pki.leaf("api.internal", issuer=second)
+        (tmp_path / "chain.pem").write_text(leaf.pem + second.pem + pki.intermediate.pem)
+        (tmp_path / "key.pem").write_text(leaf.key_pem)
+        context = serving_context(tmp_path / "chain.pem", tmp_path / "key.pem")
+        names: list[str | None] = []
+        context.sni_callback = lambda _sock, name, _ctx: names.append(name)  # type: ignore[assignment,misc,unused-ignore]
+
+        async def upstream(stream: anyio.abc.ByteStream) -> None:
+            # nginx drops a connection whose certificate it refused (after the handshake
+            # as TLS 1.3 goes): nothing to answer then.
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                async with stream:
+                    head = b""
+                    while b"\r\n\r\n" not in head:
+                        head += await stream.receive()
+                    await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntls")
+
+        if tls.get("ca") == "root":
+            tls["ca"] = pki.root.pem
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as tcp:
+            port = tcp.extra(anyio.abc.SocketAttribute.local_port)
+            listener = TLSListener(tcp, context, standard_compatible=False)
+            backend = UpstreamServer(f"127.0.0.1:{port}")
+            state = _files(
+                stack.web_port,
+                Location(path="/", upstream="app"),
+                upstreams=(Upstream("app", (backend,), tls=UpstreamTLS(**tls)),),
+            )
+            bundle = stack.render(state)
+            assert (bundle.files.get("upstream-ca/app.pem") is not None) is ("ca" in tls)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, upstream)
+                report = await stack.driver.apply(stack.update(state), bundle)
+                assert report.outcome == "applied", report.message
+                response = await stack.fetch("/")
+                tg.cancel_scope.cancel()
+        assert response.status == status
+        if status == 200:
+            assert response.text == "tls"
+        assert names  # nginx connected over TLS
+        assert set(names) == {tls.get("server_name")}
 
 
 class TestUnknownHosts:

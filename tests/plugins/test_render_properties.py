@@ -38,11 +38,13 @@ from nxmesh.core.model import (
     TLSConfig,
     Upstream,
     UpstreamServer,
+    UpstreamTLS,
     redirect_binds,
 )
 from nxmesh.nginx_check import write_bundle
 from nxmesh.plugins.render_nginx import NginxRenderer, RenderSettings, site_view
 from nxmesh.plugins.render_nginx.quoting import DOLLAR_VARIABLE, Token, UnsafeValueError, quote
+from nxmesh.testing.pki import Pki
 
 Directive = dict[str, Any]
 
@@ -117,6 +119,12 @@ ALLOWED_DIRECTIVES = frozenset(
         "autoindex",
         "index",
         "try_files",
+        "proxy_ssl_protocols",
+        "proxy_ssl_server_name",
+        "proxy_ssl_name",
+        "proxy_ssl_verify",
+        "proxy_ssl_verify_depth",
+        "proxy_ssl_trusted_certificate",
         "stub_status",
         "allow",
         "deny",
@@ -392,6 +400,20 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
     )
 
 
+# Certificates do not matter to the renderer, which copies them: a fixed CA suffices.
+_CA_PEM = Pki().root.pem
+upstream_tls = st.one_of(
+    st.builds(
+        UpstreamTLS,
+        server_name=matching(v.TLS_SERVER_NAME),
+        ca=st.none() | st.just(_CA_PEM),
+    ),
+    st.builds(
+        UpstreamTLS, server_name=st.none() | matching(v.TLS_SERVER_NAME), verify=st.just(False)
+    ),
+)
+
+
 @st.composite
 def upstreams(draw: st.DrawFn, name: str) -> Upstream:
     lb: Any = draw(st.sampled_from(["round_robin", "least_conn", "ip_hash", "random"]))
@@ -408,7 +430,11 @@ def upstreams(draw: st.DrawFn, name: str) -> Upstream:
         for i in range(draw(st.integers(1, 3)))
     ]
     return Upstream(
-        name=name, servers=tuple(servers), lb_method=lb, keepalive=draw(st.integers(0, 10000))
+        name=name,
+        servers=tuple(servers),
+        lb_method=lb,
+        keepalive=draw(st.integers(0, 10000)),
+        tls=draw(st.none() | upstream_tls),
     )
 
 
@@ -473,6 +499,21 @@ def header_args(h: Any) -> list[str]:
     return [h.name, parsed_value(h.value), *(["always"] if h.always else [])]
 
 
+def upstream_tls_lines(tls: UpstreamTLS, ca_file: str | None) -> list[tuple[str, list[str]]]:
+    """What a location proxying to a TLS upstream adds after ``proxy_pass``."""
+    lines = [("proxy_ssl_protocols", ["TLSv1.2", "TLSv1.3"])]
+    if tls.server_name is not None:
+        lines += [("proxy_ssl_server_name", ["on"]), ("proxy_ssl_name", [tls.server_name])]
+    if tls.verify:
+        trusted = ca_file or RenderSettings().upstream_ca_file
+        lines += [
+            ("proxy_ssl_verify", ["on"]),
+            ("proxy_ssl_verify_depth", ["4"]),
+            ("proxy_ssl_trusted_certificate", [trusted]),
+        ]
+    return lines
+
+
 def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list[list[str]]]:
     """(location args, directive names in order, argument lists in order) of one block."""
     loc = view.location
@@ -498,7 +539,11 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
     lines += [("add_header", header_args(h)) for h in view.headers]
     if loc.upstream is not None:
         uri = "/" if loc.strip_prefix else ""
-        lines.append(("proxy_pass", [f"http://{loc.upstream}{uri}"]))
+        tls = view.upstream_tls
+        scheme = "http" if tls is None else "https"
+        lines.append(("proxy_pass", [f"{scheme}://{loc.upstream}{uri}"]))
+        if tls is not None:
+            lines += upstream_tls_lines(tls, view.upstream_ca)
         lines += [("proxy_set_header", [h.name, parsed_value(h.value)]) for h in view.proxy_headers]
         if view.read_timeout is not None:
             lines.append(("proxy_read_timeout", [f"{view.read_timeout}s"]))
@@ -607,8 +652,8 @@ def check_acme_location(block: Directive) -> None:
     assert values(block["block"][4]) == ["off"]
 
 
-def check_site(site: Site, parsed: list[Directive]) -> None:
-    view = site_view(site)
+def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None:
+    view = site_view(site, {up.name: up for up in state.upstreams})
     acme = site.tls is not None and site.tls.acme
     zones = zone_lines(site)
     assert [(d["directive"], values(d)) for d in parsed[: len(zones)]] == zones
@@ -770,12 +815,18 @@ class TestStructure:
                     for lst in site.listeners
                 )
                 site = attrs.evolve(site, listeners=listeners)
-            check_site(site, parsed[f"conf.d/site-{site.name}.conf"])
+            check_site(site, parsed[f"conf.d/site-{site.name}.conf"], state)
         check_upstreams(state, parsed["conf.d/upstreams.conf"])
         check_unknown_hosts(state, parsed["conf.d/unknown-hosts.conf"])
         bundle = NginxRenderer(settings=RenderSettings(status_port=None)).render(state)
         htpasswd = {p: bundle.text(p) for p in bundle.files if p.startswith("htpasswd/")}
         assert htpasswd == {p: t for s in state.sites for p, t in htpasswd_expected(s).items()}
+        cas = {p: bundle.text(p) for p in bundle.files if p.startswith("upstream-ca/")}
+        assert cas == {
+            f"upstream-ca/{up.name}.pem": up.tls.ca
+            for up in state.upstreams
+            if up.tls is not None and up.tls.ca is not None
+        }
 
     @settings(PROPERTY_SETTINGS, max_examples=25)
     @given(first=states(), second=states())

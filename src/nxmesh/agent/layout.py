@@ -10,6 +10,7 @@ instead of each guessing.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -29,12 +30,17 @@ def render_settings_of(settings: Settings) -> RenderSettings:
     renderer's defaults, with the status server where the driver's settings put it
     (``[plugins.nginx_driver] status_address/status_port``): the driver confirms every
     reload through that server, so it owns its address. ``agent.listen_address`` binds
-    the sites' address-less listeners.
+    the sites' address-less listeners; ``agent.upstream_ca_file`` names the trust store
+    of TLS upstreams.
     """
     listen = settings.agent.listen_address or None
+    ca_file = settings.agent.upstream_ca_file
+    host: dict[str, Any] = {"listen_address": listen} if listen else {}
+    if ca_file is not None:
+        host["upstream_ca_file"] = str(ca_file)
     section = settings.plugins.get(RENDER_SECTION)
     if isinstance(section, RenderSettings):
-        return attrs.evolve(section, listen_address=listen) if listen else section
+        return attrs.evolve(section, **host) if host else section
     driver = settings.plugins.get("nginx_driver")
     port = getattr(driver, "status_port", None)
     address = getattr(driver, "status_address", None)
@@ -43,7 +49,7 @@ def render_settings_of(settings: Settings) -> RenderSettings:
         defaults,
         status_port=port if isinstance(port, int) else defaults.status_port,
         status_address=address if isinstance(address, str) else defaults.status_address,
-        listen_address=listen,
+        **host,
     )
 
 

@@ -66,6 +66,7 @@ __all__ = [
     "TlsCertificate",
     "Upstream",
     "UpstreamServer",
+    "UpstreamTLS",
     "check_parts",
     "check_state",
     "redirect_binds",
@@ -561,6 +562,60 @@ class UpstreamServer:
     backup: bool = attrs.field(default=False, validator=v.choice(True, False))
 
 
+def _ca_refine(value: str) -> str | None:
+    if "PRIVATE KEY" in value:
+        # It would be stored in every version unencrypted and sent to every agent.
+        return "holds a private key; only the CA's certificates belong here"
+    from cryptography import x509  # only states with a private CA pay for the import
+
+    try:
+        x509.load_pem_x509_certificates(value.encode("ascii"))
+    except ValueError:
+        return "must be PEM certificates (-----BEGIN CERTIFICATE----- blocks)"
+    return None
+
+
+_CA_PEM = v.TextRule(
+    "PEM certificates (printable ASCII and line breaks)",
+    re.compile(r"[\x20-\x7e\r\n]*", re.ASCII),
+    max_len=64 * 1024,
+    refine=_ca_refine,
+    nginx=False,
+    echo=False,
+)
+
+
+@attrs.frozen(kw_only=True)
+class UpstreamTLS:
+    """How nginx speaks TLS to an upstream's servers (``proxy_pass https://``).
+
+    `server_name` is sent as SNI and is the name the servers' certificates must carry.
+    `verify` (on by default) checks them against `ca`, the PEM certificates of a private
+    CA, or without it against the agent host's trust store (render setting
+    ``upstream_ca_file``).
+    """
+
+    server_name: str | None = attrs.field(
+        default=None, validator=v.text(v.TLS_SERVER_NAME, optional=True)
+    )
+    verify: bool = attrs.field(default=True, validator=v.choice(True, False))
+    ca: str | None = attrs.field(default=None, validator=v.text(_CA_PEM, optional=True), repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        found: list[tuple[str, str]] = []
+        if self.verify and self.server_name is None:
+            found.append(
+                (
+                    "server_name",
+                    "is required while verify is on: the name the servers' certificates "
+                    "must carry (or verify: false to accept any certificate)",
+                )
+            )
+        if not self.verify and self.ca is not None:
+            found.append(("ca", "only applies while verify is on"))
+        v.raise_problems(found)
+
+
 LbMethod = Literal["round_robin", "least_conn", "ip_hash", "random"]
 
 
@@ -577,6 +632,7 @@ class Upstream:
         validator=v.choice("round_robin", "least_conn", "ip_hash", "random"),
     )
     keepalive: int = attrs.field(default=32, validator=v.int_range(0, 10000))
+    tls: UpstreamTLS | None = _optional_field(UpstreamTLS)
 
     def __attrs_post_init__(self) -> None:
         found: list[tuple[str, str]] = []

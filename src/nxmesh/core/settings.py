@@ -154,6 +154,15 @@ def _path(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
         raise ValueError(f"{attribute.name} must be a URL path such as '/agent', got {value!r}")
 
 
+def _absolute_file(_inst: object, attribute: attrs.Attribute[Any], value: Path | None) -> None:
+    # nginx resolves a relative path against its configuration prefix, not the agent's
+    # working directory; '$' would read as an nginx variable.
+    if value is not None and (
+        not value.is_absolute() or not str(value).isprintable() or "$" in str(value)
+    ):
+        raise ValueError(f"{attribute.name} must be an absolute file path, got {str(value)!r}")
+
+
 def _workspace(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not _WORKSPACE.fullmatch(value):
         raise ValueError(
@@ -248,7 +257,8 @@ class AgentSettings:
     ``wss://``. `bootstrap_token` (or the file `bootstrap_token_file`) enrolls the agent
     once; the credentials it gets are kept in the state directory and reused.
     `listen_address` binds the sites' listeners that name no address to this host's
-    address (several agents on one host, multi-homed hosts).
+    address (several agents on one host, multi-homed hosts). `upstream_ca_file` is the
+    trust store TLS upstreams without their own ``ca`` are verified against.
     """
 
     # The master's API as `nxmesh master` serves it by default (plain HTTP on 8470): the
@@ -272,6 +282,8 @@ class AgentSettings:
         default="revert", validator=attrs.validators.in_(("revert", "report"))
     )
     health_interval: float = attrs.field(default=15.0, validator=_positive)
+    # None: the renderer's default, the Debian/Alpine trust store.
+    upstream_ca_file: Path | None = attrs.field(default=None, validator=_absolute_file)
     # Mappings are frozen too and kept out of the hash: a dict would make the
     # "frozen" settings mutable through the back door.
     labels: Mapping[str, str] = attrs.field(

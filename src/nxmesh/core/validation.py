@@ -54,6 +54,7 @@ __all__ = [
     "SIGNATURE",
     "SIZE",
     "TLS_PROTOCOL",
+    "TLS_SERVER_NAME",
     "TOKEN",
     "TRUSTED_PROXY",
     "UPSTREAM_ADDRESS",
@@ -293,6 +294,11 @@ SERVER_NAME = TextRule(
     _rx(rf"(?:\*\.)?{_HOSTNAME}|_"),
     max_len=253,
     refine=_hostname_refine,
+)
+TLS_SERVER_NAME = TextRule(
+    "a hostname like api.internal (lowercase letters, digits, '-' and dots)",
+    _rx(_HOSTNAME),
+    max_len=253,
 )
 CERT_DOMAIN = TextRule(
     "a domain like example.com or *.example.com",

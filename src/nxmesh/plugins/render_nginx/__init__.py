@@ -16,7 +16,9 @@ from nxmesh.plugins.render_nginx.quoting import Token, UnsafeValueError
 from nxmesh.plugins.render_nginx.renderer import (
     BUILTIN_TEMPLATES,
     STATUS_FILE,
+    SYSTEM_CA_FILE,
     TEMPLATE_NAMES,
+    UPSTREAM_CA_DIR,
     CertificatePaths,
     HeaderLine,
     LocationView,
@@ -30,6 +32,7 @@ from nxmesh.plugins.render_nginx.renderer import (
     plugin_template_paths,
     renderer_for,
     site_view,
+    upstream_ca_files,
 )
 
 if TYPE_CHECKING:
@@ -38,7 +41,9 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILTIN_TEMPLATES",
     "STATUS_FILE",
+    "SYSTEM_CA_FILE",
     "TEMPLATE_NAMES",
+    "UPSTREAM_CA_DIR",
     "CertificatePaths",
     "HeaderLine",
     "LocationView",
@@ -55,6 +60,7 @@ __all__ = [
     "plugin_template_paths",
     "renderer_for",
     "site_view",
+    "upstream_ca_files",
 ]
 
 

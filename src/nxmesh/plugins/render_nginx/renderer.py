@@ -47,6 +47,7 @@ from nxmesh.core.model import (
     TLSConfig,
     Upstream,
     UpstreamServer,
+    UpstreamTLS,
     check_state,
     redirect_binds,
 )
@@ -69,7 +70,9 @@ __all__ = [
     "CERTS_DIR",
     "DEFAULT_STATUS_PORT",
     "STATUS_FILE",
+    "SYSTEM_CA_FILE",
     "TEMPLATE_NAMES",
+    "UPSTREAM_CA_DIR",
     "CertificatePaths",
     "HeaderLine",
     "LocationView",
@@ -83,6 +86,7 @@ __all__ = [
     "plugin_template_paths",
     "renderer_for",
     "site_view",
+    "upstream_ca_files",
 ]
 
 BUILTIN_TEMPLATES = Path(__file__).parent / "templates"
@@ -124,6 +128,11 @@ DEFAULT_STATUS_PORT = 9480
 HSTS_VALUE = "max-age=63072000"
 WEBSOCKET_READ_TIMEOUT = 3600
 """Seconds a WebSocket location waits for upstream data when none is configured."""
+
+SYSTEM_CA_FILE: Final = "/etc/ssl/certs/ca-certificates.crt"
+"""The trust store of Debian, Ubuntu and Alpine (``ca-certificates``); RHEL's is
+``/etc/pki/tls/certs/ca-bundle.crt``. TLS upstreams without their own CA are verified
+against `RenderSettings.upstream_ca_file`, which defaults to it."""
 
 _NO_FILES: Mapping[str, bytes] = MappingProxyType({})
 _FILE_STEM = re.compile(r"[A-Za-z0-9_-]+", re.ASCII)
@@ -226,6 +235,8 @@ class RenderSettings:
     every site whose key file in the bundle is encrypted PKCS#8.
     `listen_address`: the address listeners that name none bind to on this host (``None``:
     every address); lets several agents share one host, or pins sites to one interface.
+    `upstream_ca_file`: the host's trust store, which TLS upstreams without their own
+    `ca` are verified against (``proxy_ssl_trusted_certificate``).
     """
 
     prefix: str | None = attrs.field(default=None, converter=_optional_str, validator=_prefix)
@@ -246,6 +257,7 @@ class RenderSettings:
     listen_address: str | None = attrs.field(
         default=None, converter=_optional_str, validator=attrs.validators.optional(_ip)
     )
+    upstream_ca_file: str = attrs.field(default=SYSTEM_CA_FILE, converter=str, validator=_prefix)
 
     def runtime_paths(self) -> dict[str, str]:
         """Runtime file paths as written into nginx.conf (relative to ``-p`` or absolute)."""
@@ -532,6 +544,18 @@ class LocationView:
     """The bundle's htpasswd file of the location's own `basic_auth` (`htpasswd_files`)."""
     rate_zone: RateZone | None = None
     """The ``limit_req`` zone of the location's own `rate_limit`."""
+    upstream_tls: UpstreamTLS | None = None
+    """How nginx speaks TLS to the location's upstream; None: plain HTTP (or no upstream)."""
+    upstream_ca: str | None = None
+    """The bundle's CA file of that upstream (`upstream_ca_files`); None with `upstream_tls`
+    set: the host's trust store (`RenderSettings.upstream_ca_file`)."""
+
+    @property
+    def proxy_url(self) -> Token:
+        """``proxy_pass`` argument: scheme, upstream and, with `strip_prefix`, the URI ``/``."""
+        location = self.location
+        scheme = "http" if self.upstream_tls is None else "https"
+        return Token(f"{scheme}://{location.upstream}{'/' if location.strip_prefix else ''}")
 
 
 @attrs.frozen
@@ -562,14 +586,18 @@ class SiteView:
         return tuple(zone for zone in zones if zone is not None)
 
 
-def site_view(site: Site) -> SiteView:
-    """Compute what the site templates write, for `site`."""
+def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> SiteView:
+    """Compute what the site templates write, for `site` (proxying to `upstreams`, by
+    name; an upstream missing there is spoken to over plain HTTP)."""
+    upstreams = upstreams or {}
     tls = site.tls
     redirect = tls is not None and tls.redirect_http
     server = server_headers(site)
     locations = []
     for n, location in enumerate(site.locations):
         proxied = location.upstream is not None
+        upstream = upstreams.get(location.upstream) if location.upstream is not None else None
+        upstream_tls = upstream.tls if upstream is not None else None
         timeout = location.proxy_read_timeout
         if timeout is None and location.websocket:
             timeout = WEBSOCKET_READ_TIMEOUT
@@ -586,6 +614,12 @@ def site_view(site: Site) -> SiteView:
                 read_timeout=timeout if proxied else None,
                 auth_file=_auth_file(site, n) if location.basic_auth is not None else None,
                 rate_zone=_rate_zone(site, location.rate_limit, n),
+                upstream_tls=upstream_tls,
+                upstream_ca=(
+                    _upstream_ca_file(upstream)
+                    if upstream is not None and upstream_tls is not None and upstream_tls.ca
+                    else None
+                ),
             )
         )
     return SiteView(
@@ -640,6 +674,24 @@ def _auth_file(site: Site, location: int | None = None) -> str:
     return f"{HTPASSWD_DIR}/{_stem(site.name)}{suffix}"
 
 
+UPSTREAM_CA_DIR: Final = "upstream-ca"
+"""Bundle directory of the CA certificates upstreams' `tls.ca` trust."""
+
+
+def _upstream_ca_file(upstream: Upstream) -> str:
+    return f"{UPSTREAM_CA_DIR}/{_stem(upstream.name)}.pem"
+
+
+def upstream_ca_files(upstreams: Iterable[Upstream]) -> dict[str, bytes]:
+    """The CA files of the upstreams that trust their own CA (`UpstreamTLS.ca`), at the
+    paths their locations' ``proxy_ssl_trusted_certificate`` names."""
+    return {
+        _upstream_ca_file(up): up.tls.ca.encode("ascii")
+        for up in upstreams
+        if up.tls is not None and up.tls.ca
+    }
+
+
 def htpasswd_files(view: SiteView) -> dict[str, bytes]:
     """The htpasswd files a site needs, at the paths its view names (`auth_file`): one
     for its own `basic_auth`, one per location with its own (which replaces the site's
@@ -679,6 +731,7 @@ _VALUE_TYPES: tuple[type[Any], ...] = (
     Return,
     Upstream,
     UpstreamServer,
+    UpstreamTLS,
     CertificateRef,
     RenderSettings,
     CertificatePaths,
@@ -901,13 +954,15 @@ class NginxRenderer:
                 {**base, "upstreams": sorted(state.upstreams, key=lambda u: u.name)},
             ),
         }
+        files.update(upstream_ca_files(state.upstreams))
+        by_name = {up.name: up for up in state.upstreams}
         site_template = self._templates["site.conf.j2"]
         site_context = {**self._globals, **base}
         for site in state.sites:
             path = f"conf.d/site-{_stem(site.name)}.conf"
             if path in files:
                 raise RenderError(f"two sites are named {site.name!r}; site names must be unique")
-            view = site_view(site)
+            view = site_view(site, by_name)
             site_context["site"] = site
             site_context["view"] = view
             files[path] = self._run(site_template, site_context)
