@@ -141,6 +141,8 @@ async def test_master_survives_a_bus_outage_and_pushes_what_it_missed(
         open_services(pg_plugin_manager, settings_b) as b,
         anyio.create_task_group() as tg,
     ):
+        # The bus reads [plugins.storage_postgres] as the storage does.
+        assert a.bus.settings.connect_timeout == CONNECT_TIMEOUT  # type: ignore[attr-defined]
         failures = Failures()
         _count_failed_subscriptions(a.bus, failures)
         hub = MasterSessionHub(a.enrollment, signing_key=a.signer.verify_key)

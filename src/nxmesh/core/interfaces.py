@@ -498,8 +498,9 @@ class HealthCheck(Protocol):
 class EventBus(Protocol):
     """Delivers events to every subscriber in every master process sharing the bus.
 
-    Constructed as ``cls(url)``. Subscribers see events published after they subscribed,
-    in publish order per publisher.
+    Constructed as ``cls(url)``, or with ``cls.from_settings(settings)`` when the class
+    has that classmethod (to read its plugin's settings section). Subscribers see events
+    published after they subscribed, in publish order per publisher.
     """
 
     name: ClassVar[str]

@@ -322,13 +322,19 @@ async def open_services(
         bus_cls = registry["event_bus"].by_scheme(settings.event_bus_url)
     except ProviderNotFoundError as exc:
         raise ConfigurationError(str(exc)) from None
+    # Providers with a `from_settings` read their plugin's section (pool sizes, timeouts).
     from_settings = getattr(storage_cls, "from_settings", None)
     storage: StorageBackend = (
         from_settings(settings, keyring=keyring)
         if callable(from_settings)
         else storage_cls(settings.effective_storage_url(), keyring=keyring)
     )
-    bus: EventBus = bus_cls(settings.event_bus_url)
+    bus_from_settings = getattr(bus_cls, "from_settings", None)
+    bus: EventBus = (
+        bus_from_settings(settings)
+        if callable(bus_from_settings)
+        else bus_cls(settings.event_bus_url)
+    )
     async with contextlib.AsyncExitStack() as stack:
         await storage.open()
         stack.push_async_callback(_shielded, storage.aclose)
