@@ -234,6 +234,22 @@ class TestValidate:
         assert result.exit_code == 0, result.output
         assert list(Path.cwd().iterdir()) == []
 
+    @pytest.mark.parametrize("store", ["/nonexistent/ca-bundle.crt", None])
+    def test_tls_upstreams_are_checked_against_the_hosts_trust_store(
+        self, invoke: Invoke, tmp_path: Path, store: str | None
+    ) -> None:
+        """validate renders with this host's ``agent.upstream_ca_file``, as its agent
+        would: a store that does not exist fails nginx -t naming it."""
+        require_binary("nginx")
+        config = tmp_path / "nxmesh.toml"
+        config.write_text(f'[agent]\nupstream_ca_file = "{store}"\n' if store else "")
+        result = invoke("--config", config, "validate", REPO / "examples" / "app-and-api.yaml")
+        if store is None:
+            assert result.exit_code == 0, result.output
+        else:
+            assert result.exit_code == 1, result.output
+            assert store in result.output
+
     def test_model_problems_are_reported_before_rendering(
         self, invoke: Invoke, tmp_path: Path
     ) -> None:

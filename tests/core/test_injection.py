@@ -533,7 +533,9 @@ class TestSpecificFields:
         """A URL where an address belongs names the address and what is supported."""
         problem = _address_problem(value)
         assert f"is an address, not a URL: write {address!r}" in problem.message
-        assert "plain HTTP" in problem.message
+        assert "plain HTTP unless the upstream has tls" in problem.message
+        # An https:// URL says how to get HTTPS to the servers.
+        assert ("give the upstream tls" in problem.message) is value.startswith("https")
 
     @pytest.mark.parametrize(
         "value",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from functools import partial
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import attrs
 import pytest
@@ -249,13 +249,35 @@ class TestLocation:
         assert "serves files from a root" in str(exc.value)
         assert loc(fallback="/index.html", root="/srv/app").fallback == "/index.html"
 
-    @pytest.mark.parametrize("fallback", ["index.html", "/a b", "/$uri", "=404", "/x;", ""])
-    def test_fallback_is_a_uri_path(self, fallback: str) -> None:
-        """The fallback is a URI path of the location-path alphabet: nothing that would
-        read as an nginx variable, status code or second argument."""
+    @pytest.mark.parametrize(
+        "fallback",
+        [
+            "index.html",
+            "/a b",
+            "/$uri",
+            "=404",
+            "/x;",
+            "",
+            # nginx redirects to it as written: a '..' would climb out of the root (or the
+            # ACME alias, to the site's key), an escape would never match a file.
+            "/../etc/passwd",
+            "/.well-known/acme-challenge/../certs/site.key",
+            "/app/./index.html",
+            "/..",
+            "//index.html",
+            "/a%20b.html",
+        ],
+    )
+    def test_fallback_is_a_plain_uri_path(self, fallback: str) -> None:
+        """The fallback is a plain URI path: nothing that would read as an nginx variable,
+        status code or second argument, and nothing nginx would have to normalise."""
         with pytest.raises(Invalid) as exc:
             loc(fallback=fallback, root="/srv/app")
         assert paths_of(exc) == ["fallback"]
+
+    @pytest.mark.parametrize("fallback", ["/index.html", "/", "/app/", "/.well-known/x", "/a..b"])
+    def test_fallback_accepted(self, fallback: str) -> None:
+        assert loc(fallback=fallback, root="/srv/app").fallback == fallback
 
     @pytest.mark.parametrize("action", [{"root": "/srv/app"}, {"return_": Return(204)}])
     def test_strip_prefix_needs_upstream(self, action: dict[str, object]) -> None:
@@ -501,9 +523,9 @@ class TestUpstreamTLS:
     @pytest.mark.parametrize(
         ("ca", "says"),
         [
-            ("not a certificate", "must be PEM certificates"),
-            ("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "PEM"),
-            ("caf\u00e9", "printable ASCII"),
+            ("not a certificate", "only -----BEGIN CERTIFICATE----- blocks"),
+            ("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", "not parse"),
+            ("caf\u00e9", "only -----BEGIN CERTIFICATE----- blocks"),
         ],
     )
     def test_ca_must_be_certificates(self, ca: str, says: str) -> None:
@@ -511,15 +533,35 @@ class TestUpstreamTLS:
             UpstreamTLS(server_name="api.internal", ca=ca)
         assert paths_of(exc) == ["ca"]
 
-    def test_a_private_key_is_refused_and_never_echoed(self) -> None:
-        """A key pasted with the CA would be stored in every version unencrypted and sent
-        to every agent: refused, and no part of it appears in the error."""
-        key = Pki().root.key_pem
-        body = key.splitlines()[1]
-        with pytest.raises(Invalid, match="private key") as exc:
-            UpstreamTLS(server_name="api.internal", ca=Pki().root.pem + key)
-        assert body[:16] not in str(exc.value)
-        assert body[:16] not in repr(UpstreamTLS(server_name="a", ca=Pki().root.pem))
+    @pytest.mark.parametrize(
+        "extra",
+        [
+            lambda key: key,
+            lambda key: key.replace("PRIVATE KEY", "private key"),
+            lambda key: "\n".join(key.splitlines()[1:-1]) + "\n",  # the body alone
+            lambda _key: "password: hunter2\n",
+        ],
+        ids=["key", "lowercase-label", "bare-body", "note"],
+    )
+    def test_only_certificate_blocks_are_kept(self, extra: Any) -> None:
+        """The value is stored in every version unencrypted, sent to every agent and shown
+        in diffs: anything beside the certificates (a key, however labelled, a note) is
+        refused, and no part of it appears in the error."""
+        pki = Pki()
+        added = extra(pki.root.key_pem)
+        with pytest.raises(Invalid) as exc:
+            UpstreamTLS(server_name="api.internal", ca=pki.root.pem + added)
+        assert paths_of(exc) == ["ca"]
+        assert added.splitlines()[-1][:16] not in str(exc.value)
+        assert pki.root.pem[100:116] not in repr(UpstreamTLS(server_name="a", ca=pki.root.pem))
+
+    @pytest.mark.parametrize("name", ["127.0.0.1", "10.0.5.10"])
+    def test_server_name_is_not_an_address(self, name: str) -> None:
+        """nginx 1.22 sends no SNI for an address and checks certificates by DNS name only:
+        a certificate with the address in its SAN is still refused (a 502)."""
+        with pytest.raises(Invalid, match="IP address") as exc:
+            UpstreamTLS(server_name=name)
+        assert paths_of(exc) == ["server_name"]
 
     def test_server_name_is_a_hostname(self) -> None:
         with pytest.raises(Invalid) as exc:

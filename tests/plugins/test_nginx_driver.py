@@ -1010,6 +1010,7 @@ class TestTlsUpstreams:
         context = serving_context(tmp_path / "chain.pem", tmp_path / "key.pem")
         names: list[str | None] = []
         context.sni_callback = lambda _sock, name, _ctx: names.append(name)  # type: ignore[assignment,misc,unused-ignore]
+        heads: list[bytes] = []
 
         async def upstream(stream: anyio.abc.ByteStream) -> None:
             # nginx drops a connection whose certificate it refused (after the handshake
@@ -1019,6 +1020,7 @@ class TestTlsUpstreams:
                     head = b""
                     while b"\r\n\r\n" not in head:
                         head += await stream.receive()
+                    heads.append(head)
                     await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntls")
 
         if tls.get("ca") == "root":
@@ -1043,6 +1045,11 @@ class TestTlsUpstreams:
         assert response.status == status
         if status == 200:
             assert response.text == "tls"
+            # A name-based HTTPS server picks its site by Host: the name the SNI carries.
+            lines = heads[0].decode().split("\r\n")
+            sent = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+            assert sent["Host"] == tls.get("server_name", "localhost")
+            assert sent.get("X-Forwarded-Host") == ("localhost" if "server_name" in tls else None)
         assert names  # nginx connected over TLS
         assert set(names) == {tls.get("server_name")}
 

@@ -15,6 +15,7 @@ import ipaddress
 import tempfile
 import unicodedata
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -281,7 +282,7 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
             root=draw(roots),
             index=tuple(draw(st.lists(matching(v.FILE_NAME), max_size=3))),
             serve_dotfiles=draw(st.booleans()),
-            fallback=draw(st.none() | matching(v.LOCATION_PATH)),
+            fallback=draw(st.none() | matching(v.FALLBACK_URI)),
             **common,
         )
     if action == "redirect":
@@ -514,7 +515,9 @@ def upstream_tls_lines(tls: UpstreamTLS, ca_file: str | None) -> list[tuple[str,
     return lines
 
 
-def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list[list[str]]]:
+def expected_location(
+    site: Site, view: Any, upstreams: Mapping[str, Upstream]
+) -> tuple[list[str], list[str], list[list[str]]]:
     """(location args, directive names in order, argument lists in order) of one block."""
     loc = view.location
     modifier = {
@@ -539,11 +542,18 @@ def expected_location(site: Site, view: Any) -> tuple[list[str], list[str], list
     lines += [("add_header", header_args(h)) for h in view.headers]
     if loc.upstream is not None:
         uri = "/" if loc.strip_prefix else ""
-        tls = view.upstream_tls
+        # From the state, not the view: the view is what is under test.
+        tls = upstreams[loc.upstream].tls
         scheme = "http" if tls is None else "https"
         lines.append(("proxy_pass", [f"{scheme}://{loc.upstream}{uri}"]))
         if tls is not None:
-            lines += upstream_tls_lines(tls, view.upstream_ca)
+            ca_file = f"upstream-ca/{loc.upstream}.pem" if tls.ca is not None else None
+            lines += upstream_tls_lines(tls, ca_file)
+            own = {h.name.lower() for h in loc.proxy_headers}
+            if tls.server_name is not None and "host" not in own:
+                sent = {h.name: h.value for h in view.proxy_headers}
+                assert sent["Host"] == tls.server_name  # the name the SNI carries
+                assert sent["X-Forwarded-Host"] == "$host"
         lines += [("proxy_set_header", [h.name, parsed_value(h.value)]) for h in view.proxy_headers]
         if view.read_timeout is not None:
             lines.append(("proxy_read_timeout", [f"{view.read_timeout}s"]))
@@ -653,7 +663,8 @@ def check_acme_location(block: Directive) -> None:
 
 
 def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None:
-    view = site_view(site, {up.name: up for up in state.upstreams})
+    upstreams = {up.name: up for up in state.upstreams}
+    view = site_view(site, upstreams)
     acme = site.tls is not None and site.tls.acme
     zones = zone_lines(site)
     assert [(d["directive"], values(d)) for d in parsed[: len(zones)]] == zones
@@ -721,7 +732,7 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
     if acme and not view.redirect_listens:
         check_acme_location(blocks.pop(0))
     for block, location_view in zip(blocks, view.locations, strict=True):
-        loc_args, loc_names, loc_values = expected_location(site, location_view)
+        loc_args, loc_names, loc_values = expected_location(site, location_view, upstreams)
         assert values(block) == loc_args
         assert [d["directive"] for d in block["block"]] == loc_names
         assert [values(d) for d in block["block"]] == loc_values

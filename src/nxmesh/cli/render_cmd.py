@@ -109,13 +109,17 @@ def load_checked_state(
 
 
 def build_renderer(ctx: CliContext, template_dir: Path | None = None) -> Renderer:
-    """The configured renderer; `template_dir` overrides the ``renderer.template_dir`` setting."""
+    """The configured renderer, with this host's knobs as an agent here would have them
+    (``agent.listen_address``, ``agent.upstream_ca_file``...); `template_dir` overrides
+    the ``renderer.template_dir`` setting."""
+    from nxmesh.agent.layout import render_settings_of
+
     try:
         settings: Settings = load_settings(ctx.pm, path=ctx.config_path)
         section = settings.renderer
         if template_dir is not None:
             section = attrs.evolve(section, template_dir=template_dir)
-        return renderer_for(ctx.pm, section)
+        return renderer_for(ctx.pm, section, render_settings=render_settings_of(settings))
     except ConfigurationError as exc:
         raise CannotRunError(str(exc)) from None
     except NxMeshError as exc:  # e.g. a template override that does not compile

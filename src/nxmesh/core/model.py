@@ -400,7 +400,7 @@ class Location:
     # Static locations: the URI answered when no file matches (a single-page app's
     # /index.html); None answers 404.
     fallback: str | None = attrs.field(
-        default=None, validator=v.text(v.LOCATION_PATH, optional=True), metadata=ADDED_FIELD
+        default=None, validator=v.text(v.FALLBACK_URI, optional=True), metadata=ADDED_FIELD
     )
     # Proxy locations: the matched prefix is replaced by '/' (proxy_pass with a URI).
     strip_prefix: bool = attrs.field(
@@ -563,21 +563,21 @@ class UpstreamServer:
 
 
 def _ca_refine(value: str) -> str | None:
-    if "PRIVATE KEY" in value:
-        # It would be stored in every version unencrypted and sent to every agent.
-        return "holds a private key; only the CA's certificates belong here"
     from cryptography import x509  # only states with a private CA pay for the import
 
     try:
         x509.load_pem_x509_certificates(value.encode("ascii"))
     except ValueError:
-        return "must be PEM certificates (-----BEGIN CERTIFICATE----- blocks)"
+        return "must hold valid certificates: one of its CERTIFICATE blocks does not parse"
     return None
 
 
+# Nothing but certificate blocks: the value is stored in every version unencrypted, sent
+# to every agent and shown in diffs, so a key or a note pasted beside the CA is refused.
+_CERT_BLOCK = r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----"
 _CA_PEM = v.TextRule(
-    "PEM certificates (printable ASCII and line breaks)",
-    re.compile(r"[\x20-\x7e\r\n]*", re.ASCII),
+    "PEM certificates: only -----BEGIN CERTIFICATE----- blocks (no key, no other text)",
+    re.compile(rf"\s*(?:{_CERT_BLOCK}\s*)+", re.ASCII),
     max_len=64 * 1024,
     refine=_ca_refine,
     nginx=False,

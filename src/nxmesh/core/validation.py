@@ -34,6 +34,7 @@ __all__ = [
     "CHECK_NAME",
     "CONTROL_CHARACTERS",
     "DIGEST",
+    "FALLBACK_URI",
     "FILE_NAME",
     "HEADER_NAME",
     "HEADER_VALUE",
@@ -295,10 +296,24 @@ SERVER_NAME = TextRule(
     max_len=253,
     refine=_hostname_refine,
 )
+
+
+def _tls_name_refine(value: str) -> str | None:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    return (
+        "is an IP address: nginx sends no SNI for one and checks certificates by DNS name "
+        "only; use the name the servers' certificates carry"
+    )
+
+
 TLS_SERVER_NAME = TextRule(
     "a hostname like api.internal (lowercase letters, digits, '-' and dots)",
     _rx(_HOSTNAME),
     max_len=253,
+    refine=_tls_name_refine,
 )
 CERT_DOMAIN = TextRule(
     "a domain like example.com or *.example.com",
@@ -334,6 +349,17 @@ LOCATION_PATH = TextRule(
     _rx(rf"/{_URI_CHARS}*"),
     max_len=512,
     allowed="%",
+)
+
+# nginx does not decode or normalise the URI try_files redirects to: '..' would climb
+# out of the location (past its root, into the ACME alias), '%XX' would never match.
+_FALLBACK_CHAR = r"[A-Za-z0-9_~!*()@:+,=&-]"  # '.' aside
+_FALLBACK_SEGMENT = rf"\.*{_FALLBACK_CHAR}[A-Za-z0-9._~!*()@:+,=&-]*"  # not all dots
+FALLBACK_URI = TextRule(
+    "a file's URI path like /index.html: segments of letters, digits and ._~!*()@:+,=&- "
+    "(no '.' or '..' segment, no '//', no %XX escapes: nginx uses it as written)",
+    _rx(rf"/|(?:/{_FALLBACK_SEGMENT})+/?"),
+    max_len=512,
 )
 
 
@@ -697,10 +723,10 @@ def _upstream_address_refine(value: str) -> str | None:
     scheme, sep, rest = value.partition("://")
     if sep and scheme.isalpha():
         bare = rest.rstrip("/") or "backend:8080"
+        https = " and give the upstream tls (its server_name)" if scheme == "https" else ""
         return (
-            f"is an address, not a URL: write {bare!r}. Locations proxy to their upstream "
-            "over plain HTTP (proxy_pass http://); HTTPS and FastCGI backends are not "
-            "supported"
+            f"is an address, not a URL: write {bare!r}{https}. Locations proxy over plain "
+            "HTTP unless the upstream has tls; FastCGI backends are not supported"
         )
     if value.startswith("["):
         m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)", value)

@@ -129,6 +129,10 @@ HSTS_VALUE = "max-age=63072000"
 WEBSOCKET_READ_TIMEOUT = 3600
 """Seconds a WebSocket location waits for upstream data when none is configured."""
 
+UPSTREAM_VERIFY_DEPTH: Final = 4
+"""``proxy_ssl_verify_depth`` of TLS upstreams: nginx's default (1) accepts one
+intermediate CA, and public CAs' chains can have two."""
+
 SYSTEM_CA_FILE: Final = "/etc/ssl/certs/ca-certificates.crt"
 """The trust store of Debian, Ubuntu and Alpine (``ca-certificates``); RHEL's is
 ``/etc/pki/tls/certs/ca-bundle.crt``. TLS upstreams without their own CA are verified
@@ -501,6 +505,7 @@ _PROXY_DEFAULTS = (
     HeaderLine("X-Request-ID", Token("$request_id")),
 )
 _KEEPALIVE = (HeaderLine("Connection", Token('""')),)
+_FORWARDED_HOST = HeaderLine("X-Forwarded-Host", Token("$host"))
 # After realip, $proxy_add_x_forwarded_for appends the client (now $remote_addr) again
 # and loses the balancer: nginx.conf's map appends $realip_remote_addr instead.
 _REAL_FORWARDED_FOR = HeaderLine("X-Forwarded-For", Token("$nxmesh_forwarded_for"))
@@ -510,20 +515,27 @@ _WEBSOCKET = (
 )
 
 
-def proxy_headers(location: Location, *, real_ip: bool = False) -> list[Header | HeaderLine]:
+def proxy_headers(
+    location: Location, *, real_ip: bool = False, tls_name: str | None = None
+) -> list[Header | HeaderLine]:
     """``proxy_set_header`` lines of a proxy location: defaults, then the location's own.
 
     Written in full in every location because nginx, like ``add_header``, drops inherited
     ``proxy_set_header`` lines in a block that sets any. `real_ip`: the site believes a
     load balancer's client address (``real_ip_from``), so X-Forwarded-For is the chain as
     received plus the balancer's own address (``$nxmesh_forwarded_for``), not the client
-    a second time.
+    a second time. `tls_name`: the upstream's TLS server name, which is then the Host too
+    (a name-based HTTPS server picks its site by Host, and some answer 421 when it differs
+    from the SNI), with the client's in X-Forwarded-Host.
     """
     defaults = _PROXY_DEFAULTS + (_WEBSOCKET if location.websocket else _KEEPALIVE)
     if real_ip:  # in place, so the lines keep their order
         defaults = tuple(
             _REAL_FORWARDED_FOR if h.name == "X-Forwarded-For" else h for h in defaults
         )
+    if tls_name is not None:
+        host = (HeaderLine("Host", quoting.quote(tls_name)), _FORWARDED_HOST)
+        defaults = host + defaults[1:]  # Host comes first
     return _merge(defaults, location.proxy_headers)
 
 
@@ -607,7 +619,13 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
                 args=location_args(location),
                 headers=tuple(_location_headers(server, location)),
                 proxy_headers=(
-                    tuple(proxy_headers(location, real_ip=bool(site.real_ip_from)))
+                    tuple(
+                        proxy_headers(
+                            location,
+                            real_ip=bool(site.real_ip_from),
+                            tls_name=upstream_tls.server_name if upstream_tls else None,
+                        )
+                    )
                     if proxied
                     else ()
                 ),
@@ -938,6 +956,7 @@ class NginxRenderer:
         base: dict[str, Any] = {
             "state": state,
             "settings": self.settings,
+            "upstream_verify_depth": UPSTREAM_VERIFY_DEPTH,
             "paths": self._paths,
             # Sites whose key is encrypted get ssl_password_file; ACME-sourced certificates
             # get the HTTP-01 challenge location like `tls: acme` sites.
