@@ -643,6 +643,29 @@ async def _status(port: int, path: str, **headers: str) -> int:
     return int(head.split(b" ", 2)[1])
 
 
+def _upstream(heads: list[bytes], body: bytes = b"ok") -> Callable[[Any], Awaitable[None]]:
+    """A one-request HTTP upstream: records each request head in `heads`, answers 200
+    with `body`. A connection nginx drops (a certificate it refused) is let go."""
+
+    async def serve(stream: anyio.abc.ByteStream) -> None:
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+            async with stream:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive()
+                heads.append(head)
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                await stream.send(answer)
+
+    return serve
+
+
+def _sent_headers(head: bytes) -> dict[str, str]:
+    """The header fields of a recorded request head."""
+    lines = head.decode().split("\r\n")[1:]
+    return dict(line.split(": ", 1) for line in lines if ": " in line)
+
+
 @pytest.fixture
 def srv_root() -> Iterator[Path]:
     """A directory nginx's workers can reach (pytest's tmp dirs are private)."""
@@ -906,15 +929,6 @@ class TestClientAddresses:
         X-Forwarded-For = the chain as received plus the balancer's address (not the
         client twice, which $proxy_add_x_forwarded_for gives after realip)."""
         seen: list[bytes] = []
-
-        async def upstream(stream: anyio.abc.SocketStream) -> None:
-            async with stream:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    head += await stream.receive()
-                seen.append(head)
-                await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
         async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
             port = listener.extra(anyio.abc.SocketAttribute.local_port)
             state = DesiredState(
@@ -930,14 +944,12 @@ class TestClientAddresses:
                 upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{port}"),)),),
             )
             async with anyio.create_task_group() as tg:
-                tg.start_soon(listener.serve, upstream)
+                tg.start_soon(listener.serve, _upstream(seen))
                 await self._apply(stack, state)
                 status = await _status(stack.web_port, "/", X_Forwarded_For="203.0.113.9")
                 tg.cancel_scope.cancel()
         assert status == 200
-        headers = dict(
-            line.split(": ", 1) for line in seen[0].decode().split("\r\n")[1:] if ": " in line
-        )
+        headers = _sent_headers(seen[0])
         assert headers["X-Real-IP"] == "203.0.113.9"
         assert headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
 
@@ -949,16 +961,7 @@ class TestProxyPaths:
     ) -> None:
         """``strip_prefix``: ``/api/users?x=1`` goes upstream as ``/users?x=1`` (an exact
         location's path as ``/``); without it the path goes as received."""
-        seen: list[str] = []
-
-        async def upstream(stream: anyio.abc.SocketStream) -> None:
-            async with stream:
-                head = b""
-                while b"\r\n\r\n" not in head:
-                    head += await stream.receive()
-                seen.append(head.split(b"\r\n", 1)[0].decode())
-                await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-
+        heads: list[bytes] = []
         async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
             port = listener.extra(anyio.abc.SocketAttribute.local_port)
             state = _files(
@@ -968,12 +971,13 @@ class TestProxyPaths:
                 upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{port}"),)),),
             )
             async with anyio.create_task_group() as tg:
-                tg.start_soon(listener.serve, upstream)
+                tg.start_soon(listener.serve, _upstream(heads))
                 report = await stack.driver.apply(stack.update(state), stack.render(state))
                 assert report.outcome == "applied", report.message
                 for path in ("/api/users?x=1", "/api/", "/v1"):
                     assert (await stack.fetch(path)).status == 200, path
                 tg.cancel_scope.cancel()
+        seen = [head.split(b"\r\n", 1)[0].decode() for head in heads]
         if strip:
             assert seen == ["GET /users?x=1 HTTP/1.1", "GET / HTTP/1.1", "GET / HTTP/1.1"]
         else:
@@ -1012,17 +1016,6 @@ class TestTlsUpstreams:
         context.sni_callback = lambda _sock, name, _ctx: names.append(name)  # type: ignore[assignment,misc,unused-ignore]
         heads: list[bytes] = []
 
-        async def upstream(stream: anyio.abc.ByteStream) -> None:
-            # nginx drops a connection whose certificate it refused (after the handshake
-            # as TLS 1.3 goes): nothing to answer then.
-            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
-                async with stream:
-                    head = b""
-                    while b"\r\n\r\n" not in head:
-                        head += await stream.receive()
-                    heads.append(head)
-                    await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\ntls")
-
         if tls.get("ca") == "root":
             tls["ca"] = pki.root.pem
         async with await anyio.create_tcp_listener(local_host="127.0.0.1") as tcp:
@@ -1037,7 +1030,7 @@ class TestTlsUpstreams:
             bundle = stack.render(state)
             assert (bundle.files.get("upstream-ca/app.pem") is not None) is ("ca" in tls)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(listener.serve, upstream)
+                tg.start_soon(listener.serve, _upstream(heads, b"tls"))
                 report = await stack.driver.apply(stack.update(state), bundle)
                 assert report.outcome == "applied", report.message
                 response = await stack.fetch("/")
@@ -1046,8 +1039,7 @@ class TestTlsUpstreams:
         if status == 200:
             assert response.text == "tls"
             # A name-based HTTPS server picks its site by Host: the name the SNI carries.
-            lines = heads[0].decode().split("\r\n")
-            sent = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+            sent = _sent_headers(heads[0])
             assert sent["Host"] == tls.get("server_name", "localhost")
             assert sent.get("X-Forwarded-Host") == ("localhost" if "server_name" in tls else None)
         assert names  # nginx connected over TLS
