@@ -280,6 +280,15 @@ class TestLocation:
         assert loc(fallback=fallback, root="/srv/app").fallback == fallback
 
     @pytest.mark.parametrize("action", [{"root": "/srv/app"}, {"return_": Return(204)}])
+    def test_request_buffering_switch_needs_upstream(self, action: dict[str, object]) -> None:
+        """proxy_request_buffering only applies to proxy locations; on (the default) is
+        fine anywhere."""
+        with pytest.raises(Invalid) as exc:
+            loc("/", proxy_request_buffering=False, **action)
+        assert paths_of(exc) == ["proxy_request_buffering"]
+        assert loc("/", **action).proxy_request_buffering is True
+
+    @pytest.mark.parametrize("action", [{"root": "/srv/app"}, {"return_": Return(204)}])
     def test_strip_prefix_needs_upstream(self, action: dict[str, object]) -> None:
         """strip_prefix only applies to proxy locations; false is fine anywhere."""
         with pytest.raises(Invalid) as exc:

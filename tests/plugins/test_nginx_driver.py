@@ -989,6 +989,58 @@ def pki() -> Pki:
     return Pki()
 
 
+class TestStreaming:
+    @pytest.mark.parametrize("buffered", [False, True])
+    async def test_request_buffering_off_streams_the_body_upstream(
+        self, stack: NginxStack, buffered: bool
+    ) -> None:
+        """``proxy_request_buffering: false``: the upstream gets the first part of an
+        upload while the client is still sending it. Buffered (the default), nginx reads
+        the whole body before it connects, so the upstream sees it only once complete."""
+        first_part = anyio.Event()
+
+        async def upload(stream: anyio.abc.ByteStream) -> None:
+            async with stream:
+                received = b""
+                while b"second" not in received:  # buffered, it comes with a length
+                    received += await stream.receive()
+                    if b"first" in received:
+                        first_part.set()
+                await stream.send(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            location = Location(path="/upload", upstream="app", proxy_request_buffering=buffered)
+            state = _files(
+                stack.web_port,
+                location,
+                upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{port}"),)),),
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, upload)
+                report = await stack.driver.apply(stack.update(state), stack.render(state))
+                assert report.outcome == "applied", report.message
+                async with await anyio.connect_tcp("127.0.0.1", stack.web_port) as client:
+                    await client.send(
+                        b"POST /upload HTTP/1.1\r\nHost: localhost\r\n"
+                        b"Transfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n"
+                    )
+                    # Waiting for the upstream to have the first part proves streaming;
+                    # buffered, it cannot have it yet, so the wait is skipped.
+                    if not buffered:
+                        with anyio.fail_after(10):  # a bound: buffered, it never came
+                            await first_part.wait()
+                    streamed_early = first_part.is_set()
+                    await client.send(b"6\r\nsecond\r\n0\r\n\r\n")
+                    answer = b""
+                    with anyio.fail_after(10):
+                        while b"\r\n\r\nok" not in answer:
+                            answer += await client.receive()
+                tg.cancel_scope.cancel()
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert streamed_early is not buffered
+
+
 class TestTlsUpstreams:
     @pytest.mark.parametrize(
         ("tls", "status"),

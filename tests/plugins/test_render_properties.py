@@ -121,6 +121,7 @@ ALLOWED_DIRECTIVES = frozenset(
         "index",
         "try_files",
         "proxy_ssl_protocols",
+        "proxy_request_buffering",
         "proxy_ssl_server_name",
         "proxy_ssl_name",
         "proxy_ssl_verify",
@@ -275,6 +276,7 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
             proxy_headers=draw(headers),
             proxy_read_timeout=draw(st.none() | st.integers(1, 86400)),
             strip_prefix=strippable and draw(st.booleans()),
+            proxy_request_buffering=draw(st.booleans()),
             **common,
         )
     if action == "root":
@@ -558,6 +560,8 @@ def expected_location(
         lines += [("proxy_set_header", [h.name, parsed_value(h.value)]) for h in view.proxy_headers]
         if view.read_timeout is not None:
             lines.append(("proxy_read_timeout", [f"{view.read_timeout}s"]))
+        if not loc.proxy_request_buffering:
+            lines.append(("proxy_request_buffering", ["off"]))
     elif loc.root is not None:
         lines.append(("root", [loc.root]))
         if not loc.serve_dotfiles:

@@ -406,6 +406,11 @@ class Location:
     strip_prefix: bool = attrs.field(
         default=False, validator=v.choice(True, False), metadata=ADDED_FIELD
     )
+    # Proxy locations: off streams a request body to the upstream as it arrives (large
+    # uploads), instead of reading it whole first (into a temp file past 16 KB).
+    proxy_request_buffering: bool = attrs.field(
+        default=True, validator=v.choice(True, False), metadata=ADDED_FIELD
+    )
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -428,6 +433,13 @@ class Location:
             for name in ("websocket", "proxy_headers", "proxy_read_timeout", "strip_prefix"):
                 if getattr(self, name) not in (None, False, ()):
                     found.append((name, "only applies when the location proxies to an upstream"))
+            if not self.proxy_request_buffering:
+                found.append(
+                    (
+                        "proxy_request_buffering",
+                        "only applies when the location proxies to an upstream",
+                    )
+                )
         elif self.strip_prefix and (reason := self._strip_prefix_reason()) is not None:
             found.append(("strip_prefix", reason))
         if self.root is None:
