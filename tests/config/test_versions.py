@@ -441,6 +441,12 @@ class ListStorage:
     def __init__(self, url: str) -> None:
         self.url = url
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> ListStorage:
+        """How a backend reads its plugin's settings section (the PostgreSQL pool)."""
+        cls.calls.append(("from_settings", settings.storage_url))
+        return cls(settings.storage_url)
+
     async def open(self) -> None:
         self.calls.append(("open", self.url))
 
@@ -514,7 +520,8 @@ class TestVerifyCommand:
         assert result.stdout == (
             f"intact: 4 versions in workspace 'default', signed by key {signer.key_id}\n"
         )
-        assert ListStorage.calls[0] == ("open", "list://db")
+        # Built from the settings read for the workspace, then opened and closed.
+        assert ListStorage.calls[:2] == [("from_settings", "list://db"), ("open", "list://db")]
         assert ListStorage.calls[-1] == ("aclose", "list://db")
 
     def test_edited_row_exits_one_naming_it(
@@ -651,6 +658,9 @@ class TestVerifyCommand:
         storage["list://db"] = list(chain)
         result = run_verify("--storage", "list://db", config=config)
         assert result.exit_code == 0, result.output
+        # The settings were read, so the backend got them (its plugin's section too),
+        # for the URL given on the command line.
+        assert ("from_settings", "list://db") in ListStorage.calls
 
     def test_missing_public_key_is_an_error_with_a_hint(
         self,

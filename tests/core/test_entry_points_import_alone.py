@@ -15,10 +15,12 @@ module loaded, which is what the check needs.
 from __future__ import annotations
 
 import json
+import os
 import pkgutil
 import subprocess
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 
@@ -75,19 +77,24 @@ for module in json.loads(sys.argv[1]):
         os._exit(0)
     os.close(write)
     with os.fdopen(read) as pipe:
-        results[module] = pipe.read()
-    os.waitpid(pid, 0)
+        message = pipe.read()
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if status != 0:  # a crash writes nothing: "" must not read as imported
+        message += f"the child importing it exited with {status} (negative: killed by signal)"
+    results[module] = message
 print(json.dumps(results))
 """
 
 
-def _run(script: str, *args: str) -> object:
+def _run(script: str, *args: str, path: str | None = None) -> object:
+    env = {**os.environ, "PYTHONPATH": path} if path else None
     done = subprocess.run(
         [sys.executable, "-W", "error", "-c", script, *args],
         capture_output=True,
         text=True,
         check=False,
         timeout=300,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -113,12 +120,17 @@ def test_imports_first_in_a_fresh_interpreter(module: str, imported_alone: dict[
     assert imported_alone[module] == ""
 
 
-def test_a_failing_import_or_a_warning_is_reported() -> None:
-    """The harness itself: a child's import error, and a warning at import (the children
-    run with warnings as errors, as ``python -W error`` did), come back as tracebacks."""
-    modules = ["json.tool", "nxmesh_no_such_module", "imp"]  # imp warns it is deprecated
-    results = _run(_FORK_PER_MODULE, json.dumps(modules), "[]")
+def test_a_failing_import_a_warning_or_a_crash_is_reported(tmp_path: Path) -> None:
+    """The harness itself: a child's import error, a warning at import (the children run
+    with warnings as errors, as ``python -W error`` did) and a child killed while
+    importing (it writes nothing) are each reported, never read as imported."""
+    (tmp_path / "nxmesh_test_killed.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    modules = ["json.tool", "nxmesh_no_such_module", "imp", "nxmesh_test_killed"]
+    results = _run(_FORK_PER_MODULE, json.dumps(modules), "[]", path=str(tmp_path))
     assert isinstance(results, dict)
     assert results["json.tool"] == ""
     assert "ModuleNotFoundError" in results["nxmesh_no_such_module"]
-    assert "DeprecationWarning" in results["imp"]
+    assert "DeprecationWarning" in results["imp"]  # imp warns it is deprecated
+    assert "exited with -9" in results["nxmesh_test_killed"]

@@ -584,7 +584,19 @@ class TestUpstreamTLS:
         plain = Upstream("app", (UpstreamServer("127.0.0.1:8080"),))
         assert "tls" not in unstructure(plain)
         tls = attrs.evolve(plain, tls=UpstreamTLS(verify=False))
-        assert unstructure(tls)["tls"] == {"server_name": None, "verify": False, "ca": None}
+        assert unstructure(tls)["tls"] == {
+            "server_name": None,
+            "verify": False,
+            "ca": None,
+            "host": "server_name",
+        }
+
+    def test_client_host_needs_a_server_name(self) -> None:
+        """Without a server name the servers get the client's Host anyway."""
+        with pytest.raises(Invalid) as exc:
+            UpstreamTLS(verify=False, host="client")
+        assert paths_of(exc) == ["host"]
+        assert UpstreamTLS(server_name="api.internal", host="client").host == "client"
 
 
 class TestUpstream:

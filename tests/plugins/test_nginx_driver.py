@@ -1049,6 +1049,11 @@ class TestTlsUpstreams:
             pytest.param({"server_name": "other.internal", "ca": "root"}, 502, id="wrong-name"),
             pytest.param({"server_name": "api.internal"}, 502, id="not-in-trust-store"),
             pytest.param({"verify": False}, 200, id="no-verify"),
+            pytest.param(
+                {"server_name": "api.internal", "ca": "root", "host": "client"},
+                200,
+                id="client-host",
+            ),
         ],
     )
     async def test_nginx_speaks_tls_to_the_servers_and_checks_them(
@@ -1092,8 +1097,9 @@ class TestTlsUpstreams:
             assert response.text == "tls"
             # A name-based HTTPS server picks its site by Host: the name the SNI carries.
             sent = _sent_headers(heads[0])
-            assert sent["Host"] == tls.get("server_name", "localhost")
-            assert sent.get("X-Forwarded-Host") == ("localhost" if "server_name" in tls else None)
+            named = "server_name" in tls and tls.get("host") != "client"
+            assert sent["Host"] == (tls["server_name"] if named else "localhost")
+            assert sent.get("X-Forwarded-Host") == ("localhost" if named else None)
         assert names  # nginx connected over TLS
         assert set(names) == {tls.get("server_name")}
 

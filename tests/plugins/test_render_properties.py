@@ -410,6 +410,7 @@ upstream_tls = st.one_of(
         UpstreamTLS,
         server_name=matching(v.TLS_SERVER_NAME),
         ca=st.none() | st.just(_CA_PEM),
+        host=st.sampled_from(["server_name", "client"]),
     ),
     st.builds(
         UpstreamTLS, server_name=st.none() | matching(v.TLS_SERVER_NAME), verify=st.just(False)
@@ -553,10 +554,14 @@ def expected_location(
             ca_file = f"upstream-ca/{loc.upstream}.pem" if tls.ca is not None else None
             lines += upstream_tls_lines(tls, ca_file)
             own = {h.name.lower() for h in loc.proxy_headers}
-            if tls.server_name is not None and "host" not in own:
-                sent = {h.name: h.value for h in view.proxy_headers}
-                assert sent["Host"] == tls.server_name  # the name the SNI carries
-                assert sent["X-Forwarded-Host"] == "$host"
+            sent = {h.name: h.value for h in view.proxy_headers}
+            if "host" not in own:
+                if tls.server_name is not None and tls.host == "server_name":
+                    assert sent["Host"] == tls.server_name  # the name the SNI carries
+                    assert sent["X-Forwarded-Host"] == "$host"
+                else:
+                    assert sent["Host"] == "$host"
+                    assert "X-Forwarded-Host" not in sent
         lines += [("proxy_set_header", [h.name, parsed_value(h.value)]) for h in view.proxy_headers]
         if view.read_timeout is not None:
             lines.append(("proxy_read_timeout", [f"{view.read_timeout}s"]))

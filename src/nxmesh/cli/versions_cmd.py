@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
+import attrs
 import click
 
 from nxmesh.cli.context import CliContext, pass_cli
@@ -99,7 +100,13 @@ def verify_command(
         backend_cls = ProviderRegistries.collect(ctx.pm)["storage"].by_scheme(storage_url)
     except NxMeshError as exc:
         raise _CannotVerify(str(exc)) from None
-    backend = backend_cls(storage_url)
+    # With the settings read, the backend gets its plugin's section too (pool, timeouts).
+    from_settings = getattr(backend_cls, "from_settings", None)
+    backend = (
+        from_settings(attrs.evolve(settings, storage_url=storage_url))
+        if settings is not None and callable(from_settings)
+        else backend_cls(storage_url)
+    )
     # Opening a file-backed store creates and migrates it: verifying a mistyped path
     # would then report an empty, "intact" history instead of the mistake.
     path = getattr(backend, "path", None)

@@ -604,7 +604,10 @@ class UpstreamTLS:
     `server_name` is sent as SNI and is the name the servers' certificates must carry.
     `verify` (on by default) checks them against `ca`, the PEM certificates of a private
     CA, or without it against the agent host's trust store (render setting
-    ``upstream_ca_file``).
+    ``upstream_ca_file``). `host`: the Host the servers get, ``server_name`` (the
+    default: a name-based HTTPS server picks its site by it) or ``client`` (the name the
+    client asked for, for servers that serve the public names or compare Origin with
+    Host).
     """
 
     server_name: str | None = attrs.field(
@@ -612,6 +615,9 @@ class UpstreamTLS:
     )
     verify: bool = attrs.field(default=True, validator=v.choice(True, False))
     ca: str | None = attrs.field(default=None, validator=v.text(_CA_PEM, optional=True), repr=False)
+    host: Literal["server_name", "client"] = attrs.field(
+        default="server_name", validator=v.choice("server_name", "client")
+    )
 
     def __attrs_post_init__(self) -> None:
         found: list[tuple[str, str]] = []
@@ -625,6 +631,11 @@ class UpstreamTLS:
             )
         if not self.verify and self.ca is not None:
             found.append(("ca", "only applies while verify is on"))
+        if self.host == "client" and self.server_name is None:
+            found.append(
+                ("host", "only matters with a server_name: without one the servers get the "
+                 "client's Host anyway")
+            )  # fmt: skip
         v.raise_problems(found)
 
 

@@ -623,7 +623,11 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
                         proxy_headers(
                             location,
                             real_ip=bool(site.real_ip_from),
-                            tls_name=upstream_tls.server_name if upstream_tls else None,
+                            tls_name=(
+                                upstream_tls.server_name
+                                if upstream_tls is not None and upstream_tls.host == "server_name"
+                                else None
+                            ),
                         )
                     )
                     if proxied
