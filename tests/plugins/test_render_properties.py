@@ -11,6 +11,7 @@ directive, a block or an argument, or lost a character, fails the comparison.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import tempfile
 import unicodedata
@@ -153,11 +154,15 @@ ALLOWED_DIRECTIVES = frozenset(
 # ---------------------------------------------------------------------------------------
 
 
+# Cached: a strategy built afresh at each draw is validated afresh too, which took most
+# of the time these tests spent.
+@functools.cache
 def matching(rule: v.TextRule) -> st.SearchStrategy[str]:
     """Strings of the rule's pattern that the whole rule (length, extra checks) accepts."""
     return st.from_regex(rule.pattern, fullmatch=True).filter(lambda s: rule.reason(s) is None)
 
 
+@functools.cache
 def text_of(rule: v.TextRule, max_size: int = 40) -> st.SearchStrategy[str]:
     """Free text over every printable ASCII character a ``[...]*`` rule allows: drawn
     directly rather than filtered, so it stays fast and reaches every character."""
@@ -319,6 +324,7 @@ basic_auths = st.builds(
 )
 
 
+@functools.cache
 def client_networks(rule: v.TextRule) -> st.SearchStrategy[tuple[str, ...]]:
     """Addresses and networks of both families, as nginx's allow and realip take them."""
     ipv4 = st.ip_addresses(v=4).map(str)
@@ -464,9 +470,15 @@ def nginx_value(arg: str) -> str:
     return arg.replace("\\\\", "\\").replace("${" + DOLLAR_VARIABLE + "}", "$")
 
 
+@functools.cache
+def _renderer() -> NginxRenderer:
+    """One renderer for every example: it compiles its templates once."""
+    return NginxRenderer(settings=RenderSettings(status_port=None))
+
+
 def parsed_bundle(state: DesiredState, *, main_only: bool = False) -> dict[str, list[Directive]]:
     """Bundle path → its directives; `main_only`: nginx.conf alone, includes not followed."""
-    bundle = NginxRenderer(settings=RenderSettings(status_port=None)).render(state)
+    bundle = _renderer().render(state)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_bundle(bundle, root)
@@ -839,7 +851,7 @@ class TestStructure:
             check_site(site, parsed[f"conf.d/site-{site.name}.conf"], state)
         check_upstreams(state, parsed["conf.d/upstreams.conf"])
         check_unknown_hosts(state, parsed["conf.d/unknown-hosts.conf"])
-        bundle = NginxRenderer(settings=RenderSettings(status_port=None)).render(state)
+        bundle = _renderer().render(state)
         htpasswd = {p: bundle.text(p) for p in bundle.files if p.startswith("htpasswd/")}
         assert htpasswd == {p: t for s in state.sites for p, t in htpasswd_expected(s).items()}
         cas = {p: bundle.text(p) for p in bundle.files if p.startswith("upstream-ca/")}
