@@ -610,6 +610,17 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
         proxied = location.upstream is not None
         upstream = upstreams.get(location.upstream) if location.upstream is not None else None
         upstream_tls = upstream.tls if upstream is not None else None
+        # The Host a TLS upstream gets, when it is its server name rather than the client's.
+        tls_host = (
+            upstream_tls.server_name
+            if upstream_tls is not None and upstream_tls.host == "server_name"
+            else None
+        )
+        upstream_ca = (
+            _upstream_ca_file(upstream)
+            if upstream is not None and upstream_tls is not None and upstream_tls.ca
+            else None
+        )
         timeout = location.proxy_read_timeout
         if timeout is None and location.websocket:
             timeout = WEBSOCKET_READ_TIMEOUT
@@ -620,15 +631,7 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
                 headers=tuple(_location_headers(server, location)),
                 proxy_headers=(
                     tuple(
-                        proxy_headers(
-                            location,
-                            real_ip=bool(site.real_ip_from),
-                            tls_name=(
-                                upstream_tls.server_name
-                                if upstream_tls is not None and upstream_tls.host == "server_name"
-                                else None
-                            ),
-                        )
+                        proxy_headers(location, real_ip=bool(site.real_ip_from), tls_name=tls_host)
                     )
                     if proxied
                     else ()
@@ -637,11 +640,7 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
                 auth_file=_auth_file(site, n) if location.basic_auth is not None else None,
                 rate_zone=_rate_zone(site, location.rate_limit, n),
                 upstream_tls=upstream_tls,
-                upstream_ca=(
-                    _upstream_ca_file(upstream)
-                    if upstream is not None and upstream_tls is not None and upstream_tls.ca
-                    else None
-                ),
+                upstream_ca=upstream_ca,
             )
         )
     return SiteView(
