@@ -199,26 +199,47 @@ def changed_state(state: Mapping[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
+class _FreePorts:
+    """Distinct free ports on 127.0.0.1, each held bound until `close`.
+
+    Bound and closed one at a time, the kernel may hand the same port out twice: the
+    demo's gRPC listener once got the port its backend app already had.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[socket.socket] = []
+
+    def hold(self) -> socket.socket:
+        """A new socket, closed with the others."""
+        s = socket.socket()
+        self._held.append(s)
+        return s
+
+    def take(self) -> int:
+        s = self.hold()
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
 
+    def close(self) -> None:
+        for s in self._held:
+            s.close()
 
-def claim_port(port: int, what: str, option: str) -> int:
-    """`port` when it is free on 127.0.0.1 (0: any free port); `DemoError` when taken."""
+
+def claim_port(port: int, what: str, option: str, free: _FreePorts) -> int:
+    """`port` when it is free on 127.0.0.1 (0: any free port), held by `free` so no
+    other role gets it; `DemoError` when taken."""
     if port == 0:
-        return _free_port()
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            raise DemoError(
-                f"port {port} ({what}) is already in use on 127.0.0.1; stop what uses it, "
-                f"or pick another with {option} N (0 picks any free port)"
-            ) from None
+        return free.take()
+    s = free.hold()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        raise DemoError(
+            f"port {port} ({what}) is already in use on 127.0.0.1; stop what uses it, "
+            f"or pick another with {option} N (0 picks any free port)"
+        ) from None
     return port
 
 
@@ -433,14 +454,31 @@ class _Demo:
 
     def claim_ports(self) -> _Ports:
         o = self.options
-        return _Ports(
-            web=claim_port(o.web_port, "the site served by nginx", "--web-port"),
-            api=claim_port(o.api_port, "the master API", "--api-port"),
-            backend=claim_port(o.backend_port, "the backend app", "--backend-port"),
-            status=_free_port(),
-            metrics=_free_port(),
-            grpc=_free_port(),
-        )
+        given = [
+            (port, option)
+            for port, option in (
+                (o.web_port, "--web-port"),
+                (o.api_port, "--api-port"),
+                (o.backend_port, "--backend-port"),
+            )
+            if port
+        ]
+        for i, (port, option) in enumerate(given):
+            if (twice := next((opt for p, opt in given[:i] if p == port), None)) is not None:
+                raise DemoError(f"{twice} and {option} both name port {port}; give each its own")
+        free = _FreePorts()
+        try:
+            ports = _Ports(
+                web=claim_port(o.web_port, "the site served by nginx", "--web-port", free),
+                api=claim_port(o.api_port, "the master API", "--api-port", free),
+                backend=claim_port(o.backend_port, "the backend app", "--backend-port", free),
+                status=free.take(),
+                metrics=free.take(),
+                grpc=free.take(),
+            )
+        finally:
+            free.close()
+        return ports
 
     def start_backend(self, port: int) -> None:
         try:

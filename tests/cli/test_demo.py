@@ -143,6 +143,29 @@ class TestDemoFailures:
         assert "logs kept" not in result.stdout + result.stderr
         assert "nothing had started" in result.stdout + result.stderr
 
+    def test_one_port_for_two_roles_is_refused(self, tmp_path: Path) -> None:
+        """The same port given to two options is refused naming both."""
+        result = _demo(tmp_path, "--web-port", "18555", "--api-port", "18555",
+                       "--backend-port", "0", "--nginx", sys.executable)  # fmt: skip
+        assert result.returncode == 1
+        assert "--web-port and --api-port both name port 18555" in result.stderr
+
+    def test_free_ports_are_held_until_all_are_chosen(self) -> None:
+        """Ports picked for the demo's roles stay bound until every one is chosen, so two
+        roles never get the same one (the gRPC listener once got the backend's)."""
+        from nxmesh.demo import _FreePorts
+
+        free = _FreePorts()
+        try:
+            ports = [free.take() for _ in range(6)]
+            assert len(set(ports)) == 6
+            with socket.socket() as other, pytest.raises(OSError):
+                other.bind(("127.0.0.1", ports[0]))  # still held
+        finally:
+            free.close()
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", ports[0]))  # released
+
     def test_missing_nginx_says_how_to_install(self, tmp_path: Path) -> None:
         """Without nginx the demo says how to get it."""
         result = _demo(tmp_path, *FREE_PORTS, "--nginx", str(tmp_path / "no-nginx"))
