@@ -8,7 +8,8 @@ import pytest
 
 from nxmesh import hookimpl
 from nxmesh.core.errors import DuplicateProviderError, NxMeshError, ProviderNotFoundError
-from nxmesh.core.registry import ProviderRegistries, ProviderRegistry
+from nxmesh.core.registry import ProviderRegistries, ProviderRegistry, from_settings_or
+from nxmesh.core.settings import Settings
 
 
 class BusA:
@@ -136,3 +137,32 @@ class TestLazyPackages:
             [sys.executable, "-c", code], capture_output=True, text=True, check=True
         ).stdout
         assert out.strip() == "[]"
+
+
+class TestFromSettingsOr:
+    def test_a_class_with_from_settings_is_built_from_the_settings(self) -> None:
+        """`from_settings(settings, **kwargs)` is used when the class has it; the default
+        is not called."""
+
+        class Configurable:
+            def __init__(self, settings: Settings, keyring: object) -> None:
+                self.settings, self.keyring = settings, keyring
+
+            @classmethod
+            def from_settings(cls, settings: Settings, *, keyring: object) -> Configurable:
+                return cls(settings, keyring)
+
+        settings = Settings()
+
+        def default() -> Configurable:
+            raise AssertionError("the default must not be used")
+
+        built = from_settings_or(Configurable, settings, default, keyring="k")
+        assert (built.settings, built.keyring) == (settings, "k")
+
+    def test_a_class_without_it_gets_the_default(self) -> None:
+        class Plain:
+            pass
+
+        plain = Plain()
+        assert from_settings_or(Plain, Settings(), lambda: plain) is plain

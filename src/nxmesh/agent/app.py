@@ -28,7 +28,7 @@ import random
 import re
 import socket
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -49,7 +49,7 @@ from nxmesh.core.errors import ConfigurationError, NxMeshError
 from nxmesh.core.events import Event
 from nxmesh.core.interfaces import DeploymentMode, HealthCheck, NginxDriver
 from nxmesh.core.model import ApplyReport, PendingApply
-from nxmesh.core.registry import ProviderRegistries
+from nxmesh.core.registry import ProviderRegistries, from_settings_or
 from nxmesh.core.runtime import Runtime, StashKey, run
 from nxmesh.core.settings import Settings
 from nxmesh.plugins.nginx_driver import DriverSettings
@@ -94,12 +94,6 @@ def default_agent_id() -> str:
     return name if name[0].isalnum() else f"agent-{name}"[:128]
 
 
-def _construct(cls: type[Any], settings: Settings) -> Any:
-    """Providers are built with ``from_settings(settings)`` when they have one, else ``cls()``."""
-    factory = getattr(cls, "from_settings", None)
-    return factory(settings) if callable(factory) else cls()
-
-
 def choose_mode(registry: ProviderRegistries, settings: Settings) -> DeploymentMode:
     """The deployment mode the settings name, or with ``auto`` the first that detects."""
     modes = registry["deployment_mode"]
@@ -115,7 +109,7 @@ def choose_mode(registry: ProviderRegistries, settings: Settings) -> DeploymentM
                 f"(known: {', '.join(modes.names()) or 'none'}); set one explicitly"
             )
         cls = found[0]
-    mode: DeploymentMode = _construct(cls, settings)
+    mode: DeploymentMode = from_settings_or(cls, settings, cls)
     return mode
 
 
@@ -309,7 +303,7 @@ class AgentApp:
         checks: list[HealthCheck] = []
         for check_cls in registry["health_check"].classes():
             try:
-                checks.append(_construct(check_cls, settings))
+                checks.append(from_settings_or(check_cls, settings, check_cls))
             except (TypeError, NxMeshError) as exc:
                 log.warning("health check not usable", check=check_cls.name, error=str(exc))
         health = HealthMonitor(

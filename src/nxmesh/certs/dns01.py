@@ -20,6 +20,7 @@ import structlog
 from nxmesh.certs.acme_client import PendingChallenge
 from nxmesh.certs.settings import certs_settings
 from nxmesh.core.errors import ConfigurationError, ProviderNotFoundError
+from nxmesh.core.registry import from_settings_or
 
 if TYPE_CHECKING:
     from nxmesh.core.interfaces import DnsProvider
@@ -83,6 +84,5 @@ def dns_provider_from_settings(settings: Settings, registries: ProviderRegistrie
         cls: Any = registries["dns_provider"].get(name)
     except ProviderNotFoundError as exc:
         raise ConfigurationError(f"[plugins.certs] dns_provider: {exc}") from None
-    factory = getattr(cls, "from_settings", None)
-    provider: DnsProvider = factory(settings) if callable(factory) else cls()
+    provider: DnsProvider = from_settings_or(cls, settings, cls)
     return provider

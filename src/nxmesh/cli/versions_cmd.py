@@ -21,7 +21,7 @@ from nxmesh.cli.context import CliContext, pass_cli
 from nxmesh.config.versions import verify_chain
 from nxmesh.core.errors import NxMeshError, Problem, ValidationError
 from nxmesh.core.logging import redact_text
-from nxmesh.core.registry import ProviderRegistries
+from nxmesh.core.registry import ProviderRegistries, from_settings_or
 from nxmesh.core.settings import Settings, load_settings
 from nxmesh.crypto.signing import SIGNING_PUBLIC_KEY_FILE, VerifyKey
 
@@ -101,10 +101,13 @@ def verify_command(
     except NxMeshError as exc:
         raise _CannotVerify(str(exc)) from None
     # With the settings read, the backend gets its plugin's section too (pool, timeouts).
-    from_settings = getattr(backend_cls, "from_settings", None)
     backend = (
-        from_settings(attrs.evolve(settings, storage_url=storage_url))
-        if settings is not None and callable(from_settings)
+        from_settings_or(
+            backend_cls,
+            attrs.evolve(settings, storage_url=storage_url),
+            lambda: backend_cls(storage_url),
+        )
+        if settings is not None
         else backend_cls(storage_url)
     )
     # Opening a file-backed store creates and migrates it: verifying a mistyped path

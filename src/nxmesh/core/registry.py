@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit
 
 import attrs
@@ -12,7 +12,16 @@ import pluggy
 from nxmesh.core.errors import DuplicateProviderError, NxMeshError, ProviderNotFoundError
 from nxmesh.core.hints import closest
 
-__all__ = ["PROVIDER_HOOKS", "ProviderRegistries", "ProviderRegistry", "RegisteredProvider"]
+if TYPE_CHECKING:
+    from nxmesh.core.settings import Settings
+
+__all__ = [
+    "PROVIDER_HOOKS",
+    "ProviderRegistries",
+    "ProviderRegistry",
+    "RegisteredProvider",
+    "from_settings_or",
+]
 
 T = TypeVar("T")
 
@@ -28,6 +37,17 @@ PROVIDER_HOOKS: dict[str, str] = {
     "dns_provider": "nxmesh_register_dns_providers",
 }
 """Provider kind → the hook that registers it."""
+
+
+def from_settings_or(
+    cls: type[Any], settings: Settings, default: Callable[[], T], **kwargs: Any
+) -> T:
+    """A provider built with ``cls.from_settings(settings, **kwargs)`` when the class has
+    that classmethod (so it reads its plugin's settings section: pool sizes, timeouts),
+    else with `default`. Every place that builds a provider goes through here: one built
+    by hand once left the PostgreSQL event bus without its section."""
+    factory = getattr(cls, "from_settings", None)
+    return cast("T", factory(settings, **kwargs)) if callable(factory) else default()
 
 
 @attrs.frozen

@@ -44,7 +44,7 @@ from nxmesh.core.logging import shown_url
 from nxmesh.core.model import Agent, ConfigVersion, HealthReport
 from nxmesh.core.observers import api_routes, dispatch_event
 from nxmesh.core.records import User
-from nxmesh.core.registry import ProviderRegistries
+from nxmesh.core.registry import ProviderRegistries, from_settings_or
 from nxmesh.core.runtime import Stash
 from nxmesh.core.settings import Settings
 from nxmesh.crypto.secrets import (
@@ -322,19 +322,13 @@ async def open_services(
         bus_cls = registry["event_bus"].by_scheme(settings.event_bus_url)
     except ProviderNotFoundError as exc:
         raise ConfigurationError(str(exc)) from None
-    # Providers with a `from_settings` read their plugin's section (pool sizes, timeouts).
-    from_settings = getattr(storage_cls, "from_settings", None)
-    storage: StorageBackend = (
-        from_settings(settings, keyring=keyring)
-        if callable(from_settings)
-        else storage_cls(settings.effective_storage_url(), keyring=keyring)
+    storage: StorageBackend = from_settings_or(
+        storage_cls,
+        settings,
+        lambda: storage_cls(settings.effective_storage_url(), keyring=keyring),
+        keyring=keyring,
     )
-    bus_from_settings = getattr(bus_cls, "from_settings", None)
-    bus: EventBus = (
-        bus_from_settings(settings)
-        if callable(bus_from_settings)
-        else bus_cls(settings.event_bus_url)
-    )
+    bus: EventBus = from_settings_or(bus_cls, settings, lambda: bus_cls(settings.event_bus_url))
     async with contextlib.AsyncExitStack() as stack:
         await storage.open()
         stack.push_async_callback(_shielded, storage.aclose)
