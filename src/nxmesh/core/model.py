@@ -430,35 +430,28 @@ class Location:
                 ("", f"needs exactly one of upstream, root, redirect or return; got {got}")
             )
         if self.upstream is None:
-            for name in ("websocket", "proxy_headers", "proxy_read_timeout", "strip_prefix"):
-                if getattr(self, name) not in (None, False, ()):
-                    found.append((name, "only applies when the location proxies to an upstream"))
-            if not self.proxy_request_buffering:
-                found.append(
-                    (
-                        "proxy_request_buffering",
-                        "only applies when the location proxies to an upstream",
-                    )
-                )
+            for name in self._set_away_from_default(_PROXY_OPTIONS):
+                found.append((name, "only applies when the location proxies to an upstream"))
         elif self.strip_prefix and (reason := self._strip_prefix_reason()) is not None:
             found.append(("strip_prefix", reason))
         if self.root is None:
-            for name in ("index", "serve_dotfiles", "fallback"):
-                if getattr(self, name) not in (None, False, ()):
-                    found.append((name, "only applies when the location serves files from a root"))
+            for name in self._set_away_from_default(_STATIC_OPTIONS):
+                found.append((name, "only applies when the location serves files from a root"))
         if self.upstream is None and self.root is None:
             # Both answer in nginx's rewrite phase, which runs before its access phase.
-            for name in ("allow", "basic_auth", "rate_limit", "satisfy"):
-                if getattr(self, name) not in (None, (), "all"):
-                    found.append(
-                        (
-                            name,
-                            "only applies when the location proxies to an upstream or "
-                            "serves files from a root: nginx answers a redirect or return "
-                            "before it checks access",
-                        )
+            for name in self._set_away_from_default(_ACCESS_OPTIONS):
+                found.append(
+                    (
+                        name,
+                        "only applies when the location proxies to an upstream or "
+                        "serves files from a root: nginx answers a redirect or return "
+                        "before it checks access",
                     )
+                )
         v.raise_problems(found)
+
+    def _set_away_from_default(self, names: tuple[str, ...]) -> list[str]:
+        return [name for name in names if getattr(self, name) != _LOCATION_DEFAULTS[name]]
 
     def _strip_prefix_reason(self) -> str | None:
         if self.match not in _PATH_MATCHES:
@@ -473,6 +466,19 @@ class Location:
             )
         return None
 
+
+# Options that mean something for one kind of location only: set away from its default
+# on another kind, each is refused (false, empty or "all" is fine anywhere).
+_PROXY_OPTIONS = (
+    "websocket",
+    "proxy_headers",
+    "proxy_read_timeout",
+    "strip_prefix",
+    "proxy_request_buffering",
+)
+_STATIC_OPTIONS = ("index", "serve_dotfiles", "fallback")
+_ACCESS_OPTIONS = ("allow", "basic_auth", "rate_limit", "satisfy")
+_LOCATION_DEFAULTS: Final = {a.name: a.default for a in attrs.fields(Location)}
 
 RealIpHeader = Literal["X-Forwarded-For", "X-Real-IP"]
 
