@@ -454,18 +454,17 @@ class _Demo:
 
     def claim_ports(self) -> _Ports:
         o = self.options
-        given = [
-            (port, option)
-            for port, option in (
-                (o.web_port, "--web-port"),
-                (o.api_port, "--api-port"),
-                (o.backend_port, "--backend-port"),
-            )
-            if port
-        ]
-        for i, (port, option) in enumerate(given):
-            if (twice := next((opt for p, opt in given[:i] if p == port), None)) is not None:
-                raise DemoError(f"{twice} and {option} both name port {port}; give each its own")
+        named: dict[int, str] = {}  # port given → the option that gave it
+        for port, option in (
+            (o.web_port, "--web-port"),
+            (o.api_port, "--api-port"),
+            (o.backend_port, "--backend-port"),
+        ):
+            if port and port in named:
+                raise DemoError(
+                    f"{named[port]} and {option} both name port {port}; give each its own"
+                )
+            named[port] = option
         free = _FreePorts()
         try:
             ports = _Ports(
