@@ -217,8 +217,7 @@ class TestApply:
         assert await stack.body() == "before"
         assert stack.events.kinds()[-2:] == ["reload.failed", "apply.rolled_back"]
         # Once the port is free again the same driver applies normally.
-        report = await stack.driver.apply(stack.update(state), stack.render(state))
-        assert report.outcome == "applied", report.message
+        await _apply(stack, state)
         assert await stack.body() == "after"
 
     async def test_a_refused_reload_signal_rolls_back_and_says_why(
@@ -245,8 +244,7 @@ class TestApply:
         assert await stack.body() == "before"
         assert stack.events.kinds()[-2:] == ["reload.failed", "apply.rolled_back"]
         monkeypatch.undo()  # signals allowed again: the same update applies
-        report = await stack.driver.apply(stack.update(state), stack.render(state))
-        assert report.outcome == "applied", report.message
+        await _apply(stack, state)
         assert await stack.body() == "after"
 
     async def test_a_cold_start_with_a_missing_binary_reports_it(self, stack: NginxStack) -> None:
@@ -264,8 +262,7 @@ class TestApply:
         """Applying with no nginx running starts it on the new tree."""
         assert await stack.master_pid() is None
         state = stack.state("cold")
-        report = await stack.driver.apply(stack.update(state), stack.render(state))
-        assert report.outcome == "applied", report.message
+        await _apply(stack, state)
         assert await stack.master_pid() is not None
         assert await stack.body() == "cold"
 
@@ -540,8 +537,7 @@ class TestStaticFiles:
         """A root location answers 404 for dotfiles and dot-directories at any depth,
         however the URI spells the dot; `/.well-known/` and dots inside names are served."""
         state = _static_state(stack.web_port, www, path=path, match=match)
-        report = await stack.driver.apply(stack.update(state), stack.render(state))
-        assert report.outcome == "applied", report.message
+        await _apply(stack, state)
         hidden_paths = (
             "/.env",
             "/.git/config",
@@ -564,8 +560,7 @@ class TestStaticFiles:
     async def test_serve_dotfiles_serves_them(self, stack: NginxStack, www: Path) -> None:
         """``serve_dotfiles: true`` turns the rule off for its location."""
         state = _static_state(stack.web_port, www, serve_dotfiles=True)
-        report = await stack.driver.apply(stack.update(state), stack.render(state))
-        assert report.outcome == "applied", report.message
+        await _apply(stack, state)
         response = await stack.fetch("/.env")
         assert (response.status, response.text) == (200, "SECRET=1")
 
@@ -575,8 +570,7 @@ class TestStaticFiles:
         """``fallback``: a path with no file behind it gets the fallback URI (a single-page
         app's routes get its index.html); files are still served, dotfiles still hidden."""
         state = _files(stack.web_port, Location(path="/", root=str(www), fallback="/index.html"))
-        report = await stack.driver.apply(stack.update(state), stack.render(state))
-        assert report.outcome == "applied", report.message
+        await _apply(stack, state)
         for route in ("/dashboard", "/users/42/edit", "/index.html"):
             response = await stack.fetch(route)
             assert (response.status, response.text) == (200, "home"), route
@@ -599,8 +593,7 @@ class TestMatchingOrder:
             Location(path=r"\.txt$", match="regex", root=str(www)),
             Location(path="/private/", match=match, return_=Return(code=403, body="no")),  # type: ignore[arg-type]
         )
-        report = await stack.driver.apply(stack.update(state), stack.render(state))
-        assert report.outcome == "applied", report.message
+        await _apply(stack, state)
         assert (await stack.fetch("/private/x.txt")).status == status
         assert (await stack.fetch("/private/other")).status == 403
 
@@ -619,8 +612,7 @@ class TestMatchingOrder:
             ),
         )
         state = DesiredState(sites=(site,))
-        report = await stack.driver.apply(stack.update(state), stack.render(state))
-        assert report.outcome == "applied", report.message
+        await _apply(stack, state)
         expected = {
             "/img/123.png": "img",
             "/img/12.png": "other",
@@ -641,6 +633,12 @@ async def _status(port: int, path: str, **headers: str) -> int:
         await stream.send(request.encode())
         head = await stream.receive()
     return int(head.split(b" ", 2)[1])
+
+
+async def _apply(stack: NginxStack, state: DesiredState) -> None:
+    """Apply `state` through the stack's driver; it must be applied."""
+    report = await stack.driver.apply(stack.update(state), stack.render(state))
+    assert report.outcome == "applied", report.message
 
 
 def _upstream(heads: list[bytes], body: bytes = b"ok") -> Callable[[Any], Awaitable[None]]:
@@ -710,23 +708,19 @@ class TestClientAddresses:
             **site,
         )
 
-    async def _apply(self, stack: NginxStack, state: DesiredState) -> None:
-        report = await stack.driver.apply(stack.update(state), stack.render(state))
-        assert report.outcome == "applied", report.message
-
     async def test_allow_admits_only_its_addresses(self, stack: NginxStack, www: Path) -> None:
         """A site's ``allow`` answers 403 to other clients; a location's own list replaces
         the site's there; return locations answer before nginx checks addresses."""
         port = stack.web_port
-        await self._apply(stack, self._state(stack, www, allow=("10.0.0.0/8",)))
+        await _apply(stack, self._state(stack, www, allow=("10.0.0.0/8",)))
         assert await _status(port, "/index.html") == 403
         assert await _status(port, "/healthz") == 200  # documented: returns answer all
-        await self._apply(
+        await _apply(
             stack, self._state(stack, www, allow=("10.0.0.0/8",), admin_allow=("127.0.0.1",))
         )
         assert await _status(port, "/index.html") == 403
         assert await _status(port, "/a.b/file.txt") == 200
-        await self._apply(stack, self._state(stack, www, allow=("::1", "127.0.0.0/8")))
+        await _apply(stack, self._state(stack, www, allow=("::1", "127.0.0.0/8")))
         assert await _status(port, "/index.html") == 200
 
     async def test_basic_auth_asks_for_a_listed_user(
@@ -751,7 +745,7 @@ class TestClientAddresses:
             Location(path="/healthz", return_=Return(code=200, body="ok")),
             basic_auth=site_auth,
         )
-        await self._apply(readable_stack, state)
+        await _apply(readable_stack, state)
         port = readable_stack.web_port
 
         def basic(user: str, password: str) -> str:
@@ -801,7 +795,7 @@ class TestClientAddresses:
             basic_auth=auth,
             satisfy=satisfy,
         )
-        await self._apply(readable_stack, state)
+        await _apply(readable_stack, state)
         assert await _status(readable_stack.web_port, "/index.html") == without_password
         login = "Basic " + base64.b64encode(b"alice:s3cret").decode()
         with_password = await _status(readable_stack.web_port, "/index.html", Authorization=login)
@@ -821,7 +815,7 @@ class TestClientAddresses:
             basic_auth=auth,
             satisfy="any",
         )
-        await self._apply(readable_stack, state)
+        await _apply(readable_stack, state)
         login = "Basic " + base64.b64encode(b"alice:s3cret").decode()
         port = readable_stack.web_port
         assert await _status(port, "/index.html", Authorization=login) == 200
@@ -839,7 +833,7 @@ class TestClientAddresses:
             Location(path="/", root=str(www)),
             gzip=gzip,
         )
-        await self._apply(stack, state)
+        await _apply(stack, state)
         base = f"http://127.0.0.1:{stack.web_port}"
         headers = {"Host": "localhost", "Accept-Encoding": "gzip"}
         async with httpx.AsyncClient(base_url=base, headers=headers) as client:
@@ -861,7 +855,7 @@ class TestClientAddresses:
             Location(path="/a.b/", root=str(www), rate_limit=RateLimit(rate=1, per="minute")),
             rate_limit=RateLimit(rate=1, per="minute", burst=2),
         )
-        await self._apply(stack, state)
+        await _apply(stack, state)
         port = stack.web_port
         # One a minute plus a burst of two: three at once, then refused.
         assert [await _status(port, "/index.html") for _ in range(4)] == [200, 200, 200, 429]
@@ -892,7 +886,7 @@ class TestClientAddresses:
                 site("tls", stack.web_port, Location(path="/z/", root=str(www))),
             )
         )
-        await self._apply(stack, state)
+        await _apply(stack, state)
 
     @pytest.mark.parametrize("header", ["X-Forwarded-For", "X-Real-IP"])
     async def test_real_ip_from_believes_only_the_listed_proxies(
@@ -903,9 +897,9 @@ class TestClientAddresses:
         port = stack.web_port
         office = {header.replace("-", "_"): "192.0.2.7"}
         elsewhere = {header.replace("-", "_"): "198.51.100.1"}
-        await self._apply(stack, self._state(stack, www, allow=("192.0.2.0/24",)))
+        await _apply(stack, self._state(stack, www, allow=("192.0.2.0/24",)))
         assert await _status(port, "/index.html", **office) == 403  # spoofing refused
-        await self._apply(
+        await _apply(
             stack,
             self._state(
                 stack,
@@ -945,7 +939,7 @@ class TestClientAddresses:
             )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(listener.serve, _upstream(seen))
-                await self._apply(stack, state)
+                await _apply(stack, state)
                 status = await _status(stack.web_port, "/", X_Forwarded_For="203.0.113.9")
                 tg.cancel_scope.cancel()
         assert status == 200
@@ -972,8 +966,7 @@ class TestProxyPaths:
             )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(listener.serve, _upstream(heads))
-                report = await stack.driver.apply(stack.update(state), stack.render(state))
-                assert report.outcome == "applied", report.message
+                await _apply(stack, state)
                 for path in ("/api/users?x=1", "/api/", "/v1"):
                     assert (await stack.fetch(path)).status == 200, path
                 tg.cancel_scope.cancel()
@@ -1018,8 +1011,7 @@ class TestStreaming:
             )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(listener.serve, upload)
-                report = await stack.driver.apply(stack.update(state), stack.render(state))
-                assert report.outcome == "applied", report.message
+                await _apply(stack, state)
                 async with await anyio.connect_tcp("127.0.0.1", stack.web_port) as client:
                     await client.send(
                         b"POST /upload HTTP/1.1\r\nHost: localhost\r\n"
@@ -1109,8 +1101,7 @@ class TestUnknownHosts:
         """Without a default_server site, a request for another name (or by IP) gets its
         connection closed (444) instead of the only site's content."""
         state = one_site_state(stack.web_port, "known.test", "known")
-        report = await stack.driver.apply(stack.update(state), stack.render(state))
-        assert report.outcome == "applied", report.message
+        await _apply(stack, state)
         known = await stack.fetch(host="known.test")
         assert known.text == "known"
         assert known.headers["content-type"] == "text/plain"  # a return body is text
@@ -1129,16 +1120,14 @@ class TestUnknownHosts:
     async def test_a_default_server_site_answers_every_name(self, stack: NginxStack) -> None:
         """``default_server: true`` makes the site answer names no site serves."""
         state = one_site_state(stack.web_port, "known.test", "known", default_server=True)
-        report = await stack.driver.apply(stack.update(state), stack.render(state))
-        assert report.outcome == "applied", report.message
+        await _apply(stack, state)
         assert (await stack.fetch(host="other.test")).text == "known"
 
     async def test_a_catch_all_name_site_still_answers_every_name(self, stack: NginxStack) -> None:
         """A site named ``_`` (nginx's idiom for "any name") is its sockets' default
         server: the unknown-names server does not take its requests."""
         state = one_site_state(stack.web_port, "_", "any")
-        report = await stack.driver.apply(stack.update(state), stack.render(state))
-        assert report.outcome == "applied", report.message
+        await _apply(stack, state)
         assert (await stack.fetch(host="whatever.test")).text == "any"
 
     async def test_tls_sockets_keep_their_sites_protocols(self, stack: NginxStack) -> None:
