@@ -18,6 +18,7 @@ from nxmesh.core.model import (
     CertificateRef,
     ConfigVersion,
     DesiredState,
+    ErrorPage,
     FrozenMap,
     Header,
     HealthReport,
@@ -512,6 +513,105 @@ class TestSite:
         with pytest.raises(Invalid) as exc:
             make_site(**{field: ()})  # type: ignore[arg-type]
         assert paths_of(exc) == [field]
+
+
+class TestErrorPages:
+    def test_a_page_per_set_of_codes_round_trips(self) -> None:
+        """Pages keep their codes and HTML (CR LF and non-ASCII included) through the
+        converter; the body stays out of repr (it can be 64 KB)."""
+        from nxmesh.core.serialization import structure
+
+        page = ErrorPage(codes=(502, 503), body="<p>Back soon</p>\r\n<p>Bientôt</p>")
+        site = make_site(error_pages=(page,), intercept_upstream_errors=True)
+        assert structure(unstructure(site), Site) == site
+        assert "Back soon" not in repr(site)
+
+    @pytest.mark.parametrize(
+        ("codes", "path", "says"),
+        [
+            ((), "codes", "needs at least one status code"),
+            ((200,), "codes[0]", "must be a 4xx or 5xx status code, got 200"),
+            ((302,), "codes[0]", "must be a 4xx or 5xx status code, got 302"),
+            ((600,), "codes[0]", "must be a 4xx or 5xx status code, got 600"),
+            ((444,), "codes[0]", "444 closes the connection without a response"),
+            ((404, 499), "codes[1]", "499 is never sent"),
+            ((404, 404), "codes[1]", "repeats [0] (404)"),
+            ((True,), "codes[0]", "must be an integer, got a boolean"),
+            (["404"], "codes", "must be a tuple"),
+        ],
+    )
+    def test_codes_are_client_and_server_errors_nginx_answers(
+        self, codes: Any, path: str, says: str
+    ) -> None:
+        """Only 4xx and 5xx codes nginx sends a response for, each once, named by index."""
+        with pytest.raises(Invalid) as exc:
+            ErrorPage(codes=codes, body="x")
+        assert paths_of(exc) == [path]
+        assert says in str(exc.value)
+
+    @pytest.mark.parametrize(
+        ("body", "says"),
+        [
+            ("", "must not be empty"),
+            ("a\x00b", "NUL"),
+            ("a\x1b[31m", "must be HTML text without control characters"),
+            ("x" * 65_537, "at most 65536 are allowed"),
+        ],
+    )
+    def test_body_is_bounded_text(self, body: str, says: str) -> None:
+        """The page is text of at most 64 Ki characters, without control characters
+        other than tab and line ends."""
+        with pytest.raises(Invalid) as exc:
+            ErrorPage(codes=(500,), body=body)
+        assert paths_of(exc) == ["body"]
+        assert says in str(exc.value)
+
+    def test_a_code_belongs_to_one_page(self) -> None:
+        """A code on two pages would leave one page unused for it: refused, naming both."""
+        pages = (ErrorPage(codes=(502, 503), body="a"), ErrorPage(codes=(404, 503), body="b"))
+        with pytest.raises(Invalid) as exc:
+            make_site(error_pages=pages)
+        problem = ("error_pages[1].codes[1]", "503 is in error_pages[0] already")
+        assert list(exc.value.problems) == [problem]
+
+    def test_intercepting_needs_pages(self) -> None:
+        """``intercept_upstream_errors`` without pages would change nothing: refused."""
+        with pytest.raises(Invalid) as exc:
+            make_site(intercept_upstream_errors=True)
+        assert paths_of(exc) == ["intercept_upstream_errors"]
+
+    @pytest.mark.parametrize(
+        ("path", "match", "refused"),
+        [
+            ("/.nxmesh-errors/", "prefix", True),
+            ("/.nxmesh-errors/0.html", "exact", True),
+            ("/.nxmesh-errors/x/", "prefix_priority", True),
+            ("^/\\.nxmesh-errors/", "regex", False),
+            ("/.nxmesh-errors", "exact", False),
+        ],
+    )
+    def test_the_pages_uri_prefix_is_the_renderers(
+        self, path: str, match: str, refused: bool
+    ) -> None:
+        """With pages, a location under their URI prefix would take nginx's redirects to
+        them (or be a duplicate location); a regex location never beats the renderer's
+        ``^~`` location. Without pages the path is the site's own."""
+        location = loc(path, match=match)
+        page = ErrorPage(codes=(404,), body="x")
+        make_site(locations=(loc(), location))
+        if not refused:
+            make_site(locations=(loc(), location), error_pages=(page,))
+            return
+        with pytest.raises(Invalid) as exc:
+            make_site(locations=(loc(), location), error_pages=(page,))
+        assert paths_of(exc) == ["locations[1].path"]
+        assert "where the site's error pages are served from" in str(exc.value)
+
+    def test_earlier_states_keep_their_digest(self) -> None:
+        """Both fields are left out of the canonical JSON at their defaults."""
+        data = unstructure(make_site())
+        assert "error_pages" not in data
+        assert "intercept_upstream_errors" not in data
 
 
 class TestUpstreamTLS:

@@ -31,6 +31,7 @@ from nxmesh.core.model import (
     BasicAuthUser,
     CertificateRef,
     DesiredState,
+    ErrorPage,
     Listener,
     Location,
     PendingApply,
@@ -641,9 +642,11 @@ async def _apply(stack: NginxStack, state: DesiredState) -> None:
     assert report.outcome == "applied", report.message
 
 
-def _upstream(heads: list[bytes], body: bytes = b"ok") -> Callable[[Any], Awaitable[None]]:
-    """A one-request HTTP upstream: records each request head in `heads`, answers 200
-    with `body`. A connection nginx drops (a certificate it refused) is let go."""
+def _upstream(
+    heads: list[bytes], body: bytes = b"ok", status: bytes = b"200 OK"
+) -> Callable[[Any], Awaitable[None]]:
+    """A one-request HTTP upstream: records each request head in `heads`, answers
+    `status` with `body`. A connection nginx drops (a certificate it refused) is let go."""
 
     async def serve(stream: anyio.abc.ByteStream) -> None:
         with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
@@ -652,7 +655,7 @@ def _upstream(heads: list[bytes], body: bytes = b"ok") -> Callable[[Any], Awaita
                 while b"\r\n\r\n" not in head:
                     head += await stream.receive()
                 heads.append(head)
-                answer = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                answer = b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status, len(body), body)
                 await stream.send(answer)
 
     return serve
@@ -975,6 +978,105 @@ class TestProxyPaths:
             assert seen == ["GET /users?x=1 HTTP/1.1", "GET / HTTP/1.1", "GET / HTTP/1.1"]
         else:
             assert seen == ["GET /api/users?x=1 HTTP/1.1", "GET /api/ HTTP/1.1", "GET /v1 HTTP/1.1"]
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on: nginx's connection to it is refused (502)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+NOT_FOUND_PAGE = "<h1>Nothing here</h1>\r\n"
+DOWN_PAGE = "<p>Back soon — entretien en cours</p>\n"
+
+
+class TestErrorPages:
+    def _state(self, port: int, www: Path, upstream_port: int, **site: Any) -> DesiredState:
+        return _files(
+            port,
+            Location(path="/", root=str(www)),
+            Location(path="/app/", upstream="app"),
+            Location(path="/gone", return_=Return(code=410)),
+            upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{upstream_port}"),)),),
+            error_pages=(
+                ErrorPage(codes=(404, 410), body=NOT_FOUND_PAGE),
+                ErrorPage(codes=(502, 503, 504), body=DOWN_PAGE),
+            ),
+            **site,
+        )
+
+    async def test_nginx_errors_get_the_sites_pages(
+        self, readable_stack: NginxStack, www: Path
+    ) -> None:
+        """A missing file, a ``return 410`` and an unreachable upstream answer with the
+        site's pages, as UTF-8 HTML, keeping their status codes; files are untouched;
+        the pages' own URIs are not served to clients."""
+        stack = readable_stack
+        await _apply(stack, self._state(stack.web_port, www, _closed_port()))
+        base = f"http://127.0.0.1:{stack.web_port}"
+        async with httpx.AsyncClient(base_url=base, headers={"Host": "localhost"}) as client:
+            home = await client.get("/index.html")
+            assert (home.status_code, home.text) == (200, "home")
+            for path, status, page in [
+                ("/missing.html", 404, NOT_FOUND_PAGE),
+                ("/gone", 410, NOT_FOUND_PAGE),
+                ("/app/users", 502, DOWN_PAGE),
+                # The 502 page's URI asked for directly: not found, so the 404 page.
+                ("/.nxmesh-errors/1.html", 404, NOT_FOUND_PAGE),
+            ]:
+                response = await client.get(path)
+                assert (response.status_code, response.text) == (status, page), path
+                assert response.headers["content-type"] == "text/html; charset=utf-8"
+            head = await client.head("/app/users")
+            assert (head.status_code, head.content) == (502, b"")
+
+    @pytest.mark.parametrize("intercept", [False, True])
+    async def test_upstream_errors_pass_through_unless_intercepted(
+        self, readable_stack: NginxStack, www: Path, intercept: bool
+    ) -> None:
+        """An upstream's own 503 (an API's JSON error) reaches the client as sent; with
+        ``intercept_upstream_errors`` the site's page replaces it, status kept."""
+        stack = readable_stack
+        heads: list[bytes] = []
+        body = b'{"error": "maintenance"}'
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            state = self._state(stack.web_port, www, port, intercept_upstream_errors=intercept)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, _upstream(heads, body, b"503 Service Unavailable"))
+                await _apply(stack, state)
+                response = await stack.fetch("/app/status")
+                tg.cancel_scope.cancel()
+        assert heads  # the upstream answered
+        assert response.status == 503
+        assert response.text == (DOWN_PAGE if intercept else body.decode())
+
+    async def test_refused_clients_get_the_page_and_still_the_password_prompt(
+        self, readable_stack: NginxStack, www: Path, hashes: tuple[str, str]
+    ) -> None:
+        """The page of a 401 keeps ``WWW-Authenticate`` (browsers still ask for the
+        password), and a client the site's ``allow`` refuses gets the 403 page."""
+        stack = readable_stack
+        pages = (ErrorPage(codes=(401,), body="<p>Log in</p>"), ErrorPage(codes=(403,), body="no"))
+        auth = BasicAuth(realm="Team", users=(BasicAuthUser(name="a", password_hash=hashes[0]),))
+        state = _files(
+            stack.web_port,
+            Location(path="/", root=str(www)),
+            Location(path="/a.b/", root=str(www), allow=("10.0.0.0/8",)),
+            basic_auth=auth,
+            error_pages=pages,
+        )
+        await _apply(stack, state)
+        base = f"http://127.0.0.1:{stack.web_port}"
+        async with httpx.AsyncClient(base_url=base, headers={"Host": "localhost"}) as client:
+            asked = await client.get("/index.html")
+            assert (asked.status_code, asked.text) == (401, "<p>Log in</p>")
+            assert asked.headers["www-authenticate"] == 'Basic realm="Team"'
+            login = {"Authorization": "Basic " + base64.b64encode(b"a:s3cret").decode()}
+            refused = await client.get("/a.b/file.txt", headers=login)
+            assert (refused.status_code, refused.text) == (403, "no")
+            assert (await client.get("/index.html", headers=login)).text == "home"
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,11 @@ from hypothesis import strategies as st
 
 from nxmesh.core import validation as v
 from nxmesh.core.model import (
+    ERROR_PAGE_PREFIX,
     BasicAuth,
     BasicAuthUser,
     DesiredState,
+    ErrorPage,
     Header,
     Listener,
     Location,
@@ -145,6 +147,10 @@ ALLOWED_DIRECTIVES = frozenset(
         "gzip_types",
         "limit_req",
         "limit_req_status",
+        "error_page",
+        "proxy_intercept_errors",
+        "internal",
+        "charset",
     }
 )
 
@@ -314,6 +320,26 @@ rate_limits = st.builds(
     per=st.sampled_from(["second", "minute"]),
     burst=st.integers(0, 100_000),
 )
+# Codes drawn once for all of a site's pages, then split among them: a code is on one page.
+error_codes = st.sampled_from([c for c in range(400, 600) if c not in (444, 499)])
+error_bodies = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cc", "Cs")) | st.sampled_from("\r\n\t"),
+    min_size=1,
+    max_size=40,
+).filter(lambda body: v.ERROR_PAGE_BODY.reason(body) is None)  # U+2028, U+2029
+
+
+@st.composite
+def error_page_lists(draw: st.DrawFn) -> tuple[ErrorPage, ...]:
+    codes = draw(st.lists(error_codes, max_size=6, unique=True))
+    pages = []
+    while codes:
+        take = draw(st.integers(1, len(codes)))
+        pages.append(ErrorPage(codes=tuple(codes[:take]), body=draw(error_bodies)))
+        codes = codes[take:]
+    return tuple(pages)
+
+
 basic_auths = st.builds(
     lambda realm, users: BasicAuth(
         realm=realm,
@@ -374,8 +400,11 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
     real_ip_from = draw(client_networks(v.TRUSTED_PROXY))
     allow = draw(client_networks(v.ALLOWED_CLIENT))
     basic_auth = draw(st.none() | basic_auths)
+    pages = draw(error_page_lists())
     return Site(
         name=name,
+        error_pages=pages,
+        intercept_upstream_errors=bool(pages) and draw(st.booleans()),
         allow=allow,
         basic_auth=basic_auth,
         satisfy=draw(st.sampled_from(["all", "any"])) if allow and basic_auth else "all",
@@ -400,6 +429,11 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
                     max_size=5,
                     # `/a/` and `^~ /a/` are one location to nginx
                     unique_by=lambda loc: (loc.match.replace("_priority", ""), loc.path),
+                ).filter(
+                    # the error pages' URI prefix is the renderer's (see ErrorPage)
+                    lambda locs: (
+                        not pages or not any(loc.path.startswith(ERROR_PAGE_PREFIX) for loc in locs)
+                    )
                 )
             )
         ),
@@ -612,6 +646,7 @@ def access_lines(allow: tuple[str, ...]) -> list[tuple[str, list[str]]]:
 GZIP_DIRECTIVES = ["gzip", "gzip_vary", "gzip_proxied", "gzip_min_length", "gzip_types"]
 
 REAL_IP = frozenset({"set_real_ip_from", "real_ip_header", "real_ip_recursive"})
+PAGE_DIRECTIVES = frozenset({"error_page", "proxy_intercept_errors"})
 
 
 def auth_lines(auth: Any, path: str | None) -> list[tuple[str, list[str]]]:
@@ -684,6 +719,28 @@ def check_acme_location(block: Directive) -> None:
     assert values(block["block"][4]) == ["off"]
 
 
+def error_page_lines(site: Site) -> list[tuple[str, list[str]]]:
+    """One ``error_page`` per page: its codes, then its URI; and the intercept switch."""
+    lines = [
+        ("error_page", [*map(str, page.codes), f"{ERROR_PAGE_PREFIX}{n}.html"])
+        for n, page in enumerate(site.error_pages)
+    ]
+    return lines + ([("proxy_intercept_errors", ["on"])] if site.intercept_upstream_errors else [])
+
+
+def check_error_page_location(site: Site, block: Directive) -> None:
+    """The pages' location: internal, the site's page directory, open to every client
+    (the page of a refusal goes to the refused)."""
+    assert values(block) == ["^~", ERROR_PAGE_PREFIX]
+    assert [(d["directive"], values(d)) for d in block["block"]] == [
+        ("internal", []),
+        ("alias", [f"current/error-pages/{site.name}/"]),
+        ("charset", ["utf-8"]),
+        ("allow", ["all"]),
+        ("auth_basic", ["off"]),
+    ]
+
+
 def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None:
     upstreams = {up.name: up for up in state.upstreams}
     view = site_view(site, upstreams)
@@ -727,7 +784,9 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
         + (GZIP_DIRECTIVES if site.gzip else [])
         + ([] if site.access_log else ["access_log"])
         + ["add_header"] * len(view.headers)
+        + [name for name, _ in error_page_lines(site)]
         + (["location"] if acme and not view.redirect_listens else [])
+        + (["location"] if site.error_pages else [])
         + ["location"] * len(site.locations)
     )
     by_name = {n: [values(d) for d in main if d["directive"] == n] for n in set(names)}
@@ -750,9 +809,13 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
     assert [(d["directive"], values(d)) for d in main if d["directive"] in access] == (
         real_ip_lines(site) + access_lines(site.allow) + site_auth
     )
+    pages = [(d["directive"], values(d)) for d in main if d["directive"] in PAGE_DIRECTIVES]
+    assert pages == error_page_lines(site)
     blocks = [d for d in main if d["directive"] == "location"]
     if acme and not view.redirect_listens:
         check_acme_location(blocks.pop(0))
+    if site.error_pages:
+        check_error_page_location(site, blocks.pop(0))
     for block, location_view in zip(blocks, view.locations, strict=True):
         loc_args, loc_names, loc_values = expected_location(site, location_view, upstreams)
         assert values(block) == loc_args
@@ -854,6 +917,12 @@ class TestStructure:
         bundle = _renderer().render(state)
         htpasswd = {p: bundle.text(p) for p in bundle.files if p.startswith("htpasswd/")}
         assert htpasswd == {p: t for s in state.sites for p, t in htpasswd_expected(s).items()}
+        pages = {p: bundle.text(p) for p in bundle.files if p.startswith("error-pages/")}
+        assert pages == {
+            f"error-pages/{s.name}/{n}.html": page.body
+            for s in state.sites
+            for n, page in enumerate(s.error_pages)
+        }
         cas = {p: bundle.text(p) for p in bundle.files if p.startswith("upstream-ca/")}
         assert cas == {
             f"upstream-ca/{up.name}.pem": up.tls.ca

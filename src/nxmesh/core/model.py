@@ -41,6 +41,7 @@ from nxmesh.core.hints import closest
 
 __all__ = [
     "ADDED_FIELD",
+    "ERROR_PAGE_PREFIX",
     "Agent",
     "ApplyReport",
     "BasicAuth",
@@ -48,6 +49,7 @@ __all__ = [
     "CertificateRef",
     "ConfigVersion",
     "DesiredState",
+    "ErrorPage",
     "FrozenMap",
     "Header",
     "HealthReport",
@@ -482,6 +484,34 @@ _LOCATION_DEFAULTS: Final = {a.name: a.default for a in attrs.fields(Location)}
 
 RealIpHeader = Literal["X-Forwarded-For", "X-Real-IP"]
 
+# 444 closes the connection without a response and 499 is only logged (the client left):
+# nginx never sends a page for either.
+_NO_PAGE_CODES: Final = {444: "closes the connection without a response", 499: "is never sent"}
+
+
+def _error_page_code(code: int) -> str | None:
+    if not 400 <= code <= 599:
+        return f"must be a 4xx or 5xx status code, got {code}"
+    if code in _NO_PAGE_CODES:
+        return f"{code} {_NO_PAGE_CODES[code]}: nginx has no page to replace"
+    return None
+
+
+ERROR_PAGE_PREFIX: Final = "/.nxmesh-errors/"
+"""URI prefix of a site's error pages: an ``internal`` location, so clients cannot ask for
+them directly; a site with `error_pages` cannot have a location of its own there."""
+
+
+@attrs.frozen(kw_only=True)
+class ErrorPage:
+    """A page nginx serves instead of its own for the responses with these status codes
+    (``error_page``). The status code stays what it was; `body` is the page's HTML."""
+
+    codes: tuple[int, ...] = attrs.field(
+        validator=v.each_int(_error_page_code, lo=1, hi=64, noun="status code")
+    )
+    body: str = attrs.field(validator=v.text(v.ERROR_PAGE_BODY), repr=False)
+
 
 @attrs.frozen(kw_only=True)
 class Site:
@@ -524,9 +554,15 @@ class Site:
     rate_limit: RateLimit | None = _optional_field(RateLimit)
     satisfy: Satisfy = _satisfy_field()
     gzip: bool = attrs.field(default=False, validator=v.choice(True, False), metadata=ADDED_FIELD)
+    error_pages: tuple[ErrorPage, ...] = attrs.field(
+        default=(), validator=v.count(ErrorPage, hi=16, noun="error page"), metadata=ADDED_FIELD
+    )
+    intercept_upstream_errors: bool = attrs.field(
+        default=False, validator=v.choice(True, False), metadata=ADDED_FIELD
+    )
 
     def __attrs_post_init__(self) -> None:
-        found: list[tuple[str, str]] = []
+        found = self._error_page_problems()
         if self.satisfy == "any" and not (self.allow and self.basic_auth):
             found.append(("satisfy", _SATISFY_NEEDS))
         for i, loc in enumerate(self.locations):
@@ -562,6 +598,34 @@ class Site:
                 found.append((f"listeners[{i}].port", again))
             seen.setdefault(bind, i)
         v.raise_problems(found)
+
+    def _error_page_problems(self) -> list[tuple[str, str]]:
+        found: list[tuple[str, str]] = []
+        if self.intercept_upstream_errors and not self.error_pages:
+            found.append(
+                (
+                    "intercept_upstream_errors",
+                    "only applies with error_pages (the pages that replace the upstreams' "
+                    "error responses)",
+                )
+            )
+        first: dict[int, str] = {}
+        for i, page in enumerate(self.error_pages):
+            for j, code in enumerate(page.codes):
+                where = first.setdefault(code, f"error_pages[{i}]")
+                if where != f"error_pages[{i}]":
+                    found.append((f"error_pages[{i}].codes[{j}]", f"{code} is in {where} already"))
+        if self.error_pages:
+            for i, loc in enumerate(self.locations):
+                if loc.match in _PATH_MATCHES and loc.path.startswith(ERROR_PAGE_PREFIX):
+                    found.append(
+                        (
+                            f"locations[{i}].path",
+                            f"{ERROR_PAGE_PREFIX} is where the site's error pages are served "
+                            "from (error_pages); choose another path",
+                        )
+                    )
+        return found
 
 
 # ---------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ __all__ = [
     "CHECK_NAME",
     "CONTROL_CHARACTERS",
     "DIGEST",
+    "ERROR_PAGE_BODY",
     "FALLBACK_URI",
     "FILE_NAME",
     "HEADER_NAME",
@@ -66,6 +67,7 @@ __all__ = [
     "count",
     "describe",
     "each",
+    "each_int",
     "explain",
     "finite",
     "instance",
@@ -557,6 +559,17 @@ LOG_TEXT = TextRule(
     max_len=4096,
     min_len=0,
     allowed="\n\t",
+)
+
+
+# An error page's HTML: a file of the bundle nginx serves as is, never nginx syntax. No
+# control characters but tab and line ends (an editor's CR LF included).
+ERROR_PAGE_BODY = TextRule(
+    "HTML text without control characters",
+    _rx(f"[^{_class_of(CONTROL_CHARACTERS - {0x0D})}]+"),
+    max_len=65_536,
+    allowed="\n\t\r",
+    nginx=False,
 )
 
 
@@ -1450,6 +1463,30 @@ def each(rule: TextRule, *, lo: int = 0, hi: int, noun: str) -> FieldCheck:
             for i, item in enumerate(value)
             if (reason := rule.reason(item)) is not None
         ]
+
+    return FieldCheck(check)
+
+
+def each_int(
+    allowed: Callable[[int], str | None], *, lo: int = 0, hi: int, noun: str
+) -> FieldCheck:
+    """Validate a tuple of distinct integers: its length, then every item with `allowed`
+    (a reason, or None when the value is acceptable)."""
+
+    def check(value: object) -> Problems:
+        if (reason := _length(value, lo, hi, noun)) is not None:
+            return [("", reason)]
+        assert isinstance(value, tuple)
+        found: list[tuple[str, str]] = []
+        seen: dict[object, int] = {}
+        for i, item in enumerate(value):
+            if not isinstance(item, int) or isinstance(item, bool):
+                found.append((f"[{i}]", f"must be an integer, got {describe(item)}"))
+            elif (reason := allowed(item)) is not None:
+                found.append((f"[{i}]", reason))
+            elif seen.setdefault(item, i) != i:
+                found.append((f"[{i}]", f"repeats [{seen[item]}] ({item})"))
+        return found
 
     return FieldCheck(check)
 

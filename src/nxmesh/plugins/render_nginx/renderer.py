@@ -35,6 +35,7 @@ import attrs
 from nxmesh.core.bundle import Bundle, bundle_digest
 from nxmesh.core.errors import NxMeshError
 from nxmesh.core.model import (
+    ERROR_PAGE_PREFIX,
     CertificateRef,
     DesiredState,
     Header,
@@ -69,11 +70,13 @@ __all__ = [
     "BUILTIN_TEMPLATES",
     "CERTS_DIR",
     "DEFAULT_STATUS_PORT",
+    "ERROR_PAGES_DIR",
     "STATUS_FILE",
     "SYSTEM_CA_FILE",
     "TEMPLATE_NAMES",
     "UPSTREAM_CA_DIR",
     "CertificatePaths",
+    "ErrorPageView",
     "HeaderLine",
     "LocationView",
     "NginxRenderer",
@@ -83,6 +86,7 @@ __all__ = [
     "TemplateRenderError",
     "certificate_paths",
     "config_digest",
+    "error_page_files",
     "plugin_template_paths",
     "renderer_for",
     "site_view",
@@ -101,6 +105,7 @@ TEMPLATE_NAMES = (
     "location.conf.j2",
     "server_extra.conf.j2",
     "acme_challenge.conf.j2",
+    "error_pages.conf.j2",
     "real_ip.conf.j2",
     "status.conf.j2",
     "unknown_hosts.conf.j2",
@@ -120,6 +125,10 @@ ACME_CHALLENGE_DIR = "acme-challenge"
 """Bundle directory for pending ACME HTTP-01 tokens, the other place `extra_files` may write.
 
 Kept apart from ``certs/`` so the challenge location can never serve a key file."""
+
+ERROR_PAGES_DIR = "error-pages"
+"""Bundle directory of the sites' error pages: ``error-pages/<site>/<n>.html`` for the
+site's ``error_pages[n]``, served under `ERROR_PAGE_PREFIX` by an ``internal`` location."""
 
 EXTRA_FILE_DIRS = (CERTS_DIR, ACME_CHALLENGE_DIR)
 _ENCRYPTED_KEY = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
@@ -571,6 +580,16 @@ class LocationView:
 
 
 @attrs.frozen
+class ErrorPageView:
+    """One ``error_page`` line: the status codes and the URI of their page."""
+
+    codes: Token
+    """The status codes, space-separated."""
+    uri: Token
+    """``/.nxmesh-errors/<n>.html``: the page's file under `SiteView.error_pages_dir`."""
+
+
+@attrs.frozen
 class SiteView:
     """A site with its derived tokens computed once, in Python, for the templates.
 
@@ -590,6 +609,9 @@ class SiteView:
     """The bundle's htpasswd file of the site's `basic_auth` (`htpasswd_files`)."""
     rate_zone: RateZone | None = None
     """The ``limit_req`` zone of the site's `rate_limit`."""
+    error_pages: tuple[ErrorPageView, ...] = ()
+    error_pages_dir: str | None = None
+    """The bundle directory of the site's error pages (`error_page_files`); None: none."""
 
     @property
     def rate_zones(self) -> tuple[RateZone, ...]:
@@ -653,6 +675,14 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
         locations=tuple(locations),
         auth_file=_auth_file(site) if site.basic_auth is not None else None,
         rate_zone=_rate_zone(site, site.rate_limit),
+        error_pages=tuple(
+            ErrorPageView(
+                codes=Token(" ".join(str(code) for code in page.codes)),
+                uri=Token(f"{ERROR_PAGE_PREFIX}{n}.html"),
+            )
+            for n, page in enumerate(site.error_pages)
+        ),
+        error_pages_dir=_error_pages_dir(site) if site.error_pages else None,
     )
 
 
@@ -713,6 +743,19 @@ def upstream_ca_files(upstreams: Iterable[Upstream]) -> dict[str, bytes]:
     }
 
 
+def _error_pages_dir(site: Site) -> str:
+    return f"{ERROR_PAGES_DIR}/{_stem(site.name)}"
+
+
+def error_page_files(site: Site) -> dict[str, bytes]:
+    """The site's error pages, ``<n>.html`` for ``error_pages[n]``, in the directory its
+    view names (`SiteView.error_pages_dir`), as UTF-8."""
+    if not site.error_pages:
+        return {}
+    directory = _error_pages_dir(site)
+    return {f"{directory}/{n}.html": page.body.encode() for n, page in enumerate(site.error_pages)}
+
+
 def htpasswd_files(view: SiteView) -> dict[str, bytes]:
     """The htpasswd files a site needs, at the paths its view names (`auth_file`): one
     for its own `basic_auth`, one per location with its own (which replaces the site's
@@ -759,6 +802,7 @@ _VALUE_TYPES: tuple[type[Any], ...] = (
     HeaderLine,
     SiteView,
     LocationView,
+    ErrorPageView,
 )
 
 
@@ -830,6 +874,7 @@ def _environment(template_dir: Path | None, template_paths: Sequence[Path]) -> S
         site_view=site_view,
         websocket_read_timeout=WEBSOCKET_READ_TIMEOUT,
         acme_challenge_dir=ACME_CHALLENGE_DIR,
+        error_page_prefix=ERROR_PAGE_PREFIX,
     )
     return env
 
@@ -989,6 +1034,7 @@ class NginxRenderer:
             site_context["view"] = view
             files[path] = self._run(site_template, site_context)
             files.update(htpasswd_files(view))
+            files.update(error_page_files(site))
         files[UNKNOWN_HOSTS_FILE] = self._render(
             "unknown_hosts.conf.j2", {**base, "unknown_host_listens": unknown_host_listens(state)}
         )
