@@ -998,10 +998,13 @@ class TestErrorPages:
             Location(path="/", root=str(www)),
             Location(path="/app/", upstream="app"),
             Location(path="/gone", return_=Return(code=410)),
+            Location(path="/a.b/", root=str(www), rate_limit=RateLimit(rate=1, per="minute")),
+            Location(path="/upload", root=str(www), client_max_body_size="1k"),
             upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{upstream_port}"),)),),
             error_pages=(
                 ErrorPage(codes=(404, 410), body=NOT_FOUND_PAGE),
                 ErrorPage(codes=(502, 503, 504), body=DOWN_PAGE),
+                ErrorPage(codes=(413, 429), body="<p>Slow down</p>"),
             ),
             **site,
         )
@@ -1009,9 +1012,10 @@ class TestErrorPages:
     async def test_nginx_errors_get_the_sites_pages(
         self, readable_stack: NginxStack, www: Path
     ) -> None:
-        """A missing file, a ``return 410`` and an unreachable upstream answer with the
-        site's pages, as UTF-8 HTML, keeping their status codes; files are untouched;
-        the pages' own URIs are not served to clients."""
+        """A missing file, a ``return 410``, an unreachable upstream, a rate limit and
+        a body too large answer with the site's pages, as UTF-8 HTML, keeping their
+        status codes; files are untouched; the pages' own URIs are not served to
+        clients."""
         stack = readable_stack
         await _apply(stack, self._state(stack.web_port, www, _closed_port()))
         base = f"http://127.0.0.1:{stack.web_port}"
@@ -1024,10 +1028,15 @@ class TestErrorPages:
                 ("/app/users", 502, DOWN_PAGE),
                 # The 502 page's URI asked for directly: not found, so the 404 page.
                 ("/.nxmesh-errors/1.html", 404, NOT_FOUND_PAGE),
+                ("/a.b/file.txt", 200, "dotted directory"),
+                ("/a.b/file.txt", 429, "<p>Slow down</p>"),  # one a minute
             ]:
                 response = await client.get(path)
                 assert (response.status_code, response.text) == (status, page), path
-                assert response.headers["content-type"] == "text/html; charset=utf-8"
+                if status != 200:
+                    assert response.headers["content-type"] == "text/html; charset=utf-8"
+            large = await client.post("/upload", content=b"x" * 4096)
+            assert (large.status_code, large.text) == (413, "<p>Slow down</p>")
             head = await client.head("/app/users")
             assert (head.status_code, head.content) == (502, b"")
 
