@@ -38,3 +38,22 @@ def test_upstream_ca_file_must_be_an_absolute_path(value: str) -> None:
     env = {"NXMESH_AGENT__UPSTREAM_CA_FILE": value}
     with pytest.raises(ConfigurationError, match="upstream_ca_file must be an absolute file path"):
         load_settings(_pm(), environ=env)
+
+
+def test_proxy_cache_size_reaches_the_renderer(tmp_path: Path) -> None:
+    """`[agent] proxy_cache_size` bounds the proxy cache the renderer declares; unset,
+    the renderer's 1g."""
+    assert render_settings_of(load_settings(_pm(), environ={})).proxy_cache_size == "1g"
+    path = tmp_path / "nxmesh.toml"
+    path.write_text('[agent]\nproxy_cache_size = "512m"\n')
+    settings = load_settings(_pm(), path=path, environ={})
+    assert render_settings_of(settings).proxy_cache_size == "512m"
+
+
+@pytest.mark.parametrize("value", ["1 g", "1g;", "1t", "-1"])
+def test_proxy_cache_size_is_an_nginx_size(value: str) -> None:
+    """Anything but digits and a k, m or g suffix is refused, naming the setting (it is
+    written into nginx.conf)."""
+    env = {"NXMESH_AGENT__PROXY_CACHE_SIZE": value}
+    with pytest.raises(ConfigurationError, match=r"proxy_cache_size .*must be a size like 10m"):
+        load_settings(_pm(), environ=env)

@@ -26,6 +26,7 @@ from nxmesh.core.model import (
     LabelSelector,
     Listener,
     Location,
+    ProxyCache,
     RateLimit,
     Redirect,
     Return,
@@ -288,6 +289,45 @@ class TestLocation:
             loc("/", proxy_request_buffering=False, **action)
         assert paths_of(exc) == ["proxy_request_buffering"]
         assert loc("/", **action).proxy_request_buffering is True
+
+    @pytest.mark.parametrize("action", [{"root": "/srv/app"}, {"return_": Return(204)}])
+    def test_cache_needs_upstream(self, action: dict[str, object]) -> None:
+        """A cache keeps an upstream's answers: refused on other locations."""
+        with pytest.raises(Invalid) as exc:
+            loc("/", cache=ProxyCache(valid=60), **action)
+        assert paths_of(exc) == ["cache"]
+        assert "proxies to an upstream" in str(exc.value)
+
+    @pytest.mark.parametrize(
+        ("fields", "path", "says"),
+        [
+            ({"valid": 0}, "valid", "must be from 1 to 31536000, got 0"),
+            ({"valid": 31_536_001}, "valid", "must be from 1 to 31536000"),
+            ({"valid": "10m"}, "valid", "must be an integer"),
+            ({"valid": 60, "with_cookies": "yes"}, "with_cookies", "must be one of True, False"),
+        ],
+    )
+    def test_cache_fields_are_checked(
+        self, fields: dict[str, object], path: str, says: str
+    ) -> None:
+        """`valid` is whole seconds, at most a year; the switches are booleans."""
+        with pytest.raises(Invalid) as exc:
+            ProxyCache(**fields)  # type: ignore[arg-type]
+        assert paths_of(exc) == [path]
+        assert says in str(exc.value)
+
+    def test_cache_round_trips_and_keeps_earlier_digests(self) -> None:
+        """Through the converter and back; a location without one keeps its JSON."""
+        from nxmesh.core.serialization import structure
+
+        cached = loc("/", upstream="app", cache=ProxyCache(valid=30, with_cookies=True))
+        assert structure(unstructure(cached), Location) == cached
+        assert unstructure(cached)["cache"] == {
+            "valid": 30,
+            "with_cookies": True,
+            "serve_stale": True,
+        }
+        assert "cache" not in unstructure(loc("/", upstream="app"))
 
     @pytest.mark.parametrize("action", [{"root": "/srv/app"}, {"return_": Return(204)}])
     def test_strip_prefix_needs_upstream(self, action: dict[str, object]) -> None:

@@ -35,6 +35,7 @@ from nxmesh.core.model import (
     Listener,
     Location,
     PendingApply,
+    ProxyCache,
     RateLimit,
     Return,
     Site,
@@ -1086,6 +1087,148 @@ class TestErrorPages:
             refused = await client.get("/a.b/file.txt", headers=login)
             assert (refused.status_code, refused.text) == (403, "no")
             assert (await client.get("/index.html", headers=login)).text == "home"
+
+
+class _CountingUpstream:
+    """An HTTP upstream that numbers what it serves: the body of its n-th answer is
+    ``<n> <Host>``, so a test tells a kept answer from a fresh one. ``/private`` answers
+    with ``Cache-Control: private``, ``/login`` with a ``Set-Cookie``."""
+
+    def __init__(self) -> None:
+        self.served = 0
+
+    async def __call__(self, stream: anyio.abc.ByteStream) -> None:
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+            async with stream:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += await stream.receive()
+                self.served += 1
+                path = head.split(b" ", 2)[1]
+                host = _sent_headers(head)["Host"]
+                body = f"{self.served} {host}".encode()
+                extra = {
+                    b"/private": b"Cache-Control: private\r\n",
+                    b"/login": b"Set-Cookie: session=1\r\n",
+                }.get(path, b"")
+                await stream.send(
+                    b"HTTP/1.1 200 OK\r\n%sContent-Length: %d\r\n\r\n%s" % (extra, len(body), body)
+                )
+
+
+@contextlib.asynccontextmanager
+async def _counting_upstream() -> AsyncIterator[tuple[_CountingUpstream, int]]:
+    """A `_CountingUpstream` on a loopback port, and the port."""
+    upstream = _CountingUpstream()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, upstream)
+        yield upstream, listener.extra(anyio.abc.SocketAttribute.local_port)
+        tg.cancel_scope.cancel()
+
+
+class TestProxyCache:
+    def _state(self, web_port: int, upstream_port: int, cache: ProxyCache) -> DesiredState:
+        """Two sites on one socket proxying to one upstream, both caching."""
+        listener = Listener(port=web_port, address="127.0.0.1")
+        sites = tuple(
+            Site(
+                name=name.split(".")[0],
+                server_names=(name,),
+                listeners=(listener,),
+                locations=(Location(path="/", upstream="app", cache=cache),),
+            )
+            for name in ("localhost", "other.test")
+        )
+        backend = UpstreamServer(f"127.0.0.1:{upstream_port}")
+        return DesiredState(sites=sites, upstreams=(Upstream("app", (backend,)),))
+
+    async def test_answers_are_kept_per_host_and_uri(self, readable_stack: NginxStack) -> None:
+        """A second GET of a URI is answered from the cache, per site: two sites proxying
+        one upstream never get each other's answers; other URIs go upstream. (The stack's
+        tree is one nginx's workers can enter, as /etc/nginx is: they write the cache.)"""
+        stack = readable_stack
+        async with _counting_upstream() as (upstream, port):
+            await _apply(stack, self._state(stack.web_port, port, ProxyCache(valid=60)))
+            bodies = [
+                (await stack.fetch(path, host=host)).text
+                for path, host in [
+                    ("/a", "localhost"),
+                    ("/a", "localhost"),
+                    ("/a", "other.test"),
+                    ("/a", "other.test"),
+                    ("/b", "localhost"),
+                ]
+            ]
+        assert bodies == [
+            "1 localhost",
+            "1 localhost",
+            "2 other.test",
+            "2 other.test",
+            "3 localhost",
+        ]
+        assert upstream.served == 3
+
+    @pytest.mark.parametrize("with_cookies", [False, True])
+    async def test_personal_requests_and_answers_are_not_shared(
+        self, readable_stack: NginxStack, with_cookies: bool
+    ) -> None:
+        """Requests with Authorization always go upstream, and so do those with cookies
+        unless ``with_cookies``; their answers are not kept for others. Answers marked
+        ``private`` or setting a cookie are never kept."""
+        stack = readable_stack
+        cache = ProxyCache(valid=60, with_cookies=with_cookies)
+        base = "http://127.0.0.1:{}"
+        async with _counting_upstream() as (upstream, port):
+            await _apply(stack, self._state(stack.web_port, port, cache))
+            url = base.format(stack.web_port)
+            async with httpx.AsyncClient(base_url=url, headers={"Host": "localhost"}) as client:
+
+                async def get(path: str, **headers: str) -> str:
+                    response = await client.get(path, headers=headers)
+                    assert response.status_code == 200
+                    return response.text
+
+                authorized = [await get("/me", Authorization="Bearer x") for _ in range(2)]
+                assert authorized == ["1 localhost", "2 localhost"]
+                assert await get("/me") == "3 localhost"  # nothing kept from the above
+                cookie = [await get("/page", Cookie="session=abc") for _ in range(2)]
+                if with_cookies:
+                    assert cookie == ["4 localhost", "4 localhost"]
+                else:
+                    assert cookie == ["4 localhost", "5 localhost"]
+                    assert await get("/page") == "6 localhost"
+                served = upstream.served
+                for path in ("/private", "/login"):
+                    assert [await get(path), await get(path)] == [
+                        f"{served + 1} localhost",
+                        f"{served + 2} localhost",
+                    ], path
+                    served += 2
+
+    @pytest.mark.parametrize("serve_stale", [True, False])
+    async def test_the_last_answer_is_served_while_the_upstream_is_down(
+        self, readable_stack: NginxStack, serve_stale: bool
+    ) -> None:
+        """With ``serve_stale`` (the default) an expired answer is served when the
+        upstream cannot be reached; without, the client gets 502. The access log's
+        ``cache=`` field says which: MISS, HIT, then STALE."""
+        stack = readable_stack
+        cache = ProxyCache(valid=1, serve_stale=serve_stale)
+        async with _counting_upstream() as (_, port):
+            await _apply(stack, self._state(stack.web_port, port, cache))
+            assert [(await stack.fetch("/a")).text for _ in range(2)] == ["1 localhost"] * 2
+        # nginx counts validity in whole seconds: 1 s from 10.9 lasts until 12.0.
+        await anyio.sleep(2.2)  # expired, and the upstream's port is closed
+        response = await stack.fetch("/a")
+        log = (stack.root / "logs" / "access.log").read_text().splitlines()
+        statuses = [line.rsplit(" cache=", 1)[1] for line in log if "GET /a " in line]
+        if serve_stale:
+            assert (response.status, response.text) == (200, "1 localhost")
+            assert statuses == ["MISS", "HIT", "STALE"]
+        else:
+            assert response.status == 502
+            assert statuses == ["MISS", "HIT", "EXPIRED"]
 
 
 @pytest.fixture(scope="module")

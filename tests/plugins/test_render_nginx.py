@@ -28,6 +28,7 @@ from nxmesh.core.model import (
     Header,
     Listener,
     Location,
+    ProxyCache,
     Redirect,
     Return,
     Site,
@@ -40,6 +41,7 @@ from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.settings import RendererSettings
 from nxmesh.nginx_check import check_bundle, check_bundle_async, prepare_prefix, write_bundle
 from nxmesh.plugins.render_nginx import (
+    PROXY_CACHE_FILE,
     STATUS_FILE,
     NginxRenderer,
     RenderError,
@@ -282,6 +284,27 @@ class TestProductionDefaults:
             ["/var/lib/nx/tmp/client_body"]
         ]
 
+    def test_the_proxy_cache_is_declared_only_for_caching_locations(self, tmp_path: Path) -> None:
+        """conf.d/proxy-cache.conf comes with the first location with a cache: under the
+        runtime prefix (outliving releases), bounded by `proxy_cache_size`."""
+        plain = state(site(locations=(Location(path="/", upstream="app"),)))
+        plain = attrs.evolve(plain, upstreams=(Upstream("app", (UpstreamServer("10.0.0.1:80"),)),))
+        assert PROXY_CACHE_FILE not in NginxRenderer().render(plain).files
+        cached = Location(path="/", upstream="app", cache=ProxyCache(valid=60))
+        caching = attrs.evolve(plain, sites=(site(locations=(cached,)),))
+        renderer = NginxRenderer(
+            settings=RenderSettings(prefix="/var/lib/nx", proxy_cache_size="5g")
+        )
+        [zone] = parse(renderer.render(caching), tmp_path)[PROXY_CACHE_FILE]
+        assert zone["args"] == [
+            "/var/lib/nx/tmp/cache",
+            "levels=1:2",
+            "keys_zone=nxmesh_cache:10m",
+            "max_size=5g",
+            "inactive=24h",
+            "use_temp_path=off",
+        ]
+
     @pytest.mark.parametrize(
         ("sites", "reason"),
         [
@@ -324,6 +347,7 @@ class TestProductionDefaults:
             {"worker_processes": 0},
             {"user": "www-data; pid /x"},
             {"error_log_level": "loud"},
+            {"proxy_cache_size": "1g; pid /x"},
         ],
     )
     def test_render_settings_are_checked(self, bad: dict[str, Any]) -> None:
@@ -344,13 +368,14 @@ class TestProductionDefaults:
 
     def test_access_log_format_carries_the_request_id(self, main: list[Directive]) -> None:
         """The nxmesh log format records $request_id (also sent upstream), the name asked
-        for and which upstream answered with what."""
+        for, which upstream answered with what, and whether the cache did."""
         fmt = one(one(main, "http")["block"], "log_format")
         assert fmt["args"][0] == "nxmesh"
         line = "".join(fmt["args"][1:])
         for field in ("request_id=$request_id", "host=$host", "upstream=$upstream_addr"):
             assert field in line
         assert "upstream_status=$upstream_status" in line
+        assert line.endswith(" cache=$upstream_cache_status")
 
     def test_dollar_variable_is_defined_for_the_quoting(self, main: list[Directive]) -> None:
         """The geo block defines the variable quoting uses for a literal '$'."""

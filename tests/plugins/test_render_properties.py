@@ -35,6 +35,7 @@ from nxmesh.core.model import (
     Header,
     Listener,
     Location,
+    ProxyCache,
     RateLimit,
     Redirect,
     Return,
@@ -149,6 +150,15 @@ ALLOWED_DIRECTIVES = frozenset(
         "limit_req_status",
         "error_page",
         "proxy_intercept_errors",
+        "proxy_cache_path",
+        "proxy_cache",
+        "proxy_cache_key",
+        "proxy_cache_valid",
+        "proxy_cache_lock",
+        "proxy_cache_bypass",
+        "proxy_no_cache",
+        "proxy_cache_use_stale",
+        "proxy_cache_background_update",
         "internal",
         "charset",
     }
@@ -288,6 +298,7 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
             proxy_read_timeout=draw(st.none() | st.integers(1, 86400)),
             strip_prefix=strippable and draw(st.booleans()),
             proxy_request_buffering=draw(st.booleans()),
+            cache=draw(st.none() | proxy_caches),
             **common,
         )
     if action == "root":
@@ -320,6 +331,32 @@ rate_limits = st.builds(
     per=st.sampled_from(["second", "minute"]),
     burst=st.integers(0, 100_000),
 )
+proxy_caches = st.builds(
+    ProxyCache,
+    valid=st.integers(1, 31_536_000),
+    with_cookies=st.booleans(),
+    serve_stale=st.booleans(),
+)
+
+
+def cache_lines(cache: ProxyCache) -> list[tuple[str, list[str]]]:
+    """A caching location's lines: the zone, a key naming upstream, scheme, host and URI,
+    the validity, the lock, who is not served from it, and the stale answers."""
+    personal = ["$http_authorization"] + ([] if cache.with_cookies else ["$http_cookie"])
+    lines = [
+        ("proxy_cache", ["nxmesh_cache"]),
+        ("proxy_cache_key", ["$proxy_host|$scheme://$host$request_uri"]),
+        ("proxy_cache_valid", ["200", "301", "302", f"{cache.valid}s"]),
+        ("proxy_cache_lock", ["on"]),
+        ("proxy_cache_bypass", personal),
+        ("proxy_no_cache", personal),
+    ]
+    if cache.serve_stale:
+        stale = ["error", "timeout", "updating", "http_500", "http_502", "http_503", "http_504"]
+        lines += [("proxy_cache_use_stale", stale), ("proxy_cache_background_update", ["on"])]
+    return lines
+
+
 # Codes drawn once for all of a site's pages, then split among them: a code is on one page.
 error_codes = st.sampled_from([c for c in range(400, 600) if c not in (444, 499)])
 error_bodies = st.text(
@@ -613,6 +650,8 @@ def expected_location(
             lines.append(("proxy_read_timeout", [f"{view.read_timeout}s"]))
         if not loc.proxy_request_buffering:
             lines.append(("proxy_request_buffering", ["off"]))
+        if loc.cache is not None:
+            lines += cache_lines(loc.cache)
     elif loc.root is not None:
         lines.append(("root", [loc.root]))
         if not loc.serve_dotfiles:
@@ -894,13 +933,21 @@ class TestStructure:
         """Sites, locations, headers and upstreams map one to one onto blocks, directives and
         arguments; every value arrives whole; nothing else appears."""
         parsed = parsed_bundle(state)
+        caching = any(loc.cache is not None for s in state.sites for loc in s.locations)
         assert set(parsed) == {
             "nginx.conf",
             "mime.types",
             "conf.d/upstreams.conf",
             "conf.d/unknown-hosts.conf",
             *(f"conf.d/site-{s.name}.conf" for s in state.sites),
+            *(["conf.d/proxy-cache.conf"] if caching else []),
         }
+        if caching:
+            [zone] = parsed["conf.d/proxy-cache.conf"]
+            assert (zone["directive"], zone["args"][:3]) == (
+                "proxy_cache_path",
+                ["tmp/cache", "levels=1:2", "keys_zone=nxmesh_cache:10m"],
+            )
         everything = [d for block in parsed.values() for d in walk(block)]
         assert {d["directive"] for d in everything} <= ALLOWED_DIRECTIVES
         defaults = {lst.bind for s in state.sites for lst in s.listeners if lst.default_server}

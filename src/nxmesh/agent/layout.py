@@ -31,13 +31,15 @@ def render_settings_of(settings: Settings) -> RenderSettings:
     (``[plugins.nginx_driver] status_address/status_port``): the driver confirms every
     reload through that server, so it owns its address. ``agent.listen_address`` binds
     the sites' address-less listeners; ``agent.upstream_ca_file`` names the trust store
-    of TLS upstreams.
+    of TLS upstreams; ``agent.proxy_cache_size`` bounds the proxy cache.
     """
     listen = settings.agent.listen_address or None
     ca_file = settings.agent.upstream_ca_file
     host: dict[str, Any] = {"listen_address": listen} if listen else {}
     if ca_file is not None:
         host["upstream_ca_file"] = str(ca_file)
+    if settings.agent.proxy_cache_size:
+        host["proxy_cache_size"] = settings.agent.proxy_cache_size
     section = settings.plugins.get(RENDER_SECTION)
     if isinstance(section, RenderSettings):
         return attrs.evolve(section, **host) if host else section

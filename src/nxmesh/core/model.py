@@ -58,6 +58,7 @@ __all__ = [
     "Listener",
     "Location",
     "PendingApply",
+    "ProxyCache",
     "RateLimit",
     "Redirect",
     "Return",
@@ -284,6 +285,24 @@ class RateLimit:
     burst: int = attrs.field(default=0, validator=v.int_range(0, 100_000))
 
 
+@attrs.frozen(kw_only=True)
+class ProxyCache:
+    """Keep the upstream's answers and serve them again (``proxy_cache``): 200, 301 and
+    302 answers for `valid` seconds, unless the upstream says otherwise (``Cache-Control``,
+    ``Expires``; ``private``, ``no-store`` and answers setting cookies are not kept).
+
+    Requests with ``Authorization`` always go to the upstream and their answers are not
+    kept (a shared cache must not hand one user's answer to another); requests with
+    cookies too, unless `with_cookies`. `serve_stale`: when the upstream fails (error,
+    timeout, 500, 502, 503, 504), the last answer kept is served instead, and an expired
+    one is served while a single request refreshes it in the background.
+    """
+
+    valid: int = attrs.field(validator=v.int_range(1, 31_536_000))
+    with_cookies: bool = attrs.field(default=False, validator=v.choice(True, False))
+    serve_stale: bool = attrs.field(default=True, validator=v.choice(True, False))
+
+
 @attrs.frozen
 class Redirect:
     """Answer with a redirect to `url`."""
@@ -413,6 +432,8 @@ class Location:
     proxy_request_buffering: bool = attrs.field(
         default=True, validator=v.choice(True, False), metadata=ADDED_FIELD
     )
+    # Proxy locations: keep the upstream's answers (see ProxyCache).
+    cache: ProxyCache | None = _optional_field(ProxyCache)
 
     @property
     def actions(self) -> tuple[str, ...]:
@@ -477,6 +498,7 @@ _PROXY_OPTIONS = (
     "proxy_read_timeout",
     "strip_prefix",
     "proxy_request_buffering",
+    "cache",
 )
 _STATIC_OPTIONS = ("index", "serve_dotfiles", "fallback")
 _ACCESS_OPTIONS = ("allow", "basic_auth", "rate_limit", "satisfy")

@@ -39,6 +39,7 @@ from nxmesh.core.logging import (
     is_secret_key,
     redact_text,
 )
+from nxmesh.core.validation import SIZE
 
 __all__ = [
     "DEFAULT_CONFIG_FILE",
@@ -163,6 +164,11 @@ def _absolute_file(_inst: object, attribute: attrs.Attribute[Any], value: Path |
         raise ValueError(f"{attribute.name} must be an absolute file path, got {str(value)!r}")
 
 
+def _cache_size(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if value and (reason := SIZE.reason(value)) is not None:
+        raise ValueError(f"{attribute.name} {reason}, got {value!r}")
+
+
 def _workspace(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
     if not _WORKSPACE.fullmatch(value):
         raise ValueError(
@@ -259,6 +265,7 @@ class AgentSettings:
     `listen_address` binds the sites' listeners that name no address to this host's
     address (several agents on one host, multi-homed hosts). `upstream_ca_file` is the
     trust store TLS upstreams without their own ``ca`` are verified against.
+    `proxy_cache_size` bounds the disk the caching locations' answers take.
     """
 
     # The master's API as `nxmesh master` serves it by default (plain HTTP on 8470): the
@@ -284,6 +291,8 @@ class AgentSettings:
     health_interval: float = attrs.field(default=15.0, validator=_positive)
     # None: the renderer's default, the Debian/Alpine trust store.
     upstream_ca_file: Path | None = attrs.field(default=None, validator=_absolute_file)
+    # "": the renderer's default (1g). nginx's size syntax: digits and k, m or g.
+    proxy_cache_size: str = attrs.field(default="", validator=_cache_size)
     # Mappings are frozen too and kept out of the hash: a dict would make the
     # "frozen" settings mutable through the back door.
     labels: Mapping[str, str] = attrs.field(

@@ -41,6 +41,7 @@ from nxmesh.core.model import (
     Header,
     Listener,
     Location,
+    ProxyCache,
     RateLimit,
     Redirect,
     Return,
@@ -53,7 +54,7 @@ from nxmesh.core.model import (
     redirect_binds,
 )
 from nxmesh.core.registry import ProviderRegistries
-from nxmesh.core.validation import Invalid
+from nxmesh.core.validation import SIZE, Invalid
 from nxmesh.plugins.render_nginx import quoting
 from nxmesh.plugins.render_nginx.quoting import Token
 
@@ -69,8 +70,10 @@ __all__ = [
     "ACME_CHALLENGE_DIR",
     "BUILTIN_TEMPLATES",
     "CERTS_DIR",
+    "DEFAULT_PROXY_CACHE_SIZE",
     "DEFAULT_STATUS_PORT",
     "ERROR_PAGES_DIR",
+    "PROXY_CACHE_FILE",
     "STATUS_FILE",
     "SYSTEM_CA_FILE",
     "TEMPLATE_NAMES",
@@ -106,6 +109,7 @@ TEMPLATE_NAMES = (
     "server_extra.conf.j2",
     "acme_challenge.conf.j2",
     "error_pages.conf.j2",
+    "proxy_cache.conf.j2",
     "real_ip.conf.j2",
     "status.conf.j2",
     "unknown_hosts.conf.j2",
@@ -134,6 +138,10 @@ EXTRA_FILE_DIRS = (CERTS_DIR, ACME_CHALLENGE_DIR)
 _ENCRYPTED_KEY = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
 
 DEFAULT_STATUS_PORT = 9480
+DEFAULT_PROXY_CACHE_SIZE: Final = "1g"
+PROXY_CACHE_FILE: Final = "conf.d/proxy-cache.conf"
+"""The bundle file declaring the proxy cache (``proxy_cache_path``); only in bundles
+with a caching location."""
 HSTS_VALUE = "max-age=63072000"
 WEBSOCKET_READ_TIMEOUT = 3600
 """Seconds a WebSocket location waits for upstream data when none is configured."""
@@ -230,6 +238,11 @@ def _workers(_inst: object, attribute: attrs.Attribute[Any], value: object) -> N
         raise ValueError(f"{attribute.name} must be 'auto' or a positive integer, got {value!r}")
 
 
+def _size(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
+    if (reason := SIZE.reason(value)) is not None:
+        raise ValueError(f"{attribute.name} {reason}")
+
+
 def _user(_inst: object, attribute: attrs.Attribute[Any], value: str | None) -> None:
     if value is not None and _USER.fullmatch(value) is None:
         raise ValueError(f"{attribute.name} must be a system user name, got {value!r}")
@@ -250,6 +263,8 @@ class RenderSettings:
     every address); lets several agents share one host, or pins sites to one interface.
     `upstream_ca_file`: the host's trust store, which TLS upstreams without their own
     `ca` are verified against (``proxy_ssl_trusted_certificate``).
+    `proxy_cache_size`: the most disk the answers of caching locations (`ProxyCache`) may
+    take on this host, all sites together; the least recently used go first.
     """
 
     prefix: str | None = attrs.field(default=None, converter=_optional_str, validator=_prefix)
@@ -271,6 +286,7 @@ class RenderSettings:
         default=None, converter=_optional_str, validator=attrs.validators.optional(_ip)
     )
     upstream_ca_file: str = attrs.field(default=SYSTEM_CA_FILE, converter=str, validator=_prefix)
+    proxy_cache_size: str = attrs.field(default=DEFAULT_PROXY_CACHE_SIZE, validator=_size)
 
     def runtime_paths(self) -> dict[str, str]:
         """Runtime file paths as written into nginx.conf (relative to ``-p`` or absolute)."""
@@ -281,6 +297,7 @@ class RenderSettings:
             "access_log": "logs/access.log",
             "client_body_temp": "tmp/client_body",
             "proxy_temp": "tmp/proxy",
+            "proxy_cache": "tmp/cache",
             "fastcgi_temp": "tmp/fastcgi",
             "uwsgi_temp": "tmp/uwsgi",
             "scgi_temp": "tmp/scgi",
@@ -790,6 +807,7 @@ _VALUE_TYPES: tuple[type[Any], ...] = (
     Listener,
     TLSConfig,
     Location,
+    ProxyCache,
     Header,
     Redirect,
     Return,
@@ -1022,6 +1040,8 @@ class NginxRenderer:
             ),
         }
         files.update(upstream_ca_files(state.upstreams))
+        if any(loc.cache is not None for site in state.sites for loc in site.locations):
+            files[PROXY_CACHE_FILE] = self._render("proxy_cache.conf.j2", base)
         by_name = {up.name: up for up in state.upstreams}
         site_template = self._templates["site.conf.j2"]
         site_context = {**self._globals, **base}
