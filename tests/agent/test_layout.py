@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nxmesh.agent.layout import render_settings_of
+from nxmesh.agent.layout import ipv6_available, render_settings_of
 from nxmesh.core.errors import ConfigurationError
 from nxmesh.core.pluginmanager import NxMeshPluginManager, get_plugin_manager
 from nxmesh.core.settings import load_settings
@@ -57,3 +57,40 @@ def test_proxy_cache_size_is_an_nginx_size(value: str) -> None:
     env = {"NXMESH_AGENT__PROXY_CACHE_SIZE": value}
     with pytest.raises(ConfigurationError, match=r"proxy_cache_size .*must be a size like 10m"):
         load_settings(_pm(), environ=env)
+
+
+@pytest.mark.parametrize(
+    ("value", "listen_address", "expected"),
+    [
+        ("on", "", True),
+        ("off", "", False),
+        ("auto", "", "host"),
+        ("auto", "10.0.0.1", False),  # pinned to one IPv4 address: no twin
+    ],
+)
+def test_listen_ipv6_reaches_the_renderer(
+    value: str, listen_address: str, expected: bool | str
+) -> None:
+    """`[agent] listen_ipv6`: on, off, or auto (when this host can listen on IPv6 and no
+    listen_address pins the listeners)."""
+    env = {"NXMESH_AGENT__LISTEN_IPV6": value, "NXMESH_AGENT__LISTEN_ADDRESS": listen_address}
+    settings = load_settings(_pm(), environ=env)
+    want = ipv6_available() if expected == "host" else expected
+    assert render_settings_of(settings).listen_ipv6 is want
+
+
+def test_ipv6_available_probes_an_ipv6_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host whose kernel or container refuses AF_INET6 is told apart (nginx would fail
+    to start on [::]:80 there)."""
+    import socket
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise OSError(97, "Address family not supported by protocol")
+
+    monkeypatch.setattr(socket, "socket", refuse)
+    assert ipv6_available() is False
+
+
+def test_listen_ipv6_is_checked() -> None:
+    with pytest.raises(ConfigurationError, match="listen_ipv6"):
+        load_settings(_pm(), environ={"NXMESH_AGENT__LISTEN_IPV6": "sometimes"})

@@ -48,6 +48,7 @@ from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.plugins.deploy_docker import DockerSidecarMode
 from nxmesh.plugins.nginx_driver import DriverSettings, ReloadDriver
+from nxmesh.plugins.render_nginx import NginxRenderer
 from nxmesh.testing.contracts import NginxDriverContract
 from nxmesh.testing.factories import one_site_state
 from nxmesh.testing.nginx import refuse_signal
@@ -1348,6 +1349,33 @@ class TestTlsUpstreams:
             assert sent.get("X-Forwarded-Host") == ("localhost" if named else None)
         assert names  # nginx connected over TLS
         assert set(names) == {tls.get("server_name")}
+
+
+class TestIpv6:
+    async def test_address_less_listeners_serve_both_families(self, stack: NginxStack) -> None:
+        """With ``listen_ipv6`` a listener naming no address serves 127.0.0.1 and ::1 (nginx's
+        ``listen <port>`` alone is IPv4 only); a name no site serves is still refused on
+        both."""
+        state = DesiredState(
+            sites=(
+                Site(
+                    name="web",
+                    server_names=("localhost",),
+                    listeners=(Listener(port=stack.web_port),),
+                    locations=(Location(path="/", return_=Return(code=200, body="dual")),),
+                ),
+            )
+        )
+        renderer = NginxRenderer(settings=attrs.evolve(stack.render_settings, listen_ipv6=True))
+        report = await stack.driver.apply(stack.update(state), renderer.render(state))
+        assert report.outcome == "applied", report.message
+        for host in ("127.0.0.1", "[::1]"):
+            url = f"http://{host}:{stack.web_port}/"
+            async with httpx.AsyncClient() as client:
+                response = await client.get(url, headers={"Host": "localhost"})
+                assert (response.status_code, response.text) == (200, "dual"), host
+                with pytest.raises(httpx.RemoteProtocolError):  # return 444: no answer
+                    await client.get(url, headers={"Host": "unknown.test"})
 
 
 class TestUnknownHosts:

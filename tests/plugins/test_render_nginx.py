@@ -24,6 +24,7 @@ from nxmesh import hookimpl
 from nxmesh.core.bundle import Bundle, bundle_digest
 from nxmesh.core.errors import NxMeshError, ProviderNotFoundError
 from nxmesh.core.model import (
+    CertificateRef,
     DesiredState,
     Header,
     Listener,
@@ -337,6 +338,46 @@ class TestProductionDefaults:
             renderer.render(state(*sites))
         assert reason in str(caught.value)
         assert NginxRenderer().render(state(*sites))  # fine without the setting
+
+    def test_listen_ipv6_gives_address_less_listeners_an_ipv6_twin(self, tmp_path: Path) -> None:
+        """``listen_ipv6``: each listener naming no address also listens on ``[::]`` with
+        the same options, the redirect and unknown-names servers included; a socket the
+        site names itself is not repeated; `listen_address` wins over it."""
+        web = site(
+            listeners=(
+                Listener(80),
+                Listener(443, tls=True, http2=True),
+                Listener(8080, address="::"),
+            ),
+            tls=TLSConfig(certificate="c"),
+        )
+        tls_state = attrs.evolve(state(web), certificates=(CertificateRef("c", ("example.com",)),))
+        files = {"certs/c.crt": b"x", "certs/c.key": b"y"}
+        renderer = NginxRenderer(settings=RenderSettings(listen_ipv6=True))
+        parsed = parse(renderer.render(tls_state, extra_files=files), tmp_path)
+        redirect, main = [d["block"] for d in parsed["conf.d/site-web.conf"]]
+        assert args(redirect, "listen") == [["80"], ["[::]:80"], ["[::]:8080"]]
+        assert args(main, "listen") == [["443", "ssl", "http2"], ["[::]:443", "ssl", "http2"]]
+        unknown = [args(d["block"], "listen")[0] for d in parsed["conf.d/unknown-hosts.conf"]]
+        assert ["[::]:443", "ssl", "http2", "default_server"] in unknown
+        assert ["[::]:80", "default_server"] in unknown
+        pinned = NginxRenderer(settings=RenderSettings(listen_ipv6=True, listen_address="10.0.0.1"))
+        main = parse(pinned.render(tls_state, extra_files=files), tmp_path / "pinned")
+        listens = args(main["conf.d/site-web.conf"][1]["block"], "listen")
+        assert listens == [["10.0.0.1:443", "ssl", "http2"]]
+
+    def test_listen_ipv6_joining_sockets_is_a_render_error(self) -> None:
+        """A site on ``[::1]:80`` beside one on ``80`` was fine for IPv4 only; with the
+        twin on ``[::]:80`` nginx could not reload onto the mix: a RenderError naming the
+        setting and the conflict."""
+        both = state(
+            site("a", listeners=(Listener(18080),)),
+            site("b", listeners=(Listener(18080, address="::1"),)),
+        )
+        assert NginxRenderer().render(both)
+        with pytest.raises(RenderError, match=r"agent\.listen_ipv6") as caught:
+            NginxRenderer(settings=RenderSettings(listen_ipv6=True)).render(both)
+        assert "[::1]:18080 is on a port sites[0] ('a') listens on" in str(caught.value)
 
     @pytest.mark.parametrize(
         "bad",

@@ -9,6 +9,7 @@ instead of each guessing.
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,23 @@ import attrs
 from nxmesh.core.settings import Settings
 from nxmesh.plugins.render_nginx import RenderSettings
 
-__all__ = ["RENDER_SECTION", "NginxLayout", "render_settings_of"]
+__all__ = ["RENDER_SECTION", "NginxLayout", "ipv6_available", "render_settings_of"]
 
 RENDER_SECTION = "render_nginx"
 """Settings section the renderer's host knobs are read from, when a plugin declares it."""
+
+
+def ipv6_available() -> bool:
+    """Whether this host can listen on IPv6: a container or kernel without it refuses an
+    ``AF_INET6`` socket, and nginx would then fail to start on ``[::]:80``."""
+    if not socket.has_ipv6:
+        return False
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::", 0))  # a free port: nothing is taken or exposed
+    except OSError:
+        return False
+    return True
 
 
 def render_settings_of(settings: Settings) -> RenderSettings:
@@ -31,7 +45,9 @@ def render_settings_of(settings: Settings) -> RenderSettings:
     (``[plugins.nginx_driver] status_address/status_port``): the driver confirms every
     reload through that server, so it owns its address. ``agent.listen_address`` binds
     the sites' address-less listeners; ``agent.upstream_ca_file`` names the trust store
-    of TLS upstreams; ``agent.proxy_cache_size`` bounds the proxy cache.
+    of TLS upstreams; ``agent.proxy_cache_size`` bounds the proxy cache;
+    ``agent.listen_ipv6`` (``auto``: when the host has IPv6 and no ``listen_address`` is
+    set) adds ``[::]`` to the address-less listeners.
     """
     listen = settings.agent.listen_address or None
     ca_file = settings.agent.upstream_ca_file
@@ -40,6 +56,9 @@ def render_settings_of(settings: Settings) -> RenderSettings:
         host["upstream_ca_file"] = str(ca_file)
     if settings.agent.proxy_cache_size:
         host["proxy_cache_size"] = settings.agent.proxy_cache_size
+    ipv6 = settings.agent.listen_ipv6
+    if ipv6 == "on" or (ipv6 == "auto" and not listen and ipv6_available()):
+        host["listen_ipv6"] = True
     section = settings.plugins.get(RENDER_SECTION)
     if isinstance(section, RenderSettings):
         return attrs.evolve(section, **host) if host else section

@@ -266,6 +266,8 @@ class AgentSettings:
     address (several agents on one host, multi-homed hosts). `upstream_ca_file` is the
     trust store TLS upstreams without their own ``ca`` are verified against.
     `proxy_cache_size` bounds the disk the caching locations' answers take.
+    `listen_ipv6`: whether the listeners that name no address also listen on IPv6
+    (``[::]``); ``auto`` when this host has IPv6, as nginx's own container image does.
     """
 
     # The master's API as `nxmesh master` serves it by default (plain HTTP on 8470): the
@@ -278,6 +280,10 @@ class AgentSettings:
     bootstrap_token_file: Path | None = None
     name: str = ""
     listen_address: str = ""
+    # "auto": the sites' address-less listeners also take IPv6 when this host has it.
+    listen_ipv6: Literal["auto", "on", "off"] = attrs.field(
+        default="auto", validator=attrs.validators.in_(("auto", "on", "off"))
+    )
     deployment_mode: str = "auto"
     nginx_driver: str = "reload"
     nginx_binary: str = "nginx"

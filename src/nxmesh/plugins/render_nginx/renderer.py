@@ -25,7 +25,7 @@ import functools
 import ipaddress
 import re
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
@@ -265,6 +265,8 @@ class RenderSettings:
     `ca` are verified against (``proxy_ssl_trusted_certificate``).
     `proxy_cache_size`: the most disk the answers of caching locations (`ProxyCache`) may
     take on this host, all sites together; the least recently used go first.
+    `listen_ipv6`: listeners that name no address also listen on ``[::]`` (nginx's
+    ``listen 80`` is IPv4 only); ignored with `listen_address`.
     """
 
     prefix: str | None = attrs.field(default=None, converter=_optional_str, validator=_prefix)
@@ -287,6 +289,7 @@ class RenderSettings:
     )
     upstream_ca_file: str = attrs.field(default=SYSTEM_CA_FILE, converter=str, validator=_prefix)
     proxy_cache_size: str = attrs.field(default=DEFAULT_PROXY_CACHE_SIZE, validator=_size)
+    listen_ipv6: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
     def runtime_paths(self) -> dict[str, str]:
         """Runtime file paths as written into nginx.conf (relative to ``-p`` or absolute)."""
@@ -1096,35 +1099,60 @@ class NginxRenderer:
                     )
 
     def _bind_listeners(self, state: DesiredState) -> DesiredState:
-        """`state` with address-less listeners bound to `RenderSettings.listen_address`."""
+        """`state` with address-less listeners bound to `RenderSettings.listen_address`,
+        or joined by an IPv6 twin (``[::]``, same port and options) with `listen_ipv6`."""
         address = self.settings.listen_address
-        if address is None or all(
-            lst.address is not None for site in state.sites for lst in site.listeners
-        ):
+        if address is not None:
+            setting = f"agent.listen_address = {address!r}"
+            bind = _bind_to(address)
+        elif self.settings.listen_ipv6:
+            setting = "agent.listen_ipv6 on"
+            bind = _with_ipv6
+        else:
+            return state
+        if all(lst.address is not None for site in state.sites for lst in site.listeners):
             return state
         try:
             sites = tuple(
-                attrs.evolve(
-                    site,
-                    listeners=tuple(
-                        lst if lst.address is not None else attrs.evolve(lst, address=address)
-                        for lst in site.listeners
-                    ),
-                )
-                for site in state.sites
+                attrs.evolve(site, listeners=bind(site.listeners)) for site in state.sites
             )
             bound = attrs.evolve(state, sites=sites)
         except Invalid as exc:  # e.g. `18080` and `127.0.0.1:18080` became one socket
-            raise RenderError(f"with agent.listen_address = {address!r}: {exc}") from None
+            raise RenderError(f"with {setting}: {exc}") from None
         # Binding may join sockets the master checked apart (a default server twice, TLS
-        # and plain on one port): nginx -t would say so less clearly.
+        # and plain on one port, [::]:80 beside [::1]:80): nginx -t would say so less
+        # clearly, or a reload would fail to bind.
         problems = check_state(bound)
         if problems:
             raise RenderError(
-                f"with agent.listen_address = {address!r}: "
-                + "; ".join(map(str, problems))  # Problem prints as "path: message"
+                f"with {setting}: " + "; ".join(map(str, problems))  # "path: message"
             )
         return bound
+
+
+def _bind_to(address: str) -> Callable[[tuple[Listener, ...]], tuple[Listener, ...]]:
+    def bind(listeners: tuple[Listener, ...]) -> tuple[Listener, ...]:
+        return tuple(
+            lst if lst.address is not None else attrs.evolve(lst, address=address)
+            for lst in listeners
+        )
+
+    return bind
+
+
+def _with_ipv6(listeners: tuple[Listener, ...]) -> tuple[Listener, ...]:
+    """Each address-less listener, then its ``[::]`` twin; a socket the site already
+    names (``[::]:80`` written out) is not added twice."""
+    taken = {lst.bind for lst in listeners}
+    result: list[Listener] = []
+    for lst in listeners:
+        result.append(lst)
+        if lst.address is None:
+            twin = attrs.evolve(lst, address="::")
+            if twin.bind not in taken:
+                taken.add(twin.bind)
+                result.append(twin)
+    return tuple(result)
 
 
 def _check_extra(path: str) -> None:
