@@ -595,6 +595,7 @@ class TestErrorPages:
             ("", "must not be empty"),
             ("a\x00b", "NUL"),
             ("a\x1b[31m", "must be HTML text without control characters"),
+            ("<p>\ud800</p>", "contains U+D800, half of a UTF-16 surrogate pair"),
             ("x" * 65_537, "at most 65536 are allowed"),
         ],
     )
@@ -811,6 +812,12 @@ class TestFleetObjects:
         with pytest.raises(Invalid) as exc:
             ConfigVersion(message="\x1b[2Jall good", **fields)  # type: ignore[arg-type]
         assert paths_of(exc) == ["message"]
+        # JSON's "\ud800" decodes to a lone surrogate, which UTF-8 cannot hold: refused
+        # here rather than failing when the version is hashed or stored.
+        with pytest.raises(Invalid) as exc:
+            ConfigVersion(message="fix \ud800", **fields)  # type: ignore[arg-type]
+        assert "half of a UTF-16 surrogate pair" in str(exc.value)
+        assert ConfigVersion(message="fix 😀", **fields).message == "fix 😀"  # type: ignore[arg-type]
 
 
 def state(

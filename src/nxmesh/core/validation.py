@@ -196,6 +196,11 @@ def _explain_char(ch: str, nginx: bool = True) -> str | None:
         return _DANGER[ch]
     if ch.isspace():
         return "contains whitespace, which would split the nginx directive"
+    if unicodedata.category(ch) == "Cs":
+        return (
+            f"contains U+{ord(ch):04X}, half of a UTF-16 surrogate pair: not a character, "
+            "and not storable as UTF-8"
+        )
     if unicodedata.category(ch).startswith("C"):
         return f"contains the control character U+{ord(ch):04X}"
     if not ch.isascii():
@@ -551,11 +556,15 @@ def _class_of(points: frozenset[int]) -> str:
     return "".join(f"\\u{p:04x}" for p in sorted(points))
 
 
+# Lone surrogates (JSON's "\ud800" decodes to one) are no characters: UTF-8 cannot hold
+# them, so a state or a message with one could be neither hashed nor stored.
+_SURROGATES: Final = r"\ud800-\udfff"
+
 # Free text that never reaches nginx (commit messages, authors): bounded, no control chars
 # other than newline and tab, so it cannot forge log lines or terminal escapes.
 LOG_TEXT = TextRule(
     "text without control characters",
-    _rx(f"[^{_class_of(CONTROL_CHARACTERS)}]*"),
+    _rx(f"[^{_class_of(CONTROL_CHARACTERS)}{_SURROGATES}]*"),
     max_len=4096,
     min_len=0,
     allowed="\n\t",
@@ -566,7 +575,7 @@ LOG_TEXT = TextRule(
 # control characters but tab and line ends (an editor's CR LF included).
 ERROR_PAGE_BODY = TextRule(
     "HTML text without control characters",
-    _rx(f"[^{_class_of(CONTROL_CHARACTERS - {0x0D})}]+"),
+    _rx(f"[^{_class_of(CONTROL_CHARACTERS - {0x0D})}{_SURROGATES}]+"),
     max_len=65_536,
     allowed="\n\t\r",
     nginx=False,
