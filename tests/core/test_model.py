@@ -565,6 +565,24 @@ class TestErrorPages:
         site = make_site(error_pages=(page,), intercept_upstream_errors=True)
         assert structure(unstructure(site), Site) == site
         assert "Back soon" not in repr(site)
+        assert f"body=<{len(page.body)} characters>" in repr(page)
+
+    def test_a_body_that_is_no_text_is_named_as_such(self) -> None:
+        """The body is not secret: a wrong type is reported as it is."""
+        from nxmesh.core.errors import ValidationError
+        from nxmesh.core.serialization import structure_state
+
+        site = {
+            "name": "a",
+            "server_names": ["a.test"],
+            "locations": [{"path": "/", "return": {"code": 204}}],
+        }
+        site["error_pages"] = [{"codes": [404], "body": 5}]
+        with pytest.raises(ValidationError) as exc:
+            structure_state({"sites": [site]})
+        [problem] = exc.value.problems
+        assert problem.path == "sites[0].error_pages[0].body"
+        assert "secret" not in problem.message
 
     @pytest.mark.parametrize(
         ("codes", "path", "says"),

@@ -532,7 +532,11 @@ class ErrorPage:
     codes: tuple[int, ...] = attrs.field(
         validator=v.each_int(_error_page_code, lo=1, hi=64, noun="status code")
     )
-    body: str = attrs.field(validator=v.text(v.ERROR_PAGE_BODY), repr=False)
+    # Not secret, only long: its length stands for it in reprs (repr=False would mark it
+    # secret, and errors about it would not show what was sent).
+    body: str = attrs.field(
+        validator=v.text(v.ERROR_PAGE_BODY), repr=lambda body: f"<{len(body)} characters>"
+    )
 
 
 @attrs.frozen(kw_only=True)
