@@ -385,6 +385,30 @@ http {{
 """
 
 
+def test_only_key_files_are_kept_from_the_workers(tmp_path: Path) -> None:
+    """Key files are the master's (0600); every other file the workers read (0644), an
+    error page that quotes a PEM key header included."""
+    from nxmesh.plugins.nginx_driver.releases import ReleaseStore
+
+    key = b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEI\n-----END PRIVATE KEY-----\n"
+    bundle = Bundle(
+        {
+            "nginx.conf": b"events {}\n",
+            "certs/web.key": key,
+            "certs/acme/web.key": key,
+            "error-pages/web/0.html": b"<p>Never paste -----BEGIN PRIVATE KEY----- here</p>",
+        }
+    )
+    _, staging = ReleaseStore(tmp_path).write(bundle, durable=False)
+    modes = {path: (staging / path).stat().st_mode & 0o777 for path in bundle.files}
+    assert modes == {
+        "nginx.conf": 0o644,
+        "certs/web.key": 0o600,
+        "certs/acme/web.key": 0o600,
+        "error-pages/web/0.html": 0o644,
+    }
+
+
 class TestFirstApplyOverAForeignTree:
     """A sidecar's nginx runs a bootstrap release its entrypoint seeded (``current ->
     releases/bootstrap``, no release of the agent's): a first apply that fails after the

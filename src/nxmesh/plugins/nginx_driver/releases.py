@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nxmesh.agent.fsutil import atomic_write, fsync_dir, read_tree, special_entries
-from nxmesh.core.bundle import Bundle, bundle_digest
+from nxmesh.core.bundle import Bundle, bundle_digest, is_private_key_file
 
 __all__ = ["JOURNAL", "ReleaseStore", "sync_filesystem"]
 
@@ -294,8 +294,9 @@ def _chunks(items: list[tuple[str, bytes]], n: int) -> list[list[tuple[str, byte
 
 def _write_files(root: Path, items: list[tuple[str, bytes]]) -> None:
     for rel, data in items:
-        # Private keys are for nginx's master (root) only.
-        mode = 0o600 if b"PRIVATE KEY-----" in data else 0o644
+        # Private keys are for nginx's master (root) only; workers read the rest (an error
+        # page that mentions "PRIVATE KEY-----" included).
+        mode = 0o600 if is_private_key_file(rel, data) else 0o644
         fd = os.open(root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, mode)
         try:
             view = memoryview(data)
