@@ -1087,6 +1087,38 @@ class TestErrorPages:
         assert response.status == 503
         assert response.text == (DOWN_PAGE if intercept else body.decode())
 
+    async def test_the_sites_rate_limit_counts_no_error_page(
+        self, readable_stack: NginxStack, www: Path
+    ) -> None:
+        """nginx answers ``return``, hidden files and oversized bodies before it counts
+        requests; fetching their pages does not count either (the site's limit is on its
+        locations, not the server the page location inherits from). Then one request
+        a minute is let through, the next gets the 429 page."""
+        stack = readable_stack
+        state = _files(
+            stack.web_port,
+            Location(path="/", root=str(www), client_max_body_size="1k"),
+            Location(path="/gone", return_=Return(code=410)),
+            rate_limit=RateLimit(rate=1, per="minute"),
+            error_pages=(
+                ErrorPage(codes=(404, 410, 413), body="<p>Not here</p>"),
+                ErrorPage(codes=(429,), body="<p>Slow down</p>"),
+            ),
+        )
+        await _apply(stack, state)
+        base = f"http://127.0.0.1:{stack.web_port}"
+        async with httpx.AsyncClient(base_url=base, headers={"Host": "localhost"}) as client:
+            answers = [
+                (await client.get("/gone")).status_code,
+                (await client.get("/gone")).status_code,
+                (await client.get("/.env")).status_code,
+                (await client.post("/index.html", content=b"x" * 4096)).status_code,
+            ]
+            assert answers == [410, 410, 404, 413]
+            assert (await client.get("/index.html")).text == "home"
+            limited = await client.get("/index.html")
+            assert (limited.status_code, limited.text) == (429, "<p>Slow down</p>")
+
     async def test_refused_clients_get_the_page_and_still_the_password_prompt(
         self, readable_stack: NginxStack, www: Path, hashes: tuple[str, str]
     ) -> None:

@@ -626,6 +626,10 @@ def expected_location(
         lines += auth_lines(loc.basic_auth, view.auth_file)
     if loc.rate_limit is not None:
         lines += rate_lines(loc.rate_limit, zone_name(site, view_index(site, loc)))
+    elif site.rate_limit is not None and (loc.upstream is not None or loc.root is not None):
+        # The site's limit, per location: a server-level one would also count nginx's
+        # internal requests for error pages.
+        lines += rate_lines(site.rate_limit, zone_name(site))
     lines += [("add_header", header_args(h)) for h in view.headers]
     if loc.upstream is not None:
         uri = "/" if loc.strip_prefix else ""
@@ -811,8 +815,6 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
     site_auth = [("satisfy", [site.satisfy])] if site.satisfy != "all" else []
     if site.basic_auth:
         site_auth += auth_lines(site.basic_auth, view.auth_file)
-    if site.rate_limit is not None:
-        site_auth += rate_lines(site.rate_limit, zone_name(site))
     tls = ["ssl_certificate", "ssl_certificate_key", "ssl_protocols"] if site.tls else []
     assert names == (
         ["listen"] * len(view.main_listens)

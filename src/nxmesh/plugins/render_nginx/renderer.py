@@ -585,6 +585,11 @@ class LocationView:
     """The bundle's htpasswd file of the location's own `basic_auth` (`htpasswd_files`)."""
     rate_zone: RateZone | None = None
     """The ``limit_req`` zone of the location's own `rate_limit`."""
+    limit_zone: RateZone | None = None
+    """The zone the location's ``limit_req`` counts in: its own, else the site's (proxy
+    and static locations only: the others answer before nginx counts requests). Per
+    location, not per server: the server's would also count the requests nginx sends to
+    the error pages and the ACME challenge location."""
     upstream_tls: UpstreamTLS | None = None
     """How nginx speaks TLS to the location's upstream; None: plain HTTP (or no upstream)."""
     upstream_ca: str | None = None
@@ -647,6 +652,7 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
     tls = site.tls
     redirect = tls is not None and tls.redirect_http
     server = server_headers(site)
+    site_zone = _rate_zone(site, site.rate_limit)
     locations = []
     for n, location in enumerate(site.locations):
         proxied = location.upstream is not None
@@ -666,6 +672,7 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
         timeout = location.proxy_read_timeout
         if timeout is None and location.websocket:
             timeout = WEBSOCKET_READ_TIMEOUT
+        own_zone = _rate_zone(site, location.rate_limit, n)
         locations.append(
             LocationView(
                 location=location,
@@ -680,7 +687,8 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
                 ),
                 read_timeout=timeout if proxied else None,
                 auth_file=_auth_file(site, n) if location.basic_auth is not None else None,
-                rate_zone=_rate_zone(site, location.rate_limit, n),
+                rate_zone=own_zone,
+                limit_zone=own_zone or (site_zone if proxied or location.root else None),
                 upstream_tls=upstream_tls,
                 upstream_ca=upstream_ca,
             )
@@ -694,7 +702,7 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
         headers=tuple(server),
         locations=tuple(locations),
         auth_file=_auth_file(site) if site.basic_auth is not None else None,
-        rate_zone=_rate_zone(site, site.rate_limit),
+        rate_zone=site_zone,
         error_pages=tuple(
             ErrorPageView(
                 codes=Token(" ".join(str(code) for code in page.codes)),
