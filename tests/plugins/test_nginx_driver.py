@@ -32,6 +32,7 @@ from nxmesh.core.model import (
     CertificateRef,
     DesiredState,
     ErrorPage,
+    Header,
     Listener,
     Location,
     PendingApply,
@@ -1086,6 +1087,41 @@ class TestErrorPages:
         assert heads  # the upstream answered
         assert response.status == 503
         assert response.text == (DOWN_PAGE if intercept else body.decode())
+
+    async def test_pages_carry_the_headers_of_the_location_that_failed(
+        self, readable_stack: NginxStack, www: Path
+    ) -> None:
+        """An error page carries the ``always`` headers of the location whose request
+        failed (a CSP on /api/), as nginx's own page would, and the site's."""
+        stack = readable_stack
+        frame = Header(name="X-Frame-Options", value="DENY", always=True)
+        csp = Header(name="Content-Security-Policy", value="default-src 'none'", always=True)
+        state = _files(
+            stack.web_port,
+            Location(path="/", root=str(www)),
+            Location(path="/api/", upstream="app", headers=(csp,)),
+            Location(path="/docs/", root=str(www), headers=(csp,)),
+            upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{_closed_port()}"),)),),
+            headers=(frame,),
+            error_pages=(
+                ErrorPage(codes=(404,), body=NOT_FOUND_PAGE),
+                ErrorPage(codes=(502,), body=DOWN_PAGE),
+            ),
+        )
+        await _apply(stack, state)
+        base = f"http://127.0.0.1:{stack.web_port}"
+        async with httpx.AsyncClient(base_url=base, headers={"Host": "localhost"}) as client:
+            for path, status, page, own in [
+                ("/api/users", 502, DOWN_PAGE, True),
+                ("/docs/missing", 404, NOT_FOUND_PAGE, True),
+                ("/missing", 404, NOT_FOUND_PAGE, False),
+            ]:
+                response = await client.get(path)
+                assert (response.status_code, response.text) == (status, page), path
+                assert response.headers["x-frame-options"] == "DENY", path
+                assert response.headers.get("content-security-policy") == (
+                    "default-src 'none'" if own else None
+                ), path
 
     async def test_the_sites_rate_limit_counts_no_error_page(
         self, readable_stack: NginxStack, www: Path

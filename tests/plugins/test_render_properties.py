@@ -631,6 +631,7 @@ def expected_location(
         # internal requests for error pages.
         lines += rate_lines(site.rate_limit, zone_name(site))
     lines += [("add_header", header_args(h)) for h in view.headers]
+    lines += location_page_lines(site, loc)
     if loc.upstream is not None:
         uri = "/" if loc.strip_prefix else ""
         # From the state, not the view: the view is what is under test.
@@ -771,16 +772,36 @@ def error_page_lines(site: Site) -> list[tuple[str, list[str]]]:
     return lines + ([("proxy_intercept_errors", ["on"])] if site.intercept_upstream_errors else [])
 
 
-def check_error_page_location(site: Site, block: Directive) -> None:
-    """The pages' location: internal, the site's page directory, open to every client
-    (the page of a refusal goes to the refused)."""
-    assert values(block) == ["^~", ERROR_PAGE_PREFIX]
+def own_error_pages(site: Site, loc: Location) -> bool:
+    """Whether `loc` gets page locations of its own: it has headers nginx would not add
+    to a page served from the site's."""
+    return bool(site.error_pages and loc.headers)
+
+
+def check_error_page_location(
+    site: Site, block: Directive, prefix: str = ERROR_PAGE_PREFIX, headers: Any = ()
+) -> None:
+    """A pages' location: internal, the site's page directory, open to every client
+    (the page of a refusal goes to the refused), with the headers of its location."""
+    assert values(block) == ["^~", prefix]
     assert [(d["directive"], values(d)) for d in block["block"]] == [
         ("internal", []),
         ("alias", [f"current/error-pages/{site.name}/"]),
         ("charset", ["utf-8"]),
         ("allow", ["all"]),
         ("auth_basic", ["off"]),
+        *(("add_header", header_args(h)) for h in headers),
+    ]
+
+
+def location_page_lines(site: Site, loc: Location) -> list[tuple[str, list[str]]]:
+    """A location with its own page locations names them in its own ``error_page`` lines."""
+    if not own_error_pages(site, loc):
+        return []
+    prefix = f"{ERROR_PAGE_PREFIX}{view_index(site, loc)}/"
+    return [
+        ("error_page", [*map(str, page.codes), f"{prefix}{n}.html"])
+        for n, page in enumerate(site.error_pages)
     ]
 
 
@@ -828,6 +849,7 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
         + [name for name, _ in error_page_lines(site)]
         + (["location"] if acme and not view.redirect_listens else [])
         + (["location"] if site.error_pages else [])
+        + ["location"] * sum(own_error_pages(site, loc) for loc in site.locations)
         + ["location"] * len(site.locations)
     )
     by_name = {n: [values(d) for d in main if d["directive"] == n] for n in set(names)}
@@ -857,6 +879,10 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
         check_acme_location(blocks.pop(0))
     if site.error_pages:
         check_error_page_location(site, blocks.pop(0))
+    for i, location_view in enumerate(view.locations):
+        if own_error_pages(site, location_view.location):
+            prefix = f"{ERROR_PAGE_PREFIX}{i}/"
+            check_error_page_location(site, blocks.pop(0), prefix, location_view.headers)
     for block, location_view in zip(blocks, view.locations, strict=True):
         loc_args, loc_names, loc_values = expected_location(site, location_view, upstreams)
         assert values(block) == loc_args

@@ -569,6 +569,16 @@ def proxy_headers(
 
 
 @attrs.frozen
+class ErrorPageView:
+    """One ``error_page`` line: the status codes and the URI of their page."""
+
+    codes: Token
+    """The status codes, space-separated."""
+    uri: Token
+    """``/.nxmesh-errors/[<location>/]<n>.html``: page n, under `SiteView.error_pages_dir`."""
+
+
+@attrs.frozen
 class LocationView:
     """A location with everything its block needs computed (see `site_view`)."""
 
@@ -595,6 +605,13 @@ class LocationView:
     upstream_ca: str | None = None
     """The bundle's CA file of that upstream (`upstream_ca_files`); None with `upstream_tls`
     set: the host's trust store (`RenderSettings.upstream_ca_file`)."""
+    error_pages: tuple[ErrorPageView, ...] = ()
+    """The location's own ``error_page`` lines: set when the site has pages and the
+    location has headers of its own. nginx adds the headers of the location that serves
+    a page, so such a location's pages come from a page location of its own
+    (`error_pages_prefix`) that repeats its headers (its CSP, CORS...)."""
+    error_pages_prefix: Token | None = None
+    """``/.nxmesh-errors/<index>/``: that page location's path."""
 
     @property
     def proxy_url(self) -> Token:
@@ -602,16 +619,6 @@ class LocationView:
         location = self.location
         scheme = "http" if self.upstream_tls is None else "https"
         return Token(f"{scheme}://{location.upstream}{'/' if location.strip_prefix else ''}")
-
-
-@attrs.frozen
-class ErrorPageView:
-    """One ``error_page`` line: the status codes and the URI of their page."""
-
-    codes: Token
-    """The status codes, space-separated."""
-    uri: Token
-    """``/.nxmesh-errors/<n>.html``: the page's file under `SiteView.error_pages_dir`."""
 
 
 @attrs.frozen
@@ -673,11 +680,13 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
         if timeout is None and location.websocket:
             timeout = WEBSOCKET_READ_TIMEOUT
         own_zone = _rate_zone(site, location.rate_limit, n)
+        headers = tuple(_location_headers(server, location))
+        own_pages = bool(site.error_pages and headers)
         locations.append(
             LocationView(
                 location=location,
                 args=location_args(location),
-                headers=tuple(_location_headers(server, location)),
+                headers=headers,
                 proxy_headers=(
                     tuple(
                         proxy_headers(location, real_ip=bool(site.real_ip_from), tls_name=tls_host)
@@ -691,6 +700,10 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
                 limit_zone=own_zone or (site_zone if proxied or location.root else None),
                 upstream_tls=upstream_tls,
                 upstream_ca=upstream_ca,
+                error_pages=_error_page_views(site, f"{ERROR_PAGE_PREFIX}{n}/")
+                if own_pages
+                else (),
+                error_pages_prefix=Token(f"{ERROR_PAGE_PREFIX}{n}/") if own_pages else None,
             )
         )
     return SiteView(
@@ -703,13 +716,7 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
         locations=tuple(locations),
         auth_file=_auth_file(site) if site.basic_auth is not None else None,
         rate_zone=site_zone,
-        error_pages=tuple(
-            ErrorPageView(
-                codes=Token(" ".join(str(code) for code in page.codes)),
-                uri=Token(f"{ERROR_PAGE_PREFIX}{n}.html"),
-            )
-            for n, page in enumerate(site.error_pages)
-        ),
+        error_pages=_error_page_views(site, ERROR_PAGE_PREFIX),
         error_pages_dir=_error_pages_dir(site) if site.error_pages else None,
     )
 
@@ -769,6 +776,16 @@ def upstream_ca_files(upstreams: Iterable[Upstream]) -> dict[str, bytes]:
         for up in upstreams
         if up.tls is not None and up.tls.ca
     }
+
+
+def _error_page_views(site: Site, prefix: str) -> tuple[ErrorPageView, ...]:
+    return tuple(
+        ErrorPageView(
+            codes=Token(" ".join(str(code) for code in page.codes)),
+            uri=Token(f"{prefix}{n}.html"),
+        )
+        for n, page in enumerate(site.error_pages)
+    )
 
 
 def _error_pages_dir(site: Site) -> str:
