@@ -94,3 +94,25 @@ def test_ipv6_available_probes_an_ipv6_socket(monkeypatch: pytest.MonkeyPatch) -
 def test_listen_ipv6_is_checked() -> None:
     with pytest.raises(ConfigurationError, match="listen_ipv6"):
         load_settings(_pm(), environ={"NXMESH_AGENT__LISTEN_IPV6": "sometimes"})
+
+
+def test_runtime_dirs_follow_a_pinned_prefix(tmp_path: Path) -> None:
+    """With the renderer's `prefix` pinned, the temp files' parent nginx needs is there,
+    not under the configuration root (nginx creates only the last directory)."""
+    from nxmesh.agent.layout import NginxLayout
+    from nxmesh.plugins.render_nginx import RenderSettings
+
+    pinned = tmp_path / "var"
+    layout = NginxLayout.for_prefix(tmp_path / "conf", RenderSettings(prefix=str(pinned)))
+    assert layout.runtime_dirs() == [pinned / "logs", pinned / "tmp"]
+    assert NginxLayout.for_prefix(tmp_path / "conf").runtime_dirs() == [
+        tmp_path / "conf" / "logs",
+        tmp_path / "conf" / "tmp",
+    ]
+
+
+@pytest.mark.parametrize("value", ["0", "0g", "000m"])
+def test_proxy_cache_size_is_more_than_nothing(value: str) -> None:
+    env = {"NXMESH_AGENT__PROXY_CACHE_SIZE": value}
+    with pytest.raises(ConfigurationError, match="proxy_cache_size must be more than 0"):
+        load_settings(_pm(), environ=env)

@@ -11,10 +11,12 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
+from nxmesh.agent.layout import render_settings_of
 from nxmesh.cli import build_cli
 from nxmesh.cli.render_cmd import MANIFEST
 from nxmesh.core.loader import load_state_files
 from nxmesh.core.pluginmanager import get_plugin_manager
+from nxmesh.core.settings import load_settings
 from nxmesh.plugins.render_nginx import config_digest, renderer_for
 from nxmesh.testing.services import require_binary
 
@@ -75,11 +77,14 @@ class TestRender:
     """``nxmesh render FILE -o DIR`` writes a bundle and prints its digest."""
 
     def test_writes_the_bundle_and_prints_its_digests(self, invoke: Invoke, tmp_path: Path) -> None:
-        """Every bundle file lands in DIR, byte for byte; the digests printed are the bundle's."""
+        """Every bundle file lands in DIR, byte for byte; the digests printed are the
+        bundle's, rendered with this host's settings (`agent.listen_ipv6` is `auto`)."""
         out = tmp_path / "out"
         result = invoke("render", QUICKSTART, "-o", out)
         assert result.exit_code == 0, result.output
-        bundle = renderer_for(get_plugin_manager()).render(load_state_files([QUICKSTART]))
+        pm = get_plugin_manager()
+        host = render_settings_of(load_settings(pm, environ={}))
+        bundle = renderer_for(pm, render_settings=host).render(load_state_files([QUICKSTART]))
         for rel, data in bundle.files.items():
             assert (out / rel).read_bytes() == data
         assert f"digest: {bundle.digest}\n" in result.stdout

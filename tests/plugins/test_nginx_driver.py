@@ -23,6 +23,7 @@ from anyio.streams.tls import TLSListener
 
 from nxmesh.agent.fsutil import read_tree
 from nxmesh.agent.harness import NginxStack
+from nxmesh.agent.http import http_get
 from nxmesh.agent.process import worker_pids
 from nxmesh.core.bundle import Bundle, bundle_digest
 from nxmesh.core.model import (
@@ -52,7 +53,7 @@ from nxmesh.plugins.nginx_driver import DriverSettings, ReloadDriver
 from nxmesh.plugins.render_nginx import NginxRenderer
 from nxmesh.testing.contracts import NginxDriverContract
 from nxmesh.testing.factories import one_site_state
-from nxmesh.testing.nginx import refuse_signal
+from nxmesh.testing.nginx import free_port, refuse_signal
 from nxmesh.testing.pki import Pki
 from nxmesh.tls import serving_context
 
@@ -1189,6 +1190,7 @@ class _CountingUpstream:
 
     def __init__(self) -> None:
         self.served = 0
+        self.heads: list[bytes] = []
 
     async def __call__(self, stream: anyio.abc.ByteStream) -> None:
         with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
@@ -1197,6 +1199,7 @@ class _CountingUpstream:
                 while b"\r\n\r\n" not in head:
                     head += await stream.receive()
                 self.served += 1
+                self.heads.append(head)
                 path = head.split(b" ", 2)[1]
                 host = _sent_headers(head)["Host"]
                 body = f"{self.served} {host}".encode()
@@ -1298,6 +1301,96 @@ class TestProxyCache:
                         f"{served + 2} localhost",
                     ], path
                     served += 2
+
+    async def test_what_the_key_ignores_never_reaches_the_upstream(
+        self, readable_stack: NginxStack
+    ) -> None:
+        """A client's forwarding and override headers would make the kept answer one the
+        client chose (links to its host, its method): nginx sends its own forwarding
+        headers and drops the overrides."""
+        stack = readable_stack
+        spoofed = {
+            "X-Forwarded-Host": "evil.example",
+            "X-Forwarded-Port": "8443",
+            "Forwarded": "host=evil.example",
+            "X-Original-URL": "/admin",
+            "X-HTTP-Method-Override": "DELETE",
+        }
+        async with _counting_upstream() as (upstream, port):
+            await _apply(stack, self._state(stack.web_port, port, ProxyCache(valid=60)))
+            url = f"http://127.0.0.1:{stack.web_port}/login"
+            async with httpx.AsyncClient() as client:
+                await client.get(url, headers={"Host": "localhost", **spoofed})
+        sent = _sent_headers(upstream.heads[0])
+        assert sent["X-Forwarded-Host"] == "localhost"
+        assert sent["X-Forwarded-Port"] == str(stack.web_port)
+        assert not {"Forwarded", "X-Original-URL", "X-HTTP-Method-Override"} & set(sent)
+
+    async def test_one_name_on_two_sockets_is_two_caches(self, readable_stack: NginxStack) -> None:
+        """Two sites may serve one name on different ports (a public and an internal
+        one): each location has its own keys, so the public site never gets the internal
+        one's answers (for another upstream path, other headers)."""
+        stack = readable_stack
+        internal_port = free_port()
+        async with _counting_upstream() as (upstream, port):
+            public = self._state(stack.web_port, port, ProxyCache(valid=60)).sites[0]
+            internal = Site(
+                name="internal",
+                server_names=("localhost",),
+                listeners=(Listener(port=internal_port, address="127.0.0.1"),),
+                locations=(
+                    Location(
+                        path="/api/", upstream="app", strip_prefix=True, cache=ProxyCache(valid=60)
+                    ),
+                ),
+            )
+            backend = UpstreamServer(f"127.0.0.1:{port}")
+            state = DesiredState(sites=(public, internal), upstreams=(Upstream("app", (backend,)),))
+            await _apply(stack, state)
+            inside = await http_get(
+                "127.0.0.1", internal_port, "/api/users", host_header="localhost"
+            )
+            outside = await stack.fetch("/api/users")
+        assert (inside.text, outside.text) == ("1 localhost", "2 localhost")
+        paths = [head.split(b" ", 2)[1] for head in upstream.heads]
+        assert paths == [b"/users", b"/api/users"]
+
+    async def test_websocket_upgrades_are_not_answered_from_the_cache(
+        self, readable_stack: NginxStack
+    ) -> None:
+        """A cached page is no handshake: a request to upgrade goes to the upstream."""
+        stack = readable_stack
+        async with _counting_upstream() as (upstream, port):
+            state = self._state(stack.web_port, port, ProxyCache(valid=60))
+            site = state.sites[0]
+            ws = Location(path="/", upstream="app", websocket=True, cache=ProxyCache(valid=60))
+            state = attrs.evolve(state, sites=(attrs.evolve(site, locations=(ws,)),))
+            await _apply(stack, state)
+            assert (await stack.fetch("/graphql")).text == "1 localhost"
+            upgrade = {"Host": "localhost", "Upgrade": "websocket", "Connection": "Upgrade"}
+            url = f"http://127.0.0.1:{stack.web_port}/graphql"
+            async with httpx.AsyncClient() as client:
+                assert (await client.get(url, headers=upgrade)).text == "2 localhost"
+            assert (await stack.fetch("/graphql")).text == "1 localhost"
+        assert upstream.served == 2
+
+    async def test_a_new_worker_user_gets_a_cache_of_its_own(
+        self, readable_stack: NginxStack
+    ) -> None:
+        """nginx makes the cache's directories 0700 for the workers' user; after the user
+        changes, the new workers could neither read nor prune the old ones (500 for
+        every URI kept before): each user has its own cache directory."""
+        stack = readable_stack
+        async with _counting_upstream() as (_, port):
+            state = self._state(stack.web_port, port, ProxyCache(valid=60))
+            await _apply(stack, state)
+            assert (await stack.fetch("/a")).text == "1 localhost"
+            as_www = NginxRenderer(settings=attrs.evolve(stack.render_settings, user="www-data"))
+            report = await stack.driver.apply(stack.update(state), as_www.render(state))
+            assert report.outcome == "applied", report.message
+            response = await stack.fetch("/a")
+        assert (response.status, response.text) == (200, "2 localhost")
+        assert (stack.root / "tmp" / "cache-www-data").is_dir()
 
     @pytest.mark.parametrize("serve_stale", [True, False])
     async def test_the_last_answer_is_served_while_the_upstream_is_down(
@@ -1438,7 +1531,7 @@ class TestTlsUpstreams:
             sent = _sent_headers(heads[0])
             named = "server_name" in tls and tls.get("host") != "client"
             assert sent["Host"] == (tls["server_name"] if named else "localhost")
-            assert sent.get("X-Forwarded-Host") == ("localhost" if named else None)
+            assert sent["X-Forwarded-Host"] == "localhost"  # always nginx's, never the client's
         assert names  # nginx connected over TLS
         assert set(names) == {tls.get("server_name")}
 

@@ -567,7 +567,9 @@ class TestLocations:
         assert list(found) == ["/a", "= /b", "~ ^/c/[0-9]+\\\\.png$", "~* \\\\.JPG$"]
 
     def test_proxy_location_keeps_upstream_connections_alive(self, tmp_path: Path) -> None:
-        """proxy_pass to the upstream, request id and forwarding headers, Connection ""."""
+        """proxy_pass to the upstream, request id and forwarding headers, Connection "".
+        Every forwarding header is nginx's own: the client's X-Forwarded-Host, -Port and
+        Forwarded never reach the upstream."""
         (block,) = self.render_locations(tmp_path, Location(path="/", upstream="app")).values()
         assert args(block, "proxy_pass") == [["http://app"]]
         headers = dict(args(block, "proxy_set_header"))
@@ -576,6 +578,9 @@ class TestLocations:
             "X-Real-IP": "$remote_addr",
             "X-Forwarded-For": "$proxy_add_x_forwarded_for",
             "X-Forwarded-Proto": "$scheme",
+            "X-Forwarded-Host": "$host",
+            "X-Forwarded-Port": "$server_port",
+            "Forwarded": "",
             "X-Request-ID": "$request_id",
             "Connection": "",
         }

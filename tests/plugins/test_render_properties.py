@@ -339,13 +339,25 @@ proxy_caches = st.builds(
 )
 
 
-def cache_lines(cache: ProxyCache) -> list[tuple[str, list[str]]]:
-    """A caching location's lines: the zone, a key naming upstream, scheme, host and URI,
-    the validity, the lock, who is not served from it, and the stale answers."""
-    personal = ["$http_authorization"] + ([] if cache.with_cookies else ["$http_cookie"])
+CACHE_CLEARED = [
+    "X-Original-URL",
+    "X-Rewrite-URL",
+    "X-HTTP-Method-Override",
+    "X-HTTP-Method",
+    "X-Method-Override",
+]
+
+
+def cache_lines(cache: ProxyCache, site: Site, index: int) -> list[tuple[str, list[str]]]:
+    """A caching location's lines: the zone, a key naming the site's location, upstream,
+    scheme, host and URI, the validity, the lock, who is not served from it (personal
+    requests, WebSocket upgrades), and the stale answers."""
+    personal = ["$http_authorization", "$http_upgrade"]
+    personal += [] if cache.with_cookies else ["$http_cookie"]
+    key = f"{site.name}.{index}|$proxy_host|$scheme://$host$request_uri"
     lines = [
         ("proxy_cache", ["nxmesh_cache"]),
-        ("proxy_cache_key", ["$proxy_host|$scheme://$host$request_uri"]),
+        ("proxy_cache_key", [key]),
         ("proxy_cache_valid", ["200", "301", "302", f"{cache.valid}s"]),
         ("proxy_cache_lock", ["on"]),
         ("proxy_cache_bypass", personal),
@@ -638,25 +650,30 @@ def expected_location(
         tls = upstreams[loc.upstream].tls
         scheme = "http" if tls is None else "https"
         lines.append(("proxy_pass", [f"{scheme}://{loc.upstream}{uri}"]))
+        own = {h.name.lower() for h in loc.proxy_headers}
+        sent = {h.name: h.value for h in view.proxy_headers}
+        # Every forwarding header is nginx's; a caching location also clears what would
+        # make an answer depend on more than its key.
+        forwarded = {"X-Forwarded-Host": "$host", "X-Forwarded-Port": "$server_port"}
+        cleared = ["Forwarded", *(CACHE_CLEARED if loc.cache is not None else [])]
+        for name, value in [*forwarded.items(), *((n, '""') for n in cleared)]:
+            if name.lower() not in own:
+                assert sent[name] == value, name
         if tls is not None:
             ca_file = f"upstream-ca/{loc.upstream}.pem" if tls.ca is not None else None
             lines += upstream_tls_lines(tls, ca_file)
-            own = {h.name.lower() for h in loc.proxy_headers}
-            sent = {h.name: h.value for h in view.proxy_headers}
             if "host" not in own:
                 if tls.server_name is not None and tls.host == "server_name":
                     assert sent["Host"] == tls.server_name  # the name the SNI carries
-                    assert sent["X-Forwarded-Host"] == "$host"
                 else:
                     assert sent["Host"] == "$host"
-                    assert "X-Forwarded-Host" not in sent
         lines += [("proxy_set_header", [h.name, parsed_value(h.value)]) for h in view.proxy_headers]
         if view.read_timeout is not None:
             lines.append(("proxy_read_timeout", [f"{view.read_timeout}s"]))
         if not loc.proxy_request_buffering:
             lines.append(("proxy_request_buffering", ["off"]))
         if loc.cache is not None:
-            lines += cache_lines(loc.cache)
+            lines += cache_lines(loc.cache, site, view_index(site, loc))
     elif loc.root is not None:
         lines.append(("root", [loc.root]))
         if not loc.serve_dotfiles:

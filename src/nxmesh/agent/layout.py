@@ -84,6 +84,9 @@ class NginxLayout:
     """nginx's ``-p``: relative paths in nginx.conf resolve against it."""
     pid_file: Path
     error_log: Path
+    temp_dir: Path | None = None
+    """Parent of nginx's temp and cache directories (``tmp/``, or under a pinned
+    ``RenderSettings.prefix``); None: ``<prefix>/tmp``."""
 
     @property
     def conf_file(self) -> Path:
@@ -92,7 +95,8 @@ class NginxLayout:
 
     def runtime_dirs(self) -> list[Path]:
         """Directories nginx expects to exist before it starts (logs, temp files)."""
-        return sorted({self.pid_file.parent, self.error_log.parent, self.prefix / "tmp"})
+        temp = self.temp_dir if self.temp_dir is not None else self.prefix / "tmp"
+        return sorted({self.pid_file.parent, self.error_log.parent, temp})
 
     def ensure_runtime_dirs(self) -> None:
         for directory in self.runtime_dirs():
@@ -115,6 +119,7 @@ class NginxLayout:
             prefix=base,
             pid_file=resolve(paths["pid"]),
             error_log=resolve(paths["error_log"]),
+            temp_dir=resolve(paths["proxy_temp"]).parent,
         )
 
     @classmethod

@@ -39,7 +39,7 @@ from nxmesh.core.logging import (
     is_secret_key,
     redact_text,
 )
-from nxmesh.core.validation import SIZE
+from nxmesh.core.validation import size_reason
 
 __all__ = [
     "DEFAULT_CONFIG_FILE",
@@ -165,8 +165,8 @@ def _absolute_file(_inst: object, attribute: attrs.Attribute[Any], value: Path |
 
 
 def _cache_size(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if value and (reason := SIZE.reason(value)) is not None:
-        raise ValueError(f"{attribute.name} {reason}, got {value!r}")
+    if value and (reason := size_reason(value)) is not None:
+        raise ValueError(f"{attribute.name} {reason}")
 
 
 def _workspace(_inst: object, attribute: attrs.Attribute[str], value: str) -> None:

@@ -79,6 +79,7 @@ __all__ = [
     "printable",
     "quote_hint",
     "raise_problems",
+    "size_reason",
     "text",
     "upstream_address_hazard",
 ]
@@ -478,6 +479,17 @@ SIZE = TextRule(
     _rx(r"[0-9]{1,9}[kKmMgG]?"),
     max_len=10,
 )
+
+
+def size_reason(value: object) -> str | None:
+    """Why `value` is not a non-zero nginx size (``SIZE``: a bound, where 0 means none
+    allowed), or None."""
+    reason = SIZE.reason(value)
+    if reason is None and isinstance(value, str) and int(value.rstrip("kKmMgG")) == 0:
+        return f"must be more than 0, got {value!r}"
+    return reason
+
+
 TLS_PROTOCOL = TextRule(
     "TLSv1.2 or TLSv1.3",
     _rx(r"TLSv1\.[23]"),

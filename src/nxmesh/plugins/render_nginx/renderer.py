@@ -54,7 +54,7 @@ from nxmesh.core.model import (
     redirect_binds,
 )
 from nxmesh.core.registry import ProviderRegistries
-from nxmesh.core.validation import SIZE, Invalid
+from nxmesh.core.validation import Invalid, size_reason
 from nxmesh.plugins.render_nginx import quoting
 from nxmesh.plugins.render_nginx.quoting import Token
 
@@ -239,7 +239,7 @@ def _workers(_inst: object, attribute: attrs.Attribute[Any], value: object) -> N
 
 
 def _size(_inst: object, attribute: attrs.Attribute[Any], value: str) -> None:
-    if (reason := SIZE.reason(value)) is not None:
+    if (reason := size_reason(value)) is not None:
         raise ValueError(f"{attribute.name} {reason}")
 
 
@@ -291,6 +291,12 @@ class RenderSettings:
     proxy_cache_size: str = attrs.field(default=DEFAULT_PROXY_CACHE_SIZE, validator=_size)
     listen_ipv6: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
 
+    @property
+    def proxy_cache_zone(self) -> str:
+        """The proxy cache's zone: one per workers' user, like its directory (nginx
+        refuses a reload that gives a zone another directory)."""
+        return "nxmesh_cache" if self.user is None else f"nxmesh_cache_{self.user}"
+
     def runtime_paths(self) -> dict[str, str]:
         """Runtime file paths as written into nginx.conf (relative to ``-p`` or absolute)."""
         base = "" if self.prefix is None else self.prefix.rstrip("/") + "/"
@@ -300,7 +306,9 @@ class RenderSettings:
             "access_log": "logs/access.log",
             "client_body_temp": "tmp/client_body",
             "proxy_temp": "tmp/proxy",
-            "proxy_cache": "tmp/cache",
+            # nginx makes the cache's directories 0700 for the workers' user: another
+            # user (a changed `user`) could not read nor prune them, so one per user.
+            "proxy_cache": "tmp/cache" if self.user is None else f"tmp/cache-{self.user}",
             "fastcgi_temp": "tmp/fastcgi",
             "uwsgi_temp": "tmp/uwsgi",
             "scgi_temp": "tmp/scgi",
@@ -526,15 +534,32 @@ def _location_headers(
     return _merge(server, location.headers) if location.headers else []
 
 
+_NOTHING = Token('""')  # proxy_set_header with an empty value: the header is not sent
+# Every forwarding header is nginx's, none the client's: an application trusting a
+# client's X-Forwarded-Host builds links (a password reset's) to the client's host.
 _PROXY_DEFAULTS = (
     HeaderLine("Host", Token("$host")),
     HeaderLine("X-Real-IP", Token("$remote_addr")),
     HeaderLine("X-Forwarded-For", Token("$proxy_add_x_forwarded_for")),
     HeaderLine("X-Forwarded-Proto", Token("$scheme")),
+    HeaderLine("X-Forwarded-Host", Token("$host")),
+    HeaderLine("X-Forwarded-Port", Token("$server_port")),
+    HeaderLine("Forwarded", _NOTHING),
     HeaderLine("X-Request-ID", Token("$request_id")),
 )
-_KEEPALIVE = (HeaderLine("Connection", Token('""')),)
-_FORWARDED_HOST = HeaderLine("X-Forwarded-Host", Token("$host"))
+_KEEPALIVE = (HeaderLine("Connection", _NOTHING),)
+# What a cached answer must not depend on, as the cache key does not: a URL or a method
+# other than the request's (one client's DELETE kept as everyone's GET).
+_CACHE_CLEARED = tuple(
+    HeaderLine(name, _NOTHING)
+    for name in (
+        "X-Original-URL",
+        "X-Rewrite-URL",
+        "X-HTTP-Method-Override",
+        "X-HTTP-Method",
+        "X-Method-Override",
+    )
+)
 # After realip, $proxy_add_x_forwarded_for appends the client (now $remote_addr) again
 # and loses the balancer: nginx.conf's map appends $realip_remote_addr instead.
 _REAL_FORWARDED_FOR = HeaderLine("X-Forwarded-For", Token("$nxmesh_forwarded_for"))
@@ -555,16 +580,18 @@ def proxy_headers(
     received plus the balancer's own address (``$nxmesh_forwarded_for``), not the client
     a second time. `tls_name`: the upstream's TLS server name, which is then the Host too
     (a name-based HTTPS server picks its site by Host, and some answer 421 when it differs
-    from the SNI), with the client's in X-Forwarded-Host.
+    from the SNI); the client's is in X-Forwarded-Host as always. A caching location
+    also clears the headers that would make an answer depend on more than its key.
     """
     defaults = _PROXY_DEFAULTS + (_WEBSOCKET if location.websocket else _KEEPALIVE)
+    if location.cache is not None:
+        defaults += _CACHE_CLEARED
     if real_ip:  # in place, so the lines keep their order
         defaults = tuple(
             _REAL_FORWARDED_FOR if h.name == "X-Forwarded-For" else h for h in defaults
         )
     if tls_name is not None:
-        host = (HeaderLine("Host", quoting.quote(tls_name)), _FORWARDED_HOST)
-        defaults = host + defaults[1:]  # Host comes first
+        defaults = (HeaderLine("Host", quoting.quote(tls_name)), *defaults[1:])
     return _merge(defaults, location.proxy_headers)
 
 
@@ -612,6 +639,10 @@ class LocationView:
     (`error_pages_prefix`) that repeats its headers (its CSP, CORS...)."""
     error_pages_prefix: Token | None = None
     """``/.nxmesh-errors/<index>/``: that page location's path."""
+    cache_key: Token | None = None
+    """``proxy_cache_key`` of a caching location: the site and location (so no other
+    location's answers, for other proxy headers, paths or clients, are ever served), the
+    upstream, then scheme, host and URI."""
 
     @property
     def proxy_url(self) -> Token:
@@ -704,6 +735,11 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
                 if own_pages
                 else (),
                 error_pages_prefix=Token(f"{ERROR_PAGE_PREFIX}{n}/") if own_pages else None,
+                cache_key=(
+                    Token(f"{_stem(site.name)}.{n}|$proxy_host|$scheme://$host$request_uri")
+                    if location.cache is not None
+                    else None
+                ),
             )
         )
     return SiteView(
