@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 
+from nxmesh.agent import layout
 from nxmesh.agent.layout import ipv6_available, render_settings_of
 from nxmesh.core.errors import ConfigurationError
 from nxmesh.core.pluginmanager import NxMeshPluginManager, get_plugin_manager
@@ -60,35 +62,51 @@ def test_proxy_cache_size_is_an_nginx_size(value: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "listen_address", "expected"),
+    ("value", "available", "expected"),
     [
-        ("on", "", True),
-        ("off", "", False),
-        ("auto", "", "host"),
-        ("auto", "10.0.0.1", False),  # pinned to one IPv4 address: no twin
+        ("on", False, True),
+        ("off", True, False),
+        ("auto", True, True),
+        ("auto", False, False),
     ],
 )
 def test_listen_ipv6_reaches_the_renderer(
-    value: str, listen_address: str, expected: bool | str
+    monkeypatch: pytest.MonkeyPatch, value: str, available: bool, expected: bool
 ) -> None:
-    """`[agent] listen_ipv6`: on, off, or auto (when this host can listen on IPv6 and no
-    listen_address pins the listeners)."""
-    env = {"NXMESH_AGENT__LISTEN_IPV6": value, "NXMESH_AGENT__LISTEN_ADDRESS": listen_address}
-    settings = load_settings(_pm(), environ=env)
-    want = ipv6_available() if expected == "host" else expected
-    assert render_settings_of(settings).listen_ipv6 is want
+    """`[agent] listen_ipv6`: on, off, or auto (when this host's kernel has IPv6)."""
+    monkeypatch.setattr(layout, "ipv6_available", lambda: available)
+    settings = load_settings(_pm(), environ={"NXMESH_AGENT__LISTEN_IPV6": value})
+    assert render_settings_of(settings).listen_ipv6 is expected
 
 
-def test_ipv6_available_probes_an_ipv6_socket(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A host whose kernel or container refuses AF_INET6 is told apart (nginx would fail
-    to start on [::]:80 there)."""
-    import socket
+class _Socket:
+    """A stand-in for `socket.socket` that binds, or refuses as a kernel without IPv6."""
 
-    def refuse(*_args: object, **_kwargs: object) -> None:
-        raise OSError(97, "Address family not supported by protocol")
+    refuse = False
 
-    monkeypatch.setattr(socket, "socket", refuse)
-    assert ipv6_available() is False
+    def __init__(self, family: int, kind: int) -> None:
+        assert family == socket.AF_INET6
+
+    def __enter__(self) -> _Socket:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        return None
+
+    def bind(self, address: tuple[str, int]) -> None:
+        if self.refuse:
+            raise OSError(97, "Address family not supported by protocol")
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_ipv6_available_probes_an_ipv6_socket(
+    monkeypatch: pytest.MonkeyPatch, refuse: bool
+) -> None:
+    """IPv6 is available when an AF_INET6 socket binds `::`, and a kernel that refuses
+    AF_INET6 is told apart (nginx would fail to start on [::]:80 there)."""
+    monkeypatch.setattr(_Socket, "refuse", refuse)
+    monkeypatch.setattr(socket, "socket", _Socket)
+    assert ipv6_available() is not refuse
 
 
 def test_listen_ipv6_is_checked() -> None:

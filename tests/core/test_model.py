@@ -666,8 +666,9 @@ class TestErrorPages:
         assert paths_of(exc) == ["locations[1].path"]
         assert "where the site's error pages are served from" in str(exc.value)
 
-    def test_earlier_states_keep_their_digest(self) -> None:
-        """Both fields are left out of the canonical JSON at their defaults."""
+    def test_fields_at_defaults_stay_out_of_the_canonical_json(self) -> None:
+        """Both fields are left out at their defaults, so earlier states keep their
+        digests."""
         data = unstructure(make_site())
         assert "error_pages" not in data
         assert "intercept_upstream_errors" not in data

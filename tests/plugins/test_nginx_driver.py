@@ -399,6 +399,7 @@ def test_only_key_files_are_kept_from_the_workers(tmp_path: Path) -> None:
             "certs/web.key": key,
             "certs/acme/web.key": key,
             "error-pages/web/0.html": b"<p>Never paste -----BEGIN PRIVATE KEY----- here</p>",
+            "error-pages/web/1.html": b"-----BEGIN PRIVATE KEY----- is never shown",
         }
     )
     _, staging = ReleaseStore(tmp_path).write(bundle, durable=False)
@@ -408,6 +409,7 @@ def test_only_key_files_are_kept_from_the_workers(tmp_path: Path) -> None:
         "certs/web.key": 0o600,
         "certs/acme/web.key": 0o600,
         "error-pages/web/0.html": 0o644,
+        "error-pages/web/1.html": 0o644,
     }
 
 
@@ -1354,6 +1356,41 @@ class TestProxyCache:
         assert (inside.text, outside.text) == ("1 localhost", "2 localhost")
         paths = [head.split(b" ", 2)[1] for head in upstream.heads]
         assert paths == [b"/users", b"/api/users"]
+
+    async def test_an_edit_never_hands_a_locations_answers_to_another(
+        self, readable_stack: NginxStack
+    ) -> None:
+        """Answers kept for an internal location (its own clients, its own headers
+        upstream) are not served once it is removed and ``/`` takes its paths, nor once
+        the site's settings change: the key digests the site with that location."""
+        stack = readable_stack
+        cache = ProxyCache(valid=60)
+        role = Header(name="X-Role", value="admin")
+        internal = Location(
+            path="/internal/",
+            upstream="app",
+            allow=("127.0.0.1",),
+            proxy_headers=(role,),
+            cache=cache,
+        )
+        public = Location(path="/", upstream="app", cache=cache)
+        async with _counting_upstream() as (upstream, port):
+            base = self._state(stack.web_port, port, cache)
+            site = base.sites[0]
+            await _apply(
+                stack, attrs.evolve(base, sites=(attrs.evolve(site, locations=(internal, public)),))
+            )
+            assert (await stack.fetch("/internal/x")).text == "1 localhost"
+            assert (await stack.fetch("/internal/x")).text == "1 localhost"  # kept
+            await _apply(
+                stack, attrs.evolve(base, sites=(attrs.evolve(site, locations=(public,)),))
+            )
+            assert (await stack.fetch("/internal/x")).text == "2 localhost"
+            assert (await stack.fetch("/internal/x")).text == "2 localhost"
+            gzipped = attrs.evolve(site, locations=(public,), gzip=True)
+            await _apply(stack, attrs.evolve(base, sites=(gzipped,)))
+            assert (await stack.fetch("/internal/x")).text == "3 localhost"
+        assert "X-Role" not in _sent_headers(upstream.heads[1])
 
     async def test_websocket_upgrades_are_not_answered_from_the_cache(
         self, readable_stack: NginxStack

@@ -366,18 +366,88 @@ class TestProductionDefaults:
         listens = args(main["conf.d/site-web.conf"][1]["block"], "listen")
         assert listens == [["10.0.0.1:443", "ssl", "http2"]]
 
-    def test_listen_ipv6_joining_sockets_is_a_render_error(self) -> None:
-        """A site on ``[::1]:80`` beside one on ``80`` was fine for IPv4 only; with the
-        twin on ``[::]:80`` nginx could not reload onto the mix: a RenderError naming the
-        setting and the conflict."""
+    @pytest.mark.parametrize(
+        "sites",
+        [
+            pytest.param(  # IPv4 and IPv6 default servers of their own
+                (
+                    site("a", listeners=(Listener(18080, default_server=True),)),
+                    site("b", listeners=(Listener(18080, address="::", default_server=True),)),
+                ),
+                id="default-per-family",
+            ),
+            pytest.param(  # one name, served by one site per family
+                (
+                    site("a", server_names=("www.test",), listeners=(Listener(18080),)),
+                    site(
+                        "b", server_names=("www.test",), listeners=(Listener(18080, address="::"),)
+                    ),
+                ),
+                id="name-per-family",
+            ),
+            pytest.param(  # h2c on IPv6 only
+                (
+                    site("a", listeners=(Listener(18080),)),
+                    site("b", listeners=(Listener(18080, http2=True, address="::"),)),
+                ),
+                id="h2c-on-ipv6",
+            ),
+            pytest.param(  # another site's own address
+                (
+                    site("a", listeners=(Listener(18080),)),
+                    site("b", listeners=(Listener(18080, address="::1"),)),
+                ),
+                id="one-address",
+            ),
+            pytest.param(  # a catch-all on IPv6 only: the default of [::]:18080
+                (
+                    site("a", listeners=(Listener(18080, default_server=True),)),
+                    site("b", server_names=("_",), listeners=(Listener(18080, address="::"),)),
+                ),
+                id="catch-all-on-ipv6",
+            ),
+        ],
+    )
+    def test_ports_the_state_gives_ipv6_addresses_keep_them(
+        self, sites: tuple[Site, ...], tmp_path: Path
+    ) -> None:
+        """Where any site writes an IPv6 address on a port, the port's IPv6 listeners
+        stay as written: a twin there would be a second default server, a wildcard
+        beside an address, a name served twice or h2c on a socket the state keeps to
+        HTTP/1. The bundle is the one rendered without the setting."""
+        both = state(*sites)
+        plain = NginxRenderer().render(both)
+        assert NginxRenderer(settings=RenderSettings(listen_ipv6=True)).render(both) == plain
+
+    def test_listen_ipv6_twins_repeat_the_ipv4_sockets(self, tmp_path: Path) -> None:
+        """On other ports every address-less listener gets its twin, in every site, so
+        IPv6 is served as IPv4 is: the same default server, the same names."""
         both = state(
-            site("a", listeners=(Listener(18080),)),
-            site("b", listeners=(Listener(18080, address="::1"),)),
+            site("a", listeners=(Listener(18080, default_server=True), Listener(18081))),
+            site("b", listeners=(Listener(18080),)),
         )
-        assert NginxRenderer().render(both)
-        with pytest.raises(RenderError, match=r"agent\.listen_ipv6") as caught:
-            NginxRenderer(settings=RenderSettings(listen_ipv6=True)).render(both)
-        assert "[::1]:18080 is on a port sites[0] ('a') listens on" in str(caught.value)
+        renderer = NginxRenderer(settings=RenderSettings(listen_ipv6=True))
+        parsed = parse(renderer.render(both), tmp_path)
+        [a] = parsed["conf.d/site-a.conf"]
+        [b] = parsed["conf.d/site-b.conf"]
+        assert args(a["block"], "listen") == [
+            ["18080", "default_server"],
+            ["[::]:18080", "default_server"],
+            ["18081"],
+            ["[::]:18081"],
+        ]
+        assert args(b["block"], "listen") == [["18080"], ["[::]:18080"]]
+        unknown = [args(d["block"], "listen")[0] for d in parsed["conf.d/unknown-hosts.conf"]]
+        assert unknown == [["18081", "default_server"], ["[::]:18081", "default_server"]]
+
+    def test_host_settings_check_conflicts_not_rules_for_new_input(self) -> None:
+        """A stored state may predate a rule for new input (an upstream on the Docker
+        daemon's port): binding it to `listen_address` renders it as it did; only
+        conflicts the binding creates are refused."""
+        docker = Upstream(name="app", servers=(UpstreamServer(address="127.0.0.1:2375"),))
+        stored = state(site("a", listeners=(Listener(18080),)), upstreams=(docker,))
+        pinned = NginxRenderer(settings=RenderSettings(listen_address="127.0.0.1"))
+        assert pinned.render(stored)
 
     @pytest.mark.parametrize(
         "bad",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 import tempfile
 import unicodedata
 from collections import Counter
@@ -339,6 +340,13 @@ proxy_caches = st.builds(
 )
 
 
+# Filled per example by `check_site`: the key each caching location's block has, once
+# its shape is checked (the site's name, a 16-hex digest, upstream, scheme, host, URI).
+CACHE_KEYS: dict[tuple[str, int], str] = {}
+CACHE_KEY_SHAPE = re.compile(
+    r"([a-z0-9_-]+)\.[0-9a-f]{16}\|\$proxy_host\|\$scheme://\$host\$request_uri"
+)
+
 CACHE_CLEARED = [
     "X-Original-URL",
     "X-Rewrite-URL",
@@ -354,10 +362,9 @@ def cache_lines(cache: ProxyCache, site: Site, index: int) -> list[tuple[str, li
     requests, WebSocket upgrades), and the stale answers."""
     personal = ["$http_authorization", "$http_upgrade"]
     personal += [] if cache.with_cookies else ["$http_cookie"]
-    key = f"{site.name}.{index}|$proxy_host|$scheme://$host$request_uri"
     lines = [
         ("proxy_cache", ["nxmesh_cache"]),
-        ("proxy_cache_key", [key]),
+        ("proxy_cache_key", [CACHE_KEYS[(site.name, index)]]),
         ("proxy_cache_valid", ["200", "301", "302", f"{cache.valid}s"]),
         ("proxy_cache_lock", ["on"]),
         ("proxy_cache_bypass", personal),
@@ -799,7 +806,8 @@ def check_error_page_location(
     site: Site, block: Directive, prefix: str = ERROR_PAGE_PREFIX, headers: Any = ()
 ) -> None:
     """A pages' location: internal, the site's page directory, open to every client
-    (the page of a refusal goes to the refused), with the headers of its location."""
+    (the page of a refusal goes to the refused), with `headers` (parsed ``add_header``
+    directives of its location)."""
     assert values(block) == ["^~", prefix]
     assert [(d["directive"], values(d)) for d in block["block"]] == [
         ("internal", []),
@@ -807,7 +815,7 @@ def check_error_page_location(
         ("charset", ["utf-8"]),
         ("allow", ["all"]),
         ("auth_basic", ["off"]),
-        *(("add_header", header_args(h)) for h in headers),
+        *(("add_header", values(h)) for h in headers),
     ]
 
 
@@ -896,10 +904,20 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
         check_acme_location(blocks.pop(0))
     if site.error_pages:
         check_error_page_location(site, blocks.pop(0))
-    for i, location_view in enumerate(view.locations):
-        if own_error_pages(site, location_view.location):
-            prefix = f"{ERROR_PAGE_PREFIX}{i}/"
-            check_error_page_location(site, blocks.pop(0), prefix, location_view.headers)
+    # A location with headers of its own has a page location repeating its headers, as
+    # its own block writes them.
+    own_pages = [i for i, loc in enumerate(site.locations) if own_error_pages(site, loc)]
+    page_blocks = [blocks.pop(0) for _ in own_pages]
+    for i, page_block in zip(own_pages, page_blocks, strict=True):
+        headers = [d for d in blocks[i]["block"] if d["directive"] == "add_header"]
+        check_error_page_location(site, page_block, f"{ERROR_PAGE_PREFIX}{i}/", headers)
+    for index, block in enumerate(blocks):
+        for d in block["block"]:
+            if d["directive"] == "proxy_cache_key":
+                shape = CACHE_KEY_SHAPE.fullmatch(d["args"][0])
+                assert shape is not None, d["args"]
+                assert shape.group(1) == site.name
+                CACHE_KEYS[(site.name, index)] = d["args"][0]
     for block, location_view in zip(blocks, view.locations, strict=True):
         loc_args, loc_names, loc_values = expected_location(site, location_view, upstreams)
         assert values(block) == loc_args
@@ -996,6 +1014,7 @@ class TestStructure:
         everything = [d for block in parsed.values() for d in walk(block)]
         assert {d["directive"] for d in everything} <= ALLOWED_DIRECTIVES
         defaults = {lst.bind for s in state.sites for lst in s.listeners if lst.default_server}
+        CACHE_KEYS.clear()
         for site in state.sites:
             if "_" in site.server_names:  # nginx's "any name": default where none is set
                 listeners = tuple(
@@ -1004,6 +1023,8 @@ class TestStructure:
                 )
                 site = attrs.evolve(site, listeners=listeners)
             check_site(site, parsed[f"conf.d/site-{site.name}.conf"], state)
+        # No two caching locations share keys (the state's sites have distinct names).
+        assert len(set(CACHE_KEYS.values())) == len(CACHE_KEYS)
         check_upstreams(state, parsed["conf.d/upstreams.conf"])
         check_unknown_hosts(state, parsed["conf.d/unknown-hosts.conf"])
         bundle = _renderer().render(state)

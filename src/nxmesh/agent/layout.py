@@ -25,8 +25,10 @@ RENDER_SECTION = "render_nginx"
 
 
 def ipv6_available() -> bool:
-    """Whether this host can listen on IPv6: a container or kernel without it refuses an
-    ``AF_INET6`` socket, and nginx would then fail to start on ``[::]:80``."""
+    """Whether this host's kernel lets a program listen on IPv6 (``[::]``): a kernel
+    built without IPv6, or booted with ``ipv6.disable=1``, refuses ``AF_INET6`` sockets,
+    and nginx would fail to start on ``[::]:80``. (With the ``disable_ipv6`` sysctl the
+    socket still binds, and nginx starts.)"""
     if not socket.has_ipv6:
         return False
     try:
@@ -46,8 +48,8 @@ def render_settings_of(settings: Settings) -> RenderSettings:
     reload through that server, so it owns its address. ``agent.listen_address`` binds
     the sites' address-less listeners; ``agent.upstream_ca_file`` names the trust store
     of TLS upstreams; ``agent.proxy_cache_size`` bounds the proxy cache;
-    ``agent.listen_ipv6`` (``auto``: when the host has IPv6 and no ``listen_address`` is
-    set) adds ``[::]`` to the address-less listeners.
+    ``agent.listen_ipv6`` (``auto``: when the kernel has IPv6) adds ``[::]`` twins to
+    the address-less listeners, unless ``listen_address`` binds them to one address.
     """
     listen = settings.agent.listen_address or None
     ca_file = settings.agent.upstream_ca_file
@@ -56,9 +58,9 @@ def render_settings_of(settings: Settings) -> RenderSettings:
         host["upstream_ca_file"] = str(ca_file)
     if settings.agent.proxy_cache_size:
         host["proxy_cache_size"] = settings.agent.proxy_cache_size
+    # Always set, so the agent's setting wins over a [plugins.render_nginx] section's.
     ipv6 = settings.agent.listen_ipv6
-    if ipv6 == "on" or (ipv6 == "auto" and not listen and ipv6_available()):
-        host["listen_ipv6"] = True
+    host["listen_ipv6"] = ipv6 == "on" or (ipv6 == "auto" and ipv6_available())
     section = settings.plugins.get(RENDER_SECTION)
     if isinstance(section, RenderSettings):
         return attrs.evolve(section, **host) if host else section

@@ -10,7 +10,7 @@ from types import MappingProxyType
 
 import attrs
 
-__all__ = ["Bundle", "bundle_digest", "is_private_key_file"]
+__all__ = ["Bundle", "bundle_digest", "is_certificate_key", "is_private_key_file"]
 
 
 _CERTS_DIR = "certs/"
@@ -21,15 +21,20 @@ _PEM_PRIVATE_KEY = re.compile(rb"\A\s*-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
 """A PEM private key at the start of a file (PKCS#8, RSA, EC, encrypted, OpenSSH...)."""
 
 
+def is_certificate_key(path: str, data: bytes) -> bool:
+    """Whether bundle file `path` is a site's private key, which only nginx's master may
+    read: a file of ``certs/`` named ``.key`` or holding a PEM key. Nowhere else (an
+    error page may quote a PEM header, and nginx's workers must read it)."""
+    return path.startswith(_CERTS_DIR) and (path.endswith(".key") or _PRIVATE_KEY_MARK in data)
+
+
 def is_private_key_file(path: str, data: bytes | None) -> bool:
     """Whether bundle file `path` holding `data` (``None``: absent) is a private key, which
     diffs (previews, drift reports) name but never show. Only key files: a site whose
     ``return`` body mentions "PRIVATE KEY" is still shown."""
     if data is None:
         return False
-    if path.startswith(_CERTS_DIR) and (path.endswith(".key") or _PRIVATE_KEY_MARK in data):
-        return True
-    return _PEM_PRIVATE_KEY.match(data) is not None
+    return is_certificate_key(path, data) or _PEM_PRIVATE_KEY.match(data) is not None
 
 
 def bundle_digest(files: Mapping[str, bytes]) -> str:

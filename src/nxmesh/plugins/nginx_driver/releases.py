@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from nxmesh.agent.fsutil import atomic_write, fsync_dir, read_tree, special_entries
-from nxmesh.core.bundle import Bundle, bundle_digest, is_private_key_file
+from nxmesh.core.bundle import Bundle, bundle_digest, is_certificate_key
 
 __all__ = ["JOURNAL", "ReleaseStore", "sync_filesystem"]
 
@@ -295,8 +295,8 @@ def _chunks(items: list[tuple[str, bytes]], n: int) -> list[list[tuple[str, byte
 def _write_files(root: Path, items: list[tuple[str, bytes]]) -> None:
     for rel, data in items:
         # Private keys are for nginx's master (root) only; workers read the rest (an error
-        # page that mentions "PRIVATE KEY-----" included).
-        mode = 0o600 if is_private_key_file(rel, data) else 0o644
+        # page that quotes a PEM key header included).
+        mode = 0o600 if is_certificate_key(rel, data) else 0o644
         fd = os.open(root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, mode)
         try:
             view = memoryview(data)

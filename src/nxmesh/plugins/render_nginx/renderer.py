@@ -22,10 +22,11 @@ of idle memory).
 from __future__ import annotations
 
 import functools
+import hashlib
 import ipaddress
 import re
 import traceback
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
@@ -46,14 +47,16 @@ from nxmesh.core.model import (
     Redirect,
     Return,
     Site,
+    StateParts,
     TLSConfig,
     Upstream,
     UpstreamServer,
     UpstreamTLS,
-    check_state,
+    check_parts,
     redirect_binds,
 )
 from nxmesh.core.registry import ProviderRegistries
+from nxmesh.core.serialization import canonical_json
 from nxmesh.core.validation import Invalid, size_reason
 from nxmesh.plugins.render_nginx import quoting
 from nxmesh.plugins.render_nginx.quoting import Token
@@ -621,12 +624,12 @@ class LocationView:
     auth_file: str | None = None
     """The bundle's htpasswd file of the location's own `basic_auth` (`htpasswd_files`)."""
     rate_zone: RateZone | None = None
-    """The ``limit_req`` zone of the location's own `rate_limit`."""
-    limit_zone: RateZone | None = None
-    """The zone the location's ``limit_req`` counts in: its own, else the site's (proxy
-    and static locations only: the others answer before nginx counts requests). Per
-    location, not per server: the server's would also count the requests nginx sends to
-    the error pages and the ACME challenge location."""
+    """The zone the location's ``limit_req`` counts in: its own `rate_limit`'s, else the
+    site's (proxy and static locations only: the others answer before nginx counts
+    requests). Per location, not per server: the server's would also count the requests
+    nginx makes for the error pages and the ACME challenge location."""
+    own_rate_zone: RateZone | None = None
+    """The zone of the location's own `rate_limit`, which the site file declares."""
     upstream_tls: UpstreamTLS | None = None
     """How nginx speaks TLS to the location's upstream; None: plain HTTP (or no upstream)."""
     upstream_ca: str | None = None
@@ -640,9 +643,7 @@ class LocationView:
     error_pages_prefix: Token | None = None
     """``/.nxmesh-errors/<index>/``: that page location's path."""
     cache_key: Token | None = None
-    """``proxy_cache_key`` of a caching location: the site and location (so no other
-    location's answers, for other proxy headers, paths or clients, are ever served), the
-    upstream, then scheme, host and URI."""
+    """``proxy_cache_key`` of a caching location (`_cache_key`)."""
 
     @property
     def proxy_url(self) -> Token:
@@ -677,9 +678,23 @@ class SiteView:
     """The bundle directory of the site's error pages (`error_page_files`); None: none."""
 
     @property
+    def error_page_locations(self) -> tuple[tuple[Token, tuple[Header | HeaderLine, ...]], ...]:
+        """``(path, add_header lines)`` of each location serving the error pages: the
+        site's (inheriting the server's headers), then one per location that has headers
+        of its own (`LocationView.error_pages_prefix`), repeating them."""
+        if self.error_pages_dir is None:
+            return ()
+        own = tuple(
+            (lv.error_pages_prefix, lv.headers)
+            for lv in self.locations
+            if lv.error_pages_prefix is not None
+        )
+        return ((Token(ERROR_PAGE_PREFIX), ()), *own)
+
+    @property
     def rate_zones(self) -> tuple[RateZone, ...]:
         """Every ``limit_req_zone`` the site file declares (http level, before its servers)."""
-        zones = [self.rate_zone, *(lv.rate_zone for lv in self.locations)]
+        zones = [self.rate_zone, *(lv.own_rate_zone for lv in self.locations)]
         return tuple(zone for zone in zones if zone is not None)
 
 
@@ -712,7 +727,8 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
             timeout = WEBSOCKET_READ_TIMEOUT
         own_zone = _rate_zone(site, location.rate_limit, n)
         headers = tuple(_location_headers(server, location))
-        own_pages = bool(site.error_pages and headers)
+        # Its own page location when it has headers of its own (see LocationView).
+        pages_prefix = f"{ERROR_PAGE_PREFIX}{n}/" if site.error_pages and headers else None
         locations.append(
             LocationView(
                 location=location,
@@ -727,19 +743,13 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
                 ),
                 read_timeout=timeout if proxied else None,
                 auth_file=_auth_file(site, n) if location.basic_auth is not None else None,
-                rate_zone=own_zone,
-                limit_zone=own_zone or (site_zone if proxied or location.root else None),
+                rate_zone=own_zone or (site_zone if proxied or location.root else None),
+                own_rate_zone=own_zone,
                 upstream_tls=upstream_tls,
                 upstream_ca=upstream_ca,
-                error_pages=_error_page_views(site, f"{ERROR_PAGE_PREFIX}{n}/")
-                if own_pages
-                else (),
-                error_pages_prefix=Token(f"{ERROR_PAGE_PREFIX}{n}/") if own_pages else None,
-                cache_key=(
-                    Token(f"{_stem(site.name)}.{n}|$proxy_host|$scheme://$host$request_uri")
-                    if location.cache is not None
-                    else None
-                ),
+                error_pages=_error_page_views(site, pages_prefix) if pages_prefix else (),
+                error_pages_prefix=Token(pages_prefix) if pages_prefix else None,
+                cache_key=_cache_key(site, location) if location.cache is not None else None,
             )
         )
     return SiteView(
@@ -812,6 +822,20 @@ def upstream_ca_files(upstreams: Iterable[Upstream]) -> dict[str, bytes]:
         for up in upstreams
         if up.tls is not None and up.tls.ca
     }
+
+
+def _cache_key(site: Site, location: Location) -> Token:
+    """The site's name and a digest of the site's settings with this location alone, the
+    upstream, then scheme, host and URI.
+
+    The digest, not the location's place: an answer kept for one location is served by
+    no other (another path upstream, other headers, other clients allowed), nor by the
+    same one once the site's or its settings changed (an internal location opened to
+    everyone, or removed so the next one takes its place, does not hand out what was
+    kept for the few)."""
+    alone = attrs.evolve(site, locations=(location,))
+    digest = hashlib.sha256(canonical_json(alone)).hexdigest()[:16]
+    return Token(f"{_stem(site.name)}.{digest}|$proxy_host|$scheme://$host$request_uri")
 
 
 def _error_page_views(site: Site, prefix: str) -> tuple[ErrorPageView, ...]:
@@ -956,7 +980,6 @@ def _environment(template_dir: Path | None, template_paths: Sequence[Path]) -> S
         site_view=site_view,
         websocket_read_timeout=WEBSOCKET_READ_TIMEOUT,
         acme_challenge_dir=ACME_CHALLENGE_DIR,
-        error_page_prefix=ERROR_PAGE_PREFIX,
     )
     return env
 
@@ -1161,59 +1184,69 @@ class NginxRenderer:
 
     def _bind_listeners(self, state: DesiredState) -> DesiredState:
         """`state` with address-less listeners bound to `RenderSettings.listen_address`,
-        or joined by an IPv6 twin (``[::]``, same port and options) with `listen_ipv6`."""
-        address = self.settings.listen_address
-        if address is not None:
-            setting = f"agent.listen_address = {address!r}"
-            bind = _bind_to(address)
-        elif self.settings.listen_ipv6:
-            setting = "agent.listen_ipv6 on"
-            bind = _with_ipv6
-        else:
-            return state
+        or joined by IPv6 twins with `listen_ipv6` (`_with_ipv6`)."""
         if all(lst.address is not None for site in state.sites for lst in site.listeners):
             return state
-        try:
-            sites = tuple(
-                attrs.evolve(site, listeners=bind(site.listeners)) for site in state.sites
-            )
-            bound = attrs.evolve(state, sites=sites)
-        except Invalid as exc:  # e.g. `18080` and `127.0.0.1:18080` became one socket
-            raise RenderError(f"with {setting}: {exc}") from None
-        # Binding may join sockets the master checked apart (a default server twice, TLS
-        # and plain on one port, [::]:80 beside [::1]:80): nginx -t would say so less
-        # clearly, or a reload would fail to bind.
-        problems = check_state(bound)
-        if problems:
-            raise RenderError(
-                f"with {setting}: " + "; ".join(map(str, problems))  # "path: message"
-            )
-        return bound
+        if self.settings.listen_address is not None:
+            return _bind_to(state, self.settings.listen_address)
+        if self.settings.listen_ipv6:
+            return _with_ipv6(state)
+        return state
 
 
-def _bind_to(address: str) -> Callable[[tuple[Listener, ...]], tuple[Listener, ...]]:
-    def bind(listeners: tuple[Listener, ...]) -> tuple[Listener, ...]:
-        return tuple(
-            lst if lst.address is not None else attrs.evolve(lst, address=address)
-            for lst in listeners
+def _bind_to(state: DesiredState, address: str) -> DesiredState:
+    """`state` with its address-less listeners on `address`.
+
+    :raises RenderError: binding joined sockets the master checked apart (a default
+        server twice, TLS and plain on one port): nginx -t would say so less clearly, or
+        a reload would fail to bind. Only the conflicts are checked, as the loader does:
+        rules for new input (`submission_problems`) do not depend on this host.
+    """
+    setting = f"agent.listen_address = {address!r}"
+    try:
+        sites = tuple(
+            attrs.evolve(
+                site,
+                listeners=tuple(
+                    lst if lst.address is not None else attrs.evolve(lst, address=address)
+                    for lst in site.listeners
+                ),
+            )
+            for site in state.sites
         )
+        bound = attrs.evolve(state, sites=sites)
+    except Invalid as exc:  # e.g. one site's `18080` and `127.0.0.1:18080` became one
+        raise RenderError(f"with {setting}: {exc}") from None
+    problems = check_parts(StateParts.of(bound))
+    if problems:
+        raise RenderError(f"with {setting}: " + "; ".join(map(str, problems)))
+    return bound
 
-    return bind
 
+def _with_ipv6(state: DesiredState) -> DesiredState:
+    """`state` with an IPv6 twin (``[::]``, same port and options) after each listener
+    that names no address, on the ports where no site names an IPv6 address itself.
 
-def _with_ipv6(listeners: tuple[Listener, ...]) -> tuple[Listener, ...]:
-    """Each address-less listener, then its ``[::]`` twin; a socket the site already
-    names (``[::]:80`` written out) is not added twice."""
-    taken = {lst.bind for lst in listeners}
-    result: list[Listener] = []
-    for lst in listeners:
-        result.append(lst)
-        if lst.address is None:
-            twin = attrs.evolve(lst, address="::")
-            if twin.bind not in taken:
-                taken.add(twin.bind)
-                result.append(twin)
-    return tuple(result)
+    Those ports keep their IPv6 listeners as the state writes them: a twin beside another
+    site's ``[::]:80`` or ``[::1]:80`` would be a second default server, a wildcard beside
+    an address, or a site the state kept to IPv4. Elsewhere the twins repeat on IPv6 what
+    the IPv4 listeners are, sockets the master already checked: they cannot conflict.
+    """
+    written = {
+        lst.port
+        for site in state.sites
+        for lst in site.listeners
+        if lst.address is not None and ":" in lst.address
+    }
+    sites = []
+    for site in state.sites:
+        listeners: list[Listener] = []
+        for lst in site.listeners:
+            listeners.append(lst)
+            if lst.address is None and lst.port not in written:
+                listeners.append(attrs.evolve(lst, address="::"))
+        sites.append(attrs.evolve(site, listeners=tuple(listeners)))
+    return attrs.evolve(state, sites=tuple(sites))
 
 
 def _check_extra(path: str) -> None:
