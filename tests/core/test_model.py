@@ -169,6 +169,26 @@ class TestTLSConfig:
         with pytest.raises(Invalid, match="twice"):
             TLSConfig(acme=True, protocols=("TLSv1.3", "TLSv1.3"))
 
+    def test_client_certificates_need_their_cas(self) -> None:
+        """``client_ca`` holds certificate blocks only (a key pasted beside them is
+        refused, never echoed); ``client_verify: optional`` needs the CAs to check."""
+        from nxmesh.core.serialization import structure
+
+        pki = Pki()
+        tls = TLSConfig(acme=True, client_ca=pki.root.pem, client_verify="optional")
+        assert structure(unstructure(tls), TLSConfig) == tls
+        assert "client_ca" not in unstructure(TLSConfig(acme=True))  # earlier digests kept
+        with pytest.raises(Invalid) as exc:
+            TLSConfig(acme=True, client_verify="optional")
+        assert paths_of(exc) == ["client_verify"]
+        with pytest.raises(Invalid) as exc:
+            TLSConfig(acme=True, client_ca=pki.root.pem + pki.root.key_pem)
+        assert paths_of(exc) == ["client_ca"]
+        assert "PRIVATE" not in str(exc.value)
+        with pytest.raises(Invalid) as exc:
+            TLSConfig(acme=True, client_ca=pki.root.pem, client_verify="on")  # type: ignore[arg-type]
+        assert paths_of(exc) == ["client_verify"]
+
 
 class TestHeaderRedirectReturn:
     def test_header_value_may_contain_spaces_and_single_quotes(self) -> None:

@@ -1573,6 +1573,88 @@ class TestTlsUpstreams:
         assert set(names) == {tls.get("server_name")}
 
 
+class TestClientCertificates:
+    async def _serve(
+        self, stack: NginxStack, pki: Pki, tmp_path: Path, verify: str, upstream_port: int
+    ) -> Callable[[Path | None], Awaitable[httpx.Response]]:
+        """A TLS site checking client certificates against a client CA of its own, and a
+        function that GETs it over TLS with a client chain file (None: no certificate)."""
+        import ssl
+
+        clients = Pki()  # its own CA: the server's PKI issues no client certificates
+        server = pki.leaf("a.test")
+        listener = Listener(port=stack.web_port, address="127.0.0.1", tls=True, default_server=True)
+        site = Site(
+            name="a",
+            server_names=("a.test",),
+            listeners=(listener,),
+            tls=TLSConfig(
+                certificate="c",
+                redirect_http=False,
+                client_ca=clients.root.pem,
+                client_verify=verify,  # type: ignore[arg-type]
+            ),
+            locations=(Location(path="/", upstream="app"),),
+        )
+        state = DesiredState(
+            sites=(site,),
+            certificates=(CertificateRef("c", ("a.test",)),),
+            upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{upstream_port}"),)),),
+        )
+        files = {"certs/c.crt": server.pem.encode(), "certs/c.key": server.key_pem.encode()}
+        report = await stack.driver.apply(
+            stack.update(state), stack.renderer.render(state, extra_files=files)
+        )
+        assert report.outcome == "applied", report.message
+        for name, issuer in (("alice", clients), ("mallory", Pki())):
+            leaf = issuer.leaf(f"{name}.clients.test")
+            (tmp_path / f"{name}.pem").write_text(leaf.pem + issuer.intermediate.pem + leaf.key_pem)
+
+        async def get(chain: Path | None) -> httpx.Response:
+            context = ssl.create_default_context()
+            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+            if chain is not None:
+                context.load_cert_chain(chain)
+            url = f"https://127.0.0.1:{stack.web_port}/"
+            async with httpx.AsyncClient(verify=context) as client:
+                # A client cannot speak for nginx: its own X-Client-Verify is replaced.
+                return await client.get(
+                    url, headers={"Host": "a.test", "X-Client-Verify": "SUCCESS"}
+                )
+
+        return get
+
+    @pytest.mark.parametrize("verify", ["required", "optional"])
+    async def test_only_the_cas_clients_get_in(
+        self, stack: NginxStack, pki: Pki, tmp_path: Path, verify: str
+    ) -> None:
+        """``client_ca``: a client with a certificate from the site's CA gets through, and
+        the upstream learns SUCCESS and its subject; one from another CA is refused (400),
+        and one without a certificate too, unless ``client_verify: optional``, where the
+        upstream learns NONE."""
+        heads: list[bytes] = []
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, _upstream(heads))
+                get = await self._serve(stack, pki, tmp_path, verify, port)
+                alice = await get(tmp_path / "alice.pem")
+                mallory = await get(tmp_path / "mallory.pem")
+                anonymous = await get(None)
+                tg.cancel_scope.cancel()
+        assert alice.status_code == 200
+        assert mallory.status_code == 400
+        sent = [_sent_headers(head) for head in heads]
+        assert sent[0]["X-Client-Verify"] == "SUCCESS"
+        assert sent[0]["X-Client-DN"] == "CN=alice.clients.test"
+        if verify == "required":
+            assert anonymous.status_code == 400
+            assert len(sent) == 1
+        else:
+            assert anonymous.status_code == 200
+            assert [s["X-Client-Verify"] for s in sent] == ["SUCCESS", "NONE"]
+
+
 class TestIpv6:
     async def test_address_less_listeners_serve_both_families(self, stack: NginxStack) -> None:
         """With ``listen_ipv6`` a listener naming no address serves 127.0.0.1 and ::1 (nginx's

@@ -151,6 +151,9 @@ ALLOWED_DIRECTIVES = frozenset(
         "limit_req_status",
         "error_page",
         "proxy_intercept_errors",
+        "ssl_client_certificate",
+        "ssl_verify_client",
+        "ssl_verify_depth",
         "proxy_cache_path",
         "proxy_cache",
         "proxy_cache_key",
@@ -444,12 +447,17 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
     tls = None
     if any(lst.tls for lst in listeners):
         acme = draw(st.booleans())
+        client_ca = draw(st.none() | st.just(_CA_PEM))
         tls = TLSConfig(
             certificate=None if acme else draw(names),
             acme=acme,
             redirect_http=draw(st.booleans()),
             hsts=draw(st.booleans()),
             protocols=draw(tls_protocols),
+            client_ca=client_ca,
+            client_verify=draw(st.sampled_from(["required", "optional"]))
+            if client_ca
+            else "required",
         )
         if tls.redirect_http:  # the redirect cannot live on an h2c-only port (see Site)
             listeners = [lst if lst.tls else attrs.evolve(lst, http2=False) for lst in listeners]
@@ -662,6 +670,13 @@ def expected_location(
         # Every forwarding header is nginx's; a caching location also clears what would
         # make an answer depend on more than its key.
         forwarded = {"X-Forwarded-Host": "$host", "X-Forwarded-Port": "$server_port"}
+        if site.tls is not None and site.tls.client_ca is not None:
+            forwarded |= {
+                "X-Client-Verify": "$ssl_client_verify",
+                "X-Client-DN": "$ssl_client_s_dn",
+            }
+        else:
+            assert "X-Client-Verify" not in sent or "x-client-verify" in own
         cleared = ["Forwarded", *(CACHE_CLEARED if loc.cache is not None else [])]
         for name, value in [*forwarded.items(), *((n, '""') for n in cleared)]:
             if name.lower() not in own:
@@ -862,6 +877,9 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
     if site.basic_auth:
         site_auth += auth_lines(site.basic_auth, view.auth_file)
     tls = ["ssl_certificate", "ssl_certificate_key", "ssl_protocols"] if site.tls else []
+    client_certs = site.tls is not None and site.tls.client_ca is not None
+    if client_certs:
+        tls += ["ssl_client_certificate", "ssl_verify_client", "ssl_verify_depth"]
     assert names == (
         ["listen"] * len(view.main_listens)
         + ["server_name"]
@@ -883,6 +901,12 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
     assert by_name["client_max_body_size"] == [[site.client_max_body_size]]
     if site.tls:
         assert by_name["ssl_protocols"] == [list(site.tls.protocols)]
+    if client_certs:
+        assert site.tls is not None
+        assert by_name["ssl_client_certificate"] == [[f"client-ca/{site.name}.pem"]]
+        verify = "on" if site.tls.client_verify == "required" else "optional"
+        assert by_name["ssl_verify_client"] == [[verify]]
+        assert by_name["ssl_verify_depth"] == [["4"]]
     assert by_name.get("add_header", []) == [header_args(h) for h in view.headers]
     access = {
         *REAL_IP,
@@ -1035,6 +1059,12 @@ class TestStructure:
             f"error-pages/{s.name}/{n}.html": page.body
             for s in state.sites
             for n, page in enumerate(s.error_pages)
+        }
+        client_cas = {p: bundle.text(p) for p in bundle.files if p.startswith("client-ca/")}
+        assert client_cas == {
+            f"client-ca/{s.name}.pem": s.tls.client_ca
+            for s in state.sites
+            if s.tls is not None and s.tls.client_ca is not None
         }
         cas = {p: bundle.text(p) for p in bundle.files if p.startswith("upstream-ca/")}
         assert cas == {

@@ -209,9 +209,33 @@ class Listener:
         return (_bind_address(self.address), self.port)
 
 
+def _ca_refine(value: str) -> str | None:
+    from cryptography import x509  # only states with a private CA pay for the import
+
+    try:
+        x509.load_pem_x509_certificates(value.encode("ascii"))
+    except ValueError:
+        return "must hold valid certificates: one of its CERTIFICATE blocks does not parse"
+    return None
+
+
+# Nothing but certificate blocks: the value is stored in every version unencrypted, sent
+# to every agent and shown in diffs, so a key or a note pasted beside the CA is refused.
+_CERT_BLOCK = r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----"
+_CA_PEM = v.TextRule(
+    "PEM certificates: only -----BEGIN CERTIFICATE----- blocks (no key, no other text)",
+    re.compile(rf"\s*(?:{_CERT_BLOCK}\s*)+", re.ASCII),
+    max_len=64 * 1024,
+    refine=_ca_refine,
+    nginx=False,
+    echo=False,
+)
+
+
 @attrs.frozen(kw_only=True)
 class TLSConfig:
-    """TLS for a site: a named uploaded certificate, or ACME for its server names.
+    """TLS for a site: a named uploaded certificate, or ACME for its server names; and
+    optionally the CAs whose client certificates it requires (`client_ca`).
 
     In YAML ``tls: acme`` is shorthand for ``tls: {acme: true}``.
     """
@@ -224,6 +248,15 @@ class TLSConfig:
         default=("TLSv1.2", "TLSv1.3"),
         validator=v.each(v.TLS_PROTOCOL, lo=1, hi=2, noun="protocol"),
     )
+    # Client certificates (mutual TLS): the PEM certificates of the CAs whose clients
+    # are let in; `client_verify` "optional" lets clients without one in too, and tells
+    # the upstream which kind each request was.
+    client_ca: str | None = attrs.field(
+        default=None, validator=v.text(_CA_PEM, optional=True), repr=False, metadata=ADDED_FIELD
+    )
+    client_verify: Literal["required", "optional"] = attrs.field(
+        default="required", validator=v.choice("required", "optional"), metadata=ADDED_FIELD
+    )
 
     def __attrs_post_init__(self) -> None:
         found: list[tuple[str, str]] = []
@@ -231,6 +264,8 @@ class TLSConfig:
             found.append(("", "needs exactly one of 'certificate' (a name) or 'acme: true'"))
         if len(set(self.protocols)) != len(self.protocols):
             found.append(("protocols", "lists a protocol twice"))
+        if self.client_verify != "required" and self.client_ca is None:
+            found.append(("client_verify", "only applies with client_ca (the CAs to check)"))
         v.raise_problems(found)
 
 
@@ -668,29 +703,6 @@ class UpstreamServer:
     max_fails: int = attrs.field(default=1, validator=v.int_range(0, 1000))
     fail_timeout: int = attrs.field(default=10, validator=v.int_range(0, 86400))
     backup: bool = attrs.field(default=False, validator=v.choice(True, False))
-
-
-def _ca_refine(value: str) -> str | None:
-    from cryptography import x509  # only states with a private CA pay for the import
-
-    try:
-        x509.load_pem_x509_certificates(value.encode("ascii"))
-    except ValueError:
-        return "must hold valid certificates: one of its CERTIFICATE blocks does not parse"
-    return None
-
-
-# Nothing but certificate blocks: the value is stored in every version unencrypted, sent
-# to every agent and shown in diffs, so a key or a note pasted beside the CA is refused.
-_CERT_BLOCK = r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----"
-_CA_PEM = v.TextRule(
-    "PEM certificates: only -----BEGIN CERTIFICATE----- blocks (no key, no other text)",
-    re.compile(rf"\s*(?:{_CERT_BLOCK}\s*)+", re.ASCII),
-    max_len=64 * 1024,
-    refine=_ca_refine,
-    nginx=False,
-    echo=False,
-)
 
 
 @attrs.frozen(kw_only=True)

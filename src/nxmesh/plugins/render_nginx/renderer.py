@@ -73,6 +73,7 @@ __all__ = [
     "ACME_CHALLENGE_DIR",
     "BUILTIN_TEMPLATES",
     "CERTS_DIR",
+    "CLIENT_CA_DIR",
     "DEFAULT_PROXY_CACHE_SIZE",
     "DEFAULT_STATUS_PORT",
     "ERROR_PAGES_DIR",
@@ -91,6 +92,7 @@ __all__ = [
     "SiteView",
     "TemplateRenderError",
     "certificate_paths",
+    "client_ca_files",
     "config_digest",
     "error_page_files",
     "plugin_template_paths",
@@ -551,6 +553,11 @@ _PROXY_DEFAULTS = (
     HeaderLine("X-Request-ID", Token("$request_id")),
 )
 _KEEPALIVE = (HeaderLine("Connection", _NOTHING),)
+# SUCCESS, NONE (optional, none sent) or FAILED:<reason>; the subject's RFC 2253 name.
+_CLIENT_CERT = (
+    HeaderLine("X-Client-Verify", Token("$ssl_client_verify")),
+    HeaderLine("X-Client-DN", Token("$ssl_client_s_dn")),
+)
 # What a cached answer must not depend on, as the cache key does not: a URL or a method
 # other than the request's (one client's DELETE kept as everyone's GET).
 _CACHE_CLEARED = tuple(
@@ -573,7 +580,11 @@ _WEBSOCKET = (
 
 
 def proxy_headers(
-    location: Location, *, real_ip: bool = False, tls_name: str | None = None
+    location: Location,
+    *,
+    real_ip: bool = False,
+    tls_name: str | None = None,
+    client_certs: bool = False,
 ) -> list[Header | HeaderLine]:
     """``proxy_set_header`` lines of a proxy location: defaults, then the location's own.
 
@@ -585,8 +596,12 @@ def proxy_headers(
     (a name-based HTTPS server picks its site by Host, and some answer 421 when it differs
     from the SNI); the client's is in X-Forwarded-Host as always. A caching location
     also clears the headers that would make an answer depend on more than its key.
+    `client_certs`: the site checks client certificates (`TLSConfig.client_ca`), and the
+    upstream learns the outcome and the subject (nginx's, never a client's own).
     """
     defaults = _PROXY_DEFAULTS + (_WEBSOCKET if location.websocket else _KEEPALIVE)
+    if client_certs:
+        defaults += _CLIENT_CERT
     if location.cache is not None:
         defaults += _CACHE_CLEARED
     if real_ip:  # in place, so the lines keep their order
@@ -676,6 +691,9 @@ class SiteView:
     error_pages: tuple[ErrorPageView, ...] = ()
     error_pages_dir: str | None = None
     """The bundle directory of the site's error pages (`error_page_files`); None: none."""
+    client_ca_file: str | None = None
+    """The bundle's file of the CAs the site checks client certificates against
+    (`TLSConfig.client_ca`, `client_ca_files`); None: it asks for none."""
 
     @property
     def error_page_locations(self) -> tuple[tuple[Token, tuple[Header | HeaderLine, ...]], ...]:
@@ -706,6 +724,7 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
     redirect = tls is not None and tls.redirect_http
     server = server_headers(site)
     site_zone = _rate_zone(site, site.rate_limit)
+    client_ca_file = _client_ca_file(site) if tls is not None and tls.client_ca else None
     locations = []
     for n, location in enumerate(site.locations):
         proxied = location.upstream is not None
@@ -736,7 +755,12 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
                 headers=headers,
                 proxy_headers=(
                     tuple(
-                        proxy_headers(location, real_ip=bool(site.real_ip_from), tls_name=tls_host)
+                        proxy_headers(
+                            location,
+                            real_ip=bool(site.real_ip_from),
+                            tls_name=tls_host,
+                            client_certs=client_ca_file is not None,
+                        )
                     )
                     if proxied
                     else ()
@@ -764,6 +788,7 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
         rate_zone=site_zone,
         error_pages=_error_page_views(site, ERROR_PAGE_PREFIX),
         error_pages_dir=_error_pages_dir(site) if site.error_pages else None,
+        client_ca_file=client_ca_file,
     )
 
 
@@ -846,6 +871,24 @@ def _error_page_views(site: Site, prefix: str) -> tuple[ErrorPageView, ...]:
         )
         for n, page in enumerate(site.error_pages)
     )
+
+
+CLIENT_CA_DIR: Final = "client-ca"
+"""Bundle directory of the CA certificates sites check client certificates against."""
+
+
+def _client_ca_file(site: Site) -> str:
+    return f"{CLIENT_CA_DIR}/{_stem(site.name)}.pem"
+
+
+def client_ca_files(sites: Iterable[Site]) -> dict[str, bytes]:
+    """The client CA files of the sites with `TLSConfig.client_ca`, at the paths their
+    ``ssl_client_certificate`` names."""
+    return {
+        _client_ca_file(site): site.tls.client_ca.encode("ascii")
+        for site in sites
+        if site.tls is not None and site.tls.client_ca
+    }
 
 
 def _error_pages_dir(site: Site) -> str:
@@ -1127,6 +1170,7 @@ class NginxRenderer:
             ),
         }
         files.update(upstream_ca_files(state.upstreams))
+        files.update(client_ca_files(state.sites))
         if any(loc.cache is not None for site in state.sites for loc in site.locations):
             files[PROXY_CACHE_FILE] = self._render("proxy_cache.conf.j2", base)
         by_name = {up.name: up for up in state.upstreams}
