@@ -189,6 +189,35 @@ class TestTLSConfig:
             TLSConfig(acme=True, client_ca=pki.root.pem, client_verify="on")  # type: ignore[arg-type]
         assert paths_of(exc) == ["client_verify"]
 
+    def test_client_crl_is_revocation_lists_only(self) -> None:
+        """``client_crl`` holds X509 CRL blocks that parse, and only applies with CAs."""
+        import datetime as dt
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+
+        pki = Pki()
+        now = dt.datetime.now(dt.UTC)
+        crl = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(pki.root.cert.subject)
+            .last_update(now)
+            .next_update(now + dt.timedelta(days=1))
+            .sign(pki.root.key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.PEM)
+            .decode()
+        )
+        assert TLSConfig(acme=True, client_ca=pki.root.pem, client_crl=crl).client_crl == crl
+        with pytest.raises(Invalid) as exc:
+            TLSConfig(acme=True, client_crl=crl)
+        assert paths_of(exc) == ["client_crl"]
+        broken = crl.replace(crl.splitlines()[1], "A" * 64)
+        for bad in (pki.root.pem, crl + pki.root.key_pem, broken):
+            with pytest.raises(Invalid) as exc:
+                TLSConfig(acme=True, client_ca=pki.root.pem, client_crl=bad)
+            assert paths_of(exc) == ["client_crl"]
+            assert "PRIVATE" not in str(exc.value)
+
 
 class TestHeaderRedirectReturn:
     def test_header_value_may_contain_spaces_and_single_quotes(self) -> None:

@@ -1573,27 +1573,51 @@ class TestTlsUpstreams:
         assert set(names) == {tls.get("server_name")}
 
 
+def _crl(ca: Any, *revoked: Any) -> str:
+    """A PEM CRL of `ca` listing the `revoked` certificates (`Issued` objects)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=7))
+    )
+    for issued in revoked:
+        entry = x509.RevokedCertificateBuilder().serial_number(issued.cert.serial_number)
+        builder = builder.add_revoked_certificate(entry.revocation_date(now).build())
+    crl = builder.sign(ca.key, hashes.SHA256())
+    return crl.public_bytes(serialization.Encoding.PEM).decode()
+
+
 class TestClientCertificates:
-    async def _serve(
-        self, stack: NginxStack, pki: Pki, tmp_path: Path, verify: str, upstream_port: int
-    ) -> Callable[[Path | None], Awaitable[httpx.Response]]:
-        """A TLS site checking client certificates against a client CA of its own, and a
-        function that GETs it over TLS with a client chain file (None: no certificate)."""
+    """A TLS site that checks client certificates against a client CA of its own (the
+    server's PKI issues none), behind which an upstream records what nginx tells it."""
+
+    async def _get(self, stack: NginxStack, chain: Path | None) -> httpx.Response:
+        """GET the site over TLS with a client chain file (None: no certificate), and a
+        forged X-Client-Verify nginx must replace."""
         import ssl
 
-        clients = Pki()  # its own CA: the server's PKI issues no client certificates
-        server = pki.leaf("a.test")
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        if chain is not None:
+            context.load_cert_chain(chain)
+        url = f"https://127.0.0.1:{stack.web_port}/"
+        async with httpx.AsyncClient(verify=context) as client:
+            return await client.get(url, headers={"Host": "a.test", "X-Client-Verify": "SUCCESS"})
+
+    async def _apply(self, stack: NginxStack, pki: Pki, tls: TLSConfig, upstream_port: int) -> None:
         listener = Listener(port=stack.web_port, address="127.0.0.1", tls=True, default_server=True)
         site = Site(
             name="a",
             server_names=("a.test",),
             listeners=(listener,),
-            tls=TLSConfig(
-                certificate="c",
-                redirect_http=False,
-                client_ca=clients.root.pem,
-                client_verify=verify,  # type: ignore[arg-type]
-            ),
+            tls=tls,
             locations=(Location(path="/", upstream="app"),),
         )
         state = DesiredState(
@@ -1601,28 +1625,19 @@ class TestClientCertificates:
             certificates=(CertificateRef("c", ("a.test",)),),
             upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{upstream_port}"),)),),
         )
+        server = pki.leaf("a.test")
         files = {"certs/c.crt": server.pem.encode(), "certs/c.key": server.key_pem.encode()}
-        report = await stack.driver.apply(
-            stack.update(state), stack.renderer.render(state, extra_files=files)
-        )
+        bundle = stack.renderer.render(state, extra_files=files)
+        report = await stack.driver.apply(stack.update(state), bundle)
         assert report.outcome == "applied", report.message
-        for name, issuer in (("alice", clients), ("mallory", Pki())):
-            leaf = issuer.leaf(f"{name}.clients.test")
-            (tmp_path / f"{name}.pem").write_text(leaf.pem + issuer.intermediate.pem + leaf.key_pem)
 
-        async def get(chain: Path | None) -> httpx.Response:
-            context = ssl.create_default_context()
-            context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-            if chain is not None:
-                context.load_cert_chain(chain)
-            url = f"https://127.0.0.1:{stack.web_port}/"
-            async with httpx.AsyncClient(verify=context) as client:
-                # A client cannot speak for nginx: its own X-Client-Verify is replaced.
-                return await client.get(
-                    url, headers={"Host": "a.test", "X-Client-Verify": "SUCCESS"}
-                )
-
-        return get
+    @staticmethod
+    def _chain(tmp_path: Path, name: str, issuer: Pki) -> tuple[Path, Any]:
+        """A client certificate of `issuer` for `name`: its chain file, and the leaf."""
+        leaf = issuer.leaf(f"{name}.clients.test")
+        path = tmp_path / f"{name}.pem"
+        path.write_text(leaf.pem + issuer.intermediate.pem + leaf.key_pem)
+        return path, leaf
 
     @pytest.mark.parametrize("verify", ["required", "optional"])
     async def test_only_the_cas_clients_get_in(
@@ -1632,27 +1647,56 @@ class TestClientCertificates:
         the upstream learns SUCCESS and its subject; one from another CA is refused (400),
         and one without a certificate too, unless ``client_verify: optional``, where the
         upstream learns NONE."""
+        clients = Pki()
+        alice, _ = self._chain(tmp_path, "alice", clients)
+        mallory, _ = self._chain(tmp_path, "mallory", Pki())
+        tls = TLSConfig(
+            certificate="c",
+            redirect_http=False,
+            client_ca=clients.root.pem,
+            client_verify=verify,  # type: ignore[arg-type]
+        )
         heads: list[bytes] = []
         async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
             port = listener.extra(anyio.abc.SocketAttribute.local_port)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(listener.serve, _upstream(heads))
-                get = await self._serve(stack, pki, tmp_path, verify, port)
-                alice = await get(tmp_path / "alice.pem")
-                mallory = await get(tmp_path / "mallory.pem")
-                anonymous = await get(None)
+                await self._apply(stack, pki, tls, port)
+                statuses = [(await self._get(stack, c)).status_code for c in (alice, mallory, None)]
                 tg.cancel_scope.cancel()
-        assert alice.status_code == 200
-        assert mallory.status_code == 400
         sent = [_sent_headers(head) for head in heads]
         assert sent[0]["X-Client-Verify"] == "SUCCESS"
         assert sent[0]["X-Client-DN"] == "CN=alice.clients.test"
         if verify == "required":
-            assert anonymous.status_code == 400
+            assert statuses == [200, 400, 400]
             assert len(sent) == 1
         else:
-            assert anonymous.status_code == 200
+            assert statuses == [200, 400, 200]
             assert [s["X-Client-Verify"] for s in sent] == ["SUCCESS", "NONE"]
+
+    async def test_a_revoked_certificate_is_refused(
+        self, stack: NginxStack, pki: Pki, tmp_path: Path
+    ) -> None:
+        """``client_crl``: a certificate its CA revoked is refused (400) while the others
+        of that CA still get in. nginx checks every level of a chain once it has a CRL,
+        so the root's CRL (of the intermediate) goes with the intermediate's."""
+        clients = Pki()
+        alice, alice_leaf = self._chain(tmp_path, "alice", clients)
+        bob, _ = self._chain(tmp_path, "bob", clients)
+        crl = _crl(clients.root) + _crl(clients.intermediate, alice_leaf)
+        tls = TLSConfig(
+            certificate="c", redirect_http=False, client_ca=clients.root.pem, client_crl=crl
+        )
+        heads: list[bytes] = []
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, _upstream(heads))
+                await self._apply(stack, pki, tls, port)
+                statuses = [(await self._get(stack, c)).status_code for c in (alice, bob)]
+                tg.cancel_scope.cancel()
+        assert statuses == [400, 200]
+        assert _sent_headers(heads[0])["X-Client-DN"] == "CN=bob.clients.test"
 
 
 class TestIpv6:

@@ -154,6 +154,7 @@ ALLOWED_DIRECTIVES = frozenset(
         "ssl_client_certificate",
         "ssl_verify_client",
         "ssl_verify_depth",
+        "ssl_crl",
         "proxy_cache_path",
         "proxy_cache",
         "proxy_cache_key",
@@ -458,6 +459,7 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
             client_verify=draw(st.sampled_from(["required", "optional"]))
             if client_ca
             else "required",
+            client_crl=draw(st.none() | st.just(_CRL_PEM)) if client_ca else None,
         )
         if tls.redirect_http:  # the redirect cannot live on an h2c-only port (see Site)
             listeners = [lst if lst.tls else attrs.evolve(lst, http2=False) for lst in listeners]
@@ -508,7 +510,28 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
 
 
 # Certificates do not matter to the renderer, which copies them: a fixed CA suffices.
-_CA_PEM = Pki().root.pem
+_PKI = Pki()
+_CA_PEM = _PKI.root.pem
+
+
+def _empty_crl() -> str:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    now = dt.datetime.now(dt.UTC)
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(_PKI.root.cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=1))
+        .sign(_PKI.root.key, hashes.SHA256())
+    )
+    return crl.public_bytes(serialization.Encoding.PEM).decode()
+
+
+_CRL_PEM = _empty_crl()
 upstream_tls = st.one_of(
     st.builds(
         UpstreamTLS,
@@ -880,6 +903,7 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
     client_certs = site.tls is not None and site.tls.client_ca is not None
     if client_certs:
         tls += ["ssl_client_certificate", "ssl_verify_client", "ssl_verify_depth"]
+        tls += ["ssl_crl"] if site.tls is not None and site.tls.client_crl else []
     assert names == (
         ["listen"] * len(view.main_listens)
         + ["server_name"]
@@ -907,6 +931,8 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
         verify = "on" if site.tls.client_verify == "required" else "optional"
         assert by_name["ssl_verify_client"] == [[verify]]
         assert by_name["ssl_verify_depth"] == [["4"]]
+        crl = [[f"client-ca/{site.name}.crl"]] if site.tls.client_crl else []
+        assert by_name.get("ssl_crl", []) == crl
     assert by_name.get("add_header", []) == [header_args(h) for h in view.headers]
     access = {
         *REAL_IP,
@@ -1062,9 +1088,13 @@ class TestStructure:
         }
         client_cas = {p: bundle.text(p) for p in bundle.files if p.startswith("client-ca/")}
         assert client_cas == {
-            f"client-ca/{s.name}.pem": s.tls.client_ca
+            path: text
             for s in state.sites
             if s.tls is not None and s.tls.client_ca is not None
+            for path, text in [
+                (f"client-ca/{s.name}.pem", s.tls.client_ca),
+                *([(f"client-ca/{s.name}.crl", s.tls.client_crl)] if s.tls.client_crl else []),
+            ]
         }
         cas = {p: bundle.text(p) for p in bundle.files if p.startswith("upstream-ca/")}
         assert cas == {

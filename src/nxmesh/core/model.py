@@ -232,6 +232,29 @@ _CA_PEM = v.TextRule(
 )
 
 
+def _crl_refine(value: str) -> str | None:
+    from cryptography import x509  # only states with client certificates pay for it
+
+    blocks = re.findall(rf"{_CRL_BLOCK}", value)
+    try:
+        for block in blocks:
+            x509.load_pem_x509_crl(block.encode("ascii"))
+    except ValueError:
+        return "must hold valid CRLs: one of its X509 CRL blocks does not parse"
+    return None
+
+
+_CRL_BLOCK = r"-----BEGIN X509 CRL-----\r?\n[A-Za-z0-9+/=\r\n]+-----END X509 CRL-----"
+_CRL_PEM = v.TextRule(
+    "PEM certificate revocation lists: only -----BEGIN X509 CRL----- blocks",
+    re.compile(rf"\s*(?:{_CRL_BLOCK}\s*)+", re.ASCII),
+    max_len=1024 * 1024,
+    refine=_crl_refine,
+    nginx=False,
+    echo=False,
+)
+
+
 @attrs.frozen(kw_only=True)
 class TLSConfig:
     """TLS for a site: a named uploaded certificate, or ACME for its server names; and
@@ -257,6 +280,11 @@ class TLSConfig:
     client_verify: Literal["required", "optional"] = attrs.field(
         default="required", validator=v.choice("required", "optional"), metadata=ADDED_FIELD
     )
+    # The revoked client certificates: one CRL per CA of the chains (nginx checks every
+    # level once it has any).
+    client_crl: str | None = attrs.field(
+        default=None, validator=v.text(_CRL_PEM, optional=True), repr=False, metadata=ADDED_FIELD
+    )
 
     def __attrs_post_init__(self) -> None:
         found: list[tuple[str, str]] = []
@@ -264,8 +292,11 @@ class TLSConfig:
             found.append(("", "needs exactly one of 'certificate' (a name) or 'acme: true'"))
         if len(set(self.protocols)) != len(self.protocols):
             found.append(("protocols", "lists a protocol twice"))
-        if self.client_verify != "required" and self.client_ca is None:
-            found.append(("client_verify", "only applies with client_ca (the CAs to check)"))
+        if self.client_ca is None:
+            if self.client_verify != "required":
+                found.append(("client_verify", "only applies with client_ca (the CAs to check)"))
+            if self.client_crl is not None:
+                found.append(("client_crl", "only applies with client_ca (the CAs to check)"))
         v.raise_problems(found)
 
 

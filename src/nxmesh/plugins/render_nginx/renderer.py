@@ -694,6 +694,8 @@ class SiteView:
     client_ca_file: str | None = None
     """The bundle's file of the CAs the site checks client certificates against
     (`TLSConfig.client_ca`, `client_ca_files`); None: it asks for none."""
+    client_crl_file: str | None = None
+    """The bundle's file of the revocation lists of those CAs (`TLSConfig.client_crl`)."""
 
     @property
     def error_page_locations(self) -> tuple[tuple[Token, tuple[Header | HeaderLine, ...]], ...]:
@@ -789,6 +791,9 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
         error_pages=_error_page_views(site, ERROR_PAGE_PREFIX),
         error_pages_dir=_error_pages_dir(site) if site.error_pages else None,
         client_ca_file=client_ca_file,
+        client_crl_file=(
+            _client_crl_file(site) if client_ca_file and tls and tls.client_crl else None
+        ),
     )
 
 
@@ -881,14 +886,22 @@ def _client_ca_file(site: Site) -> str:
     return f"{CLIENT_CA_DIR}/{_stem(site.name)}.pem"
 
 
+def _client_crl_file(site: Site) -> str:
+    return f"{CLIENT_CA_DIR}/{_stem(site.name)}.crl"
+
+
 def client_ca_files(sites: Iterable[Site]) -> dict[str, bytes]:
-    """The client CA files of the sites with `TLSConfig.client_ca`, at the paths their
-    ``ssl_client_certificate`` names."""
-    return {
-        _client_ca_file(site): site.tls.client_ca.encode("ascii")
-        for site in sites
-        if site.tls is not None and site.tls.client_ca
-    }
+    """The client CA files of the sites with `TLSConfig.client_ca`, and their CRLs
+    (`client_crl`), at the paths their ``ssl_client_certificate`` and ``ssl_crl`` name."""
+    files: dict[str, bytes] = {}
+    for site in sites:
+        tls = site.tls
+        if tls is None or not tls.client_ca:
+            continue
+        files[_client_ca_file(site)] = tls.client_ca.encode("ascii")
+        if tls.client_crl:
+            files[_client_crl_file(site)] = tls.client_crl.encode("ascii")
+    return files
 
 
 def _error_pages_dir(site: Site) -> str:
