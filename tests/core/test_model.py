@@ -189,6 +189,19 @@ class TestTLSConfig:
             TLSConfig(acme=True, client_ca=pki.root.pem, client_verify="on")  # type: ignore[arg-type]
         assert paths_of(exc) == ["client_verify"]
 
+    def test_client_certificates_leave_plain_listeners_the_redirect_only(self) -> None:
+        """A plain listener serving the site would skip the certificate check: with
+        ``client_ca`` the plain listeners must be the HTTPS redirect's."""
+        pki = Pki()
+        listeners = (Listener(80), Listener(443, tls=True))
+        checked = TLSConfig(certificate="c", client_ca=pki.root.pem, redirect_http=False)
+        with pytest.raises(Invalid) as exc:
+            make_site(listeners=listeners, tls=checked)
+        assert paths_of(exc) == ["listeners[0].tls"]
+        assert "without the client certificates" in str(exc.value)
+        redirected = attrs.evolve(checked, redirect_http=True)
+        assert make_site(listeners=listeners, tls=redirected).tls == redirected
+
     def test_client_crl_is_revocation_lists_only(self) -> None:
         """``client_crl`` holds X509 CRL blocks that parse, and only applies with CAs."""
         import datetime as dt

@@ -1594,6 +1594,14 @@ def _crl(ca: Any, *revoked: Any) -> str:
     return crl.public_bytes(serialization.Encoding.PEM).decode()
 
 
+def _client_chain(tmp_path: Path, name: str, issuer: Pki) -> tuple[Path, Any]:
+    """A client certificate of `issuer` for `name`: its chain file, and the leaf."""
+    leaf = issuer.leaf(f"{name}.clients.test")
+    path = tmp_path / f"{name}.pem"
+    path.write_text(leaf.pem + issuer.intermediate.pem + leaf.key_pem)
+    return path, leaf
+
+
 class TestClientCertificates:
     """A TLS site that checks client certificates against a client CA of its own (the
     server's PKI issues none), behind which an upstream records what nginx tells it."""
@@ -1611,14 +1619,21 @@ class TestClientCertificates:
         async with httpx.AsyncClient(verify=context) as client:
             return await client.get(url, headers={"Host": "a.test", "X-Client-Verify": "SUCCESS"})
 
-    async def _apply(self, stack: NginxStack, pki: Pki, tls: TLSConfig, upstream_port: int) -> None:
+    async def _apply(
+        self,
+        stack: NginxStack,
+        pki: Pki,
+        tls: TLSConfig,
+        upstream_port: int,
+        cache: ProxyCache | None = None,
+    ) -> None:
         listener = Listener(port=stack.web_port, address="127.0.0.1", tls=True, default_server=True)
         site = Site(
             name="a",
             server_names=("a.test",),
             listeners=(listener,),
             tls=tls,
-            locations=(Location(path="/", upstream="app"),),
+            locations=(Location(path="/", upstream="app", cache=cache),),
         )
         state = DesiredState(
             sites=(site,),
@@ -1631,14 +1646,6 @@ class TestClientCertificates:
         report = await stack.driver.apply(stack.update(state), bundle)
         assert report.outcome == "applied", report.message
 
-    @staticmethod
-    def _chain(tmp_path: Path, name: str, issuer: Pki) -> tuple[Path, Any]:
-        """A client certificate of `issuer` for `name`: its chain file, and the leaf."""
-        leaf = issuer.leaf(f"{name}.clients.test")
-        path = tmp_path / f"{name}.pem"
-        path.write_text(leaf.pem + issuer.intermediate.pem + leaf.key_pem)
-        return path, leaf
-
     @pytest.mark.parametrize("verify", ["required", "optional"])
     async def test_only_the_cas_clients_get_in(
         self, stack: NginxStack, pki: Pki, tmp_path: Path, verify: str
@@ -1648,8 +1655,8 @@ class TestClientCertificates:
         and one without a certificate too, unless ``client_verify: optional``, where the
         upstream learns NONE."""
         clients = Pki()
-        alice, _ = self._chain(tmp_path, "alice", clients)
-        mallory, _ = self._chain(tmp_path, "mallory", Pki())
+        alice, _ = _client_chain(tmp_path, "alice", clients)
+        mallory, _ = _client_chain(tmp_path, "mallory", Pki())
         tls = TLSConfig(
             certificate="c",
             redirect_http=False,
@@ -1674,6 +1681,22 @@ class TestClientCertificates:
             assert statuses == [200, 400, 200]
             assert [s["X-Client-Verify"] for s in sent] == ["SUCCESS", "NONE"]
 
+    async def test_cached_answers_are_kept_per_client_certificate(
+        self, readable_stack: NginxStack, pki: Pki, tmp_path: Path
+    ) -> None:
+        """A caching location of a site checking client certificates keeps each
+        certificate's answers apart: one partner never gets another's."""
+        stack = readable_stack
+        clients = Pki()
+        alice, _ = _client_chain(tmp_path, "alice", clients)
+        carol, _ = _client_chain(tmp_path, "carol", clients)
+        tls = TLSConfig(certificate="c", redirect_http=False, client_ca=clients.root.pem)
+        async with _counting_upstream() as (upstream, port):
+            await self._apply(stack, pki, tls, port, cache=ProxyCache(valid=60))
+            bodies = [(await self._get(stack, c)).text for c in (alice, carol, alice, carol)]
+        assert bodies == ["1 a.test", "2 a.test", "1 a.test", "2 a.test"]
+        assert upstream.served == 2
+
     async def test_a_revoked_certificate_is_refused(
         self, stack: NginxStack, pki: Pki, tmp_path: Path
     ) -> None:
@@ -1681,8 +1704,8 @@ class TestClientCertificates:
         of that CA still get in. nginx checks every level of a chain once it has a CRL,
         so the root's CRL (of the intermediate) goes with the intermediate's."""
         clients = Pki()
-        alice, alice_leaf = self._chain(tmp_path, "alice", clients)
-        bob, _ = self._chain(tmp_path, "bob", clients)
+        alice, alice_leaf = _client_chain(tmp_path, "alice", clients)
+        bob, _ = _client_chain(tmp_path, "bob", clients)
         crl = _crl(clients.root) + _crl(clients.intermediate, alice_leaf)
         tls = TLSConfig(
             certificate="c", redirect_http=False, client_ca=clients.root.pem, client_crl=crl
@@ -1697,6 +1720,88 @@ class TestClientCertificates:
                 tg.cancel_scope.cancel()
         assert statuses == [400, 200]
         assert _sent_headers(heads[0])["X-Client-DN"] == "CN=bob.clients.test"
+
+
+class TestClientCertificatesOnASharedSocket:
+    """Three TLS sites on one socket: `a` (its default server) and `b` check client
+    certificates against CAs of their own, `open` checks none."""
+
+    async def test_each_site_lets_in_only_its_own_clients(
+        self, stack: NginxStack, pki: Pki, tmp_path: Path
+    ) -> None:
+        """A handshake without SNI is the default server's, checked against a's CAs: b
+        answers it 421 rather than take a's client for one of its own. With SNI, b
+        checks its own CAs. `open` never passes a client's own claim of a certificate
+        to the upstream."""
+        import ssl
+
+        ca_a, ca_b = Pki(), Pki()
+        alice = _client_chain(tmp_path, "alice", ca_a)[0]
+        bob = _client_chain(tmp_path, "bob", ca_b)[0]
+        port = stack.web_port
+
+        def site(name: str, ca: Pki | None, default: bool = False) -> Site:
+            listener = Listener(port=port, address="127.0.0.1", tls=True, default_server=default)
+            tls = TLSConfig(
+                certificate="c", redirect_http=False, client_ca=ca.root.pem if ca else None
+            )
+            return Site(
+                name=name,
+                server_names=(f"{name}.test",),
+                listeners=(listener,),
+                tls=tls,
+                locations=(Location(path="/", upstream="app"),),
+            )
+
+        heads: list[bytes] = []
+        server = pki.leaf("a.test", "b.test", "open.test")
+        files = {"certs/c.crt": server.pem.encode(), "certs/c.key": server.key_pem.encode()}
+
+        async def get(host: str, chain: Path, sni: str | None) -> int:
+            def fetch() -> int:
+                context = ssl.create_default_context()
+                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                context.load_cert_chain(chain)
+                with (
+                    socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+                    context.wrap_socket(raw, server_hostname=sni) as tls,
+                ):
+                    tls.sendall(
+                        f"GET / HTTP/1.1\r\nHost: {host}\r\nX-Client-Verify: SUCCESS\r\n"
+                        "X-Client-DN: CN=admin\r\nConnection: close\r\n\r\n".encode()
+                    )
+                    return int(tls.recv(4096).split(b" ", 2)[1])
+
+            return await anyio.to_thread.run_sync(fetch)
+
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            upstream_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            state = DesiredState(
+                sites=(site("a", ca_a, default=True), site("b", ca_b), site("open", None)),
+                certificates=(CertificateRef("c", ("a.test", "b.test", "open.test")),),
+                upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{upstream_port}"),)),),
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, _upstream(heads))
+                bundle = stack.renderer.render(state, extra_files=files)
+                report = await stack.driver.apply(stack.update(state), bundle)
+                assert report.outcome == "applied", report.message
+                statuses = [
+                    await get("a.test", alice, None),  # the default server's own client
+                    await get("b.test", alice, None),  # a's client, no SNI: refused
+                    await get("b.test", alice, "b.test"),  # b's CAs: not alice's
+                    await get("b.test", bob, "b.test"),
+                    await get("open.test", bob, "open.test"),
+                ]
+                tg.cancel_scope.cancel()
+        assert statuses == [200, 421, 400, 200, 200]
+        sent = [_sent_headers(head) for head in heads]
+        assert [s.get("X-Client-DN") for s in sent] == [
+            "CN=alice.clients.test",
+            "CN=bob.clients.test",
+            None,  # open: the client's own claim was dropped
+        ]
+        assert "X-Client-Verify" not in sent[2]
 
 
 class TestIpv6:

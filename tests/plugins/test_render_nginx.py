@@ -440,6 +440,35 @@ class TestProductionDefaults:
         unknown = [args(d["block"], "listen")[0] for d in parsed["conf.d/unknown-hosts.conf"]]
         assert unknown == [["18081", "default_server"], ["[::]:18081", "default_server"]]
 
+    def test_wildcard_spellings_get_twins_too(self, tmp_path: Path) -> None:
+        """``*:P`` and ``0.0.0.0:P`` are the socket ``P`` is: twinned alike, so a default
+        server written ``*:P`` stays the default over IPv6."""
+        both = state(
+            site("a", listeners=(Listener(18080),)),
+            site("b", listeners=(Listener(18080, address="*", default_server=True),)),
+        )
+        parsed = parse(
+            NginxRenderer(settings=RenderSettings(listen_ipv6=True)).render(both), tmp_path
+        )
+        [b] = parsed["conf.d/site-b.conf"]
+        assert args(b["block"], "listen") == [
+            ["*:18080", "default_server"],
+            ["[::]:18080", "default_server"],
+        ]
+
+    def test_no_twins_where_they_would_put_a_redirect_on_a_written_ipv6_port(self) -> None:
+        """A TLS-only site's twin would give its HTTP->HTTPS redirect ``[::]:80``; where
+        another site writes an IPv6 socket on port 80, the site keeps to IPv4."""
+        tls_only = site("a", listeners=(Listener(443, tls=True),), tls=TLSConfig(certificate="c"))
+        other = site("b", listeners=(Listener(80, address="::1"),))
+        both = attrs.evolve(
+            state(tls_only, other), certificates=(CertificateRef("c", ("a.example.com",)),)
+        )
+        files = {"certs/c.crt": b"x", "certs/c.key": b"y"}
+        plain = NginxRenderer().render(both, extra_files=files)
+        twinned = NginxRenderer(settings=RenderSettings(listen_ipv6=True))
+        assert twinned.render(both, extra_files=files) == plain
+
     def test_host_settings_check_conflicts_not_rules_for_new_input(self) -> None:
         """A stored state may predate a rule for new input (an upstream on the Docker
         daemon's port): binding it to `listen_address` renders it as it did; only
@@ -636,10 +665,36 @@ class TestLocations:
         # crossplane keeps the backslash escape nginx removes: \\. is the regex \.
         assert list(found) == ["/a", "= /b", "~ ^/c/[0-9]+\\\\.png$", "~* \\\\.JPG$"]
 
+    def test_cache_keys_follow_what_shapes_the_answers(self) -> None:
+        """A caching location's key changes with the site, the location and its upstream
+        (another server name asked of it), not with the listeners (the host's IPv6 twins,
+        another site's default server), and is the same for the same state."""
+        from nxmesh.core.model import ProxyCache, UpstreamTLS
+        from nxmesh.plugins.render_nginx import site_view
+
+        cached = Location(path="/", upstream="app", cache=ProxyCache(valid=60))
+        web = site(locations=(cached,))
+        app = Upstream(name="app", servers=(UpstreamServer(address="10.0.0.1:443"),))
+
+        def key(s: Site, up: Upstream = app) -> str:
+            [view] = site_view(s, {"app": up}).locations
+            assert view.cache_key is not None
+            return str(view.cache_key)
+
+        first = key(web)
+        assert key(web) == first
+        assert key(attrs.evolve(web, listeners=(Listener(80), Listener(80, address="::")))) == first
+        assert key(attrs.evolve(web, allow=("10.0.0.0/8",))) != first
+        other = attrs.evolve(cached, proxy_headers=(Header(name="X-Role", value="admin"),))
+        assert key(attrs.evolve(web, locations=(other,))) != first
+        v1 = attrs.evolve(app, tls=UpstreamTLS(server_name="v1.internal"))
+        v2 = attrs.evolve(app, tls=UpstreamTLS(server_name="v2.internal"))
+        assert key(web, v1) != key(web, v2)
+
     def test_proxy_location_keeps_upstream_connections_alive(self, tmp_path: Path) -> None:
         """proxy_pass to the upstream, request id and forwarding headers, Connection "".
         Every forwarding header is nginx's own: the client's X-Forwarded-Host, -Port and
-        Forwarded never reach the upstream."""
+        Forwarded, and its claims of a client certificate, never reach the upstream."""
         (block,) = self.render_locations(tmp_path, Location(path="/", upstream="app")).values()
         assert args(block, "proxy_pass") == [["http://app"]]
         headers = dict(args(block, "proxy_set_header"))
@@ -653,6 +708,9 @@ class TestLocations:
             "Forwarded": "",
             "X-Request-ID": "$request_id",
             "Connection": "",
+            # The site checks no client certificates: a client's own claims are dropped.
+            "X-Client-Verify": "",
+            "X-Client-DN": "",
         }
         assert find(block, "proxy_read_timeout") == []
 

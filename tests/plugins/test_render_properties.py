@@ -348,7 +348,8 @@ proxy_caches = st.builds(
 # its shape is checked (the site's name, a 16-hex digest, upstream, scheme, host, URI).
 CACHE_KEYS: dict[tuple[str, int], str] = {}
 CACHE_KEY_SHAPE = re.compile(
-    r"([a-z0-9_-]+)\.[0-9a-f]{16}\|\$proxy_host\|\$scheme://\$host\$request_uri"
+    r"([a-z0-9_-]+)\.[0-9a-f]{16}\|(\$ssl_client_fingerprint\|)?"
+    r"\$proxy_host\|\$scheme://\$host\$request_uri"
 )
 
 CACHE_CLEARED = [
@@ -448,11 +449,14 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
     tls = None
     if any(lst.tls for lst in listeners):
         acme = draw(st.booleans())
-        client_ca = draw(st.none() | st.just(_CA_PEM))
+        redirect_http = draw(st.booleans())
+        # Client certificates need every plain listener to be the redirect's (see Site).
+        checkable = redirect_http or all(lst.tls for lst in listeners)
+        client_ca = draw(st.none() | st.just(_CA_PEM)) if checkable else None
         tls = TLSConfig(
             certificate=None if acme else draw(names),
             acme=acme,
-            redirect_http=draw(st.booleans()),
+            redirect_http=redirect_http,
             hsts=draw(st.booleans()),
             protocols=draw(tls_protocols),
             client_ca=client_ca,
@@ -698,8 +702,8 @@ def expected_location(
                 "X-Client-Verify": "$ssl_client_verify",
                 "X-Client-DN": "$ssl_client_s_dn",
             }
-        else:
-            assert "X-Client-Verify" not in sent or "x-client-verify" in own
+        else:  # a client's own claims are dropped
+            forwarded |= {"X-Client-Verify": '""', "X-Client-DN": '""'}
         cleared = ["Forwarded", *(CACHE_CLEARED if loc.cache is not None else [])]
         for name, value in [*forwarded.items(), *((n, '""') for n in cleared)]:
             if name.lower() not in own:
@@ -904,6 +908,10 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
     if client_certs:
         tls += ["ssl_client_certificate", "ssl_verify_client", "ssl_verify_depth"]
         tls += ["ssl_crl"] if site.tls is not None and site.tls.client_crl else []
+        # Not the default server of all its TLS sockets: a handshake without SNI was
+        # another server's, and so was its certificate check.
+        require_sni = not all(lst.default_server for lst in site.listeners if lst.tls)
+        tls += ["if"] if require_sni else []
     assert names == (
         ["listen"] * len(view.main_listens)
         + ["server_name"]
@@ -933,6 +941,10 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
         assert by_name["ssl_verify_depth"] == [["4"]]
         crl = [[f"client-ca/{site.name}.crl"]] if site.tls.client_crl else []
         assert by_name.get("ssl_crl", []) == crl
+        if require_sni:
+            [rule] = [d for d in main if d["directive"] == "if"]
+            assert rule["args"] == ["$ssl_server_name", "=", ""]
+            assert [(d["directive"], d["args"]) for d in rule["block"]] == [("return", ["421"])]
     assert by_name.get("add_header", []) == [header_args(h) for h in view.headers]
     access = {
         *REAL_IP,
@@ -967,6 +979,8 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
                 shape = CACHE_KEY_SHAPE.fullmatch(d["args"][0])
                 assert shape is not None, d["args"]
                 assert shape.group(1) == site.name
+                # A site checking client certificates keeps each client's answers apart.
+                assert (shape.group(2) is not None) is client_certs
                 CACHE_KEYS[(site.name, index)] = d["args"][0]
     for block, location_view in zip(blocks, view.locations, strict=True):
         loc_args, loc_names, loc_values = expected_location(site, location_view, upstreams)

@@ -676,6 +676,17 @@ class Site:
             )
         if self.tls is not None and not tls_listeners:
             found.append(("tls", "is set but no listener has tls: true (add one, e.g. port 443)"))
+        if self.tls is not None and self.tls.client_ca and not self.tls.redirect_http:
+            found.extend(
+                (
+                    f"listeners[{i}].tls",
+                    "serves the site without TLS, so without the client certificates "
+                    "tls.client_ca requires; drop the listener, or let it redirect to "
+                    "HTTPS (tls.redirect_http: true)",
+                )
+                for i, lst in enumerate(self.listeners)
+                if not lst.tls
+            )
         seen: dict[tuple[str, int], int] = {}
         for i, lst in enumerate(self.listeners):
             bind = lst.bind

@@ -56,7 +56,7 @@ from nxmesh.core.model import (
     redirect_binds,
 )
 from nxmesh.core.registry import ProviderRegistries
-from nxmesh.core.serialization import canonical_json
+from nxmesh.core.serialization import canonical_json, unstructure
 from nxmesh.core.validation import Invalid, size_reason
 from nxmesh.plugins.render_nginx import quoting
 from nxmesh.plugins.render_nginx.quoting import Token
@@ -558,6 +558,9 @@ _CLIENT_CERT = (
     HeaderLine("X-Client-Verify", Token("$ssl_client_verify")),
     HeaderLine("X-Client-DN", Token("$ssl_client_s_dn")),
 )
+# Sites that check no certificates send neither: a client's own would reach an upstream
+# behind both kinds of site as if nginx had checked it.
+_NO_CLIENT_CERT = tuple(HeaderLine(h.name, _NOTHING) for h in _CLIENT_CERT)
 # What a cached answer must not depend on, as the cache key does not: a URL or a method
 # other than the request's (one client's DELETE kept as everyone's GET).
 _CACHE_CLEARED = tuple(
@@ -597,11 +600,11 @@ def proxy_headers(
     from the SNI); the client's is in X-Forwarded-Host as always. A caching location
     also clears the headers that would make an answer depend on more than its key.
     `client_certs`: the site checks client certificates (`TLSConfig.client_ca`), and the
-    upstream learns the outcome and the subject (nginx's, never a client's own).
+    upstream learns the outcome and the subject; other sites clear both headers, so the
+    upstream never gets a client's own.
     """
     defaults = _PROXY_DEFAULTS + (_WEBSOCKET if location.websocket else _KEEPALIVE)
-    if client_certs:
-        defaults += _CLIENT_CERT
+    defaults += _CLIENT_CERT if client_certs else _NO_CLIENT_CERT
     if location.cache is not None:
         defaults += _CACHE_CLEARED
     if real_ip:  # in place, so the lines keep their order
@@ -696,6 +699,10 @@ class SiteView:
     (`TLSConfig.client_ca`, `client_ca_files`); None: it asks for none."""
     client_crl_file: str | None = None
     """The bundle's file of the revocation lists of those CAs (`TLSConfig.client_crl`)."""
+    require_sni: bool = False
+    """Refuse (421) requests whose TLS handshake named no server: the site checks client
+    certificates and is not the default server of all its TLS sockets, so a handshake
+    without SNI was made with another server, and checked against its CAs."""
 
     @property
     def error_page_locations(self) -> tuple[tuple[Token, tuple[Header | HeaderLine, ...]], ...]:
@@ -775,7 +782,9 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
                 upstream_ca=upstream_ca,
                 error_pages=_error_page_views(site, pages_prefix) if pages_prefix else (),
                 error_pages_prefix=Token(pages_prefix) if pages_prefix else None,
-                cache_key=_cache_key(site, location) if location.cache is not None else None,
+                cache_key=(
+                    _cache_key(site, location, upstream) if location.cache is not None else None
+                ),
             )
         )
     return SiteView(
@@ -791,6 +800,8 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
         error_pages=_error_page_views(site, ERROR_PAGE_PREFIX),
         error_pages_dir=_error_pages_dir(site) if site.error_pages else None,
         client_ca_file=client_ca_file,
+        require_sni=client_ca_file is not None
+        and not all(lst.default_server for lst in site.listeners if lst.tls),
         client_crl_file=(
             _client_crl_file(site) if client_ca_file and tls and tls.client_crl else None
         ),
@@ -854,18 +865,24 @@ def upstream_ca_files(upstreams: Iterable[Upstream]) -> dict[str, bytes]:
     }
 
 
-def _cache_key(site: Site, location: Location) -> Token:
-    """The site's name and a digest of the site's settings with this location alone, the
-    upstream, then scheme, host and URI.
+def _cache_key(site: Site, location: Location, upstream: Upstream | None) -> Token:
+    """The site's name and a digest of what shapes the location's answers, the upstream's
+    name, then scheme, host and URI; on a site checking client certificates, the
+    client's certificate too (one partner's answer is not another's).
 
-    The digest, not the location's place: an answer kept for one location is served by
-    no other (another path upstream, other headers, other clients allowed), nor by the
-    same one once the site's or its settings changed (an internal location opened to
-    everyone, or removed so the next one takes its place, does not hand out what was
-    kept for the few)."""
-    alone = attrs.evolve(site, locations=(location,))
-    digest = hashlib.sha256(canonical_json(alone)).hexdigest()[:16]
-    return Token(f"{_stem(site.name)}.{digest}|$proxy_host|$scheme://$host$request_uri")
+    The digest covers the site's settings with this location alone, and its upstream:
+    an answer kept for one location is served by no other (another path upstream, other
+    headers, other clients allowed), nor by the same one once the site, the location or
+    the upstream changed (an internal location opened to everyone, or removed so the
+    next one takes its place; another server name asked of the upstream). Not the
+    listeners: a site answers alike on all of them, and the host's IPv6 twins or another
+    site's default server must not drop what is kept."""
+    alone = unstructure(attrs.evolve(site, locations=(location,)))
+    alone.pop("listeners")
+    shaped = {"site": alone, "upstream": None if upstream is None else unstructure(upstream)}
+    digest = hashlib.sha256(canonical_json(shaped)).hexdigest()[:16]
+    client = "$ssl_client_fingerprint|" if site.tls is not None and site.tls.client_ca else ""
+    return Token(f"{_stem(site.name)}.{digest}|{client}$proxy_host|$scheme://$host$request_uri")
 
 
 def _error_page_views(site: Site, prefix: str) -> tuple[ErrorPageView, ...]:
@@ -1242,9 +1259,9 @@ class NginxRenderer:
     def _bind_listeners(self, state: DesiredState) -> DesiredState:
         """`state` with address-less listeners bound to `RenderSettings.listen_address`,
         or joined by IPv6 twins with `listen_ipv6` (`_with_ipv6`)."""
-        if all(lst.address is not None for site in state.sites for lst in site.listeners):
-            return state
         if self.settings.listen_address is not None:
+            if all(lst.address is not None for site in state.sites for lst in site.listeners):
+                return state
             return _bind_to(state, self.settings.listen_address)
         if self.settings.listen_ipv6:
             return _with_ipv6(state)
@@ -1281,28 +1298,34 @@ def _bind_to(state: DesiredState, address: str) -> DesiredState:
 
 
 def _with_ipv6(state: DesiredState) -> DesiredState:
-    """`state` with an IPv6 twin (``[::]``, same port and options) after each listener
-    that names no address, on the ports where no site names an IPv6 address itself.
+    """`state` with an IPv6 twin (``[::]``, same port and options) after each listener on
+    the IPv4 wildcard (no address, ``*``, ``0.0.0.0``), on the ports where no site has an
+    IPv6 socket of its own: a listener, or the HTTP->HTTPS redirect of one.
 
-    Those ports keep their IPv6 listeners as the state writes them: a twin beside another
+    Those ports keep their IPv6 sockets as the state writes them: a twin beside another
     site's ``[::]:80`` or ``[::1]:80`` would be a second default server, a wildcard beside
-    an address, or a site the state kept to IPv4. Elsewhere the twins repeat on IPv6 what
-    the IPv4 listeners are, sockets the master already checked: they cannot conflict.
+    an address, or a site the state kept to IPv4. A site whose twins would give its
+    redirect server such a port gets none. Elsewhere the twins repeat on IPv6 what the
+    IPv4 sockets are, which the master already checked: they cannot conflict.
     """
     written = {
-        lst.port
+        port
         for site in state.sites
-        for lst in site.listeners
-        if lst.address is not None and ":" in lst.address
+        for address, port in [*(lst.bind for lst in site.listeners), *redirect_binds(site)]
+        if ":" in address
     }
     sites = []
     for site in state.sites:
         listeners: list[Listener] = []
         for lst in site.listeners:
             listeners.append(lst)
-            if lst.address is None and lst.port not in written:
+            if lst.bind[0] == "*" and lst.port not in written:
                 listeners.append(attrs.evolve(lst, address="::"))
-        sites.append(attrs.evolve(site, listeners=tuple(listeners)))
+        twinned = attrs.evolve(site, listeners=tuple(listeners))
+        new_redirects = set(redirect_binds(twinned)) - set(redirect_binds(site))
+        if any(port in written for _, port in new_redirects):
+            twinned = site
+        sites.append(twinned)
     return attrs.evolve(state, sites=tuple(sites))
 
 
