@@ -232,19 +232,20 @@ _CA_PEM = v.TextRule(
 )
 
 
+_CRL_BLOCK = r"-----BEGIN X509 CRL-----\r?\n[A-Za-z0-9+/=\r\n]+-----END X509 CRL-----"
+
+
 def _crl_refine(value: str) -> str | None:
     from cryptography import x509  # only states with client certificates pay for it
 
-    blocks = re.findall(rf"{_CRL_BLOCK}", value)
     try:
-        for block in blocks:
+        for block in re.findall(_CRL_BLOCK, value):
             x509.load_pem_x509_crl(block.encode("ascii"))
     except ValueError:
         return "must hold valid CRLs: one of its X509 CRL blocks does not parse"
     return None
 
 
-_CRL_BLOCK = r"-----BEGIN X509 CRL-----\r?\n[A-Za-z0-9+/=\r\n]+-----END X509 CRL-----"
 _CRL_PEM = v.TextRule(
     "PEM certificate revocation lists: only -----BEGIN X509 CRL----- blocks",
     re.compile(rf"\s*(?:{_CRL_BLOCK}\s*)+", re.ASCII),
