@@ -151,9 +151,10 @@ HSTS_VALUE = "max-age=63072000"
 WEBSOCKET_READ_TIMEOUT = 3600
 """Seconds a WebSocket location waits for upstream data when none is configured."""
 
-UPSTREAM_VERIFY_DEPTH: Final = 4
-"""``proxy_ssl_verify_depth`` of TLS upstreams: nginx's default (1) accepts one
-intermediate CA, and public CAs' chains can have two."""
+VERIFY_DEPTH: Final = 4
+"""``proxy_ssl_verify_depth`` of TLS upstreams and ``ssl_verify_depth`` of client
+certificates: nginx's default (1) accepts one intermediate CA, and public CAs' chains can
+have two."""
 
 SYSTEM_CA_FILE: Final = "/etc/ssl/certs/ca-certificates.crt"
 """The trust store of Debian, Ubuntu and Alpine (``ca-certificates``); RHEL's is
@@ -1182,7 +1183,7 @@ class NginxRenderer:
         base: dict[str, Any] = {
             "state": state,
             "settings": self.settings,
-            "upstream_verify_depth": UPSTREAM_VERIFY_DEPTH,
+            "verify_depth": VERIFY_DEPTH,
             "paths": self._paths,
             # Sites whose key is encrypted get ssl_password_file; ACME-sourced certificates
             # get the HTTP-01 challenge location like `tls: acme` sites.
