@@ -1729,10 +1729,11 @@ class TestClientCertificatesOnASharedSocket:
     async def test_each_site_lets_in_only_its_own_clients(
         self, stack: NginxStack, pki: Pki, tmp_path: Path
     ) -> None:
-        """A handshake without SNI is the default server's, checked against a's CAs: b
-        answers it 421 rather than take a's client for one of its own. With SNI, b
-        checks its own CAs. `open` never passes a client's own claim of a certificate
-        to the upstream."""
+        """A handshake naming no server, or one no site serves, is the default server's,
+        checked against a's CAs: b answers it 421 rather than take a's client for one of
+        its own. With its name, b checks its own CAs, and a session made with a is not
+        resumed for b. `open` never passes a client's own claim of a certificate to the
+        upstream."""
         import ssl
 
         ca_a, ca_b = Pki(), Pki()
@@ -1757,20 +1758,35 @@ class TestClientCertificatesOnASharedSocket:
         server = pki.leaf("a.test", "b.test", "open.test")
         files = {"certs/c.crt": server.pem.encode(), "certs/c.key": server.key_pem.encode()}
 
-        async def get(host: str, chain: Path, sni: str | None) -> int:
+        sessions: dict[str, ssl.SSLSession | None] = {}
+        contexts: dict[Path, ssl.SSLContext] = {}
+        resumed: list[bool] = []
+
+        async def get(host: str, chain: Path, sni: str | None, *, resume: str = "") -> int:
+            """GET over a TLS 1.3 handshake naming `sni`; `resume`: offer the session the
+            request for that host got (a resumption attempt, CVE-2025-23419)."""
+
             def fetch() -> int:
-                context = ssl.create_default_context()
-                context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
-                context.load_cert_chain(chain)
+                context = contexts.get(chain)
+                if context is None:  # one per client: a session resumes in its context
+                    context = contexts[chain] = ssl.create_default_context()
+                    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+                    context.minimum_version = ssl.TLSVersion.TLSv1_3
+                    context.load_cert_chain(chain)
+                offered = sessions.get(resume) if resume else None
                 with (
                     socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-                    context.wrap_socket(raw, server_hostname=sni) as tls,
+                    context.wrap_socket(raw, server_hostname=sni, session=offered) as tls,
                 ):
                     tls.sendall(
                         f"GET / HTTP/1.1\r\nHost: {host}\r\nX-Client-Verify: SUCCESS\r\n"
                         "X-Client-DN: CN=admin\r\nConnection: close\r\n\r\n".encode()
                     )
-                    return int(tls.recv(4096).split(b" ", 2)[1])
+                    status = int(tls.recv(4096).split(b" ", 2)[1])
+                    sessions[host] = tls.session
+                    if offered is not None:
+                        resumed.append(tls.session_reused)
+                    return status
 
             return await anyio.to_thread.run_sync(fetch)
 
@@ -1789,12 +1805,16 @@ class TestClientCertificatesOnASharedSocket:
                 statuses = [
                     await get("a.test", alice, None),  # the default server's own client
                     await get("b.test", alice, None),  # a's client, no SNI: refused
+                    await get("b.test", alice, "zzz.test"),  # a name no site serves: a's
                     await get("b.test", alice, "b.test"),  # b's CAs: not alice's
+                    # a's session, resumed naming b, would keep a's check: not resumed
+                    await get("b.test", alice, "b.test", resume="a.test"),
                     await get("b.test", bob, "b.test"),
                     await get("open.test", bob, "open.test"),
                 ]
                 tg.cancel_scope.cancel()
-        assert statuses == [200, 421, 400, 200, 200]
+        assert statuses == [200, 421, 421, 400, 400, 200, 200]
+        assert resumed == [False]
         sent = [_sent_headers(head) for head in heads]
         assert [s.get("X-Client-DN") for s in sent] == [
             "CN=alice.clients.test",

@@ -666,9 +666,10 @@ class TestLocations:
         assert list(found) == ["/a", "= /b", "~ ^/c/[0-9]+\\\\.png$", "~* \\\\.JPG$"]
 
     def test_cache_keys_follow_what_shapes_the_answers(self) -> None:
-        """A caching location's key changes with the site, the location and its upstream
-        (another server name asked of it), not with the listeners (the host's IPv6 twins,
-        another site's default server), and is the same for the same state."""
+        """A caching location's key changes with the site, the location and how its
+        upstream is asked (another server name), not with the listeners (the host's IPv6
+        twins, another site's default server) nor the upstream's servers, and is the
+        same for the same state."""
         from nxmesh.core.model import ProxyCache, UpstreamTLS
         from nxmesh.plugins.render_nginx import site_view
 
@@ -690,6 +691,9 @@ class TestLocations:
         v1 = attrs.evolve(app, tls=UpstreamTLS(server_name="v1.internal"))
         v2 = attrs.evolve(app, tls=UpstreamTLS(server_name="v2.internal"))
         assert key(web, v1) != key(web, v2)
+        # An outage's edit of the servers keeps what serve_stale serves meanwhile.
+        fewer = attrs.evolve(v1, servers=(UpstreamServer(address="10.0.0.2:443", weight=5),))
+        assert key(web, fewer) == key(web, v1)
 
     def test_proxy_location_keeps_upstream_connections_alive(self, tmp_path: Path) -> None:
         """proxy_pass to the upstream, request id and forwarding headers, Connection "".

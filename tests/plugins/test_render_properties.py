@@ -912,6 +912,16 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
         # another server's, and so was its certificate check.
         require_sni = not all(lst.default_server for lst in site.listeners if lst.tls)
         tls += ["if"] if require_sni else []
+    # On a socket where any site checks client certificates, no TLS session is resumed.
+    checked = {
+        lst.bind
+        for s in state.sites
+        if s.tls is not None and s.tls.client_ca
+        for lst in s.listeners
+        if lst.tls
+    }
+    if site.tls and any(lst.bind in checked for lst in site.listeners if lst.tls):
+        tls += ["ssl_session_cache"]
     assert names == (
         ["listen"] * len(view.main_listens)
         + ["server_name"]
@@ -943,7 +953,7 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
         assert by_name.get("ssl_crl", []) == crl
         if require_sni:
             [rule] = [d for d in main if d["directive"] == "if"]
-            assert rule["args"] == ["$ssl_server_name", "=", ""]
+            assert rule["args"] == ["$ssl_server_name", "!=", "$host"]
             assert [(d["directive"], d["args"]) for d in rule["block"]] == [("return", ["421"])]
     assert by_name.get("add_header", []) == [header_args(h) for h in view.headers]
     access = {

@@ -93,6 +93,7 @@ __all__ = [
     "TemplateRenderError",
     "certificate_paths",
     "client_ca_files",
+    "client_certificate_sockets",
     "config_digest",
     "error_page_files",
     "plugin_template_paths",
@@ -701,9 +702,15 @@ class SiteView:
     client_crl_file: str | None = None
     """The bundle's file of the revocation lists of those CAs (`TLSConfig.client_crl`)."""
     require_sni: bool = False
-    """Refuse (421) requests whose TLS handshake named no server: the site checks client
-    certificates and is not the default server of all its TLS sockets, so a handshake
-    without SNI was made with another server, and checked against its CAs."""
+    """Refuse (421) requests whose TLS handshake did not name the requested host: the site
+    checks client certificates and is not the default server of all its TLS sockets, so
+    a handshake naming no server, or one no site serves, was the default server's, and
+    checked against its CAs."""
+    session_cache_off: bool = False
+    """No TLS session cache: the site shares a TLS socket with a site checking client
+    certificates. In nginx 1.22 a TLS 1.3 session made with one server of a socket
+    resumes with another, and keeps the first one's certificate check
+    (CVE-2025-23419)."""
 
     @property
     def error_page_locations(self) -> tuple[tuple[Token, tuple[Header | HeaderLine, ...]], ...]:
@@ -726,9 +733,16 @@ class SiteView:
         return tuple(zone for zone in zones if zone is not None)
 
 
-def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> SiteView:
+def site_view(
+    site: Site,
+    upstreams: Mapping[str, Upstream] | None = None,
+    *,
+    checked_sockets: frozenset[tuple[str, int]] = frozenset(),
+) -> SiteView:
     """Compute what the site templates write, for `site` (proxying to `upstreams`, by
-    name; an upstream missing there is spoken to over plain HTTP)."""
+    name; an upstream missing there is spoken to over plain HTTP). `checked_sockets`:
+    the TLS sockets (`Listener.bind`) where some site checks client certificates
+    (`client_certificate_sockets`)."""
     upstreams = upstreams or {}
     tls = site.tls
     redirect = tls is not None and tls.redirect_http
@@ -803,6 +817,7 @@ def site_view(site: Site, upstreams: Mapping[str, Upstream] | None = None) -> Si
         client_ca_file=client_ca_file,
         require_sni=client_ca_file is not None
         and not all(lst.default_server for lst in site.listeners if lst.tls),
+        session_cache_off=any(lst.bind in checked_sockets for lst in site.listeners if lst.tls),
         client_crl_file=(
             _client_crl_file(site) if client_ca_file and tls and tls.client_crl else None
         ),
@@ -871,16 +886,19 @@ def _cache_key(site: Site, location: Location, upstream: Upstream | None) -> Tok
     name, then scheme, host and URI; on a site checking client certificates, the
     client's certificate too (one partner's answer is not another's).
 
-    The digest covers the site's settings with this location alone, and its upstream:
-    an answer kept for one location is served by no other (another path upstream, other
-    headers, other clients allowed), nor by the same one once the site, the location or
-    the upstream changed (an internal location opened to everyone, or removed so the
-    next one takes its place; another server name asked of the upstream). Not the
-    listeners: a site answers alike on all of them, and the host's IPv6 twins or another
-    site's default server must not drop what is kept."""
+    The digest covers the site's settings with this location alone, and how its upstream
+    is asked (its `tls`): an answer kept for one location is served by no other (another
+    path upstream, other headers, other clients allowed), nor by the same one once the
+    site, the location or the upstream's TLS name changed (an internal location opened to
+    everyone, or removed so the next one takes its place). Not the listeners: a site
+    answers alike on all of them, and the host's IPv6 twins or another site's default
+    server must not drop what is kept."""
     alone = unstructure(attrs.evolve(site, locations=(location,)))
     alone.pop("listeners")
-    shaped = {"site": alone, "upstream": None if upstream is None else unstructure(upstream)}
+    # Who the upstream is asked as, not which servers answer: an outage's edits (a server
+    # removed, a weight) must keep what serve_stale serves meanwhile.
+    asked_as = None if upstream is None or upstream.tls is None else unstructure(upstream.tls)
+    shaped = {"site": alone, "upstream": asked_as}
     digest = hashlib.sha256(canonical_json(shaped)).hexdigest()[:16]
     client = "$ssl_client_fingerprint|" if site.tls is not None and site.tls.client_ca else ""
     return Token(f"{_stem(site.name)}.{digest}|{client}$proxy_host|$scheme://$host$request_uri")
@@ -902,6 +920,17 @@ CLIENT_CA_DIR: Final = "client-ca"
 
 def _client_ca_file(site: Site) -> str:
     return f"{CLIENT_CA_DIR}/{_stem(site.name)}.pem"
+
+
+def client_certificate_sockets(state: DesiredState) -> frozenset[tuple[str, int]]:
+    """The TLS sockets (`Listener.bind`) where some site checks client certificates."""
+    return frozenset(
+        lst.bind
+        for site in state.sites
+        if site.tls is not None and site.tls.client_ca
+        for lst in site.listeners
+        if lst.tls
+    )
 
 
 def _client_crl_file(site: Site) -> str:
@@ -1207,11 +1236,12 @@ class NginxRenderer:
         by_name = {up.name: up for up in state.upstreams}
         site_template = self._templates["site.conf.j2"]
         site_context = {**self._globals, **base}
+        checked_sockets = client_certificate_sockets(state)
         for site in state.sites:
             path = f"conf.d/site-{_stem(site.name)}.conf"
             if path in files:
                 raise RenderError(f"two sites are named {site.name!r}; site names must be unique")
-            view = site_view(site, by_name)
+            view = site_view(site, by_name, checked_sockets=checked_sockets)
             site_context["site"] = site
             site_context["view"] = view
             files[path] = self._run(site_template, site_context)
