@@ -204,22 +204,8 @@ class TestTLSConfig:
 
     def test_client_crl_is_revocation_lists_only(self) -> None:
         """``client_crl`` holds X509 CRL blocks that parse, and only applies with CAs."""
-        import datetime as dt
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-
         pki = Pki()
-        now = dt.datetime.now(dt.UTC)
-        crl = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(pki.root.cert.subject)
-            .last_update(now)
-            .next_update(now + dt.timedelta(days=1))
-            .sign(pki.root.key, hashes.SHA256())
-            .public_bytes(serialization.Encoding.PEM)
-            .decode()
-        )
+        crl = pki.crl(pki.root)
         assert TLSConfig(acme=True, client_ca=pki.root.pem, client_crl=crl).client_crl == crl
         with pytest.raises(Invalid) as exc:
             TLSConfig(acme=True, client_crl=crl)

@@ -1573,27 +1573,6 @@ class TestTlsUpstreams:
         assert set(names) == {tls.get("server_name")}
 
 
-def _crl(ca: Any, *revoked: Any) -> str:
-    """A PEM CRL of `ca` listing the `revoked` certificates (`Issued` objects)."""
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca.cert.subject)
-        .last_update(now - dt.timedelta(minutes=5))
-        .next_update(now + dt.timedelta(days=7))
-    )
-    for issued in revoked:
-        entry = x509.RevokedCertificateBuilder().serial_number(issued.cert.serial_number)
-        builder = builder.add_revoked_certificate(entry.revocation_date(now).build())
-    crl = builder.sign(ca.key, hashes.SHA256())
-    return crl.public_bytes(serialization.Encoding.PEM).decode()
-
-
 def _client_chain(tmp_path: Path, name: str, issuer: Pki) -> tuple[Path, Any]:
     """A client certificate of `issuer` for `name`: its chain file, and the leaf."""
     leaf = issuer.leaf(f"{name}.clients.test")
@@ -1646,6 +1625,21 @@ class TestClientCertificates:
         report = await stack.driver.apply(stack.update(state), bundle)
         assert report.outcome == "applied", report.message
 
+    async def _statuses(
+        self, stack: NginxStack, pki: Pki, tls: TLSConfig, chains: list[Path | None]
+    ) -> tuple[list[int], list[dict[str, str]]]:
+        """Serve the site with `tls` before a recording upstream, GET it with each chain:
+        the statuses, and the headers the upstream got."""
+        heads: list[bytes] = []
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, _upstream(heads))
+                await self._apply(stack, pki, tls, port)
+                statuses = [(await self._get(stack, chain)).status_code for chain in chains]
+                tg.cancel_scope.cancel()
+        return statuses, [_sent_headers(head) for head in heads]
+
     @pytest.mark.parametrize("verify", ["required", "optional"])
     async def test_only_the_cas_clients_get_in(
         self, stack: NginxStack, pki: Pki, tmp_path: Path, verify: str
@@ -1663,15 +1657,7 @@ class TestClientCertificates:
             client_ca=clients.root.pem,
             client_verify=verify,  # type: ignore[arg-type]
         )
-        heads: list[bytes] = []
-        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
-            port = listener.extra(anyio.abc.SocketAttribute.local_port)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(listener.serve, _upstream(heads))
-                await self._apply(stack, pki, tls, port)
-                statuses = [(await self._get(stack, c)).status_code for c in (alice, mallory, None)]
-                tg.cancel_scope.cancel()
-        sent = [_sent_headers(head) for head in heads]
+        statuses, sent = await self._statuses(stack, pki, tls, [alice, mallory, None])
         assert sent[0]["X-Client-Verify"] == "SUCCESS"
         assert sent[0]["X-Client-DN"] == "CN=alice.clients.test"
         if verify == "required":
@@ -1706,20 +1692,13 @@ class TestClientCertificates:
         clients = Pki()
         alice, alice_leaf = _client_chain(tmp_path, "alice", clients)
         bob, _ = _client_chain(tmp_path, "bob", clients)
-        crl = _crl(clients.root) + _crl(clients.intermediate, alice_leaf)
+        crl = clients.crl(clients.root) + clients.crl(clients.intermediate, alice_leaf)
         tls = TLSConfig(
             certificate="c", redirect_http=False, client_ca=clients.root.pem, client_crl=crl
         )
-        heads: list[bytes] = []
-        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
-            port = listener.extra(anyio.abc.SocketAttribute.local_port)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(listener.serve, _upstream(heads))
-                await self._apply(stack, pki, tls, port)
-                statuses = [(await self._get(stack, c)).status_code for c in (alice, bob)]
-                tg.cancel_scope.cancel()
+        statuses, sent = await self._statuses(stack, pki, tls, [alice, bob])
         assert statuses == [400, 200]
-        assert _sent_headers(heads[0])["X-Client-DN"] == "CN=bob.clients.test"
+        assert sent[0]["X-Client-DN"] == "CN=bob.clients.test"
 
 
 class TestClientCertificatesOnASharedSocket:

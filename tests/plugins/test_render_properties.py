@@ -518,24 +518,7 @@ _PKI = Pki()
 _CA_PEM = _PKI.root.pem
 
 
-def _empty_crl() -> str:
-    import datetime as dt
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-
-    now = dt.datetime.now(dt.UTC)
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(_PKI.root.cert.subject)
-        .last_update(now)
-        .next_update(now + dt.timedelta(days=1))
-        .sign(_PKI.root.key, hashes.SHA256())
-    )
-    return crl.public_bytes(serialization.Encoding.PEM).decode()
-
-
-_CRL_PEM = _empty_crl()
+_CRL_PEM = _PKI.crl(_PKI.root)
 upstream_tls = st.one_of(
     st.builds(
         UpstreamTLS,

@@ -119,6 +119,22 @@ class Pki:
         """Leaf, then intermediate: the order servers send."""
         return leaf.pem + self.intermediate.pem
 
+    @staticmethod
+    def crl(ca: Issued, *revoked: Issued, days: float = 7) -> str:
+        """A PEM revocation list of `ca` listing `revoked`, valid for `days` from now."""
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca.cert.subject)
+            .last_update(now - dt.timedelta(minutes=5))
+            .next_update(now + dt.timedelta(days=days))
+        )
+        for issued in revoked:
+            entry = x509.RevokedCertificateBuilder().serial_number(issued.cert.serial_number)
+            builder = builder.add_revoked_certificate(entry.revocation_date(now).build())
+        crl = builder.sign(ca.key, hashes.SHA256())
+        return crl.public_bytes(serialization.Encoding.PEM).decode()
+
     def stored(
         self,
         name: str,
