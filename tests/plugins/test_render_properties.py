@@ -936,7 +936,7 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
         assert by_name.get("ssl_crl", []) == crl
         if require_sni:
             [rule] = [d for d in main if d["directive"] == "if"]
-            assert rule["args"] == ["$ssl_server_name", "!=", "$host"]
+            assert rule["args"] == ["$nxmesh_sni_mismatch"]
             assert [(d["directive"], d["args"]) for d in rule["block"]] == [("return", ["421"])]
     assert by_name.get("add_header", []) == [header_args(h) for h in view.headers]
     access = {
@@ -1029,6 +1029,14 @@ def check_unknown_hosts(state: DesiredState, parsed: list[Directive]) -> None:
             if catch_all:
                 defaulted.add(bind)
     expected = sorted((bind, p) for bind, p in protocols.items() if bind not in defaulted)
+    # Where a site checks client certificates, the default server keeps no TLS sessions.
+    checked = {
+        lst.bind
+        for site in state.sites
+        if site.tls is not None and site.tls.client_ca
+        for lst in site.listeners
+        if lst.tls
+    }
     assert [d["directive"] for d in parsed] == ["server"] * len(expected)
     for block, (bind, tls) in zip(parsed, expected, strict=True):
         listen, *rest = block["block"]
@@ -1037,6 +1045,8 @@ def check_unknown_hosts(state: DesiredState, parsed: list[Directive]) -> None:
         assert listen["args"][-1] == "default_server"
         assert ("ssl" in listen["args"]) is (tls is not None)
         handshake = [("ssl_reject_handshake", ["on"]), ("ssl_protocols", tls)] if tls else []
+        if tls and bind in checked:
+            handshake.append(("ssl_session_cache", ["off"]))
         assert [(d["directive"], d["args"]) for d in rest] == [*handshake, ("return", ["444"])]
 
 

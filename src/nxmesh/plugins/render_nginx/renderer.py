@@ -444,6 +444,9 @@ class UnknownHostServer:
 
     listen: Token
     tls_protocols: tuple[str, ...] | None
+    session_cache_off: bool = False
+    """A site of the socket checks client certificates: sessions live in the default
+    server's settings, so this server must keep none (see `SiteView.session_cache_off`)."""
 
 
 def unknown_host_listens(state: DesiredState) -> list[UnknownHostServer]:
@@ -464,13 +467,14 @@ def unknown_host_listens(state: DesiredState) -> list[UnknownHostServer]:
             flags = sockets.setdefault(bind, [None, False, False])
             flags[2] |= "_" in site.server_names
     found = []
+    checked = client_certificate_sockets(state)
     for (address, port), (protocols, http2, has_default) in sorted(sockets.items()):
         if has_default:
             continue
         ssl = ["ssl"] if protocols is not None else []
         options = [*ssl, *(["http2"] if http2 else []), "default_server"]
         listen = _listen_args(None if address == "*" else address, port, *options)
-        found.append(UnknownHostServer(listen, protocols))
+        found.append(UnknownHostServer(listen, protocols, (address, port) in checked))
     return found
 
 
@@ -710,7 +714,8 @@ class SiteView:
     """No TLS session cache: the site shares a TLS socket with a site checking client
     certificates. In nginx 1.22 a TLS 1.3 session made with one server of a socket
     resumes with another, and keeps the first one's certificate check
-    (CVE-2025-23419)."""
+    (CVE-2025-23419). OpenSSL keeps sessions in the settings of the socket's default
+    server, so that server must have none: a site, or the unknown-names server."""
 
     @property
     def error_page_locations(self) -> tuple[tuple[Token, tuple[Header | HeaderLine, ...]], ...]:
