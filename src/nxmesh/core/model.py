@@ -209,50 +209,61 @@ class Listener:
         return (_bind_address(self.address), self.port)
 
 
-def _ca_refine(value: str) -> str | None:
-    from cryptography import x509  # only states with a private CA pay for the import
+def _pem_rule(
+    label: str, what: str, noun: str, load: Callable[[bytes], object], *, max_len: int
+) -> v.TextRule:
+    """Text of nothing but PEM `label` blocks, each of which `load` parses.
 
-    try:
-        x509.load_pem_x509_certificates(value.encode("ascii"))
-    except ValueError:
-        return "must hold valid certificates: one of its CERTIFICATE blocks does not parse"
-    return None
+    Nothing else: these values are stored in every version unencrypted, sent to every
+    agent and shown in diffs, so a key or a note pasted beside them is refused (and
+    never echoed)."""
+    block = rf"-----BEGIN {label}-----\r?\n[A-Za-z0-9+/=\r\n]+-----END {label}-----"
+
+    def refine(value: str) -> str | None:
+        try:
+            for found in re.findall(block, value):
+                load(found.encode("ascii"))
+        except ValueError:
+            return f"must hold valid {noun}: one of its {label} blocks does not parse"
+        return None
+
+    return v.TextRule(
+        what,
+        re.compile(rf"\s*(?:{block}\s*)+", re.ASCII),
+        max_len=max_len,
+        refine=refine,
+        nginx=False,
+        echo=False,
+    )
 
 
-# Nothing but certificate blocks: the value is stored in every version unencrypted, sent
-# to every agent and shown in diffs, so a key or a note pasted beside the CA is refused.
-_CERT_BLOCK = r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----"
-_CA_PEM = v.TextRule(
+# cryptography is imported when a state holds PEM text, not by every process that
+# imports the model (the agent's memory).
+def _load_certificate(pem: bytes) -> object:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(pem)
+
+
+def _load_crl(pem: bytes) -> object:
+    from cryptography import x509
+
+    return x509.load_pem_x509_crl(pem)
+
+
+_CA_PEM = _pem_rule(
+    "CERTIFICATE",
     "PEM certificates: only -----BEGIN CERTIFICATE----- blocks (no key, no other text)",
-    re.compile(rf"\s*(?:{_CERT_BLOCK}\s*)+", re.ASCII),
+    "certificates",
+    _load_certificate,
     max_len=64 * 1024,
-    refine=_ca_refine,
-    nginx=False,
-    echo=False,
 )
-
-
-_CRL_BLOCK = r"-----BEGIN X509 CRL-----\r?\n[A-Za-z0-9+/=\r\n]+-----END X509 CRL-----"
-
-
-def _crl_refine(value: str) -> str | None:
-    from cryptography import x509  # only states with client certificates pay for it
-
-    try:
-        for block in re.findall(_CRL_BLOCK, value):
-            x509.load_pem_x509_crl(block.encode("ascii"))
-    except ValueError:
-        return "must hold valid CRLs: one of its X509 CRL blocks does not parse"
-    return None
-
-
-_CRL_PEM = v.TextRule(
+_CRL_PEM = _pem_rule(
+    "X509 CRL",
     "PEM certificate revocation lists: only -----BEGIN X509 CRL----- blocks",
-    re.compile(rf"\s*(?:{_CRL_BLOCK}\s*)+", re.ASCII),
+    "CRLs",
+    _load_crl,
     max_len=1024 * 1024,
-    refine=_crl_refine,
-    nginx=False,
-    echo=False,
 )
 
 
