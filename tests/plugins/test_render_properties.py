@@ -855,6 +855,17 @@ def location_page_lines(site: Site, loc: Location) -> list[tuple[str, list[str]]
     ]
 
 
+def checked_sockets(state: DesiredState) -> set[tuple[str, int]]:
+    """The TLS sockets where some site of `state` checks client certificates."""
+    return {
+        lst.bind
+        for site in state.sites
+        if site.tls is not None and site.tls.client_ca
+        for lst in site.listeners
+        if lst.tls
+    }
+
+
 def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None:
     upstreams = {up.name: up for up in state.upstreams}
     view = site_view(site, upstreams)
@@ -896,13 +907,7 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
         require_sni = not all(lst.default_server for lst in site.listeners if lst.tls)
         tls += ["if"] if require_sni else []
     # On a socket where any site checks client certificates, no TLS session is resumed.
-    checked = {
-        lst.bind
-        for s in state.sites
-        if s.tls is not None and s.tls.client_ca
-        for lst in s.listeners
-        if lst.tls
-    }
+    checked = checked_sockets(state)
     if site.tls and any(lst.bind in checked for lst in site.listeners if lst.tls):
         tls += ["ssl_session_cache"]
     assert names == (
@@ -1030,13 +1035,7 @@ def check_unknown_hosts(state: DesiredState, parsed: list[Directive]) -> None:
                 defaulted.add(bind)
     expected = sorted((bind, p) for bind, p in protocols.items() if bind not in defaulted)
     # Where a site checks client certificates, the default server keeps no TLS sessions.
-    checked = {
-        lst.bind
-        for site in state.sites
-        if site.tls is not None and site.tls.client_ca
-        for lst in site.listeners
-        if lst.tls
-    }
+    checked = checked_sockets(state)
     assert [d["directive"] for d in parsed] == ["server"] * len(expected)
     for block, (bind, tls) in zip(parsed, expected, strict=True):
         listen, *rest = block["block"]
