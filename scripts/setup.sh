@@ -7,8 +7,9 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 # prometheus only for promtool, which checks the agent's metrics exposition in the tests.
+# php-fpm: the FastCGI application server the FastCGI locations are tested against.
 # python3-venv: Debian ships ensurepip (which `python3 -m venv` needs) only in it.
-APT_PACKAGES=(nginx-light pebble wrk prometheus python3-venv)
+APT_PACKAGES=(nginx-light pebble wrk prometheus python3-venv php-fpm)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

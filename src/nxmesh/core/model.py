@@ -42,6 +42,7 @@ from nxmesh.core.hints import closest
 __all__ = [
     "ADDED_FIELD",
     "ERROR_PAGE_PREFIX",
+    "FASTCGI_BUILTIN_PARAMS",
     "Agent",
     "ApplyReport",
     "BasicAuth",
@@ -50,6 +51,8 @@ __all__ = [
     "ConfigVersion",
     "DesiredState",
     "ErrorPage",
+    "FastCGI",
+    "FastCGIParam",
     "FrozenMap",
     "Header",
     "HealthReport",
@@ -389,6 +392,104 @@ class Redirect:
     url: str = attrs.field(validator=v.text(v.REDIRECT_URL))
 
 
+# What nginx and the application need on every request (`FastCGI`); a location's own
+# `params` may not replace them. HTTP_* names are the client's request headers.
+FASTCGI_BUILTIN_PARAMS: Final = frozenset(
+    {
+        "QUERY_STRING",
+        "REQUEST_METHOD",
+        "CONTENT_TYPE",
+        "CONTENT_LENGTH",
+        "SCRIPT_NAME",
+        "SCRIPT_FILENAME",
+        "PATH_INFO",
+        "REQUEST_URI",
+        "DOCUMENT_URI",
+        "DOCUMENT_ROOT",
+        "SERVER_PROTOCOL",
+        "REQUEST_SCHEME",
+        "HTTPS",
+        "GATEWAY_INTERFACE",
+        "SERVER_SOFTWARE",
+        "REMOTE_ADDR",
+        "REMOTE_PORT",
+        "REMOTE_USER",
+        "SERVER_ADDR",
+        "SERVER_PORT",
+        "SERVER_NAME",
+        "REDIRECT_STATUS",
+        "SSL_CLIENT_VERIFY",
+        "SSL_CLIENT_S_DN",
+    }
+)
+
+
+def _fastcgi_param_name(value: object) -> list[tuple[str, str]]:
+    if (reason := v.FASTCGI_PARAM.reason(value)) is not None or not isinstance(value, str):
+        return [("", reason or "")]
+    if value.startswith("HTTP_"):
+        return [
+            (
+                "",
+                f"{value!r}: HTTP_ parameters are the client's request headers, which the "
+                "application gets as sent; name a parameter of your own",
+            )
+        ]
+    if value in FASTCGI_BUILTIN_PARAMS:
+        return [("", f"{value!r} is set by nxmesh on every request and cannot be replaced")]
+    return []
+
+
+@attrs.frozen(kw_only=True)
+class FastCGIParam:
+    """A ``fastcgi_param`` the application gets on every request (its environment)."""
+
+    name: str = attrs.field(validator=v.FieldCheck(_fastcgi_param_name))
+    value: str = attrs.field(validator=v.text(v.HEADER_VALUE))
+
+
+def _unique_params(value: object) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for i, param in enumerate(value if isinstance(value, tuple) else ()):
+        if isinstance(param, FastCGIParam):
+            first = seen.setdefault(param.name, i)
+            if first != i:
+                found.append((f"[{i}].name", f"{param.name!r} repeats [{first}]"))
+    return found
+
+
+@attrs.frozen(kw_only=True)
+class FastCGI:
+    """Hand requests to a FastCGI application server (PHP-FPM) in `upstream`.
+
+    The script is `root` followed by the URI's path up to and including ``.php``
+    (``SCRIPT_FILENAME``); what follows is ``PATH_INFO``; a URI ending in ``/`` runs
+    `index` there. `check_script`: answer 404 unless that script is a file under `root`
+    on nginx's host, so nothing but an existing script is ever run (an uploaded
+    ``avatar.jpg/x.php`` is not): turn it off only when nginx cannot see the scripts (the
+    application server on another host), and then keep PHP-FPM's
+    ``security.limit_extensions`` at ``.php``. The application gets the client's address
+    as nginx has it (``REMOTE_ADDR``) and nginx's name for the host (``HTTP_HOST``);
+    forwarding headers a client sends are replaced by nginx's own, as for proxies.
+    """
+
+    upstream: str = attrs.field(validator=v.text(v.NAME))
+    root: str = attrs.field(validator=v.text(v.ROOT_PATH))
+    index: str = attrs.field(default="index.php", validator=v.text(v.FILE_NAME))
+    check_script: bool = attrs.field(default=True, validator=v.choice(True, False))
+    read_timeout: int | None = attrs.field(
+        default=None, validator=v.int_range(1, 86400, optional=True)
+    )
+    params: tuple[FastCGIParam, ...] = attrs.field(
+        default=(),
+        validator=[
+            v.count(FastCGIParam, hi=64, noun="parameter"),
+            v.FieldCheck(_unique_params),
+        ],
+    )
+
+
 def _return_code(value: object) -> list[tuple[str, str]]:
     is_int = isinstance(value, int) and not isinstance(value, bool)
     if is_int and (200 <= value <= 299 or 400 <= value <= 599):  # type: ignore[operator]
@@ -445,15 +546,15 @@ def _satisfy_field() -> Any:
 
 MatchKind = Literal["prefix", "prefix_priority", "exact", "regex", "regex_ci"]
 _PATH_MATCHES = ("prefix", "prefix_priority", "exact")  # the path is a path, not a regex
-_ACTIONS = ("upstream", "root", "redirect", "return")
+_ACTIONS = ("upstream", "root", "redirect", "return", "fastcgi")
 
 
 @attrs.frozen(kw_only=True)
 class Location:
     """A ``location`` block: which requests (`path` + `match`) and exactly one action.
 
-    Actions: proxy to `upstream`, serve files from `root`, `redirect`, or `return_`
-    (spelled ``return`` in YAML).
+    Actions: proxy to `upstream`, serve files from `root`, `redirect`, `return_`
+    (spelled ``return`` in YAML), or run scripts through `fastcgi`.
     """
 
     # Checked by the match-specific rule in __attrs_post_init__; only bounded here.
@@ -512,11 +613,12 @@ class Location:
     )
     # Proxy locations: keep the upstream's answers (see ProxyCache).
     cache: ProxyCache | None = _optional_field(ProxyCache)
+    fastcgi: FastCGI | None = _optional_field(FastCGI)
 
     @property
     def actions(self) -> tuple[str, ...]:
         """The action names set on this location (valid locations have exactly one)."""
-        values = (self.upstream, self.root, self.redirect, self.return_)
+        values = (self.upstream, self.root, self.redirect, self.return_, self.fastcgi)
         return tuple(name for name, val in zip(_ACTIONS, values, strict=True) if val is not None)
 
     def __attrs_post_init__(self) -> None:
@@ -528,7 +630,10 @@ class Location:
         if len(actions) != 1:
             got = " and ".join(actions) if actions else "none"
             found.append(
-                ("", f"needs exactly one of upstream, root, redirect or return; got {got}")
+                (
+                    "",
+                    f"needs exactly one of upstream, root, redirect, return or fastcgi; got {got}",
+                )
             )
         if self.upstream is None:
             for name in self._set_away_from_default(_PROXY_OPTIONS):
@@ -538,15 +643,15 @@ class Location:
         if self.root is None:
             for name in self._set_away_from_default(_STATIC_OPTIONS):
                 found.append((name, "only applies when the location serves files from a root"))
-        if self.upstream is None and self.root is None:
+        if self.upstream is None and self.root is None and self.fastcgi is None:
             # Both answer in nginx's rewrite phase, which runs before its access phase.
             for name in self._set_away_from_default(_ACCESS_OPTIONS):
                 found.append(
                     (
                         name,
-                        "only applies when the location proxies to an upstream or "
-                        "serves files from a root: nginx answers a redirect or return "
-                        "before it checks access",
+                        "only applies when the location proxies to an upstream, "
+                        "serves files from a root or runs fastcgi: nginx answers a "
+                        "redirect or return before it checks access",
                     )
                 )
         v.raise_problems(found)
@@ -1131,6 +1236,17 @@ def submission_problems(state: DesiredState) -> list[Problem]:
         for j, server in enumerate(upstream.servers):
             if (reason := v.upstream_address_hazard(server.address)) is not None:
                 found.append(Problem(f"upstreams[{i}].servers[{j}].address", reason))
+    tls_upstreams = {up.name for up in state.upstreams if up.tls is not None}
+    for i, site in enumerate(state.sites):
+        for n, loc in enumerate(site.locations):
+            if loc.fastcgi is not None and loc.fastcgi.upstream in tls_upstreams:
+                found.append(
+                    Problem(
+                        f"sites[{i}].locations[{n}].fastcgi.upstream",
+                        f"upstream {loc.fastcgi.upstream!r} is spoken to over TLS, which "
+                        "nginx's FastCGI cannot do; name an upstream without tls",
+                    )
+                )
     for i, site in enumerate(state.sites):
         if site.tls is None or not site.tls.redirect_http:
             continue
@@ -1304,13 +1420,16 @@ def check_parts(parts: StateParts) -> list[Problem]:
                         "remove this location",
                     )
                 )
-            if check_upstreams and loc.upstream is not None and loc.upstream not in upstreams:
-                found.append(
-                    Problem(
-                        f"{here}.locations[{n}].upstream",
-                        _unknown("upstream", loc.upstream, upstreams),
+            for field, name in (
+                ("upstream", loc.upstream),
+                ("fastcgi.upstream", loc.fastcgi.upstream if loc.fastcgi else None),
+            ):
+                if check_upstreams and name is not None and name not in upstreams:
+                    found.append(
+                        Problem(
+                            f"{here}.locations[{n}].{field}", _unknown("upstream", name, upstreams)
+                        )
                     )
-                )
     _check_wildcard_mixes(ref, found, declared)
     return found
 

@@ -36,6 +36,7 @@ __all__ = [
     "DIGEST",
     "ERROR_PAGE_BODY",
     "FALLBACK_URI",
+    "FASTCGI_PARAM",
     "FILE_NAME",
     "HEADER_NAME",
     "HEADER_VALUE",
@@ -335,6 +336,12 @@ _SAFE_TEXT = r"[ !%-:<-\[\]-z|~]"
 HEADER_NAME = TextRule(
     "an HTTP header name like X-Frame-Options (letters, digits and '-')",
     _rx(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}"),
+    max_len=64,
+)
+FASTCGI_PARAM = TextRule(
+    "a FastCGI parameter name like APP_ENV: an uppercase letter, then uppercase letters, "
+    "digits or '_' (max 64)",
+    _rx(r"[A-Z][A-Z0-9_]{0,63}"),
     max_len=64,
 )
 HEADER_VALUE = TextRule(

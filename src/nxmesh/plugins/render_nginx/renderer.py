@@ -39,6 +39,8 @@ from nxmesh.core.model import (
     ERROR_PAGE_PREFIX,
     CertificateRef,
     DesiredState,
+    FastCGI,
+    FastCGIParam,
     Header,
     Listener,
     Location,
@@ -96,6 +98,7 @@ __all__ = [
     "client_certificate_sockets",
     "config_digest",
     "error_page_files",
+    "fastcgi_params",
     "plugin_template_paths",
     "renderer_for",
     "site_view",
@@ -115,6 +118,7 @@ TEMPLATE_NAMES = (
     "server_extra.conf.j2",
     "acme_challenge.conf.j2",
     "error_pages.conf.j2",
+    "hidden_files.conf.j2",
     "proxy_cache.conf.j2",
     "real_ip.conf.j2",
     "status.conf.j2",
@@ -622,6 +626,73 @@ def proxy_headers(
     return _merge(defaults, location.proxy_headers)
 
 
+# nginx's own fastcgi_params, with Debian's fix: HTTP_HOST is the host nginx chose, not a
+# client's Host header (which an absolute-form request line makes differ). SCRIPT_FILENAME
+# and PATH_INFO are the script and what follows it in the URI (`FastCGI`).
+_FASTCGI_PARAMS = tuple(
+    HeaderLine(name, Token(value))
+    for name, value in (
+        ("QUERY_STRING", "$query_string"),
+        ("REQUEST_METHOD", "$request_method"),
+        ("CONTENT_TYPE", "$content_type"),
+        ("CONTENT_LENGTH", "$content_length"),
+        ("SCRIPT_NAME", "$fastcgi_script_name"),
+        ("SCRIPT_FILENAME", "$document_root$fastcgi_script_name"),
+        ("PATH_INFO", "$nxmesh_path_info"),
+        ("REQUEST_URI", "$request_uri"),
+        ("DOCUMENT_URI", "$document_uri"),
+        ("DOCUMENT_ROOT", "$document_root"),
+        ("SERVER_PROTOCOL", "$server_protocol"),
+        ("REQUEST_SCHEME", "$scheme"),
+        ("HTTPS", "$https if_not_empty"),
+        ("GATEWAY_INTERFACE", "CGI/1.1"),
+        ("SERVER_SOFTWARE", "nginx/$nginx_version"),
+        ("REMOTE_ADDR", "$remote_addr"),
+        ("REMOTE_PORT", "$remote_port"),
+        ("REMOTE_USER", "$remote_user"),
+        ("SERVER_ADDR", "$server_addr"),
+        ("SERVER_PORT", "$server_port"),
+        ("SERVER_NAME", "$server_name"),
+        ("REDIRECT_STATUS", "200"),
+        ("HTTP_HOST", "$host"),
+    )
+)
+# Request headers a client could forge. A parameter named HTTP_* replaces the client's
+# header of that name: the forwarding headers say what nginx saw (the application is
+# the next hop, so the client is $remote_addr), and a client's `Proxy:` header would
+# become the HTTP_PROXY environment variable many HTTP libraries obey ("httpoxy").
+_FASTCGI_FORWARDING = tuple(
+    HeaderLine(name, Token(value))
+    for name, value in (
+        ("HTTP_X_FORWARDED_FOR", "$remote_addr"),
+        ("HTTP_X_REAL_IP", "$remote_addr"),
+        ("HTTP_X_FORWARDED_PROTO", "$scheme"),
+        ("HTTP_X_FORWARDED_HOST", "$host"),
+        ("HTTP_X_FORWARDED_PORT", "$server_port"),
+        ("HTTP_FORWARDED", '""'),
+        ("HTTP_PROXY", '""'),
+    )
+)
+# Sites checking client certificates tell the application the outcome and the subject, in
+# the names Apache's mod_ssl gives them; clients cannot set non-HTTP_ parameters.
+_FASTCGI_CLIENT_CERT = (
+    HeaderLine("SSL_CLIENT_VERIFY", Token("$ssl_client_verify")),
+    HeaderLine("SSL_CLIENT_S_DN", Token("$ssl_client_s_dn")),
+)
+
+
+def fastcgi_params(fastcgi: FastCGI, *, client_certs: bool = False) -> list[HeaderLine]:
+    """``fastcgi_param`` lines of a FastCGI location: nginx's defaults, nginx's own
+    forwarding headers, the client certificate's outcome when the site checks them
+    (`client_certs`), then the location's own `FastCGI.params` (which the model keeps
+    from replacing any of these)."""
+    params = [*_FASTCGI_PARAMS, *_FASTCGI_FORWARDING]
+    if client_certs:
+        params += _FASTCGI_CLIENT_CERT
+    params += [HeaderLine(p.name, p.value) for p in fastcgi.params]
+    return params
+
+
 @attrs.frozen
 class ErrorPageView:
     """One ``error_page`` line: the status codes and the URI of their page."""
@@ -644,7 +715,8 @@ class LocationView:
     proxy_headers: tuple[Header | HeaderLine, ...]
     """``proxy_set_header`` lines (proxy locations only)."""
     read_timeout: int | None
-    """Effective ``proxy_read_timeout`` in seconds, None for nginx's default."""
+    """Effective ``proxy_read_timeout`` (``fastcgi_read_timeout`` in FastCGI locations) in
+    seconds, None for nginx's default."""
     auth_file: str | None = None
     """The bundle's htpasswd file of the location's own `basic_auth` (`htpasswd_files`)."""
     rate_zone: RateZone | None = None
@@ -668,6 +740,10 @@ class LocationView:
     """``/.nxmesh-errors/<index>/``: that page location's path."""
     cache_key: Token | None = None
     """``proxy_cache_key`` of a caching location (`_cache_key`)."""
+    fastcgi_params: tuple[HeaderLine, ...] = ()
+    """``fastcgi_param`` lines (FastCGI locations only, `fastcgi_params`)."""
+    fastcgi_keep_conn: bool = False
+    """Keep connections to the FastCGI upstream open: it keeps idle ones (`keepalive`)."""
 
     @property
     def proxy_url(self) -> Token:
@@ -759,6 +835,8 @@ def site_view(
         proxied = location.upstream is not None
         upstream = upstreams.get(location.upstream) if location.upstream is not None else None
         upstream_tls = upstream.tls if upstream is not None else None
+        fastcgi = location.fastcgi
+        fastcgi_upstream = upstreams.get(fastcgi.upstream) if fastcgi is not None else None
         # The Host a TLS upstream gets, when it is its server name rather than the client's.
         tls_host = (
             upstream_tls.server_name
@@ -770,7 +848,7 @@ def site_view(
             if upstream is not None and upstream_tls is not None and upstream_tls.ca
             else None
         )
-        timeout = location.proxy_read_timeout
+        timeout = location.proxy_read_timeout if fastcgi is None else fastcgi.read_timeout
         if timeout is None and location.websocket:
             timeout = WEBSOCKET_READ_TIMEOUT
         own_zone = _rate_zone(site, location.rate_limit, n)
@@ -794,9 +872,9 @@ def site_view(
                     if proxied
                     else ()
                 ),
-                read_timeout=timeout if proxied else None,
+                read_timeout=timeout if proxied or fastcgi is not None else None,
                 auth_file=_auth_file(site, n) if location.basic_auth is not None else None,
-                rate_zone=own_zone or (site_zone if proxied or location.root else None),
+                rate_zone=own_zone or (site_zone if location.actions[0] in _COUNTED else None),
                 own_rate_zone=own_zone,
                 upstream_tls=upstream_tls,
                 upstream_ca=upstream_ca,
@@ -805,6 +883,12 @@ def site_view(
                 cache_key=(
                     _cache_key(site, location, upstream) if location.cache is not None else None
                 ),
+                fastcgi_params=(
+                    tuple(fastcgi_params(fastcgi, client_certs=client_ca_file is not None))
+                    if fastcgi is not None
+                    else ()
+                ),
+                fastcgi_keep_conn=fastcgi_upstream is not None and fastcgi_upstream.keepalive > 0,
             )
         )
     return SiteView(
@@ -828,6 +912,10 @@ def site_view(
         ),
     )
 
+
+# The actions whose requests a site's rate limit counts: the others answer before nginx's
+# access phase (see `LocationView.rate_zone`).
+_COUNTED: Final = frozenset({"upstream", "root", "fastcgi"})
 
 RATE_ZONE_SIZE: Final = "2m"
 """Shared memory of each ``limit_req_zone``: about 16,000 client addresses at once (nginx
@@ -1004,6 +1092,8 @@ _VALUE_TYPES: tuple[type[Any], ...] = (
     TLSConfig,
     Location,
     ProxyCache,
+    FastCGI,
+    FastCGIParam,
     Header,
     Redirect,
     Return,
@@ -1084,6 +1174,7 @@ def _environment(template_dir: Path | None, template_paths: Sequence[Path]) -> S
         server_headers=server_headers,
         location_headers=location_headers,
         proxy_headers=proxy_headers,
+        fastcgi_params=fastcgi_params,
         certificate_paths=certificate_paths,
         site_view=site_view,
         websocket_read_timeout=WEBSOCKET_READ_TIMEOUT,

@@ -1,0 +1,284 @@
+"""FastCGI locations against a real nginx and a real PHP-FPM on loopback: scripts, a
+front controller's routes and query strings, PATH_INFO, what the application is told,
+and what never runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from nxmesh.agent.harness import NginxStack
+from nxmesh.core.model import (
+    DesiredState,
+    FastCGI,
+    FastCGIParam,
+    Listener,
+    Location,
+    Site,
+    Upstream,
+    UpstreamServer,
+)
+from nxmesh.testing.nginx import free_port
+from nxmesh.testing.php_fpm import PhpFpm, find_php_fpm, php_fpm, run_php_fpm
+
+pytestmark = [pytest.mark.anyio, pytest.mark.nginx]
+
+__all__ = ["php_fpm"]  # the fixture, imported for this module's tests
+
+# What the application saw, as JSON.
+_ECHO = """<?php
+header('Content-Type: application/json');
+$s = $_SERVER;
+echo json_encode([
+    'script' => $s['SCRIPT_FILENAME'], 'name' => $s['SCRIPT_NAME'],
+    'path_info' => $s['PATH_INFO'] ?? '', 'query' => $s['QUERY_STRING'],
+    'get' => $_GET, 'uri' => $s['REQUEST_URI'], 'method' => $s['REQUEST_METHOD'],
+    'body' => file_get_contents('php://input'), 'remote' => $s['REMOTE_ADDR'],
+    'host' => $s['HTTP_HOST'] ?? null, 'server_name' => $s['SERVER_NAME'],
+    'xfh' => $s['HTTP_X_FORWARDED_HOST'] ?? null, 'xff' => $s['HTTP_X_FORWARDED_FOR'] ?? null,
+    'forwarded' => $s['HTTP_FORWARDED'] ?? null, 'proxy' => getenv('HTTP_PROXY'),
+    'app_env' => $s['APP_ENV'] ?? null, 'custom' => $s['HTTP_X_CUSTOM'] ?? null,
+]);
+"""
+
+
+@pytest.fixture
+def app_root() -> Iterator[Path]:
+    """A PHP application under /srv (nginx's workers and PHP-FPM's read it; the model
+    accepts it as a root): a front controller, a script, static files, an upload that is
+    PHP in disguise, and a hidden directory."""
+    root = Path(tempfile.mkdtemp(prefix="nxmesh-php-", dir="/srv"))
+    try:
+        root.chmod(0o755)
+        files = {
+            "index.php": _ECHO,
+            "info.php": _ECHO,
+            "admin/index.php": _ECHO,
+            "style.css": "body{}",
+            "uploads/avatar.jpg": "<?php echo 'PWNED';",
+            ".hidden/tool.php": "<?php echo 'HIDDEN';",
+        }
+        for name, text in files.items():
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            path.write_text(text)
+            path.chmod(0o644)
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+@pytest.fixture
+async def stack(nginx_binary: str, app_root: Path, anyio_backend: str) -> AsyncIterator[NginxStack]:
+    async with NginxStack(
+        root=app_root.with_name(app_root.name + "-nginx"), nginx_binary=nginx_binary
+    ) as stack:
+        yield stack
+
+
+def _php_state(
+    port: int, root: Path, address: str, *, keepalive: int = 32, **fastcgi: Any
+) -> DesiredState:
+    """The usual PHP site: files from `root`, a directory's index.php, other paths to the
+    front controller (/index.php), and ``.php`` scripts run by PHP-FPM at `address`."""
+    site = Site(
+        name="php",
+        server_names=("localhost",),
+        listeners=(Listener(port=port, address="127.0.0.1"),),
+        locations=(
+            Location(
+                path="/", root=str(root), index=("index.php", "index.html"), fallback="/index.php"
+            ),
+            Location(
+                path=r"\.php(/.*)?$",
+                match="regex",
+                fastcgi=FastCGI(upstream="php", root=str(root), **fastcgi),
+            ),
+        ),
+    )
+    upstream = Upstream(name="php", servers=(UpstreamServer(address=address),), keepalive=keepalive)
+    return DesiredState(sites=(site,), upstreams=(upstream,))
+
+
+async def _apply(stack: NginxStack, state: DesiredState) -> None:
+    report = await stack.driver.apply(stack.update(state), stack.render(state))
+    assert report.outcome == "applied", report.message
+
+
+async def _request(port: int, raw: str) -> tuple[int, str]:
+    """Send one raw HTTP/1.0 request (no chunked answer to decode); its status and body."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(raw.encode())
+        data = b""
+        with anyio.fail_after(10):
+            while True:
+                try:
+                    data += await stream.receive()
+                except (anyio.EndOfStream, anyio.BrokenResourceError):
+                    break
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body.decode(errors="replace")
+
+
+async def _get(port: int, target: str, *headers: str) -> tuple[int, str]:
+    extra = "".join(f"{h}\r\n" for h in headers)
+    return await _request(
+        port, f"GET {target} HTTP/1.0\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n"
+    )
+
+
+async def _seen(port: int, target: str, *headers: str) -> dict[str, Any]:
+    status, body = await _get(port, target, *headers)
+    assert status == 200, (target, status, body)
+    seen: dict[str, Any] = json.loads(body)
+    return seen
+
+
+class TestScripts:
+    async def test_routes_reach_the_front_controller_with_their_query(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        """A path with no file behind it runs /index.php, which still gets the query
+        string (try_files alone drops it) and the URI the client asked for; files are
+        served as files."""
+        await _apply(stack, _php_state(stack.web_port, app_root, php_fpm.address))
+        seen = await _seen(stack.web_port, "/users/42?tab=posts&page=2")
+        assert seen["script"] == f"{app_root}/index.php"
+        assert seen["query"] == "tab=posts&page=2"
+        assert seen["get"] == {"tab": "posts", "page": "2"}
+        assert seen["uri"] == "/users/42?tab=posts&page=2"
+        assert await _get(stack.web_port, "/style.css") == (200, "body{}")
+
+    async def test_scripts_path_info_and_directory_index(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        """A script's path runs that script; what follows ``.php`` is PATH_INFO; a
+        directory's URI runs its index script."""
+        await _apply(stack, _php_state(stack.web_port, app_root, php_fpm.address))
+        seen = await _seen(stack.web_port, "/info.php/reports/2026?x=1")
+        assert (seen["script"], seen["name"]) == (f"{app_root}/info.php", "/info.php")
+        assert (seen["path_info"], seen["get"]) == ("/reports/2026", {"x": "1"})
+        seen = await _seen(stack.web_port, "/admin/")
+        assert seen["script"] == f"{app_root}/admin/index.php"
+
+    async def test_a_post_body_reaches_the_script(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        await _apply(stack, _php_state(stack.web_port, app_root, php_fpm.address))
+        body = "name=ada&role=admin"
+        status, text = await _request(
+            stack.web_port,
+            "POST /info.php HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n"
+            "Content-Type: application/x-www-form-urlencoded\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}",
+        )
+        assert status == 200, text
+        seen = json.loads(text)
+        assert (seen["method"], seen["body"]) == ("POST", body)
+
+    async def test_params_and_keepalive_off(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        """A location's own parameters reach the application; an upstream keeping no
+        idle connections works too (nginx then closes each one)."""
+        state = _php_state(
+            stack.web_port,
+            app_root,
+            php_fpm.address,
+            keepalive=0,
+            params=(FastCGIParam(name="APP_ENV", value="production"),),
+        )
+        await _apply(stack, state)
+        for _ in range(3):
+            assert (await _seen(stack.web_port, "/info.php"))["app_env"] == "production"
+
+    async def test_php_fpm_on_a_tcp_port(
+        self, stack: NginxStack, app_root: Path, tmp_path: Path
+    ) -> None:
+        """An upstream server at host:port works as a unix socket does."""
+        port = free_port()
+        with run_php_fpm(tmp_path, find_php_fpm(), port=port) as server:
+            await _apply(stack, _php_state(stack.web_port, app_root, server.address))
+            seen = await _seen(stack.web_port, "/info.php")
+        assert seen["script"] == f"{app_root}/info.php"
+
+
+class TestWhatNeverRuns:
+    async def test_only_existing_scripts_run(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        """An upload with PHP inside, asked for as ``avatar.jpg/x.php`` (PHP's
+        ``cgi.fix_pathinfo`` would walk back to it), a missing script and a hidden
+        directory's script are nginx's 404: PHP-FPM never sees them."""
+        await _apply(stack, _php_state(stack.web_port, app_root, php_fpm.address))
+        for target in (
+            "/uploads/avatar.jpg/x.php",
+            "/uploads/avatar.jpg/x.php/more",
+            "/missing.php",
+            "/.hidden/tool.php",
+            "/%2ehidden/tool.php",
+        ):
+            status, body = await _get(stack.web_port, target)
+            assert status == 404, (target, body)
+            assert "PWNED" not in body, target
+            assert "HIDDEN" not in body, target
+            assert "nginx" in body, (target, body)  # nginx's page, not PHP-FPM's
+        status, body = await _get(stack.web_port, "/uploads/avatar.jpg")
+        assert (status, body) == (200, "<?php echo 'PWNED';")  # a file, served as one
+
+    async def test_without_the_check_php_fpm_still_refuses_uploads(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        """``check_script: false`` (nginx cannot see the scripts) leaves it to PHP-FPM,
+        whose ``security.limit_extensions`` refuses to run a .jpg."""
+        state = _php_state(stack.web_port, app_root, php_fpm.address, check_script=False)
+        await _apply(stack, state)
+        status, body = await _get(stack.web_port, "/uploads/avatar.jpg/x.php")
+        assert status in (403, 404), body
+        assert "PWNED" not in body
+        assert (await _seen(stack.web_port, "/info.php"))["script"] == f"{app_root}/info.php"
+
+
+class TestWhatTheApplicationIsTold:
+    async def test_forged_forwarding_headers_are_replaced(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        """The application sees the client nginx saw and the host nginx chose, whatever
+        the client claims; a ``Proxy`` header never becomes HTTP_PROXY (httpoxy); other
+        headers pass."""
+        await _apply(stack, _php_state(stack.web_port, app_root, php_fpm.address))
+        seen = await _seen(
+            stack.web_port,
+            "/info.php",
+            "X-Forwarded-Host: evil.example",
+            "X-Forwarded-For: 203.0.113.9",
+            "Forwarded: for=203.0.113.9;host=evil.example",
+            "Proxy: http://evil.example:8080",
+            "X-Custom: kept",
+        )
+        assert (seen["remote"], seen["xff"]) == ("127.0.0.1", "127.0.0.1")
+        assert (seen["host"], seen["xfh"]) == ("localhost", "localhost")
+        assert seen["forwarded"] in (None, "")  # PHP drops an empty one
+        assert seen["proxy"] in (False, "")
+        assert seen["custom"] == "kept"
+
+    async def test_an_absolute_form_request_cannot_choose_http_host(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        """``GET http://localhost/... `` with ``Host: evil``: nginx serves localhost, and
+        so does HTTP_HOST (Debian's fastcgi_params fix)."""
+        await _apply(stack, _php_state(stack.web_port, app_root, php_fpm.address))
+        status, body = await _request(
+            stack.web_port,
+            "GET http://localhost/info.php HTTP/1.0\r\nHost: evil.example\r\n"
+            "Connection: close\r\n\r\n",
+        )
+        assert status == 200, body
+        assert json.loads(body)["host"] == "localhost"
