@@ -19,6 +19,8 @@ from nxmesh.core.model import (
     ConfigVersion,
     DesiredState,
     ErrorPage,
+    FastCGI,
+    FastCGIParam,
     FrozenMap,
     Header,
     HealthReport,
@@ -45,7 +47,7 @@ from nxmesh.testing.pki import Pki
 
 
 def loc(path: str = "/", **fields: object) -> Location:
-    if not {"upstream", "root", "redirect", "return_"} & set(fields):
+    if not {"upstream", "root", "redirect", "return_", "fastcgi"} & set(fields):
         fields["return_"] = Return(204)
     return Location(path=path, **fields)  # type: ignore[arg-type]
 
@@ -1513,3 +1515,105 @@ class TestRuleMessages:
         assert reason.startswith(says)
         if not rule.nginx:
             assert "nginx" not in reason
+
+
+class TestFastCGI:
+    PHP = FastCGI(upstream="php", root="/srv/www/app")
+
+    def state(self, fastcgi: FastCGI, **upstream: Any) -> DesiredState:
+        site = make_site(locations=(loc(r"\.php(/.*)?$", match="regex", fastcgi=fastcgi),))
+        servers = (UpstreamServer(address="unix:/run/php/php8.2-fpm.sock"),)
+        return DesiredState(
+            sites=(site,), upstreams=(Upstream(name="php", servers=servers, **upstream),)
+        )
+
+    def test_a_php_location_is_accepted_and_round_trips(self) -> None:
+        """A FastCGI location with its defaults and its own parameters; the converter
+        writes and reads it back, and a location without one keeps its JSON."""
+        from nxmesh.core.serialization import structure
+
+        fastcgi = attrs.evolve(
+            self.PHP, read_timeout=60, params=(FastCGIParam(name="APP_ENV", value="prod"),)
+        )
+        assert check_state(self.state(fastcgi)) == []
+        located = loc(r"\.php$", match="regex", fastcgi=fastcgi)
+        assert structure(unstructure(located), Location) == located
+        assert unstructure(located)["fastcgi"] == {
+            "upstream": "php",
+            "root": "/srv/www/app",
+            "index": "index.php",
+            "check_script": True,
+            "read_timeout": 60,
+            "params": [{"name": "APP_ENV", "value": "prod"}],
+        }
+        assert "fastcgi" not in unstructure(loc("/", upstream="app"))
+
+    @pytest.mark.parametrize(
+        ("name", "says"),
+        [
+            ("HTTP_X_USER", "HTTP_ parameters are the client's request headers"),
+            ("SCRIPT_FILENAME", "is set by nxmesh on every request and cannot be replaced"),
+            ("SSL_CLIENT_VERIFY", "is set by nxmesh on every request"),
+            ("app_env", "a FastCGI parameter name like APP_ENV"),
+            ("APP ENV", "a FastCGI parameter name like APP_ENV"),
+            ("A" * 65, "at most 64"),
+        ],
+    )
+    def test_parameter_names_are_the_applications_own(self, name: str, says: str) -> None:
+        with pytest.raises(Invalid) as exc:
+            FastCGIParam(name=name, value="x")
+        assert paths_of(exc) == ["name"]
+        assert says in str(exc.value)
+
+    @pytest.mark.parametrize("value", ["$document_root", 'a"b', "a;b", "{x}", "a\\b", "a\nb"])
+    def test_parameter_values_are_literal_text(self, value: str) -> None:
+        with pytest.raises(Invalid) as exc:
+            FastCGIParam(name="APP_ENV", value=value)
+        assert paths_of(exc) == ["value"]
+
+    def test_a_parameter_named_twice_is_refused(self) -> None:
+        twice = (FastCGIParam(name="APP_ENV", value="a"), FastCGIParam(name="APP_ENV", value="b"))
+        with pytest.raises(Invalid) as exc:
+            FastCGI(upstream="php", root="/srv/www/app", params=twice)
+        assert paths_of(exc) == ["params[1].name"]
+        assert "'APP_ENV' repeats [0]" in str(exc.value)
+
+    @pytest.mark.parametrize(
+        ("fields", "path"),
+        [
+            ({"root": "/etc"}, "root"),
+            ({"root": "srv/app"}, "root"),
+            ({"index": "../index.php"}, "index"),
+            ({"index": "a b.php"}, "index"),
+            ({"read_timeout": 0}, "read_timeout"),
+            ({"check_script": "yes"}, "check_script"),
+            ({"upstream": "PHP"}, "upstream"),
+        ],
+    )
+    def test_fields_are_checked(self, fields: dict[str, Any], path: str) -> None:
+        with pytest.raises(Invalid) as exc:
+            attrs.evolve(self.PHP, **fields)
+        assert paths_of(exc) == [path]
+
+    def test_one_action_only_and_no_options_of_other_kinds(self) -> None:
+        """FastCGI is an action of its own; proxy and static options are refused on it,
+        access rules are not (nginx checks them before it runs the script)."""
+        with pytest.raises(Invalid) as exc:
+            loc("/", fastcgi=self.PHP, root="/srv/www/app")
+        assert "exactly one of upstream, root, redirect, return or fastcgi" in str(exc.value)
+        for option in ({"websocket": True}, {"index": ("index.php",)}, {"fallback": "/x"}):
+            with pytest.raises(Invalid) as exc:
+                loc("/", fastcgi=self.PHP, **option)
+            assert paths_of(exc) == list(option)
+        guarded = loc("/", fastcgi=self.PHP, allow=("10.0.0.0/8",), rate_limit=RateLimit(rate=5))
+        assert guarded.allow == ("10.0.0.0/8",)
+
+    def test_the_upstream_must_exist_and_speak_plain_fastcgi(self) -> None:
+        """An unknown upstream is named with a hint; an upstream spoken to over TLS is
+        refused (nginx's FastCGI has no TLS)."""
+        [typo] = check_state(self.state(attrs.evolve(self.PHP, upstream="phq")))
+        assert typo.path == "sites[0].locations[0].fastcgi.upstream"
+        assert "unknown upstream 'phq' (did you mean 'php'?)" in typo.message
+        [tls] = check_state(self.state(self.PHP, tls=UpstreamTLS(verify=False)))
+        assert tls.path == "sites[0].locations[0].fastcgi.upstream"
+        assert "over TLS, which nginx's FastCGI cannot do" in tls.message

@@ -665,6 +665,48 @@ class TestLocations:
         # crossplane keeps the backslash escape nginx removes: \\. is the regex \.
         assert list(found) == ["/a", "= /b", "~ ^/c/[0-9]+\\\\.png$", "~* \\\\.JPG$"]
 
+    def test_fallbacks_and_fastcgi_pass_nginx_t(self) -> None:
+        """A fallback nginx must read quoted (``/a(b)``) stays one token with the query
+        string; FastCGI locations, with and without connections kept, pass ``nginx -t``
+        on a site checking client certificates (mod_ssl's parameters)."""
+        from nxmesh.core.model import FastCGI, FastCGIParam, TLSConfig
+        from nxmesh.plugins.render_nginx import site_view
+        from nxmesh.testing.pki import Pki
+
+        require_binary("nginx")
+        fallbacks = [
+            Location(path=f"/{n}/", root="/srv/www", fallback=f"/{n}(x)/i.php") for n in "ab"
+        ]
+        php = FastCGI(
+            upstream="php",
+            root="/srv/www",
+            read_timeout=5,
+            params=(FastCGIParam(name="APP_ENV", value="a b'c"),),
+        )
+        scripts = [
+            Location(path=r"\.php$", match="regex", fastcgi=php),
+            Location(path="/tool/", fastcgi=attrs.evolve(php, upstream="tcp", check_script=False)),
+        ]
+        web = site(
+            locations=(*fallbacks, *scripts),
+            listeners=(Listener(port=443, tls=True),),
+            tls=TLSConfig(certificate="web", client_ca=Pki().root.pem),
+        )
+        upstreams = (
+            Upstream(name="php", servers=(UpstreamServer(address="unix:/run/php/fpm.sock"),)),
+            Upstream(name="tcp", servers=(UpstreamServer(address="127.0.0.1:9000"),), keepalive=0),
+        )
+        result = check_bundle(
+            NginxRenderer().render(state(web, upstreams=upstreams)), placeholder_certificates=True
+        )
+        assert result.ok, result.message
+        views = site_view(web, {u.name: u for u in upstreams}).locations
+        assert views[0].fallback_uri == '"/a(x)/i.php$is_args$args"'
+        assert [v.fastcgi_keep_conn for v in views[2:]] == [True, False]
+        params = {p.name: p.value for p in views[2].fastcgi_params}
+        assert params["SSL_CLIENT_VERIFY"] == "$ssl_client_verify"
+        assert params["APP_ENV"] == "a b'c"
+
     def test_cache_keys_follow_what_shapes_the_answers(self) -> None:
         """A caching location's key changes with the site, the location and how its
         upstream is asked (another server name), not with the listeners (the host's IPv6

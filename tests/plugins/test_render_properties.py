@@ -29,10 +29,13 @@ from hypothesis import strategies as st
 from nxmesh.core import validation as v
 from nxmesh.core.model import (
     ERROR_PAGE_PREFIX,
+    FASTCGI_BUILTIN_PARAMS,
     BasicAuth,
     BasicAuthUser,
     DesiredState,
     ErrorPage,
+    FastCGI,
+    FastCGIParam,
     Header,
     Listener,
     Location,
@@ -64,7 +67,15 @@ PROPERTY_SETTINGS = settings(
 # directive name would fail the allow-set check even before the exact comparison.
 ALLOWED_DIRECTIVES = frozenset(
     {
-        "if",  # only the hidden-files rule of a static location (see `HIDDEN_FILES`)
+        "if",  # only the hidden-files rule of static and FastCGI locations (`HIDDEN_FILES`)
+        "set",  # only a FastCGI location's PATH_INFO
+        "fastcgi_split_path_info",
+        "fastcgi_pass",
+        "fastcgi_index",
+        "fastcgi_keep_conn",
+        "fastcgi_param",
+        "fastcgi_read_timeout",
+        "fastcgi_intercept_errors",
         "ssl_reject_handshake",  # only the unknown-hosts server of a TLS socket
         "user",
         "worker_processes",
@@ -277,6 +288,11 @@ listen_addresses = st.one_of(
 ).filter(lambda s: s is None or v.LISTEN_ADDRESS.reason(s) is None)
 
 
+fastcgi_param_names = matching(v.FASTCGI_PARAM).filter(
+    lambda n: not n.startswith("HTTP_") and n not in FASTCGI_BUILTIN_PARAMS
+)
+
+
 @st.composite
 def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
     match = draw(st.sampled_from(["prefix", "prefix_priority", "exact", "regex", "regex_ci"]))
@@ -287,8 +303,8 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
         "headers": draw(headers),
         "client_max_body_size": draw(st.none() | matching(v.SIZE)),
     }
-    action = draw(st.sampled_from(["upstream", "root", "redirect", "return"]))
-    if action in ("upstream", "root"):  # nginx answers the others before access checks
+    action = draw(st.sampled_from(["upstream", "root", "redirect", "return", "fastcgi"]))
+    if action in ("upstream", "root", "fastcgi"):  # nginx answers the others earlier
         common["allow"] = draw(client_networks(v.ALLOWED_CLIENT))
         common["basic_auth"] = draw(st.none() | basic_auths)
         common["rate_limit"] = draw(st.none() | rate_limits)
@@ -314,6 +330,23 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
             fallback=draw(st.none() | matching(v.FALLBACK_URI)),
             **common,
         )
+    if action == "fastcgi":
+        params = draw(
+            st.lists(
+                st.builds(FastCGIParam, name=fastcgi_param_names, value=text_of(v.HEADER_VALUE)),
+                max_size=3,
+                unique_by=lambda p: p.name,
+            )
+        )
+        fastcgi = FastCGI(
+            upstream=draw(st.sampled_from(upstream_names)),
+            root=draw(roots),
+            index=draw(matching(v.FILE_NAME)),
+            check_script=draw(st.booleans()),
+            read_timeout=draw(st.none() | st.integers(1, 86400)),
+            params=tuple(params),
+        )
+        return Location(fastcgi=fastcgi, **common)
     if action == "redirect":
         code = draw(st.sampled_from([301, 302, 303, 307, 308]))
         return Location(redirect=Redirect(code=code, url=draw(matching(v.REDIRECT_URL))), **common)
@@ -663,7 +696,7 @@ def expected_location(
         lines += auth_lines(loc.basic_auth, view.auth_file)
     if loc.rate_limit is not None:
         lines += rate_lines(loc.rate_limit, zone_name(site, view_index(site, loc)))
-    elif site.rate_limit is not None and (loc.upstream is not None or loc.root is not None):
+    elif site.rate_limit is not None and loc.actions[0] in ("upstream", "root", "fastcgi"):
         # The site's limit, per location: a server-level one would also count nginx's
         # internal requests for error pages.
         lines += rate_lines(site.rate_limit, zone_name(site))
@@ -712,7 +745,12 @@ def expected_location(
             lines.append(HIDDEN_FILES)
         if loc.index:
             lines.append(("index", list(loc.index)))
-        lines.append(("try_files", ["$uri", "$uri/", loc.fallback or "=404"]))
+        if loc.fallback is not None:  # the query string goes along
+            lines.append(("try_files", ["$uri", "$uri/", f"{loc.fallback}$is_args$args"]))
+        else:
+            lines.append(("try_files", ["$uri", "$uri/", "=404"]))
+    elif loc.fastcgi is not None:
+        lines += fastcgi_lines(site, loc.fastcgi, view, upstreams[loc.fastcgi.upstream])
     elif loc.redirect is not None:
         lines.append(("return", [str(loc.redirect.code), loc.redirect.url]))
     else:
@@ -722,6 +760,53 @@ def expected_location(
             lines.append(("default_type", ["text/plain"]))
         lines.append(("return", [str(loc.return_.code), *body]))
     return [*modifier, loc.path], [n for n, _ in lines], [a for _, a in lines]
+
+
+def fastcgi_lines(
+    site: Site, fc: FastCGI, view: Any, upstream: Upstream
+) -> list[tuple[str, list[str]]]:
+    """A FastCGI location after its common lines; checks the parameters the application
+    must get from nginx, never from the client."""
+    lines = [
+        ("root", [fc.root]),
+        HIDDEN_FILES,
+        ("fastcgi_split_path_info", [r"^(.+?\.php)(/.*)$"]),
+        ("set", ["$nxmesh_path_info", "$fastcgi_path_info"]),
+    ]
+    if fc.check_script:
+        lines.append(("try_files", ["$fastcgi_script_name", "=404"]))
+    lines += [("fastcgi_pass", [fc.upstream]), ("fastcgi_index", [fc.index])]
+    if upstream.keepalive > 0:
+        lines.append(("fastcgi_keep_conn", ["on"]))
+    sent = {p.name: p.value for p in view.fastcgi_params}
+    nginx_own = {
+        "SCRIPT_FILENAME": "$document_root$fastcgi_script_name",
+        "PATH_INFO": "$nxmesh_path_info",
+        "REMOTE_ADDR": "$remote_addr",
+        "HTTP_HOST": "$host",
+        "HTTP_X_FORWARDED_HOST": "$host",
+        "HTTP_X_FORWARDED_FOR": "$remote_addr",
+        "HTTP_FORWARDED": '""',
+        "HTTP_PROXY": '""',
+    }
+    if site.tls is not None and site.tls.client_ca is not None:
+        nginx_own["SSL_CLIENT_VERIFY"] = "$ssl_client_verify"
+    else:
+        assert "SSL_CLIENT_VERIFY" not in sent
+    for name, value in nginx_own.items():
+        assert sent[name] == value, name
+    own = [(p.name, p.value) for p in fc.params]
+    assert [(p.name, p.value) for p in view.fastcgi_params][len(sent) - len(own) :] == own
+    assert len(sent) == len(view.fastcgi_params)  # no name twice
+    lines += [
+        ("fastcgi_param", [p.name, *parsed_value(p.value).split(" ")])
+        if p.name == "HTTPS"
+        else ("fastcgi_param", [p.name, parsed_value(p.value)])
+        for p in view.fastcgi_params
+    ]
+    if fc.read_timeout is not None:
+        lines.append(("fastcgi_read_timeout", [f"{fc.read_timeout}s"]))
+    return lines
 
 
 ACME_LOCATION = ["^~", "/.well-known/acme-challenge/"]
@@ -739,7 +824,7 @@ def access_lines(allow: tuple[str, ...]) -> list[tuple[str, list[str]]]:
 GZIP_DIRECTIVES = ["gzip", "gzip_vary", "gzip_proxied", "gzip_min_length", "gzip_types"]
 
 REAL_IP = frozenset({"set_real_ip_from", "real_ip_header", "real_ip_recursive"})
-PAGE_DIRECTIVES = frozenset({"error_page", "proxy_intercept_errors"})
+PAGE_DIRECTIVES = frozenset({"error_page", "proxy_intercept_errors", "fastcgi_intercept_errors"})
 
 
 def auth_lines(auth: Any, path: str | None) -> list[tuple[str, list[str]]]:
@@ -818,7 +903,9 @@ def error_page_lines(site: Site) -> list[tuple[str, list[str]]]:
         ("error_page", [*map(str, page.codes), f"{ERROR_PAGE_PREFIX}{n}.html"])
         for n, page in enumerate(site.error_pages)
     ]
-    return lines + ([("proxy_intercept_errors", ["on"])] if site.intercept_upstream_errors else [])
+    if site.intercept_upstream_errors:
+        lines += [("proxy_intercept_errors", ["on"]), ("fastcgi_intercept_errors", ["on"])]
+    return lines
 
 
 def own_error_pages(site: Site, loc: Location) -> bool:

@@ -746,6 +746,19 @@ class LocationView:
     """Keep connections to the FastCGI upstream open: it keeps idle ones (`keepalive`)."""
 
     @property
+    def fallback_uri(self) -> Token | None:
+        """A static location's ``try_files`` fallback with the request's query string
+        (``/index.php$is_args$args``: try_files drops it otherwise), as one token; None
+        without a `fallback`."""
+        fallback = self.location.fallback
+        if fallback is None:
+            return None
+        written = quoting.token(fallback)  # the fallback rule admits no '$', '"' or '\\'
+        if written.startswith('"'):
+            return Token(f'{written[:-1]}$is_args$args"')
+        return Token(f"{written}$is_args$args")
+
+    @property
     def proxy_url(self) -> Token:
         """``proxy_pass`` argument: scheme, upstream and, with `strip_prefix`, the URI ``/``."""
         location = self.location
