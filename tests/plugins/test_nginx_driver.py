@@ -1581,6 +1581,37 @@ def _client_chain(tmp_path: Path, name: str, issuer: Pki) -> tuple[Path, Any]:
     return path, leaf
 
 
+class TestHttpsRedirect:
+    async def test_plain_http_is_sent_to_https_keeping_the_method(
+        self, stack: NginxStack, pki: Pki
+    ) -> None:
+        """A TLS site's plain listener answers 308 with the HTTPS URL (port and query
+        kept): a client repeats its POST and body there, where a 301 turns it into a GET."""
+        tls_port = free_port()
+        site = Site(
+            name="a",
+            server_names=("localhost",),
+            listeners=(
+                Listener(port=stack.web_port, address="127.0.0.1"),
+                Listener(port=tls_port, address="127.0.0.1", tls=True),
+            ),
+            tls=TLSConfig(certificate="c"),
+            locations=(Location(path="/", return_=Return(code=200, body="secure")),),
+        )
+        state = DesiredState(sites=(site,), certificates=(CertificateRef("c", ("localhost",)),))
+        server = pki.leaf("localhost")
+        files = {"certs/c.crt": server.pem.encode(), "certs/c.key": server.key_pem.encode()}
+        report = await stack.driver.apply(
+            stack.update(state), stack.renderer.render(state, extra_files=files)
+        )
+        assert report.outcome == "applied", report.message
+        async with httpx.AsyncClient() as client:
+            plain = f"http://127.0.0.1:{stack.web_port}/orders?id=7"
+            answer = await client.post(plain, content=b"qty=2", headers={"Host": "localhost"})
+            assert answer.status_code == 308
+            assert answer.headers["Location"] == f"https://localhost:{tls_port}/orders?id=7"
+
+
 class TestClientCertificates:
     """A TLS site that checks client certificates against a client CA of its own (the
     server's PKI issues none), behind which an upstream records what nginx tells it."""

@@ -569,7 +569,7 @@ class TestSites:
         parsed = parse(NginxRenderer().render(state(tls_site)), tmp_path)
         redirect, main = servers(parsed, "api")
         assert args(redirect, "listen") == [["80"]]
-        assert args(locations(redirect)["/"], "return") == [["301", "https://$host$request_uri"]]
+        assert args(locations(redirect)["/"], "return") == [["308", "https://$host$request_uri"]]
         assert "ssl_certificate" not in {d["directive"] for d in redirect}
         assert args(main, "listen") == [["443", "ssl", "http2"]]
         assert args(main, "ssl_certificate") == [["certs/api-cert.crt"]]
@@ -614,7 +614,7 @@ class TestSites:
         )
         redirect, _ = servers(parse(NginxRenderer().render(state(tls_site)), tmp_path), "api")
         assert args(locations(redirect)["/"], "return") == [
-            ["301", "https://$host:8443$request_uri"]
+            ["308", "https://$host:8443$request_uri"]
         ]
 
     def test_without_redirect_one_server_serves_both(self, tmp_path: Path) -> None:

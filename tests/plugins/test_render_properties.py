@@ -978,7 +978,7 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
             check_acme_location(redirect_locations.pop(0))
         (location,) = redirect_locations
         assert location["args"] == ["/"]
-        assert [values(d) for d in location["block"]] == [["301", str(view.https_redirect)]]
+        assert [values(d) for d in location["block"]] == [["308", str(view.https_redirect)]]
     main = parsed[-1]["block"]
     names = [d["directive"] for d in main]
     site_auth = [("satisfy", [site.satisfy])] if site.satisfy != "all" else []
