@@ -272,3 +272,34 @@ class TestValidate:
         assert result.exit_code == 1
         report = json.loads(result.stdout)
         assert [p["path"] for p in report["problems"]] == ["sites[0].headers[0].value"]
+
+    def test_the_rules_for_new_input_apply_as_on_the_master(
+        self, invoke: Invoke, tmp_path: Path
+    ) -> None:
+        """What the master refuses of a new state (`submission_problems`: a FastCGI
+        upstream over TLS, or one a proxy location speaks HTTP to), validate refuses
+        too, naming each file's own indices."""
+        upstreams = tmp_path / "upstreams.yaml"
+        upstreams.write_text(
+            "upstreams:\n"
+            "  - {name: php, servers: [{address: '127.0.0.1:9000'}], tls: {verify: false}}\n"
+            "  - {name: fpm, servers: [{address: '127.0.0.1:9001'}]}\n"
+        )
+        sites = tmp_path / "sites.yaml"
+        sites.write_text(
+            "sites:\n"
+            "  - name: x\n"
+            "    server_names: [x.test]\n"
+            "    locations:\n"
+            "      - {path: /app/, fastcgi: {upstream: php, root: /srv/www/x}}\n"
+            "      - {path: /fpm/, fastcgi: {upstream: fpm, root: /srv/www/x}}\n"
+            "      - {path: /api/, upstream: fpm}\n"
+        )
+        result = invoke("validate", upstreams, sites, "--json")
+        assert result.exit_code == 1, result.stdout
+        report = json.loads(result.stdout)
+        assert report["source"] == str(sites)
+        assert [p["path"] for p in report["problems"]] == [
+            "sites[0].locations[0].fastcgi.upstream",
+            "sites[0].locations[1].fastcgi.upstream",
+        ]

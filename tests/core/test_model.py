@@ -1554,6 +1554,9 @@ class TestFastCGI:
             ("HTTP_X_USER", "HTTP_ parameters are the client's request headers"),
             ("SCRIPT_FILENAME", "is set by nxmesh on every request and cannot be replaced"),
             ("SSL_CLIENT_VERIFY", "is set by nxmesh on every request"),
+            ("REMOTE_USER", "is set by nxmesh on every request"),
+            ("PHP_ADMIN_VALUE", "stay for every later request it runs, other sites'"),
+            ("PHP_VALUE", "set them in the pool's configuration"),
             ("app_env", "a FastCGI parameter name like APP_ENV"),
             ("APP ENV", "a FastCGI parameter name like APP_ENV"),
             ("A" * 65, "at most 64"),
@@ -1585,6 +1588,8 @@ class TestFastCGI:
             ({"root": "srv/app"}, "root"),
             ({"index": "../index.php"}, "index"),
             ({"index": "a b.php"}, "index"),
+            ({"index": "index.html"}, "index"),
+            ({"index": "app.phar"}, "index"),
             ({"read_timeout": 0}, "read_timeout"),
             ({"check_script": "yes"}, "check_script"),
             ({"upstream": "PHP"}, "upstream"),
@@ -1617,3 +1622,15 @@ class TestFastCGI:
         [tls] = check_state(self.state(self.PHP, tls=UpstreamTLS(verify=False)))
         assert tls.path == "sites[0].locations[0].fastcgi.upstream"
         assert "over TLS, which nginx's FastCGI cannot do" in tls.message
+
+    def test_an_upstream_speaks_fastcgi_or_http(self) -> None:
+        """One upstream behind a FastCGI location and a proxy location is refused: no
+        server speaks both."""
+        state = self.state(self.PHP)
+        both = attrs.evolve(
+            state.sites[0],
+            locations=(*state.sites[0].locations, loc("/api/", upstream="php")),
+        )
+        [problem] = check_state(attrs.evolve(state, sites=(both,)))
+        assert problem.path == "sites[0].locations[0].fastcgi.upstream"
+        assert "also a proxy location's" in problem.message

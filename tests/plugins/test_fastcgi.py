@@ -4,8 +4,10 @@ and what never runs."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,6 +18,8 @@ import pytest
 
 from nxmesh.agent.harness import NginxStack
 from nxmesh.core.model import (
+    BasicAuth,
+    BasicAuthUser,
     DesiredState,
     FastCGI,
     FastCGIParam,
@@ -45,6 +49,9 @@ echo json_encode([
     'xfh' => $s['HTTP_X_FORWARDED_HOST'] ?? null, 'xff' => $s['HTTP_X_FORWARDED_FOR'] ?? null,
     'forwarded' => $s['HTTP_FORWARDED'] ?? null, 'proxy' => getenv('HTTP_PROXY'),
     'app_env' => $s['APP_ENV'] ?? null, 'custom' => $s['HTTP_X_CUSTOM'] ?? null,
+    'user' => $s['REMOTE_USER'] ?? '', 'ssl' => $s['HTTP_X_FORWARDED_SSL'] ?? '',
+    'original_url' => $s['HTTP_X_ORIGINAL_URL'] ?? '',
+    'request_id' => $s['HTTP_X_REQUEST_ID'] ?? '',
 ]);
 """
 
@@ -63,6 +70,9 @@ def app_root() -> Iterator[Path]:
             "admin/index.php": _ECHO,
             "style.css": "body{}",
             "uploads/avatar.jpg": "<?php echo 'PWNED';",
+            "uploads/evil.phar": "<?php echo 'PHAR';",
+            "slow.php": "<?php usleep(300000); echo 'slow';",
+            "admin/secret.php": "<?php echo 'SOURCE';",
             ".hidden/tool.php": "<?php echo 'HIDDEN';",
         }
         for name, text in files.items():
@@ -84,15 +94,23 @@ async def stack(nginx_binary: str, app_root: Path, anyio_backend: str) -> AsyncI
 
 
 def _php_state(
-    port: int, root: Path, address: str, *, keepalive: int = 32, **fastcgi: Any
+    port: int,
+    root: Path,
+    address: str,
+    *,
+    extra: tuple[Location, ...] = (),
+    site: dict[str, Any] | None = None,
+    **fastcgi: Any,
 ) -> DesiredState:
     """The usual PHP site: files from `root`, a directory's index.php, other paths to the
-    front controller (/index.php), and ``.php`` scripts run by PHP-FPM at `address`."""
-    site = Site(
+    front controller (/index.php), and ``.php`` scripts run by PHP-FPM at `address`;
+    `extra` locations first, and the `site`'s own fields."""
+    php = Site(
         name="php",
         server_names=("localhost",),
         listeners=(Listener(port=port, address="127.0.0.1"),),
         locations=(
+            *extra,
             Location(
                 path="/", root=str(root), index=("index.php", "index.html"), fallback="/index.php"
             ),
@@ -102,9 +120,18 @@ def _php_state(
                 fastcgi=FastCGI(upstream="php", root=str(root), **fastcgi),
             ),
         ),
+        **(site or {}),
     )
-    upstream = Upstream(name="php", servers=(UpstreamServer(address=address),), keepalive=keepalive)
-    return DesiredState(sites=(site,), upstreams=(upstream,))
+    upstream = Upstream(name="php", servers=(UpstreamServer(address=address),))
+    return DesiredState(sites=(php,), upstreams=(upstream,))
+
+
+def _hash(password: str) -> str:
+    """A SHA-512 crypt hash of `password`, made as the docs say to (``openssl passwd``)."""
+    made = subprocess.run(
+        ["openssl", "passwd", "-6", password], capture_output=True, text=True, check=True
+    )
+    return made.stdout.strip()
 
 
 async def _apply(stack: NginxStack, state: DesiredState) -> None:
@@ -183,21 +210,36 @@ class TestScripts:
         seen = json.loads(text)
         assert (seen["method"], seen["body"]) == ("POST", body)
 
-    async def test_params_and_keepalive_off(
-        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
-    ) -> None:
-        """A location's own parameters reach the application; an upstream keeping no
-        idle connections works too (nginx then closes each one)."""
+    async def test_params(self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm) -> None:
+        """A location's own parameters reach the application."""
         state = _php_state(
             stack.web_port,
             app_root,
             php_fpm.address,
-            keepalive=0,
             params=(FastCGIParam(name="APP_ENV", value="production"),),
         )
         await _apply(stack, state)
-        for _ in range(3):
-            assert (await _seen(stack.web_port, "/info.php"))["app_env"] == "production"
+        assert (await _seen(stack.web_port, "/info.php"))["app_env"] == "production"
+
+    async def test_more_requests_than_workers_wait_their_turn(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        """Three slow requests at once on a pool of two workers: the third waits for a
+        free worker and is answered. (With ``fastcgi_keep_conn`` a worker stays tied to
+        nginx's idle kept connection, and the third timed out with 504 after 60 s.)"""
+        await _apply(stack, _php_state(stack.web_port, app_root, php_fpm.address))
+        answers: list[tuple[int, str]] = []
+
+        async def one() -> None:
+            answers.append(await _get(stack.web_port, "/slow.php"))
+
+        for _ in range(2):
+            answers.clear()
+            with anyio.fail_after(15):
+                async with anyio.create_task_group() as tg:
+                    for _ in range(3):
+                        tg.start_soon(one)
+            assert answers == [(200, "slow")] * 3
 
     async def test_php_fpm_on_a_tcp_port(
         self, stack: NginxStack, app_root: Path, tmp_path: Path
@@ -221,6 +263,7 @@ class TestWhatNeverRuns:
         for target in (
             "/uploads/avatar.jpg/x.php",
             "/uploads/avatar.jpg/x.php/more",
+            "/uploads/evil.phar/x.php",
             "/missing.php",
             "/.hidden/tool.php",
             "/%2ehidden/tool.php",
@@ -228,6 +271,7 @@ class TestWhatNeverRuns:
             status, body = await _get(stack.web_port, target)
             assert status == 404, (target, body)
             assert "PWNED" not in body, target
+            assert "PHAR" not in body, target
             assert "HIDDEN" not in body, target
             assert "nginx" in body, (target, body)  # nginx's page, not PHP-FPM's
         status, body = await _get(stack.web_port, "/uploads/avatar.jpg")
@@ -245,6 +289,39 @@ class TestWhatNeverRuns:
         assert "PWNED" not in body
         assert (await _seen(stack.web_port, "/info.php"))["script"] == f"{app_root}/info.php"
 
+    async def test_a_location_running_everything_runs_only_php(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        """A prefix location handing every request to PHP-FPM still runs .php scripts
+        only: an uploaded .phar (which PHP-FPM would run) and other files are 404."""
+        site = Site(
+            name="all",
+            server_names=("localhost",),
+            listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
+            locations=(Location(path="/", fastcgi=FastCGI(upstream="php", root=str(app_root))),),
+        )
+        upstream = Upstream(name="php", servers=(UpstreamServer(address=php_fpm.address),))
+        await _apply(stack, DesiredState(sites=(site,), upstreams=(upstream,)))
+        for target in ("/uploads/evil.phar", "/uploads/evil.phar/x", "/style.css"):
+            status, body = await _get(stack.web_port, target)
+            assert status == 404, (target, body)
+            assert "PHAR" not in body, target
+        assert (await _seen(stack.web_port, "/info.php"))["name"] == "/info.php"
+        assert (await _seen(stack.web_port, "/"))["name"] == "/index.php"
+
+    async def test_a_static_location_never_hands_out_a_scripts_source(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        """A ``prefix_priority`` static location takes /admin/secret.php before the
+        FastCGI regex location can: on a site with FastCGI it answers 404, not the
+        script's source."""
+        admin = Location(path="/admin/", match="prefix_priority", root=str(app_root))
+        state = _php_state(stack.web_port, app_root, php_fpm.address, extra=(admin,))
+        await _apply(stack, state)
+        status, body = await _get(stack.web_port, "/admin/secret.php")
+        assert status == 404, body
+        assert "SOURCE" not in body
+
 
 class TestWhatTheApplicationIsTold:
     async def test_forged_forwarding_headers_are_replaced(
@@ -261,13 +338,59 @@ class TestWhatTheApplicationIsTold:
             "X-Forwarded-For: 203.0.113.9",
             "Forwarded: for=203.0.113.9;host=evil.example",
             "Proxy: http://evil.example:8080",
+            "X-Forwarded-Ssl: on",
+            "X-Original-URL: /admin/secret.php",
+            "X-Request-ID: forged",
             "X-Custom: kept",
         )
         assert (seen["remote"], seen["xff"]) == ("127.0.0.1", "127.0.0.1")
         assert (seen["host"], seen["xfh"]) == ("localhost", "localhost")
         assert seen["forwarded"] in (None, "")  # PHP drops an empty one
         assert seen["proxy"] in (False, "")
+        assert (seen["ssl"], seen["original_url"]) == ("", "")
+        assert len(seen["request_id"]) == 32  # nginx's
         assert seen["custom"] == "kept"
+
+    async def test_the_port_the_client_wrote_stays_in_http_host(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        """Frameworks build links from HTTP_HOST: on a port other than 80 it keeps the
+        port the client's Host names, with nginx's host before it."""
+        await _apply(stack, _php_state(stack.web_port, app_root, php_fpm.address))
+        status, body = await _request(
+            stack.web_port,
+            f"GET /info.php HTTP/1.0\r\nHost: LocalHost:{stack.web_port}\r\n"
+            "Connection: close\r\n\r\n",
+        )
+        assert status == 200, body
+        assert json.loads(body)["host"] == f"localhost:{stack.web_port}"
+
+    async def test_remote_user_is_only_a_checked_name(
+        self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
+    ) -> None:
+        """nginx reads $remote_user from any Authorization header. The application gets
+        it only where the password was checked: not on a site without basic_auth, nor
+        where ``satisfy any`` lets a listed address in with a wrong password."""
+        basic = "Authorization: Basic " + base64.b64encode(b"bob:wrong").decode()
+        await _apply(stack, _php_state(stack.web_port, app_root, php_fpm.address))
+        assert (await _seen(stack.web_port, "/info.php", basic))["user"] == ""
+
+        users = (BasicAuthUser(name="alice", password_hash=_hash("secret")),)
+        guarded = {
+            "allow": ("127.0.0.1",),
+            "basic_auth": BasicAuth(users=users),
+            "satisfy": "any",
+        }
+        state = _php_state(stack.web_port, app_root, php_fpm.address, site=guarded)
+        await _apply(stack, state)
+        assert (await _seen(stack.web_port, "/info.php", basic))["user"] == ""
+
+        checked = {"basic_auth": BasicAuth(users=users)}
+        state = _php_state(stack.web_port, app_root, php_fpm.address, site=checked)
+        await _apply(stack, state)
+        assert (await _get(stack.web_port, "/info.php", basic))[0] == 401
+        alice = "Authorization: Basic " + base64.b64encode(b"alice:secret").decode()
+        assert (await _seen(stack.web_port, "/info.php", alice))["user"] == "alice"
 
     async def test_an_absolute_form_request_cannot_choose_http_host(
         self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm

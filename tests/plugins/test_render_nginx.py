@@ -667,8 +667,8 @@ class TestLocations:
 
     def test_fallbacks_and_fastcgi_pass_nginx_t(self) -> None:
         """A fallback nginx must read quoted (``/a(b)``) stays one token with the query
-        string; FastCGI locations, with and without connections kept, pass ``nginx -t``
-        on a site checking client certificates (mod_ssl's parameters)."""
+        string; FastCGI locations pass ``nginx -t`` on a site checking client certificates
+        (mod_ssl's parameters), and the site's static locations hide .php paths."""
         from nxmesh.core.model import FastCGI, FastCGIParam, TLSConfig
         from nxmesh.plugins.render_nginx import site_view
         from nxmesh.testing.pki import Pki
@@ -702,7 +702,7 @@ class TestLocations:
         assert result.ok, result.message
         views = site_view(web, {u.name: u for u in upstreams}).locations
         assert views[0].fallback_uri == '"/a(x)/i.php$is_args$args"'
-        assert [v.fastcgi_keep_conn for v in views[2:]] == [True, False]
+        assert [v.hide_scripts for v in views] == [True, True, False, False]
         params = {p.name: p.value for p in views[2].fastcgi_params}
         assert params["SSL_CLIENT_VERIFY"] == "$ssl_client_verify"
         assert params["APP_ENV"] == "a b'c"

@@ -67,12 +67,15 @@ PROPERTY_SETTINGS = settings(
 # directive name would fail the allow-set check even before the exact comparison.
 ALLOWED_DIRECTIVES = frozenset(
     {
-        "if",  # only the hidden-files rule of static and FastCGI locations (`HIDDEN_FILES`)
+        "if",  # hidden files (`HIDDEN_FILES`), a FastCGI site's .php paths (`PHP_ONLY`)
         "set",  # only a FastCGI location's PATH_INFO
         "fastcgi_split_path_info",
         "fastcgi_pass",
         "fastcgi_index",
-        "fastcgi_keep_conn",
+        "fastcgi_connect_timeout",
+        "fastcgi_send_timeout",
+        "fastcgi_buffer_size",
+        "fastcgi_buffers",
         "fastcgi_param",
         "fastcgi_read_timeout",
         "fastcgi_intercept_errors",
@@ -341,7 +344,7 @@ def locations(draw: st.DrawFn, upstream_names: list[str]) -> Location:
         fastcgi = FastCGI(
             upstream=draw(st.sampled_from(upstream_names)),
             root=draw(roots),
-            index=draw(matching(v.FILE_NAME)),
+            index=draw(matching(v.FILE_NAME)).removesuffix(".php")[:124] + ".php",
             check_script=draw(st.booleans()),
             read_timeout=draw(st.none() | st.integers(1, 86400)),
             params=tuple(params),
@@ -743,6 +746,8 @@ def expected_location(
         lines.append(("root", [loc.root]))
         if not loc.serve_dotfiles:
             lines.append(HIDDEN_FILES)
+        if any(other.fastcgi is not None for other in site.locations):
+            lines.append(HIDE_SCRIPTS)
         if loc.index:
             lines.append(("index", list(loc.index)))
         if loc.fallback is not None:  # the query string goes along
@@ -750,7 +755,7 @@ def expected_location(
         else:
             lines.append(("try_files", ["$uri", "$uri/", "=404"]))
     elif loc.fastcgi is not None:
-        lines += fastcgi_lines(site, loc.fastcgi, view, upstreams[loc.fastcgi.upstream])
+        lines += fastcgi_lines(site, loc, view)
     elif loc.redirect is not None:
         lines.append(("return", [str(loc.redirect.code), loc.redirect.url]))
     else:
@@ -762,33 +767,37 @@ def expected_location(
     return [*modifier, loc.path], [n for n, _ in lines], [a for _, a in lines]
 
 
-def fastcgi_lines(
-    site: Site, fc: FastCGI, view: Any, upstream: Upstream
-) -> list[tuple[str, list[str]]]:
+def fastcgi_lines(site: Site, loc: Location, view: Any) -> list[tuple[str, list[str]]]:
     """A FastCGI location after its common lines; checks the parameters the application
     must get from nginx, never from the client."""
+    fc = loc.fastcgi
+    assert fc is not None
     lines = [
         ("root", [fc.root]),
         HIDDEN_FILES,
         ("fastcgi_split_path_info", [r"^(.+?\.php)(/.*)$"]),
         ("set", ["$nxmesh_path_info", "$fastcgi_path_info"]),
+        PHP_ONLY,
     ]
     if fc.check_script:
         lines.append(("try_files", ["$fastcgi_script_name", "=404"]))
     lines += [("fastcgi_pass", [fc.upstream]), ("fastcgi_index", [fc.index])]
-    if upstream.keepalive > 0:
-        lines.append(("fastcgi_keep_conn", ["on"]))
     sent = {p.name: p.value for p in view.fastcgi_params}
     nginx_own = {
         "SCRIPT_FILENAME": "$document_root$fastcgi_script_name",
         "PATH_INFO": "$nxmesh_path_info",
         "REMOTE_ADDR": "$remote_addr",
-        "HTTP_HOST": "$host",
+        "HTTP_HOST": "$host$nxmesh_host_port",
         "HTTP_X_FORWARDED_HOST": "$host",
         "HTTP_X_FORWARDED_FOR": "$remote_addr",
         "HTTP_FORWARDED": '""',
         "HTTP_PROXY": '""',
     }
+    # A user name only where every request passed a password check.
+    checked = (loc.basic_auth is not None or site.basic_auth is not None) and (
+        loc.satisfy == "all" and (bool(loc.allow) or site.satisfy == "all")
+    )
+    nginx_own["REMOTE_USER"] = "$remote_user" if checked else '""'
     if site.tls is not None and site.tls.client_ca is not None:
         nginx_own["SSL_CLIENT_VERIFY"] = "$ssl_client_verify"
     else:
@@ -814,6 +823,10 @@ ACME_LOCATION = ["^~", "/.well-known/acme-challenge/"]
 # Every static location not serving dotfiles answers 404 for a hidden path segment.
 HIDDEN_FILES = ("if", ["$uri", "~", r"/\.(?!well-known(?:/|$))|^/.+/\.well-known(?:/|$)"])
 HIDDEN_FILES_BLOCK = [("return", ["404"])]
+# Static locations of a site with FastCGI locations never hand out a script's source;
+# FastCGI locations run .php scripts only. Both answer with the same block.
+HIDE_SCRIPTS = ("if", ["$uri", "~", r"\.php(?:/|$)"])
+PHP_ONLY = ("if", ["$fastcgi_script_name", "!~", r"\.php$"])
 
 
 def access_lines(allow: tuple[str, ...]) -> list[tuple[str, list[str]]]:

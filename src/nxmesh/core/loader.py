@@ -25,7 +25,7 @@ import yaml
 from cattrs.errors import ClassValidationError, IterableValidationError
 
 from nxmesh.core.errors import Problem, ValidationError
-from nxmesh.core.model import DesiredState, StateParts, check_parts
+from nxmesh.core.model import DesiredState, StateParts, check_parts, submission_problems
 from nxmesh.core.serialization import converter, problems_from_exception
 from nxmesh.core.validation import NAME, Invalid, join_path
 
@@ -322,6 +322,10 @@ def load_state_files(paths: Iterable[str | os.PathLike[str]]) -> DesiredState:
     merged = StateParts.concat(parts for _, _, parts in files)
     origin = _Origin(origins)
     found += [origin.locate(p, default) for p in check_parts(merged) if p.severity == "error"]
+    if state is not None:  # the rules for new input, as the master applies them
+        found += [
+            origin.locate(p, default) for p in submission_problems(state) if p.severity == "error"
+        ]
     _raise(found)
     assert state is not None  # every file structured and nothing was found
     return state

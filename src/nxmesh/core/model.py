@@ -437,6 +437,15 @@ def _fastcgi_param_name(value: object) -> list[tuple[str, str]]:
         ]
     if value in FASTCGI_BUILTIN_PARAMS:
         return [("", f"{value!r} is set by nxmesh on every request and cannot be replaced")]
+    if value in ("PHP_VALUE", "PHP_ADMIN_VALUE"):
+        return [
+            (
+                "",
+                f"{value!r} changes the php.ini settings of the PHP-FPM worker that runs the "
+                "request, and they stay for every later request it runs, other sites' "
+                "included; set them in the pool's configuration (php_value[...])",
+            )
+        ]
     return []
 
 
@@ -459,24 +468,33 @@ def _unique_params(value: object) -> list[tuple[str, str]]:
     return found
 
 
+def _php_index(value: object) -> list[tuple[str, str]]:
+    if (reason := v.FILE_NAME.reason(value)) is not None or not isinstance(value, str):
+        return [("", reason or "")]
+    if not value.endswith(".php"):
+        return [("", f"must be a .php script like index.php, got {value!r}")]
+    return []
+
+
 @attrs.frozen(kw_only=True)
 class FastCGI:
-    """Hand requests to a FastCGI application server (PHP-FPM) in `upstream`.
+    """Run PHP scripts with a FastCGI application server (PHP-FPM) in `upstream`.
 
     The script is `root` followed by the URI's path up to and including ``.php``
     (``SCRIPT_FILENAME``); what follows is ``PATH_INFO``; a URI ending in ``/`` runs
-    `index` there. `check_script`: answer 404 unless that script is a file under `root`
-    on nginx's host, so nothing but an existing script is ever run (an uploaded
+    `index` there. Only ``.php`` scripts are handed over (an uploaded ``.phar`` is not,
+    which PHP-FPM would run). `check_script`: answer 404 unless the script is a file
+    under `root` on nginx's host, so nothing but an existing script runs (an uploaded
     ``avatar.jpg/x.php`` is not): turn it off only when nginx cannot see the scripts (the
-    application server on another host), and then keep PHP-FPM's
-    ``security.limit_extensions`` at ``.php``. The application gets the client's address
-    as nginx has it (``REMOTE_ADDR``) and nginx's name for the host (``HTTP_HOST``);
-    forwarding headers a client sends are replaced by nginx's own, as for proxies.
+    application server on another host), and then set PHP-FPM's
+    ``security.limit_extensions = .php`` and ``cgi.fix_pathinfo = 0``. The application
+    gets the client's address as nginx has it (``REMOTE_ADDR``) and nginx's name for the
+    host (``HTTP_HOST``); forwarding headers a client sends are replaced or cleared.
     """
 
     upstream: str = attrs.field(validator=v.text(v.NAME))
     root: str = attrs.field(validator=v.text(v.ROOT_PATH))
-    index: str = attrs.field(default="index.php", validator=v.text(v.FILE_NAME))
+    index: str = attrs.field(default="index.php", validator=v.FieldCheck(_php_index))
     check_script: bool = attrs.field(default=True, validator=v.choice(True, False))
     read_timeout: int | None = attrs.field(
         default=None, validator=v.int_range(1, 86400, optional=True)
@@ -1236,17 +1254,7 @@ def submission_problems(state: DesiredState) -> list[Problem]:
         for j, server in enumerate(upstream.servers):
             if (reason := v.upstream_address_hazard(server.address)) is not None:
                 found.append(Problem(f"upstreams[{i}].servers[{j}].address", reason))
-    tls_upstreams = {up.name for up in state.upstreams if up.tls is not None}
-    for i, site in enumerate(state.sites):
-        for n, loc in enumerate(site.locations):
-            if loc.fastcgi is not None and loc.fastcgi.upstream in tls_upstreams:
-                found.append(
-                    Problem(
-                        f"sites[{i}].locations[{n}].fastcgi.upstream",
-                        f"upstream {loc.fastcgi.upstream!r} is spoken to over TLS, which "
-                        "nginx's FastCGI cannot do; name an upstream without tls",
-                    )
-                )
+    found += _fastcgi_upstream_problems(state)
     for i, site in enumerate(state.sites):
         if site.tls is None or not site.tls.redirect_http:
             continue
@@ -1289,6 +1297,33 @@ def _check_wildcard_mixes(
                 "mix; give the listeners of this port the same address",
             )
         )
+
+
+def _fastcgi_upstream_problems(state: DesiredState) -> list[Problem]:
+    """A FastCGI location's upstream speaks FastCGI: never TLS (nginx's FastCGI has none),
+    and never HTTP to a proxy location too (no server speaks both)."""
+    found: list[Problem] = []
+    tls_upstreams = {up.name for up in state.upstreams if up.tls is not None}
+    proxied = {loc.upstream for site in state.sites for loc in site.locations if loc.upstream}
+    for i, site in enumerate(state.sites):
+        for n, loc in enumerate(site.locations):
+            if loc.fastcgi is None:
+                continue
+            name = loc.fastcgi.upstream
+            if name in tls_upstreams:
+                reason = (
+                    f"upstream {name!r} is spoken to over TLS, which nginx's FastCGI cannot "
+                    "do; name an upstream without tls"
+                )
+            elif name in proxied:
+                reason = (
+                    f"upstream {name!r} is also a proxy location's, which speaks HTTP to it; "
+                    "a server speaks FastCGI or HTTP, not both: give each its own upstream"
+                )
+            else:
+                continue
+            found.append(Problem(f"sites[{i}].locations[{n}].fastcgi.upstream", reason))
+    return found
 
 
 def check_parts(parts: StateParts) -> list[Problem]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -59,20 +60,51 @@ def refuse_signal(
     monkeypatch.setattr(os, "kill", kill)
 
 
+def _worker_share() -> tuple[int, int]:
+    """(this pytest-xdist worker's index, the number of workers); (0, 1) without xdist.
+    Subprocesses of a worker inherit its share through the environment."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    return (int(worker) if worker.isdigit() else 0) % count, count
+
+
+def _port_pool() -> range:
+    """Ports below the kernel's ephemeral range (which it hands to ``connect()`` and
+    ``bind(0)``), so no outgoing connection takes one between the test choosing it and
+    its server binding it; the ephemeral range itself when too little lies below."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = (int(n) for n in f.read().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(20000, low) if low >= 24000 else range(low, high + 1)
+
+
+_POOL = _port_pool()
+_pick = random.SystemRandom()  # not the test-seeded `random`: workers would draw alike
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now, never one this process was given before.
 
-    The kernel may hand the same ephemeral port to two ``bind(0)`` calls when nothing
-    listens on it in between (Pebble's directory and the nginx it validates against
-    once got the same port), so ports already given out are skipped.
+    Chosen at random below the kernel's ephemeral range and checked with a bind, so the
+    kernel's own choices (``bind(0)``, outgoing connections) never meet it. Under
+    pytest-xdist each worker takes only the ports of its own residue (port mod workers),
+    so two workers are never given the same port either.
     """
+    index, count = _worker_share()
     while True:
+        port = _pick.randrange(_POOL.start, _POOL.stop)
+        port += (index - port) % count  # this worker's residue
+        if port >= _POOL.stop or port in _handed_out:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port: int = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 @attrs.define

@@ -627,8 +627,11 @@ def proxy_headers(
 
 
 # nginx's own fastcgi_params, with Debian's fix: HTTP_HOST is the host nginx chose, not a
-# client's Host header (which an absolute-form request line makes differ). SCRIPT_FILENAME
-# and PATH_INFO are the script and what follows it in the URI (`FastCGI`).
+# client's Host header (which an absolute-form request line makes differ), with the port
+# the client wrote (nginx.conf's $nxmesh_host_port: frameworks build links from it).
+# SCRIPT_FILENAME and PATH_INFO are the script and what follows it in the URI (`FastCGI`).
+# REMOTE_USER is `fastcgi_params`'s: nginx fills $remote_user from any Authorization
+# header, checked or not.
 _FASTCGI_PARAMS = tuple(
     HeaderLine(name, Token(value))
     for name, value in (
@@ -649,18 +652,19 @@ _FASTCGI_PARAMS = tuple(
         ("SERVER_SOFTWARE", "nginx/$nginx_version"),
         ("REMOTE_ADDR", "$remote_addr"),
         ("REMOTE_PORT", "$remote_port"),
-        ("REMOTE_USER", "$remote_user"),
         ("SERVER_ADDR", "$server_addr"),
         ("SERVER_PORT", "$server_port"),
         ("SERVER_NAME", "$server_name"),
         ("REDIRECT_STATUS", "200"),
-        ("HTTP_HOST", "$host"),
+        ("HTTP_HOST", "$host$nxmesh_host_port"),
     )
 )
 # Request headers a client could forge. A parameter named HTTP_* replaces the client's
 # header of that name: the forwarding headers say what nginx saw (the application is
-# the next hop, so the client is $remote_addr), and a client's `Proxy:` header would
-# become the HTTP_PROXY environment variable many HTTP libraries obey ("httpoxy").
+# the next hop, so the client is $remote_addr); the others frameworks or proxies trust
+# (the scheme, the client's address, the URL asked for, a client certificate's outcome)
+# are cleared; a client's `Proxy:` header would become the HTTP_PROXY environment
+# variable many HTTP libraries obey ("httpoxy").
 _FASTCGI_FORWARDING = tuple(
     HeaderLine(name, Token(value))
     for name, value in (
@@ -669,8 +673,28 @@ _FASTCGI_FORWARDING = tuple(
         ("HTTP_X_FORWARDED_PROTO", "$scheme"),
         ("HTTP_X_FORWARDED_HOST", "$host"),
         ("HTTP_X_FORWARDED_PORT", "$server_port"),
-        ("HTTP_FORWARDED", '""'),
-        ("HTTP_PROXY", '""'),
+        ("HTTP_X_REQUEST_ID", "$request_id"),
+        *(
+            (name, '""')
+            for name in (
+                "HTTP_FORWARDED",
+                "HTTP_PROXY",
+                "HTTP_X_FORWARDED_SSL",
+                "HTTP_X_FORWARDED_SCHEME",
+                "HTTP_X_FORWARDED_SERVER",
+                "HTTP_X_FORWARDED_PREFIX",
+                "HTTP_FRONT_END_HTTPS",
+                "HTTP_X_URL_SCHEME",
+                "HTTP_CLIENT_IP",
+                "HTTP_TRUE_CLIENT_IP",
+                "HTTP_X_CLIENT_IP",
+                "HTTP_X_CLUSTER_CLIENT_IP",
+                "HTTP_X_ORIGINAL_URL",
+                "HTTP_X_REWRITE_URL",
+                "HTTP_X_CLIENT_VERIFY",
+                "HTTP_X_CLIENT_DN",
+            )
+        ),
     )
 )
 # Sites checking client certificates tell the application the outcome and the subject, in
@@ -681,12 +705,17 @@ _FASTCGI_CLIENT_CERT = (
 )
 
 
-def fastcgi_params(fastcgi: FastCGI, *, client_certs: bool = False) -> list[HeaderLine]:
+def fastcgi_params(
+    fastcgi: FastCGI, *, client_certs: bool = False, checked_user: bool = False
+) -> list[HeaderLine]:
     """``fastcgi_param`` lines of a FastCGI location: nginx's defaults, nginx's own
     forwarding headers, the client certificate's outcome when the site checks them
     (`client_certs`), then the location's own `FastCGI.params` (which the model keeps
-    from replacing any of these)."""
-    params = [*_FASTCGI_PARAMS, *_FASTCGI_FORWARDING]
+    from replacing any of these). `checked_user`: every request reaching the location
+    passed a password check (`basic_auth` with ``satisfy all``), so ``REMOTE_USER`` is a
+    checked name; otherwise it is empty, as a client's Authorization header would set it."""
+    user = Token("$remote_user") if checked_user else _NOTHING
+    params = [*_FASTCGI_PARAMS, HeaderLine("REMOTE_USER", user), *_FASTCGI_FORWARDING]
     if client_certs:
         params += _FASTCGI_CLIENT_CERT
     params += [HeaderLine(p.name, p.value) for p in fastcgi.params]
@@ -742,8 +771,10 @@ class LocationView:
     """``proxy_cache_key`` of a caching location (`_cache_key`)."""
     fastcgi_params: tuple[HeaderLine, ...] = ()
     """``fastcgi_param`` lines (FastCGI locations only, `fastcgi_params`)."""
-    fastcgi_keep_conn: bool = False
-    """Keep connections to the FastCGI upstream open: it keeps idle ones (`keepalive`)."""
+    hide_scripts: bool = False
+    """A static location of a site with FastCGI locations: ``.php`` paths answer 404
+    rather than the scripts' source (a ``prefix_priority`` or exact location takes them
+    before the FastCGI regex location could)."""
 
     @property
     def fallback_uri(self) -> Token | None:
@@ -844,12 +875,12 @@ def site_view(
     site_zone = _rate_zone(site, site.rate_limit)
     client_ca_file = _client_ca_file(site) if tls is not None and tls.client_ca else None
     locations = []
+    runs_scripts = any(loc.fastcgi is not None for loc in site.locations)
     for n, location in enumerate(site.locations):
         proxied = location.upstream is not None
         upstream = upstreams.get(location.upstream) if location.upstream is not None else None
         upstream_tls = upstream.tls if upstream is not None else None
         fastcgi = location.fastcgi
-        fastcgi_upstream = upstreams.get(fastcgi.upstream) if fastcgi is not None else None
         # The Host a TLS upstream gets, when it is its server name rather than the client's.
         tls_host = (
             upstream_tls.server_name
@@ -897,11 +928,17 @@ def site_view(
                     _cache_key(site, location, upstream) if location.cache is not None else None
                 ),
                 fastcgi_params=(
-                    tuple(fastcgi_params(fastcgi, client_certs=client_ca_file is not None))
+                    tuple(
+                        fastcgi_params(
+                            fastcgi,
+                            client_certs=client_ca_file is not None,
+                            checked_user=_password_checked(site, location),
+                        )
+                    )
                     if fastcgi is not None
                     else ()
                 ),
-                fastcgi_keep_conn=fastcgi_upstream is not None and fastcgi_upstream.keepalive > 0,
+                hide_scripts=location.root is not None and runs_scripts,
             )
         )
     return SiteView(
@@ -924,6 +961,18 @@ def site_view(
             _client_crl_file(site) if client_ca_file and tls and tls.client_crl else None
         ),
     )
+
+
+def _password_checked(site: Site, location: Location) -> bool:
+    """Whether nginx checks a password for every request `location` serves: its own or
+    the site's `basic_auth` (a location inherits the server's), and no ``satisfy any``
+    letting listed addresses in without one (the template writes ``satisfy all`` for a
+    location with its own `allow`)."""
+    if location.basic_auth is None and site.basic_auth is None:
+        return False
+    if location.satisfy != "all":
+        return False
+    return bool(location.allow) or site.satisfy == "all"
 
 
 # The actions whose requests a site's rate limit counts: the others answer before nginx's
