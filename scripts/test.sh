@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole check: set up, lint, type-check, run every test. What CI runs (.ci/run).
-# Extra arguments go to pytest (e.g. scripts/test.sh -k storage).
+# Extra arguments go to pytest (e.g. scripts/test.sh -k storage); TEST_WORKERS sets the
+# number of pytest-xdist workers (2; 0 runs the tests in one process).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
