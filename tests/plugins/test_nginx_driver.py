@@ -1004,10 +1004,48 @@ class TestProxyPaths:
                     assert (await stack.fetch(path)).status == 200, path
                 tg.cancel_scope.cancel()
         seen = [head.split(b"\r\n", 1)[0].decode() for head in heads]
+        prefixes = [_sent_headers(head).get("X-Forwarded-Prefix") for head in heads]
         if strip:
             assert seen == ["GET /users?x=1 HTTP/1.1", "GET / HTTP/1.1", "GET / HTTP/1.1"]
+            assert prefixes == ["/api", "/api", "/v1"]  # for the application's links
         else:
             assert seen == ["GET /api/users?x=1 HTTP/1.1", "GET /api/ HTTP/1.1", "GET /v1 HTTP/1.1"]
+            assert prefixes == [None, None, None]
+
+    async def test_a_clients_claims_never_reach_the_upstream(self, stack: NginxStack) -> None:
+        """Headers frameworks trust for the scheme (X-Forwarded-Ssl: Rails' ``ssl?``),
+        the client's address (Client-IP) or the URL (X-Original-URL, an access-rule
+        bypass in some frameworks) are dropped; other headers pass."""
+        heads: list[bytes] = []
+        claims = {
+            "X-Forwarded-Ssl": "on",
+            "Front-End-Https": "on",
+            "Client-IP": "203.0.113.9",
+            "True-Client-IP": "203.0.113.9",
+            "X-Original-URL": "/admin",
+            "X-Forwarded-Prefix": "/evil",
+            "X-Custom": "kept",
+        }
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            state = _files(
+                stack.web_port,
+                Location(path="/", upstream="app"),
+                upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{port}"),)),),
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, _upstream(heads))
+                await _apply(stack, state)
+                url = f"http://127.0.0.1:{stack.web_port}/"
+                async with httpx.AsyncClient() as client:
+                    response = await client.get(url, headers={"Host": "localhost", **claims})
+                assert response.status_code == 200
+                tg.cancel_scope.cancel()
+        sent = _sent_headers(heads[0])
+        assert {name: sent.get(name) for name in claims} == {
+            **dict.fromkeys(claims),
+            "X-Custom": "kept",
+        }
 
 
 def _closed_port() -> int:

@@ -52,6 +52,7 @@ from nxmesh.plugins.render_nginx import (
     renderer_for,
 )
 from nxmesh.plugins.render_nginx.quoting import DOLLAR_VARIABLE
+from nxmesh.plugins.render_nginx.renderer import CLIENT_CLAIMS
 from nxmesh.testing import make_state
 from nxmesh.testing.contracts import RendererContract
 from nxmesh.testing.nginx import free_port
@@ -740,7 +741,8 @@ class TestLocations:
     def test_proxy_location_keeps_upstream_connections_alive(self, tmp_path: Path) -> None:
         """proxy_pass to the upstream, request id and forwarding headers, Connection "".
         Every forwarding header is nginx's own: the client's X-Forwarded-Host, -Port and
-        Forwarded, and its claims of a client certificate, never reach the upstream."""
+        Forwarded, its claims of a client certificate, of the scheme, its address or the
+        URL, never reach the upstream."""
         (block,) = self.render_locations(tmp_path, Location(path="/", upstream="app")).values()
         assert args(block, "proxy_pass") == [["http://app"]]
         headers = dict(args(block, "proxy_set_header"))
@@ -757,6 +759,9 @@ class TestLocations:
             # The site checks no client certificates: a client's own claims are dropped.
             "X-Client-Verify": "",
             "X-Client-DN": "",
+            # And its claims of the scheme, its address or the URL.
+            **dict.fromkeys(CLIENT_CLAIMS, ""),
+            "X-Forwarded-Prefix": "",
         }
         assert find(block, "proxy_read_timeout") == []
 

@@ -388,12 +388,20 @@ CACHE_KEY_SHAPE = re.compile(
     r"\$proxy_host\|\$scheme://\$host\$request_uri"
 )
 
-CACHE_CLEARED = [
+CACHE_CLEARED = ["X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override"]
+# A client's claims of the scheme, its address or the URL: never sent on (`CLIENT_CLAIMS`).
+CLIENT_CLAIMS = [
+    "X-Forwarded-Ssl",
+    "X-Forwarded-Scheme",
+    "X-Forwarded-Server",
+    "Front-End-Https",
+    "X-Url-Scheme",
+    "Client-IP",
+    "True-Client-IP",
+    "X-Client-IP",
+    "X-Cluster-Client-IP",
     "X-Original-URL",
     "X-Rewrite-URL",
-    "X-HTTP-Method-Override",
-    "X-HTTP-Method",
-    "X-Method-Override",
 ]
 
 
@@ -723,7 +731,18 @@ def expected_location(
             }
         else:  # a client's own claims are dropped
             forwarded |= {"X-Client-Verify": '""', "X-Client-DN": '""'}
-        cleared = ["Forwarded", *(CACHE_CLEARED if loc.cache is not None else [])]
+        cleared = [
+            "Forwarded",
+            *CLIENT_CLAIMS,
+            *(CACHE_CLEARED if loc.cache is not None else []),
+        ]
+        taken = loc.path.rstrip("/") if loc.strip_prefix else ""
+        if "x-forwarded-prefix" in own:
+            pass  # the location's own
+        elif taken:  # the path nginx took off
+            assert parsed_value(view_header(view, "X-Forwarded-Prefix")) == taken
+        else:
+            cleared.append("X-Forwarded-Prefix")
         for name, value in [*forwarded.items(), *((n, '""') for n in cleared)]:
             if name.lower() not in own:
                 assert sent[name] == value, name
@@ -767,6 +786,13 @@ def expected_location(
     return [*modifier, loc.path], [n for n, _ in lines], [a for _, a in lines]
 
 
+def view_header(view: Any, name: str) -> str:
+    """The value of `view`'s proxy header `name` (a `Token` as the renderer wrote it)."""
+    [value] = [h.value for h in view.proxy_headers if h.name == name]
+    assert isinstance(value, str)
+    return value
+
+
 def fastcgi_lines(site: Site, loc: Location, view: Any) -> list[tuple[str, list[str]]]:
     """A FastCGI location after its common lines; checks the parameters the application
     must get from nginx, never from the client."""
@@ -792,6 +818,9 @@ def fastcgi_lines(site: Site, loc: Location, view: Any) -> list[tuple[str, list[
         "HTTP_X_FORWARDED_FOR": "$remote_addr",
         "HTTP_FORWARDED": '""',
         "HTTP_PROXY": '""',
+        "HTTP_X_FORWARDED_PREFIX": '""',
+        "HTTP_X_CLIENT_VERIFY": '""',
+        **{"HTTP_" + h.upper().replace("-", "_"): '""' for h in CLIENT_CLAIMS},
     }
     # A user name only where every request passed a password check.
     checked = (loc.basic_auth is not None or site.basic_auth is not None) and (

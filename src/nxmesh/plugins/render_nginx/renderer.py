@@ -76,6 +76,7 @@ __all__ = [
     "BUILTIN_TEMPLATES",
     "CERTS_DIR",
     "CLIENT_CA_DIR",
+    "CLIENT_CLAIMS",
     "DEFAULT_PROXY_CACHE_SIZE",
     "DEFAULT_STATUS_PORT",
     "ERROR_PAGES_DIR",
@@ -562,6 +563,24 @@ _PROXY_DEFAULTS = (
     HeaderLine("Forwarded", _NOTHING),
     HeaderLine("X-Request-ID", Token("$request_id")),
 )
+# Headers applications and frameworks trust for the scheme, the client's address or the
+# URL asked for, which nginx does not set: a client's own would reach the upstream as if
+# nginx had. Cleared (a location's own `proxy_headers` may set them). FastCGI locations
+# clear the same (`_FASTCGI_FORWARDING`).
+CLIENT_CLAIMS: Final = (
+    "X-Forwarded-Ssl",
+    "X-Forwarded-Scheme",
+    "X-Forwarded-Server",
+    "Front-End-Https",
+    "X-Url-Scheme",
+    "Client-IP",
+    "True-Client-IP",
+    "X-Client-IP",
+    "X-Cluster-Client-IP",
+    "X-Original-URL",
+    "X-Rewrite-URL",
+)
+_CLAIMS_CLEARED = tuple(HeaderLine(name, _NOTHING) for name in CLIENT_CLAIMS)
 _KEEPALIVE = (HeaderLine("Connection", _NOTHING),)
 # SUCCESS, NONE (optional, none sent) or FAILED:<reason>; the subject's RFC 2253 name.
 _CLIENT_CERT = (
@@ -571,17 +590,12 @@ _CLIENT_CERT = (
 # Sites that check no certificates send neither: a client's own would reach an upstream
 # behind both kinds of site as if nginx had checked it.
 _NO_CLIENT_CERT = tuple(HeaderLine(h.name, _NOTHING) for h in _CLIENT_CERT)
-# What a cached answer must not depend on, as the cache key does not: a URL or a method
-# other than the request's (one client's DELETE kept as everyone's GET).
+# What a cached answer must not depend on, as the cache key does not: a method other
+# than the request's (one client's DELETE kept as everyone's GET); another URL is one of
+# the `CLIENT_CLAIMS` every proxy location clears.
 _CACHE_CLEARED = tuple(
     HeaderLine(name, _NOTHING)
-    for name in (
-        "X-Original-URL",
-        "X-Rewrite-URL",
-        "X-HTTP-Method-Override",
-        "X-HTTP-Method",
-        "X-Method-Override",
-    )
+    for name in ("X-HTTP-Method-Override", "X-HTTP-Method", "X-Method-Override")
 )
 # After realip, $proxy_add_x_forwarded_for appends the client (now $remote_addr) again
 # and loses the balancer: nginx.conf's map appends $realip_remote_addr instead.
@@ -607,14 +621,21 @@ def proxy_headers(
     received plus the balancer's own address (``$nxmesh_forwarded_for``), not the client
     a second time. `tls_name`: the upstream's TLS server name, which is then the Host too
     (a name-based HTTPS server picks its site by Host, and some answer 421 when it differs
-    from the SNI); the client's is in X-Forwarded-Host as always. A caching location
-    also clears the headers that would make an answer depend on more than its key.
+    from the SNI); the client's is in X-Forwarded-Host as always. A client's claims of
+    the scheme, its address or the URL (`CLIENT_CLAIMS`) are cleared; with
+    `strip_prefix`, X-Forwarded-Prefix names the path nginx took off. A caching location
+    also clears the method overrides that would make an answer depend on more than its
+    key.
     `client_certs`: the site checks client certificates (`TLSConfig.client_ca`), and the
     upstream learns the outcome and the subject; other sites clear both headers, so the
     upstream never gets a client's own.
     """
     defaults = _PROXY_DEFAULTS + (_WEBSOCKET if location.websocket else _KEEPALIVE)
     defaults += _CLIENT_CERT if client_certs else _NO_CLIENT_CERT
+    defaults += _CLAIMS_CLEARED
+    # The path nginx took off (`strip_prefix`), for applications building their links.
+    prefix = location.path.rstrip("/") if location.strip_prefix else ""
+    defaults += (HeaderLine("X-Forwarded-Prefix", quoting.quote(prefix) if prefix else _NOTHING),)
     if location.cache is not None:
         defaults += _CACHE_CLEARED
     if real_ip:  # in place, so the lines keep their order
@@ -624,6 +645,11 @@ def proxy_headers(
     if tls_name is not None:
         defaults = (HeaderLine("Host", quoting.quote(tls_name)), *defaults[1:])
     return _merge(defaults, location.proxy_headers)
+
+
+def _cgi_name(header: str) -> str:
+    """A request header's CGI parameter name: ``X-Forwarded-Ssl`` → ``HTTP_X_FORWARDED_SSL``."""
+    return "HTTP_" + header.upper().replace("-", "_")
 
 
 # nginx's own fastcgi_params, with Debian's fix: HTTP_HOST is the host nginx chose, not a
@@ -679,20 +705,10 @@ _FASTCGI_FORWARDING = tuple(
             for name in (
                 "HTTP_FORWARDED",
                 "HTTP_PROXY",
-                "HTTP_X_FORWARDED_SSL",
-                "HTTP_X_FORWARDED_SCHEME",
-                "HTTP_X_FORWARDED_SERVER",
                 "HTTP_X_FORWARDED_PREFIX",
-                "HTTP_FRONT_END_HTTPS",
-                "HTTP_X_URL_SCHEME",
-                "HTTP_CLIENT_IP",
-                "HTTP_TRUE_CLIENT_IP",
-                "HTTP_X_CLIENT_IP",
-                "HTTP_X_CLUSTER_CLIENT_IP",
-                "HTTP_X_ORIGINAL_URL",
-                "HTTP_X_REWRITE_URL",
                 "HTTP_X_CLIENT_VERIFY",
                 "HTTP_X_CLIENT_DN",
+                *(_cgi_name(header) for header in CLIENT_CLAIMS),
             )
         ),
     )
