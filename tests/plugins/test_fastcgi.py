@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import subprocess
-import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from nxmesh.core.model import (
     Upstream,
     UpstreamServer,
 )
-from nxmesh.testing.nginx import free_port
+from nxmesh.testing.nginx import free_port, readable_root
 from nxmesh.testing.php_fpm import PhpFpm, find_php_fpm, php_fpm, run_php_fpm
 
 pytestmark = [pytest.mark.anyio, pytest.mark.nginx]
@@ -61,36 +59,26 @@ def app_root() -> Iterator[Path]:
     """A PHP application under /srv (nginx's workers and PHP-FPM's read it; the model
     accepts it as a root): a front controller, a script, static files, an upload that is
     PHP in disguise, and a hidden directory."""
-    root = Path(tempfile.mkdtemp(prefix="nxmesh-php-", dir="/srv"))
-    try:
-        root.chmod(0o755)
-        files = {
-            "index.php": _ECHO,
-            "info.php": _ECHO,
-            "admin/index.php": _ECHO,
-            "style.css": "body{}",
-            "uploads/avatar.jpg": "<?php echo 'PWNED';",
-            "uploads/evil.phar": "<?php echo 'PHAR';",
-            "slow.php": "<?php usleep(300000); echo 'slow';",
-            "admin/secret.php": "<?php echo 'SOURCE';",
-            ".hidden/tool.php": "<?php echo 'HIDDEN';",
-        }
-        for name, text in files.items():
-            path = root / name
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            path.write_text(text)
-            path.chmod(0o644)
+    files = {
+        "index.php": _ECHO,
+        "info.php": _ECHO,
+        "admin/index.php": _ECHO,
+        "style.css": "body{}",
+        "uploads/avatar.jpg": "<?php echo 'PWNED';",
+        "uploads/evil.phar": "<?php echo 'PHAR';",
+        "slow.php": "<?php usleep(300000); echo 'slow';",
+        "admin/secret.php": "<?php echo 'SOURCE';",
+        ".hidden/tool.php": "<?php echo 'HIDDEN';",
+    }
+    with readable_root(files) as root:
         yield root
-    finally:
-        shutil.rmtree(root)
 
 
 @pytest.fixture
-async def stack(nginx_binary: str, app_root: Path, anyio_backend: str) -> AsyncIterator[NginxStack]:
-    async with NginxStack(
-        root=app_root.with_name(app_root.name + "-nginx"), nginx_binary=nginx_binary
-    ) as stack:
-        yield stack
+async def stack(nginx_binary: str, anyio_backend: str) -> AsyncIterator[NginxStack]:
+    with readable_root() as base:
+        async with NginxStack(root=base / "nginx", nginx_binary=nginx_binary) as stack:
+            yield stack
 
 
 def _php_state(

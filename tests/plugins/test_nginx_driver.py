@@ -5,10 +5,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import os
-import shutil
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -53,7 +51,7 @@ from nxmesh.plugins.nginx_driver import DriverSettings, ReloadDriver
 from nxmesh.plugins.render_nginx import NginxRenderer
 from nxmesh.testing.contracts import NginxDriverContract
 from nxmesh.testing.factories import one_site_state
-from nxmesh.testing.nginx import free_port, refuse_signal
+from nxmesh.testing.nginx import free_port, readable_root, refuse_signal
 from nxmesh.testing.pki import Pki
 from nxmesh.tls import serving_context
 
@@ -514,25 +512,17 @@ class TestFirstApplyOverAForeignTree:
 @pytest.fixture
 def www() -> Iterator[Path]:
     """A document root nginx's workers can read, where the model accepts one (`/srv`)."""
-    root = Path(tempfile.mkdtemp(prefix="nxmesh-test-", dir="/srv"))
-    try:
-        root.chmod(0o755)
-        files = {
-            "index.html": "home",
-            ".env": "SECRET=1",
-            ".git/config": "[core]",
-            "app/.htpasswd": "admin:x",
-            ".well-known/security.txt": "contact",
-            "sub/.well-known/x.txt": "nested",
-            "a.b/file.txt": "dotted directory",
-        }
-        for name, text in files.items():
-            path = root / name
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-            path.write_text(text)
+    files = {
+        "index.html": "home",
+        ".env": "SECRET=1",
+        ".git/config": "[core]",
+        "app/.htpasswd": "admin:x",
+        ".well-known/security.txt": "contact",
+        "sub/.well-known/x.txt": "nested",
+        "a.b/file.txt": "dotted directory",
+    }
+    with readable_root(files) as root:
         yield root
-    finally:
-        shutil.rmtree(root)
 
 
 def _files(
@@ -700,12 +690,8 @@ def _sent_headers(head: bytes) -> dict[str, str]:
 @pytest.fixture
 def srv_root() -> Iterator[Path]:
     """A directory nginx's workers can reach (pytest's tmp dirs are private)."""
-    root = Path(tempfile.mkdtemp(prefix="nxmesh-test-", dir="/srv"))
-    try:
-        root.chmod(0o755)
+    with readable_root() as root:
         yield root
-    finally:
-        shutil.rmtree(root)
 
 
 @pytest.fixture

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -58,6 +62,25 @@ def refuse_signal(
         real(target, sig)
 
     monkeypatch.setattr(os, "kill", kill)
+
+
+@contextlib.contextmanager
+def readable_root(files: Mapping[str, str] | None = None) -> Iterator[Path]:
+    """A scratch directory under /srv holding `files` (relative path → text), which
+    nginx's workers, another user, can read (0755 directories, 0644 files; pytest's own
+    temporary directories are private) and the model accepts as a `root`; removed on
+    exit."""
+    root = Path(tempfile.mkdtemp(prefix="nxmesh-test-", dir="/srv"))
+    try:
+        root.chmod(0o755)
+        for name, text in (files or {}).items():
+            path = root / name
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+            path.write_text(text)
+            path.chmod(0o644)
+        yield root
+    finally:
+        shutil.rmtree(root)
 
 
 def _worker_share() -> tuple[int, int]:

@@ -647,6 +647,11 @@ def proxy_headers(
     return _merge(defaults, location.proxy_headers)
 
 
+def _lines(pairs: Iterable[tuple[str, str]]) -> tuple[HeaderLine, ...]:
+    """Header or parameter lines whose values are already nginx syntax."""
+    return tuple(HeaderLine(name, Token(value)) for name, value in pairs)
+
+
 def _cgi_name(header: str) -> str:
     """A request header's CGI parameter name: ``X-Forwarded-Ssl`` → ``HTTP_X_FORWARDED_SSL``."""
     return "HTTP_" + header.upper().replace("-", "_")
@@ -658,9 +663,8 @@ def _cgi_name(header: str) -> str:
 # SCRIPT_FILENAME and PATH_INFO are the script and what follows it in the URI (`FastCGI`).
 # REMOTE_USER is `fastcgi_params`'s: nginx fills $remote_user from any Authorization
 # header, checked or not.
-_FASTCGI_PARAMS = tuple(
-    HeaderLine(name, Token(value))
-    for name, value in (
+_FASTCGI_PARAMS = _lines(
+    (
         ("QUERY_STRING", "$query_string"),
         ("REQUEST_METHOD", "$request_method"),
         ("CONTENT_TYPE", "$content_type"),
@@ -691,9 +695,8 @@ _FASTCGI_PARAMS = tuple(
 # (the scheme, the client's address, the URL asked for, a client certificate's outcome)
 # are cleared; a client's `Proxy:` header would become the HTTP_PROXY environment
 # variable many HTTP libraries obey ("httpoxy").
-_FASTCGI_FORWARDING = tuple(
-    HeaderLine(name, Token(value))
-    for name, value in (
+_FASTCGI_FORWARDING = _lines(
+    (
         ("HTTP_X_FORWARDED_FOR", "$remote_addr"),
         ("HTTP_X_REAL_IP", "$remote_addr"),
         ("HTTP_X_FORWARDED_PROTO", "$scheme"),
@@ -715,9 +718,8 @@ _FASTCGI_FORWARDING = tuple(
 )
 # Sites checking client certificates tell the application the outcome and the subject, in
 # the names Apache's mod_ssl gives them; clients cannot set non-HTTP_ parameters.
-_FASTCGI_CLIENT_CERT = (
-    HeaderLine("SSL_CLIENT_VERIFY", Token("$ssl_client_verify")),
-    HeaderLine("SSL_CLIENT_S_DN", Token("$ssl_client_s_dn")),
+_FASTCGI_CLIENT_CERT = _lines(
+    (("SSL_CLIENT_VERIFY", "$ssl_client_verify"), ("SSL_CLIENT_S_DN", "$ssl_client_s_dn"))
 )
 
 
