@@ -708,6 +708,20 @@ class TestLocations:
         assert params["SSL_CLIENT_VERIFY"] == "$ssl_client_verify"
         assert params["APP_ENV"] == "a b'c"
 
+    def test_the_models_builtin_parameters_are_the_rendered_ones(self) -> None:
+        """`FASTCGI_BUILTIN_PARAMS` (which a location's own `params` may not name) lists
+        every non-HTTP_ parameter the renderer writes: none can be written twice."""
+        from nxmesh.core.model import FASTCGI_BUILTIN_PARAMS, FastCGI
+        from nxmesh.plugins.render_nginx.renderer import fastcgi_params
+
+        php = FastCGI(upstream="php", root="/srv/www")
+        written = {
+            p.name
+            for p in fastcgi_params(php, client_certs=True, checked_user=True)
+            if not p.name.startswith("HTTP_")
+        }
+        assert written == FASTCGI_BUILTIN_PARAMS
+
     def test_cache_keys_follow_what_shapes_the_answers(self) -> None:
         """A caching location's key changes with the site, the location and how its
         upstream is asked (another server name), not with the listeners (the host's IPv6
