@@ -50,6 +50,7 @@ echo json_encode([
     'user' => $s['REMOTE_USER'] ?? '', 'ssl' => $s['HTTP_X_FORWARDED_SSL'] ?? '',
     'original_url' => $s['HTTP_X_ORIGINAL_URL'] ?? '',
     'request_id' => $s['HTTP_X_REQUEST_ID'] ?? '',
+    'remote_user_header' => $s['HTTP_REMOTE_USER'] ?? '',
 ]);
 """
 
@@ -275,6 +276,10 @@ class TestWhatNeverRuns:
         status, body = await _get(stack.web_port, "/uploads/avatar.jpg/x.php")
         assert status in (403, 404), body
         assert "PWNED" not in body
+        # PHP-FPM would walk this one back to the .phar and run it: nginx refuses.
+        status, body = await _get(stack.web_port, "/uploads/evil.phar/x.php")
+        assert status == 404, body
+        assert "PHAR" not in body
         assert (await _seen(stack.web_port, "/info.php"))["script"] == f"{app_root}/info.php"
 
     async def test_a_location_running_everything_runs_only_php(
@@ -329,6 +334,7 @@ class TestWhatTheApplicationIsTold:
             "X-Forwarded-Ssl: on",
             "X-Original-URL: /admin/secret.php",
             "X-Request-ID: forged",
+            "Remote-User: admin",
             "X-Custom: kept",
         )
         assert (seen["remote"], seen["xff"]) == ("127.0.0.1", "127.0.0.1")
@@ -336,6 +342,7 @@ class TestWhatTheApplicationIsTold:
         assert seen["forwarded"] in (None, "")  # PHP drops an empty one
         assert seen["proxy"] in (False, "")
         assert (seen["ssl"], seen["original_url"]) == ("", "")
+        assert seen["remote_user_header"] == ""  # header authentication of another proxy
         assert len(seen["request_id"]) == 32  # nginx's
         assert seen["custom"] == "kept"
 
@@ -383,12 +390,13 @@ class TestWhatTheApplicationIsTold:
     async def test_an_absolute_form_request_cannot_choose_http_host(
         self, stack: NginxStack, app_root: Path, php_fpm: PhpFpm
     ) -> None:
-        """``GET http://localhost/... `` with ``Host: evil``: nginx serves localhost, and
-        so does HTTP_HOST (Debian's fastcgi_params fix)."""
+        """``GET http://localhost/... `` with ``Host: evil:9999``: nginx serves localhost,
+        and so does HTTP_HOST (Debian's fastcgi_params fix), without the ignored header's
+        port."""
         await _apply(stack, _php_state(stack.web_port, app_root, php_fpm.address))
         status, body = await _request(
             stack.web_port,
-            "GET http://localhost/info.php HTTP/1.0\r\nHost: evil.example\r\n"
+            "GET http://localhost/info.php HTTP/1.0\r\nHost: evil.example:9999\r\n"
             "Connection: close\r\n\r\n",
         )
         assert status == 200, body

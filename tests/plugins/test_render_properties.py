@@ -400,8 +400,17 @@ CLIENT_CLAIMS = [
     "True-Client-IP",
     "X-Client-IP",
     "X-Cluster-Client-IP",
+    "X-Original-Host",
+    "X-Host",
     "X-Original-URL",
     "X-Rewrite-URL",
+    "X-Forwarded-Uri",
+    "Remote-User",
+    "X-Remote-User",
+    "X-Forwarded-User",
+    "X-Forwarded-Email",
+    "X-Auth-Request-User",
+    "X-Auth-Request-Email",
 ]
 
 
@@ -804,6 +813,7 @@ def fastcgi_lines(site: Site, loc: Location, view: Any) -> list[tuple[str, list[
         ("fastcgi_split_path_info", [r"^(.+?\.php)(/.*)$"]),
         ("set", ["$nxmesh_path_info", "$fastcgi_path_info"]),
         PHP_ONLY,
+        NO_ARCHIVES,
     ]
     if fc.check_script:
         lines.append(("try_files", ["$fastcgi_script_name", "=404"]))
@@ -856,6 +866,7 @@ HIDDEN_FILES_BLOCK = [("return", ["404"])]
 # FastCGI locations run .php scripts only. Both answer with the same block.
 HIDE_SCRIPTS = ("if", ["$uri", "~", r"\.php(?:/|$)"])
 PHP_ONLY = ("if", ["$fastcgi_script_name", "!~", r"\.php$"])
+NO_ARCHIVES = ("if", ["$fastcgi_script_name", "~*", r"\.ph(?:ar|tml?|p[0-9]?)/"])
 
 
 def access_lines(allow: tuple[str, ...]) -> list[tuple[str, list[str]]]:

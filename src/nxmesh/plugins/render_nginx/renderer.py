@@ -563,10 +563,10 @@ _PROXY_DEFAULTS = (
     HeaderLine("Forwarded", _NOTHING),
     HeaderLine("X-Request-ID", Token("$request_id")),
 )
-# Headers applications and frameworks trust for the scheme, the client's address or the
-# URL asked for, which nginx does not set: a client's own would reach the upstream as if
-# nginx had. Cleared (a location's own `proxy_headers` may set them). FastCGI locations
-# clear the same (`_FASTCGI_FORWARDING`).
+# Headers applications and frameworks trust for the scheme, the client's address, the
+# host or URL asked for, or the user an authenticating proxy let in, which nginx does not
+# set: a client's own would reach the upstream as if nginx had. Cleared (a location's own
+# `proxy_headers` may set them). FastCGI locations clear the same (`_FASTCGI_FORWARDING`).
 CLIENT_CLAIMS: Final = (
     "X-Forwarded-Ssl",
     "X-Forwarded-Scheme",
@@ -577,8 +577,17 @@ CLIENT_CLAIMS: Final = (
     "True-Client-IP",
     "X-Client-IP",
     "X-Cluster-Client-IP",
+    "X-Original-Host",
+    "X-Host",
     "X-Original-URL",
     "X-Rewrite-URL",
+    "X-Forwarded-Uri",
+    "Remote-User",
+    "X-Remote-User",
+    "X-Forwarded-User",
+    "X-Forwarded-Email",
+    "X-Auth-Request-User",
+    "X-Auth-Request-Email",
 )
 _CLAIMS_CLEARED = tuple(HeaderLine(name, _NOTHING) for name in CLIENT_CLAIMS)
 _KEEPALIVE = (HeaderLine("Connection", _NOTHING),)
