@@ -1634,3 +1634,16 @@ class TestFastCGI:
         [problem] = check_state(attrs.evolve(state, sites=(both,)))
         assert problem.path == "sites[0].locations[0].fastcgi.upstream"
         assert "also a proxy location's" in problem.message
+
+
+def test_escaped_location_paths_are_refused_for_new_states() -> None:
+    """nginx matches prefix and exact locations against the decoded path, so one written
+    with a %XX escape never matches, and its access rules protect nothing: a new state
+    may not hold one (a stored one still loads). A regex location is not concerned."""
+    escaped = loc("/secret%20area/", root="/srv/www", allow=("10.0.0.0/8",))
+    regex = loc("^/100%$", match="regex", return_=Return(204))
+    state = DesiredState(sites=(make_site(locations=(escaped, regex)),))
+    [problem] = check_state(state)
+    assert problem.path == "sites[0].locations[0].path"
+    assert "nginx matches locations against the decoded path" in problem.message
+    assert check_parts(StateParts.of(state)) == []  # the stored-state rules let it load

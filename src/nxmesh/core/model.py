@@ -1255,6 +1255,18 @@ def submission_problems(state: DesiredState) -> list[Problem]:
             if (reason := v.upstream_address_hazard(server.address)) is not None:
                 found.append(Problem(f"upstreams[{i}].servers[{j}].address", reason))
     found += _fastcgi_upstream_problems(state)
+    found += [
+        Problem(
+            f"sites[{i}].locations[{n}].path",
+            "has a %XX escape, but nginx matches locations against the decoded path: "
+            "this location would never match a request, and its access rules would "
+            "protect nothing; write the character itself, or match it with a regex "
+            "location",
+        )
+        for i, site in enumerate(state.sites)
+        for n, loc in enumerate(site.locations)
+        if loc.match in _PATH_MATCHES and "%" in loc.path
+    ]
     for i, site in enumerate(state.sites):
         if site.tls is None or not site.tls.redirect_http:
             continue

@@ -360,7 +360,7 @@ RETURN_BODY = TextRule(
 
 _URI_CHARS = r"(?:[A-Za-z0-9._~!*()@:+,=/&-]|%[0-9A-Fa-f]{2})"
 LOCATION_PATH = TextRule(
-    "a URI path starting with '/' (letters, digits and ._~!*()@:+,=/- or %XX escapes)",
+    "a URI path starting with '/' (letters, digits and ._~!*()@:+,=/-)",
     _rx(rf"/{_URI_CHARS}*"),
     max_len=512,
     allowed="%",
