@@ -57,6 +57,7 @@ from nxmesh.core.model import ApplyReport, PendingApply
 from nxmesh.core.settings import Settings
 from nxmesh.nginx_check import NginxNotFoundError, find_nginx, prepare_prefix
 from nxmesh.plugins.nginx_driver.inspect import StatusEndpoint, error_logs, status_endpoint
+from nxmesh.plugins.nginx_driver.reach import locked_out_warning
 from nxmesh.plugins.nginx_driver.releases import ReleaseStore, sync_filesystem
 
 __all__ = [
@@ -502,7 +503,21 @@ class ReloadDriver:
         await anyio.to_thread.run_sync(self.store.clear_journal)
         protect = {name} | ({previous} if previous else set())
         await anyio.to_thread.run_sync(self.store.prune, self.settings.keep_releases, protect)
-        return "applied", f"serving {bundle.digest[:12]}", tail.text
+        message = f"serving {bundle.digest[:12]}"
+        if (warning := await self._locked_out(release)) is not None:
+            log.warning("nginx.workers_locked_out", detail=warning)
+            message += f"; warning: {warning}"
+        return "applied", message, tail.text
+
+    async def _locked_out(self, release: Path) -> str | None:
+        """Whether the live workers cannot reach `release` or the temp directory (see
+        `reach`): nginx serves, but each request opening a file there answers 500."""
+        pid = await self.mode.nginx_pid()
+        if pid is None:
+            return None
+        temp = self.layout.temp_dir or self.layout.prefix / "tmp"
+        workers = [w for w, current in worker_pids(pid).items() if current]
+        return await anyio.to_thread.run_sync(locked_out_warning, workers, [release, temp])
 
     async def _test_and_inspect(
         self, staging: Path, bundle: Bundle, previous: str | None, *, fresh: bool = True
