@@ -41,6 +41,19 @@ class TestClosedDirectory:
         assert closed_directory(inner, NOBODY) == inner
         assert closed_directory(inner, (0, frozenset({0}))) is None
 
+    def test_a_link_into_a_closed_directory(self) -> None:
+        """The workers also traverse the directories above a link's target: a
+        configuration root reached through a link into a private directory is closed."""
+        with readable_root() as base:
+            (base / "private" / "real").mkdir(parents=True)
+            (base / "private").chmod(0o700)
+            (base / "public").mkdir()
+            (base / "public" / "link").symlink_to("../private/real")
+            (base / "public" / "link" / "releases").mkdir()
+            assert closed_directory(base / "public" / "link" / "releases", NOBODY) == (
+                base / "private"
+            )
+
     def test_a_missing_path_says_nothing(self) -> None:
         with readable_root() as base:
             assert closed_directory(base / "not" / "there", NOBODY) is None
@@ -81,6 +94,10 @@ class TestTheApplySays:
         assert closed is not None
         assert f"cannot enter {closed} (mode 0700)" in report.message
         assert (await stack.body()) == "a"
+        # Applying it again changes nothing, and the report still says so.
+        again = await stack.driver.apply(stack.update(state), stack.render(state))
+        assert again.outcome == "noop", again.message
+        assert f"warning: nginx's workers (uid {_worker_credentials(stack)[0]})" in again.message
 
     async def test_no_warning_when_they_can(self, nginx_binary: str, anyio_backend: str) -> None:
         with readable_root() as base:

@@ -1260,8 +1260,8 @@ def submission_problems(state: DesiredState) -> list[Problem]:
             f"sites[{i}].locations[{n}].path",
             "has a %XX escape, but nginx matches locations against the decoded path: "
             "this location would never match a request, and its access rules would "
-            "protect nothing; write the character itself, or match it with a regex "
-            "location",
+            "protect nothing; match it with a regex location ('.' or '\\s' for a space, "
+            "'%' for itself), which nginx checks after the prefix locations",
         )
         for i, site in enumerate(state.sites)
         for n, loc in enumerate(site.locations)

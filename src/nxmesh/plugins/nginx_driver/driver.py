@@ -391,7 +391,10 @@ class ReloadDriver:
             intact = await anyio.to_thread.run_sync(self.store.intact, previous)
             if intact and pid is not None:
                 clock.lap("verify")
-                return "noop", "this configuration is already live", ""
+                message = "this configuration is already live"
+                if (warning := await self._locked_out(self.store.path_of(previous))) is not None:
+                    message += f"; warning: {warning}"
+                return "noop", message, ""
         clock.lap("verify")
 
         # Stage and test: nothing live changes, a failure only cleans up. An intact

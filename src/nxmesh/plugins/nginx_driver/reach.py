@@ -15,8 +15,6 @@ import stat
 from collections.abc import Iterable
 from pathlib import Path
 
-import psutil
-
 __all__ = ["Credentials", "closed_directory", "credentials_of", "locked_out_warning"]
 
 Credentials = tuple[int, frozenset[int]]
@@ -24,31 +22,37 @@ Credentials = tuple[int, frozenset[int]]
 
 
 def credentials_of(pid: int) -> Credentials | None:
-    """Process `pid`'s effective uid and groups (supplementary ones from ``/proc``);
-    None when it is gone."""
-    try:
-        process = psutil.Process(pid)
-        uid = process.uids().effective
-        groups = {process.gids().effective}
-    except psutil.Error:
-        return None
+    """Process `pid`'s effective uid and every group it is in, read at once from
+    ``/proc/<pid>/status`` (Linux); None when it is gone or cannot be read."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return uid, frozenset(groups)
-    for line in status.splitlines():
-        if line.startswith("Groups:"):
-            groups.update(int(g) for g in line.split()[1:])
+        return None
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    try:
+        uid = int(fields["Uid"].split()[1])  # real, effective, saved, filesystem
+        groups = {int(fields["Gid"].split()[1]), *map(int, fields.get("Groups", "").split())}
+    except (KeyError, IndexError, ValueError):
+        return None
     return uid, frozenset(groups)
 
 
 def closed_directory(path: Path, who: Credentials) -> Path | None:
     """The first directory on the way to `path` (itself included) that `who` may not
-    enter (no search permission for it as owner, group member or other), or None.
-    Root enters anything; ACLs are not read."""
-    uid, groups = who
-    if uid == 0:
+    enter (no search permission for it as owner, group member or other), or None: along
+    the path as written, then along where its links lead (the directories above a link's
+    target are traversed too). Root enters anything; ACLs are not read."""
+    if who[0] == 0:
         return None
+    real = Path(os.path.realpath(path))
+    for walked in (path, real) if real != path else (path,):
+        if (closed := _closed_on(walked, who)) is not None:
+            return closed
+    return None
+
+
+def _closed_on(path: Path, who: Credentials) -> Path | None:
+    uid, groups = who
     for part in (*reversed(path.parents), path):
         try:
             st = os.stat(part)
