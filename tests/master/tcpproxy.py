@@ -7,6 +7,8 @@ import contextlib
 import socket
 import threading
 
+from nxmesh.testing.nginx import free_port
+
 
 class TcpProxy:
     """Forwards 127.0.0.1:`port` to `target`; `stop` drops every connection and refuses
@@ -15,7 +17,9 @@ class TcpProxy:
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.target = target
-        self.port = 0
+        # Below the kernel's ephemeral range (`free_port`): while the proxy is stopped no
+        # outgoing connection can take the port it starts again on.
+        self.port = free_port()
         self._listener: socket.socket | None = None
         self._sockets: set[socket.socket] = set()
         self._lock = threading.Lock()
