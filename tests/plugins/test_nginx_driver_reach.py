@@ -115,3 +115,21 @@ def _worker_credentials(stack: NginxStack) -> tuple[int, frozenset[int]]:
     found = credentials_of(worker)
     assert found is not None
     return found
+
+
+@pytest.mark.anyio
+@pytest.mark.nginx
+async def test_a_relative_configuration_root_works(
+    nginx_binary: str, anyio_backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative ``agent.conf_dir`` is taken from the agent's working directory: nginx
+    resolved the relative ``-p`` against its own (``nginx -t`` runs from a scratch one),
+    and every apply failed."""
+    with readable_root() as base:
+        monkeypatch.chdir(base)
+        async with NginxStack(root=Path("nginx"), nginx_binary=nginx_binary) as stack:
+            assert stack.layout.conf_dir == base / "nginx"
+            state = stack.state("relative")
+            report = await stack.driver.apply(stack.update(state), stack.render(state))
+            assert report.outcome == "applied", report.message
+            assert await stack.body() == "relative"

@@ -76,13 +76,19 @@ def render_settings_of(settings: Settings) -> RenderSettings:
     )
 
 
+def _absolute(path: Path) -> Path:
+    return Path(path).absolute()
+
+
 @attrs.frozen
 class NginxLayout:
     """The paths of one nginx instance run by the agent."""
 
-    conf_dir: Path
+    # Absolute from here on: nginx resolves a relative ``-p`` against its own working
+    # directory, and ``nginx -t`` runs from a scratch one (every apply failed).
+    conf_dir: Path = attrs.field(converter=_absolute)
     """Root of the live configuration: ``current``, ``releases/``, the apply journal."""
-    prefix: Path
+    prefix: Path = attrs.field(converter=_absolute)
     """nginx's ``-p``: relative paths in nginx.conf resolve against it."""
     pid_file: Path
     error_log: Path
