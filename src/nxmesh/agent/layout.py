@@ -101,10 +101,14 @@ class NginxLayout:
         """What nginx is started with (``-c``): always read through the ``current`` link."""
         return self.conf_dir / "current" / "nginx.conf"
 
+    @property
+    def temp_root(self) -> Path:
+        """Where nginx's temp and cache directories are: `temp_dir`, else ``<prefix>/tmp``."""
+        return self.temp_dir if self.temp_dir is not None else self.prefix / "tmp"
+
     def runtime_dirs(self) -> list[Path]:
         """Directories nginx expects to exist before it starts (logs, temp files)."""
-        temp = self.temp_dir if self.temp_dir is not None else self.prefix / "tmp"
-        return sorted({self.pid_file.parent, self.error_log.parent, temp})
+        return sorted({self.pid_file.parent, self.error_log.parent, self.temp_root})
 
     def ensure_runtime_dirs(self) -> None:
         for directory in self.runtime_dirs():

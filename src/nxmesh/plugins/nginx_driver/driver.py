@@ -518,9 +518,9 @@ class ReloadDriver:
         pid = await self.mode.nginx_pid()
         if pid is None:
             return None
-        temp = self.layout.temp_dir or self.layout.prefix / "tmp"
         workers = [w for w, current in worker_pids(pid).items() if current]
-        return await anyio.to_thread.run_sync(locked_out_warning, workers, [release, temp])
+        directories = [release, self.layout.temp_root]
+        return await anyio.to_thread.run_sync(locked_out_warning, workers, directories)
 
     async def _test_and_inspect(
         self, staging: Path, bundle: Bundle, previous: str | None, *, fresh: bool = True
