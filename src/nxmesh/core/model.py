@@ -424,36 +424,32 @@ FASTCGI_BUILTIN_PARAMS: Final = frozenset(
 )
 
 
-def _fastcgi_param_name(value: object) -> list[tuple[str, str]]:
-    if (reason := v.FASTCGI_PARAM.reason(value)) is not None or not isinstance(value, str):
-        return [("", reason or "")]
+def _own_param_refine(value: str) -> str | None:
     if value.startswith("HTTP_"):
-        return [
-            (
-                "",
-                f"{value!r}: HTTP_ parameters are the client's request headers, which the "
-                "application gets as sent; name a parameter of your own",
-            )
-        ]
+        return (
+            f"{value!r}: HTTP_ parameters are the client's request headers, which the "
+            "application gets as sent; name a parameter of your own"
+        )
     if value in FASTCGI_BUILTIN_PARAMS:
-        return [("", f"{value!r} is set by nxmesh on every request and cannot be replaced")]
+        return f"{value!r} is set by nxmesh on every request and cannot be replaced"
     if value in ("PHP_VALUE", "PHP_ADMIN_VALUE"):
-        return [
-            (
-                "",
-                f"{value!r} changes the php.ini settings of the PHP-FPM worker that runs the "
-                "request, and they stay for every later request it runs, other sites' "
-                "included; set them in the pool's configuration (php_value[...])",
-            )
-        ]
-    return []
+        return (
+            f"{value!r} changes the php.ini settings of the PHP-FPM worker that runs the "
+            "request, and they stay for every later request it runs, other sites' "
+            "included; set them in the pool's configuration (php_value[...])"
+        )
+    return None
+
+
+# A parameter name of the application's own: none nxmesh sets, nor a client's header.
+_OWN_PARAM = attrs.evolve(v.FASTCGI_PARAM, refine=_own_param_refine)
 
 
 @attrs.frozen(kw_only=True)
 class FastCGIParam:
     """A ``fastcgi_param`` the application gets on every request (its environment)."""
 
-    name: str = attrs.field(validator=v.FieldCheck(_fastcgi_param_name))
+    name: str = attrs.field(validator=v.text(_OWN_PARAM))
     value: str = attrs.field(validator=v.text(v.HEADER_VALUE))
 
 
@@ -468,12 +464,13 @@ def _unique_params(value: object) -> list[tuple[str, str]]:
     return found
 
 
-def _php_index(value: object) -> list[tuple[str, str]]:
-    if (reason := v.FILE_NAME.reason(value)) is not None or not isinstance(value, str):
-        return [("", reason or "")]
-    if not value.endswith(".php"):
-        return [("", f"must be a .php script like index.php, got {value!r}")]
-    return []
+def _php_refine(value: str) -> str | None:
+    return (
+        None if value.endswith(".php") else f"must be a .php script like index.php, got {value!r}"
+    )
+
+
+_PHP_SCRIPT = attrs.evolve(v.FILE_NAME, refine=_php_refine)
 
 
 @attrs.frozen(kw_only=True)
@@ -494,7 +491,7 @@ class FastCGI:
 
     upstream: str = attrs.field(validator=v.text(v.NAME))
     root: str = attrs.field(validator=v.text(v.ROOT_PATH))
-    index: str = attrs.field(default="index.php", validator=v.FieldCheck(_php_index))
+    index: str = attrs.field(default="index.php", validator=v.text(_PHP_SCRIPT))
     check_script: bool = attrs.field(default=True, validator=v.choice(True, False))
     read_timeout: int | None = attrs.field(
         default=None, validator=v.int_range(1, 86400, optional=True)
