@@ -712,15 +712,15 @@ _FASTCGI_FORWARDING = _lines(
         ("HTTP_X_FORWARDED_HOST", "$host"),
         ("HTTP_X_FORWARDED_PORT", "$server_port"),
         ("HTTP_X_REQUEST_ID", "$request_id"),
+        # What proxy locations clear too, the client certificate's headers and `Proxy`.
         *(
-            (name, '""')
-            for name in (
-                "HTTP_FORWARDED",
-                "HTTP_PROXY",
-                "HTTP_X_FORWARDED_PREFIX",
-                "HTTP_X_CLIENT_VERIFY",
-                "HTTP_X_CLIENT_DN",
-                *(_cgi_name(header) for header in CLIENT_CLAIMS),
+            (_cgi_name(header), '""')
+            for header in (
+                "Forwarded",
+                "Proxy",
+                "X-Forwarded-Prefix",
+                *(h.name for h in _CLIENT_CERT),
+                *CLIENT_CLAIMS,
             )
         ),
     )
