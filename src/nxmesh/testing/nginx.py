@@ -65,12 +65,14 @@ def refuse_signal(
 
 
 @contextlib.contextmanager
-def readable_root(files: Mapping[str, str] | None = None) -> Iterator[Path]:
-    """A scratch directory under /srv holding `files` (relative path → text), which
+def readable_root(
+    files: Mapping[str, str] | None = None, *, parent: str = "/srv"
+) -> Iterator[Path]:
+    """A scratch directory under `parent` holding `files` (relative path → text), which
     nginx's workers, another user, can read (0755 directories, 0644 files; pytest's own
-    temporary directories are private) and the model accepts as a `root`; removed on
-    exit."""
-    root = Path(tempfile.mkdtemp(prefix="nxmesh-test-", dir="/srv"))
+    temporary directories are private); under /srv the model accepts it as a `root`.
+    Removed on exit."""
+    root = Path(tempfile.mkdtemp(prefix="nxmesh-test-", dir=parent))
     try:
         root.chmod(0o755)
         for name, text in (files or {}).items():

@@ -18,7 +18,6 @@ import contextlib
 import glob
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import attrs
 import pytest
 
+from nxmesh.testing.nginx import readable_root
 from nxmesh.testing.services import missing_service
 
 __all__ = ["PhpFpm", "find_php_fpm", "php_fpm", "run_php_fpm"]
@@ -69,16 +69,19 @@ def _connects(address: str) -> bool:
 def run_php_fpm(workdir: Path, binary: str, *, port: int | None = None) -> Iterator[PhpFpm]:
     """PHP-FPM serving from `workdir`'s pool: on 127.0.0.1:`port`, else on a unix socket
     under /run (short enough for ``sun_path``, and a path the model accepts)."""
+    with contextlib.ExitStack() as stack:
+        if port is None:  # nginx's workers must reach the socket
+            listen = str(stack.enter_context(readable_root(parent="/run")) / "fpm.sock")
+        else:
+            listen = f"127.0.0.1:{port}"
+        yield stack.enter_context(_serving(workdir, binary, listen))
+
+
+@contextlib.contextmanager
+def _serving(workdir: Path, binary: str, listen: str) -> Iterator[PhpFpm]:
+    """PHP-FPM listening on `listen` (a socket path or ``host:port``) until exit."""
     log = workdir / "php-fpm.log"
-    if port is None:
-        run_dir = Path(tempfile.mkdtemp(prefix="nxmesh-fpm-", dir="/run"))
-        run_dir.chmod(0o755)
-        listen = str(run_dir / "fpm.sock")
-        address = f"unix:{listen}"
-    else:
-        run_dir = None
-        listen = f"127.0.0.1:{port}"
-        address = listen
+    address = f"unix:{listen}" if listen.startswith("/") else listen
     config = workdir / "php-fpm.conf"
     config.write_text(
         f"[global]\nerror_log = {log}\ndaemonize = no\npid = {workdir / 'php-fpm.pid'}\n"
@@ -105,11 +108,6 @@ def run_php_fpm(workdir: Path, binary: str, *, port: int | None = None) -> Itera
         except subprocess.TimeoutExpired:  # pragma: no cover - a stuck master
             proc.kill()
             proc.wait()
-        if run_dir is not None:
-            with contextlib.suppress(OSError):
-                for child in run_dir.iterdir():
-                    child.unlink()
-                run_dir.rmdir()
 
 
 @pytest.fixture(scope="module")
