@@ -454,12 +454,15 @@ class UnknownHostServer:
     server's settings, so this server must keep none (see `SiteView.session_cache_off`)."""
 
 
-def unknown_host_listens(state: DesiredState) -> list[UnknownHostServer]:
+def unknown_host_listens(
+    state: DesiredState, *, checked_sockets: frozenset[tuple[str, int]] | None = None
+) -> list[UnknownHostServer]:
     """The servers that answer unknown names, one per socket the sites listen on (their
     redirect servers' included) where no site is the ``default_server``; by socket.
 
     `state` as rendered: a ``_`` site's own listeners are already default servers
-    (`_catch_all_sites_default`); its redirect server's sockets are counted here."""
+    (`_catch_all_sites_default`); its redirect server's sockets are counted here.
+    `checked_sockets`: `client_certificate_sockets` of `state`, when the caller has it."""
     sockets: dict[tuple[str, int], list[Any]] = {}  # bind -> [protocols, http2, default]
     for site in state.sites:
         for lst in site.listeners:
@@ -472,7 +475,7 @@ def unknown_host_listens(state: DesiredState) -> list[UnknownHostServer]:
             flags = sockets.setdefault(bind, [None, False, False])
             flags[2] |= "_" in site.server_names
     found = []
-    checked = client_certificate_sockets(state)
+    checked = client_certificate_sockets(state) if checked_sockets is None else checked_sockets
     for (address, port), (protocols, http2, has_default) in sorted(sockets.items()):
         if has_default:
             continue
@@ -1432,8 +1435,9 @@ class NginxRenderer:
             files[path] = self._run(site_template, site_context)
             files.update(htpasswd_files(view))
             files.update(error_page_files(site))
+        unknown = unknown_host_listens(state, checked_sockets=checked_sockets)
         files[UNKNOWN_HOSTS_FILE] = self._render(
-            "unknown_hosts.conf.j2", {**base, "unknown_host_listens": unknown_host_listens(state)}
+            "unknown_hosts.conf.j2", {**base, "unknown_host_listens": unknown}
         )
         for path, data in sorted(extra_files.items()):
             _check_extra(path)
@@ -1524,21 +1528,22 @@ def _with_ipv6(state: DesiredState) -> DesiredState:
     redirect server such a port gets none. Elsewhere the twins repeat on IPv6 what the
     IPv4 sockets are, which the master already checked: they cannot conflict.
     """
+    redirects = [redirect_binds(site) for site in state.sites]
     written = {
         port
-        for site in state.sites
-        for address, port in [*(lst.bind for lst in site.listeners), *redirect_binds(site)]
+        for site, redirect in zip(state.sites, redirects, strict=True)
+        for address, port in [*(lst.bind for lst in site.listeners), *redirect]
         if ":" in address
     }
     sites = []
-    for site in state.sites:
+    for site, redirect in zip(state.sites, redirects, strict=True):
         listeners: list[Listener] = []
         for lst in site.listeners:
             listeners.append(lst)
             if lst.bind[0] == "*" and lst.port not in written:
                 listeners.append(attrs.evolve(lst, address="::"))
         twinned = attrs.evolve(site, listeners=tuple(listeners))
-        new_redirects = set(redirect_binds(twinned)) - set(redirect_binds(site))
+        new_redirects = set(redirect_binds(twinned)) - set(redirect)
         if any(port in written for _, port in new_redirects):
             twinned = site
         sites.append(twinned)
