@@ -674,6 +674,7 @@ class TestErrorPages:
             ErrorPage(codes=(500,), body=body)
         assert paths_of(exc) == ["body"]
         assert says in str(exc.value)
+        assert says in str(exc.value)
 
     def test_a_code_belongs_to_one_page(self) -> None:
         """A code on two pages would leave one page unused for it: refused, naming both."""
