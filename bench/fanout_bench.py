@@ -781,7 +781,14 @@ async def _nxmesh_agent(
     ready: Any,
     websocket: bool = False,
 ) -> None:
-    from nxmesh.core.envelope import MessageType, ReplayGuard, SequenceSource, seal, unseal
+    from nxmesh.core.envelope import (
+        MacKey,
+        MessageType,
+        ReplayGuard,
+        SequenceSource,
+        seal,
+        unseal,
+    )
     from nxmesh.core.protocol import (
         COMPRESSION_CAPABILITY,
         Register,
@@ -793,13 +800,14 @@ async def _nxmesh_agent(
 
     seq = SequenceSource()
     guard = ReplayGuard()
+    mac = MacKey(key)  # as `SessionCrypto` signs and verifies with the session key
 
     def frame(body: Any) -> bytes:
         return seal(
             body,
             agent_id=agent_id,
             key_id=key_id,
-            key=key,
+            key=mac,
             seq=seq.next(),
             ts_ms=int(time.time() * 1000),
         )
@@ -819,12 +827,12 @@ async def _nxmesh_agent(
             frame(encode_body(Register(agent_id=agent_id, capabilities=(COMPRESSION_CAPABILITY,))))
         )
         env = unseal(await channel.receive())
-        env.verify(key)
+        env.verify(mac)
         guard.check(env)
         ready()
         while True:
             env = unseal(await channel.receive())
-            env.verify(key)  # HMAC over header + sha256(body): the whole body is hashed
+            env.verify(mac)  # HMAC over header + sha256(body): the whole body is hashed
             guard.check(env)
             if env.type is MessageType.CONFIG_UPDATE:
                 body = body_bytes(env)  # inflated when the master compressed it

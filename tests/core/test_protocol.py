@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 from typing import Any
 
@@ -17,6 +18,7 @@ from nxmesh.core.envelope import (
     BadSignatureError,
     ClockSkewError,
     EncodedBody,
+    MacKey,
     MalformedFrameError,
     MessageType,
     ProtocolCounters,
@@ -208,6 +210,34 @@ class TestEnvelope:
         assert peek_type(b"hello world, not a frame at all!") is None
 
 
+class TestMacKey:
+    @settings(max_examples=300)
+    @given(secret=st.binary(max_size=200), data=st.binary(max_size=300))
+    def test_equals_the_standard_hmac(self, secret: bytes, data: bytes) -> None:
+        """`MacKey.mac` is HMAC-SHA256: keys shorter, as long as and longer than a block."""
+        assert MacKey(secret).mac(data) == hmac.digest(secret, data, "sha256")
+
+    def test_seals_and_verifies_as_the_secret_does(self) -> None:
+        """A frame sealed with a `MacKey` is byte-equal to one sealed with its secret, and
+        each verifies the other's."""
+        body = encode_body(STATUS)
+        with_secret = seal(body, **_SEAL)
+        with_mac = seal(body, **{**_SEAL, "key": MacKey(KEY)})
+        assert with_mac == with_secret
+        unseal(with_secret).verify(MacKey(KEY))
+        with pytest.raises(BadSignatureError):
+            unseal(with_secret).verify(MacKey(b"z" * 32))
+
+    def test_repr_hides_the_secret(self) -> None:
+        """Neither the key nor its pads show in a repr (logs, tracebacks)."""
+        secret = b"secret-key-material-0123456789ab"
+        key = MacKey(secret)
+        shown = repr(key)
+        assert secret.decode() not in shown
+        assert secret.hex() not in shown
+        assert "MacKey" in shown
+
+
 class TestEncodeReceived:
     """`encode_received` is the agent's ack of every push, encoded without the message."""
 
@@ -346,6 +376,24 @@ class TestSessionCrypto:
         second.verify(b"n" * 32)
         assert second.key_id == "k2"
         assert second.seq > first.seq
+
+    def test_a_key_id_given_a_new_secret_signs_and_verifies_with_it(self) -> None:
+        """`keys` edited in place or replaced (what a rotation does): the next frame is
+        signed with the new secret, frames under the old one are refused, and only the
+        signing key's pads are kept."""
+        side = master_side(k1=KEY)
+        side.open(frame_of(STATUS, seq=1))
+        unseal(side.seal(Ack(seq=1))).verify(KEY)
+        side.keys["k1"] = b"n" * 32
+        unseal(side.seal(Ack(seq=2))).verify(b"n" * 32)
+        with pytest.raises(BadSignatureError):
+            side.open(frame_of(STATUS, seq=2))
+        side.open(frame_of(STATUS, seq=3, key=b"n" * 32))
+        side.keys = {"k2": b"m" * 32}
+        side.key_id = "k2"
+        unseal(side.seal(Ack(seq=3))).verify(b"m" * 32)
+        assert side._mac is not None
+        assert side._mac.secret == b"m" * 32
 
 
 class TestMessages:

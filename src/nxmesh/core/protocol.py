@@ -51,6 +51,7 @@ from nxmesh.core.envelope import (
     BadSignatureError,
     EncodedBody,
     Envelope,
+    MacKey,
     MalformedFrameError,
     MessageType,
     ProtocolCounters,
@@ -807,6 +808,11 @@ class SessionCrypto:
     the agent its primary and — during a rotation — its previous one, so frames signed
     with either verify and nothing is lost while both sides switch. Outgoing frames are
     signed with `key_id`. The `guard` outlives connections (see `ReplayGuard`).
+
+    The signing key's `MacKey` is kept once made, and made again when `key_id` or its
+    secret changes (rotation replaces the dict or its entries). A frame under another key
+    (the previous one, during a rotation) gets a `MacKey` of its own, not kept: one per
+    session is what the master holds for each of thousands of agents.
     """
 
     agent_id: str
@@ -818,6 +824,7 @@ class SessionCrypto:
     guard: ReplayGuard = attrs.field(factory=ReplayGuard)
     clock: Callable[[], float] = time.time
     max_body: int | None = None
+    _mac: MacKey | None = attrs.field(default=None, init=False, repr=False)
 
     def seal(self, body: EncodedBody | Message) -> bytes:
         if not isinstance(body, EncodedBody):
@@ -830,7 +837,7 @@ class SessionCrypto:
             body,
             agent_id=self.agent_id,
             key_id=self.key_id,
-            key=self.keys[self.key_id],
+            key=self._mac_key(self.keys[self.key_id]),
             seq=self.seq.next(),
             ts_ms=int(self.clock() * 1000),
         )
@@ -868,5 +875,13 @@ class SessionCrypto:
                 f"frame from {who} is signed with key {env.key_id!r}, which is unknown, "
                 "expired or revoked"
             )
-        env.verify(key)
+        env.verify(self._mac_key(key))
         (guard or self.guard).check(env, who=who)
+
+    def _mac_key(self, secret: bytes) -> MacKey:
+        mac = self._mac
+        if mac is None or mac.secret is not secret:
+            mac = MacKey(secret)
+            if secret is self.keys.get(self.key_id):
+                self._mac = mac
+        return mac
