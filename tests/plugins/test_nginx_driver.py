@@ -881,6 +881,38 @@ class TestClientAddresses:
         # Its own zone, no burst: the first passes although the site's is spent.
         assert [await _status(port, "/a.b/file.txt") for _ in range(2)] == [200, 429]
 
+    async def test_rate_limit_counts_an_ipv6_client_by_its_64(
+        self, stack: NginxStack, www: Path
+    ) -> None:
+        """An IPv6 client is counted by its /64 (whoever has IPv6 holds a whole /64, a
+        fresh address for every request), IPv4 and IPv4-mapped clients one address at a
+        time. The addresses come through ``real_ip_from``, as from a balancer."""
+        state = _files(
+            stack.web_port,
+            Location(path="/", root=str(www)),
+            rate_limit=RateLimit(rate=1, per="minute"),
+            real_ip_from=("127.0.0.1",),
+            real_ip_header="X-Forwarded-For",
+        )
+        await _apply(stack, state)
+        clients = {
+            "2001:db8:1:2::1": 200,
+            "2001:db8:1:2:ffff:ffff:ffff:ffff": 429,  # the same /64
+            "2001:db8:1:3::1": 200,  # the next one
+            "192.0.2.1": 200,
+            "192.0.2.2": 200,
+            "::1": 200,  # ::/64, which IPv4-mapped addresses lie in, and do not share
+            "::ffff:192.0.2.3": 200,
+            "::ffff:192.0.2.4": 200,
+        }
+        answers = {}
+        for client in clients:
+            answers[client] = await _status(stack.web_port, "/index.html", X_Forwarded_For=client)
+        assert answers == clients
+        assert await _status(stack.web_port, "/index.html", X_Forwarded_For="192.0.2.1") == 429
+        again = await _status(stack.web_port, "/index.html", X_Forwarded_For="::ffff:192.0.2.4")
+        assert again == 429
+
     async def test_rate_zones_of_sites_and_locations_never_clash(
         self, stack: NginxStack, www: Path
     ) -> None:

@@ -910,7 +910,7 @@ def zone_lines(site: Site) -> list[tuple[str, list[str]]]:
         (
             "limit_req_zone",
             [
-                "$binary_remote_addr",
+                "$nxmesh_rate_key",
                 f"zone={zone_name(site, i)}:2m",
                 f"rate={limit.rate}{'r/s' if limit.per == 'second' else 'r/m'}",
             ],
