@@ -8,8 +8,9 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 # prometheus only for promtool, which checks the agent's metrics exposition in the tests.
 # php-fpm: the FastCGI application server the FastCGI locations are tested against.
+# libnginx-mod-stream: nginx's stream module (TCP/UDP streams), a dynamic module in Debian.
 # python3-venv: Debian ships ensurepip (which `python3 -m venv` needs) only in it.
-APT_PACKAGES=(nginx-light pebble wrk prometheus python3-venv php-fpm)
+APT_PACKAGES=(nginx-light libnginx-mod-stream pebble wrk prometheus python3-venv php-fpm)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -261,12 +261,34 @@ class TestSitesAndUpstreams:
         response = c.delete(f"{WS}/upstreams/app", headers=admin)
         assert response.status_code == 409
         assert response.json()["detail"] == (
-            "upstream 'app' is in use by site 'web' (locations '/'); point those locations "
-            "at another upstream, or remove them, first"
+            "upstream 'app' is in use by site 'web' (locations '/'); point them at another "
+            "upstream, or remove them, first"
         )
         assert c.delete(f"{WS}/upstreams/nope", headers=admin).status_code == 404
         assert c.get(f"{WS}/upstreams/app", headers=admin).status_code == 200
         assert len(versions(master, admin)) == 2
+
+    def test_streams_one_at_a_time(self, master: Master, admin: dict[str, str]) -> None:
+        """Streams have their own resource: create, read, a bad field as a 422 naming it,
+        an upstream a stream uses refused for deletion (409 naming the stream), delete."""
+        c = master.client
+        c.post(f"{WS}/upstreams", json=upstream("db", 5432), headers=admin)
+        pg = {"name": "pg", "port": 15432, "upstream": "db"}
+        created = c.post(f"{WS}/streams", json=pg, headers=admin)
+        assert created.status_code == 201, created.text
+        assert c.get(f"{WS}/streams/pg", headers=admin).json()["port"] == 15432
+        assert c.get(f"{WS}/state", headers=admin).json()["streams"][0]["name"] == "pg"
+        bad = c.put(
+            f"{WS}/streams/dns", json={**pg, "name": "dns", "protocol": "sctp"}, headers=admin
+        )
+        assert bad.status_code == 422
+        assert [e["path"] for e in bad.json()["errors"]] == ["protocol"]
+        refused = c.delete(f"{WS}/upstreams/db", headers=admin)
+        assert refused.status_code == 409
+        assert "in use by stream 'pg'" in refused.json()["detail"]
+        assert c.delete(f"{WS}/streams/pg", headers=admin).status_code == 200
+        assert c.get(f"{WS}/streams", headers=admin).json() == []
+        assert c.delete(f"{WS}/upstreams/db", headers=admin).status_code == 200
 
     def test_put_name_must_match_url(self, master: Master, admin: dict[str, str]) -> None:
         """PUT /sites/a with a body named b is a 422 at ``name``."""

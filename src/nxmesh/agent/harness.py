@@ -22,7 +22,7 @@ import attrs
 from nxmesh.agent.events import EventRecorder
 from nxmesh.agent.http import HttpResponse, http_get
 from nxmesh.agent.layout import NginxLayout
-from nxmesh.agent.process import pid_alive, read_pid_file
+from nxmesh.agent.process import nginx_stream_module, pid_alive, read_pid_file
 from nxmesh.config.versions import state_digest
 from nxmesh.core.bundle import Bundle
 from nxmesh.core.model import (
@@ -78,7 +78,10 @@ class NginxStack:
     def render_settings(self) -> RenderSettings:
         # One worker keeps reloads quick and the process table small on 2-core CI boxes.
         return RenderSettings(
-            status_port=self.status_port, worker_processes=1, worker_connections=256
+            status_port=self.status_port,
+            worker_processes=1,
+            worker_connections=256,
+            stream_module=nginx_stream_module(self.nginx_binary),
         )
 
     def state(self, body: str, *, sites: int = 1) -> DesiredState:

@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 
+from nxmesh.agent.process import nginx_stream_module
 from nxmesh.core.settings import Settings
 from nxmesh.plugins.render_nginx import RenderSettings
 
@@ -50,6 +51,8 @@ def render_settings_of(settings: Settings) -> RenderSettings:
     of TLS upstreams; ``agent.proxy_cache_size`` bounds the proxy cache;
     ``agent.listen_ipv6`` (``auto``: when the kernel has IPv6) adds ``[::]`` twins to
     the address-less listeners, unless ``listen_address`` binds them to one address.
+    ``stream_module`` comes from ``agent.nginx_binary``'s ``nginx -V`` (a dynamic stream
+    module to load), unless the section names one.
     """
     listen = settings.agent.listen_address or None
     ca_file = settings.agent.upstream_ca_file
@@ -62,6 +65,10 @@ def render_settings_of(settings: Settings) -> RenderSettings:
     ipv6 = settings.agent.listen_ipv6
     host["listen_ipv6"] = ipv6 == "on" or (ipv6 == "auto" and ipv6_available())
     section = settings.plugins.get(RENDER_SECTION)
+    if not isinstance(section, RenderSettings) or section.stream_module is None:
+        module = nginx_stream_module(settings.agent.nginx_binary)
+        if module is not None:
+            host["stream_module"] = module
     if isinstance(section, RenderSettings):
         return attrs.evolve(section, **host) if host else section
     driver = settings.plugins.get("nginx_driver")

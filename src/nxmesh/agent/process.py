@@ -9,6 +9,7 @@ workers finish their requests), ``reopen`` → SIGUSR1 (log files), ``quit`` →
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -29,6 +30,7 @@ __all__ = [
     "is_nginx",
     "nginx_environment",
     "nginx_pid_in",
+    "nginx_stream_module",
     "nginx_version",
     "orphaned_workers",
     "pid_alive",
@@ -91,6 +93,41 @@ def nginx_version(binary: str, *, timeout: float = 10.0) -> str | None:
         return None
     found = _NGINX_VERSION.search(result.stderr + result.stdout)
     return found.group(1) if found else None
+
+
+@functools.lru_cache(maxsize=8)
+def nginx_stream_module(binary: str, *, timeout: float = 10.0) -> str | None:
+    """The ``load_module`` path of `binary`'s stream module when nginx has it as a dynamic
+    module (``nginx -V`` shows ``--with-stream=dynamic``: Debian's
+    ``libnginx-mod-stream``): ``ngx_stream_module.so`` under ``--modules-path``, else
+    under ``<--prefix>/modules``. None when nginx has it built in, has none, or cannot be
+    run here (a sidecar's nginx in another container; nginx.org's image has it built
+    in). Blocking, and asked once per binary: it runs the binary.
+
+    Where the module file is missing (the package not installed), ``nginx -t`` of a
+    bundle with streams says so, naming the file, and nothing is applied.
+    """
+    try:
+        # The binary is the agent's own setting (agent.nginx_binary), never remote input.
+        result = subprocess.run(  # noqa: S603
+            [binary, "-V"],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=nginx_environment(),
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    options = (result.stderr + result.stdout).split()
+    if "--with-stream=dynamic" not in options:
+        return None
+    found = dict(o.partition("=")[::2] for o in options if o.startswith("--") and "=" in o)
+    modules = (
+        found.get("--modules-path")
+        or found.get("--prefix", "/usr/local/nginx").rstrip("/") + "/modules"
+    )
+    return modules.rstrip("/") + "/ngx_stream_module.so"
 
 
 def signal_number(name: str) -> signal.Signals:

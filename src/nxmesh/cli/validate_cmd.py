@@ -84,6 +84,7 @@ def validate_command(
         "sites": len(state.sites),
         "upstreams": len(state.upstreams),
         "certificates": len(state.certificates),
+        "streams": len(state.streams),
     }
 
     nginx: dict[str, Any] = {"ran": False, "ok": None, "output": "", "skipped": None}
@@ -129,7 +130,8 @@ def validate_command(
             checked = "nginx -t ok" if nginx["ran"] else "nginx -t skipped"
             click.echo(
                 f"valid: {names} ({summary['sites']} sites, {summary['upstreams']} upstreams, "
-                f"{summary['certificates']} certificates; {checked})"
+                f"{summary['certificates']} certificates, {summary['streams']} streams; "
+                f"{checked})"
             )
     if not valid:
         raise SystemExit(EXIT_INVALID)

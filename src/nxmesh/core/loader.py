@@ -3,8 +3,8 @@
 YAML is read with a safe loader (no Python tags), duplicate keys are errors (PyYAML and
 ``json`` would silently keep the last one), alias expansion is bounded (no "billion
 laughs"), and files are capped in size. Several files merge into one state: their sites,
-upstreams and certificates are concatenated and checked together, so a site in one file
-may use an upstream from another while a name defined twice is an error.
+upstreams, certificates and streams are concatenated and checked together, so a site in
+one file may use an upstream from another while a name defined twice is an error.
 
 Every failure is a `ValidationError`. For one file its ``source`` is the file and paths
 are field paths (``sites[0].name``); syntax errors say ``line L, column C``. When problems
@@ -205,7 +205,8 @@ def _read_data(path: Path) -> object:
 # ---------------------------------------------------------------------------------------
 
 _KINDS = ("sites", "upstreams", "certificates")
-_INDEXED = re.compile(r"\b(sites|upstreams|certificates)\[(\d+)\]")
+# Streams are judged only by the rules of new input, on the merged state: every file read.
+_INDEXED = re.compile(r"\b(sites|upstreams|certificates|streams)\[(\d+)\]")
 
 
 @attrs.frozen
@@ -261,7 +262,7 @@ def _structure_file(
 def load_state_files(paths: Iterable[str | os.PathLike[str]]) -> DesiredState:
     """Load and merge several state files into one checked `DesiredState`.
 
-    Sites, upstreams and certificates are concatenated in file order; the workspace is
+    Sites, upstreams, certificates and streams are concatenated in file order; the workspace is
     the one the files name (they must agree) or ``default``. Raises `ValidationError`
     with every problem of every file: field problems and, among the objects that passed
     them, cross-object problems, in one pass. `OSError` when a file cannot be read.
@@ -308,6 +309,7 @@ def load_state_files(paths: Iterable[str | os.PathLike[str]]) -> DesiredState:
                 sites=tuple(site for part in states for site in part.sites),
                 upstreams=tuple(u for part in states for u in part.upstreams),
                 certificates=tuple(c for part in states for c in part.certificates),
+                streams=tuple(s for part in states for s in part.streams),
                 workspace=next(iter(workspaces), "default"),
             )
         except Invalid as exc:
@@ -319,6 +321,12 @@ def load_state_files(paths: Iterable[str | os.PathLike[str]]) -> DesiredState:
     for source, _, parts in files:
         for kind in _KINDS:
             origins[kind] += [(source, i) for i in range(len(getattr(parts, kind)))]
+    origins["streams"] = [
+        (source, i)
+        for source, part, _ in files
+        if part is not None
+        for i in range(len(part.streams))
+    ]
     merged = StateParts.concat(parts for _, _, parts in files)
     origin = _Origin(origins)
     found += [origin.locate(p, default) for p in check_parts(merged) if p.severity == "error"]

@@ -68,6 +68,7 @@ __all__ = [
     "Site",
     "SiteParts",
     "StateParts",
+    "Stream",
     "TLSConfig",
     "TlsCertificate",
     "Upstream",
@@ -76,6 +77,7 @@ __all__ = [
     "check_parts",
     "check_state",
     "redirect_binds",
+    "stream_problems",
     "submission_problems",
 ]
 
@@ -965,10 +967,67 @@ class CertificateRef:
 
 
 # ---------------------------------------------------------------------------------------
+# Streams
+# ---------------------------------------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class Stream:
+    """A TCP or UDP port nginx forwards to an upstream as it is (``stream {}``): a
+    database, a message broker, SSH, DNS. No HTTP: nginx passes the bytes (or datagrams)
+    through, choosing a server of `upstream` per connection (per client, for UDP).
+
+    `address`, like a listener's: none listens on every IPv4 address (and IPv6, with the
+    agent's ``listen_ipv6``). `allow`: the clients admitted (addresses and networks);
+    empty admits everyone. `connect_timeout`: seconds to connect to a TCP server;
+    `timeout`: seconds a connection (or a UDP client's session) may stay silent both ways
+    before nginx closes it. `proxy_protocol`: open each TCP connection to the server with
+    a PROXY protocol v1 line naming the client, for servers that read it (HAProxy's
+    protocol; the server must expect it, or it sees garbage). `udp_responses`: the
+    datagrams a server answers each one with (1 for DNS), so nginx ends the session as
+    soon as they came instead of after `timeout`; None waits for `timeout`.
+    """
+
+    name: str = attrs.field(validator=v.text(v.NAME))
+    port: int = attrs.field(validator=v.int_range(1, 65535))
+    upstream: str = attrs.field(validator=v.text(v.NAME))
+    protocol: Literal["tcp", "udp"] = attrs.field(default="tcp", validator=v.choice("tcp", "udp"))
+    address: str | None = attrs.field(
+        default=None, validator=v.text(v.LISTEN_ADDRESS, optional=True)
+    )
+    allow: tuple[str, ...] = attrs.field(
+        default=(), validator=v.each(v.ALLOWED_CLIENT, hi=256, noun="address")
+    )
+    connect_timeout: int = attrs.field(default=5, validator=v.int_range(1, 600))
+    timeout: int = attrs.field(default=600, validator=v.int_range(1, 86400))
+    proxy_protocol: bool = attrs.field(default=False, validator=v.choice(True, False))
+    udp_responses: int | None = attrs.field(
+        default=None, validator=v.int_range(1, 1000, optional=True)
+    )
+
+    def __attrs_post_init__(self) -> None:
+        found: list[tuple[str, str]] = []
+        if self.protocol == "udp" and self.proxy_protocol:
+            found.append(
+                ("proxy_protocol", "is for TCP streams: a PROXY protocol line opens a TCP "
+                 "connection, and UDP has none")
+            )  # fmt: skip
+        if self.protocol == "tcp" and self.udp_responses is not None:
+            found.append(("udp_responses", "is for UDP streams: TCP has no datagrams to count"))
+        v.raise_problems(found)
+
+    @property
+    def bind(self) -> tuple[str, int]:
+        """``(address, port)`` as nginx binds it (see `Listener.bind`)."""
+        return (_bind_address(self.address), self.port)
+
+
+# ---------------------------------------------------------------------------------------
 # Desired state
 # ---------------------------------------------------------------------------------------
 
 MAX_SITES = 10_000
+MAX_STREAMS = 1_000
 
 
 @attrs.frozen(kw_only=True)
@@ -985,6 +1044,9 @@ class DesiredState:
         default=(), validator=v.count(CertificateRef, hi=MAX_SITES, noun="certificate")
     )
     workspace: str = attrs.field(default="default", validator=v.text(v.NAME))
+    streams: tuple[Stream, ...] = attrs.field(
+        default=(), validator=v.count(Stream, hi=MAX_STREAMS, noun="stream"), metadata=ADDED_FIELD
+    )
 
 
 @attrs.frozen
@@ -1252,6 +1314,7 @@ def submission_problems(state: DesiredState) -> list[Problem]:
             if (reason := v.upstream_address_hazard(server.address)) is not None:
                 found.append(Problem(f"upstreams[{i}].servers[{j}].address", reason))
     found += _fastcgi_upstream_problems(state)
+    found += stream_problems(state)
     found += [
         Problem(
             f"sites[{i}].locations[{n}].path",
@@ -1279,6 +1342,74 @@ def submission_problems(state: DesiredState) -> list[Problem]:
             if lst.http2 and not lst.tls
         )
     return found
+
+
+def stream_problems(state: DesiredState) -> list[Problem]:
+    """What nginx's ``stream {}`` needs of `state.streams`: unique names, a known upstream
+    nginx can forward bytes to, and a port of their own.
+
+    Checked with the rules of new input (`submission_problems`): no version stored before
+    streams existed holds one.
+    """
+    found: list[Problem] = []
+    _first_seen(found, "stream", (s.name for s in state.streams), "streams")
+    upstreams = {up.name: up for up in state.upstreams}
+    site_ports: dict[int, int] = {}
+    for i, site in enumerate(state.sites):
+        binds = [lst.bind for lst in site.listeners] + redirect_binds(site)
+        for _, port in binds:
+            site_ports.setdefault(port, i)
+    ref = _site_refs(state.sites)
+    ports: dict[tuple[str, int], int] = {}
+    for i, stream in enumerate(state.streams):
+        here = f"streams[{i}]"
+        upstream = upstreams.get(stream.upstream)
+        if upstream is None:
+            found.append(
+                Problem(f"{here}.upstream", _unknown("upstream", stream.upstream, upstreams))
+            )
+        elif (reason := _stream_upstream_reason(stream, upstream)) is not None:
+            found.append(Problem(f"{here}.upstream", reason))
+        if stream.protocol == "tcp" and stream.port in site_ports:
+            found.append(
+                Problem(
+                    f"{here}.port",
+                    f"port {stream.port} is {ref(site_ports[stream.port])}'s, over HTTP; a "
+                    "TCP port belongs to the sites or to one stream (nginx's http and "
+                    "stream modules cannot share a socket)",
+                )
+            )
+        other = ports.setdefault((stream.protocol, stream.port), i)
+        if other != i:
+            found.append(
+                Problem(
+                    f"{here}.port",
+                    f"{stream.protocol.upper()} port {stream.port} is already "
+                    f"streams[{other}]'s; each stream needs a port of its own",
+                )
+            )
+    return found
+
+
+def _stream_upstream_reason(stream: Stream, upstream: Upstream) -> str | None:
+    """Why `upstream` cannot serve `stream`; None when it can."""
+    name = upstream.name
+    if upstream.lb_method == "ip_hash":
+        return (
+            f"upstream {name!r} balances with ip_hash, which nginx's stream module does not "
+            "have; give the stream an upstream with round_robin, least_conn or random"
+        )
+    if upstream.tls is not None:
+        return (
+            f"upstream {name!r} is spoken to over TLS, which streams do not do: a stream "
+            "passes the client's bytes as they are; name an upstream without tls"
+        )
+    if stream.protocol == "udp" and any(s.address.startswith("unix:") for s in upstream.servers):
+        return (
+            f"upstream {name!r} has a unix socket server, which a UDP stream cannot send "
+            "datagrams to; give the stream an upstream of host:port servers"
+        )
+    return None
 
 
 def _check_wildcard_mixes(

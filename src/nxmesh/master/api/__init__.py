@@ -19,7 +19,12 @@ from nxmesh.master.api.audit import list_audit
 from nxmesh.master.api.auth import AuthController, SessionController
 from nxmesh.master.api.certificates import CertificateController
 from nxmesh.master.api.health import healthz, metrics, readyz
-from nxmesh.master.api.state import SiteController, StateController, UpstreamController
+from nxmesh.master.api.state import (
+    SiteController,
+    StateController,
+    StreamController,
+    UpstreamController,
+)
 from nxmesh.master.api.tokens import BootstrapTokenController
 from nxmesh.master.api.users import RoleController, UserController
 from nxmesh.master.api.versions import VersionController
@@ -39,6 +44,7 @@ def api_router() -> Router:
             StateController,
             SiteController,
             UpstreamController,
+            StreamController,
             VersionController,
             AssignmentController,
             AgentController,

@@ -15,7 +15,7 @@ from litestar import Controller, delete, get, post, put
 from litestar.params import JSONBody, Parameter
 
 from nxmesh.core.errors import Problem, ValidationError
-from nxmesh.core.model import DesiredState, Site, Upstream
+from nxmesh.core.model import DesiredState, Site, Stream, Upstream
 from nxmesh.master.api._common import (
     BEARER,
     ERRORS,
@@ -31,7 +31,7 @@ from nxmesh.master.api.context import CallerDep
 from nxmesh.master.api.schemas import ChangeResult, DryRunResult, FieldProblem
 from nxmesh.master.problems import Conflict, NotFound
 
-__all__ = ["SiteController", "StateController", "UpstreamController"]
+__all__ = ["SiteController", "StateController", "StreamController", "UpstreamController"]
 
 T = TypeVar("T", Site, Upstream)
 
@@ -198,9 +198,9 @@ def _remove(kind: str, noun: str, name: str) -> Callable[[DesiredState], Desired
 
 
 def _remove_upstream(name: str) -> Callable[[DesiredState], DesiredState]:
-    """`_remove` for an upstream, refused with 409 naming the sites still proxying to it
-    (rather than the state check's "refers to unknown upstream" about a site the caller
-    did not touch)."""
+    """`_remove` for an upstream, refused with 409 naming the sites and streams still
+    using it (rather than the state check's "refers to unknown upstream" about an object
+    the caller did not touch)."""
     remove = _remove("upstreams", "upstream", name)
 
     def edit(state: DesiredState) -> DesiredState:
@@ -210,10 +210,11 @@ def _remove_upstream(name: str) -> Callable[[DesiredState], DesiredState]:
             paths = [repr(loc.path) for loc in site.locations if loc.upstream == name]
             if paths:
                 users.append(f"site {site.name!r} (locations {', '.join(paths)})")
+        users += [f"stream {stream.name!r}" for stream in state.streams if stream.upstream == name]
         if users:
             raise Conflict(
-                f"upstream {name!r} is in use by {'; '.join(users)}; point those locations "
-                "at another upstream, or remove them, first"
+                f"upstream {name!r} is in use by {'; '.join(users)}; point them at another "
+                "upstream, or remove them, first"
             )
         return without
 
@@ -392,6 +393,92 @@ class UpstreamController(Controller):
             "delete",
             name,
             _remove_upstream(name),
+            message,
+            expected_version,
+        )
+
+
+class StreamController(Controller):
+    """TCP and UDP streams of a workspace; each write creates a new version of the whole
+    state."""
+
+    path = "/workspaces/{workspace:str}/streams"
+    tags = ("streams",)
+    security = BEARER
+
+    @get("/", opt=perm("config:read"), responses=ERRORS)
+    async def list_streams(self, workspace: Workspace, caller: CallerDep) -> list[Stream]:
+        """Every stream of the latest version."""
+        return list((await _current(caller, workspace)).streams)
+
+    @get("/{name:str}", opt=perm("config:read"), responses=ERRORS)
+    async def get_stream(self, workspace: Workspace, name: Name, caller: CallerDep) -> Stream:
+        for stream in (await _current(caller, workspace)).streams:
+            if stream.name == name:
+                return stream
+        raise NotFound(f"no stream named {name!r} in workspace {workspace!r}")
+
+    @post("/", opt=perm("config:write"), responses=ERRORS)
+    async def create_stream(
+        self,
+        workspace: Workspace,
+        data: JSONBody[Stream],
+        caller: CallerDep,
+        message: CommitMessage = None,
+        expected_version: ExpectedVersion = None,
+    ) -> ChangeResult:
+        """Add a stream (409 when one of that name exists)."""
+        return await _edit_item(
+            caller,
+            workspace,
+            "streams",
+            "create",
+            data.name,
+            _create("streams", "stream", data),
+            message,
+            expected_version,
+        )
+
+    @put("/{name:str}", opt=perm("config:write"), responses=ERRORS)
+    async def put_stream(
+        self,
+        workspace: Workspace,
+        name: Name,
+        data: JSONBody[Stream],
+        caller: CallerDep,
+        message: CommitMessage = None,
+        expected_version: ExpectedVersion = None,
+    ) -> ChangeResult:
+        """Create or replace the stream `name`."""
+        _same_name(name, data)
+        return await _edit_item(
+            caller,
+            workspace,
+            "streams",
+            "update",
+            name,
+            _replace("streams", data),
+            message,
+            expected_version,
+        )
+
+    @delete("/{name:str}", opt=perm("config:write"), status_code=200, responses=ERRORS)
+    async def delete_stream(
+        self,
+        workspace: Workspace,
+        name: Name,
+        caller: CallerDep,
+        message: CommitMessage = None,
+        expected_version: ExpectedVersion = None,
+    ) -> ChangeResult:
+        """Remove the stream `name`."""
+        return await _edit_item(
+            caller,
+            workspace,
+            "streams",
+            "delete",
+            name,
+            _remove("streams", "stream", name),
             message,
             expected_version,
         )

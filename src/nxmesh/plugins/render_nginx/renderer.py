@@ -50,6 +50,7 @@ from nxmesh.core.model import (
     Return,
     Site,
     StateParts,
+    Stream,
     TLSConfig,
     Upstream,
     UpstreamServer,
@@ -82,6 +83,7 @@ __all__ = [
     "ERROR_PAGES_DIR",
     "PROXY_CACHE_FILE",
     "STATUS_FILE",
+    "STREAMS_FILE",
     "SYSTEM_CA_FILE",
     "TEMPLATE_NAMES",
     "UPSTREAM_CA_DIR",
@@ -124,6 +126,8 @@ TEMPLATE_NAMES = (
     "real_ip.conf.j2",
     "status.conf.j2",
     "unknown_hosts.conf.j2",
+    "streams.conf.j2",
+    "upstream_servers.conf.j2",
 )
 """Every template the renderer uses; each can be overridden by name."""
 
@@ -132,6 +136,11 @@ UNKNOWN_HOSTS_FILE = "conf.d/unknown-hosts.conf"
 
 STATUS_FILE = "conf.d/status.conf"
 """The bundle file holding the status server; left out of the config digest."""
+
+STREAMS_FILE: Final = "streams.conf"
+"""The bundle file holding the ``stream {}`` block's contents (the state's streams and
+their upstreams); only in bundles with a stream. Not under ``conf.d/``, which the
+``http {}`` block includes."""
 
 CERTS_DIR = "certs"
 """Bundle directory for certificate files; `extra_files` may write here."""
@@ -279,6 +288,10 @@ class RenderSettings:
     take on this host, all sites together; the least recently used go first.
     `listen_ipv6`: listeners that name no address also listen on ``[::]`` (nginx's
     ``listen 80`` is IPv4 only); ignored with `listen_address`.
+    `stream_module`: the ``load_module`` path of nginx's stream module where it is a
+    dynamic module (``--with-stream=dynamic``: Debian's ``libnginx-mod-stream``), loaded
+    by bundles with streams; None where it is built in (nginx.org's packages and image).
+    The agent reads it from ``nginx -V``.
     """
 
     prefix: str | None = attrs.field(default=None, converter=_optional_str, validator=_prefix)
@@ -302,6 +315,9 @@ class RenderSettings:
     upstream_ca_file: str = attrs.field(default=SYSTEM_CA_FILE, converter=str, validator=_prefix)
     proxy_cache_size: str = attrs.field(default=DEFAULT_PROXY_CACHE_SIZE, validator=_size)
     listen_ipv6: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    stream_module: str | None = attrs.field(
+        default=None, converter=_optional_str, validator=_prefix
+    )
 
     @property
     def proxy_cache_zone(self) -> str:
@@ -316,6 +332,7 @@ class RenderSettings:
             "pid": "logs/nginx.pid",
             "error_log": "logs/error.log",
             "access_log": "logs/access.log",
+            "stream_access_log": "logs/stream.log",
             "client_body_temp": "tmp/client_body",
             "proxy_temp": "tmp/proxy",
             # nginx makes the cache's directories 0700 for the workers' user: another
@@ -1435,6 +1452,8 @@ class NginxRenderer:
             files[path] = self._run(site_template, site_context)
             files.update(htpasswd_files(view))
             files.update(error_page_files(site))
+        if state.streams:
+            files[STREAMS_FILE] = self._render_streams(state, base)
         unknown = unknown_host_listens(state, checked_sockets=checked_sockets)
         files[UNKNOWN_HOSTS_FILE] = self._render(
             "unknown_hosts.conf.j2", {**base, "unknown_host_listens": unknown}
@@ -1455,6 +1474,49 @@ class NginxRenderer:
                 {**base, "config_digest": config_digest(files), "status_listen": listen_args},
             )
         return Bundle(files)
+
+    def _render_streams(self, state: DesiredState, base: dict[str, Any]) -> bytes:
+        """``streams.conf``: each stream's server and the upstreams they name.
+
+        :raises RenderError: a stream names an unknown upstream, or listens on the
+            agent's status port (the master checks neither against this host).
+        """
+        by_name = {up.name: up for up in state.upstreams}
+        views = []
+        for stream in state.streams:
+            if stream.upstream not in by_name:
+                raise RenderError(
+                    f"stream {stream.name!r} names upstream {stream.upstream!r}, which the "
+                    "state does not define"
+                )
+            listens = self._stream_listens(stream)
+            views.append((stream, listens))
+        names = sorted({stream.upstream for stream in state.streams})
+        context = {**base, "streams": views, "upstreams": [by_name[n] for n in names]}
+        return self._render("streams.conf.j2", context)
+
+    def _stream_listens(self, stream: Stream) -> list[Token]:
+        """``listen`` arguments of a stream's server: on its address, else on the host's
+        `listen_address`, else on every IPv4 address and, with `listen_ipv6`, on
+        ``[::]`` too (its port is its own: the master refuses a site or another stream
+        of its protocol there)."""
+        options = ("udp",) if stream.protocol == "udp" else ()
+        address = stream.address
+        if address is None:
+            address = self.settings.listen_address
+        port = self.settings.status_port
+        if stream.protocol == "tcp" and port == stream.port:
+            shared = {None, "*", "0.0.0.0", "::", self.settings.status_address}  # noqa: S104
+            if address is None or address.strip("[]") in shared:
+                raise RenderError(
+                    f"stream {stream.name!r} listens on port {port}, the agent's status "
+                    f"server ({self.settings.status_address}:{port}, render setting "
+                    "status_port): use another port, or move the status server"
+                )
+        listens = [_listen_args(address, stream.port, *options)]
+        if self.settings.listen_ipv6 and address in (None, "*", "0.0.0.0"):  # noqa: S104
+            listens.append(_listen_args("::", stream.port, *options))
+        return listens
 
     def _check_status_port(self, state: DesiredState) -> None:
         """Refuse a site listening on the agent's status port (on its address or all):

@@ -1,0 +1,478 @@
+"""TCP and UDP streams (``stream {}``): the model's rules, the rendered files, and real
+nginx forwarding bytes and datagrams to real servers on loopback."""
+
+from __future__ import annotations
+
+import contextlib
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+import pytest
+
+from nxmesh.agent.harness import NginxStack
+from nxmesh.agent.process import nginx_stream_module
+from nxmesh.core.errors import ValidationError
+from nxmesh.core.loader import load_state_files
+from nxmesh.core.model import (
+    DesiredState,
+    Listener,
+    Location,
+    Site,
+    Stream,
+    TLSConfig,
+    Upstream,
+    UpstreamServer,
+    UpstreamTLS,
+    check_state,
+)
+from nxmesh.core.serialization import state_digest, structure, unstructure
+from nxmesh.core.validation import Invalid
+from nxmesh.plugins.render_nginx import NginxRenderer, RenderSettings
+from nxmesh.plugins.render_nginx.renderer import STREAMS_FILE, RenderError
+from nxmesh.testing.nginx import free_port
+
+
+def _upstream(name: str = "db", *addresses: str, **fields: Any) -> Upstream:
+    servers = tuple(UpstreamServer(address=a) for a in addresses or ("127.0.0.1:5432",))
+    return Upstream(name=name, servers=servers, **fields)
+
+
+def _state(*streams: Stream, upstreams: tuple[Upstream, ...] = (), **fields: Any) -> DesiredState:
+    return DesiredState(upstreams=upstreams or (_upstream(),), streams=streams, **fields)
+
+
+def _site(name: str, *listeners: Listener, **fields: Any) -> Site:
+    return Site(
+        name=name,
+        server_names=(f"{name}.test",),
+        listeners=listeners or (Listener(),),
+        locations=(Location(path="/", upstream="db"),),
+        **fields,
+    )
+
+
+def _problems(state: DesiredState) -> dict[str, str]:
+    return {p.path: p.message for p in check_state(state)}
+
+
+class TestModel:
+    @pytest.mark.parametrize(
+        ("fields", "path", "says"),
+        [
+            ({"port": 0}, "port", "from 1 to 65535"),
+            ({"protocol": "sctp"}, "protocol", "tcp"),
+            ({"address": "db.internal"}, "address", ""),
+            ({"allow": ("10.0.0.0/33",)}, "allow[0]", ""),
+            ({"upstream": "a b"}, "upstream", ""),
+            ({"timeout": 0}, "timeout", "from 1 to 86400"),
+            ({"protocol": "udp", "proxy_protocol": True}, "proxy_protocol", "TCP streams"),
+            ({"udp_responses": 1}, "udp_responses", "UDP streams"),
+            ({"protocol": "udp", "udp_responses": 0}, "udp_responses", "from 1 to 1000"),
+        ],
+    )
+    def test_bad_fields_are_refused_by_name(
+        self, fields: dict[str, Any], path: str, says: str
+    ) -> None:
+        """Each bad field is named, with its reason."""
+        given = {"name": "pg", "port": 15432, "upstream": "db", **fields}
+        with pytest.raises(Invalid) as caught:
+            Stream(**given)
+        problems = dict(caught.value.problems)
+        assert path in problems, problems
+        assert says in problems[path]
+
+    def test_a_state_without_streams_keeps_its_digest(self) -> None:
+        """`streams` is left out of the canonical form while empty, so the states and
+        signed versions written before streams existed keep their digests."""
+        state = DesiredState(upstreams=(_upstream(),))
+        assert "streams" not in unstructure(state)
+        with_one = attrs.evolve(state, streams=(Stream(name="pg", port=15432, upstream="db"),))
+        assert unstructure(with_one)["streams"][0]["name"] == "pg"
+        assert state_digest(with_one) != state_digest(state)
+        assert structure(unstructure(with_one), DesiredState) == with_one
+
+    def test_a_valid_state_has_no_problems(self) -> None:
+        """A TCP and a UDP stream on one port number, a site on another: nothing to say."""
+        state = _state(
+            Stream(name="pg", port=15432, upstream="db"),
+            Stream(name="dns", port=15432, protocol="udp", upstream="db", udp_responses=1),
+            sites=(_site("web", Listener(port=8080)),),
+        )
+        assert _problems(state) == {}
+
+    def test_names_and_upstreams_are_checked(self) -> None:
+        """A repeated name, an unknown upstream (with a did-you-mean)."""
+        state = _state(
+            Stream(name="pg", port=15432, upstream="db"),
+            Stream(name="pg", port=15433, upstream="dbb"),
+        )
+        assert _problems(state) == {
+            "streams[1].name": "stream name 'pg' is already used by streams[0]",
+            "streams[1].upstream": "refers to unknown upstream 'dbb' (did you mean 'db'?)",
+        }
+
+    @pytest.mark.parametrize(
+        ("upstream", "protocol", "says"),
+        [
+            (_upstream(lb_method="ip_hash"), "tcp", "ip_hash"),
+            (_upstream(tls=UpstreamTLS(server_name="db.internal")), "tcp", "over TLS"),
+            (_upstream("db", "unix:/run/dns.sock"), "udp", "unix socket"),
+        ],
+        ids=["ip_hash", "tls", "udp-to-unix"],
+    )
+    def test_upstreams_a_stream_cannot_use(
+        self, upstream: Upstream, protocol: str, says: str
+    ) -> None:
+        """What nginx's stream module cannot do with an upstream is refused at the stream."""
+        stream = Stream(name="s", port=15432, upstream="db", protocol=protocol)  # type: ignore[arg-type]
+        problems = _problems(_state(stream, upstreams=(upstream,)))
+        assert list(problems) == ["streams[0].upstream"]
+        assert says in problems["streams[0].upstream"]
+
+    def test_a_unix_socket_serves_a_tcp_stream(self) -> None:
+        upstream = _upstream("db", "unix:/run/postgresql/.s.PGSQL.5432")
+        assert (
+            _problems(_state(Stream(name="s", port=15432, upstream="db"), upstreams=(upstream,)))
+            == {}
+        )
+
+    def test_ports_belong_to_sites_or_to_one_stream(self) -> None:
+        """A TCP stream on a port a site listens on, whatever the addresses, or on the
+        port 80 a site's HTTPS redirect takes; two streams of one protocol on one port."""
+        sites = (
+            _site("web", Listener(port=8080, address="127.0.0.1")),
+            _site("secure", Listener(port=8443, tls=True), tls=TLSConfig(certificate="b")),
+        )
+        state = _state(
+            Stream(name="a", port=8080, address="10.0.0.1", upstream="db"),
+            Stream(name="b", port=80, upstream="db"),
+            Stream(name="c", port=9000, upstream="db"),
+            Stream(name="d", port=9000, address="127.0.0.2", upstream="db"),
+            Stream(name="e", port=8080, protocol="udp", upstream="db"),
+            sites=sites,
+        )
+        problems = {p: m for p, m in _problems(state).items() if p.startswith("streams")}
+        assert problems == {
+            "streams[0].port": "port 8080 is sites[0] ('web')'s, over HTTP; a TCP port "
+            "belongs to the sites or to one stream (nginx's http and stream modules cannot "
+            "share a socket)",
+            "streams[1].port": "port 80 is sites[1] ('secure')'s, over HTTP; a TCP port "
+            "belongs to the sites or to one stream (nginx's http and stream modules cannot "
+            "share a socket)",
+            "streams[3].port": "TCP port 9000 is already streams[2]'s; each stream needs a "
+            "port of its own",
+        }
+
+    def test_state_files_merge_streams_and_locate_their_problems(self, tmp_path: Path) -> None:
+        """Masterless state files: a stream in one file uses an upstream of another; a
+        problem is reported in the file and at the index the user wrote."""
+        (tmp_path / "upstreams.yaml").write_text(
+            "upstreams:\n  - name: db\n    servers: [{address: '127.0.0.1:5432'}]\n"
+        )
+        (tmp_path / "a.yaml").write_text("streams:\n  - {name: pg, port: 15432, upstream: db}\n")
+        (tmp_path / "b.yaml").write_text("streams:\n  - {name: mq, port: 15672, upstream: mq}\n")
+        files = [tmp_path / n for n in ("upstreams.yaml", "a.yaml")]
+        state = load_state_files(files)
+        assert [s.name for s in state.streams] == ["pg"]
+        with pytest.raises(ValidationError) as caught:
+            load_state_files([*files, tmp_path / "b.yaml"])
+        assert caught.value.source == str(tmp_path / "b.yaml")
+        [problem] = caught.value.problems
+        assert problem.path == "streams[0].upstream"
+        assert "unknown upstream 'mq'" in problem.message
+
+
+class TestRender:
+    def test_nothing_of_streams_without_one(self) -> None:
+        """A state without streams renders no stream block, file nor module."""
+        bundle = NginxRenderer(
+            settings=RenderSettings(stream_module="/m/ngx_stream_module.so")
+        ).render(DesiredState())
+        conf = bundle.files["nginx.conf"].decode()
+        assert "stream {" not in conf
+        assert "load_module" not in conf
+        assert STREAMS_FILE not in bundle.files
+
+    def test_streams_file_module_and_shared_upstream(self) -> None:
+        """The module is loaded first when it is a dynamic one; the stream block includes
+        streams.conf; an upstream a site also uses is written in both blocks, without
+        http's keepalive in the stream one."""
+        state = _state(
+            Stream(name="pg", port=15432, upstream="db", allow=("10.0.0.0/8",)),
+            Stream(name="dns", port=15353, protocol="udp", upstream="db", udp_responses=1),
+            Stream(name="raw", port=15000, upstream="db", proxy_protocol=True, address="::1"),
+            sites=(_site("web"),),
+        )
+        module = "/usr/lib/nginx/modules/ngx_stream_module.so"
+        settings = RenderSettings(stream_module=module, listen_ipv6=True)
+        bundle = NginxRenderer(settings=settings).render(state)
+        conf = bundle.files["nginx.conf"].decode()
+        assert conf.splitlines()[2] == f"load_module {module};"
+        assert "stream {\n    include streams.conf;\n}\n" in conf
+        assert "upstream db {" in bundle.files["conf.d/upstreams.conf"].decode()
+        streams = bundle.files[STREAMS_FILE].decode()
+        assert (
+            "upstream db {\n    server 127.0.0.1:5432 weight=1 max_fails=1 fail_timeout=10s;\n}"
+            in streams
+        )
+        assert "keepalive" not in streams
+        servers = [
+            [line.strip() for line in server.splitlines() if line.strip()[:1] not in ("", "#")]
+            for server in streams.split("server {")[1:]
+        ]
+        assert servers[0] == [
+            "listen 15432;",
+            "listen [::]:15432;",
+            "allow 10.0.0.0/8;",
+            "deny all;",
+            "proxy_pass db;",
+            "proxy_connect_timeout 5s;",
+            "proxy_timeout 600s;",
+            "}",
+        ]
+        assert servers[1][:3] == [
+            "listen 15353 udp;",
+            "listen [::]:15353 udp;",
+            "proxy_pass db;",
+        ]
+        assert "proxy_responses 1;" in servers[1]
+        assert not any(line.startswith("proxy_connect_timeout") for line in servers[1])
+        assert servers[2][:2] == ["listen [::1]:15000;", "proxy_pass db;"]
+        assert "proxy_protocol on;" in servers[2]
+
+    def test_built_in_module_is_not_loaded(self) -> None:
+        bundle = NginxRenderer().render(_state(Stream(name="pg", port=15432, upstream="db")))
+        assert "load_module" not in bundle.files["nginx.conf"].decode()
+
+    def test_listen_address_binds_address_less_streams(self) -> None:
+        settings = RenderSettings(listen_address="10.1.2.3", listen_ipv6=True)
+        bundle = NginxRenderer(settings=settings).render(
+            _state(Stream(name="pg", port=15432, upstream="db"))
+        )
+        streams = bundle.files[STREAMS_FILE].decode()
+        assert "listen 10.1.2.3:15432;" in streams
+        assert "[::]" not in streams
+
+    @pytest.mark.parametrize("address", [None, "127.0.0.1", "0.0.0.0"])
+    def test_the_status_port_is_refused(self, address: str | None) -> None:
+        """A TCP stream on the agent's status port (its address or every address) would
+        take the probes that confirm each reload."""
+        stream = Stream(name="pg", port=9480, upstream="db", address=address)
+        with pytest.raises(RenderError, match="status server"):
+            NginxRenderer().render(_state(stream))
+        other = Stream(name="pg", port=9480, upstream="db", address="127.0.0.2")
+        NginxRenderer().render(_state(other))
+        udp = Stream(name="pg", port=9480, upstream="db", protocol="udp")
+        NginxRenderer().render(_state(udp))
+
+    def test_an_unknown_upstream_is_a_render_error(self) -> None:
+        """A stored state the master did not check: refused by name, not a KeyError."""
+        state = DesiredState(streams=(Stream(name="pg", port=15432, upstream="gone"),))
+        with pytest.raises(RenderError, match="stream 'pg' names upstream 'gone'"):
+            NginxRenderer().render(state)
+
+
+class TestModuleDetection:
+    @pytest.mark.nginx
+    def test_this_hosts_nginx(self, nginx_binary: str) -> None:
+        """Debian's nginx has the module as a dynamic one, installed by setup.sh."""
+        module = nginx_stream_module(nginx_binary)
+        assert module is not None
+        assert Path(module).is_file()
+
+    @pytest.mark.parametrize(
+        ("configure", "expected"),
+        [
+            (
+                "--prefix=/usr/share/nginx --modules-path=/usr/lib/nginx/modules "
+                "--with-stream=dynamic --with-http_ssl_module",
+                "/usr/lib/nginx/modules/ngx_stream_module.so",
+            ),
+            (
+                "--prefix=/opt/nginx/ --with-stream=dynamic",
+                "/opt/nginx/modules/ngx_stream_module.so",
+            ),
+            ("--with-stream=dynamic", "/usr/local/nginx/modules/ngx_stream_module.so"),
+            ("--prefix=/etc/nginx --with-stream --with-stream_ssl_module", None),
+            ("--prefix=/etc/nginx --with-http_ssl_module", None),
+        ],
+        ids=["debian", "prefix", "default-prefix", "built-in", "none"],
+    )
+    def test_builds_of_nginx(self, tmp_path: Path, configure: str, expected: str | None) -> None:
+        """Other builds' ``nginx -V``, from a stand-in binary that prints it to stderr as
+        nginx does (only this host's build can run here)."""
+        binary = tmp_path / "nginx"
+        binary.write_text(
+            "#!/bin/sh\n"
+            "echo 'nginx version: nginx/1.26.0' >&2\n"
+            f"echo 'configure arguments: {configure}' >&2\n"
+        )
+        binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+        assert nginx_stream_module(str(binary)) == expected
+
+    def test_a_binary_that_cannot_run(self, tmp_path: Path) -> None:
+        assert nginx_stream_module(str(tmp_path / "missing")) is None
+
+
+# ---------------------------------------------------------------------------------------
+# Real nginx
+# ---------------------------------------------------------------------------------------
+
+nginx_tests = [pytest.mark.anyio, pytest.mark.nginx]
+
+
+@pytest.fixture
+async def stack(nginx_binary: str, tmp_path: Path, anyio_backend: str) -> AsyncIterator[NginxStack]:
+    async with NginxStack(root=tmp_path / "nginx", nginx_binary=nginx_binary) as stack:
+        yield stack
+
+
+async def _apply(stack: NginxStack, state: DesiredState) -> None:
+    report = await stack.driver.apply(stack.update(state), stack.render(state))
+    assert report.outcome == "applied", report.message
+
+
+@contextlib.asynccontextmanager
+async def _tcp_server(first: list[bytes]) -> AsyncIterator[int]:
+    """A TCP server on loopback answering each chunk with ``echo:`` + the chunk; `first`
+    gets the first chunk of every connection (a PROXY protocol line shows there)."""
+    port = free_port()
+    listener = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=port)
+
+    async def serve(stream: anyio.abc.SocketStream) -> None:
+        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+            async with stream:
+                chunk = await stream.receive()
+                first.append(chunk)
+                while True:
+                    await stream.send(b"echo:" + chunk)
+                    chunk = await stream.receive()
+
+    async with listener, anyio.create_task_group() as tg:
+        tg.start_soon(listener.serve, serve)
+        yield port
+        tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _udp_server() -> AsyncIterator[int]:
+    """A UDP server on loopback answering each datagram with ``echo:`` + the datagram."""
+    port = free_port()
+    async with await anyio.create_udp_socket(local_host="127.0.0.1", local_port=port) as sock:
+
+        async def serve() -> None:
+            async for data, peer in sock:
+                await sock.sendto(b"echo:" + data, *peer)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            yield port
+            tg.cancel_scope.cancel()
+
+
+def _tcp_state(backend: int, port: int, **fields: Any) -> DesiredState:
+    upstream = _upstream("backend", f"127.0.0.1:{backend}")
+    stream = Stream(name="tcp", port=port, address="127.0.0.1", upstream="backend", **fields)
+    return DesiredState(upstreams=(upstream,), streams=(stream,))
+
+
+async def _exchange(port: int, data: bytes) -> bytes:
+    with anyio.fail_after(10):
+        async with await anyio.connect_tcp("127.0.0.1", port) as client:
+            await client.send(data)
+            return await client.receive()
+
+
+class TestNginx:
+    pytestmark = nginx_tests
+
+    async def test_tcp_stream_forwards_both_ways(self, stack: NginxStack) -> None:
+        """Bytes go to the upstream's server and its answers come back, over one
+        connection; a state without the stream closes the port again."""
+        first: list[bytes] = []
+        async with _tcp_server(first) as backend:
+            port = free_port()
+            await _apply(stack, _tcp_state(backend, port))
+            with anyio.fail_after(10):
+                async with await anyio.connect_tcp("127.0.0.1", port) as client:
+                    for word in (b"one", b"two"):
+                        await client.send(word)
+                        assert await client.receive() == b"echo:" + word
+            assert first == [b"one"]
+            log = (stack.root / "logs" / "stream.log").read_text()
+            assert f"TCP port={port} status=200" in log
+            await _apply(stack, DesiredState())
+            with pytest.raises(OSError):
+                await anyio.connect_tcp("127.0.0.1", port)
+
+    async def test_allow_admits_only_the_listed_clients(self, stack: NginxStack) -> None:
+        """A client outside `allow` is disconnected before the server hears of it."""
+        first: list[bytes] = []
+        async with _tcp_server(first) as backend:
+            port = free_port()
+            await _apply(stack, _tcp_state(backend, port, allow=("192.0.2.0/24",)))
+            with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await _exchange(port, b"let me in")
+            assert first == []
+            await _apply(stack, _tcp_state(backend, port, allow=("127.0.0.0/8",)))
+            assert await _exchange(port, b"let me in") == b"echo:let me in"
+
+    async def test_proxy_protocol_names_the_client(self, stack: NginxStack) -> None:
+        """The server's first bytes are the PROXY protocol line: the client's address and
+        port, and nginx's."""
+        first: list[bytes] = []
+        async with _tcp_server(first) as backend:
+            port = free_port()
+            await _apply(stack, _tcp_state(backend, port, proxy_protocol=True))
+            with anyio.fail_after(10):
+                async with await anyio.connect_tcp("127.0.0.1", port) as client:
+                    client_port = client.extra(anyio.abc.SocketAttribute.local_port)
+                    await client.send(b"hello")
+                    await client.receive()
+        line = first[0].split(b"\r\n")[0].decode()
+        assert line == f"PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {port}"
+
+    async def test_udp_stream_forwards_datagrams(self, stack: NginxStack) -> None:
+        """A datagram reaches the server and its one answer comes back."""
+        async with _udp_server() as backend:
+            port = free_port()
+            upstream = _upstream("dns", f"127.0.0.1:{backend}")
+            stream = Stream(
+                name="dns",
+                port=port,
+                address="127.0.0.1",
+                protocol="udp",
+                upstream="dns",
+                udp_responses=1,
+            )
+            await _apply(stack, DesiredState(upstreams=(upstream,), streams=(stream,)))
+            with anyio.fail_after(10):
+                async with await anyio.create_connected_udp_socket(
+                    remote_host="127.0.0.1", remote_port=port
+                ) as client:
+                    await client.send(b"query")
+                    assert await client.receive() == b"echo:query"
+
+    async def test_a_missing_module_fails_the_apply_naming_it(
+        self, stack: NginxStack, tmp_path: Path
+    ) -> None:
+        """A ``stream_module`` nginx cannot load fails ``nginx -t`` with the file's name,
+        and what was live stays live."""
+        first: list[bytes] = []
+        async with _tcp_server(first) as backend:
+            port = free_port()
+            await _apply(stack, _tcp_state(backend, port))
+            missing = str(tmp_path / "no" / "ngx_stream_module.so")
+            stack.renderer = NginxRenderer(
+                settings=attrs.evolve(stack.render_settings, stream_module=missing)
+            )
+            state = _tcp_state(backend, free_port())
+            report = await stack.driver.apply(stack.update(state), stack.render(state))
+            assert report.outcome != "applied"
+            assert missing in report.message
+            assert await _exchange(port, b"still") == b"echo:still"
