@@ -10,7 +10,14 @@ import pytest
 
 from nxmesh.config.diff import Change, KindDiff, StateDiff, bundle_diff, diff_states
 from nxmesh.core.bundle import Bundle
-from nxmesh.core.model import CertificateRef, DesiredState, Location, Return, UpstreamServer
+from nxmesh.core.model import (
+    CertificateRef,
+    DesiredState,
+    Location,
+    Return,
+    Stream,
+    UpstreamServer,
+)
 from nxmesh.testing.factories import make_state
 
 
@@ -45,6 +52,19 @@ class TestDiffStates:
         assert diff.upstreams == KindDiff(added=("app3", "app4"), removed=("app0",))
         assert diff.certificates.is_empty
         assert not diff.is_empty
+
+    def test_streams_are_a_collection_of_their_own(self) -> None:
+        """Streams are matched by name like sites, their changed fields listed; a state
+        gaining its first stream is not a change of a top-level field."""
+        old = make_state(1)
+        first = Stream(name="pg", port=15432, upstream="app0")
+        with_one = attrs.evolve(old, streams=(first,))
+        diff = diff_states(old, with_one)
+        assert diff.streams == KindDiff(added=("pg",))
+        assert diff.other == ()
+        assert diff.summary() == "streams: 1 added, 0 removed, 0 changed\n  + pg"
+        moved = attrs.evolve(with_one, streams=(attrs.evolve(first, port=15433),))
+        assert diff_states(with_one, moved).streams == KindDiff(changed=(Change("pg", ("port",)),))
 
     def test_reordering_is_not_a_change(self) -> None:
         """Objects are matched by name, so reordering a list changes nothing."""

@@ -1,7 +1,7 @@
 """Differences between two configurations, at two levels.
 
-* `diff_states`: the model level — which sites, upstreams and certificates were added,
-  removed or changed (matched by name), and for a changed one which fields, as paths in
+* `diff_states`: the model level — which sites, upstreams, certificates and streams were
+  added, removed or changed (matched by name), and for a changed one which fields, as paths in
   the YAML spelling (``locations[0].upstream``).
 * `bundle_diff`: the rendered level — a unified diff of the nginx files, one file after
   the other in path order, like ``git diff``.
@@ -22,7 +22,7 @@ from nxmesh.core.validation import join_path
 
 __all__ = ["Change", "KindDiff", "StateDiff", "bundle_diff", "diff_states"]
 
-_KINDS = ("sites", "upstreams", "certificates")
+_KINDS = ("sites", "upstreams", "certificates", "streams")
 
 
 @attrs.frozen
@@ -36,7 +36,8 @@ class Change:
 
 @attrs.frozen
 class KindDiff:
-    """What changed in one collection of the state (sites, upstreams or certificates)."""
+    """What changed in one collection of the state (sites, upstreams, certificates or
+    streams)."""
 
     added: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
@@ -55,7 +56,8 @@ class StateDiff:
     upstreams: KindDiff = attrs.field(factory=KindDiff)
     certificates: KindDiff = attrs.field(factory=KindDiff)
     other: tuple[str, ...] = ()
-    """Changed top-level fields outside the three collections (``workspace``)."""
+    """Changed top-level fields outside the collections (``workspace``)."""
+    streams: KindDiff = attrs.field(factory=KindDiff)
 
     @classmethod
     def between(cls, old: DesiredState | None, new: DesiredState) -> StateDiff:
@@ -68,7 +70,7 @@ class StateDiff:
         return not self.other and all(kind.is_empty for _, kind in self.kinds())
 
     def kinds(self) -> Iterator[tuple[str, KindDiff]]:
-        """``(collection name, its diff)`` for sites, upstreams and certificates."""
+        """``(collection name, its diff)`` for sites, upstreams, certificates and streams."""
         for name in _KINDS:
             yield name, getattr(self, name)
 
