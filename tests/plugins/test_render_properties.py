@@ -44,11 +44,13 @@ from nxmesh.core.model import (
     Redirect,
     Return,
     Site,
+    Stream,
     TLSConfig,
     Upstream,
     UpstreamServer,
     UpstreamTLS,
     redirect_binds,
+    stream_upstream_reason,
 )
 from nxmesh.nginx_check import write_bundle
 from nxmesh.plugins.render_nginx import NginxRenderer, RenderSettings, site_view
@@ -180,6 +182,10 @@ ALLOWED_DIRECTIVES = frozenset(
         "proxy_cache_background_update",
         "internal",
         "charset",
+        "stream",  # the streams: only in states with one
+        "proxy_timeout",
+        "proxy_protocol",
+        "proxy_responses",
     }
 )
 
@@ -610,12 +616,38 @@ def upstreams(draw: st.DrawFn, name: str) -> Upstream:
 
 
 @st.composite
+def streams(draw: st.DrawFn, name: str, upstreams: tuple[Upstream, ...]) -> Stream | None:
+    """A stream naming one of `upstreams` it can use (`stream_upstream_reason`); None
+    when none of them serves its protocol."""
+    udp = draw(st.booleans())
+    probe = Stream(name=name, port=1, upstream="x", protocol="udp" if udp else "tcp")
+    usable = [u.name for u in upstreams if stream_upstream_reason(probe, u) is None]
+    if not usable:
+        return None
+    return Stream(
+        name=name,
+        port=draw(ports),
+        upstream=draw(st.sampled_from(usable)),
+        protocol="udp" if udp else "tcp",
+        address=draw(listen_addresses),
+        allow=draw(client_networks(v.ALLOWED_CLIENT)),
+        connect_timeout=draw(st.integers(1, 600)),
+        timeout=draw(st.integers(1, 86400)),
+        proxy_protocol=not udp and draw(st.booleans()),
+        udp_responses=draw(st.none() | st.integers(1, 1000)) if udp else None,
+    )
+
+
+@st.composite
 def states(draw: st.DrawFn) -> DesiredState:
     upstream_names = draw(st.lists(names, min_size=1, max_size=3, unique=True))
     site_names = draw(st.lists(names, min_size=1, max_size=3, unique=True))
+    stream_names = draw(st.lists(names, max_size=2, unique=True))
+    drawn = tuple(draw(upstreams(n)) for n in upstream_names)
     return DesiredState(
-        upstreams=tuple(draw(upstreams(n)) for n in upstream_names),
+        upstreams=drawn,
         sites=tuple(draw(sites(n, upstream_names)) for n in site_names),
+        streams=tuple(x for n in stream_names if (x := draw(streams(n, drawn))) is not None),
         workspace=draw(names),
     )
 
@@ -1135,25 +1167,77 @@ def check_upstreams(state: DesiredState, parsed: list[Directive]) -> None:
         ("upstream", [u.name]) for u in ordered
     ]
     for block, upstream in zip(parsed, ordered, strict=True):
-        expected: list[tuple[str, list[str]]] = []
-        if upstream.lb_method != "round_robin":
-            expected.append((upstream.lb_method, []))
-        expected += [
-            (
-                "server",
-                [
-                    s.address,
-                    f"weight={s.weight}",
-                    f"max_fails={s.max_fails}",
-                    f"fail_timeout={s.fail_timeout}s",
-                    *(["backup"] if s.backup else []),
-                ],
-            )
-            for s in upstream.servers
-        ]
+        expected = upstream_lines(upstream)
         if upstream.keepalive:
             expected.append(("keepalive", [str(upstream.keepalive)]))
         assert [(d["directive"], values(d)) for d in block["block"]] == expected
+
+
+def upstream_lines(upstream: Upstream) -> list[tuple[str, list[str]]]:
+    """The balancing method and server lines of an upstream, in http {} and stream {}."""
+    lines: list[tuple[str, list[str]]] = []
+    if upstream.lb_method != "round_robin":
+        lines.append((upstream.lb_method, []))
+    lines += [
+        (
+            "server",
+            [
+                s.address,
+                f"weight={s.weight}",
+                f"max_fails={s.max_fails}",
+                f"fail_timeout={s.fail_timeout}s",
+                *(["backup"] if s.backup else []),
+            ],
+        )
+        for s in upstream.servers
+    ]
+    return lines
+
+
+def stream_listens(stream: Stream) -> list[list[str]]:
+    """``listen`` arguments as the test renderer writes them (no `listen_ipv6` nor
+    `listen_address`): the stream's own socket, ``udp`` for UDP."""
+    address = stream.address
+    if address is None:
+        where = str(stream.port)
+    elif address == "*":
+        where = f"*:{stream.port}"
+    else:
+        ip = ipaddress.ip_address(address)
+        where = f"[{ip.compressed}]:{stream.port}" if ip.version == 6 else f"{ip}:{stream.port}"
+    return [[where, *(["udp"] if stream.protocol == "udp" else [])]]
+
+
+def check_streams(state: DesiredState, parsed: list[Directive]) -> None:
+    """streams.conf: the log, the upstreams the streams name (sorted, without keepalive),
+    then one server per stream in the state's order, with exactly its directives."""
+    log_format, access_log, *rest = parsed
+    assert (log_format["directive"], log_format["args"][0]) == ("log_format", "nxmesh_stream")
+    assert (access_log["directive"], access_log["args"]) == (
+        "access_log",
+        ["logs/stream.log", "nxmesh_stream"],
+    )
+    by_name = {u.name: u for u in state.upstreams}
+    named = sorted({stream.upstream for stream in state.streams})
+    blocks, servers = rest[: len(named)], rest[len(named) :]
+    assert [(d["directive"], d["args"]) for d in blocks] == [("upstream", [n]) for n in named]
+    for block, name in zip(blocks, named, strict=True):
+        assert [(d["directive"], values(d)) for d in block["block"]] == upstream_lines(
+            by_name[name]
+        )
+    assert [d["directive"] for d in servers] == ["server"] * len(state.streams)
+    for server, stream in zip(servers, state.streams, strict=True):
+        expected = [("listen", args) for args in stream_listens(stream)]
+        expected += access_lines(stream.allow)
+        expected.append(("proxy_pass", [stream.upstream]))
+        if stream.protocol == "tcp":
+            expected.append(("proxy_connect_timeout", [f"{stream.connect_timeout}s"]))
+        expected.append(("proxy_timeout", [f"{stream.timeout}s"]))
+        if stream.proxy_protocol:
+            expected.append(("proxy_protocol", ["on"]))
+        if stream.udp_responses is not None:
+            expected.append(("proxy_responses", [str(stream.udp_responses)]))
+        assert [(d["directive"], values(d)) for d in server["block"]] == expected
 
 
 def check_unknown_hosts(state: DesiredState, parsed: list[Directive]) -> None:
@@ -1210,6 +1294,7 @@ class TestStructure:
             "conf.d/unknown-hosts.conf",
             *(f"conf.d/site-{s.name}.conf" for s in state.sites),
             *(["conf.d/proxy-cache.conf"] if caching else []),
+            *(["streams.conf"] if state.streams else []),
         }
         if caching:
             [zone] = parsed["conf.d/proxy-cache.conf"]
@@ -1233,6 +1318,8 @@ class TestStructure:
         assert len(set(CACHE_KEYS.values())) == len(CACHE_KEYS)
         check_upstreams(state, parsed["conf.d/upstreams.conf"])
         check_unknown_hosts(state, parsed["conf.d/unknown-hosts.conf"])
+        if state.streams:
+            check_streams(state, parsed["streams.conf"])
         bundle = _renderer().render(state)
         htpasswd = {p: bundle.text(p) for p in bundle.files if p.startswith("htpasswd/")}
         assert htpasswd == {p: t for s in state.sites for p, t in htpasswd_expected(s).items()}
@@ -1264,10 +1351,18 @@ class TestStructure:
     def test_main_file_shape_does_not_depend_on_the_state(
         self, first: DesiredState, second: DesiredState
     ) -> None:
-        """nginx.conf has the same directives and arguments whatever the state holds."""
-        assert shape(parsed_bundle(first, main_only=True)["nginx.conf"]) == shape(
-            parsed_bundle(second, main_only=True)["nginx.conf"]
-        )
+        """nginx.conf has the same directives and arguments whatever the state holds, but
+        for the stream block a state with streams ends with."""
+        stream_block = ("stream", [], [("include", ["streams.conf"], [])])
+        shapes = []
+        for state in (first, second):
+            main = shape(parsed_bundle(state, main_only=True)["nginx.conf"])
+            if state.streams:
+                assert main[-1] == stream_block
+                main = main[:-1]
+            assert stream_block not in main
+            shapes.append(main)
+        assert shapes[0] == shapes[1]
 
 
 def _unsafe(text: str) -> bool:

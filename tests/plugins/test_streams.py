@@ -276,6 +276,15 @@ class TestRender:
         with pytest.raises(RenderError, match="stream 'pg' names upstream 'gone'"):
             NginxRenderer().render(state)
 
+    def test_an_upstream_the_stream_cannot_use_is_a_render_error(self) -> None:
+        """As the master would refuse it, rather than a bundle nginx -t refuses."""
+        state = _state(
+            Stream(name="pg", port=15432, upstream="db"),
+            upstreams=(_upstream(lb_method="ip_hash"),),
+        )
+        with pytest.raises(RenderError, match="stream 'pg': upstream 'db' balances with ip_hash"):
+            NginxRenderer().render(state)
+
 
 class TestModuleDetection:
     @pytest.mark.nginx

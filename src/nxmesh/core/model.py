@@ -78,6 +78,7 @@ __all__ = [
     "check_state",
     "redirect_binds",
     "stream_problems",
+    "stream_upstream_reason",
     "submission_problems",
 ]
 
@@ -1368,7 +1369,7 @@ def stream_problems(state: DesiredState) -> list[Problem]:
             found.append(
                 Problem(f"{here}.upstream", _unknown("upstream", stream.upstream, upstreams))
             )
-        elif (reason := _stream_upstream_reason(stream, upstream)) is not None:
+        elif (reason := stream_upstream_reason(stream, upstream)) is not None:
             found.append(Problem(f"{here}.upstream", reason))
         if stream.protocol == "tcp" and stream.port in site_ports:
             found.append(
@@ -1391,7 +1392,7 @@ def stream_problems(state: DesiredState) -> list[Problem]:
     return found
 
 
-def _stream_upstream_reason(stream: Stream, upstream: Upstream) -> str | None:
+def stream_upstream_reason(stream: Stream, upstream: Upstream) -> str | None:
     """Why `upstream` cannot serve `stream`; None when it can."""
     name = upstream.name
     if upstream.lb_method == "ip_hash":

@@ -57,6 +57,7 @@ from nxmesh.core.model import (
     UpstreamTLS,
     check_parts,
     redirect_binds,
+    stream_upstream_reason,
 )
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.serialization import canonical_json, unstructure
@@ -1478,17 +1479,21 @@ class NginxRenderer:
     def _render_streams(self, state: DesiredState, base: dict[str, Any]) -> bytes:
         """``streams.conf``: each stream's server and the upstreams they name.
 
-        :raises RenderError: a stream names an unknown upstream, or listens on the
-            agent's status port (the master checks neither against this host).
+        :raises RenderError: a stream names an unknown upstream or one it cannot use, or
+            listens on the agent's status port (the master checks the first two when a
+            state is submitted, not in stored versions; the last is this host's).
         """
         by_name = {up.name: up for up in state.upstreams}
         views = []
         for stream in state.streams:
-            if stream.upstream not in by_name:
+            upstream = by_name.get(stream.upstream)
+            if upstream is None:
                 raise RenderError(
                     f"stream {stream.name!r} names upstream {stream.upstream!r}, which the "
                     "state does not define"
                 )
+            if (reason := stream_upstream_reason(stream, upstream)) is not None:
+                raise RenderError(f"stream {stream.name!r}: {reason}")
             listens = self._stream_listens(stream)
             views.append((stream, listens))
         names = sorted({stream.upstream for stream in state.streams})
