@@ -79,10 +79,17 @@ def nginx_version(binary: str, *, timeout: float = 10.0) -> str | None:
     """The version `binary` reports (``nginx -v``: "nginx version: nginx/1.22.1" gives
     ``1.22.1``); None when it cannot be run (a sidecar's nginx lives in another
     container) or says something else. Blocking: it runs the binary."""
+    said = _nginx_says(binary, "-v", timeout)
+    found = None if said is None else _NGINX_VERSION.search(said)
+    return found.group(1) if found else None
+
+
+def _nginx_says(binary: str, flag: str, timeout: float) -> str | None:
+    """What ``<binary> <flag>`` prints (nginx writes to stderr); None when it cannot run."""
     try:
         # The binary is the agent's own setting (agent.nginx_binary), never remote input.
         result = subprocess.run(  # noqa: S603
-            [binary, "-v"],
+            [binary, flag],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -91,8 +98,7 @@ def nginx_version(binary: str, *, timeout: float = 10.0) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    found = _NGINX_VERSION.search(result.stderr + result.stdout)
-    return found.group(1) if found else None
+    return result.stderr + result.stdout
 
 
 @functools.lru_cache(maxsize=8)
@@ -107,19 +113,7 @@ def nginx_stream_module(binary: str, *, timeout: float = 10.0) -> str | None:
     Where the module file is missing (the package not installed), ``nginx -t`` of a
     bundle with streams says so, naming the file, and nothing is applied.
     """
-    try:
-        # The binary is the agent's own setting (agent.nginx_binary), never remote input.
-        result = subprocess.run(  # noqa: S603
-            [binary, "-V"],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env=nginx_environment(),
-            check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    options = (result.stderr + result.stdout).split()
+    options = (_nginx_says(binary, "-V", timeout) or "").split()
     if "--with-stream=dynamic" not in options:
         return None
     found = dict(o.partition("=")[::2] for o in options if o.startswith("--") and "=" in o)
