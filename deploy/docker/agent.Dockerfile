@@ -15,7 +15,7 @@ RUN pip wheel --no-cache-dir --wheel-dir /wheels . ./plugins/transport-grpc
 
 FROM python:3.11-slim-bookworm
 RUN apt-get update \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx-light libnginx-mod-stream \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --no-index --find-links=/wheels nxmesh nxmesh-transport-grpc \

@@ -1196,7 +1196,7 @@ def upstream_lines(upstream: Upstream) -> list[tuple[str, list[str]]]:
 
 def stream_listens(stream: Stream) -> list[list[str]]:
     """``listen`` arguments as the test renderer writes them (no `listen_ipv6` nor
-    `listen_address`): the stream's own socket, ``udp`` for UDP."""
+    `listen_address`): the stream's own socket, ``udp reuseport`` for UDP."""
     address = stream.address
     if address is None:
         where = str(stream.port)
@@ -1205,7 +1205,7 @@ def stream_listens(stream: Stream) -> list[list[str]]:
     else:
         ip = ipaddress.ip_address(address)
         where = f"[{ip.compressed}]:{stream.port}" if ip.version == 6 else f"{ip}:{stream.port}"
-    return [[where, *(["udp"] if stream.protocol == "udp" else [])]]
+    return [[where, *(["udp", "reuseport"] if stream.protocol == "udp" else [])]]
 
 
 def check_streams(state: DesiredState, parsed: list[Directive]) -> None:

@@ -236,8 +236,8 @@ class TestRender:
             "}",
         ]
         assert servers[1][:3] == [
-            "listen 15353 udp;",
-            "listen [::]:15353 udp;",
+            "listen 15353 udp reuseport;",
+            "listen [::]:15353 udp reuseport;",
             "proxy_pass db;",
         ]
         assert "proxy_responses 1;" in servers[1]
@@ -258,17 +258,51 @@ class TestRender:
         assert "listen 10.1.2.3:15432;" in streams
         assert "[::]" not in streams
 
-    @pytest.mark.parametrize("address", [None, "127.0.0.1", "0.0.0.0"])
-    def test_the_status_port_is_refused(self, address: str | None) -> None:
-        """A TCP stream on the agent's status port (its address or every address) would
-        take the probes that confirm each reload."""
+    @pytest.mark.parametrize(
+        ("status", "address", "ipv6", "clash"),
+        [
+            ("127.0.0.1", None, False, True),
+            ("127.0.0.1", "127.0.0.1", False, True),
+            ("127.0.0.1", "0.0.0.0", False, True),
+            ("127.0.0.1", "*", False, True),
+            ("127.0.0.1", "127.0.0.2", False, False),
+            ("127.0.0.1", "::1", False, False),
+            ("0.0.0.0", "127.0.0.2", False, True),  # the status server takes every address
+            ("::1", "0:0:0:0:0:0:0:1", False, True),  # one address, two spellings
+            ("::1", "0::0", False, True),
+            ("::1", None, False, False),
+            ("::1", None, True, True),  # the [::] twin
+            ("::", "::1", False, True),
+        ],
+    )
+    def test_the_status_servers_socket_is_refused(
+        self, status: str, address: str | None, ipv6: bool, clash: bool
+    ) -> None:
+        """A TCP stream on the agent's status server's socket: nginx -t passes it and the
+        reload fails to bind (the stream module binds apart from the http module)."""
+        settings = RenderSettings(status_address=status, listen_ipv6=ipv6)
         stream = Stream(name="pg", port=9480, upstream="db", address=address)
-        with pytest.raises(RenderError, match="status server"):
-            NginxRenderer().render(_state(stream))
-        other = Stream(name="pg", port=9480, upstream="db", address="127.0.0.2")
-        NginxRenderer().render(_state(other))
-        udp = Stream(name="pg", port=9480, upstream="db", protocol="udp")
-        NginxRenderer().render(_state(udp))
+        render = NginxRenderer(settings=settings).render
+        if clash:
+            with pytest.raises(RenderError, match="status server"):
+                render(_state(stream))
+        else:
+            render(_state(stream))
+        render(_state(attrs.evolve(stream, protocol="udp")))  # the status server is TCP
+
+    def test_a_main_template_without_the_stream_block_is_refused(self, tmp_path: Path) -> None:
+        """An nginx.conf.j2 override copied before streams existed: streams.conf would be
+        written and never read, nginx -t would pass, and no port would open."""
+        source = NginxRenderer().template_source("nginx.conf.j2")
+        assert source is not None
+        builtin = Path(source).read_text()
+        old = builtin.split("{% if state.streams %}\n\n# TCP")[0]
+        assert "include streams.conf" not in old
+        (tmp_path / "nginx.conf.j2").write_text(old)
+        renderer = NginxRenderer(template_dir=tmp_path)
+        renderer.render(DesiredState())  # without streams, nothing is missing
+        with pytest.raises(RenderError, match=r"does not include streams\.conf"):
+            renderer.render(_state(Stream(name="pg", port=15432, upstream="db")))
 
     def test_an_unknown_upstream_is_a_render_error(self) -> None:
         """A stored state the master did not check: refused by name, not a KeyError."""
@@ -325,7 +359,12 @@ class TestModuleDetection:
         assert nginx_stream_module(str(binary)) == expected
 
     def test_a_binary_that_cannot_run(self, tmp_path: Path) -> None:
-        assert nginx_stream_module(str(tmp_path / "missing")) is None
+        """None, and asked again next time: a run that failed is not remembered."""
+        binary = tmp_path / "nginx"
+        binary.write_text("#!/bin/sh\necho 'configure arguments: --with-stream=dynamic' >&2\n")
+        assert nginx_stream_module(str(binary)) is None  # not executable yet
+        binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+        assert nginx_stream_module(str(binary)) == "/usr/local/nginx/modules/ngx_stream_module.so"
 
 
 # ---------------------------------------------------------------------------------------
@@ -369,14 +408,19 @@ async def _tcp_server(first: list[bytes]) -> AsyncIterator[int]:
 
 
 @contextlib.asynccontextmanager
-async def _udp_server() -> AsyncIterator[int]:
-    """A UDP server on loopback answering each datagram with ``echo:`` + the datagram."""
+async def _udp_server(
+    prefix: bytes = b"echo:", peers: set[int] | None = None
+) -> AsyncIterator[int]:
+    """A UDP server on loopback answering each datagram with `prefix` + the datagram;
+    `peers` gets the source port of each datagram."""
     port = free_port()
     async with await anyio.create_udp_socket(local_host="127.0.0.1", local_port=port) as sock:
 
         async def serve() -> None:
             async for data, peer in sock:
-                await sock.sendto(b"echo:" + data, *peer)
+                if peers is not None:
+                    peers.add(peer[1])
+                await sock.sendto(prefix + data, *peer)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(serve)
@@ -466,6 +510,37 @@ class TestNginx:
                 ) as client:
                     await client.send(b"query")
                     assert await client.receive() == b"echo:query"
+
+    async def test_udp_keeps_each_client_on_one_server(self, stack: NginxStack) -> None:
+        """With several workers, all of a client's datagrams are one session: one server
+        of the upstream, from one nginx port (``reuseport``). Without it each worker
+        took some datagrams of every client into sessions of its own."""
+        stack.renderer = NginxRenderer(
+            settings=attrs.evolve(stack.render_settings, worker_processes=2)
+        )
+        peers: set[int] = set()
+        async with _udp_server(b"a:", peers) as a, _udp_server(b"b:", peers) as b:
+            port = free_port()
+            upstream = _upstream("pair", f"127.0.0.1:{a}", f"127.0.0.1:{b}")
+            stream = Stream(
+                name="pair", port=port, address="127.0.0.1", protocol="udp", upstream="pair"
+            )
+            await _apply(stack, DesiredState(upstreams=(upstream,), streams=(stream,)))
+            servers = {}
+            for client in range(6):
+                answered = set()
+                with anyio.fail_after(10):
+                    async with await anyio.create_connected_udp_socket(
+                        remote_host="127.0.0.1", remote_port=port
+                    ) as sock:
+                        # A burst wakes every worker: all of them would read some.
+                        for n in range(40):
+                            await sock.send(b"%d" % n)
+                        for _ in range(40):
+                            answered.add((await sock.receive()).split(b":")[0])
+                servers[client] = answered
+        assert all(len(answered) == 1 for answered in servers.values()), servers
+        assert len(peers) == 6  # one nginx port per client
 
     async def test_a_missing_module_fails_the_apply_naming_it(
         self, stack: NginxStack, tmp_path: Path

@@ -9,7 +9,6 @@ workers finish their requests), ``reopen`` → SIGUSR1 (log files), ``quit`` →
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import re
 import signal
@@ -101,27 +100,37 @@ def _nginx_says(binary: str, flag: str, timeout: float) -> str | None:
     return result.stderr + result.stdout
 
 
-@functools.lru_cache(maxsize=8)
+_STREAM_MODULES: dict[str, str | None] = {}
+
+
 def nginx_stream_module(binary: str, *, timeout: float = 10.0) -> str | None:
     """The ``load_module`` path of `binary`'s stream module when nginx has it as a dynamic
     module (``nginx -V`` shows ``--with-stream=dynamic``: Debian's
     ``libnginx-mod-stream``): ``ngx_stream_module.so`` under ``--modules-path``, else
     under ``<--prefix>/modules``. None when nginx has it built in, has none, or cannot be
     run here (a sidecar's nginx in another container; nginx.org's image has it built
-    in). Blocking, and asked once per binary: it runs the binary.
+    in). Blocking: it runs the binary, once per binary while it answers (a run that
+    failed is tried again next time).
 
     Where the module file is missing (the package not installed), ``nginx -t`` of a
     bundle with streams says so, naming the file, and nothing is applied.
     """
-    options = (_nginx_says(binary, "-V", timeout) or "").split()
-    if "--with-stream=dynamic" not in options:
+    if binary in _STREAM_MODULES:
+        return _STREAM_MODULES[binary]
+    said = _nginx_says(binary, "-V", timeout)
+    if said is None:
         return None
-    found = dict(o.partition("=")[::2] for o in options if o.startswith("--") and "=" in o)
-    modules = (
-        found.get("--modules-path")
-        or found.get("--prefix", "/usr/local/nginx").rstrip("/") + "/modules"
-    )
-    return modules.rstrip("/") + "/ngx_stream_module.so"
+    options = said.split()
+    module = None
+    if "--with-stream=dynamic" in options:
+        found = dict(o.partition("=")[::2] for o in options if o.startswith("--") and "=" in o)
+        modules = (
+            found.get("--modules-path")
+            or found.get("--prefix", "/usr/local/nginx").rstrip("/") + "/modules"
+        )
+        module = modules.rstrip("/") + "/ngx_stream_module.so"
+    _STREAM_MODULES[binary] = module
+    return module
 
 
 def signal_number(name: str) -> signal.Signals:

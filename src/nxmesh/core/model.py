@@ -976,7 +976,8 @@ class CertificateRef:
 class Stream:
     """A TCP or UDP port nginx forwards to an upstream as it is (``stream {}``): a
     database, a message broker, SSH, DNS. No HTTP: nginx passes the bytes (or datagrams)
-    through, choosing a server of `upstream` per connection (per client, for UDP).
+    through, choosing a server of `upstream` per TCP connection, or per UDP session (a
+    client's datagrams until `udp_responses` answers came or `timeout` passed).
 
     `address`, like a listener's: none listens on every IPv4 address (and IPv6, with the
     agent's ``listen_ipv6``). `allow`: the clients admitted (addresses and networks);

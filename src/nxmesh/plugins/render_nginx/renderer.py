@@ -1455,6 +1455,13 @@ class NginxRenderer:
             files.update(error_page_files(site))
         if state.streams:
             files[STREAMS_FILE] = self._render_streams(state, base)
+            if _STREAMS_INCLUDED.search(files["nginx.conf"]) is None:
+                raise RenderError(
+                    "nginx.conf does not include streams.conf in a stream {} block, so the "
+                    "state's streams would not be served: a nginx.conf.j2 override made "
+                    "before streams existed? Add the built-in template's "
+                    "'stream { include streams.conf; }'"
+                )
         unknown = unknown_host_listens(state, checked_sockets=checked_sockets)
         files[UNKNOWN_HOSTS_FILE] = self._render(
             "unknown_hosts.conf.j2", {**base, "unknown_host_listens": unknown}
@@ -1504,24 +1511,32 @@ class NginxRenderer:
         """``listen`` arguments of a stream's server: on its address, else on the host's
         `listen_address`, else on every IPv4 address and, with `listen_ipv6`, on
         ``[::]`` too (its port is its own: the master refuses a site or another stream
-        of its protocol there)."""
-        options = ("udp",) if stream.protocol == "udp" else ()
-        address = stream.address
-        if address is None:
-            address = self.settings.listen_address
-        port = self.settings.status_port
-        if stream.protocol == "tcp" and port == stream.port:
-            shared = {None, "*", "0.0.0.0", "::", self.settings.status_address}  # noqa: S104
-            if address is None or address.strip("[]") in shared:
-                raise RenderError(
-                    f"stream {stream.name!r} listens on port {port}, the agent's status "
-                    f"server ({self.settings.status_address}:{port}, render setting "
-                    "status_port): use another port, or move the status server"
-                )
-        listens = [_listen_args(address, stream.port, *options)]
+        of its protocol there).
+
+        UDP sockets get ``reuseport``: each worker then has a socket of its own and the
+        kernel hands all of a client's datagrams to one worker. Without it every worker
+        reads the shared socket, a client's datagrams land in several workers' sessions,
+        and go to several servers of the upstream from several ports (nginx's
+        documentation asks for it on Linux).
+
+        :raises RenderError: a TCP stream on the agent's status server's socket, which
+            ``nginx -t`` passes and the reload then fails to bind.
+        """
+        options = ("udp", "reuseport") if stream.protocol == "udp" else ()
+        address = stream.address if stream.address is not None else self.settings.listen_address
+        addresses = [address]
         if self.settings.listen_ipv6 and address in (None, "*", "0.0.0.0"):  # noqa: S104
-            listens.append(_listen_args("::", stream.port, *options))
-        return listens
+            addresses.append("::")
+        if stream.protocol == "tcp" and stream.port == self.settings.status_port:
+            for each in addresses:
+                if _same_socket(each, self.settings.status_address):
+                    raise RenderError(
+                        f"stream {stream.name!r} listens on port {stream.port}, the agent's "
+                        f"status server ({self.settings.status_address}:{stream.port}, "
+                        "render setting status_port): use another port, or move the status "
+                        "server"
+                    )
+        return [_listen_args(each, stream.port, *options) for each in addresses]
 
     def _check_status_port(self, state: DesiredState) -> None:
         """Refuse a site listening on the agent's status port (on its address or all):
@@ -1615,6 +1630,26 @@ def _with_ipv6(state: DesiredState) -> DesiredState:
             twinned = site
         sites.append(twinned)
     return attrs.evolve(state, sites=tuple(sites))
+
+
+# `stream {` then, before the block closes, `include streams.conf;`, neither commented out.
+_STREAMS_INCLUDED: Final = re.compile(
+    rb"(?m)^[ \t]*stream[ \t]*\{[^}#]*^[ \t]*include[ \t]+streams\.conf[ \t]*;"
+)
+
+
+def _same_socket(listen_address: str | None, status_address: str) -> bool:
+    """Whether a stream's TCP ``listen`` on `listen_address` (None or ``*``: every IPv4
+    address) takes the status server's socket on the same port: equal addresses, or a
+    wildcard on either side, in one family. The stream module binds its sockets apart
+    from the http module's, which would otherwise share them."""
+    ours = ipaddress.ip_address(
+        "0.0.0.0" if listen_address in (None, "*") else listen_address  # noqa: S104
+    )
+    theirs = ipaddress.ip_address(status_address)
+    if ours.version != theirs.version:
+        return False
+    return ours == theirs or ours.is_unspecified or theirs.is_unspecified
 
 
 def _check_extra(path: str) -> None:
