@@ -402,6 +402,33 @@ class TestLifecycle:
                 await channel.receive()
         assert master.hub.connected == []
 
+    async def test_a_key_two_rotations_old_verifies_nothing(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """After a rotation the previous key still verifies (the agent may have sent under
+        it before the command arrived); after the next one it does not, and a frame under
+        it ends the session as any untrusted frame does. (Every key used to verify for
+        the session's life: the filter compared the current key's expiry.)"""
+        master = await master_factory()
+        creds = await master.credentials()
+        async with master.transport.connect("memory://") as channel:
+            await register_by_hand(channel, creds, Register(agent_id=creds.agent_id))
+            hub = master.hub
+            session = hub._sessions[creds.agent_id]
+            crypto = agent_crypto(creds)
+            await hub._rotate(session)
+            accepted = hub.counters.accepted
+            await channel.send(crypto.seal(Heartbeat()))  # the previous key
+            with anyio.fail_after(5):
+                while hub.counters.accepted == accepted:
+                    await anyio.sleep(0.01)
+            assert hub.connected == [creds.agent_id]
+            await hub._rotate(session)
+            assert creds.key_id not in session.crypto.keys
+            assert len(session.crypto.keys) == 2
+            await channel.send(crypto.seal(Heartbeat()))
+            await wait_disconnected(master)
+
     async def test_heartbeats_keep_a_session_alive(
         self, master_factory: Callable[..., Any]
     ) -> None:

@@ -932,18 +932,15 @@ class MasterSessionHub:
             key_expires_at=key.expires_at,
         )
         # Sent under the current key; everything after it under the new one. The agent
-        # keeps accepting both, and so do we until the old key expires.
+        # keeps accepting both, and so do we until the next rotation (about when the
+        # old key expires): the agent signs with the new key from this command on, and
+        # a key older than the current one verifies nothing more. (The filter kept every
+        # key while the *current* one had not expired: always, at half its lifetime.)
         frame = s.crypto.seal(command)
         s.sending = True
         await s.channel.send(frame)
         s.sending = False
-        now = self.clock()
-        s.crypto.keys = {
-            kid: secret
-            for kid, secret in s.crypto.keys.items()
-            if kid == s.crypto.key_id or kid == key.key_id or s.key_expires_at > now
-        }
-        s.crypto.keys[key.key_id] = key.secret
+        s.crypto.keys = {s.crypto.key_id: current, key.key_id: key.secret}
         s.crypto.key_id = key.key_id
         s.key_expires_at = key.expires_at
         s.rotate_at = self.enrollment.rotation_due(key)

@@ -304,6 +304,39 @@ class TestRender:
         with pytest.raises(RenderError, match=r"does not include streams\.conf"):
             renderer.render(_state(Stream(name="pg", port=15432, upstream="db")))
 
+    @pytest.mark.parametrize(
+        ("tail", "included"),
+        [
+            ("stream { include streams.conf; }\n", True),
+            ("stream {\n    # forwarded ports\n    include 'streams.conf';\n}\n", True),
+            (
+                "stream {\n    map $remote_addr $x { default 1; }\n    include streams.conf;\n}\n",
+                True,
+            ),
+            ("# stream {\n#     include streams.conf;\n# }\n", False),
+            ("stream {\n    # include streams.conf;\n}\n", False),
+            ("stream { }\ninclude streams.conf;\n", False),
+            ('events { }\n# "\nstream { include streams.conf; }\n', True),
+            ('error_log "stream {\ninclude streams.conf;\n}";\n', False),
+        ],
+    )
+    def test_the_stream_block_is_read_as_nginx_reads_it(
+        self, tmp_path: Path, tail: str, included: bool
+    ) -> None:
+        """An override's stream block is found however it is spelled, and not where
+        nginx would not read it (a comment, a quoted string, outside the block)."""
+        source = NginxRenderer().template_source("nginx.conf.j2")
+        assert source is not None
+        builtin = Path(source).read_text().split("{% if state.streams %}\n\n# TCP")[0]
+        (tmp_path / "nginx.conf.j2").write_text(builtin + tail)
+        render = NginxRenderer(template_dir=tmp_path).render
+        state = _state(Stream(name="pg", port=15432, upstream="db"))
+        if included:
+            assert STREAMS_FILE in render(state).files
+        else:
+            with pytest.raises(RenderError, match=r"does not include streams\.conf"):
+                render(state)
+
     def test_an_unknown_upstream_is_a_render_error(self) -> None:
         """A stored state the master did not check: refused by name, not a KeyError."""
         state = DesiredState(streams=(Stream(name="pg", port=15432, upstream="gone"),))
@@ -359,11 +392,16 @@ class TestModuleDetection:
         assert nginx_stream_module(str(binary)) == expected
 
     def test_a_binary_that_cannot_run(self, tmp_path: Path) -> None:
-        """None, and asked again next time: a run that failed is not remembered."""
+        """None, and asked again next time: a run that failed (could not start, or
+        exited with an error) is not remembered."""
         binary = tmp_path / "nginx"
-        binary.write_text("#!/bin/sh\necho 'configure arguments: --with-stream=dynamic' >&2\n")
+        says = "echo 'configure arguments: --with-stream=dynamic' >&2\n"
+        binary.write_text("#!/bin/sh\n" + says)
         assert nginx_stream_module(str(binary)) is None  # not executable yet
         binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+        binary.write_text("#!/bin/sh\n" + says + "exit 1\n")
+        assert nginx_stream_module(str(binary)) is None
+        binary.write_text("#!/bin/sh\n" + says)
         assert nginx_stream_module(str(binary)) == "/usr/local/nginx/modules/ngx_stream_module.so"
 
 

@@ -84,7 +84,8 @@ def nginx_version(binary: str, *, timeout: float = 10.0) -> str | None:
 
 
 def _nginx_says(binary: str, flag: str, timeout: float) -> str | None:
-    """What ``<binary> <flag>`` prints (nginx writes to stderr); None when it cannot run."""
+    """What ``<binary> <flag>`` prints (nginx writes to stderr); None when it cannot run
+    or exits with an error."""
     try:
         # The binary is the agent's own setting (agent.nginx_binary), never remote input.
         result = subprocess.run(  # noqa: S603
@@ -97,7 +98,7 @@ def _nginx_says(binary: str, flag: str, timeout: float) -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stderr + result.stdout
+    return result.stderr + result.stdout if result.returncode == 0 else None
 
 
 _STREAM_MODULES: dict[str, str | None] = {}
@@ -109,8 +110,8 @@ def nginx_stream_module(binary: str, *, timeout: float = 10.0) -> str | None:
     ``libnginx-mod-stream``): ``ngx_stream_module.so`` under ``--modules-path``, else
     under ``<--prefix>/modules``. None when nginx has it built in, has none, or cannot be
     run here (a sidecar's nginx in another container; nginx.org's image has it built
-    in). Blocking: it runs the binary, once per binary while it answers (a run that
-    failed is tried again next time).
+    in). Blocking: it runs the binary, once per binary that answers (a run that failed
+    is tried again next time; the agent reads its render settings once, at start).
 
     Where the module file is missing (the package not installed), ``nginx -t`` of a
     bundle with streams says so, naming the file, and nothing is applied.

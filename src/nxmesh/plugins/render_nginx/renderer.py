@@ -1455,12 +1455,13 @@ class NginxRenderer:
             files.update(error_page_files(site))
         if state.streams:
             files[STREAMS_FILE] = self._render_streams(state, base)
-            if _STREAMS_INCLUDED.search(files["nginx.conf"]) is None:
+            if not _streams_included(files["nginx.conf"]):
                 raise RenderError(
-                    "nginx.conf does not include streams.conf in a stream {} block, so the "
-                    "state's streams would not be served: a nginx.conf.j2 override made "
-                    "before streams existed? Add the built-in template's "
-                    "'stream { include streams.conf; }'"
+                    "nginx.conf does not include streams.conf in a top-level stream {} "
+                    "block, so the state's streams would not be served: a nginx.conf.j2 "
+                    "override made before streams existed? Copy the built-in template's "
+                    "two stream parts: the load_module lines at its top and the "
+                    "'{% if state.streams %}' block at its end"
                 )
         unknown = unknown_host_listens(state, checked_sockets=checked_sockets)
         files[UNKNOWN_HOSTS_FILE] = self._render(
@@ -1632,10 +1633,37 @@ def _with_ipv6(state: DesiredState) -> DesiredState:
     return attrs.evolve(state, sites=tuple(sites))
 
 
-# `stream {` then, before the block closes, `include streams.conf;`, neither commented out.
-_STREAMS_INCLUDED: Final = re.compile(
-    rb"(?m)^[ \t]*stream[ \t]*\{[^}#]*^[ \t]*include[ \t]+streams\.conf[ \t]*;"
+# nginx's tokens: a comment (a `#` where a token starts), a quoted string, a brace or
+# `;`, a word (which may hold a `#`).
+_NGINX_TOKEN: Final = re.compile(
+    rb"""#[^\n]*|"(?:\\.|[^"\\])*"|'(?:\\.|[^'\\])*'|[{};]|[^\s{};"']+"""
 )
+
+
+def _streams_included(conf: bytes) -> bool:
+    """Whether `conf` (nginx.conf) has a top-level ``stream`` block with its own
+    ``include streams.conf;``: read as nginx reads it, so comments, quoted strings and
+    other blocks neither hide nor fake one."""
+    blocks: list[bytes] = []
+    words: list[bytes] = []
+    for match in _NGINX_TOKEN.finditer(conf):
+        token = match.group()
+        if token.startswith(b"#"):
+            continue
+        if token == b"{":
+            blocks.append(words[0] if words else b"")
+            words = []
+        elif token == b"}":
+            if blocks:
+                blocks.pop()
+            words = []
+        elif token == b";":
+            if blocks == [b"stream"] and words == [b"include", b"streams.conf"]:
+                return True
+            words = []
+        else:
+            words.append(token[1:-1] if token[:1] in (b'"', b"'") else token)
+    return False
 
 
 def _same_socket(listen_address: str | None, status_address: str) -> bool:
