@@ -1018,11 +1018,6 @@ class Stream:
             found.append(("udp_responses", "is for UDP streams: TCP has no datagrams to count"))
         v.raise_problems(found)
 
-    @property
-    def bind(self) -> tuple[str, int]:
-        """``(address, port)`` as nginx binds it (see `Listener.bind`)."""
-        return (_bind_address(self.address), self.port)
-
 
 # ---------------------------------------------------------------------------------------
 # Desired state
