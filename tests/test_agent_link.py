@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import stat
@@ -25,16 +26,18 @@ from nxmesh.agent_link import (
     NoEndpointError,
     SessionEnded,
 )
-from nxmesh.core.envelope import BadSignatureError, unseal
+from nxmesh.core.envelope import BadSignatureError, EncodedBody, MessageType, unseal
 from nxmesh.core.events import Event
-from nxmesh.core.model import Agent, ApplyReport, PendingApply
+from nxmesh.core.model import Agent, ApplyReport, LabelSelector, PendingApply
 from nxmesh.core.protocol import (
     ConfigStatus,
+    ConfigUpdate,
     LogBatch,
     Register,
     RegisterResponse,
     RejectedError,
     decode_body,
+    encode_body,
     enrollment_keypair,
     enrollment_secret,
     open_key,
@@ -43,7 +46,7 @@ from nxmesh.crypto.errors import SecretError
 from nxmesh.crypto.secrets import MasterKeyring, generate_key
 from nxmesh.enrollment import Enrollment
 from nxmesh.plugins.storage_sqlite import SqliteStorage
-from nxmesh.session_hub import MasterSessionHub
+from nxmesh.session_hub import MasterSessionHub, _PushedVersion
 from nxmesh.testing.contracts.transport import signed_version
 from nxmesh.testing.memory_transport import MemoryTransport
 
@@ -131,6 +134,46 @@ class TestMasterLinkSeam:
             logs = [m for _, m in received if isinstance(m, LogBatch)]
             assert "apply.failed" in logs[0].entries[0].message
             tg.cancel_scope.cancel()
+
+    async def test_a_version_the_agent_cannot_read_is_reported_failed(
+        self, storage: SqliteStorage
+    ) -> None:
+        """A signed version whose body this agent cannot decode (a newer master's field)
+        is answered with a failed status naming the field, not dropped: the rollout
+        stops and says why instead of waiting for an answer that never comes."""
+        enrollment = Enrollment(storage)
+        hub = MasterSessionHub(enrollment)
+        creds = await provision(storage, enrollment)
+        transport = MemoryTransport()
+        submitted: list[PendingApply] = []
+        session = AgentSession(
+            agent_id="web-1",
+            labels={},
+            deployment_mode="standalone",
+            submit=submitted.append,
+            running=lambda: (None, None),
+        )
+        link = AgentLink(
+            [Endpoint(transport, "memory://")],
+            MemoryCredentialStore(creds),
+            agent_version="0.1.0",
+        )
+        version = signed_version(2)
+        data = json.loads(encode_body(ConfigUpdate.of(version)).data)
+        data["state"]["tunnels"] = []  # a field of a newer master
+        body = EncodedBody.of(MessageType.CONFIG_UPDATE, json.dumps(data).encode())
+        async with anyio.create_task_group() as tg:
+            await tg.start(transport.serve, hub)
+            await tg.start(link.run, session)
+            hub._sessions["agent-1"].offer_update(_PushedVersion(version, body, LabelSelector()))
+            with anyio.fail_after(5):
+                final = await hub.wait_for_status(2, ["agent-1"], final=True)
+            tg.cancel_scope.cancel()
+        status = final["agent-1"]
+        assert (status.phase, status.digest) == ("failed", version.digest)
+        assert "state.tunnels: unknown field 'tunnels'" in status.error
+        assert "this agent (0.1.0) is older than the master, upgrade it" in status.error
+        assert submitted == []
 
     async def test_unreachable_master_raises_oserror_before_started(self) -> None:
         """With no endpoint reachable, run() raises an OSError naming each endpoint."""

@@ -87,6 +87,8 @@ from nxmesh.core.protocol import (
     RegisterResponse,
     RejectedError,
     SessionCrypto,
+    UndecodableBodyError,
+    body_bytes,
     bootstrap_mac_key,
     decode_body,
     encode_body,
@@ -760,10 +762,43 @@ class AgentLink:
             self._last_received = self.clock()
             try:
                 env, message = crypto.open(frame)
+            except UndecodableBodyError as exc:
+                log.warning("frame from the master rejected", error=str(exc))
+                if exc.env.type is MessageType.CONFIG_UPDATE:
+                    self._unreadable_update(exc)
+                continue
             except (MalformedFrameError, ClockSkewError) as exc:
                 log.warning("frame from the master rejected", error=str(exc))
                 continue
             await self._dispatch(crypto, env, message)
+
+    def _unreadable_update(self, exc: UndecodableBodyError) -> None:
+        """Report a version the master signed but this agent cannot read as failed, so
+        the rollout stops and says why, instead of waiting for an answer that never
+        comes. Its number and digest come from the body as plain JSON; without them
+        there is nothing to answer about."""
+        try:
+            data = json.loads(body_bytes(exc.env))
+        except (ProtocolError, ValueError, RecursionError):
+            return
+        version = data.get("version") if isinstance(data, dict) else None
+        digest = data.get("digest") if isinstance(data, dict) else None
+        if not isinstance(version, int) or not isinstance(digest, str):
+            return
+        upgrade = f"this agent ({self.agent_version or 'unknown version'}) is older than"
+        try:
+            status = ConfigStatus(
+                version=version,
+                digest=digest,
+                phase="failed",
+                error=_text(
+                    f"this agent cannot read version {version}: {exc}. If {upgrade} the "
+                    "master, upgrade it"
+                ),
+            )
+        except ValueError:  # no valid version number and digest: nothing to answer
+            return
+        self._queue(status)
 
     async def _dispatch(self, crypto: SessionCrypto, env: Envelope, message: Message) -> None:
         if isinstance(message, ConfigUpdate):

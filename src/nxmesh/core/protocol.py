@@ -102,6 +102,7 @@ __all__ = [
     "RegisterResponse",
     "RejectedError",
     "SessionCrypto",
+    "UndecodableBodyError",
     "UnknownKeyError",
     "body_bytes",
     "bootstrap_mac_key",
@@ -159,6 +160,17 @@ class UnknownKeyError(ProtocolError):
     """A frame names an agent or key id the receiver does not hold (or holds revoked)."""
 
     counter = "unknown_key"
+
+
+class UndecodableBodyError(MalformedFrameError):
+    """A frame that passed every check (signature, key, replay) whose body does not
+    decode: the peer speaks a newer schema (a field this side does not know), or is
+    broken. `env` is the verified frame, so the receiver can still answer about it (an
+    agent reports the version it cannot read as failed instead of dropping it)."""
+
+    def __init__(self, message: str, env: Envelope) -> None:
+        super().__init__(message)
+        self.env = env
 
 
 class RejectedError(ProtocolError):
@@ -851,7 +863,10 @@ class SessionCrypto:
         try:
             env = unseal(frame, max_body=self.max_body)
             self.check(env, guard=guard)
-            message = decode_body(env, max_body=self.max_body or MAX_BODY)
+            try:
+                message = decode_body(env, max_body=self.max_body or MAX_BODY)
+            except MalformedFrameError as exc:
+                raise UndecodableBodyError(str(exc), env) from None
         except ProtocolError as exc:
             self.counters.count(exc)
             raise
