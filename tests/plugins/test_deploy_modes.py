@@ -285,7 +285,8 @@ class TestNginxEnvironment:
             assert report.outcome == "applied", report.message
             assert await stack.body() == "env"
         seen = record.read_text()
-        assert seen.count("OTHER_SETTING=kept") == 2  # nginx -t, then the served nginx
+        # nginx -V (the stream module), nginx -t, then the served nginx
+        assert seen.count("OTHER_SETTING=kept") == 3
         assert "NXMESH_" not in seen
         assert "bootstrap-secret" not in seen
 

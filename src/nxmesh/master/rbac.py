@@ -39,8 +39,8 @@ __all__ = [
 ]
 
 PERMISSIONS: Final[Mapping[str, str]] = {
-    "config:read": "read desired state, sites, upstreams, versions and diffs",
-    "config:write": "change desired state, sites and upstreams (creates versions)",
+    "config:read": "read desired state, sites, upstreams, streams, versions and diffs",
+    "config:write": "change desired state, sites, upstreams and streams (creates versions)",
     "config:rollback": "roll a workspace back to an earlier version",
     "assignment:read": "read which agents get which version",
     "assignment:write": "create, change and delete assignments",
