@@ -933,9 +933,8 @@ class MasterSessionHub:
         )
         # Sent under the current key; everything after it under the new one. The agent
         # keeps accepting both, and so do we until the next rotation (about when the
-        # old key expires): the agent signs with the new key from this command on, and
-        # a key older than the current one verifies nothing more. (The filter kept every
-        # key while the *current* one had not expired: always, at half its lifetime.)
+        # old key expires): the agent signs with the new key from this command on, so a
+        # key older than the current one must verify nothing more.
         frame = s.crypto.seal(command)
         s.sending = True
         await s.channel.send(frame)
