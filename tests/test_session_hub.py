@@ -16,10 +16,11 @@ import nxmesh.core.protocol as protocol_module
 import nxmesh.session_hub as hub_module
 from nxmesh.agent_link import AgentCredentials, AgentLink, Backoff, Endpoint, MemoryCredentialStore
 from nxmesh.core.envelope import EncodedBody, MessageType, ProtocolCounters, seal, unseal
-from nxmesh.core.model import Agent, LabelSelector
+from nxmesh.core.model import Agent, HealthReport, LabelSelector
 from nxmesh.core.protocol import (
     COMPRESSION_CAPABILITY,
     MAX_REGISTER_BODY,
+    Ack,
     ConfigStatus,
     ConfigUpdate,
     Heartbeat,
@@ -426,6 +427,39 @@ class TestLifecycle:
             await hub._rotate(session)
             assert creds.key_id not in session.crypto.keys
             assert len(session.crypto.keys) == 2
+            await channel.send(crypto.seal(Heartbeat()))
+            await wait_disconnected(master)
+
+    async def test_a_previous_key_verifies_until_it_expires(
+        self, master_factory: Callable[..., Any]
+    ) -> None:
+        """After a rotation the previous key verifies until its expiry, or for a grace
+        when it had expired already; then a frame under it ends the session, unary
+        reports included. (It used to verify until the next rotation: up to a fifth of
+        a key's lifetime past its expiry, 0.6 for an agent that connected late.)"""
+        now = [time.time()]
+        master = await master_factory(clock=lambda: now[0])
+        master.enrollment.key_lifetime = 2.0  # expired before the grace ends
+        creds = await master.credentials()
+        master.enrollment.key_lifetime = 3600.0  # the next key: no rotation in this test
+        async with master.transport.connect("memory://") as channel:
+            await register_by_hand(channel, creds, Register(agent_id=creds.agent_id))
+            hub = master.hub
+            session = hub._sessions[creds.agent_id]
+            crypto = agent_crypto(creds)
+            await hub._rotate(session)
+            now[0] += 59  # within the grace: still verifies
+            accepted = hub.counters.accepted
+            await channel.send(crypto.seal(Heartbeat()))
+            with anyio.fail_after(5):
+                while hub.counters.accepted == accepted:
+                    await anyio.sleep(0.01)
+            now[0] += 2  # past it
+            report = HealthReport(agent_id=creds.agent_id, ts=now[0], results=())
+            answer = decode_body(unseal(await hub.handle_unary(crypto.seal(report), "test")))
+            assert isinstance(answer, Ack)
+            assert not answer.ok
+            assert "unknown, expired or revoked" in answer.error
             await channel.send(crypto.seal(Heartbeat()))
             await wait_disconnected(master)
 

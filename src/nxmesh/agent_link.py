@@ -778,7 +778,7 @@ class AgentLink:
         comes. Its number and digest come from the body as plain JSON; without them
         there is nothing to answer about."""
         try:
-            data = json.loads(body_bytes(exc.env))
+            data = json.loads(body_bytes(exc.env, max_body=self.max_body))
         except (ProtocolError, ValueError, RecursionError):
             return
         version = data.get("version") if isinstance(data, dict) else None

@@ -120,6 +120,10 @@ _REPORT_TYPES: Final = frozenset(
 )
 _ACKED: Final = (Heartbeat, HealthReport, MetricsBatch, LogBatch)
 _MAX_BAD_FRAMES: Final = 16
+# Seconds the previous key still verifies after a rotation when it has expired already
+# (an agent that connected late in its key's life is rotated at once): the frames it
+# signed before the command reached it are still on their way.
+_ROTATION_GRACE: Final = 60.0
 _BODY_CACHE: Final = 32
 # Acks and commands queued for one agent: an agent this far behind stopped reading its
 # stream (its own frames keep the session alive; each one queues another ack).
@@ -782,10 +786,13 @@ class MasterSessionHub:
         state = self._state(agent.id)
         if sealed_key:  # an enrollment: its frame was signed with the bootstrap key
             state.guard.last_seq = max(state.guard.last_seq, env.seq)
+        # The key the agent registered with is the one it signs with until a rotation:
+        # its other valid keys verify nothing on this session (one of them would keep
+        # verifying past its expiry, until the first rotation).
         crypto = SessionCrypto(
             agent_id=agent.id,
             key_id=used.key_id,
-            keys={k.key_id: k.secret for k in keys},
+            keys={used.key_id: used.secret},
             receives_from_agent=True,
             counters=self.counters,
             seq=state.seq,
@@ -932,14 +939,18 @@ class MasterSessionHub:
             key_expires_at=key.expires_at,
         )
         # Sent under the current key; everything after it under the new one. The agent
-        # keeps accepting both, and so do we until the next rotation (about when the
-        # old key expires): the agent signs with the new key from this command on, so a
-        # key older than the current one must verify nothing more.
+        # keeps accepting both, and so do we until the old key expires (or, expired
+        # already, for a grace): the agent signs with the new key from this command on,
+        # so a key older than the current one must verify nothing more.
         frame = s.crypto.seal(command)
         s.sending = True
         await s.channel.send(frame)
         s.sending = False
         s.crypto.keys = {s.crypto.key_id: current, key.key_id: key.secret}
+        s.crypto.retiring = (
+            s.crypto.key_id,
+            max(s.key_expires_at, self.clock() + _ROTATION_GRACE),
+        )
         s.crypto.key_id = key.key_id
         s.key_expires_at = key.expires_at
         s.rotate_at = self.enrollment.rotation_due(key)

@@ -56,6 +56,24 @@ class TestDesiredState:
         stored = master.call(master.services.storage.list_versions, "default")
         assert verify_chain(stored, master.services.signer.verify_key) == []
 
+    def test_a_state_too_large_for_one_frame_is_refused(
+        self, master: Master, admin: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A state no agent could read (its version's frame over the protocol's limit)
+        is a 422 saying so, not a version pushed to agents that drop it."""
+        import nxmesh.master.changes as changes
+
+        state = unstructure(make_state(2))
+        monkeypatch.setattr(changes, "MAX_STATE_BYTES", 200)
+        response = master.client.put(f"{WS}/state", json=state, headers=admin)
+        assert response.status_code == 422
+        [error] = response.json()["errors"]
+        assert error["path"] == "<root>"
+        assert "over the 200 a version may hold" in error["message"]
+        assert versions(master, admin) == []
+        monkeypatch.setattr(changes, "MAX_STATE_BYTES", 1_000_000)
+        assert master.client.put(f"{WS}/state", json=state, headers=admin).status_code == 200
+
     def test_putting_the_same_state_again_creates_no_version(
         self, master: Master, admin: dict[str, str]
     ) -> None:

@@ -836,6 +836,10 @@ class SessionCrypto:
     guard: ReplayGuard = attrs.field(factory=ReplayGuard)
     clock: Callable[[], float] = time.time
     max_body: int | None = None
+    retiring: tuple[str, float] | None = None
+    """The previous key's id and the time after which it verifies nothing: set by the
+    master at a rotation, so a key past its expiry (and a grace for frames in flight)
+    is refused although the session still holds it."""
     _mac: MacKey | None = attrs.field(default=None, init=False, repr=False)
 
     def seal(self, body: EncodedBody | Message) -> bytes:
@@ -885,7 +889,10 @@ class SessionCrypto:
                 f"frame for agent {env.agent_id!r} arrived on the session of {self.agent_id!r}"
             )
         key = self.keys.get(env.key_id)
-        if key is None:
+        retiring = self.retiring
+        if key is None or (
+            retiring is not None and env.key_id == retiring[0] and self.clock() > retiring[1]
+        ):
             raise UnknownKeyError(
                 f"frame from {who} is signed with key {env.key_id!r}, which is unknown, "
                 "expired or revoked"

@@ -41,16 +41,23 @@ from nxmesh.core.errors import NxMeshError, Problem, ValidationError
 from nxmesh.core.events import Event
 from nxmesh.core.model import ConfigVersion, DesiredState, check_state
 from nxmesh.core.policy import policy_problems
+from nxmesh.core.protocol import MAX_BODY
 from nxmesh.core.records import VersionConflictError
+from nxmesh.core.serialization import canonical_json
 from nxmesh.master.problems import Conflict, NotFound
 from nxmesh.master.tracing import inject_context, span
 
 if TYPE_CHECKING:
     from nxmesh.master.app import MasterServices
 
-__all__ = ["CommitResult", "ConfigChanges", "Preview"]
+__all__ = ["MAX_STATE_BYTES", "CommitResult", "ConfigChanges", "Preview"]
 
 _ATTEMPTS: Final = 5
+MAX_STATE_BYTES: Final = MAX_BODY - 4 * 1024 * 1024
+"""The most canonical JSON a committed state may hold: an agent refuses a version whose
+frame body is over `MAX_BODY`, and the body also carries the version's metadata and that
+agent's certificates (4 MiB left for those). Without the limit such a version would be
+stored and pushed, and no agent could read it nor say why."""
 
 log = structlog.get_logger("nxmesh.master.changes")
 
@@ -94,6 +101,17 @@ class ConfigChanges:
         """
         s = self.services
         problems = [*check_state(state), *policy_problems(s.pm, state)]
+        size = len(canonical_json(state))
+        if size > MAX_STATE_BYTES:
+            problems.append(
+                Problem(
+                    "",
+                    f"is {size} bytes of canonical JSON, over the {MAX_STATE_BYTES} a version "
+                    f"may hold: a version travels to an agent in one frame of at most "
+                    f"{MAX_BODY} bytes, with its metadata and the agent's certificates; "
+                    "split it into workspaces",
+                )
+            )
         for i, ref in enumerate(state.certificates):
             if (
                 ref.source == "upload"
