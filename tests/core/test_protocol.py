@@ -541,6 +541,36 @@ class TestMessages:
         assert parsed == [small.data]
 
 
+class TestDecodingErrors:
+    def test_a_frame_of_many_unknown_fields_gets_a_short_answer(self) -> None:
+        """Thousands of unknown fields (an enrolled peer's doing) make one problem per
+        object, no did-you-mean each, and the error is clipped: it is logged and sent
+        back. (A 2 MB batch used to make an 18 MB message, in seconds of the master's
+        loop.)"""
+        entry = {"ts": 1.0, "level": "info", "message": "x"}
+        entries = [{**entry, **{f"k{i}": 1 for i in range(200)}} for _ in range(1024)]
+        body = EncodedBody.of(MessageType.LOG_BATCH, json.dumps({"entries": entries}).encode())
+        with pytest.raises(MalformedFrameError) as caught:
+            decode_body(unseal(seal(body, **_SEAL)))
+        text = str(caught.value)
+        assert len(text) < 4100
+        assert text.startswith("invalid LOG_BATCH: 1024 problems:")
+        assert "entries[0]: has 200 unknown fields ('k0', 'k1', 'k10', 'k100', 'k101', ...)" in text
+        assert text.endswith("more characters]")
+
+    def test_a_few_unknown_fields_are_named_one_by_one(self) -> None:
+        """Up to five, each its own problem with a did-you-mean (a typo is one or two)."""
+        body = EncodedBody.of(
+            MessageType.LOG_BATCH,
+            json.dumps({"entries": [{"ts": 1.0, "level": "info", "mesage": "x"}]}).encode(),
+        )
+        with pytest.raises(
+            MalformedFrameError,
+            match=r"entries\[0\]\.mesage: unknown field 'mesage'; did you mean 'message'\?",
+        ):
+            decode_body(unseal(seal(body, **_SEAL)))
+
+
 class TestNegotiation:
     def test_picks_the_newest_common_version(self) -> None:
         """Overlapping ranges negotiate their highest shared version."""

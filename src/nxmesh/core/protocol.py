@@ -646,6 +646,17 @@ def decode_body(env: Envelope, *, max_body: int = MAX_BODY) -> Message:
     return message
 
 
+_PROBLEMS_TEXT: Final = 4000
+"""Characters of a decoding error kept: it is logged and sent back in an Ack, and a peer
+can make one frame hold thousands of problems."""
+
+
+def _clipped(text: str) -> str:
+    if len(text) <= _PROBLEMS_TEXT:
+        return text
+    return f"{text[:_PROBLEMS_TEXT]}... [{len(text) - _PROBLEMS_TEXT} more characters]"
+
+
 def _decode(env: Envelope) -> Message:
     try:
         data = json.loads(env.body)
@@ -668,10 +679,8 @@ def _decode(env: Envelope) -> Message:
             return fast
     try:
         message: Message = structure(data, cls)
-    except ValidationError as exc:
-        raise MalformedFrameError(f"invalid {env.type.name}: {exc}") from None
-    except ValueError as exc:  # __attrs_post_init__ rules
-        raise MalformedFrameError(f"invalid {env.type.name}: {exc}") from None
+    except (ValidationError, ValueError) as exc:  # ValueError: __attrs_post_init__ rules
+        raise MalformedFrameError(_clipped(f"invalid {env.type.name}: {exc}")) from None
     return message
 
 

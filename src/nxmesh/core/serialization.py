@@ -286,6 +286,11 @@ def _key_path(path: str, key: object) -> str:
     return join_path(path, f"[{key!r}]")
 
 
+# Unknown fields of one object described one by one (with a did-you-mean); beyond, one
+# problem names the first few and their count.
+_UNKNOWN_EACH: Final = 5
+
+
 def _unknown_key_message(cl: type[Any], key: object) -> str:
     allowed = sorted(_keys_of(cl).values())
     close = closest(str(key), allowed)
@@ -336,9 +341,20 @@ def problems_from_exception(
         reason = exc.redacted if isinstance(exc, WrongTypeError) else "is not valid"
         return [Problem(path, f"{reason} (the value is secret and not shown)")]
     if isinstance(exc, ForbiddenExtraKeysError):
+        extra = sorted(exc.extra_fields, key=repr)
+        if len(extra) <= _UNKNOWN_EACH:
+            return [
+                Problem(_key_path(path, key), _unknown_key_message(exc.cl, key)) for key in extra
+            ]
+        # Many at once is not a typo: one problem, without a did-you-mean for each (an
+        # agent's frame with thousands made the master spend seconds on its message).
+        shown = ", ".join(repr(key) for key in extra[:_UNKNOWN_EACH])
+        allowed = ", ".join(sorted(_keys_of(exc.cl).values()))
         return [
-            Problem(_key_path(path, key), _unknown_key_message(exc.cl, key))
-            for key in sorted(exc.extra_fields, key=repr)
+            Problem(
+                path or "<root>",
+                f"has {len(extra)} unknown fields ({shown}, ...); the fields here are: {allowed}",
+            )
         ]
     if isinstance(exc, Invalid):
         return [Problem(join_path(path, rel), reason) for rel, reason in exc.problems]
