@@ -34,6 +34,9 @@ EXPECTED_ACTIONS = {
     ("POST", f"{W}/upstreams"): "upstream.create",
     ("PUT", f"{W}/upstreams/{{name:str}}"): "upstream.update",
     ("DELETE", f"{W}/upstreams/{{name:str}}"): "upstream.delete",
+    ("POST", f"{W}/streams"): "stream.create",
+    ("PUT", f"{W}/streams/{{name:str}}"): "stream.update",
+    ("DELETE", f"{W}/streams/{{name:str}}"): "stream.delete",
     ("POST", f"{W}/sites"): "site.create",
     ("PUT", f"{W}/sites/{{name:str}}"): "site.update",
     ("DELETE", f"{W}/sites/{{name:str}}"): "site.delete",
@@ -98,6 +101,10 @@ class _Scenario:
         }
         self.call("POST", f"{WS}/sites", site)
         self.call("PUT", f"{WS}/sites/api", {**site, "server_names": ["api2.test"]})
+        stream = {"name": "db", "port": 15432, "upstream": "api"}
+        self.call("POST", f"{WS}/streams", stream)
+        self.call("PUT", f"{WS}/streams/db", {**stream, "port": 15433})
+        self.call("DELETE", f"{WS}/streams/db")
         self.call("DELETE", f"{WS}/sites/api")
         self.call("DELETE", f"{WS}/upstreams/api")
         self.call("POST", f"{WS}/versions/2/rollback")
