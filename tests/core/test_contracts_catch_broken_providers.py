@@ -62,6 +62,33 @@ def test_renderer_contract_catches_a_renderer_nginx_refuses(
     } <= failed_tests(result), result.stdout.str()
 
 
+def test_renderer_contract_catches_a_renderer_that_drops_streams(
+    pytester: pytest.Pytester,
+) -> None:
+    """A renderer that leaves a state's streams out (an older one) fails."""
+    result = run_contract(
+        pytester,
+        """
+        import attrs
+        import pytest
+        from nxmesh.plugins.render_nginx import NginxRenderer
+        from nxmesh.testing.contracts import RendererContract
+
+        class Older(NginxRenderer):
+            def render(self, state, *, extra_files={}):
+                return super().render(attrs.evolve(state, streams=()), extra_files=extra_files)
+
+        class TestOlder(RendererContract):
+            @pytest.fixture
+            def renderer(self):
+                return Older()
+        """,
+        "-k",
+        "streams",
+    )
+    assert failed_tests(result) == {"test_streams_are_rendered_or_refused"}, result.stdout.str()
+
+
 def test_health_contract_catches_a_check_that_is_always_ok(pytester: pytest.Pytester) -> None:
     """A check answering ``ok`` whatever its target does fails."""
     result = run_contract(

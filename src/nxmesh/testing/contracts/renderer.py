@@ -50,6 +50,31 @@ class RendererContract:
             for server in upstream.servers:
                 assert server.address in text, f"upstream {upstream.name} not rendered"
 
+    def test_streams_are_rendered_or_refused(self, renderer: Renderer) -> None:
+        """A state's TCP/UDP streams reach the bundle (the port and the upstream's servers
+        in a file other than the plain state's), or the render is refused naming the
+        stream: never dropped, which would apply "successfully" and open no port."""
+        from nxmesh.core.model import Stream
+
+        plain = make_state(1)
+        stream = Stream(name="contract-stream", port=47999, upstream=plain.upstreams[0].name)
+        state = attrs.evolve(plain, streams=(stream,))
+        refused: str | None = None
+        try:
+            bundle = renderer.render(state)
+        except NxMeshError as exc:
+            refused = str(exc)
+        if refused is not None:
+            assert "contract-stream" in refused, f"refused without naming the stream: {refused}"
+            return
+        before = renderer.render(plain).files
+        added = b"\n".join(
+            data for path, data in bundle.files.items() if before.get(path) != data
+        ).decode()
+        assert "47999" in added, "the stream's port is not rendered"
+        for server in plain.upstreams[0].servers:
+            assert server.address in added, "the stream's upstream is not rendered with it"
+
     def test_identical_input_gives_identical_bytes(self, renderer: Renderer) -> None:
         """Rendering the same state twice yields byte-identical bundles."""
         state = make_state(5)
