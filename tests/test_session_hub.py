@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -113,6 +114,28 @@ def agent_crypto(creds: AgentCredentials) -> SessionCrypto:
         receives_from_agent=False,
         counters=ProtocolCounters(),
     )
+
+
+@asynccontextmanager
+async def rotated_session(
+    master: Master, creds: AgentCredentials
+) -> AsyncIterator[tuple[Any, Any, SessionCrypto]]:
+    """A session opened by hand with `creds` and rotated once: its channel, the hub's
+    session, and the agent's side (still signing with the first key)."""
+    async with master.transport.connect("memory://") as channel:
+        await register_by_hand(channel, creds, Register(agent_id=creds.agent_id))
+        session = master.hub._sessions[creds.agent_id]
+        await master.hub._rotate(session)
+        yield channel, session, agent_crypto(creds)
+
+
+async def accepted_heartbeat(master: Master, channel: Any, crypto: SessionCrypto) -> None:
+    """Send a heartbeat and wait until the hub accepted it."""
+    accepted = master.hub.counters.accepted
+    await channel.send(crypto.seal(Heartbeat()))
+    with anyio.fail_after(5):
+        while master.hub.counters.accepted == accepted:
+            await anyio.sleep(0.01)
 
 
 async def heartbeats_without_reading(
@@ -412,19 +435,10 @@ class TestLifecycle:
         the session's life: the filter compared the current key's expiry.)"""
         master = await master_factory()
         creds = await master.credentials()
-        async with master.transport.connect("memory://") as channel:
-            await register_by_hand(channel, creds, Register(agent_id=creds.agent_id))
-            hub = master.hub
-            session = hub._sessions[creds.agent_id]
-            crypto = agent_crypto(creds)
-            await hub._rotate(session)
-            accepted = hub.counters.accepted
-            await channel.send(crypto.seal(Heartbeat()))  # the previous key
-            with anyio.fail_after(5):
-                while hub.counters.accepted == accepted:
-                    await anyio.sleep(0.01)
-            assert hub.connected == [creds.agent_id]
-            await hub._rotate(session)
+        async with rotated_session(master, creds) as (channel, session, crypto):
+            await accepted_heartbeat(master, channel, crypto)  # the previous key
+            assert master.hub.connected == [creds.agent_id]
+            await master.hub._rotate(session)
             assert creds.key_id not in session.crypto.keys
             assert len(session.crypto.keys) == 2
             await channel.send(crypto.seal(Heartbeat()))
@@ -442,21 +456,13 @@ class TestLifecycle:
         master.enrollment.key_lifetime = 2.0  # expired before the grace ends
         creds = await master.credentials()
         master.enrollment.key_lifetime = 3600.0  # the next key: no rotation in this test
-        async with master.transport.connect("memory://") as channel:
-            await register_by_hand(channel, creds, Register(agent_id=creds.agent_id))
-            hub = master.hub
-            session = hub._sessions[creds.agent_id]
-            crypto = agent_crypto(creds)
-            await hub._rotate(session)
+        async with rotated_session(master, creds) as (channel, _, crypto):
             now[0] += 59  # within the grace: still verifies
-            accepted = hub.counters.accepted
-            await channel.send(crypto.seal(Heartbeat()))
-            with anyio.fail_after(5):
-                while hub.counters.accepted == accepted:
-                    await anyio.sleep(0.01)
+            await accepted_heartbeat(master, channel, crypto)
             now[0] += 2  # past it
             report = HealthReport(agent_id=creds.agent_id, ts=now[0], results=())
-            answer = decode_body(unseal(await hub.handle_unary(crypto.seal(report), "test")))
+            unary = await master.hub.handle_unary(crypto.seal(report), "test")
+            answer = decode_body(unseal(unary))
             assert isinstance(answer, Ack)
             assert not answer.ok
             assert "unknown, expired or revoked" in answer.error
