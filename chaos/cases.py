@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -60,6 +61,7 @@ from bench.common import e2e_harness, fleet, harness_failure
 
 from nxmesh.core.model import Listener, Site
 from nxmesh.core.serialization import unstructure
+from nxmesh.plugins.nginx_driver import DriverSettings
 
 T = TypeVar("T")
 
@@ -877,9 +879,17 @@ def burst(ctx: Context) -> CaseResult:
         ]
         result.details["reloads_per_agent"] = reloads
         if judge_timing:
+            # Coalescing allows one reload per `min_reload_interval` of the burst, and the
+            # last one after it: 5 for a 2 s quick burst, 7 for one a slow machine
+            # stretched to 2.9 s (a fixed 5 failed it); the full run keeps 25 of 100.
+            interval = DriverSettings().min_reload_interval
+            limit = math.ceil(took / interval) + 1
+            if not ctx.quick:
+                limit = min(limit, versions // 4)
             result.check(
-                f"far fewer reloads than versions (<= {versions // 4} of {versions} on each agent)",
-                all(0 < r <= versions // 4 for r in reloads),
+                f"far fewer reloads than versions (<= {limit} of {versions} on each agent, "
+                f"one per {interval} s of the {took:.1f} s burst)",
+                all(0 < r <= limit for r in reloads),
                 reloads,
             )
     return result
