@@ -197,3 +197,43 @@ class TestLifecycle:
             headers=master.headers("admin", subject="admin"),
         )
         assert errors(response)[0][0] == "certificates[0].name"
+
+
+class TestStreams:
+    """TCP streams ending TLS name certificates as sites do."""
+
+    def test_a_stream_names_a_stored_certificate_and_hears_of_its_expiry(
+        self, master: Master
+    ) -> None:
+        """Through the streams resource: the certificate's expiry is checked as a site's
+        (no names to cover), it cannot be deleted while declared, and a TLS UDP stream is
+        refused by field."""
+        soon = issue("db.test", dns=("db.test",), not_after=NOW + dt.timedelta(days=5))
+        body = {"name": "db", "certificate": soon.cert_pem, "private_key": soon.key_pem}
+        assert upload(master, body).status_code == 201
+        admin = master.headers("admin", subject="admin")
+        state = {
+            "certificates": [{"name": "db", "domains": ["db.test"]}],
+            "upstreams": [{"name": "pg", "servers": [{"address": "127.0.0.1:5432"}]}],
+        }
+        put = master.client.put("/api/v1/workspaces/default/state", json=state, headers=admin)
+        assert put.status_code == 200, put.text
+        streams = "/api/v1/workspaces/default/streams"
+        stream = {"name": "pg", "port": 6432, "upstream": "pg", "tls": {"certificate": "db"}}
+        created = master.client.post(streams, json=stream, headers=admin)
+        assert created.status_code == 201, created.text
+        [warning] = created.json()["warnings"]
+        assert warning["path"] == "streams[0].tls.certificate"
+        assert "expires in" in warning["message"]
+        assert master.client.get(f"{streams}/pg", headers=admin).json()["tls"] == {
+            "certificate": "db",
+            "protocols": ["TLSv1.2", "TLSv1.3"],
+        }
+        udp = {**stream, "name": "dns", "port": 53, "protocol": "udp"}
+        [(path, message)] = errors(master.client.post(streams, json=udp, headers=admin))
+        assert path == "tls"
+        assert "no DTLS" in message
+        typo = {**stream, "name": "pg2", "port": 6433, "tls": {"certificate": "dbb"}}
+        [(path, message)] = errors(master.client.post(streams, json=typo, headers=admin))
+        assert path == "streams[1].tls.certificate"
+        assert "did you mean 'db'" in message

@@ -609,14 +609,27 @@ class TestRolloutApi:
 
 
 class TestCertificates:
+    @pytest.mark.parametrize("user", ["site", "stream"])
     async def test_material_travels_sealed_and_follows_a_replaced_certificate(
-        self, plane: Plane
+        self, plane: Plane, user: str
     ) -> None:
-        """A TLS site's certificate reaches the agent with the version, its key sealed for
-        that agent; replacing the certificate re-sends the same version with the new one."""
+        """A TLS site's (or TCP stream's) certificate reaches the agent with the version,
+        its key sealed for that agent; replacing the certificate re-sends the same
+        version with the new one."""
         from nxmesh.certs.validate import validate_certificate
         from nxmesh.core.events import Event
-        from nxmesh.core.model import CertificateRef, Listener, Location, Return, Site, TLSConfig
+        from nxmesh.core.model import (
+            CertificateRef,
+            Listener,
+            Location,
+            Return,
+            Site,
+            Stream,
+            StreamTLS,
+            TLSConfig,
+            Upstream,
+            UpstreamServer,
+        )
 
         from .certs import issue
 
@@ -642,6 +655,15 @@ class TestCertificates:
                 ),
             ),
         )
+        if user == "stream":
+            state = attrs.evolve(
+                state,
+                sites=(),
+                upstreams=(Upstream("db", (UpstreamServer("127.0.0.1:5432"),)),),
+                streams=(
+                    Stream(name="pg", port=6432, upstream="db", tls=StreamTLS(certificate="web")),
+                ),
+            )
         await plane.services.changes.commit(
             "default", lambda _old: state, author="t", message="tls"
         )

@@ -45,6 +45,7 @@ from nxmesh.core.model import (
     Return,
     Site,
     Stream,
+    StreamTLS,
     TLSConfig,
     Upstream,
     UpstreamServer,
@@ -186,6 +187,7 @@ ALLOWED_DIRECTIVES = frozenset(
         "proxy_timeout",
         "proxy_protocol",
         "proxy_responses",
+        "proxy_ssl",  # a stream before a TLS upstream (locations say https:// instead)
     }
 )
 
@@ -635,7 +637,9 @@ def streams(draw: st.DrawFn, name: str, upstreams: tuple[Upstream, ...]) -> Stre
         timeout=draw(st.integers(1, 86400)),
         proxy_protocol=not udp and draw(st.booleans()),
         udp_responses=draw(st.none() | st.integers(1, 1000)) if udp else None,
-    )
+        tls=None if udp else draw(st.none() | st.builds(StreamTLS, certificate=names,
+                                                        protocols=tls_protocols)),
+    )  # fmt: skip
 
 
 @st.composite
@@ -1205,6 +1209,8 @@ def stream_listens(stream: Stream) -> list[list[str]]:
     else:
         ip = ipaddress.ip_address(address)
         where = f"[{ip.compressed}]:{stream.port}" if ip.version == 6 else f"{ip}:{stream.port}"
+    if stream.tls is not None:
+        return [[where, "ssl"]]
     return [[where, *(["udp", "reuseport"] if stream.protocol == "udp" else [])]]
 
 
@@ -1217,6 +1223,12 @@ def check_streams(state: DesiredState, parsed: list[Directive]) -> None:
         "access_log",
         ["logs/stream.log", "nxmesh_stream"],
     )
+    if any(stream.tls is not None for stream in state.streams):
+        cache, timeout, *rest = rest
+        assert [(d["directive"], d["args"]) for d in (cache, timeout)] == [
+            ("ssl_session_cache", ["shared:nxmesh_stream_tls:10m"]),
+            ("ssl_session_timeout", ["1h"]),
+        ]
     by_name = {u.name: u for u in state.upstreams}
     named = sorted({stream.upstream for stream in state.streams})
     blocks, servers = rest[: len(named)], rest[len(named) :]
@@ -1228,6 +1240,13 @@ def check_streams(state: DesiredState, parsed: list[Directive]) -> None:
     assert [d["directive"] for d in servers] == ["server"] * len(state.streams)
     for server, stream in zip(servers, state.streams, strict=True):
         expected = [("listen", args) for args in stream_listens(stream)]
+        if stream.tls is not None:
+            stem = f"certs/{stream.tls.certificate}"
+            expected += [
+                ("ssl_certificate", [f"{stem}.crt"]),
+                ("ssl_certificate_key", [f"{stem}.key"]),
+                ("ssl_protocols", list(stream.tls.protocols)),
+            ]
         expected += access_lines(stream.allow)
         expected.append(("proxy_pass", [stream.upstream]))
         if stream.protocol == "tcp":
@@ -1235,6 +1254,9 @@ def check_streams(state: DesiredState, parsed: list[Directive]) -> None:
         expected.append(("proxy_timeout", [f"{stream.timeout}s"]))
         if stream.proxy_protocol:
             expected.append(("proxy_protocol", ["on"]))
+        if (tls := by_name[stream.upstream].tls) is not None:
+            ca_file = f"upstream-ca/{stream.upstream}.pem" if tls.ca is not None else None
+            expected += [("proxy_ssl", ["on"]), *upstream_tls_lines(tls, ca_file)]
         if stream.udp_responses is not None:
             expected.append(("proxy_responses", [str(stream.udp_responses)]))
         assert [(d["directive"], values(d)) for d in server["block"]] == expected

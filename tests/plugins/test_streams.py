@@ -19,11 +19,13 @@ from nxmesh.agent.process import nginx_stream_module
 from nxmesh.core.errors import ValidationError
 from nxmesh.core.loader import load_state_files
 from nxmesh.core.model import (
+    CertificateRef,
     DesiredState,
     Listener,
     Location,
     Site,
     Stream,
+    StreamTLS,
     TLSConfig,
     Upstream,
     UpstreamServer,
@@ -73,6 +75,7 @@ class TestModel:
             ({"protocol": "udp", "proxy_protocol": True}, "proxy_protocol", "TCP streams"),
             ({"udp_responses": 1}, "udp_responses", "UDP streams"),
             ({"protocol": "udp", "udp_responses": 0}, "udp_responses", "from 1 to 1000"),
+            ({"protocol": "udp", "tls": StreamTLS(certificate="c")}, "tls", "no DTLS"),
         ],
     )
     def test_bad_fields_are_refused_by_name(
@@ -120,10 +123,10 @@ class TestModel:
         ("upstream", "protocol", "says"),
         [
             (_upstream(lb_method="ip_hash"), "tcp", "ip_hash"),
-            (_upstream(tls=UpstreamTLS(server_name="db.internal")), "tcp", "over TLS"),
+            (_upstream(tls=UpstreamTLS(server_name="db.internal")), "udp", "no DTLS"),
             (_upstream("db", "unix:/run/dns.sock"), "udp", "unix socket"),
         ],
-        ids=["ip_hash", "tls", "udp-to-unix"],
+        ids=["ip_hash", "udp-over-tls", "udp-to-unix"],
     )
     def test_upstreams_a_stream_cannot_use(
         self, upstream: Upstream, protocol: str, says: str
@@ -598,3 +601,277 @@ class TestNginx:
             assert report.outcome != "applied"
             assert missing in report.message
             assert await _exchange(port, b"still") == b"echo:still"
+
+
+# ---------------------------------------------------------------------------------------
+# TLS: ended for the clients (`Stream.tls`), spoken to the servers (the upstream's `tls`)
+# ---------------------------------------------------------------------------------------
+
+
+def _tls_stream(port: int = 15432, upstream: str = "db", **tls: Any) -> Stream:
+    return Stream(
+        name="pg",
+        port=port,
+        address="127.0.0.1",
+        upstream=upstream,
+        tls=StreamTLS(certificate="dbcert", **tls),
+    )
+
+
+class TestTlsModel:
+    def test_tls_is_left_out_of_the_canonical_form_while_unset(self) -> None:
+        """Streams stored before `tls` existed keep their digests."""
+        plain = Stream(name="pg", port=15432, upstream="db")
+        assert "tls" not in unstructure(plain)
+        assert unstructure(_tls_stream())["tls"] == {
+            "certificate": "dbcert",
+            "protocols": ["TLSv1.2", "TLSv1.3"],
+        }
+
+    @pytest.mark.parametrize(
+        ("fields", "path", "says"),
+        [
+            ({"certificate": "a b"}, "certificate", ""),
+            ({"certificate": "c", "protocols": ("TLSv1.3", "TLSv1.3")}, "protocols", "twice"),
+            ({"certificate": "c", "protocols": ("SSLv3",)}, "protocols[0]", ""),
+            ({"certificate": "c", "protocols": ()}, "protocols", ""),
+        ],
+    )
+    def test_bad_fields_are_refused_by_name(
+        self, fields: dict[str, Any], path: str, says: str
+    ) -> None:
+        with pytest.raises(Invalid) as caught:
+            StreamTLS(**fields)
+        problems = dict(caught.value.problems)
+        assert path in problems, problems
+        assert says in problems[path]
+
+    def test_the_certificate_must_be_declared(self) -> None:
+        """As a site's: named in the state's `certificates`, with a did-you-mean."""
+        declared = (CertificateRef("dbcert", ("db.example.test",)),)
+        assert _problems(_state(_tls_stream(), certificates=declared)) == {}
+        typo = _state(_tls_stream(), certificates=(CertificateRef("dbcrt", ("db.test",)),))
+        assert _problems(typo) == {
+            "streams[0].tls.certificate": "refers to unknown certificate 'dbcert' "
+            "(did you mean 'dbcrt'?)"
+        }
+        assert (
+            "certificates: [{name: dbcert"
+            in _problems(_state(_tls_stream()))["streams[0].tls.certificate"]
+        )
+
+    def test_a_tcp_stream_may_speak_tls_to_its_servers(self) -> None:
+        upstream = _upstream(tls=UpstreamTLS(server_name="db.internal"))
+        stream = Stream(name="pg", port=15432, upstream="db")
+        assert _problems(_state(stream, upstreams=(upstream,))) == {}
+
+    def test_certificate_needs_and_expiry_count_streams(self) -> None:
+        """The master sends a stream's certificate to the agents running it (uploaded:
+        no names to cover; ACME: the reference's domains), and refuses an expired one."""
+        from nxmesh.certs.distribution import certificate_needs
+        from nxmesh.certs.validate import check_state_certificates
+        from nxmesh.testing.pki import Pki
+
+        state = _state(
+            _tls_stream(),
+            Stream(name="mq", port=15671, upstream="db", tls=StreamTLS(certificate="mq")),
+            certificates=(
+                CertificateRef("dbcert", ("db.example.test",)),
+                CertificateRef("mq", ("mq.example.test",), source="acme"),
+            ),
+        )
+        needs = {need.name: need for need in certificate_needs(state)}
+        assert needs["dbcert"].stem == "certs/dbcert"
+        assert (needs["dbcert"].source, needs["dbcert"].domains) == ("upload", ())
+        assert (needs["mq"].source, needs["mq"].domains) == ("acme", ("mq.example.test",))
+        assert [need.streams for need in needs.values()] == [("pg",), ("mq",)]
+        assert all(need.used and not need.sites for need in needs.values())
+        assert needs["mq"].first_user == "stream 'mq'"
+        pki = Pki()
+        expired = pki.stored("dbcert", "other.test", days=-1)
+        [problem] = check_state_certificates(state, {"dbcert": expired})
+        assert problem.path == "streams[0].tls.certificate"
+        assert "expired" in problem.message
+        soon = pki.stored("dbcert", "other.test", days=3)  # no names to cover: no error
+        [warning] = check_state_certificates(state, {"dbcert": soon})
+        assert (warning.path, warning.severity) == ("streams[0].tls.certificate", "warning")
+
+
+class TestTlsRender:
+    def test_tls_stream_and_tls_upstream(self) -> None:
+        """A stream ending TLS listens with ``ssl`` and its certificate's files (the
+        passphrase file for an encrypted key); a stream before a TLS upstream opens its
+        own TLS connection, verified against the upstream's CA."""
+        from nxmesh.testing.pki import Pki
+
+        pki = Pki()
+        state = _state(
+            _tls_stream(protocols=("TLSv1.3",)),
+            Stream(name="api", port=15433, upstream="secure"),
+            upstreams=(
+                _upstream(),
+                _upstream("secure", tls=UpstreamTLS(server_name="api.internal", ca=pki.root.pem)),
+            ),
+            certificates=(CertificateRef("dbcert", ("db.example.test",)),),
+        )
+        files = {
+            "certs/dbcert.crt": b"cert",
+            "certs/dbcert.key": b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n",
+        }
+        renderer = NginxRenderer(settings=RenderSettings(ssl_password_file="/v/ssl_password"))
+        bundle = renderer.render(state, extra_files=files)
+        conf = bundle.files[STREAMS_FILE].decode()
+        pg, api = conf.split("# Stream ")[1:]
+        assert pg.startswith("pg (tcp, TLS).")
+        for line in (
+            "listen 127.0.0.1:15432 ssl;",
+            "ssl_certificate certs/dbcert.crt;",
+            "ssl_certificate_key certs/dbcert.key;",
+            "ssl_password_file /v/ssl_password;",
+            "ssl_protocols TLSv1.3;",
+        ):
+            assert f"    {line}\n" in pg, line
+        assert "proxy_ssl" not in pg
+        assert "ssl_certificate" not in api
+        for line in (
+            "proxy_ssl on;",
+            "proxy_ssl_name api.internal;",
+            "proxy_ssl_verify on;",
+            "proxy_ssl_trusted_certificate upstream-ca/secure.pem;",
+        ):
+            assert f"    {line}\n" in api, line
+        assert bundle.files["upstream-ca/secure.pem"] == pki.root.pem.encode()
+        assert "ssl_session_cache shared:nxmesh_stream_tls:10m;" in conf
+        plain = renderer.render(_state(Stream(name="pg", port=15432, upstream="db")))
+        assert b"ssl" not in plain.files[STREAMS_FILE]
+
+
+class TestTlsNginx:
+    pytestmark = nginx_tests
+
+    @contextlib.asynccontextmanager
+    async def _tls_stack(
+        self, stack: NginxStack, tmp_path: Path, state: DesiredState, pki: Any
+    ) -> AsyncIterator[None]:
+        """Apply `state` as an agent does: the certificate material the master sends for
+        it (`CertificateDistributor`), its key encrypted by the agent's vault."""
+        from nxmesh.certs.distribution import AgentKeyVault, CertificateDistributor
+        from nxmesh.crypto.secrets import MasterKeyring, generate_key
+        from nxmesh.plugins.storage_sqlite import SqliteStorage
+
+        storage = SqliteStorage("sqlite://", keyring=MasterKeyring(generate_key()))
+        await storage.open()
+        try:
+            await storage.put_certificate(pki.stored("dbcert", "db.example.test"))
+            material = await CertificateDistributor(storage).material_for_state(state)
+        finally:
+            await storage.aclose()
+        assert [c.stem for c in material.certificates] == ["certs/dbcert"]
+        vault = AgentKeyVault(tmp_path / "vault")
+        files = vault.extra_files(material)
+        assert b"ENCRYPTED" in files["certs/dbcert.key"]
+        stack.renderer = NginxRenderer(
+            settings=attrs.evolve(stack.render_settings, ssl_password_file=str(vault.password_file))
+        )
+        bundle = stack.renderer.render(state, extra_files=files)
+        report = await stack.driver.apply(stack.update(state), bundle)
+        assert report.outcome == "applied", report.message
+        yield
+
+    async def test_nginx_ends_the_clients_tls(self, stack: NginxStack, tmp_path: Path) -> None:
+        """A client speaking TLS to the stream gets the certificate's chain (verified up
+        to the root, by name) and the server gets the bytes inside, in clear; a client
+        offering only a protocol the stream does not take is refused its handshake."""
+        import ssl
+
+        from nxmesh.testing.pki import Pki
+
+        pki = Pki()
+        first: list[bytes] = []
+        async with _tcp_server(first) as backend:
+            port = free_port()
+            state = DesiredState(
+                upstreams=(_upstream("backend", f"127.0.0.1:{backend}"),),
+                streams=(_tls_stream(port, "backend", protocols=("TLSv1.3",)),),
+                certificates=(CertificateRef("dbcert", ("db.example.test",)),),
+            )
+            async with self._tls_stack(stack, tmp_path, state, pki):
+                context = ssl.create_default_context(cadata=pki.root.pem)
+                with anyio.fail_after(10):
+                    async with await anyio.connect_tcp(
+                        "127.0.0.1", port, tls=True, ssl_context=context,
+                        tls_hostname="db.example.test",
+                        tls_standard_compatible=False,
+                    ) as client:  # fmt: skip
+                        assert client.extra(anyio.streams.tls.TLSAttribute.tls_version) == (
+                            "TLSv1.3"
+                        )
+                        await client.send(b"select 1")
+                        assert await client.receive() == b"echo:select 1"
+                assert first == [b"select 1"]
+                old = ssl.create_default_context(cadata=pki.root.pem)
+                old.maximum_version = ssl.TLSVersion.TLSv1_2
+                with anyio.fail_after(10), pytest.raises((ssl.SSLError, anyio.BrokenResourceError)):
+                    await anyio.connect_tcp(
+                        "127.0.0.1", port, tls=True, ssl_context=old,
+                        tls_hostname="db.example.test",
+                        tls_standard_compatible=False,
+                    )  # fmt: skip
+                # Plain bytes on the TLS port never reach the server.
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await _exchange(port, b"GET / HTTP/1.0\r\n\r\n")
+                assert first == [b"select 1"]
+
+    @pytest.mark.parametrize(
+        ("server_name", "answered"),
+        [("api.internal", True), ("other.internal", False)],
+        ids=["its-name", "another-name"],
+    )
+    async def test_nginx_speaks_tls_to_the_servers(
+        self, stack: NginxStack, tmp_path: Path, server_name: str, answered: bool
+    ) -> None:
+        """A stream before a TLS upstream: the client speaks plain TCP to nginx, nginx
+        speaks TLS to the server, sends the name as SNI and checks the server's chain up
+        to the upstream's CA and the name; a server with another name is not trusted."""
+        from anyio.streams.tls import TLSListener
+
+        from nxmesh.testing.pki import Pki
+        from nxmesh.tls import serving_context
+
+        pki = Pki()
+        leaf = pki.leaf("api.internal")
+        (tmp_path / "chain.pem").write_text(pki.chain(leaf))
+        (tmp_path / "key.pem").write_text(leaf.key_pem)
+        context = serving_context(tmp_path / "chain.pem", tmp_path / "key.pem")
+        names: list[str | None] = []
+        context.sni_callback = lambda _sock, name, _ctx: names.append(name)  # type: ignore[assignment,misc,unused-ignore]
+        heard: list[bytes] = []
+
+        async def serve(stream: anyio.abc.ByteStream) -> None:
+            with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                async with stream:
+                    chunk = await stream.receive()
+                    heard.append(chunk)
+                    await stream.send(b"tls:" + chunk)
+
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as tcp:
+            backend = tcp.extra(anyio.abc.SocketAttribute.local_port)
+            listener = TLSListener(tcp, context, standard_compatible=False)
+            tls = UpstreamTLS(server_name=server_name, ca=pki.root.pem)
+            port = free_port()
+            state = DesiredState(
+                upstreams=(_upstream("api", f"127.0.0.1:{backend}", tls=tls),),
+                streams=(Stream(name="api", port=port, address="127.0.0.1", upstream="api"),),
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, serve)
+                await _apply(stack, state)
+                if answered:
+                    assert await _exchange(port, b"ping") == b"tls:ping"
+                else:
+                    with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                        await _exchange(port, b"ping")
+                tg.cancel_scope.cancel()
+        assert names
+        assert set(names) == {server_name}
+        assert heard == ([b"ping"] if answered else [])

@@ -42,7 +42,7 @@ from nxmesh.certs.http01 import ChallengeBoard, challenge_files
 from nxmesh.certs.validate import fingerprint, load_pem_chain
 from nxmesh.core.model import DesiredState, Site
 from nxmesh.crypto.secrets import read_private_file, write_private_file
-from nxmesh.plugins.render_nginx import certificate_paths
+from nxmesh.plugins.render_nginx import certificate_paths, named_certificate_paths
 
 if TYPE_CHECKING:
     from nxmesh.core.interfaces import StorageBackend
@@ -87,6 +87,7 @@ class CertificateNeed:
     :ivar source: ``upload`` (a person provides it) or ``acme`` (the master obtains it).
     :ivar domains: for ACME, the names to order; for uploads, the names it must cover.
     :ivar sites: names of the sites using it.
+    :ivar streams: names of the TCP streams ending TLS with it (`StreamTLS`).
     """
 
     name: str
@@ -94,10 +95,25 @@ class CertificateNeed:
     source: Literal["upload", "acme"]
     domains: tuple[str, ...]
     sites: tuple[str, ...]
+    streams: tuple[str, ...] = ()
+
+    @property
+    def used(self) -> bool:
+        """Whether a site or stream serves it (else it is obtained ahead of time)."""
+        return bool(self.sites or self.streams)
+
+    @property
+    def first_user(self) -> str:
+        """Who uses it first, for messages: ``site 'shop'`` or ``stream 'db'``."""
+        return f"site {self.sites[0]!r}" if self.sites else f"stream {self.streams[0]!r}"
 
 
 def _stem(site: Site) -> str:
     return certificate_paths(site).certificate.removesuffix(".crt")
+
+
+def _named_stem(name: str) -> str:
+    return named_certificate_paths(name).certificate.removesuffix(".crt")
 
 
 def certificate_needs(state: DesiredState) -> list[CertificateNeed]:
@@ -137,6 +153,18 @@ def certificate_needs(state: DesiredState) -> list[CertificateNeed]:
             add(cert, _stem(site), "acme", ref.domains, site.name)
         else:
             add(cert, _stem(site), "upload", site.server_names, site.name)
+    for stream in state.streams:
+        if stream.tls is None:
+            continue
+        name = stream.tls.certificate
+        ref = refs.get(name)
+        acme = ref is not None and ref.source == "acme"
+        # An upload has no names to cover here: a stream has no server names.
+        add(name, _named_stem(name), "acme" if acme else "upload",
+            ref.domains if acme and ref else (), None)  # fmt: skip
+        known = needs[name]
+        if stream.name not in known.streams:
+            needs[name] = attrs.evolve(known, streams=(*known.streams, stream.name))
     for ref in state.certificates:
         if ref.source == "acme" and ref.name not in needs:
             add(ref.name, f"certs/{ref.name}", "acme", ref.domains, None)
@@ -160,7 +188,7 @@ def agents_needing(
         agent_id
         for agent_id, state in agent_states.items()
         if (workspace is None or state.workspace == workspace)
-        and any(need.name == name and need.sites for need in certificate_needs(state))
+        and any(need.name == name and need.used for need in certificate_needs(state))
     )
 
 
@@ -292,12 +320,12 @@ class CertificateDistributor:
         """
         found: list[CertificateMaterial] = []
         for need in certificate_needs(state):
-            if not need.sites:
+            if not need.used:
                 continue  # obtained ahead of time; no agent serves it yet
             stored = await self.storage.get_certificate(state.workspace, need.name)
             if stored is not None and need.source == "acme" and stored.source != "acme":
                 raise CertificateConflictError(
-                    f"site {need.sites[0]!r} gets its certificate by ACME, but the name "
+                    f"{need.first_user} gets its certificate by ACME, but the name "
                     f"{need.name!r} is taken by an uploaded certificate; rename one of them"
                 )
             if stored is not None:
@@ -306,7 +334,7 @@ class CertificateDistributor:
                 found.append(self._placeholder(state.workspace, need))
             else:
                 raise CertificateError(
-                    f"certificate {need.name!r} used by site {need.sites[0]!r} is not stored "
+                    f"certificate {need.name!r} used by {need.first_user} is not stored "
                     f"in workspace {state.workspace!r}; upload it first"
                 )
         challenges = self.board.for_state(state) if self.board is not None else {}

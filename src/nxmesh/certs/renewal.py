@@ -412,6 +412,7 @@ class RenewalScheduler:
                 "name": need.name,
                 "domains": list(issued.domains),
                 "sites": list(need.sites),
+                "streams": list(need.streams),
                 "reason": reason,
                 "initial": initial,
                 "fingerprint": issued.fingerprint,

@@ -392,37 +392,42 @@ def check_state_certificates(
     now: dt.datetime | None = None,
     warn_days: float = DEFAULT_WARN_DAYS,
 ) -> list[Problem]:
-    """Problems of `state`'s sites with the stored certificates they name.
+    """Problems of `state`'s sites and TLS streams with the stored certificates they name.
 
     :param certificates: stored certificates of the state's workspace, by name; a name a
         site refers to but which is missing here is left to the caller (the master
         reports it as "upload it first").
 
-    Errors: a certificate that does not cover a site's server names, or has expired.
-    Warnings: one expiring within `warn_days`.
+    Errors: a certificate that does not cover a site's server names (streams have none),
+    or has expired. Warnings: one expiring within `warn_days`.
     """
     at = now or dt.datetime.now(dt.UTC)
+    users = [
+        (f"sites[{i}]", site.tls.certificate, site.server_names)
+        for i, site in enumerate(state.sites)
+        if site.tls is not None and site.tls.certificate is not None
+    ] + [
+        (f"streams[{i}]", stream.tls.certificate, ())
+        for i, stream in enumerate(state.streams)
+        if stream.tls is not None
+    ]
     found: list[Problem] = []
-    for i, site in enumerate(state.sites):
-        if site.tls is None or site.tls.certificate is None:
-            continue
-        stored = certificates.get(site.tls.certificate)
+    for here, cert, server_names in users:
+        stored = certificates.get(cert)
         if stored is None:
             continue
         name = stored.name
         try:
             leaf = load_pem_chain(stored.cert_pem)[0]
         except ValueError:
-            found.append(
-                Problem(f"sites[{i}].tls.certificate", f"certificate {name!r} is unreadable")
-            )
+            found.append(Problem(f"{here}.tls.certificate", f"certificate {name!r} is unreadable"))
             continue
         sans = certificate_domains(leaf)
-        for n, server_name in enumerate(site.server_names):
+        for n, server_name in enumerate(server_names):
             if uncovered(sans, [server_name]):
                 found.append(
                     Problem(
-                        f"sites[{i}].server_names[{n}]",
+                        f"{here}.server_names[{n}]",
                         f"is not covered by certificate {name!r} (valid for "
                         f"{', '.join(sans) or 'no DNS name'})",
                     )
@@ -431,14 +436,14 @@ def check_state_certificates(
         if left <= dt.timedelta(0):
             found.append(
                 Problem(
-                    f"sites[{i}].tls.certificate",
+                    f"{here}.tls.certificate",
                     f"certificate {name!r} expired on {_day(leaf.not_valid_after_utc)}",
                 )
             )
         elif left < dt.timedelta(days=warn_days):
             found.append(
                 Problem(
-                    f"sites[{i}].tls.certificate",
+                    f"{here}.tls.certificate",
                     f"certificate {name!r} expires in {left.days} days",
                     severity="warning",
                 )

@@ -69,6 +69,7 @@ __all__ = [
     "SiteParts",
     "StateParts",
     "Stream",
+    "StreamTLS",
     "TLSConfig",
     "TlsCertificate",
     "Upstream",
@@ -973,6 +974,30 @@ class CertificateRef:
 
 
 @attrs.frozen(kw_only=True)
+class StreamTLS:
+    """TLS that nginx ends for a TCP stream's clients (``listen ... ssl``): the clients
+    speak TLS to nginx, the upstream's servers get the bytes inside, as they are (or a
+    TLS connection of nginx's own, when the upstream has `tls`). For a database, broker
+    or any TCP service that has no TLS of its own, or whose certificates the fleet's
+    should replace.
+
+    `certificate` names a certificate the state declares (``certificates``, uploaded or
+    from ACME), as a site's `TLSConfig.certificate` does; it is the one every client gets
+    (streams have no server names to pick one by).
+    """
+
+    certificate: str = attrs.field(validator=v.text(v.NAME))
+    protocols: tuple[str, ...] = attrs.field(
+        default=("TLSv1.2", "TLSv1.3"),
+        validator=v.each(v.TLS_PROTOCOL, lo=1, hi=2, noun="protocol"),
+    )
+
+    def __attrs_post_init__(self) -> None:
+        if len(set(self.protocols)) != len(self.protocols):
+            v.raise_problems([("protocols", "lists a protocol twice")])
+
+
+@attrs.frozen(kw_only=True)
 class Stream:
     """A TCP or UDP port nginx forwards to an upstream as it is (``stream {}``): a
     database, a message broker, SSH, DNS. No HTTP: nginx passes the bytes (or datagrams)
@@ -987,7 +1012,8 @@ class Stream:
     a PROXY protocol v1 line naming the client, for servers that read it (HAProxy's
     protocol; the server must expect it, or it sees garbage). `udp_responses`: the
     datagrams a server answers each one with (1 for DNS), so nginx ends the session as
-    soon as they came instead of after `timeout`; None waits for `timeout`.
+    soon as they came instead of after `timeout`; None waits for `timeout`. `tls` (TCP):
+    nginx ends the clients' TLS with a certificate of the state (`StreamTLS`).
     """
 
     name: str = attrs.field(validator=v.text(v.NAME))
@@ -1006,9 +1032,12 @@ class Stream:
     udp_responses: int | None = attrs.field(
         default=None, validator=v.int_range(1, 1000, optional=True)
     )
+    tls: StreamTLS | None = _optional_field(StreamTLS)
 
     def __attrs_post_init__(self) -> None:
         found: list[tuple[str, str]] = []
+        if self.protocol == "udp" and self.tls is not None:
+            found.append(("tls", "is for TCP streams: nginx ends no TLS over UDP (it has no DTLS)"))
         if self.protocol == "udp" and self.proxy_protocol:
             found.append(
                 ("proxy_protocol", "is for TCP streams: a PROXY protocol line opens a TCP "
@@ -1343,7 +1372,7 @@ def submission_problems(state: DesiredState) -> list[Problem]:
 
 def stream_problems(state: DesiredState) -> list[Problem]:
     """What nginx's ``stream {}`` needs of `state.streams`: unique names, a known upstream
-    nginx can forward bytes to, and a port of their own.
+    nginx can forward bytes to, a port of their own, and a declared certificate for TLS.
 
     Checked with the rules of new input (`submission_problems`): no version stored before
     streams existed holds one.
@@ -1351,6 +1380,7 @@ def stream_problems(state: DesiredState) -> list[Problem]:
     found: list[Problem] = []
     _first_seen(found, "stream", (s.name for s in state.streams), "streams")
     upstreams = {up.name: up for up in state.upstreams}
+    certificates = [ref.name for ref in state.certificates]
     site_ports: dict[int, int] = {}
     for i, site in enumerate(state.sites):
         binds = [lst.bind for lst in site.listeners] + redirect_binds(site)
@@ -1367,6 +1397,11 @@ def stream_problems(state: DesiredState) -> list[Problem]:
             )
         elif (reason := stream_upstream_reason(stream, upstream)) is not None:
             found.append(Problem(f"{here}.upstream", reason))
+        cert = stream.tls.certificate if stream.tls is not None else None
+        if cert is not None and cert not in certificates:
+            found.append(
+                Problem(f"{here}.tls.certificate", _unknown_certificate(cert, certificates))
+            )
         if stream.protocol == "tcp" and stream.port in site_ports:
             found.append(
                 Problem(
@@ -1396,10 +1431,10 @@ def stream_upstream_reason(stream: Stream, upstream: Upstream) -> str | None:
             f"upstream {name!r} balances with ip_hash, which nginx's stream module does not "
             "have; give the stream an upstream with round_robin, least_conn or random"
         )
-    if upstream.tls is not None:
+    if upstream.tls is not None and stream.protocol == "udp":
         return (
-            f"upstream {name!r} is spoken to over TLS, which streams do not do: a stream "
-            "passes the client's bytes as they are; name an upstream without tls"
+            f"upstream {name!r} is spoken to over TLS, which a UDP stream cannot do (nginx "
+            "has no DTLS); name an upstream without tls"
         )
     if stream.protocol == "udp" and any(s.address.startswith("unix:") for s in upstream.servers):
         return (

@@ -131,8 +131,10 @@ class ConfigChanges:
         return [p for p in problems if p.severity != "error"], await self.render(state)
 
     async def _certificate_problems(self, state: DesiredState) -> list[Problem]:
-        """Sites against the stored certificates they name: names covered, not expired."""
+        """Sites and TLS streams against the stored certificates they name: names covered,
+        not expired."""
         names = {s.tls.certificate for s in state.sites if s.tls and s.tls.certificate}
+        names.update(stream.tls.certificate for stream in state.streams if stream.tls)
         stored = {}
         for name in sorted(names):
             cert = await self.services.storage.get_certificate(state.workspace, name)

@@ -234,7 +234,7 @@ class RolloutOrchestrator:
         """The certificate material of `version`'s state (None when its sites use no TLS
         and no HTTP-01 token is pending)."""
         board = self._distributor.board if self._distributor is not None else None
-        if not board and not any(site.tls is not None for site in version.state.sites):
+        if not board and not _uses_tls(version.state):
             return None
         key = (version.workspace, version.number, version.digest)
         if key in self._materials:
@@ -794,15 +794,23 @@ class RolloutOrchestrator:
             self._traces.popitem(last=False)
 
 
+def _uses_tls(state: DesiredState) -> bool:
+    """Whether a site or stream of `state` serves TLS (needs certificate material)."""
+    return any(site.tls is not None for site in state.sites) or any(
+        stream.tls is not None for stream in state.streams
+    )
+
+
 def _uses_certificates(state: DesiredState, names: set[str]) -> bool:
-    """Whether a site of `state` uses one of the certificates `names` (``"*"``: any)."""
-    if not any(site.tls is not None for site in state.sites):
+    """Whether a site or stream of `state` uses one of the certificates `names` (``"*"``:
+    any)."""
+    if not _uses_tls(state):
         return False
     if "*" in names:
         return True
     from nxmesh.certs.distribution import certificate_needs
 
-    return any(need.name in names and need.sites for need in certificate_needs(state))
+    return any(need.name in names and need.used for need in certificate_needs(state))
 
 
 def _agent_of(info: SessionInfo) -> Agent:

@@ -103,6 +103,7 @@ __all__ = [
     "config_digest",
     "error_page_files",
     "fastcgi_params",
+    "named_certificate_paths",
     "plugin_template_paths",
     "renderer_for",
     "site_view",
@@ -369,9 +370,28 @@ def certificate_paths(site: Site) -> CertificatePaths:
     if site.tls is None:
         raise RenderError(f"site {site.name!r} has no TLS configuration")
     if site.tls.certificate is not None:
-        stem = f"{CERTS_DIR}/{_stem(site.tls.certificate)}"
-    else:
-        stem = f"{CERTS_DIR}/acme/{_stem(site.name)}"
+        return named_certificate_paths(site.tls.certificate)
+    stem = f"{CERTS_DIR}/acme/{_stem(site.name)}"
+    return CertificatePaths(certificate=f"{stem}.crt", key=f"{stem}.key")
+
+
+@attrs.frozen(kw_only=True)
+class StreamView:
+    """What ``streams.conf.j2`` writes for one stream: its `listen` arguments, the bundle
+    paths of its certificate (`Stream.tls`), and how nginx speaks to a TLS upstream
+    (`upstream_tls`, verified against `upstream_ca` or the host's trust store)."""
+
+    stream: Stream
+    listens: list[Token]
+    certificate: CertificatePaths | None
+    upstream_tls: UpstreamTLS | None
+    upstream_ca: str | None
+
+
+def named_certificate_paths(name: str) -> CertificatePaths:
+    """Where the certificate the state declares as `name` lives in the bundle (a site's
+    ``tls: {certificate: name}``, a stream's `StreamTLS`)."""
+    stem = f"{CERTS_DIR}/{_stem(name)}"
     return CertificatePaths(certificate=f"{stem}.crt", key=f"{stem}.key")
 
 
@@ -1502,8 +1522,19 @@ class NginxRenderer:
                 )
             if (reason := stream_upstream_reason(stream, upstream)) is not None:
                 raise RenderError(f"stream {stream.name!r}: {reason}")
-            listens = self._stream_listens(stream)
-            views.append((stream, listens))
+            views.append(
+                StreamView(
+                    stream=stream,
+                    listens=self._stream_listens(stream),
+                    certificate=(
+                        named_certificate_paths(stream.tls.certificate) if stream.tls else None
+                    ),
+                    upstream_tls=upstream.tls,
+                    upstream_ca=(
+                        _upstream_ca_file(upstream) if upstream.tls and upstream.tls.ca else None
+                    ),
+                )
+            )
         names = sorted({stream.upstream for stream in state.streams})
         context = {**base, "streams": views, "upstreams": [by_name[n] for n in names]}
         return self._render("streams.conf.j2", context)
@@ -1523,7 +1554,9 @@ class NginxRenderer:
         :raises RenderError: a TCP stream on the agent's status server's socket, which
             ``nginx -t`` passes and the reload then fails to bind.
         """
-        options = ("udp", "reuseport") if stream.protocol == "udp" else ()
+        options: tuple[str, ...] = ("udp", "reuseport") if stream.protocol == "udp" else ()
+        if stream.tls is not None:
+            options = ("ssl",)
         address = stream.address if stream.address is not None else self.settings.listen_address
         addresses = [address]
         if self.settings.listen_ipv6 and address in (None, "*", "0.0.0.0"):  # noqa: S104
