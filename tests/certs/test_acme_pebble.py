@@ -12,6 +12,8 @@ import textwrap
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio.abc
+import anyio.streams.tls
 import anyio.to_thread
 import attrs
 import pytest
@@ -99,6 +101,15 @@ async def client(pebble: PebbleServer, key_file: AccountKeyFile) -> AsyncIterato
         yield acme
     finally:
         await acme.aclose()
+
+
+def _plain_get(port: int, host: str) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data.decode()
 
 
 # ---------------------------------------------------------------------------------------
@@ -335,6 +346,74 @@ class TestHttp01ThroughNginx:
         assert status["Status"] == "Revoked"
         with pytest.raises(AcmeError, match="alreadyRevoked"):
             await client.revoke(renewed.cert_pem)
+
+    async def test_a_streams_certificate_is_issued_through_a_site_serving_its_name(
+        self, fleet: Fleet, client: AcmeClient, pebble: PebbleServer
+    ) -> None:
+        """An ACME certificate only a TCP stream ends TLS with: a plain site serving its
+        domain answers HTTP-01 (its own pages stay its own), and once issued the stream
+        serves it, verified up to Pebble's root by name."""
+        from nxmesh.core.model import CertificateRef, Stream, StreamTLS, Upstream, UpstreamServer
+
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as backend:
+
+            async def echo(stream: anyio.abc.SocketStream) -> None:
+                async with stream:
+                    await stream.send(b"echo:" + await stream.receive())
+
+            port = free_port()
+            site = Site(
+                name="web",
+                server_names=(SHOP,),
+                listeners=(Listener(port=pebble.http_port, address="127.0.0.1"),),
+                locations=(Location(path="/", return_=Return(code=200, body="site pages")),),
+            )
+            backend_port = backend.extra(anyio.abc.SocketAttribute.local_port)
+            fleet.state = DesiredState(
+                sites=(site,),
+                upstreams=(Upstream("broker", (UpstreamServer(f"127.0.0.1:{backend_port}"),)),),
+                certificates=(CertificateRef("mqtt", (SHOP,), source="acme"),),
+                streams=(
+                    Stream(name="mqtts", port=port, address="127.0.0.1", upstream="broker",
+                           tls=StreamTLS(certificate="mqtt")),
+                ),
+            )  # fmt: skip
+            await fleet.rollout()  # the stream starts on a placeholder
+
+            async def publish(domains: frozenset[str]) -> None:
+                await fleet.rollout()
+                pending = [
+                    PendingChallenge(domain=d, type="http-01", token=t, key_authorization=a)
+                    for d in domains
+                    for t, a in fleet.board.for_domains([d]).items()
+                ]
+                await wait_until_served(pending, "127.0.0.1", pebble.http_port, timeout=10)
+
+            await fleet.storage.add_version(make_version(1, state=fleet.state))
+            scheduler = RenewalScheduler(
+                fleet.storage, AcmeIssuer(client, Http01Solver(fleet.board, publish))
+            )
+            outcomes = await scheduler.run_once()
+            assert [(o.name, o.result) for o in outcomes] == [("mqtt", "issued")], outcomes
+            stored = await fleet.storage.get_certificate("default", "mqtt")
+            assert stored is not None
+            await fleet.rollout()
+            context = ssl.create_default_context(cadata=pebble.root_pem())
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(backend.serve, echo)
+                with anyio.fail_after(10):
+                    async with await anyio.connect_tcp(
+                        "127.0.0.1", port, tls=True, ssl_context=context, tls_hostname=SHOP,
+                        tls_standard_compatible=False,
+                    ) as tls:  # fmt: skip
+                        await tls.send(b"CONNECT")
+                        assert await tls.receive() == b"echo:CONNECT"
+                        der = tls.extra(anyio.streams.tls.TLSAttribute.peer_certificate_binary)
+                tg.cancel_scope.cancel()
+            served = x509.load_der_x509_certificate(der)
+            assert served.public_bytes(serialization.Encoding.PEM).decode() == stored.cert_pem
+            answer = await anyio.to_thread.run_sync(_plain_get, pebble.http_port, SHOP)
+            assert answer.endswith("site pages")
 
     async def test_challenge_nginx_does_not_serve_is_a_clear_error(
         self, fleet: Fleet, client: AcmeClient

@@ -237,3 +237,10 @@ class TestStreams:
         [(path, message)] = errors(master.client.post(streams, json=typo, headers=admin))
         assert path == "streams[1].tls.certificate"
         assert "did you mean 'db'" in message
+        # A replacement must cover the domains the state declares for it: the names the
+        # stream's clients check.
+        other = issue("evil.test", dns=("evil.test",))
+        body = {"name": "db", "certificate": other.cert_pem, "private_key": other.key_pem}
+        [(path, message)] = errors(upload(master, body, method="PUT", name="db"))
+        assert path == "certificate"
+        assert "db.test" in message

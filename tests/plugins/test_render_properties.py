@@ -188,6 +188,9 @@ ALLOWED_DIRECTIVES = frozenset(
         "proxy_protocol",
         "proxy_responses",
         "proxy_ssl",  # a stream before a TLS upstream (locations say https:// instead)
+        "limit_conn_zone",  # streams' max_connections_per_client
+        "limit_conn",
+        "limit_conn_log_level",
     }
 )
 
@@ -639,6 +642,7 @@ def streams(draw: st.DrawFn, name: str, upstreams: tuple[Upstream, ...]) -> Stre
         udp_responses=draw(st.none() | st.integers(1, 1000)) if udp else None,
         tls=None if udp else draw(st.none() | st.builds(StreamTLS, certificate=names,
                                                         protocols=tls_protocols)),
+        max_connections_per_client=draw(st.none() | st.integers(1, 100_000)),
     )  # fmt: skip
 
 
@@ -1198,6 +1202,13 @@ def upstream_lines(upstream: Upstream) -> list[tuple[str, list[str]]]:
     return lines
 
 
+MOZILLA_INTERMEDIATE = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:"
+    "DHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES256-GCM-SHA384"
+)
+
+
 def stream_listens(stream: Stream) -> list[list[str]]:
     """``listen`` arguments as the test renderer writes them (no `listen_ipv6` nor
     `listen_address`): the stream's own socket, ``udp reuseport`` for UDP."""
@@ -1223,11 +1234,28 @@ def check_streams(state: DesiredState, parsed: list[Directive]) -> None:
         "access_log",
         ["logs/stream.log", "nxmesh_stream"],
     )
+    if any(stream.max_connections_per_client for stream in state.streams):
+        client_map, zone, level, *rest = rest
+        assert (client_map["directive"], client_map["args"]) == (
+            "map",
+            ["$binary_remote_addr", "$nxmesh_stream_client"],
+        )
+        assert [(d["directive"], d["args"]) for d in (zone, level)] == [
+            (
+                "limit_conn_zone",
+                ["$nxmesh_stream_client$protocol$server_port", "zone=nxmesh_stream_conn:10m"],
+            ),
+            ("limit_conn_log_level", ["warn"]),
+        ]
     if any(stream.tls is not None for stream in state.streams):
-        cache, timeout, *rest = rest
-        assert [(d["directive"], d["args"]) for d in (cache, timeout)] == [
+        defaults, rest = rest[:6], rest[6:]
+        assert [(d["directive"], d["args"][:1]) for d in defaults] == [
+            ("ssl_protocols", ["TLSv1.2"]),
+            ("ssl_ciphers", [MOZILLA_INTERMEDIATE]),
+            ("ssl_prefer_server_ciphers", ["off"]),
             ("ssl_session_cache", ["shared:nxmesh_stream_tls:10m"]),
-            ("ssl_session_timeout", ["1h"]),
+            ("ssl_session_timeout", ["1d"]),
+            ("ssl_session_tickets", ["off"]),
         ]
     by_name = {u.name: u for u in state.upstreams}
     named = sorted({stream.upstream for stream in state.streams})
@@ -1248,6 +1276,10 @@ def check_streams(state: DesiredState, parsed: list[Directive]) -> None:
                 ("ssl_protocols", list(stream.tls.protocols)),
             ]
         expected += access_lines(stream.allow)
+        if stream.max_connections_per_client is not None:
+            expected.append(
+                ("limit_conn", ["nxmesh_stream_conn", str(stream.max_connections_per_client)])
+            )
         expected.append(("proxy_pass", [stream.upstream]))
         if stream.protocol == "tcp":
             expected.append(("proxy_connect_timeout", [f"{stream.connect_timeout}s"]))

@@ -76,6 +76,7 @@ class TestModel:
             ({"udp_responses": 1}, "udp_responses", "UDP streams"),
             ({"protocol": "udp", "udp_responses": 0}, "udp_responses", "from 1 to 1000"),
             ({"protocol": "udp", "tls": StreamTLS(certificate="c")}, "tls", "no DTLS"),
+            ({"max_connections_per_client": 0}, "max_connections_per_client", "from 1"),
         ],
     )
     def test_bad_fields_are_refused_by_name(
@@ -531,6 +532,40 @@ class TestNginx:
         line = first[0].split(b"\r\n")[0].decode()
         assert line == f"PROXY TCP4 127.0.0.1 127.0.0.1 {client_port} {port}"
 
+    async def test_max_connections_per_client(self, stack: NginxStack) -> None:
+        """A client with its limit of connections open has the next closed before the
+        server hears of it; once one closes, the next is let through. The count is per
+        stream: the same client's connection to another stream is not refused."""
+        first: list[bytes] = []
+        async with _tcp_server(first) as backend:
+            port, other = free_port(), free_port()
+            upstream = _upstream("backend", f"127.0.0.1:{backend}")
+            limited = Stream(
+                name="limited",
+                port=port,
+                address="127.0.0.1",
+                upstream="backend",
+                max_connections_per_client=2,
+            )
+            second = attrs.evolve(limited, name="other", port=other)
+            await _apply(stack, DesiredState(upstreams=(upstream,), streams=(limited, second)))
+            conf = (stack.root / "current" / STREAMS_FILE).read_text()
+            assert "limit_conn nxmesh_stream_conn 2;" in conf
+            with anyio.fail_after(10):
+                async with await anyio.connect_tcp("127.0.0.1", port) as one:
+                    await one.send(b"one")
+                    assert await one.receive() == b"echo:one"
+                    async with await anyio.connect_tcp("127.0.0.1", port) as two:
+                        await two.send(b"two")
+                        assert await two.receive() == b"echo:two"
+                        with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                            await _exchange(port, b"three")
+                        assert await _exchange(other, b"elsewhere") == b"echo:elsewhere"
+                assert await _exchange(port, b"four") == b"echo:four"
+            assert b"three" not in first
+            log = (stack.root / "logs" / "error.log").read_text()
+            assert 'limiting connections by zone "nxmesh_stream_conn"' in log
+
     async def test_udp_stream_forwards_datagrams(self, stack: NginxStack) -> None:
         """A datagram reaches the server and its one answer comes back."""
         async with _udp_server() as backend:
@@ -688,13 +723,24 @@ class TestTlsModel:
         assert all(need.used and not need.sites for need in needs.values())
         assert needs["mq"].first_user == "stream 'mq'"
         pki = Pki()
-        expired = pki.stored("dbcert", "other.test", days=-1)
+        expired = pki.stored("dbcert", "db.example.test", days=-1)
         [problem] = check_state_certificates(state, {"dbcert": expired})
         assert problem.path == "streams[0].tls.certificate"
         assert "expired" in problem.message
-        soon = pki.stored("dbcert", "other.test", days=3)  # no names to cover: no error
+        soon = pki.stored("dbcert", "db.example.test", days=3)
         [warning] = check_state_certificates(state, {"dbcert": soon})
         assert (warning.path, warning.severity) == ("streams[0].tls.certificate", "warning")
+        # The names its clients check are the domains the state declares for it; two
+        # streams of one certificate make one problem.
+        shared = attrs.evolve(
+            state, streams=(*state.streams, attrs.evolve(_tls_stream(15434), name="pg2"))
+        )
+        other = pki.stored("dbcert", "other.test")
+        [uncovered] = check_state_certificates(shared, {"dbcert": other})
+        assert uncovered.path == "certificates[0].domains[0]"
+        assert uncovered.message == (
+            "is not covered by certificate 'dbcert' (valid for other.test)"
+        )
 
 
 class TestTlsRender:
@@ -744,6 +790,7 @@ class TestTlsRender:
         assert "ssl_session_cache shared:nxmesh_stream_tls:10m;" in conf
         plain = renderer.render(_state(Stream(name="pg", port=15432, upstream="db")))
         assert b"ssl" not in plain.files[STREAMS_FILE]
+        assert b"limit_conn" not in plain.files[STREAMS_FILE]
 
 
 class TestTlsNginx:
@@ -781,7 +828,9 @@ class TestTlsNginx:
     async def test_nginx_ends_the_clients_tls(self, stack: NginxStack, tmp_path: Path) -> None:
         """A client speaking TLS to the stream gets the certificate's chain (verified up
         to the root, by name) and the server gets the bytes inside, in clear; a client
-        offering only a protocol the stream does not take is refused its handshake."""
+        offering only a protocol the stream does not take is refused its handshake. The
+        sites' TLS settings hold: no cipher without forward secrecy or AEAD, no session
+        tickets."""
         import ssl
 
         from nxmesh.testing.pki import Pki
@@ -789,10 +838,13 @@ class TestTlsNginx:
         pki = Pki()
         first: list[bytes] = []
         async with _tcp_server(first) as backend:
-            port = free_port()
+            port, both = free_port(), free_port()
             state = DesiredState(
                 upstreams=(_upstream("backend", f"127.0.0.1:{backend}"),),
-                streams=(_tls_stream(port, "backend", protocols=("TLSv1.3",)),),
+                streams=(
+                    _tls_stream(port, "backend", protocols=("TLSv1.3",)),
+                    attrs.evolve(_tls_stream(both, "backend"), name="both"),
+                ),
                 certificates=(CertificateRef("dbcert", ("db.example.test",)),),
             )
             async with self._tls_stack(stack, tmp_path, state, pki):
@@ -821,6 +873,30 @@ class TestTlsNginx:
                 with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
                     await _exchange(port, b"GET / HTTP/1.0\r\n\r\n")
                 assert first == [b"select 1"]
+                # TLS 1.2 where the stream takes it: AEAD with forward secrecy, no ticket.
+                with anyio.fail_after(10):
+                    async with await anyio.connect_tcp(
+                        "127.0.0.1", both, tls=True, ssl_context=old,
+                        tls_hostname="db.example.test",
+                        tls_standard_compatible=False,
+                    ) as client:  # fmt: skip
+                        cipher = client.extra(anyio.streams.tls.TLSAttribute.cipher)
+                        assert cipher[0].startswith("ECDHE-"), cipher
+                        assert "GCM" in cipher[0], cipher
+                        await client.send(b"v1.2")
+                        assert await client.receive() == b"echo:v1.2"
+                        ssl_object = client.extra(anyio.streams.tls.TLSAttribute.ssl_object)
+                        assert ssl_object.session is not None
+                        assert not ssl_object.session.has_ticket
+                cbc = ssl.create_default_context(cadata=pki.root.pem)
+                cbc.maximum_version = ssl.TLSVersion.TLSv1_2
+                cbc.set_ciphers("ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384")
+                with anyio.fail_after(10), pytest.raises((ssl.SSLError, anyio.BrokenResourceError)):
+                    await anyio.connect_tcp(
+                        "127.0.0.1", both, tls=True, ssl_context=cbc,
+                        tls_hostname="db.example.test",
+                        tls_standard_compatible=False,
+                    )  # fmt: skip
 
     @pytest.mark.parametrize(
         ("server_name", "answered"),
@@ -875,3 +951,31 @@ class TestTlsNginx:
         assert names
         assert set(names) == {server_name}
         assert heard == ([b"ping"] if answered else [])
+
+
+def test_acme_certificates_of_streams_are_answered_by_the_sites_serving_their_names() -> None:
+    """HTTP-01 for a certificate only streams use: the site serving its domain gets the
+    challenge location (another site does not), and a domain no site serves is warned
+    of, naming DNS-01."""
+    from nxmesh.certs.plugin import acme_problems
+
+    ref = CertificateRef("mqtt", ("mqtt.example.test", "broker.example.test"), source="acme")
+    stream = Stream(name="mqtts", port=8883, upstream="db", tls=StreamTLS(certificate="mqtt"))
+    web = Site(
+        name="web",
+        server_names=("MQTT.example.test",),
+        listeners=(Listener(port=8080),),
+        locations=(Location(path="/", upstream="db"),),
+    )
+    other = attrs.evolve(web, name="other", server_names=("other.example.test",))
+    state = _state(stream, sites=(web, other), certificates=(ref,))
+    files = NginxRenderer().render(state).files
+    assert b"/.well-known/acme-challenge/" in files["conf.d/site-web.conf"]
+    assert b"/.well-known/acme-challenge/" not in files["conf.d/site-other.conf"]
+    [warning] = acme_problems(state)
+    assert (warning.path, warning.severity) == ("streams[0].tls.certificate", "warning")
+    assert "no site serves broker.example.test:" in warning.message
+    assert "dns-01" in warning.message
+    assert (
+        acme_problems(attrs.evolve(state, certificates=(attrs.evolve(ref, source="upload"),))) == []
+    )

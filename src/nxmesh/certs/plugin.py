@@ -70,6 +70,34 @@ def acme_problems(state: DesiredState) -> list[Problem]:
         for n, domain in enumerate(ref.domains):
             if domain.startswith("*."):
                 found.append(Problem(f"certificates[{i}].domains[{n}]", _WILDCARD, "warning"))
+    found += _stream_http01_problems(state)
+    return found
+
+
+def _stream_http01_problems(state: DesiredState) -> list[Problem]:
+    """A TCP stream ending TLS with an ACME certificate: HTTP-01 asks for each domain
+    over HTTP, which a stream does not speak; a site serving the domain answers for it
+    (the renderer adds the challenge location there). Warned, not refused: DNS-01 needs
+    no site."""
+    refs = {ref.name: ref for ref in state.certificates if ref.source == "acme"}
+    served = {name.lower().rstrip(".") for site in state.sites for name in site.server_names}
+    found: list[Problem] = []
+    for i, stream in enumerate(state.streams):
+        ref = refs.get(stream.tls.certificate) if stream.tls is not None else None
+        if ref is None:
+            continue
+        missing = [d for d in ref.domains if d not in served and not d.startswith("*.")]
+        if missing:
+            found.append(
+                Problem(
+                    f"streams[{i}].tls.certificate",
+                    f"certificate {ref.name!r} comes from ACME and no site serves "
+                    f"{', '.join(missing)}: HTTP-01 validation cannot reach a stream; add a "
+                    "site answering those names on port 80, or use DNS-01 ([plugins.certs] "
+                    "challenge = 'dns-01')",
+                    "warning",
+                )
+            )
     return found
 
 

@@ -40,6 +40,7 @@ __all__ = [
     "MIN_RSA_BITS",
     "CertificateCheck",
     "certificate_domains",
+    "certificate_users",
     "check_state_certificates",
     "covers",
     "fingerprint",
@@ -385,6 +386,33 @@ def validate_certificate(
     )
 
 
+def certificate_users(
+    state: DesiredState,
+) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    """Who in `state` serves a named certificate, and the names it must cover there:
+    ``(where, certificate, [(path, name), ...])``.
+
+    A site's are its server names. A TCP stream has none; its clients check the names
+    they connect to, which are the domains the state declares for the certificate
+    (``certificates[].domains``).
+    """
+    refs = {ref.name: (i, ref) for i, ref in enumerate(state.certificates)}
+    users: list[tuple[str, str, list[tuple[str, str]]]] = []
+    for i, site in enumerate(state.sites):
+        if site.tls is not None and site.tls.certificate is not None:
+            names = [(f"sites[{i}].server_names[{n}]", h) for n, h in enumerate(site.server_names)]
+            users.append((f"sites[{i}]", site.tls.certificate, names))
+    for i, stream in enumerate(state.streams):
+        if stream.tls is None:
+            continue
+        cert = stream.tls.certificate
+        j, ref = refs.get(cert, (None, None))
+        declared = ref.domains if ref is not None else ()
+        names = [(f"certificates[{j}].domains[{n}]", d) for n, d in enumerate(declared)]
+        users.append((f"streams[{i}]", cert, names))
+    return users
+
+
 def check_state_certificates(
     state: DesiredState,
     certificates: Mapping[str, StoredCertificate],
@@ -398,21 +426,12 @@ def check_state_certificates(
         site refers to but which is missing here is left to the caller (the master
         reports it as "upload it first").
 
-    Errors: a certificate that does not cover a site's server names (streams have none),
+    Errors: a certificate that does not cover the names it serves (`certificate_users`),
     or has expired. Warnings: one expiring within `warn_days`.
     """
     at = now or dt.datetime.now(dt.UTC)
-    users = [
-        (f"sites[{i}]", site.tls.certificate, site.server_names)
-        for i, site in enumerate(state.sites)
-        if site.tls is not None and site.tls.certificate is not None
-    ] + [
-        (f"streams[{i}]", stream.tls.certificate, ())
-        for i, stream in enumerate(state.streams)
-        if stream.tls is not None
-    ]
     found: list[Problem] = []
-    for here, cert, server_names in users:
+    for here, cert, names in certificate_users(state):
         stored = certificates.get(cert)
         if stored is None:
             continue
@@ -423,11 +442,11 @@ def check_state_certificates(
             found.append(Problem(f"{here}.tls.certificate", f"certificate {name!r} is unreadable"))
             continue
         sans = certificate_domains(leaf)
-        for n, server_name in enumerate(server_names):
+        for path, server_name in names:
             if uncovered(sans, [server_name]):
                 found.append(
                     Problem(
-                        f"{here}.server_names[{n}]",
+                        path,
                         f"is not covered by certificate {name!r} (valid for "
                         f"{', '.join(sans) or 'no DNS name'})",
                     )
@@ -448,4 +467,4 @@ def check_state_certificates(
                     severity="warning",
                 )
             )
-    return found
+    return list(dict.fromkeys(found))  # two streams of one certificate: one problem

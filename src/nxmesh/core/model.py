@@ -1014,6 +1014,9 @@ class Stream:
     datagrams a server answers each one with (1 for DNS), so nginx ends the session as
     soon as they came instead of after `timeout`; None waits for `timeout`. `tls` (TCP):
     nginx ends the clients' TLS with a certificate of the state (`StreamTLS`).
+    `max_connections_per_client`: the TCP connections (UDP: sessions) one client may have
+    open to the stream at once, counting an IPv6 client by its /64 as rate limits do;
+    more are closed at once. None: no limit.
     """
 
     name: str = attrs.field(validator=v.text(v.NAME))
@@ -1033,6 +1036,9 @@ class Stream:
         default=None, validator=v.int_range(1, 1000, optional=True)
     )
     tls: StreamTLS | None = _optional_field(StreamTLS)
+    max_connections_per_client: int | None = attrs.field(
+        default=None, validator=v.int_range(1, 100_000, optional=True), metadata=ADDED_FIELD
+    )
 
     def __attrs_post_init__(self) -> None:
         found: list[tuple[str, str]] = []

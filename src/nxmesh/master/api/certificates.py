@@ -15,7 +15,12 @@ from collections.abc import Sequence
 from litestar import Controller, delete, get, post, put
 from litestar.params import JSONBody
 
-from nxmesh.certs.validate import fingerprint, load_pem_chain, validate_certificate
+from nxmesh.certs.validate import (
+    certificate_users,
+    fingerprint,
+    load_pem_chain,
+    validate_certificate,
+)
 from nxmesh.core.errors import Problem, ValidationError
 from nxmesh.core.records import StoredCertificate
 from nxmesh.master.api._common import BEARER, ERRORS, Name, Workspace, perm
@@ -27,16 +32,18 @@ __all__ = ["CertificateController"]
 
 
 async def _server_names(caller: Caller, workspace: str, name: str) -> list[str]:
-    """Server names of the latest state's sites that use certificate `name`."""
+    """The names certificate `name` serves in the latest state: its sites' server names,
+    the domains declared for it when TCP streams end TLS with it (`certificate_users`)."""
     latest = await caller.services.storage.latest_version(workspace)
     if latest is None:
         return []
-    return [
-        server_name
-        for site in latest.state.sites
-        if site.tls is not None and site.tls.certificate == name
-        for server_name in site.server_names
-    ]
+    found = (
+        host
+        for _, cert, names in certificate_users(latest.state)
+        if cert == name
+        for _, host in names
+    )
+    return list(dict.fromkeys(found))
 
 
 def _view(stored: StoredCertificate, warnings: Sequence[Problem] = ()) -> CertificateView:

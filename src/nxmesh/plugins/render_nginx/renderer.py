@@ -375,6 +375,26 @@ def certificate_paths(site: Site) -> CertificatePaths:
     return CertificatePaths(certificate=f"{stem}.crt", key=f"{stem}.key")
 
 
+def _stream_acme_sites(state: DesiredState) -> frozenset[str]:
+    """The sites that answer HTTP-01 for an ACME certificate TCP streams end TLS with:
+    those serving one of its domains (the master sends them its tokens). A stream
+    cannot answer over HTTP itself; without such a site, only DNS-01 can issue it."""
+    refs = {c.name: c for c in state.certificates if c.source == "acme"}
+    domains = {
+        domain
+        for stream in state.streams
+        if stream.tls is not None and (ref := refs.get(stream.tls.certificate)) is not None
+        for domain in ref.domains
+    }
+    if not domains:
+        return frozenset()
+    return frozenset(
+        site.name
+        for site in state.sites
+        if domains.intersection(name.lower().rstrip(".") for name in site.server_names)
+    )
+
+
 @attrs.frozen(kw_only=True)
 class StreamView:
     """What ``streams.conf.j2`` writes for one stream: its `listen` arguments, the bundle
@@ -1446,6 +1466,7 @@ class NginxRenderer:
             "acme_certificates": frozenset(
                 c.name for c in state.certificates if c.source == "acme"
             ),
+            "stream_acme_sites": _stream_acme_sites(state),
         }
         files: dict[str, bytes] = {
             "nginx.conf": self._render("nginx.conf.j2", base),
