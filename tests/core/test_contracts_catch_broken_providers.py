@@ -34,9 +34,10 @@ def failed_tests(result: pytest.RunResult) -> set[str]:
 def test_renderer_contract_catches_a_renderer_nginx_refuses(
     pytester: pytest.Pytester, nginx_binary: str
 ) -> None:
-    """A renderer emitting an unknown directive, dropping extra files and leaving out a
-    state's streams (as a renderer older than them would) fails. (One renderer broken
-    three ways: each inner session costs seconds of a fresh interpreter.)"""
+    """A renderer emitting an unknown directive, dropping extra files, leaving out a
+    state's plain streams and serving its TLS streams in clear (as renderers older than
+    them would) fails. (One renderer broken four ways: each inner session costs seconds
+    of a fresh interpreter.)"""
     result = run_contract(
         pytester,
         """
@@ -48,7 +49,8 @@ def test_renderer_contract_catches_a_renderer_nginx_refuses(
 
         class Sloppy(NginxRenderer):
             def render(self, state, *, extra_files={}):
-                files = dict(super().render(attrs.evolve(state, streams=())).files)
+                clear = tuple(attrs.evolve(s, tls=None) for s in state.streams if s.tls)
+                files = dict(super().render(attrs.evolve(state, streams=clear)).files)
                 files["nginx.conf"] += b"\\nnot_a_directive on;\\n"
                 return Bundle(files)
 
@@ -63,6 +65,7 @@ def test_renderer_contract_catches_a_renderer_nginx_refuses(
         "test_extra_files_are_carried_verbatim",
         "test_extra_file_outside_the_bundle_is_refused",
         "test_streams_are_rendered_or_refused",
+        "test_tls_streams_use_their_certificate_or_are_refused",
     } <= failed_tests(result), result.stdout.str()
 
 

@@ -722,6 +722,11 @@ class TestTlsModel:
         assert [need.streams for need in needs.values()] == [("pg",), ("mq",)]
         assert all(need.used and not need.sites for need in needs.values())
         assert needs["mq"].first_user == "stream 'mq'"
+        # A replaced or renewed certificate rolls out to the agents whose streams use it.
+        from nxmesh.certs.distribution import agents_needing
+
+        agents = {"a": state, "b": _state(Stream(name="pg", port=15432, upstream="db"))}
+        assert agents_needing("dbcert", agents) == ["a"]
         pki = Pki()
         expired = pki.stored("dbcert", "db.example.test", days=-1)
         [problem] = check_state_certificates(state, {"dbcert": expired})

@@ -75,6 +75,40 @@ class RendererContract:
         for server in plain.upstreams[0].servers:
             assert server.address in added, "the stream's upstream is not rendered with it"
 
+    def test_tls_streams_use_their_certificate_or_are_refused(self, renderer: Renderer) -> None:
+        """A TCP stream ending TLS (`Stream.tls`) names its certificate's file in what it
+        renders, or the render is refused naming the stream: a renderer that ignored
+        `tls` would serve the port in clear to clients that expect TLS."""
+        from nxmesh.core.model import CertificateRef, Stream, StreamTLS
+
+        plain = make_state(1)
+        stream = Stream(
+            name="contract-tls",
+            port=47998,
+            upstream=plain.upstreams[0].name,
+            tls=StreamTLS(certificate="contract-cert"),
+        )
+        state = attrs.evolve(
+            plain,
+            streams=(stream,),
+            certificates=(CertificateRef("contract-cert", ("contract.example.test",)),),
+        )
+        files = {"certs/contract-cert.crt": b"certificate", "certs/contract-cert.key": b"key"}
+        refused: str | None = None
+        try:
+            bundle = renderer.render(state, extra_files=files)
+        except NxMeshError as exc:
+            refused = str(exc)
+        if refused is not None:
+            assert "contract-tls" in refused, f"refused without naming the stream: {refused}"
+            return
+        before = renderer.render(plain, extra_files=files).files
+        added = b"\n".join(
+            data for path, data in bundle.files.items() if before.get(path) != data
+        ).decode()
+        assert "47998" in added, "the stream's port is not rendered"
+        assert "certs/contract-cert.crt" in added, "the stream's certificate is not used"
+
     def test_identical_input_gives_identical_bytes(self, renderer: Renderer) -> None:
         """Rendering the same state twice yields byte-identical bundles."""
         state = make_state(5)
