@@ -49,8 +49,14 @@ def test_renderer_contract_catches_a_renderer_nginx_refuses(
 
         class Sloppy(NginxRenderer):
             def render(self, state, *, extra_files={}):
-                clear = tuple(attrs.evolve(s, tls=None) for s in state.streams if s.tls)
-                files = dict(super().render(attrs.evolve(state, streams=clear)).files)
+                tls_only = tuple(s for s in state.streams if s.tls)
+                files = dict(super().render(attrs.evolve(state, streams=tls_only)).files)
+                if "streams.conf" in files:  # TLS in comments only: served in clear
+                    files["streams.conf"] = (
+                        files["streams.conf"]
+                        .replace(b" ssl;", b";")
+                        .replace(b"    ssl_certificate", b"    # ssl_certificate")
+                    )
                 files["nginx.conf"] += b"\\nnot_a_directive on;\\n"
                 return Bundle(files)
 

@@ -1293,3 +1293,16 @@ class TestRealNginx:
         served = serve(template_dir=user)
         _, headers, _ = served.get("/healthz")
         assert headers["X-Nasty"] == "a$host b\"c\\d;e{f}g#h'i"
+
+
+def test_every_built_in_template_is_named_and_overridable() -> None:
+    """`TEMPLATE_NAMES` lists every template shipped: an override of one it misses would
+    not be compiled (nor checked) up front, nor reported as overridden."""
+    from importlib.resources import files
+
+    from nxmesh.plugins.render_nginx.renderer import TEMPLATE_NAMES
+
+    shipped = files("nxmesh.plugins.render_nginx") / "templates"
+    assert sorted(p.name for p in shipped.iterdir() if p.name.endswith(".j2")) == sorted(
+        TEMPLATE_NAMES
+    )

@@ -979,8 +979,27 @@ def test_acme_certificates_of_streams_are_answered_by_the_sites_serving_their_na
     assert b"/.well-known/acme-challenge/" not in files["conf.d/site-other.conf"]
     [warning] = acme_problems(state)
     assert (warning.path, warning.severity) == ("streams[0].tls.certificate", "warning")
-    assert "no site serves broker.example.test:" in warning.message
+    assert "no site serves broker.example.test over plain HTTP:" in warning.message
     assert "dns-01" in warning.message
-    assert (
-        acme_problems(attrs.evolve(state, certificates=(attrs.evolve(ref, source="upload"),))) == []
+    uploaded = attrs.evolve(state, certificates=(attrs.evolve(ref, source="upload"),))
+    assert acme_problems(uploaded) == []
+    # The challenge path is the agent's on that site: a location of its own there would
+    # be a duplicate nginx refuses (and would stop getting its own requests).
+    own = Location(path="/.well-known/acme-challenge/", upstream="db")
+    taken = _state(
+        stream, sites=(attrs.evolve(web, locations=(*web.locations, own)),), certificates=(ref,)
     )
+    reason = _problems(taken)["sites[0].locations[1].path"]
+    assert "certificate 'mqtt', which a stream ends TLS" in reason
+    # HTTP-01 comes over plain HTTP: a TLS-only site without a redirect cannot answer.
+    tls_only = attrs.evolve(
+        web,
+        listeners=(Listener(port=8443, tls=True),),
+        tls=TLSConfig(certificate="web", redirect_http=False),
+        server_names=("broker.example.test", "mqtt.example.test"),
+    )
+    web_cert = CertificateRef("web", ("broker.example.test", "mqtt.example.test"))
+    state = _state(stream, sites=(tls_only,), certificates=(ref, web_cert))
+    assert b"acme-challenge" not in NginxRenderer().render(state).files["conf.d/site-web.conf"]
+    messages = [p.message for p in acme_problems(state)]
+    assert any("mqtt.example.test, broker.example.test over" in m for m in messages), messages

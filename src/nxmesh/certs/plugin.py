@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from nxmesh import hookimpl
 from nxmesh.certs.settings import SECTION, CertsSettings
 from nxmesh.core.errors import Problem
+from nxmesh.core.model import stream_http01_sites
 
 if TYPE_CHECKING:
     from nxmesh.core.model import DesiredState
@@ -76,11 +77,10 @@ def acme_problems(state: DesiredState) -> list[Problem]:
 
 def _stream_http01_problems(state: DesiredState) -> list[Problem]:
     """A TCP stream ending TLS with an ACME certificate: HTTP-01 asks for each domain
-    over HTTP, which a stream does not speak; a site serving the domain answers for it
-    (the renderer adds the challenge location there). Warned, not refused: DNS-01 needs
-    no site."""
+    over plain HTTP, which a stream does not speak; the sites serving it there answer
+    (`stream_http01_sites`). Warned, not refused: DNS-01 needs no site."""
     refs = {ref.name: ref for ref in state.certificates if ref.source == "acme"}
-    served = {name.lower().rstrip(".") for site in state.sites for name in site.server_names}
+    served = {name for i in stream_http01_sites(state) for name in state.sites[i].server_names}
     found: list[Problem] = []
     for i, stream in enumerate(state.streams):
         ref = refs.get(stream.tls.certificate) if stream.tls is not None else None
@@ -92,9 +92,9 @@ def _stream_http01_problems(state: DesiredState) -> list[Problem]:
                 Problem(
                     f"streams[{i}].tls.certificate",
                     f"certificate {ref.name!r} comes from ACME and no site serves "
-                    f"{', '.join(missing)}: HTTP-01 validation cannot reach a stream; add a "
-                    "site answering those names on port 80, or use DNS-01 ([plugins.certs] "
-                    "challenge = 'dns-01')",
+                    f"{', '.join(missing)} over plain HTTP: HTTP-01 validation cannot reach "
+                    "a stream; add a site answering those names on port 80, or ignore this "
+                    "with DNS-01 ([plugins.certs] challenge = 'dns-01')",
                     "warning",
                 )
             )

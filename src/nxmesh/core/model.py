@@ -78,6 +78,7 @@ __all__ = [
     "check_parts",
     "check_state",
     "redirect_binds",
+    "stream_http01_sites",
     "stream_problems",
     "stream_upstream_reason",
     "submission_problems",
@@ -1274,6 +1275,27 @@ def _acme_source(tls: TLSConfig | None, acme_certificates: frozenset[str]) -> st
     return None
 
 
+def stream_http01_sites(state: DesiredState) -> dict[int, str]:
+    """The sites that answer ACME HTTP-01 for the certificates TCP streams end TLS with,
+    by index, with the certificate's name: a stream does not speak HTTP, so the CA's
+    request for a domain is answered by a site serving it over plain HTTP (a plain
+    listener, or the redirect server). The renderer gives them the challenge location;
+    a domain none of them serves can only be validated by DNS-01."""
+    refs = {ref.name: ref for ref in state.certificates if ref.source == "acme"}
+    domains: dict[str, str] = {}
+    for stream in state.streams:
+        ref = refs.get(stream.tls.certificate) if stream.tls is not None else None
+        if ref is not None:
+            domains.update(dict.fromkeys(ref.domains, ref.name))
+    found: dict[int, str] = {}
+    for i, site in enumerate(state.sites):
+        plain = any(not lst.tls for lst in site.listeners) or bool(redirect_binds(site))
+        served = [domains[name] for name in site.server_names if name in domains]
+        if plain and served:
+            found[i] = served[0]
+    return found
+
+
 def redirect_binds(site: Site | SiteParts) -> list[tuple[str, int]]:
     """Sockets (`Listener.bind` keys) of the HTTP→HTTPS redirect server the renderer adds
     on its own: port 80 on each address the TLS listeners use, when ``tls.redirect_http``
@@ -1426,6 +1448,22 @@ def stream_problems(state: DesiredState) -> list[Problem]:
                     f"streams[{other}]'s; each stream needs a port of its own",
                 )
             )
+    acme = frozenset(ref.name for ref in state.certificates if ref.source == "acme")
+    for i, cert in stream_http01_sites(state).items():
+        site = state.sites[i]
+        if _acme_source(site.tls, acme) is not None:
+            continue  # reserved for its own certificate already (check_parts says so)
+        for n, loc in enumerate(site.locations):
+            if loc.match in _PATH_MATCHES and loc.path.startswith(_ACME_CHALLENGE_PATH):
+                found.append(
+                    Problem(
+                        f"sites[{i}].locations[{n}].path",
+                        f"{_ACME_CHALLENGE_PATH} and the paths below it are reserved for the "
+                        "ACME HTTP-01 challenges nxmesh answers there, because the site "
+                        f"serves a domain of certificate {cert!r}, which a stream ends TLS "
+                        "with; remove this location",
+                    )
+                )
     return found
 
 

@@ -57,6 +57,7 @@ from nxmesh.core.model import (
     UpstreamTLS,
     check_parts,
     redirect_binds,
+    stream_http01_sites,
     stream_upstream_reason,
 )
 from nxmesh.core.registry import ProviderRegistries
@@ -130,6 +131,8 @@ TEMPLATE_NAMES = (
     "unknown_hosts.conf.j2",
     "streams.conf.j2",
     "upstream_servers.conf.j2",
+    "tls_defaults.conf.j2",
+    "client_key_map.conf.j2",
 )
 """Every template the renderer uses; each can be overridden by name."""
 
@@ -373,26 +376,6 @@ def certificate_paths(site: Site) -> CertificatePaths:
         return named_certificate_paths(site.tls.certificate)
     stem = f"{CERTS_DIR}/acme/{_stem(site.name)}"
     return CertificatePaths(certificate=f"{stem}.crt", key=f"{stem}.key")
-
-
-def _stream_acme_sites(state: DesiredState) -> frozenset[str]:
-    """The sites that answer HTTP-01 for an ACME certificate TCP streams end TLS with:
-    those serving one of its domains (the master sends them its tokens). A stream
-    cannot answer over HTTP itself; without such a site, only DNS-01 can issue it."""
-    refs = {c.name: c for c in state.certificates if c.source == "acme"}
-    domains = {
-        domain
-        for stream in state.streams
-        if stream.tls is not None and (ref := refs.get(stream.tls.certificate)) is not None
-        for domain in ref.domains
-    }
-    if not domains:
-        return frozenset()
-    return frozenset(
-        site.name
-        for site in state.sites
-        if domains.intersection(name.lower().rstrip(".") for name in site.server_names)
-    )
 
 
 @attrs.frozen(kw_only=True)
@@ -1466,7 +1449,8 @@ class NginxRenderer:
             "acme_certificates": frozenset(
                 c.name for c in state.certificates if c.source == "acme"
             ),
-            "stream_acme_sites": _stream_acme_sites(state),
+            # Sites answering HTTP-01 for the ACME certificates of TLS streams.
+            "stream_acme_sites": frozenset(state.sites[i].name for i in stream_http01_sites(state)),
         }
         files: dict[str, bytes] = {
             "nginx.conf": self._render("nginx.conf.j2", base),
