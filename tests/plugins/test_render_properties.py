@@ -643,6 +643,7 @@ def streams(draw: st.DrawFn, name: str, upstreams: tuple[Upstream, ...]) -> Stre
         tls=None if udp else draw(st.none() | st.builds(StreamTLS, certificate=names,
                                                         protocols=tls_protocols)),
         max_connections_per_client=draw(st.none() | st.integers(1, 100_000)),
+        proxy_protocol_from=() if udp else draw(client_networks(v.TRUSTED_PROXY)),
     )  # fmt: skip
 
 
@@ -1220,9 +1221,10 @@ def stream_listens(stream: Stream) -> list[list[str]]:
     else:
         ip = ipaddress.ip_address(address)
         where = f"[{ip.compressed}]:{stream.port}" if ip.version == 6 else f"{ip}:{stream.port}"
+    options = ["udp", "reuseport"] if stream.protocol == "udp" else []
     if stream.tls is not None:
-        return [[where, "ssl"]]
-    return [[where, *(["udp", "reuseport"] if stream.protocol == "udp" else [])]]
+        options = ["ssl"]
+    return [[where, *options, *(["proxy_protocol"] if stream.proxy_protocol_from else [])]]
 
 
 def check_streams(state: DesiredState, parsed: list[Directive]) -> None:
@@ -1275,6 +1277,7 @@ def check_streams(state: DesiredState, parsed: list[Directive]) -> None:
                 ("ssl_certificate_key", [f"{stem}.key"]),
                 ("ssl_protocols", list(stream.tls.protocols)),
             ]
+        expected += [("set_real_ip_from", [n]) for n in stream.proxy_protocol_from]
         expected += access_lines(stream.allow)
         if stream.max_connections_per_client is not None:
             expected.append(

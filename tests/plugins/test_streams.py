@@ -77,6 +77,12 @@ class TestModel:
             ({"protocol": "udp", "udp_responses": 0}, "udp_responses", "from 1 to 1000"),
             ({"protocol": "udp", "tls": StreamTLS(certificate="c")}, "tls", "no DTLS"),
             ({"max_connections_per_client": 0}, "max_connections_per_client", "from 1"),
+            (
+                {"protocol": "udp", "proxy_protocol_from": ("10.0.0.1",)},
+                "proxy_protocol_from",
+                "TCP streams",
+            ),
+            ({"proxy_protocol_from": ("0.0.0.0/0",)}, "proxy_protocol_from[0]", "every address"),
         ],
     )
     def test_bad_fields_are_refused_by_name(
@@ -565,6 +571,37 @@ class TestNginx:
             assert b"three" not in first
             log = (stack.root / "logs" / "error.log").read_text()
             assert 'limiting connections by zone "nxmesh_stream_conn"' in log
+
+    async def test_the_client_address_comes_from_the_load_balancers_proxy_line(
+        self, stack: NginxStack
+    ) -> None:
+        """Behind a load balancer speaking PROXY protocol (`proxy_protocol_from`): the
+        client its line names is the one `allow` admits, the log shows and the server's
+        own PROXY line carries; a client outside `allow` and a connection without the
+        line are closed before the server hears of them."""
+        first: list[bytes] = []
+        async with _tcp_server(first) as backend:
+            port = free_port()
+            state = _tcp_state(
+                backend,
+                port,
+                proxy_protocol_from=("127.0.0.1",),
+                allow=("203.0.113.0/24",),
+                proxy_protocol=True,
+            )
+            await _apply(stack, state)
+
+            def line(client: str) -> bytes:
+                return f"PROXY TCP4 {client} 127.0.0.1 40000 {port}\r\n".encode()
+
+            answer = await _exchange(port, line("203.0.113.7") + b"hello")
+            assert answer.startswith(b"echo:PROXY TCP4 203.0.113.7 127.0.0.1 40000 ")
+            for refused in (line("198.51.100.1") + b"hello", b"hello"):
+                with pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                    await _exchange(port, refused)
+            assert len(first) == 1
+            log = (stack.root / "logs" / "stream.log").read_text()
+            assert log.startswith("203.0.113.7 "), log
 
     async def test_udp_stream_forwards_datagrams(self, stack: NginxStack) -> None:
         """A datagram reaches the server and its one answer comes back."""

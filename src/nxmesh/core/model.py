@@ -1017,7 +1017,10 @@ class Stream:
     nginx ends the clients' TLS with a certificate of the state (`StreamTLS`).
     `max_connections_per_client`: the TCP connections (UDP: sessions) one client may have
     open to the stream at once, counting an IPv6 client by its /64 as rate limits do;
-    more are closed at once. None: no limit.
+    more are closed at once. None: no limit. `proxy_protocol_from` (TCP): the load
+    balancers in front of nginx that open each connection with a PROXY protocol line;
+    nginx then expects one on every connection to the port and, from those addresses,
+    takes the client's address from it (for `allow`, the limit and the log).
     """
 
     name: str = attrs.field(validator=v.text(v.NAME))
@@ -1040,9 +1043,19 @@ class Stream:
     max_connections_per_client: int | None = attrs.field(
         default=None, validator=v.int_range(1, 100_000, optional=True), metadata=ADDED_FIELD
     )
+    proxy_protocol_from: tuple[str, ...] = attrs.field(
+        default=(),
+        validator=v.each(v.TRUSTED_PROXY, hi=64, noun="proxy address"),
+        metadata=ADDED_FIELD,
+    )
 
     def __attrs_post_init__(self) -> None:
         found: list[tuple[str, str]] = []
+        if self.protocol == "udp" and self.proxy_protocol_from:
+            found.append(
+                ("proxy_protocol_from", "is for TCP streams: nginx reads no PROXY protocol "
+                 "line on UDP")
+            )  # fmt: skip
         if self.protocol == "udp" and self.tls is not None:
             found.append(("tls", "is for TCP streams: nginx ends no TLS over UDP (it has no DTLS)"))
         if self.protocol == "udp" and self.proxy_protocol:

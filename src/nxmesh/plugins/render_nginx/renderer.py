@@ -1562,6 +1562,8 @@ class NginxRenderer:
         options: tuple[str, ...] = ("udp", "reuseport") if stream.protocol == "udp" else ()
         if stream.tls is not None:
             options = ("ssl",)
+        if stream.proxy_protocol_from:
+            options = (*options, "proxy_protocol")
         address = stream.address if stream.address is not None else self.settings.listen_address
         addresses = [address]
         if self.settings.listen_ipv6 and address in (None, "*", "0.0.0.0"):  # noqa: S104
