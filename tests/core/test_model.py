@@ -535,6 +535,38 @@ class TestSite:
         site = make_site(real_ip_header="X-Real-IP", real_ip_from=("10.0.0.0/8", "fd00::/8"))
         assert site.real_ip_from == ("10.0.0.0/8", "fd00::/8")
 
+    def test_proxy_protocol_sockets(self) -> None:
+        """``real_ip_header: proxy_protocol`` needs a listener expecting the line; every
+        site of a socket agrees on it, the implicit redirect server's port 80 included
+        (it follows the site's listeners); `proxy_protocol` stays out of the canonical
+        form while off."""
+        assert "proxy_protocol" not in unstructure(Listener(80))
+        with pytest.raises(Invalid, match="none of the site's listeners expects") as exc:
+            make_site(real_ip_header="proxy_protocol", real_ip_from=("10.0.0.0/8",))
+        assert paths_of(exc) == ["real_ip_header"]
+        behind = make_site(
+            listeners=(Listener(80, proxy_protocol=True),),
+            real_ip_header="proxy_protocol",
+            real_ip_from=("10.0.0.0/8",),
+        )
+        other = make_site("other", server_names=("other.test",))
+        problems = check_state(DesiredState(sites=(behind, other)))
+        assert [p.path for p in problems] == ["sites[1].listeners[0].proxy_protocol"]
+        assert "port 80 expects PROXY protocol lines in sites[0] ('web')" in problems[0].message
+        tls_only = make_site(
+            "tls",
+            server_names=("tls.test",),
+            listeners=(Listener(443, tls=True, proxy_protocol=True),),
+            tls=TLSConfig(certificate="c"),
+        )
+        mixed = DesiredState(
+            sites=(tls_only, other), certificates=(CertificateRef("c", ("tls.test",)),)
+        )
+        [problem] = check_state(mixed)
+        assert problem.path == "sites[1].listeners[0].proxy_protocol"
+        together = attrs.evolve(mixed, sites=(tls_only, behind))
+        assert check_state(together) == []
+
     def test_server_names_are_lowercased(self) -> None:
         """ASCII server names are normalised to lowercase."""
         assert make_site(server_names=("WWW.Example.COM",)).server_names == ("www.example.com",)

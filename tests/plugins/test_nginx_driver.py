@@ -998,6 +998,61 @@ class TestClientAddresses:
         assert headers["X-Real-IP"] == "203.0.113.9"
         assert headers["X-Forwarded-For"] == "203.0.113.9, 127.0.0.1"
 
+    async def test_behind_a_load_balancer_speaking_proxy_protocol(self, stack: NginxStack) -> None:
+        """A listener with ``proxy_protocol`` and ``real_ip_header: proxy_protocol``: the
+        client the balancer's PROXY line names is the one ``allow`` judges, the upstream
+        gets and the log shows; a connection without the line gets nothing; an unknown
+        name on the same socket is refused (its default server reads the line too)."""
+        seen: list[bytes] = []
+        web = stack.web_port
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            state = DesiredState(
+                sites=(
+                    Site(
+                        name="app",
+                        server_names=("app.test",),
+                        listeners=(Listener(port=web, address="127.0.0.1", proxy_protocol=True),),
+                        locations=(Location(path="/", upstream="app"),),
+                        allow=("203.0.113.0/24",),
+                        real_ip_from=("127.0.0.1",),
+                        real_ip_header="proxy_protocol",
+                    ),
+                ),
+                upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{port}"),)),),
+            )
+
+            async def ask(client: str | None, host: str = "app.test") -> bytes:
+                line = f"PROXY TCP4 {client} 127.0.0.1 40000 {web}\r\n" if client else ""
+                request = f"{line}GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                answer = b""
+                with anyio.fail_after(10):
+                    async with await anyio.connect_tcp("127.0.0.1", web) as conn:
+                        await conn.send(request.encode())
+                        with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                            while True:
+                                answer += await conn.receive()
+                return answer
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, _upstream(seen))
+                await _apply(stack, state)
+                admitted = await ask("203.0.113.9")
+                refused = await ask("198.51.100.1")
+                bare = await ask(None)
+                unknown = await ask("203.0.113.9", host="other.test")
+                tg.cancel_scope.cancel()
+        assert admitted.startswith(b"HTTP/1.1 200"), admitted
+        assert refused.startswith(b"HTTP/1.1 403"), refused
+        assert bare == b""  # nginx: "broken header", the connection closed
+        assert unknown == b""  # 444 from the unknown-names server
+        assert len(seen) == 1
+        assert _sent_headers(seen[0])["X-Real-IP"] == "203.0.113.9"
+        log = (stack.root / "logs" / "access.log").read_text()
+        assert log.startswith("203.0.113.9 "), log
+        errors = (stack.root / "logs" / "error.log").read_text()
+        assert "broken header" in errors
+
 
 class TestProxyPaths:
     @pytest.mark.parametrize("strip", [True, False])

@@ -1306,3 +1306,28 @@ def test_every_built_in_template_is_named_and_overridable() -> None:
     assert sorted(p.name for p in shipped.iterdir() if p.name.endswith(".j2")) == sorted(
         TEMPLATE_NAMES
     )
+
+
+def test_proxy_protocol_listeners_and_their_redirect() -> None:
+    """``listen ... proxy_protocol`` where a listener says so; the implicit redirect
+    server's port 80 too when every listener of the site does, not otherwise."""
+    from nxmesh.core.model import CertificateRef, Listener, Location, Return, Site, TLSConfig
+    from nxmesh.plugins.render_nginx.renderer import main_listens, redirect_listens
+
+    def site(*listeners: Listener) -> Site:
+        return Site(
+            name="a",
+            server_names=("a.test",),
+            listeners=listeners,
+            tls=TLSConfig(certificate="c"),
+            locations=(Location(path="/", return_=Return(code=200)),),
+        )
+
+    behind = site(Listener(443, tls=True, proxy_protocol=True, default_server=True))
+    assert main_listens(behind) == ["443 ssl proxy_protocol default_server"]
+    assert redirect_listens(behind) == ["80 proxy_protocol"]
+    split = site(Listener(443, tls=True, proxy_protocol=True), Listener(8443, tls=True))
+    assert redirect_listens(split) == ["80"]
+    state = DesiredState(sites=(behind,), certificates=(CertificateRef("c", ("a.test",)),))
+    unknown = NginxRenderer().render(state).files["conf.d/unknown-hosts.conf"].decode()
+    assert "listen 80 proxy_protocol default_server;" in unknown

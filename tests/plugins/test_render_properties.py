@@ -504,6 +504,7 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
                 http2=st.booleans(),
                 address=listen_addresses,
                 default_server=st.booleans(),
+                proxy_protocol=st.booleans(),
             ),
             min_size=1,
             max_size=3,
@@ -545,7 +546,12 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
         rate_limit=draw(st.none() | rate_limits),
         gzip=draw(st.booleans()),
         real_ip_from=real_ip_from,
-        real_ip_header=draw(st.sampled_from(["X-Forwarded-For", "X-Real-IP"]))
+        real_ip_header=draw(
+            st.sampled_from(
+                ["X-Forwarded-For", "X-Real-IP"]
+                + (["proxy_protocol"] if any(lst.proxy_protocol for lst in listeners) else [])
+            )
+        )
         if real_ip_from
         else "X-Forwarded-For",
         server_names=tuple(draw(st.lists(matching(v.SERVER_NAME), min_size=1, max_size=3))),
@@ -1302,6 +1308,7 @@ def check_unknown_hosts(state: DesiredState, parsed: list[Directive]) -> None:
     included) where none of them is the default server; TLS sockets refuse handshakes."""
     protocols: dict[tuple[str, int], list[str] | None] = {}
     defaulted: set[tuple[str, int]] = set()
+    proxied: set[tuple[str, int]] = set()  # sockets reading PROXY protocol lines
     for site in state.sites:
         catch_all = "_" in site.server_names  # nginx's "any name": that site's sockets
         for lst in site.listeners:
@@ -1310,10 +1317,14 @@ def check_unknown_hosts(state: DesiredState, parsed: list[Directive]) -> None:
                 protocols[lst.bind] = list(site.tls.protocols)
             if lst.default_server or catch_all:
                 defaulted.add(lst.bind)
+            if lst.proxy_protocol:
+                proxied.add(lst.bind)
         for bind in redirect_binds(site):
             protocols.setdefault(bind, None)
             if catch_all:
                 defaulted.add(bind)
+            if all(lst.proxy_protocol for lst in site.listeners):
+                proxied.add(bind)
     expected = sorted((bind, p) for bind, p in protocols.items() if bind not in defaulted)
     # Where a site checks client certificates, the default server keeps no TLS sessions.
     checked = checked_sockets(state)
@@ -1324,6 +1335,7 @@ def check_unknown_hosts(state: DesiredState, parsed: list[Directive]) -> None:
         assert listen["args"][0].endswith(f":{bind[1]}") or listen["args"][0] == str(bind[1])
         assert listen["args"][-1] == "default_server"
         assert ("ssl" in listen["args"]) is (tls is not None)
+        assert ("proxy_protocol" in listen["args"]) is (bind in proxied)
         handshake = [("ssl_reject_handshake", ["on"]), ("ssl_protocols", tls)] if tls else []
         if tls and bind in checked:
             handshake.append(("ssl_session_cache", ["off"]))

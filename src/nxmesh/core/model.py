@@ -78,6 +78,7 @@ __all__ = [
     "check_parts",
     "check_state",
     "redirect_binds",
+    "redirect_proxy_protocol",
     "stream_http01_sites",
     "stream_problems",
     "stream_upstream_reason",
@@ -195,7 +196,14 @@ def _spelling(address: str | None) -> str:
 
 @attrs.frozen
 class Listener:
-    """One ``listen`` socket of a site."""
+    """One ``listen`` socket of a site.
+
+    `proxy_protocol`: the socket's connections come from load balancers (AWS NLB,
+    HAProxy, a cloud TCP load balancer) that open each with a PROXY protocol line; nginx
+    expects one on every connection (``listen ... proxy_protocol``), so every site on
+    the socket says so too. The site's ``real_ip_header: proxy_protocol`` then takes the
+    client's address from the line.
+    """
 
     port: int = attrs.field(default=80, validator=v.int_range(1, 65535))
     tls: bool = attrs.field(default=False, validator=v.choice(True, False))
@@ -204,6 +212,9 @@ class Listener:
         default=None, validator=v.text(v.LISTEN_ADDRESS, optional=True)
     )
     default_server: bool = attrs.field(default=False, validator=v.choice(True, False))
+    proxy_protocol: bool = attrs.field(
+        default=False, validator=v.choice(True, False), metadata=ADDED_FIELD
+    )
 
     @property
     def bind(self) -> tuple[str, int]:
@@ -707,7 +718,7 @@ _STATIC_OPTIONS = ("index", "serve_dotfiles", "fallback")
 _ACCESS_OPTIONS = ("allow", "basic_auth", "rate_limit", "satisfy")
 _LOCATION_DEFAULTS: Final = {a.name: a.default for a in attrs.fields(Location)}
 
-RealIpHeader = Literal["X-Forwarded-For", "X-Real-IP"]
+RealIpHeader = Literal["X-Forwarded-For", "X-Real-IP", "proxy_protocol"]
 
 # 444 closes the connection without a response and 499 is only logged (the client left):
 # nginx never sends a page for either.
@@ -776,7 +787,7 @@ class Site:
     )
     real_ip_header: RealIpHeader = attrs.field(
         default="X-Forwarded-For",
-        validator=v.choice("X-Forwarded-For", "X-Real-IP"),
+        validator=v.choice("X-Forwarded-For", "X-Real-IP", "proxy_protocol"),
         metadata=ADDED_FIELD,
     )
     basic_auth: BasicAuth | None = _optional_field(BasicAuth)
@@ -805,6 +816,16 @@ class Site:
         if self.real_ip_header != "X-Forwarded-For" and not self.real_ip_from:
             found.append(
                 ("real_ip_header", "only applies with real_ip_from (the proxies to believe)")
+            )
+        if self.real_ip_header == "proxy_protocol" and not any(
+            lst.proxy_protocol for lst in self.listeners
+        ):
+            found.append(
+                (
+                    "real_ip_header",
+                    "proxy_protocol reads the client from a PROXY protocol line, which none "
+                    "of the site's listeners expects (listeners[].proxy_protocol: true)",
+                )
             )
         tls_listeners = [i for i, lst in enumerate(self.listeners) if lst.tls]
         if tls_listeners and self.tls is None:
@@ -1309,6 +1330,14 @@ def stream_http01_sites(state: DesiredState) -> dict[int, str]:
     return found
 
 
+def redirect_proxy_protocol(site: Site | SiteParts) -> bool:
+    """Whether the redirect server `redirect_binds` adds expects PROXY protocol lines: when
+    every listener of the site does (load balancers sending them to its HTTPS ports send
+    them to port 80 too). A site wanting otherwise declares its plain listener."""
+    listeners = [lst for lst in site.listeners if lst is not None]
+    return bool(listeners) and all(lst.proxy_protocol for lst in listeners)
+
+
 def redirect_binds(site: Site | SiteParts) -> list[tuple[str, int]]:
     """Sockets (`Listener.bind` keys) of the HTTP→HTTPS redirect server the renderer adds
     on its own: port 80 on each address the TLS listeners use, when ``tls.redirect_http``
@@ -1573,6 +1602,8 @@ def check_parts(parts: StateParts) -> list[Problem]:
     # whether a plain socket speaks cleartext HTTP/2 only (any server's `http2` makes it so).
     protocols_on_bind: dict[tuple[str, int], tuple[tuple[str, ...], int]] = {}
     h2c_on_bind: dict[tuple[str, int], tuple[bool, int]] = {}
+    # And whether connections open with a PROXY protocol line (`listen ... proxy_protocol`).
+    proxy_on_bind: dict[tuple[str, int], tuple[bool, int]] = {}
     ref = _site_refs(parts.sites)
     # Where each socket is first declared: a wildcard and an address on one port clash.
     declared: dict[tuple[str, int], tuple[int, str]] = {}
@@ -1608,6 +1639,16 @@ def check_parts(parts: StateParts) -> list[Problem]:
             if lst is None:
                 continue
             bind = lst.bind
+            proxied, owner = proxy_on_bind.setdefault(bind, (lst.proxy_protocol, i))
+            if proxied != lst.proxy_protocol:
+                found.append(
+                    Problem(
+                        f"{here}.listeners[{n}].proxy_protocol",
+                        f"{_socket(bind)} {'expects' if proxied else 'has no'} PROXY protocol "
+                        f"lines in {ref(owner)}; nginx reads them per socket, so every site "
+                        "on it must agree",
+                    )
+                )
             tls, owner = tls_on_bind.setdefault(bind, (lst.tls, i))
             if tls != lst.tls:
                 found.append(
@@ -1642,8 +1683,25 @@ def check_parts(parts: StateParts) -> list[Problem]:
                             f"{ref(other)} is already the default server for {_socket(bind)}",
                         )
                     )
+        redirect_proxied = redirect_proxy_protocol(site) if implicit else False
         for bind in implicit:  # plain HTTP, as nginx sees the redirect server
             _check_h2c(ref, found, h2c_on_bind, bind, False, i, f"{here}.tls.redirect_http")
+            proxied, owner = proxy_on_bind.setdefault(bind, (redirect_proxied, i))
+            if proxied != redirect_proxied:
+                ours, theirs = (
+                    ("would expect PROXY protocol lines", "does not")
+                    if redirect_proxied
+                    else ("would read no PROXY protocol lines", "expects them")
+                )
+                found.append(
+                    Problem(
+                        f"{here}.tls.redirect_http",
+                        f"the HTTP→HTTPS redirect on {_socket(bind)} (port 80: the site has "
+                        f"no plain listener) {ours}, like the site's listeners, but "
+                        f"{ref(owner)} {theirs} there; give this site a plain listener that "
+                        "says which",
+                    )
+                )
             tls, owner = tls_on_bind.setdefault(bind, (False, i))
             if tls:
                 where = "this site" if owner == i else ref(owner)

@@ -57,6 +57,7 @@ from nxmesh.core.model import (
     UpstreamTLS,
     check_parts,
     redirect_binds,
+    redirect_proxy_protocol,
     stream_http01_sites,
     stream_upstream_reason,
 )
@@ -428,6 +429,7 @@ def listen(listener: Listener) -> Token:
         for name, on in (
             ("ssl", listener.tls),
             ("http2", listener.http2),
+            ("proxy_protocol", listener.proxy_protocol),
             ("default_server", listener.default_server),
         )
         if on
@@ -456,7 +458,10 @@ def redirect_listens(site: Site) -> list[Token]:
         return plain
     # One per socket, not per spelling: `443` and `0.0.0.0:8443` both mean port 80 on
     # the IPv4 wildcard, and two such `listen` lines are nginx's "duplicate listen".
-    return [_listen_args(None if a == "*" else a, port) for a, port in redirect_binds(site)]
+    options = ("proxy_protocol",) if redirect_proxy_protocol(site) else ()
+    return [
+        _listen_args(None if a == "*" else a, port, *options) for a, port in redirect_binds(site)
+    ]
 
 
 def _catch_all_sites_default(state: DesiredState) -> DesiredState:
@@ -504,24 +509,32 @@ def unknown_host_listens(
     `state` as rendered: a ``_`` site's own listeners are already default servers
     (`_catch_all_sites_default`); its redirect server's sockets are counted here.
     `checked_sockets`: `client_certificate_sockets` of `state`, when the caller has it."""
-    sockets: dict[tuple[str, int], list[Any]] = {}  # bind -> [protocols, http2, default]
+    # bind -> [protocols, http2, default, proxy_protocol]
+    sockets: dict[tuple[str, int], list[Any]] = {}
     for site in state.sites:
         for lst in site.listeners:
-            flags = sockets.setdefault(lst.bind, [None, False, False])
+            flags = sockets.setdefault(lst.bind, [None, False, False, False])
             if lst.tls and site.tls is not None:
                 flags[0] = site.tls.protocols  # the model makes the sites agree
             flags[1] |= lst.http2
             flags[2] |= lst.default_server
+            flags[3] |= lst.proxy_protocol  # so does it here
         for bind in redirect_binds(site):
-            flags = sockets.setdefault(bind, [None, False, False])
+            flags = sockets.setdefault(bind, [None, False, False, False])
             flags[2] |= "_" in site.server_names
+            flags[3] |= redirect_proxy_protocol(site)
     found = []
     checked = client_certificate_sockets(state) if checked_sockets is None else checked_sockets
-    for (address, port), (protocols, http2, has_default) in sorted(sockets.items()):
+    for (address, port), (protocols, http2, has_default, proxied) in sorted(sockets.items()):
         if has_default:
             continue
         ssl = ["ssl"] if protocols is not None else []
-        options = [*ssl, *(["http2"] if http2 else []), "default_server"]
+        options = [
+            *ssl,
+            *(["http2"] if http2 else []),
+            *(["proxy_protocol"] if proxied else []),
+            "default_server",
+        ]
         listen = _listen_args(None if address == "*" else address, port, *options)
         found.append(UnknownHostServer(listen, protocols, (address, port) in checked))
     return found
