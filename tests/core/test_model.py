@@ -566,6 +566,33 @@ class TestSite:
         assert problem.path == "sites[1].listeners[0].proxy_protocol"
         together = attrs.evolve(mixed, sites=(tls_only, behind))
         assert check_state(together) == []
+        # The implicit redirect is named as what expects the line.
+        [problem] = check_state(attrs.evolve(mixed, sites=(tls_only, other)))
+        assert "in sites[0] ('tls')'s HTTP→HTTPS redirect;" in problem.message
+
+    def test_proxy_protocol_sites_that_would_judge_the_wrong_address_are_warned(
+        self,
+    ) -> None:
+        """Behind a TCP balancer: believing X-Forwarded-For (the client's own header,
+        passed through) or no one (every client is the balancer) under `allow`."""
+        proxied = (Listener(80, proxy_protocol=True),)
+        header = make_site(listeners=proxied, real_ip_from=("10.0.0.0/8",))
+        nobody = make_site(listeners=proxied, allow=("192.0.2.0/24",))
+        right = make_site(
+            listeners=proxied,
+            allow=("192.0.2.0/24",),
+            real_ip_from=("10.0.0.0/8",),
+            real_ip_header="proxy_protocol",
+        )
+        found = {
+            name: [(p.path, p.severity) for p in check_state(DesiredState(sites=(site,)))]
+            for name, site in (("header", header), ("nobody", nobody), ("right", right))
+        }
+        assert found == {
+            "header": [("sites[0].real_ip_header", "warning")],
+            "nobody": [("sites[0].real_ip_from", "warning")],
+            "right": [],
+        }
 
     def test_server_names_are_lowercased(self) -> None:
         """ASCII server names are normalised to lowercase."""

@@ -1024,7 +1024,11 @@ class TestClientAddresses:
 
             async def ask(client: str | None, host: str = "app.test") -> bytes:
                 line = f"PROXY TCP4 {client} 127.0.0.1 40000 {web}\r\n" if client else ""
-                request = f"{line}GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+                # A header of the client's own, which the TCP balancer passes through.
+                forged = "X-Forwarded-For: 6.6.6.6\r\n"
+                request = (
+                    f"{line}GET / HTTP/1.1\r\nHost: {host}\r\n{forged}Connection: close\r\n\r\n"
+                )
                 answer = b""
                 with anyio.fail_after(10):
                     async with await anyio.connect_tcp("127.0.0.1", web) as conn:
@@ -1047,7 +1051,10 @@ class TestClientAddresses:
         assert bare == b""  # nginx: "broken header", the connection closed
         assert unknown == b""  # 444 from the unknown-names server
         assert len(seen) == 1
-        assert _sent_headers(seen[0])["X-Real-IP"] == "203.0.113.9"
+        sent = _sent_headers(seen[0])
+        assert sent["X-Real-IP"] == "203.0.113.9"
+        # The hop nginx vouches for is the client the balancer named, last in the chain.
+        assert sent["X-Forwarded-For"] == "6.6.6.6, 203.0.113.9"
         log = (stack.root / "logs" / "access.log").read_text()
         assert log.startswith("203.0.113.9 "), log
         errors = (stack.root / "logs" / "error.log").read_text()

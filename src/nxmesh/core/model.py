@@ -1411,6 +1411,7 @@ def submission_problems(state: DesiredState) -> list[Problem]:
                 found.append(Problem(f"upstreams[{i}].servers[{j}].address", reason))
     found += _fastcgi_upstream_problems(state)
     found += stream_problems(state)
+    found += _proxy_protocol_warnings(state)
     found += [
         Problem(
             f"sites[{i}].locations[{n}].path",
@@ -1437,6 +1438,44 @@ def submission_problems(state: DesiredState) -> list[Problem]:
             for n, lst in enumerate(site.listeners)
             if lst.http2 and not lst.tls
         )
+    return found
+
+
+def _proxy_protocol_warnings(state: DesiredState) -> list[Problem]:
+    """Sites behind a TCP load balancer (a `proxy_protocol` listener) that would judge the
+    wrong address: the client's own X-Forwarded-For (a TCP balancer passes it through,
+    so any client names itself), or the balancer's, shared by every client. Warnings: an
+    HTTP proxy that sends a PROXY line and writes the header itself is the exception."""
+    found: list[Problem] = []
+    for i, site in enumerate(state.sites):
+        if not any(lst.proxy_protocol for lst in site.listeners):
+            continue
+        if site.real_ip_from and site.real_ip_header != "proxy_protocol":
+            found.append(
+                Problem(
+                    f"sites[{i}].real_ip_header",
+                    f"is {site.real_ip_header}, but the site's listeners read PROXY protocol "
+                    "lines: a TCP load balancer passes the client's own header through, so "
+                    "any client could name its address; set real_ip_header: proxy_protocol "
+                    "(unless the balancer is an HTTP proxy writing the header itself)",
+                    "warning",
+                )
+            )
+        limited = (
+            site.allow
+            or site.rate_limit
+            or any(loc.allow or loc.rate_limit for loc in site.locations)
+        )
+        if not site.real_ip_from and limited:
+            found.append(
+                Problem(
+                    f"sites[{i}].real_ip_from",
+                    "is empty, but the site's listeners read PROXY protocol lines: nginx "
+                    "sees every client as the load balancer, so allow and rate limits judge "
+                    "its address; list the balancers and set real_ip_header: proxy_protocol",
+                    "warning",
+                )
+            )
     return found
 
 
@@ -1603,7 +1642,7 @@ def check_parts(parts: StateParts) -> list[Problem]:
     protocols_on_bind: dict[tuple[str, int], tuple[tuple[str, ...], int]] = {}
     h2c_on_bind: dict[tuple[str, int], tuple[bool, int]] = {}
     # And whether connections open with a PROXY protocol line (`listen ... proxy_protocol`).
-    proxy_on_bind: dict[tuple[str, int], tuple[bool, int]] = {}
+    proxy_on_bind: dict[tuple[str, int], tuple[bool, int, str]] = {}  # flag, site, whose
     ref = _site_refs(parts.sites)
     # Where each socket is first declared: a wildcard and an address on one port clash.
     declared: dict[tuple[str, int], tuple[int, str]] = {}
@@ -1639,14 +1678,17 @@ def check_parts(parts: StateParts) -> list[Problem]:
             if lst is None:
                 continue
             bind = lst.bind
-            proxied, owner = proxy_on_bind.setdefault(bind, (lst.proxy_protocol, i))
+            proxied, owner, whose = proxy_on_bind.setdefault(
+                bind, (lst.proxy_protocol, i, "listener")
+            )
             if proxied != lst.proxy_protocol:
+                by = ref(owner) + ("'s HTTP→HTTPS redirect" if whose == "redirect" else "")
                 found.append(
                     Problem(
                         f"{here}.listeners[{n}].proxy_protocol",
                         f"{_socket(bind)} {'expects' if proxied else 'has no'} PROXY protocol "
-                        f"lines in {ref(owner)}; nginx reads them per socket, so every site "
-                        "on it must agree",
+                        f"lines in {by}; nginx reads them per socket, so every site on it "
+                        "must agree",
                     )
                 )
             tls, owner = tls_on_bind.setdefault(bind, (lst.tls, i))
@@ -1686,7 +1728,7 @@ def check_parts(parts: StateParts) -> list[Problem]:
         redirect_proxied = redirect_proxy_protocol(site) if implicit else False
         for bind in implicit:  # plain HTTP, as nginx sees the redirect server
             _check_h2c(ref, found, h2c_on_bind, bind, False, i, f"{here}.tls.redirect_http")
-            proxied, owner = proxy_on_bind.setdefault(bind, (redirect_proxied, i))
+            proxied, owner, _ = proxy_on_bind.setdefault(bind, (redirect_proxied, i, "redirect"))
             if proxied != redirect_proxied:
                 ours, theirs = (
                     ("would expect PROXY protocol lines", "does not")

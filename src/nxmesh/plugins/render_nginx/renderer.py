@@ -992,7 +992,10 @@ def site_view(
                     tuple(
                         proxy_headers(
                             location,
-                            real_ip=bool(site.real_ip_from),
+                            # A proxy's header chain; not behind a TCP balancer (its PROXY
+                            # line): there the client's own header is no one's word.
+                            real_ip=bool(site.real_ip_from)
+                            and site.real_ip_header != "proxy_protocol",
                             tls_name=tls_host,
                             client_certs=client_ca_file is not None,
                         )
