@@ -681,6 +681,21 @@ def _upstream(
     return serve
 
 
+def _app_before(upstream_port: int, name: str, listener: Listener, **fields: Any) -> DesiredState:
+    """Site "app" (`name`, `listener`, `fields`) proxying everything to the upstream on
+    loopback `upstream_port`, behind a balancer on 127.0.0.1 (``real_ip_from``)."""
+    site = Site(
+        name="app",
+        server_names=(name,),
+        listeners=(listener,),
+        locations=(Location(path="/", upstream="app"),),
+        real_ip_from=("127.0.0.1",),
+        **fields,
+    )
+    upstream = Upstream("app", (UpstreamServer(f"127.0.0.1:{upstream_port}"),))
+    return DesiredState(sites=(site,), upstreams=(upstream,))
+
+
 def _sent_headers(head: bytes) -> dict[str, str]:
     """The header fields of a recorded request head."""
     lines = head.decode().split("\r\n")[1:]
@@ -976,17 +991,8 @@ class TestClientAddresses:
         seen: list[bytes] = []
         async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
             port = listener.extra(anyio.abc.SocketAttribute.local_port)
-            state = DesiredState(
-                sites=(
-                    Site(
-                        name="app",
-                        server_names=("localhost",),
-                        listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
-                        locations=(Location(path="/", upstream="app"),),
-                        real_ip_from=("127.0.0.1",),
-                    ),
-                ),
-                upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{port}"),)),),
+            state = _app_before(
+                port, "localhost", Listener(port=stack.web_port, address="127.0.0.1")
             )
             async with anyio.create_task_group() as tg:
                 tg.start_soon(listener.serve, _upstream(seen))
@@ -1007,19 +1013,12 @@ class TestClientAddresses:
         web = stack.web_port
         async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
             port = listener.extra(anyio.abc.SocketAttribute.local_port)
-            state = DesiredState(
-                sites=(
-                    Site(
-                        name="app",
-                        server_names=("app.test",),
-                        listeners=(Listener(port=web, address="127.0.0.1", proxy_protocol=True),),
-                        locations=(Location(path="/", upstream="app"),),
-                        allow=("203.0.113.0/24",),
-                        real_ip_from=("127.0.0.1",),
-                        real_ip_header="proxy_protocol",
-                    ),
-                ),
-                upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{port}"),)),),
+            state = _app_before(
+                port,
+                "app.test",
+                Listener(port=web, address="127.0.0.1", proxy_protocol=True),
+                allow=("203.0.113.0/24",),
+                real_ip_header="proxy_protocol",
             )
 
             async def ask(client: str | None, host: str = "app.test") -> bytes:

@@ -62,6 +62,15 @@ def _problems(state: DesiredState) -> dict[str, str]:
     return {p.path: p.message for p in check_state(state)}
 
 
+def _refused(cls: type[Any], fields: dict[str, Any], path: str, says: str) -> None:
+    """Building `cls` from `fields` is refused at `path`, with `says` in the reason."""
+    with pytest.raises(Invalid) as caught:
+        cls(**fields)
+    problems = dict(caught.value.problems)
+    assert path in problems, problems
+    assert says in problems[path]
+
+
 class TestModel:
     @pytest.mark.parametrize(
         ("fields", "path", "says"),
@@ -89,12 +98,7 @@ class TestModel:
         self, fields: dict[str, Any], path: str, says: str
     ) -> None:
         """Each bad field is named, with its reason."""
-        given = {"name": "pg", "port": 15432, "upstream": "db", **fields}
-        with pytest.raises(Invalid) as caught:
-            Stream(**given)
-        problems = dict(caught.value.problems)
-        assert path in problems, problems
-        assert says in problems[path]
+        _refused(Stream, {"name": "pg", "port": 15432, "upstream": "db", **fields}, path, says)
 
     def test_a_state_without_streams_keeps_its_digest(self) -> None:
         """`streams` is left out of the canonical form while empty, so the states and
@@ -712,11 +716,7 @@ class TestTlsModel:
     def test_bad_fields_are_refused_by_name(
         self, fields: dict[str, Any], path: str, says: str
     ) -> None:
-        with pytest.raises(Invalid) as caught:
-            StreamTLS(**fields)
-        problems = dict(caught.value.problems)
-        assert path in problems, problems
-        assert says in problems[path]
+        _refused(StreamTLS, fields, path, says)
 
     def test_the_certificate_must_be_declared(self) -> None:
         """As a site's: named in the state's `certificates`, with a did-you-mean."""
