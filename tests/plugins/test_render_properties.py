@@ -627,6 +627,17 @@ def upstreams(draw: st.DrawFn, name: str) -> Upstream:
 
 
 @st.composite
+def stream_tls(draw: st.DrawFn) -> StreamTLS:
+    client_ca = draw(st.none() | st.just(_CA_PEM))
+    return StreamTLS(
+        certificate=draw(names),
+        protocols=draw(tls_protocols),
+        client_ca=client_ca,
+        client_crl=draw(st.none() | st.just(_CRL_PEM)) if client_ca else None,
+    )
+
+
+@st.composite
 def streams(draw: st.DrawFn, name: str, upstreams: tuple[Upstream, ...]) -> Stream | None:
     """A stream naming one of `upstreams` it can use (`stream_upstream_reason`); None
     when none of them serves its protocol."""
@@ -646,8 +657,7 @@ def streams(draw: st.DrawFn, name: str, upstreams: tuple[Upstream, ...]) -> Stre
         timeout=draw(st.integers(1, 86400)),
         proxy_protocol=not udp and draw(st.booleans()),
         udp_responses=draw(st.none() | st.integers(1, 1000)) if udp else None,
-        tls=None if udp else draw(st.none() | st.builds(StreamTLS, certificate=names,
-                                                        protocols=tls_protocols)),
+        tls=None if udp else draw(st.none() | stream_tls()),
         max_connections_per_client=draw(st.none() | st.integers(1, 100_000)),
         proxy_protocol_from=() if udp else draw(client_networks(v.TRUSTED_PROXY)),
     )  # fmt: skip
@@ -1283,6 +1293,15 @@ def check_streams(state: DesiredState, parsed: list[Directive]) -> None:
                 ("ssl_certificate_key", [f"{stem}.key"]),
                 ("ssl_protocols", list(stream.tls.protocols)),
             ]
+            if stream.tls.client_ca is not None:
+                ca = f"client-ca/streams/{stream.name}"
+                expected += [
+                    ("ssl_client_certificate", [f"{ca}.pem"]),
+                    ("ssl_verify_client", ["on"]),
+                    ("ssl_verify_depth", ["4"]),
+                    *([("ssl_crl", [f"{ca}.crl"])] if stream.tls.client_crl else []),
+                    ("ssl_session_cache", ["off"]),
+                ]
         expected += [("set_real_ip_from", [n]) for n in stream.proxy_protocol_from]
         expected += access_lines(stream.allow)
         if stream.max_connections_per_client is not None:
@@ -1399,13 +1418,16 @@ class TestStructure:
             for n, page in enumerate(s.error_pages)
         }
         client_cas = {p: bundle.text(p) for p in bundle.files if p.startswith("client-ca/")}
+        users = [(s.name, s.tls) for s in state.sites] + [
+            (f"streams/{s.name}", s.tls) for s in state.streams
+        ]
         assert client_cas == {
             path: text
-            for s in state.sites
-            if s.tls is not None and s.tls.client_ca is not None
+            for name, tls in users
+            if tls is not None and tls.client_ca is not None
             for path, text in [
-                (f"client-ca/{s.name}.pem", s.tls.client_ca),
-                *([(f"client-ca/{s.name}.crl", s.tls.client_crl)] if s.tls.client_crl else []),
+                (f"client-ca/{name}.pem", tls.client_ca),
+                *([(f"client-ca/{name}.crl", tls.client_crl)] if tls.client_crl else []),
             ]
         }
         cas = {p: bundle.text(p) for p in bundle.files if p.startswith("upstream-ca/")}

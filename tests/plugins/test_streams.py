@@ -718,6 +718,17 @@ class TestTlsModel:
     ) -> None:
         _refused(StreamTLS, fields, path, says)
 
+    def test_client_certificates_need_the_cas(self) -> None:
+        """A CRL without the CAs to check is refused by name; CA text other than PEM
+        certificates too; both stay out of the canonical form while unset."""
+        from nxmesh.testing.pki import Pki
+
+        pki = Pki()
+        _refused(StreamTLS, {"certificate": "c", "client_crl": Pki.crl(pki.root)},
+                 "client_crl", "only applies with client_ca")  # fmt: skip
+        _refused(StreamTLS, {"certificate": "c", "client_ca": "trust me"}, "client_ca", "PEM")
+        assert set(unstructure(StreamTLS(certificate="c"))) == {"certificate", "protocols"}
+
     def test_the_certificate_must_be_declared(self) -> None:
         """As a site's: named in the state's `certificates`, with a did-you-mean."""
         declared = (CertificateRef("dbcert", ("db.example.test",)),)
@@ -939,6 +950,59 @@ class TestTlsNginx:
                         tls_hostname="db.example.test",
                         tls_standard_compatible=False,
                     )  # fmt: skip
+
+    async def test_mutual_tls_admits_only_clients_of_the_listed_cas(
+        self, stack: NginxStack, tmp_path: Path
+    ) -> None:
+        """`client_ca`: a client certificate of the listed CA is let through to the
+        server; none, one of another CA, or one the CRL revokes gets no connection."""
+        import ssl
+
+        from nxmesh.testing.pki import Pki
+
+        pki, clients, strangers = Pki(), Pki(), Pki()
+        good, revoked, foreign = (
+            clients.leaf("good.clients.test"),
+            clients.leaf("revoked.clients.test"),
+            strangers.leaf("foreign.clients.test"),
+        )
+        first: list[bytes] = []
+        async with _tcp_server(first) as backend:
+            port = free_port()
+            stream = _tls_stream(
+                port,
+                "backend",
+                client_ca=clients.root.pem,
+                client_crl=Pki.crl(clients.root) + Pki.crl(clients.intermediate, revoked),
+            )
+            state = DesiredState(
+                upstreams=(_upstream("backend", f"127.0.0.1:{backend}"),),
+                streams=(stream,),
+                certificates=(CertificateRef("dbcert", ("db.example.test",)),),
+            )
+            async with self._tls_stack(stack, tmp_path, state, pki):
+
+                async def connect(leaf: Any, issuer: Pki | None) -> bytes:
+                    context = ssl.create_default_context(cadata=pki.root.pem)
+                    if leaf is not None and issuer is not None:
+                        chain = tmp_path / "client.pem"
+                        chain.write_text(leaf.pem + issuer.intermediate.pem + leaf.key_pem)
+                        context.load_cert_chain(chain)
+                    with anyio.fail_after(10):
+                        async with await anyio.connect_tcp(
+                            "127.0.0.1", port, tls=True, ssl_context=context,
+                            tls_hostname="db.example.test", tls_standard_compatible=False,
+                        ) as client:  # fmt: skip
+                            await client.send(b"hello")
+                            return await client.receive()
+
+                assert await connect(good, clients) == b"echo:hello"
+                for leaf, issuer in ((None, None), (foreign, strangers), (revoked, clients)):
+                    with pytest.raises(
+                        (ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream, OSError)
+                    ):
+                        await connect(leaf, issuer)
+        assert first == [b"hello"]
 
     @pytest.mark.parametrize(
         ("server_name", "answered"),

@@ -1005,7 +1005,9 @@ class StreamTLS:
 
     `certificate` names a certificate the state declares (``certificates``, uploaded or
     from ACME), as a site's `TLSConfig.certificate` does; it is the one every client gets
-    (streams have no server names to pick one by).
+    (streams have no server names to pick one by). `client_ca`: the PEM certificates of
+    the CAs whose client certificates the stream requires (mutual TLS: a client without
+    one is refused its handshake); `client_crl`: their revocation lists.
     """
 
     certificate: str = attrs.field(validator=v.text(v.NAME))
@@ -1013,10 +1015,20 @@ class StreamTLS:
         default=("TLSv1.2", "TLSv1.3"),
         validator=v.each(v.TLS_PROTOCOL, lo=1, hi=2, noun="protocol"),
     )
+    client_ca: str | None = attrs.field(
+        default=None, validator=v.text(_CA_PEM, optional=True), repr=False, metadata=ADDED_FIELD
+    )
+    client_crl: str | None = attrs.field(
+        default=None, validator=v.text(_CRL_PEM, optional=True), repr=False, metadata=ADDED_FIELD
+    )
 
     def __attrs_post_init__(self) -> None:
+        found: list[tuple[str, str]] = []
         if len(set(self.protocols)) != len(self.protocols):
-            v.raise_problems([("protocols", "lists a protocol twice")])
+            found.append(("protocols", "lists a protocol twice"))
+        if self.client_crl is not None and self.client_ca is None:
+            found.append(("client_crl", "only applies with client_ca (the CAs to check)"))
+        v.raise_problems(found)
 
 
 @attrs.frozen(kw_only=True)

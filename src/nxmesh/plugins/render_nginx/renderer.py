@@ -109,6 +109,7 @@ __all__ = [
     "plugin_template_paths",
     "renderer_for",
     "site_view",
+    "stream_client_ca_files",
     "upstream_ca_files",
 ]
 
@@ -390,6 +391,8 @@ class StreamView:
     certificate: CertificatePaths | None
     upstream_tls: UpstreamTLS | None
     upstream_ca: str | None
+    client_ca_file: str | None = None
+    client_crl_file: str | None = None
 
 
 def named_certificate_paths(name: str) -> CertificatePaths:
@@ -1179,6 +1182,26 @@ def _client_crl_file(site: Site) -> str:
     return f"{CLIENT_CA_DIR}/{_stem(site.name)}.crl"
 
 
+def _stream_client_ca_file(stream: Stream, suffix: str = "pem") -> str:
+    # A directory of their own: no site name can give a path here (stems have no '/').
+    return f"{CLIENT_CA_DIR}/streams/{_stem(stream.name)}.{suffix}"
+
+
+def stream_client_ca_files(streams: Iterable[Stream]) -> dict[str, bytes]:
+    """The client CA files (and CRLs) of the TLS streams checking client certificates
+    (`StreamTLS.client_ca`), at the paths their ``ssl_client_certificate`` and ``ssl_crl``
+    name."""
+    files: dict[str, bytes] = {}
+    for stream in streams:
+        tls = stream.tls
+        if tls is None or not tls.client_ca:
+            continue
+        files[_stream_client_ca_file(stream)] = tls.client_ca.encode("ascii")
+        if tls.client_crl:
+            files[_stream_client_ca_file(stream, "crl")] = tls.client_crl.encode("ascii")
+    return files
+
+
 def client_ca_files(sites: Iterable[Site]) -> dict[str, bytes]:
     """The client CA files of the sites with `TLSConfig.client_ca`, and their CRLs
     (`client_crl`), at the paths their ``ssl_client_certificate`` and ``ssl_crl`` name."""
@@ -1496,6 +1519,7 @@ class NginxRenderer:
             files.update(error_page_files(site))
         if state.streams:
             files[STREAMS_FILE] = self._render_streams(state, base)
+            files.update(stream_client_ca_files(state.streams))
             if not _streams_included(files["nginx.conf"]):
                 raise RenderError(
                     "nginx.conf does not include streams.conf in a top-level stream {} "
@@ -1543,16 +1567,21 @@ class NginxRenderer:
                 )
             if (reason := stream_upstream_reason(stream, upstream)) is not None:
                 raise RenderError(f"stream {stream.name!r}: {reason}")
+            tls = stream.tls
             views.append(
                 StreamView(
                     stream=stream,
                     listens=self._stream_listens(stream),
-                    certificate=(
-                        named_certificate_paths(stream.tls.certificate) if stream.tls else None
-                    ),
+                    certificate=named_certificate_paths(tls.certificate) if tls else None,
                     upstream_tls=upstream.tls,
                     upstream_ca=(
                         _upstream_ca_file(upstream) if upstream.tls and upstream.tls.ca else None
+                    ),
+                    client_ca_file=(
+                        _stream_client_ca_file(stream) if tls and tls.client_ca else None
+                    ),
+                    client_crl_file=(
+                        _stream_client_ca_file(stream, "crl") if tls and tls.client_crl else None
                     ),
                 )
             )
