@@ -2059,3 +2059,22 @@ class TestUnknownHosts:
         for name in ("a.test", "other.test"):
             with pytest.raises(ssl.SSLError):
                 await anyio.to_thread.run_sync(handshake, ssl.TLSVersion.TLSv1_2, name)
+
+
+def test_the_watch_tells_a_clients_errors_from_nginxs_own(tmp_path: Path) -> None:
+    """What nginx logs about one connection (numbered ``*N``: a refused client
+    certificate, a broken PROXY header) does not fail an apply; its own crit lines do."""
+    from nxmesh.plugins.nginx_driver.driver import _LogTail
+
+    log = tmp_path / "error.log"
+    log.write_text("")
+    tail = _LogTail([log])
+    client = (
+        "2026/12/01 02:16:06 [crit] 4536#4536: *3 SSL_shutdown() failed (SSL: error:0A000123"
+        ":SSL routines::application data after close notify) while SSL handshaking, client: "
+        "127.0.0.1, server: 127.0.0.1:44201"
+    )
+    own = '2026/12/01 02:16:06 [crit] 4536#4536: pread() "/etc/nginx/x" failed (5: I/O error)'
+    log.write_text(f"{client}\n{own}\n")
+    tail.read()
+    assert tail.bad() == [own]

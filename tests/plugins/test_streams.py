@@ -848,6 +848,7 @@ class TestTlsRender:
 
 class TestTlsNginx:
     pytestmark = nginx_tests
+    _files: dict[str, bytes]  # the certificate files `_tls_stack` applied
 
     @contextlib.asynccontextmanager
     async def _tls_stack(
@@ -868,7 +869,7 @@ class TestTlsNginx:
             await storage.aclose()
         assert [c.stem for c in material.certificates] == ["certs/dbcert"]
         vault = AgentKeyVault(tmp_path / "vault")
-        files = vault.extra_files(material)
+        files = self._files = vault.extra_files(material)
         assert b"ENCRYPTED" in files["certs/dbcert.key"]
         stack.renderer = NginxRenderer(
             settings=attrs.evolve(stack.render_settings, ssl_password_file=str(vault.password_file))
@@ -999,10 +1000,32 @@ class TestTlsNginx:
                 assert await connect(good, clients) == b"echo:hello"
                 for leaf, issuer in ((None, None), (foreign, strangers), (revoked, clients)):
                     with pytest.raises(
-                        (ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream, OSError)
+                        (ssl.SSLError, anyio.BrokenResourceError, anyio.EndOfStream)
                     ):
                         await connect(leaf, issuer)
-        assert first == [b"hello"]
+                assert first == [b"hello"]
+                # nginx logs each refused client at crit ("SSL_shutdown() failed"): clients
+                # refused while a change applies must not roll it back.
+                stack.driver.settings = attrs.evolve(stack.driver.settings, error_log_window=1.0)
+                changed = attrs.evolve(state, streams=(attrs.evolve(stream, timeout=60),))
+                bundle = stack.renderer.render(changed, extra_files=self._files)
+                refused = 0
+
+                async def refuse_clients() -> None:
+                    nonlocal refused
+                    while True:
+                        with contextlib.suppress(Exception):
+                            await connect(None, None)
+                        refused += 1
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(refuse_clients)
+                    report = await stack.driver.apply(stack.update(changed), bundle)
+                    tg.cancel_scope.cancel()
+                assert report.outcome == "applied", report.message
+                assert refused > 0
+                errors = (stack.root / "logs" / "error.log").read_text()
+                assert "[crit]" in errors  # what the apply had to tell from its own failures
 
     @pytest.mark.parametrize(
         ("server_name", "answered"),

@@ -14,7 +14,8 @@ One apply, in order (each stage timed into the report's ``durations``):
 6. **confirm**  poll the status server until ``/nxmesh/version`` answers the new config
    digest *and* a worker pid that did not exist before the reload is current; an
    ``[emerg]`` in the error log (a reload nginx refused) ends this early.
-7. **watch**    keep reading the error log for a short window for emerg/alert/crit.
+7. **watch**    keep reading the error log for a short window for emerg/alert/crit
+               (lines about one client's connection aside).
 
 Any failure from stage 4 on flips ``current`` back, reloads nginx, confirms the old
 configuration serves again and reports ``rolled_back`` with nginx's own message. A
@@ -81,6 +82,10 @@ STAGES = ("staged", "tested", "swap-prepared", "swapped", "reloaded", "confirmed
 
 _TICK = 0.02  # process start times have 10 ms resolution; allow one tick either way
 _BAD_LEVELS = re.compile(rb"\[(emerg|alert|crit)\]")
+# nginx numbers what it logs about one connection ("4711#4711: *42 SSL_shutdown() failed
+# ... client: 198.51.100.7"): a client's doing (a refused client certificate, a broken
+# PROXY header), never the configuration's, so it must not roll an apply back.
+_CONNECTION_LINE = re.compile(rb"\] \d+#\d+: \*\d+ ")
 _EMERG = re.compile(r"\[(emerg|alert|crit)\][^\n]*")
 Outcome = Literal["applied", "failed", "rolled_back", "noop"]
 
@@ -183,8 +188,13 @@ class _LogTail:
         return new
 
     def bad(self) -> list[str]:
-        """Lines at emerg/alert/crit level read so far."""
-        return [line for line in self.lines if _BAD_LEVELS.search(line.encode())]
+        """Lines at emerg/alert/crit level read so far, but those about one client's
+        connection (`_CONNECTION_LINE`)."""
+        return [
+            line
+            for line in self.lines
+            if _BAD_LEVELS.search(encoded := line.encode()) and not _CONNECTION_LINE.search(encoded)
+        ]
 
     @property
     def text(self) -> str:

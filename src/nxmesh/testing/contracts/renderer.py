@@ -81,20 +81,23 @@ class RendererContract:
         self, renderer: Renderer, tmp_path: Path
     ) -> None:
         """A TCP stream ending TLS (`Stream.tls`) is a ``server`` listening with ``ssl``
-        on its port, with its certificate and key, or the render is refused naming the
-        stream: a renderer that ignored `tls` would serve the port in clear to clients
-        that expect TLS. Read as nginx reads it (comments are not directives)."""
+        on its port, with its certificate and key, and requiring client certificates of
+        its `client_ca` (``ssl_verify_client on``), or the render is refused naming the
+        stream: a renderer that ignored `tls` would serve the port in clear, one that
+        ignored `client_ca` would let every client in. Read as nginx reads it (comments
+        are not directives)."""
         import crossplane
 
         from nxmesh.core.model import CertificateRef, Stream, StreamTLS
         from nxmesh.nginx_check import write_bundle
+        from nxmesh.testing.pki import Pki
 
         plain = make_state(1)
         stream = Stream(
             name="contract-tls",
             port=47998,
             upstream=plain.upstreams[0].name,
-            tls=StreamTLS(certificate="contract-cert"),
+            tls=StreamTLS(certificate="contract-cert", client_ca=Pki().root.pem),
         )
         state = attrs.evolve(
             plain,
@@ -141,6 +144,9 @@ class RendererContract:
         assert tls, "no server listens with ssl on the stream's port"
         assert [["certs/contract-cert.crt"]] in [s.get("ssl_certificate") for s in tls], tls
         assert [["certs/contract-cert.key"]] in [s.get("ssl_certificate_key") for s in tls], tls
+        checked = [s for s in tls if s.get("ssl_verify_client") == [["on"]]]
+        assert checked, "the stream does not require client certificates (client_ca)"
+        assert all(s.get("ssl_client_certificate") for s in checked), checked
 
     def test_identical_input_gives_identical_bytes(self, renderer: Renderer) -> None:
         """Rendering the same state twice yields byte-identical bundles."""
