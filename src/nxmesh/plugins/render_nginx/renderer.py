@@ -51,6 +51,7 @@ from nxmesh.core.model import (
     Site,
     StateParts,
     Stream,
+    StreamTLS,
     TLSConfig,
     Upstream,
     UpstreamServer,
@@ -1193,12 +1194,8 @@ def stream_client_ca_files(streams: Iterable[Stream]) -> dict[str, bytes]:
     name."""
     files: dict[str, bytes] = {}
     for stream in streams:
-        tls = stream.tls
-        if tls is None or not tls.client_ca:
-            continue
-        files[_stream_client_ca_file(stream)] = tls.client_ca.encode("ascii")
-        if tls.client_crl:
-            files[_stream_client_ca_file(stream, "crl")] = tls.client_crl.encode("ascii")
+        if stream.tls is not None:
+            files |= _ca_files(stream.tls, _stream_client_ca_file(stream).removesuffix(".pem"))
     return files
 
 
@@ -1207,12 +1204,18 @@ def client_ca_files(sites: Iterable[Site]) -> dict[str, bytes]:
     (`client_crl`), at the paths their ``ssl_client_certificate`` and ``ssl_crl`` name."""
     files: dict[str, bytes] = {}
     for site in sites:
-        tls = site.tls
-        if tls is None or not tls.client_ca:
-            continue
-        files[_client_ca_file(site)] = tls.client_ca.encode("ascii")
-        if tls.client_crl:
-            files[_client_crl_file(site)] = tls.client_crl.encode("ascii")
+        if site.tls is not None:
+            files |= _ca_files(site.tls, _client_ca_file(site).removesuffix(".pem"))
+    return files
+
+
+def _ca_files(tls: TLSConfig | StreamTLS, stem: str) -> dict[str, bytes]:
+    """``<stem>.pem`` (the client CAs) and ``<stem>.crl`` (their CRLs), as `tls` has."""
+    if not tls.client_ca:
+        return {}
+    files = {f"{stem}.pem": tls.client_ca.encode("ascii")}
+    if tls.client_crl:
+        files[f"{stem}.crl"] = tls.client_crl.encode("ascii")
     return files
 
 
