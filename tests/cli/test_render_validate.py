@@ -164,6 +164,26 @@ class TestValidate:
         assert result.exit_code == 0, result.output
         assert "nginx -t ok" in result.stdout
 
+    def test_the_models_warnings_are_shown(self, invoke: Invoke, tmp_path: Path) -> None:
+        """A warning of the model (here: a site reading PROXY protocol lines that believes
+        the X-Forwarded-For a TCP balancer passes through) is printed, as the master
+        reports it, and the state is still valid; `--json` lists it too."""
+        state = tmp_path / "behind.yaml"
+        state.write_text(
+            "upstreams: [{name: app, servers: [{address: '127.0.0.1:9000'}]}]\n"
+            "sites:\n"
+            "  - name: app\n"
+            "    server_names: [app.test]\n"
+            "    listeners: [{port: 8380, proxy_protocol: true}]\n"
+            "    real_ip_from: [10.0.0.0/8]\n"
+            "    locations: [{path: /, upstream: app}]\n"
+        )
+        result = invoke("validate", "--no-nginx", state)
+        assert result.exit_code == 0, result.output
+        assert "warning: sites[0].real_ip_header: is X-Forwarded-For" in result.stderr
+        report = json.loads(invoke("validate", "--no-nginx", "--json", state).stdout)
+        assert [p["path"] for p in report["problems"]] == ["sites[0].real_ip_header"]
+
     def test_all_examples_together(self, invoke: Invoke) -> None:
         """Several files merge into one state that also passes nginx -t (JSON report)."""
         require_binary("nginx")
