@@ -222,6 +222,27 @@ class TestMasterless:
             assert await agent_env.body() == "good"
             tg.cancel_scope.cancel()
 
+    async def test_a_files_warnings_are_reported_and_it_applies(self, agent_env: AgentEnv) -> None:
+        """What the master would warn of (here: a listener reading PROXY protocol lines
+        behind a site that believes X-Forwarded-For) is recorded, once per content,
+        and the file still applies."""
+        import json
+
+        agent_env.write_state("warned")
+        state = json.loads(agent_env.state_file.read_text())
+        site = state["sites"][0]
+        site["real_ip_from"] = ["10.0.0.0/8"]
+        site["listeners"][0]["proxy_protocol"] = True
+        agent_env.state_file.write_text(json.dumps(state))
+        async with anyio.create_task_group() as tg:
+            app: AgentApp = await tg.start(agent_env.build(state_file=agent_env.state_file).run)
+            with anyio.fail_after(10):
+                while not app.events.events("state_file.warnings"):
+                    await anyio.sleep(0.02)
+            [event] = app.events.events("state_file.warnings")
+            assert any("real_ip_header" in w for w in event.payload["warnings"])
+            tg.cancel_scope.cancel()
+
     async def test_restart_keeps_the_version_of_an_unchanged_file(
         self, agent_env: AgentEnv
     ) -> None:

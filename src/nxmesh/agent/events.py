@@ -58,7 +58,9 @@ class EventRecorder:
         self._events.extend(events)
 
 
-_WARN = frozenset({"failed", "rolled_back", "detected", "died", "open", "refused", "vetoed"})
+_WARN = frozenset(
+    {"failed", "rolled_back", "detected", "died", "open", "refused", "vetoed", "warnings"}
+)
 
 
 def _matches(kind: str, wanted: str) -> bool:

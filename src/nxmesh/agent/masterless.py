@@ -25,9 +25,9 @@ import pluggy
 
 from nxmesh.agent.events import EventRecorder
 from nxmesh.config.versions import state_digest
-from nxmesh.core.errors import NxMeshError, ValidationError
+from nxmesh.core.errors import NxMeshError, Problem, ValidationError
 from nxmesh.core.loader import load_state_file
-from nxmesh.core.model import PendingApply
+from nxmesh.core.model import PendingApply, check_state
 from nxmesh.core.policy import enforce_policy
 
 __all__ = ["StateFileSource", "load_update"]
@@ -35,14 +35,23 @@ __all__ = ["StateFileSource", "load_update"]
 _Stamp = tuple[int, int, int]
 
 
-def load_update(pm: pluggy.PluginManager, path: Path, version: int) -> PendingApply:
-    """Read, validate and policy-check `path` into an unsigned update numbered `version`.
+def load_update(
+    pm: pluggy.PluginManager,
+    path: Path,
+    version: int,
+    warnings: list[Problem] | None = None,
+) -> PendingApply:
+    """Read, validate and policy-check `path` into an unsigned update numbered `version`;
+    its warnings (the model's, then the policy plugins') are added to `warnings`.
 
     :raises ValidationError: the file is invalid (every problem listed).
     :raises OSError: the file cannot be read.
     """
     state = load_state_file(path)
-    enforce_policy(pm, state, source=str(path))
+    found = [p for p in check_state(state) if p.severity == "warning"]
+    found += enforce_policy(pm, state, source=str(path))
+    if warnings is not None:
+        warnings.extend(found)
     return PendingApply(version=version, digest=state_digest(state), state=state)
 
 
@@ -87,9 +96,10 @@ class StateFileSource:
         if stamp is not None and stamp == self._stamp:
             return None
         self._stamp = stamp
+        warnings: list[Problem] = []
         try:
             update = await anyio.to_thread.run_sync(
-                load_update, self.pm, self.path, self.version + 1
+                load_update, self.pm, self.path, self.version + 1, warnings
             )
         except (ValidationError, OSError, NxMeshError) as exc:
             message = str(exc)
@@ -100,6 +110,10 @@ class StateFileSource:
         self.last_error = None
         if update.digest == self.digest:
             return None
+        if warnings:  # what the master would warn of, said once per new content
+            self.events.record(
+                "state_file.warnings", path=str(self.path), warnings=[str(w) for w in warnings]
+            )
         self.version, self.digest = update.version, update.digest
         self.events.record(
             "state_file.changed", path=str(self.path), version=update.version, digest=update.digest
