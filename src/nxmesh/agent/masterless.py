@@ -27,7 +27,7 @@ from nxmesh.agent.events import EventRecorder
 from nxmesh.config.versions import state_digest
 from nxmesh.core.errors import NxMeshError, Problem, ValidationError
 from nxmesh.core.loader import load_state_file
-from nxmesh.core.model import PendingApply, check_state
+from nxmesh.core.model import PendingApply
 from nxmesh.core.policy import enforce_policy
 
 __all__ = ["StateFileSource", "load_update"]
@@ -48,8 +48,7 @@ def load_update(
     :raises OSError: the file cannot be read.
     """
     state = load_state_file(path)
-    found = [p for p in check_state(state) if p.severity == "warning"]
-    found += enforce_policy(pm, state, source=str(path))
+    found = enforce_policy(pm, state, source=str(path))
     if warnings is not None:
         warnings.extend(found)
     return PendingApply(version=version, digest=state_digest(state), state=state)

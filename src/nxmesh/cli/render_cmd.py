@@ -24,7 +24,7 @@ from nxmesh.core.bundle import Bundle
 from nxmesh.core.errors import ConfigurationError, NxMeshError, Problem, ValidationError
 from nxmesh.core.interfaces import Renderer
 from nxmesh.core.loader import load_state_files
-from nxmesh.core.model import DesiredState, check_state
+from nxmesh.core.model import DesiredState
 from nxmesh.core.policy import enforce_policy
 from nxmesh.core.settings import Settings, load_settings
 from nxmesh.plugins.render_nginx import config_digest, renderer_for
@@ -100,8 +100,7 @@ def load_checked_state(
     """
     try:
         state = load_state_files(list(files))
-        warnings = [p for p in check_state(state) if p.severity == "warning"]
-        warnings += enforce_policy(ctx.pm, state)
+        warnings = enforce_policy(ctx.pm, state)
     except ValidationError as exc:
         report_problems(exc.problems, exc.source, as_json=as_json)
         raise SystemExit(EXIT_INVALID) from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pluggy
 
 from nxmesh.core.errors import Problem, ValidationError
-from nxmesh.core.model import DesiredState
+from nxmesh.core.model import DesiredState, check_state
 
 
 def policy_problems(pm: pluggy.PluginManager, state: DesiredState) -> list[Problem]:
@@ -17,9 +17,11 @@ def policy_problems(pm: pluggy.PluginManager, state: DesiredState) -> list[Probl
 def enforce_policy(
     pm: pluggy.PluginManager, state: DesiredState, *, source: str | None = None
 ) -> list[Problem]:
-    """Raise `ValidationError` when any policy problem is an error; return the warnings."""
+    """Raise `ValidationError` when any policy problem is an error; return the warnings
+    the master would give for `state`: the model's (`check_state`), then the policy
+    plugins'."""
     problems = policy_problems(pm, state)
     errors = [p for p in problems if p.severity == "error"]
     if errors:
         raise ValidationError(errors, source=source)
-    return problems
+    return [p for p in check_state(state) if p.severity == "warning"] + problems
