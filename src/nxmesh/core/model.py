@@ -1321,6 +1321,19 @@ def _acme_source(tls: TLSConfig | None, acme_certificates: frozenset[str]) -> st
     return None
 
 
+def _challenge_path_taken(here: str, n: int, loc: Location, because: str) -> Problem | None:
+    """`loc` (locations[`n`] of the site at `here`) at or below the ACME challenge path of
+    a site that answers HTTP-01 there (`because`): nginx would refuse the duplicate, or
+    the site would stop answering the CA."""
+    if loc.match not in _PATH_MATCHES or not loc.path.startswith(_ACME_CHALLENGE_PATH):
+        return None
+    return Problem(
+        f"{here}.locations[{n}].path",
+        f"{_ACME_CHALLENGE_PATH} and the paths below it are reserved for the ACME HTTP-01 "
+        f"challenges nxmesh answers there, because {because}; remove this location",
+    )
+
+
 def stream_http01_sites(state: DesiredState) -> dict[int, str]:
     """The sites that answer ACME HTTP-01 for the certificates TCP streams end TLS with,
     by index, with the certificate's name: a stream does not speak HTTP, so the CA's
@@ -1546,17 +1559,10 @@ def stream_problems(state: DesiredState) -> list[Problem]:
         site = state.sites[i]
         if _acme_source(site.tls, acme) is not None:
             continue  # reserved for its own certificate already (check_parts says so)
+        because = f"the site serves a domain of certificate {cert!r}, which a stream ends TLS with"
         for n, loc in enumerate(site.locations):
-            if loc.match in _PATH_MATCHES and loc.path.startswith(_ACME_CHALLENGE_PATH):
-                found.append(
-                    Problem(
-                        f"sites[{i}].locations[{n}].path",
-                        f"{_ACME_CHALLENGE_PATH} and the paths below it are reserved for the "
-                        "ACME HTTP-01 challenges nxmesh answers there, because the site "
-                        f"serves a domain of certificate {cert!r}, which a stream ends TLS "
-                        "with; remove this location",
-                    )
-                )
+            if taken := _challenge_path_taken(f"sites[{i}]", n, loc, because):
+                found.append(taken)
     return found
 
 
@@ -1737,7 +1743,7 @@ def check_parts(parts: StateParts) -> list[Problem]:
                             f"{ref(other)} is already the default server for {_socket(bind)}",
                         )
                     )
-        redirect_proxied = redirect_proxy_protocol(site) if implicit else False
+        redirect_proxied = redirect_proxy_protocol(site)
         for bind in implicit:  # plain HTTP, as nginx sees the redirect server
             _check_h2c(ref, found, h2c_on_bind, bind, False, i, f"{here}.tls.redirect_http")
             proxied, owner, _ = proxy_on_bind.setdefault(bind, (redirect_proxied, i, "redirect"))
@@ -1783,19 +1789,8 @@ def check_parts(parts: StateParts) -> list[Problem]:
                         f"{kind} location {loc.path!r} repeats locations[{other}]",
                     )
                 )
-            elif (
-                acme is not None
-                and loc.match in _PATH_MATCHES
-                and loc.path.startswith(_ACME_CHALLENGE_PATH)
-            ):
-                found.append(
-                    Problem(
-                        f"{here}.locations[{n}].path",
-                        f"{_ACME_CHALLENGE_PATH} and the paths below it are reserved for the "
-                        f"ACME HTTP-01 challenges nxmesh answers there, because {acme}; "
-                        "remove this location",
-                    )
-                )
+            elif acme is not None and (taken := _challenge_path_taken(here, n, loc, acme)):
+                found.append(taken)
             for field, name in (
                 ("upstream", loc.upstream),
                 ("fastcgi.upstream", loc.fastcgi.upstream if loc.fastcgi else None),
