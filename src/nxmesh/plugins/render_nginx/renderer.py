@@ -1164,8 +1164,12 @@ CLIENT_CA_DIR: Final = "client-ca"
 """Bundle directory of the CA certificates sites check client certificates against."""
 
 
+def _client_ca_stem(site: Site) -> str:
+    return f"{CLIENT_CA_DIR}/{_stem(site.name)}"
+
+
 def _client_ca_file(site: Site) -> str:
-    return f"{CLIENT_CA_DIR}/{_stem(site.name)}.pem"
+    return f"{_client_ca_stem(site)}.pem"
 
 
 def client_certificate_sockets(state: DesiredState) -> frozenset[tuple[str, int]]:
@@ -1180,12 +1184,12 @@ def client_certificate_sockets(state: DesiredState) -> frozenset[tuple[str, int]
 
 
 def _client_crl_file(site: Site) -> str:
-    return f"{CLIENT_CA_DIR}/{_stem(site.name)}.crl"
+    return f"{_client_ca_stem(site)}.crl"
 
 
-def _stream_client_ca_file(stream: Stream, suffix: str = "pem") -> str:
+def _stream_client_ca_stem(stream: Stream) -> str:
     # A directory of their own: no site name can give a path here (stems have no '/').
-    return f"{CLIENT_CA_DIR}/streams/{_stem(stream.name)}.{suffix}"
+    return f"{CLIENT_CA_DIR}/streams/{_stem(stream.name)}"
 
 
 def stream_client_ca_files(streams: Iterable[Stream]) -> dict[str, bytes]:
@@ -1195,7 +1199,7 @@ def stream_client_ca_files(streams: Iterable[Stream]) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     for stream in streams:
         if stream.tls is not None:
-            files |= _ca_files(stream.tls, _stream_client_ca_file(stream).removesuffix(".pem"))
+            files |= _ca_files(stream.tls, _stream_client_ca_stem(stream))
     return files
 
 
@@ -1205,7 +1209,7 @@ def client_ca_files(sites: Iterable[Site]) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     for site in sites:
         if site.tls is not None:
-            files |= _ca_files(site.tls, _client_ca_file(site).removesuffix(".pem"))
+            files |= _ca_files(site.tls, _client_ca_stem(site))
     return files
 
 
@@ -1570,7 +1574,7 @@ class NginxRenderer:
                 )
             if (reason := stream_upstream_reason(stream, upstream)) is not None:
                 raise RenderError(f"stream {stream.name!r}: {reason}")
-            tls = stream.tls
+            tls, ca = stream.tls, _stream_client_ca_stem(stream)
             views.append(
                 StreamView(
                     stream=stream,
@@ -1580,12 +1584,8 @@ class NginxRenderer:
                     upstream_ca=(
                         _upstream_ca_file(upstream) if upstream.tls and upstream.tls.ca else None
                     ),
-                    client_ca_file=(
-                        _stream_client_ca_file(stream) if tls and tls.client_ca else None
-                    ),
-                    client_crl_file=(
-                        _stream_client_ca_file(stream, "crl") if tls and tls.client_crl else None
-                    ),
+                    client_ca_file=f"{ca}.pem" if tls and tls.client_ca else None,
+                    client_crl_file=f"{ca}.crl" if tls and tls.client_crl else None,
                 )
             )
         names = sorted({stream.upstream for stream in state.streams})
