@@ -25,9 +25,13 @@ EXAMPLES = sorted(
     p for p in (REPO / "examples").rglob("*") if p.suffix in (".yaml", ".yml", ".json")
 )
 QUICKSTART = REPO / "examples" / "quickstart" / "site.yaml"
-# Takes ports 80 and 443 with PROXY protocol, which nginx reads per socket: no other
-# example's site can share them, so it validates alone, not merged with the others.
-ALONE = {REPO / "examples" / "behind-load-balancer.yaml"}
+# Each takes ports other examples use, with a setting every site there must share (PROXY
+# protocol on 80 and 443; public ports for 8080 and 8443): they validate alone, not
+# merged with the others.
+ALONE = {
+    REPO / "examples" / "behind-load-balancer.yaml",
+    REPO / "examples" / "unprivileged-ports.yaml",
+}
 
 Invoke = Callable[..., Result]
 

@@ -40,6 +40,7 @@ from nxmesh.core.model import (
     UpstreamTLS,
     check_parts,
     check_state,
+    submission_problems,
 )
 from nxmesh.core.serialization import unstructure
 from nxmesh.core.validation import Invalid
@@ -534,6 +535,67 @@ class TestSite:
         assert paths_of(exc) == ["real_ip_header"]
         site = make_site(real_ip_header="X-Real-IP", real_ip_from=("10.0.0.0/8", "fd00::/8"))
         assert site.real_ip_from == ("10.0.0.0/8", "fd00::/8")
+
+    @pytest.mark.parametrize(
+        ("value", "reason"),
+        [
+            (0, "must be from 1 to 65535, got 0"),
+            (70000, "must be from 1 to 65535, got 70000"),
+            ("443", "must be an integer"),
+            (True, "must be an integer"),
+        ],
+    )
+    def test_public_port_is_a_port(self, value: Any, reason: str) -> None:
+        with pytest.raises(Invalid, match=reason) as exc:
+            Listener(8443, tls=True, public_port=value)
+        assert paths_of(exc) == ["public_port"]
+
+    def test_public_port_maps_only_when_it_differs(self) -> None:
+        """`mapped` says clients use another port; the field stays out of the canonical
+        form while unset, so earlier states keep their digests."""
+        assert "public_port" not in unstructure(Listener(8443, tls=True))
+        assert unstructure(Listener(8443, public_port=443))["public_port"] == 443
+        assert Listener(8443, public_port=443).mapped
+        assert not Listener(443, public_port=443).mapped
+        assert not Listener(8443).mapped
+
+    def test_every_listener_on_a_port_agrees_on_its_public_port(self) -> None:
+        """A port mapping forwards a port, whatever the site: another site's listener on
+        8443 saying another public port, or none, is refused at the field; the same
+        public port, and other ports, are fine."""
+        mapped = make_site(listeners=(Listener(8443, public_port=443),))
+
+        def other(*listeners: Listener) -> Site:
+            return make_site("other", server_names=("other.test",), listeners=listeners)
+
+        for listener in (Listener(8443), Listener(8443, public_port=9443)):
+            problems = check_state(DesiredState(sites=(mapped, other(listener))))
+            assert [p.path for p in problems] == ["sites[1].listeners[0].public_port"]
+            assert problems[0].message == (
+                "port 8443 is reached on port 443 in sites[0] ('web'): a port mapping "
+                "forwards the whole port, so every listener on port 8443 must say "
+                "public_port: 443"
+            )
+        fine = other(Listener(8443, public_port=443), Listener(8080))
+        assert check_state(DesiredState(sites=(mapped, fine))) == []
+
+    def test_a_mapped_site_redirecting_from_port_80_is_warned(self) -> None:
+        """Behind a port mapping nginx often cannot bind port 80, where a TLS-only site's
+        implicit redirect listens: a warning naming the listener to declare instead."""
+        tls_only = make_site(
+            listeners=(Listener(8443, tls=True, public_port=443),), tls=TLSConfig(certificate="c")
+        )
+        state = DesiredState(
+            sites=(tls_only,), certificates=(CertificateRef("c", ("example.com",)),)
+        )
+        [warning] = [p for p in submission_problems(state) if p.severity == "warning"]
+        assert warning.path == "sites[0].tls.redirect_http"
+        assert "{port: 8080, public_port: 80}" in warning.message
+        declared = attrs.evolve(
+            tls_only, listeners=(*tls_only.listeners, Listener(8080, public_port=80))
+        )
+        state = attrs.evolve(state, sites=(declared,))
+        assert [p for p in submission_problems(state) if p.severity == "warning"] == []
 
     def test_proxy_protocol_sockets(self) -> None:
         """``real_ip_header: proxy_protocol`` needs a listener expecting the line; every

@@ -286,6 +286,30 @@ class TestSitesAndUpstreams:
         assert c.get(f"{WS}/upstreams/app", headers=admin).status_code == 200
         assert len(versions(master, admin)) == 2
 
+    def test_an_upstream_a_fastcgi_location_uses_is_kept(
+        self, master: Master, admin: dict[str, str]
+    ) -> None:
+        """A FastCGI location's upstream is in use too: 409 naming the location."""
+        c = master.client
+        c.post(f"{WS}/upstreams", json=upstream("php", 9000), headers=admin)
+        php = {
+            "name": "blog",
+            "server_names": ["blog.test"],
+            "listeners": [{"port": 80}],
+            "locations": [
+                {"path": "/", "root": "/srv/www/blog"},
+                {
+                    "path": r"\.php$",
+                    "match": "regex",
+                    "fastcgi": {"upstream": "php", "root": "/srv/www/blog"},
+                },
+            ],
+        }
+        assert c.post(f"{WS}/sites", json=php, headers=admin).status_code == 201
+        response = c.delete(f"{WS}/upstreams/php", headers=admin)
+        assert response.status_code == 409
+        assert "in use by site 'blog' (locations '\\\\.php$')" in response.json()["detail"]
+
     def test_streams_one_at_a_time(self, master: Master, admin: dict[str, str]) -> None:
         """Streams have their own resource: create, read, a bad field as a 422 naming it,
         an upstream a stream uses refused for deletion (409 naming the stream), delete."""
@@ -304,6 +328,19 @@ class TestSitesAndUpstreams:
         refused = c.delete(f"{WS}/upstreams/db", headers=admin)
         assert refused.status_code == 409
         assert "in use by stream 'pg'" in refused.json()["detail"]
+        # An upstream only a route of a stream names is in use too.
+        c.post(f"{WS}/upstreams", json=upstream("mail", 9993), headers=admin)
+        routed = {
+            "name": "tls-in",
+            "port": 10443,
+            "upstream": "db",
+            "sni_routes": [{"server_names": ["mail.test"], "upstream": "mail"}],
+        }
+        assert c.post(f"{WS}/streams", json=routed, headers=admin).status_code == 201
+        refused = c.delete(f"{WS}/upstreams/mail", headers=admin)
+        assert refused.status_code == 409
+        assert "in use by stream 'tls-in'" in refused.json()["detail"]
+        assert c.delete(f"{WS}/streams/tls-in", headers=admin).status_code == 200
         assert c.delete(f"{WS}/streams/pg", headers=admin).status_code == 200
         assert c.get(f"{WS}/streams", headers=admin).json() == []
         assert c.delete(f"{WS}/upstreams/db", headers=admin).status_code == 200

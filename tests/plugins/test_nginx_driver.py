@@ -982,7 +982,10 @@ class TestClientAddresses:
             chain = {"X_Forwarded_For": "198.51.100.1, 192.0.2.7"}
             assert await _status(port, "/index.html", **chain) == 200
         lines = (stack.root / "logs" / "access.log").read_text().splitlines()
-        assert any(line.startswith("192.0.2.7 ") for line in lines)  # logs show the client
+        # The log shows the client, and the proxy that named it.
+        assert any(
+            line.startswith("192.0.2.7 ") and line.endswith(" peer=127.0.0.1") for line in lines
+        ), lines
 
     async def test_upstreams_get_the_chain_and_the_balancer(self, stack: NginxStack) -> None:
         """Behind a trusted balancer, the upstream sees X-Real-IP = the client and
@@ -1055,7 +1058,8 @@ class TestClientAddresses:
         # The hop nginx vouches for is the client the balancer named, last in the chain.
         assert sent["X-Forwarded-For"] == "6.6.6.6, 203.0.113.9"
         log = (stack.root / "logs" / "access.log").read_text()
-        assert log.startswith("203.0.113.9 "), log
+        assert log.startswith("203.0.113.9 "), log  # the client, and the balancer it came by
+        assert log.splitlines()[0].endswith(" peer=127.0.0.1"), log
         errors = (stack.root / "logs" / "error.log").read_text()
         assert "broken header" in errors
 
@@ -1562,7 +1566,7 @@ class TestProxyCache:
         await anyio.sleep(2.2)  # expired, and the upstream's port is closed
         response = await stack.fetch("/a")
         log = (stack.root / "logs" / "access.log").read_text().splitlines()
-        statuses = [line.rsplit(" cache=", 1)[1] for line in log if "GET /a " in line]
+        statuses = [line.split(" cache=", 1)[1].split()[0] for line in log if "GET /a " in line]
         if serve_stale:
             assert (response.status, response.text) == (200, "1 localhost")
             assert statuses == ["MISS", "HIT", "STALE"]
@@ -1727,6 +1731,97 @@ class TestHttpsRedirect:
             answer = await client.post(plain, content=b"qty=2", headers={"Host": "localhost"})
             assert answer.status_code == 308
             assert answer.headers["Location"] == f"https://localhost:{tls_port}/orders?id=7"
+
+    async def test_behind_a_port_mapping_redirects_name_what_clients_reach(
+        self, stack: NginxStack, pki: Pki, www: Path
+    ) -> None:
+        """nginx on two free ports that a mapping publishes as 80 and 443 (`public_port`):
+        the HTTPS redirect names no port, nginx's own directory redirect over TLS is
+        relative, and an upstream is told port 443 (X-Forwarded-Port), so none of them
+        sends clients to a port only the container has."""
+
+        heads: list[bytes] = []
+        async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
+            upstream_port = listener.extra(anyio.abc.SocketAttribute.local_port)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(listener.serve, _upstream(heads))
+                await self._mapped(stack, pki, www, upstream_port)
+                tg.cancel_scope.cancel()
+        assert [_sent_headers(head)["X-Forwarded-Port"] for head in heads] == ["443"]
+
+    async def _mapped(self, stack: NginxStack, pki: Pki, www: Path, upstream_port: int) -> None:
+        import ssl
+
+        tls_port = free_port()
+        site = Site(
+            name="a",
+            server_names=("localhost",),
+            listeners=(
+                Listener(port=stack.web_port, address="127.0.0.1", public_port=80),
+                Listener(
+                    port=tls_port,
+                    address="127.0.0.1",
+                    tls=True,
+                    public_port=443,
+                    default_server=True,
+                ),
+            ),
+            tls=TLSConfig(certificate="c"),
+            locations=(
+                Location(path="/", root=str(www)),
+                Location(path="/app/", upstream="app"),
+            ),
+        )
+        state = DesiredState(
+            sites=(site,),
+            certificates=(CertificateRef("c", ("localhost",)),),
+            upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{upstream_port}"),)),),
+        )
+        server = pki.leaf("localhost")
+        files = {"certs/c.crt": server.pem.encode(), "certs/c.key": server.key_pem.encode()}
+        report = await stack.driver.apply(
+            stack.update(state), stack.renderer.render(state, extra_files=files)
+        )
+        assert report.outcome == "applied", report.message
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        async with httpx.AsyncClient(verify=context) as client:
+            plain = f"http://127.0.0.1:{stack.web_port}/orders?id=7"
+            answer = await client.get(plain, headers={"Host": "localhost"})
+            assert answer.status_code == 308
+            assert answer.headers["Location"] == "https://localhost/orders?id=7"
+            secure = f"https://127.0.0.1:{tls_port}/a.b"
+            answer = await client.get(secure, headers={"Host": "localhost"})
+            assert answer.status_code == 301
+            assert answer.headers["Location"] == "/a.b/"
+            app = await client.get(
+                f"https://127.0.0.1:{tls_port}/app/", headers={"Host": "localhost"}
+            )
+            assert app.status_code == 200
+
+
+async def test_long_server_names_are_served(stack: NginxStack) -> None:
+    """Names past nginx's default hash bucket (47 characters and more; a wildcard one too)
+    are served: nginx.conf gives the bucket size they need, where nginx's default would
+    refuse to start. A short name on the same socket still reaches its own site."""
+    exact = "grafana.monitoring.prod-eu-west-1.cluster.example.com"  # 53 characters
+    wildcard = "*." + "a" * 60 + "." + "b" * 20 + ".example.com"
+
+    def site(name: str, names: tuple[str, ...], body: str) -> Site:
+        return Site(
+            name=name,
+            server_names=names,
+            listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
+            locations=(Location(path="/", return_=Return(code=200, body=body)),),
+        )
+
+    state = DesiredState(
+        sites=(site("long", (exact, wildcard), "long"), site("short", ("localhost",), "short"))
+    )
+    await _apply(stack, state)
+    for host, body in ((exact, "long"), ("x." + wildcard[2:], "long"), ("localhost", "short")):
+        response = await stack.fetch("/", host=host)
+        assert (response.status, response.text) == (200, body), host
 
 
 class TestClientCertificates:

@@ -52,7 +52,7 @@ from nxmesh.plugins.render_nginx import (
     renderer_for,
 )
 from nxmesh.plugins.render_nginx.quoting import DOLLAR_VARIABLE
-from nxmesh.plugins.render_nginx.renderer import CLIENT_CLAIMS
+from nxmesh.plugins.render_nginx.renderer import CLIENT_CLAIMS, hash_bucket_size
 from nxmesh.testing import make_state
 from nxmesh.testing.contracts import RendererContract
 from nxmesh.testing.nginx import free_port
@@ -509,14 +509,15 @@ class TestProductionDefaults:
 
     def test_access_log_format_carries_the_request_id(self, main: list[Directive]) -> None:
         """The nxmesh log format records $request_id (also sent upstream), the name asked
-        for, which upstream answered with what, and whether the cache did."""
+        for, which upstream answered with what, whether the cache did, and the peer that
+        connected (a balancer or proxy, when the client's address came from it)."""
         fmt = one(one(main, "http")["block"], "log_format")
         assert fmt["args"][0] == "nxmesh"
         line = "".join(fmt["args"][1:])
         for field in ("request_id=$request_id", "host=$host", "upstream=$upstream_addr"):
             assert field in line
         assert "upstream_status=$upstream_status" in line
-        assert line.endswith(" cache=$upstream_cache_status")
+        assert line.endswith(" cache=$upstream_cache_status peer=$realip_remote_addr")
 
     def test_dollar_variable_is_defined_for_the_quoting(self, main: list[Directive]) -> None:
         """The geo block defines the variable quoting uses for a literal '$'."""
@@ -617,6 +618,69 @@ class TestSites:
         assert args(locations(redirect)["/"], "return") == [
             ["308", "https://$host:8443$request_uri"]
         ]
+
+    def test_redirect_names_the_public_port_behind_a_port_mapping(self, tmp_path: Path) -> None:
+        """nginx on 8443/8080 behind a mapping from 443/80: the redirect names what
+        clients reach (no port for 443, the public one otherwise), and the servers with
+        a mapped listener send nginx's own redirects relative."""
+
+        def rendered(public: int) -> list[list[Directive]]:
+            tls_site = site(
+                "api",
+                listeners=(
+                    Listener(port=8443, tls=True, public_port=public),
+                    Listener(port=8080, public_port=80),
+                ),
+                tls=TLSConfig(certificate="c"),
+            )
+            return servers(parse(NginxRenderer().render(state(tls_site)), tmp_path), "api")
+
+        redirect, main = rendered(443)
+        assert args(locations(redirect)["/"], "return") == [["308", "https://$host$request_uri"]]
+        # Upstreams are told the public port of the port their request came in on.
+        tls_site = site(
+            "api",
+            listeners=(
+                Listener(port=8443, tls=True, public_port=443),
+                Listener(port=8080, public_port=80),
+            ),
+            tls=TLSConfig(certificate="c"),
+        )
+        http = one(parse(NginxRenderer().render(state(tls_site)), tmp_path)["nginx.conf"], "http")
+        [public] = [d for d in http["block"] if d["args"][-1:] == ["$nxmesh_public_port"]]
+        assert public["args"] == ["$server_port", "$nxmesh_public_port"]
+        assert [[d["directive"], *d["args"]] for d in public["block"]] == [
+            ["default", "$server_port"],
+            ["8080", "80"],
+            ["8443", "443"],
+        ]
+        assert args(main, "absolute_redirect") == [["off"]]
+        assert args(redirect, "absolute_redirect") == []
+        redirect, _ = rendered(9443)
+        assert args(locations(redirect)["/"], "return") == [
+            ["308", "https://$host:9443$request_uri"]
+        ]
+        # Unmapped (the public port is nginx's): absolute redirects as nginx writes them.
+        plain = site("web", listeners=(Listener(port=80, public_port=80),))
+        (server,) = servers(parse(NginxRenderer().render(state(plain)), tmp_path), "web")
+        assert args(server, "absolute_redirect") == []
+
+    @pytest.mark.parametrize(
+        ("longest", "size"), [(0, None), (46, None), (47, 128), (110, 128), (111, 192), (253, 320)]
+    )
+    def test_hash_buckets_fit_the_longest_name(self, longest: int, size: int | None) -> None:
+        """nginx needs 8 + 8 + the name and 2 bytes padded to 8 per bucket: up to 46
+        characters fit its 64-byte default; longer ones get a multiple of 64."""
+        assert hash_bucket_size(["a.test", "b" * longest]) == size
+
+    def test_a_long_server_name_sets_the_bucket_size(self, tmp_path: Path) -> None:
+        """Only a state with such a name sets server_names_hash_bucket_size."""
+        short = state(site("web"))
+        http = one(parse(NginxRenderer().render(short), tmp_path)["nginx.conf"], "http")
+        assert args(http["block"], "server_names_hash_bucket_size") == []
+        long_site = site("web", server_names=("a" * 60 + ".example.com",))
+        http = one(parse(NginxRenderer().render(state(long_site)), tmp_path)["nginx.conf"], "http")
+        assert args(http["block"], "server_names_hash_bucket_size") == [["128"]]
 
     def test_without_redirect_one_server_serves_both(self, tmp_path: Path) -> None:
         """redirect_http false: one server block with the plain and the TLS listener."""
@@ -766,7 +830,7 @@ class TestLocations:
             "X-Forwarded-For": "$proxy_add_x_forwarded_for",
             "X-Forwarded-Proto": "$scheme",
             "X-Forwarded-Host": "$host",
-            "X-Forwarded-Port": "$server_port",
+            "X-Forwarded-Port": "$nxmesh_public_port",
             "Forwarded": "",
             "X-Request-ID": "$request_id",
             "Connection": "",
@@ -1031,7 +1095,7 @@ class TestRendererFor:
         assert pm.get_plugin("hello") is not None, "examples/nxmesh-hello must be installed"
         parsed = parse(renderer_for(pm).render(make_state(1)), tmp_path)
         http = one(parsed["nginx.conf"], "http")["block"]
-        assert args(http, "server_names_hash_bucket_size") == [["128"]]
+        assert args(http, "server_names_hash_max_size") == [["1024"]]
 
 
 # ---------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ from nxmesh.core.model import (
     Redirect,
     Return,
     Site,
+    SniRoute,
     Stream,
     StreamTLS,
     TLSConfig,
@@ -132,6 +133,7 @@ ALLOWED_DIRECTIVES = frozenset(
         "ssl_certificate",
         "ssl_certificate_key",
         "client_max_body_size",
+        "absolute_redirect",
         "add_header",
         "location",
         "return",
@@ -191,6 +193,9 @@ ALLOWED_DIRECTIVES = frozenset(
         "limit_conn_zone",  # streams' max_connections_per_client
         "limit_conn",
         "limit_conn_log_level",
+        "ssl_preread",  # a stream routing TLS by SNI
+        "server_names_hash_bucket_size",  # only for a long server name
+        "map_hash_bucket_size",  # only for a long SNI route name
     }
 )
 
@@ -505,6 +510,7 @@ def sites(draw: st.DrawFn, name: str, upstream_names: list[str]) -> Site:
                 address=listen_addresses,
                 default_server=st.booleans(),
                 proxy_protocol=st.booleans(),
+                public_port=st.none() | ports,
             ),
             min_size=1,
             max_size=3,
@@ -637,12 +643,41 @@ def stream_tls(draw: st.DrawFn) -> StreamTLS:
     )
 
 
+# Names a ``map`` would read as its own keywords, which the renderer must escape.
+MAP_KEYWORDS = ("default", "hostnames", "include", "volatile")
+
+
+@st.composite
+def sni_routes(draw: st.DrawFn, usable: list[str]) -> tuple[SniRoute, ...]:
+    """One to three routes to `usable` upstreams; no name twice, whatever its case."""
+    name = matching(v.SNI_NAME) | st.sampled_from(MAP_KEYWORDS)
+    every = draw(
+        st.lists(name, min_size=1, max_size=6, unique=True).filter(
+            lambda names: all(v.SNI_NAME.reason(n) is None for n in names)
+        )
+    )
+    cuts = (
+        sorted(draw(st.sets(st.integers(1, len(every) - 1), max_size=2))) if len(every) > 1 else []
+    )
+    groups = [every[a:b] for a, b in zip([0, *cuts], [*cuts, len(every)], strict=True)]
+    return tuple(
+        SniRoute(server_names=tuple(group), upstream=draw(st.sampled_from(usable)))
+        for group in groups
+    )
+
+
 @st.composite
 def streams(draw: st.DrawFn, name: str, upstreams: tuple[Upstream, ...]) -> Stream | None:
     """A stream naming one of `upstreams` it can use (`stream_upstream_reason`); None
     when none of them serves its protocol."""
     udp = draw(st.booleans())
-    probe = Stream(name=name, port=1, upstream="x", protocol="udp" if udp else "tcp")
+    tls = None if udp else draw(st.none() | stream_tls())
+    routed = not udp and tls is None and draw(st.booleans())
+    # Routes pass TLS through: the probe with one finds the upstreams that allow it.
+    route = (SniRoute(server_names=("x.test",), upstream="x"),) if routed else ()
+    probe = Stream(
+        name=name, port=1, upstream="x", protocol="udp" if udp else "tcp", sni_routes=route
+    )
     usable = [u.name for u in upstreams if stream_upstream_reason(probe, u) is None]
     if not usable:
         return None
@@ -650,6 +685,7 @@ def streams(draw: st.DrawFn, name: str, upstreams: tuple[Upstream, ...]) -> Stre
         name=name,
         port=draw(ports),
         upstream=draw(st.sampled_from(usable)),
+        sni_routes=draw(sni_routes(usable)) if routed else (),
         protocol="udp" if udp else "tcp",
         address=draw(listen_addresses),
         allow=draw(client_networks(v.ALLOWED_CLIENT)),
@@ -657,7 +693,7 @@ def streams(draw: st.DrawFn, name: str, upstreams: tuple[Upstream, ...]) -> Stre
         timeout=draw(st.integers(1, 86400)),
         proxy_protocol=not udp and draw(st.booleans()),
         udp_responses=draw(st.none() | st.integers(1, 1000)) if udp else None,
-        tls=None if udp else draw(st.none() | stream_tls()),
+        tls=tls,
         max_connections_per_client=draw(st.none() | st.integers(1, 100_000)),
         proxy_protocol_from=() if udp else draw(client_networks(v.TRUSTED_PROXY)),
     )  # fmt: skip
@@ -789,7 +825,7 @@ def expected_location(
         sent = {h.name: h.value for h in view.proxy_headers}
         # Every forwarding header is nginx's; a caching location also clears what would
         # make an answer depend on more than its key.
-        forwarded = {"X-Forwarded-Host": "$host", "X-Forwarded-Port": "$server_port"}
+        forwarded = {"X-Forwarded-Host": "$host", "X-Forwarded-Port": "$nxmesh_public_port"}
         if site.tls is not None and site.tls.client_ca is not None:
             forwarded |= {
                 "X-Client-Verify": "$ssl_client_verify",
@@ -1088,7 +1124,15 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
             check_acme_location(redirect_locations.pop(0))
         (location,) = redirect_locations
         assert location["args"] == ["/"]
-        assert [values(d) for d in location["block"]] == [["308", str(view.https_redirect)]]
+        # Clients are sent to the port they reach HTTPS on: its public port if it has one.
+        reached = [
+            lst.port if lst.public_port is None else lst.public_port
+            for lst in site.listeners
+            if lst.tls
+        ]
+        port = "" if 443 in reached else f":{reached[0]}"
+        target = f"https://$host{port}$request_uri"
+        assert [values(d) for d in location["block"]] == [["308", target]]
     main = parsed[-1]["block"]
     names = [d["directive"] for d in main]
     site_auth = [("satisfy", [site.satisfy])] if site.satisfy != "all" else []
@@ -1103,6 +1147,11 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
         # another server's, and so was its certificate check.
         require_sni = not all(lst.default_server for lst in site.listeners if lst.tls)
         tls += ["if"] if require_sni else []
+    # A listener of this server reached on another port: nginx's redirects go relative.
+    serves_plain = site.tls is None or not site.tls.redirect_http
+    mapped = any(
+        lst.public_port not in (None, lst.port) for lst in site.listeners if lst.tls or serves_plain
+    )
     # On a socket where any site checks client certificates, no TLS session is resumed.
     checked = checked_sockets(state)
     if site.tls and any(lst.bind in checked for lst in site.listeners if lst.tls):
@@ -1112,6 +1161,7 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
         + ["server_name"]
         + tls
         + ["client_max_body_size"]
+        + (["absolute_redirect"] if mapped else [])
         + [name for name, _ in real_ip_lines(site) + access_lines(site.allow) + site_auth]
         + (GZIP_DIRECTIVES if site.gzip else [])
         + ([] if site.access_log else ["access_log"])
@@ -1126,6 +1176,7 @@ def check_site(site: Site, parsed: list[Directive], state: DesiredState) -> None
     assert by_name["listen"] == [a.split(" ") for a in view.main_listens]
     assert by_name["server_name"] == [list(site.server_names)]
     assert by_name["client_max_body_size"] == [[site.client_max_body_size]]
+    assert by_name.get("absolute_redirect", []) == ([["off"]] if mapped else [])
     if site.tls:
         assert by_name["ssl_protocols"] == [list(site.tls.protocols)]
     if client_certs:
@@ -1276,15 +1327,37 @@ def check_streams(state: DesiredState, parsed: list[Directive]) -> None:
             ("ssl_session_tickets", ["off"]),
         ]
     by_name = {u.name: u for u in state.upstreams}
-    named = sorted({stream.upstream for stream in state.streams})
-    blocks, servers = rest[: len(named)], rest[len(named) :]
+    # The routes' upstreams too, each once.
+    named = sorted(
+        {stream.upstream for stream in state.streams}
+        | {route.upstream for stream in state.streams for route in stream.sni_routes}
+    )
+    blocks, rest = rest[: len(named)], rest[len(named) :]
     assert [(d["directive"], d["args"]) for d in blocks] == [("upstream", [n]) for n in named]
     for block, name in zip(blocks, named, strict=True):
         assert [(d["directive"], values(d)) for d in block["block"]] == upstream_lines(
             by_name[name]
         )
-    assert [d["directive"] for d in servers] == ["server"] * len(state.streams)
-    for server, stream in zip(servers, state.streams, strict=True):
+    # A stream routing by SNI: its map first, from the name the handshake asks for.
+    assert [d["directive"] for d in rest] == [
+        kind for stream in state.streams for kind in ["map"] * bool(stream.sni_routes) + ["server"]
+    ]
+    servers = [d for d in rest if d["directive"] == "server"]
+    maps = iter(d for d in rest if d["directive"] == "map")
+    for n, (server, stream) in enumerate(zip(servers, state.streams, strict=True)):
+        variable = f"$nxmesh_sni_{n}"
+        if stream.sni_routes:
+            sni_map = next(maps)
+            assert sni_map["args"] == ["$ssl_preread_server_name", variable]
+            assert [(d["directive"], values(d)) for d in sni_map["block"]] == [
+                ("hostnames", []),
+                *(
+                    ("\\" + name if name in MAP_KEYWORDS else name, [route.upstream])
+                    for route in stream.sni_routes
+                    for name in route.server_names
+                ),
+                ("default", [stream.upstream]),
+            ]
         expected = [("listen", args) for args in stream_listens(stream)]
         if stream.tls is not None:
             stem = f"certs/{stream.tls.certificate}"
@@ -1308,7 +1381,9 @@ def check_streams(state: DesiredState, parsed: list[Directive]) -> None:
             expected.append(
                 ("limit_conn", ["nxmesh_stream_conn", str(stream.max_connections_per_client)])
             )
-        expected.append(("proxy_pass", [stream.upstream]))
+        if stream.sni_routes:
+            expected.append(("ssl_preread", ["on"]))
+        expected.append(("proxy_pass", [variable if stream.sni_routes else stream.upstream]))
         if stream.protocol == "tcp":
             expected.append(("proxy_connect_timeout", [f"{stream.connect_timeout}s"]))
         expected.append(("proxy_timeout", [f"{stream.timeout}s"]))
@@ -1443,17 +1518,54 @@ class TestStructure:
         self, first: DesiredState, second: DesiredState
     ) -> None:
         """nginx.conf has the same directives and arguments whatever the state holds, but
-        for the stream block a state with streams ends with."""
+        for the stream block a state with streams ends with, the bucket size of a long
+        server name and the public ports of the listeners behind a port mapping."""
         stream_block = ("stream", [], [("include", ["streams.conf"], [])])
         shapes = []
         for state in (first, second):
-            main = shape(parsed_bundle(state, main_only=True)["nginx.conf"])
+            main = _set_state_parts_aside(
+                shape(parsed_bundle(state, main_only=True)["nginx.conf"]), state
+            )
             if state.streams:
                 assert main[-1] == stream_block
                 main = main[:-1]
             assert stream_block not in main
             shapes.append(main)
         assert shapes[0] == shapes[1]
+
+
+def _set_state_parts_aside(main: list[Any], state: DesiredState) -> list[Any]:
+    """`main` (nginx.conf's shape) with the parts that depend on the state checked and
+    taken out: ``server_names_hash_bucket_size`` for a name of 47 characters and more
+    (nginx's 64-byte bucket holds 16 bytes and the name plus 2, padded to 8), and the
+    entries of the ``$nxmesh_public_port`` map, a port's public port each (the last
+    listener's, where states disagree: the model refuses those)."""
+    longest = max((len(n) for site in state.sites for n in site.server_names), default=0)
+    need = 16 + (longest + 2 + 7) // 8 * 8
+    bucket = (
+        [] if need <= 64 else [("server_names_hash_bucket_size", [str(-(-need // 64) * 64)], [])]
+    )
+    public = {
+        lst.port: lst.public_port
+        for site in state.sites
+        for lst in site.listeners
+        if lst.public_port not in (None, lst.port)
+    }
+    default = ("default", ["$server_port"], [])
+    entries = [default, *((str(p), [str(q)], []) for p, q in sorted(public.items()))]
+    result = []
+    for name, args, block in main:
+        if name == "http":
+            assert [d for d in block if d[0] == "server_names_hash_bucket_size"] == bucket
+            [ports] = [d for d in block if d[1] == ["$server_port", "$nxmesh_public_port"]]
+            assert ports[2] == entries
+            block = [
+                (n, a, [default] if a == ports[1] else b)
+                for n, a, b in block
+                if n != "server_names_hash_bucket_size"
+            ]
+        result.append((name, args, block))
+    return result
 
 
 def _unsafe(text: str) -> bool:

@@ -4,6 +4,7 @@ nginx forwarding bytes and datagrams to real servers on loopback."""
 from __future__ import annotations
 
 import contextlib
+import ssl
 import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from nxmesh.core.model import (
     Listener,
     Location,
     Site,
+    SniRoute,
     Stream,
     StreamTLS,
     TLSConfig,
@@ -511,6 +513,8 @@ class TestNginx:
             assert first == [b"one"]
             log = (stack.root / "logs" / "stream.log").read_text()
             assert f"TCP port={port} status=200" in log
+            assert log.splitlines()[0].startswith("127.0.0.1 ")
+            assert log.splitlines()[0].endswith(" peer=127.0.0.1")  # no balancer: the client
             await _apply(stack, DesiredState())
             with pytest.raises(OSError):
                 await anyio.connect_tcp("127.0.0.1", port)
@@ -606,6 +610,7 @@ class TestNginx:
             assert len(first) == 1
             log = (stack.root / "logs" / "stream.log").read_text()
             assert log.startswith("203.0.113.7 "), log
+            assert log.splitlines()[0].endswith(" peer=127.0.0.1"), log  # the balancer
 
     async def test_udp_stream_forwards_datagrams(self, stack: NginxStack) -> None:
         """A datagram reaches the server and its one answer comes back."""
@@ -1127,3 +1132,232 @@ def test_acme_certificates_of_streams_are_answered_by_the_sites_serving_their_na
     assert b"acme-challenge" not in NginxRenderer().render(state).files["conf.d/site-web.conf"]
     messages = [p.message for p in acme_problems(state)]
     assert any("mqtt.example.test, broker.example.test over" in m for m in messages), messages
+
+
+# ---------------------------------------------------------------------------------------
+# Routing TLS by name without ending it (`Stream.sni_routes`)
+# ---------------------------------------------------------------------------------------
+
+
+def _routed(*routes: SniRoute, upstream: str = "db", **fields: Any) -> Stream:
+    return Stream(name="tls-in", port=15443, upstream=upstream, sni_routes=routes, **fields)
+
+
+def _client_hello(name: str | None) -> bytes:
+    """The first flight of a real TLS client asking for `name` (None: no SNI)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = context.wrap_bio(incoming, outgoing, server_hostname=name)
+    with pytest.raises(ssl.SSLWantReadError):
+        client.do_handshake()
+    return outgoing.read()
+
+
+class TestSniRoutesModel:
+    @pytest.mark.parametrize(
+        ("fields", "path", "says"),
+        [
+            ({"protocol": "udp"}, "sni_routes", "TCP streams"),
+            ({"tls": StreamTLS(certificate="c")}, "sni_routes", "drop one"),
+        ],
+    )
+    def test_routes_are_for_tls_nginx_passes_through(
+        self, fields: dict[str, Any], path: str, says: str
+    ) -> None:
+        route = SniRoute(server_names=("a.test",), upstream="db")
+        _refused(
+            Stream,
+            {"name": "s", "port": 1, "upstream": "db", "sni_routes": (route,), **fields},
+            path,
+            says,
+        )
+
+    @pytest.mark.parametrize(
+        ("fields", "path", "says"),
+        [
+            ({"server_names": ()}, "server_names", "needs at least one server name"),
+            ({"server_names": ("a b",)}, "server_names[0]", "a name like mail.example.com"),
+            ({"server_names": ("*.com",)}, "server_names[0]", "subdomain of a real domain"),
+            ({"server_names": ("10.0.0.1",)}, "server_names[0]", "SNI carries DNS names only"),
+            ({"server_names": ("a.test", "a.test")}, "server_names[1]", "repeats server_names[0]"),
+            ({"server_names": ("A.test",)}, "server_names[0]", "a name like mail.example.com"),
+            ({"upstream": "A"}, "upstream", "lowercase name"),
+        ],
+    )
+    def test_bad_route_fields_are_refused_by_name(
+        self, fields: dict[str, Any], path: str, says: str
+    ) -> None:
+        _refused(SniRoute, {"server_names": ("a.test",), "upstream": "db", **fields}, path, says)
+
+    def test_a_name_in_two_routes_is_refused_where_it_repeats(self) -> None:
+        first = SniRoute(server_names=("a.test", "*.b.test"), upstream="db")
+        again = SniRoute(server_names=("c.test", "*.b.test"), upstream="db")
+        with pytest.raises(Invalid) as caught:
+            _routed(first, again)
+        assert list(caught.value.problems) == [
+            ("sni_routes[1].server_names[1]", "repeats sni_routes[0].server_names[1] ('*.b.test')")
+        ]
+
+    def test_routes_are_left_out_of_the_canonical_form_while_unset(self) -> None:
+        """`sni_routes` is an `ADDED_FIELD`: streams without routes keep their digests,
+        and a stream with them reads back as written, from YAML's nested form too."""
+        plain = Stream(name="pg", port=15432, upstream="db")
+        assert "sni_routes" not in unstructure(plain)
+        routed = _routed(SniRoute(server_names=("a.test",), upstream="db"))
+        assert unstructure(routed)["sni_routes"] == [{"server_names": ["a.test"], "upstream": "db"}]
+        assert structure(unstructure(routed), Stream) == routed
+        assert routed.upstreams == ("db",)
+
+    def test_the_routes_upstreams_are_checked(self) -> None:
+        """An unknown upstream (with a did-you-mean), one balanced by ip_hash, and a TLS
+        upstream on a route or as the stream's own (the client's TLS passes through)."""
+        upstreams = (
+            _upstream(),
+            _upstream("mail", "127.0.0.1:993"),
+            _upstream("hashed", lb_method="ip_hash"),
+            _upstream("wrapped", tls=UpstreamTLS(server_name="mail.internal")),
+        )
+        stream = _routed(
+            SniRoute(server_names=("a.test",), upstream="mial"),
+            SniRoute(server_names=("b.test",), upstream="hashed"),
+            SniRoute(server_names=("c.test",), upstream="wrapped"),
+            SniRoute(server_names=("d.test",), upstream="mail"),
+            upstream="wrapped",
+        )
+        problems = _problems(_state(stream, upstreams=upstreams))
+        assert problems.keys() == {
+            "streams[0].upstream",
+            "streams[0].sni_routes[0].upstream",
+            "streams[0].sni_routes[1].upstream",
+            "streams[0].sni_routes[2].upstream",
+        }
+        assert (
+            "unknown upstream 'mial' (did you mean 'mail'?)"
+            in problems["streams[0].sni_routes[0].upstream"]
+        )
+        assert "ip_hash" in problems["streams[0].sni_routes[1].upstream"]
+        for path in ("streams[0].upstream", "streams[0].sni_routes[2].upstream"):
+            assert "passes its clients' TLS through as it is" in problems[path]
+        fine = attrs.evolve(stream, upstream="db", sni_routes=stream.sni_routes[3:])
+        assert _problems(_state(fine, upstreams=upstreams)) == {}
+
+
+class TestSniRoutesRender:
+    def test_the_map_reads_the_handshake_and_the_server_passes_tls_through(self) -> None:
+        """One map per routed stream (named by its position), exact and wildcard names,
+        map keywords escaped, the stream's upstream as the default; every upstream the
+        routes name is written once."""
+        upstreams = (_upstream(), _upstream("mail", "127.0.0.1:993"), _upstream("git"))
+        routed = _routed(
+            SniRoute(server_names=("imap.test", "*.mail.test", "default"), upstream="mail"),
+            SniRoute(server_names=("include",), upstream="git"),
+        )
+        plain = Stream(name="pg", port=15432, upstream="db")
+        streams = NginxRenderer().render(_state(plain, routed, upstreams=upstreams))
+        text = streams.files[STREAMS_FILE].decode()
+        assert [line for line in text.splitlines() if line.startswith("upstream ")] == [
+            "upstream db {",
+            "upstream git {",
+            "upstream mail {",
+        ]
+        assert (
+            "map $ssl_preread_server_name $nxmesh_sni_1 {\n"
+            "    hostnames;\n"
+            "    imap.test mail;\n"
+            "    *.mail.test mail;\n"
+            "    \\default mail;\n"
+            "    \\include git;\n"
+            "    default db;\n"
+            "}\n"
+        ) in text
+        server = text.split("routed by SNI).\n")[1].split("server {")[1]
+        assert "    ssl_preread on;\n    proxy_pass $nxmesh_sni_1;\n" in server
+        assert "ssl_preread" not in text.split("# Stream pg")[1].split("# Stream tls-in")[0]
+
+    def test_a_long_name_sets_the_map_bucket_size_before_any_map(self) -> None:
+        """nginx fixes the map bucket size at the first map of the block (the connection
+        limit's comes first): the size a long route name needs is set above it."""
+        long_name = "a" * 60 + ".example.com"
+        routed = _routed(
+            SniRoute(server_names=(long_name,), upstream="db"), max_connections_per_client=5
+        )
+        text = NginxRenderer().render(_state(routed)).files[STREAMS_FILE].decode()
+        lines = [line for line in text.splitlines() if line and not line.startswith("#")]
+        first_map = next(i for i, line in enumerate(lines) if line.startswith("map "))
+        assert "map_hash_bucket_size 128;" in lines[:first_map]
+        short = NginxRenderer().render(
+            _state(_routed(SniRoute(server_names=("a.test",), upstream="db")))
+        )
+        assert b"map_hash_bucket_size" not in short.files[STREAMS_FILE]
+
+    def test_an_unknown_route_upstream_is_a_render_error(self) -> None:
+        stream = _routed(SniRoute(server_names=("a.test",), upstream="gone"))
+        with pytest.raises(RenderError, match="names upstream 'gone'"):
+            NginxRenderer().render(_state(stream))
+
+
+class TestSniRoutesNginx:
+    pytestmark = nginx_tests
+
+    async def test_each_name_reaches_its_routes_servers_with_tls_untouched(
+        self, stack: NginxStack
+    ) -> None:
+        """Real TLS client hellos through real nginx: exact and wildcard names (one level
+        and more, in any case) reach their route's server, names a map would take as
+        keywords too, and a name too long for nginx's default map buckets; another name,
+        no name, and a client not speaking TLS reach the stream's upstream. Each server
+        gets the hello byte for byte: nginx ended no TLS."""
+        long_name = "git." + "b" * 50 + ".example.com"
+        heard: dict[str, list[bytes]] = {"mail": [], "git": [], "other": []}
+        async with contextlib.AsyncExitStack() as servers:
+            ports = {
+                name: await servers.enter_async_context(_tcp_server(first))
+                for name, first in heard.items()
+            }
+            port = free_port()
+            state = DesiredState(
+                upstreams=tuple(
+                    _upstream(name, f"127.0.0.1:{backend}") for name, backend in ports.items()
+                ),
+                streams=(
+                    Stream(
+                        name="tls-in",
+                        port=port,
+                        address="127.0.0.1",
+                        upstream="other",
+                        sni_routes=(
+                            SniRoute(
+                                server_names=("imap.test", "*.mail.test", "default"),
+                                upstream="mail",
+                            ),
+                            SniRoute(
+                                server_names=("git.test", "include", long_name), upstream="git"
+                            ),
+                        ),
+                    ),
+                ),
+            )
+            await _apply(stack, state)
+            expected = {
+                "imap.test": "mail",
+                "IMAP.Test": "mail",
+                "eu.mail.test": "mail",
+                "a.eu.mail.test": "mail",
+                "default": "mail",
+                "git.test": "git",
+                "include": "git",
+                long_name: "git",
+                "mail.test": "other",  # the wildcard covers subdomains only
+                "elsewhere.test": "other",
+                None: "other",
+            }
+            for name, server in expected.items():
+                hello = _client_hello(name)
+                assert name is None or name.encode() in hello  # sent as written
+                answer = await _exchange(port, hello)
+                assert answer == b"echo:" + hello, name
+                assert heard[server][-1] == hello, name
+            assert await _exchange(port, b"not tls at all") == b"echo:not tls at all"
+            assert heard["other"][-1] == b"not tls at all"
+            assert [len(heard[s]) for s in ("mail", "git", "other")] == [5, 3, 4]

@@ -67,6 +67,7 @@ __all__ = [
     "Return",
     "Site",
     "SiteParts",
+    "SniRoute",
     "StateParts",
     "Stream",
     "StreamTLS",
@@ -203,6 +204,13 @@ class Listener:
     expects one on every connection (``listen ... proxy_protocol``), so every site on
     the socket says so too. The site's ``real_ip_header: proxy_protocol`` then takes the
     client's address from the line.
+
+    `public_port`: the port clients reach this socket on when a port mapping or load
+    balancer in front forwards it to `port` (Docker's ``-p 443:8443``, a Kubernetes
+    Service's ``port`` → ``targetPort``). The site's HTTPS redirect names it instead of
+    `port`, and the site's server sends nginx's own redirects (``/docs`` → ``/docs/``, a
+    relative `Redirect`) as relative URLs (``absolute_redirect off``), which would
+    otherwise name `port`.
     """
 
     port: int = attrs.field(default=80, validator=v.int_range(1, 65535))
@@ -215,6 +223,14 @@ class Listener:
     proxy_protocol: bool = attrs.field(
         default=False, validator=v.choice(True, False), metadata=ADDED_FIELD
     )
+    public_port: int | None = attrs.field(
+        default=None, validator=v.int_range(1, 65535, optional=True), metadata=ADDED_FIELD
+    )
+
+    @property
+    def mapped(self) -> bool:
+        """Clients reach the socket on another port than nginx listens on."""
+        return self.public_port is not None and self.public_port != self.port
 
     @property
     def bind(self) -> tuple[str, int]:
@@ -1032,6 +1048,40 @@ class StreamTLS:
 
 
 @attrs.frozen(kw_only=True)
+class SniRoute:
+    """One route of a stream that routes TLS by name without ending it
+    (`Stream.sni_routes`): connections whose TLS handshake asks for one of
+    `server_names` (SNI) go to `upstream`, whose servers end the TLS themselves with
+    their own certificates. Names are hostnames or ``*.`` wildcards of one level and
+    more (``*.example.com`` covers ``a.example.com`` and ``a.b.example.com``, not
+    ``example.com``), written in lowercase and matched whatever case a client sends; an
+    exact name wins over a wildcard.
+    """
+
+    server_names: tuple[str, ...] = attrs.field(
+        validator=v.each(v.SNI_NAME, lo=1, hi=100, noun="server name")
+    )
+    upstream: str = attrs.field(validator=v.text(v.NAME))
+
+    def __attrs_post_init__(self) -> None:
+        v.raise_problems(_repeated(self.server_names, "server_names"))
+
+
+def _repeated(
+    items: Sequence[str], field: str, seen: dict[str, str] | None = None
+) -> list[tuple[str, str]]:
+    """``(path, reason)`` for each item of `items` already in `seen` (or earlier in
+    `items`); `seen` maps an item to where it was first, and learns `items`."""
+    seen = {} if seen is None else seen
+    found = []
+    for k, item in enumerate(items):
+        where = seen.setdefault(item, f"{field}[{k}]")
+        if where != f"{field}[{k}]":
+            found.append((f"{field}[{k}]", f"repeats {where} ({item!r})"))
+    return found
+
+
+@attrs.frozen(kw_only=True)
 class Stream:
     """A TCP or UDP port nginx forwards to an upstream as it is (``stream {}``): a
     database, a message broker, SSH, DNS. No HTTP: nginx passes the bytes (or datagrams)
@@ -1054,6 +1104,12 @@ class Stream:
     balancers in front of nginx that open each connection with a PROXY protocol line;
     nginx then expects one on every connection to the port and, from those addresses,
     takes the client's address from it (for `allow`, the limit and the log).
+    `sni_routes` (TCP): route TLS connections by the name their handshake asks for
+    (SNI) without ending the TLS (``ssl_preread``): each `SniRoute`'s names go to its
+    upstream, every other connection (another name, no name, not TLS) to `upstream`.
+    One port then serves several TLS services that keep their own certificates; the
+    stream's other settings (`allow`, timeouts, limits, PROXY protocol) hold for all
+    its routes.
     """
 
     name: str = attrs.field(validator=v.text(v.NAME))
@@ -1081,9 +1137,30 @@ class Stream:
         validator=v.each(v.TRUSTED_PROXY, hi=64, noun="proxy address"),
         metadata=ADDED_FIELD,
     )
+    sni_routes: tuple[SniRoute, ...] = attrs.field(
+        default=(), validator=v.count(SniRoute, hi=1000, noun="route"), metadata=ADDED_FIELD
+    )
+
+    @property
+    def upstreams(self) -> tuple[str, ...]:
+        """Every upstream the stream forwards to: `upstream`, then its routes' (once each)."""
+        return tuple(dict.fromkeys((self.upstream, *(r.upstream for r in self.sni_routes))))
 
     def __attrs_post_init__(self) -> None:
         found: list[tuple[str, str]] = []
+        seen: dict[str, str] = {}
+        for n, route in enumerate(self.sni_routes):
+            found += _repeated(route.server_names, f"sni_routes[{n}].server_names", seen)
+        if self.sni_routes and self.protocol == "udp":
+            found.append(
+                ("sni_routes", "is for TCP streams: a UDP datagram carries no TLS handshake "
+                 "to read a name from")
+            )  # fmt: skip
+        if self.sni_routes and self.tls is not None:
+            found.append(
+                ("sni_routes", "routes TLS that nginx passes through, and tls makes nginx end "
+                 "it; drop one (the routes' servers keep their own certificates)")
+            )  # fmt: skip
         if self.protocol == "udp" and self.proxy_protocol_from:
             found.append(
                 ("proxy_protocol_from", "is for TCP streams: nginx reads no PROXY protocol "
@@ -1463,6 +1540,18 @@ def submission_problems(state: DesiredState) -> list[Problem]:
             for n, lst in enumerate(site.listeners)
             if lst.http2 and not lst.tls
         )
+        if redirect_binds(site) and any(lst.mapped for lst in site.listeners):
+            found.append(
+                Problem(
+                    f"sites[{i}].tls.redirect_http",
+                    "adds an HTTP→HTTPS redirect on port 80 (the site has no plain "
+                    "listener), but the site's listeners are behind a port mapping "
+                    "(public_port), where nginx often runs unprivileged and cannot bind "
+                    "port 80; declare the plain listener the mapping forwards to, like "
+                    "{port: 8080, public_port: 80}",
+                    "warning",
+                )
+            )
     return found
 
 
@@ -1505,8 +1594,9 @@ def _proxy_protocol_warnings(state: DesiredState) -> list[Problem]:
 
 
 def stream_problems(state: DesiredState) -> list[Problem]:
-    """What nginx's ``stream {}`` needs of `state.streams`: unique names, a known upstream
-    nginx can forward bytes to, a port of their own, and a declared certificate for TLS.
+    """What nginx's ``stream {}`` needs of `state.streams`: unique names, known upstreams
+    nginx can forward bytes to (the stream's and its `sni_routes`'), a port of their own,
+    and a declared certificate for TLS.
 
     Checked with the rules of new input (`submission_problems`): no version stored before
     streams existed holds one.
@@ -1531,6 +1621,13 @@ def stream_problems(state: DesiredState) -> list[Problem]:
             )
         elif (reason := stream_upstream_reason(stream, upstream)) is not None:
             found.append(Problem(f"{here}.upstream", reason))
+        for n, route in enumerate(stream.sni_routes):
+            path = f"{here}.sni_routes[{n}].upstream"
+            routed = upstreams.get(route.upstream)
+            if routed is None:
+                found.append(Problem(path, _unknown("upstream", route.upstream, upstreams)))
+            elif (reason := stream_upstream_reason(stream, routed)) is not None:
+                found.append(Problem(path, reason))
         cert = stream.tls.certificate if stream.tls is not None else None
         if cert is not None and cert not in certificates:
             found.append(
@@ -1573,6 +1670,12 @@ def stream_upstream_reason(stream: Stream, upstream: Upstream) -> str | None:
         return (
             f"upstream {name!r} balances with ip_hash, which nginx's stream module does not "
             "have; give the stream an upstream with round_robin, least_conn or random"
+        )
+    if upstream.tls is not None and stream.sni_routes:
+        return (
+            f"upstream {name!r} is spoken to over TLS, and a stream with sni_routes passes "
+            "its clients' TLS through as it is, for the servers to end; name an upstream "
+            "without tls"
         )
     if upstream.tls is not None and stream.protocol == "udp":
         return (
@@ -1661,6 +1764,9 @@ def check_parts(parts: StateParts) -> list[Problem]:
     h2c_on_bind: dict[tuple[str, int], tuple[bool, int]] = {}
     # And whether connections open with a PROXY protocol line (`listen ... proxy_protocol`).
     proxy_on_bind: dict[tuple[str, int], tuple[bool, int, str]] = {}  # flag, site, whose
+    # The port clients reach each of nginx's ports on (`Listener.public_port`), by port:
+    # a port mapping forwards a port, and nginx tells upstreams the public one by port.
+    public_on_port: dict[int, tuple[int, int]] = {}  # public port, site
     ref = _site_refs(parts.sites)
     # Where each socket is first declared: a wildcard and an address on one port clash.
     declared: dict[tuple[str, int], tuple[int, str]] = {}
@@ -1696,6 +1802,17 @@ def check_parts(parts: StateParts) -> list[Problem]:
             if lst is None:
                 continue
             bind = lst.bind
+            public = lst.port if lst.public_port is None else lst.public_port
+            reached, owner = public_on_port.setdefault(lst.port, (public, i))
+            if reached != public:
+                found.append(
+                    Problem(
+                        f"{here}.listeners[{n}].public_port",
+                        f"port {lst.port} is reached on port {reached} in {ref(owner)}: a "
+                        "port mapping forwards the whole port, so every listener on port "
+                        f"{lst.port} must say public_port: {reached}",
+                    )
+                )
             proxied, owner, whose = proxy_on_bind.setdefault(
                 bind, (lst.proxy_protocol, i, "listener")
             )

@@ -56,6 +56,7 @@ __all__ = [
     "SERVER_NAME",
     "SIGNATURE",
     "SIZE",
+    "SNI_NAME",
     "TLS_PROTOCOL",
     "TLS_SERVER_NAME",
     "TOKEN",
@@ -329,6 +330,23 @@ CERT_DOMAIN = TextRule(
     _rx(rf"(?:\*\.)?{_HOSTNAME}"),
     max_len=253,
     refine=_hostname_refine,
+)
+
+
+def _sni_refine(value: str) -> str | None:
+    if value.replace(".", "").isdigit():
+        return (
+            "is an IP address, which a TLS handshake never names (SNI carries DNS names "
+            "only): route by the name clients connect to"
+        )
+    return _hostname_refine(value)
+
+
+SNI_NAME = TextRule(
+    "a name like mail.example.com or *.example.com",
+    _rx(rf"(?:\*\.)?{_HOSTNAME}"),
+    max_len=253,
+    refine=_sni_refine,
 )
 
 # Header values end up inside a quoted nginx string: printable ASCII minus " # $ ; \ { }.

@@ -207,10 +207,14 @@ def _remove_upstream(name: str) -> Callable[[DesiredState], DesiredState]:
         without = remove(state)
         users = []
         for site in state.sites:
-            paths = [repr(loc.path) for loc in site.locations if loc.upstream == name]
+            paths = [
+                repr(loc.path)
+                for loc in site.locations
+                if name in (loc.upstream, loc.fastcgi.upstream if loc.fastcgi else None)
+            ]
             if paths:
                 users.append(f"site {site.name!r} (locations {', '.join(paths)})")
-        users += [f"stream {stream.name!r}" for stream in state.streams if stream.upstream == name]
+        users += [f"stream {stream.name!r}" for stream in state.streams if name in stream.upstreams]
         if users:
             raise Conflict(
                 f"upstream {name!r} is in use by {'; '.join(users)}; point them at another "

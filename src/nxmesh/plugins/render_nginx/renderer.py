@@ -106,8 +106,10 @@ __all__ = [
     "config_digest",
     "error_page_files",
     "fastcgi_params",
+    "hash_bucket_size",
     "named_certificate_paths",
     "plugin_template_paths",
+    "public_ports",
     "renderer_for",
     "site_view",
     "stream_client_ca_files",
@@ -394,6 +396,35 @@ class StreamView:
     upstream_ca: str | None
     client_ca_file: str | None = None
     client_crl_file: str | None = None
+    sni_variable: str | None = None
+    """The ``map`` variable (``nxmesh_sni_<n>``, by the stream's position) naming the
+    upstream for a connection's SNI name (`Stream.sni_routes`); None: no routes."""
+
+    @property
+    def proxy_pass(self) -> Token:
+        """Where ``proxy_pass`` sends connections: the upstream, or the routes' variable."""
+        if self.sni_variable is None:
+            return quoting.plain(self.stream.upstream)
+        return Token(f"${self.sni_variable}")
+
+    @property
+    def sni_map(self) -> list[tuple[Token, Token]]:
+        """The routes' ``map`` lines: each server name with its route's upstream."""
+        return [
+            (_map_key(name), quoting.plain(route.upstream))
+            for route in self.stream.sni_routes
+            for name in route.server_names
+        ]
+
+
+# Words a ``map`` block reads as its own: a server name "include" would include a file,
+# "default" would set the fallback ("hostnames" and "volatile" only alone, escaped all
+# the same). A leading backslash makes nginx read the word as a key.
+_MAP_KEYWORDS = frozenset({"default", "hostnames", "include", "volatile"})
+
+
+def _map_key(name: str) -> Token:
+    return Token(f"\\{name}") if name in _MAP_KEYWORDS else quoting.plain(name)
 
 
 def named_certificate_paths(name: str) -> CertificatePaths:
@@ -545,8 +576,13 @@ def unknown_host_listens(
 
 
 def https_redirect(site: Site) -> Token:
-    """The target of a site's HTTPS redirect, with the port when it is not 443."""
-    ports = [lst.port for lst in site.listeners if lst.tls]
+    """The target of a site's HTTPS redirect, with the port when it is not 443: the port
+    clients reach (`Listener.public_port`), which is not nginx's behind a port mapping."""
+    ports = [
+        lst.port if lst.public_port is None else lst.public_port
+        for lst in site.listeners
+        if lst.tls
+    ]
     port = ports[0] if ports else 443
     if port == 443 or 443 in ports:
         return Token("https://$host$request_uri")
@@ -620,7 +656,7 @@ _PROXY_DEFAULTS = (
     HeaderLine("X-Forwarded-For", Token("$proxy_add_x_forwarded_for")),
     HeaderLine("X-Forwarded-Proto", Token("$scheme")),
     HeaderLine("X-Forwarded-Host", Token("$host")),
-    HeaderLine("X-Forwarded-Port", Token("$server_port")),
+    HeaderLine("X-Forwarded-Port", Token("$nxmesh_public_port")),
     HeaderLine("Forwarded", _NOTHING),
     HeaderLine("X-Request-ID", Token("$request_id")),
 )
@@ -753,7 +789,7 @@ _FASTCGI_PARAMS = _lines(
         ("REMOTE_ADDR", "$remote_addr"),
         ("REMOTE_PORT", "$remote_port"),
         ("SERVER_ADDR", "$server_addr"),
-        ("SERVER_PORT", "$server_port"),
+        ("SERVER_PORT", "$nxmesh_public_port"),
         ("SERVER_NAME", "$server_name"),
         ("REDIRECT_STATUS", "200"),
         ("HTTP_HOST", "$host$nxmesh_host_port"),
@@ -771,7 +807,7 @@ _FASTCGI_FORWARDING = _lines(
         ("HTTP_X_REAL_IP", "$remote_addr"),
         ("HTTP_X_FORWARDED_PROTO", "$scheme"),
         ("HTTP_X_FORWARDED_HOST", "$host"),
-        ("HTTP_X_FORWARDED_PORT", "$server_port"),
+        ("HTTP_X_FORWARDED_PORT", "$nxmesh_public_port"),
         ("HTTP_X_REQUEST_ID", "$request_id"),
         # What proxy locations clear too, the client certificate's headers and `Proxy`.
         *(
@@ -924,6 +960,9 @@ class SiteView:
     resumes with another, and keeps the first one's certificate check
     (CVE-2025-23419). OpenSSL keeps sessions in the settings of the socket's default
     server, so that server must have none: a site, or the unknown-names server."""
+    relative_redirects: bool = False
+    """``absolute_redirect off``: a listener of the server is reached on another port
+    (`Listener.public_port`), which nginx's absolute redirects would not name."""
 
     @property
     def error_page_locations(self) -> tuple[tuple[Token, tuple[Header | HeaderLine, ...]], ...]:
@@ -1051,6 +1090,7 @@ def site_view(
         client_crl_file=(
             _client_crl_file(site) if client_ca_file and tls and tls.client_crl else None
         ),
+        relative_redirects=any(lst.mapped for lst in site.listeners if lst.tls or not redirect),
     )
 
 
@@ -1115,6 +1155,39 @@ UPSTREAM_CA_DIR: Final = "upstream-ca"
 
 def _upstream_ca_file(upstream: Upstream) -> str:
     return f"{UPSTREAM_CA_DIR}/{_stem(upstream.name)}.pem"
+
+
+def public_ports(state: DesiredState) -> list[tuple[int, int]]:
+    """``(port, public port)`` of each port the sites' listeners reach clients on through
+    a port mapping (`Listener.public_port`; the model makes a port's listeners agree),
+    sorted: the ``$nxmesh_public_port`` map."""
+    mapped = {
+        lst.port: lst.public_port
+        for site in state.sites
+        for lst in site.listeners
+        if lst.public_port is not None and lst.mapped
+    }
+    return sorted(mapped.items())
+
+
+NGINX_HASH_BUCKET_SIZE = 64
+"""nginx's default ``*_hash_bucket_size`` on x86-64 and arm64: their cache line."""
+
+
+def hash_bucket_size(names: Iterable[str]) -> int | None:
+    """The ``server_names_hash_bucket_size`` (or ``map_hash_bucket_size``) the longest of
+    `names` needs, when nginx's default is too small; None when it fits.
+
+    nginx refuses to start ("could not build server_names_hash, you should increase
+    server_names_hash_bucket_size: 64") when one name's entry, a pointer and the name
+    padded to 8 bytes, plus the bucket's end pointer, exceeds the bucket: any name of 47
+    characters or more with the default 64 bytes. Rounded up to a multiple of the
+    default, as nginx rounds it to its cache line."""
+    longest = max((len(name) for name in names), default=0)
+    need = 8 + 8 + (longest + 2 + 7) // 8 * 8
+    if need <= NGINX_HASH_BUCKET_SIZE:
+        return None
+    return -(-need // NGINX_HASH_BUCKET_SIZE) * NGINX_HASH_BUCKET_SIZE
 
 
 def upstream_ca_files(upstreams: Iterable[Upstream]) -> dict[str, bytes]:
@@ -1497,6 +1570,10 @@ class NginxRenderer:
             ),
             # Sites answering HTTP-01 for the ACME certificates of TLS streams.
             "stream_acme_sites": frozenset(state.sites[i].name for i in stream_http01_sites(state)),
+            "server_names_bucket": hash_bucket_size(
+                name for site in state.sites for name in site.server_names
+            ),
+            "public_ports": public_ports(state),
         }
         files: dict[str, bytes] = {
             "nginx.conf": self._render("nginx.conf.j2", base),
@@ -1565,15 +1642,17 @@ class NginxRenderer:
         """
         by_name = {up.name: up for up in state.upstreams}
         views = []
-        for stream in state.streams:
-            upstream = by_name.get(stream.upstream)
-            if upstream is None:
-                raise RenderError(
-                    f"stream {stream.name!r} names upstream {stream.upstream!r}, which the "
-                    "state does not define"
-                )
-            if (reason := stream_upstream_reason(stream, upstream)) is not None:
-                raise RenderError(f"stream {stream.name!r}: {reason}")
+        for n, stream in enumerate(state.streams):
+            for name in stream.upstreams:
+                used = by_name.get(name)
+                if used is None:
+                    raise RenderError(
+                        f"stream {stream.name!r} names upstream {name!r}, which the state "
+                        "does not define"
+                    )
+                if (reason := stream_upstream_reason(stream, used)) is not None:
+                    raise RenderError(f"stream {stream.name!r}: {reason}")
+            upstream = by_name[stream.upstream]
             tls, ca = stream.tls, _stream_client_ca_stem(stream)
             views.append(
                 StreamView(
@@ -1586,10 +1665,21 @@ class NginxRenderer:
                     ),
                     client_ca_file=f"{ca}.pem" if tls and tls.client_ca else None,
                     client_crl_file=f"{ca}.crl" if tls and tls.client_crl else None,
+                    sni_variable=f"nxmesh_sni_{n}" if stream.sni_routes else None,
                 )
             )
-        names = sorted({stream.upstream for stream in state.streams})
-        context = {**base, "streams": views, "upstreams": [by_name[n] for n in names]}
+        names = sorted({name for stream in state.streams for name in stream.upstreams})
+        context = {
+            **base,
+            "streams": views,
+            "upstreams": [by_name[n] for n in names],
+            "map_bucket": hash_bucket_size(
+                name
+                for stream in state.streams
+                for route in stream.sni_routes
+                for name in route.server_names
+            ),
+        }
         return self._render("streams.conf.j2", context)
 
     def _stream_listens(self, stream: Stream) -> list[Token]:
