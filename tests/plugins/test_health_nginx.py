@@ -13,6 +13,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from nxmesh.agent.harness import NginxStack
+from nxmesh.core.model import (
+    CertificateRef,
+    DesiredState,
+    Listener,
+    Location,
+    Return,
+    Site,
+    TLSConfig,
+)
 from nxmesh.core.pluginmanager import NxMeshPluginManager
 from nxmesh.core.registry import ProviderRegistries
 from nxmesh.core.settings import load_settings
@@ -27,6 +36,7 @@ from nxmesh.plugins.health_nginx import (
 from nxmesh.testing.contracts import HealthCheckContract
 from nxmesh.testing.factories import one_site_state
 from nxmesh.testing.nginx import free_port
+from nxmesh.testing.pki import Issued, Pki
 
 
 def _certificate(days: float) -> bytes:
@@ -125,8 +135,8 @@ class TestRegistration:
         )
 
     def test_a_probe_must_be_an_http_url(self) -> None:
-        """A probe that is not an http:// URL is refused when settings load."""
-        with pytest.raises(ValueError, match="http:// URLs"):
+        """A probe that is not an http:// or https:// URL is refused when settings load."""
+        with pytest.raises(ValueError, match="http:// or https:// URLs"):
             HealthSettings(probes=("ftp://example.test/",))
 
 
@@ -201,11 +211,66 @@ class TestAgainstRealNginx:
         assert (named.status, named.metrics["status_code"]) == ("ok", 200)
         assert by_ip.status == "fail"  # no site is the default: nginx closes (444)
 
-    @pytest.mark.parametrize("probe", ["https://x/", "http://127.0.0.1/ bad;name", "x y"])
+    @pytest.mark.parametrize("probe", ["ftp://x/", "http://127.0.0.1/ bad;name", "x y"])
     def test_bad_probes_are_refused_naming_the_setting(self, probe: str) -> None:
-        """A probe is an http:// URL, optionally followed by a Host name."""
+        """A probe is an http:// or https:// URL, optionally followed by a Host name."""
         with pytest.raises(ValueError, match="probes"):
             HealthSettings(probes=(probe,))
+
+    def test_a_ca_file_must_be_readable(self, tmp_path: Path) -> None:
+        with pytest.raises(
+            ValueError, match=r"probe_ca_file: .* is not a file this agent can read"
+        ):
+            HealthSettings(probe_ca_file=str(tmp_path / "missing.pem"))
+
+    async def test_https_probes_check_the_sites_certificate(
+        self, served: NginxStack, tmp_path: Path
+    ) -> None:
+        """An HTTPS probe asks for the site by name (SNI) and checks its certificate as a
+        browser would: trusted through `probe_ca_file`, not by the host's store; an
+        expired one fails, saying so; a name no site serves fails the handshake;
+        `probe_verify_tls = false` checks nothing."""
+        pki = Pki()
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_text(pki.root.pem)
+        port = free_port()
+
+        async def serve(leaf: Issued) -> None:
+            site = Site(
+                name="secure",
+                server_names=("secure.test",),
+                listeners=(Listener(port=port, address="127.0.0.1", tls=True),),
+                tls=TLSConfig(certificate="c", redirect_http=False),
+                locations=(Location(path="/", return_=Return(code=200, body="ok")),),
+            )
+            state = DesiredState(
+                sites=(site,), certificates=(CertificateRef("c", ("secure.test",)),)
+            )
+            files = {"certs/c.crt": pki.chain(leaf).encode(), "certs/c.key": leaf.key_pem.encode()}
+            bundle = served.renderer.render(state, extra_files=files)
+            report = await served.driver.apply(served.update(state), bundle)
+            assert report.outcome == "applied", report.message
+
+        url = f"https://127.0.0.1:{port}/"
+        await serve(pki.leaf("secure.test"))
+        trusted, unknown_name = await HttpProbeCheck(
+            [f"{url} secure.test", f"{url} other.test"], timeout=2, ca_file=str(ca_file)
+        ).run()
+        assert (trusted.status, trusted.metrics["status_code"]) == ("ok", 200)
+        assert unknown_name.status == "fail"
+        [untrusted] = await HttpProbeCheck([f"{url} secure.test"], timeout=2).run()
+        assert untrusted.status == "fail"
+        assert "certificate verify failed" in untrusted.message
+        await serve(pki.leaf("secure.test", days=-1, not_before_days=-10))
+        [expired] = await HttpProbeCheck(
+            [f"{url} secure.test"], timeout=2, ca_file=str(ca_file)
+        ).run()
+        assert expired.status == "fail"
+        assert "certificate has expired" in expired.message
+        [unchecked] = await HttpProbeCheck(
+            [f"{url} secure.test"], timeout=2, verify_tls=False
+        ).run()
+        assert (unchecked.status, unchecked.metrics["status_code"]) == ("ok", 200)
 
     async def test_system_reports_host_and_worker_memory(self, served: NginxStack) -> None:
         """CPU, memory, disk, load and nginx worker RSS are all measured."""

@@ -3,9 +3,12 @@
 The agent polls nginx's local status server (``/nxmesh/version``, ``/nginx_status``)
 many times per apply; an HTTP library would be one more dependency and one more event
 loop assumption, while these requests are tiny, local and always ``Connection: close``.
+Health probes of HTTPS sites speak TLS with the site's name as SNI (`tls`).
 """
 
 from __future__ import annotations
+
+import ssl
 
 import anyio
 import attrs
@@ -35,8 +38,11 @@ async def http_get(
     *,
     timeout: float = 2.0,  # noqa: ASYNC109 - a probe without a bound is a bug
     host_header: str | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> HttpResponse:
-    """GET ``http://host:port/path``; raises ``OSError`` or ``TimeoutError`` on failure.
+    """GET ``http://host:port/path`` (``https://`` with `tls`, checking the certificate
+    against `host_header`, or `host`, as the context says); raises ``OSError`` (a TLS
+    failure is an ``ssl.SSLError``, one) or ``TimeoutError`` on failure.
 
     The body is read until the server closes (``Connection: close``), capped at 1 MiB.
     """
@@ -45,7 +51,21 @@ async def http_get(
         "User-Agent: nxmesh-agent\r\nConnection: close\r\n\r\n"
     ).encode("ascii")
     with anyio.fail_after(timeout):
-        async with await anyio.connect_tcp(host, port) as stream:
+        # Not "standard compatible": the body ends when the server closes, whether or not
+        # it sent TLS's close_notify first.
+        connecting = (
+            anyio.connect_tcp(host, port)
+            if tls is None
+            else anyio.connect_tcp(
+                host,
+                port,
+                tls=True,
+                ssl_context=tls,
+                tls_hostname=host_header or host,
+                tls_standard_compatible=False,
+            )
+        )
+        async with await connecting as stream:
             await stream.send(request)
             chunks: list[bytes] = []
             size = 0

@@ -4,10 +4,12 @@
   (``/nginx_status``): active, accepts, handled, requests, reading, writing, waiting.
   ``warn`` when accepts and handled differ (nginx dropped connections: a worker or
   file-descriptor limit was hit).
-- ``http_probe``: a GET of each configured endpoint (``probes``: a URL, optionally
-  followed by a space and the Host to ask for, since nginx refuses names no site
-  serves); ``fail`` on a connection error or a status of 400 and up. One result per
-  probe.
+- ``http_probe``: a GET of each configured endpoint (``probes``: an ``http://`` or
+  ``https://`` URL, optionally followed by a space and the Host to ask for, since nginx
+  refuses names no site serves); ``fail`` on a connection error, a TLS handshake or
+  certificate that fails (HTTPS: the name asked for is the SNI and the name checked,
+  against ``probe_ca_file`` or the host's trust store, unless ``probe_verify_tls`` is
+  off), or a status of 400 and up. One result per probe.
 - ``system``: CPU, memory, disk (of the config root), load average and the RSS of
   nginx's worker processes, via psutil; ``warn`` past the configured thresholds.
 - ``cert_expiry``: days left on every certificate file of the live tree (``*.crt``,
@@ -22,12 +24,14 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+import ssl
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 from urllib.parse import urlsplit
 
+import anyio
 import anyio.to_thread
 import attrs
 import psutil
@@ -55,7 +59,7 @@ __all__ = [
 
 SECTION = "health_nginx"
 STUB_STATUS_PATH = "/nginx_status"
-_PROBE_SCHEMES = ("http",)
+_PROBE_SCHEMES = ("http", "https")
 
 
 def _probe_parts(probe: str) -> tuple[str, str | None]:
@@ -66,14 +70,19 @@ def _probe_parts(probe: str) -> tuple[str, str | None]:
     return url, host.strip() or None
 
 
+def _readable_file(_inst: object, attribute: attrs.Attribute[str | None], value: object) -> None:
+    if value is not None and not (isinstance(value, str) and os.access(value, os.R_OK)):
+        raise ValueError(f"{attribute.name}: {value!r} is not a file this agent can read")
+
+
 def _probes(_inst: object, attribute: attrs.Attribute[tuple[str, ...]], value: object) -> None:
     for probe in value:  # type: ignore[attr-defined]
         url, host = _probe_parts(probe)
         parts = urlsplit(url)
         if parts.scheme not in _PROBE_SCHEMES or not parts.hostname:
             raise ValueError(
-                f"{attribute.name} must hold http:// URLs, each optionally followed by a space "
-                f"and the Host to ask for, got {probe!r}"
+                f"{attribute.name} must hold http:// or https:// URLs, each optionally followed "
+                f"by a space and the Host to ask for, got {probe!r}"
             )
         if host is not None and SERVER_NAME.reason(host) is not None:
             raise ValueError(f"{attribute.name}: the Host of {url!r} is not a name: {host!r}")
@@ -85,6 +94,11 @@ class HealthSettings:
 
     probes: tuple[str, ...] = attrs.field(default=(), validator=_probes)
     probe_timeout: float = 2.0
+    # HTTPS probes check the site's certificate, as browsers do: an expired or wrong one
+    # fails the probe. `probe_ca_file`: the CAs to trust instead of the host's store (an
+    # internal CA); `probe_verify_tls = false` checks nothing (self-signed certificates).
+    probe_ca_file: str | None = attrs.field(default=None, validator=_readable_file)
+    probe_verify_tls: bool = True
     cert_warn_days: float = 14.0
     cert_fail_days: float = 3.0
     memory_warn_percent: float = 90.0
@@ -174,14 +188,32 @@ class HttpProbeCheck:
 
     name: ClassVar[str] = "http_probe"
 
-    def __init__(self, probes: Sequence[str] = (), *, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        probes: Sequence[str] = (),
+        *,
+        timeout: float = 2.0,
+        ca_file: str | None = None,
+        verify_tls: bool = True,
+    ) -> None:
         self.probes = tuple(probes)
         self.timeout = timeout
+        self.tls: ssl.SSLContext | None = None
+        if any(urlsplit(_probe_parts(p)[0]).scheme == "https" for p in self.probes):
+            self.tls = ssl.create_default_context(cafile=ca_file)
+            if not verify_tls:
+                self.tls.check_hostname = False
+                self.tls.verify_mode = ssl.CERT_NONE
 
     @classmethod
     def from_settings(cls, settings: Settings) -> HttpProbeCheck:
         section = _section(settings)
-        return cls(section.probes, timeout=section.probe_timeout)
+        return cls(
+            section.probes,
+            timeout=section.probe_timeout,
+            ca_file=section.probe_ca_file,
+            verify_tls=section.probe_verify_tls,
+        )
 
     async def run(self) -> Sequence[HealthResult]:
         if not self.probes:
@@ -194,16 +226,18 @@ class HttpProbeCheck:
         check = f"{self.name}.{index}"
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         started = time.perf_counter()
+        https = parts.scheme == "https"
         try:
             response = await http_get(
                 parts.hostname or "127.0.0.1",
-                parts.port or 80,
+                parts.port or (443 if https else 80),
                 path,
                 timeout=self.timeout,
                 host_header=host,
+                tls=self.tls if https else None,
             )
-        except (OSError, TimeoutError) as exc:
-            return HealthResult(check=check, status="fail", message=f"{url}: {exc or 'timeout'}")
+        except (OSError, TimeoutError, anyio.BrokenResourceError) as exc:
+            return HealthResult(check=check, status="fail", message=f"{url}: {_reason(exc)}")
         latency = (time.perf_counter() - started) * 1000
         return HealthResult(
             check=check,
@@ -211,6 +245,16 @@ class HttpProbeCheck:
             message=f"{url}: HTTP {response.status}",
             metrics={"status_code": float(response.status), "latency_ms": round(latency, 3)},
         )
+
+
+def _reason(exc: BaseException) -> str:
+    """What failed, in words: a timeout says so; anyio's broken stream names its cause
+    (the TLS error: "certificate verify failed: certificate has expired")."""
+    if isinstance(exc, TimeoutError):
+        return "no answer within the probe timeout"
+    while not str(exc) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc) or type(exc).__name__
 
 
 # ---------------------------------------------------------------------------------------
