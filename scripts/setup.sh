@@ -16,18 +16,27 @@ missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
 done
+installed_nginx=0
 if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null; then
         echo "setup: installing ${missing[*]} with apt-get"
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        [[ " ${missing[*]} " == *" nginx-light "* ]] && installed_nginx=1
     else
         echo "setup: warning: missing system packages ${missing[*]} (install them as root)" >&2
     fi
 fi
-# Debian starts the packaged nginx on install where it can; NxMesh runs its own.
-if [[ -x /usr/sbin/nginx && -f /run/nginx.pid ]]; then
-    /usr/sbin/nginx -s quit 2>/dev/null || true
+# Debian starts the packaged nginx on install where it can; NxMesh runs its own, so the
+# one this run's install started is stopped. An nginx that was already running is this
+# host's business: it is left serving.
+if [[ -f /run/nginx.pid ]]; then
+    if ((installed_nginx)) && [[ -x /usr/sbin/nginx ]]; then
+        /usr/sbin/nginx -s quit 2>/dev/null || true
+    else
+        echo "setup: note: this host's nginx is running (/run/nginx.pid); NxMesh starts" \
+            "nginx processes of its own and leaves it alone"
+    fi
 fi
 
 # The venv is there when its pip works: without ensurepip, Debian's venv leaves bin/python

@@ -12,7 +12,7 @@ import anyio.abc
 import anyio.lowlevel
 import pytest
 
-from nxmesh.agent.app import AgentApp, choose_mode, run_agent
+from nxmesh.agent.app import AgentApp, AgentRefusedError, choose_mode, run_agent
 from nxmesh.agent.link import AgentHello, AgentSession, MasterLink
 from nxmesh.core.events import Event
 from nxmesh.core.model import ApplyReport, HealthReport, PendingApply
@@ -403,6 +403,26 @@ class TestLinkFailures:
             assert len(app.events.events("master.rejected")) == 1
             assert await agent_env.body() == "revoked"
             tg.cancel_scope.cancel()
+
+    async def test_refused_before_serving_anything_the_agent_stops(
+        self, agent_env: AgentEnv
+    ) -> None:
+        """Refused for good with nothing applied yet (a wrong bootstrap token): no cache to
+        keep serving, so `run` ends with `AgentRefusedError` saying why and what to do."""
+        refused = _Link(error=_Rejected("unknown bootstrap token or wrong secret"))
+        app = agent_env.build(link=refused)
+        error: BaseException | None = None
+        with anyio.fail_after(10):
+            try:
+                await app.run()
+            except* AgentRefusedError as group:
+                error = group
+                while isinstance(error, BaseExceptionGroup):  # nested task groups
+                    [error] = error.exceptions
+        assert isinstance(error, AgentRefusedError)
+        assert "unknown bootstrap token or wrong secret" in str(error)
+        assert "nxmesh token create" in str(error)
+        assert len(app.events.events("master.rejected")) == 1
 
     async def test_an_nxmesh_error_is_logged_without_a_traceback_and_retried(
         self, agent_env: AgentEnv

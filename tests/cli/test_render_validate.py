@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -187,6 +188,58 @@ class TestValidate:
         assert "warning: sites[0].real_ip_header: is X-Forwarded-For" in result.stderr
         report = json.loads(invoke("validate", "--no-nginx", "--json", state).stdout)
         assert [p["path"] for p in report["problems"]] == ["sites[0].real_ip_header"]
+
+    def test_nginx_warnings_are_shown_once_each(self, invoke: Invoke, tmp_path: Path) -> None:
+        """A bundle nginx accepts with a warning (2,560 server names overflow its default
+        hash size) is valid, and the warning is printed once, without nginx's time."""
+        require_binary("nginx")
+        sites = "".join(
+            f"  - {{name: s{s}, server_names: ["
+            + ", ".join(f"host-{s}-{n}.example.test" for n in range(64))
+            + "], listeners: [{port: 8380}], locations: [{path: /, upstream: app}]}\n"
+            for s in range(40)
+        )
+        state = tmp_path / "many.yaml"
+        state.write_text(
+            "upstreams: [{name: app, servers: [{address: '127.0.0.1:9000'}]}]\nsites:\n" + sites
+        )
+        result = invoke("validate", state)
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.stderr.splitlines() if "nginx -t:" in line]
+        # The max size is 512, or what an installed plugin's http_extra raised it to.
+        [warning] = warnings
+        assert re.fullmatch(
+            r"warning: nginx -t: could not build optimal server_names_hash, you should "
+            r"increase either server_names_hash_max_size: \d+ or "
+            r"server_names_hash_bucket_size: 64; ignoring server_names_hash_bucket_size",
+            warning,
+        ), warning
+
+    def test_an_override_setting_the_bucket_size_wins(self, invoke: Invoke, tmp_path: Path) -> None:
+        """The advice before the base template set it: an http_extra.conf.j2 that sets
+        server_names_hash_bucket_size keeps working with a long name (nginx refuses the
+        directive twice), its size standing."""
+        require_binary("nginx")
+        templates = tmp_path / "templates"
+        templates.mkdir()
+        (templates / "http_extra.conf.j2").write_text("    server_names_hash_bucket_size 256;\n")
+        state = tmp_path / "long.yaml"
+        state.write_text(
+            "upstreams: [{name: app, servers: [{address: '127.0.0.1:9000'}]}]\n"
+            "sites:\n"
+            f"  - {{name: app, server_names: [{'a' * 60}.example.test], "
+            "listeners: [{port: 8380}], locations: [{path: /, upstream: app}]}\n"
+        )
+        result = invoke("validate", state, "--template-dir", templates)
+        assert result.exit_code == 0, result.output
+        out = tmp_path / "out"
+        assert invoke("render", state, "-o", out, "--template-dir", templates).exit_code == 0
+        conf = (out / "nginx.conf").read_text()
+        assert conf.count("server_names_hash_bucket_size") == 1
+        assert "server_names_hash_bucket_size 256;" in conf
+        out = tmp_path / "plain"
+        assert invoke("render", state, "-o", out).exit_code == 0
+        assert "server_names_hash_bucket_size 128;" in (out / "nginx.conf").read_text()
 
     def test_all_examples_together(self, invoke: Invoke) -> None:
         """Several files merge into one state that also passes nginx -t (JSON report)."""

@@ -67,6 +67,23 @@ class TestComposition:
             assert pm.get_plugin(name) is None
             assert pm.is_blocked(name)
         assert pm.get_plugin("eventbus_memory") is not None
+        assert pm.warnings == []
+
+    def test_a_misspelt_name_to_disable_is_warned_of(self) -> None:
+        """A name no installed plugin has disables nothing, and the plugin meant stays
+        loaded: the manager says so, with the name it probably meant; `nxmesh plugins`
+        shows it."""
+        from nxmesh.cli.plugins_cmd import describe_plugins
+
+        pm = get_plugin_manager(environ={"NXMESH_DISABLE_PLUGINS": "helo,nonsense-xyz"})
+        assert pm.get_plugin("hello") is not None
+        assert pm.warnings == [
+            "NXMESH_DISABLE_PLUGINS names 'helo', which is no installed plugin, so it "
+            "disables nothing (did you mean 'hello'?)",
+            "NXMESH_DISABLE_PLUGINS names 'nonsense-xyz', which is no installed plugin, so "
+            "it disables nothing",
+        ]
+        assert describe_plugins(pm)["warnings"] == pm.warnings
 
     def test_extra_plugins_are_registered_last(self) -> None:
         """Plugins passed in code are registered after entry points."""

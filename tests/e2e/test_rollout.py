@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import Fleet, make_fleet, site_state, wait_for
+from .conftest import Agent, Fleet, make_fleet, site_state, wait_for
 
 pytestmark = [pytest.mark.nginx]
 
@@ -114,3 +114,27 @@ class TestRollout:
 
         wait_for("the master reported unreachable", reported_unreachable, logs=fleet.logs)
         m.start()  # leave the fleet whole for whatever runs next
+
+    def test_an_agent_refused_before_it_served_anything_stops_saying_why(
+        self, fleet: Fleet
+    ) -> None:
+        """A bootstrap token the master does not know: the agent has no configuration to
+        serve and never will with that token, so it exits 77 (the systemd unit does not
+        restart on it) with the master's reason and what to do, instead of idling."""
+        m = fleet.master
+        stranger = Agent(
+            m.root.parent / "stranger", "stranger", "127.0.0.9", m,
+            fleet.agents[0].transport, fleet.agents[0].nginx_binary,
+        )  # fmt: skip
+        stranger.start("nxb_unknown.0123456789abcdef0123456789abcdef")
+        proc = stranger.process.proc
+        assert proc is not None
+        try:
+            code = proc.wait(timeout=30)
+        finally:
+            stranger.stop()
+        log = Path(stranger.process.log).read_text()
+        assert code == 77, log
+        assert "the master refused this agent" in log
+        assert "nxmesh token create" in log
+        assert "stranger" not in {a["name"] for a in m.agents()}

@@ -367,6 +367,20 @@ class TestSitesAndUpstreams:
         assert master.client.delete(f"{WS}/sites/nope", headers=admin).status_code == 404
         assert master.client.get(f"{WS}/sites/nope", headers=admin).status_code == 404
 
+    def test_a_path_no_route_has_says_so(self, master: Master, admin: dict[str, str]) -> None:
+        """A mistyped path gets a problem that names it (not an empty detail), and a
+        method a route lacks names the method."""
+        missing = master.client.get("/api/v1/workspaces/default/sitez", headers=admin)
+        assert missing.status_code == 404
+        assert missing.json()["detail"] == (
+            "no route matches '/api/v1/workspaces/default/sitez'; see /docs for the API's paths"
+        )
+        wrong = master.client.patch(f"{WS}/state", json={}, headers=admin)
+        assert wrong.status_code == 405
+        assert (
+            wrong.json()["detail"] == "PATCH is not allowed on '/api/v1/workspaces/default/state'"
+        )
+
 
 class TestVersions:
     """Listing, showing, diffing and rolling back versions."""

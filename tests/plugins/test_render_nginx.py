@@ -666,16 +666,18 @@ class TestSites:
         assert args(server, "absolute_redirect") == []
 
     @pytest.mark.parametrize(
-        ("longest", "size"), [(0, None), (46, None), (47, 128), (110, 128), (111, 192), (253, 320)]
+        ("longest", "size"),
+        [(0, None), (14, None), (15, 64), (46, 64), (47, 128), (110, 128), (111, 192), (253, 320)],
     )
     def test_hash_buckets_fit_the_longest_name(self, longest: int, size: int | None) -> None:
-        """nginx needs 8 + 8 + the name and 2 bytes padded to 8 per bucket: up to 46
-        characters fit its 64-byte default; longer ones get a multiple of 64."""
+        """nginx needs 8 + 8 + the name and 2 bytes padded to 8 per bucket: up to 14
+        characters fit the 32 bytes of builds that know no cache line; longer ones get
+        the 64-byte default, or a multiple of it past 46."""
         assert hash_bucket_size(["a.test", "b" * longest]) == size
 
     def test_a_long_server_name_sets_the_bucket_size(self, tmp_path: Path) -> None:
         """Only a state with such a name sets server_names_hash_bucket_size."""
-        short = state(site("web"))
+        short = state(site("web", server_names=("a.test",)))
         http = one(parse(NginxRenderer().render(short), tmp_path)["nginx.conf"], "http")
         assert args(http["block"], "server_names_hash_bucket_size") == []
         long_site = site("web", server_names=("a" * 60 + ".example.com",))

@@ -194,8 +194,8 @@ ALLOWED_DIRECTIVES = frozenset(
         "limit_conn",
         "limit_conn_log_level",
         "ssl_preread",  # a stream routing TLS by SNI
-        "server_names_hash_bucket_size",  # only for a long server name
-        "map_hash_bucket_size",  # only for a long SNI route name
+        "server_names_hash_bucket_size",  # only for server names of 15 characters and more
+        "map_hash_bucket_size",  # only for SNI route names of 15 characters and more
     }
 )
 
@@ -1536,15 +1536,15 @@ class TestStructure:
 
 def _set_state_parts_aside(main: list[Any], state: DesiredState) -> list[Any]:
     """`main` (nginx.conf's shape) with the parts that depend on the state checked and
-    taken out: ``server_names_hash_bucket_size`` for a name of 47 characters and more
-    (nginx's 64-byte bucket holds 16 bytes and the name plus 2, padded to 8), and the
+    taken out: ``server_names_hash_bucket_size`` for a name of 15 characters and more
+    (a bucket holds 16 bytes and the name plus 2, padded to 8: past the 32 bytes some
+    builds default to; at least 64, in steps of 64), and the
     entries of the ``$nxmesh_public_port`` map, a port's public port each (the last
     listener's, where states disagree: the model refuses those)."""
     longest = max((len(n) for site in state.sites for n in site.server_names), default=0)
     need = 16 + (longest + 2 + 7) // 8 * 8
-    bucket = (
-        [] if need <= 64 else [("server_names_hash_bucket_size", [str(-(-need // 64) * 64)], [])]
-    )
+    size = str(-(-need // 64) * 64)
+    bucket = [] if need <= 32 else [("server_names_hash_bucket_size", [size], [])]
     public = {
         lst.port: lst.public_port
         for site in state.sites

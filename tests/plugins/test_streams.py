@@ -1285,7 +1285,7 @@ class TestSniRoutesRender:
         text = NginxRenderer().render(_state(routed)).files[STREAMS_FILE].decode()
         lines = [line for line in text.splitlines() if line and not line.startswith("#")]
         first_map = next(i for i, line in enumerate(lines) if line.startswith("map "))
-        assert "map_hash_bucket_size 128;" in lines[:first_map]
+        assert "map_hash_bucket_size 128;" in lines[:first_map]  # 72 characters
         short = NginxRenderer().render(
             _state(_routed(SniRoute(server_names=("a.test",), upstream="db")))
         )

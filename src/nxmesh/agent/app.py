@@ -63,6 +63,7 @@ __all__ = [
     "AGENT",
     "VAULT_DIR",
     "AgentApp",
+    "AgentRefusedError",
     "AgentTuning",
     "certificate_files",
     "choose_mode",
@@ -203,6 +204,11 @@ class _Started:
     def started(self, value: None = None) -> None:
         self.called = True
         self.inner.started(value)
+
+
+class AgentRefusedError(NxMeshError):
+    """The master refused this agent for good before it ever served a configuration: the
+    agent stops (`nxmesh agent` exits with `EXIT_REFUSED`)."""
 
 
 @attrs.define(eq=False)
@@ -513,6 +519,16 @@ class AgentApp:
                             self.events.record("master.error", reason=reason, retry_in=delay)
                     self.island = True
                     if rejected:
+                        if self.applier.current is None:
+                            # Never served anything (a wrong or used-up bootstrap token):
+                            # no cache to keep serving, and the master will not change its
+                            # mind. Stop, so the supervisor shows the failure rather than
+                            # an agent idling healthy-looking.
+                            raise AgentRefusedError(
+                                f"the master refused this agent ({reason}) and it has no "
+                                "configuration to serve; give it a new bootstrap token "
+                                "(`nxmesh token create` on the master) and start it again"
+                            )
                         # Refused for good (revoked, token used up): keep serving the
                         # cache, stop asking.
                         return

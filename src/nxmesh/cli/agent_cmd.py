@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import anyio
 import click
 
-from nxmesh.agent.app import run_agent
+from nxmesh.agent.app import AgentRefusedError, run_agent
 from nxmesh.cli.context import CliContext, pass_cli
 from nxmesh.core.errors import NxMeshError, ValidationError
 from nxmesh.core.logging import configure_logging
@@ -51,6 +51,10 @@ def _master_link(
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# sysexits' EX_NOPERM: the master refused this agent and it has nothing to serve. The
+# systemd unit does not restart on it (RestartPreventExitStatus): asking again with the
+# same token is refused again.
+EXIT_REFUSED = 77
 
 
 @click.command("agent")
@@ -104,6 +108,9 @@ def agent_command(
     except ValidationError as exc:
         click.echo(f"invalid state: {exc}", err=True)
         raise SystemExit(EXIT_FAILED) from None
+    except AgentRefusedError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_REFUSED) from None
     except NxMeshError as exc:
         click.echo(f"error: {exc}", err=True)
         raise SystemExit(EXIT_USAGE) from None

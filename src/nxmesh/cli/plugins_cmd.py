@@ -42,7 +42,7 @@ def describe_plugins(pm: NxMeshPluginManager) -> dict[str, Any]:
                 "providers": [{"kind": p.kind, "name": p.name} for p in providers],
             }
         )
-    return {"plugins": plugins, "errors": errors}
+    return {"plugins": plugins, "errors": errors, "warnings": list(pm.warnings)}
 
 
 @click.command("plugins")
@@ -55,7 +55,12 @@ def plugins_command(ctx: CliContext, as_json: bool) -> None:
         click.echo(json.dumps(report, indent=2))
     else:
         console = Console()
-        table = Table("plugin", "distribution", "built-in", "hooks", "providers")
+        table = Table()
+        # The plugin's full name: what NXMESH_DISABLE_PLUGINS takes, never cut short.
+        width = max((len(p["name"]) for p in report["plugins"]), default=6)
+        table.add_column("plugin", no_wrap=True, min_width=width)
+        for heading in ("distribution", "built-in", "hooks", "providers"):
+            table.add_column(heading)
         for p in report["plugins"]:
             table.add_row(
                 p["name"],
@@ -67,5 +72,7 @@ def plugins_command(ctx: CliContext, as_json: bool) -> None:
         console.print(table)
         for err in report["errors"]:
             console.print(f"[red]error:[/red] {err['error']}", highlight=False)
+        for warning in report["warnings"]:
+            console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
     if report["errors"]:
         raise SystemExit(1)

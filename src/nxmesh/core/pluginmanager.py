@@ -17,6 +17,7 @@ import structlog
 
 from nxmesh.core import hookspecs
 from nxmesh.core.errors import PluginLoadError
+from nxmesh.core.hints import closest
 from nxmesh.core.markers import PROJECT_NAME
 
 __all__ = [
@@ -57,6 +58,8 @@ class NxMeshPluginManager(pluggy.PluginManager):
         super().__init__(PROJECT_NAME)
         self.load_errors: list[PluginLoadError] = []
         self.plugin_info: dict[str, PluginInfo] = {}
+        self.warnings: list[str] = []
+        """What an operator should know that stopped nothing (`nxmesh plugins` shows it)."""
 
     def register_plugin(
         self, plugin: object, name: str, info: PluginInfo | None = None
@@ -112,7 +115,8 @@ def get_plugin_manager(
 
     pm = NxMeshPluginManager()
     pm.add_hookspecs(hookspecs)
-    for name in {*disabled, *_split_names(env.get(ENV_DISABLE_PLUGINS))}:
+    blocked = {*disabled, *_split_names(env.get(ENV_DISABLE_PLUGINS))}
+    for name in blocked:
         pm.set_blocked(name)
     if trace:
         pm.trace.root.setwriter(lambda msg: log.debug("hook", trace=msg.rstrip()))
@@ -130,6 +134,16 @@ def get_plugin_manager(
         pm.register_plugin(plugin, name)
 
     _check_pending(pm, strict=strict)
+    # A misspelt name blocks nothing, and the plugin meant stays loaded: say so.
+    known = {ep.name for ep in (*builtin, *third_party)} | {name for name, _ in plugins}
+    for name in sorted(blocked - known):
+        hint = closest(name, known)
+        warning = (
+            f"{ENV_DISABLE_PLUGINS} names {name!r}, which is no installed plugin, so it "
+            "disables nothing" + (f" (did you mean {hint!r}?)" if hint else "")
+        )
+        pm.warnings.append(warning)
+        log.warning("unknown plugin to disable", name=name, did_you_mean=hint)
     return pm
 
 

@@ -220,6 +220,10 @@ def _http(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
         return _internal(request, exc)
     title = _title(status)
     detail = exc.detail if exc.detail and exc.detail != title else ""
+    if not detail and status == 404:  # the router's: no route has this path
+        detail = f"no route matches {request.url.path!r}; see /docs for the API's paths"
+    elif not detail and status == 405:
+        detail = f"{request.method} is not allowed on {request.url.path!r}"
     headers = dict(exc.headers or {})
     return problem_response(
         request, status, slugs.get(status, "error"), title, detail, headers=headers

@@ -1157,6 +1157,9 @@ def _upstream_ca_file(upstream: Upstream) -> str:
     return f"{UPSTREAM_CA_DIR}/{_stem(upstream.name)}.pem"
 
 
+_SETS_BUCKET = re.compile(rb"^\s*server_names_hash_bucket_size\s", re.MULTILINE)
+
+
 def public_ports(state: DesiredState) -> list[tuple[int, int]]:
     """``(port, public port)`` of each port the sites' listeners reach clients on through
     a port mapping (`Listener.public_port`; the model makes a port's listeners agree),
@@ -1172,20 +1175,24 @@ def public_ports(state: DesiredState) -> list[tuple[int, int]]:
 
 NGINX_HASH_BUCKET_SIZE = 64
 """nginx's default ``*_hash_bucket_size`` on x86-64 and arm64: their cache line."""
+_SMALLEST_DEFAULT_BUCKET = 32
+"""The default where nginx's build knows no cache line (32-bit ARM, i386, others)."""
 
 
 def hash_bucket_size(names: Iterable[str]) -> int | None:
     """The ``server_names_hash_bucket_size`` (or ``map_hash_bucket_size``) the longest of
-    `names` needs, when nginx's default is too small; None when it fits.
+    `names` needs; None when it fits the smallest default of any nginx build.
 
     nginx refuses to start ("could not build server_names_hash, you should increase
     server_names_hash_bucket_size: 64") when one name's entry, a pointer and the name
-    padded to 8 bytes, plus the bucket's end pointer, exceeds the bucket: any name of 47
-    characters or more with the default 64 bytes. Rounded up to a multiple of the
-    default, as nginx rounds it to its cache line."""
+    padded to 8 bytes, plus the bucket's end pointer, exceeds the bucket: a name of 47
+    characters or more with the 64 bytes of x86-64 and arm64, of 15 or more with the 32
+    bytes nginx defaults to where it knows no cache line (Raspberry Pi's 32-bit builds
+    among them). At least the 64-byte default, rounded up to a multiple of it (nginx
+    rounds it up to its cache line anyway)."""
     longest = max((len(name) for name in names), default=0)
     need = 8 + 8 + (longest + 2 + 7) // 8 * 8
-    if need <= NGINX_HASH_BUCKET_SIZE:
+    if need <= _SMALLEST_DEFAULT_BUCKET:
         return None
     return -(-need // NGINX_HASH_BUCKET_SIZE) * NGINX_HASH_BUCKET_SIZE
 
@@ -1570,11 +1577,9 @@ class NginxRenderer:
             ),
             # Sites answering HTTP-01 for the ACME certificates of TLS streams.
             "stream_acme_sites": frozenset(state.sites[i].name for i in stream_http01_sites(state)),
-            "server_names_bucket": hash_bucket_size(
-                name for site in state.sites for name in site.server_names
-            ),
             "public_ports": public_ports(state),
         }
+        base["server_names_bucket"] = self._server_names_bucket(state, base)
         files: dict[str, bytes] = {
             "nginx.conf": self._render("nginx.conf.j2", base),
             "mime.types": self._mime_types,
@@ -1632,6 +1637,16 @@ class NginxRenderer:
                 {**base, "config_digest": config_digest(files), "status_listen": listen_args},
             )
         return Bundle(files)
+
+    def _server_names_bucket(self, state: DesiredState, base: dict[str, Any]) -> int | None:
+        """`hash_bucket_size` of the sites' names, unless an ``http_extra.conf.j2``
+        override sets ``server_names_hash_bucket_size`` itself (the old advice for long
+        names): nginx refuses the directive twice, and the override's size stands."""
+        size = hash_bucket_size(name for site in state.sites for name in site.server_names)
+        if size is None:
+            return None
+        extra = self._render("http_extra.conf.j2", {**base, "server_names_bucket": None})
+        return None if _SETS_BUCKET.search(extra) else size
 
     def _render_streams(self, state: DesiredState, base: dict[str, Any]) -> bytes:
         """``streams.conf``: each stream's server and the upstreams they name.
