@@ -179,6 +179,27 @@ class TestUnknownKeys:
         assert lines[3].startswith("  - unknown setting in environment variable NXMESH_AGENT")
         assert lines[4].startswith("  - invalid value for setting 'agent.metrics_port'")
 
+    def test_range_checks_are_reported_with_the_unknown_keys(
+        self, pm: NxMeshPluginManager, write_config: Any
+    ) -> None:
+        """A value of the right type that its table's validator refuses (a port out of
+        range, in two tables) is reported beside an unknown key, not one round later."""
+        path = write_config(
+            "[agent]\nconf_dri = '/x'\nmetrics_port = 99999\nhealth_interval = -3\n"
+            "[master]\napi_port = 70000\n"
+        )
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(pm, path=path, environ={})
+        lines = str(info.value).splitlines()
+        assert lines[0] == "4 problems in the settings:"
+        assert lines[1].startswith("  - unknown setting 'agent.conf_dri'")
+        assert {line.split("'")[1] for line in lines[2:]} == {
+            "agent.metrics_port",
+            "agent.health_interval",
+            "master.api_port",
+        }
+        assert all("must be" in line for line in lines[2:])
+
     def test_typo_in_env_suggests_the_variable(self, pm: NxMeshPluginManager) -> None:
         """A misspelt NXMESH_* variable is refused with the closest real variable."""
         with pytest.raises(ConfigurationError, match="NXMESH_MASTER__API_PROT") as info:

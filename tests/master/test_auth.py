@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -93,6 +94,15 @@ def failures(master: Master) -> dict[str, float]:
 def status(master: Master, token: str) -> int:
     header = f"Bearer {token}".encode()  # bytes: junk tokens may not be ASCII
     return master.client.get(ME, headers={"Authorization": header}).status_code
+
+
+def _login(master: Master, username: str, password: str) -> dict[str, Any]:
+    response = master.client.post(
+        "/api/v1/auth/login", json={"username": username, "password": password}
+    )
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
 
 
 class TestAccessTokens:
@@ -532,6 +542,96 @@ class TestNoEscalation:
         changed = c.patch(f"{self.USERS}/desk2", json={"disabled": True}, headers=desk)
         assert changed.status_code == 200, changed.text
 
+    def test_a_user_manager_cannot_revoke_a_wider_accounts_api_token(self, master: Master) -> None:
+        """Revoking someone else's API token is managing that user: ``helpdesk`` (with
+        ``viewer``, which manages one's own tokens) may not revoke an admin's (403, the
+        token keeps working), but may its peer's."""
+        master.add_user("root3", "correct horse battery", "admin")
+        master.add_user("desk3", "correct horse battery", "helpdesk", "viewer")
+        c = master.client
+        tokens = "/api/v1/auth/tokens"
+        root = master.headers("admin", subject="root3")
+        root_token = c.post(tokens, json={"name": "ops", "scopes": ["config:read"]}, headers=root)
+        desk = master.headers("helpdesk", "viewer", subject="desk")
+        refused = c.delete(f"{tokens}/{root_token.json()['api_token']['id']}", headers=desk)
+        assert refused.status_code == 403, refused.text
+        assert "root3" in refused.json()["detail"]
+        bearer = {"Authorization": f"Bearer {root_token.json()['token']}"}
+        assert c.get(STATE, headers=bearer).status_code == 200
+        peer = master.headers("helpdesk", "viewer", subject="desk3")
+        peer_token = c.post(tokens, json={"name": "x", "scopes": ["user:read"]}, headers=peer)
+        revoked = c.delete(f"{tokens}/{peer_token.json()['api_token']['id']}", headers=desk)
+        assert revoked.status_code == 204, revoked.text
+
+    def test_a_new_password_revokes_the_api_tokens_made_with_the_old(self, master: Master) -> None:
+        """A stolen access token could mint an API token that outlives it: changing the
+        password (oneself, or by an admin) revokes the user's API tokens too."""
+        master.add_user("cara", "correct horse battery", "operator")
+        c = master.client
+        tokens = _login(master, "cara", "correct horse battery")
+        session = {"Authorization": f"Bearer {tokens['access_token']}"}
+        minted = c.post(
+            "/api/v1/auth/tokens", json={"name": "backdoor", "scopes": ["config:read"]},
+            headers=session,
+        ).json()  # fmt: skip
+        bearer = {"Authorization": f"Bearer {minted['token']}"}
+        assert c.get(STATE, headers=bearer).status_code == 200
+        changed = c.post(
+            "/api/v1/auth/password",
+            json={"current_password": "correct horse battery", "new_password": "a whole new one"},
+            headers=session,
+        )
+        assert changed.status_code == 204, changed.text
+        assert c.get(STATE, headers=bearer).status_code == 401
+        again = _login(master, "cara", "a whole new one")
+        session = {"Authorization": f"Bearer {again['access_token']}"}
+        minted = c.post(
+            "/api/v1/auth/tokens", json={"name": "ci", "scopes": ["config:read"]}, headers=session
+        ).json()
+        bearer = {"Authorization": f"Bearer {minted['token']}"}
+        admin = master.headers("admin", subject="admin")
+        reset = c.patch(
+            f"{self.USERS}/cara", json={"password": "reset by the admin"}, headers=admin
+        )
+        assert reset.status_code == 200, reset.text
+        assert c.get(STATE, headers=bearer).status_code == 401
+
+    def test_a_password_change_racing_an_admin_does_not_undo_the_admins_change(
+        self, master: Master, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """While the new password is hashed, an admin disables the user, demotes it and
+        resets its password: the change ends as a 409 and the admin's change stands;
+        nothing is written back from before."""
+        master.add_user("dan", "correct horse battery", "operator")
+        tokens = _login(master, "dan", "correct horse battery")
+        passwords = master.services.auth.passwords
+        hash_in_thread = passwords.hash_in_thread
+
+        async def hash_while_an_admin_acts(password: str) -> str:
+            new_hash = await hash_in_thread(password)
+            storage = master.services.storage
+            user = await storage.get_user("dan")
+            assert user is not None
+            reset = passwords.hash("the admin's reset")
+            await storage.put_user(
+                attrs.evolve(user, disabled=True, roles=("viewer",), password_hash=reset)
+            )
+            return new_hash
+
+        monkeypatch.setattr(passwords, "hash_in_thread", hash_while_an_admin_acts)
+        answer = master.client.post(
+            "/api/v1/auth/password",
+            json={"current_password": "correct horse battery", "new_password": "a whole new one"},
+            headers={"Authorization": f"Bearer {tokens['access_token']}"},
+        )
+        monkeypatch.undo()
+        assert answer.status_code == 409, answer.text
+        assert "changed while the new password was being set" in answer.json()["detail"]
+        dan = master.call(master.services.storage.get_user, "dan")
+        assert dan is not None
+        assert (dan.disabled, dan.roles) == (True, ("viewer",))
+        assert passwords.verify(dan.password_hash, "the admin's reset")
+
     def test_deleting_a_user_revokes_its_tokens_for_good(self, master: Master) -> None:
         """A token does not come back with a new user of the same name."""
         master.add_user("bob", "correct horse battery", "operator")
@@ -698,6 +798,31 @@ class TestPasswordAuthenticator:
         assert await auth.authenticate(password("ann", "s3cret-pass"))
         assert not passwords.needs_rehash(users.users["ann"].password_hash)
         assert users.users["ann"].password_hash != old.hash("s3cret-pass")
+
+    async def test_a_login_racing_a_disable_is_refused_and_undoes_nothing(
+        self, passwords: Passwords
+    ) -> None:
+        """The user is disabled while its password is checked: the login is refused (its
+        sessions were just ended), and the hash upgrade of an old-cost hash does not write
+        the record back enabled."""
+        from nxmesh.core.settings import AuthSettings
+
+        old = Passwords(
+            AuthSettings(argon2_time_cost=2, argon2_memory_kib=16, argon2_parallelism=1)
+        )
+        users = _Users(User(username="ann", password_hash=old.hash("s3cret-pass")))
+        verify_in_thread = passwords.verify_in_thread
+
+        async def verify_while_an_admin_disables(password_hash: str, text: str) -> bool:
+            ok = await verify_in_thread(password_hash, text)
+            users.users["ann"] = attrs.evolve(users.users["ann"], disabled=True)
+            return ok
+
+        passwords.verify_in_thread = verify_while_an_admin_disables  # type: ignore[method-assign]
+        auth = PasswordAuthenticator(users, passwords)  # type: ignore[arg-type]
+        with pytest.raises(AuthenticationError):
+            await auth.authenticate(password("ann", "s3cret-pass"))
+        assert users.users["ann"].disabled
 
     async def test_spraying_usernames_locks_the_address(self, passwords: Passwords) -> None:
         """Fresh usernames from one address trip ``lockout_address_threshold``: the

@@ -240,7 +240,7 @@ class TestApply:
         assert report.outcome == "rolled_back", report.message
         assert f"cannot send 'reload' (SIGHUP) to nginx pid {pid}" in report.message
         assert "Operation not permitted" in report.message
-        assert f"rolled back to {live[:12]}" in report.message
+        assert f"rolled back to config {live[:12]}" in report.message
         assert await stack.driver.live_digest() == live
         assert not (stack.layout.conf_dir / "apply.journal").exists()
         assert [p.name for p in (stack.layout.conf_dir / "releases").iterdir()] == [live]

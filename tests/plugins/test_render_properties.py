@@ -1303,6 +1303,10 @@ def check_streams(state: DesiredState, parsed: list[Directive]) -> None:
         "access_log",
         ["logs/stream.log", "nxmesh_stream"],
     )
+    route_names = [n for s in state.streams for r in s.sni_routes for n in r.server_names]
+    if (size := bucket_size(route_names)) is not None:  # before any map of the block
+        bucket, *rest = rest
+        assert (bucket["directive"], bucket["args"]) == ("map_hash_bucket_size", [size])
     if any(stream.max_connections_per_client for stream in state.streams):
         client_map, zone, level, *rest = rest
         assert (client_map["directive"], client_map["args"]) == (
@@ -1534,6 +1538,15 @@ class TestStructure:
         assert shapes[0] == shapes[1]
 
 
+def bucket_size(names: list[str]) -> str | None:
+    """The hash bucket size nginx needs for `names` where some build's default (32
+    bytes) is too small: 16 bytes and the name plus 2, padded to 8; at least 64, in steps
+    of 64. None: no directive."""
+    longest = max((len(n) for n in names), default=0)
+    need = 16 + (longest + 2 + 7) // 8 * 8
+    return None if need <= 32 else str(-(-need // 64) * 64)
+
+
 def _set_state_parts_aside(main: list[Any], state: DesiredState) -> list[Any]:
     """`main` (nginx.conf's shape) with the parts that depend on the state checked and
     taken out: ``server_names_hash_bucket_size`` for a name of 15 characters and more
@@ -1541,10 +1554,8 @@ def _set_state_parts_aside(main: list[Any], state: DesiredState) -> list[Any]:
     builds default to; at least 64, in steps of 64), and the
     entries of the ``$nxmesh_public_port`` map, a port's public port each (the last
     listener's, where states disagree: the model refuses those)."""
-    longest = max((len(n) for site in state.sites for n in site.server_names), default=0)
-    need = 16 + (longest + 2 + 7) // 8 * 8
-    size = str(-(-need // 64) * 64)
-    bucket = [] if need <= 32 else [("server_names_hash_bucket_size", [size], [])]
+    size = bucket_size([n for site in state.sites for n in site.server_names])
+    bucket = [] if size is None else [("server_names_hash_bucket_size", [size], [])]
     public = {
         lst.port: lst.public_port
         for site in state.sites

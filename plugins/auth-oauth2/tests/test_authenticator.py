@@ -41,6 +41,7 @@ class IdP:
         self.keys: dict[str, Any] = {"k1": _RSA_KEYS[0]}
         self.requests: list[str] = []
         self.down = False
+        self.jwks_uri: str | None = None  # what discovery names; None: its own /certs
         handler = self._handler()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self.issuer = f"http://127.0.0.1:{self.server.server_address[1]}/realms/ops"
@@ -60,7 +61,7 @@ class IdP:
                     self.send_error(503)
                     return
                 if self.path.endswith("/.well-known/openid-configuration"):
-                    body = {"issuer": idp.issuer, "jwks_uri": idp.issuer + "/certs"}
+                    body = {"issuer": idp.issuer, "jwks_uri": idp.jwks_uri or idp.issuer + "/certs"}
                 elif self.path.endswith("/certs"):
                     body = {"keys": [idp.jwk(kid) for kid in idp.keys]}
                 else:
@@ -263,6 +264,19 @@ class TestKeys:
         with pytest.raises(AuthenticationError):
             await link.authenticate(bearer(token))
         assert link.keys.fetches == 2
+
+    async def test_discovery_cannot_send_key_fetches_over_plain_http(self, idp: IdP) -> None:
+        """A discovery document naming an http:// jwks_uri off loopback is refused, as
+        jwks_url is in the settings: keys fetched so could be swapped on the way."""
+        idp.jwks_uri = "http://idp.example.test/certs"
+        link = OAuth2Authenticator(settings(idp))
+        with pytest.raises(AuthenticationError) as refused:
+            await link.authenticate(bearer(idp.token()))
+        assert refused.value.reason == "oauth2_idp_unavailable"
+        assert "jwks_uri 'http://idp.example.test/certs', which is not https://" in str(
+            refused.value
+        )
+        assert idp.requests == ["/realms/ops/.well-known/openid-configuration"]
 
     async def test_an_idp_outage_keeps_loaded_keys(self, idp: IdP) -> None:
         """Down before any key was loaded: a 401 naming the IdP. Down later: the keys

@@ -110,7 +110,9 @@ def agents_show_command(agent_id: str, profile: str, as_json: bool) -> None:
         ("mode", agent.deployment_mode or "-"),
         ("nginx", agent.nginx_version or "-"),
         ("running", f"version {agent.running_version}" if agent.running_version else "-"),
-        ("digest", agent.running_digest or "-"),
+        # The version's state digest (`versions` lists it); the agents' apply messages
+        # name the rendered config's digest instead ("serving config ...").
+        ("state", agent.running_digest or "-"),
         ("last seen", f"{timestamp(agent.last_seen)} ({age(agent.last_seen)})"),
     ]
     for key, value in rows:

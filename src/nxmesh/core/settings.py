@@ -800,14 +800,24 @@ def _walk(
             )
 
 
+class _SettingsProblems(ConfigurationError):
+    """A `ConfigurationError` that keeps the problems it lists, to be gathered with
+    others (`load_settings` builds every table before it reports)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        if len(problems) == 1:
+            super().__init__(problems[0])
+        else:
+            listed = "\n".join(f"  - {p}" for p in problems)
+            super().__init__(f"{len(problems)} problems in the settings:\n{listed}")
+
+
 def _raise_problems(problems: list[str]) -> None:
     """One `ConfigurationError` naming every problem found (a file with three mistakes
     is fixed in one round, not three)."""
-    if len(problems) == 1:
-        raise ConfigurationError(problems[0])
     if problems:
-        listed = "\n".join(f"  - {p}" for p in problems)
-        raise ConfigurationError(f"{len(problems)} problems in the settings:\n{listed}")
+        raise _SettingsProblems(problems)
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -899,21 +909,28 @@ _Merged = dict[_Path, tuple[Any, str]]
 def _build(
     schema: _Schema, prefix: _Path, merged: _Merged, extra: Mapping[str, Any] | None = None
 ) -> Any:
-    """The table's class built from the merged values; the class's validators run here."""
+    """The table's class built from the merged values; the class's validators run here.
+
+    :raises ConfigurationError: naming every value at fault (its key and source), or the
+        table when only a check spanning several fields fails.
+    """
     owner = schema.owners[prefix]
     entries = {path: vo for path, vo in merged.items() if path[:-1] == prefix}
     try:
         return owner(**{path[-1]: value for path, (value, _) in entries.items()}, **(extra or {}))
     except (ValueError, TypeError) as exc:
         failure = exc
-    # Find the value at fault to name its key and source. A check spanning several
+    # Find the values at fault to name their keys and sources. A check spanning several
     # fields (a minimum above a maximum) passes field by field and names the table.
+    faults = []
     for path, (value, origin) in entries.items():
         leaf = schema.leaves[path]
         try:
             owner(**{leaf.alias: value})
         except (ValueError, TypeError) as exc:
-            raise _value_error(leaf, value, origin, exc) from None
+            faults.append(str(_value_error(leaf, value, origin, exc)))
+    if faults:
+        _raise_problems(faults)
     reason = _reason(failure)
     for path, (value, _) in entries.items():
         if is_secret_key(path[-1]) and isinstance(value, str) and value:
@@ -977,10 +994,21 @@ def load_settings(
                 merged[key] = (_convert(schema.leaves[key], value, origin), origin)
             except ConfigurationError as exc:
                 problems.append(str(exc))
-    _raise_problems(problems)
 
-    sections = {name: _build(schema, (name,), merged) for name in _CORE_SECTIONS}
-    plugins = {name: _build(schema, ("plugins", name), merged) for name in registry}
+    # Every table is built, so its validators' complaints join the problems above: a
+    # file with an unknown key and a port out of range hears of both at once.
+    def build(prefix: _Path) -> Any:
+        try:
+            return _build(schema, prefix, merged)
+        except _SettingsProblems as exc:
+            problems.extend(exc.problems)
+        except ConfigurationError as exc:
+            problems.append(str(exc))
+        return None
+
+    sections = {name: build((name,)) for name in _CORE_SECTIONS}
+    plugins = {name: build(("plugins", name)) for name in registry}
+    _raise_problems(problems)
     settings: Settings = _build(schema, (), merged, {**sections, "plugins": plugins})
 
     pm.hook.nxmesh_configure.call_historic(kwargs={"settings": settings})

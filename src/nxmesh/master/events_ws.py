@@ -59,7 +59,7 @@ CLOSE_TOO_SLOW: Final = 4408
 RECHECK_INTERVAL: Final = 30.0
 _NEEDS_EVENT_READ: Final = "permission 'event:read' is required"
 # Audited actions after which the stream's credentials are checked before the next event.
-_ACCESS_ACTIONS: Final = ("user.", "api_token.")
+_ACCESS_ACTIONS: Final = ("user.", "api_token.", "auth.logout", "auth.password_change")
 
 log = structlog.get_logger("nxmesh.master.events")
 

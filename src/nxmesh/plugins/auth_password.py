@@ -243,14 +243,24 @@ class PasswordAuthenticator:
         else:
             ok = await self.passwords.verify_in_thread(user.password_hash, password)
             ok = ok and not user.disabled
+        if ok and user is not None:
+            # The check took a while: a user disabled, removed or given another password
+            # meanwhile is refused as it would be now (its sessions were just ended).
+            now = await self.storage.get_user(username)
+            ok = now is not None and not now.disabled and now.password_hash == user.password_hash
         if not ok or user is None:
             log.info("login failed", username=username, remote_addr=credentials.remote_addr)
             raise AuthenticationError("invalid username or password", reason="bad_password")
         await self._gate.succeeded(key)
         await self._address_gate.succeeded(address_key)
         if self.passwords.needs_rehash(user.password_hash):
+            # Imported here: argon2 stays out of processes that load this plugin and never
+            # check a password (agents).
+            from nxmesh.master.auth.passwords import replace_hash
+
             new_hash = await self.passwords.hash_in_thread(password)
-            await self.storage.put_user(attrs.evolve(user, password_hash=new_hash))
+            # Only the hash, and only if unchanged (`replace_hash`): never the stale record.
+            await replace_hash(self.storage, user.username, user.password_hash, new_hash)
         return Principal(subject=user.username, roles=tuple(user.roles), authenticator=self.name)
 
 

@@ -872,6 +872,20 @@ class SqlStorage:
         result = await self._run(lambda conn: conn.execute(stmt), write=True)
         return bool(result.rowcount)
 
+    async def replace_password_hash(self, username: str, old_hash: str, new_hash: str) -> bool:
+        """Set `username`'s password hash to `new_hash` if it still is `old_hash`, and
+        nothing else (an optional method: see `nxmesh.master.auth.passwords.replace_hash`).
+        One statement: a user disabled, re-roled, deleted or given another password while
+        the new hash was computed stays so. False when it did not apply."""
+        users = t.users
+        stmt = (
+            update(users)
+            .where(users.c.username == username, users.c.password_hash == old_hash)
+            .values(password_hash=new_hash)
+        )
+        result = await self._run(lambda conn: conn.execute(stmt), write=True)
+        return bool(result.rowcount)
+
     # -- failed password logins (shared lockout) -----------------------------------------
     # Optional storage methods: `nxmesh.plugins.auth_password` uses them when a backend
     # has both, and keeps its counters in process memory otherwise.

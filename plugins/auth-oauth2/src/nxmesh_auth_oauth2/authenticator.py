@@ -16,7 +16,7 @@ from nxmesh.core.errors import ConfigurationError
 from nxmesh.core.interfaces import Credentials, Principal
 from nxmesh.master.auth.errors import AuthenticationError
 from nxmesh.master.auth.service import API_TOKEN_PREFIX
-from nxmesh_auth_oauth2.settings import OAuth2Settings
+from nxmesh_auth_oauth2.settings import OAuth2Settings, secure_url
 
 if TYPE_CHECKING:
     from nxmesh.master.app import MasterServices
@@ -117,8 +117,15 @@ class JwksCache:
                     client, self.settings.issuer.rstrip("/") + "/.well-known/openid-configuration"
                 )
                 url = discovery.get("jwks_uri")
-                if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+                if not isinstance(url, str) or not url:
                     raise IdentityProviderError("the IdP's discovery document has no jwks_uri")
+                # The rule the settings hold jwks_url to: keys fetched over plain HTTP
+                # could be swapped on the way, and every token they sign be forged.
+                if not secure_url(url):
+                    raise IdentityProviderError(
+                        f"the IdP's discovery document names jwks_uri {url!r}, which is not "
+                        "https:// (http:// only on loopback); its keys are not fetched"
+                    )
                 self._jwks_url = url
             jwks = await self._get_json(client, self._jwks_url)
         keys: dict[str, jwt.PyJWK] = {}

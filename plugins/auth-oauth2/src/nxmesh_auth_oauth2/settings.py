@@ -46,6 +46,14 @@ def _not_negative(_: Any, attribute: attrs.Attribute[Any], value: float) -> None
         raise ValueError(f"{attribute.name} must be zero or a positive number of seconds")
 
 
+def secure_url(url: str) -> bool:
+    """https://, or http:// to a loopback host (a local IdP: nothing crosses a network)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and bool(parts.hostname) and _loopback(parts.hostname or "")
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -105,11 +113,8 @@ class OAuth2Settings:
             url = getattr(self, key)
             if not url:
                 continue
-            parts = urlsplit(url)
-            if parts.scheme == "https" and parts.hostname:
+            if secure_url(url):
                 continue
-            if parts.scheme == "http" and parts.hostname and _loopback(parts.hostname):
-                continue  # a local IdP (development, tests): nothing crosses a network
             raise ConfigurationError(
                 f"[plugins.auth_oauth2] {key} must be an https:// URL (http:// only on "
                 f"loopback): got {url!r}"

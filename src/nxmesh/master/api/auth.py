@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import attrs
 from litestar import Controller, Request, delete, get, post
 from litestar.params import JSONBody, Parameter
 
@@ -22,10 +21,10 @@ from nxmesh.master.api.schemas import (
     TokenResponse,
 )
 from nxmesh.master.auth.errors import AuthenticationError
-from nxmesh.master.auth.passwords import check_password_policy
+from nxmesh.master.auth.passwords import check_password_policy, replace_hash
 from nxmesh.master.auth.service import TokenPair
 from nxmesh.master.auth.store import ApiTokenRecord
-from nxmesh.master.problems import NotFound
+from nxmesh.master.problems import Conflict, NotFound
 
 __all__ = ["AuthController", "SessionController"]
 
@@ -172,9 +171,18 @@ class AuthController(Controller):
         if user is None or verified.subject != caller.subject:
             raise AuthenticationError("invalid username or password", reason="bad_password")
         new_hash = await services.auth.passwords.hash_in_thread(data.new_password)
-        await services.storage.put_user(attrs.evolve(user, password_hash=new_hash))
+        if not await replace_hash(services.storage, user.username, user.password_hash, new_hash):
+            raise Conflict(
+                "the account changed while the new password was being set (disabled, "
+                "removed or given another password); nothing was changed"
+            )
+        # Every credential made with the old password goes: sessions, and API tokens (a
+        # stolen access token could have minted one that outlives it).
         await services.auth.end_sessions(user.username)
-        await caller.audit("auth.password_change", f"users/{user.username}")
+        revoked = await services.auth.revoke_api_tokens_of(user.username)
+        await caller.audit(
+            "auth.password_change", f"users/{user.username}", api_tokens_revoked=revoked
+        )
 
     @get("/tokens", opt=perm("api_token:read", scope="anywhere"), responses=ERRORS)
     async def list_tokens(self, caller: CallerDep) -> list[ApiTokenView]:

@@ -103,20 +103,33 @@ class UserController(Controller):
         if user is None:
             raise NotFound(f"no user {username!r}")
         _check_may_manage(caller, user)
-        updated = user
         if data.roles is not None:
             _check_roles(caller, data.roles)
-            updated = attrs.evolve(updated, roles=data.roles)
-        if data.disabled is not None:
-            updated = attrs.evolve(updated, disabled=data.disabled)
+        new_hash = None
         if data.password is not None:
             check_password_policy(data.password)
             new_hash = await s.auth.passwords.hash_in_thread(data.password)
+            # Hashing took a while: build on the user as it is now, not as first read,
+            # so another change made meanwhile is not written back over.
+            user = await s.storage.get_user(username)
+            if user is None:
+                raise NotFound(f"no user {username!r}")
+            _check_may_manage(caller, user)
+        updated = user
+        if data.roles is not None:
+            updated = attrs.evolve(updated, roles=data.roles)
+        if data.disabled is not None:
+            updated = attrs.evolve(updated, disabled=data.disabled)
+        if new_hash is not None:
             updated = attrs.evolve(updated, password_hash=new_hash)
         await _keep_an_admin(caller, user, updated)
         await s.storage.put_user(updated)
         if data.password is not None or data.disabled or data.roles is not None:
             await s.auth.end_sessions(username)
+        if data.password is not None:
+            # A new password ends every credential made with the old one (see
+            # `AuthController.change_password`): API tokens too.
+            await s.auth.revoke_api_tokens_of(username)
         await caller.audit(
             "user.update",
             f"users/{username}",

@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+from typing import TYPE_CHECKING, Protocol
 
 import anyio
 import argon2
+import attrs
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 
 from nxmesh.core.errors import Problem, ValidationError
 from nxmesh.core.settings import AuthSettings
 
-__all__ = ["MIN_PASSWORD_LENGTH", "Passwords", "check_password_policy", "generate_password"]
+if TYPE_CHECKING:
+    from nxmesh.core.records import User
+
+__all__ = [
+    "MIN_PASSWORD_LENGTH",
+    "Passwords",
+    "check_password_policy",
+    "generate_password",
+    "replace_hash",
+]
 
 MIN_PASSWORD_LENGTH = 12
 MAX_PASSWORD_LENGTH = 1024
@@ -97,3 +108,28 @@ class Passwords:
             return self._hasher.check_needs_rehash(password_hash)
         except InvalidHashError:
             return True
+
+
+class _HashStore(Protocol):
+    async def get_user(self, username: str) -> User | None: ...
+    async def put_user(self, user: User) -> None: ...
+
+
+async def replace_hash(storage: _HashStore, username: str, old_hash: str, new_hash: str) -> bool:
+    """Set the password hash of `username` to `new_hash` if it is still `old_hash`,
+    changing nothing else; False when the user is gone or its hash changed meanwhile.
+
+    A new hash takes an argon2 computation (a fifth of a second by default): writing back
+    the user record read before it would undo what an admin changed meanwhile (disabled,
+    other roles, deleted, another password). Storage with ``replace_password_hash``
+    (`SqlStorage`) does it in one statement; other backends re-read the user first, which
+    leaves a window of one read and one write instead of the whole computation.
+    """
+    swap = getattr(storage, "replace_password_hash", None)
+    if swap is not None:
+        return bool(await swap(username, old_hash, new_hash))
+    user = await storage.get_user(username)
+    if user is None or user.password_hash != old_hash:
+        return False
+    await storage.put_user(attrs.evolve(user, password_hash=new_hash))
+    return True

@@ -364,14 +364,21 @@ class AuthService:
         return None
 
     async def revoke_api_token(self, caller: Principal, token_id: str) -> ApiTokenRecord | None:
-        """Revoke a token the caller owns (or any, with ``user:write``); None if unknown.
+        """Revoke a token the caller owns, or another user's with ``user:write`` and every
+        permission that user holds (the rule for managing users: revoking an admin's
+        token is managing the admin); None if unknown.
 
-        :raises PermissionDeniedError: the token belongs to someone else.
+        :raises PermissionDeniedError: the token belongs to someone the caller may not
+            manage.
         """
         record = await self.store.get_api_token(token_id)
         if record is None:
             return None
-        if record.owner != caller.subject and not self.rbac.allowed(caller, "user:write"):
-            raise PermissionDeniedError("user:write")
+        if record.owner != caller.subject:
+            if not self.rbac.allowed(caller, "user:write"):
+                raise PermissionDeniedError("user:write")
+            owner = await self.storage.get_user(record.owner)
+            if owner is not None and not self.rbac.holds_all(caller, owner.roles):
+                raise PermissionDeniedError.to_manage(owner.username)
         await self.store.revoke_api_token(token_id)
         return record

@@ -516,7 +516,8 @@ class ReloadDriver:
         await anyio.to_thread.run_sync(self.store.clear_journal)
         protect = {name} | ({previous} if previous else set())
         await anyio.to_thread.run_sync(self.store.prune, self.settings.keep_releases, protect)
-        message = f"serving {bundle.digest[:12]}"
+        # The rendered bundle's digest ("config"), not the version's state digest.
+        message = f"serving config {bundle.digest[:12]}"
         if (warning := await self._locked_out(release)) is not None:
             log.warning("nginx.workers_locked_out", detail=warning)
             message += f"; warning: {warning}"
@@ -773,5 +774,5 @@ def _describe(previous: str | None, foreign: str | None) -> str:
     """How a report names the tree that serves again: a release by its short digest, a
     tree the agent did not write by where ``current`` leads."""
     if previous is not None:
-        return previous[:12]
+        return f"config {previous[:12]}"
     return f"{foreign} (not written by the agent)"
