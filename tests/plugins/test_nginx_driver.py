@@ -1694,6 +1694,18 @@ class TestTlsUpstreams:
         assert set(names) == {tls.get("server_name")}
 
 
+async def _apply_with_certificate(
+    stack: NginxStack, pki: Pki, state: DesiredState, name: str
+) -> None:
+    """Apply `state`, whose certificate ``c`` is served as a leaf of `pki` for `name`."""
+    server = pki.leaf(name)
+    files = {"certs/c.crt": server.pem.encode(), "certs/c.key": server.key_pem.encode()}
+    report = await stack.driver.apply(
+        stack.update(state), stack.renderer.render(state, extra_files=files)
+    )
+    assert report.outcome == "applied", report.message
+
+
 def _client_chain(tmp_path: Path, name: str, issuer: Pki) -> tuple[Path, Any]:
     """A client certificate of `issuer` for `name`: its chain file, and the leaf."""
     leaf = issuer.leaf(f"{name}.clients.test")
@@ -1720,12 +1732,7 @@ class TestHttpsRedirect:
             locations=(Location(path="/", return_=Return(code=200, body="secure")),),
         )
         state = DesiredState(sites=(site,), certificates=(CertificateRef("c", ("localhost",)),))
-        server = pki.leaf("localhost")
-        files = {"certs/c.crt": server.pem.encode(), "certs/c.key": server.key_pem.encode()}
-        report = await stack.driver.apply(
-            stack.update(state), stack.renderer.render(state, extra_files=files)
-        )
-        assert report.outcome == "applied", report.message
+        await _apply_with_certificate(stack, pki, state, "localhost")
         async with httpx.AsyncClient() as client:
             plain = f"http://127.0.0.1:{stack.web_port}/orders?id=7"
             answer = await client.post(plain, content=b"qty=2", headers={"Host": "localhost"})
@@ -1777,12 +1784,7 @@ class TestHttpsRedirect:
             certificates=(CertificateRef("c", ("localhost",)),),
             upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{upstream_port}"),)),),
         )
-        server = pki.leaf("localhost")
-        files = {"certs/c.crt": server.pem.encode(), "certs/c.key": server.key_pem.encode()}
-        report = await stack.driver.apply(
-            stack.update(state), stack.renderer.render(state, extra_files=files)
-        )
-        assert report.outcome == "applied", report.message
+        await _apply_with_certificate(stack, pki, state, "localhost")
         context = ssl.create_default_context()
         context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
         async with httpx.AsyncClient(verify=context) as client:
@@ -1862,11 +1864,7 @@ class TestClientCertificates:
             certificates=(CertificateRef("c", ("a.test",)),),
             upstreams=(Upstream("app", (UpstreamServer(f"127.0.0.1:{upstream_port}"),)),),
         )
-        server = pki.leaf("a.test")
-        files = {"certs/c.crt": server.pem.encode(), "certs/c.key": server.key_pem.encode()}
-        bundle = stack.renderer.render(state, extra_files=files)
-        report = await stack.driver.apply(stack.update(state), bundle)
-        assert report.outcome == "applied", report.message
+        await _apply_with_certificate(stack, pki, state, "a.test")
 
     async def _statuses(
         self, stack: NginxStack, pki: Pki, tls: TLSConfig, chains: list[Path | None]
