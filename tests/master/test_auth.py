@@ -411,6 +411,29 @@ class TestApiTokens:
         assert master.client.put(STATE, json={}, headers=bearer).status_code == 403
         assert master.client.get("/api/v1/users", headers=bearer).status_code == 403
 
+    def test_a_token_made_by_a_token_does_not_outlive_it(self, master: Master) -> None:
+        """A short-lived token that may create tokens cannot mint a longer-lived or
+        permanent one (422 at ``expires_in``); within its life it can. A session is not
+        bound so: automation tokens are made from a login."""
+        admin = master.headers("admin", subject="admin")
+        scopes = ["config:read", "api_token:write"]
+        parent = self._create(master, admin, name="short", scopes=scopes, expires_in=600)
+        assert parent.status_code == 201, parent.text
+        bearer = {"Authorization": f"Bearer {parent.json()['token']}"}
+        for lifetime in (None, 3600):
+            body: dict[str, Any] = {"name": "child", "scopes": ["config:read"]}
+            if lifetime is not None:
+                body["expires_in"] = lifetime
+            refused = self._create(master, bearer, **body)
+            assert refused.status_code == 422, refused.text
+            [error] = refused.json()["errors"]
+            assert error["path"] == "expires_in"
+            assert "cannot outlive it" in error["message"]
+        child = self._create(master, bearer, name="child", scopes=["config:read"], expires_in=300)
+        assert child.status_code == 201, child.text
+        forever = self._create(master, admin, name="ci", scopes=["config:read"])
+        assert forever.status_code == 201, forever.text
+
     def test_workspace_scoped_token(self, master: Master) -> None:
         """``config:read@staging`` reads staging and nothing else."""
         admin = master.headers("admin", subject="admin")

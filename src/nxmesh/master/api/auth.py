@@ -7,9 +7,10 @@ from typing import Annotated, Any
 from litestar import Controller, Request, delete, get, post
 from litestar.params import JSONBody, Parameter
 
+from nxmesh.core.errors import Problem, ValidationError
 from nxmesh.core.interfaces import Credentials
 from nxmesh.master.api._common import BEARER, ERRORS, LOGIN_ERRORS, PUBLIC_ERRORS, perm
-from nxmesh.master.api.context import CallerDep, ServicesDep, remote_addr
+from nxmesh.master.api.context import CallerDep, ServicesDep, credentials_from, remote_addr
 from nxmesh.master.api.schemas import (
     ApiTokenCreate,
     ApiTokenCreated,
@@ -192,10 +193,31 @@ class AuthController(Controller):
 
     @post("/tokens", opt=perm("api_token:write", scope="anywhere"), responses=ERRORS)
     async def create_token(
-        self, data: JSONBody[ApiTokenCreate], caller: CallerDep
+        self, request: Request[Any, Any, Any], data: JSONBody[ApiTokenCreate], caller: CallerDep
     ) -> ApiTokenCreated:
-        """Create an API token; its secret is in this response and nowhere else, ever."""
-        issued = await caller.services.auth.create_api_token(
+        """Create an API token; its secret is in this response and nowhere else, ever.
+
+        A token made with an API token expires no later than that token: its scopes are
+        bounded already, and so is its life (no short-lived token minting a permanent one).
+        """
+        auth = caller.services.auth
+        if caller.principal.authenticator == "api_token":
+            credentials = credentials_from(request)
+            token = credentials.values.get("token", "") if credentials else ""
+            until = await auth.expiry_of(token, caller.principal)
+            if until is not None:
+                left = max(0, int(until - auth.clock()))
+                if data.expires_in is None or data.expires_in > left:
+                    raise ValidationError(
+                        [
+                            Problem(
+                                "expires_in",
+                                f"must be at most {left} seconds: the API token creating "
+                                "this one expires then, and a token cannot outlive it",
+                            )
+                        ]
+                    )
+        issued = await auth.create_api_token(
             caller.principal, name=data.name, scopes=data.scopes, ttl=data.expires_in
         )
         await caller.audit(
