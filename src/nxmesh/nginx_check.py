@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -42,6 +43,7 @@ __all__ = [
     "check_bundle",
     "check_bundle_async",
     "find_nginx",
+    "nginx_warnings",
     "prepare_prefix",
     "write_bundle",
     "write_placeholder_certificates",
@@ -59,6 +61,18 @@ directories.
 
 _SEARCH_DIRS = ("/usr/sbin", "/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin")
 _PRIVATE = (".key", ".pem")
+
+
+# "2026/12/01 04:49:45 [warn] 123#123: <text>": the time and pid vary per line.
+_WARNING = re.compile(r"\[warn\] (?:\d+#\d+: )?(.*\S)")
+
+
+def nginx_warnings(output: str) -> list[str]:
+    """The ``[warn]`` lines of nginx's output (``nginx -t``: an oversized hash, a
+    directive it ignores), once each and without their time: a test that passes with
+    them still says something an operator should read."""
+    found = (_WARNING.search(line) for line in output.splitlines())
+    return list(dict.fromkeys(m.group(1) for m in found if m))
 
 
 class NginxNotFoundError(NxMeshError):

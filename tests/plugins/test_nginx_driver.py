@@ -1802,6 +1802,25 @@ class TestHttpsRedirect:
             assert app.status_code == 200
 
 
+async def test_nginx_t_warnings_reach_the_apply_report(stack: NginxStack) -> None:
+    """nginx -t passes with a warning (2,560 server names overflow its default hash
+    size): the apply goes through, and its report says what nginx warned of, once."""
+    sites = tuple(
+        Site(
+            name=f"s{s}",
+            server_names=tuple(f"host-{s}-{n}.example.test" for n in range(64)),
+            listeners=(Listener(port=stack.web_port, address="127.0.0.1"),),
+            locations=(Location(path="/", return_=Return(code=200, body="ok")),),
+        )
+        for s in range(40)
+    )
+    state = DesiredState(sites=sites)
+    report = await stack.driver.apply(stack.update(state), stack.render(state))
+    assert report.outcome == "applied", report.message
+    assert report.message.count("could not build optimal server_names_hash") == 1
+    assert "; nginx -t warned: could not build optimal server_names_hash" in report.message
+
+
 async def test_long_server_names_are_served(stack: NginxStack) -> None:
     """Names past nginx's default hash bucket (47 characters and more; a wildcard one too)
     are served: nginx.conf gives the bucket size they need, where nginx's default would

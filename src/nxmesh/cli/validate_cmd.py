@@ -11,7 +11,6 @@ created in the scratch directory.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +27,15 @@ from nxmesh.cli.render_cmd import (
 )
 from nxmesh.core.errors import ConfigurationError
 from nxmesh.core.settings import load_settings
-from nxmesh.nginx_check import DEFAULT_TIMEOUT, NginxNotFoundError, check_bundle, find_nginx
+from nxmesh.nginx_check import (
+    DEFAULT_TIMEOUT,
+    NginxNotFoundError,
+    check_bundle,
+    find_nginx,
+    nginx_warnings,
+)
 
 __all__ = ["EXIT_INVALID", "validate_command"]
-
-# "2026/12/01 04:49:45 [warn] 123#123: <text>" (the pid and time vary per line).
-_NGINX_WARNING = re.compile(r"\[warn\] (?:\d+#\d+: )?(.*\S)")
 
 
 def _nginx_binary(ctx: CliContext, given: str | None) -> str:
@@ -133,8 +135,7 @@ def validate_command(
                 click.echo(f"note: nginx -t skipped: {nginx['skipped']}", err=True)
             # nginx's own warnings (an oversized hash, a directive it ignores) pass -t
             # but say something an operator should read; once each, without the time.
-            found = (_NGINX_WARNING.search(line) for line in nginx["output"].splitlines())
-            for text in dict.fromkeys(m.group(1) for m in found if m):
+            for text in nginx_warnings(nginx["output"]):
                 click.echo(f"warning: nginx -t: {text}", err=True)
             checked = "nginx -t ok" if nginx["ran"] else "nginx -t skipped"
             click.echo(

@@ -56,7 +56,7 @@ from nxmesh.core.errors import NxMeshError
 from nxmesh.core.interfaces import DeploymentMode
 from nxmesh.core.model import ApplyReport, PendingApply
 from nxmesh.core.settings import Settings
-from nxmesh.nginx_check import NginxNotFoundError, find_nginx, prepare_prefix
+from nxmesh.nginx_check import NginxNotFoundError, find_nginx, nginx_warnings, prepare_prefix
 from nxmesh.plugins.nginx_driver.inspect import StatusEndpoint, error_logs, status_endpoint
 from nxmesh.plugins.nginx_driver.reach import locked_out_warning
 from nxmesh.plugins.nginx_driver.releases import ReleaseStore, sync_filesystem
@@ -421,6 +421,7 @@ class ReloadDriver:
             clock.lap("test")
             if not ok:
                 return "failed", f"nginx -t failed: {_nginx_message(output)}", output
+            warned = nginx_warnings(output)
             assert not isinstance(inspected, OSError)
             endpoint, logs = inspected
         else:
@@ -438,6 +439,7 @@ class ReloadDriver:
                 clock.lap("test")
                 if not ok:
                     return "failed", f"nginx -t failed: {_nginx_message(output)}", output
+                warned = nginx_warnings(output)
                 if isinstance(inspected, OSError):
                     return "failed", f"the staged tree is not what was written: {inspected}", ""
                 endpoint, logs = inspected
@@ -518,6 +520,8 @@ class ReloadDriver:
         await anyio.to_thread.run_sync(self.store.prune, self.settings.keep_releases, protect)
         # The rendered bundle's digest ("config"), not the version's state digest.
         message = f"serving config {bundle.digest[:12]}"
+        if warned:  # passed, but nginx said something an operator should read
+            message += f"; nginx -t warned: {' | '.join(warned)}"
         if (warning := await self._locked_out(release)) is not None:
             log.warning("nginx.workers_locked_out", detail=warning)
             message += f"; warning: {warning}"
