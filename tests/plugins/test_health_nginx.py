@@ -217,6 +217,46 @@ class TestAgainstRealNginx:
         with pytest.raises(ValueError, match="probes"):
             HealthSettings(probes=(probe,))
 
+    async def test_probes_behind_a_load_balancer_send_the_proxy_line(
+        self, served: NginxStack, tmp_path: Path
+    ) -> None:
+        """A listener expecting PROXY protocol lines closes a probe without one; with
+        ``proxy_protocol`` last the probe opens with the line, over HTTP and before the
+        TLS handshake over HTTPS, and the site answers."""
+        pki = Pki()
+        ca_file = tmp_path / "ca.pem"
+        ca_file.write_text(pki.root.pem)
+        plain_port, tls_port = free_port(), free_port()
+        site = Site(
+            name="store",
+            server_names=("store.test",),
+            listeners=(
+                Listener(port=plain_port, address="127.0.0.1", proxy_protocol=True),
+                Listener(port=tls_port, address="127.0.0.1", tls=True, proxy_protocol=True),
+            ),
+            tls=TLSConfig(certificate="c", redirect_http=False),
+            real_ip_from=("127.0.0.1",),
+            real_ip_header="proxy_protocol",
+            locations=(Location(path="/", return_=Return(code=200, body="ok")),),
+        )
+        state = DesiredState(sites=(site,), certificates=(CertificateRef("c", ("store.test",)),))
+        leaf = pki.leaf("store.test")
+        files = {"certs/c.crt": pki.chain(leaf).encode(), "certs/c.key": leaf.key_pem.encode()}
+        report = await served.driver.apply(
+            served.update(state), served.renderer.render(state, extra_files=files)
+        )
+        assert report.outcome == "applied", report.message
+        plain = f"http://127.0.0.1:{plain_port}/ store.test"
+        secure = f"https://127.0.0.1:{tls_port}/ store.test"
+        without, with_line, tls_with_line = await HttpProbeCheck(
+            [plain, f"{plain} proxy_protocol", f"{secure} proxy_protocol"],
+            timeout=2,
+            ca_file=str(ca_file),
+        ).run()
+        assert without.status == "fail"  # nginx: "broken header", the connection closed
+        assert (with_line.status, with_line.metrics["status_code"]) == ("ok", 200)
+        assert (tls_with_line.status, tls_with_line.metrics["status_code"]) == ("ok", 200)
+
     def test_a_ca_file_must_be_readable(self, tmp_path: Path) -> None:
         with pytest.raises(
             ValueError, match=r"probe_ca_file: .* is not a file this agent can read"

@@ -11,7 +11,9 @@ from __future__ import annotations
 import ssl
 
 import anyio
+import anyio.abc
 import attrs
+from anyio.streams.tls import TLSStream
 
 __all__ = ["HttpResponse", "http_get"]
 
@@ -39,33 +41,40 @@ async def http_get(
     timeout: float = 2.0,  # noqa: ASYNC109 - a probe without a bound is a bug
     host_header: str | None = None,
     tls: ssl.SSLContext | None = None,
+    proxy_protocol: bool = False,
 ) -> HttpResponse:
     """GET ``http://host:port/path`` (``https://`` with `tls`, checking the certificate
     against `host_header`, or `host`, as the context says); raises ``OSError`` (a TLS
     failure is an ``ssl.SSLError``, one) or ``TimeoutError`` on failure.
 
-    The body is read until the server closes (``Connection: close``), capped at 1 MiB.
+    `proxy_protocol`: open the connection with a PROXY protocol v1 line naming this
+    connection's own ends, as a load balancer would, for a listener that expects one
+    (before the TLS handshake). The body is read until the server closes (``Connection:
+    close``), capped at 1 MiB.
     """
     request = (
         f"GET {path} HTTP/1.1\r\nHost: {host_header or host}\r\n"
         "User-Agent: nxmesh-agent\r\nConnection: close\r\n\r\n"
     ).encode("ascii")
     with anyio.fail_after(timeout):
-        # Not "standard compatible": the body ends when the server closes, whether or not
-        # it sent TLS's close_notify first.
-        connecting = (
-            anyio.connect_tcp(host, port)
-            if tls is None
-            else anyio.connect_tcp(
-                host,
-                port,
-                tls=True,
-                ssl_context=tls,
-                tls_hostname=host_header or host,
-                tls_standard_compatible=False,
-            )
-        )
-        async with await connecting as stream:
+        tcp = await anyio.connect_tcp(host, port)
+        stream: anyio.abc.ByteStream = tcp
+        try:
+            if proxy_protocol:
+                await tcp.send(_proxy_line(tcp))
+            if tls is not None:
+                # Not "standard compatible": the body ends when the server closes,
+                # whether or not it sent TLS's close_notify first.
+                stream = await TLSStream.wrap(
+                    tcp,
+                    hostname=host_header or host,
+                    ssl_context=tls,
+                    standard_compatible=False,
+                )
+        except BaseException:
+            await tcp.aclose()
+            raise
+        async with stream:
             await stream.send(request)
             chunks: list[bytes] = []
             size = 0
@@ -77,6 +86,14 @@ async def http_get(
                 chunks.append(chunk)
                 size += len(chunk)
     return _parse(b"".join(chunks))
+
+
+def _proxy_line(tcp: anyio.abc.SocketStream) -> bytes:
+    """``PROXY TCP4|TCP6 <source> <destination> <sport> <dport>``: this connection's ends."""
+    local = tcp.extra(anyio.abc.SocketAttribute.local_address)  # noqa: S610 - anyio's
+    remote = tcp.extra(anyio.abc.SocketAttribute.remote_address)  # noqa: S610
+    family = "TCP6" if ":" in str(local[0]) else "TCP4"
+    return f"PROXY {family} {local[0]} {remote[0]} {local[1]} {remote[1]}\r\n".encode("ascii")
 
 
 def _parse(raw: bytes) -> HttpResponse:

@@ -6,7 +6,8 @@
   file-descriptor limit was hit).
 - ``http_probe``: a GET of each configured endpoint (``probes``: an ``http://`` or
   ``https://`` URL, optionally followed by a space and the Host to ask for, since nginx
-  refuses names no site serves); ``fail`` on a connection error, a TLS handshake or
+  refuses names no site serves, and by ``proxy_protocol`` for a listener that expects a
+  PROXY protocol line); ``fail`` on a connection error, a TLS handshake or
   certificate that fails (HTTPS: the name asked for is the SNI and the name checked,
   against ``probe_ca_file`` or the host's trust store, unless ``probe_verify_tls`` is
   off), or a status of 400 and up. One result per probe.
@@ -62,12 +63,21 @@ STUB_STATUS_PATH = "/nginx_status"
 _PROBE_SCHEMES = ("http", "https")
 
 
-def _probe_parts(probe: str) -> tuple[str, str | None]:
-    """A probe's URL and the Host it asks for: ``"http://127.0.0.1/healthz"``, or with the
-    name of the site to reach after a space, ``"http://127.0.0.1/healthz shop.example.com"``
-    (nginx refuses names no site serves, and an IP is not a site's name)."""
-    url, _, host = probe.strip().partition(" ")
-    return url, host.strip() or None
+PROXY_PROTOCOL_FLAG = "proxy_protocol"
+
+
+def _probe_parts(probe: str) -> tuple[str, str | None, bool]:
+    """A probe's URL, the Host it asks for and whether it opens with a PROXY protocol
+    line: ``"http://127.0.0.1/healthz"``, with the name of the site to reach after a space,
+    ``"http://127.0.0.1/healthz shop.example.com"`` (nginx refuses names no site serves,
+    and an IP is not a site's name), and ``proxy_protocol`` last for a listener behind a
+    load balancer that sends one (``listen ... proxy_protocol`` closes connections
+    without it)."""
+    url, *rest = probe.split()
+    proxied = bool(rest) and rest[-1] == PROXY_PROTOCOL_FLAG
+    if proxied:
+        rest = rest[:-1]
+    return url, " ".join(rest) or None, proxied
 
 
 def _readable_file(_inst: object, attribute: attrs.Attribute[str | None], value: object) -> None:
@@ -77,12 +87,15 @@ def _readable_file(_inst: object, attribute: attrs.Attribute[str | None], value:
 
 def _probes(_inst: object, attribute: attrs.Attribute[tuple[str, ...]], value: object) -> None:
     for probe in value:  # type: ignore[attr-defined]
-        url, host = _probe_parts(probe)
+        if not isinstance(probe, str) or not probe.strip():
+            raise ValueError(f"{attribute.name} must hold URLs, got {probe!r}")
+        url, host, _ = _probe_parts(probe)
         parts = urlsplit(url)
         if parts.scheme not in _PROBE_SCHEMES or not parts.hostname:
             raise ValueError(
                 f"{attribute.name} must hold http:// or https:// URLs, each optionally followed "
-                f"by a space and the Host to ask for, got {probe!r}"
+                f"by a space and the Host to ask for, and by {PROXY_PROTOCOL_FLAG}, "
+                f"got {probe!r}"
             )
         if host is not None and SERVER_NAME.reason(host) is not None:
             raise ValueError(f"{attribute.name}: the Host of {url!r} is not a name: {host!r}")
@@ -221,7 +234,7 @@ class HttpProbeCheck:
         return [await self._probe(i, probe) for i, probe in enumerate(self.probes)]
 
     async def _probe(self, index: int, probe: str) -> HealthResult:
-        url, host = _probe_parts(probe)
+        url, host, proxied = _probe_parts(probe)
         parts = urlsplit(url)
         check = f"{self.name}.{index}"
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
@@ -235,6 +248,7 @@ class HttpProbeCheck:
                 timeout=self.timeout,
                 host_header=host,
                 tls=self.tls if https else None,
+                proxy_protocol=proxied,
             )
         except (OSError, TimeoutError, anyio.BrokenResourceError) as exc:
             return HealthResult(check=check, status="fail", message=f"{url}: {_reason(exc)}")
