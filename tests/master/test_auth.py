@@ -822,6 +822,40 @@ class TestPasswordAuthenticator:
         assert not passwords.needs_rehash(users.users["ann"].password_hash)
         assert users.users["ann"].password_hash != old.hash("s3cret-pass")
 
+    async def test_an_old_cost_hash_costs_todays_time(self, passwords: Passwords) -> None:
+        """A hash made with older (cheaper) argon2 costs is checked beside a dummy at
+        today's costs, as an unknown user's login is, so the time of the answer does not
+        tell that the user exists; a hash at today's costs needs no dummy."""
+        from nxmesh.core.settings import AuthSettings
+
+        old = Passwords(
+            AuthSettings(argon2_time_cost=2, argon2_memory_kib=16, argon2_parallelism=1)
+        )
+        users = _Users(
+            User(username="ann", password_hash=old.hash("s3cret-pass")),
+            User(username="bea", password_hash=passwords.hash("s3cret-pass")),
+        )
+        dummies: list[str] = []
+        dummy_verify_in_thread = passwords.dummy_verify_in_thread
+
+        async def counted() -> None:
+            dummies.append("dummy")
+            await dummy_verify_in_thread()
+
+        passwords.dummy_verify_in_thread = counted  # type: ignore[method-assign]
+        auth = PasswordAuthenticator(users, passwords)  # type: ignore[arg-type]
+        with pytest.raises(AuthenticationError):
+            await auth.authenticate(password("ann", "wrong-pass!"))
+        assert len(dummies) == 1
+        assert await auth.authenticate(password("ann", "s3cret-pass"))  # upgraded too
+        assert len(dummies) == 2
+        assert await auth.authenticate(password("bea", "s3cret-pass"))
+        assert await auth.authenticate(password("ann", "s3cret-pass"))  # today's costs now
+        assert len(dummies) == 2
+        with pytest.raises(AuthenticationError):
+            await auth.authenticate(password("nobody", "s3cret-pass"))
+        assert len(dummies) == 3
+
     async def test_a_login_racing_a_disable_is_refused_and_undoes_nothing(
         self, passwords: Passwords
     ) -> None:
