@@ -228,9 +228,14 @@ class Listener:
     )
 
     @property
+    def reached_port(self) -> int:
+        """The port clients reach the socket on: `public_port`, else nginx's `port`."""
+        return self.port if self.public_port is None else self.public_port
+
+    @property
     def mapped(self) -> bool:
         """Clients reach the socket on another port than nginx listens on."""
-        return self.public_port is not None and self.public_port != self.port
+        return self.reached_port != self.port
 
     @property
     def bind(self) -> tuple[str, int]:
@@ -1802,9 +1807,8 @@ def check_parts(parts: StateParts) -> list[Problem]:
             if lst is None:
                 continue
             bind = lst.bind
-            public = lst.port if lst.public_port is None else lst.public_port
-            reached, owner = public_on_port.setdefault(lst.port, (public, i))
-            if reached != public:
+            reached, owner = public_on_port.setdefault(lst.port, (lst.reached_port, i))
+            if reached != lst.reached_port:
                 found.append(
                     Problem(
                         f"{here}.listeners[{n}].public_port",

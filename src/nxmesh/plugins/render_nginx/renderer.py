@@ -578,11 +578,7 @@ def unknown_host_listens(
 def https_redirect(site: Site) -> Token:
     """The target of a site's HTTPS redirect, with the port when it is not 443: the port
     clients reach (`Listener.public_port`), which is not nginx's behind a port mapping."""
-    ports = [
-        lst.port if lst.public_port is None else lst.public_port
-        for lst in site.listeners
-        if lst.tls
-    ]
+    ports = [lst.reached_port for lst in site.listeners if lst.tls]
     port = ports[0] if ports else 443
     if port == 443 or 443 in ports:
         return Token("https://$host$request_uri")
@@ -1165,10 +1161,7 @@ def public_ports(state: DesiredState) -> list[tuple[int, int]]:
     a port mapping (`Listener.public_port`; the model makes a port's listeners agree),
     sorted: the ``$nxmesh_public_port`` map."""
     mapped = {
-        lst.port: lst.public_port
-        for site in state.sites
-        for lst in site.listeners
-        if lst.public_port is not None and lst.mapped
+        lst.port: lst.reached_port for site in state.sites for lst in site.listeners if lst.mapped
     }
     return sorted(mapped.items())
 
