@@ -19,7 +19,8 @@ the master's storage.
   still costs one full argon2 verification, against a dummy hash, and gets the same answer
   as a wrong password — timing and wording never reveal which usernames exist. A user
   whose hash has older (cheaper) costs is checked beside such a dummy, for the same
-  reason, until its next successful login upgrades the hash.
+  reason (`Passwords.verify_in_thread`), until its next successful login upgrades the
+  hash.
 * A hash made with older argon2 costs is upgraded on the next successful login.
 """
 
@@ -30,7 +31,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar, Protocol, cast
 
-import anyio
 import attrs
 import structlog
 
@@ -243,20 +243,7 @@ class PasswordAuthenticator:
         if user is None:
             await self.passwords.dummy_verify_in_thread()
             ok = False
-        elif self.passwords.needs_rehash(user.password_hash):
-            # A hash made with other (older, cheaper) costs verifies faster than the dummy
-            # unknown users get: a login would tell such a user exists. The dummy runs
-            # beside it, so the answer comes when both are done, at today's cost.
-            verdict: list[bool] = []
-
-            async def verify() -> None:
-                verdict.append(await self.passwords.verify_in_thread(user.password_hash, password))
-
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self.passwords.dummy_verify_in_thread)
-                tg.start_soon(verify)
-            ok = verdict == [True] and not user.disabled
-        else:
+        else:  # at today's cost whatever costs the hash was made with (`verify_in_thread`)
             ok = await self.passwords.verify_in_thread(user.password_hash, password)
             ok = ok and not user.disabled
         if ok and user is not None:
